@@ -1,0 +1,106 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#ifndef TK_H
+#define TK_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+typedef long s64;
+
+#define MAX_CPUS 8
+#define MAX_TASKS MAX_CPUS
+#define KSTACK_SIZE 16384
+#define PAGE_SIZE 4096UL
+
+/* Virtual layout (mirrors Linux x86-64). */
+#define KERNEL_MAP_BASE 0xffffffff80000000UL /* -> phys 0, 2 MiB pages */
+#define DIRECT_MAP_BASE 0xffff888000000000UL /* -> phys 0, 1 GiB pages */
+#define USER_BASE 0x400000UL                 /* user image, 4 KiB pages */
+#define USER_STACK_TOP 0x800000UL            /* task stacks below, guard pages between */
+#define USER_STACK_PAGES 4
+
+/* Segment selectors. */
+#define KERNEL_CS 0x10
+#define KERNEL_DS 0x18
+#define USER32_CS 0x23
+#define USER_DS 0x2b
+#define USER_CS 0x33
+#define TSS_SEL 0x40
+
+/* System call numbers (rax); arguments in rdi, rsi, rdx. */
+#define SYS_EXIT 0
+#define SYS_WRITE 1     /* (buf, len) */
+#define SYS_VERSION 2   /* (buf, len) -> copies the version string */
+#define SYS_COUNTER 3   /* () -> next value of the global service counter */
+#define SYS_STATS 4     /* (task, value) -> calls so far for task */
+#define SYS_SPIN_CLI 5  /* (iterations) spin in kernel mode with interrupts off */
+#define SYS_TICKS 6     /* () -> timer ticks on this cpu */
+#define SYS_CPU 7       /* () -> current cpu index */
+
+/* Per-CPU area, reached through GS base in kernel mode. Offsets used in entry.S. */
+struct percpu {
+	u64 kstack_top;  /* 0 */
+	u64 user_rsp;    /* 8 */
+	u64 cpu;         /* 16 */
+	u64 ticks;       /* 24 */
+	u64 syscalls;    /* 32 */
+	u64 task;        /* 40: task id running here, or -1 */
+};
+
+/* Saved register frame built by entry.S for interrupts and exceptions. */
+struct regs {
+	u64 r15, r14, r13, r12, r11, r10, r9, r8;
+	u64 rbp, rdi, rsi, rdx, rcx, rbx, rax;
+	u64 vector, error;
+	u64 rip, cs, rflags, rsp, ss;
+};
+
+/* A row of the stats table that user tasks update through SYS_STATS.
+ * A later live update changes this layout. */
+struct task_stat {
+	u32 id;
+	u32 cpu;
+	u64 calls;
+	u64 last_value;
+	u64 sum;
+};
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void wrmsr(u32 msr, u64 v) { __asm__ volatile("wrmsr" ::"c"(msr), "a"((u32)v), "d"((u32)(v >> 32))); }
+static inline u64 rdmsr(u32 msr) { u32 lo, hi; __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr)); return ((u64)hi << 32) | lo; }
+static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+static inline u64 this_cpu_read(unsigned long off)
+{
+	u64 v;
+	__asm__ volatile("movq %%gs:(%1), %0" : "=r"(v) : "r"(off));
+	return v;
+}
+
+/* console.c */
+void console_lock(void);
+void console_unlock(void);
+void putc_raw(char c);
+void puts_raw(const char *s);
+void kprintf(const char *fmt, ...);
+__attribute__((noreturn)) void debug_exit(u8 status);
+__attribute__((noreturn)) void panic(const char *msg);
+
+/* lib.c */
+void *memset(void *d, int c, unsigned long n);
+void *memcpy(void *d, const void *s, unsigned long n);
+unsigned long strlen(const char *s);
+int strncmp(const char *a, const char *b, unsigned long n);
+
+/* services.c: the services user tasks call, and that live patches replace. */
+const char *lucos_version(void);
+u64 counter_next(void);
+u64 stats_update(u32 task, u32 cpu, u64 value);
+extern struct task_stat stats_table[MAX_TASKS];
+extern volatile u64 service_counter;
+
+#endif

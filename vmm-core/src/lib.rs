@@ -1,0 +1,14 @@
+//! lucos VMM core: a KVM virtual machine with guest RAM in a memfd, vCPU
+//! threads that can be paused at any instruction, port-I/O devices, kernel
+//! loading and a guest page-table walker.
+
+pub mod arch;
+pub mod devices;
+pub mod loader;
+pub mod memory;
+pub mod pagewalk;
+pub mod vcpu;
+pub mod vm;
+
+pub use vcpu::ExitReason;
+pub use vm::{Vm, VmConfig, VmError};

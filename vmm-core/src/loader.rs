@@ -1,0 +1,230 @@
+//! Kernel loading: checks the image, loads an ELF kernel at its physical
+//! addresses (linux-loader), and writes the command line, the initrd and the
+//! test-kernel boot info.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::layout::{BOOT_INFO_START, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
+use crate::memory::GuestRam;
+
+/// "LUCOBI1", the boot_info magic (guest-kernels/testkernel/include/boot.h).
+pub const BOOT_INFO_MAGIC: u64 = 0x0031_4942_4f43_554c;
+/// boot_info version.
+pub const BOOT_INFO_VERSION: u32 = 1;
+/// boot_info flag: the host cannot deliver SYSCALL from guest user mode to
+/// guest CPL0 (PVM), so the test kernel's tasks trap with int3 instead.
+pub const BOOT_FLAG_NO_SYSCALL: u32 = 1;
+
+/// Errors loading a kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The kernel file cannot be read.
+    #[error("cannot read kernel image {path}")]
+    Open {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is a bzImage, which this boot path does not take.
+    #[error("{0} is a bzImage; lucos boots it through the Linux boot protocol, not as an ELF kernel")]
+    IsBzImage(PathBuf),
+    /// The file is not an ELF x86-64 executable.
+    #[error("{path} is not an x86-64 ELF kernel image: {why}")]
+    NotElf {
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A loadable segment does not fit in guest RAM.
+    #[error(
+        "guest memory too small: {path} loads {end:#x} bytes into guest-physical memory \
+         but the VM has {mem:#x} ({mem_mib} MiB); give it at least {need_mib} MiB"
+    )]
+    TooLittleMemory {
+        /// The path given.
+        path: PathBuf,
+        /// End of the highest segment.
+        end: u64,
+        /// RAM size.
+        mem: u64,
+        /// RAM size in MiB.
+        mem_mib: u64,
+        /// Suggested RAM size in MiB.
+        need_mib: u64,
+    },
+    /// A segment is below the 1 MiB line where the VMM keeps boot structures.
+    #[error("{path}: segment at guest-physical {addr:#x} is below 1 MiB, where lucos keeps boot structures")]
+    SegmentTooLow {
+        /// The path given.
+        path: PathBuf,
+        /// The segment's physical address.
+        addr: u64,
+    },
+    /// linux-loader failed.
+    #[error("cannot load {path}")]
+    Load {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// The command line is too long.
+    #[error("kernel command line is {0} bytes; at most {max} fit", max = CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong(usize),
+    /// The initrd does not fit.
+    #[error("initrd {path} ({size} bytes) does not fit in guest memory above the kernel")]
+    InitrdTooBig {
+        /// The path given.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// Guest memory write failed.
+    #[error("cannot write {0} into guest memory")]
+    Write(&'static str),
+}
+
+/// What was loaded.
+#[derive(Debug, Clone)]
+pub struct LoadedKernel {
+    /// Entry point (virtual, from e_entry).
+    pub entry: u64,
+    /// First byte above the kernel image.
+    pub end: u64,
+    /// Where the initrd was put, and its size.
+    pub initrd: Option<(u64, u64)>,
+}
+
+/// Checks that `path` is an ELF kernel that fits in `mem_bytes` of RAM.
+pub fn check_kernel(path: &Path, mem_bytes: u64) -> Result<(), LoadError> {
+    let data = std::fs::read(path).map_err(|source| LoadError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    if data.len() > 0x206 && &data[0x202..0x206] == b"HdrS" {
+        return Err(LoadError::IsBzImage(path.to_owned()));
+    }
+    let not_elf = |why: String| LoadError::NotElf {
+        path: path.to_owned(),
+        why,
+    };
+    let elf = goblin::elf::Elf::parse(&data).map_err(|e| not_elf(e.to_string()))?;
+    if !elf.is_64 || elf.header.e_machine != goblin::elf::header::EM_X86_64 {
+        return Err(not_elf("not a 64-bit x86-64 object".into()));
+    }
+    if elf.header.e_type != goblin::elf::header::ET_EXEC {
+        return Err(not_elf("not an executable (ET_EXEC)".into()));
+    }
+    let mut end = 0u64;
+    for ph in elf
+        .program_headers
+        .iter()
+        .filter(|p| p.p_type == goblin::elf::program_header::PT_LOAD)
+    {
+        if ph.p_paddr < HIMEM_START {
+            return Err(LoadError::SegmentTooLow {
+                path: path.to_owned(),
+                addr: ph.p_paddr,
+            });
+        }
+        end = end.max(ph.p_paddr.saturating_add(ph.p_memsz));
+    }
+    if end == 0 {
+        return Err(not_elf("no loadable segments".into()));
+    }
+    if end > mem_bytes {
+        let need_mib = (end + (16 << 20)).div_ceil(1 << 20).next_power_of_two();
+        return Err(LoadError::TooLittleMemory {
+            path: path.to_owned(),
+            end,
+            mem: mem_bytes,
+            mem_mib: mem_bytes >> 20,
+            need_mib,
+        });
+    }
+    Ok(())
+}
+
+/// Loads the ELF kernel at `path` and, if given, the initrd above it.
+pub fn load_elf(ram: &GuestRam, path: &Path, initrd: Option<&Path>) -> Result<LoadedKernel, LoadError> {
+    check_kernel(path, ram.size())?;
+    let mut file = File::open(path).map_err(|source| LoadError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let res = Elf::load(ram.memory(), None, &mut file, None).map_err(|source| LoadError::Load {
+        path: path.to_owned(),
+        source,
+    })?;
+    let end = res.kernel_end;
+    let initrd = match initrd {
+        None => None,
+        Some(p) => {
+            let data = std::fs::read(p).map_err(|source| LoadError::Open {
+                path: p.to_owned(),
+                source,
+            })?;
+            let size = data.len() as u64;
+            // Highest 2 MiB-aligned spot below the end of low RAM.
+            let top = ram.ranges()[0].len;
+            let addr = top.checked_sub(size).map(|a| a & !((2 << 20) - 1));
+            match addr {
+                Some(a) if a >= end => {
+                    ram.write(a, &data).map_err(|_| LoadError::Write("initrd"))?;
+                    Some((a, size))
+                }
+                _ => {
+                    return Err(LoadError::InitrdTooBig {
+                        path: p.to_owned(),
+                        size,
+                    })
+                }
+            }
+        }
+    };
+    Ok(LoadedKernel {
+        entry: res.kernel_load.0,
+        end,
+        initrd,
+    })
+}
+
+/// Writes the NUL-terminated command line at [`CMDLINE_START`].
+pub fn write_cmdline(ram: &GuestRam, cmdline: &str) -> Result<(), LoadError> {
+    if cmdline.len() >= CMDLINE_MAX_SIZE {
+        return Err(LoadError::CmdlineTooLong(cmdline.len()));
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    ram.write(CMDLINE_START, &bytes)
+        .map_err(|_| LoadError::Write("the command line"))
+}
+
+/// Writes the test kernel's `struct boot_info` at [`BOOT_INFO_START`].
+pub fn write_boot_info(
+    ram: &GuestRam,
+    nr_cpus: u8,
+    cmdline_len: usize,
+    flags: u32,
+) -> Result<(), LoadError> {
+    let mem = ram.memory();
+    let w = |off: u64, bytes: &[u8]| {
+        mem.write_slice(bytes, GuestAddress(BOOT_INFO_START + off))
+            .map_err(|_| LoadError::Write("boot info"))
+    };
+    w(0, &BOOT_INFO_MAGIC.to_le_bytes())?;
+    w(8, &BOOT_INFO_VERSION.to_le_bytes())?;
+    w(12, &u32::from(nr_cpus).to_le_bytes())?;
+    w(16, &ram.size().to_le_bytes())?;
+    w(24, &CMDLINE_START.to_le_bytes())?;
+    w(32, &(cmdline_len as u32).to_le_bytes())?;
+    w(36, &flags.to_le_bytes())
+}

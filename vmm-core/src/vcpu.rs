@@ -1,0 +1,436 @@
+//! vCPU threads and the pause machinery.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread. A pause sets the shared request
+//! to [`Request::Pause`] and kicks every vCPU thread with a real-time signal;
+//! the signal handler sets `immediate_exit` in that vCPU's `kvm_run`, so the
+//! vCPU leaves `KVM_RUN` whether it was running guest code (user or kernel
+//! mode), halted, spinning with interrupts off, or about to enter. A vCPU
+//! parks only after any pending I/O exit has been completed inside KVM, so
+//! its registers are consistent while paused.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::{GuestRequest, PioBus};
+
+/// Why the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest wrote `status` to the debug-exit port.
+    GuestExit {
+        /// The byte the guest wrote.
+        status: u8,
+    },
+    /// The guest reset the machine (i8042 or KVM system event).
+    Reset,
+    /// The guest powered off (KVM system event).
+    PowerOff,
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault {
+        /// The vCPU that faulted.
+        vcpu: u8,
+    },
+    /// Stopped on request (`lucos stop`, a signal, or the owner dropping the VM).
+    Stopped,
+    /// KVM reported an error the VMM cannot continue from.
+    Error {
+        /// The vCPU that saw it.
+        vcpu: u8,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::GuestExit { status } => write!(f, "guest exited with status {status}"),
+            Self::Reset => write!(f, "guest reset the machine"),
+            Self::PowerOff => write!(f, "guest powered off"),
+            Self::TripleFault { vcpu } => write!(f, "vCPU {vcpu} triple-faulted"),
+            Self::Stopped => write!(f, "stopped"),
+            Self::Error { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
+        }
+    }
+}
+
+/// What the VMM wants the vCPUs to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Run guest code.
+    Run,
+    /// Leave KVM_RUN and park.
+    Pause,
+    /// Leave KVM_RUN and end the thread.
+    Stop,
+}
+
+#[derive(Debug)]
+struct CtlState {
+    request: Request,
+    /// vCPU threads parked at the pause point.
+    parked: usize,
+    /// vCPU threads started and not yet ended.
+    live: usize,
+    exit: Option<ExitReason>,
+}
+
+/// State shared by the VMM and its vCPU threads.
+#[derive(Debug)]
+pub struct RunControl {
+    state: Mutex<CtlState>,
+    cv: Condvar,
+    threads: Vec<AtomicU64>,
+}
+
+/// The real-time signal used to kick vCPUs out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's vCPU `kvm_run` page, for the kick signal handler.
+    static KVM_RUN_PAGE: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN_PAGE.with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            // SAFETY: the pointer was set by this thread to its own vCPU's kvm_run mapping,
+            // which stays mapped until the thread clears it before the VcpuFd can go away;
+            // a volatile byte store is async-signal-safe.
+            unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
+        }
+    });
+}
+
+/// Installs the kick signal handler (idempotent).
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+            .map_err(|e| e.errno())
+    })
+    .map_err(vmm_sys_util::errno::Error::new)
+}
+
+impl RunControl {
+    /// Control for `vcpus` vCPUs, initially running.
+    pub fn new(vcpus: usize) -> Self {
+        Self {
+            state: Mutex::new(CtlState {
+                request: Request::Run,
+                parked: 0,
+                live: 0,
+                exit: None,
+            }),
+            cv: Condvar::new(),
+            threads: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CtlState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kick_all(&self) {
+        for t in &self.threads {
+            let tid = t.load(Ordering::Acquire);
+            if tid != 0 {
+                // SAFETY: `tid` is the pthread_t of a vCPU thread that stored it at start and
+                // clears it (under the control lock's ordering) before it exits.
+                let rc = unsafe { libc::pthread_kill(tid as libc::pthread_t, kick_signal()) };
+                if rc != 0 && rc != libc::ESRCH {
+                    log::warn!("cannot kick vCPU thread: errno {rc}");
+                }
+            }
+        }
+    }
+
+    /// Asks every vCPU to leave guest mode and waits until all have parked,
+    /// or until `timeout`. Returns the time it took.
+    pub fn pause(&self, timeout: Duration) -> Result<Duration, PauseError> {
+        let start = Instant::now();
+        let mut st = self.lock();
+        match st.request {
+            Request::Stop => return Err(PauseError::NotRunning),
+            Request::Pause => return Err(PauseError::AlreadyPaused),
+            Request::Run => {}
+        }
+        if st.live == 0 {
+            return Err(PauseError::NotRunning);
+        }
+        st.request = Request::Pause;
+        self.kick_all();
+        while st.parked < st.live {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                // Give up cleanly: let the parked ones run again.
+                st.request = Request::Run;
+                self.cv.notify_all();
+                return Err(PauseError::Timeout(timeout));
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if st.request != Request::Pause {
+                return Err(PauseError::NotRunning);
+            }
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) -> Result<(), PauseError> {
+        let mut st = self.lock();
+        match st.request {
+            Request::Pause => {
+                st.request = Request::Run;
+                self.cv.notify_all();
+                Ok(())
+            }
+            Request::Run => Err(PauseError::NotPaused),
+            Request::Stop => Err(PauseError::NotRunning),
+        }
+    }
+
+    /// Whether every live vCPU is parked.
+    pub fn is_paused(&self) -> bool {
+        let st = self.lock();
+        st.request == Request::Pause && st.parked == st.live && st.live > 0
+    }
+
+    /// Ends the VM with `reason` (the first reason recorded wins).
+    pub fn stop(&self, reason: ExitReason) {
+        let mut st = self.lock();
+        if st.exit.is_none() {
+            st.exit = Some(reason);
+        }
+        st.request = Request::Stop;
+        self.cv.notify_all();
+        self.kick_all();
+    }
+
+    /// The exit reason, once the VM has ended or begun to.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.lock().exit.clone()
+    }
+
+    /// Whether a stop was requested.
+    pub fn stopping(&self) -> bool {
+        self.lock().request == Request::Stop
+    }
+
+    /// Waits until every vCPU thread has ended, or `timeout` passes.
+    pub fn wait_stopped(&self, timeout: Option<Duration>) -> Option<ExitReason> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.lock();
+        while st.live > 0 || st.exit.is_none() {
+            match deadline {
+                None => st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    st = self
+                        .cv
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+        st.exit.clone()
+    }
+
+    fn thread_started(&self, index: usize) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.threads[index].store(me as u64, Ordering::Release);
+        self.lock().live += 1;
+    }
+
+    fn thread_ended(&self, index: usize) {
+        let mut st = self.lock();
+        self.threads[index].store(0, Ordering::Release);
+        st.live -= 1;
+        self.cv.notify_all();
+    }
+
+    /// Called by a vCPU thread between KVM_RUN calls. Parks while a pause is
+    /// requested; returns false when the thread must end.
+    fn checkpoint(&self, before_park: impl FnOnce()) -> bool {
+        let mut st = self.lock();
+        if st.request == Request::Pause {
+            before_park();
+            st.parked += 1;
+            self.cv.notify_all();
+            while st.request == Request::Pause {
+                st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            st.parked -= 1;
+        }
+        st.request != Request::Stop
+    }
+}
+
+/// Errors from pause and resume.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PauseError {
+    /// The VM is already paused.
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    /// The VM is not paused.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// The VM has stopped or is stopping.
+    #[error("the VM is not running")]
+    NotRunning,
+    /// Not every vCPU left guest mode in time.
+    #[error("vCPUs did not stop within {0:?}")]
+    Timeout(Duration),
+}
+
+/// One vCPU: its KVM fd, used by its thread while running and by the VMM while paused.
+#[derive(Debug)]
+pub struct Vcpu {
+    /// vCPU index (also its APIC ID).
+    pub index: u8,
+    /// The KVM vCPU. Its thread holds the lock only while in KVM_RUN and handling an
+    /// exit, never while parked, so a paused vCPU's fd is free for the VMM.
+    pub fd: Mutex<VcpuFd>,
+}
+
+impl Vcpu {
+    /// Locks the vCPU fd.
+    pub fn lock(&self) -> MutexGuard<'_, VcpuFd> {
+        self.fd.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn run_error(index: u8, message: String) -> ExitReason {
+    ExitReason::Error {
+        vcpu: index,
+        message,
+    }
+}
+
+/// The body of a vCPU thread.
+pub fn vcpu_thread(vcpu: Arc<Vcpu>, ctl: Arc<RunControl>, bus: Arc<PioBus>) {
+    let index = vcpu.index;
+    {
+        let mut fd = vcpu.lock();
+        let page: *mut kvm_run = fd.get_kvm_run();
+        KVM_RUN_PAGE.with(|p| p.set(page));
+    }
+    ctl.thread_started(index as usize);
+    // A kick may have been sent before this thread registered: honour any request now.
+    let mut needs_completion = false;
+    loop {
+        let keep_going = ctl.checkpoint(|| {
+            if needs_completion {
+                // Complete the pending I/O inside KVM so the registers are consistent
+                // while paused (KVM API: re-enter with immediate_exit set).
+                let mut fd = vcpu.lock();
+                fd.set_kvm_immediate_exit(1);
+                let _ = fd.run();
+                fd.set_kvm_immediate_exit(0);
+                needs_completion = false;
+            }
+        });
+        if !keep_going {
+            break;
+        }
+        let mut fd = vcpu.lock();
+        let outcome = match fd.run() {
+            Ok(exit) => {
+                needs_completion = matches!(
+                    exit,
+                    VcpuExit::IoIn(..)
+                        | VcpuExit::IoOut(..)
+                        | VcpuExit::MmioRead(..)
+                        | VcpuExit::MmioWrite(..)
+                );
+                handle_exit(index, exit, &bus)
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                fd.set_kvm_immediate_exit(0);
+                needs_completion = false;
+                None
+            }
+            Err(e) if e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(run_error(index, format!("KVM_RUN failed: {e}"))),
+        };
+        let outcome = match outcome {
+            Some(ExitReason::Error { vcpu, message }) if message == INTERNAL_ERROR => {
+                let run = fd.get_kvm_run();
+                // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the
+                // kvm_run union is the one KVM filled in.
+                let sub = unsafe { run.__bindgen_anon_1.internal.suberror };
+                Some(ExitReason::Error {
+                    vcpu,
+                    message: format!(
+                        "KVM internal error, suberror {sub}{}",
+                        if sub == 1 { " (instruction emulation failed)" } else { "" }
+                    ),
+                })
+            }
+            other => other,
+        };
+        drop(fd);
+        if let Some(reason) = outcome {
+            ctl.stop(reason);
+        }
+    }
+    bus.flush();
+    KVM_RUN_PAGE.with(|p| p.set(std::ptr::null_mut()));
+    ctl.thread_ended(index as usize);
+}
+
+const INTERNAL_ERROR: &str = "internal error";
+
+fn handle_exit(index: u8, exit: VcpuExit<'_>, bus: &PioBus) -> Option<ExitReason> {
+    match exit {
+        VcpuExit::IoOut(port, data) => match bus.pio_write(port, data)? {
+            GuestRequest::Exit(status) => Some(ExitReason::GuestExit { status }),
+            GuestRequest::Reset => Some(ExitReason::Reset),
+        },
+        VcpuExit::IoIn(port, data) => {
+            bus.pio_read(port, data);
+            None
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            log::debug!("vCPU {index}: MMIO read of unclaimed {addr:#x}");
+            data.fill(0xff);
+            None
+        }
+        VcpuExit::MmioWrite(addr, _) => {
+            log::debug!("vCPU {index}: MMIO write to unclaimed {addr:#x}");
+            None
+        }
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
+        VcpuExit::Hlt => Some(run_error(index, "halted without an in-kernel irqchip".into())),
+        VcpuExit::Shutdown => Some(ExitReason::TripleFault { vcpu: index }),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::PowerOff),
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
+            other => Some(run_error(index, format!("system event {other}"))),
+        },
+        VcpuExit::InternalError => Some(run_error(index, INTERNAL_ERROR.into())),
+        VcpuExit::FailEntry(reason, cpu) => Some(run_error(
+            index,
+            format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
+        )),
+        other => Some(run_error(index, format!("unhandled exit {other:?}"))),
+    }
+}

@@ -1,0 +1,410 @@
+//! A KVM virtual machine: creation, boot, vCPU threads, pause/resume/stop,
+//! and access to a paused guest's registers and memory.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, CpuId};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{cpuid, layout, msr, regs};
+use crate::devices::{PioBus, SerialSink, COM1_IRQ};
+use crate::loader::{self, LoadError};
+use crate::memory::{GuestRam, MemoryError};
+use crate::pagewalk::{self, PagingState, Translation, WalkError};
+use crate::vcpu::{self, ExitReason, PauseError, RunControl, Vcpu};
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = 64;
+/// How long a pause may take before it is abandoned.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to boot and how.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Optional initrd.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Where serial output goes.
+    pub serial: SerialSink,
+}
+
+/// Errors creating or driving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM capability lucos needs is missing.
+    #[error("this host's KVM lacks {0}, which lucos needs")]
+    MissingCap(&'static str),
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Bad vCPU count.
+    #[error("--vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    BadVcpuCount(u8),
+    /// Too little RAM.
+    #[error("guest memory of {0} bytes is too small; lucos needs at least {min} MiB", min = layout::MIN_MEM_BYTES >> 20)]
+    TooLittleMemory(u64),
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Boot structures.
+    #[error(transparent)]
+    Boot(#[from] regs::BootSetupError),
+    /// Pause/resume.
+    #[error(transparent)]
+    Pause(#[from] PauseError),
+    /// A vCPU index out of range.
+    #[error("no vCPU {0}")]
+    NoSuchVcpu(u8),
+    /// The VM must be paused for this.
+    #[error("the VM must be paused to access vCPU state")]
+    NotPaused,
+    /// A page-table walk failed.
+    #[error(transparent)]
+    Walk(#[from] WalkError),
+    /// Thread creation failed.
+    #[error("cannot start vCPU thread")]
+    Thread(#[source] std::io::Error),
+    /// Installing the kick signal failed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A running (or ready to run) VM.
+#[derive(Debug)]
+pub struct Vm {
+    _kvm: Kvm,
+    vm_fd: VmFd,
+    ram: Arc<GuestRam>,
+    bus: Arc<PioBus>,
+    vcpus: Vec<Arc<Vcpu>>,
+    ctl: Arc<RunControl>,
+    threads: Vec<JoinHandle<()>>,
+    started_at: Option<Instant>,
+    entry: u64,
+}
+
+impl Vm {
+    /// Creates the VM, loads the kernel and sets every vCPU up to enter it.
+    pub fn create(cfg: VmConfig) -> Result<Self, VmError> {
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(VmError::BadVcpuCount(cfg.vcpus));
+        }
+        if cfg.mem_bytes < layout::MIN_MEM_BYTES {
+            return Err(VmError::TooLittleMemory(cfg.mem_bytes));
+        }
+        // Check the image before touching KVM, so bad input fails fast and plainly.
+        loader::check_kernel(&cfg.kernel, cfg.mem_bytes)?;
+        vcpu::install_kick_handler().map_err(VmError::Signal)?;
+
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        if let Err(e) = vm_fd.set_tss_address(0xfffb_d000) {
+            // Needed on Intel only; other KVM flavours may refuse it.
+            log::debug!("KVM_SET_TSS_ADDR: {e}");
+        }
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let ram = Arc::new(GuestRam::new(cfg.mem_bytes)?);
+        for (slot, (guest, size, host)) in ram.slots().into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: guest,
+                memory_size: size,
+                userspace_addr: host,
+            };
+            // SAFETY: `host` is the start of a live mapping of `size` bytes owned by `ram`,
+            // which the Vm keeps alive for as long as `vm_fd` exists.
+            unsafe { vm_fd.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let kernel = loader::load_elf(&ram, &cfg.kernel, cfg.initrd.as_deref())?;
+        loader::write_cmdline(&ram, &cfg.cmdline)?;
+        let flags = if host_kvm_flavor() == KvmFlavor::Pvm {
+            loader::BOOT_FLAG_NO_SYSCALL
+        } else {
+            0
+        };
+        loader::write_boot_info(&ram, cfg.vcpus, cfg.cmdline.len(), flags)?;
+        regs::write_boot_gdt(ram.memory())?;
+        regs::write_boot_page_tables(ram.memory())?;
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm {
+            what: "eventfd",
+            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        vm_fd
+            .register_irqfd(&irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let bus = Arc::new(PioBus::new(irq, cfg.serial));
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+        for i in 0..cfg.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            configure_vcpu(&fd, i, cfg.vcpus, &supported, kernel.entry)?;
+            vcpus.push(Arc::new(Vcpu {
+                index: i,
+                fd: std::sync::Mutex::new(fd),
+            }));
+        }
+        Ok(Self {
+            _kvm: kvm,
+            vm_fd,
+            ram,
+            bus,
+            ctl: Arc::new(RunControl::new(vcpus.len())),
+            vcpus,
+            threads: Vec::new(),
+            started_at: None,
+            entry: kernel.entry,
+        })
+    }
+
+    /// Starts every vCPU thread.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            let (v2, ctl, bus) = (v.clone(), self.ctl.clone(), self.bus.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{}", v.index))
+                .spawn(move || vcpu::vcpu_thread(v2, ctl, bus))
+                .map_err(VmError::Thread)?;
+            self.threads.push(t);
+        }
+        self.started_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Pauses every vCPU; returns how long it took for all to leave guest mode.
+    pub fn pause(&self) -> Result<Duration, VmError> {
+        Ok(self.ctl.pause(PAUSE_TIMEOUT)?)
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&self) -> Result<(), VmError> {
+        Ok(self.ctl.resume()?)
+    }
+
+    /// Asks the VM to stop (returns at once; see [`Vm::wait`]).
+    pub fn stop(&self) {
+        self.ctl.stop(ExitReason::Stopped);
+    }
+
+    /// Waits for the VM to end and joins its vCPU threads.
+    pub fn wait(&mut self) -> ExitReason {
+        let reason = self.ctl.wait_stopped(None);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        reason.unwrap_or(ExitReason::Stopped)
+    }
+
+    /// Waits up to `timeout` for the VM to end by itself.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitReason> {
+        let reason = self.ctl.wait_stopped(Some(timeout))?;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        Some(reason)
+    }
+
+    /// The shared run control (for the control server).
+    pub fn control(&self) -> Arc<RunControl> {
+        self.ctl.clone()
+    }
+
+    /// Whether every vCPU is paused.
+    pub fn is_paused(&self) -> bool {
+        self.ctl.is_paused()
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> u8 {
+        self.vcpus.len() as u8
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The VM fd (for memory-slot changes by later layers).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// Kernel entry point.
+    pub fn entry(&self) -> u64 {
+        self.entry
+    }
+
+    /// Time since the vCPUs were started.
+    pub fn uptime(&self) -> Duration {
+        self.started_at.map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// Runs `f` on vCPU `index`'s fd. The VM must be paused.
+    pub fn with_vcpu<T>(
+        &self,
+        index: u8,
+        f: impl FnOnce(&mut VcpuFd) -> Result<T, kvm_ioctls::Error>,
+        what: &'static str,
+    ) -> Result<T, VmError> {
+        let v = self
+            .vcpus
+            .get(index as usize)
+            .ok_or(VmError::NoSuchVcpu(index))?;
+        if !self.ctl.is_paused() {
+            return Err(VmError::NotPaused);
+        }
+        let mut fd = v.lock();
+        f(&mut fd).map_err(kvm_err(what))
+    }
+
+    /// General registers of a paused vCPU.
+    pub fn regs(&self, index: u8) -> Result<kvm_regs, VmError> {
+        self.with_vcpu(index, |fd| fd.get_regs(), "KVM_GET_REGS")
+    }
+
+    /// Sets the general registers of a paused vCPU.
+    pub fn set_regs(&self, index: u8, r: &kvm_regs) -> Result<(), VmError> {
+        self.with_vcpu(index, |fd| fd.set_regs(r), "KVM_SET_REGS")
+    }
+
+    /// Special registers of a paused vCPU.
+    pub fn sregs(&self, index: u8) -> Result<kvm_sregs, VmError> {
+        self.with_vcpu(index, |fd| fd.get_sregs(), "KVM_GET_SREGS")
+    }
+
+    /// Sets the special registers of a paused vCPU.
+    pub fn set_sregs(&self, index: u8, s: &kvm_sregs) -> Result<(), VmError> {
+        self.with_vcpu(index, |fd| fd.set_sregs(s), "KVM_SET_SREGS")
+    }
+
+    /// Translates a guest-virtual address through paused vCPU `index`'s page tables.
+    pub fn translate(&self, index: u8, gva: u64) -> Result<Translation, VmError> {
+        let s = self.sregs(index)?;
+        Ok(pagewalk::translate(&self.ram, PagingState::from(&s), gva)?)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.ctl.stop(ExitReason::Stopped);
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Which kind of KVM the host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvmFlavor {
+    /// KVM on VT-x or AMD-V: guest kernel code runs natively.
+    Hardware,
+    /// PVM (`kvm_pvm`): guest user mode runs natively, guest kernel mode is
+    /// emulated, and SYSCALL from guest user mode does not reach guest CPL0.
+    Pvm,
+}
+
+/// Detects the host's KVM flavour from the loaded modules.
+pub fn host_kvm_flavor() -> KvmFlavor {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        KvmFlavor::Pvm
+    } else {
+        KvmFlavor::Hardware
+    }
+}
+
+fn configure_vcpu(
+    fd: &VcpuFd,
+    index: u8,
+    count: u8,
+    supported: &CpuId,
+    entry: u64,
+) -> Result<(), VmError> {
+    let mut cpuid = supported.clone();
+    cpuid::set_vcpu_topology(&mut cpuid, index, count);
+    fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    let msrs = msr::to_msrs(&msr::boot_msr_entries()).map_err(|_| VmError::Kvm {
+        what: "building boot MSRs",
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    })?;
+    let n = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+    if n != msrs.as_slice().len() {
+        log::debug!("vCPU {index}: KVM took {n} of {} boot MSRs", msrs.as_slice().len());
+    }
+    let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    fd.set_sregs(&regs::long_mode_sregs(sregs))
+        .map_err(kvm_err("KVM_SET_SREGS"))?;
+    fd.set_regs(&regs::entry_regs(
+        entry,
+        u64::from(index),
+        layout::BOOT_INFO_START,
+    ))
+    .map_err(kvm_err("KVM_SET_REGS"))?;
+    fd.set_fpu(&regs::entry_fpu())
+        .map_err(kvm_err("KVM_SET_FPU"))?;
+    if index > 0 {
+        // Application processors start in the same 64-bit state as the boot
+        // processor instead of waiting for INIT/SIPI.
+        fd.set_mp_state(kvm_bindings::kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    }
+    Ok(())
+}
