@@ -1,1 +1,102 @@
-fn main(){}
+//! `lucos`: a VMM that live-updates the guest kernel from outside.
+
+mod client;
+mod demo;
+mod error;
+mod paths;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{chain, exit, CliError};
+
+/// lucos: run VMs and live-patch their kernels from outside.
+#[derive(Debug, Parser)]
+#[command(name = "lucos", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a VM and serve its control socket until it ends.
+    Run(run::RunArgs),
+    /// List running VMs.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a VM's state.
+    Status {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause every vCPU of a VM, wherever it is.
+    Pause {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+    },
+    /// Stop a VM (its VMM process ends).
+    Stop {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+    },
+    /// Show a paused VM's vCPU registers.
+    Regs {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// vCPU index.
+        #[arg(long, default_value_t = 0)]
+        vcpu: u8,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot the bundled test kernel, pause it mid-flight and show what each vCPU was doing.
+    Demo {
+        /// Keep the test kernel image here instead of a temporary file.
+        #[arg(long)]
+        kernel_out: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<i32, CliError> = match cli.cmd {
+        Command::Run(args) => run::run(args),
+        Command::List { json } => client::list(json).map(|()| exit::OK),
+        Command::Status { vm, json } => client::status(&vm, json).map(|()| exit::OK),
+        Command::Pause { vm, json } => client::pause(&vm, json).map(|()| exit::OK),
+        Command::Resume { vm } => client::simple(&vm, vmm_core::control::Request::Resume, "resumed"),
+        Command::Stop { vm } => client::simple(&vm, vmm_core::control::Request::Stop, "stopping"),
+        Command::Regs { vm, vcpu, json } => client::regs(&vm, vcpu, json).map(|()| exit::OK),
+        Command::Demo { kernel_out } => demo::demo(kernel_out),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("lucos: error: {}", chain(&e));
+            std::process::exit(e.exit_code());
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! loading and a guest page-table walker.
 
 pub mod arch;
+pub mod control;
 pub mod devices;
 pub mod loader;
 pub mod memory;

@@ -1,0 +1,94 @@
+//! CLI errors and the exit codes scripts can act on.
+
+use vmm_core::control::ClientError;
+
+/// Exit codes of `lucos` (docs/cli.md).
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Any error not listed below.
+    pub const ERROR: i32 = 1;
+    /// Bad usage or arguments.
+    pub const USAGE: i32 = 2;
+    /// No such VM, or its VMM is dead.
+    pub const NO_VM: i32 = 3;
+    /// The VM is not in a state that allows the request.
+    pub const BAD_STATE: i32 = 4;
+    /// `lucos run`: the guest crashed (triple fault, KVM error).
+    pub const GUEST_CRASHED: i32 = 125;
+}
+
+/// An error to report and exit with.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// The id is in use.
+    #[error("VM '{id}' is already running (pid {pid})")]
+    AlreadyRunning {
+        /// VM id.
+        id: String,
+        /// Its VMM's pid.
+        pid: String,
+    },
+    /// I/O.
+    #[error("{what}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating or running the VM.
+    #[error(transparent)]
+    Vm(#[from] vmm_core::VmError),
+    /// Talking to a VM.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    /// An I/O error with context.
+    pub fn io(what: String, source: std::io::Error) -> Self {
+        Self::Io { what, source }
+    }
+
+    /// The exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        use vmm_core::control::ErrorCode;
+        match self {
+            Self::Usage(_) => exit::USAGE,
+            Self::Client(ClientError::UnknownVm { .. } | ClientError::StaleSocket { .. }) => {
+                exit::NO_VM
+            }
+            Self::Client(ClientError::Remote(e)) => match e.code {
+                ErrorCode::AlreadyPaused | ErrorCode::NotPaused | ErrorCode::NotRunning => {
+                    exit::BAD_STATE
+                }
+                ErrorCode::BadRequest | ErrorCode::NoSuchVcpu => exit::USAGE,
+                _ => exit::ERROR,
+            },
+            _ => exit::ERROR,
+        }
+    }
+}
+
+/// The error and its causes on one line, each cause once.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s
+}

@@ -1,0 +1,219 @@
+//! `lucos run`: the VMM process of one VM.
+//!
+//! Phases: check arguments -> take the VM id's lock -> create the VM (KVM,
+//! RAM, kernel, devices, vCPUs) -> bind the control socket -> start the
+//! vCPUs -> serve until the guest ends or is stopped -> clean up.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use nix::sys::signal::{SigSet, Signal};
+use vmm_core::control::{bind_socket, Client, ControlServer, Request, VmIdentity};
+use vmm_core::devices::SerialSink;
+use vmm_core::{ExitReason, Vm, VmConfig};
+
+use crate::error::{exit, CliError};
+use crate::paths;
+
+/// Arguments of `lucos run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// VM id (names its control socket).
+    #[arg(long)]
+    pub vm: String,
+    /// Kernel image (ELF).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest RAM, e.g. 512M or 2G.
+    #[arg(long, default_value = "256M")]
+    pub mem: String,
+    /// Also write the guest's serial output to this file.
+    #[arg(long)]
+    pub serial_log: Option<PathBuf>,
+    /// Do not copy the guest's serial output to stdout.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Start the VM in the background and return once its control socket answers.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// Runs the VMM (or, with --detach, starts it in the background).
+pub fn run(args: RunArgs) -> Result<i32, CliError> {
+    paths::validate_id(&args.vm)?;
+    let mem_bytes = paths::parse_mem(&args.mem)?;
+    if args.vcpus == 0 || args.vcpus > vmm_core::vm::MAX_VCPUS {
+        return Err(CliError::Usage(format!(
+            "--vcpus must be between 1 and {}, got {}",
+            vmm_core::vm::MAX_VCPUS,
+            args.vcpus
+        )));
+    }
+    // Bad images fail here, in the foreground, even with --detach.
+    vmm_core::loader::check_kernel(&args.kernel, mem_bytes).map_err(vmm_core::VmError::from)?;
+    paths::ensure_run_dir()?;
+    if args.detach {
+        return detach(&args);
+    }
+
+    // The lock lives as long as this process: it is what makes an id "running".
+    let _lock = paths::lock_vm(&args.vm)?;
+    let sock = paths::socket_path(&args.vm);
+    if sock.exists() {
+        // We hold the lock, so whoever made this socket is gone.
+        eprintln!("lucos: removing stale socket {} left by a dead VMM", sock.display());
+        std::fs::remove_file(&sock)
+            .map_err(|e| CliError::io(format!("cannot remove {}", sock.display()), e))?;
+    }
+
+    // SIGINT/SIGTERM are taken by a thread of their own: block them before
+    // any other thread exists so every thread inherits the mask.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals
+        .thread_block()
+        .map_err(|e| CliError::io("cannot block signals".into(), e.into()))?;
+
+    let serial_log = match &args.serial_log {
+        Some(p) => Some(
+            File::create(p).map_err(|e| CliError::io(format!("cannot create {}", p.display()), e))?,
+        ),
+        None => None,
+    };
+    let mut vm = Vm::create(VmConfig {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        vcpus: args.vcpus,
+        mem_bytes,
+        serial: SerialSink::new(!args.quiet, serial_log, None),
+    })?;
+    let listener = bind_socket(&sock)
+        .map_err(|e| CliError::io(format!("cannot bind control socket {}", sock.display()), e))?;
+    vm.start()?;
+    let vm = Arc::new(vm);
+
+    let server = Arc::new(ControlServer::new(
+        vm.clone(),
+        VmIdentity {
+            id: args.vm.clone(),
+            kernel: args.kernel.display().to_string(),
+            cmdline: args.cmdline.clone(),
+            mem_bytes,
+        },
+    ));
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || server.serve(listener))
+        .map_err(|e| CliError::io("cannot start the control thread".into(), e))?;
+    let ctl = vm.control();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                eprintln!("lucos: {sig}: stopping the VM");
+                ctl.stop(ExitReason::Stopped);
+            }
+        })
+        .map_err(|e| CliError::io("cannot start the signal thread".into(), e))?;
+
+    let reason = vm.control().wait_stopped(None).unwrap_or(ExitReason::Stopped);
+    let _ = std::fs::remove_file(&sock);
+    eprintln!("lucos: VM {} ended: {reason}", args.vm);
+    Ok(match reason {
+        ExitReason::GuestExit { status } => i32::from(status),
+        ExitReason::Reset | ExitReason::PowerOff | ExitReason::Stopped => exit::OK,
+        ExitReason::TripleFault { .. } | ExitReason::Error { .. } => exit::GUEST_CRASHED,
+    })
+}
+
+/// Re-runs this command without --detach in a new session, logging to the run
+/// directory, and returns once the VM's socket answers.
+fn detach(args: &RunArgs) -> Result<i32, CliError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::io("cannot find the lucos binary".into(), e))?;
+    let child_args: Vec<OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--detach")
+        .collect();
+    let log = paths::log_path(&args.vm);
+    let out = File::create(&log).map_err(|e| CliError::io(format!("cannot create {}", log.display()), e))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| CliError::io(format!("cannot reopen {}", log.display()), e))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(child_args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // setsid, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| CliError::io("cannot start the VMM process".into(), e))?;
+    let sock = paths::socket_path(&args.vm);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| CliError::io("cannot wait for the VMM process".into(), e))?
+        {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let last = text
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("lucos: error:"))
+                .unwrap_or("see the log");
+            return Err(CliError::Other(format!(
+                "VM {} did not start ({status}): {} (log: {})",
+                args.vm,
+                last.trim_start_matches("lucos: error: "),
+                log.display()
+            )));
+        }
+        if let Ok(mut c) = Client::connect(&args.vm, &sock) {
+            if c.call(&Request::Status).is_ok() {
+                println!(
+                    "VM {} running (pid {}), control socket {}, log {}",
+                    args.vm,
+                    child.id(),
+                    sock.display(),
+                    log.display()
+                );
+                return Ok(exit::OK);
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(CliError::Other(format!(
+                "VM {} did not answer on {} within 30 s (log: {})",
+                args.vm,
+                sock.display(),
+                log.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
