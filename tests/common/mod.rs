@@ -1,0 +1,88 @@
+//! Shared helpers for the integration tests: boot the bundled test kernel
+//! in-process on /dev/kvm, and read its symbols.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use symbol_db::SymbolTable;
+use vmm_core::devices::{SerialCapture, SerialSink};
+use vmm_core::{Vm, VmConfig};
+
+/// The test kernel built by build.rs.
+pub fn test_kernel() -> PathBuf {
+    PathBuf::from(env!("LUCOS_TESTKERNEL"))
+}
+
+/// Fails loudly when the host has no usable /dev/kvm: these tests must not pass by skipping.
+pub fn require_kvm() {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    if let Err(e) = f {
+        panic!(
+            "this test needs /dev/kvm (read-write) and cannot run without it: {e}. \
+             It is not skipped on purpose: a host without KVM cannot show that lucos works."
+        );
+    }
+}
+
+/// A booted test-kernel VM with its serial output captured.
+pub struct TestVm {
+    pub vm: Vm,
+    pub serial: Arc<SerialCapture>,
+    pub symbols: SymbolTable,
+}
+
+/// Boots the test kernel with `vcpus` vCPUs and `cmdline`.
+pub fn boot(vcpus: u8, cmdline: &str) -> TestVm {
+    require_kvm();
+    let serial = Arc::new(SerialCapture::default());
+    let mut vm = Vm::create(VmConfig {
+        kernel: test_kernel(),
+        initrd: None,
+        cmdline: cmdline.into(),
+        vcpus,
+        mem_bytes: 64 << 20,
+        serial: SerialSink::new(false, None, Some(serial.clone())),
+    })
+    .expect("create VM");
+    vm.start().expect("start VM");
+    let symbols = SymbolTable::from_elf_file(&test_kernel()).expect("test kernel symbols");
+    TestVm { vm, serial, symbols }
+}
+
+impl TestVm {
+    /// Waits for `needle` in the serial output, or panics showing the output.
+    pub fn expect_serial(&self, needle: &str, secs: u64) {
+        if !self.serial.wait_for(needle, Duration::from_secs(secs)) {
+            panic!("'{needle}' not seen in {secs} s; serial output:\n{}", self.serial.text());
+        }
+    }
+
+    /// Address of a global symbol.
+    pub fn sym(&self, name: &str) -> u64 {
+        self.symbols.lookup(name).expect("symbol").addr
+    }
+
+    /// Reads a u64 at a kernel-map virtual address (0xffffffff80000000 + physical).
+    pub fn read_kernel_u64(&self, va: u64) -> u64 {
+        self.vm
+            .ram()
+            .read_u64(va - 0xffff_ffff_8000_0000)
+            .expect("read guest memory")
+    }
+
+    /// `calls` of stats_table[task] (struct task_stat: u32 id, u32 cpu, u64 calls, ...).
+    pub fn task_calls(&self, task: u64) -> u64 {
+        self.read_kernel_u64(self.sym("stats_table") + task * 32 + 8)
+    }
+
+    /// The serial output must show no fault or panic.
+    pub fn assert_no_crash(&self) {
+        let out = self.serial.text();
+        assert!(
+            !out.contains("EXCEPTION") && !out.contains("PANIC"),
+            "guest crashed:\n{out}"
+        );
+    }
+}
