@@ -7,7 +7,8 @@ use std::process::Command;
 
 fn main() {
     let src = PathBuf::from("guest-kernels/testkernel");
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("testkernel");
+    let out =
+        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("testkernel");
     for entry in std::fs::read_dir(&src).expect("guest-kernels/testkernel exists") {
         let p = entry.expect("readable directory").path();
         println!("cargo:rerun-if-changed={}", p.display());

@@ -11,7 +11,9 @@ use vmm_core::{Vm, VmConfig};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let vcpus: u8 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(2);
-    let cmdline = args.next().unwrap_or_else(|| "iters=2000 report=500".into());
+    let cmdline = args
+        .next()
+        .unwrap_or_else(|| "iters=2000 report=500".into());
     let capture = Arc::new(SerialCapture::default());
     let mut vm = Vm::create(VmConfig {
         kernel: env!("LUCOS_TESTKERNEL").into(),

@@ -12,7 +12,10 @@ fn connect(id: &str) -> Result<Client, CliError> {
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
 }
 
 fn status_of(v: Value) -> Result<StatusInfo, CliError> {
@@ -48,7 +51,10 @@ pub fn pause(id: &str, json: bool) -> Result<(), CliError> {
     if json {
         print_json(&v);
     } else {
-        let us = v.get("pause_us").and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let us = v
+            .get("pause_us")
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN);
         println!("VM {id} paused (all vCPUs out in {us:.1} µs)");
     }
     Ok(())
@@ -113,12 +119,20 @@ pub fn list(json: bool) -> Result<(), CliError> {
         println!("no VMs running (run directory {})", dir.display());
         return Ok(());
     }
-    println!("{:<20} {:>8} {:<9} {:>5} {:>8} {:>9}", "ID", "PID", "STATE", "VCPUS", "MEM", "UPTIME");
+    println!(
+        "{:<20} {:>8} {:<9} {:>5} {:>8} {:>9}",
+        "ID", "PID", "STATE", "VCPUS", "MEM", "UPTIME"
+    );
     for r in rows {
         let get = |k: &str| r.get(k).cloned().unwrap_or(Value::Null);
         let state = get("state");
         if state == "dead" {
-            println!("{:<20} {:>8} {:<9}", get("id").as_str().unwrap_or("?"), "-", "dead");
+            println!(
+                "{:<20} {:>8} {:<9}",
+                get("id").as_str().unwrap_or("?"),
+                "-",
+                "dead"
+            );
             continue;
         }
         println!(

@@ -47,16 +47,26 @@ pub fn demo(kernel_out: Option<PathBuf>) -> Result<i32, CliError> {
 
     if capture.wait_for("iter 1000 ", Duration::from_secs(30)) {
         let took = vm.pause()?;
-        println!("== paused the running guest: all vCPUs out in {:.1} µs ==", took.as_secs_f64() * 1e6);
+        println!(
+            "== paused the running guest: all vCPUs out in {:.1} µs ==",
+            took.as_secs_f64() * 1e6
+        );
         for i in 0..vm.vcpu_count() {
             let r = vm.regs(i)?;
             let s = vm.sregs(i)?;
-            let mode = if s.cs.selector & 3 == 3 { "user" } else { "kernel" };
+            let mode = if s.cs.selector & 3 == 3 {
+                "user"
+            } else {
+                "kernel"
+            };
             let place = symbols
                 .symbolize(r.rip)
                 .map(|(sym, off)| format!("{}+{off:#x}", sym.name))
                 .unwrap_or_else(|| "?".into());
-            let ip = vm.translate(i, r.rip).map(|t| format!("{:#x}", t.gpa)).unwrap_or_default();
+            let ip = vm
+                .translate(i, r.rip)
+                .map(|t| format!("{:#x}", t.gpa))
+                .unwrap_or_default();
             println!(
                 "   vCPU {i}: {mode:<6} rip={:#018x} ({place}, guest-physical {ip}) rsp={:#x} rflags={:#x}",
                 r.rip, r.rsp, r.rflags

@@ -87,7 +87,9 @@ fn main() {
         Command::List { json } => client::list(json).map(|()| exit::OK),
         Command::Status { vm, json } => client::status(&vm, json).map(|()| exit::OK),
         Command::Pause { vm, json } => client::pause(&vm, json).map(|()| exit::OK),
-        Command::Resume { vm } => client::simple(&vm, vmm_core::control::Request::Resume, "resumed"),
+        Command::Resume { vm } => {
+            client::simple(&vm, vmm_core::control::Request::Resume, "resumed")
+        }
         Command::Stop { vm } => client::simple(&vm, vmm_core::control::Request::Stop, "stopping"),
         Command::Regs { vm, vcpu, json } => client::regs(&vm, vcpu, json).map(|()| exit::OK),
         Command::Demo { kernel_out } => demo::demo(kernel_out),

@@ -77,7 +77,8 @@ pub fn lock_vm(id: &str) -> Result<Flock<File>, CliError> {
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => {
             let _ = nix::unistd::ftruncate(&*lock, 0);
-            let _ = std::io::Write::write_all(&mut &*lock, std::process::id().to_string().as_bytes());
+            let _ =
+                std::io::Write::write_all(&mut &*lock, std::process::id().to_string().as_bytes());
             Ok(lock)
         }
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -103,7 +104,11 @@ pub fn parse_mem(s: &str) -> Result<u64, CliError> {
                 'K' => 1u64 << 10,
                 'M' => 1 << 20,
                 'G' => 1 << 30,
-                _ => return Err(CliError::Usage(format!("bad memory size '{s}': use e.g. 512M or 2G"))),
+                _ => {
+                    return Err(CliError::Usage(format!(
+                        "bad memory size '{s}': use e.g. 512M or 2G"
+                    )))
+                }
             };
             (&t[..i], mult)
         }

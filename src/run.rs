@@ -76,7 +76,10 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
     let sock = paths::socket_path(&args.vm);
     if sock.exists() {
         // We hold the lock, so whoever made this socket is gone.
-        eprintln!("lucos: removing stale socket {} left by a dead VMM", sock.display());
+        eprintln!(
+            "lucos: removing stale socket {} left by a dead VMM",
+            sock.display()
+        );
         std::fs::remove_file(&sock)
             .map_err(|e| CliError::io(format!("cannot remove {}", sock.display()), e))?;
     }
@@ -92,7 +95,8 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
 
     let serial_log = match &args.serial_log {
         Some(p) => Some(
-            File::create(p).map_err(|e| CliError::io(format!("cannot create {}", p.display()), e))?,
+            File::create(p)
+                .map_err(|e| CliError::io(format!("cannot create {}", p.display()), e))?,
         ),
         None => None,
     };
@@ -133,7 +137,10 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
         })
         .map_err(|e| CliError::io("cannot start the signal thread".into(), e))?;
 
-    let reason = vm.control().wait_stopped(None).unwrap_or(ExitReason::Stopped);
+    let reason = vm
+        .control()
+        .wait_stopped(None)
+        .unwrap_or(ExitReason::Stopped);
     let _ = std::fs::remove_file(&sock);
     eprintln!("lucos: VM {} ended: {reason}", args.vm);
     Ok(match reason {
@@ -153,7 +160,8 @@ fn detach(args: &RunArgs) -> Result<i32, CliError> {
         .filter(|a| a != "--detach")
         .collect();
     let log = paths::log_path(&args.vm);
-    let out = File::create(&log).map_err(|e| CliError::io(format!("cannot create {}", log.display()), e))?;
+    let out = File::create(&log)
+        .map_err(|e| CliError::io(format!("cannot create {}", log.display()), e))?;
     let err = out
         .try_clone()
         .map_err(|e| CliError::io(format!("cannot reopen {}", log.display()), e))?;

@@ -9,19 +9,24 @@ use vmm_core::ExitReason;
 
 fn run_to_completion(vcpus: u8, iters: u64) {
     let mut t = boot(vcpus, &format!("iters={iters} report=500"));
-    let reason = t
-        .vm
-        .wait_timeout(Duration::from_secs(120))
-        .unwrap_or_else(|| panic!("guest did not finish; output:\n{}", t.serial.text()));
+    let reason =
+        t.vm.wait_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|| panic!("guest did not finish; output:\n{}", t.serial.text()));
     let out = t.serial.text();
-    assert_eq!(reason, ExitReason::GuestExit { status: 0 }, "output:\n{out}");
+    assert_eq!(
+        reason,
+        ExitReason::GuestExit { status: 0 },
+        "output:\n{out}"
+    );
     t.assert_no_crash();
     assert!(out.contains(&format!("cpus={vcpus} mem=64M")), "{out}");
     for cpu in 0..vcpus {
         assert!(out.contains(&format!("[tk] cpu {cpu} online")), "{out}");
         // Each task ran on its own CPU, made every call, and saw the timer tick.
         assert!(
-            out.contains(&format!("[tk] stat task={cpu} cpu={cpu} calls={iters} last={iters}")),
+            out.contains(&format!(
+                "[tk] stat task={cpu} cpu={cpu} calls={iters} last={iters}"
+            )),
             "{out}"
         );
         let ticks: u64 = out
@@ -38,7 +43,10 @@ fn run_to_completion(vcpus: u8, iters: u64) {
     }
     // Every iteration of every task bumped the shared counter exactly once.
     let total = iters * u64::from(vcpus);
-    assert!(out.contains(&format!("[tk] done tasks={vcpus} counter={total} ")), "{out}");
+    assert!(
+        out.contains(&format!("[tk] done tasks={vcpus} counter={total} ")),
+        "{out}"
+    );
     assert!(out.contains("version testkernel 1.0"), "{out}");
 }
 

@@ -62,7 +62,11 @@ fn start(dir: &RunDir, id: &str, extra: &[&str]) {
     args.extend_from_slice(extra);
     let o = dir.lucos(&args);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("VM {id} running")), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("VM {id} running")),
+        "{}",
+        text(&o)
+    );
 }
 
 fn status_json(dir: &RunDir, id: &str) -> serde_json::Value {
@@ -82,10 +86,24 @@ fn wait_gone(path: &Path) {
 #[test]
 fn run_detached_then_drive_it() {
     let dir = RunDir::new("drive");
-    start(&dir, "web1", &["--vcpus", "2", "--mem", "64M", "--cmdline", "iters=0 report=0"]);
+    start(
+        &dir,
+        "web1",
+        &[
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--cmdline",
+            "iters=0 report=0",
+        ],
+    );
     let sock = dir.0.join("web1.sock");
     let mode = std::fs::metadata(&sock).expect("socket").permissions();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
 
     let s = status_json(&dir, "web1");
     assert_eq!(s["id"], "web1");
@@ -98,10 +116,19 @@ fn run_detached_then_drive_it() {
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).expect("list JSON");
     assert_eq!(list[0]["id"], "web1");
     let o = dir.lucos(&["list"]);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("web1"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("web1"),
+        "{}",
+        text(&o)
+    );
 
     let o = dir.lucos(&["regs", "--vm", "web1"]);
-    assert_eq!(o.status.code(), Some(4), "regs of a running VM: {}", text(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "regs of a running VM: {}",
+        text(&o)
+    );
 
     let o = dir.lucos(&["pause", "--vm", "web1", "--json"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -112,7 +139,11 @@ fn run_detached_then_drive_it() {
 
     let o = dir.lucos(&["pause", "--vm", "web1"]);
     assert_eq!(o.status.code(), Some(4), "double pause: {}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("already paused"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already paused"),
+        "{}",
+        text(&o)
+    );
 
     let o = dir.lucos(&["regs", "--vm", "web1", "--vcpu", "1", "--json"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -128,7 +159,11 @@ fn run_detached_then_drive_it() {
     let k = kernel();
     let o = dir.lucos(&["run", "--vm", "web1", "--kernel", &k, "--quiet"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("VM 'web1' is already running"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("VM 'web1' is already running"),
+        "{}",
+        text(&o)
+    );
 
     let o = dir.lucos(&["stop", "--vm", "web1"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -144,12 +179,27 @@ fn guest_exit_status_becomes_the_exit_code() {
     let k = kernel();
     let log = dir.0.join("serial.log");
     let o = dir.lucos(&[
-        "run", "--vm", "short", "--kernel", &k, "--vcpus", "2", "--mem", "64M",
-        "--cmdline", "iters=300 report=100", "--serial-log", log.to_str().expect("utf8"),
+        "run",
+        "--vm",
+        "short",
+        "--kernel",
+        &k,
+        "--vcpus",
+        "2",
+        "--mem",
+        "64M",
+        "--cmdline",
+        "iters=300 report=100",
+        "--serial-log",
+        log.to_str().expect("utf8"),
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("[tk] done tasks=2 counter=600"), "{}", text(&o));
+    assert!(
+        stdout.contains("[tk] done tasks=2 counter=600"),
+        "{}",
+        text(&o)
+    );
     assert_eq!(std::fs::read_to_string(&log).expect("serial log"), stdout);
     assert!(String::from_utf8_lossy(&o.stderr).contains("guest exited with status 0"));
     assert!(!dir.0.join("short.sock").exists(), "socket left behind");
@@ -162,9 +212,17 @@ fn stale_socket_of_a_dead_vmm() {
     drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
     let o = dir.lucos(&["status", "--vm", "ghost"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("stale socket"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("stale socket"),
+        "{}",
+        text(&o)
+    );
     let o = dir.lucos(&["list"]);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("dead"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("dead"),
+        "{}",
+        text(&o)
+    );
     // Starting the VM again clears the stale socket.
     start(&dir, "ghost", &["--mem", "64M", "--cmdline", "iters=0"]);
     assert_eq!(status_json(&dir, "ghost")["state"], "running");
@@ -186,23 +244,71 @@ fn bad_input_is_a_clear_error() {
     let bzimage = bzimage.display().to_string();
 
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
-        (vec!["run", "--vm", "a", "--kernel", "/nonexistent/kernel"], 1, "cannot read kernel image /nonexistent/kernel"),
-        (vec!["run", "--vm", "a", "--kernel", &junk], 1, "is not an x86-64 ELF kernel image"),
-        (vec!["run", "--vm", "a", "--kernel", &bzimage], 1, "is a bzImage"),
-        (vec!["run", "--vm", "a", "--kernel", &k, "--mem", "8M"], 1, "guest memory too small"),
-        (vec!["run", "--vm", "a", "--kernel", &k, "--mem", "20M"], 1, "give it at least"),
-        (vec!["run", "--vm", "a", "--kernel", &k, "--mem", "lots"], 2, "bad memory size"),
-        (vec!["run", "--vm", "a", "--kernel", &k, "--vcpus", "0"], 2, "--vcpus must be between"),
-        (vec!["run", "--vm", "../x", "--kernel", &k], 2, "invalid VM id"),
-        (vec!["status", "--vm", "nosuchvm"], 3, "no VM named 'nosuchvm' is running"),
-        (vec!["pause", "--vm", "nosuchvm"], 3, "no VM named 'nosuchvm'"),
-        (vec!["stop", "--vm", "nosuchvm"], 3, "no VM named 'nosuchvm'"),
+        (
+            vec!["run", "--vm", "a", "--kernel", "/nonexistent/kernel"],
+            1,
+            "cannot read kernel image /nonexistent/kernel",
+        ),
+        (
+            vec!["run", "--vm", "a", "--kernel", &junk],
+            1,
+            "is not an x86-64 ELF kernel image",
+        ),
+        (
+            vec!["run", "--vm", "a", "--kernel", &bzimage],
+            1,
+            "is a bzImage",
+        ),
+        (
+            vec!["run", "--vm", "a", "--kernel", &k, "--mem", "8M"],
+            1,
+            "guest memory too small",
+        ),
+        (
+            vec!["run", "--vm", "a", "--kernel", &k, "--mem", "20M"],
+            1,
+            "give it at least",
+        ),
+        (
+            vec!["run", "--vm", "a", "--kernel", &k, "--mem", "lots"],
+            2,
+            "bad memory size",
+        ),
+        (
+            vec!["run", "--vm", "a", "--kernel", &k, "--vcpus", "0"],
+            2,
+            "--vcpus must be between",
+        ),
+        (
+            vec!["run", "--vm", "../x", "--kernel", &k],
+            2,
+            "invalid VM id",
+        ),
+        (
+            vec!["status", "--vm", "nosuchvm"],
+            3,
+            "no VM named 'nosuchvm' is running",
+        ),
+        (
+            vec!["pause", "--vm", "nosuchvm"],
+            3,
+            "no VM named 'nosuchvm'",
+        ),
+        (
+            vec!["stop", "--vm", "nosuchvm"],
+            3,
+            "no VM named 'nosuchvm'",
+        ),
     ];
     for (args, code, msg) in cases {
         let o = dir.lucos(&args);
         assert_eq!(o.status.code(), Some(code), "{args:?}: {}", text(&o));
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains(msg), "{args:?}: wanted '{msg}' in {}", text(&o));
+        assert!(
+            err.contains(msg),
+            "{args:?}: wanted '{msg}' in {}",
+            text(&o)
+        );
         assert!(!err.contains("panicked"), "{args:?} panicked: {}", text(&o));
     }
     // None of the refused runs left a socket behind.

@@ -17,7 +17,11 @@ fn file_offset_of(elf: &[u8], pa: u64) -> usize {
     let ph = parsed
         .program_headers
         .iter()
-        .find(|p| p.p_type == goblin::elf::program_header::PT_LOAD && pa >= p.p_paddr && pa < p.p_paddr + p.p_filesz)
+        .find(|p| {
+            p.p_type == goblin::elf::program_header::PT_LOAD
+                && pa >= p.p_paddr
+                && pa < p.p_paddr + p.p_filesz
+        })
         .expect("segment holding the address");
     (ph.p_offset + (pa - ph.p_paddr)) as usize
 }
@@ -42,7 +46,9 @@ fn walker_agrees_with_the_kernels_own_mappings() {
             other => panic!("bad size {other}"),
         };
         for vcpu in 0..2 {
-            let tr = t.vm.translate(vcpu, va).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let tr =
+                t.vm.translate(vcpu, va)
+                    .unwrap_or_else(|e| panic!("{line}: {e}"));
             assert_eq!(tr.gpa, pa, "{line} via vCPU {vcpu}");
             assert_eq!(tr.page_size, size, "{line}");
             assert_eq!(tr.user, f[0].starts_with("user"), "{line}");
@@ -66,7 +72,13 @@ fn walker_agrees_with_the_kernels_own_mappings() {
     // its ELF load address (virtual - 0xffffffff80000000), and the walker's
     // reading of guest RAM there matches the ELF file's bytes.
     let elf = std::fs::read(common::test_kernel()).expect("kernel");
-    for name in ["lucos_version", "counter_next", "stats_update", "kmain", "syscall_dispatch"] {
+    for name in [
+        "lucos_version",
+        "counter_next",
+        "stats_update",
+        "kmain",
+        "syscall_dispatch",
+    ] {
         let sym = t.symbols.lookup(name).expect("symbol");
         let tr = t.vm.translate(1, sym.addr).expect("translate");
         assert_eq!(tr.gpa, sym.addr - 0xffff_ffff_8000_0000, "{name}");
@@ -76,10 +88,16 @@ fn walker_agrees_with_the_kernels_own_mappings() {
         let file_off = file_offset_of(&elf, tr.gpa);
         assert_eq!(&guest, &elf[file_off..file_off + 16], "{name} bytes");
         // Compiled like Linux: a 5-byte nop at entry.
-        assert_eq!(&guest[..5], &[0x0f, 0x1f, 0x44, 0x00, 0x00], "{name} has no fentry nop");
+        assert_eq!(
+            &guest[..5],
+            &[0x0f, 0x1f, 0x44, 0x00, 0x00],
+            "{name} has no fentry nop"
+        );
     }
     let progress = t.symbols.lookup("user_progress").expect("user_progress");
-    let tr = t.vm.translate(0, progress.addr).expect("translate user data");
+    let tr =
+        t.vm.translate(0, progress.addr)
+            .expect("translate user data");
     assert_eq!(tr.gpa, 0x180_0000 + (progress.addr - 0x40_0000));
     assert!(tr.user && tr.writable && tr.no_execute);
     t.vm.resume().expect("resume");

@@ -353,7 +353,7 @@ static void selftest(void)
 	kprintf("[tk] unmapped hole va=%lx\n", 0x0000100000000000UL);
 }
 
-static __attribute__((noreturn)) void cpu_idle(void)
+static __attribute__((noreturn, noinline)) void cpu_idle(void)
 {
 	for (;;)
 		__asm__ volatile("sti; hlt; cli");

@@ -35,7 +35,9 @@ pub enum SymbolError {
     #[error("no symbol named '{0}'")]
     NotFound(String),
     /// Several symbols have that name.
-    #[error("'{name}' is ambiguous: {count} symbols have that name (in {files}); give the object file")]
+    #[error(
+        "'{name}' is ambiguous: {count} symbols have that name (in {files}); give the object file"
+    )]
     Ambiguous {
         /// The name.
         name: String,
@@ -139,7 +141,11 @@ impl SymbolTable {
                 size: sym.st_size,
                 kind,
                 global,
-                file: if bind == STB_LOCAL { file.clone() } else { None },
+                file: if bind == STB_LOCAL {
+                    file.clone()
+                } else {
+                    None
+                },
                 position: same.len(),
             });
             same.push(idx);
@@ -220,8 +226,11 @@ mod tests {
 
     #[test]
     fn garbage_is_a_clear_error() {
-        let err = SymbolTable::from_elf_bytes(b"not an elf at all", "junk").unwrap_err();
-        assert!(err.to_string().contains("junk is not a usable ELF file"), "{err}");
+        let err = SymbolTable::from_elf_bytes(b"not an elf at all", "junk").expect_err("garbage");
+        assert!(
+            err.to_string().contains("junk is not a usable ELF file"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -242,6 +251,9 @@ mod tests {
         let (hit, off) = table.symbolize(f.addr + 3).expect("symbolize");
         assert_eq!(off, 3);
         assert!(hit.contains(f.addr + 3));
-        assert!(matches!(table.lookup("no_such_symbol_xyz"), Err(SymbolError::NotFound(_))));
+        assert!(matches!(
+            table.lookup("no_such_symbol_xyz"),
+            Err(SymbolError::NotFound(_))
+        ));
     }
 }

@@ -17,7 +17,10 @@ pub fn test_kernel() -> PathBuf {
 
 /// Fails loudly when the host has no usable /dev/kvm: these tests must not pass by skipping.
 pub fn require_kvm() {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
     if let Err(e) = f {
         panic!(
             "this test needs /dev/kvm (read-write) and cannot run without it: {e}. \
@@ -48,14 +51,21 @@ pub fn boot(vcpus: u8, cmdline: &str) -> TestVm {
     .expect("create VM");
     vm.start().expect("start VM");
     let symbols = SymbolTable::from_elf_file(&test_kernel()).expect("test kernel symbols");
-    TestVm { vm, serial, symbols }
+    TestVm {
+        vm,
+        serial,
+        symbols,
+    }
 }
 
 impl TestVm {
     /// Waits for `needle` in the serial output, or panics showing the output.
     pub fn expect_serial(&self, needle: &str, secs: u64) {
         if !self.serial.wait_for(needle, Duration::from_secs(secs)) {
-            panic!("'{needle}' not seen in {secs} s; serial output:\n{}", self.serial.text());
+            panic!(
+                "'{needle}' not seen in {secs} s; serial output:\n{}",
+                self.serial.text()
+            );
         }
     }
 

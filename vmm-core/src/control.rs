@@ -474,10 +474,11 @@ impl Client {
                 "the VMM closed the connection",
             )));
         }
-        let resp: Response = serde_json::from_str(&answer).map_err(|e| ClientError::BadResponse {
-            id: self.id.clone(),
-            why: e.to_string(),
-        })?;
+        let resp: Response =
+            serde_json::from_str(&answer).map_err(|e| ClientError::BadResponse {
+                id: self.id.clone(),
+                why: e.to_string(),
+            })?;
         match (resp.ok, resp.error) {
             (true, _) => Ok(resp.data.unwrap_or(serde_json::Value::Null)),
             (false, Some(e)) => Err(ClientError::Remote(e)),

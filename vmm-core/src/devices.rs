@@ -125,11 +125,20 @@ impl Write for SerialSink {
         Ok(buf.len())
     }
 
+    // vm-superio flushes after every byte; lines are passed on whole, so a
+    // flush does nothing here. A partial last line goes out with `drain`.
     fn flush(&mut self) -> io::Result<()> {
-        if !self.line.is_empty() {
-            self.emit()?;
-        }
         Ok(())
+    }
+}
+
+impl SerialSink {
+    /// Passes on a partial last line (when the VM ends).
+    pub fn drain(&mut self) -> io::Result<()> {
+        if self.line.is_empty() {
+            return Ok(());
+        }
+        self.emit()
     }
 }
 
@@ -193,7 +202,7 @@ impl PioBus {
 
     /// Flushes any partial line of serial output.
     pub fn flush(&self) {
-        if let Err(e) = self.serial().writer_mut().flush() {
+        if let Err(e) = self.serial().writer_mut().drain() {
             log::warn!("serial flush failed: {e}");
         }
     }
@@ -206,7 +215,10 @@ mod tests {
     fn bus() -> (PioBus, Arc<SerialCapture>) {
         let cap = Arc::new(SerialCapture::default());
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        (PioBus::new(irq, SerialSink::new(false, None, Some(cap.clone()))), cap)
+        (
+            PioBus::new(irq, SerialSink::new(false, None, Some(cap.clone()))),
+            cap,
+        )
     }
 
     #[test]
@@ -225,8 +237,14 @@ mod tests {
     #[test]
     fn exit_and_reset_ports() {
         let (bus, _) = bus();
-        assert_eq!(bus.pio_write(DEBUG_EXIT_PORT, &[3]), Some(GuestRequest::Exit(3)));
-        assert_eq!(bus.pio_write(I8042_CMD_PORT, &[0xfe]), Some(GuestRequest::Reset));
+        assert_eq!(
+            bus.pio_write(DEBUG_EXIT_PORT, &[3]),
+            Some(GuestRequest::Exit(3))
+        );
+        assert_eq!(
+            bus.pio_write(I8042_CMD_PORT, &[0xfe]),
+            Some(GuestRequest::Reset)
+        );
         assert_eq!(bus.pio_write(I8042_CMD_PORT, &[0xd1]), None);
         let mut b = [0u8; 1];
         bus.pio_read(0x1234, &mut b);

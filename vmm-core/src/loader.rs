@@ -32,7 +32,9 @@ pub enum LoadError {
         source: std::io::Error,
     },
     /// The file is a bzImage, which this boot path does not take.
-    #[error("{0} is a bzImage; lucos boots it through the Linux boot protocol, not as an ELF kernel")]
+    #[error(
+        "{0} is a bzImage; lucos boots it through the Linux boot protocol, not as an ELF kernel"
+    )]
     IsBzImage(PathBuf),
     /// The file is not an ELF x86-64 executable.
     #[error("{path} is not an x86-64 ELF kernel image: {why}")]
@@ -154,7 +156,11 @@ pub fn check_kernel(path: &Path, mem_bytes: u64) -> Result<(), LoadError> {
 }
 
 /// Loads the ELF kernel at `path` and, if given, the initrd above it.
-pub fn load_elf(ram: &GuestRam, path: &Path, initrd: Option<&Path>) -> Result<LoadedKernel, LoadError> {
+pub fn load_elf(
+    ram: &GuestRam,
+    path: &Path,
+    initrd: Option<&Path>,
+) -> Result<LoadedKernel, LoadError> {
     check_kernel(path, ram.size())?;
     let mut file = File::open(path).map_err(|source| LoadError::Open {
         path: path.to_owned(),
@@ -178,7 +184,8 @@ pub fn load_elf(ram: &GuestRam, path: &Path, initrd: Option<&Path>) -> Result<Lo
             let addr = top.checked_sub(size).map(|a| a & !((2 << 20) - 1));
             match addr {
                 Some(a) if a >= end => {
-                    ram.write(a, &data).map_err(|_| LoadError::Write("initrd"))?;
+                    ram.write(a, &data)
+                        .map_err(|_| LoadError::Write("initrd"))?;
                     Some((a, size))
                 }
                 _ => {

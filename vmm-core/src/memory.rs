@@ -8,7 +8,8 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
 };
 
 use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
@@ -94,7 +95,9 @@ impl GuestRam {
         let mut regions = Vec::with_capacity(ranges.len());
         for r in &ranges {
             let file = memfd.try_clone().map_err(|e| {
-                MemoryError::Memfd(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)))
+                MemoryError::Memfd(nix::Error::from_raw(
+                    e.raw_os_error().unwrap_or(libc::EBADF),
+                ))
             })?;
             regions.push((
                 GuestAddress(r.guest_addr),

@@ -219,7 +219,11 @@ mod tests {
         let ram = setup();
         assert!(matches!(
             translate(&ram, paging(0x1000), 0x401000),
-            Err(WalkError::NotPresent { level: "PT", index: 1, .. })
+            Err(WalkError::NotPresent {
+                level: "PT",
+                index: 1,
+                ..
+            })
         ));
         assert!(matches!(
             translate(&ram, paging(0x1000), 0x1000_0000_0000),

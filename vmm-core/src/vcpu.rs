@@ -104,9 +104,11 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
         let run = p.get();
         if !run.is_null() {
             // SAFETY: the pointer was set by this thread to its own vCPU's kvm_run mapping,
-            // which stays mapped until the thread clears it before the VcpuFd can go away;
-            // a volatile byte store is async-signal-safe.
-            unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
+            // which stays mapped until the thread clears it, before the VcpuFd can go away.
+            let field = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
+            // SAFETY: `field` points into that live mapping; a volatile byte store is
+            // async-signal-safe.
+            unsafe { std::ptr::write_volatile(field, 1) };
         }
     });
 }
@@ -381,7 +383,11 @@ pub fn vcpu_thread(vcpu: Arc<Vcpu>, ctl: Arc<RunControl>, bus: Arc<PioBus>) {
                     vcpu,
                     message: format!(
                         "KVM internal error, suberror {sub}{}",
-                        if sub == 1 { " (instruction emulation failed)" } else { "" }
+                        if sub == 1 {
+                            " (instruction emulation failed)"
+                        } else {
+                            ""
+                        }
                     ),
                 })
             }
@@ -419,7 +425,10 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, bus: &PioBus) -> Option<ExitReason
             None
         }
         VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
-        VcpuExit::Hlt => Some(run_error(index, "halted without an in-kernel irqchip".into())),
+        VcpuExit::Hlt => Some(run_error(
+            index,
+            "halted without an in-kernel irqchip".into(),
+        )),
         VcpuExit::Shutdown => Some(ExitReason::TripleFault { vcpu: index }),
         VcpuExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::PowerOff),

@@ -385,7 +385,10 @@ fn configure_vcpu(
     })?;
     let n = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
     if n != msrs.as_slice().len() {
-        log::debug!("vCPU {index}: KVM took {n} of {} boot MSRs", msrs.as_slice().len());
+        log::debug!(
+            "vCPU {index}: KVM took {n} of {} boot MSRs",
+            msrs.as_slice().len()
+        );
     }
     let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     fd.set_sregs(&regs::long_mode_sregs(sregs))

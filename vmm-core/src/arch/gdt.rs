@@ -22,7 +22,7 @@ pub const BOOT_GDT: [u64; 4] = [
 
 /// Decodes GDT entry `index` of `table` into the form KVM_SET_SREGS takes.
 pub fn kvm_segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
@@ -51,7 +51,10 @@ mod tests {
     fn code_segment_decodes_as_long_mode() {
         let seg = kvm_segment_from_gdt(BOOT_GDT[1], 1);
         assert_eq!(seg.selector, 0x08);
-        assert_eq!((seg.l, seg.db, seg.present, seg.dpl, seg.s), (1, 0, 1, 0, 1));
+        assert_eq!(
+            (seg.l, seg.db, seg.present, seg.dpl, seg.s),
+            (1, 0, 1, 0, 1)
+        );
         assert_eq!(seg.type_, 0xb);
         assert_eq!(seg.limit, 0xffff_ffff);
     }

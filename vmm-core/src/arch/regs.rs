@@ -6,9 +6,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::gdt::{kvm_segment_from_gdt, BOOT_GDT};
 use super::layout::{
-    BOOT_GDT_MAX,
-    BOOT_GDT_START, BOOT_IDT_START, KERNEL_MAP_BASE, PD_START, PDPT_HIGH_START, PDPT_LOW_START,
-    PML4_START,
+    BOOT_GDT_MAX, BOOT_GDT_START, BOOT_IDT_START, KERNEL_MAP_BASE, PDPT_HIGH_START, PDPT_LOW_START,
+    PD_START, PML4_START,
 };
 
 const X86_CR0_PE: u64 = 1 << 0;
@@ -32,7 +31,12 @@ pub struct BootSetupError {
     source: vm_memory::GuestMemoryError,
 }
 
-fn write_u64(mem: &GuestMemoryMmap, addr: u64, val: u64, what: &'static str) -> Result<(), BootSetupError> {
+fn write_u64(
+    mem: &GuestMemoryMmap,
+    addr: u64,
+    val: u64,
+    what: &'static str,
+) -> Result<(), BootSetupError> {
     mem.write_obj(val, GuestAddress(addr))
         .map_err(|source| BootSetupError { what, source })
 }
@@ -49,16 +53,26 @@ pub fn write_boot_gdt(mem: &GuestMemoryMmap) -> Result<(), BootSetupError> {
 /// again at 0xffff_ffff_8000_0000 (where the kernel map of Linux and of the
 /// test kernel lives), with 2 MiB pages.
 pub fn write_boot_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootSetupError> {
-    let high_pml4 = ((KERNEL_MAP_BASE >> 39) & 511) as u64;
-    let high_pdpt = ((KERNEL_MAP_BASE >> 30) & 511) as u64;
-    write_u64(mem, PML4_START, PDPT_LOW_START | PTE_PRESENT | PTE_WRITE, "PML4")?;
+    let high_pml4 = (KERNEL_MAP_BASE >> 39) & 511;
+    let high_pdpt = (KERNEL_MAP_BASE >> 30) & 511;
+    write_u64(
+        mem,
+        PML4_START,
+        PDPT_LOW_START | PTE_PRESENT | PTE_WRITE,
+        "PML4",
+    )?;
     write_u64(
         mem,
         PML4_START + high_pml4 * 8,
         PDPT_HIGH_START | PTE_PRESENT | PTE_WRITE,
         "PML4",
     )?;
-    write_u64(mem, PDPT_LOW_START, PD_START | PTE_PRESENT | PTE_WRITE, "PDPT")?;
+    write_u64(
+        mem,
+        PDPT_LOW_START,
+        PD_START | PTE_PRESENT | PTE_WRITE,
+        "PDPT",
+    )?;
     write_u64(
         mem,
         PDPT_HIGH_START + high_pdpt * 8,
@@ -130,9 +144,13 @@ mod tests {
         let mem: GuestMemoryMmap =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("guest memory");
         write_boot_page_tables(&mem).expect("page tables");
-        let pml4_511: u64 = mem.read_obj(GuestAddress(PML4_START + 511 * 8)).expect("read");
+        let pml4_511: u64 = mem
+            .read_obj(GuestAddress(PML4_START + 511 * 8))
+            .expect("read");
         assert_eq!(pml4_511 & !0xfff, PDPT_HIGH_START);
-        let pdpt_510: u64 = mem.read_obj(GuestAddress(PDPT_HIGH_START + 510 * 8)).expect("read");
+        let pdpt_510: u64 = mem
+            .read_obj(GuestAddress(PDPT_HIGH_START + 510 * 8))
+            .expect("read");
         assert_eq!(pdpt_510 & !0xfff, PD_START);
         let pd_8: u64 = mem.read_obj(GuestAddress(PD_START + 8 * 8)).expect("read");
         assert_eq!(pd_8, (8 << 21) | 0x83);

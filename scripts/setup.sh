@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs what lucos needs on a Debian 12 (bookworm) machine. Idempotent:
+# run it as often as you like; it only installs what is missing.
+#
+# Needs: root (or sudo), and a Rust toolchain (rustup; see README.md).
+set -euo pipefail
+
+# Debian packages, with the versions this project is tested with (bookworm).
+# apt installs the archive's current bookworm version; the check below warns
+# if that is not the tested one.
+declare -A PKGS=(
+  [gcc]="4:12.2.0-3"        # builds the test kernel
+  [make]="4.3-4.1"
+  [binutils]="2.40-2"       # ld for the test kernel
+)
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${!PKGS[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+for p in "${!PKGS[@]}"; do
+  have=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null || true)
+  if [ "$have" != "${PKGS[$p]}" ]; then
+    echo "setup: note: $p is $have here; lucos is tested with ${PKGS[$p]}" >&2
+  fi
+done
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: error: no Rust toolchain (cargo) found. Install rustup with Rust 1.85 or newer:" >&2
+  echo "       https://rustup.rs, then re-run this script." >&2
+  exit 1
+fi
+
+if [ ! -e /dev/kvm ]; then
+  echo "setup: warning: /dev/kvm does not exist: lucos cannot run VMs on this machine," >&2
+  echo "       and the test suite will fail (on purpose) where it needs KVM." >&2
+elif [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+  echo "setup: warning: /dev/kvm is not read-write for $(id -un): add yourself to group kvm." >&2
+fi
