@@ -65,7 +65,7 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
         )));
     }
     // Bad images fail here, in the foreground, even with --detach.
-    vmm_core::loader::check_kernel(&args.kernel, mem_bytes).map_err(vmm_core::VmError::from)?;
+    vmm_core::vm::check_bootable(&args.kernel, mem_bytes)?;
     paths::ensure_run_dir()?;
     if args.detach {
         return detach(&args);

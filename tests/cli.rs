@@ -257,7 +257,7 @@ fn bad_input_is_a_clear_error() {
         (
             vec!["run", "--vm", "a", "--kernel", &bzimage],
             1,
-            "is a bzImage",
+            "without a 64-bit entry point",
         ),
         (
             vec!["run", "--vm", "a", "--kernel", &k, "--mem", "8M"],
@@ -311,6 +311,34 @@ fn bad_input_is_a_clear_error() {
         );
         assert!(!err.contains("panicked"), "{args:?} panicked: {}", text(&o));
     }
+    // A bzImage with a 64-bit entry point: on PVM it is refused at once, with the reason.
+    let mut bz = vec![0u8; 0x1000];
+    bz[0x1f1] = 1; // setup_sects
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    bz[0x211] = 1; // LOADED_HIGH
+    bz[0x236] = 1; // XLF_KERNEL_64
+    let linux = dir.0.join("linux-bzImage");
+    std::fs::write(&linux, bz).expect("write");
+    let o = dir.lucos(&[
+        "run",
+        "--vm",
+        "a",
+        "--kernel",
+        linux.to_str().expect("utf8"),
+        "--mem",
+        "256M",
+    ]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    if vmm_core::vm::host_kvm_flavor() == vmm_core::vm::KvmFlavor::Pvm {
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("KVM is PVM"),
+            "{}",
+            text(&o)
+        );
+    }
+
     // None of the refused runs left a socket behind.
     assert!(!dir.0.join("a.sock").exists());
 }

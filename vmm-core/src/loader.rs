@@ -105,14 +105,48 @@ pub struct LoadedKernel {
     pub initrd: Option<(u64, u64)>,
 }
 
-/// Checks that `path` is an ELF kernel that fits in `mem_bytes` of RAM.
-pub fn check_kernel(path: &Path, mem_bytes: u64) -> Result<(), LoadError> {
+/// The kinds of kernel image lucos boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelKind {
+    /// An ELF executable, booted with the lucos test-kernel protocol.
+    Elf,
+    /// A Linux bzImage, booted with the Linux 64-bit boot protocol.
+    BzImage,
+}
+
+/// Checks that `path` is a kernel image lucos can boot and that it fits in
+/// `mem_bytes` of RAM.
+pub fn check_kernel(path: &Path, mem_bytes: u64) -> Result<KernelKind, LoadError> {
     let data = std::fs::read(path).map_err(|source| LoadError::Open {
         path: path.to_owned(),
         source,
     })?;
-    if data.len() > 0x206 && &data[0x202..0x206] == b"HdrS" {
-        return Err(LoadError::IsBzImage(path.to_owned()));
+    if data.len() > 0x264 && &data[0x202..0x206] == b"HdrS" {
+        let version = u16::from_le_bytes([data[0x206], data[0x207]]);
+        let loadflags = data[0x211];
+        let xloadflags = u16::from_le_bytes([data[0x236], data[0x237]]);
+        if version < 0x020c || loadflags & 1 == 0 || xloadflags & 1 == 0 {
+            return Err(LoadError::NotElf {
+                path: path.to_owned(),
+                why: format!(
+                    "bzImage boot protocol {}.{:02} without a 64-bit entry point (need 2.12+, XLF_KERNEL_64)",
+                    version >> 8,
+                    version & 0xff
+                ),
+            });
+        }
+        // The decompressor needs the image plus its own extraction room.
+        let need = HIMEM_START + 4 * data.len() as u64 + (64 << 20);
+        if need > mem_bytes {
+            return Err(LoadError::TooLittleMemory {
+                path: path.to_owned(),
+                end: need,
+                mem: mem_bytes,
+                mem_mib: mem_bytes >> 20,
+                need_mib: need.div_ceil(1 << 20).next_power_of_two(),
+            });
+        }
+        return Ok(KernelKind::BzImage);
     }
     let not_elf = |why: String| LoadError::NotElf {
         path: path.to_owned(),
@@ -152,7 +186,7 @@ pub fn check_kernel(path: &Path, mem_bytes: u64) -> Result<(), LoadError> {
             need_mib,
         });
     }
-    Ok(())
+    Ok(KernelKind::Elf)
 }
 
 /// Loads the ELF kernel at `path` and, if given, the initrd above it.
@@ -199,6 +233,121 @@ pub fn load_elf(
     };
     Ok(LoadedKernel {
         entry: res.kernel_load.0,
+        end,
+        initrd,
+    })
+}
+
+/// Loads `data` (an initrd) at the highest 2 MiB-aligned address that ends
+/// below `limit` and starts at or above `floor`.
+fn place_initrd(
+    ram: &GuestRam,
+    path: &Path,
+    floor: u64,
+    limit: u64,
+) -> Result<(u64, u64), LoadError> {
+    let data = std::fs::read(path).map_err(|source| LoadError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let size = data.len() as u64;
+    let top = ram.ranges()[0].len.min(limit);
+    match top.checked_sub(size).map(|a| a & !((2 << 20) - 1)) {
+        Some(a) if a >= floor => {
+            ram.write(a, &data)
+                .map_err(|_| LoadError::Write("initrd"))?;
+            Ok((a, size))
+        }
+        _ => Err(LoadError::InitrdTooBig {
+            path: path.to_owned(),
+            size,
+        }),
+    }
+}
+
+/// Zero page (`struct boot_params`) of the Linux boot protocol.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+
+/// Loads a Linux bzImage, its initrd and the zero page (boot_params with
+/// the e820 map) for the 64-bit boot protocol. Returns the 64-bit entry point.
+pub fn load_bzimage(
+    ram: &GuestRam,
+    path: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+) -> Result<LoadedKernel, LoadError> {
+    use linux_loader::configurator::{linux::LinuxBootConfigurator, BootConfigurator, BootParams};
+    use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+    use linux_loader::loader::bzimage::BzImage;
+
+    let mut file = File::open(path).map_err(|source| LoadError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let res = BzImage::load(
+        ram.memory(),
+        None,
+        &mut file,
+        Some(GuestAddress(HIMEM_START)),
+    )
+    .map_err(|source| LoadError::Load {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut params = boot_params::default();
+    if let Some(hdr) = res.setup_header {
+        params.hdr = hdr;
+    }
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.boot_flag = 0xaa55;
+    params.hdr.header = 0x5372_6448;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline.len() as u32 + 1;
+    let end = res.kernel_end.max(res.kernel_load.0);
+    let initrd = match initrd {
+        Some(p) => {
+            let limit = u64::from(params.hdr.initrd_addr_max)
+                .saturating_add(1)
+                .max(1 << 20);
+            let floor = u64::from(params.hdr.pref_address).max(res.kernel_load.0)
+                + u64::from(params.hdr.init_size);
+            let (addr, size) = place_initrd(ram, p, floor, limit)?;
+            params.hdr.ramdisk_image = addr as u32;
+            params.hdr.ramdisk_size = size as u32;
+            Some((addr, size))
+        }
+        None => None,
+    };
+    let mut e820 = vec![
+        (0, crate::arch::mptable::MPTABLE_START, E820_RAM),
+        (
+            crate::arch::mptable::MPTABLE_START,
+            0xa0000 - crate::arch::mptable::MPTABLE_START,
+            E820_RESERVED,
+        ),
+    ];
+    for r in ram.ranges() {
+        let start = r.guest_addr.max(HIMEM_START);
+        e820.push((start, r.guest_addr + r.len - start, E820_RAM));
+    }
+    for (i, (addr, size, kind)) in e820.iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: *kind,
+        };
+    }
+    params.e820_entries = e820.len() as u8;
+    LinuxBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap>(
+        &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
+        ram.memory(),
+    )
+    .map_err(|_| LoadError::Write("the zero page"))?;
+    Ok(LoadedKernel {
+        // startup_64 sits 0x200 into the protected-mode kernel.
+        entry: res.kernel_load.0 + 0x200,
         end,
         initrd,
     })

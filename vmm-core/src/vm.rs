@@ -10,7 +10,7 @@ use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_reg
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::{cpuid, layout, msr, regs};
+use crate::arch::{cpuid, layout, mptable, msr, regs};
 use crate::devices::{PioBus, SerialSink, COM1_IRQ};
 use crate::loader::{self, LoadError};
 use crate::memory::{GuestRam, MemoryError};
@@ -84,6 +84,16 @@ pub enum VmError {
     /// A page-table walk failed.
     #[error(transparent)]
     Walk(#[from] WalkError),
+    /// A stock Linux kernel on a PVM host.
+    #[error(
+        "this host's KVM is PVM (kvm_pvm): guest kernel mode is emulated and cannot run a stock \
+         Linux kernel; run Linux guests on a host with VT-x/AMD-V, or inside the emulated \
+         hardware-virtualization host (guest-kernels/linux/README.md)"
+    )]
+    LinuxNeedsHardwareVirt,
+    /// MP table.
+    #[error(transparent)]
+    MpTable(#[from] crate::arch::mptable::MpTableError),
     /// Thread creation failed.
     #[error("cannot start vCPU thread")]
     Thread(#[source] std::io::Error),
@@ -120,7 +130,8 @@ impl Vm {
             return Err(VmError::TooLittleMemory(cfg.mem_bytes));
         }
         // Check the image before touching KVM, so bad input fails fast and plainly.
-        loader::check_kernel(&cfg.kernel, cfg.mem_bytes)?;
+        let kind = check_bootable(&cfg.kernel, cfg.mem_bytes)?;
+        let flavor = host_kvm_flavor();
         vcpu::install_kick_handler().map_err(VmError::Signal)?;
 
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
@@ -164,14 +175,38 @@ impl Vm {
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
-        let kernel = loader::load_elf(&ram, &cfg.kernel, cfg.initrd.as_deref())?;
         loader::write_cmdline(&ram, &cfg.cmdline)?;
-        let flags = if host_kvm_flavor() == KvmFlavor::Pvm {
-            loader::BOOT_FLAG_NO_SYSCALL
-        } else {
-            0
+        let (kernel, boot) = match kind {
+            loader::KernelKind::Elf => {
+                let kernel = loader::load_elf(&ram, &cfg.kernel, cfg.initrd.as_deref())?;
+                let flags = if flavor == KvmFlavor::Pvm {
+                    loader::BOOT_FLAG_NO_SYSCALL
+                } else {
+                    0
+                };
+                loader::write_boot_info(&ram, cfg.vcpus, cfg.cmdline.len(), flags)?;
+                // Test-kernel protocol: every vCPU enters at once, RSI = boot info.
+                let boot = BootSpec {
+                    entry: kernel.entry,
+                    rsi: layout::BOOT_INFO_START,
+                    start_aps: true,
+                };
+                (kernel, boot)
+            }
+            loader::KernelKind::BzImage => {
+                let kernel =
+                    loader::load_bzimage(&ram, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+                mptable::write(&ram, cfg.vcpus)?;
+                // Linux 64-bit boot protocol: RSI = zero page; the kernel wakes
+                // the other vCPUs itself with INIT/SIPI.
+                let boot = BootSpec {
+                    entry: kernel.entry,
+                    rsi: loader::ZERO_PAGE_START,
+                    start_aps: false,
+                };
+                (kernel, boot)
+            }
         };
-        loader::write_boot_info(&ram, cfg.vcpus, cfg.cmdline.len(), flags)?;
         regs::write_boot_gdt(ram.memory())?;
         regs::write_boot_page_tables(ram.memory())?;
 
@@ -192,7 +227,7 @@ impl Vm {
             let fd = vm_fd
                 .create_vcpu(u64::from(i))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            configure_vcpu(&fd, i, cfg.vcpus, &supported, kernel.entry)?;
+            configure_vcpu(&fd, i, cfg.vcpus, &supported, &boot)?;
             vcpus.push(Arc::new(Vcpu {
                 index: i,
                 fd: std::sync::Mutex::new(fd),
@@ -349,6 +384,19 @@ impl Drop for Vm {
     }
 }
 
+/// Checks that the kernel at `path` can boot in `mem_bytes` of RAM on this
+/// host, without touching KVM: image format, size, and host capability.
+pub fn check_bootable(
+    path: &std::path::Path,
+    mem_bytes: u64,
+) -> Result<loader::KernelKind, VmError> {
+    let kind = loader::check_kernel(path, mem_bytes)?;
+    if kind == loader::KernelKind::BzImage && host_kvm_flavor() == KvmFlavor::Pvm {
+        return Err(VmError::LinuxNeedsHardwareVirt);
+    }
+    Ok(kind)
+}
+
 /// Which kind of KVM the host has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -369,12 +417,43 @@ pub fn host_kvm_flavor() -> KvmFlavor {
     }
 }
 
+/// How vCPUs enter the kernel.
+#[derive(Debug, Clone, Copy)]
+struct BootSpec {
+    entry: u64,
+    rsi: u64,
+    /// Start the application processors at `entry` too (else they wait for INIT/SIPI).
+    start_aps: bool,
+}
+
+/// Local APIC LVT LINT0/LINT1 offsets and delivery modes.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// Sets LINT0 to ExtINT and LINT1 to NMI (virtual-wire mode), as firmware does.
+fn set_lint(fd: &VcpuFd) -> Result<(), VmError> {
+    let mut lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+    for (off, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let mut b = [0u8; 4];
+        for (i, v) in b.iter_mut().enumerate() {
+            *v = lapic.regs[off + i] as u8;
+        }
+        let reg = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+        for (i, v) in reg.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + i] = *v as _;
+        }
+    }
+    fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
+}
+
 fn configure_vcpu(
     fd: &VcpuFd,
     index: u8,
     count: u8,
     supported: &CpuId,
-    entry: u64,
+    boot: &BootSpec,
 ) -> Result<(), VmError> {
     let mut cpuid = supported.clone();
     cpuid::set_vcpu_topology(&mut cpuid, index, count);
@@ -393,15 +472,12 @@ fn configure_vcpu(
     let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     fd.set_sregs(&regs::long_mode_sregs(sregs))
         .map_err(kvm_err("KVM_SET_SREGS"))?;
-    fd.set_regs(&regs::entry_regs(
-        entry,
-        u64::from(index),
-        layout::BOOT_INFO_START,
-    ))
-    .map_err(kvm_err("KVM_SET_REGS"))?;
+    fd.set_regs(&regs::entry_regs(boot.entry, u64::from(index), boot.rsi))
+        .map_err(kvm_err("KVM_SET_REGS"))?;
     fd.set_fpu(&regs::entry_fpu())
         .map_err(kvm_err("KVM_SET_FPU"))?;
-    if index > 0 {
+    set_lint(fd)?;
+    if index > 0 && boot.start_aps {
         // Application processors start in the same 64-bit state as the boot
         // processor instead of waiting for INIT/SIPI.
         fd.set_mp_state(kvm_bindings::kvm_mp_state {

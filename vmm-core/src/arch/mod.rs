@@ -4,5 +4,6 @@
 pub mod cpuid;
 pub mod gdt;
 pub mod layout;
+pub mod mptable;
 pub mod msr;
 pub mod regs;
