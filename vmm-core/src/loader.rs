@@ -311,8 +311,8 @@ pub fn load_bzimage(
             let limit = u64::from(params.hdr.initrd_addr_max)
                 .saturating_add(1)
                 .max(1 << 20);
-            let floor = u64::from(params.hdr.pref_address).max(res.kernel_load.0)
-                + u64::from(params.hdr.init_size);
+            let floor =
+                params.hdr.pref_address.max(res.kernel_load.0) + u64::from(params.hdr.init_size);
             let (addr, size) = place_initrd(ram, p, floor, limit)?;
             params.hdr.ramdisk_image = addr as u32;
             params.hdr.ramdisk_size = size as u32;
