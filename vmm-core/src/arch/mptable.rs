@@ -1,14 +1,16 @@
 //! Intel MultiProcessor Specification 1.4 table, so a Linux guest finds its
 //! vCPUs, the IOAPIC and the ISA interrupt routing without ACPI.
 //!
-//! Layout at [`MPTABLE_START`] (inside the e820-reserved last KiB below
-//! 640 KiB, where Linux scans for it): the 16-byte floating pointer, then the
-//! configuration table header and its entries.
+//! Layout: the configuration table (header and entries) at [`MPTABLE_START`],
+//! the 16-byte floating pointer at [`MP_FLOATING_POINTER`] in the last KiB
+//! below 640 KiB, where Linux scans for it; all of it e820-reserved.
 
 use crate::memory::GuestRam;
 
-/// Where the MP table goes.
-pub const MPTABLE_START: u64 = 0x9fc00;
+/// Start of the reserved MP-table area (the configuration table).
+pub const MPTABLE_START: u64 = 0x9e000;
+/// The MP floating pointer structure.
+pub const MP_FLOATING_POINTER: u64 = 0x9fc00;
 /// Local APIC base.
 pub const APIC_DEFAULT_BASE: u32 = 0xfee0_0000;
 /// IOAPIC base.
@@ -37,8 +39,9 @@ fn checksum(bytes: &[u8]) -> u8 {
         .wrapping_neg()
 }
 
-/// Builds the table bytes for `cpus` vCPUs, to be placed at `base`.
-pub fn build(cpus: u8, base: u64) -> Vec<u8> {
+/// Builds (floating pointer, configuration table) for `cpus` vCPUs, the
+/// table to be placed at `config_addr`.
+pub fn build(cpus: u8, config_addr: u64) -> (Vec<u8>, Vec<u8>) {
     let ioapic_id = cpus; // APIC IDs 0..cpus-1 are the vCPUs.
     let mut entries: Vec<u8> = Vec::new();
     let mut count: u16 = 0;
@@ -70,7 +73,6 @@ pub fn build(cpus: u8, base: u64) -> Vec<u8> {
 
     let header_len = 44usize;
     let table_len = (header_len + entries.len()) as u16;
-    let config_addr = base + 16;
     let mut header = Vec::with_capacity(header_len);
     header.extend_from_slice(b"PCMP");
     header.extend_from_slice(&table_len.to_le_bytes());
@@ -92,9 +94,7 @@ pub fn build(cpus: u8, base: u64) -> Vec<u8> {
     fp.extend_from_slice(&(config_addr as u32).to_le_bytes());
     fp.extend_from_slice(&[1, MP_SPEC_REV, 0, 0, 0, 0, 0, 0]);
     fp[10] = checksum(&fp);
-
-    fp.extend_from_slice(&config);
-    fp
+    (fp, config)
 }
 
 /// Writes the MP table for `cpus` vCPUs at [`MPTABLE_START`].
@@ -113,10 +113,10 @@ mod tests {
 
     #[test]
     fn checksums_and_counts() {
-        let t = build(2, MPTABLE_START);
+        let (t, cfg) = build(2, MPTABLE_START);
         assert_eq!(&t[..4], b"_MP_");
-        assert_eq!(t[..16].iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
-        let cfg = &t[16..];
+        assert_eq!(t.len(), 16);
+        assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         assert_eq!(&cfg[..4], b"PCMP");
         let len = u16::from_le_bytes([cfg[4], cfg[5]]) as usize;
         assert_eq!(len, cfg.len());
@@ -131,6 +131,7 @@ mod tests {
 
     #[test]
     fn fits_for_many_cpus() {
-        assert!(MPTABLE_START as usize + build(64, MPTABLE_START).len() <= 0xa0000);
+        let (_, cfg) = build(64, MPTABLE_START);
+        assert!(MPTABLE_START + cfg.len() as u64 <= MP_FLOATING_POINTER);
     }
 }
