@@ -99,11 +99,12 @@ pub fn build(cpus: u8, config_addr: u64) -> (Vec<u8>, Vec<u8>) {
 
 /// Writes the MP table for `cpus` vCPUs at [`MPTABLE_START`].
 pub fn write(ram: &GuestRam, cpus: u8) -> Result<(), MpTableError> {
-    let table = build(cpus, MPTABLE_START);
-    if MPTABLE_START + table.len() as u64 > 0xa0000 {
+    let (fp, config) = build(cpus, MPTABLE_START);
+    if MPTABLE_START + config.len() as u64 > MP_FLOATING_POINTER {
         return Err(MpTableError::TooManyCpus(cpus));
     }
-    ram.write(MPTABLE_START, &table)
+    ram.write(MPTABLE_START, &config)
+        .and_then(|()| ram.write(MP_FLOATING_POINTER, &fp))
         .map_err(|_| MpTableError::Write)
 }
 
