@@ -126,7 +126,7 @@ mod tests {
         assert_eq!(count, 2 + 1 + 1 + 16 + 2);
         assert_eq!(
             u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as u64,
-            MPTABLE_START + 16
+            MPTABLE_START
         );
     }
 
