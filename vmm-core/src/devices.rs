@@ -149,6 +149,8 @@ pub enum GuestRequest {
     Exit(u8),
     /// Pulsed the reset line through the i8042.
     Reset,
+    /// Entered ACPI S5 (soft off) through the sleep control register.
+    PowerOff,
 }
 
 /// The port-I/O bus.
@@ -195,6 +197,13 @@ impl PioBus {
                 None
             }
             DEBUG_EXIT_PORT => data.first().map(|&v| GuestRequest::Exit(v)),
+            // ACPI sleep control: SLP_EN (bit 5) with SLP_TYP (bits 2-4) of S5.
+            crate::arch::acpi::SLEEP_CONTROL_PORT => match data.first() {
+                Some(&v) if v & 0x20 != 0 && (v >> 2) & 7 == crate::arch::acpi::S5_SLEEP_TYPE => {
+                    Some(GuestRequest::PowerOff)
+                }
+                _ => None,
+            },
             I8042_CMD_PORT if data.first() == Some(&I8042_RESET_CMD) => Some(GuestRequest::Reset),
             _ => None,
         }
@@ -246,6 +255,8 @@ mod tests {
             Some(GuestRequest::Reset)
         );
         assert_eq!(bus.pio_write(I8042_CMD_PORT, &[0xd1]), None);
+        assert_eq!(bus.pio_write(0x3c0, &[0x34]), Some(GuestRequest::PowerOff));
+        assert_eq!(bus.pio_write(0x3c0, &[0x14]), None); // S5 type without SLP_EN
         let mut b = [0u8; 1];
         bus.pio_read(0x1234, &mut b);
         assert_eq!(b[0], 0xff);

@@ -277,6 +277,7 @@ pub fn load_bzimage(
     path: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    acpi_rsdp: Option<u64>,
 ) -> Result<LoadedKernel, LoadError> {
     use linux_loader::configurator::{linux::LinuxBootConfigurator, BootConfigurator, BootParams};
     use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
@@ -305,6 +306,9 @@ pub fn load_bzimage(
     params.hdr.header = 0x5372_6448;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline.len() as u32 + 1;
+    if let Some(rsdp) = acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
     let end = res.kernel_end.max(res.kernel_load.0);
     let initrd = match initrd {
         Some(p) => {

@@ -410,6 +410,7 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, bus: &PioBus) -> Option<ExitReason
         VcpuExit::IoOut(port, data) => match bus.pio_write(port, data)? {
             GuestRequest::Exit(status) => Some(ExitReason::GuestExit { status }),
             GuestRequest::Reset => Some(ExitReason::Reset),
+            GuestRequest::PowerOff => Some(ExitReason::PowerOff),
         },
         VcpuExit::IoIn(port, data) => {
             bus.pio_read(port, data);

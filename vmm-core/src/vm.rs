@@ -10,7 +10,7 @@ use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_reg
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::{cpuid, layout, mptable, msr, regs};
+use crate::arch::{acpi, cpuid, layout, mptable, msr, regs};
 use crate::devices::{PioBus, SerialSink, COM1_IRQ};
 use crate::loader::{self, LoadError};
 use crate::memory::{GuestRam, MemoryError};
@@ -91,6 +91,9 @@ pub enum VmError {
          hardware-virtualization host (guest-kernels/linux/README.md)"
     )]
     LinuxNeedsHardwareVirt,
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// MP table.
     #[error(transparent)]
     MpTable(#[from] crate::arch::mptable::MpTableError),
@@ -194,9 +197,15 @@ impl Vm {
                 (kernel, boot)
             }
             loader::KernelKind::BzImage => {
-                let kernel =
-                    loader::load_bzimage(&ram, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
                 mptable::write(&ram, cfg.vcpus)?;
+                let rsdp = acpi::write(&ram, cfg.vcpus)?;
+                let kernel = loader::load_bzimage(
+                    &ram,
+                    &cfg.kernel,
+                    cfg.initrd.as_deref(),
+                    &cfg.cmdline,
+                    Some(rsdp),
+                )?;
                 // Linux 64-bit boot protocol: RSI = zero page; the kernel wakes
                 // the other vCPUs itself with INIT/SIPI.
                 let boot = BootSpec {

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds the emulated host's initramfs: busybox, the KVM modules of the pinned
+# kernel, the lucos binary with the shared libraries it needs, the guest's
+# kernel and initramfs, and the scenario to run.
+#   mkinitramfs-host.sh OUT.cpio.gz KERNEL_PKG_DIR LUCOS_BIN GUEST_INITRD SCENARIO.sh
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/../versions.env"
+out=$1 pkg=$2 lucos=$3 guest_initrd=$4 scenario=$5
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,dev,proc,sys,tmp,run,modules,guest,lib/lucos,lib64}
+cp "$(command -v busybox)" "$root/bin/busybox"
+cp "$here/host-init.sh" "$root/init"
+chmod 755 "$root/init"
+kmod="$pkg/lib/modules/$KERNEL_RELEASE/kernel"
+cp "$kmod/virt/lib/irqbypass.ko" "$kmod/arch/x86/kvm/kvm.ko" "$kmod/arch/x86/kvm/kvm-amd.ko" "$root/modules/"
+cp "$lucos" "$root/bin/lucos"
+# The dynamic loader where the binary expects it, the rest beside it.
+ldd "$lucos" | awk '/=>/ {print $3} /ld-linux/ {print $1}' | while read -r lib; do
+  [ -f "$lib" ] || continue
+  case "$lib" in
+    */ld-linux*) cp -L "$lib" "$root/lib64/" ;;
+    *) cp -L "$lib" "$root/lib/lucos/" ;;
+  esac
+done
+cp "$pkg/boot/vmlinuz-$KERNEL_RELEASE" "$root/guest/vmlinuz"
+cp "$guest_initrd" "$root/guest/initrd.gz"
+cp "$scenario" "$root/scenario.sh"
+(cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$out"
