@@ -3,7 +3,6 @@
 #   guest-kernels/linux/mkinitramfs-guest.sh OUT.cpio.gz [WORKLOAD.sh]
 # The workload, if given, becomes /workload.sh and runs as root after boot;
 # /init reports its exit status as "@@GUEST done rc=N".
-# its exit status becomes the VM's exit status.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$1

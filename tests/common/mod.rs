@@ -2,6 +2,8 @@
 //! in-process on /dev/kvm, and read its symbols.
 #![allow(dead_code)]
 
+pub mod linux;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

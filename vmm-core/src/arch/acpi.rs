@@ -58,13 +58,24 @@ pub fn write(ram: &GuestRam, cpus: u8) -> Result<u64, AcpiError> {
         Ok(addr)
     };
 
-    // DSDT: Name (_S5, Package () { 5, 0 })
+    // DSDT: \_S5 for poweroff, and COM1 with its I/O ports and IRQ. A
+    // hardware-reduced platform has no legacy PIC, so Linux maps ISA
+    // interrupts only for devices the DSDT describes.
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, 1);
     let s5 = aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8]),
     );
     s5.to_aml_bytes(&mut dsdt);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, crate::devices::COM1_IRQ);
+    let com1_io = aml::IO::new(crate::devices::COM1_BASE, crate::devices::COM1_BASE, 1, 8);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_irq, &com1_io]);
+    let hid = aml::EISAName::new("PNP0501");
+    let com1_hid = aml::Name::new("_HID".into(), &hid);
+    let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com1_crs = aml::Name::new("_CRS".into(), &com1_crs);
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
+    com1.to_aml_bytes(&mut dsdt);
     dsdt.update_checksum();
     let dsdt_addr = place(dsdt.as_slice())?;
 

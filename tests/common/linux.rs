@@ -1,0 +1,183 @@
+//! Running Linux guests under lucos for the integration tests.
+//!
+//! On a host with hardware virtualization the scenario runs right here on
+//! /dev/kvm. On a PVM host it runs inside the emulated host: QEMU TCG with an
+//! AMD EPYC that has SVM and NPT, booting the pinned Debian kernel, which
+//! loads the real kvm-amd and runs lucos on real KVM with nested paging
+//! (guest-kernels/linux/emulated-host/).
+//!
+//! A scenario is a shell script run with `$LUCOS`, `$GUEST_KERNEL`,
+//! `$GUEST_INITRD` and `$LUCOS_RUN_DIR` set; it reports in `@@SCN` lines.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use vmm_core::vm::{host_kvm_flavor, KvmFlavor};
+
+/// Scenarios are CPU-heavy (TCG): run one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lucos-linux-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+fn run_script(script: &str, args: &[&Path]) -> String {
+    let out = Command::new(repo().join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{script} failed ({}):\n{}{}\nThe Linux-guest tests need the packages and kernel that \
+             scripts/setup.sh installs; they fail rather than skip without them.",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The unpacked pinned kernel package (fetched and checked on first use).
+pub fn kernel_pkg() -> PathBuf {
+    PathBuf::from(run_script("guest-kernels/linux/fetch-kernel.sh", &[]))
+}
+
+/// The pinned guest kernel (bzImage).
+pub fn guest_kernel(pkg: &Path) -> PathBuf {
+    let release = std::fs::read_to_string(repo().join("guest-kernels/linux/versions.env"))
+        .expect("versions.env")
+        .lines()
+        .find_map(|l| l.strip_prefix("KERNEL_RELEASE=").map(str::to_owned))
+        .expect("KERNEL_RELEASE");
+    pkg.join(format!("boot/vmlinuz-{release}"))
+}
+
+/// What a scenario printed.
+pub struct ScenarioOutput {
+    /// Everything: host console, lucos, guest serial.
+    pub text: String,
+    /// Where it ran.
+    pub where_: &'static str,
+}
+
+impl ScenarioOutput {
+    /// Panics with the whole output unless `needle` is in it.
+    pub fn expect(&self, needle: &str) {
+        assert!(
+            self.text.contains(needle),
+            "'{needle}' not in the output of the scenario ({}):\n{}",
+            self.where_,
+            self.text
+        );
+    }
+
+    /// The value after `key=` on the first line starting with `prefix`.
+    pub fn value(&self, prefix: &str, key: &str) -> Option<String> {
+        self.text
+            .lines()
+            .filter_map(|l| l.find(prefix).map(|i| &l[i..]))
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_owned))
+            })
+    }
+}
+
+/// Runs `scenario` against a guest whose /workload.sh is `workload`.
+pub fn run_scenario(
+    name: &str,
+    workload: &str,
+    scenario: &str,
+    timeout: Duration,
+) -> ScenarioOutput {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch(name);
+    let pkg = kernel_pkg();
+    let wl = dir.join("workload.sh");
+    std::fs::write(&wl, workload).expect("workload");
+    let initrd = dir.join("guest-initrd.cpio.gz");
+    run_script("guest-kernels/linux/mkinitramfs-guest.sh", &[&initrd, &wl]);
+    let scn = dir.join("scenario.sh");
+    std::fs::write(&scn, scenario).expect("scenario");
+    let lucos = PathBuf::from(env!("CARGO_BIN_EXE_lucos"));
+
+    let (mut cmd, where_) = match host_kvm_flavor() {
+        KvmFlavor::Hardware => {
+            super::require_kvm();
+            let mut c = Command::new("sh");
+            c.arg(&scn)
+                .env("LUCOS", &lucos)
+                .env("GUEST_KERNEL", guest_kernel(&pkg))
+                .env("GUEST_INITRD", &initrd)
+                .env("LUCOS_RUN_DIR", dir.join("run"));
+            (c, "this host's KVM")
+        }
+        KvmFlavor::Pvm => {
+            let host_initrd = dir.join("host-initrd.cpio.gz");
+            run_script(
+                "guest-kernels/linux/emulated-host/mkinitramfs-host.sh",
+                &[&host_initrd, &pkg, &lucos, &initrd, &scn],
+            );
+            let mut c = Command::new(repo().join("guest-kernels/linux/emulated-host/run.sh"));
+            c.arg(&pkg).arg(&host_initrd);
+            (c, "the emulated SVM host")
+        }
+    };
+    // Own process group, so a timeout kills QEMU and everything under it.
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().expect("start scenario");
+    let pgid = child.id() as i32;
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let mut timed_out = false;
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            timed_out = true;
+            // SAFETY: kill(2) on the scenario's own process group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = format!(
+        "{}\n{}",
+        out_t.join().unwrap_or_default(),
+        err_t.join().unwrap_or_default()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !timed_out,
+        "scenario {name} ran past {timeout:?} in {where_}:\n{text}"
+    );
+    ScenarioOutput { text, where_ }
+}
