@@ -12,6 +12,9 @@ declare -A PKGS=(
   [gcc]="4:12.2.0-3"        # builds the test kernel
   [make]="4.3-4.1"
   [binutils]="2.40-2"       # ld for the test kernel
+  [qemu-system-x86]="1:7.2+dfsg-7+deb12u18+b3"  # the emulated SVM host for Linux-guest tests
+  [busybox-static]="1:1.35.0-4+deb12u1+b1"      # guest and emulated-host initramfs
+  [cpio]="2.13+dfsg-7.1"
 )
 
 SUDO=""
@@ -34,6 +37,9 @@ for p in "${!PKGS[@]}"; do
     echo "setup: note: $p is $have here; lucos is tested with ${PKGS[$p]}" >&2
   fi
 done
+
+# The pinned Debian kernel for Linux guests and the emulated host (sha256-checked, cached).
+"$(dirname "$0")/../guest-kernels/linux/fetch-kernel.sh" >/dev/null
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: error: no Rust toolchain (cargo) found. Install rustup with Rust 1.85 or newer:" >&2

@@ -18,10 +18,12 @@ if [ -f "$out/.complete" ]; then
 fi
 if [ ! -f "$deb" ] || ! echo "$KERNEL_PKG_SHA256  $deb" | sha256sum -c --status; then
   echo "fetch-kernel: downloading $KERNEL_PKG=$KERNEL_PKG_VERSION" >&2
-  (cd "$cache" && apt-get download -q "$KERNEL_PKG=$KERNEL_PKG_VERSION" >&2 2>/dev/null) || {
-    echo "fetch-kernel: apt-get download failed (run 'apt-get update' first?)" >&2
-    exit 1
-  }
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  (cd "$cache" && apt-get download -q "$KERNEL_PKG=$KERNEL_PKG_VERSION" >&2 2>/dev/null) ||
+    { $SUDO apt-get update -qq >&2 && (cd "$cache" && apt-get download -q "$KERNEL_PKG=$KERNEL_PKG_VERSION" >&2 2>/dev/null); } || {
+      echo "fetch-kernel: cannot download $KERNEL_PKG=$KERNEL_PKG_VERSION with apt-get" >&2
+      exit 1
+    }
 fi
 if ! echo "$KERNEL_PKG_SHA256  $deb" | sha256sum -c --status; then
   echo "fetch-kernel: sha256 mismatch for $deb" >&2
