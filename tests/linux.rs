@@ -10,9 +10,11 @@ use common::linux::run_scenario;
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 
 #[test]
-fn linux_boots_runs_a_command_and_powers_off_on_1_and_2_vcpus() {
+fn linux_boots_runs_a_command_and_powers_off_on_1_and_2_vcpus_and_reboots() {
     let workload = r#"#!/bin/sh
 echo "@@WORK answer=$((6 * 7)) cpus=$(grep -c ^processor /proc/cpuinfo) kernel=$(uname -r)"
+grep -q lucos.reboot /proc/cmdline && reboot -f
+exit 0
 "#;
     // 1 vCPU without KASLR, 2 vCPUs with it.
     let scenario = format!(
@@ -21,6 +23,8 @@ $LUCOS run --vm one --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 1 --me
 echo "@@SCN one rc=$?"
 $LUCOS run --vm two --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "{CMDLINE}"
 echo "@@SCN two rc=$?"
+$LUCOS run --vm three --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 1 --mem 256M --cmdline "{CMDLINE} lucos.reboot"
+echo "@@SCN three rc=$?"
 "#
     );
     let out = run_scenario("boot", workload, &scenario, Duration::from_secs(600));

@@ -102,6 +102,17 @@ pub fn run_scenario(
     scenario: &str,
     timeout: Duration,
 ) -> ScenarioOutput {
+    run_scenario_with(name, workload, scenario, timeout, false)
+}
+
+/// As [`run_scenario`]; with `with_qemu`, `$QEMU` is QEMU (the reference VMM).
+pub fn run_scenario_with(
+    name: &str,
+    workload: &str,
+    scenario: &str,
+    timeout: Duration,
+    with_qemu: bool,
+) -> ScenarioOutput {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch(name);
     let pkg = kernel_pkg();
@@ -121,14 +132,22 @@ pub fn run_scenario(
                 .env("LUCOS", &lucos)
                 .env("GUEST_KERNEL", guest_kernel(&pkg))
                 .env("GUEST_INITRD", &initrd)
-                .env("LUCOS_RUN_DIR", dir.join("run"));
+                .env("LUCOS_RUN_DIR", dir.join("run"))
+                .env("QEMU", "qemu-system-x86_64");
             (c, "this host's KVM")
         }
         KvmFlavor::Pvm => {
             let host_initrd = dir.join("host-initrd.cpio.gz");
-            run_script(
-                "guest-kernels/linux/emulated-host/mkinitramfs-host.sh",
-                &[&host_initrd, &pkg, &lucos, &initrd, &scn],
+            let out =
+                Command::new(repo().join("guest-kernels/linux/emulated-host/mkinitramfs-host.sh"))
+                    .args([&host_initrd, &pkg, &lucos, &initrd, &scn])
+                    .env("WITH_QEMU", if with_qemu { "1" } else { "0" })
+                    .output()
+                    .expect("run mkinitramfs-host.sh");
+            assert!(
+                out.status.success(),
+                "mkinitramfs-host.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
             );
             let mut c = Command::new(repo().join("guest-kernels/linux/emulated-host/run.sh"));
             c.arg(&pkg).arg(&host_initrd);

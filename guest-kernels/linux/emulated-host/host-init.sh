@@ -11,7 +11,7 @@ for m in irqbypass kvm kvm-amd; do
 done
 npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)
 echo "@@HOST kvm=$( [ -c /dev/kvm ] && echo yes || echo no) npt=$npt cpus=$(grep -c ^processor /proc/cpuinfo)"
-export LUCOS=/bin/lucos GUEST_KERNEL=/guest/vmlinuz GUEST_INITRD=/guest/initrd.gz
+export LUCOS=/bin/lucos QEMU=/bin/qemu-system-x86_64 GUEST_KERNEL=/guest/vmlinuz GUEST_INITRD=/guest/initrd.gz
 export LUCOS_RUN_DIR=/run/lucos LD_LIBRARY_PATH=/lib/lucos
 sh /scenario.sh
 echo "@@HOST scenario rc=$?"

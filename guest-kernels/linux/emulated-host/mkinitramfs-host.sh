@@ -3,6 +3,8 @@
 # kernel, the lucos binary with the shared libraries it needs, the guest's
 # kernel and initramfs, and the scenario to run.
 #   mkinitramfs-host.sh OUT.cpio.gz KERNEL_PKG_DIR LUCOS_BIN GUEST_INITRD SCENARIO.sh
+# With WITH_QEMU=1 it also carries qemu-system-x86_64 (the reference VMM for
+# benchmarks) with its libraries and microvm firmware.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/../versions.env"
@@ -15,15 +17,26 @@ cp "$here/host-init.sh" "$root/init"
 chmod 755 "$root/init"
 kmod="$pkg/lib/modules/$KERNEL_RELEASE/kernel"
 cp "$kmod/virt/lib/irqbypass.ko" "$kmod/arch/x86/kvm/kvm.ko" "$kmod/arch/x86/kvm/kvm-amd.ko" "$root/modules/"
-cp "$lucos" "$root/bin/lucos"
-# The dynamic loader where the binary expects it, the rest beside it.
-ldd "$lucos" | awk '/=>/ {print $3} /ld-linux/ {print $1}' | while read -r lib; do
-  [ -f "$lib" ] || continue
-  case "$lib" in
-    */ld-linux*) cp -L "$lib" "$root/lib64/" ;;
-    *) cp -L "$lib" "$root/lib/lucos/" ;;
-  esac
-done
+# A binary and its shared libraries: the dynamic loader where the binary
+# expects it, the rest in /lib/lucos (LD_LIBRARY_PATH in host-init.sh).
+add_binary() {
+  cp "$1" "$root/bin/$2"
+  ldd "$1" | awk '/=>/ {print $3} /ld-linux/ {print $1}' | while read -r lib; do
+    [ -f "$lib" ] || continue
+    case "$lib" in
+      */ld-linux*) cp -L "$lib" "$root/lib64/" ;;
+      *) cp -L "$lib" "$root/lib/lucos/" ;;
+    esac
+  done
+}
+add_binary "$lucos" lucos
+if [ "${WITH_QEMU:-0}" = 1 ]; then
+  add_binary "$(command -v qemu-system-x86_64)" qemu-system-x86_64
+  mkdir -p "$root/usr/share/qemu"
+  for f in bios-microvm.bin linuxboot_dma.bin pvh.bin kvmvapic.bin; do
+    cp -L /usr/share/qemu/$f "$root/usr/share/qemu/"
+  done
+fi
 cp "$pkg/boot/vmlinuz-$KERNEL_RELEASE" "$root/guest/vmlinuz"
 cp "$guest_initrd" "$root/guest/initrd.gz"
 cp "$scenario" "$root/scenario.sh"
