@@ -90,8 +90,8 @@ done
         out.text
     );
     println!(
-        "Linux {} boot to /init, 2 vCPUs, 256 MiB, busybox initramfs, {runs} runs each, on {}",
-        "6.1.0-56-cloud-amd64", out.where_
+        "Linux 6.1.0-56-cloud-amd64 boot to /init, 2 vCPUs, 256 MiB, busybox initramfs, {runs} runs each, on {}",
+        out.where_
     );
     println!(
         "{:<8} {:>16} {:>22} {:>22}",

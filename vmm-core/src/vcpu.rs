@@ -336,6 +336,25 @@ pub fn vcpu_thread(vcpu: Arc<Vcpu>, ctl: Arc<RunControl>, bus: Arc<PioBus>) {
         KVM_RUN_PAGE.with(|p| p.set(page));
     }
     ctl.thread_started(index as usize);
+    // A panic must not leave a dead vCPU the VMM waits for forever: it ends
+    // the VM with an error naming it.
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(&vcpu, &ctl, &bus)));
+    if let Err(panic) = result {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        ctl.stop(run_error(index, format!("vCPU thread panicked: {what}")));
+    }
+    bus.flush();
+    KVM_RUN_PAGE.with(|p| p.set(std::ptr::null_mut()));
+    ctl.thread_ended(index as usize);
+}
+
+fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus) {
+    let index = vcpu.index;
     // A kick may have been sent before this thread registered: honour any request now.
     let mut needs_completion = false;
     loop {
@@ -363,7 +382,7 @@ pub fn vcpu_thread(vcpu: Arc<Vcpu>, ctl: Arc<RunControl>, bus: Arc<PioBus>) {
                         | VcpuExit::MmioRead(..)
                         | VcpuExit::MmioWrite(..)
                 );
-                handle_exit(index, exit, &bus)
+                handle_exit(index, exit, bus)
             }
             Err(e) if e.errno() == libc::EINTR => {
                 fd.set_kvm_immediate_exit(0);
@@ -398,9 +417,6 @@ pub fn vcpu_thread(vcpu: Arc<Vcpu>, ctl: Arc<RunControl>, bus: Arc<PioBus>) {
             ctl.stop(reason);
         }
     }
-    bus.flush();
-    KVM_RUN_PAGE.with(|p| p.set(std::ptr::null_mut()));
-    ctl.thread_ended(index as usize);
 }
 
 const INTERNAL_ERROR: &str = "internal error";
