@@ -18,6 +18,39 @@ use std::time::{Duration, Instant};
 
 use vmm_core::vm::{host_kvm_flavor, KvmFlavor};
 
+/// Shell functions every scenario can use.
+///
+/// `boot ID TIMEOUT_S LUCOS_RUN_ARGS...` runs a VM in the background with its
+/// serial output in /tmp/ID.serial, waits for it to end, prints the serial
+/// output and `@@SCN ID end=...`; if it has not ended in time it prints where
+/// every VMM thread is (`@@DUMP`), the vCPU registers, and stops it.
+const SCENARIO_PRELUDE: &str = r#"
+dump_vm() {
+  pid=$(cat $LUCOS_RUN_DIR/$1.lock 2>/dev/null)
+  for t in /proc/$pid/task/*; do
+    echo "@@DUMP $(cat $t/comm) state=$(cut -d' ' -f3 $t/stat) wchan=$(cat $t/wchan 2>/dev/null)"
+    sed 's/^/@@DUMP   /' $t/stack 2>/dev/null
+  done
+  $LUCOS pause --vm $1 && for v in 0 1 2 3; do $LUCOS regs --vm $1 --vcpu $v 2>/dev/null; done
+}
+wait_vm() {
+  n=0
+  while $LUCOS status --vm $1 >/dev/null 2>&1; do
+    sleep 0.5; n=$((n + 1))
+    if [ $n -gt $(($2 * 2)) ]; then
+      echo "@@SCN $1 hung"; dump_vm $1; $LUCOS stop --vm $1; return 1
+    fi
+  done
+}
+boot() {
+  id=$1 limit=$2; shift 2
+  $LUCOS run --vm $id --serial-log /tmp/$id.serial --quiet --detach "$@" >/dev/null || { echo "@@SCN $id end=start-failed"; return 1; }
+  wait_vm $id $limit
+  cat /tmp/$id.serial
+  echo "@@SCN $id end=$(grep -o 'ended: .*' $LUCOS_RUN_DIR/$id.log)"
+}
+"#;
+
 /// Scenarios are CPU-heavy (TCG): run one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -121,7 +154,7 @@ pub fn run_scenario_with(
     let initrd = dir.join("guest-initrd.cpio.gz");
     run_script("guest-kernels/linux/mkinitramfs-guest.sh", &[&initrd, &wl]);
     let scn = dir.join("scenario.sh");
-    std::fs::write(&scn, scenario).expect("scenario");
+    std::fs::write(&scn, format!("{SCENARIO_PRELUDE}\n{scenario}")).expect("scenario");
     let lucos = PathBuf::from(env!("CARGO_BIN_EXE_lucos"));
 
     let (mut cmd, where_) = match host_kvm_flavor() {
