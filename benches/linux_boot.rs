@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::linux::run_scenario_with;
+use common::linux::{run_scenario_with, Extras};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -62,7 +62,10 @@ done
         workload,
         &scenario,
         Duration::from_secs(300 + 120 * runs as u64),
-        true,
+        Extras {
+            qemu: true,
+            vmlinux: false,
+        },
     );
     let mut rows: std::collections::BTreeMap<String, Vec<[f64; 3]>> = Default::default();
     for line in out.text.lines().filter(|l| l.contains("@@BENCH")) {

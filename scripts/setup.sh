@@ -15,6 +15,7 @@ declare -A PKGS=(
   [qemu-system-x86]="1:7.2+dfsg-7+deb12u18+b3"  # the emulated SVM host for Linux-guest tests
   [busybox-static]="1:1.35.0-4+deb12u1+b1"      # guest and emulated-host initramfs
   [cpio]="2.13+dfsg-7.1"
+  [lz4]="1.9.4-1"           # unpacks the vmlinux inside the bzImage (PVH boot test)
 )
 
 SUDO=""

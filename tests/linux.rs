@@ -5,12 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::linux::run_scenario;
+use common::linux::{run_scenario, run_scenario_with, Extras};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 
 #[test]
-fn linux_boots_runs_a_command_and_powers_off_on_1_and_2_vcpus_and_reboots() {
+fn linux_boots_runs_a_command_and_powers_off_on_1_and_2_vcpus_and_reboots_and_boots_pvh() {
     let workload = r#"#!/bin/sh
 echo "@@WORK answer=$((6 * 7)) cpus=$(grep -c ^processor /proc/cpuinfo) kernel=$(uname -r)"
 grep -q lucos.reboot /proc/cmdline && reboot -f
@@ -22,14 +22,30 @@ exit 0
 boot one 240 --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 1 --mem 256M --cmdline "{CMDLINE} nokaslr"
 boot two 240 --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "{CMDLINE}"
 boot three 240 --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 1 --mem 256M --cmdline "{CMDLINE} lucos.reboot"
+boot four 240 --kernel $GUEST_VMLINUX --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "{CMDLINE}"
 "#
     );
-    let out = run_scenario("boot", workload, &scenario, Duration::from_secs(600));
+    let out = run_scenario_with(
+        "boot",
+        workload,
+        &scenario,
+        Duration::from_secs(600),
+        Extras {
+            qemu: false,
+            vmlinux: true,
+        },
+    );
     out.expect("@@WORK answer=42 cpus=1 kernel=6.1.0-56-cloud-amd64");
     out.expect("@@WORK answer=42 cpus=2 kernel=6.1.0-56-cloud-amd64");
     assert_eq!(
-        out.text.matches("@@GUEST done rc=0").count(),
+        out.text.matches("@@WORK answer=42 cpus=2").count(),
         2,
+        "bzImage and vmlinux (PVH) on 2 vCPUs: {}",
+        out.text
+    );
+    assert_eq!(
+        out.text.matches("@@GUEST done rc=0").count(),
+        3,
         "{}",
         out.text
     );
@@ -37,6 +53,8 @@ boot three 240 --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 1 --mem 256
     out.expect("@@SCN two end=ended: guest powered off");
     // A guest reboot ends the VMM cleanly too.
     out.expect("@@SCN three end=ended: guest reset the machine");
+    // The same kernel as an ELF vmlinux, through its PVH entry point.
+    out.expect("@@SCN four end=ended: guest powered off");
 }
 
 #[test]

@@ -128,6 +128,15 @@ impl ScenarioOutput {
     }
 }
 
+/// What a scenario needs besides lucos and the guest's bzImage and initramfs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Extras {
+    /// `$QEMU`: QEMU, the reference VMM.
+    pub qemu: bool,
+    /// `$GUEST_VMLINUX`: the guest kernel as an ELF vmlinux (PVH entry).
+    pub vmlinux: bool,
+}
+
 /// Runs `scenario` against a guest whose /workload.sh is `workload`.
 pub fn run_scenario(
     name: &str,
@@ -135,16 +144,16 @@ pub fn run_scenario(
     scenario: &str,
     timeout: Duration,
 ) -> ScenarioOutput {
-    run_scenario_with(name, workload, scenario, timeout, false)
+    run_scenario_with(name, workload, scenario, timeout, Extras::default())
 }
 
-/// As [`run_scenario`]; with `with_qemu`, `$QEMU` is QEMU (the reference VMM).
+/// As [`run_scenario`], with `extras`.
 pub fn run_scenario_with(
     name: &str,
     workload: &str,
     scenario: &str,
     timeout: Duration,
-    with_qemu: bool,
+    extras: Extras,
 ) -> ScenarioOutput {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch(name);
@@ -156,6 +165,13 @@ pub fn run_scenario_with(
     let scn = dir.join("scenario.sh");
     std::fs::write(&scn, format!("{SCENARIO_PRELUDE}\n{scenario}")).expect("scenario");
     let lucos = PathBuf::from(env!("CARGO_BIN_EXE_lucos"));
+    let vmlinux = dir.join("vmlinux");
+    if extras.vmlinux {
+        run_script(
+            "guest-kernels/linux/extract-vmlinux.sh",
+            &[&guest_kernel(&pkg), &vmlinux],
+        );
+    }
 
     let (mut cmd, where_) = match host_kvm_flavor() {
         KvmFlavor::Hardware => {
@@ -166,7 +182,8 @@ pub fn run_scenario_with(
                 .env("GUEST_KERNEL", guest_kernel(&pkg))
                 .env("GUEST_INITRD", &initrd)
                 .env("LUCOS_RUN_DIR", dir.join("run"))
-                .env("QEMU", "qemu-system-x86_64");
+                .env("QEMU", "qemu-system-x86_64")
+                .env("GUEST_VMLINUX", &vmlinux);
             (c, "this host's KVM")
         }
         KvmFlavor::Pvm => {
@@ -174,7 +191,15 @@ pub fn run_scenario_with(
             let out =
                 Command::new(repo().join("guest-kernels/linux/emulated-host/mkinitramfs-host.sh"))
                     .args([&host_initrd, &pkg, &lucos, &initrd, &scn])
-                    .env("WITH_QEMU", if with_qemu { "1" } else { "0" })
+                    .env("WITH_QEMU", if extras.qemu { "1" } else { "0" })
+                    .env(
+                        "WITH_VMLINUX",
+                        if extras.vmlinux {
+                            vmlinux.as_os_str()
+                        } else {
+                            "".as_ref()
+                        },
+                    )
                     .output()
                     .expect("run mkinitramfs-host.sh");
             assert!(

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::arch::layout::{BOOT_INFO_START, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
+use crate::arch::layout::{
+    BOOT_INFO_START, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, PVH_INFO_START,
+};
 use crate::memory::GuestRam;
 
 /// "LUCOBI1", the boot_info magic (guest-kernels/testkernel/include/boot.h).
@@ -112,6 +114,19 @@ pub enum KernelKind {
     Elf,
     /// A Linux bzImage, booted with the Linux 64-bit boot protocol.
     BzImage,
+    /// An ELF kernel with a PVH entry point (a Linux `vmlinux`), booted with
+    /// the PVH boot ABI at the given 32-bit entry.
+    Pvh(u32),
+}
+
+/// ELF note of a PVH entry point: name "Xen", type XEN_ELFNOTE_PHYS32_ENTRY.
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+fn pvh_entry(elf: &goblin::elf::Elf<'_>, data: &[u8]) -> Option<u32> {
+    elf.iter_note_headers(data)?.flatten().find_map(|n| {
+        (n.n_type == XEN_ELFNOTE_PHYS32_ENTRY && n.name == "Xen" && n.desc.len() >= 4)
+            .then(|| u32::from_le_bytes([n.desc[0], n.desc[1], n.desc[2], n.desc[3]]))
+    })
 }
 
 /// Checks that `path` is a kernel image lucos can boot and that it fits in
@@ -176,6 +191,7 @@ pub fn check_kernel(path: &Path, mem_bytes: u64) -> Result<KernelKind, LoadError
     if end == 0 {
         return Err(not_elf("no loadable segments".into()));
     }
+    let pvh = pvh_entry(&elf, &data);
     if end > mem_bytes {
         let need_mib = (end + (16 << 20)).div_ceil(1 << 20).next_power_of_two();
         return Err(LoadError::TooLittleMemory {
@@ -186,7 +202,10 @@ pub fn check_kernel(path: &Path, mem_bytes: u64) -> Result<KernelKind, LoadError
             need_mib,
         });
     }
-    Ok(KernelKind::Elf)
+    Ok(match pvh {
+        Some(entry) => KernelKind::Pvh(entry),
+        None => KernelKind::Elf,
+    })
 }
 
 /// Loads the ELF kernel at `path` and, if given, the initrd above it.
@@ -324,18 +343,7 @@ pub fn load_bzimage(
         }
         None => None,
     };
-    let mut e820 = vec![
-        (0, crate::arch::mptable::MPTABLE_START, E820_RAM),
-        (
-            crate::arch::mptable::MPTABLE_START,
-            0xa0000 - crate::arch::mptable::MPTABLE_START,
-            E820_RESERVED,
-        ),
-    ];
-    for r in ram.ranges() {
-        let start = r.guest_addr.max(HIMEM_START);
-        e820.push((start, r.guest_addr + r.len - start, E820_RAM));
-    }
+    let e820 = memory_map(ram);
     for (i, (addr, size, kind)) in e820.iter().enumerate() {
         params.e820_table[i] = boot_e820_entry {
             addr: *addr,
@@ -352,6 +360,97 @@ pub fn load_bzimage(
     Ok(LoadedKernel {
         // startup_64 sits 0x200 into the protected-mode kernel.
         entry: res.kernel_load.0 + 0x200,
+        end,
+        initrd,
+    })
+}
+
+/// The guest's memory map (e820 types): RAM, and the reserved MP-table and
+/// ACPI areas.
+pub fn memory_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
+    let mut e820 = vec![
+        (0, crate::arch::mptable::MPTABLE_START, E820_RAM),
+        (
+            crate::arch::mptable::MPTABLE_START,
+            0xa0000 - crate::arch::mptable::MPTABLE_START,
+            E820_RESERVED,
+        ),
+    ];
+    for r in ram.ranges() {
+        let start = r.guest_addr.max(HIMEM_START);
+        e820.push((start, r.guest_addr + r.len - start, E820_RAM));
+    }
+    e820
+}
+
+/// Loads a Linux `vmlinux` with a PVH entry point, its initrd, and the PVH
+/// start info (command line, initrd module, memory map, ACPI RSDP).
+pub fn load_pvh(
+    ram: &GuestRam,
+    path: &Path,
+    entry: u32,
+    initrd: Option<&Path>,
+    acpi_rsdp: u64,
+) -> Result<LoadedKernel, LoadError> {
+    use linux_loader::loader::elf::start_info::{
+        hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+    };
+    const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+    let mut file = File::open(path).map_err(|source| LoadError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let res = Elf::load(ram.memory(), None, &mut file, None).map_err(|source| LoadError::Load {
+        path: path.to_owned(),
+        source,
+    })?;
+    let end = res.kernel_end;
+    let initrd = match initrd {
+        Some(p) => Some(place_initrd(ram, p, end, u64::MAX)?),
+        None => None,
+    };
+    let info_size = std::mem::size_of::<hvm_start_info>() as u64;
+    let modlist_addr = PVH_INFO_START + info_size;
+    let memmap_addr = modlist_addr + std::mem::size_of::<hvm_modlist_entry>() as u64;
+    let map = memory_map(ram);
+    let write = |addr: u64, bytes: &[u8]| {
+        ram.write(addr, bytes)
+            .map_err(|_| LoadError::Write("the PVH start info"))
+    };
+    for (i, (addr, size, kind)) in map.iter().enumerate() {
+        let e = hvm_memmap_table_entry {
+            addr: *addr,
+            size: *size,
+            type_: *kind,
+            reserved: 0,
+        };
+        write(
+            memmap_addr + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64,
+            vm_memory::ByteValued::as_slice(&e),
+        )?;
+    }
+    if let Some((addr, size)) = initrd {
+        let m = hvm_modlist_entry {
+            paddr: addr,
+            size,
+            ..Default::default()
+        };
+        write(modlist_addr, vm_memory::ByteValued::as_slice(&m))?;
+    }
+    let info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        nr_modules: u32::from(initrd.is_some()),
+        modlist_paddr: modlist_addr,
+        cmdline_paddr: CMDLINE_START,
+        rsdp_paddr: acpi_rsdp,
+        memmap_paddr: memmap_addr,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    write(PVH_INFO_START, vm_memory::ByteValued::as_slice(&info))?;
+    Ok(LoadedKernel {
+        entry: u64::from(entry),
         end,
         initrd,
     })

@@ -192,7 +192,9 @@ impl Vm {
                 let boot = BootSpec {
                     entry: kernel.entry,
                     rsi: layout::BOOT_INFO_START,
+                    rbx: 0,
                     start_aps: true,
+                    protected_mode: false,
                 };
                 (kernel, boot)
             }
@@ -211,7 +213,24 @@ impl Vm {
                 let boot = BootSpec {
                     entry: kernel.entry,
                     rsi: loader::ZERO_PAGE_START,
+                    rbx: 0,
                     start_aps: false,
+                    protected_mode: false,
+                };
+                (kernel, boot)
+            }
+            loader::KernelKind::Pvh(entry) => {
+                mptable::write(&ram, cfg.vcpus)?;
+                let rsdp = acpi::write(&ram, cfg.vcpus)?;
+                let kernel =
+                    loader::load_pvh(&ram, &cfg.kernel, entry, cfg.initrd.as_deref(), rsdp)?;
+                // PVH: 32-bit protected mode, paging off, RBX = start info.
+                let boot = BootSpec {
+                    entry: kernel.entry,
+                    rsi: 0,
+                    rbx: layout::PVH_INFO_START,
+                    start_aps: false,
+                    protected_mode: true,
                 };
                 (kernel, boot)
             }
@@ -400,7 +419,11 @@ pub fn check_bootable(
     mem_bytes: u64,
 ) -> Result<loader::KernelKind, VmError> {
     let kind = loader::check_kernel(path, mem_bytes)?;
-    if kind == loader::KernelKind::BzImage && host_kvm_flavor() == KvmFlavor::Pvm {
+    let linux = matches!(
+        kind,
+        loader::KernelKind::BzImage | loader::KernelKind::Pvh(_)
+    );
+    if linux && host_kvm_flavor() == KvmFlavor::Pvm {
         return Err(VmError::LinuxNeedsHardwareVirt);
     }
     Ok(kind)
@@ -431,6 +454,9 @@ pub fn host_kvm_flavor() -> KvmFlavor {
 struct BootSpec {
     entry: u64,
     rsi: u64,
+    rbx: u64,
+    /// Enter in 32-bit protected mode without paging (PVH) instead of long mode.
+    protected_mode: bool,
     /// Start the application processors at `entry` too (else they wait for INIT/SIPI).
     start_aps: bool,
 }
@@ -479,10 +505,19 @@ fn configure_vcpu(
         );
     }
     let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-    fd.set_sregs(&regs::long_mode_sregs(sregs))
-        .map_err(kvm_err("KVM_SET_SREGS"))?;
-    fd.set_regs(&regs::entry_regs(boot.entry, u64::from(index), boot.rsi))
-        .map_err(kvm_err("KVM_SET_REGS"))?;
+    let sregs = if boot.protected_mode {
+        regs::protected_mode_sregs(sregs)
+    } else {
+        regs::long_mode_sregs(sregs)
+    };
+    fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    fd.set_regs(&regs::entry_regs(
+        boot.entry,
+        u64::from(index),
+        boot.rsi,
+        boot.rbx,
+    ))
+    .map_err(kvm_err("KVM_SET_REGS"))?;
     fd.set_fpu(&regs::entry_fpu())
         .map_err(kvm_err("KVM_SET_FPU"))?;
     set_lint(fd)?;

@@ -4,7 +4,8 @@
 # kernel and initramfs, and the scenario to run.
 #   mkinitramfs-host.sh OUT.cpio.gz KERNEL_PKG_DIR LUCOS_BIN GUEST_INITRD SCENARIO.sh
 # With WITH_QEMU=1 it also carries qemu-system-x86_64 (the reference VMM for
-# benchmarks) with its libraries and microvm firmware.
+# benchmarks) with its libraries and microvm firmware; with WITH_VMLINUX=FILE,
+# that ELF kernel as /guest/vmlinux.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/../versions.env"
@@ -39,5 +40,8 @@ if [ "${WITH_QEMU:-0}" = 1 ]; then
 fi
 cp "$pkg/boot/vmlinuz-$KERNEL_RELEASE" "$root/guest/vmlinuz"
 cp "$guest_initrd" "$root/guest/initrd.gz"
+if [ -n "${WITH_VMLINUX:-}" ]; then
+  cp "$WITH_VMLINUX" "$root/guest/vmlinux"
+fi
 cp "$scenario" "$root/scenario.sh"
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$out"

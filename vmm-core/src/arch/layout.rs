@@ -1,7 +1,8 @@
 //! Guest physical memory layout used by lucos on x86-64.
 //!
 //! ```text
-//! 0x0000_0500  boot GDT (4 entries)
+//! 0x0000_0500  boot GDT (5 entries), 0x540 empty boot IDT
+//! 0x0000_6000  PVH start info, its module list and memory map
 //! 0x0000_7000  boot info for the test kernel (struct boot_info)
 //! 0x0000_9000  boot PML4, 0xa000 PDPT (low), 0xb000 PDPT (high), 0xc000 PD
 //! 0x0002_0000  kernel command line (up to 4 KiB)
@@ -13,9 +14,11 @@
 /// Boot GDT.
 pub const BOOT_GDT_START: u64 = 0x500;
 /// Number of entries in the boot GDT.
-pub const BOOT_GDT_MAX: usize = 4;
+pub const BOOT_GDT_MAX: usize = 5;
 /// Empty boot IDT (interrupts stay off until the guest loads its own).
-pub const BOOT_IDT_START: u64 = 0x520;
+pub const BOOT_IDT_START: u64 = 0x540;
+/// PVH `hvm_start_info`, followed by its module list and memory map.
+pub const PVH_INFO_START: u64 = 0x6000;
 /// The test kernel's `struct boot_info`.
 pub const BOOT_INFO_START: u64 = 0x7000;
 /// Boot page tables: PML4.

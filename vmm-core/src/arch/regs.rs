@@ -4,7 +4,7 @@
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::gdt::{kvm_segment_from_gdt, BOOT_GDT};
+use super::gdt::{kvm_segment_from_gdt, BOOT_GDT, GDT_CODE32, GDT_CODE64, GDT_DATA, GDT_TSS};
 use super::layout::{
     BOOT_GDT_MAX, BOOT_GDT_START, BOOT_IDT_START, KERNEL_MAP_BASE, PDPT_HIGH_START, PDPT_LOW_START,
     PD_START, PML4_START,
@@ -91,10 +91,31 @@ pub fn write_boot_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootSetupErro
 }
 
 /// Special registers for 64-bit entry on the boot GDT and page tables.
-pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    let code = kvm_segment_from_gdt(BOOT_GDT[1], 1);
-    let data = kvm_segment_from_gdt(BOOT_GDT[2], 2);
-    let tss = kvm_segment_from_gdt(BOOT_GDT[3], 3);
+pub fn long_mode_sregs(sregs: kvm_sregs) -> kvm_sregs {
+    let code = kvm_segment_from_gdt(BOOT_GDT[GDT_CODE64 as usize], GDT_CODE64);
+    let mut sregs = flat_segments(sregs, code);
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG;
+    sregs.cr3 = PML4_START;
+    sregs.cr4 = X86_CR4_PAE;
+    sregs.efer = EFER_LME | EFER_LMA;
+    sregs
+}
+
+/// Special registers for the PVH entry: 32-bit protected mode, flat
+/// segments, paging off (the Xen PVH boot ABI Linux implements).
+pub fn protected_mode_sregs(sregs: kvm_sregs) -> kvm_sregs {
+    let code = kvm_segment_from_gdt(BOOT_GDT[GDT_CODE32 as usize], GDT_CODE32);
+    let mut sregs = flat_segments(sregs, code);
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs
+}
+
+fn flat_segments(mut sregs: kvm_sregs, code: kvm_bindings::kvm_segment) -> kvm_sregs {
+    let data = kvm_segment_from_gdt(BOOT_GDT[GDT_DATA as usize], GDT_DATA);
+    let tss = kvm_segment_from_gdt(BOOT_GDT[GDT_TSS as usize], GDT_TSS);
 
     sregs.gdt.base = BOOT_GDT_START;
     sregs.gdt.limit = (std::mem::size_of::<u64>() * BOOT_GDT_MAX) as u16 - 1;
@@ -107,21 +128,19 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = tss;
-    sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG;
-    sregs.cr3 = PML4_START;
-    sregs.cr4 = X86_CR4_PAE;
-    sregs.efer = EFER_LME | EFER_LMA;
     sregs
 }
 
-/// General registers at entry: `rip`, interrupts off, and the two argument
-/// registers of the test-kernel boot protocol (RDI = vCPU index, RSI = boot info).
-pub fn entry_regs(rip: u64, rdi: u64, rsi: u64) -> kvm_regs {
+/// General registers at entry: `rip`, interrupts off, and the argument
+/// registers of the boot protocols (test kernel: RDI = vCPU index, RSI = boot
+/// info; Linux 64-bit: RSI = zero page; PVH: RBX = start info).
+pub fn entry_regs(rip: u64, rdi: u64, rsi: u64, rbx: u64) -> kvm_regs {
     kvm_regs {
         rflags: 0x2,
         rip,
         rdi,
         rsi,
+        rbx,
         ..Default::default()
     }
 }
