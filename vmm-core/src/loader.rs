@@ -214,7 +214,6 @@ pub fn load_elf(
     path: &Path,
     initrd: Option<&Path>,
 ) -> Result<LoadedKernel, LoadError> {
-    check_kernel(path, ram.size())?;
     let mut file = File::open(path).map_err(|source| LoadError::Open {
         path: path.to_owned(),
         source,
@@ -225,30 +224,8 @@ pub fn load_elf(
     })?;
     let end = res.kernel_end;
     let initrd = match initrd {
+        Some(p) => Some(place_initrd(ram, p, end, u64::MAX)?),
         None => None,
-        Some(p) => {
-            let data = std::fs::read(p).map_err(|source| LoadError::Open {
-                path: p.to_owned(),
-                source,
-            })?;
-            let size = data.len() as u64;
-            // Highest 2 MiB-aligned spot below the end of low RAM.
-            let top = ram.ranges()[0].len;
-            let addr = top.checked_sub(size).map(|a| a & !((2 << 20) - 1));
-            match addr {
-                Some(a) if a >= end => {
-                    ram.write(a, &data)
-                        .map_err(|_| LoadError::Write("initrd"))?;
-                    Some((a, size))
-                }
-                _ => {
-                    return Err(LoadError::InitrdTooBig {
-                        path: p.to_owned(),
-                        size,
-                    })
-                }
-            }
-        }
     };
     Ok(LoadedKernel {
         entry: res.kernel_load.0,
@@ -396,19 +373,7 @@ pub fn load_pvh(
         hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
     };
     const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
-    let mut file = File::open(path).map_err(|source| LoadError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
-    let res = Elf::load(ram.memory(), None, &mut file, None).map_err(|source| LoadError::Load {
-        path: path.to_owned(),
-        source,
-    })?;
-    let end = res.kernel_end;
-    let initrd = match initrd {
-        Some(p) => Some(place_initrd(ram, p, end, u64::MAX)?),
-        None => None,
-    };
+    let LoadedKernel { end, initrd, .. } = load_elf(ram, path, initrd)?;
     let info_size = std::mem::size_of::<hvm_start_info>() as u64;
     let modlist_addr = PVH_INFO_START + info_size;
     let memmap_addr = modlist_addr + std::mem::size_of::<hvm_modlist_entry>() as u64;
