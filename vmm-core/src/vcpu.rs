@@ -373,8 +373,10 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus) {
             break;
         }
         let mut fd = vcpu.lock();
-        let outcome = match fd.run() {
+        let mut internal_error = false;
+        let mut outcome = match fd.run() {
             Ok(exit) => {
+                internal_error = matches!(exit, VcpuExit::InternalError);
                 needs_completion = matches!(
                     exit,
                     VcpuExit::IoIn(..)
@@ -392,34 +394,27 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus) {
             Err(e) if e.errno() == libc::EAGAIN => None,
             Err(e) => Some(run_error(index, format!("KVM_RUN failed: {e}"))),
         };
-        let outcome = match outcome {
-            Some(ExitReason::Error { vcpu, message }) if message == INTERNAL_ERROR => {
-                let run = fd.get_kvm_run();
-                // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the
-                // kvm_run union is the one KVM filled in.
-                let sub = unsafe { run.__bindgen_anon_1.internal.suberror };
-                Some(ExitReason::Error {
-                    vcpu,
-                    message: format!(
-                        "KVM internal error, suberror {sub}{}",
-                        if sub == 1 {
-                            " (instruction emulation failed)"
-                        } else {
-                            ""
-                        }
-                    ),
-                })
-            }
-            other => other,
-        };
+        if internal_error {
+            let run = fd.get_kvm_run();
+            // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the
+            // kvm_run union is the one KVM filled in.
+            let sub = unsafe { run.__bindgen_anon_1.internal.suberror };
+            let why = if sub == 1 {
+                " (instruction emulation failed)"
+            } else {
+                ""
+            };
+            outcome = Some(run_error(
+                index,
+                format!("KVM internal error, suberror {sub}{why}"),
+            ));
+        }
         drop(fd);
         if let Some(reason) = outcome {
             ctl.stop(reason);
         }
     }
 }
-
-const INTERNAL_ERROR: &str = "internal error";
 
 fn handle_exit(index: u8, exit: VcpuExit<'_>, bus: &PioBus) -> Option<ExitReason> {
     match exit {
@@ -452,7 +447,8 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, bus: &PioBus) -> Option<ExitReason
             kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
             other => Some(run_error(index, format!("system event {other}"))),
         },
-        VcpuExit::InternalError => Some(run_error(index, INTERNAL_ERROR.into())),
+        // The caller reads the suberror from kvm_run and replaces this message.
+        VcpuExit::InternalError => Some(run_error(index, "KVM internal error".into())),
         VcpuExit::FailEntry(reason, cpu) => Some(run_error(
             index,
             format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
