@@ -64,7 +64,7 @@ done
         Duration::from_secs(300 + 120 * runs as u64),
         Extras {
             qemu: true,
-            vmlinux: false,
+            ..Extras::default()
         },
     );
     let mut rows: std::collections::BTreeMap<String, Vec<[f64; 3]>> = Default::default();

@@ -6,12 +6,12 @@ use vmm_core::control::{Client, Request, StatusInfo};
 use crate::error::{exit, CliError};
 use crate::paths;
 
-fn connect(id: &str) -> Result<Client, CliError> {
+pub(crate) fn connect(id: &str) -> Result<Client, CliError> {
     paths::validate_id(id)?;
     Ok(Client::connect(id, &paths::socket_path(id))?)
 }
 
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())

@@ -14,6 +14,8 @@ pub mod exit {
     pub const NO_VM: i32 = 3;
     /// The VM is not in a state that allows the request.
     pub const BAD_STATE: i32 = 4;
+    /// A symbol source or patch is for another kernel build than the running one.
+    pub const WRONG_KERNEL: i32 = 5;
     /// `lucos run`: the guest crashed (triple fault, KVM error).
     pub const GUEST_CRASHED: i32 = 125;
 }
@@ -44,6 +46,9 @@ pub enum CliError {
     /// Creating or running the VM.
     #[error(transparent)]
     Vm(#[from] vmm_core::VmError),
+    /// Symbols and types.
+    #[error(transparent)]
+    Symbols(#[from] symbol_db::SymbolError),
     /// Talking to a VM.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -71,8 +76,10 @@ impl CliError {
                     exit::BAD_STATE
                 }
                 ErrorCode::BadRequest | ErrorCode::NoSuchVcpu => exit::USAGE,
+                ErrorCode::KernelMismatch => exit::WRONG_KERNEL,
                 _ => exit::ERROR,
             },
+            Self::Symbols(symbol_db::SymbolError::Mismatch { .. }) => exit::WRONG_KERNEL,
             _ => exit::ERROR,
         }
     }

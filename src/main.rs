@@ -5,6 +5,7 @@ mod demo;
 mod error;
 mod paths;
 mod run;
+mod symbols;
 
 use std::path::PathBuf;
 
@@ -72,6 +73,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Find symbols of a running guest kernel (decoded from its memory) or a
+    /// kernel file: by name, NAME@OBJECT_FILE, NAME#N, or address.
+    Symbols(symbols::SymbolsArgs),
+    /// Show struct layouts (members, offsets, sizes) from a kernel's DWARF.
+    Types(symbols::TypesArgs),
     /// Boot the bundled test kernel, pause it mid-flight and show what each vCPU was doing.
     Demo {
         /// Keep the test kernel image here instead of a temporary file.
@@ -92,6 +98,8 @@ fn main() {
         }
         Command::Stop { vm } => client::simple(&vm, vmm_core::control::Request::Stop, "stopping"),
         Command::Regs { vm, vcpu, json } => client::regs(&vm, vcpu, json).map(|()| exit::OK),
+        Command::Symbols(args) => symbols::symbols(args),
+        Command::Types(args) => symbols::types(args),
         Command::Demo { kernel_out } => demo::demo(kernel_out),
     };
     match result {

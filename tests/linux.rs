@@ -33,6 +33,7 @@ boot four 240 --kernel $GUEST_VMLINUX --initrd $GUEST_INITRD --vcpus 2 --mem 256
         Extras {
             qemu: false,
             vmlinux: true,
+            ..Extras::default()
         },
     );
     out.expect("@@WORK answer=42 cpus=1 kernel=6.1.0-56-cloud-amd64");
@@ -75,7 +76,7 @@ LOG=/tmp/serial.log
 $LUCOS run --vm busy --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "{CMDLINE}" --serial-log $LOG --quiet --detach
 echo "@@SCN started rc=$?"
 n=0; while ! grep -q "@@GUEST up" $LOG 2>/dev/null; do sleep 0.2; n=$((n + 1)); [ $n -gt 600 ] && break; done
-grep -q "@@GUEST up" $LOG || {{ echo "@@SCN guest did not come up"; dump_vm busy; cat $LOG; cat $LUCOS_RUN_DIR/busy.log; $LUCOS stop --vm busy; exit 1; }}
+grep -q "@@GUEST up" $LOG || {{ echo "@@SCN guest did not come up"; dump_vm busy; sed 's/^/G| /' $LOG; cat $LUCOS_RUN_DIR/busy.log; $LUCOS stop --vm busy; exit 1; }}
 ok=0; bad=0; t0=$(cut -d' ' -f1 /proc/uptime)
 for k in $(seq 1 100); do
   if $LUCOS pause --vm busy >/dev/null && $LUCOS resume --vm busy >/dev/null; then ok=$((ok + 1)); else bad=$((bad + 1)); fi
@@ -83,7 +84,7 @@ done
 state=$($LUCOS status --vm busy --json | grep -o '"pauses": [0-9]*')
 echo "@@SCN cycles ok=$ok bad=$bad ticks_before_end=$(grep -c @@TICK $LOG) from=$t0 to=$(cut -d' ' -f1 /proc/uptime) $state"
 wait_vm busy 300
-cat $LOG
+sed 's/^/G| /' $LOG
 cat $LUCOS_RUN_DIR/busy.log
 "#
     );

@@ -343,6 +343,15 @@ static void selftest(void)
 		(unsigned)__builtin_offsetof(struct task_stat, calls),
 		(unsigned)__builtin_offsetof(struct task_stat, last_value),
 		(unsigned)__builtin_offsetof(struct task_stat, sum));
+	kprintf("[tk] layout boot_info size=%u magic=%u version=%u nr_cpus=%u mem_bytes=%u "
+		"cmdline_gpa=%u cmdline_len=%u flags=%u\n",
+		(unsigned)sizeof(struct boot_info), (unsigned)__builtin_offsetof(struct boot_info, magic),
+		(unsigned)__builtin_offsetof(struct boot_info, version),
+		(unsigned)__builtin_offsetof(struct boot_info, nr_cpus),
+		(unsigned)__builtin_offsetof(struct boot_info, mem_bytes),
+		(unsigned)__builtin_offsetof(struct boot_info, cmdline_gpa),
+		(unsigned)__builtin_offsetof(struct boot_info, cmdline_len),
+		(unsigned)__builtin_offsetof(struct boot_info, flags));
 	print_map("kernel_text", (u64)lucos_version, kva_to_pa((void *)lucos_version), "2m");
 	print_map("kernel_data", (u64)stats_table, kva_to_pa(stats_table), "2m");
 	print_map("user_text", (u64)user_main, __user_lma + ((u64)user_main - (u64)__user_start), "4k");

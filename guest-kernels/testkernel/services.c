@@ -9,6 +9,16 @@
 volatile u64 service_counter;
 struct task_stat stats_table[MAX_TASKS];
 
+/* The version banner, read by the VMM (symbol-db) to tell builds apart. */
+const char tk_banner[] = "lucos test kernel version 1.0 #1 SMP\n";
+
+/* A local helper whose name console.c uses too: duplicate local symbols are
+ * normal in Linux, and symbol lookups must tell them apart. */
+static __attribute__((noinline, used)) u64 mix(u64 v)
+{
+	return (v ^ (v >> 29)) * 0xbf58476d1ce4e5b9ULL;
+}
+
 const char *lucos_version(void)
 {
 	return "testkernel 1.0";

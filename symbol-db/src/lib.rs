@@ -1,15 +1,25 @@
-//! Kernel symbols for lucos.
+//! Kernel symbols, types and identity for lucos.
 //!
-//! This first source is the ELF symbol table of a kernel image (the test
-//! kernel, or a Linux `vmlinux`): look a symbol up by name, or find which
-//! function or object an address falls in. Duplicate local symbols are
+//! One guest kernel, several sources: the ELF symbol table of a kernel image
+//! (the test kernel, a Linux `vmlinux`), a `System.map`, the kallsyms tables
+//! decoded from the kernel's own bytes (a running guest's memory, or a
+//! stripped image), and DWARF for struct layouts. Duplicate local symbols are
 //! normal in a kernel, so every symbol keeps the object file it came from
-//! (its `STT_FILE` entry) and its position among same-named symbols.
+//! where the source knows it (ELF `STT_FILE`) and its position among
+//! same-named symbols. [`KernelIdentity`] (build-id and version banner) ties
+//! a file-based source to the running kernel it describes.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use goblin::elf::sym::{STB_GLOBAL, STB_LOCAL, STB_WEAK, STT_FILE, STT_FUNC, STT_OBJECT};
+
+pub mod dwarf;
+pub mod identity;
+pub mod kallsyms;
+mod sysmap;
+
+pub use identity::KernelIdentity;
 
 /// Errors reading or querying symbols.
 #[derive(Debug, thiserror::Error)]
@@ -34,9 +44,43 @@ pub enum SymbolError {
     /// No symbol has that name.
     #[error("no symbol named '{0}'")]
     NotFound(String),
+    /// No symbol covers that address.
+    #[error("no symbol contains address {0:#x}")]
+    NoSymbolAt(u64),
+    /// The image has no kallsyms tables that decode.
+    #[error("no kallsyms in the kernel image: {0}")]
+    NoKallsyms(String),
+    /// The file has no DWARF.
+    #[error("{0} has no DWARF debug info (built without -g, or stripped); types need it")]
+    NoDebugInfo(String),
+    /// No struct of that name in the DWARF.
+    #[error("no struct named '{0}' in the debug info")]
+    NoType(String),
+    /// A System.map line that does not parse.
+    #[error("{path}:{line}: not a System.map line: '{text}'")]
+    BadMap {
+        /// The file.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+        /// The line.
+        text: String,
+    },
+    /// A file-based source describes another kernel build than the running one.
+    #[error("{source_name} is for another kernel build than the running one: {why}")]
+    Mismatch {
+        /// The file-based source.
+        source_name: String,
+        /// What differs.
+        why: String,
+    },
+    /// A lookup that does not parse.
+    #[error("'{0}' is not a symbol lookup: give NAME, NAME@OBJECT_FILE, NAME#N or a 0x address")]
+    BadQuery(String),
     /// Several symbols have that name.
     #[error(
-        "'{name}' is ambiguous: {count} symbols have that name (in {files}); give the object file"
+        "'{name}' is ambiguous: {count} symbols have that name (in {files}); \
+         say which with NAME@OBJECT_FILE or NAME#N (0-based)"
     )]
     Ambiguous {
         /// The name.
@@ -60,17 +104,30 @@ pub enum SymbolKind {
     Other,
 }
 
+/// Serializes addresses as `"0x..."` strings: JSON numbers above 2^53 lose
+/// precision in most consumers (jq, JavaScript).
+pub mod hex_u64 {
+    /// Serializes `v` as a hex string.
+    pub fn serialize<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:#x}"))
+    }
+}
+
 /// One symbol.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Symbol {
     /// Name.
     pub name: String,
     /// Address.
+    #[serde(with = "hex_u64")]
     pub addr: u64,
     /// Size in bytes (0 when unknown).
     pub size: u64,
     /// Function, object or other.
     pub kind: SymbolKind,
+    /// The nm-style type letter (`T` global text, `t` local text, `D`, `b`, ...).
+    #[serde(rename = "type")]
+    pub ty: char,
     /// Global (or weak) rather than local.
     pub global: bool,
     /// The object file a local symbol came from, from the preceding STT_FILE entry.
@@ -80,14 +137,250 @@ pub struct Symbol {
 }
 
 impl Symbol {
+    /// A symbol known by its nm type letter only (kallsyms, System.map):
+    /// size, file and position are filled in later.
+    pub fn from_type_letter(name: String, addr: u64, ty: char) -> Self {
+        let kind = match ty.to_ascii_lowercase() {
+            't' | 'w' => SymbolKind::Function,
+            'd' | 'r' | 'b' | 'g' | 's' | 'v' => SymbolKind::Object,
+            _ => SymbolKind::Other,
+        };
+        Symbol {
+            name,
+            addr,
+            size: 0,
+            kind,
+            ty,
+            global: ty.is_ascii_uppercase(),
+            file: None,
+            position: 0,
+        }
+    }
+
     /// Whether `addr` lies inside this symbol.
     pub fn contains(&self, addr: u64) -> bool {
         addr >= self.addr && addr < self.addr + self.size.max(1)
     }
 }
 
+/// Reads a whole file, naming it in the error.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, SymbolError> {
+    std::fs::read(path).map_err(|source| SymbolError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// nm's type letter for an ELF symbol in section `shndx`.
+fn elf_type_letter(elf: &goblin::elf::Elf, shndx: usize, global: bool) -> char {
+    use goblin::elf::section_header::{SHF_ALLOC, SHF_EXECINSTR, SHF_WRITE, SHT_NOBITS};
+    let c = if shndx == goblin::elf::section_header::SHN_ABS as usize {
+        'a'
+    } else {
+        match elf.section_headers.get(shndx) {
+            Some(sh) if sh.sh_flags & SHF_EXECINSTR as u64 != 0 => 't',
+            Some(sh) if sh.sh_type == SHT_NOBITS => 'b',
+            Some(sh) if sh.sh_flags & SHF_WRITE as u64 != 0 => 'd',
+            Some(sh) if sh.sh_flags & SHF_ALLOC as u64 != 0 => 'r',
+            _ => 'n',
+        }
+    };
+    if global {
+        c.to_ascii_uppercase()
+    } else {
+        c
+    }
+}
+
+/// The bytes of a kernel image as mapped at its virtual addresses: from an
+/// ELF file's loadable segments, or read out of a running guest. Unmapped
+/// gaps read as zero.
+#[derive(Debug, Clone)]
+pub struct KernelImage {
+    base: u64,
+    bytes: Vec<u8>,
+}
+
+/// Kernel images are mapped in the top half of the address space; segments
+/// below it (x86's per-CPU segment at 0) are not part of the image mapping.
+const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
+
+impl KernelImage {
+    /// An image whose first byte is at virtual address `base`.
+    pub fn new(base: u64, bytes: Vec<u8>) -> Self {
+        KernelImage { base, bytes }
+    }
+
+    /// The loadable kernel segments of an ELF image laid out at their
+    /// virtual addresses.
+    pub fn from_elf_bytes(data: &[u8], name: &str) -> Result<Self, SymbolError> {
+        let bad = |why: String| SymbolError::BadElf {
+            path: name.to_owned(),
+            why,
+        };
+        let elf = goblin::elf::Elf::parse(data).map_err(|e| bad(e.to_string()))?;
+        let loads: Vec<_> = elf
+            .program_headers
+            .iter()
+            .filter(|ph| ph.p_type == goblin::elf::program_header::PT_LOAD)
+            .filter(|ph| ph.p_vaddr >= KERNEL_HALF && ph.p_filesz > 0)
+            .collect();
+        let base = loads
+            .iter()
+            .map(|ph| ph.p_vaddr)
+            .min()
+            .ok_or_else(|| bad("no loadable kernel segments".into()))?;
+        let end = loads
+            .iter()
+            .map(|ph| ph.p_vaddr + ph.p_memsz)
+            .max()
+            .unwrap_or(base);
+        if end - base > 1 << 30 {
+            return Err(bad("kernel segments span more than 1 GiB".into()));
+        }
+        let mut bytes = vec![0u8; (end - base) as usize];
+        for ph in loads {
+            let src = data
+                .get(ph.p_offset as usize..(ph.p_offset + ph.p_filesz) as usize)
+                .ok_or_else(|| bad("a segment lies past the end of the file (truncated?)".into()))?;
+            let at = (ph.p_vaddr - base) as usize;
+            bytes[at..at + src.len()].copy_from_slice(src);
+        }
+        Ok(KernelImage { base, bytes })
+    }
+
+    /// Virtual address of the first byte.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// `len` bytes at virtual address `addr`, if inside the image.
+    pub fn read(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let off = usize::try_from(addr.checked_sub(self.base)?).ok()?;
+        self.bytes.get(off..off.checked_add(len)?)
+    }
+
+    /// The NUL-terminated string at `addr` (at most 512 bytes).
+    pub fn c_str(&self, addr: u64) -> Option<String> {
+        let off = usize::try_from(addr.checked_sub(self.base)?).ok()?;
+        let tail = self.bytes.get(off..)?;
+        let tail = &tail[..tail.len().min(512)];
+        let len = memchr::memchr(0, tail)?;
+        Some(String::from_utf8_lossy(&tail[..len]).into_owned())
+    }
+}
+
+/// A symbol lookup as users write it: `NAME`, `NAME@FILE` (the object file
+/// of a local symbol, e.g. `mix@console.c`), `NAME#N` (the N-th of that name,
+/// 0-based, in table order) or an address (`0xffffffff81001234`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    /// By name.
+    Name {
+        /// The name.
+        name: String,
+        /// Object file, for duplicates.
+        file: Option<String>,
+        /// Position among same-named symbols, for duplicates.
+        position: Option<usize>,
+    },
+    /// By address.
+    Addr(u64),
+}
+
+impl std::str::FromStr for Query {
+    type Err = SymbolError;
+
+    fn from_str(q: &str) -> Result<Self, SymbolError> {
+        let bad = || SymbolError::BadQuery(q.to_owned());
+        if let Some(hex) = q.strip_prefix("0x").or_else(|| q.strip_prefix("0X")) {
+            return u64::from_str_radix(hex, 16).map(Query::Addr).map_err(|_| bad());
+        }
+        if let Some((name, pos)) = q.rsplit_once('#') {
+            let position = pos.parse().map_err(|_| bad())?;
+            return Ok(Query::Name {
+                name: name.to_owned(),
+                file: None,
+                position: Some(position),
+            });
+        }
+        if let Some((name, file)) = q.split_once('@') {
+            if name.is_empty() || file.is_empty() {
+                return Err(bad());
+            }
+            return Ok(Query::Name {
+                name: name.to_owned(),
+                file: Some(file.to_owned()),
+                position: None,
+            });
+        }
+        if q.is_empty() {
+            return Err(bad());
+        }
+        Ok(Query::Name {
+            name: q.to_owned(),
+            file: None,
+            position: None,
+        })
+    }
+}
+
+/// The answer to one [`Query`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Answer {
+    /// The query as given.
+    pub query: String,
+    /// The symbol found.
+    pub symbol: Symbol,
+    /// Offset of the address into the symbol (0 for a name).
+    #[serde(with = "hex_u64")]
+    pub offset: u64,
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.symbol;
+        let whence = match &s.file {
+            Some(file) => format!(" [{file}]"),
+            None => String::new(),
+        };
+        if self.query.starts_with("0x") || self.query.starts_with("0X") {
+            write!(
+                f,
+                "{:#018x} = {}+{:#x}/{:#x} {}{}",
+                s.addr + self.offset,
+                s.name,
+                self.offset,
+                s.size,
+                s.ty,
+                whence
+            )
+        } else {
+            write!(
+                f,
+                "{:016x} {} {} size={:#x}{}{}",
+                s.addr,
+                s.ty,
+                s.name,
+                s.size,
+                whence,
+                if s.position > 0 {
+                    format!(" #{}", s.position)
+                } else {
+                    String::new()
+                }
+            )
+        }
+    }
+}
+
 /// The symbols of one kernel image.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct SymbolTable {
     symbols: Vec<Symbol>,
     by_name: HashMap<String, Vec<usize>>,
@@ -98,10 +391,7 @@ pub struct SymbolTable {
 impl SymbolTable {
     /// Reads the symbol table of the ELF file at `path`.
     pub fn from_elf_file(path: &Path) -> Result<Self, SymbolError> {
-        let data = std::fs::read(path).map_err(|source| SymbolError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let data = read_file(path)?;
         Self::from_elf_bytes(&data, &path.display().to_string())
     }
 
@@ -115,7 +405,7 @@ impl SymbolTable {
         if elf.syms.is_empty() {
             return Err(bad("no symbol table (stripped?)".into()));
         }
-        let mut table = SymbolTable::default();
+        let mut symbols = Vec::new();
         let mut file: Option<String> = None;
         for sym in elf.syms.iter() {
             let name = elf.strtab.get_at(sym.st_name).unwrap_or("");
@@ -133,28 +423,71 @@ impl SymbolTable {
                 STT_OBJECT => SymbolKind::Object,
                 _ => SymbolKind::Other,
             };
-            let idx = table.symbols.len();
-            let same = table.by_name.entry(name.to_owned()).or_default();
-            table.symbols.push(Symbol {
+            let ty = elf_type_letter(&elf, sym.st_shndx, global);
+            symbols.push(Symbol {
                 name: name.to_owned(),
                 addr: sym.st_value,
                 size: sym.st_size,
                 kind,
+                ty,
                 global,
                 file: if bind == STB_LOCAL {
                     file.clone()
                 } else {
                     None
                 },
-                position: same.len(),
+                position: 0,
             });
-            same.push(idx);
         }
-        table.by_addr = (0..table.symbols.len())
-            .filter(|&i| table.symbols[i].size > 0)
+        Ok(Self::from_symbols(symbols))
+    }
+
+    /// A table of `symbols`, in their order; positions among same-named
+    /// symbols are assigned here.
+    pub fn from_symbols(mut symbols: Vec<Symbol>) -> Self {
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, s) in symbols.iter_mut().enumerate() {
+            let same = by_name.entry(s.name.clone()).or_default();
+            s.position = same.len();
+            same.push(i);
+        }
+        let mut by_addr: Vec<usize> = (0..symbols.len())
+            .filter(|&i| symbols[i].size > 0)
             .collect();
-        table.by_addr.sort_by_key(|&i| table.symbols[i].addr);
-        Ok(table)
+        by_addr.sort_by_key(|&i| symbols[i].addr);
+        SymbolTable {
+            symbols,
+            by_name,
+            by_addr,
+        }
+    }
+
+    /// Reads a `System.map` (`nm -n` output: address, type letter, name).
+    pub fn from_system_map(text: &str, path: &str) -> Result<Self, SymbolError> {
+        sysmap::parse(text, path)
+    }
+
+    /// Reads symbols from the file at `path`: an ELF image's symbol table, or
+    /// when the image is stripped the kallsyms tables inside it; or a
+    /// System.map.
+    pub fn from_file(path: &Path) -> Result<Self, SymbolError> {
+        let data = read_file(path)?;
+        let name = path.display().to_string();
+        if data.starts_with(b"\x7fELF") {
+            match Self::from_elf_bytes(&data, &name) {
+                Err(SymbolError::BadElf { why, .. }) if why.contains("no symbol table") => {
+                    let image = KernelImage::from_elf_bytes(&data, &name)?;
+                    Ok(kallsyms::decode(&image)?.table)
+                }
+                other => other,
+            }
+        } else {
+            let text = String::from_utf8(data).map_err(|_| SymbolError::BadElf {
+                path: name.clone(),
+                why: "neither an ELF file nor a text System.map".into(),
+            })?;
+            Self::from_system_map(&text, &name)
+        }
     }
 
     /// Number of symbols.
@@ -190,7 +523,10 @@ impl SymbolTable {
                 count: many.len(),
                 files: many
                     .iter()
-                    .map(|s| s.file.as_deref().unwrap_or("global"))
+                    .map(|s| match &s.file {
+                        Some(f) => f.clone(),
+                        None => format!("#{} at {:#x}", s.position, s.addr),
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
             }),
@@ -202,7 +538,58 @@ impl SymbolTable {
         self.all_named(name)
             .into_iter()
             .find(|s| s.file.as_deref() == Some(file))
-            .ok_or_else(|| SymbolError::NotFound(format!("{name} in {file}")))
+            .ok_or_else(|| {
+                let all = self.all_named(name);
+                if all.is_empty() {
+                    SymbolError::NotFound(name.to_owned())
+                } else {
+                    SymbolError::NotFound(format!(
+                        "{name}@{file} (the {} symbols of that name are in: {})",
+                        all.len(),
+                        all.iter()
+                            .map(|s| s.file.as_deref().unwrap_or("global"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }
+            })
+    }
+
+    /// Answers a lookup written as a [`Query`].
+    pub fn answer(&self, query: &str) -> Result<Answer, SymbolError> {
+        let (symbol, offset) = match query.parse::<Query>()? {
+            Query::Addr(a) => self
+                .symbolize(a)
+                .map(|(s, off)| (s, off))
+                .ok_or_else(|| SymbolError::NoSymbolAt(a))?,
+            Query::Name {
+                name,
+                file: Some(file),
+                ..
+            } => (self.lookup_in(&name, &file)?, 0),
+            Query::Name {
+                name,
+                position: Some(p),
+                ..
+            } => {
+                let all = self.all_named(&name);
+                let count = all.len();
+                let s = all.into_iter().nth(p).ok_or_else(|| {
+                    if count == 0 {
+                        SymbolError::NotFound(name.clone())
+                    } else {
+                        SymbolError::NotFound(format!("{name}#{p} (there are {count})"))
+                    }
+                })?;
+                (s, 0)
+            }
+            Query::Name { name, .. } => (self.lookup(&name)?, 0),
+        };
+        Ok(Answer {
+            query: query.to_owned(),
+            symbol: symbol.clone(),
+            offset,
+        })
     }
 
     /// The sized symbol containing `addr`, and the offset into it.

@@ -16,11 +16,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use symbol_db::SymbolError;
+
+use crate::introspect::{self, GuestKernel, IntrospectError};
 use crate::vcpu::PauseError;
 use crate::vm::{host_kvm_flavor, Vm, VmError};
 
@@ -51,6 +54,18 @@ pub enum Request {
         /// Guest-virtual address.
         gva: u64,
     },
+    /// The guest kernel's identity and symbols; answers lookups.
+    Symbols {
+        /// Lookups: NAME, NAME@FILE, NAME#N or 0xADDR.
+        #[serde(default)]
+        queries: Vec<String>,
+        /// Also return every symbol.
+        #[serde(default)]
+        all: bool,
+        /// A vmlinux or System.map of this build to use instead (checked first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
+    },
 }
 
 /// Machine-readable error codes.
@@ -69,6 +84,13 @@ pub enum ErrorCode {
     NoSuchVcpu,
     /// The address is not mapped.
     NotMapped,
+    /// The guest kernel cannot be inspected yet (still booting), or its
+    /// symbols cannot be found.
+    NoKernel,
+    /// A symbol source is for another kernel build.
+    KernelMismatch,
+    /// A lookup found nothing, or several.
+    NoSymbol,
     /// Anything else.
     Internal,
 }
@@ -186,6 +208,52 @@ pub struct ControlServer {
     ident: VmIdentity,
     pauses: AtomicU64,
     last_pause_ns: AtomicU64,
+    /// The guest kernel, once inspected (it does not change while it runs).
+    kernel: Mutex<Option<GuestKernel>>,
+}
+
+/// One answer of a `symbols` request: the symbol, or why not.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum SymbolAnswer {
+    /// Found.
+    Found(symbol_db::Answer),
+    /// Not found, or ambiguous.
+    Failed {
+        /// The query.
+        query: String,
+        /// Why.
+        error: String,
+    },
+}
+
+/// What `symbols` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct SymbolsInfo {
+    /// Where the symbols came from.
+    pub source: String,
+    /// Build-id and banner read from guest memory.
+    pub identity: symbol_db::KernelIdentity,
+    /// The running `_text`.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub text: u64,
+    /// Guest-physical address of `_text`.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub text_gpa: u64,
+    /// KASLR slide of the virtual base, in bytes.
+    pub slide: i64,
+    /// Number of symbols.
+    pub count: usize,
+    /// Where the kallsyms tables were (kallsyms source only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kallsyms: Option<symbol_db::kallsyms::KallsymsLayout>,
+    /// How long inspecting the kernel took (once; later requests reuse it).
+    pub timings: introspect::Timings,
+    /// Answers to the queries, in order.
+    pub answers: Vec<SymbolAnswer>,
+    /// Every symbol, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symbols: Option<Vec<symbol_db::Symbol>>,
 }
 
 fn pause_error(e: &VmError) -> ErrorCode {
@@ -218,6 +286,7 @@ impl ControlServer {
             ident,
             pauses: AtomicU64::new(0),
             last_pause_ns: AtomicU64::new(u64::MAX),
+            kernel: Mutex::new(None),
         }
     }
 
@@ -251,7 +320,70 @@ impl ControlServer {
                 Ok(t) => Response::ok(t),
                 Err(e) => fail(e),
             },
+            Request::Symbols {
+                queries,
+                all,
+                source,
+            } => match self.symbols(queries, *all, source.as_deref()) {
+                Ok(info) => Response::ok(info),
+                Err(e) => {
+                    let code = match &e {
+                        IntrospectError::Symbols(SymbolError::Mismatch { .. }) => {
+                            ErrorCode::KernelMismatch
+                        }
+                        IntrospectError::Symbols(SymbolError::Read { .. } | SymbolError::BadMap { .. } | SymbolError::BadElf { .. }) => ErrorCode::BadRequest,
+                        IntrospectError::Vm(v) => pause_error(v),
+                        _ => ErrorCode::NoKernel,
+                    };
+                    Response::err(code, error_chain(&e))
+                }
+            },
         }
+    }
+
+    /// The guest kernel, inspected on first use and kept.
+    pub fn guest_kernel(&self) -> Result<GuestKernel, IntrospectError> {
+        let mut cached = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = cached.as_ref() {
+            return Ok(k.clone());
+        }
+        let k = introspect::inspect(&self.vm, Path::new(&self.ident.kernel))?;
+        *cached = Some(k.clone());
+        Ok(k)
+    }
+
+    fn symbols(
+        &self,
+        queries: &[String],
+        all: bool,
+        source: Option<&str>,
+    ) -> Result<SymbolsInfo, IntrospectError> {
+        let mut k = self.guest_kernel()?;
+        if let Some(path) = source {
+            k = k.with_file_source(Path::new(path))?;
+        }
+        let answers = queries
+            .iter()
+            .map(|q| match k.symbols.answer(q) {
+                Ok(a) => SymbolAnswer::Found(a),
+                Err(e) => SymbolAnswer::Failed {
+                    query: q.clone(),
+                    error: e.to_string(),
+                },
+            })
+            .collect();
+        Ok(SymbolsInfo {
+            source: k.source.clone(),
+            identity: k.identity.clone(),
+            text: k.text,
+            text_gpa: k.text_gpa,
+            slide: k.slide,
+            count: k.symbols.len(),
+            kallsyms: k.kallsyms,
+            timings: k.timings,
+            answers,
+            symbols: all.then(|| k.symbols.iter().cloned().collect()),
+        })
     }
 
     fn status(&self) -> StatusInfo {

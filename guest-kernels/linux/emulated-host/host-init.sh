@@ -16,7 +16,7 @@ insmod /modules/kvm-amd.ko $KVM_AMD_PARAMS || echo "@@HOST insmod kvm-amd failed
 grep . /sys/module/kvm_amd/parameters/* 2>/dev/null | sed 's|/sys/module/kvm_amd/parameters/|@@HOST kvm_amd.|'
 npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)
 echo "@@HOST kvm=$( [ -c /dev/kvm ] && echo yes || echo no) npt=$npt cpus=$(grep -c ^processor /proc/cpuinfo)"
-export LUCOS=/bin/lucos QEMU=/bin/qemu-system-x86_64 GUEST_KERNEL=/guest/vmlinuz GUEST_VMLINUX=/guest/vmlinux GUEST_INITRD=/guest/initrd.gz
+export LUCOS=/bin/lucos QEMU=/bin/qemu-system-x86_64 GUEST_KERNEL=/guest/vmlinuz GUEST_VMLINUX=/guest/vmlinux GUEST_INITRD=/guest/initrd.gz OTHER_KERNEL=/guest/testkernel.elf
 export LUCOS_RUN_DIR=/run/lucos LD_LIBRARY_PATH=/lib/lucos
 sh /scenario.sh
 echo "@@HOST scenario rc=$?"

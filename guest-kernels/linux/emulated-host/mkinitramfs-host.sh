@@ -43,5 +43,10 @@ cp "$guest_initrd" "$root/guest/initrd.gz"
 if [ -n "${WITH_VMLINUX:-}" ]; then
   cp "$WITH_VMLINUX" "$root/guest/vmlinux"
 fi
+# WITH_TESTKERNEL=FILE: the lucos test kernel, as /guest/testkernel.elf (a
+# kernel of another build, for the symbol-db mismatch checks).
+if [ -n "${WITH_TESTKERNEL:-}" ]; then
+  cp "$WITH_TESTKERNEL" "$root/guest/testkernel.elf"
+fi
 cp "$scenario" "$root/scenario.sh"
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$out"

@@ -1,0 +1,224 @@
+//! Struct layouts from DWARF (gimli): members, offsets, sizes and type names,
+//! as the compiler wrote them.
+
+use std::collections::HashMap;
+
+use gimli::{AttributeValue, EndianSlice, LittleEndian, UnitOffset};
+
+use crate::SymbolError;
+
+type R<'a> = EndianSlice<'a, LittleEndian>;
+
+/// One member of a struct.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Member {
+    /// Member name (`<anon>` for an anonymous member).
+    pub name: String,
+    /// Byte offset in the struct.
+    pub offset: u64,
+    /// Size in bytes, when the type has one.
+    pub size: Option<u64>,
+    /// The member's type, C-style.
+    pub type_name: String,
+}
+
+/// A struct's layout.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StructLayout {
+    /// Struct name (without `struct`).
+    pub name: String,
+    /// `sizeof`.
+    pub size: u64,
+    /// Members in declaration order.
+    pub members: Vec<Member>,
+    /// The compilation unit that defined it.
+    pub unit: String,
+}
+
+/// The DWARF of one image, parsed once.
+pub struct TypeDb<'a> {
+    dwarf: gimli::Dwarf<R<'a>>,
+}
+
+impl std::fmt::Debug for TypeDb<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TypeDb")
+    }
+}
+
+fn dwarf_err(path: &str) -> impl Fn(gimli::Error) -> SymbolError + '_ {
+    move |e| SymbolError::BadElf {
+        path: path.to_owned(),
+        why: format!("bad DWARF: {e}"),
+    }
+}
+
+impl<'a> TypeDb<'a> {
+    /// Reads the DWARF sections of the ELF image `data`; `path` names it in errors.
+    pub fn from_elf(data: &'a [u8], path: &str) -> Result<Self, SymbolError> {
+        let elf = goblin::elf::Elf::parse(data).map_err(|e| SymbolError::BadElf {
+            path: path.to_owned(),
+            why: e.to_string(),
+        })?;
+        let mut sections: HashMap<&str, &'a [u8]> = HashMap::new();
+        for sh in &elf.section_headers {
+            if let Some(name) = elf.shdr_strtab.get_at(sh.sh_name) {
+                let start = sh.sh_offset as usize;
+                let end = start.saturating_add(sh.sh_size as usize);
+                if name.starts_with(".debug_") && end <= data.len() && sh.sh_type != goblin::elf::section_header::SHT_NOBITS {
+                    sections.insert(name, &data[start..end]);
+                }
+            }
+        }
+        if !sections.contains_key(".debug_info") {
+            return Err(SymbolError::NoDebugInfo(path.to_owned()));
+        }
+        let dwarf = gimli::Dwarf::load(|id| -> Result<R<'a>, gimli::Error> {
+            Ok(EndianSlice::new(
+                sections.get(id.name()).copied().unwrap_or(&[]),
+                LittleEndian,
+            ))
+        })
+        .map_err(dwarf_err(path))?;
+        Ok(Self { dwarf })
+    }
+
+    /// The layout of `struct name`; an error if no unit defines it.
+    pub fn struct_layout(&self, name: &str) -> Result<StructLayout, SymbolError> {
+        let err = dwarf_err("DWARF");
+        let mut units = self.dwarf.units();
+        while let Some(header) = units.next().map_err(&err)? {
+            let unit = self.dwarf.unit(header).map_err(&err)?;
+            let unit_name = unit
+                .name
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let mut cursor = unit.entries();
+            while let Some(entry) = cursor.next_dfs().map_err(&err)? {
+                if entry.tag() != gimli::DW_TAG_structure_type
+                    || entry.attr_value(gimli::DW_AT_declaration).is_some()
+                    || self.name_of(&unit, entry).as_deref() != Some(name)
+                {
+                    continue;
+                }
+                let size = entry
+                    .attr_value(gimli::DW_AT_byte_size)
+                    .and_then(|v| v.udata_value())
+                    .unwrap_or(0);
+                let offset = entry.offset();
+                return Ok(StructLayout {
+                    name: name.to_owned(),
+                    size,
+                    members: self.members(&unit, offset)?,
+                    unit: unit_name,
+                });
+            }
+        }
+        Err(SymbolError::NoType(name.to_owned()))
+    }
+
+    fn name_of(&self, unit: &gimli::Unit<R<'a>>, entry: &gimli::DebuggingInformationEntry<R<'a>>) -> Option<String> {
+        let v = entry.attr_value(gimli::DW_AT_name)?;
+        self.dwarf
+            .attr_string(unit, v)
+            .ok()
+            .map(|s| s.to_string_lossy().into_owned())
+    }
+
+    fn members(&self, unit: &gimli::Unit<R<'a>>, at: UnitOffset) -> Result<Vec<Member>, SymbolError> {
+        let err = dwarf_err("DWARF");
+        let mut tree = unit.entries_tree(Some(at)).map_err(&err)?;
+        let root = tree.root().map_err(&err)?;
+        let mut children = root.children();
+        let mut out = Vec::new();
+        while let Some(child) = children.next().map_err(&err)? {
+            let e = child.entry();
+            if e.tag() != gimli::DW_TAG_member {
+                continue;
+            }
+            let offset = match e.attr_value(gimli::DW_AT_data_member_location) {
+                Some(v) => v.udata_value().unwrap_or(0),
+                None => 0, // union-like or first member
+            };
+            let (type_name, size) = match e.attr_value(gimli::DW_AT_type) {
+                Some(AttributeValue::UnitRef(t)) => self.describe(unit, t, 0),
+                _ => ("?".to_owned(), None),
+            };
+            out.push(Member {
+                name: self.name_of(unit, e).unwrap_or_else(|| "<anon>".into()),
+                offset,
+                size,
+                type_name,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A C-style name and the size of the type at `at`.
+    fn describe(&self, unit: &gimli::Unit<R<'a>>, at: UnitOffset, depth: u32) -> (String, Option<u64>) {
+        if depth > 16 {
+            return ("...".into(), None);
+        }
+        let Ok(e) = unit.entry(at) else {
+            return ("?".into(), None);
+        };
+        let byte_size = e.attr_value(gimli::DW_AT_byte_size).and_then(|v| v.udata_value());
+        let inner = || match e.attr_value(gimli::DW_AT_type) {
+            Some(AttributeValue::UnitRef(t)) => self.describe(unit, t, depth + 1),
+            _ => ("void".to_owned(), None),
+        };
+        let named = |kw: &str| match self.name_of(unit, &e) {
+            Some(n) if kw.is_empty() => n,
+            Some(n) => format!("{kw} {n}"),
+            None => format!("{kw} <anon>"),
+        };
+        match e.tag() {
+            gimli::DW_TAG_base_type => (named(""), byte_size),
+            gimli::DW_TAG_structure_type => (named("struct"), byte_size),
+            gimli::DW_TAG_union_type => (named("union"), byte_size),
+            gimli::DW_TAG_enumeration_type => (named("enum"), byte_size),
+            gimli::DW_TAG_typedef => (named(""), inner().1),
+            gimli::DW_TAG_pointer_type => (format!("{} *", inner().0), byte_size.or(Some(8))),
+            gimli::DW_TAG_const_type => {
+                let (n, s) = inner();
+                (format!("const {n}"), s)
+            }
+            gimli::DW_TAG_volatile_type => {
+                let (n, s) = inner();
+                (format!("volatile {n}"), s)
+            }
+            gimli::DW_TAG_array_type => {
+                let (n, s) = inner();
+                let count = self.array_count(unit, at);
+                let total = match (s, count) {
+                    (Some(s), Some(c)) => Some(s * c),
+                    _ => byte_size,
+                };
+                (
+                    format!("{n}[{}]", count.map(|c| c.to_string()).unwrap_or_default()),
+                    total,
+                )
+            }
+            gimli::DW_TAG_subroutine_type => ("function".into(), None),
+            _ => ("?".into(), byte_size),
+        }
+    }
+
+    fn array_count(&self, unit: &gimli::Unit<R<'a>>, at: UnitOffset) -> Option<u64> {
+        let mut tree = unit.entries_tree(Some(at)).ok()?;
+        let root = tree.root().ok()?;
+        let mut children = root.children();
+        while let Ok(Some(child)) = children.next() {
+            let e = child.entry();
+            if e.tag() == gimli::DW_TAG_subrange_type {
+                if let Some(c) = e.attr_value(gimli::DW_AT_count).and_then(|v| v.udata_value()) {
+                    return Some(c);
+                }
+                if let Some(u) = e.attr_value(gimli::DW_AT_upper_bound).and_then(|v| v.udata_value()) {
+                    return Some(u + 1);
+                }
+            }
+        }
+        None
+    }
+}

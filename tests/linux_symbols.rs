@@ -1,0 +1,160 @@
+//! symbol-db on a running Debian cloud kernel: kallsyms decoded from guest
+//! memory against the guest's own /proc/kallsyms, KASLR on and off; the
+//! build-id against the package's image; sources of another build refused.
+
+mod common;
+
+use std::time::Duration;
+
+use common::linux::{guest_kernel, kernel_pkg, run_scenario_with, Extras};
+
+const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+/// What the guest says about itself (as root): its kallsyms without module
+/// lines, hashed and counted, with duplicates and `_text`; its ELF notes.
+const WORKLOAD: &str = r#"#!/bin/sh
+grep -v '\[' /proc/kallsyms > /tmp/k
+echo "@@KS count=$(wc -l < /tmp/k) sha=$(sha256sum /tmp/k | cut -c1-64) dups=$(cut -d' ' -f3 /tmp/k | sort | uniq -d | wc -l) text=$(grep ' _text$' /tmp/k | cut -d' ' -f1)"
+echo "@@NOTES $(od -An -tx1 -v /sys/kernel/notes | tr -d ' \n')"
+sleep 600
+"#;
+
+/// Per guest: boot, wait for the guest's own view, then ask lucos.
+const SCENARIO: &str = r#"
+ks() {
+  id=$1; LOG=/tmp/$id.log
+  $LUCOS run --vm $id --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$2" --serial-log $LOG --quiet --detach >/dev/null
+  n=0; while ! grep -q "@@NOTES" $LOG 2>/dev/null; do sleep 0.5; n=$((n + 1)); [ $n -gt 600 ] && break; done
+  $LUCOS symbols --vm $id --all > /tmp/$id.syms
+  echo "@@SCN $id all rc=$? count=$(wc -l < /tmp/$id.syms) sha=$(sha256sum /tmp/$id.syms | cut -c1-64) dups=$(cut -d' ' -f3 /tmp/$id.syms | sort | uniq -d | wc -l) text=$(grep ' _text$' /tmp/$id.syms | cut -d' ' -f1)"
+  $LUCOS symbols --vm $id --json | tr -d ' \n' | sed "s/^/@@SCN $id json /"; echo
+  $LUCOS symbols --vm $id cmdline_proc_show meminfo_proc_show > /tmp/q; echo "@@SCN $id lookup rc=$? $(tr '\n' ' ' < /tmp/q)"
+  $LUCOS symbols --vm $id --map $GUEST_VMLINUX cmdline_proc_show > /tmp/q; echo "@@SCN $id samebuild rc=$? $(tr '\n' ' ' < /tmp/q)"
+  $LUCOS symbols --vm $id --map $OTHER_KERNEL 2>/tmp/e >/dev/null; echo "@@SCN $id otherbuild rc=$? $(cat /tmp/e)"
+  $LUCOS symbols --vm $id no_such_symbol_anywhere 2>/tmp/e >/dev/null; echo "@@SCN $id missing rc=$? $(cat /tmp/e)"
+  sed 's/^/G| /' $LOG
+  $LUCOS stop --vm $id >/dev/null
+}
+"#;
+
+#[test]
+fn linux_kallsyms_from_guest_memory_equal_proc_kallsyms_with_and_without_kaslr() {
+    let scenario = format!(
+        "{SCENARIO}\nks fixed \"{CMDLINE} nokaslr\"\nks random \"{CMDLINE}\"\n"
+    );
+    let out = run_scenario_with(
+        "kallsyms",
+        WORKLOAD,
+        &scenario,
+        Duration::from_secs(900),
+        Extras {
+            vmlinux: true,
+            testkernel: true,
+            ..Extras::default()
+        },
+    );
+    // The package's own image: build-id and banner, read from the file.
+    let pkg = kernel_pkg();
+    let dir = std::env::temp_dir().join(format!("lucos-ks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let vmlinux = dir.join("vmlinux");
+    let st = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-kernels/linux/extract-vmlinux.sh"),
+    )
+    .arg(guest_kernel(&pkg))
+    .arg(&vmlinux)
+    .status()
+    .expect("extract-vmlinux");
+    assert!(st.success());
+    let data = std::fs::read(&vmlinux).expect("vmlinux");
+    let pkg_id = symbol_db::KernelIdentity::from_elf(&data, "vmlinux").expect("identity");
+    let _ = std::fs::remove_dir_all(&dir);
+    let pkg_build_id = pkg_id.build_id.expect("the package's image has a build-id");
+
+    let guest_lines: Vec<&str> = out.text.lines().filter(|l| l.contains("@@KS ")).collect();
+    let notes: Vec<&str> = out.text.lines().filter_map(|l| l.split("@@NOTES ").nth(1)).collect();
+    assert_eq!(guest_lines.len(), 2, "{}", out.text);
+    assert_eq!(notes.len(), 2, "{}", out.text);
+    let mut texts = Vec::new();
+    for (i, id) in ["fixed", "random"].iter().enumerate() {
+        let guest = guest_lines[i];
+        let field = |line: &str, key: &str| -> String {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_owned))
+                .unwrap_or_else(|| panic!("no {key} in '{line}'"))
+        };
+        let ours = out
+            .text
+            .lines()
+            .find(|l| l.contains(&format!("@@SCN {id} all")))
+            .unwrap_or_else(|| panic!("no symbols from lucos for {id}:\n{}", out.text));
+        assert_eq!(field(ours, "rc"), "0", "{}", out.text);
+        let count: usize = field(guest, "count").parse().expect("count");
+        assert!(count > 50_000, "{guest}");
+        // Same count, names, addresses and order, duplicates included.
+        for key in ["count", "sha", "dups", "text"] {
+            assert_eq!(
+                field(ours, key),
+                field(guest, key),
+                "{id}: {key} differs between lucos (memory) and the guest's /proc/kallsyms:\n{}",
+                out.text
+            );
+        }
+        assert!(field(guest, "dups").parse::<u32>().expect("dups") > 100);
+        texts.push(u64::from_str_radix(&field(guest, "text"), 16).expect("hex"));
+        // Build-id: from guest memory == the guest's /sys/kernel/notes == the package's image.
+        let hex = notes[i].trim();
+        let bytes: Vec<u8> = (0..hex.len() / 2)
+            .map(|k| u8::from_str_radix(&hex[2 * k..2 * k + 2], 16).expect("hex"))
+            .collect();
+        let guest_id = symbol_db::identity::build_id_from_notes(&bytes).expect("guest build-id");
+        assert_eq!(guest_id, pkg_build_id);
+        let json_line = out
+            .text
+            .lines()
+            .find_map(|l| l.split(&format!("@@SCN {id} json ")).nth(1))
+            .expect("json line");
+        let v: serde_json::Value = serde_json::from_str(json_line).expect("json");
+        assert_eq!(v["identity"]["build_id"], pkg_build_id.as_str(), "{json_line}");
+        assert!(
+            v["identity"]["version"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("Linux version 6.1.0-56-cloud-amd64"),
+            "{json_line}"
+        );
+        assert_eq!(v["source"], "kallsyms in guest memory");
+        let slide = v["slide"].as_i64().expect("slide");
+        assert_eq!(
+            slide as u64,
+            texts[i].wrapping_sub(0xffff_ffff_8100_0000),
+            "{json_line}"
+        );
+        if *id == "fixed" {
+            assert_eq!(slide, 0, "nokaslr: {json_line}");
+        } else {
+            assert_ne!(slide, 0, "KASLR on: {json_line}");
+        }
+        out.expect(&format!("@@SCN {id} lookup rc=0"));
+        out.expect(&format!("@@SCN {id} samebuild rc=0"));
+        let other = out
+            .text
+            .lines()
+            .find(|l| l.contains(&format!("@@SCN {id} otherbuild")))
+            .expect("otherbuild");
+        assert!(
+            other.contains("rc=5") && other.contains("for another kernel build"),
+            "{other}"
+        );
+        let missing = out
+            .text
+            .lines()
+            .find(|l| l.contains(&format!("@@SCN {id} missing")))
+            .expect("missing");
+        assert!(
+            missing.contains("rc=1") && missing.contains("no symbol named 'no_such_symbol_anywhere'"),
+            "{missing}"
+        );
+    }
+    assert_ne!(texts[0], texts[1], "KASLR moved the kernel");
+}

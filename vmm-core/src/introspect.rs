@@ -1,0 +1,329 @@
+//! The guest kernel as seen from outside: its image read out of guest
+//! memory through its own page tables, its symbols (the ELF it was booted
+//! from, or the kallsyms tables inside it) and which build it is.
+//!
+//! Nothing here needs the guest's cooperation. The VM is paused only long
+//! enough to read vCPU 0's paging registers; the image is read while the
+//! guest runs (kernel text and rodata do not move).
+
+use std::path::Path;
+use std::time::Instant;
+
+use symbol_db::kallsyms::{self, KallsymsLayout};
+use symbol_db::{KernelIdentity, KernelImage, SymbolError, SymbolTable};
+
+use crate::pagewalk::{self, PageSize, PagingState, WalkError};
+use crate::vm::{Vm, VmError};
+
+/// Where x86-64 Linux links `_text` (`__START_KERNEL`, with the default
+/// CONFIG_PHYSICAL_START of 16 MiB); the test kernel links there too.
+pub const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
+
+/// The kernel image window: `__START_KERNEL_map` up to the module area.
+const KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+const KERNEL_MAP_END: u64 = 0xffff_ffff_c000_0000;
+
+/// Errors finding out about the guest kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum IntrospectError {
+    /// Pausing or reading vCPU state failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The guest is not yet running with paging on.
+    #[error("the guest kernel is not running with 4-level paging yet ({0}); try again once it has booted")]
+    NotRunning(WalkError),
+    /// Nothing is mapped in the kernel image window.
+    #[error("no kernel image is mapped at {KERNEL_MAP:#x}..{KERNEL_MAP_END:#x} in the guest's page tables")]
+    NoImage,
+    /// A symbol source failed.
+    #[error(transparent)]
+    Symbols(#[from] SymbolError),
+}
+
+/// What is known about the running guest kernel.
+#[derive(Debug, Clone)]
+pub struct GuestKernel {
+    /// Where the symbols came from, for people.
+    pub source: String,
+    /// The symbols, at the addresses the running kernel uses.
+    pub symbols: SymbolTable,
+    /// Build-id and banner, read from guest memory.
+    pub identity: KernelIdentity,
+    /// The running `_text` (start of kernel text).
+    pub text: u64,
+    /// KASLR slide of the kernel's virtual base: running `_text` minus the
+    /// link-time one.
+    pub slide: i64,
+    /// Guest-physical address of `_text`.
+    pub text_gpa: u64,
+    /// Where the kallsyms tables were, when they were the source.
+    pub kallsyms: Option<KallsymsLayout>,
+    /// How long finding this out took.
+    pub timings: Timings,
+}
+
+/// Time spent inspecting the guest kernel, in microseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Timings {
+    /// Reading the kernel image out of guest memory (page walks and copies).
+    pub read_image_us: u64,
+    /// Finding and decoding the symbol tables.
+    pub decode_us: u64,
+    /// Bytes of image read.
+    pub image_bytes: u64,
+}
+
+/// vCPU 0's paging registers, pausing the VM for the read if it runs.
+pub fn kernel_paging(vm: &Vm) -> Result<PagingState, IntrospectError> {
+    let was_paused = vm.is_paused();
+    if !was_paused {
+        vm.pause()?;
+    }
+    let sregs = vm.sregs(0);
+    if !was_paused {
+        vm.resume()?;
+    }
+    let paging = PagingState::from(&sregs?);
+    // With page-table isolation a vCPU in user mode runs on the user copy,
+    // which is the kernel one plus 4 KiB and lacks the kernel image.
+    Ok(paging)
+}
+
+/// Reads `buf.len()` bytes at guest-virtual `gva`.
+pub fn read_virt(
+    vm: &Vm,
+    paging: PagingState,
+    mut gva: u64,
+    buf: &mut [u8],
+) -> Result<(), IntrospectError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let t = pagewalk::translate(vm.ram(), paging, gva).map_err(VmError::Walk)?;
+        let page = t.page_size.bytes();
+        let n = ((page - (gva & (page - 1))) as usize).min(buf.len() - done);
+        vm.ram()
+            .read(t.gpa, &mut buf[done..done + n])
+            .map_err(VmError::Memory)?;
+        done += n;
+        gva += n as u64;
+    }
+    Ok(())
+}
+
+/// The mapped pages of `[start, end)`: (virtual address, guest-physical, length).
+fn mapped_runs(vm: &Vm, paging: PagingState, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+    let mut runs = Vec::new();
+    let mut va = start;
+    while va < end {
+        match pagewalk::translate(vm.ram(), paging, va) {
+            Ok(t) => {
+                let page = t.page_size.bytes();
+                let len = page - (va & (page - 1));
+                runs.push((va, t.gpa, len.min(end - va)));
+                va += len;
+            }
+            // Skip the rest of whatever level was missing, at least 4 KiB.
+            Err(WalkError::NotPresent { level, .. }) => {
+                let step: u64 = match level {
+                    "PML4" => 512 << 30,
+                    "PDPT" => 1 << 30,
+                    "PD" => PageSize::Size2M.bytes(),
+                    _ => PageSize::Size4K.bytes(),
+                };
+                va = (va & !(step - 1)) + step;
+            }
+            Err(_) => va += PageSize::Size4K.bytes(),
+        }
+    }
+    runs
+}
+
+/// Reads the kernel image out of guest memory: every page mapped in the
+/// kernel window from the first mapped one, unmapped holes as zeros.
+pub fn read_kernel_image(vm: &Vm, paging: PagingState) -> Result<KernelImage, IntrospectError> {
+    read_image_range(vm, paging, KERNEL_MAP, KERNEL_MAP_END)
+}
+
+fn read_image_range(
+    vm: &Vm,
+    paging: PagingState,
+    start: u64,
+    end: u64,
+) -> Result<KernelImage, IntrospectError> {
+    let mut runs = mapped_runs(vm, paging, start, end);
+    // Page-table isolation: the user copy of the top level is the kernel's
+    // plus 4 KiB and maps almost nothing of the image.
+    if paging.cr3 & 0x1000 != 0 {
+        let kernel = PagingState {
+            cr3: paging.cr3 & !0x1000,
+            ..paging
+        };
+        let other = mapped_runs(vm, kernel, start, end);
+        let total = |r: &[(u64, u64, u64)]| r.iter().map(|x| x.2).sum::<u64>();
+        if total(&other) > total(&runs) {
+            runs = other;
+        }
+    }
+    let (first, last) = match (runs.first(), runs.last()) {
+        (Some(f), Some(l)) => (f.0, l.0 + l.2),
+        _ => return Err(IntrospectError::NoImage),
+    };
+    let mut bytes = vec![0u8; (last - first) as usize];
+    for (va, gpa, len) in runs {
+        let at = (va - first) as usize;
+        vm.ram()
+            .read(gpa, &mut bytes[at..at + len as usize])
+            .map_err(VmError::Memory)?;
+    }
+    Ok(KernelImage::new(first, bytes))
+}
+
+/// Finds out what kernel the guest runs. `boot_kernel` is the file it was
+/// booted from: an ELF with a symbol table (the test kernel, a vmlinux with
+/// symbols) is the source, checked against the build-id in memory;
+/// otherwise the kallsyms tables in guest memory are decoded.
+pub fn inspect(vm: &Vm, boot_kernel: &Path) -> Result<GuestKernel, IntrospectError> {
+    let paging = kernel_paging(vm)?;
+    if let Err(e) = pagewalk::translate(vm.ram(), paging, KERNEL_MAP) {
+        if matches!(e, WalkError::PagingDisabled | WalkError::UnsupportedMode) {
+            return Err(IntrospectError::NotRunning(e));
+        }
+    }
+    let file = std::fs::read(boot_kernel).ok();
+    let name = boot_kernel.display().to_string();
+    if let Some(data) = file.as_deref().filter(|d| d.starts_with(b"\x7fELF")) {
+        if let Ok(symbols) = SymbolTable::from_elf_bytes(data, &name) {
+            let file_image = KernelImage::from_elf_bytes(data, &name)?;
+            let base = file_image.base();
+            let end = base + file_image.bytes().len() as u64;
+            let image = read_image_range(vm, paging, base & !0xfff, end)?;
+            let identity = KernelIdentity::from_image(&image, &symbols);
+            identity.check_same(&KernelIdentity::from_elf(data, &name)?, &name)?;
+            let text = text_of(&symbols).unwrap_or(base);
+            return finish(vm, paging, format!("ELF symbols of {name}"), symbols, identity, text, None);
+        }
+    }
+    let t0 = Instant::now();
+    let image = read_kernel_image(vm, paging)?;
+    let t1 = Instant::now();
+    let k = kallsyms::decode(&image)?;
+    let timings = Timings {
+        read_image_us: (t1 - t0).as_micros() as u64,
+        decode_us: t1.elapsed().as_micros() as u64,
+        image_bytes: image.bytes().len() as u64,
+    };
+    let identity = KernelIdentity::from_image(&image, &k.table);
+    let text = text_of(&k.table).unwrap_or(image.base());
+    finish(
+        vm,
+        paging,
+        "kallsyms in guest memory".into(),
+        k.table,
+        identity,
+        text,
+        Some(k.layout),
+    )
+    .map(|g| GuestKernel { timings, ..g })
+}
+
+fn text_of(symbols: &SymbolTable) -> Option<u64> {
+    ["_text", "_stext", "__kernel_start"]
+        .iter()
+        .find_map(|n| symbols.all_named(n).first().map(|s| s.addr))
+}
+
+fn finish(
+    vm: &Vm,
+    paging: PagingState,
+    source: String,
+    symbols: SymbolTable,
+    identity: KernelIdentity,
+    text: u64,
+    kallsyms: Option<KallsymsLayout>,
+) -> Result<GuestKernel, IntrospectError> {
+    let text_gpa = pagewalk::translate(vm.ram(), paging, text)
+        .map_err(VmError::Walk)?
+        .gpa;
+    Ok(GuestKernel {
+        source,
+        symbols,
+        identity,
+        text,
+        slide: text.wrapping_sub(LINK_TEXT) as i64,
+        text_gpa,
+        kallsyms,
+        timings: Timings::default(),
+    })
+}
+
+impl GuestKernel {
+    /// Uses the file at `path` (a vmlinux or System.map of this very build)
+    /// as the symbol source instead, after checking it is this build: an
+    /// ELF by build-id and banner, a System.map by every uniquely named
+    /// symbol's address (after the KASLR slide) against the running
+    /// kernel's.
+    pub fn with_file_source(&self, path: &Path) -> Result<GuestKernel, IntrospectError> {
+        let name = path.display().to_string();
+        let data = symbol_db::read_file(path)?;
+        let file_symbols = SymbolTable::from_file(path)?;
+        let file_text = text_of(&file_symbols).unwrap_or(LINK_TEXT);
+        let shift = self.text.wrapping_sub(file_text);
+        if data.starts_with(b"\x7fELF") {
+            self.identity
+                .check_same(&KernelIdentity::from_elf(&data, &name)?, &name)?;
+        }
+        let mut compared = 0usize;
+        let mut differ = Vec::new();
+        for s in file_symbols.iter() {
+            let (&[ours], &[theirs]) = (
+                self.symbols.all_named(&s.name).as_slice(),
+                file_symbols.all_named(&s.name).as_slice(),
+            ) else {
+                continue;
+            };
+            // Absolute (per-CPU) symbols do not move with the slide.
+            let want = if ours.ty.eq_ignore_ascii_case(&'a') {
+                theirs.addr
+            } else {
+                theirs.addr.wrapping_add(shift)
+            };
+            compared += 1;
+            if ours.addr != want {
+                differ.push(format!(
+                    "{} at {:#x}, running kernel {:#x}",
+                    s.name, want, ours.addr
+                ));
+            }
+        }
+        if compared == 0 || !differ.is_empty() {
+            return Err(SymbolError::Mismatch {
+                source_name: name,
+                why: if compared == 0 {
+                    "no symbol in common with the running kernel".into()
+                } else {
+                    format!(
+                        "{} of {compared} symbols are elsewhere (first: {})",
+                        differ.len(),
+                        differ[0]
+                    )
+                },
+            }
+            .into());
+        }
+        let moved = file_symbols
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                if !s.ty.eq_ignore_ascii_case(&'a') {
+                    s.addr = s.addr.wrapping_add(shift);
+                }
+                s
+            })
+            .collect();
+        Ok(GuestKernel {
+            source: format!("{name} (checked against the running kernel: {compared} symbols agree)"),
+            symbols: SymbolTable::from_symbols(moved),
+            ..self.clone()
+        })
+    }
+}
