@@ -62,7 +62,7 @@ pub fn symbols(args: SymbolsArgs) -> Result<i32, CliError> {
 }
 
 /// The same answer as the VMM gives, for a kernel file.
-fn from_file(file: &PathBuf, queries: &[String], all: bool) -> Result<Value, CliError> {
+fn from_file(file: &std::path::Path, queries: &[String], all: bool) -> Result<Value, CliError> {
     let table = SymbolTable::from_file(file)?;
     let data = symbol_db::read_file(file)?;
     let identity = if data.starts_with(b"\x7fELF") {
@@ -228,7 +228,10 @@ pub fn types(args: TypesArgs) -> Result<i32, CliError> {
         return Ok(exit::OK);
     }
     for l in layouts {
-        println!("struct {} {{ /* size {}, from {} */", l.name, l.size, l.unit);
+        println!(
+            "struct {} {{ /* size {}, from {} */",
+            l.name, l.size, l.unit
+        );
         for m in &l.members {
             let size = m.size.map(|s| s.to_string()).unwrap_or_else(|| "?".into());
             let decl = match m.type_name.split_once('[') {

@@ -27,7 +27,7 @@ ks() {
   n=0; while ! grep -q "@@NOTES" $LOG 2>/dev/null; do sleep 0.5; n=$((n + 1)); [ $n -gt 600 ] && break; done
   $LUCOS symbols --vm $id --all > /tmp/$id.syms
   echo "@@SCN $id all rc=$? count=$(wc -l < /tmp/$id.syms) sha=$(sha256sum /tmp/$id.syms | cut -c1-64) dups=$(cut -d' ' -f3 /tmp/$id.syms | sort | uniq -d | wc -l) text=$(grep ' _text$' /tmp/$id.syms | cut -d' ' -f1)"
-  $LUCOS symbols --vm $id --json | tr -d ' \n' | sed "s/^/@@SCN $id json /"; echo
+  $LUCOS symbols --vm $id --json | tr -d '\n' | sed "s/^/@@SCN $id json /"; echo
   $LUCOS symbols --vm $id cmdline_proc_show meminfo_proc_show > /tmp/q; echo "@@SCN $id lookup rc=$? $(tr '\n' ' ' < /tmp/q)"
   $LUCOS symbols --vm $id --map $GUEST_VMLINUX cmdline_proc_show > /tmp/q; echo "@@SCN $id samebuild rc=$? $(tr '\n' ' ' < /tmp/q)"
   $LUCOS symbols --vm $id --map $OTHER_KERNEL 2>/tmp/e >/dev/null; echo "@@SCN $id otherbuild rc=$? $(cat /tmp/e)"
@@ -39,9 +39,7 @@ ks() {
 
 #[test]
 fn linux_kallsyms_from_guest_memory_equal_proc_kallsyms_with_and_without_kaslr() {
-    let scenario = format!(
-        "{SCENARIO}\nks fixed \"{CMDLINE} nokaslr\"\nks random \"{CMDLINE}\"\n"
-    );
+    let scenario = format!("{SCENARIO}\nks fixed \"{CMDLINE} nokaslr\"\nks random \"{CMDLINE}\"\n");
     let out = run_scenario_with(
         "kallsyms",
         WORKLOAD,
@@ -59,7 +57,8 @@ fn linux_kallsyms_from_guest_memory_equal_proc_kallsyms_with_and_without_kaslr()
     std::fs::create_dir_all(&dir).expect("tmp");
     let vmlinux = dir.join("vmlinux");
     let st = std::process::Command::new(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-kernels/linux/extract-vmlinux.sh"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("guest-kernels/linux/extract-vmlinux.sh"),
     )
     .arg(guest_kernel(&pkg))
     .arg(&vmlinux)
@@ -72,7 +71,11 @@ fn linux_kallsyms_from_guest_memory_equal_proc_kallsyms_with_and_without_kaslr()
     let pkg_build_id = pkg_id.build_id.expect("the package's image has a build-id");
 
     let guest_lines: Vec<&str> = out.text.lines().filter(|l| l.contains("@@KS ")).collect();
-    let notes: Vec<&str> = out.text.lines().filter_map(|l| l.split("@@NOTES ").nth(1)).collect();
+    let notes: Vec<&str> = out
+        .text
+        .lines()
+        .filter_map(|l| l.split("@@NOTES ").nth(1))
+        .collect();
     assert_eq!(guest_lines.len(), 2, "{}", out.text);
     assert_eq!(notes.len(), 2, "{}", out.text);
     let mut texts = Vec::new();
@@ -115,7 +118,11 @@ fn linux_kallsyms_from_guest_memory_equal_proc_kallsyms_with_and_without_kaslr()
             .find_map(|l| l.split(&format!("@@SCN {id} json ")).nth(1))
             .expect("json line");
         let v: serde_json::Value = serde_json::from_str(json_line).expect("json");
-        assert_eq!(v["identity"]["build_id"], pkg_build_id.as_str(), "{json_line}");
+        assert_eq!(
+            v["identity"]["build_id"],
+            pkg_build_id.as_str(),
+            "{json_line}"
+        );
         assert!(
             v["identity"]["version"]
                 .as_str()
@@ -152,7 +159,8 @@ fn linux_kallsyms_from_guest_memory_equal_proc_kallsyms_with_and_without_kaslr()
             .find(|l| l.contains(&format!("@@SCN {id} missing")))
             .expect("missing");
         assert!(
-            missing.contains("rc=1") && missing.contains("no symbol named 'no_such_symbol_anywhere'"),
+            missing.contains("rc=1")
+                && missing.contains("no symbol named 'no_such_symbol_anywhere'"),
             "{missing}"
         );
     }

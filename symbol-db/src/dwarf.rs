@@ -65,7 +65,10 @@ impl<'a> TypeDb<'a> {
             if let Some(name) = elf.shdr_strtab.get_at(sh.sh_name) {
                 let start = sh.sh_offset as usize;
                 let end = start.saturating_add(sh.sh_size as usize);
-                if name.starts_with(".debug_") && end <= data.len() && sh.sh_type != goblin::elf::section_header::SHT_NOBITS {
+                if name.starts_with(".debug_")
+                    && end <= data.len()
+                    && sh.sh_type != goblin::elf::section_header::SHT_NOBITS
+                {
                     sections.insert(name, &data[start..end]);
                 }
             }
@@ -117,7 +120,11 @@ impl<'a> TypeDb<'a> {
         Err(SymbolError::NoType(name.to_owned()))
     }
 
-    fn name_of(&self, unit: &gimli::Unit<R<'a>>, entry: &gimli::DebuggingInformationEntry<R<'a>>) -> Option<String> {
+    fn name_of(
+        &self,
+        unit: &gimli::Unit<R<'a>>,
+        entry: &gimli::DebuggingInformationEntry<R<'a>>,
+    ) -> Option<String> {
         let v = entry.attr_value(gimli::DW_AT_name)?;
         self.dwarf
             .attr_string(unit, v)
@@ -125,7 +132,11 @@ impl<'a> TypeDb<'a> {
             .map(|s| s.to_string_lossy().into_owned())
     }
 
-    fn members(&self, unit: &gimli::Unit<R<'a>>, at: UnitOffset) -> Result<Vec<Member>, SymbolError> {
+    fn members(
+        &self,
+        unit: &gimli::Unit<R<'a>>,
+        at: UnitOffset,
+    ) -> Result<Vec<Member>, SymbolError> {
         let err = dwarf_err("DWARF");
         let mut tree = unit.entries_tree(Some(at)).map_err(&err)?;
         let root = tree.root().map_err(&err)?;
@@ -155,14 +166,21 @@ impl<'a> TypeDb<'a> {
     }
 
     /// A C-style name and the size of the type at `at`.
-    fn describe(&self, unit: &gimli::Unit<R<'a>>, at: UnitOffset, depth: u32) -> (String, Option<u64>) {
+    fn describe(
+        &self,
+        unit: &gimli::Unit<R<'a>>,
+        at: UnitOffset,
+        depth: u32,
+    ) -> (String, Option<u64>) {
         if depth > 16 {
             return ("...".into(), None);
         }
         let Ok(e) = unit.entry(at) else {
             return ("?".into(), None);
         };
-        let byte_size = e.attr_value(gimli::DW_AT_byte_size).and_then(|v| v.udata_value());
+        let byte_size = e
+            .attr_value(gimli::DW_AT_byte_size)
+            .and_then(|v| v.udata_value());
         let inner = || match e.attr_value(gimli::DW_AT_type) {
             Some(AttributeValue::UnitRef(t)) => self.describe(unit, t, depth + 1),
             _ => ("void".to_owned(), None),
@@ -211,10 +229,16 @@ impl<'a> TypeDb<'a> {
         while let Ok(Some(child)) = children.next() {
             let e = child.entry();
             if e.tag() == gimli::DW_TAG_subrange_type {
-                if let Some(c) = e.attr_value(gimli::DW_AT_count).and_then(|v| v.udata_value()) {
+                if let Some(c) = e
+                    .attr_value(gimli::DW_AT_count)
+                    .and_then(|v| v.udata_value())
+                {
                     return Some(c);
                 }
-                if let Some(u) = e.attr_value(gimli::DW_AT_upper_bound).and_then(|v| v.udata_value()) {
+                if let Some(u) = e
+                    .attr_value(gimli::DW_AT_upper_bound)
+                    .and_then(|v| v.udata_value())
+                {
                     return Some(u + 1);
                 }
             }

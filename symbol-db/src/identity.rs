@@ -43,22 +43,29 @@ impl KernelIdentity {
             path: name.to_owned(),
             why: e.to_string(),
         })?;
-        let mut build_id = None;
-        for ph in &elf.program_headers {
-            if ph.p_type == goblin::elf::program_header::PT_NOTE {
-                let notes = data.get(ph.p_offset as usize..(ph.p_offset + ph.p_filesz) as usize);
-                if let Some(id) = notes.and_then(build_id_from_notes) {
-                    build_id = Some(id);
-                    break;
-                }
-            }
-        }
-        let version = KernelImage::from_elf_bytes(data, name).ok().and_then(|image| {
-            let symbols = SymbolTable::from_elf_bytes(data, name)
-                .or_else(|_| crate::kallsyms::decode(&image).map(|k| k.table))
-                .ok()?;
-            KernelIdentity::from_image(&image, &symbols).version
+        // Note sections first (what the linker wrote), then note segments.
+        let sections = elf
+            .section_headers
+            .iter()
+            .filter(|sh| sh.sh_type == goblin::elf::section_header::SHT_NOTE)
+            .map(|sh| (sh.sh_offset, sh.sh_size));
+        let segments = elf
+            .program_headers
+            .iter()
+            .filter(|ph| ph.p_type == goblin::elf::program_header::PT_NOTE)
+            .map(|ph| (ph.p_offset, ph.p_filesz));
+        let build_id = sections.chain(segments).find_map(|(off, len)| {
+            data.get(off as usize..off.checked_add(len)? as usize)
+                .and_then(build_id_from_notes)
         });
+        let version = KernelImage::from_elf_bytes(data, name)
+            .ok()
+            .and_then(|image| {
+                let symbols = SymbolTable::from_elf_bytes(data, name)
+                    .or_else(|_| crate::kallsyms::decode(&image).map(|k| k.table))
+                    .ok()?;
+                KernelIdentity::from_image(&image, &symbols).version
+            });
         Ok(KernelIdentity { build_id, version })
     }
 

@@ -208,9 +208,10 @@ pub fn decode(image: &KernelImage) -> Result<Kallsyms, SymbolError> {
                 let first = names_len(b, names, 256.min(n), markers_at);
                 if mcount == 1 || first == Some(m[1]) {
                     if let Some(total) = names_len(b, names, n, markers_at) {
-                        let ok = m.iter().enumerate().all(|(k, &off)| {
-                            names_len(b, names, 256 * k, markers_at) == Some(off)
-                        });
+                        let ok = m
+                            .iter()
+                            .enumerate()
+                            .all(|(k, &off)| names_len(b, names, 256 * k, markers_at) == Some(off));
                         if ok && names + total <= markers_at {
                             return finish(image, &tokens, p, n, names, markers_at);
                         }

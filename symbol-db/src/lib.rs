@@ -242,7 +242,9 @@ impl KernelImage {
         for ph in loads {
             let src = data
                 .get(ph.p_offset as usize..(ph.p_offset + ph.p_filesz) as usize)
-                .ok_or_else(|| bad("a segment lies past the end of the file (truncated?)".into()))?;
+                .ok_or_else(
+                    || bad("a segment lies past the end of the file (truncated?)".into()),
+                )?;
             let at = (ph.p_vaddr - base) as usize;
             bytes[at..at + src.len()].copy_from_slice(src);
         }
@@ -299,7 +301,9 @@ impl std::str::FromStr for Query {
     fn from_str(q: &str) -> Result<Self, SymbolError> {
         let bad = || SymbolError::BadQuery(q.to_owned());
         if let Some(hex) = q.strip_prefix("0x").or_else(|| q.strip_prefix("0X")) {
-            return u64::from_str_radix(hex, 16).map(Query::Addr).map_err(|_| bad());
+            return u64::from_str_radix(hex, 16)
+                .map(Query::Addr)
+                .map_err(|_| bad());
         }
         if let Some((name, pos)) = q.rsplit_once('#') {
             let position = pos.parse().map_err(|_| bad())?;
@@ -558,10 +562,7 @@ impl SymbolTable {
     /// Answers a lookup written as a [`Query`].
     pub fn answer(&self, query: &str) -> Result<Answer, SymbolError> {
         let (symbol, offset) = match query.parse::<Query>()? {
-            Query::Addr(a) => self
-                .symbolize(a)
-                .map(|(s, off)| (s, off))
-                .ok_or_else(|| SymbolError::NoSymbolAt(a))?,
+            Query::Addr(a) => self.symbolize(a).ok_or(SymbolError::NoSymbolAt(a))?,
             Query::Name {
                 name,
                 file: Some(file),

@@ -179,7 +179,9 @@ pub fn run_scenario_with(
     let flavor = host_kvm_flavor();
     let mut attempt = 1;
     let result = loop {
-        match run_once(name, &dir, &pkg, &scn, &initrd, &vmlinux, flavor, extras, timeout) {
+        match run_once(
+            name, &dir, &pkg, &scn, &initrd, &vmlinux, flavor, extras, timeout,
+        ) {
             Err(HostFailure(text)) if attempt == 1 => {
                 // The emulated host is QEMU TCG emulating SVM for a real
                 // kvm-amd; its own kernel has been seen to lock up there (a

@@ -331,7 +331,11 @@ impl ControlServer {
                         IntrospectError::Symbols(SymbolError::Mismatch { .. }) => {
                             ErrorCode::KernelMismatch
                         }
-                        IntrospectError::Symbols(SymbolError::Read { .. } | SymbolError::BadMap { .. } | SymbolError::BadElf { .. }) => ErrorCode::BadRequest,
+                        IntrospectError::Symbols(
+                            SymbolError::Read { .. }
+                            | SymbolError::BadMap { .. }
+                            | SymbolError::BadElf { .. },
+                        ) => ErrorCode::BadRequest,
                         IntrospectError::Vm(v) => pause_error(v),
                         _ => ErrorCode::NoKernel,
                     };
@@ -476,7 +480,20 @@ impl ControlServer {
                 continue;
             }
             let resp = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => self.handle(&req),
+                // A bug in one request must not take the control socket down
+                // with it: the VM would be left running but unreachable.
+                Ok(req) => {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(&req)))
+                        .unwrap_or_else(|p| {
+                            let why = p
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                                .unwrap_or_default();
+                            log::error!("control request {req:?} panicked: {why}");
+                            Response::err(ErrorCode::Internal, format!("internal error: {why}"))
+                        })
+                }
                 Err(e) => Response::err(ErrorCode::BadRequest, format!("bad request: {e}")),
             };
             let mut out = serde_json::to_vec(&resp)?;

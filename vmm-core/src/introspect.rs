@@ -114,13 +114,13 @@ pub fn read_virt(
 fn mapped_runs(vm: &Vm, paging: PagingState, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
     let mut runs = Vec::new();
     let mut va = start;
-    while va < end {
+    while va < end && va != u64::MAX {
         match pagewalk::translate(vm.ram(), paging, va) {
             Ok(t) => {
                 let page = t.page_size.bytes();
                 let len = page - (va & (page - 1));
                 runs.push((va, t.gpa, len.min(end - va)));
-                va += len;
+                va = va.saturating_add(len);
             }
             // Skip the rest of whatever level was missing, at least 4 KiB.
             Err(WalkError::NotPresent { level, .. }) => {
@@ -130,9 +130,9 @@ fn mapped_runs(vm: &Vm, paging: PagingState, start: u64, end: u64) -> Vec<(u64, 
                     "PD" => PageSize::Size2M.bytes(),
                     _ => PageSize::Size4K.bytes(),
                 };
-                va = (va & !(step - 1)) + step;
+                va = (va & !(step - 1)).saturating_add(step);
             }
-            Err(_) => va += PageSize::Size4K.bytes(),
+            Err(_) => va = va.saturating_add(PageSize::Size4K.bytes()),
         }
     }
     runs
@@ -200,7 +200,15 @@ pub fn inspect(vm: &Vm, boot_kernel: &Path) -> Result<GuestKernel, IntrospectErr
             let identity = KernelIdentity::from_image(&image, &symbols);
             identity.check_same(&KernelIdentity::from_elf(data, &name)?, &name)?;
             let text = text_of(&symbols).unwrap_or(base);
-            return finish(vm, paging, format!("ELF symbols of {name}"), symbols, identity, text, None);
+            return finish(
+                vm,
+                paging,
+                format!("ELF symbols of {name}"),
+                symbols,
+                identity,
+                text,
+                None,
+            );
         }
     }
     let t0 = Instant::now();
@@ -321,7 +329,9 @@ impl GuestKernel {
             })
             .collect();
         Ok(GuestKernel {
-            source: format!("{name} (checked against the running kernel: {compared} symbols agree)"),
+            source: format!(
+                "{name} (checked against the running kernel: {compared} symbols agree)"
+            ),
             symbols: SymbolTable::from_symbols(moved),
             ..self.clone()
         })

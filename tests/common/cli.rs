@@ -1,0 +1,73 @@
+//! Driving the `lucos` binary from tests.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// A private run directory (`LUCOS_RUN_DIR`) whose VMs are stopped on drop.
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    /// A fresh directory for test `name`.
+    pub fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("lucos-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("run dir");
+        Self(d)
+    }
+
+    /// Runs `lucos ARGS` with this run directory.
+    pub fn lucos(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_lucos"))
+            .args(args)
+            .env("LUCOS_RUN_DIR", &self.0)
+            .output()
+            .expect("run lucos")
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        // Never leave a VMM behind: stop whatever is still listed.
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if let Some(id) = n.strip_suffix(".sock") {
+                    let _ = self.lucos(&["stop", "--vm", id]);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Exit status and output, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The test kernel's path.
+pub fn kernel() -> String {
+    super::test_kernel().display().to_string()
+}
+
+/// `lucos run --detach` of the test kernel as `id`.
+pub fn start(dir: &RunDir, id: &str, extra: &[&str]) {
+    super::require_kvm();
+    let k = kernel();
+    let mut args = vec!["run", "--vm", id, "--kernel", &k, "--detach", "--quiet"];
+    args.extend_from_slice(extra);
+    let o = dir.lucos(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("VM {id} running")),
+        "{}",
+        text(&o)
+    );
+}

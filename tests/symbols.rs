@@ -1,0 +1,326 @@
+//! symbol-db on the test kernel: symbols of the running VM against the ELF
+//! as binutils reads it, struct layouts against the offsets the kernel
+//! prints itself, build identity, duplicates, and bad input.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use common::cli::{kernel, start, text, RunDir};
+
+fn tool(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} (binutils, installed by scripts/setup.sh): {e}"));
+    assert!(o.status.success(), "{cmd} {args:?} failed");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn running_test_kernel_symbols_agree_with_its_elf_as_nm_reads_it() {
+    let dir = RunDir::new("syms");
+    start(
+        &dir,
+        "s1",
+        &[
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--cmdline",
+            "tasks=2 iters=0",
+        ],
+    );
+    let o = dir.lucos(&["symbols", "--vm", "s1", "--all"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ours: BTreeSet<(u64, String, String)> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                u64::from_str_radix(f[0], 16).expect("hex"),
+                f[1].to_owned(),
+                f[2].to_owned(),
+            )
+        })
+        .collect();
+    // Every function and object symbol nm lists, with the same address and type.
+    let nm = tool("nm", &["--defined-only", &kernel()]);
+    let mut checked = 0;
+    for l in nm.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (addr, ty, name) = (f[0], f[1], f[2]);
+        if !"tTdDbBrR".contains(ty) {
+            continue;
+        }
+        let key = (
+            u64::from_str_radix(addr, 16).expect("hex"),
+            ty.to_owned(),
+            name.to_owned(),
+        );
+        assert!(ours.contains(&key), "nm has {l}, lucos does not");
+        checked += 1;
+    }
+    assert!(checked > 60, "only {checked} symbols compared");
+
+    // Identity: build-id as readelf reads it from the file, banner from memory.
+    let o = dir.lucos(&["symbols", "--vm", "s1", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let notes = tool("readelf", &["-n", &kernel()]);
+    let build_id = notes
+        .lines()
+        .find_map(|l| l.split("Build ID: ").nth(1))
+        .expect("readelf shows a build-id")
+        .trim();
+    assert_eq!(v["identity"]["build_id"], build_id);
+    assert_eq!(
+        v["identity"]["version"],
+        "lucos test kernel version 1.0 #1 SMP"
+    );
+    assert_eq!(v["slide"], 0);
+    assert_eq!(v["text_gpa"], "0x1000000");
+
+    // Lookups: by name, duplicates told apart by object file or position,
+    // by address (symbol + offset).
+    let o = dir.lucos(&[
+        "symbols",
+        "--vm",
+        "s1",
+        "--json",
+        "lucos_version",
+        "mix@console.c",
+        "mix@services.c",
+        "mix#1",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let a = &v["answers"];
+    assert_eq!(a[1]["symbol"]["file"], "console.c");
+    assert_eq!(a[2]["symbol"]["file"], "services.c");
+    assert_eq!(a[3]["symbol"]["addr"], a[2]["symbol"]["addr"]);
+    assert_ne!(a[1]["symbol"]["addr"], a[2]["symbol"]["addr"]);
+    let addr = u64::from_str_radix(
+        a[0]["symbol"]["addr"]
+            .as_str()
+            .expect("addr")
+            .trim_start_matches("0x"),
+        16,
+    )
+    .expect("hex");
+    let o = dir.lucos(&["symbols", "--vm", "s1", &format!("{:#x}", addr + 4)]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("= lucos_version+0x4/"),
+        "{}",
+        text(&o)
+    );
+
+    // Ambiguous and missing names: clear errors, exit 1.
+    let o = dir.lucos(&["symbols", "--vm", "s1", "mix"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o)
+            .contains("'mix' is ambiguous: 2 symbols have that name (in console.c, services.c)"),
+        "{}",
+        text(&o)
+    );
+    let o = dir.lucos(&["symbols", "--vm", "s1", "not_a_symbol"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("no symbol named 'not_a_symbol'"),
+        "{}",
+        text(&o)
+    );
+
+    // A System.map of this build is accepted; one of another build (every
+    // address moved, as after a rebuild) and an ELF with another build-id
+    // are refused with exit code 5.
+    let tmp = dir.0.join("maps");
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    let good = tmp.join("System.map");
+    std::fs::write(&good, tool("nm", &["-n", &kernel()])).expect("map");
+    let o = dir.lucos(&[
+        "symbols",
+        "--vm",
+        "s1",
+        "--map",
+        good.to_str().expect("utf8"),
+        "stats_update",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let moved: String = tool("nm", &["-n", &kernel()])
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let a = u64::from_str_radix(f[0], 16).expect("hex");
+            let a = if a >= 0xffff_ffff_8100_1000 {
+                a + 0x40
+            } else {
+                a
+            };
+            format!("{a:016x} {} {}\n", f[1], f[2])
+        })
+        .collect();
+    let bad = tmp.join("Other.map");
+    std::fs::write(&bad, moved).expect("map");
+    let o = dir.lucos(&[
+        "symbols",
+        "--vm",
+        "s1",
+        "--map",
+        bad.to_str().expect("utf8"),
+    ]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(
+        text(&o).contains("is for another kernel build than the running one"),
+        "{}",
+        text(&o)
+    );
+    let other_elf = tmp.join("other.elf");
+    assert!(Command::new("objcopy")
+        .args(["--update-section"])
+        .arg(format!(".notes={}", write_fake_note(&tmp).display()))
+        .arg(kernel())
+        .arg(&other_elf)
+        .status()
+        .expect("objcopy")
+        .success());
+    let o = dir.lucos(&[
+        "symbols",
+        "--vm",
+        "s1",
+        "--map",
+        other_elf.to_str().expect("utf8"),
+    ]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(text(&o).contains("build-id"), "{}", text(&o));
+
+    let o = dir.lucos(&["symbols", "--vm", "nosuchvm", "x"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+}
+
+/// A GNU build-id note with another id.
+fn write_fake_note(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut n = Vec::new();
+    n.extend_from_slice(&4u32.to_le_bytes());
+    n.extend_from_slice(&20u32.to_le_bytes());
+    n.extend_from_slice(&3u32.to_le_bytes());
+    n.extend_from_slice(b"GNU\0");
+    n.extend_from_slice(&[0xab; 20]);
+    let p = dir.join("note.bin");
+    std::fs::write(&p, n).expect("note");
+    p
+}
+
+#[test]
+fn struct_layouts_agree_with_the_offsets_the_kernel_prints() {
+    let vm = common::boot(1, "selftest tasks=1 iters=1");
+    vm.expect_serial("[tk] layout boot_info", 10);
+    let serial = vm.serial.text();
+    for name in ["task_stat", "boot_info"] {
+        let line = serial
+            .lines()
+            .find(|l| l.starts_with(&format!("[tk] layout {name} ")))
+            .expect("layout line");
+        let printed: Vec<(String, u64)> = line
+            .split_whitespace()
+            .skip(3)
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').expect("k=v");
+                (k.to_owned(), v.parse().expect("number"))
+            })
+            .collect();
+        let o = Command::new(env!("CARGO_BIN_EXE_lucos"))
+            .args(["types", "--kernel", &kernel(), "--json", name])
+            .output()
+            .expect("lucos types");
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        let layout = &v[0];
+        assert_eq!(layout["size"], printed[0].1, "{name}: {line}");
+        let members = layout["members"].as_array().expect("members");
+        assert_eq!(members.len(), printed.len() - 1, "{name}: {line}");
+        for (m, (field, offset)) in members.iter().zip(&printed[1..]) {
+            assert_eq!(m["name"], field.as_str(), "{name}: {line}");
+            assert_eq!(m["offset"], *offset, "{name}.{field}: {line}");
+        }
+    }
+}
+
+#[test]
+fn bad_kernel_files_are_clear_errors() {
+    let dir = RunDir::new("symbad");
+    let tmp = &dir.0;
+    let k = std::fs::read(kernel()).expect("kernel");
+    let cut = tmp.join("truncated.elf");
+    std::fs::write(&cut, &k[..k.len() / 3]).expect("write");
+    let o = dir.lucos(&[
+        "symbols",
+        "--kernel",
+        cut.to_str().expect("utf8"),
+        "lucos_version",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("is not a usable ELF file"),
+        "{}",
+        text(&o)
+    );
+
+    let stripped = tmp.join("nodebug.elf");
+    assert!(Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(kernel())
+        .arg(&stripped)
+        .status()
+        .expect("objcopy")
+        .success());
+    let o = dir.lucos(&[
+        "types",
+        "--kernel",
+        stripped.to_str().expect("utf8"),
+        "task_stat",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("has no DWARF debug info"), "{}", text(&o));
+    // Symbols still work without DWARF.
+    let o = dir.lucos(&[
+        "symbols",
+        "--kernel",
+        stripped.to_str().expect("utf8"),
+        "stats_update",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let o = dir.lucos(&["types", "--kernel", &kernel(), "no_such_struct"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("no struct named 'no_such_struct'"),
+        "{}",
+        text(&o)
+    );
+
+    let garbage = tmp.join("garbage");
+    std::fs::write(&garbage, b"\x7fELF\x02\x01\x01 this is not really an ELF").expect("write");
+    let o = dir.lucos(&["symbols", "--kernel", garbage.to_str().expect("utf8")]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let map = tmp.join("broken.map");
+    std::fs::write(&map, "ffffffff81000000 T _text\nnot a map line\n").expect("write");
+    let o = dir.lucos(&["symbols", "--kernel", map.to_str().expect("utf8")]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("broken.map:2: not a System.map line"),
+        "{}",
+        text(&o)
+    );
+    let o = dir.lucos(&["symbols", "--kernel", "/nonexistent/vmlinux"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("cannot read /nonexistent/vmlinux"),
+        "{}",
+        text(&o)
+    );
+}
