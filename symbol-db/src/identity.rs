@@ -8,7 +8,7 @@ use crate::{KernelImage, SymbolError, SymbolTable};
 const BANNER_SYMBOLS: &[&str] = &["linux_banner", "tk_banner"];
 
 /// The identity of one kernel build.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelIdentity {
     /// The GNU build-id, hex.
     pub build_id: Option<String>,

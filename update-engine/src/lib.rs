@@ -1,6 +1,118 @@
-//! The lucos live-update engine: patch format, relocation, placement,
-//! trampolines, safety checks and state transfer.
+//! lucos live-update engine: the `.lup` patch format and its signature,
+//! linking a patch's relocatable object against the running kernel,
+//! trampolines and their safety checks.
 //!
-//! Not written yet: it is the subject of the function-level live patching
-//! issue, and builds on vmm-core's pause and page-table walker and on
-//! symbol-db. This crate holds its place in the workspace layout.
+//! Nothing here touches a VM directly: the VMM gives the engine a [`Guest`]
+//! to read and write kernel memory and to see where every vCPU stands, while
+//! it holds every vCPU paused.
+
+pub mod link;
+pub mod lup;
+pub mod trampoline;
+
+pub use link::{link, Linked};
+pub use lup::{FunctionPatch, Lup, Manifest, SigningKey, VerifyingKey};
+pub use trampoline::{check_site, jmp_rel32, Site};
+
+/// Errors of the update engine. Each names its cause; none leaves anything
+/// half-done (the VMM applies nothing before every check has passed).
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// The file is not a `.lup`, or is damaged.
+    #[error("{path}: not a valid .lup patch: {why}")]
+    BadLup {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The patch carries no signature.
+    #[error("{0}: the patch is not signed; lucos applies only patches signed by a trusted key")]
+    Unsigned(String),
+    /// The signature does not verify with any trusted key.
+    #[error("{0}: the signature does not verify with any trusted key (tampered, or signed by an untrusted key)")]
+    BadSignature(String),
+    /// No trusted keys were configured.
+    #[error("no trusted keys: start the VM with `lucos run --trusted-key KEY.pub`")]
+    NoTrustedKeys,
+    /// The patch is for another kernel build.
+    #[error("patch '{patch}' is for another kernel build: {why}")]
+    WrongKernel {
+        /// The patch.
+        patch: String,
+        /// What differs.
+        why: String,
+    },
+    /// The old function's bytes are not what the patch was built against.
+    #[error("patch '{patch}': {function} does not match: {why}")]
+    OldBytesMismatch {
+        /// The patch.
+        patch: String,
+        /// The old function.
+        function: String,
+        /// What differs.
+        why: String,
+    },
+    /// A symbol the patch needs is not in the running kernel.
+    #[error("patch '{patch}': {why}")]
+    Symbol {
+        /// The patch.
+        patch: String,
+        /// The lookup error.
+        why: String,
+    },
+    /// A relocation the linker does not handle.
+    #[error("patch object {object}: relocation type {kind} ({number}) in {section} is not supported")]
+    UnsupportedRelocation {
+        /// The object file.
+        object: String,
+        /// Section the relocation applies to.
+        section: String,
+        /// Type name.
+        kind: String,
+        /// Type number.
+        number: u32,
+    },
+    /// A relocated value does not fit.
+    #[error("patch object {object}: relocation against {symbol} out of range ({value:#x} does not fit {bits} bits)")]
+    RelocationOverflow {
+        /// The object file.
+        object: String,
+        /// The target symbol.
+        symbol: String,
+        /// The value.
+        value: i64,
+        /// Field width.
+        bits: u32,
+    },
+    /// The object is not a usable relocatable ELF.
+    #[error("patch object {object}: {why}")]
+    BadObject {
+        /// The object file.
+        object: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A function entry cannot take a trampoline.
+    #[error("{function} at {addr:#x} cannot be patched: {why}")]
+    UnsafeSite {
+        /// The function.
+        function: String,
+        /// Its entry.
+        addr: u64,
+        /// Why.
+        why: String,
+    },
+    /// Anything about the patch stack (dependencies, names, reverts).
+    #[error("{0}")]
+    Stack(String),
+    /// I/O.
+    #[error("{what}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}

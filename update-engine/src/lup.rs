@@ -1,0 +1,335 @@
+//! The `.lup` patch container (docs/lup-format.md).
+//!
+//! ```text
+//! "LUCOSLUP"             8 bytes magic
+//! format version         u32 LE (1)
+//! manifest length        u32 LE, then the manifest as JSON
+//! object count           u32 LE, then per object:
+//!   name length u16 LE, name, data length u32 LE, data (relocatable ELF)
+//! signature flag         u8: 1 signed, 0 not
+//! signature              64 bytes ed25519 over every byte before the flag
+//! ```
+
+use std::path::Path;
+
+use ed25519_dalek::{Signature, Signer, Verifier};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use symbol_db::KernelIdentity;
+
+use crate::UpdateError;
+
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
+
+/// Magic at the start of every `.lup`.
+pub const MAGIC: &[u8; 8] = b"LUCOSLUP";
+/// The container format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One function the patch replaces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionPatch {
+    /// The old function's symbol.
+    pub old: String,
+    /// Its object file, for a local symbol whose name is not unique.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_file: Option<String>,
+    /// Its size in bytes in the target build.
+    pub old_size: u64,
+    /// SHA-256 of its bytes in the target build.
+    pub old_sha256: String,
+    /// The replacement's symbol in the patch object.
+    pub new: String,
+}
+
+/// What a patch is and what it needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Patch name (unique per VM; used by revert).
+    pub name: String,
+    /// What it fixes.
+    #[serde(default)]
+    pub description: String,
+    /// The patch's own version.
+    #[serde(default = "one")]
+    pub version: u32,
+    /// The exact kernel build it is for.
+    pub target: KernelIdentity,
+    /// Functions it replaces; all switch in the same pause.
+    pub functions: Vec<FunctionPatch>,
+    /// Patches that must be applied first.
+    #[serde(default)]
+    pub depends: Vec<String>,
+    /// The object files (names in the container) holding the new code.
+    pub objects: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A `.lup` in memory.
+#[derive(Debug, Clone)]
+pub struct Lup {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// (name, relocatable ELF) per object.
+    pub objects: Vec<(String, Vec<u8>)>,
+    /// The signature, if signed.
+    pub signature: Option<[u8; 64]>,
+    /// The signed bytes (everything before the signature flag).
+    signed: Vec<u8>,
+}
+
+fn body(manifest: &Manifest, objects: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let json = serde_json::to_vec(manifest).unwrap_or_default();
+    let mut b = Vec::new();
+    b.extend_from_slice(MAGIC);
+    b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    b.extend_from_slice(&json);
+    b.extend_from_slice(&(objects.len() as u32).to_le_bytes());
+    for (name, data) in objects {
+        b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        b.extend_from_slice(name.as_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        b.extend_from_slice(data);
+    }
+    b
+}
+
+/// Hex of SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Lup {
+    /// A new patch, signed with `key` if given.
+    pub fn new(manifest: Manifest, objects: Vec<(String, Vec<u8>)>, key: Option<&SigningKey>) -> Self {
+        let signed = body(&manifest, &objects);
+        let signature = key.map(|k| k.sign(&signed).to_bytes());
+        Lup {
+            manifest,
+            objects,
+            signature,
+            signed,
+        }
+    }
+
+    /// The container's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = self.signed.clone();
+        match &self.signature {
+            Some(sig) => {
+                b.push(1);
+                b.extend_from_slice(sig);
+            }
+            None => b.push(0),
+        }
+        b
+    }
+
+    /// Parses a container; `path` names it in errors. Does not verify the
+    /// signature (see [`Lup::verify`]).
+    pub fn parse(data: &[u8], path: &str) -> Result<Self, UpdateError> {
+        let bad = |why: &str| UpdateError::BadLup {
+            path: path.to_owned(),
+            why: why.to_owned(),
+        };
+        let mut r = Reader { data, at: 0 };
+        if r.take(8).ok_or_else(|| bad("shorter than its header"))? != MAGIC {
+            return Err(bad("no LUCOSLUP magic (not a lucos patch)"));
+        }
+        let version = r.u32().ok_or_else(|| bad("truncated header"))?;
+        if version != FORMAT_VERSION {
+            return Err(bad(&format!(
+                "format version {version}; this lucos reads version {FORMAT_VERSION}"
+            )));
+        }
+        let mlen = r.u32().ok_or_else(|| bad("truncated header"))? as usize;
+        let json = r.take(mlen).ok_or_else(|| bad("truncated manifest"))?;
+        let manifest: Manifest = serde_json::from_slice(json)
+            .map_err(|e| bad(&format!("bad manifest: {e}")))?;
+        let count = r.u32().ok_or_else(|| bad("truncated object table"))?;
+        if count > 64 {
+            return Err(bad("too many objects"));
+        }
+        let mut objects = Vec::new();
+        for _ in 0..count {
+            let nlen = r.u16().ok_or_else(|| bad("truncated object table"))? as usize;
+            let name = r.take(nlen).ok_or_else(|| bad("truncated object name"))?;
+            let name = String::from_utf8(name.to_vec()).map_err(|_| bad("object name not UTF-8"))?;
+            let dlen = r.u32().ok_or_else(|| bad("truncated object table"))? as usize;
+            let d = r.take(dlen).ok_or_else(|| bad("truncated object (file cut short?)"))?;
+            objects.push((name, d.to_vec()));
+        }
+        let signed = data[..r.at].to_vec();
+        let signature = match r.take(1).ok_or_else(|| bad("no signature flag (file cut short?)"))?[0] {
+            0 => None,
+            1 => {
+                let s = r.take(64).ok_or_else(|| bad("truncated signature"))?;
+                let mut sig = [0u8; 64];
+                sig.copy_from_slice(s);
+                Some(sig)
+            }
+            _ => return Err(bad("bad signature flag")),
+        };
+        if r.at != data.len() {
+            return Err(bad("trailing bytes after the signature"));
+        }
+        for o in &manifest.objects {
+            if !objects.iter().any(|(n, _)| n == o) {
+                return Err(bad(&format!("manifest names object {o}, which is not in the file")));
+            }
+        }
+        Ok(Lup {
+            manifest,
+            objects,
+            signature,
+            signed,
+        })
+    }
+
+    /// Reads and parses the file at `path`.
+    pub fn read(path: &Path) -> Result<Self, UpdateError> {
+        let data = std::fs::read(path).map_err(|source| UpdateError::Io {
+            what: format!("cannot read {}", path.display()),
+            source,
+        })?;
+        Self::parse(&data, &path.display().to_string())
+    }
+
+    /// Checks the signature against `trusted` keys; returns the key that
+    /// signed it.
+    pub fn verify(&self, trusted: &[VerifyingKey], path: &str) -> Result<VerifyingKey, UpdateError> {
+        let sig = self
+            .signature
+            .ok_or_else(|| UpdateError::Unsigned(path.to_owned()))?;
+        if trusted.is_empty() {
+            return Err(UpdateError::NoTrustedKeys);
+        }
+        let sig = Signature::from_bytes(&sig);
+        trusted
+            .iter()
+            .find(|k| k.verify(&self.signed, &sig).is_ok())
+            .copied()
+            .ok_or_else(|| UpdateError::BadSignature(path.to_owned()))
+    }
+
+    /// Refuses the patch unless it targets the running kernel `running`.
+    pub fn check_target(&self, running: &KernelIdentity) -> Result<(), UpdateError> {
+        running
+            .check_same(&self.manifest.target, &format!("patch '{}'", self.manifest.name))
+            .map_err(|e| UpdateError::WrongKernel {
+                patch: self.manifest.name.clone(),
+                why: match e {
+                    symbol_db::SymbolError::Mismatch { why, .. } => why,
+                    other => other.to_string(),
+                },
+            })
+    }
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.data.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+}
+
+/// Key files: 32 raw bytes, hex-encoded on one line (`KEY` secret,
+/// `KEY.pub` public).
+pub fn read_key_hex(path: &Path) -> Result<[u8; 32], UpdateError> {
+    let text = std::fs::read_to_string(path).map_err(|source| UpdateError::Io {
+        what: format!("cannot read key {}", path.display()),
+        source,
+    })?;
+    let t = text.trim();
+    let bad = || UpdateError::BadLup {
+        path: path.display().to_string(),
+        why: "not a lucos key (64 hex digits)".into(),
+    };
+    if t.len() != 64 {
+        return Err(bad());
+    }
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(k)
+}
+
+/// Hex of a key.
+pub fn key_hex(k: &[u8; 32]) -> String {
+    k.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (Manifest, Vec<(String, Vec<u8>)>) {
+        (
+            Manifest {
+                name: "fix".into(),
+                description: "d".into(),
+                version: 1,
+                target: KernelIdentity {
+                    build_id: Some("ab".into()),
+                    version: None,
+                },
+                functions: vec![],
+                depends: vec![],
+                objects: vec!["a.o".into()],
+            },
+            vec![("a.o".into(), vec![1, 2, 3])],
+        )
+    }
+
+    #[test]
+    fn round_trip_sign_verify_and_tamper() {
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        let (m, o) = sample();
+        let bytes = Lup::new(m.clone(), o, Some(&key)).to_bytes();
+        let lup = Lup::parse(&bytes, "p").expect("parse");
+        assert_eq!(lup.manifest, m);
+        lup.verify(&[key.verifying_key()], "p").expect("verifies");
+        let other = SigningKey::from_bytes(&[8u8; 32]).verifying_key();
+        assert!(matches!(lup.verify(&[other], "p"), Err(UpdateError::BadSignature(_))));
+        // Flip one byte of the object: parses, does not verify.
+        let mut t = bytes.clone();
+        let at = bytes.len() - 66;
+        t[at] ^= 1;
+        let lup = Lup::parse(&t, "p").expect("parse");
+        assert!(matches!(lup.verify(&[key.verifying_key()], "p"), Err(UpdateError::BadSignature(_))));
+        // Cut short: a clear error.
+        let e = Lup::parse(&bytes[..bytes.len() - 10], "p").expect_err("cut");
+        assert!(e.to_string().contains("truncated signature"), "{e}");
+        let e = Lup::parse(b"hello", "p").expect_err("junk");
+        assert!(e.to_string().contains("shorter than its header"), "{e}");
+    }
+
+    #[test]
+    fn unsigned_is_refused() {
+        let (m, o) = sample();
+        let bytes = Lup::new(m, o, None).to_bytes();
+        let lup = Lup::parse(&bytes, "p").expect("parse");
+        let k = SigningKey::from_bytes(&[7u8; 32]).verifying_key();
+        assert!(matches!(lup.verify(&[k], "p"), Err(UpdateError::Unsigned(_))));
+    }
+}
