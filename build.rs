@@ -25,6 +25,15 @@ fn main() {
         Ok(s) => panic!("building the test kernel failed ({s}); see the make output above"),
         Err(e) => panic!("cannot run make to build the test kernel: {e} (install make and gcc: scripts/setup.sh)"),
     }
+    let flags = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&src)
+        .arg("print-patch-cflags")
+        .output()
+        .expect("make print-patch-cflags");
+    let flags = String::from_utf8_lossy(&flags.stdout).trim().to_owned();
+    println!("cargo:rustc-env=LUCOS_TESTKERNEL_PATCH_CFLAGS={flags}");
     let elf = out.join("testkernel.elf");
     println!("cargo:rustc-env=LUCOS_TESTKERNEL={}", elf.display());
 }

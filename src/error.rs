@@ -16,6 +16,10 @@ pub mod exit {
     pub const BAD_STATE: i32 = 4;
     /// A symbol source or patch is for another kernel build than the running one.
     pub const WRONG_KERNEL: i32 = 5;
+    /// A patch was refused by a check (signature, bytes, symbols, site, stack); the guest is unchanged.
+    pub const PATCH_REFUSED: i32 = 6;
+    /// A vCPU stayed inside a patch site through every try; the guest is unchanged, try again.
+    pub const BUSY: i32 = 7;
     /// `lucos run`: the guest crashed (triple fault, KVM error).
     pub const GUEST_CRASHED: i32 = 125;
 }
@@ -77,6 +81,8 @@ impl CliError {
                 }
                 ErrorCode::BadRequest | ErrorCode::NoSuchVcpu => exit::USAGE,
                 ErrorCode::KernelMismatch => exit::WRONG_KERNEL,
+                ErrorCode::PatchRefused => exit::PATCH_REFUSED,
+                ErrorCode::Busy => exit::BUSY,
                 _ => exit::ERROR,
             },
             Self::Symbols(symbol_db::SymbolError::Mismatch { .. }) => exit::WRONG_KERNEL,

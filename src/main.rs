@@ -3,6 +3,7 @@
 mod client;
 mod demo;
 mod error;
+mod patch;
 mod paths;
 mod run;
 mod symbols;
@@ -25,11 +26,58 @@ struct Cli {
 enum Command {
     /// Start a VM and serve its control socket until it ends.
     Run(run::RunArgs),
-    /// List running VMs.
+    /// List running VMs; with --vm, the patches applied to that VM.
     List {
+        /// Show this VM's applied patches.
+        #[arg(long)]
+        vm: Option<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Make a signing key pair: KEY (secret) and KEY.pub (give it to `lucos run --trusted-key`).
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Compile replacement functions against a kernel build into a signed .lup.
+    Build(patch::BuildArgs),
+    /// Show what a .lup contains and whether its signature holds.
+    Inspect {
+        /// The patch.
+        patch: PathBuf,
+        /// Public key to check the signature with.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live-patch a running VM's kernel: every function switches in one pause.
+    Patch {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// Replace every applied patch with this cumulative one.
+        #[arg(long)]
+        replace: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// The signed .lup.
+        patch: PathBuf,
+    },
+    /// Revert an applied patch (its functions get their original code back).
+    Revert {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Patch name.
+        name: String,
     },
     /// Show a VM's state.
     Status {
@@ -90,7 +138,18 @@ fn main() {
     let cli = Cli::parse();
     let result: Result<i32, CliError> = match cli.cmd {
         Command::Run(args) => run::run(args),
-        Command::List { json } => client::list(json).map(|()| exit::OK),
+        Command::List { vm: Some(vm), json } => patch::list_patches(&vm, json),
+        Command::List { vm: None, json } => client::list(json).map(|()| exit::OK),
+        Command::Keygen { out } => patch::keygen(&out),
+        Command::Build(args) => patch::build(args),
+        Command::Inspect { patch, key, json } => patch::inspect(&patch, json, key.as_deref()),
+        Command::Patch {
+            vm,
+            replace,
+            json,
+            patch,
+        } => patch::patch(&vm, &patch, replace, json),
+        Command::Revert { vm, json, name } => patch::revert(&vm, &name, json),
         Command::Status { vm, json } => client::status(&vm, json).map(|()| exit::OK),
         Command::Pause { vm, json } => client::pause(&vm, json).map(|()| exit::OK),
         Command::Resume { vm } => {

@@ -51,6 +51,10 @@ pub struct RunArgs {
     /// Start the VM in the background and return once its control socket answers.
     #[arg(long)]
     pub detach: bool,
+    /// Public key (from `lucos keygen`) whose signed patches this VM accepts;
+    /// repeat for several. Without one, every patch is refused.
+    #[arg(long = "trusted-key")]
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 /// Runs the VMM (or, with --detach, starts it in the background).
@@ -63,6 +67,10 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
             vmm_core::vm::MAX_VCPUS,
             args.vcpus
         )));
+    }
+    let mut trusted = Vec::new();
+    for k in &args.trusted_keys {
+        trusted.push(crate::patch::read_public_key(k)?);
     }
     // Bad images fail here, in the foreground, even with --detach.
     vmm_core::vm::check_bootable(&args.kernel, mem_bytes)?;
@@ -113,15 +121,18 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
     vm.start()?;
     let vm = Arc::new(vm);
 
-    let server = Arc::new(ControlServer::new(
-        vm.clone(),
-        VmIdentity {
-            id: args.vm.clone(),
-            kernel: args.kernel.display().to_string(),
-            cmdline: args.cmdline.clone(),
-            mem_bytes,
-        },
-    ));
+    let server = Arc::new(
+        ControlServer::new(
+            vm.clone(),
+            VmIdentity {
+                id: args.vm.clone(),
+                kernel: args.kernel.display().to_string(),
+                cmdline: args.cmdline.clone(),
+                mem_bytes,
+            },
+        )
+        .with_trusted_keys(trusted),
+    );
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || server.serve(listener))

@@ -184,8 +184,10 @@ static void build_page_tables(int have_1g, int have_nx)
 	u64 nx = have_nx ? PTE_NX : 0;
 	u64 va, i;
 
-	/* 0xffffffff80000000 -> 0, 1 GiB of 2 MiB pages (kernel image). */
-	for (i = 0; i < 512; i++)
+	/* 0xffffffff80000000 -> 0: the first 32 MiB (kernel and user images) in
+	 * 2 MiB pages. Like Linux after cleanup_highmap, the rest of this 1 GiB
+	 * window stays unmapped; the VMM maps its patch area there. */
+	for (i = 0; i < KERNEL_MAP_PAGES_2M; i++)
 		pd_kernel[i] = (i << 21) | PTE_P | PTE_W | PTE_PS | PTE_G;
 	pdpt_kernel[510] = kva_to_pa(pd_kernel) | PTE_P | PTE_W;
 	pml4[511] = kva_to_pa(pdpt_kernel) | PTE_P | PTE_W;

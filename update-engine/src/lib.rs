@@ -62,7 +62,9 @@ pub enum UpdateError {
         why: String,
     },
     /// A relocation the linker does not handle.
-    #[error("patch object {object}: relocation type {kind} ({number}) in {section} is not supported")]
+    #[error(
+        "patch object {object}: relocation type {kind} ({number}) in {section} is not supported"
+    )]
     UnsupportedRelocation {
         /// The object file.
         object: String,

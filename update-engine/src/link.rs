@@ -131,16 +131,24 @@ pub fn link(
                 .get_at(o.elf.section_headers[target].sh_name)
                 .unwrap_or("?");
             for r in relocs.iter() {
-                let sym = o.elf.syms.get(r.r_sym).ok_or_else(|| UpdateError::BadObject {
-                    object: o.name.to_owned(),
-                    why: format!("relocation names symbol {} past the table", r.r_sym),
-                })?;
+                let sym = o
+                    .elf
+                    .syms
+                    .get(r.r_sym)
+                    .ok_or_else(|| UpdateError::BadObject {
+                        object: o.name.to_owned(),
+                        why: format!("relocation names symbol {} past the table", r.r_sym),
+                    })?;
                 let sname = o.elf.strtab.get_at(sym.st_name).unwrap_or("");
                 let s_addr = if sym.st_type() == STT_SECTION {
-                    *o.placed.get(&sym.st_shndx).ok_or_else(|| UpdateError::BadObject {
-                        object: o.name.to_owned(),
-                        why: format!("relocation in {sec_name} against a section that is not placed"),
-                    })?
+                    *o.placed
+                        .get(&sym.st_shndx)
+                        .ok_or_else(|| UpdateError::BadObject {
+                            object: o.name.to_owned(),
+                            why: format!(
+                                "relocation in {sec_name} against a section that is not placed"
+                            ),
+                        })?
                 } else if let Some(&a) = o.placed.get(&sym.st_shndx) {
                     a + sym.st_value
                 } else if sym.st_shndx == 0 {
@@ -193,10 +201,15 @@ pub fn link(
                         })
                     }
                 };
-                let dst = bytes.get_mut(at..at + len).ok_or_else(|| UpdateError::BadObject {
-                    object: o.name.to_owned(),
-                    why: format!("relocation at {sec_name}+{:#x} past its section", r.r_offset),
-                })?;
+                let dst = bytes
+                    .get_mut(at..at + len)
+                    .ok_or_else(|| UpdateError::BadObject {
+                        object: o.name.to_owned(),
+                        why: format!(
+                            "relocation at {sec_name}+{:#x} past its section",
+                            r.r_offset
+                        ),
+                    })?;
                 dst.copy_from_slice(&field[..len]);
             }
         }

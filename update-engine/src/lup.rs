@@ -108,7 +108,11 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 impl Lup {
     /// A new patch, signed with `key` if given.
-    pub fn new(manifest: Manifest, objects: Vec<(String, Vec<u8>)>, key: Option<&SigningKey>) -> Self {
+    pub fn new(
+        manifest: Manifest,
+        objects: Vec<(String, Vec<u8>)>,
+        key: Option<&SigningKey>,
+    ) -> Self {
         let signed = body(&manifest, &objects);
         let signature = key.map(|k| k.sign(&signed).to_bytes());
         Lup {
@@ -151,8 +155,8 @@ impl Lup {
         }
         let mlen = r.u32().ok_or_else(|| bad("truncated header"))? as usize;
         let json = r.take(mlen).ok_or_else(|| bad("truncated manifest"))?;
-        let manifest: Manifest = serde_json::from_slice(json)
-            .map_err(|e| bad(&format!("bad manifest: {e}")))?;
+        let manifest: Manifest =
+            serde_json::from_slice(json).map_err(|e| bad(&format!("bad manifest: {e}")))?;
         let count = r.u32().ok_or_else(|| bad("truncated object table"))?;
         if count > 64 {
             return Err(bad("too many objects"));
@@ -161,13 +165,19 @@ impl Lup {
         for _ in 0..count {
             let nlen = r.u16().ok_or_else(|| bad("truncated object table"))? as usize;
             let name = r.take(nlen).ok_or_else(|| bad("truncated object name"))?;
-            let name = String::from_utf8(name.to_vec()).map_err(|_| bad("object name not UTF-8"))?;
+            let name =
+                String::from_utf8(name.to_vec()).map_err(|_| bad("object name not UTF-8"))?;
             let dlen = r.u32().ok_or_else(|| bad("truncated object table"))? as usize;
-            let d = r.take(dlen).ok_or_else(|| bad("truncated object (file cut short?)"))?;
+            let d = r
+                .take(dlen)
+                .ok_or_else(|| bad("truncated object (file cut short?)"))?;
             objects.push((name, d.to_vec()));
         }
         let signed = data[..r.at].to_vec();
-        let signature = match r.take(1).ok_or_else(|| bad("no signature flag (file cut short?)"))?[0] {
+        let signature = match r
+            .take(1)
+            .ok_or_else(|| bad("no signature flag (file cut short?)"))?[0]
+        {
             0 => None,
             1 => {
                 let s = r.take(64).ok_or_else(|| bad("truncated signature"))?;
@@ -182,7 +192,9 @@ impl Lup {
         }
         for o in &manifest.objects {
             if !objects.iter().any(|(n, _)| n == o) {
-                return Err(bad(&format!("manifest names object {o}, which is not in the file")));
+                return Err(bad(&format!(
+                    "manifest names object {o}, which is not in the file"
+                )));
             }
         }
         Ok(Lup {
@@ -204,7 +216,11 @@ impl Lup {
 
     /// Checks the signature against `trusted` keys; returns the key that
     /// signed it.
-    pub fn verify(&self, trusted: &[VerifyingKey], path: &str) -> Result<VerifyingKey, UpdateError> {
+    pub fn verify(
+        &self,
+        trusted: &[VerifyingKey],
+        path: &str,
+    ) -> Result<VerifyingKey, UpdateError> {
         let sig = self
             .signature
             .ok_or_else(|| UpdateError::Unsigned(path.to_owned()))?;
@@ -222,7 +238,10 @@ impl Lup {
     /// Refuses the patch unless it targets the running kernel `running`.
     pub fn check_target(&self, running: &KernelIdentity) -> Result<(), UpdateError> {
         running
-            .check_same(&self.manifest.target, &format!("patch '{}'", self.manifest.name))
+            .check_same(
+                &self.manifest.target,
+                &format!("patch '{}'", self.manifest.name),
+            )
             .map_err(|e| UpdateError::WrongKernel {
                 patch: self.manifest.name.clone(),
                 why: match e {
@@ -310,13 +329,19 @@ mod tests {
         assert_eq!(lup.manifest, m);
         lup.verify(&[key.verifying_key()], "p").expect("verifies");
         let other = SigningKey::from_bytes(&[8u8; 32]).verifying_key();
-        assert!(matches!(lup.verify(&[other], "p"), Err(UpdateError::BadSignature(_))));
+        assert!(matches!(
+            lup.verify(&[other], "p"),
+            Err(UpdateError::BadSignature(_))
+        ));
         // Flip one byte of the object: parses, does not verify.
         let mut t = bytes.clone();
         let at = bytes.len() - 66;
         t[at] ^= 1;
         let lup = Lup::parse(&t, "p").expect("parse");
-        assert!(matches!(lup.verify(&[key.verifying_key()], "p"), Err(UpdateError::BadSignature(_))));
+        assert!(matches!(
+            lup.verify(&[key.verifying_key()], "p"),
+            Err(UpdateError::BadSignature(_))
+        ));
         // Cut short: a clear error.
         let e = Lup::parse(&bytes[..bytes.len() - 10], "p").expect_err("cut");
         assert!(e.to_string().contains("truncated signature"), "{e}");
@@ -330,6 +355,9 @@ mod tests {
         let bytes = Lup::new(m, o, None).to_bytes();
         let lup = Lup::parse(&bytes, "p").expect("parse");
         let k = SigningKey::from_bytes(&[7u8; 32]).verifying_key();
-        assert!(matches!(lup.verify(&[k], "p"), Err(UpdateError::Unsigned(_))));
+        assert!(matches!(
+            lup.verify(&[k], "p"),
+            Err(UpdateError::Unsigned(_))
+        ));
     }
 }

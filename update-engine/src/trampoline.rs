@@ -16,8 +16,8 @@ pub const FENTRY_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 /// `jmp rel32` at `from` to `to`.
 pub fn jmp_rel32(from: u64, to: u64) -> Result<[u8; 5], String> {
     let rel = to.wrapping_sub(from + 5) as i64;
-    let rel = i32::try_from(rel)
-        .map_err(|_| format!("{to:#x} is more than 2 GiB from {from:#x}"))?;
+    let rel =
+        i32::try_from(rel).map_err(|_| format!("{to:#x} is more than 2 GiB from {from:#x}"))?;
     let mut b = [0xe9, 0, 0, 0, 0];
     b[1..].copy_from_slice(&rel.to_le_bytes());
     Ok(b)
@@ -51,7 +51,9 @@ pub fn check_site(function: &str, addr: u64, code: &[u8]) -> Result<Site, Update
     let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
     let first = decoder.decode();
     if first.is_invalid() {
-        return Err(unsafe_site("its first bytes do not decode as an instruction".into()));
+        return Err(unsafe_site(
+            "its first bytes do not decode as an instruction".into(),
+        ));
     }
     if first.len() < TRAMPOLINE_LEN {
         return Err(unsafe_site(format!(
@@ -103,7 +105,10 @@ mod tests {
         let code = [0x0f, 0x1f, 0x44, 0x00, 0x00, 0x55, 0xc3];
         let s = check_site("f", 0x1000, &code).expect("site");
         assert_eq!(s.saved, FENTRY_NOP);
-        assert_eq!(jmp_rel32(0x1000, 0x2000).expect("jmp"), [0xe9, 0xfb, 0x0f, 0, 0]);
+        assert_eq!(
+            jmp_rel32(0x1000, 0x2000).expect("jmp"),
+            [0xe9, 0xfb, 0x0f, 0, 0]
+        );
     }
 
     #[test]

@@ -23,7 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use symbol_db::SymbolError;
 
+use update_engine::UpdateError;
+
 use crate::introspect::{self, GuestKernel, IntrospectError};
+use crate::livepatch::{PatchError, PatchReport, Patcher};
 use crate::vcpu::PauseError;
 use crate::vm::{host_kvm_flavor, Vm, VmError};
 
@@ -54,6 +57,21 @@ pub enum Request {
         /// Guest-virtual address.
         gva: u64,
     },
+    /// Apply a signed `.lup` (path on the VMM's host).
+    Patch {
+        /// The patch file.
+        path: String,
+        /// Replace every applied patch with this cumulative one.
+        #[serde(default)]
+        replace: bool,
+    },
+    /// Revert an applied patch.
+    Revert {
+        /// Its name.
+        name: String,
+    },
+    /// The applied patches, oldest first.
+    Patches,
     /// The guest kernel's identity and symbols; answers lookups.
     Symbols {
         /// Lookups: NAME, NAME@FILE, NAME#N or 0xADDR.
@@ -91,6 +109,11 @@ pub enum ErrorCode {
     KernelMismatch,
     /// A lookup found nothing, or several.
     NoSymbol,
+    /// A patch was refused by a check (signature, target, bytes, symbols,
+    /// site safety, stack); the guest is unchanged.
+    PatchRefused,
+    /// A vCPU stayed inside a patch site; the guest is unchanged, try again.
+    Busy,
     /// Anything else.
     Internal,
 }
@@ -210,6 +233,8 @@ pub struct ControlServer {
     last_pause_ns: AtomicU64,
     /// The guest kernel, once inspected (it does not change while it runs).
     kernel: Mutex<Option<GuestKernel>>,
+    /// Live patches.
+    patcher: Mutex<Patcher>,
 }
 
 /// One answer of a `symbols` request: the symbol, or why not.
@@ -287,6 +312,34 @@ impl ControlServer {
             pauses: AtomicU64::new(0),
             last_pause_ns: AtomicU64::new(u64::MAX),
             kernel: Mutex::new(None),
+            patcher: Mutex::new(Patcher::new(Vec::new())),
+        }
+    }
+
+    /// Trusts patches signed by `keys` (`lucos run --trusted-key`).
+    pub fn with_trusted_keys(self, keys: Vec<update_engine::VerifyingKey>) -> Self {
+        Self {
+            patcher: Mutex::new(Patcher::new(keys)),
+            ..self
+        }
+    }
+
+    fn patch_response(r: Result<PatchReport, PatchError>) -> Response {
+        match r {
+            Ok(rep) => Response::ok(rep),
+            Err(e) => {
+                let code = match &e {
+                    PatchError::Update(UpdateError::WrongKernel { .. }) => {
+                        ErrorCode::KernelMismatch
+                    }
+                    PatchError::Busy { .. } => ErrorCode::Busy,
+                    PatchError::Update(UpdateError::Io { .. }) => ErrorCode::BadRequest,
+                    PatchError::Update(_) => ErrorCode::PatchRefused,
+                    PatchError::Vm(v) => pause_error(v),
+                    _ => ErrorCode::Internal,
+                };
+                Response::err(code, error_chain(&e))
+            }
         }
     }
 
@@ -320,6 +373,22 @@ impl ControlServer {
                 Ok(t) => Response::ok(t),
                 Err(e) => fail(e),
             },
+            Request::Patch { path, replace } => {
+                let kernel = match self.guest_kernel() {
+                    Ok(k) => k,
+                    Err(e) => return Response::err(ErrorCode::NoKernel, error_chain(&e)),
+                };
+                let mut p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
+                Self::patch_response(p.apply(&self.vm, &kernel, Path::new(path), *replace))
+            }
+            Request::Revert { name } => {
+                let mut p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
+                Self::patch_response(p.revert(&self.vm, name))
+            }
+            Request::Patches => {
+                let p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
+                Response::ok(p.applied())
+            }
             Request::Symbols {
                 queries,
                 all,

@@ -6,6 +6,7 @@ pub mod arch;
 pub mod control;
 pub mod devices;
 pub mod introspect;
+pub mod livepatch;
 pub mod loader;
 pub mod memory;
 pub mod pagewalk;

@@ -121,6 +121,7 @@ pub struct Vm {
     threads: Vec<JoinHandle<()>>,
     started_at: Option<Instant>,
     entry: u64,
+    patch_area: crate::livepatch::PatchArea,
 }
 
 impl Vm {
@@ -177,6 +178,20 @@ impl Vm {
             unsafe { vm_fd.set_user_memory_region(region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
+
+        // The live-patch area: VMM-owned, outside the guest's RAM map,
+        // read-only to the guest.
+        let ram_end = ram
+            .ranges()
+            .iter()
+            .map(|r| r.guest_addr + r.len)
+            .max()
+            .unwrap_or(0);
+        let patch_area = crate::livepatch::PatchArea::new(ram_end)?;
+        // SAFETY: the region is a live mapping owned by `patch_area`, which
+        // the Vm keeps for as long as `vm_fd` exists.
+        unsafe { vm_fd.set_user_memory_region(patch_area.region()) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (read-only patch area)"))?;
 
         loader::write_cmdline(&ram, &cfg.cmdline)?;
         let (kernel, boot) = match kind {
@@ -271,6 +286,7 @@ impl Vm {
             threads: Vec::new(),
             started_at: None,
             entry: kernel.entry,
+            patch_area,
         })
     }
 
@@ -354,6 +370,11 @@ impl Vm {
     /// Time since the vCPUs were started.
     pub fn uptime(&self) -> Duration {
         self.started_at.map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// The VMM-owned memory live patches are placed in.
+    pub fn patch_area(&self) -> &crate::livepatch::PatchArea {
+        &self.patch_area
     }
 
     /// Runs `f` on vCPU `index`'s fd. The VM must be paused.

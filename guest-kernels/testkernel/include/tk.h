@@ -14,6 +14,7 @@ typedef long s64;
 #define PAGE_SIZE 4096UL
 
 /* Virtual layout (mirrors Linux x86-64). */
+#define KERNEL_MAP_PAGES_2M 16 /* kernel window maps physical 0..32 MiB */
 #define KERNEL_MAP_BASE 0xffffffff80000000UL /* -> phys 0, 2 MiB pages */
 #define DIRECT_MAP_BASE 0xffff888000000000UL /* -> phys 0, 1 GiB pages */
 #define USER_BASE 0x400000UL                 /* user image, 4 KiB pages */

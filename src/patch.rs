@@ -1,0 +1,377 @@
+//! Live patching from the command line: keygen, build, inspect, patch,
+//! revert, and the applied-patch list.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use symbol_db::{KernelIdentity, KernelImage, SymbolTable};
+use update_engine::lup::{key_hex, read_key_hex, sha256_hex};
+use update_engine::{FunctionPatch, Lup, Manifest, SigningKey, VerifyingKey};
+use vmm_core::control::Request;
+
+use crate::client::{connect, print_json};
+use crate::error::{exit, CliError};
+
+fn engine(e: update_engine::UpdateError) -> CliError {
+    CliError::Other(crate::error::chain(&e))
+}
+
+/// Reads a public key file.
+pub fn read_public_key(path: &Path) -> Result<VerifyingKey, CliError> {
+    let bytes = read_key_hex(path).map_err(engine)?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| {
+        CliError::Usage(format!(
+            "{} is not an ed25519 public key: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// `lucos keygen --out KEY`: KEY (secret, mode 0600) and KEY.pub.
+pub fn keygen(out: &Path) -> Result<i32, CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = SigningKey::generate(&mut rand_core::OsRng);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| CliError::io(format!("cannot create {}", out.display()), e))?;
+    writeln!(f, "{}", key_hex(&key.to_bytes()))
+        .map_err(|e| CliError::io(format!("cannot write {}", out.display()), e))?;
+    let public = PathBuf::from(format!("{}.pub", out.display()));
+    std::fs::write(
+        &public,
+        format!("{}\n", key_hex(&key.verifying_key().to_bytes())),
+    )
+    .map_err(|e| CliError::io(format!("cannot write {}", public.display()), e))?;
+    println!(
+        "secret key {} (keep it private), public key {}",
+        out.display(),
+        public.display()
+    );
+    Ok(exit::OK)
+}
+
+/// Arguments of `lucos build`.
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// The exact kernel build the patch is for (an ELF with symbols: the test
+    /// kernel, or a vmlinux with symbols).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Secret key from `lucos keygen`.
+    #[arg(long, required_unless_present = "unsigned")]
+    pub key: Option<PathBuf>,
+    /// Write an unsigned patch (every VM refuses it; for tests of that refusal).
+    #[arg(long)]
+    pub unsigned: bool,
+    /// Patch name (unique per VM; `lucos revert` takes it).
+    #[arg(long)]
+    pub name: String,
+    /// What it fixes.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// Patch version.
+    #[arg(long, default_value_t = 1)]
+    pub version: u32,
+    /// A patch that must be applied first (repeatable).
+    #[arg(long = "depends")]
+    pub depends: Vec<String>,
+    /// Replace only these kernel functions (NAME or NAME@OBJECT_FILE);
+    /// default: every function the sources define that the kernel has.
+    #[arg(long = "function")]
+    pub functions: Vec<String>,
+    /// Output `.lup`.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// C sources holding the replacement functions.
+    #[arg(required = true)]
+    pub sources: Vec<PathBuf>,
+}
+
+/// `lucos build`: compile replacement functions with the target kernel's
+/// flags and package them as a signed `.lup`.
+pub fn build(args: BuildArgs) -> Result<i32, CliError> {
+    let kname = args.kernel.display().to_string();
+    let kdata = symbol_db::read_file(&args.kernel)?;
+    let ksyms = SymbolTable::from_elf_bytes(&kdata, &kname)?;
+    let image = KernelImage::from_elf_bytes(&kdata, &kname)?;
+    let target = KernelIdentity::from_elf(&kdata, &kname)?;
+    if target.build_id.is_none() {
+        return Err(CliError::Usage(format!(
+            "{kname} has no build-id; a patch must name the exact build it is for"
+        )));
+    }
+    let flags = env!("LUCOS_TESTKERNEL_PATCH_CFLAGS");
+    let tmp = std::env::temp_dir().join(format!("lucos-build-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)
+        .map_err(|e| CliError::io("cannot create a build directory".into(), e))?;
+    let mut objects = Vec::new();
+    let mut functions = Vec::new();
+    for src in &args.sources {
+        let stem = src
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "patch".into());
+        let obj = tmp.join(format!("{stem}.o"));
+        let out = Command::new("gcc")
+            .args(flags.split_whitespace())
+            .arg("-c")
+            .arg(src)
+            .arg("-o")
+            .arg(&obj)
+            .output()
+            .map_err(|e| CliError::io("cannot run gcc (scripts/setup.sh installs it)".into(), e))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(CliError::Other(format!(
+                "compiling {} failed:\n{}",
+                src.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let data = std::fs::read(&obj)
+            .map_err(|e| CliError::io(format!("cannot read {}", obj.display()), e))?;
+        // Replacement functions: those the object defines that the kernel has.
+        let osyms = SymbolTable::from_elf_bytes(&data, &obj.display().to_string())?;
+        for s in osyms
+            .iter()
+            .filter(|s| s.kind == symbol_db::SymbolKind::Function)
+        {
+            let wanted = args.functions.is_empty()
+                || args
+                    .functions
+                    .iter()
+                    .any(|f| f.split('@').next() == Some(s.name.as_str()));
+            if !wanted || ksyms.all_named(&s.name).is_empty() {
+                continue;
+            }
+            let spec = args
+                .functions
+                .iter()
+                .find(|f| f.split('@').next() == Some(s.name.as_str()))
+                .cloned()
+                .unwrap_or_else(|| s.name.clone());
+            let old = ksyms.answer(&spec)?.symbol;
+            let bytes = image.read(old.addr, old.size as usize).ok_or_else(|| {
+                CliError::Other(format!(
+                    "{} lies outside {kname}'s loadable segments",
+                    old.name
+                ))
+            })?;
+            functions.push(FunctionPatch {
+                old: old.name.clone(),
+                old_file: if ksyms.all_named(&old.name).len() > 1 {
+                    old.file.clone()
+                } else {
+                    None
+                },
+                old_size: old.size,
+                old_sha256: sha256_hex(bytes),
+                new: s.name.clone(),
+            });
+        }
+        objects.push((format!("{stem}.o"), data));
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    if functions.is_empty() {
+        return Err(CliError::Usage(
+            "the sources define no function the kernel has: nothing to replace".into(),
+        ));
+    }
+    let manifest = Manifest {
+        name: args.name.clone(),
+        description: args.description.clone(),
+        version: args.version,
+        target,
+        functions,
+        depends: args.depends.clone(),
+        objects: objects.iter().map(|(n, _)| n.clone()).collect(),
+    };
+    let key = match (&args.key, args.unsigned) {
+        (_, true) => None,
+        (Some(k), false) => Some(SigningKey::from_bytes(&read_key_hex(k).map_err(engine)?)),
+        (None, false) => return Err(CliError::Usage("give --key (or --unsigned)".into())),
+    };
+    let lup = Lup::new(manifest, objects, key.as_ref());
+    std::fs::write(&args.out, lup.to_bytes())
+        .map_err(|e| CliError::io(format!("cannot write {}", args.out.display()), e))?;
+    println!(
+        "{}: patch '{}' for {} ({} function{}: {}){}",
+        args.out.display(),
+        lup.manifest.name,
+        lup.manifest.target.build_id.as_deref().unwrap_or("?"),
+        lup.manifest.functions.len(),
+        if lup.manifest.functions.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
+        lup.manifest
+            .functions
+            .iter()
+            .map(|f| f.old.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if key.is_none() { ", UNSIGNED" } else { "" }
+    );
+    Ok(exit::OK)
+}
+
+/// `lucos inspect PATCH.lup`.
+pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliError> {
+    let lup = Lup::read(path).map_err(engine)?;
+    let signature = match (&lup.signature, key) {
+        (None, _) => "none (unsigned)".to_owned(),
+        (Some(_), Some(k)) => {
+            let vk = read_public_key(k)?;
+            match lup.verify(&[vk], &path.display().to_string()) {
+                Ok(_) => format!("valid, by {}", k.display()),
+                Err(e) => format!("INVALID: {e}"),
+            }
+        }
+        (Some(_), None) => "present (give --key KEY.pub to check it)".to_owned(),
+    };
+    if json {
+        let mut v = serde_json::to_value(&lup.manifest).unwrap_or_default();
+        v["signature"] = Value::String(signature);
+        v["objects_bytes"] = lup
+            .objects
+            .iter()
+            .map(|(_, d)| d.len())
+            .sum::<usize>()
+            .into();
+        print_json(&v);
+        return Ok(exit::OK);
+    }
+    let m = &lup.manifest;
+    println!("patch       {} (version {})", m.name, m.version);
+    println!("description {}", m.description);
+    println!(
+        "target      build-id {}",
+        m.target.build_id.as_deref().unwrap_or("-")
+    );
+    println!("            {}", m.target.version.as_deref().unwrap_or("-"));
+    println!(
+        "depends     {}",
+        if m.depends.is_empty() {
+            "-".into()
+        } else {
+            m.depends.join(", ")
+        }
+    );
+    println!("signature   {signature}");
+    for f in &m.functions {
+        println!(
+            "function    {}{} ({} bytes, sha256 {}) -> {}",
+            f.old,
+            f.old_file
+                .as_deref()
+                .map(|x| format!("@{x}"))
+                .unwrap_or_default(),
+            f.old_size,
+            &f.old_sha256[..16],
+            f.new
+        );
+    }
+    for (n, d) in &lup.objects {
+        println!("object      {n} ({} bytes)", d.len());
+    }
+    Ok(exit::OK)
+}
+
+fn show_report(v: &Value, verb: &str) {
+    println!(
+        "{verb} '{}': {} function{} switched in one pause of {:.1} µs ({} tr{}), {:.1} ms in all",
+        v["name"].as_str().unwrap_or("?"),
+        v["functions"].as_array().map(|a| a.len()).unwrap_or(0),
+        if v["functions"].as_array().map(|a| a.len()).unwrap_or(0) == 1 {
+            ""
+        } else {
+            "s"
+        },
+        v["pause_us"].as_f64().unwrap_or(0.0),
+        v["tries"],
+        if v["tries"] == 1 { "y" } else { "ies" },
+        v["total_us"].as_f64().unwrap_or(0.0) / 1e3
+    );
+    for f in v["functions"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {} -> {}",
+            f["function"].as_str().unwrap_or("?"),
+            f["old_addr"].as_str().unwrap_or("?"),
+            f["new_addr"].as_str().unwrap_or("?")
+        );
+    }
+}
+
+/// `lucos patch --vm ID PATCH.lup`.
+pub fn patch(vm: &str, path: &Path, replace: bool, json: bool) -> Result<i32, CliError> {
+    let abs = std::fs::canonicalize(path)
+        .map_err(|e| CliError::io(format!("cannot read {}", path.display()), e))?;
+    let v = connect(vm)?.call(&Request::Patch {
+        path: abs.display().to_string(),
+        replace,
+    })?;
+    if json {
+        print_json(&v);
+    } else {
+        show_report(
+            &v,
+            if replace {
+                "replaced every patch with"
+            } else {
+                "applied"
+            },
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// `lucos revert --vm ID NAME`.
+pub fn revert(vm: &str, name: &str, json: bool) -> Result<i32, CliError> {
+    let v = connect(vm)?.call(&Request::Revert {
+        name: name.to_owned(),
+    })?;
+    if json {
+        print_json(&v);
+    } else {
+        show_report(&v, "reverted");
+    }
+    Ok(exit::OK)
+}
+
+/// `lucos list --vm ID`: the applied patches.
+pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
+    let v = connect(vm)?.call(&Request::Patches)?;
+    if json {
+        print_json(&v);
+        return Ok(exit::OK);
+    }
+    let patches = v.as_array().cloned().unwrap_or_default();
+    if patches.is_empty() {
+        println!("no patches applied to VM {vm}");
+    }
+    for p in patches {
+        println!(
+            "{} v{}  {}  ({} bytes at {})",
+            p["name"].as_str().unwrap_or("?"),
+            p["version"],
+            p["description"].as_str().unwrap_or(""),
+            p["code_bytes"],
+            p["code_addr"].as_str().unwrap_or("?")
+        );
+        for f in p["functions"].as_array().into_iter().flatten() {
+            println!(
+                "  {} {} -> {}",
+                f["function"].as_str().unwrap_or("?"),
+                f["old_addr"].as_str().unwrap_or("?"),
+                f["new_addr"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(exit::OK)
+}

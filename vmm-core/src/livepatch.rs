@@ -1,0 +1,621 @@
+//! Live patching the guest kernel from the VMM (LUCOS): verify a `.lup`,
+//! link its code into the patch area, and switch every function it replaces
+//! with 5-byte trampolines written in one pause of every vCPU.
+//!
+//! The patch area is guest memory the VMM owns: a KVM memory slot outside
+//! the guest's RAM map (no e820 or boot-info entry), registered read-only, so
+//! the guest cannot write patch code even through a mapping it makes itself;
+//! it is mapped into the kernel's address space with 2 MiB pages in a free
+//! slot of the kernel image window (within ±2 GiB of kernel text), present,
+//! global, executable, not writable. Any failed check leaves guest memory as
+//! it was: nothing is written before every check has passed, and the writes
+//! made in the pause are undone if a later one fails.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use update_engine::lup::sha256_hex;
+use update_engine::trampoline::{self, rip_inside, Site, TRAMPOLINE_LEN};
+use update_engine::{link, Lup, UpdateError, VerifyingKey};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::introspect::{self, GuestKernel};
+use crate::pagewalk::{self, PagingState};
+use crate::vm::{Vm, VmError};
+
+/// Size of the patch area (one 2 MiB page).
+pub const PATCH_AREA_BYTES: u64 = 2 << 20;
+/// KVM memory slot of the patch area.
+pub const PATCH_AREA_SLOT: u32 = 8;
+/// Pauses tried before giving up when a vCPU keeps executing inside bytes
+/// to be overwritten.
+const MAX_TRIES: u32 = 50;
+
+/// Errors applying or reverting a patch.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    /// A patch-level check failed.
+    #[error(transparent)]
+    Update(#[from] UpdateError),
+    /// Reading or writing the VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Finding out about the guest kernel failed.
+    #[error(transparent)]
+    Kernel(#[from] introspect::IntrospectError),
+    /// A vCPU stayed inside a patch site.
+    #[error("vCPU {vcpu} was inside the first bytes of {function} in each of {tries} pauses; nothing was changed, try again")]
+    Busy {
+        /// The vCPU.
+        vcpu: usize,
+        /// The function.
+        function: String,
+        /// Pauses tried.
+        tries: u32,
+    },
+    /// No room left.
+    #[error("the patch area is full ({used} of {size} bytes used; {need} more needed)")]
+    AreaFull {
+        /// Bytes used.
+        used: u64,
+        /// Area size.
+        size: u64,
+        /// Bytes this patch needs.
+        need: u64,
+    },
+    /// The patch area could not be mapped into the guest kernel.
+    #[error("cannot map the patch area into the guest kernel: {0}")]
+    Map(String),
+}
+
+/// The VMM-owned memory patch code lives in.
+#[derive(Debug)]
+pub struct PatchArea {
+    mem: GuestMemoryMmap,
+    /// Guest-physical base (2 MiB aligned, above RAM).
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl PatchArea {
+    /// Allocates the area for a VM whose RAM ends at `ram_end` (guest-physical).
+    pub fn new(ram_end: u64) -> Result<Self, VmError> {
+        let gpa = ram_end.max(1 << 32).div_ceil(2 << 20) * (2 << 20);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(gpa), PATCH_AREA_BYTES as usize)])
+            .map_err(|e| VmError::Memory(crate::memory::MemoryError::Map(e)))?;
+        Ok(PatchArea {
+            mem,
+            gpa,
+            size: PATCH_AREA_BYTES,
+        })
+    }
+
+    /// The KVM slot: read-only for the guest.
+    pub fn region(&self) -> kvm_bindings::kvm_userspace_memory_region {
+        let host = self
+            .mem
+            .iter()
+            .next()
+            .and_then(|r| r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok())
+            .map(|p| p as u64)
+            .unwrap_or(0);
+        kvm_bindings::kvm_userspace_memory_region {
+            slot: PATCH_AREA_SLOT,
+            flags: kvm_bindings::KVM_MEM_READONLY,
+            guest_phys_addr: self.gpa,
+            memory_size: self.size,
+            userspace_addr: host,
+        }
+    }
+
+    fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), PatchError> {
+        self.mem
+            .write_slice(bytes, GuestAddress(self.gpa + offset))
+            .map_err(|e| PatchError::Map(format!("patch area write: {e}")))
+    }
+}
+
+/// One function switched by an applied patch.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchedFunction {
+    /// Old function.
+    pub function: String,
+    /// Its entry (where the trampoline is).
+    #[serde(with = "symbol_db::hex_u64")]
+    pub old_addr: u64,
+    /// The replacement's address in the patch area.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub new_addr: u64,
+    /// What the trampoline overwrote (restored by revert).
+    #[serde(skip)]
+    pub saved: [u8; 5],
+}
+
+/// An applied patch.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppliedPatch {
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Patch version.
+    pub version: u32,
+    /// Patches it depends on.
+    pub depends: Vec<String>,
+    /// Functions switched.
+    pub functions: Vec<SwitchedFunction>,
+    /// Its code in the patch area.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub code_addr: u64,
+    /// Bytes of code.
+    pub code_bytes: u64,
+}
+
+/// What applying or reverting reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct PatchReport {
+    /// The patch.
+    pub name: String,
+    /// Functions switched.
+    pub functions: Vec<SwitchedFunction>,
+    /// How long every vCPU was paused, in microseconds.
+    pub pause_us: f64,
+    /// Pauses it took (a vCPU inside a site makes it try again).
+    pub tries: u32,
+    /// Total time of the request, in microseconds.
+    pub total_us: f64,
+}
+
+/// Per-VM live-patch state.
+#[derive(Debug)]
+pub struct Patcher {
+    /// Guest-virtual base of the area once mapped.
+    va: Option<u64>,
+    used: u64,
+    trusted: Vec<VerifyingKey>,
+    applied: Vec<AppliedPatch>,
+}
+
+/// PDE bits for a patch-area page: present, 2 MiB, accessed and dirty preset
+/// (the slot is read-only, so the CPU could not set them), global; not
+/// writable, not user, executable.
+const PDE_AREA: u64 = 1 | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8);
+const PTE_P: u64 = 1;
+const PTE_PS: u64 = 1 << 7;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+impl Patcher {
+    /// State for a VM, trusting `trusted` signing keys.
+    pub fn new(trusted: Vec<VerifyingKey>) -> Self {
+        Patcher {
+            va: None,
+            used: 0,
+            trusted,
+            applied: Vec::new(),
+        }
+    }
+
+    /// Applied patches, oldest first.
+    pub fn applied(&self) -> &[AppliedPatch] {
+        &self.applied
+    }
+
+    /// Maps the patch area into the kernel window in the highest free 2 MiB
+    /// slot, once.
+    fn map_area(&mut self, vm: &Vm, paging: PagingState) -> Result<u64, PatchError> {
+        if let Some(va) = self.va {
+            return Ok(va);
+        }
+        let ram = vm.ram();
+        let read = |gpa: u64| {
+            ram.read_u64(gpa)
+                .map_err(|e| PatchError::Map(e.to_string()))
+        };
+        let pml4 = paging.cr3 & ADDR_MASK;
+        let mut va = 0xffff_ffff_bfe0_0000u64;
+        while va >= 0xffff_ffff_8000_0000 {
+            let l4 = read(pml4 + ((va >> 39) & 511) * 8)?;
+            if l4 & PTE_P == 0 {
+                return Err(PatchError::Map(
+                    "the kernel window has no PML4 entry".into(),
+                ));
+            }
+            let l3 = read((l4 & ADDR_MASK) + ((va >> 30) & 511) * 8)?;
+            if l3 & PTE_P == 0 || l3 & PTE_PS != 0 {
+                return Err(PatchError::Map(
+                    "the kernel window is not mapped through a page directory".into(),
+                ));
+            }
+            let pde_at = (l3 & ADDR_MASK) + ((va >> 21) & 511) * 8;
+            if read(pde_at)? == 0 {
+                ram.write(pde_at, &(vm.patch_area().gpa | PDE_AREA).to_le_bytes())
+                    .map_err(|e| PatchError::Map(e.to_string()))?;
+                self.va = Some(va);
+                return Ok(va);
+            }
+            va -= 2 << 20;
+        }
+        Err(PatchError::Map(
+            "no free 2 MiB slot in the kernel image window".into(),
+        ))
+    }
+
+    /// Applies the `.lup` at `path` to the running kernel `kernel`; with
+    /// `replace`, it replaces every applied patch (a cumulative patch).
+    pub fn apply(
+        &mut self,
+        vm: &Vm,
+        kernel: &GuestKernel,
+        path: &Path,
+        replace: bool,
+    ) -> Result<PatchReport, PatchError> {
+        let t0 = Instant::now();
+        let name = path.display().to_string();
+        let lup = Lup::read(path)?;
+        lup.verify(&self.trusted, &name)?;
+        lup.check_target(&kernel.identity)?;
+        let m = &lup.manifest;
+        let stack_err = |s: String| PatchError::Update(UpdateError::Stack(s));
+        if !replace && self.applied.iter().any(|a| a.name == m.name) {
+            return Err(stack_err(format!(
+                "a patch named '{}' is already applied",
+                m.name
+            )));
+        }
+        let remaining: Vec<&AppliedPatch> = if replace {
+            vec![]
+        } else {
+            self.applied.iter().collect()
+        };
+        for d in &m.depends {
+            if !remaining.iter().any(|a| &a.name == d) {
+                return Err(stack_err(format!(
+                    "patch '{}' depends on '{d}', which is not applied",
+                    m.name
+                )));
+            }
+        }
+        let paging = introspect::kernel_paging(vm)?;
+        // Old functions: resolve, read, check bytes against the manifest.
+        let mut olds = Vec::new();
+        for f in &m.functions {
+            let sym = match &f.old_file {
+                Some(file) => kernel.symbols.lookup_in(&f.old, file),
+                None => kernel.symbols.lookup(&f.old),
+            }
+            .map_err(|e| UpdateError::Symbol {
+                patch: m.name.clone(),
+                why: e.to_string(),
+            })?;
+            let mut code = vec![0u8; f.old_size as usize];
+            introspect::read_virt(vm, paging, sym.addr, &mut code)?;
+            // A site we already patched: compare the original bytes.
+            if let Some(prev) = self.current_site(sym.addr) {
+                code[..TRAMPOLINE_LEN].copy_from_slice(&prev.original);
+            }
+            let mismatch = |why: String| UpdateError::OldBytesMismatch {
+                patch: m.name.clone(),
+                function: f.old.clone(),
+                why,
+            };
+            if sym.size != 0 && sym.size != f.old_size {
+                return Err(mismatch(format!(
+                    "it is {} bytes in the running kernel, {} in the patch's target",
+                    sym.size, f.old_size
+                ))
+                .into());
+            }
+            if sha256_hex(&code) != f.old_sha256 {
+                return Err(mismatch(
+                    "its bytes in guest memory differ from the build the patch was made for".into(),
+                )
+                .into());
+            }
+            let site = trampoline::check_site(&f.old, sym.addr, &code)?;
+            olds.push((f, site));
+        }
+        // New code: link at the next free place of the patch area.
+        let va = self.map_area(vm, paging)?;
+        let start = self.used.div_ceil(64) * 64;
+        let base = va + start;
+        let resolve = |s: &str| -> Result<u64, String> {
+            kernel
+                .symbols
+                .lookup(s)
+                .map(|x| x.addr)
+                .map_err(|e| format!("the patch needs {s}: {e}"))
+        };
+        let linked = link(&lup.objects, base, &resolve)?;
+        let need = linked.bytes.len() as u64;
+        let area = vm.patch_area();
+        if start + need > area.size {
+            return Err(PatchError::AreaFull {
+                used: self.used,
+                size: area.size,
+                need,
+            });
+        }
+        let mut plan = Vec::new();
+        for (f, site) in &olds {
+            let new_addr = *linked
+                .symbols
+                .get(&f.new)
+                .ok_or_else(|| UpdateError::BadObject {
+                    object: m.objects.join(","),
+                    why: format!("no symbol {} (the replacement for {})", f.new, f.old),
+                })?;
+            let jmp = trampoline::jmp_rel32(site.addr, new_addr).map_err(|why| {
+                UpdateError::UnsafeSite {
+                    function: f.old.clone(),
+                    addr: site.addr,
+                    why,
+                }
+            })?;
+            let current = self.current_bytes_before(site.addr, site.saved);
+            plan.push(Write {
+                function: f.old.clone(),
+                site: Site {
+                    addr: site.addr,
+                    saved: current,
+                },
+                new_addr,
+                bytes: jmp,
+                // Reverting this patch puts back what it overwrote; a
+                // cumulative one replaces the whole stack, so the original.
+                restore: if replace { site.saved } else { current },
+            });
+        }
+        // With --replace, sites of applied patches that the new one does not
+        // cover go back to their original bytes in the same pause.
+        if replace {
+            for a in &self.applied {
+                for sf in &a.functions {
+                    if !plan_restores(&plan, sf.old_addr) {
+                        let orig = self
+                            .current_site(sf.old_addr)
+                            .map(|c| c.original)
+                            .unwrap_or(sf.saved);
+                        plan.push(Write {
+                            function: sf.function.clone(),
+                            site: Site {
+                                addr: sf.old_addr,
+                                saved: self.current_bytes_before(sf.old_addr, orig),
+                            },
+                            new_addr: 0,
+                            bytes: orig,
+                            restore: orig,
+                        });
+                    }
+                }
+            }
+        }
+        // Code first: it is unreachable until a trampoline points at it.
+        area.write(start, &linked.bytes)?;
+        let (pause, tries) = switch(vm, paging, &plan)?;
+        self.used = start + need;
+        let functions: Vec<SwitchedFunction> = plan
+            .iter()
+            .filter(|w| w.new_addr != 0)
+            .map(|w| SwitchedFunction {
+                function: w.function.clone(),
+                old_addr: w.site.addr,
+                new_addr: w.new_addr,
+                saved: w.restore,
+            })
+            .collect();
+        if replace {
+            self.applied.clear();
+        }
+        self.applied.push(AppliedPatch {
+            name: m.name.clone(),
+            description: m.description.clone(),
+            version: m.version,
+            depends: m.depends.clone(),
+            functions: functions.clone(),
+            code_addr: base,
+            code_bytes: need,
+        });
+        Ok(PatchReport {
+            name: m.name.clone(),
+            functions,
+            pause_us: pause.as_secs_f64() * 1e6,
+            tries,
+            total_us: t0.elapsed().as_secs_f64() * 1e6,
+        })
+    }
+
+    /// What the bytes at `addr` were before the newest applied patch that
+    /// switched it (for stacking: a new patch over it saves that patch's jmp).
+    fn current_bytes_before(&self, addr: u64, original: [u8; 5]) -> [u8; 5] {
+        self.applied
+            .iter()
+            .rev()
+            .find_map(|a| {
+                a.functions
+                    .iter()
+                    .find(|f| f.old_addr == addr)
+                    .and_then(|f| trampoline::jmp_rel32(addr, f.new_addr).ok())
+            })
+            .unwrap_or(original)
+    }
+
+    /// The original (unpatched) bytes of a site some applied patch switched.
+    fn current_site(&self, addr: u64) -> Option<CurrentSite> {
+        self.applied
+            .iter()
+            .find_map(|a| a.functions.iter().find(|f| f.old_addr == addr))
+            .map(|f| CurrentSite { original: f.saved })
+    }
+
+    /// Reverts the applied patch `name`: its trampolines go back to what
+    /// they overwrote, in one pause.
+    pub fn revert(&mut self, vm: &Vm, name: &str) -> Result<PatchReport, PatchError> {
+        let t0 = Instant::now();
+        let stack_err = |s: String| PatchError::Update(UpdateError::Stack(s));
+        let idx = self
+            .applied
+            .iter()
+            .position(|a| a.name == name)
+            .ok_or_else(|| stack_err(format!("no applied patch named '{name}'")))?;
+        if let Some(d) = self.applied[idx + 1..]
+            .iter()
+            .find(|a| a.depends.iter().any(|d| d == name))
+        {
+            return Err(stack_err(format!(
+                "patch '{}' depends on '{name}'; revert it first",
+                d.name
+            )));
+        }
+        let target = &self.applied[idx];
+        for f in &target.functions {
+            if let Some(later) = self.applied[idx + 1..]
+                .iter()
+                .find(|a| a.functions.iter().any(|g| g.old_addr == f.old_addr))
+            {
+                return Err(stack_err(format!(
+                    "{} is switched again by the later patch '{}'; revert that first",
+                    f.function, later.name
+                )));
+            }
+        }
+        let paging = introspect::kernel_paging(vm)?;
+        let plan: Vec<Write> = target
+            .functions
+            .iter()
+            .map(|f| Write {
+                function: f.function.clone(),
+                site: Site {
+                    addr: f.old_addr,
+                    saved: trampoline::jmp_rel32(f.old_addr, f.new_addr).unwrap_or(f.saved),
+                },
+                new_addr: 0,
+                bytes: f.saved,
+                restore: f.saved,
+            })
+            .collect();
+        let (pause, tries) = switch(vm, paging, &plan)?;
+        let removed = self.applied.remove(idx);
+        Ok(PatchReport {
+            name: removed.name,
+            functions: removed.functions,
+            pause_us: pause.as_secs_f64() * 1e6,
+            tries,
+            total_us: t0.elapsed().as_secs_f64() * 1e6,
+        })
+    }
+}
+
+struct CurrentSite {
+    original: [u8; 5],
+}
+
+fn plan_restores(plan: &[Write], addr: u64) -> bool {
+    plan.iter().any(|w| w.site.addr == addr)
+}
+
+/// One 5-byte write at a site: `site.saved` is what must be there now.
+struct Write {
+    function: String,
+    site: Site,
+    new_addr: u64,
+    bytes: [u8; 5],
+    restore: [u8; 5],
+}
+
+/// Why a paused switch did not happen.
+enum Refused {
+    /// A vCPU is inside a site: try another pause.
+    Busy(usize, String),
+    /// Guest memory is not as expected: give up.
+    Failed(String),
+}
+
+/// Pauses every vCPU (unless already paused), checks no vCPU is inside a
+/// site and every site holds what the plan expects, writes all sites, and
+/// resumes. Retries the pause a bounded number of times while a vCPU is
+/// inside a site. Returns the pause time and tries.
+fn switch(vm: &Vm, paging: PagingState, plan: &[Write]) -> Result<(Duration, u32), PatchError> {
+    // Where each site is in guest-physical memory (kernel text is not
+    // writable through the guest's mapping; the VMM writes RAM directly).
+    let mut gpas = Vec::new();
+    for w in plan {
+        let t = pagewalk::translate(vm.ram(), paging, w.site.addr).map_err(VmError::Walk)?;
+        let end = pagewalk::translate(vm.ram(), paging, w.site.addr + 4).map_err(VmError::Walk)?;
+        if end.gpa != t.gpa + 4 {
+            return Err(UpdateError::UnsafeSite {
+                function: w.function.clone(),
+                addr: w.site.addr,
+                why: "its first 5 bytes cross into a non-contiguous page".into(),
+            }
+            .into());
+        }
+        gpas.push(t.gpa);
+    }
+    let was_paused = vm.is_paused();
+    for tries in 1..=MAX_TRIES {
+        let t = Instant::now();
+        if !was_paused {
+            vm.pause()?;
+        }
+        let result = switch_paused(vm, plan, &gpas);
+        let took = t.elapsed();
+        if !was_paused {
+            vm.resume()?;
+        }
+        match result {
+            Ok(()) => return Ok((took, tries)),
+            Err(Refused::Busy(_, _)) if tries < MAX_TRIES && !was_paused => {
+                std::thread::sleep(Duration::from_micros(200 * tries as u64));
+            }
+            Err(Refused::Busy(vcpu, function)) => {
+                return Err(PatchError::Busy {
+                    vcpu,
+                    function,
+                    tries,
+                })
+            }
+            Err(Refused::Failed(why)) => return Err(PatchError::Map(why)),
+        }
+    }
+    Err(PatchError::Map("no pause succeeded".into()))
+}
+
+/// The writes, with every vCPU paused; nothing is written unless every
+/// check passes.
+fn switch_paused(vm: &Vm, plan: &[Write], gpas: &[u64]) -> Result<(), Refused> {
+    let rips: Vec<u64> = (0..vm.vcpu_count())
+        .map(|i| vm.regs(i).map(|r| r.rip).unwrap_or(0))
+        .collect();
+    for w in plan {
+        if let Some(v) = rip_inside(w.site.addr, &rips) {
+            return Err(Refused::Busy(v, w.function.clone()));
+        }
+    }
+    check_and_write(vm, plan, gpas).map_err(Refused::Failed)
+}
+
+fn check_and_write(vm: &Vm, plan: &[Write], gpas: &[u64]) -> Result<(), String> {
+    let ram = vm.ram();
+    for (w, &gpa) in plan.iter().zip(gpas) {
+        let mut now = [0u8; 5];
+        ram.read(gpa, &mut now).map_err(|e| e.to_string())?;
+        if now != w.site.saved {
+            return Err(format!(
+                "{} changed under us: {:02x?}, expected {:02x?}",
+                w.function, now, w.site.saved
+            ));
+        }
+    }
+    for (i, (w, &gpa)) in plan.iter().zip(gpas).enumerate() {
+        if let Err(e) = ram.write(gpa, &w.bytes) {
+            // Undo what was written: all or nothing.
+            for (u, &g) in plan[..i].iter().zip(gpas) {
+                let _ = ram.write(g, &u.site.saved);
+            }
+            return Err(e.to_string());
+        }
+    }
+    Ok(())
+}
