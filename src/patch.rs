@@ -351,7 +351,7 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
         print_json(&v);
         return Ok(exit::OK);
     }
-    let patches = v.as_array().cloned().unwrap_or_default();
+    let patches = v["patches"].as_array().cloned().unwrap_or_default();
     if patches.is_empty() {
         println!("no patches applied to VM {vm}");
     }
@@ -372,6 +372,14 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
                 f["new_addr"].as_str().unwrap_or("?")
             );
         }
+    }
+    if let Some(t) = v["kernel_text"].as_object() {
+        println!(
+            "kernel text {}..{} sha256 {}",
+            t["start"].as_str().unwrap_or("?"),
+            t["end"].as_str().unwrap_or("?"),
+            t["sha256"].as_str().unwrap_or("?")
+        );
     }
     Ok(exit::OK)
 }

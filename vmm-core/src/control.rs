@@ -386,8 +386,12 @@ impl ControlServer {
                 Self::patch_response(p.revert(&self.vm, name))
             }
             Request::Patches => {
+                let text = self
+                    .guest_kernel()
+                    .ok()
+                    .and_then(|k| crate::livepatch::text_hash(&self.vm, &k).ok());
                 let p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
-                Response::ok(p.applied())
+                Response::ok(serde_json::json!({ "patches": p.applied(), "kernel_text": text }))
             }
             Request::Symbols {
                 queries,

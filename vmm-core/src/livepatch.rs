@@ -168,6 +168,42 @@ pub struct PatchReport {
     pub total_us: f64,
 }
 
+/// The running kernel's text and its hash, to show a refused patch changed
+/// nothing.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextHash {
+    /// `_stext`.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub start: u64,
+    /// `_etext`.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub end: u64,
+    /// SHA-256 of the bytes in guest memory.
+    pub sha256: String,
+}
+
+/// Hashes the running kernel's text (`_stext`..`_etext`) in guest memory.
+pub fn text_hash(vm: &Vm, kernel: &GuestKernel) -> Result<TextHash, PatchError> {
+    let find = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| kernel.symbols.all_named(n).first().map(|s| s.addr))
+    };
+    let (Some(start), Some(end)) = (find(&["_stext", "_text"]), find(&["_etext"])) else {
+        return Err(PatchError::Map(
+            "the kernel has no _stext/_etext symbols".into(),
+        ));
+    };
+    let paging = introspect::kernel_paging(vm)?;
+    let mut bytes = vec![0u8; end.saturating_sub(start) as usize];
+    introspect::read_virt(vm, paging, start, &mut bytes)?;
+    Ok(TextHash {
+        start,
+        end,
+        sha256: sha256_hex(&bytes),
+    })
+}
+
 /// Per-VM live-patch state.
 #[derive(Debug)]
 pub struct Patcher {

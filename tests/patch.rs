@@ -1,0 +1,308 @@
+//! Live patching the test kernel on /dev/kvm while user tasks on 2 vCPUs
+//! call the patched service in a loop: apply, revert, refusals that leave
+//! the kernel text byte-identical, and 1000 apply/revert cycles.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::cli::{kernel, text, RunDir};
+use vmm_core::control::{Client, Request};
+
+const FIX: &str = r#"#include "tk.h"
+const char *lucos_version(void)
+{
+	return "testkernel 1.0 (live-patched)";
+}
+"#;
+
+struct Setup {
+    dir: RunDir,
+    serial: PathBuf,
+}
+
+fn lucos_ok(dir: &RunDir, args: &[&str]) -> String {
+    let o = dir.lucos(args);
+    assert!(o.status.success(), "lucos {args:?}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf8 path")
+}
+
+/// Keys, the fix built against the test kernel, and a running VM `lp` whose
+/// 2 tasks report the version string every 100 calls.
+fn setup(name: &str) -> Setup {
+    common::require_kvm();
+    let dir = RunDir::new(name);
+    let d = dir.0.clone();
+    lucos_ok(&dir, &["keygen", "-o", p(&d.join("key"))]);
+    std::fs::write(d.join("fix.c"), FIX).expect("fix.c");
+    lucos_ok(
+        &dir,
+        &[
+            "build",
+            "--kernel",
+            &kernel(),
+            "--key",
+            p(&d.join("key")),
+            "--name",
+            "fix",
+            "-o",
+            p(&d.join("fix.lup")),
+            p(&d.join("fix.c")),
+        ],
+    );
+    let serial = d.join("serial.log");
+    lucos_ok(
+        &dir,
+        &[
+            "run",
+            "--vm",
+            "lp",
+            "--kernel",
+            &kernel(),
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--cmdline",
+            "tasks=2 iters=0 report=100",
+            "--serial-log",
+            p(&serial),
+            "--trusted-key",
+            p(&d.join("key.pub")),
+            "--detach",
+            "--quiet",
+        ],
+    );
+    let s = Setup { dir, serial };
+    s.wait_lines("version testkernel 1.0\n", 4);
+    s
+}
+
+impl Setup {
+    fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Waits until `needle` occurs `n` more times than now.
+    fn wait_lines(&self, needle: &str, n: usize) {
+        let base = self.serial().matches(needle).count();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.serial().matches(needle).count() < base + n {
+            assert!(
+                Instant::now() < deadline,
+                "'{needle}' not seen {n} more times:\n{}",
+                self.serial()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn text_sha(&self) -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&lucos_ok(&self.dir, &["list", "--vm", "lp", "--json"]))
+                .expect("json");
+        v["kernel_text"]["sha256"]
+            .as_str()
+            .expect("text hash")
+            .to_owned()
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.0.join(f)
+    }
+}
+
+#[test]
+fn patch_changes_the_running_service_and_revert_restores_it() {
+    let s = setup("apply");
+    let before = s.text_sha();
+    let out = lucos_ok(&s.dir, &["patch", "--vm", "lp", p(&s.path("fix.lup"))]);
+    assert!(
+        out.contains("applied 'fix': 1 function switched in one pause"),
+        "{out}"
+    );
+    // Every task on both vCPUs now reports the new string.
+    s.wait_lines("version testkernel 1.0 (live-patched)\n", 4);
+    let listed = lucos_ok(&s.dir, &["list", "--vm", "lp"]);
+    assert!(
+        listed.contains("fix v1") && listed.contains("lucos_version"),
+        "{listed}"
+    );
+    assert_ne!(s.text_sha(), before, "the trampoline is in kernel text");
+    lucos_ok(&s.dir, &["revert", "--vm", "lp", "fix"]);
+    let at_revert = s.serial().len();
+    s.wait_lines("version testkernel 1.0\n", 4);
+    assert!(!s.serial()[at_revert..]
+        .lines()
+        .skip(2)
+        .any(|l| l.contains("live-patched")));
+    assert_eq!(s.text_sha(), before, "revert restores the original bytes");
+    assert!(lucos_ok(&s.dir, &["list", "--vm", "lp"]).contains("no patches applied"));
+    // Nothing crashed: both tasks still run, the VM is still up.
+    assert!(lucos_ok(&s.dir, &["status", "--vm", "lp"]).contains("running"));
+    assert!(
+        !s.serial().contains("PANIC") && !s.serial().contains("fault"),
+        "{}",
+        s.serial()
+    );
+}
+
+#[test]
+fn bad_patches_are_refused_and_leave_the_kernel_text_byte_identical() {
+    let s = setup("refuse");
+    let before = s.text_sha();
+    let refused = |lup: &Path, code: i32, why: &str| {
+        let o = s.dir.lucos(&["patch", "--vm", "lp", p(lup)]);
+        assert_eq!(o.status.code(), Some(code), "{}", text(&o));
+        assert!(text(&o).contains(why), "expected '{why}': {}", text(&o));
+        assert_eq!(s.text_sha(), before, "after a refused {}", lup.display());
+    };
+    let build = |name: &str, src: &str, extra: &[&str], kernel_file: &str| -> PathBuf {
+        let c = s.path(&format!("{name}.c"));
+        std::fs::write(&c, src).expect("src");
+        let out = s.path(&format!("{name}.lup"));
+        let mut args = vec![
+            "build",
+            "--kernel",
+            kernel_file,
+            "--name",
+            name,
+            "-o",
+            p(&out),
+        ];
+        let key = s.path("key");
+        if !extra.contains(&"--unsigned") {
+            args.extend(["--key", p(&key)]);
+        }
+        args.extend_from_slice(extra);
+        args.push(p(&c));
+        lucos_ok(&s.dir, &args);
+        out
+    };
+    // Unsigned.
+    let unsigned = build("unsigned", FIX, &["--unsigned"], &kernel());
+    refused(&unsigned, 6, "is not signed");
+    // Tampered: one byte of the code flipped after signing.
+    let mut bytes = std::fs::read(s.path("fix.lup")).expect("lup");
+    let at = bytes.len() - 200;
+    bytes[at] ^= 0x55;
+    std::fs::write(s.path("tampered.lup"), &bytes).expect("write");
+    refused(&s.path("tampered.lup"), 6, "signature does not verify");
+    // Signed by a key the VM does not trust.
+    lucos_ok(&s.dir, &["keygen", "-o", p(&s.path("other"))]);
+    let c = s.path("fix.c");
+    let o = s.path("untrusted.lup");
+    lucos_ok(
+        &s.dir,
+        &[
+            "build",
+            "--kernel",
+            &kernel(),
+            "--key",
+            p(&s.path("other")),
+            "--name",
+            "u",
+            "-o",
+            p(&o),
+            p(&c),
+        ],
+    );
+    refused(&o, 6, "signature does not verify with any trusted key");
+    // Built for another kernel build (same code, another build-id).
+    let other = s.path("other-build.elf");
+    let mut note = Vec::new();
+    for w in [4u32, 20, 3] {
+        note.extend_from_slice(&w.to_le_bytes());
+    }
+    note.extend_from_slice(b"GNU\0");
+    note.extend_from_slice(&[0x5a; 20]);
+    std::fs::write(s.path("note.bin"), note).expect("note");
+    assert!(std::process::Command::new("objcopy")
+        .arg(format!(
+            "--update-section=.notes={}",
+            p(&s.path("note.bin"))
+        ))
+        .arg(kernel())
+        .arg(&other)
+        .status()
+        .expect("objcopy")
+        .success());
+    let wrong = build("wrongbuild", FIX, &[], p(&other));
+    refused(&wrong, 5, "is for another kernel build");
+    // Old bytes differ: built against a kernel file whose lucos_version was altered.
+    let altered = s.path("altered.elf");
+    let mut k = std::fs::read(kernel()).expect("kernel");
+    let syms = symbol_db::SymbolTable::from_elf_bytes(&k, "k").expect("syms");
+    let f = syms.lookup("lucos_version").expect("sym");
+    let elf = goblin::elf::Elf::parse(&k).expect("elf");
+    let ph = elf
+        .program_headers
+        .iter()
+        .find(|ph| {
+            ph.p_type == goblin::elf::program_header::PT_LOAD
+                && f.addr >= ph.p_vaddr
+                && f.addr < ph.p_vaddr + ph.p_filesz
+        })
+        .expect("segment");
+    let off = (ph.p_offset + (f.addr - ph.p_vaddr)) as usize + 8;
+    drop(elf);
+    k[off] ^= 0xff;
+    std::fs::write(&altered, &k).expect("write");
+    let mism = build("mismatch", FIX, &[], p(&altered));
+    refused(&mism, 6, "lucos_version does not match");
+    // A kernel symbol that does not exist.
+    let unknown = build(
+        "unknown",
+        "#include \"tk.h\"\nextern const char *no_such_kernel_function(void);\nconst char *lucos_version(void) { return no_such_kernel_function(); }\n",
+        &[],
+        &kernel(),
+    );
+    refused(&unknown, 6, "no symbol named 'no_such_kernel_function'");
+    // Revert of something not applied; patch of a VM that does not exist.
+    let o = s.dir.lucos(&["revert", "--vm", "lp", "nothing"]);
+    assert_eq!(o.status.code(), Some(6), "{}", text(&o));
+    assert!(
+        text(&o).contains("no applied patch named 'nothing'"),
+        "{}",
+        text(&o)
+    );
+    let o = s
+        .dir
+        .lucos(&["patch", "--vm", "nosuchvm", p(&s.path("fix.lup"))]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    // The guest never noticed: still the original version, still running.
+    s.wait_lines("version testkernel 1.0\n", 4);
+    assert!(!s.serial().contains("live-patched"));
+}
+
+#[test]
+fn a_thousand_apply_revert_cycles_under_load() {
+    let s = setup("cycles");
+    let before = s.text_sha();
+    let sock = s.dir.0.join("lp.sock");
+    let mut c = Client::connect("lp", &sock).expect("connect");
+    let lup = s.path("fix.lup").display().to_string();
+    let mut max_tries = 0;
+    for i in 0..1000 {
+        let r = c
+            .call(&Request::Patch {
+                path: lup.clone(),
+                replace: false,
+            })
+            .unwrap_or_else(|e| panic!("apply {i}: {e}"));
+        max_tries = max_tries.max(r["tries"].as_u64().unwrap_or(0));
+        c.call(&Request::Revert { name: "fix".into() })
+            .unwrap_or_else(|e| panic!("revert {i}: {e}"));
+    }
+    drop(c);
+    assert_eq!(s.text_sha(), before);
+    // The tasks kept running and report the original string at the end.
+    s.wait_lines("version testkernel 1.0\n", 4);
+    assert!(lucos_ok(&s.dir, &["status", "--vm", "lp"]).contains("running"));
+    eprintln!("1000 cycles; most pauses one patch needed: {max_tries}");
+}
