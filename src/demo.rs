@@ -1,5 +1,8 @@
 //! `lucos demo`: boots the bundled test kernel on 2 vCPUs, pauses it while
-//! its user tasks run, shows where each vCPU was stopped, and lets it finish.
+//! its user tasks run and shows where each vCPU was stopped, then builds a
+//! signed live patch for its `lucos_version` service, applies it while the
+//! tasks call that service, shows the output change, reverts it, and lets the
+//! guest finish.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,15 +38,12 @@ pub fn demo(kernel_out: Option<PathBuf>) -> Result<i32, CliError> {
     let mut vm = Vm::create(VmConfig {
         kernel: kernel.clone(),
         initrd: None,
-        cmdline: "iters=4000 report=1000".into(),
+        cmdline: "iters=16000 report=1000".into(),
         vcpus: 2,
         mem_bytes: 64 << 20,
         serial: SerialSink::new(true, None, Some(capture.clone())),
     })?;
     vm.start()?;
-    if !keep {
-        let _ = std::fs::remove_file(&kernel);
-    }
 
     if capture.wait_for("iter 1000 ", Duration::from_secs(30)) {
         let took = vm.pause()?;
@@ -74,6 +74,10 @@ pub fn demo(kernel_out: Option<PathBuf>) -> Result<i32, CliError> {
         }
         vm.resume()?;
         println!("== resumed ==");
+        live_patch(&vm, &kernel, &capture)?;
+    }
+    if !keep {
+        let _ = std::fs::remove_file(&kernel);
     }
 
     let reason = vm
@@ -87,4 +91,67 @@ pub fn demo(kernel_out: Option<PathBuf>) -> Result<i32, CliError> {
         ExitReason::GuestExit { status: 0 } => exit::OK,
         _ => exit::ERROR,
     })
+}
+
+const DEMO_FIX: &str = r#"#include "tk.h"
+/* The replacement: same signature, new behaviour. */
+const char *lucos_version(void)
+{
+	return "testkernel 1.0 + live patch 'demo-fix'";
+}
+"#;
+
+/// Builds, applies and reverts a live patch of `lucos_version` while the
+/// guest's tasks call it.
+fn live_patch(vm: &Vm, kernel: &std::path::Path, capture: &SerialCapture) -> Result<(), CliError> {
+    use update_engine::lup::key_hex;
+    use update_engine::SigningKey;
+    use vmm_core::livepatch::Patcher;
+
+    let dir = std::env::temp_dir().join(format!("lucos-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| CliError::io("cannot create a temporary directory".into(), e))?;
+    let key = SigningKey::generate(&mut rand_core::OsRng);
+    let key_file = dir.join("demo.key");
+    let src = dir.join("fix.c");
+    let lup = dir.join("demo-fix.lup");
+    let write = |p: &std::path::Path, s: &str| {
+        std::fs::write(p, s).map_err(|e| CliError::io(format!("cannot write {}", p.display()), e))
+    };
+    write(&key_file, &key_hex(&key.to_bytes()))?;
+    write(&src, DEMO_FIX)?;
+    println!(
+        "== building a signed live patch for lucos_version (fix.c, gcc with the kernel's flags) =="
+    );
+    crate::patch::build(crate::patch::BuildArgs {
+        kernel: kernel.to_path_buf(),
+        key: Some(key_file),
+        unsigned: false,
+        name: "demo-fix".into(),
+        description: "a new version string".into(),
+        version: 1,
+        depends: vec![],
+        functions: vec![],
+        out: lup.clone(),
+        sources: vec![src],
+    })?;
+    let guest = vmm_core::introspect::inspect(vm, kernel)
+        .map_err(|e| CliError::Other(crate::error::chain(&e)))?;
+    let mut patcher = Patcher::new(vec![key.verifying_key()]);
+    let fail = |e: vmm_core::livepatch::PatchError| CliError::Other(crate::error::chain(&e));
+    let r = patcher.apply(vm, &guest, &lup, false).map_err(fail)?;
+    println!(
+        "== applied 'demo-fix' while the tasks ran: {} function switched in one pause of {:.1} µs ==",
+        r.functions.len(),
+        r.pause_us
+    );
+    let at = capture.text().matches("live patch 'demo-fix'").count();
+    let _ = capture.wait_for_count("live patch 'demo-fix'", at + 2, Duration::from_secs(30));
+    let r = patcher.revert(vm, "demo-fix").map_err(fail)?;
+    println!(
+        "== reverted 'demo-fix' in one pause of {:.1} µs: the original code runs again ==",
+        r.pause_us
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

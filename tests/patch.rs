@@ -306,3 +306,30 @@ fn a_thousand_apply_revert_cycles_under_load() {
     assert!(lucos_ok(&s.dir, &["status", "--vm", "lp"]).contains("running"));
     eprintln!("1000 cycles; most pauses one patch needed: {max_tries}");
 }
+
+#[test]
+fn demo_boots_pauses_live_patches_and_reverts() {
+    common::require_kvm();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lucos"))
+        .arg("demo")
+        .output()
+        .expect("lucos demo");
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    for needle in [
+        "== paused the running guest",
+        "== applied 'demo-fix' while the tasks ran: 1 function switched in one pause",
+        "version testkernel 1.0 + live patch 'demo-fix'",
+        "== reverted 'demo-fix'",
+        "[tk] done tasks=2 counter=32000",
+        "== guest finished: guest exited with status 0 ==",
+    ] {
+        assert!(out.contains(needle), "'{needle}' missing:\n{out}");
+    }
+    // After the revert the tasks report the original string again.
+    let after = &out[out.find("== reverted").expect("revert line")..];
+    assert!(
+        after.lines().any(|l| l.ends_with("version testkernel 1.0")),
+        "{out}"
+    );
+}

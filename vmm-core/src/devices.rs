@@ -51,10 +51,16 @@ impl SerialCapture {
 
     /// Waits until the output contains `needle` (true) or `timeout` passes (false).
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_for_count(needle, 1, timeout)
+    }
+
+    /// Waits until `needle` occurs at least `count` times (true) or `timeout`
+    /// passes (false).
+    pub fn wait_for_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut buf = self.lock();
         loop {
-            if String::from_utf8_lossy(&buf).contains(needle) {
+            if String::from_utf8_lossy(&buf).matches(needle).count() >= count {
                 return true;
             }
             let now = Instant::now();
