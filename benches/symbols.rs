@@ -18,7 +18,7 @@ mod common;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use common::linux::{guest_kernel, kernel_pkg, run_scenario_with, Extras};
+use common::linux::{package_vmlinux, run_scenario_with, Extras};
 use symbol_db::{kallsyms, KernelImage};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -27,22 +27,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn native() {
-    let pkg = kernel_pkg();
-    let dir = std::env::temp_dir().join(format!("lucos-bench-syms-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
-    let vmlinux = dir.join("vmlinux");
-    let ok = std::process::Command::new(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("guest-kernels/linux/extract-vmlinux.sh"),
-    )
-    .arg(guest_kernel(&pkg))
-    .arg(&vmlinux)
-    .status()
-    .expect("extract-vmlinux")
-    .success();
-    assert!(ok);
-    let data = std::fs::read(&vmlinux).expect("vmlinux");
-    let _ = std::fs::remove_dir_all(&dir);
+    let data = package_vmlinux();
     let image = KernelImage::from_elf_bytes(&data, "vmlinux").expect("image");
     let mut decode = Vec::new();
     let mut table = None;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::linux::{guest_kernel, kernel_pkg, run_scenario_with, Extras};
+use common::linux::{package_vmlinux, run_scenario_with, Extras};
 
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
@@ -59,22 +59,8 @@ fn linux_kallsyms_from_guest_memory_equal_proc_kallsyms_with_and_without_kaslr()
         },
     );
     // The package's own image: build-id and banner, read from the file.
-    let pkg = kernel_pkg();
-    let dir = std::env::temp_dir().join(format!("lucos-ks-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
-    let vmlinux = dir.join("vmlinux");
-    let st = std::process::Command::new(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("guest-kernels/linux/extract-vmlinux.sh"),
-    )
-    .arg(guest_kernel(&pkg))
-    .arg(&vmlinux)
-    .status()
-    .expect("extract-vmlinux");
-    assert!(st.success());
-    let data = std::fs::read(&vmlinux).expect("vmlinux");
+    let data = package_vmlinux();
     let pkg_id = symbol_db::KernelIdentity::from_elf(&data, "vmlinux").expect("identity");
-    let _ = std::fs::remove_dir_all(&dir);
     let pkg_build_id = pkg_id.build_id.expect("the package's image has a build-id");
 
     let guest_lines: Vec<&str> = out.text.lines().filter(|l| l.contains("@@KS ")).collect();

@@ -99,6 +99,21 @@ pub fn guest_kernel(pkg: &Path) -> PathBuf {
     pkg.join(format!("boot/vmlinuz-{release}"))
 }
 
+/// The pinned guest kernel's uncompressed image (ELF vmlinux, stripped, as
+/// the guest runs it), read from the package's bzImage.
+pub fn package_vmlinux() -> Vec<u8> {
+    let pkg = kernel_pkg();
+    let dir = scratch("vmlinux");
+    let out = dir.join("vmlinux");
+    run_script(
+        "guest-kernels/linux/extract-vmlinux.sh",
+        &[&guest_kernel(&pkg), &out],
+    );
+    let data = std::fs::read(&out).expect("vmlinux");
+    let _ = std::fs::remove_dir_all(&dir);
+    data
+}
+
 /// What a scenario printed.
 pub struct ScenarioOutput {
     /// Everything: host console, lucos, guest serial.
