@@ -283,6 +283,18 @@ pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliEr
     Ok(exit::OK)
 }
 
+/// One line per switched function: name, old entry -> replacement.
+fn print_functions(v: &Value) {
+    for f in v["functions"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {} -> {}",
+            f["function"].as_str().unwrap_or("?"),
+            f["old_addr"].as_str().unwrap_or("?"),
+            f["new_addr"].as_str().unwrap_or("?")
+        );
+    }
+}
+
 fn show_report(v: &Value, verb: &str) {
     println!(
         "{verb} '{}': {} function{} switched in one pause of {:.1} µs ({} tr{}), {:.1} ms in all",
@@ -298,14 +310,7 @@ fn show_report(v: &Value, verb: &str) {
         if v["tries"] == 1 { "y" } else { "ies" },
         v["total_us"].as_f64().unwrap_or(0.0) / 1e3
     );
-    for f in v["functions"].as_array().into_iter().flatten() {
-        println!(
-            "  {} {} -> {}",
-            f["function"].as_str().unwrap_or("?"),
-            f["old_addr"].as_str().unwrap_or("?"),
-            f["new_addr"].as_str().unwrap_or("?")
-        );
-    }
+    print_functions(v);
 }
 
 /// `lucos patch --vm ID PATCH.lup`.
@@ -364,14 +369,7 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
             p["code_bytes"],
             p["code_addr"].as_str().unwrap_or("?")
         );
-        for f in p["functions"].as_array().into_iter().flatten() {
-            println!(
-                "  {} {} -> {}",
-                f["function"].as_str().unwrap_or("?"),
-                f["old_addr"].as_str().unwrap_or("?"),
-                f["new_addr"].as_str().unwrap_or("?")
-            );
-        }
+        print_functions(&p);
     }
     if let Some(t) = v["kernel_text"].as_object() {
         println!(

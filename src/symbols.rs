@@ -142,7 +142,7 @@ fn report(info: &Value, args: &SymbolsArgs) -> Result<i32, CliError> {
     for a in &answers {
         match a.get("error") {
             Some(e) => errors.push(e.as_str().unwrap_or("?").to_owned()),
-            None => match serde_json::from_value::<AnswerView>(a.clone()) {
+            None => match serde_json::from_value::<symbol_db::Answer>(a.clone()) {
                 Ok(v) => {
                     let _ = writeln!(out, "{v}");
                 }
@@ -158,47 +158,6 @@ fn report(info: &Value, args: &SymbolsArgs) -> Result<i32, CliError> {
         eprintln!("lucos: error: {e}");
     }
     Ok(if failed > 0 { exit::ERROR } else { exit::OK })
-}
-
-/// An answer as it comes over the socket, printed like symbol_db::Answer.
-#[derive(serde::Deserialize)]
-struct AnswerView {
-    query: String,
-    offset: String,
-    symbol: SymbolView,
-}
-
-#[derive(serde::Deserialize)]
-struct SymbolView {
-    name: String,
-    addr: String,
-    size: u64,
-    #[serde(rename = "type")]
-    ty: char,
-    file: Option<String>,
-    position: usize,
-}
-
-fn hex(s: &str) -> u64 {
-    u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap_or(0)
-}
-
-impl std::fmt::Display for AnswerView {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = &self.symbol;
-        let answer = symbol_db::Answer {
-            query: self.query.clone(),
-            offset: hex(&self.offset),
-            symbol: symbol_db::Symbol {
-                file: s.file.clone(),
-                position: s.position,
-                ..symbol_db::Symbol::from_type_letter(s.name.clone(), hex(&s.addr), s.ty)
-            },
-        };
-        let mut answer = answer;
-        answer.symbol.size = s.size;
-        write!(f, "{answer}")
-    }
 }
 
 /// Arguments of `lucos types`.

@@ -288,18 +288,7 @@ fn finish(
             ty as char,
         ));
     }
-    // The table is sorted by address; a symbol runs to the next address.
-    let mut upper: Option<u64> = None;
-    for i in (0..symbols.len()).rev() {
-        if let Some(next) = symbols.get(i + 1).map(|s| s.addr) {
-            if next > symbols[i].addr {
-                upper = Some(next);
-            }
-        }
-        if let Some(u) = upper.filter(|&u| u > symbols[i].addr) {
-            symbols[i].size = u - symbols[i].addr;
-        }
-    }
+    crate::sizes_to_next_address(&mut symbols);
     let va = |off: usize| image.base() + off as u64;
     Ok(Kallsyms {
         table: SymbolTable::from_symbols(symbols),

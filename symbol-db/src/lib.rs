@@ -93,7 +93,7 @@ pub enum SymbolError {
 }
 
 /// Kind of symbol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SymbolKind {
     /// Code.
@@ -111,10 +111,16 @@ pub mod hex_u64 {
     pub fn serialize<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{v:#x}"))
     }
+
+    /// Reads a `"0x..."` string back.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        u64::from_str_radix(s.trim_start_matches("0x"), 16).map_err(serde::de::Error::custom)
+    }
 }
 
 /// One symbol.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Symbol {
     /// Name.
     pub name: String,
@@ -160,6 +166,26 @@ impl Symbol {
     /// Whether `addr` lies inside this symbol.
     pub fn contains(&self, addr: u64) -> bool {
         addr >= self.addr && addr < self.addr + self.size.max(1)
+    }
+}
+
+/// Sets each symbol's size to the distance to the next higher address, as
+/// kallsyms does for sources that carry no sizes (kallsyms, System.map); the
+/// highest symbol keeps size 0.
+pub(crate) fn sizes_to_next_address(symbols: &mut [Symbol]) {
+    let mut order: Vec<usize> = (0..symbols.len()).collect();
+    order.sort_by_key(|&i| symbols[i].addr);
+    let mut upper: Option<u64> = None;
+    for w in (0..order.len()).rev() {
+        let addr = symbols[order[w]].addr;
+        if let Some(&next) = order.get(w + 1) {
+            if symbols[next].addr > addr {
+                upper = Some(symbols[next].addr);
+            }
+        }
+        if let Some(u) = upper.filter(|&u| u > addr) {
+            symbols[order[w]].size = u - addr;
+        }
     }
 }
 
@@ -335,7 +361,7 @@ impl std::str::FromStr for Query {
 }
 
 /// The answer to one [`Query`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Answer {
     /// The query as given.
     pub query: String,

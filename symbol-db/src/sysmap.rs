@@ -42,19 +42,7 @@ pub(crate) fn parse(text: &str, path: &str) -> Result<SymbolTable, SymbolError> 
             text: format!("{} (a placeholder, not a real System.map)", symbols[0].name),
         });
     }
-    // Sizes as kallsyms computes them: up to the next higher address.
-    let mut order: Vec<usize> = (0..symbols.len()).collect();
-    order.sort_by_key(|&i| symbols[i].addr);
-    for w in 0..order.len() {
-        let a = symbols[order[w]].addr;
-        if let Some(&next) = order[w + 1..].iter().find(|&&j| symbols[j].addr > a) {
-            if symbols[order[w]].kind == crate::SymbolKind::Function
-                || symbols[order[w]].kind == crate::SymbolKind::Object
-            {
-                symbols[order[w]].size = symbols[next].addr - a;
-            }
-        }
-    }
+    crate::sizes_to_next_address(&mut symbols);
     Ok(SymbolTable::from_symbols(symbols))
 }
 

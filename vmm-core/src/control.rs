@@ -232,7 +232,7 @@ pub struct ControlServer {
     pauses: AtomicU64,
     last_pause_ns: AtomicU64,
     /// The guest kernel, once inspected (it does not change while it runs).
-    kernel: Mutex<Option<GuestKernel>>,
+    kernel: Mutex<Option<Arc<GuestKernel>>>,
     /// Live patches.
     patcher: Mutex<Patcher>,
 }
@@ -419,12 +419,15 @@ impl ControlServer {
     }
 
     /// The guest kernel, inspected on first use and kept.
-    pub fn guest_kernel(&self) -> Result<GuestKernel, IntrospectError> {
+    pub fn guest_kernel(&self) -> Result<Arc<GuestKernel>, IntrospectError> {
         let mut cached = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = cached.as_ref() {
             return Ok(k.clone());
         }
-        let k = introspect::inspect(&self.vm, Path::new(&self.ident.kernel))?;
+        let k = Arc::new(introspect::inspect(
+            &self.vm,
+            Path::new(&self.ident.kernel),
+        )?);
         *cached = Some(k.clone());
         Ok(k)
     }
@@ -437,7 +440,7 @@ impl ControlServer {
     ) -> Result<SymbolsInfo, IntrospectError> {
         let mut k = self.guest_kernel()?;
         if let Some(path) = source {
-            k = k.with_file_source(Path::new(path))?;
+            k = Arc::new(k.with_file_source(Path::new(path))?);
         }
         let answers = queries
             .iter()

@@ -84,8 +84,24 @@ pub fn kernel_paging(vm: &Vm) -> Result<PagingState, IntrospectError> {
         vm.resume()?;
     }
     let paging = PagingState::from(&sregs?);
-    // With page-table isolation a vCPU in user mode runs on the user copy,
-    // which is the kernel one plus 4 KiB and lacks the kernel image.
+    // With page-table isolation a vCPU in user mode runs on the user copy of
+    // the top-level table, the kernel's plus 4 KiB, which maps almost none of
+    // the kernel image: use the kernel's when it maps more of the window.
+    if paging.cr3 & 0x1000 != 0 {
+        let kernel = PagingState {
+            cr3: paging.cr3 & !0x1000,
+            ..paging
+        };
+        let mapped = |p: PagingState| -> u64 {
+            mapped_runs(vm, p, KERNEL_MAP, KERNEL_MAP_END)
+                .iter()
+                .map(|r| r.2)
+                .sum()
+        };
+        if mapped(kernel) > mapped(paging) {
+            return Ok(kernel);
+        }
+    }
     Ok(paging)
 }
 
@@ -150,20 +166,7 @@ fn read_image_range(
     start: u64,
     end: u64,
 ) -> Result<KernelImage, IntrospectError> {
-    let mut runs = mapped_runs(vm, paging, start, end);
-    // Page-table isolation: the user copy of the top level is the kernel's
-    // plus 4 KiB and maps almost nothing of the image.
-    if paging.cr3 & 0x1000 != 0 {
-        let kernel = PagingState {
-            cr3: paging.cr3 & !0x1000,
-            ..paging
-        };
-        let other = mapped_runs(vm, kernel, start, end);
-        let total = |r: &[(u64, u64, u64)]| r.iter().map(|x| x.2).sum::<u64>();
-        if total(&other) > total(&runs) {
-            runs = other;
-        }
-    }
+    let runs = mapped_runs(vm, paging, start, end);
     let (first, last) = match (runs.first(), runs.last()) {
         (Some(f), Some(l)) => (f.0, l.0 + l.2),
         _ => return Err(IntrospectError::NoImage),
@@ -333,7 +336,12 @@ impl GuestKernel {
                 "{name} (checked against the running kernel: {compared} symbols agree)"
             ),
             symbols: SymbolTable::from_symbols(moved),
-            ..self.clone()
+            identity: self.identity.clone(),
+            text: self.text,
+            slide: self.slide,
+            text_gpa: self.text_gpa,
+            kallsyms: self.kallsyms,
+            timings: self.timings,
         })
     }
 }

@@ -328,8 +328,8 @@ impl Patcher {
             let mut code = vec![0u8; f.old_size as usize];
             introspect::read_virt(vm, paging, sym.addr, &mut code)?;
             // A site we already patched: compare the original bytes.
-            if let Some(prev) = self.current_site(sym.addr) {
-                code[..TRAMPOLINE_LEN].copy_from_slice(&prev.original);
+            if let Some(original) = self.original_bytes(sym.addr) {
+                code[..TRAMPOLINE_LEN].copy_from_slice(&original);
             }
             let mismatch = |why: String| UpdateError::OldBytesMismatch {
                 patch: m.name.clone(),
@@ -408,11 +408,8 @@ impl Patcher {
         if replace {
             for a in &self.applied {
                 for sf in &a.functions {
-                    if !plan_restores(&plan, sf.old_addr) {
-                        let orig = self
-                            .current_site(sf.old_addr)
-                            .map(|c| c.original)
-                            .unwrap_or(sf.saved);
+                    if !plan.iter().any(|w| w.site.addr == sf.old_addr) {
+                        let orig = self.original_bytes(sf.old_addr).unwrap_or(sf.saved);
                         plan.push(Write {
                             function: sf.function.clone(),
                             site: Site {
@@ -478,11 +475,11 @@ impl Patcher {
     }
 
     /// The original (unpatched) bytes of a site some applied patch switched.
-    fn current_site(&self, addr: u64) -> Option<CurrentSite> {
+    fn original_bytes(&self, addr: u64) -> Option<[u8; 5]> {
         self.applied
             .iter()
             .find_map(|a| a.functions.iter().find(|f| f.old_addr == addr))
-            .map(|f| CurrentSite { original: f.saved })
+            .map(|f| f.saved)
     }
 
     /// Reverts the applied patch `name`: its trampolines go back to what
@@ -541,14 +538,6 @@ impl Patcher {
             total_us: t0.elapsed().as_secs_f64() * 1e6,
         })
     }
-}
-
-struct CurrentSite {
-    original: [u8; 5],
-}
-
-fn plan_restores(plan: &[Write], addr: u64) -> bool {
-    plan.iter().any(|w| w.site.addr == addr)
 }
 
 /// One 5-byte write at a site: `site.saved` is what must be there now.
