@@ -1,6 +1,8 @@
 //! Live patching the test kernel on /dev/kvm while user tasks on 2 vCPUs
-//! call the patched service in a loop: apply, revert, refusals that leave
-//! the kernel text byte-identical, and 1000 apply/revert cycles.
+//! call the patched services in a loop: apply, revert, refusals that leave
+//! the kernel text byte-identical, a 3-function patch that must switch as
+//! one, stacking with dependencies, cumulative `--replace`, and 1000
+//! apply/revert cycles.
 
 mod common;
 
@@ -32,9 +34,41 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("utf8 path")
 }
 
+/// The 3-function chain (outer -> middle -> inner) with version mark '2':
+/// each mark is written at a different time of one call, so a call that
+/// mixes old and new code returns marks like "112".
+const TRI2: &str = r#"#include "tk.h"
+void tri_inner(char *buf, u64 work)
+{
+	service_delay(work);
+	buf[2] = '2';
+}
+
+void tri_middle(char *buf, u64 work)
+{
+	buf[1] = '2';
+	service_delay(work);
+	tri_inner(buf, work);
+	service_delay(work);
+}
+
+void tri_outer(char *buf, u64 work)
+{
+	buf[0] = '2';
+	service_delay(work);
+	tri_middle(buf, work);
+	service_delay(work);
+}
+"#;
+
 /// Keys, the fix built against the test kernel, and a running VM `lp` whose
 /// 2 tasks report the version string every 100 calls.
 fn setup(name: &str) -> Setup {
+    setup_with(name, "tasks=2 iters=0 report=100")
+}
+
+/// Like [`setup`], with the test kernel's command line `cmdline`.
+fn setup_with(name: &str, cmdline: &str) -> Setup {
     common::require_kvm();
     let dir = RunDir::new(name);
     let d = dir.0.clone();
@@ -69,7 +103,7 @@ fn setup(name: &str) -> Setup {
             "--mem",
             "64M",
             "--cmdline",
-            "tasks=2 iters=0 report=100",
+            cmdline,
             "--serial-log",
             p(&serial),
             "--trusted-key",
@@ -115,6 +149,42 @@ impl Setup {
     fn path(&self, f: &str) -> PathBuf {
         self.dir.0.join(f)
     }
+
+    /// `lucos build` of `src` as patch `name`, signed with the trusted key,
+    /// with `extra` arguments (`--depends`, `--function`, ...).
+    fn build(&self, name: &str, src: &str, extra: &[&str]) -> PathBuf {
+        let c = self.path(&format!("{name}.c"));
+        std::fs::write(&c, src).expect("patch source");
+        let out = self.path(&format!("{name}.lup"));
+        let (k, key) = (kernel(), self.path("key"));
+        let mut args = vec![
+            "build",
+            "--kernel",
+            &k,
+            "--key",
+            p(&key),
+            "--name",
+            name,
+            "-o",
+            p(&out),
+        ];
+        args.extend_from_slice(extra);
+        args.push(p(&c));
+        lucos_ok(&self.dir, &args);
+        out
+    }
+
+    /// A control request that must succeed (the guest output if it fails).
+    fn call(&self, c: &mut Client, req: Request) -> serde_json::Value {
+        let what = format!("{req:?}");
+        c.call(&req)
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", self.serial()))
+    }
+}
+
+/// The version line every task prints, with `v` as version.
+fn version_line(v: &str) -> String {
+    format!("version {v}\n")
 }
 
 #[test]
@@ -332,4 +402,147 @@ fn demo_boots_pauses_live_patches_and_reverts() {
         after.lines().any(|l| l.ends_with("version testkernel 1.0")),
         "{out}"
     );
+}
+
+#[test]
+fn a_three_function_patch_switches_as_one_under_load() {
+    // Both tasks call the chain back to back, with busy work inside each
+    // function, so pauses often catch a vCPU in the middle of a call. A call
+    // that started in old code and went on in new code would print MIXED.
+    let s = setup_with("triple", "tasks=2 iters=0 report=50 mode=triple spin=10");
+    s.wait_lines(" triple 111 mixed 0\n", 4);
+    let before = s.text_sha();
+    let tri = s.build("tri", TRI2, &[]);
+    let info = lucos_ok(&s.dir, &["inspect", p(&tri)]);
+    for f in ["tri_outer", "tri_middle", "tri_inner"] {
+        assert!(info.contains(f), "{info}");
+    }
+    let mut c = Client::connect("lp", &s.dir.0.join("lp.sock")).expect("connect");
+    let (rounds, mut tries, mut max_tries) = (20, 0, 0);
+    for _ in 0..rounds {
+        let r = s.call(
+            &mut c,
+            Request::Patch {
+                path: p(&tri).into(),
+                replace: false,
+            },
+        );
+        assert_eq!(r["functions"].as_array().map(Vec::len), Some(3), "{r}");
+        let t = r["tries"].as_u64().expect("tries");
+        (tries, max_tries) = (tries + t, max_tries.max(t));
+        s.wait_lines(" triple 222 mixed 0\n", 2);
+        let r = s.call(&mut c, Request::Revert { name: "tri".into() });
+        let t = r["tries"].as_u64().expect("tries");
+        (tries, max_tries) = (tries + t, max_tries.max(t));
+        s.wait_lines(" triple 111 mixed 0\n", 2);
+    }
+    drop(c);
+    let serial = s.serial();
+    assert!(
+        !serial.contains("MIXED"),
+        "a call mixed old and new code:\n{}",
+        serial
+            .lines()
+            .filter(|l| l.contains("MIXED"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The activeness check was exercised: some pauses found a vCPU inside
+    // the chain (on the stack or executing) and were retried.
+    assert!(
+        tries > 2 * rounds,
+        "no pause was ever refused in {} switches: the load does not reach the chain",
+        2 * rounds
+    );
+    assert_eq!(s.text_sha(), before);
+    assert!(lucos_ok(&s.dir, &["status", "--vm", "lp"]).contains("running"));
+    eprintln!(
+        "{} switches of 3 functions: {tries} pauses in all, at most {max_tries} for one",
+        2 * rounds
+    );
+}
+
+#[test]
+fn patches_stack_with_dependencies_and_revert_in_order() {
+    let s = setup("stack");
+    let before = s.text_sha();
+    let fix = s.path("fix.lup");
+    let on_fix = s.build(
+        "onfix",
+        &FIX.replace("(live-patched)", "(on top of fix)"),
+        &["--depends", "fix"],
+    );
+    let refused = |args: &[&str], why: &str| {
+        let sha = s.text_sha();
+        let o = s.dir.lucos(args);
+        assert_eq!(o.status.code(), Some(6), "{}", text(&o));
+        assert!(text(&o).contains(why), "expected '{why}': {}", text(&o));
+        assert_eq!(s.text_sha(), sha, "a refused {args:?} changed kernel text");
+    };
+    // A patch whose dependency is not applied.
+    refused(
+        &["patch", "--vm", "lp", p(&on_fix)],
+        "patch 'onfix' depends on 'fix', which is not applied",
+    );
+    lucos_ok(&s.dir, &["patch", "--vm", "lp", p(&fix)]);
+    s.wait_lines(&version_line("testkernel 1.0 (live-patched)"), 4);
+    lucos_ok(&s.dir, &["patch", "--vm", "lp", p(&on_fix)]);
+    s.wait_lines(&version_line("testkernel 1.0 (on top of fix)"), 4);
+    let listed = lucos_ok(&s.dir, &["list", "--vm", "lp"]);
+    assert!(
+        listed.contains("fix v1") && listed.contains("onfix v1"),
+        "{listed}"
+    );
+    // The bottom of the stack cannot go first.
+    refused(
+        &["revert", "--vm", "lp", "fix"],
+        "patch 'onfix' depends on 'fix'; revert it first",
+    );
+    lucos_ok(&s.dir, &["revert", "--vm", "lp", "onfix"]);
+    s.wait_lines(&version_line("testkernel 1.0 (live-patched)"), 4);
+    // Without a declared dependency, a later patch of the same function
+    // still pins the earlier one.
+    let other = s.build("other", &FIX.replace("(live-patched)", "(other)"), &[]);
+    lucos_ok(&s.dir, &["patch", "--vm", "lp", p(&other)]);
+    s.wait_lines(&version_line("testkernel 1.0 (other)"), 4);
+    refused(
+        &["revert", "--vm", "lp", "fix"],
+        "lucos_version is switched again by the later patch 'other'; revert that first",
+    );
+    lucos_ok(&s.dir, &["revert", "--vm", "lp", "other"]);
+    lucos_ok(&s.dir, &["revert", "--vm", "lp", "fix"]);
+    s.wait_lines(&version_line("testkernel 1.0"), 4);
+    assert_eq!(
+        s.text_sha(),
+        before,
+        "the stack unwound to the original bytes"
+    );
+}
+
+#[test]
+fn replace_swaps_the_stack_for_one_cumulative_patch() {
+    let s = setup_with("replace", "tasks=2 iters=0 report=50 mode=triple spin=10");
+    let before = s.text_sha();
+    let tri = s.build("tri", TRI2, &[]);
+    lucos_ok(&s.dir, &["patch", "--vm", "lp", p(&s.path("fix.lup"))]);
+    lucos_ok(&s.dir, &["patch", "--vm", "lp", p(&tri)]);
+    s.wait_lines(&version_line("testkernel 1.0 (live-patched)"), 4);
+    s.wait_lines(" triple 222 mixed 0\n", 4);
+    // One cumulative patch: a newer lucos_version, and nothing for the chain.
+    let cum = s.build("cum", &FIX.replace("(live-patched)", "(cumulative)"), &[]);
+    let out = lucos_ok(&s.dir, &["patch", "--replace", "--vm", "lp", p(&cum)]);
+    assert!(out.contains("replaced every patch with 'cum'"), "{out}");
+    s.wait_lines(&version_line("testkernel 1.0 (cumulative)"), 4);
+    // The chain went back to its original code in the same switch.
+    s.wait_lines(" triple 111 mixed 0\n", 4);
+    let listed = lucos_ok(&s.dir, &["list", "--vm", "lp"]);
+    assert!(listed.contains("cum v1"), "{listed}");
+    assert!(
+        !listed.contains("fix v1") && !listed.contains("tri v1"),
+        "{listed}"
+    );
+    lucos_ok(&s.dir, &["revert", "--vm", "lp", "cum"]);
+    s.wait_lines(&version_line("testkernel 1.0"), 4);
+    assert_eq!(s.text_sha(), before);
+    assert!(!s.serial().contains("MIXED"));
 }

@@ -173,7 +173,7 @@ load_segments:
 1:	ret
 
 	.bss
-	.balign 4096
+	.balign KSTACK_SIZE	/* aligned to their size, like Linux's THREAD_SIZE stacks */
 	.globl boot_stacks
 boot_stacks:
 	.skip KSTACK_SIZE * 8

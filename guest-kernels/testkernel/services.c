@@ -29,6 +29,44 @@ u64 counter_next(void)
 	return __atomic_add_fetch(&service_counter, 1, __ATOMIC_SEQ_CST);
 }
 
+/* Busy work inside a service, so that vCPUs are often caught mid-call. */
+__attribute__((noinline)) void service_delay(u64 n)
+{
+	volatile u64 i;
+
+	for (i = 0; i < n; i++)
+		;
+}
+
+/*
+ * A call chain of three services, outer -> middle -> inner, each putting
+ * its version mark in buf[0], buf[1], buf[2] with work before and after the
+ * call it makes. A patch of all three must switch them as one: a call that
+ * starts in old code must not finish in new code ("112" is a broken switch).
+ * noinline: within one file gcc would otherwise fold inner into middle.
+ */
+__attribute__((noinline)) void tri_inner(char *buf, u64 work)
+{
+	service_delay(work);
+	buf[2] = '1';
+}
+
+__attribute__((noinline)) void tri_middle(char *buf, u64 work)
+{
+	buf[1] = '1';
+	service_delay(work);
+	tri_inner(buf, work);
+	service_delay(work);
+}
+
+__attribute__((noinline)) void tri_outer(char *buf, u64 work)
+{
+	buf[0] = '1';
+	service_delay(work);
+	tri_middle(buf, work);
+	service_delay(work);
+}
+
 u64 stats_update(u32 task, u32 cpu, u64 value)
 {
 	struct task_stat *s;

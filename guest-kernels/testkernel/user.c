@@ -6,7 +6,7 @@
 #include "tk.h"
 
 enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK };
-enum { MODE_LOOP, MODE_SPIN, MODE_USER };
+enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE };
 
 /* Progress of each task, in user memory; the VMM's tests read it. */
 volatile u64 user_progress[MAX_TASKS];
@@ -77,13 +77,40 @@ static void report(u64 task, u64 iter, u64 counter)
 	sys3(SYS_WRITE, (u64)line, n, 0);
 }
 
+/*
+ * mode=triple: call the 3-function chain (SYS_TRIPLE) every iteration and
+ * report at once any call whose three marks differ (old and new code mixed
+ * in one call), and every `every` iterations the last marks and mix count.
+ */
+static void triple(u64 task, u64 iter, u64 every, u64 spin, u64 *mixed)
+{
+	char marks[4], line[96];
+	unsigned n = 0;
+	int mix;
+
+	sys3(SYS_TRIPLE, (u64)marks, spin, 0);
+	mix = marks[0] != marks[1] || marks[1] != marks[2];
+	if (mix)
+		(*mixed)++;
+	if (!mix && !(every && iter % every == 0))
+		return;
+	n += put_str(line + n, "[tk] task ");
+	n += put_dec(line + n, task);
+	n += put_str(line + n, mix ? " MIXED " : " triple ");
+	marks[3] = 0;
+	n += put_str(line + n, marks);
+	n += put_str(line + n, " mixed ");
+	n += put_dec(line + n, *mixed);
+	line[n++] = '\n';
+	sys3(SYS_WRITE, (u64)line, n, 0);
+}
+
 __attribute__((noreturn)) void user_main(u64 task)
 {
-	sys3(99,0,0,0);
-	u64 iters = sys3(8, P_ITERS, 0, 0), every = sys3(8, P_REPORT, 0, 0);
-	u64 mode = sys3(8, P_MODE, 0, 0), spin = sys3(8, P_SPIN, 0, 0);
-	u64 work = sys3(8, P_WORK, 0, 0);
-	u64 i, counter = 0;
+	u64 iters = sys3(SYS_PARAM, P_ITERS, 0, 0), every = sys3(SYS_PARAM, P_REPORT, 0, 0);
+	u64 mode = sys3(SYS_PARAM, P_MODE, 0, 0), spin = sys3(SYS_PARAM, P_SPIN, 0, 0);
+	u64 work = sys3(SYS_PARAM, P_WORK, 0, 0);
+	u64 i, counter = 0, mixed = 0;
 	volatile u64 sink = 0;
 
 	for (i = 1; iters == 0 || i <= iters; i++) {
@@ -95,6 +122,8 @@ __attribute__((noreturn)) void user_main(u64 task)
 		}
 		if (mode == MODE_SPIN)
 			sys3(SYS_SPIN_CLI, spin, 0, 0);
+		if (mode == MODE_TRIPLE)
+			triple(task, i, every, spin, &mixed);
 		/* Plain user-mode work between calls. */
 		for (j = 0; j < work; j++)
 			sink += j ^ i;

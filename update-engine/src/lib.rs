@@ -1,13 +1,13 @@
 //! lucos live-update engine: the `.lup` patch format and its signature,
 //! linking a patch's relocatable object against the running kernel,
-//! trampolines and their safety checks.
+//! trampolines, and the checks that make a switch safe.
 //!
-//! Nothing here touches a VM directly: the VMM gives the engine a [`Guest`]
-//! to read and write kernel memory and to see where every vCPU stands, while
-//! it holds every vCPU paused.
+//! Nothing here touches a VM: vmm-core reads guest memory and vCPU state and
+//! hands the engine bytes, addresses and symbols to decide on.
 
 pub mod link;
 pub mod lup;
+pub mod safety;
 pub mod trampoline;
 
 pub use link::{link, Linked};

@@ -87,14 +87,6 @@ pub fn check_site(function: &str, addr: u64, code: &[u8]) -> Result<Site, Update
     Ok(Site { addr, saved })
 }
 
-/// The vCPU whose instruction pointer lies strictly inside a site's
-/// overwritten bytes, if any (at the entry itself is safe: the vCPU will
-/// run the whole `jmp`).
-pub fn rip_inside(site_addr: u64, rips: &[u64]) -> Option<usize> {
-    rips.iter()
-        .position(|&r| r > site_addr && r < site_addr + TRAMPOLINE_LEN as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,7 +113,5 @@ mod tests {
         let code = [0x0f, 0x1f, 0x44, 0x00, 0x00, 0xeb, 0xfb];
         let e = check_site("h", 0x1000, &code).expect_err("branch");
         assert!(e.to_string().contains("branches to 0x1002"), "{e}");
-        assert_eq!(rip_inside(0x1000, &[0x1000, 0x1003]), Some(1));
-        assert_eq!(rip_inside(0x1000, &[0x1000, 0x1005]), None);
     }
 }

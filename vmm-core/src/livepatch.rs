@@ -15,8 +15,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use update_engine::lup::sha256_hex;
-use update_engine::trampoline::{self, rip_inside, Site, TRAMPOLINE_LEN};
+use update_engine::lup::{old_code_sha256, sha256_hex};
+use update_engine::safety::{self, Active, Leaving};
+use update_engine::trampoline::{self, Site, TRAMPOLINE_LEN};
 use update_engine::{link, Lup, UpdateError, VerifyingKey};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -28,9 +29,9 @@ use crate::vm::{Vm, VmError};
 pub const PATCH_AREA_BYTES: u64 = 2 << 20;
 /// KVM memory slot of the patch area.
 pub const PATCH_AREA_SLOT: u32 = 8;
-/// Pauses tried before giving up when a vCPU keeps executing inside bytes
-/// to be overwritten.
-const MAX_TRIES: u32 = 50;
+/// Pauses tried before giving up while a vCPU keeps running code that the
+/// switch leaves behind.
+const MAX_TRIES: u32 = 100;
 
 /// Errors applying or reverting a patch.
 #[derive(Debug, thiserror::Error)]
@@ -44,13 +45,13 @@ pub enum PatchError {
     /// Finding out about the guest kernel failed.
     #[error(transparent)]
     Kernel(#[from] introspect::IntrospectError),
-    /// A vCPU stayed inside a patch site.
-    #[error("vCPU {vcpu} was inside the first bytes of {function} in each of {tries} pauses; nothing was changed, try again")]
+    /// A vCPU kept running code the switch leaves behind.
+    #[error("in each of {tries} pauses a vCPU was still in code the patch replaces (last: vCPU {vcpu} {active}); nothing was changed, try again")]
     Busy {
         /// The vCPU.
         vcpu: usize,
-        /// The function.
-        function: String,
+        /// What it was doing there.
+        active: Active,
         /// Pauses tried.
         tries: u32,
     },
@@ -128,6 +129,8 @@ pub struct SwitchedFunction {
     /// The replacement's address in the patch area.
     #[serde(with = "symbol_db::hex_u64")]
     pub new_addr: u64,
+    /// Size of the old function.
+    pub old_size: u64,
     /// What the trampoline overwrote (restored by revert).
     #[serde(skip)]
     pub saved: [u8; 5],
@@ -343,7 +346,13 @@ impl Patcher {
                 ))
                 .into());
             }
-            if sha256_hex(&code) != f.old_sha256 {
+            // KASLR moved the kernel by `slide`; the patch's hash is of the
+            // file, with the sites the kernel rewrites itself masked.
+            let got = old_code_sha256(&code, &f.old_masked, &f.old_relocs, kernel.slide as u64)
+                .map_err(|why| {
+                    mismatch(format!("the patch's description of it is wrong: {why}"))
+                })?;
+            if got != f.old_sha256 {
                 return Err(mismatch(
                     "its bytes in guest memory differ from the build the patch was made for".into(),
                 )
@@ -397,6 +406,8 @@ impl Patcher {
                     saved: current,
                 },
                 new_addr,
+                old_size: f.old_size,
+                leaving: self.leaving(&f.old, site.addr, f.old_size),
                 bytes: jmp,
                 // Reverting this patch puts back what it overwrote; a
                 // cumulative one replaces the whole stack, so the original.
@@ -417,6 +428,8 @@ impl Patcher {
                                 saved: self.current_bytes_before(sf.old_addr, orig),
                             },
                             new_addr: 0,
+                            old_size: sf.old_size,
+                            leaving: self.leaving(&sf.function, sf.old_addr, sf.old_size),
                             bytes: orig,
                             restore: orig,
                         });
@@ -435,6 +448,7 @@ impl Patcher {
                 function: w.function.clone(),
                 old_addr: w.site.addr,
                 new_addr: w.new_addr,
+                old_size: w.old_size,
                 saved: w.restore,
             })
             .collect();
@@ -457,6 +471,27 @@ impl Patcher {
             tries,
             total_us: t0.elapsed().as_secs_f64() * 1e6,
         })
+    }
+
+    /// Code a vCPU must not be in when the site of `function` is switched:
+    /// its own body, and the code of every applied patch that switched it
+    /// (a stacked or cumulative patch leaves those behind too).
+    fn leaving(&self, function: &str, addr: u64, size: u64) -> Vec<Leaving> {
+        let mut v = vec![Leaving {
+            function: function.to_owned(),
+            start: addr,
+            end: addr + size.max(TRAMPOLINE_LEN as u64),
+        }];
+        for a in &self.applied {
+            if a.functions.iter().any(|f| f.old_addr == addr) {
+                v.push(Leaving {
+                    function: format!("{function} of patch {}", a.name),
+                    start: a.code_addr,
+                    end: a.code_addr + a.code_bytes,
+                });
+            }
+        }
+        v
     }
 
     /// What the bytes at `addr` were before the newest applied patch that
@@ -514,6 +549,13 @@ impl Patcher {
             }
         }
         let paging = introspect::kernel_paging(vm)?;
+        // What runs after the revert is the original function or an earlier
+        // patch's replacement; what is left is this patch's code.
+        let code = Leaving {
+            function: format!("patch {}", target.name),
+            start: target.code_addr,
+            end: target.code_addr + target.code_bytes,
+        };
         let plan: Vec<Write> = target
             .functions
             .iter()
@@ -524,6 +566,8 @@ impl Patcher {
                     saved: trampoline::jmp_rel32(f.old_addr, f.new_addr).unwrap_or(f.saved),
                 },
                 new_addr: 0,
+                old_size: f.old_size,
+                leaving: vec![code.clone()],
                 bytes: f.saved,
                 restore: f.saved,
             })
@@ -545,22 +589,26 @@ struct Write {
     function: String,
     site: Site,
     new_addr: u64,
+    old_size: u64,
+    /// Code no vCPU may be in when this site is written.
+    leaving: Vec<Leaving>,
     bytes: [u8; 5],
     restore: [u8; 5],
 }
 
 /// Why a paused switch did not happen.
 enum Refused {
-    /// A vCPU is inside a site: try another pause.
-    Busy(usize, String),
+    /// A vCPU is in code being left: try another pause.
+    Busy(usize, Active),
     /// Guest memory is not as expected: give up.
     Failed(String),
 }
 
-/// Pauses every vCPU (unless already paused), checks no vCPU is inside a
-/// site and every site holds what the plan expects, writes all sites, and
-/// resumes. Retries the pause a bounded number of times while a vCPU is
-/// inside a site. Returns the pause time and tries.
+/// Pauses every vCPU (unless already paused), checks no vCPU is in code the
+/// switch leaves (see [`update_engine::safety`]) and every site holds what
+/// the plan expects, writes all sites, and resumes. Retries the pause a
+/// bounded number of times while a vCPU is in that code. Returns the pause
+/// time and tries.
 fn switch(vm: &Vm, paging: PagingState, plan: &[Write]) -> Result<(Duration, u32), PatchError> {
     // Where each site is in guest-physical memory (kernel text is not
     // writable through the guest's mapping; the VMM writes RAM directly).
@@ -594,10 +642,10 @@ fn switch(vm: &Vm, paging: PagingState, plan: &[Write]) -> Result<(Duration, u32
             Err(Refused::Busy(_, _)) if tries < MAX_TRIES && !was_paused => {
                 std::thread::sleep(Duration::from_micros(200 * tries as u64));
             }
-            Err(Refused::Busy(vcpu, function)) => {
+            Err(Refused::Busy(vcpu, active)) => {
                 return Err(PatchError::Busy {
                     vcpu,
-                    function,
+                    active,
                     tries,
                 })
             }
@@ -610,15 +658,46 @@ fn switch(vm: &Vm, paging: PagingState, plan: &[Write]) -> Result<(Duration, u32
 /// The writes, with every vCPU paused; nothing is written unless every
 /// check passes.
 fn switch_paused(vm: &Vm, plan: &[Write], gpas: &[u64]) -> Result<(), Refused> {
-    let rips: Vec<u64> = (0..vm.vcpu_count())
-        .map(|i| vm.regs(i).map(|r| r.rip).unwrap_or(0))
-        .collect();
-    for w in plan {
-        if let Some(v) = rip_inside(w.site.addr, &rips) {
-            return Err(Refused::Busy(v, w.function.clone()));
+    let leaving: Vec<Leaving> = plan.iter().flat_map(|w| w.leaving.clone()).collect();
+    for v in 0..vm.vcpu_count() {
+        if let Some(a) = vcpu_active(vm, v, &leaving).map_err(Refused::Failed)? {
+            return Err(Refused::Busy(usize::from(v), a));
         }
     }
     check_and_write(vm, plan, gpas).map_err(Refused::Failed)
+}
+
+/// Whether paused vCPU `v` is in kernel code being left: its RIP, or a word
+/// on the live part of its kernel stack (read through its own page tables
+/// up to the end of the stack or the first unmapped page). A vCPU in user
+/// mode has no kernel call in progress.
+fn vcpu_active(vm: &Vm, v: u8, leaving: &[Leaving]) -> Result<Option<Active>, String> {
+    let regs = vm.regs(v).map_err(|e| e.to_string())?;
+    let sregs = vm.sregs(v).map_err(|e| e.to_string())?;
+    if sregs.cs.selector & 3 != 0 {
+        return Ok(None);
+    }
+    if let Some(a) = safety::check_rip(regs.rip, leaving) {
+        return Ok(Some(a));
+    }
+    let paging = PagingState::from(&sregs);
+    let (mut at, end) = safety::live_stack(regs.rsp);
+    let mut buf = [0u8; 4096];
+    while at < end {
+        let Ok(t) = pagewalk::translate(vm.ram(), paging, at) else {
+            break;
+        };
+        let page_end = (at | (t.page_size.bytes() - 1)).saturating_add(1);
+        let n = (page_end.min(end) - at).min(buf.len() as u64) as usize;
+        vm.ram()
+            .read(t.gpa, &mut buf[..n])
+            .map_err(|e| e.to_string())?;
+        if let Some(a) = safety::check_stack(at, &buf[..n], leaving) {
+            return Ok(Some(a));
+        }
+        at += n as u64;
+    }
+    Ok(None)
 }
 
 fn check_and_write(vm: &Vm, plan: &[Write], gpas: &[u64]) -> Result<(), String> {

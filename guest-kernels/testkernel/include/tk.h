@@ -38,6 +38,8 @@ typedef long s64;
 #define SYS_SPIN_CLI 5  /* (iterations) spin in kernel mode with interrupts off */
 #define SYS_TICKS 6     /* () -> timer ticks on this cpu */
 #define SYS_CPU 7       /* () -> current cpu index */
+#define SYS_PARAM 8     /* (which) -> a boot option, see user.c */
+#define SYS_TRIPLE 9    /* (buf, work) -> 3 version marks from a 3-function call chain */
 
 /* Per-CPU area, reached through GS base in kernel mode. Offsets used in entry.S. */
 struct percpu {
@@ -100,6 +102,10 @@ int strncmp(const char *a, const char *b, unsigned long n);
 /* services.c: the services user tasks call, and that live patches replace. */
 const char *lucos_version(void);
 u64 counter_next(void);
+void service_delay(u64 n);
+void tri_outer(char *buf, u64 work);
+void tri_middle(char *buf, u64 work);
+void tri_inner(char *buf, u64 work);
 u64 stats_update(u32 task, u32 cpu, u64 value);
 extern struct task_stat stats_table[MAX_TASKS];
 extern volatile u64 service_counter;
