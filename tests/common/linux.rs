@@ -50,6 +50,7 @@ boot() {
   wait_vm $id $limit
   sed 's/^/G| /' /tmp/$id.serial
   echo "@@SCN $id end=$(grep -o 'ended: .*' $LUCOS_RUN_DIR/$id.log)"
+  grep -q 'ended: guest' $LUCOS_RUN_DIR/$id.log || sed 's/^/V| /' $LUCOS_RUN_DIR/$id.log
 }
 "#;
 

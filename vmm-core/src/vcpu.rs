@@ -409,10 +409,31 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus) {
                 format!("KVM internal error, suberror {sub}{why}"),
             ));
         }
+        if let Some(ExitReason::TripleFault { .. }) = outcome {
+            // What a developer needs to find the fault: where the vCPU was.
+            log_crash_state(index, &fd);
+        }
         drop(fd);
         if let Some(reason) = outcome {
             ctl.stop(reason);
         }
+    }
+}
+
+/// Logs the registers of a vCPU that triple-faulted (KVM keeps the state at
+/// the shutdown; RIP is where the last fault was raised or delivered).
+fn log_crash_state(index: u8, fd: &kvm_ioctls::VcpuFd) {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => log::error!(
+            "vCPU {index} triple fault: rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x} gs_base={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}",
+            r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+            s.idt.base, s.idt.limit, s.gs.base, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+        ),
+        (r, s) => log::error!(
+            "vCPU {index} triple fault; registers unreadable: {:?} {:?}",
+            r.err(),
+            s.err()
+        ),
     }
 }
 
