@@ -125,6 +125,7 @@ fn live_patch(vm: &Vm, kernel: &std::path::Path, capture: &SerialCapture) -> Res
     );
     crate::patch::build(crate::patch::BuildArgs {
         kernel: kernel.to_path_buf(),
+        kbuild: None,
         key: Some(key_file),
         unsigned: false,
         name: "demo-fix".into(),

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
+use symbol_db::fixups::CodeFixups;
 use symbol_db::{KernelIdentity, KernelImage, SymbolTable};
-use update_engine::lup::{key_hex, read_key_hex, sha256_hex};
+use update_engine::lup::{key_hex, old_code_sha256, read_key_hex};
 use update_engine::{FunctionPatch, Lup, Manifest, SigningKey, VerifyingKey};
 use vmm_core::control::Request;
 
@@ -58,10 +59,16 @@ pub fn keygen(out: &Path) -> Result<i32, CliError> {
 /// Arguments of `lucos build`.
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
-    /// The exact kernel build the patch is for (an ELF with symbols: the test
-    /// kernel, or a vmlinux with symbols).
+    /// The exact kernel build the patch is for: an ELF image (the test
+    /// kernel, a vmlinux, or the vmlinux inside a bzImage; symbols from its
+    /// symbol table or, stripped, its kallsyms).
     #[arg(long)]
     pub kernel: PathBuf,
+    /// That kernel's kbuild tree (for Debian: the linux-headers package's
+    /// /usr/src/linux-headers-RELEASE). Linux patches are compiled by kbuild
+    /// with the kernel's own flags; without it, with the test kernel's.
+    #[arg(long)]
+    pub kbuild: Option<PathBuf>,
     /// Secret key from `lucos keygen`.
     #[arg(long, required_unless_present = "unsigned")]
     pub key: Option<PathBuf>,
@@ -92,47 +99,112 @@ pub struct BuildArgs {
     pub sources: Vec<PathBuf>,
 }
 
+/// Compiles each source into `tmp`: with kbuild (`make -C KBUILD M=tmp
+/// NAME.o`, the kernel's exact flags, objtool included) for Linux, or with
+/// the test kernel's flags. Returns (stem, object path) per source.
+fn compile(args: &BuildArgs, tmp: &Path) -> Result<Vec<(String, PathBuf)>, CliError> {
+    let mut objs = Vec::new();
+    for src in &args.sources {
+        let stem = src
+            .file_stem()
+            .map(|s| {
+                s.to_string_lossy()
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+            })
+            .unwrap_or_else(|| "patch".into());
+        if objs.iter().any(|(s, _)| s == &stem) {
+            return Err(CliError::Usage(format!(
+                "two sources are named {stem}: object files would collide"
+            )));
+        }
+        objs.push((stem.clone(), tmp.join(format!("{stem}.o"))));
+        if args.kbuild.is_some() {
+            std::fs::copy(src, tmp.join(format!("{stem}.c")))
+                .map_err(|e| CliError::io(format!("cannot read {}", src.display()), e))?;
+        }
+    }
+    let failed = |what: String, out: &std::process::Output| {
+        CliError::Other(format!(
+            "{what} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    if let Some(kbuild) = &args.kbuild {
+        let list: Vec<String> = objs.iter().map(|(s, _)| format!("{s}.o")).collect();
+        std::fs::write(tmp.join("Kbuild"), format!("obj-m := {}\n", list.join(" ")))
+            .map_err(|e| CliError::io("cannot write the Kbuild file".into(), e))?;
+        let out = Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(kbuild)
+            .arg(format!("M={}", tmp.display()))
+            .args(&list)
+            .output()
+            .map_err(|e| {
+                CliError::io("cannot run make (scripts/setup.sh installs it)".into(), e)
+            })?;
+        if !out.status.success() {
+            return Err(failed(format!("kbuild in {}", kbuild.display()), &out));
+        }
+        return Ok(objs);
+    }
+    let flags = env!("LUCOS_TESTKERNEL_PATCH_CFLAGS");
+    for (src, (_, obj)) in args.sources.iter().zip(&objs) {
+        let out = Command::new("gcc")
+            .args(flags.split_whitespace())
+            .arg("-c")
+            .arg(src)
+            .arg("-o")
+            .arg(obj)
+            .output()
+            .map_err(|e| CliError::io("cannot run gcc (scripts/setup.sh installs it)".into(), e))?;
+        if !out.status.success() {
+            return Err(failed(format!("compiling {}", src.display()), &out));
+        }
+    }
+    Ok(objs)
+}
+
 /// `lucos build`: compile replacement functions with the target kernel's
 /// flags and package them as a signed `.lup`.
 pub fn build(args: BuildArgs) -> Result<i32, CliError> {
     let kname = args.kernel.display().to_string();
     let kdata = symbol_db::read_file(&args.kernel)?;
-    let ksyms = SymbolTable::from_elf_bytes(&kdata, &kname)?;
+    let ksyms = SymbolTable::from_kernel_elf(&kdata, &kname)?;
     let image = KernelImage::from_elf_bytes(&kdata, &kname)?;
+    let fixups = CodeFixups::from_elf_bytes(&kdata, &kname)?;
     let target = KernelIdentity::from_elf(&kdata, &kname)?;
     if target.build_id.is_none() {
         return Err(CliError::Usage(format!(
             "{kname} has no build-id; a patch must name the exact build it is for"
         )));
     }
-    let flags = env!("LUCOS_TESTKERNEL_PATCH_CFLAGS");
+    if args.kbuild.is_none()
+        && target
+            .version
+            .as_deref()
+            .is_some_and(|v| v.starts_with("Linux version"))
+    {
+        return Err(CliError::Usage(format!(
+            "{kname} is a Linux kernel: give --kbuild with its kbuild tree (linux-headers) so the \
+             patch is compiled with the kernel's own flags"
+        )));
+    }
     let tmp = std::env::temp_dir().join(format!("lucos-build-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)
         .map_err(|e| CliError::io("cannot create a build directory".into(), e))?;
+    let compiled = compile(&args, &tmp);
+    let objs = match compiled {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
     let mut objects = Vec::new();
     let mut functions = Vec::new();
-    for src in &args.sources {
-        let stem = src
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "patch".into());
-        let obj = tmp.join(format!("{stem}.o"));
-        let out = Command::new("gcc")
-            .args(flags.split_whitespace())
-            .arg("-c")
-            .arg(src)
-            .arg("-o")
-            .arg(&obj)
-            .output()
-            .map_err(|e| CliError::io("cannot run gcc (scripts/setup.sh installs it)".into(), e))?;
-        if !out.status.success() {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(CliError::Other(format!(
-                "compiling {} failed:\n{}",
-                src.display(),
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
+    for (stem, obj) in objs {
         let data = std::fs::read(&obj)
             .map_err(|e| CliError::io(format!("cannot read {}", obj.display()), e))?;
         // Replacement functions: those the object defines that the kernel has.
@@ -162,6 +234,11 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
                     old.name
                 ))
             })?;
+            // Sites the kernel rewrites itself are masked; KASLR-relocated
+            // addresses are recorded so the VMM can undo the slide.
+            let (old_masked, old_relocs) = fixups.within(old.addr, old.size);
+            let old_sha256 =
+                old_code_sha256(bytes, &old_masked, &old_relocs, 0).map_err(CliError::Other)?;
             functions.push(FunctionPatch {
                 old: old.name.clone(),
                 old_file: if ksyms.all_named(&old.name).len() > 1 {
@@ -170,7 +247,9 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
                     None
                 },
                 old_size: old.size,
-                old_sha256: sha256_hex(bytes),
+                old_sha256,
+                old_masked,
+                old_relocs,
                 new: s.name.clone(),
             });
         }

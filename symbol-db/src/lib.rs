@@ -15,6 +15,7 @@ use std::path::Path;
 use goblin::elf::sym::{STB_GLOBAL, STB_LOCAL, STB_WEAK, STT_FILE, STT_FUNC, STT_OBJECT};
 
 pub mod dwarf;
+pub mod fixups;
 pub mod identity;
 pub mod kallsyms;
 mod sysmap;
@@ -497,6 +498,18 @@ impl SymbolTable {
         sysmap::parse(text, path)
     }
 
+    /// Symbols of an ELF kernel image: its symbol table, or when it is
+    /// stripped (a vmlinux taken out of a bzImage) its kallsyms tables.
+    pub fn from_kernel_elf(data: &[u8], name: &str) -> Result<Self, SymbolError> {
+        match Self::from_elf_bytes(data, name) {
+            Err(SymbolError::BadElf { why, .. }) if why.contains("no symbol table") => {
+                let image = KernelImage::from_elf_bytes(data, name)?;
+                Ok(kallsyms::decode(&image)?.table)
+            }
+            other => other,
+        }
+    }
+
     /// Reads symbols from the file at `path`: an ELF image's symbol table, or
     /// when the image is stripped the kallsyms tables inside it; or a
     /// System.map.
@@ -504,13 +517,7 @@ impl SymbolTable {
         let data = read_file(path)?;
         let name = path.display().to_string();
         if data.starts_with(b"\x7fELF") {
-            match Self::from_elf_bytes(&data, &name) {
-                Err(SymbolError::BadElf { why, .. }) if why.contains("no symbol table") => {
-                    let image = KernelImage::from_elf_bytes(&data, &name)?;
-                    Ok(kallsyms::decode(&image)?.table)
-                }
-                other => other,
-            }
+            Self::from_kernel_elf(&data, &name)
         } else {
             let text = String::from_utf8(data).map_err(|_| SymbolError::BadElf {
                 path: name.clone(),

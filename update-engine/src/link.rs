@@ -10,8 +10,39 @@ use goblin::elf::Elf;
 
 use crate::UpdateError;
 
-/// Sections a patch object carries that are not code or data to place.
-const SKIPPED: &[&str] = &["__mcount_loc", "__patchable_function_entries", ".eh_frame"];
+/// Allocated sections a patch object carries that are metadata for the
+/// kernel's own boot-time code patching or unwinding, not code or data to
+/// place. Leaving them out keeps the code as the compiler wrote it:
+/// `__fentry__` calls and return-thunk jumps stay calls to the running
+/// kernel's functions (correct, if not the fastest), `lock` prefixes stay.
+/// Without ORC data the kernel's unwinder cannot walk through patch code.
+const SKIPPED: &[&str] = &[
+    "__mcount_loc",
+    "__patchable_function_entries",
+    ".eh_frame",
+    ".return_sites",
+    ".retpoline_sites",
+    ".call_sites",
+    ".ibt_endbr_seal",
+    ".smp_locks",
+    ".orc_unwind",
+    ".orc_unwind_ip",
+    ".orc_header",
+];
+
+/// Sections whose code only works once the kernel has processed them
+/// (exception fixups, jump labels, BUG/WARN entries, alternatives, static
+/// calls, paravirt sites): a patch with them is refused rather than placed
+/// without them.
+const NEEDS_KERNEL: &[&str] = &[
+    "__ex_table",
+    "__jump_table",
+    "__bug_table",
+    ".altinstructions",
+    ".altinstr_replacement",
+    ".static_call_sites",
+    ".parainstructions",
+];
 
 /// A linked patch: bytes to copy to `base`, and where its symbols landed.
 #[derive(Debug, Clone)]
@@ -72,6 +103,16 @@ pub fn link(
             let sname = o.elf.shdr_strtab.get_at(sh.sh_name).unwrap_or("");
             if sh.sh_flags & SHF_ALLOC as u64 == 0 || sh.sh_size == 0 || SKIPPED.contains(&sname) {
                 continue;
+            }
+            if NEEDS_KERNEL.contains(&sname) {
+                return Err(UpdateError::BadObject {
+                    object: o.name.to_owned(),
+                    why: format!(
+                        "section {sname} needs the kernel to process it at load time \
+                         (exception fixups, jump labels, BUG/WARN, alternatives, static calls), \
+                         which lucos does not do yet: rewrite the replacement without it"
+                    ),
+                });
             }
             if sh.sh_flags & SHF_WRITE as u64 != 0 {
                 return Err(UpdateError::BadObject {

@@ -15,6 +15,7 @@ use std::path::Path;
 use ed25519_dalek::{Signature, Signer, Verifier};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use symbol_db::fixups::{reloc_len, RelocKind};
 use symbol_db::KernelIdentity;
 
 use crate::UpdateError;
@@ -36,10 +37,63 @@ pub struct FunctionPatch {
     pub old_file: Option<String>,
     /// Its size in bytes in the target build.
     pub old_size: u64,
-    /// SHA-256 of its bytes in the target build.
+    /// SHA-256 of its bytes in the target build, with the `old_masked`
+    /// ranges zeroed (see [`old_code_sha256`]).
     pub old_sha256: String,
+    /// Ranges (offset, length) of the function the kernel rewrites at boot
+    /// or run time (ftrace, alternatives, return thunks, jump labels, ...):
+    /// compared as zeros.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub old_masked: Vec<(u32, u32)>,
+    /// Absolute addresses in the function that KASLR moves (offset, kind):
+    /// the checker takes the running kernel's slide off them first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub old_relocs: Vec<(u32, RelocKind)>,
     /// The replacement's symbol in the patch object.
     pub new: String,
+}
+
+/// The hash a patch records for an old function: `code` as the file has it
+/// (`slide` 0) or as the running kernel has it (its KASLR slide), with each
+/// relocated address moved back to its link-time value and every masked
+/// range zeroed. Out-of-range entries are an error, not skipped.
+pub fn old_code_sha256(
+    code: &[u8],
+    masked: &[(u32, u32)],
+    relocs: &[(u32, RelocKind)],
+    slide: u64,
+) -> Result<String, String> {
+    let mut c = code.to_vec();
+    for &(off, kind) in relocs {
+        let at = off as usize;
+        let n = reloc_len(kind) as usize;
+        let field = c
+            .get_mut(at..at + n)
+            .ok_or_else(|| format!("relocation at +{off:#x} lies past the function's end"))?;
+        match kind {
+            RelocKind::Abs64 => {
+                let v = u64::from_le_bytes((&*field).try_into().expect("8 bytes"));
+                field.copy_from_slice(&v.wrapping_sub(slide).to_le_bytes());
+            }
+            RelocKind::Abs32 | RelocKind::Inverse32 => {
+                let v = u32::from_le_bytes((&*field).try_into().expect("4 bytes"));
+                let s = slide as u32;
+                let back = if kind == RelocKind::Abs32 {
+                    v.wrapping_sub(s)
+                } else {
+                    v.wrapping_add(s)
+                };
+                field.copy_from_slice(&back.to_le_bytes());
+            }
+        }
+    }
+    for &(off, len) in masked {
+        let (a, b) = (off as usize, off as usize + len as usize);
+        c.get_mut(a..b)
+            .ok_or_else(|| format!("masked range +{off:#x} lies past the function's end"))?
+            .fill(0);
+    }
+    Ok(sha256_hex(&c))
 }
 
 /// What a patch is and what it needs.
