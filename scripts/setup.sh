@@ -10,6 +10,8 @@ set -euo pipefail
 # if that is not the tested one.
 declare -A PKGS=(
   [gcc]="4:12.2.0-3"        # builds the test kernel
+  [gcc-12]="12.2.0-14+deb12u1"  # the Debian kernel's compiler: kbuild of Linux live patches
+  [libelf1]="0.188-2.1"     # objtool, run by kbuild
   [make]="4.3-4.1"
   [binutils]="2.40-2"       # ld for the test kernel
   [qemu-system-x86]="1:7.2+dfsg-7+deb12u18+b3"  # the emulated SVM host for Linux-guest tests
@@ -41,6 +43,8 @@ done
 
 # The pinned Debian kernel for Linux guests and the emulated host (sha256-checked, cached).
 "$(dirname "$0")/../guest-kernels/linux/fetch-kernel.sh" >/dev/null
+# Its kbuild tree (linux-headers), for Linux live patches built by `lucos build --kbuild`.
+"$(dirname "$0")/../guest-kernels/linux/fetch-headers.sh" >/dev/null
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: error: no Rust toolchain (cargo) found. Install rustup with Rust 1.85 or newer:" >&2

@@ -173,7 +173,7 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
     let kdata = symbol_db::read_file(&args.kernel)?;
     let ksyms = SymbolTable::from_kernel_elf(&kdata, &kname)?;
     let image = KernelImage::from_elf_bytes(&kdata, &kname)?;
-    let fixups = CodeFixups::from_elf_bytes(&kdata, &kname)?;
+    let fixups = CodeFixups::from_elf_bytes(&kdata, &kname, &ksyms)?;
     let target = KernelIdentity::from_elf(&kdata, &kname)?;
     if target.build_id.is_none() {
         return Err(CliError::Usage(format!(

@@ -55,51 +55,83 @@ fn kernel_addr(low: u32) -> u64 {
 
 impl CodeFixups {
     /// Reads the tables of an ELF kernel image (the test kernel, a vmlinux,
-    /// or the payload of a bzImage with its relocation table after it).
-    pub fn from_elf_bytes(data: &[u8], name: &str) -> Result<Self, SymbolError> {
+    /// or the payload of a bzImage with its relocation table after it). A
+    /// table is found as its own section or, where the linker script merges
+    /// it into another (`__mcount_loc` into `.init.data`, `__jump_table`
+    /// into `.data`), between its start and stop symbols in `symbols`.
+    pub fn from_elf_bytes(
+        data: &[u8],
+        name: &str,
+        symbols: &crate::SymbolTable,
+    ) -> Result<Self, SymbolError> {
         let bad = |why: String| SymbolError::BadElf {
             path: name.to_owned(),
             why,
         };
         let elf = Elf::parse(data).map_err(|e| bad(e.to_string()))?;
-        let mut fx = CodeFixups::default();
-        let section = |n: &str| {
-            elf.section_headers.iter().find(|sh| {
-                elf.shdr_strtab.get_at(sh.sh_name) == Some(n)
-                    && sh.sh_type != goblin::elf::section_header::SHT_NOBITS
-            })
-        };
         let image = crate::KernelImage::from_elf_bytes(data, name)?;
-        let text_len = |addr: u64| -> u64 {
-            // A relative call/jmp is 5 bytes, a conditional jump 6.
+        // (link address, bytes) of a table.
+        let table = |section: &str, start: &str, stop: &str| -> Option<(u64, Vec<u8>)> {
+            if let Some(sh) = elf.section_headers.iter().find(|sh| {
+                elf.shdr_strtab.get_at(sh.sh_name) == Some(section)
+                    && sh.sh_type != goblin::elf::section_header::SHT_NOBITS
+            }) {
+                return sec_bytes(data, sh).map(|b| (sh.sh_addr, b.to_vec()));
+            }
+            let a = symbols.lookup(start).ok()?.addr;
+            let b = symbols.lookup(stop).ok()?.addr;
+            if b <= a || b - a > 64 << 20 {
+                return None;
+            }
+            image.read(a, (b - a) as usize).map(|v| (a, v.to_vec()))
+        };
+        // A relative call/jmp is 5 bytes, a conditional jump 6.
+        let branch_len = |addr: u64| -> u64 {
             match image.read(addr, 1) {
                 Some([0x0f]) => 6,
                 _ => 5,
             }
         };
+        let rel32 = |base: u64, entry: usize, stride: usize, e: &[u8]| -> u64 {
+            let rel = i32::from_le_bytes(e[0..4].try_into().expect("4 bytes"));
+            (base + (entry * stride) as u64).wrapping_add(i64::from(rel) as u64)
+        };
+        let mut fx = CodeFixups::default();
         // Tables of 32-bit offsets relative to each entry.
-        for (table, fixed) in [
-            (".retpoline_sites", None),
-            (".return_sites", None),
-            (".smp_locks", Some(1)),
-            (".ibt_endbr_seal", Some(4)),
+        for (sec, start, stop, fixed) in [
+            (
+                ".retpoline_sites",
+                "__retpoline_sites",
+                "__retpoline_sites_end",
+                None,
+            ),
+            (
+                ".return_sites",
+                "__return_sites",
+                "__return_sites_end",
+                None,
+            ),
+            (".smp_locks", "__smp_locks", "__smp_locks_end", Some(1)),
+            (
+                ".ibt_endbr_seal",
+                "__ibt_endbr_seal",
+                "__ibt_endbr_seal_end",
+                Some(4),
+            ),
         ] {
-            let Some(sh) = section(table) else { continue };
-            let bytes =
-                sec_bytes(data, sh).ok_or_else(|| bad(format!("{table} lies outside the file")))?;
-            let mut n = 0;
-            for (i, w) in bytes.chunks_exact(4).enumerate() {
-                let rel = i32::from_le_bytes(w.try_into().expect("4 bytes"));
-                let at = (sh.sh_addr + 4 * i as u64).wrapping_add(i64::from(rel) as u64);
-                fx.masked.push((at, fixed.unwrap_or_else(|| text_len(at))));
-                n += 1;
+            let Some((base, bytes)) = table(sec, start, stop) else {
+                continue;
+            };
+            let n = bytes.len() / 4;
+            for (i, e) in bytes.chunks_exact(4).enumerate() {
+                let at = rel32(base, i, 4, e);
+                fx.masked
+                    .push((at, fixed.unwrap_or_else(|| branch_len(at))));
             }
-            fx.tables.push((table.into(), n));
+            fx.tables.push((sec.into(), n));
         }
         // __mcount_loc: absolute addresses of the 5-byte fentry calls.
-        if let Some(sh) = section("__mcount_loc") {
-            let bytes = sec_bytes(data, sh)
-                .ok_or_else(|| bad("__mcount_loc lies outside the file".into()))?;
+        if let Some((_, bytes)) = table("__mcount_loc", "__start_mcount_loc", "__stop_mcount_loc") {
             let v: Vec<u64> = bytes
                 .chunks_exact(8)
                 .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
@@ -110,44 +142,53 @@ impl CodeFixups {
         }
         // struct alt_instr (Linux 5.x-6.2): s32 instr, s32 repl, u16 cpuid,
         // u8 instrlen, u8 replacementlen.
-        if let Some(sh) = section(".altinstructions") {
-            let bytes = sec_bytes(data, sh)
-                .ok_or_else(|| bad(".altinstructions lies outside the file".into()))?;
-            let mut n = 0;
+        if let Some((base, bytes)) = table(
+            ".altinstructions",
+            "__alt_instructions",
+            "__alt_instructions_end",
+        ) {
             for (i, e) in bytes.chunks_exact(12).enumerate() {
-                let rel = i32::from_le_bytes(e[0..4].try_into().expect("4 bytes"));
-                let at = (sh.sh_addr + 12 * i as u64).wrapping_add(i64::from(rel) as u64);
-                fx.masked.push((at, u64::from(e[10])));
-                n += 1;
+                fx.masked.push((rel32(base, i, 12, e), u64::from(e[10])));
             }
-            fx.tables.push((".altinstructions".into(), n));
+            fx.tables
+                .push((".altinstructions".into(), bytes.len() / 12));
         }
         // struct paravirt_patch_site: u8 *instr, u8 type, u8 len (16 bytes).
-        if let Some(sh) = section(".parainstructions") {
-            let bytes = sec_bytes(data, sh)
-                .ok_or_else(|| bad(".parainstructions lies outside the file".into()))?;
-            let mut n = 0;
+        if let Some((_, bytes)) = table(
+            ".parainstructions",
+            "__parainstructions",
+            "__parainstructions_end",
+        ) {
             for e in bytes.chunks_exact(16) {
                 let at = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));
                 fx.masked.push((at, u64::from(e[9])));
-                n += 1;
             }
-            fx.tables.push((".parainstructions".into(), n));
+            fx.tables
+                .push((".parainstructions".into(), bytes.len() / 16));
         }
         // struct jump_entry: s32 code, s32 target, long key (16 bytes);
         // struct static_call_site: s32 addr, s32 key (8 bytes).
-        for (table, size) in [("__jump_table", 16usize), (".static_call_sites", 8)] {
-            let Some(sh) = section(table) else { continue };
-            let bytes =
-                sec_bytes(data, sh).ok_or_else(|| bad(format!("{table} lies outside the file")))?;
-            let mut n = 0;
+        for (sec, start, stop, size) in [
+            (
+                "__jump_table",
+                "__start___jump_table",
+                "__stop___jump_table",
+                16,
+            ),
+            (
+                ".static_call_sites",
+                "__start_static_call_sites",
+                "__stop_static_call_sites",
+                8,
+            ),
+        ] {
+            let Some((base, bytes)) = table(sec, start, stop) else {
+                continue;
+            };
             for (i, e) in bytes.chunks_exact(size).enumerate() {
-                let rel = i32::from_le_bytes(e[0..4].try_into().expect("4 bytes"));
-                let at = (sh.sh_addr + (size * i) as u64).wrapping_add(i64::from(rel) as u64);
-                fx.masked.push((at, 5));
-                n += 1;
+                fx.masked.push((rel32(base, i, size, e), 5));
             }
-            fx.tables.push((table.into(), n));
+            fx.tables.push((sec.into(), bytes.len() / size));
         }
         // Every masked site must lie in the image: a table whose layout is
         // not the one assumed above would point anywhere.
@@ -166,6 +207,7 @@ impl CodeFixups {
             fx.tables.push(("vmlinux.relocs".into(), fx.relocs.len()));
         }
         fx.masked.sort_unstable();
+        fx.masked.dedup();
         fx.relocs.sort_unstable_by_key(|r| r.0);
         Ok(fx)
     }

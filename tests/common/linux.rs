@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -147,7 +147,7 @@ impl ScenarioOutput {
 }
 
 /// What a scenario needs besides lucos and the guest's bzImage and initramfs.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Extras {
     /// `$QEMU`: QEMU, the reference VMM.
     pub qemu: bool,
@@ -155,6 +155,8 @@ pub struct Extras {
     pub vmlinux: bool,
     /// `$OTHER_KERNEL`: the lucos test kernel (another kernel build).
     pub testkernel: bool,
+    /// `$FILES`: a directory of files the scenario uses (patches, keys).
+    pub files: Option<PathBuf>,
 }
 
 /// Runs `scenario` against a guest whose /workload.sh is `workload`.
@@ -196,7 +198,7 @@ pub fn run_scenario_with(
     let mut attempt = 1;
     let result = loop {
         match run_once(
-            name, &dir, &pkg, &scn, &initrd, &vmlinux, flavor, extras, timeout,
+            name, &dir, &pkg, &scn, &initrd, &vmlinux, flavor, &extras, timeout,
         ) {
             Err(HostFailure(text)) if attempt == 1 => {
                 // The emulated host is QEMU TCG emulating SVM for a real
@@ -221,6 +223,10 @@ pub fn run_scenario_with(
     }
 }
 
+/// Seconds without a line from the emulated host (it prints a heartbeat every
+/// 20 s) after which it counts as hung.
+const HOST_SILENT_SECS: u64 = 120;
+
 /// The emulated host's own kernel locked up or panicked.
 struct HostFailure(String);
 
@@ -243,7 +249,7 @@ fn run_once(
     initrd: &Path,
     vmlinux: &Path,
     flavor: KvmFlavor,
-    extras: Extras,
+    extras: &Extras,
     timeout: Duration,
 ) -> Result<ScenarioOutput, HostFailure> {
     let lucos = PathBuf::from(env!("CARGO_BIN_EXE_lucos"));
@@ -258,7 +264,8 @@ fn run_once(
                 .env("LUCOS_RUN_DIR", dir.join("run"))
                 .env("QEMU", "qemu-system-x86_64")
                 .env("GUEST_VMLINUX", vmlinux)
-                .env("OTHER_KERNEL", env!("LUCOS_TESTKERNEL"));
+                .env("OTHER_KERNEL", env!("LUCOS_TESTKERNEL"))
+                .env("FILES", extras.files.clone().unwrap_or_default());
             (c, "this host's KVM")
         }
         KvmFlavor::Pvm => {
@@ -267,6 +274,7 @@ fn run_once(
                 Command::new(repo().join("guest-kernels/linux/emulated-host/mkinitramfs-host.sh"))
                     .args([host_initrd.as_path(), pkg, &lucos, initrd, scn])
                     .env("WITH_QEMU", if extras.qemu { "1" } else { "0" })
+                    .env("WITH_FILES", extras.files.clone().unwrap_or_default())
                     .env(
                         "WITH_TESTKERNEL",
                         if extras.testkernel {
@@ -305,13 +313,21 @@ fn run_once(
     let stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
     let failed = Arc::new(AtomicBool::new(false));
+    // Seconds after `started` of the last line from the scenario.
+    let started = Instant::now();
+    let heard = Arc::new(AtomicU64::new(0));
     let out_t = {
         let failed = failed.clone();
+        let heard = heard.clone();
         std::thread::spawn(move || {
             let mut s = String::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                heard.store(started.elapsed().as_secs(), Ordering::SeqCst);
                 if host_failed(&line) {
                     failed.store(true, Ordering::SeqCst);
+                }
+                if line.starts_with("@@HOST alive") {
+                    continue;
                 }
                 s.push_str(&line);
                 s.push('\n');
@@ -329,6 +345,12 @@ fn run_once(
     loop {
         if child.try_wait().expect("wait").is_some() {
             break;
+        }
+        // The emulated host prints a heartbeat every 20 s (host-init.sh).
+        let silent = started.elapsed().as_secs() - heard.load(Ordering::SeqCst);
+        if matches!(flavor, KvmFlavor::Pvm) && silent > HOST_SILENT_SECS {
+            eprintln!("scenario {name}: the emulated host printed nothing for {silent} s: hung");
+            failed.store(true, Ordering::SeqCst);
         }
         let host_dead = failed.load(Ordering::SeqCst);
         if host_dead || Instant::now() > deadline {

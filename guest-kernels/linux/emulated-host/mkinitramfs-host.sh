@@ -48,5 +48,9 @@ fi
 if [ -n "${WITH_TESTKERNEL:-}" ]; then
   cp "$WITH_TESTKERNEL" "$root/guest/testkernel.elf"
 fi
+# WITH_FILES=DIR: files the scenario uses (patches, keys), as /guest/files.
+if [ -n "${WITH_FILES:-}" ]; then
+  cp -r "$WITH_FILES" "$root/guest/files"
+fi
 cp "$scenario" "$root/scenario.sh"
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$out"

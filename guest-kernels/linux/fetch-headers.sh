@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Fetches the pinned kbuild tree of the Debian guest kernel (linux-headers for
+# the cloud flavour, its common part, and linux-kbuild: same version as the
+# kernel, each sha256-checked), unpacks them into one tree in the asset cache,
+# and points the flavour's Makefile at the unpacked common part instead of
+# /usr/src. Idempotent. Prints the kbuild directory for `lucos build --kbuild`.
+#   guest-kernels/linux/fetch-headers.sh [CACHE_DIR]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+. "$here/versions.env"
+cache=${1:-${LUCOS_ASSETS:-$here/../../target/lucos-assets}}
+mkdir -p "$cache"
+cache=$(cd "$cache" && pwd)
+root="$cache/linux-headers-$KERNEL_PKG_VERSION"
+kbuild="$root/usr/src/linux-headers-$KERNEL_RELEASE"
+
+if [ -f "$root/.complete" ]; then
+  echo "$kbuild"
+  exit 0
+fi
+debs=()
+for spec in $HEADERS_PKGS; do
+  pkg=${spec%%:*} arch=${spec##*:}
+  var="HEADERS_SHA256_$(echo "$pkg" | tr .- __)"
+  sum=${!var}
+  deb="$cache/${pkg}_${KERNEL_PKG_VERSION}_${arch}.deb"
+  if [ ! -f "$deb" ] || ! echo "$sum  $deb" | sha256sum -c --status; then
+    echo "fetch-headers: downloading $pkg=$KERNEL_PKG_VERSION" >&2
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    (cd "$cache" && apt-get download -q "$pkg=$KERNEL_PKG_VERSION" >&2 2>/dev/null) ||
+      { $SUDO apt-get update -qq >&2 && (cd "$cache" && apt-get download -q "$pkg=$KERNEL_PKG_VERSION" >&2 2>/dev/null); } || {
+        echo "fetch-headers: cannot download $pkg=$KERNEL_PKG_VERSION with apt-get" >&2
+        exit 1
+      }
+  fi
+  if ! echo "$sum  $deb" | sha256sum -c --status; then
+    echo "fetch-headers: sha256 mismatch for $deb" >&2
+    echo "  expected $sum" >&2
+    echo "  got      $(sha256sum "$deb" | cut -d' ' -f1)" >&2
+    exit 1
+  fi
+  debs+=("$deb")
+done
+rm -rf "$root.tmp"
+mkdir -p "$root.tmp"
+for deb in "${debs[@]}"; do
+  dpkg-deb -x "$deb" "$root.tmp"
+done
+common="/usr/src/linux-headers-${KERNEL_RELEASE%-cloud-amd64}-common"
+mk="$root.tmp/usr/src/linux-headers-$KERNEL_RELEASE/Makefile"
+grep -q "^include $common/Makefile" "$mk" || {
+  echo "fetch-headers: $mk does not include $common/Makefile as expected" >&2
+  exit 1
+}
+sed -i "s|^include $common/Makefile|include $root$common/Makefile|" "$mk"
+rm -rf "$root"
+mv "$root.tmp" "$root"
+touch "$root/.complete"
+echo "$kbuild"

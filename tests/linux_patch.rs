@@ -1,0 +1,282 @@
+//! Live patching a running Debian cloud kernel (KASLR on, 2 vCPUs): patches
+//! built by `lucos build` with kbuild against the pinned linux-headers,
+//! replacing `cmdline_proc_show` and `meminfo_proc_show`; the guest's
+//! /proc/cmdline and /proc/meminfo change and come back on revert. Bad
+//! patches are refused with the kernel text byte-identical.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::linux::{package_vmlinux, run_scenario_with, Extras};
+
+const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+/// The replacements: both show what they are, from kernel data and kernel
+/// functions the patch links against (saved_command_line, si_meminfo,
+/// seq_printf) through the guest's kallsyms.
+const FIX: &str = r#"#include <linux/seq_file.h>
+#include <linux/init.h>
+#include <linux/mm.h>
+
+int cmdline_proc_show(struct seq_file *m, void *v)
+{
+	seq_printf(m, "%s lucos.patched=1\n", saved_command_line);
+	return 0;
+}
+
+int meminfo_proc_show(struct seq_file *m, void *v)
+{
+	struct sysinfo i;
+
+	si_meminfo(&i);
+	seq_printf(m, "MemTotal:       %8lu kB\n", i.totalram << (PAGE_SHIFT - 10));
+	seq_printf(m, "MemFree:        %8lu kB\n", i.freeram << (PAGE_SHIFT - 10));
+	seq_puts(m, "LucosPatched:          1\n");
+	return 0;
+}
+"#;
+
+const UNKNOWN: &str = r#"#include <linux/seq_file.h>
+extern int no_such_kernel_function(struct seq_file *m);
+int cmdline_proc_show(struct seq_file *m, void *v)
+{
+	return no_such_kernel_function(m);
+}
+"#;
+
+/// The guest prints what the two files say, twice a second.
+const WORKLOAD: &str = r#"#!/bin/sh
+i=0
+while [ $i -lt 1200 ]; do
+  echo "@@CMD $(cat /proc/cmdline)"
+  echo "@@MEM lines=$(wc -l < /proc/meminfo) last=$(tail -n 1 /proc/meminfo | tr -s ' ')"
+  i=$((i + 1)); sleep 0.5
+done
+"#;
+
+const SCENARIO: &str = r#"
+LOG=/tmp/lx.serial
+sha() { $LUCOS list --vm lx --json | tr -d ' \n' | grep -o '"sha256":"[0-9a-f]*"' | cut -d'"' -f4 || true; }
+wait_for() {
+  n=0
+  until tail -n 4 $LOG | grep -q "$1"; do
+    sleep 0.2; n=$((n + 1))
+    if [ $n -gt 600 ]; then echo "@@SCN timeout waiting for $1"; return 1; fi
+  done
+  return 0
+}
+$LUCOS run --vm lx --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --serial-log $LOG --trusted-key $FILES/key.pub --quiet --detach
+wait_for "@@CMD" || { sed 's/^/G| /' $LOG; sed 's/^/V| /' $LUCOS_RUN_DIR/lx.log; exit 1; }
+$LUCOS list --vm lx --json > /tmp/l 2>&1 || { echo "@@SCN list failed: $(cat /tmp/l)"; }
+S0=$(sha); echo "@@SCN sha before $S0"
+for p in unsigned tampered otherbuild mismatch unknown; do
+  $LUCOS patch --vm lx $FILES/$p.lup > /tmp/o 2>&1; rc=$?
+  echo "@@SCN refuse $p rc=$rc sha=$(sha) msg=$(tr '\n' ' ' < /tmp/o)"
+done
+$LUCOS patch --vm lx $FILES/procfix.lup > /tmp/o 2>&1; echo "@@SCN apply rc=$? $(tr '\n' ' ' < /tmp/o)"
+S1=$(sha); echo "@@SCN sha patched $S1"
+wait_for "lucos.patched=1" && wait_for "LucosPatched" && echo "@@SCN seen patched"
+tail -n 6 $LOG | grep "@@" | sed 's/^/@@SCN while patched /'
+$LUCOS list --vm lx | sed 's/^/@@SCN list /'
+$LUCOS revert --vm lx procfix > /tmp/o 2>&1; echo "@@SCN revert rc=$? $(tr '\n' ' ' < /tmp/o)"
+# Lines the guest printed from 1 s after the revert on.
+sleep 1; n1=$(wc -l < $LOG); sleep 1.5
+tail -n +$((n1 + 1)) $LOG | grep "@@" | sed 's/^/@@SCN after revert /'
+echo "@@SCN sha after $(sha)"
+$LUCOS status --vm lx | sed 's/^/@@SCN status /'
+sed 's/^/G| /' $LOG | tail -n 20
+$LUCOS stop --vm lx >/dev/null
+"#;
+
+fn lucos(args: &[&str]) {
+    let o = Command::new(env!("CARGO_BIN_EXE_lucos"))
+        .args(args)
+        .output()
+        .expect("run lucos");
+    assert!(
+        o.status.success(),
+        "lucos {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `lucos build` of `src` against `vmlinux` with kbuild.
+fn build(dir: &Path, kbuild: &str, vmlinux: &Path, name: &str, src: &str, extra: &[&str]) {
+    let c = dir.join(format!("{name}_src.c"));
+    std::fs::write(&c, src).expect("source");
+    let key = dir.join("key");
+    let out = dir.join(format!("{name}.lup"));
+    let mut args = vec![
+        "build",
+        "--kernel",
+        vmlinux.to_str().expect("utf8"),
+        "--kbuild",
+        kbuild,
+        "--name",
+        name,
+        "-o",
+        out.to_str().expect("utf8"),
+    ];
+    if !extra.contains(&"--unsigned") {
+        args.extend(["--key", key.to_str().expect("utf8")]);
+    }
+    args.extend_from_slice(extra);
+    args.push(c.to_str().expect("utf8"));
+    lucos(&args);
+}
+
+/// A copy of `vmlinux` changed by `f`.
+fn altered(dir: &Path, vmlinux: &[u8], name: &str, f: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    let mut v = vmlinux.to_vec();
+    f(&mut v);
+    let p = dir.join(name);
+    std::fs::write(&p, v).expect("write");
+    p
+}
+
+#[test]
+fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
+    let kbuild = String::from_utf8(
+        Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/guest-kernels/linux/fetch-headers.sh"
+        ))
+        .output()
+        .expect("fetch-headers.sh")
+        .stdout,
+    )
+    .expect("utf8")
+    .trim()
+    .to_owned();
+    assert!(Path::new(&kbuild).join("Makefile").exists(), "{kbuild}");
+    let dir = std::env::temp_dir().join(format!("lucos-patchfiles-{}", std::process::id()));
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).expect("dir");
+    let vm = package_vmlinux();
+    let vmlinux = altered(&dir, &vm, "vmlinux", |_| {});
+    lucos(&["keygen", "-o", files.join("key").to_str().expect("utf8")]);
+    let b = |name: &str, src: &str, extra: &[&str], kernel: &Path| {
+        build(&files, &kbuild, kernel, name, src, extra)
+    };
+    b("procfix", FIX, &[], &vmlinux);
+    b("unsigned", FIX, &["--unsigned"], &vmlinux);
+    b("unknown", UNKNOWN, &[], &vmlinux);
+    // Tampered: a byte of the signed file flipped.
+    let mut t = std::fs::read(files.join("procfix.lup")).expect("lup");
+    let at = t.len() - 300;
+    t[at] ^= 0x40;
+    std::fs::write(files.join("tampered.lup"), t).expect("write");
+    // Another build: the same image with another build-id.
+    let syms = symbol_db::SymbolTable::from_kernel_elf(&vm, "vmlinux").expect("kallsyms");
+    let id = symbol_db::KernelIdentity::from_elf(&vm, "vmlinux").expect("identity");
+    let build_id = hex_bytes(id.build_id.as_deref().expect("build-id"));
+    let other = altered(&dir, &vm, "other.vmlinux", |v| {
+        let at = find(v, &build_id).expect("build-id bytes in the image");
+        v[at..at + build_id.len()].fill(0x5a);
+    });
+    b("otherbuild", FIX, &[], &other);
+    // Old bytes differ: cmdline_proc_show altered past its ftrace site.
+    let f = syms.lookup("cmdline_proc_show").expect("symbol");
+    let off = file_offset(&vm, f.addr + 12);
+    let mism = altered(&dir, &vm, "mismatch.vmlinux", |v| v[off] ^= 0xff);
+    b("mismatch", FIX, &[], &mism);
+
+    let out = run_scenario_with(
+        "patch",
+        WORKLOAD,
+        &format!("CMDLINE=\"{CMDLINE}\"\n{SCENARIO}"),
+        Duration::from_secs(600),
+        Extras {
+            files: Some(files.clone()),
+            ..Extras::default()
+        },
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let line = |prefix: &str| -> String {
+        out.text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no '{prefix}' line:\n{}", out.text))
+            .to_owned()
+    };
+    let sha0 = line("@@SCN sha before ")["@@SCN sha before ".len()..].to_owned();
+    assert_eq!(sha0.len(), 64, "{}", out.text);
+    for (p, rc, why) in [
+        ("unsigned", 6, "is not signed"),
+        ("tampered", 6, "signature does not verify"),
+        ("otherbuild", 5, "is for another kernel build"),
+        ("mismatch", 6, "cmdline_proc_show does not match"),
+        ("unknown", 6, "no symbol named 'no_such_kernel_function'"),
+    ] {
+        let l = line(&format!("@@SCN refuse {p} "));
+        assert!(l.contains(&format!("rc={rc} ")), "{l}");
+        assert!(l.contains(why), "expected '{why}': {l}");
+        assert!(l.contains(&format!("sha={sha0} ")), "text changed: {l}");
+    }
+    let apply = line("@@SCN apply ");
+    assert!(apply.contains("rc=0"), "{}", out.text);
+    assert!(
+        apply.contains("2 functions switched in one pause"),
+        "{apply}"
+    );
+    assert_ne!(
+        line("@@SCN sha patched "),
+        format!("@@SCN sha patched {sha0}")
+    );
+    out.expect("@@SCN seen patched");
+    let cmd = format!("@@CMD {CMDLINE} lucos.patched=1");
+    assert!(out.text.lines().any(|l| l.ends_with(&cmd)), "{}", out.text);
+    out.expect("@@MEM lines=3 last=LucosPatched: 1");
+    assert!(line("@@SCN revert ").contains("rc=0"), "{}", out.text);
+    // After the revert the guest reads the kernel's own files again.
+    let after: Vec<&str> = out
+        .text
+        .lines()
+        .filter(|l| l.starts_with("@@SCN after revert "))
+        .collect();
+    assert!(
+        after
+            .iter()
+            .any(|l| l.ends_with(&format!("@@CMD {CMDLINE}"))),
+        "{}",
+        out.text
+    );
+    assert!(
+        after
+            .iter()
+            .all(|l| !l.contains("patched") && !l.contains("Lucos")),
+        "{after:?}"
+    );
+    assert_eq!(line("@@SCN sha after "), format!("@@SCN sha after {sha0}"));
+    assert!(line("@@SCN status ").contains("running"), "{}", out.text);
+    eprintln!("{apply}\n{}", line("@@SCN revert "));
+}
+
+fn hex_bytes(h: &str) -> Vec<u8> {
+    (0..h.len() / 2)
+        .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// File offset of virtual address `va` in an ELF image.
+fn file_offset(elf: &[u8], va: u64) -> usize {
+    let e = goblin::elf::Elf::parse(elf).expect("elf");
+    let ph = e
+        .program_headers
+        .iter()
+        .find(|ph| {
+            ph.p_type == goblin::elf::program_header::PT_LOAD
+                && va >= ph.p_vaddr
+                && va < ph.p_vaddr + ph.p_filesz
+        })
+        .expect("segment");
+    (ph.p_offset + (va - ph.p_vaddr)) as usize
+}
