@@ -173,7 +173,7 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
     let kdata = symbol_db::read_file(&args.kernel)?;
     let ksyms = SymbolTable::from_kernel_elf(&kdata, &kname)?;
     let image = KernelImage::from_elf_bytes(&kdata, &kname)?;
-    let fixups = CodeFixups::from_elf_bytes(&kdata, &kname, &ksyms)?;
+    let fixups = CodeFixups::from_elf_bytes(&kdata, &kname, &image, &ksyms)?;
     let target = KernelIdentity::from_elf(&kdata, &kname)?;
     if target.build_id.is_none() {
         return Err(CliError::Usage(format!(
@@ -194,21 +194,22 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
     let tmp = std::env::temp_dir().join(format!("lucos-build-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)
         .map_err(|e| CliError::io("cannot create a build directory".into(), e))?;
-    let compiled = compile(&args, &tmp);
-    let objs = match compiled {
-        Ok(o) => o,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
+    // (stem, object bytes) per source; the build directory goes either way.
+    let compiled = compile(&args, &tmp).and_then(|objs| {
+        objs.into_iter()
+            .map(|(stem, obj)| {
+                std::fs::read(&obj)
+                    .map(|data| (stem, data))
+                    .map_err(|e| CliError::io(format!("cannot read {}", obj.display()), e))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
     let mut objects = Vec::new();
     let mut functions = Vec::new();
-    for (stem, obj) in objs {
-        let data = std::fs::read(&obj)
-            .map_err(|e| CliError::io(format!("cannot read {}", obj.display()), e))?;
+    for (stem, data) in compiled? {
         // Replacement functions: those the object defines that the kernel has.
-        let osyms = SymbolTable::from_elf_bytes(&data, &obj.display().to_string())?;
+        let osyms = SymbolTable::from_elf_bytes(&data, &format!("{stem}.o"))?;
         for s in osyms
             .iter()
             .filter(|s| s.kind == symbol_db::SymbolKind::Function)
@@ -255,7 +256,6 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
         }
         objects.push((format!("{stem}.o"), data));
     }
-    let _ = std::fs::remove_dir_all(&tmp);
     if functions.is_empty() {
         return Err(CliError::Usage(
             "the sources define no function the kernel has: nothing to replace".into(),

@@ -59,9 +59,11 @@ impl CodeFixups {
     /// table is found as its own section or, where the linker script merges
     /// it into another (`__mcount_loc` into `.init.data`, `__jump_table`
     /// into `.data`), between its start and stop symbols in `symbols`.
+    /// `image` is `data`'s [`crate::KernelImage`].
     pub fn from_elf_bytes(
         data: &[u8],
         name: &str,
+        image: &crate::KernelImage,
         symbols: &crate::SymbolTable,
     ) -> Result<Self, SymbolError> {
         let bad = |why: String| SymbolError::BadElf {
@@ -69,7 +71,6 @@ impl CodeFixups {
             why,
         };
         let elf = Elf::parse(data).map_err(|e| bad(e.to_string()))?;
-        let image = crate::KernelImage::from_elf_bytes(data, name)?;
         // (link address, bytes) of a table.
         let table = |section: &str, start: &str, stop: &str| -> Option<(u64, Vec<u8>)> {
             if let Some(sh) = elf.section_headers.iter().find(|sh| {
@@ -202,7 +203,7 @@ impl CodeFixups {
                  its layout is not the one this lucos knows"
             )));
         }
-        fx.relocs = appended_relocs(data, &elf, &image).map_err(bad)?;
+        fx.relocs = appended_relocs(data, &elf, image).map_err(bad)?;
         if !fx.relocs.is_empty() {
             fx.tables.push(("vmlinux.relocs".into(), fx.relocs.len()));
         }
