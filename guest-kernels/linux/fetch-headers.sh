@@ -15,7 +15,8 @@ cache=$(cd "$cache" && pwd)
 root="$cache/linux-headers-$KERNEL_PKG_VERSION"
 kbuild="$root/usr/src/linux-headers-$KERNEL_RELEASE"
 
-if [ -f "$root/.complete" ]; then
+# Done already, unless the cache moved (the Makefile names its own path).
+if [ -f "$root/.complete" ] && grep -q "^include $root/" "$kbuild/Makefile"; then
   echo "$kbuild"
   exit 0
 fi
