@@ -9,6 +9,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 . "$here/versions.env"
+# shellcheck source=fetch-deb.sh
+. "$here/fetch-deb.sh"
 cache=${1:-${LUCOS_ASSETS:-$here/../../target/lucos-assets}}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
@@ -26,21 +28,7 @@ for spec in $HEADERS_PKGS; do
   var="HEADERS_SHA256_$(echo "$pkg" | tr .- __)"
   sum=${!var}
   deb="$cache/${pkg}_${KERNEL_PKG_VERSION}_${arch}.deb"
-  if [ ! -f "$deb" ] || ! echo "$sum  $deb" | sha256sum -c --status; then
-    echo "fetch-headers: downloading $pkg=$KERNEL_PKG_VERSION" >&2
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    (cd "$cache" && apt-get download -q "$pkg=$KERNEL_PKG_VERSION" >&2 2>/dev/null) ||
-      { $SUDO apt-get update -qq >&2 && (cd "$cache" && apt-get download -q "$pkg=$KERNEL_PKG_VERSION" >&2 2>/dev/null); } || {
-        echo "fetch-headers: cannot download $pkg=$KERNEL_PKG_VERSION with apt-get" >&2
-        exit 1
-      }
-  fi
-  if ! echo "$sum  $deb" | sha256sum -c --status; then
-    echo "fetch-headers: sha256 mismatch for $deb" >&2
-    echo "  expected $sum" >&2
-    echo "  got      $(sha256sum "$deb" | cut -d' ' -f1)" >&2
-    exit 1
-  fi
+  fetch_deb fetch-headers "$pkg" "$KERNEL_PKG_VERSION" "$sum" "$deb"
   debs+=("$deb")
 done
 rm -rf "$root.tmp"

@@ -6,6 +6,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 . "$here/versions.env"
+# shellcheck source=fetch-deb.sh
+. "$here/fetch-deb.sh"
 cache=${1:-${LUCOS_ASSETS:-$here/../../target/lucos-assets}}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
@@ -16,21 +18,7 @@ if [ -f "$out/.complete" ]; then
   echo "$out"
   exit 0
 fi
-if [ ! -f "$deb" ] || ! echo "$KERNEL_PKG_SHA256  $deb" | sha256sum -c --status; then
-  echo "fetch-kernel: downloading $KERNEL_PKG=$KERNEL_PKG_VERSION" >&2
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  (cd "$cache" && apt-get download -q "$KERNEL_PKG=$KERNEL_PKG_VERSION" >&2 2>/dev/null) ||
-    { $SUDO apt-get update -qq >&2 && (cd "$cache" && apt-get download -q "$KERNEL_PKG=$KERNEL_PKG_VERSION" >&2 2>/dev/null); } || {
-      echo "fetch-kernel: cannot download $KERNEL_PKG=$KERNEL_PKG_VERSION with apt-get" >&2
-      exit 1
-    }
-fi
-if ! echo "$KERNEL_PKG_SHA256  $deb" | sha256sum -c --status; then
-  echo "fetch-kernel: sha256 mismatch for $deb" >&2
-  echo "  expected $KERNEL_PKG_SHA256" >&2
-  echo "  got      $(sha256sum "$deb" | cut -d' ' -f1)" >&2
-  exit 1
-fi
+fetch_deb fetch-kernel "$KERNEL_PKG" "$KERNEL_PKG_VERSION" "$KERNEL_PKG_SHA256" "$deb"
 rm -rf "$out.tmp"
 dpkg-deb -x "$deb" "$out.tmp"
 rm -rf "$out"
