@@ -181,7 +181,7 @@ fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
     b("otherbuild", FIX, &[], &other);
     // Old bytes differ: cmdline_proc_show altered past its ftrace site.
     let f = syms.lookup("cmdline_proc_show").expect("symbol");
-    let off = file_offset(&vm, f.addr + 12);
+    let off = common::file_offset_of_vaddr(&vm, f.addr + 12);
     let mism = altered(&dir, &vm, "mismatch.vmlinux", |v| v[off] ^= 0xff);
     b("mismatch", FIX, &[], &mism);
 
@@ -264,19 +264,4 @@ fn hex_bytes(h: &str) -> Vec<u8> {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// File offset of virtual address `va` in an ELF image.
-fn file_offset(elf: &[u8], va: u64) -> usize {
-    let e = goblin::elf::Elf::parse(elf).expect("elf");
-    let ph = e
-        .program_headers
-        .iter()
-        .find(|ph| {
-            ph.p_type == goblin::elf::program_header::PT_LOAD
-                && va >= ph.p_vaddr
-                && va < ph.p_vaddr + ph.p_filesz
-        })
-        .expect("segment");
-    (ph.p_offset + (va - ph.p_vaddr)) as usize
 }

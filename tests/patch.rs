@@ -309,18 +309,7 @@ fn bad_patches_are_refused_and_leave_the_kernel_text_byte_identical() {
     let mut k = std::fs::read(kernel()).expect("kernel");
     let syms = symbol_db::SymbolTable::from_elf_bytes(&k, "k").expect("syms");
     let f = syms.lookup("lucos_version").expect("sym");
-    let elf = goblin::elf::Elf::parse(&k).expect("elf");
-    let ph = elf
-        .program_headers
-        .iter()
-        .find(|ph| {
-            ph.p_type == goblin::elf::program_header::PT_LOAD
-                && f.addr >= ph.p_vaddr
-                && f.addr < ph.p_vaddr + ph.p_filesz
-        })
-        .expect("segment");
-    let off = (ph.p_offset + (f.addr - ph.p_vaddr)) as usize + 8;
-    drop(elf);
+    let off = common::file_offset_of_vaddr(&k, f.addr) + 8;
     k[off] ^= 0xff;
     std::fs::write(&altered, &k).expect("write");
     let mism = build("mismatch", FIX, &[], p(&altered));

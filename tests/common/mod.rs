@@ -99,3 +99,18 @@ impl TestVm {
         );
     }
 }
+
+/// File offset of virtual address `va` in an ELF image, from its program headers.
+pub fn file_offset_of_vaddr(elf: &[u8], va: u64) -> usize {
+    let parsed = goblin::elf::Elf::parse(elf).expect("ELF");
+    let ph = parsed
+        .program_headers
+        .iter()
+        .find(|p| {
+            p.p_type == goblin::elf::program_header::PT_LOAD
+                && va >= p.p_vaddr
+                && va < p.p_vaddr + p.p_filesz
+        })
+        .expect("segment holding the address");
+    (ph.p_offset + (va - ph.p_vaddr)) as usize
+}
