@@ -11,21 +11,6 @@ fn parse_hex(s: &str) -> u64 {
     u64::from_str_radix(s, 16).unwrap_or_else(|_| panic!("bad hex '{s}'"))
 }
 
-/// File offset of guest-physical `pa` in the ELF image, from its program headers.
-fn file_offset_of(elf: &[u8], pa: u64) -> usize {
-    let parsed = goblin::elf::Elf::parse(elf).expect("ELF");
-    let ph = parsed
-        .program_headers
-        .iter()
-        .find(|p| {
-            p.p_type == goblin::elf::program_header::PT_LOAD
-                && pa >= p.p_paddr
-                && pa < p.p_paddr + p.p_filesz
-        })
-        .expect("segment holding the address");
-    (ph.p_offset + (pa - ph.p_paddr)) as usize
-}
-
 #[test]
 fn walker_agrees_with_the_kernels_own_mappings() {
     let t = boot(2, "selftest iters=0 report=0");
@@ -85,7 +70,7 @@ fn walker_agrees_with_the_kernels_own_mappings() {
         assert!(!tr.user && !tr.no_execute, "{name} is kernel code");
         let mut guest = [0u8; 16];
         t.vm.ram().read(tr.gpa, &mut guest).expect("read");
-        let file_off = file_offset_of(&elf, tr.gpa);
+        let file_off = common::file_offset_of_paddr(&elf, tr.gpa);
         assert_eq!(&guest, &elf[file_off..file_off + 16], "{name} bytes");
         // Compiled like Linux: a 5-byte nop at entry.
         assert_eq!(

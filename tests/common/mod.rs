@@ -102,15 +102,24 @@ impl TestVm {
 
 /// File offset of virtual address `va` in an ELF image, from its program headers.
 pub fn file_offset_of_vaddr(elf: &[u8], va: u64) -> usize {
+    file_offset(elf, va, |p| p.p_vaddr)
+}
+
+/// File offset of physical (load) address `pa` in an ELF image.
+pub fn file_offset_of_paddr(elf: &[u8], pa: u64) -> usize {
+    file_offset(elf, pa, |p| p.p_paddr)
+}
+
+fn file_offset(elf: &[u8], addr: u64, base: fn(&goblin::elf::ProgramHeader) -> u64) -> usize {
     let parsed = goblin::elf::Elf::parse(elf).expect("ELF");
     let ph = parsed
         .program_headers
         .iter()
         .find(|p| {
             p.p_type == goblin::elf::program_header::PT_LOAD
-                && va >= p.p_vaddr
-                && va < p.p_vaddr + p.p_filesz
+                && addr >= base(p)
+                && addr < base(p) + p.p_filesz
         })
         .expect("segment holding the address");
-    (ph.p_offset + (va - ph.p_vaddr)) as usize
+    (ph.p_offset + (addr - base(ph))) as usize
 }
