@@ -11,9 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/versions.env"
 # shellcheck source=fetch-deb.sh
 . "$here/fetch-deb.sh"
-cache=${1:-${LUCOS_ASSETS:-$here/../../target/lucos-assets}}
-mkdir -p "$cache"
-cache=$(cd "$cache" && pwd)
+cache=$(asset_cache "${1:-}")
 root="$cache/linux-headers-$KERNEL_PKG_VERSION"
 kbuild="$root/usr/src/linux-headers-$KERNEL_RELEASE"
 

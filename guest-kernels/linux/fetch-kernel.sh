@@ -8,9 +8,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/versions.env"
 # shellcheck source=fetch-deb.sh
 . "$here/fetch-deb.sh"
-cache=${1:-${LUCOS_ASSETS:-$here/../../target/lucos-assets}}
-mkdir -p "$cache"
-cache=$(cd "$cache" && pwd)
+cache=$(asset_cache "${1:-}")
 deb="$cache/${KERNEL_PKG}_${KERNEL_PKG_VERSION}_amd64.deb"
 out="$cache/$KERNEL_PKG-$KERNEL_PKG_VERSION"
 
