@@ -626,13 +626,18 @@ fn switch(vm: &Vm, paging: PagingState, plan: &[Write]) -> Result<(Duration, u32
         }
         gpas.push(t.gpa);
     }
+    // Everything the switch leaves, once (a stacked patch's code region is
+    // named by each of its functions), not inside every pause.
+    let mut leaving: Vec<Leaving> = plan.iter().flat_map(|w| w.leaving.clone()).collect();
+    leaving.sort_by_key(|l| (l.start, l.end));
+    leaving.dedup_by_key(|l| (l.start, l.end));
     let was_paused = vm.is_paused();
     for tries in 1..=MAX_TRIES {
         let t = Instant::now();
         if !was_paused {
             vm.pause()?;
         }
-        let result = switch_paused(vm, plan, &gpas);
+        let result = switch_paused(vm, plan, &gpas, &leaving);
         let took = t.elapsed();
         if !was_paused {
             vm.resume()?;
@@ -657,10 +662,14 @@ fn switch(vm: &Vm, paging: PagingState, plan: &[Write]) -> Result<(Duration, u32
 
 /// The writes, with every vCPU paused; nothing is written unless every
 /// check passes.
-fn switch_paused(vm: &Vm, plan: &[Write], gpas: &[u64]) -> Result<(), Refused> {
-    let leaving: Vec<Leaving> = plan.iter().flat_map(|w| w.leaving.clone()).collect();
+fn switch_paused(
+    vm: &Vm,
+    plan: &[Write],
+    gpas: &[u64],
+    leaving: &[Leaving],
+) -> Result<(), Refused> {
     for v in 0..vm.vcpu_count() {
-        if let Some(a) = vcpu_active(vm, v, &leaving).map_err(Refused::Failed)? {
+        if let Some(a) = vcpu_active(vm, v, leaving).map_err(Refused::Failed)? {
             return Err(Refused::Busy(usize::from(v), a));
         }
     }
