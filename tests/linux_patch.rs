@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::linux::{package_vmlinux, run_scenario_with, Extras};
+use common::linux::{kbuild_dir, package_vmlinux, run_scenario_with, Extras};
 
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
@@ -140,19 +140,8 @@ fn altered(dir: &Path, vmlinux: &[u8], name: &str, f: impl FnOnce(&mut Vec<u8>))
 
 #[test]
 fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
-    let kbuild = String::from_utf8(
-        Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/guest-kernels/linux/fetch-headers.sh"
-        ))
-        .output()
-        .expect("fetch-headers.sh")
-        .stdout,
-    )
-    .expect("utf8")
-    .trim()
-    .to_owned();
-    assert!(Path::new(&kbuild).join("Makefile").exists(), "{kbuild}");
+    let kbuild = kbuild_dir();
+    let kbuild = kbuild.to_str().expect("utf8");
     let dir = std::env::temp_dir().join(format!("lucos-patchfiles-{}", std::process::id()));
     let files = dir.join("files");
     std::fs::create_dir_all(&files).expect("dir");
@@ -160,7 +149,7 @@ fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
     let vmlinux = altered(&dir, &vm, "vmlinux", |_| {});
     lucos(&["keygen", "-o", files.join("key").to_str().expect("utf8")]);
     let b = |name: &str, src: &str, extra: &[&str], kernel: &Path| {
-        build(&files, &kbuild, kernel, name, src, extra)
+        build(&files, kbuild, kernel, name, src, extra)
     };
     b("procfix", FIX, &[], &vmlinux);
     b("unsigned", FIX, &["--unsigned"], &vmlinux);

@@ -90,6 +90,14 @@ pub fn kernel_pkg() -> PathBuf {
     PathBuf::from(run_script("guest-kernels/linux/fetch-kernel.sh", &[]))
 }
 
+/// The pinned kernel's kbuild tree (linux-headers, fetched and checked on
+/// first use): what `lucos build --kbuild` and livepatch modules build against.
+pub fn kbuild_dir() -> PathBuf {
+    let dir = PathBuf::from(run_script("guest-kernels/linux/fetch-headers.sh", &[]));
+    assert!(dir.join("Makefile").exists(), "{}", dir.display());
+    dir
+}
+
 /// The pinned guest kernel (bzImage).
 pub fn guest_kernel(pkg: &Path) -> PathBuf {
     let release = std::fs::read_to_string(repo().join("guest-kernels/linux/versions.env"))
@@ -157,6 +165,9 @@ pub struct Extras {
     pub testkernel: bool,
     /// `$FILES`: a directory of files the scenario uses (patches, keys).
     pub files: Option<PathBuf>,
+    /// A directory the guest's initramfs carries as /files (programs and
+    /// modules its workload runs).
+    pub guest_files: Option<PathBuf>,
 }
 
 /// Runs `scenario` against a guest whose /workload.sh is `workload`.
@@ -183,7 +194,13 @@ pub fn run_scenario_with(
     let wl = dir.join("workload.sh");
     std::fs::write(&wl, workload).expect("workload");
     let initrd = dir.join("guest-initrd.cpio.gz");
-    run_script("guest-kernels/linux/mkinitramfs-guest.sh", &[&initrd, &wl]);
+    match &extras.guest_files {
+        Some(files) => run_script(
+            "guest-kernels/linux/mkinitramfs-guest.sh",
+            &[&initrd, &wl, files],
+        ),
+        None => run_script("guest-kernels/linux/mkinitramfs-guest.sh", &[&initrd, &wl]),
+    };
     let scn = dir.join("scenario.sh");
     std::fs::write(&scn, format!("{SCENARIO_PRELUDE}\n{scenario}")).expect("scenario");
     let vmlinux = dir.join("vmlinux");
