@@ -1,0 +1,384 @@
+//! lucos live patching against Linux's own livepatch, in the same Debian 6.1
+//! guest (2 vCPUs) in the same run, doing the same change: 1 and then 10
+//! `/proc` show functions replaced by functions that print one fixed line.
+//!
+//! - lucos: `.lup` patches built by `lucos build --kbuild` against the pinned
+//!   linux-headers, applied and reverted from outside by `lucos patch` and
+//!   `lucos revert`. Figures from the VMM: the pause (every vCPU out of the
+//!   guest) and the whole operation (request to reply: verify, link, place,
+//!   pause and switch).
+//! - Linux livepatch: modules with a `klp_patch` of the same functions, built
+//!   by kbuild against the same headers, loaded in the guest with
+//!   finit_module and timed there (guest-kernels/linux/bench/klptime.c):
+//!   insmod (module load and `klp_enable_patch`, ftrace patching the sites)
+//!   and until `/sys/kernel/livepatch/NAME/transition` reads 0 (every task
+//!   switched); revert = writing 0 to `enabled` until the transition ends.
+//! - For both: the longest stall a guest user task saw while spinning on
+//!   CLOCK_MONOTONIC in a window around each operation, and the same in a
+//!   window with nothing happening (the noise floor).
+//!
+//! Every operation is checked: the ten /proc files show the patched text
+//! exactly when they should, or the benchmark fails.
+//!
+//! `cargo bench --bench livepatch` (LUCOS_BENCH_RUNS sets the runs, default 3).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::linux::{kbuild_dir, package_vmlinux, run_scenario_with, Extras};
+
+/// The replaced functions and the /proc file each one shows; every one is
+/// `int NAME(struct seq_file *m, void *v)` behind a single_open file.
+const FUNCS: [(&str, &str); 10] = [
+    ("cmdline_proc_show", "cmdline"),
+    ("version_proc_show", "version"),
+    ("loadavg_proc_show", "loadavg"),
+    ("uptime_proc_show", "uptime"),
+    ("meminfo_proc_show", "meminfo"),
+    ("show_softirqs", "softirqs"),
+    ("show_stat", "stat"),
+    ("filesystems_proc_show", "filesystems"),
+    ("execdomains_proc_show", "execdomains"),
+    ("proc_cgroupstats_show", "cgroups"),
+];
+
+/// The replacement body, the same for lucos and livepatch.
+fn body(file: &str) -> String {
+    format!("{{\n\tseq_puts(m, \"lucos-bench {file}\\n\");\n\treturn 0;\n}}\n")
+}
+
+/// Replacement functions for `lucos build`: named as the functions they replace.
+fn lucos_source(n: usize) -> String {
+    let mut s = String::from("#include <linux/seq_file.h>\n\n");
+    for (f, file) in &FUNCS[..n] {
+        s += &format!("int {f}(struct seq_file *m, void *v)\n{}\n", body(file));
+    }
+    s
+}
+
+/// A livepatch module replacing the same functions (the kernel's
+/// samples/livepatch shape: a klp_patch of one klp_object, vmlinux).
+fn klp_source(n: usize) -> String {
+    let mut s = String::from(
+        "#include <linux/module.h>\n#include <linux/livepatch.h>\n#include <linux/seq_file.h>\n\n",
+    );
+    for (f, file) in &FUNCS[..n] {
+        s += &format!(
+            "static int lpb_{f}(struct seq_file *m, void *v)\n{}\n",
+            body(file)
+        );
+    }
+    s += "static struct klp_func funcs[] = {\n";
+    for (f, _) in &FUNCS[..n] {
+        s += &format!("\t{{ .old_name = \"{f}\", .new_func = lpb_{f} }},\n");
+    }
+    s += "\t{ }\n};\n\nstatic struct klp_object objs[] = {\n\t{ .funcs = funcs },\n\t{ }\n};\n\n";
+    s += "static struct klp_patch patch = {\n\t.mod = THIS_MODULE,\n\t.objs = objs,\n};\n\n";
+    s += "static int __init lpb_init(void)\n{\n\treturn klp_enable_patch(&patch);\n}\n\n";
+    s += "static void __exit lpb_exit(void)\n{\n}\n\n";
+    s += "module_init(lpb_init);\nmodule_exit(lpb_exit);\nMODULE_LICENSE(\"GPL\");\nMODULE_INFO(livepatch, \"Y\");\n";
+    s
+}
+
+fn run(cmd: &mut Command) {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Builds the lucos patches into `files` and the modules and klptime into
+/// `guest` (the guest's /files).
+fn build_all(dir: &Path, files: &Path, guest: &Path) {
+    let kbuild = kbuild_dir();
+    let vmlinux = dir.join("vmlinux");
+    std::fs::write(&vmlinux, package_vmlinux()).expect("vmlinux");
+    let lucos = env!("CARGO_BIN_EXE_lucos");
+    let key = files.join("key");
+    run(Command::new(lucos).arg("keygen").arg("-o").arg(&key));
+    let kmod = dir.join("kmod");
+    std::fs::create_dir_all(&kmod).expect("kmod dir");
+    for n in [1, 10] {
+        let src = dir.join(format!("lpb{n}_src.c"));
+        std::fs::write(&src, lucos_source(n)).expect("source");
+        run(Command::new(lucos)
+            .args(["build", "--kernel"])
+            .arg(&vmlinux)
+            .arg("--kbuild")
+            .arg(&kbuild)
+            .args(["--name", &format!("lpb{n}"), "--key"])
+            .arg(&key)
+            .arg("-o")
+            .arg(files.join(format!("lpb{n}.lup")))
+            .arg(&src));
+        std::fs::write(kmod.join(format!("lpb{n}.c")), klp_source(n)).expect("module source");
+    }
+    std::fs::write(kmod.join("Kbuild"), "obj-m := lpb1.o lpb10.o\n").expect("Kbuild");
+    run(Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&kbuild)
+        .arg(format!("M={}", kmod.display()))
+        .arg("modules"));
+    for n in [1, 10] {
+        std::fs::copy(
+            kmod.join(format!("lpb{n}.ko")),
+            guest.join(format!("lpb{n}.ko")),
+        )
+        .expect("module");
+    }
+    run(Command::new("cc")
+        .args(["-static", "-O2", "-Wall", "-o"])
+        .arg(guest.join("klptime"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/guest-kernels/linux/bench/klptime.c"
+        )));
+}
+
+/// The guest: livepatch rounds first (it drives them itself), a window with
+/// nothing happening, then one stall-meter window per lucos operation, each
+/// announced with `@@ROUND K go` for the scenario to act in.
+fn workload(runs: usize) -> String {
+    let files: Vec<&str> = FUNCS.iter().map(|(_, f)| *f).collect();
+    format!(
+        r#"#!/bin/sh
+F=/files
+seen() {{ n=0; for f in {files}; do grep -qx "lucos-bench $f" /proc/$f && n=$((n + 1)); done; echo $n; }}
+echo "@@B start seen=$(seen)"
+for r in $(seq 1 {runs}); do
+  for n in 1 10; do
+    $F/klptime spin 5000 > /tmp/gap & sp=$!
+    sleep 0.5; $F/klptime load $F/lpb$n.ko lpb$n > /tmp/op 2>&1
+    wait $sp; echo "@@B sys=klp op=apply n=$n seen=$(seen) $(cat /tmp/op) $(cat /tmp/gap)"
+    $F/klptime spin 5000 > /tmp/gap & sp=$!
+    sleep 0.5; $F/klptime unload lpb$n > /tmp/op 2>&1
+    wait $sp; echo "@@B sys=klp op=revert n=$n seen=$(seen) $(cat /tmp/op) $(cat /tmp/gap)"
+  done
+done
+for r in $(seq 1 {runs}); do
+  $F/klptime spin 5000 > /tmp/gap; echo "@@B sys=idle op=none n=0 seen=$(seen) $(cat /tmp/gap)"
+done
+k=0
+for r in $(seq 1 {runs}); do
+  for n in 1 10; do
+    for op in apply revert; do
+      k=$((k + 1))
+      $F/klptime spin 5000 > /tmp/gap & sp=$!
+      echo "@@ROUND $k go"
+      wait $sp; echo "@@B sys=lucos op=$op n=$n seen=$(seen) $(cat /tmp/gap)"
+    done
+  done
+done
+echo "@@B end"
+"#,
+        files = files.join(" ")
+    )
+}
+
+/// The emulated host (or this host): runs the guest, and at each round the
+/// lucos operation, printing the VMM's figures.
+fn scenario(runs: usize) -> String {
+    format!(
+        r#"
+LOG=/tmp/b.serial
+await() {{
+  w=0
+  until grep -q "$1" $LOG; do
+    sleep 0.05; w=$((w + 1))
+    if [ $w -gt 12000 ]; then echo "@@SCN timeout waiting for $1"; sed 's/^/G| /' $LOG; return 1; fi
+  done
+}}
+# pause_us=.. total_us=.. tries=.. from the JSON reply in /tmp/o, or what it said.
+figures() {{
+  tr -d ' \n' < /tmp/o | grep -o '"\(pause_us\|total_us\|tries\)":[0-9.]*' | sed 's/"//g; s/:/=/' | tr '\n' ' '
+  grep -q '"pause_us"' /tmp/o || tr '\n' ' ' < /tmp/o
+}}
+$LUCOS run --vm b --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M \
+  --cmdline "console=ttyS0 panic=-1 quiet" --serial-log $LOG --trusted-key $FILES/key.pub --quiet --detach
+k=0
+for r in $(seq 1 {runs}); do
+  for n in 1 10; do
+    k=$((k + 1)); await "@@ROUND $k go" || exit 1
+    $LUCOS patch --vm b --json $FILES/lpb$n.lup > /tmp/o 2>&1
+    echo "@@SCN sys=lucos op=apply n=$n $(figures)"
+    k=$((k + 1)); await "@@ROUND $k go" || exit 1
+    $LUCOS revert --vm b --json lpb$n > /tmp/o 2>&1
+    echo "@@SCN sys=lucos op=revert n=$n $(figures)"
+  done
+done
+await "@@B end"
+grep "@@B" $LOG
+grep -i "livepatch\|taint" $LOG | sed 's/^/G| /'
+$LUCOS stop --vm b >/dev/null 2>&1 || true
+"#
+    )
+}
+
+/// `key=value` of a line, as a number.
+fn get(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let runs: usize = std::env::var("LUCOS_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let dir = std::env::temp_dir().join(format!("lucos-bench-livepatch-{}", std::process::id()));
+    let (files, guest) = (dir.join("files"), dir.join("guest"));
+    std::fs::create_dir_all(&files).expect("dir");
+    std::fs::create_dir_all(&guest).expect("dir");
+    build_all(&dir, &files, &guest);
+    let out = run_scenario_with(
+        "bench-livepatch",
+        &workload(runs),
+        &scenario(runs),
+        Duration::from_secs(600 + 240 * runs as u64),
+        Extras {
+            files: Some(files),
+            guest_files: Some(guest),
+            ..Extras::default()
+        },
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // (system, op, n) -> [figure name -> samples].
+    let mut rows: BTreeMap<(String, String, u32), BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    let mut add = |line: &str, keys: &[&'static str]| {
+        let key = (
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("sys="))
+                .unwrap_or("?")
+                .to_owned(),
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("op="))
+                .unwrap_or("?")
+                .to_owned(),
+            get(line, "n").unwrap_or(-1.0) as u32,
+        );
+        let row = rows.entry(key).or_default();
+        for k in keys {
+            if let Some(v) = get(line, k) {
+                row.entry(k).or_default().push(v);
+            }
+        }
+    };
+    for line in out.text.lines() {
+        let Some(at) = line.find("@@B sys=").or_else(|| line.find("@@SCN sys=")) else {
+            continue;
+        };
+        let line = &line[at..];
+        // Each operation must have done what it says.
+        if line.starts_with("@@B") {
+            let n = get(line, "n").unwrap_or(-1.0);
+            let expect = if line.contains("op=apply") { n } else { 0.0 };
+            assert_eq!(
+                get(line, "seen"),
+                Some(expect),
+                "the guest's /proc files do not show what they should after: {line}\n{}",
+                out.text
+            );
+        }
+        add(
+            line,
+            &[
+                "pause_us",
+                "total_us",
+                "tries",
+                "insmod_us",
+                "max_gap_us",
+                "rmmod_done_us",
+            ],
+        );
+    }
+    let want = |sys: &str, op: &str, n: u32, k: &str| -> f64 {
+        let v = rows
+            .get(&(sys.to_owned(), op.to_owned(), n))
+            .and_then(|r| r.get(k))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            v.len(),
+            runs,
+            "{sys} {op} n={n}: {k} measured {} times, not {runs}:\n{}",
+            v.len(),
+            out.text
+        );
+        median(v)
+    };
+    let ms = |us: f64| us / 1e3;
+    println!(
+        "Live patching Linux 6.1.0-56-cloud-amd64 (2 vCPUs, 256 MiB), lucos against Linux livepatch, \
+         same guest, same run, {runs} runs each (medians), on {}",
+        out.where_
+    );
+    println!(
+        "{:<6} {:<7} | {:>10} {:>10} {:>11} {:>5} | {:>11} {:>12} {:>11}",
+        "funcs",
+        "op",
+        "lucos",
+        "lucos",
+        "lucos task",
+        "tries",
+        "livepatch",
+        "livepatch",
+        "klp task"
+    );
+    println!(
+        "{:<6} {:<7} | {:>10} {:>10} {:>11} {:>5} | {:>11} {:>12} {:>11}",
+        "", "", "pause ms", "total ms", "stall ms", "", "insmod ms", "total ms", "stall ms"
+    );
+    for n in [1, 10] {
+        for op in ["apply", "revert"] {
+            println!(
+                "{n:<6} {op:<7} | {:>10.3} {:>10.2} {:>11.2} {:>5} | {:>11} {:>12.2} {:>11.2}",
+                ms(want("lucos", op, n, "pause_us")),
+                ms(want("lucos", op, n, "total_us")),
+                ms(want("lucos", op, n, "max_gap_us")),
+                want("lucos", op, n, "tries"),
+                if op == "apply" {
+                    format!("{:.2}", ms(want("klp", op, n, "insmod_us")))
+                } else {
+                    "-".into()
+                },
+                ms(want("klp", op, n, "total_us")),
+                ms(want("klp", op, n, "max_gap_us")),
+            );
+        }
+    }
+    let idle = rows
+        .get(&("idle".to_owned(), "none".to_owned(), 0))
+        .and_then(|r| r.get("max_gap_us"))
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "noise floor: longest stall of the same task in a window with nothing happening: {:.2} ms \
+         (median), {:.2} ms (max)",
+        ms(want("idle", "none", 0, "max_gap_us")),
+        ms(idle.iter().cloned().fold(0.0, f64::max))
+    );
+    println!(
+        "pause: every vCPU out of the guest (lucos; livepatch has none). total: lucos from request to \
+         reply in the VMM; livepatch from finit_module (or writing enabled=0) until the transition \
+         reads 0. task stall: the longest gap a spinning guest task saw in a window around the operation."
+    );
+}
