@@ -5,8 +5,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
+use symbol_db::btf::Btf;
 use symbol_db::dwarf::TypeDb;
-use symbol_db::{KernelIdentity, SymbolTable};
+use symbol_db::{KernelIdentity, SymbolError, SymbolTable};
 use vmm_core::control::Request;
 
 use crate::client::{connect, print_json};
@@ -163,7 +164,8 @@ fn report(info: &Value, args: &SymbolsArgs) -> Result<i32, CliError> {
 /// Arguments of `lucos types`.
 #[derive(Debug, clap::Args)]
 pub struct TypesArgs {
-    /// Kernel ELF with DWARF debug info (the test kernel, a vmlinux with debug info).
+    /// Kernel ELF with DWARF debug info (the test kernel, a vmlinux with
+    /// debug info), or with BTF (a distribution's stripped vmlinux).
     #[arg(long)]
     kernel: PathBuf,
     /// Machine-readable output.
@@ -177,10 +179,23 @@ pub struct TypesArgs {
 /// `lucos types`.
 pub fn types(args: TypesArgs) -> Result<i32, CliError> {
     let data = symbol_db::read_file(&args.kernel)?;
-    let db = TypeDb::from_elf(&data, &args.kernel.display().to_string())?;
+    let path = args.kernel.display().to_string();
     let mut layouts = Vec::new();
-    for name in &args.structs {
-        layouts.push(db.struct_layout(name)?);
+    // DWARF where the image has it; otherwise the kernel's own BTF (what a
+    // distribution's stripped vmlinux still carries).
+    match TypeDb::from_elf(&data, &path) {
+        Ok(db) => {
+            for name in &args.structs {
+                layouts.push(db.struct_layout(name)?);
+            }
+        }
+        Err(SymbolError::NoDebugInfo(_)) if Btf::from_elf(&data, &path).is_ok() => {
+            let btf = Btf::from_elf(&data, &path)?;
+            for name in &args.structs {
+                layouts.push(btf.struct_layout(name)?);
+            }
+        }
+        Err(e) => return Err(e.into()),
     }
     if args.json {
         print_json(&serde_json::to_value(&layouts).unwrap_or_default());

@@ -324,3 +324,68 @@ fn bad_kernel_files_are_clear_errors() {
         text(&o)
     );
 }
+
+/// The Debian kernel's BTF (read from its stripped vmlinux) against the
+/// offsets its own build computed: include/generated/asm-offsets.h of the
+/// pinned linux-headers package (`offsetof(struct task_struct, thread.sp)`
+/// and the rest). `lucos types` reads the same BTF for a stripped image.
+#[test]
+fn debian_kernel_btf_offsets_agree_with_its_asm_offsets() {
+    let vmlinux = common::linux::package_vmlinux();
+    let btf = symbol_db::btf::Btf::from_elf(&vmlinux, "vmlinux").expect("BTF of vmlinux");
+    assert!(btf.len() > 50_000, "{} types", btf.len());
+    let offsets = std::fs::read_to_string(
+        common::linux::kbuild_dir().join("include/generated/asm-offsets.h"),
+    )
+    .expect("asm-offsets.h");
+    let mut checked = Vec::new();
+    for line in offsets.lines() {
+        // #define NAME VALUE /* offsetof(struct S, a.b) */
+        let Some((head, tail)) = line.split_once("/* offsetof(struct ") else {
+            continue;
+        };
+        let value: u64 = head
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .expect("value");
+        let (strukt, path) = tail
+            .trim_end_matches(" */")
+            .trim_end_matches(')')
+            .split_once(", ")
+            .expect("struct, member");
+        match btf.offset_of(strukt, path) {
+            Ok(got) => {
+                assert_eq!(got, value, "offsetof(struct {strukt}, {path})");
+                checked.push(format!("{strukt}.{path}"));
+            }
+            // Structs the build never emitted debug info for are not in BTF.
+            Err(symbol_db::SymbolError::NoType(_)) => {}
+            Err(e) => panic!("{strukt}.{path}: {e}"),
+        }
+    }
+    assert!(
+        checked.iter().any(|c| c == "task_struct.thread.sp") && checked.len() >= 40,
+        "{checked:?}"
+    );
+    // The layout `lucos types` shows for a stripped image comes from there.
+    let dir = RunDir::new("btf");
+    let path = dir.0.join("vmlinux");
+    std::fs::write(&path, &vmlinux).expect("write");
+    let o = dir.lucos(&[
+        "types",
+        "--kernel",
+        path.to_str().expect("utf8"),
+        "--json",
+        "task_struct",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let syms = symbol_db::SymbolTable::from_kernel_elf(&vmlinux, "vmlinux").expect("kallsyms");
+    // sizeof(struct task_struct) is the size of init_task.
+    assert_eq!(
+        v[0]["size"],
+        syms.lookup("init_task").expect("init_task").size
+    );
+    assert_eq!(v[0]["unit"], "BTF");
+}

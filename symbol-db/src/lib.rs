@@ -14,6 +14,7 @@ use std::path::Path;
 
 use goblin::elf::sym::{STB_GLOBAL, STB_LOCAL, STB_WEAK, STT_FILE, STT_FUNC, STT_OBJECT};
 
+pub mod btf;
 pub mod dwarf;
 pub mod fixups;
 pub mod identity;
@@ -57,6 +58,14 @@ pub enum SymbolError {
     /// No struct of that name in the DWARF.
     #[error("no struct named '{0}' in the debug info")]
     NoType(String),
+    /// A struct without a member of that name.
+    #[error("struct {strukt} has no member '{member}'")]
+    NoMember {
+        /// The struct.
+        strukt: String,
+        /// The member path asked for.
+        member: String,
+    },
     /// A System.map line that does not parse.
     #[error("{path}:{line}: not a System.map line: '{text}'")]
     BadMap {
