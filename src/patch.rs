@@ -375,8 +375,12 @@ fn print_functions(v: &Value) {
 }
 
 fn show_report(v: &Value, verb: &str) {
+    let tasks = match v["sleeping_tasks_checked"].as_u64() {
+        Some(n) => format!("; vCPUs and {n} sleeping tasks checked"),
+        None => String::new(),
+    };
     println!(
-        "{verb} '{}': {} function{} switched in one pause of {:.1} µs ({} tr{}), {:.1} ms in all",
+        "{verb} '{}': {} function{} switched in one pause of {:.1} µs ({} tr{}{tasks}), {:.1} ms in all",
         v["name"].as_str().unwrap_or("?"),
         v["functions"].as_array().map(|a| a.len()).unwrap_or(0),
         if v["functions"].as_array().map(|a| a.len()).unwrap_or(0) == 1 {

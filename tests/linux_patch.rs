@@ -2,7 +2,9 @@
 //! built by `lucos build` with kbuild against the pinned linux-headers,
 //! replacing `cmdline_proc_show` and `meminfo_proc_show`; the guest's
 //! /proc/cmdline and /proc/meminfo change and come back on revert. Bad
-//! patches are refused with the kernel text byte-identical.
+//! patches are refused with the kernel text byte-identical, and so is a
+//! patch of a function a guest task sleeps in (`devkmsg_read`, a reader
+//! blocked on /dev/kmsg) until that task has left it.
 
 mod common;
 
@@ -39,6 +41,17 @@ int meminfo_proc_show(struct seq_file *m, void *v)
 }
 "#;
 
+/// `/dev/kmsg` reads fail with ENODATA: for the sleeping-task check, a
+/// function a guest task sleeps in (a reader waiting for kernel messages).
+const KMSGFIX: &str = r#"#include <linux/fs.h>
+#include <linux/errno.h>
+
+ssize_t devkmsg_read(struct file *file, char __user *buf, size_t count, loff_t *ppos)
+{
+	return -ENODATA;
+}
+"#;
+
 const UNKNOWN: &str = r#"#include <linux/seq_file.h>
 extern int no_such_kernel_function(struct seq_file *m);
 int cmdline_proc_show(struct seq_file *m, void *v)
@@ -47,12 +60,22 @@ int cmdline_proc_show(struct seq_file *m, void *v)
 }
 "#;
 
-/// The guest prints what the two files say, twice a second.
+/// The guest prints what the two files say, and what reading /dev/kmsg
+/// gives, twice a second. A reader stays blocked inside devkmsg_read (a
+/// sleeping task in a function to patch) until the guest sees its command
+/// line patched.
 const WORKLOAD: &str = r#"#!/bin/sh
+cat /dev/kmsg > /dev/null &
+reader=$!
+echo "@@KMSG reader pid=$reader"
 i=0
 while [ $i -lt 1200 ]; do
   echo "@@CMD $(cat /proc/cmdline)"
   echo "@@MEM lines=$(wc -l < /proc/meminfo) last=$(tail -n 1 /proc/meminfo | tr -s ' ')"
+  echo "@@KMSG read $(dd if=/dev/kmsg bs=4096 count=1 2>&1 | head -n 1 | cut -c 1-60)"
+  if [ -n "$reader" ] && grep -q lucos.patched /proc/cmdline; then
+    kill $reader; wait $reader; reader=""; echo "@@KMSG reader gone"
+  fi
   i=$((i + 1)); sleep 0.5
 done
 "#;
@@ -76,9 +99,20 @@ for p in unsigned tampered otherbuild mismatch unknown; do
   $LUCOS patch --vm lx $FILES/$p.lup > /tmp/o 2>&1; rc=$?
   echo "@@SCN refuse $p rc=$rc sha=$(sha) msg=$(tr '\n' ' ' < /tmp/o)"
 done
+# A task sleeps in devkmsg_read: refused, kernel text unchanged.
+wait_for "@@KMSG read"
+echo "@@SCN $(grep -o 'reader pid=[0-9]*' $LOG | head -n 1)"
+$LUCOS patch --vm lx $FILES/kmsgfix.lup > /tmp/o 2>&1; rc=$?
+echo "@@SCN busy rc=$rc sha=$(sha) msg=$(tr '\n' ' ' < /tmp/o)"
 $LUCOS patch --vm lx $FILES/procfix.lup > /tmp/o 2>&1; echo "@@SCN apply rc=$? $(tr '\n' ' ' < /tmp/o)"
 S1=$(sha); echo "@@SCN sha patched $S1"
 wait_for "lucos.patched=1" && wait_for "LucosPatched" && echo "@@SCN seen patched"
+# The guest ends the reader once it sees the patched command line.
+n=0; until grep -q "@@KMSG reader gone" $LOG; do sleep 0.2; n=$((n + 1)); [ $n -gt 600 ] && break; done
+$LUCOS patch --vm lx $FILES/kmsgfix.lup > /tmp/o 2>&1; echo "@@SCN kmsg apply rc=$? $(tr '\n' ' ' < /tmp/o)"
+wait_for "No data available" && echo "@@SCN kmsg seen patched"
+$LUCOS revert --vm lx kmsgfix > /tmp/o 2>&1; echo "@@SCN kmsg revert rc=$? $(tr '\n' ' ' < /tmp/o)"
+sleep 1; wait_for "@@KMSG read [0-9],"  && echo "@@SCN kmsg seen reverted"
 tail -n 6 $LOG | grep "@@" | sed 's/^/@@SCN while patched /'
 $LUCOS list --vm lx | sed 's/^/@@SCN list /'
 $LUCOS revert --vm lx procfix > /tmp/o 2>&1; echo "@@SCN revert rc=$? $(tr '\n' ' ' < /tmp/o)"
@@ -154,6 +188,7 @@ fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
     b("procfix", FIX, &[], &vmlinux);
     b("unsigned", FIX, &["--unsigned"], &vmlinux);
     b("unknown", UNKNOWN, &[], &vmlinux);
+    b("kmsgfix", KMSGFIX, &[], &vmlinux);
     // Tampered: a byte of the signed file flipped.
     let mut t = std::fs::read(files.join("procfix.lup")).expect("lup");
     let at = t.len() - 300;
@@ -206,6 +241,22 @@ fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
         assert!(l.contains(why), "expected '{why}': {l}");
         assert!(l.contains(&format!("sha={sha0} ")), "text changed: {l}");
     }
+    // A sleeping task inside devkmsg_read holds its patch back, by name.
+    let busy = line("@@SCN busy ");
+    assert!(busy.contains("rc=7 "), "{busy}\n{}", out.text);
+    assert!(
+        busy.contains(&format!("sha={sha0} ")),
+        "text changed: {busy}"
+    );
+    let reader = out
+        .value("@@SCN reader", "pid")
+        .unwrap_or_else(|| panic!("no reader pid:\n{}", out.text));
+    assert!(
+        busy.contains(&format!(
+            "task {reader} (cat) inside a call to devkmsg_read"
+        )),
+        "{busy}"
+    );
     let apply = line("@@SCN apply ");
     assert!(apply.contains("rc=0"), "{}", out.text);
     assert!(
@@ -220,6 +271,13 @@ fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
     let cmd = format!("@@CMD {CMDLINE} lucos.patched=1");
     assert!(out.text.lines().any(|l| l.ends_with(&cmd)), "{}", out.text);
     out.expect("@@MEM lines=3 last=LucosPatched: 1");
+    assert!(apply.contains("sleeping tasks checked"), "{apply}");
+    // Once the reader is gone the same patch goes in, and comes out again.
+    let kmsg = line("@@SCN kmsg apply ");
+    assert!(kmsg.contains("rc=0"), "{kmsg}\n{}", out.text);
+    out.expect("@@SCN kmsg seen patched");
+    assert!(line("@@SCN kmsg revert ").contains("rc=0"), "{}", out.text);
+    out.expect("@@SCN kmsg seen reverted");
     assert!(line("@@SCN revert ").contains("rc=0"), "{}", out.text);
     // After the revert the guest reads the kernel's own files again.
     let after: Vec<&str> = out
@@ -242,7 +300,7 @@ fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
     );
     assert_eq!(line("@@SCN sha after "), format!("@@SCN sha after {sha0}"));
     assert!(line("@@SCN status ").contains("running"), "{}", out.text);
-    eprintln!("{apply}\n{}", line("@@SCN revert "));
+    eprintln!("{busy}\n{apply}\n{}", line("@@SCN revert "));
 }
 
 fn hex_bytes(h: &str) -> Vec<u8> {

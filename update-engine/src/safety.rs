@@ -88,13 +88,15 @@ pub fn check_rip(rip: u64, leaving: &[Leaving]) -> Option<Active> {
 }
 
 /// Whether any 8-byte word of `stack`, which starts at guest-virtual
-/// `base`, points into code being left.
+/// `base`, points into code being left. A word equal to a range's first byte
+/// is not counted: no call returns to a function's entry, so that is a
+/// function pointer (a callback spilled to the stack), not an activation.
 pub fn check_stack(base: u64, stack: &[u8], leaving: &[Leaving]) -> Option<Active> {
     stack.chunks_exact(8).enumerate().find_map(|(i, w)| {
         let value = u64::from_le_bytes(w.try_into().expect("8-byte chunk"));
         leaving
             .iter()
-            .find(|l| l.contains(value))
+            .find(|l| l.contains(value) && value != l.start)
             .map(|l| Active::OnStack {
                 function: l.function.clone(),
                 at: base + 8 * i as u64,
@@ -146,6 +148,9 @@ mod tests {
     fn a_return_address_anywhere_on_the_stack_is_found() {
         let l = leaving();
         let mut stack = vec![0u8; 64];
+        assert_eq!(check_stack(0x8000, &stack, &l), None);
+        // A function pointer (the entry) is no activation.
+        stack[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
         assert_eq!(check_stack(0x8000, &stack, &l), None);
         stack[40..48].copy_from_slice(&0x2008u64.to_le_bytes());
         let a = check_stack(0x8000, &stack, &l).expect("active");

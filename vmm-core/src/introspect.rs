@@ -9,10 +9,12 @@
 use std::path::Path;
 use std::time::Instant;
 
+use symbol_db::btf::Btf;
 use symbol_db::kallsyms::{self, KallsymsLayout};
 use symbol_db::{KernelIdentity, KernelImage, SymbolError, SymbolTable};
 
 use crate::pagewalk::{self, PageSize, PagingState, WalkError};
+use crate::tasks::TaskLayout;
 use crate::vm::{Vm, VmError};
 
 /// Where x86-64 Linux links `_text` (`__START_KERNEL`, with the default
@@ -60,6 +62,9 @@ pub struct GuestKernel {
     pub kallsyms: Option<KallsymsLayout>,
     /// How long finding this out took.
     pub timings: Timings,
+    /// Linux: where its tasks are (from its BTF), so a live patch can check
+    /// sleeping tasks' stacks; why not, otherwise.
+    pub tasks: Result<TaskLayout, String>,
 }
 
 /// Time spent inspecting the guest kernel, in microseconds.
@@ -203,6 +208,7 @@ pub fn inspect(vm: &Vm, boot_kernel: &Path) -> Result<GuestKernel, IntrospectErr
             let identity = KernelIdentity::from_image(&image, &symbols);
             identity.check_same(&KernelIdentity::from_elf(data, &name)?, &name)?;
             let text = text_of(&symbols).unwrap_or(base);
+            let tasks = task_layout(&image, &symbols);
             return finish(
                 vm,
                 paging,
@@ -211,7 +217,8 @@ pub fn inspect(vm: &Vm, boot_kernel: &Path) -> Result<GuestKernel, IntrospectErr
                 identity,
                 text,
                 None,
-            );
+            )
+            .map(|g| GuestKernel { tasks, ..g });
         }
     }
     let t0 = Instant::now();
@@ -225,6 +232,7 @@ pub fn inspect(vm: &Vm, boot_kernel: &Path) -> Result<GuestKernel, IntrospectErr
     };
     let identity = KernelIdentity::from_image(&image, &k.table);
     let text = text_of(&k.table).unwrap_or(image.base());
+    let tasks = task_layout(&image, &k.table);
     finish(
         vm,
         paging,
@@ -234,7 +242,11 @@ pub fn inspect(vm: &Vm, boot_kernel: &Path) -> Result<GuestKernel, IntrospectErr
         text,
         Some(k.layout),
     )
-    .map(|g| GuestKernel { timings, ..g })
+    .map(|g| GuestKernel {
+        timings,
+        tasks,
+        ..g
+    })
 }
 
 fn text_of(symbols: &SymbolTable) -> Option<u64> {
@@ -264,7 +276,21 @@ fn finish(
         text_gpa,
         kallsyms,
         timings: Timings::default(),
+        tasks: Err("not looked for".into()),
     })
+}
+
+/// The task layout of a Linux kernel, from the BTF in its image.
+fn task_layout(image: &KernelImage, symbols: &SymbolTable) -> Result<TaskLayout, String> {
+    let (Ok(start), Ok(stop)) = (symbols.lookup("__start_BTF"), symbols.lookup("__stop_BTF"))
+    else {
+        return Err("the kernel has no BTF (CONFIG_DEBUG_INFO_BTF)".into());
+    };
+    let bytes = image
+        .read(start.addr, stop.addr.saturating_sub(start.addr) as usize)
+        .ok_or("the kernel's BTF is not in its mapped image")?;
+    let btf = Btf::parse(bytes).map_err(|e| e.to_string())?;
+    TaskLayout::new(&btf, symbols)
 }
 
 impl GuestKernel {
@@ -342,6 +368,7 @@ impl GuestKernel {
             text_gpa: self.text_gpa,
             kallsyms: self.kallsyms,
             timings: self.timings,
+            tasks: self.tasks.clone(),
         })
     }
 }

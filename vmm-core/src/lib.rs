@@ -10,6 +10,7 @@ pub mod livepatch;
 pub mod loader;
 pub mod memory;
 pub mod pagewalk;
+pub mod tasks;
 pub mod vcpu;
 pub mod vm;
 

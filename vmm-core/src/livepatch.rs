@@ -23,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 
 use crate::introspect::{self, GuestKernel};
 use crate::pagewalk::{self, PagingState};
+use crate::tasks::{self, TaskLayout};
 use crate::vm::{Vm, VmError};
 
 /// Size of the patch area (one 2 MiB page).
@@ -45,11 +46,11 @@ pub enum PatchError {
     /// Finding out about the guest kernel failed.
     #[error(transparent)]
     Kernel(#[from] introspect::IntrospectError),
-    /// A vCPU kept running code the switch leaves behind.
-    #[error("in each of {tries} pauses a vCPU was still in code the patch replaces (last: vCPU {vcpu} {active}); nothing was changed, try again")]
+    /// A vCPU or a sleeping task kept being in code the switch leaves behind.
+    #[error("in each of {tries} pauses something was still in code the patch replaces (last: {who} {active}); nothing was changed, try again")]
     Busy {
-        /// The vCPU.
-        vcpu: usize,
+        /// Who: `vCPU N`, or `task PID (COMM)` for a Linux task that is not running.
+        who: String,
         /// What it was doing there.
         active: Active,
         /// Pauses tried.
@@ -165,8 +166,12 @@ pub struct PatchReport {
     pub functions: Vec<SwitchedFunction>,
     /// How long every vCPU was paused, in microseconds.
     pub pause_us: f64,
-    /// Pauses it took (a vCPU inside a site makes it try again).
+    /// Pauses it took (a vCPU or task in code being left makes it try again).
     pub tries: u32,
+    /// Linux guests: tasks not running on a vCPU whose stacks were checked in
+    /// the pause that switched; absent where the kernel gives no way to find
+    /// them (no BTF), and then only vCPUs were checked.
+    pub sleeping_tasks_checked: Option<usize>,
     /// Total time of the request, in microseconds.
     pub total_us: f64,
 }
@@ -215,6 +220,8 @@ pub struct Patcher {
     used: u64,
     trusted: Vec<VerifyingKey>,
     applied: Vec<AppliedPatch>,
+    /// Linux: where to find the guest's tasks, so sleeping ones are checked too.
+    tasks: Option<TaskLayout>,
 }
 
 /// PDE bits for a patch-area page: present, 2 MiB, accessed and dirty preset
@@ -233,6 +240,7 @@ impl Patcher {
             used: 0,
             trusted,
             applied: Vec::new(),
+            tasks: None,
         }
     }
 
@@ -317,6 +325,7 @@ impl Patcher {
             }
         }
         let paging = introspect::kernel_paging(vm)?;
+        self.tasks = kernel.tasks.clone().ok();
         // Old functions: resolve, read, check bytes against the manifest.
         let mut olds = Vec::new();
         for f in &m.functions {
@@ -439,7 +448,7 @@ impl Patcher {
         }
         // Code first: it is unreachable until a trampoline points at it.
         area.write(start, &linked.bytes)?;
-        let (pause, tries) = switch(vm, paging, &plan)?;
+        let (pause, tries, tasks_checked) = switch(vm, paging, self.tasks.as_ref(), &plan)?;
         self.used = start + need;
         let functions: Vec<SwitchedFunction> = plan
             .iter()
@@ -469,6 +478,7 @@ impl Patcher {
             functions,
             pause_us: pause.as_secs_f64() * 1e6,
             tries,
+            sleeping_tasks_checked: tasks_checked,
             total_us: t0.elapsed().as_secs_f64() * 1e6,
         })
     }
@@ -572,13 +582,14 @@ impl Patcher {
                 restore: f.saved,
             })
             .collect();
-        let (pause, tries) = switch(vm, paging, &plan)?;
+        let (pause, tries, tasks_checked) = switch(vm, paging, self.tasks.as_ref(), &plan)?;
         let removed = self.applied.remove(idx);
         Ok(PatchReport {
             name: removed.name,
             functions: removed.functions,
             pause_us: pause.as_secs_f64() * 1e6,
             tries,
+            sleeping_tasks_checked: tasks_checked,
             total_us: t0.elapsed().as_secs_f64() * 1e6,
         })
     }
@@ -598,8 +609,8 @@ struct Write {
 
 /// Why a paused switch did not happen.
 enum Refused {
-    /// A vCPU is in code being left: try another pause.
-    Busy(usize, Active),
+    /// A vCPU or a sleeping task is in code being left: try another pause.
+    Busy(String, Active),
     /// Guest memory is not as expected: give up.
     Failed(String),
 }
@@ -608,8 +619,13 @@ enum Refused {
 /// switch leaves (see [`update_engine::safety`]) and every site holds what
 /// the plan expects, writes all sites, and resumes. Retries the pause a
 /// bounded number of times while a vCPU is in that code. Returns the pause
-/// time and tries.
-fn switch(vm: &Vm, paging: PagingState, plan: &[Write]) -> Result<(Duration, u32), PatchError> {
+/// time, the tries and how many sleeping tasks were checked (Linux).
+fn switch(
+    vm: &Vm,
+    paging: PagingState,
+    tasks: Option<&TaskLayout>,
+    plan: &[Write],
+) -> Result<(Duration, u32, Option<usize>), PatchError> {
     // Where each site is in guest-physical memory (kernel text is not
     // writable through the guest's mapping; the VMM writes RAM directly).
     let mut gpas = Vec::new();
@@ -637,23 +653,17 @@ fn switch(vm: &Vm, paging: PagingState, plan: &[Write]) -> Result<(Duration, u32
         if !was_paused {
             vm.pause()?;
         }
-        let result = switch_paused(vm, plan, &gpas, &leaving);
+        let result = switch_paused(vm, paging, tasks, plan, &gpas, &leaving);
         let took = t.elapsed();
         if !was_paused {
             vm.resume()?;
         }
         match result {
-            Ok(()) => return Ok((took, tries)),
+            Ok(checked) => return Ok((took, tries, checked)),
             Err(Refused::Busy(_, _)) if tries < MAX_TRIES && !was_paused => {
                 std::thread::sleep(Duration::from_micros(200 * tries as u64));
             }
-            Err(Refused::Busy(vcpu, active)) => {
-                return Err(PatchError::Busy {
-                    vcpu,
-                    active,
-                    tries,
-                })
-            }
+            Err(Refused::Busy(who, active)) => return Err(PatchError::Busy { who, active, tries }),
             Err(Refused::Failed(why)) => return Err(PatchError::Map(why)),
         }
     }
@@ -661,25 +671,41 @@ fn switch(vm: &Vm, paging: PagingState, plan: &[Write]) -> Result<(Duration, u32
 }
 
 /// The writes, with every vCPU paused; nothing is written unless every
-/// check passes.
+/// check passes: no vCPU, and (on Linux) no task that is not running, is in
+/// code the switch leaves.
 fn switch_paused(
     vm: &Vm,
+    paging: PagingState,
+    tasks: Option<&TaskLayout>,
     plan: &[Write],
     gpas: &[u64],
     leaving: &[Leaving],
-) -> Result<(), Refused> {
+) -> Result<Option<usize>, Refused> {
     for v in 0..vm.vcpu_count() {
         if let Some(a) = vcpu_active(vm, v, leaving).map_err(Refused::Failed)? {
-            return Err(Refused::Busy(usize::from(v), a));
+            return Err(Refused::Busy(format!("vCPU {v}"), a));
         }
     }
-    check_and_write(vm, plan, gpas).map_err(Refused::Failed)
+    let mut checked = None;
+    if let Some(layout) = tasks {
+        let sleeping = tasks::sleeping_tasks(vm, paging, layout, vm.vcpu_count())
+            .map_err(|e| Refused::Failed(format!("walking the guest's tasks: {e}")))?;
+        for t in &sleeping {
+            if let Some(a) =
+                stack_active(vm, paging, t.from, t.end, leaving).map_err(Refused::Failed)?
+            {
+                return Err(Refused::Busy(t.to_string(), a));
+            }
+        }
+        checked = Some(sleeping.len());
+    }
+    check_and_write(vm, plan, gpas).map_err(Refused::Failed)?;
+    Ok(checked)
 }
 
 /// Whether paused vCPU `v` is in kernel code being left: its RIP, or a word
-/// on the live part of its kernel stack (read through its own page tables
-/// up to the end of the stack or the first unmapped page). A vCPU in user
-/// mode has no kernel call in progress.
+/// on the live part of its kernel stack (read through its own page tables).
+/// A vCPU in user mode has no kernel call in progress.
 fn vcpu_active(vm: &Vm, v: u8, leaving: &[Leaving]) -> Result<Option<Active>, String> {
     let regs = vm.regs(v).map_err(|e| e.to_string())?;
     let sregs = vm.sregs(v).map_err(|e| e.to_string())?;
@@ -689,8 +715,20 @@ fn vcpu_active(vm: &Vm, v: u8, leaving: &[Leaving]) -> Result<Option<Active>, St
     if let Some(a) = safety::check_rip(regs.rip, leaving) {
         return Ok(Some(a));
     }
-    let paging = PagingState::from(&sregs);
-    let (mut at, end) = safety::live_stack(regs.rsp);
+    let (from, end) = safety::live_stack(regs.rsp);
+    stack_active(vm, PagingState::from(&sregs), from, end, leaving)
+}
+
+/// Whether a word of the stack `[from, end)` is a return address into code
+/// being left, reading up to `end` or the first unmapped page.
+fn stack_active(
+    vm: &Vm,
+    paging: PagingState,
+    from: u64,
+    end: u64,
+    leaving: &[Leaving],
+) -> Result<Option<Active>, String> {
+    let mut at = from;
     let mut buf = [0u8; 4096];
     while at < end {
         let Ok(t) = pagewalk::translate(vm.ram(), paging, at) else {

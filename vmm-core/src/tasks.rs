@@ -1,0 +1,173 @@
+//! The tasks of a running Linux guest, read from outside while every vCPU is
+//! paused: where each one that is not running on a CPU saved its kernel
+//! stack pointer, so a live patch can check that no sleeping task is inside
+//! a function it replaces (its return address on that task's stack).
+//!
+//! The layout comes from the kernel's own BTF (`task_struct.tasks`,
+//! `.thread_group`, `.stack`, `.thread.sp`, `.pid`, `.comm`), the anchors from
+//! its symbols (`init_task`, `__per_cpu_offset`, the per-CPU `current_task`).
+//! The task list is walked forward only, as an RCU reader does: insertion and
+//! removal keep every `next` pointer valid at every instruction, so a vCPU
+//! paused in the middle of either cannot send the walk astray.
+
+use symbol_db::btf::Btf;
+use symbol_db::SymbolTable;
+
+use crate::introspect;
+use crate::pagewalk::PagingState;
+use crate::vm::Vm;
+
+/// Kernel stack size of an x86-64 task (THREAD_SIZE without KASAN).
+pub const THREAD_SIZE: u64 = 16 << 10;
+/// Upper bound on tasks walked (the list is cyclic; a bad read must not loop).
+const MAX_TASKS: usize = 1 << 16;
+
+/// Where things are in a Linux kernel's `task_struct`, and the anchors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskLayout {
+    /// Address of `init_task` (CPU 0's idle task, head of the task list).
+    pub init_task: u64,
+    /// Address of `__per_cpu_offset[]`.
+    pub per_cpu_offset: u64,
+    /// Per-CPU offset of `current_task`.
+    pub current_task: u64,
+    /// Offset of `task_struct.tasks` (the process list).
+    pub tasks: u64,
+    /// Offset of `task_struct.thread_group` (the threads of a process).
+    pub thread_group: u64,
+    /// Offset of `task_struct.stack`.
+    pub stack: u64,
+    /// Offset of `task_struct.thread.sp`: the stack pointer saved when the
+    /// task was switched out.
+    pub thread_sp: u64,
+    /// Offset of `task_struct.pid`.
+    pub pid: u64,
+    /// Offset of `task_struct.comm`.
+    pub comm: u64,
+}
+
+impl TaskLayout {
+    /// The layout of this kernel, from its BTF and symbols; an error says
+    /// what is missing.
+    pub fn new(btf: &Btf, symbols: &SymbolTable) -> Result<Self, String> {
+        let sym = |n: &str| symbols.lookup(n).map(|s| s.addr).map_err(|e| e.to_string());
+        let off = |p: &str| btf.offset_of("task_struct", p).map_err(|e| e.to_string());
+        Ok(Self {
+            init_task: sym("init_task")?,
+            per_cpu_offset: sym("__per_cpu_offset")?,
+            current_task: sym("current_task")?,
+            tasks: off("tasks")?,
+            thread_group: off("thread_group")?,
+            stack: off("stack")?,
+            thread_sp: off("thread.sp")?,
+            pid: off("pid")?,
+            comm: off("comm")?,
+        })
+    }
+}
+
+/// A task that is not running: its saved kernel stack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SleepingTask {
+    /// Its pid (thread id).
+    pub pid: i32,
+    /// Its name.
+    pub comm: String,
+    /// Live part of its kernel stack: from the saved stack pointer to the
+    /// end of the stack.
+    pub from: u64,
+    /// End of its kernel stack.
+    pub end: u64,
+}
+
+impl std::fmt::Display for SleepingTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "task {} ({})", self.pid, self.comm)
+    }
+}
+
+fn read_u64(vm: &Vm, paging: PagingState, va: u64) -> Result<u64, String> {
+    let mut b = [0u8; 8];
+    introspect::read_virt(vm, paging, va, &mut b).map_err(|e| format!("reading {va:#x}: {e}"))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Every task not current on one of the `cpus` CPUs, with its stack; the
+/// VM must be paused. The current ones are the vCPUs' business: their live
+/// stacks are found from their registers.
+pub fn sleeping_tasks(
+    vm: &Vm,
+    paging: PagingState,
+    layout: &TaskLayout,
+    cpus: u8,
+) -> Result<Vec<SleepingTask>, String> {
+    let mut current = Vec::new();
+    for cpu in 0..u64::from(cpus) {
+        let base = read_u64(vm, paging, layout.per_cpu_offset + 8 * cpu)?;
+        current.push(read_u64(
+            vm,
+            paging,
+            base.wrapping_add(layout.current_task),
+        )?);
+    }
+    let mut out = Vec::new();
+    let mut seen = 0usize;
+    let mut leader = layout.init_task;
+    loop {
+        // The threads of this process, from its leader round its ring.
+        let mut t = leader;
+        loop {
+            seen += 1;
+            if seen > MAX_TASKS {
+                return Err(format!(
+                    "the task list did not close after {MAX_TASKS} tasks"
+                ));
+            }
+            if !current.contains(&t) {
+                if let Some(s) = sleeping(vm, paging, layout, t)? {
+                    out.push(s);
+                }
+            }
+            t = read_u64(vm, paging, t + layout.thread_group)?.wrapping_sub(layout.thread_group);
+            if t == leader {
+                break;
+            }
+        }
+        leader = read_u64(vm, paging, leader + layout.tasks)?.wrapping_sub(layout.tasks);
+        if leader == layout.init_task {
+            return Ok(out);
+        }
+    }
+}
+
+/// Task `t`'s saved stack, or None if it has none (it has exited).
+fn sleeping(
+    vm: &Vm,
+    paging: PagingState,
+    layout: &TaskLayout,
+    t: u64,
+) -> Result<Option<SleepingTask>, String> {
+    let stack = read_u64(vm, paging, t + layout.stack)?;
+    if stack == 0 {
+        return Ok(None);
+    }
+    let end = stack + THREAD_SIZE;
+    let sp = read_u64(vm, paging, t + layout.thread_sp)?;
+    let mut pid = [0u8; 4];
+    let mut comm = [0u8; 16];
+    introspect::read_virt(vm, paging, t + layout.pid, &mut pid).map_err(|e| e.to_string())?;
+    introspect::read_virt(vm, paging, t + layout.comm, &mut comm).map_err(|e| e.to_string())?;
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    Ok(Some(SleepingTask {
+        pid: i32::from_le_bytes(pid),
+        comm: String::from_utf8_lossy(&comm[..len]).into_owned(),
+        // A saved pointer outside the stack (never seen) means the whole
+        // stack is checked: conservative, never unsafe.
+        from: if (stack..end).contains(&sp) {
+            sp & !7
+        } else {
+            stack
+        },
+        end,
+    }))
+}
