@@ -18,7 +18,7 @@ pub mod exit {
     pub const WRONG_KERNEL: i32 = 5;
     /// A patch was refused by a check (signature, bytes, symbols, site, stack); the guest is unchanged.
     pub const PATCH_REFUSED: i32 = 6;
-    /// A vCPU stayed inside a patch site through every try; the guest is unchanged, try again.
+    /// A vCPU or a sleeping task stayed in code the patch replaces through every try; the guest is unchanged, try again.
     pub const BUSY: i32 = 7;
     /// `lucos run`: the guest crashed (triple fault, KVM error).
     pub const GUEST_CRASHED: i32 = 125;
