@@ -34,6 +34,11 @@ dump_vm() {
     sed 's/^/@@DUMP   /' $t/stack 2>/dev/null
   done
   $LUCOS pause --vm $1 && for v in 0 1 2 3; do $LUCOS regs --vm $1 --vcpu $v 2>/dev/null; done
+  # Where each vCPU is, by symbol (kallsyms read from the paused guest).
+  for v in 0 1 2 3; do
+    rip=$($LUCOS regs --vm $1 --vcpu $v 2>/dev/null | awk '$1 == "rip" {print $2}')
+    [ -n "$rip" ] && echo "@@DUMP vCPU $v at $($LUCOS symbols --vm $1 $rip 2>&1 | head -n 1)"
+  done
 }
 wait_vm() {
   n=0
