@@ -14,18 +14,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::bench::{median, runs};
 use common::linux::{run_scenario_with, Extras};
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
-    let runs: usize = std::env::var("LUCOS_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let runs = runs();
     let workload = "#!/bin/sh\nsleep 3\n";
     let cmdline = "console=ttyS0 reboot=k panic=-1 quiet";
     // measure NAME PID LOG: wait for /init, then report times and memory.

@@ -30,6 +30,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::bench::{median, runs};
 use common::linux::{kbuild_dir, package_vmlinux, run_scenario_with, Extras};
 
 /// The replaced functions and the /proc file each one shows; every one is
@@ -230,19 +231,8 @@ fn get(line: &str, key: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
-    let runs: usize = std::env::var("LUCOS_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let runs = runs();
     let dir = std::env::temp_dir().join(format!("lucos-bench-livepatch-{}", std::process::id()));
     let (files, guest) = (dir.join("files"), dir.join("guest"));
     std::fs::create_dir_all(&files).expect("dir");

@@ -2,6 +2,7 @@
 //! in-process on /dev/kvm, and read its symbols.
 #![allow(dead_code)]
 
+pub mod bench;
 pub mod cli;
 pub mod linux;
 
