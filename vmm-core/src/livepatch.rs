@@ -220,8 +220,9 @@ pub struct Patcher {
     used: u64,
     trusted: Vec<VerifyingKey>,
     applied: Vec<AppliedPatch>,
-    /// Linux: where to find the guest's tasks, so sleeping ones are checked too.
-    tasks: Option<TaskLayout>,
+    /// Linux: where to find the guest's tasks, and the kernel's own paging
+    /// to read them through, so sleeping ones are checked too.
+    tasks: Option<(TaskLayout, PagingState)>,
 }
 
 /// PDE bits for a patch-area page: present, 2 MiB, accessed and dirty preset
@@ -325,7 +326,10 @@ impl Patcher {
             }
         }
         let paging = introspect::kernel_paging(vm)?;
-        self.tasks = kernel.tasks.clone().ok();
+        self.tasks = kernel.tasks.clone().ok().map(|l| {
+            let p = l.paging(paging, kernel.text, kernel.text_gpa);
+            (l, p)
+        });
         // Old functions: resolve, read, check bytes against the manifest.
         let mut olds = Vec::new();
         for f in &m.functions {
@@ -448,7 +452,8 @@ impl Patcher {
         }
         // Code first: it is unreachable until a trampoline points at it.
         area.write(start, &linked.bytes)?;
-        let (pause, tries, tasks_checked) = switch(vm, paging, self.tasks.as_ref(), &plan)?;
+        let (pause, tries, tasks_checked) =
+            switch(vm, paging, self.tasks.as_ref().map(|(l, p)| (l, *p)), &plan)?;
         self.used = start + need;
         let functions: Vec<SwitchedFunction> = plan
             .iter()
@@ -582,7 +587,8 @@ impl Patcher {
                 restore: f.saved,
             })
             .collect();
-        let (pause, tries, tasks_checked) = switch(vm, paging, self.tasks.as_ref(), &plan)?;
+        let (pause, tries, tasks_checked) =
+            switch(vm, paging, self.tasks.as_ref().map(|(l, p)| (l, *p)), &plan)?;
         let removed = self.applied.remove(idx);
         Ok(PatchReport {
             name: removed.name,
@@ -623,7 +629,7 @@ enum Refused {
 fn switch(
     vm: &Vm,
     paging: PagingState,
-    tasks: Option<&TaskLayout>,
+    tasks: Option<(&TaskLayout, PagingState)>,
     plan: &[Write],
 ) -> Result<(Duration, u32, Option<usize>), PatchError> {
     // Where each site is in guest-physical memory (kernel text is not
@@ -653,7 +659,7 @@ fn switch(
         if !was_paused {
             vm.pause()?;
         }
-        let result = switch_paused(vm, paging, tasks, plan, &gpas, &leaving);
+        let result = switch_paused(vm, tasks, plan, &gpas, &leaving);
         let took = t.elapsed();
         if !was_paused {
             vm.resume()?;
@@ -675,8 +681,7 @@ fn switch(
 /// code the switch leaves.
 fn switch_paused(
     vm: &Vm,
-    paging: PagingState,
-    tasks: Option<&TaskLayout>,
+    tasks: Option<(&TaskLayout, PagingState)>,
     plan: &[Write],
     gpas: &[u64],
     leaving: &[Leaving],
@@ -687,7 +692,7 @@ fn switch_paused(
         }
     }
     let mut checked = None;
-    if let Some(layout) = tasks {
+    if let Some((layout, paging)) = tasks {
         let sleeping = tasks::sleeping_tasks(vm, paging, layout, vm.vcpu_count())
             .map_err(|e| Refused::Failed(format!("walking the guest's tasks: {e}")))?;
         for t in &sleeping {

@@ -25,6 +25,10 @@ const MAX_TASKS: usize = 1 << 16;
 /// Where things are in a Linux kernel's `task_struct`, and the anchors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskLayout {
+    /// Address of `init_top_pgt`, the kernel's own top-level page table
+    /// (the walk reads through it: a vCPU's CR3 may belong to a process
+    /// that has exited since).
+    pub init_top_pgt: u64,
     /// Address of `init_task` (CPU 0's idle task, head of the task list).
     pub init_task: u64,
     /// Address of `__per_cpu_offset[]`.
@@ -53,6 +57,7 @@ impl TaskLayout {
         let sym = |n: &str| symbols.lookup(n).map(|s| s.addr).map_err(|e| e.to_string());
         let off = |p: &str| btf.offset_of("task_struct", p).map_err(|e| e.to_string());
         Ok(Self {
+            init_top_pgt: sym("init_top_pgt")?,
             init_task: sym("init_task")?,
             per_cpu_offset: sym("__per_cpu_offset")?,
             current_task: sym("current_task")?,
@@ -63,6 +68,19 @@ impl TaskLayout {
             pid: off("pid")?,
             comm: off("comm")?,
         })
+    }
+}
+
+impl TaskLayout {
+    /// Paging through the kernel's own page table, `init_top_pgt`: the
+    /// kernel image is physically contiguous, so its guest-physical address
+    /// is that of `_text` (`text`, `text_gpa`) plus its offset. Other
+    /// registers as in `paging`.
+    pub fn paging(&self, paging: PagingState, text: u64, text_gpa: u64) -> PagingState {
+        PagingState {
+            cr3: self.init_top_pgt.wrapping_sub(text).wrapping_add(text_gpa),
+            ..paging
+        }
     }
 }
 
@@ -93,8 +111,9 @@ fn read_u64(vm: &Vm, paging: PagingState, va: u64) -> Result<u64, String> {
 }
 
 /// Every task not current on one of the `cpus` CPUs, with its stack; the
-/// VM must be paused. The current ones are the vCPUs' business: their live
-/// stacks are found from their registers.
+/// VM must be paused, `paging` the kernel's own ([`TaskLayout::paging`]).
+/// The current ones are the vCPUs' business: their live stacks are found
+/// from their registers.
 pub fn sleeping_tasks(
     vm: &Vm,
     paging: PagingState,
