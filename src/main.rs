@@ -3,6 +3,7 @@
 mod client;
 mod demo;
 mod error;
+mod logger;
 mod patch;
 mod paths;
 mod run;
@@ -135,6 +136,7 @@ enum Command {
 }
 
 fn main() {
+    logger::init();
     let cli = Cli::parse();
     let result: Result<i32, CliError> = match cli.cmd {
         Command::Run(args) => run::run(args),
