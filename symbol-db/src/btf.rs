@@ -138,10 +138,7 @@ impl Btf {
 
     /// Parses the `.BTF` section of the ELF image `data`; `path` names it in errors.
     pub fn from_elf(data: &[u8], path: &str) -> Result<Self, SymbolError> {
-        let elf = goblin::elf::Elf::parse(data).map_err(|e| SymbolError::BadElf {
-            path: path.to_owned(),
-            why: e.to_string(),
-        })?;
+        let elf = crate::parse_elf(data, path)?;
         let sh = elf
             .section_headers
             .iter()
@@ -150,12 +147,10 @@ impl Btf {
                 path: path.to_owned(),
                 why: "no .BTF section (kernel built without CONFIG_DEBUG_INFO_BTF)".into(),
             })?;
-        let bytes = data
-            .get(sh.sh_offset as usize..(sh.sh_offset + sh.sh_size) as usize)
-            .ok_or_else(|| SymbolError::BadElf {
-                path: path.to_owned(),
-                why: ".BTF section out of bounds".into(),
-            })?;
+        let bytes = crate::section_data(data, sh).ok_or_else(|| SymbolError::BadElf {
+            path: path.to_owned(),
+            why: ".BTF section out of bounds".into(),
+        })?;
         Self::parse(bytes)
     }
 

@@ -56,20 +56,14 @@ fn dwarf_err(path: &str) -> impl Fn(gimli::Error) -> SymbolError + '_ {
 impl<'a> TypeDb<'a> {
     /// Reads the DWARF sections of the ELF image `data`; `path` names it in errors.
     pub fn from_elf(data: &'a [u8], path: &str) -> Result<Self, SymbolError> {
-        let elf = goblin::elf::Elf::parse(data).map_err(|e| SymbolError::BadElf {
-            path: path.to_owned(),
-            why: e.to_string(),
-        })?;
+        let elf = crate::parse_elf(data, path)?;
         let mut sections: HashMap<&str, &'a [u8]> = HashMap::new();
         for sh in &elf.section_headers {
             if let Some(name) = elf.shdr_strtab.get_at(sh.sh_name) {
-                let start = sh.sh_offset as usize;
-                let end = start.saturating_add(sh.sh_size as usize);
-                if name.starts_with(".debug_")
-                    && end <= data.len()
-                    && sh.sh_type != goblin::elf::section_header::SHT_NOBITS
-                {
-                    sections.insert(name, &data[start..end]);
+                if let Some(bytes) = crate::section_data(data, sh) {
+                    if name.starts_with(".debug_") {
+                        sections.insert(name, bytes);
+                    }
                 }
             }
         }

@@ -70,14 +70,15 @@ impl CodeFixups {
             path: name.to_owned(),
             why,
         };
-        let elf = Elf::parse(data).map_err(|e| bad(e.to_string()))?;
+        let elf = crate::parse_elf(data, name)?;
         // (link address, bytes) of a table.
         let table = |section: &str, start: &str, stop: &str| -> Option<(u64, Vec<u8>)> {
-            if let Some(sh) = elf.section_headers.iter().find(|sh| {
-                elf.shdr_strtab.get_at(sh.sh_name) == Some(section)
-                    && sh.sh_type != goblin::elf::section_header::SHT_NOBITS
+            if let Some((sh, bytes)) = elf.section_headers.iter().find_map(|sh| {
+                (elf.shdr_strtab.get_at(sh.sh_name) == Some(section))
+                    .then(|| crate::section_data(data, sh).map(|b| (sh, b)))
+                    .flatten()
             }) {
-                return sec_bytes(data, sh).map(|b| (sh.sh_addr, b.to_vec()));
+                return Some((sh.sh_addr, bytes.to_vec()));
             }
             let a = symbols.lookup(start).ok()?.addr;
             let b = symbols.lookup(stop).ok()?.addr;
@@ -247,10 +248,6 @@ pub fn reloc_len(kind: RelocKind) -> u64 {
         RelocKind::Abs64 => 8,
         _ => 4,
     }
-}
-
-fn sec_bytes<'a>(data: &'a [u8], sh: &goblin::elf::SectionHeader) -> Option<&'a [u8]> {
-    data.get(sh.sh_offset as usize..(sh.sh_offset + sh.sh_size) as usize)
 }
 
 /// The relocation table a bzImage payload carries right after the ELF

@@ -39,10 +39,7 @@ impl KernelIdentity {
     /// The identity recorded in an ELF file: its build-id note, and the
     /// banner when the file has a symbol table (or kallsyms) to find it by.
     pub fn from_elf(data: &[u8], name: &str) -> Result<Self, SymbolError> {
-        let elf = goblin::elf::Elf::parse(data).map_err(|e| SymbolError::BadElf {
-            path: name.to_owned(),
-            why: e.to_string(),
-        })?;
+        let elf = crate::parse_elf(data, name)?;
         // Note sections first (what the linker wrote), then note segments.
         let sections = elf
             .section_headers

@@ -199,6 +199,29 @@ pub(crate) fn sizes_to_next_address(symbols: &mut [Symbol]) {
     }
 }
 
+/// Parses the ELF image `data`; `path` names it in errors.
+pub(crate) fn parse_elf<'a>(
+    data: &'a [u8],
+    path: &str,
+) -> Result<goblin::elf::Elf<'a>, SymbolError> {
+    goblin::elf::Elf::parse(data).map_err(|e| SymbolError::BadElf {
+        path: path.to_owned(),
+        why: e.to_string(),
+    })
+}
+
+/// The file contents of section `sh` of `data`: none for a NOBITS section
+/// or one that lies outside the file.
+pub(crate) fn section_data<'a>(
+    data: &'a [u8],
+    sh: &goblin::elf::SectionHeader,
+) -> Option<&'a [u8]> {
+    if sh.sh_type == goblin::elf::section_header::SHT_NOBITS {
+        return None;
+    }
+    let start = usize::try_from(sh.sh_offset).ok()?;
+    data.get(start..start.checked_add(usize::try_from(sh.sh_size).ok()?)?)
+}
 /// Reads a whole file, naming it in the error.
 pub fn read_file(path: &Path) -> Result<Vec<u8>, SymbolError> {
     std::fs::read(path).map_err(|source| SymbolError::Read {
@@ -254,7 +277,7 @@ impl KernelImage {
             path: name.to_owned(),
             why,
         };
-        let elf = goblin::elf::Elf::parse(data).map_err(|e| bad(e.to_string()))?;
+        let elf = parse_elf(data, name)?;
         let loads: Vec<_> = elf
             .program_headers
             .iter()
@@ -441,7 +464,7 @@ impl SymbolTable {
             path: name.to_owned(),
             why,
         };
-        let elf = goblin::elf::Elf::parse(data).map_err(|e| bad(e.to_string()))?;
+        let elf = parse_elf(data, name)?;
         if elf.syms.is_empty() {
             return Err(bad("no symbol table (stripped?)".into()));
         }
