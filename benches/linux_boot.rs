@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::bench::{median, runs};
+use common::bench::{median, number, runs};
 use common::linux::{run_scenario_with, Extras};
 
 fn main() {
@@ -62,12 +62,7 @@ done
     );
     let mut rows: std::collections::BTreeMap<String, Vec<[f64; 3]>> = Default::default();
     for line in out.text.lines().filter(|l| l.contains("@@BENCH")) {
-        let get = |k: &str| -> f64 {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(f64::NAN)
-        };
+        let get = |k: &str| number(line, k).unwrap_or(f64::NAN);
         let vmm = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("vmm="))

@@ -30,7 +30,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::bench::{median, runs};
+use common::bench::{median, number as get, runs};
 use common::linux::{kbuild_dir, package_vmlinux, run_scenario_with, Extras};
 
 /// The replaced functions and the /proc file each one shows; every one is
@@ -222,13 +222,6 @@ grep -i "livepatch\|taint" $LOG | sed 's/^/G| /'
 $LUCOS stop --vm b >/dev/null 2>&1 || true
 "#
     )
-}
-
-/// `key=value` of a line, as a number.
-fn get(line: &str, key: &str) -> Option<f64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
 }
 
 fn main() {
