@@ -69,9 +69,7 @@ impl TaskLayout {
             comm: off("comm")?,
         })
     }
-}
 
-impl TaskLayout {
     /// Paging through the kernel's own page table, `init_top_pgt`: the
     /// kernel image is physically contiguous, so its guest-physical address
     /// is that of `_text` (`text`, `text_gpa`) plus its offset. Other
