@@ -39,6 +39,7 @@ dump_vm() {
     rip=$($LUCOS regs --vm $1 --vcpu $v 2>/dev/null | awk '$1 == "rip" {print $2}')
     [ -n "$rip" ] && echo "@@DUMP vCPU $v at $($LUCOS symbols --vm $1 $rip 2>&1 | head -n 1)"
   done
+  kvm_trace 40
 }
 wait_vm() {
   n=0
@@ -56,6 +57,11 @@ boot() {
   sed 's/^/G| /' /tmp/$id.serial
   echo "@@SCN $id end=$(grep -o 'ended: .*' $LUCOS_RUN_DIR/$id.log)"
   grep -q 'ended: guest' $LUCOS_RUN_DIR/$id.log || sed 's/^/V| /' $LUCOS_RUN_DIR/$id.log
+  if grep -q 'triple-faulted' $LUCOS_RUN_DIR/$id.log; then kvm_trace; fi
+}
+# The tail of the emulated host's KVM trace (empty on a host without tracefs access).
+kvm_trace() {
+  [ -r /sys/kernel/tracing/trace ] && tail -n ${1:-80} /sys/kernel/tracing/trace | sed 's/^/T| /'
 }
 "#;
 

@@ -16,6 +16,14 @@ insmod /modules/kvm-amd.ko $KVM_AMD_PARAMS || echo "@@HOST insmod kvm-amd failed
 grep . /sys/module/kvm_amd/parameters/* 2>/dev/null | sed 's|/sys/module/kvm_amd/parameters/|@@HOST kvm_amd.|'
 npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)
 echo "@@HOST kvm=$( [ -c /dev/kvm ] && echo yes || echo no) npt=$npt cpus=$(grep -c ^processor /proc/cpuinfo)"
+# KVM's own trace of VM exits and injected events: when a guest dies, the
+# scenario prints its tail (the guest's last exits, the RIP of the shutdown).
+if mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null; then
+  echo 2048 >/sys/kernel/tracing/buffer_size_kb
+  for e in kvm_exit kvm_inj_exception kvm_inj_virq kvm_page_fault kvm_msr kvm_pio; do
+    echo 1 >/sys/kernel/tracing/events/kvm/$e/enable 2>/dev/null || echo "@@HOST no trace event $e"
+  done
+fi
 export LUCOS=/bin/lucos QEMU=/bin/qemu-system-x86_64 GUEST_KERNEL=/guest/vmlinuz GUEST_VMLINUX=/guest/vmlinux GUEST_INITRD=/guest/initrd.gz OTHER_KERNEL=/guest/testkernel.elf FILES=/guest/files
 export LUCOS_RUN_DIR=/run/lucos LD_LIBRARY_PATH=/lib/lucos
 # A heartbeat: the test harness treats a host that prints nothing, not even
