@@ -454,6 +454,12 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
         );
         print_functions(&p);
     }
+    if let Some(a) = v["patch_area"].as_object() {
+        println!(
+            "patch area  {} of {} bytes in use",
+            a["used_bytes"], a["size_bytes"]
+        );
+    }
     if let Some(t) = v["kernel_text"].as_object() {
         println!(
             "kernel text {}..{} sha256 {}",

@@ -347,6 +347,7 @@ fn a_thousand_apply_revert_cycles_under_load() {
     let mut c = Client::connect("lp", &sock).expect("connect");
     let lup = s.path("fix.lup").display().to_string();
     let mut max_tries = 0;
+    let mut first_at = None;
     for i in 0..1000 {
         let r = c
             .call(&Request::Patch {
@@ -355,9 +356,17 @@ fn a_thousand_apply_revert_cycles_under_load() {
             })
             .unwrap_or_else(|e| panic!("apply {i}: {e}"));
         max_tries = max_tries.max(r["tries"].as_u64().unwrap_or(0));
+        // A revert frees the patch's code: every apply reuses the same place.
+        let at = r["functions"][0]["new_addr"].clone();
+        assert!(at.is_string(), "{r}");
+        let first = first_at.get_or_insert_with(|| at.clone());
+        assert_eq!(&at, first, "apply {i} placed its code elsewhere");
         c.call(&Request::Revert { name: "fix".into() })
             .unwrap_or_else(|e| panic!("revert {i}: {e}"));
     }
+    let area = c.call(&Request::Patches).expect("list")["patch_area"].clone();
+    assert_eq!(area["used_bytes"], 0, "{area}");
+    assert_eq!(area["size_bytes"], 2 << 20, "{area}");
     drop(c);
     assert_eq!(s.text_sha(), before);
     // The tasks kept running and report the original string at the end.
@@ -530,8 +539,18 @@ fn replace_swaps_the_stack_for_one_cumulative_patch() {
         !listed.contains("fix v1") && !listed.contains("tri v1"),
         "{listed}"
     );
+    // The replaced patches' code was freed in that switch: only cum's is left.
+    let v: serde_json::Value =
+        serde_json::from_str(&lucos_ok(&s.dir, &["list", "--vm", "lp", "--json"])).expect("json");
+    assert_eq!(
+        v["patch_area"]["used_bytes"], v["patches"][0]["code_bytes"],
+        "{v}"
+    );
     lucos_ok(&s.dir, &["revert", "--vm", "lp", "cum"]);
     s.wait_lines(&version_line("testkernel 1.0"), 4);
+    assert!(
+        lucos_ok(&s.dir, &["list", "--vm", "lp"]).contains("patch area  0 of 2097152 bytes in use")
+    );
     assert_eq!(s.text_sha(), before);
     assert!(!s.serial().contains("MIXED"));
 }

@@ -391,7 +391,12 @@ impl ControlServer {
                     .ok()
                     .and_then(|k| crate::livepatch::text_hash(&self.vm, &k).ok());
                 let p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
-                Response::ok(serde_json::json!({ "patches": p.applied(), "kernel_text": text }))
+                let (used, size) = p.area_usage();
+                Response::ok(serde_json::json!({
+                    "patches": p.applied(),
+                    "kernel_text": text,
+                    "patch_area": { "used_bytes": used, "size_bytes": size },
+                }))
             }
             Request::Symbols {
                 queries,

@@ -57,7 +57,7 @@ pub enum PatchError {
         tries: u32,
     },
     /// No room left.
-    #[error("the patch area is full ({used} of {size} bytes used; {need} more needed)")]
+    #[error("the patch area is full ({used} of {size} bytes in use; no free run of {need} bytes)")]
     AreaFull {
         /// Bytes used.
         used: u64,
@@ -212,17 +212,67 @@ pub fn text_hash(vm: &Vm, kernel: &GuestKernel) -> Result<TextHash, PatchError> 
     })
 }
 
+/// Alignment of code placed in the patch area (a cache line).
+const CODE_ALIGN: u64 = 64;
+
+/// Which runs of the patch area are taken: first fit, [`CODE_ALIGN`]ed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Space {
+    size: u64,
+    /// Taken runs `(offset, len)`, sorted by offset, disjoint.
+    taken: Vec<(u64, u64)>,
+}
+
+impl Space {
+    fn new(size: u64) -> Self {
+        Space {
+            size,
+            taken: Vec::new(),
+        }
+    }
+
+    /// Offset of the first free aligned run of `need` bytes.
+    fn find(&self, need: u64) -> Option<u64> {
+        let mut at = 0;
+        for &(off, len) in &self.taken {
+            if at + need <= off {
+                return Some(at);
+            }
+            at = (off + len).div_ceil(CODE_ALIGN) * CODE_ALIGN;
+        }
+        (at + need <= self.size).then_some(at)
+    }
+
+    fn take(&mut self, off: u64, len: u64) {
+        let i = self.taken.partition_point(|&(o, _)| o < off);
+        self.taken.insert(i, (off, len));
+    }
+
+    /// Frees the run taken at `off` (no-op if none starts there).
+    fn release(&mut self, off: u64) {
+        self.taken.retain(|&(o, _)| o != off);
+    }
+
+    fn in_use(&self) -> u64 {
+        self.taken.iter().map(|&(_, len)| len).sum()
+    }
+}
+
 /// Per-VM live-patch state.
 #[derive(Debug)]
 pub struct Patcher {
     /// Guest-virtual base of the area once mapped.
     va: Option<u64>,
-    used: u64,
+    /// Which bytes of the area hold code of applied patches (or of reverted
+    /// ones that something may still run: see [`Patcher::revert`]).
+    space: Space,
     trusted: Vec<VerifyingKey>,
     applied: Vec<AppliedPatch>,
     /// Linux: where to find the guest's tasks, and the kernel's own paging
     /// to read them through, so sleeping ones are checked too.
     tasks: Option<(TaskLayout, PagingState)>,
+    /// Whether the guest is Linux, whose tasks can sleep inside kernel code.
+    linux: bool,
 }
 
 /// PDE bits for a patch-area page: present, 2 MiB, accessed and dirty preset
@@ -238,10 +288,11 @@ impl Patcher {
     pub fn new(trusted: Vec<VerifyingKey>) -> Self {
         Patcher {
             va: None,
-            used: 0,
+            space: Space::new(PATCH_AREA_BYTES),
             trusted,
             applied: Vec::new(),
             tasks: None,
+            linux: false,
         }
     }
 
@@ -326,6 +377,7 @@ impl Patcher {
             }
         }
         let paging = introspect::kernel_paging(vm)?;
+        self.linux = kernel.symbols.lookup("init_task").is_ok();
         self.tasks = kernel.tasks.clone().ok().map(|l| {
             let p = l.paging(paging, kernel.text, kernel.text_gpa);
             (l, p)
@@ -374,10 +426,9 @@ impl Patcher {
             let site = trampoline::check_site(&f.old, sym.addr, &code)?;
             olds.push((f, site));
         }
-        // New code: link at the next free place of the patch area.
+        // New code: link once to learn its size (the layout does not depend
+        // on the base), then at the first free run of the area it fits in.
         let va = self.map_area(vm, paging)?;
-        let start = self.used.div_ceil(64) * 64;
-        let base = va + start;
         let resolve = |s: &str| -> Result<u64, String> {
             kernel
                 .symbols
@@ -385,16 +436,19 @@ impl Patcher {
                 .map(|x| x.addr)
                 .map_err(|e| format!("the patch needs {s}: {e}"))
         };
-        let linked = link(&lup.objects, base, &resolve)?;
+        let first_free = self.space.find(0).unwrap_or(0);
+        let mut linked = link(&lup.objects, va + first_free, &resolve)?;
         let need = linked.bytes.len() as u64;
-        let area = vm.patch_area();
-        if start + need > area.size {
-            return Err(PatchError::AreaFull {
-                used: self.used,
-                size: area.size,
-                need,
-            });
+        let start = self.space.find(need).ok_or(PatchError::AreaFull {
+            used: self.space.in_use(),
+            size: self.space.size,
+            need,
+        })?;
+        if start != first_free {
+            linked = link(&lup.objects, va + start, &resolve)?;
         }
+        let base = va + start;
+        let area = vm.patch_area();
         let mut plan = Vec::new();
         for (f, site) in &olds {
             let new_addr = *linked
@@ -454,7 +508,14 @@ impl Patcher {
         area.write(start, &linked.bytes)?;
         let (pause, tries, tasks_checked) =
             switch(vm, paging, self.tasks.as_ref().map(|(l, p)| (l, *p)), &plan)?;
-        self.used = start + need;
+        self.space.take(start, need);
+        if replace && self.all_checked(tasks_checked) {
+            // The code of every replaced patch was left in this switch: no
+            // vCPU or task is in it, and nothing jumps there any more.
+            for a in &self.applied {
+                self.space.release(a.code_addr - va);
+            }
+        }
         let functions: Vec<SwitchedFunction> = plan
             .iter()
             .filter(|w| w.new_addr != 0)
@@ -486,6 +547,20 @@ impl Patcher {
             sleeping_tasks_checked: tasks_checked,
             total_us: t0.elapsed().as_secs_f64() * 1e6,
         })
+    }
+
+    /// Whether a switch that checked `tasks_checked` sleeping tasks saw
+    /// everything that can be inside kernel code: on Linux its sleeping
+    /// tasks too; on the test kernel, whose tasks never sleep in kernel
+    /// mode, the vCPUs.
+    fn all_checked(&self, tasks_checked: Option<usize>) -> bool {
+        tasks_checked.is_some() || !self.linux
+    }
+
+    /// Bytes of the patch area holding code (applied, or kept after a
+    /// revert that could not prove it unused), and the area's size.
+    pub fn area_usage(&self) -> (u64, u64) {
+        (self.space.in_use(), self.space.size)
     }
 
     /// Code a vCPU must not be in when the site of `function` is switched:
@@ -590,6 +665,14 @@ impl Patcher {
         let (pause, tries, tasks_checked) =
             switch(vm, paging, self.tasks.as_ref().map(|(l, p)| (l, *p)), &plan)?;
         let removed = self.applied.remove(idx);
+        // Its code was left in the switch: nothing is in it, nothing jumps
+        // there. Where sleeping tasks could not be checked (a Linux kernel
+        // without BTF) one may still return into it: the bytes stay.
+        if self.all_checked(tasks_checked) {
+            if let Some(va) = self.va {
+                self.space.release(removed.code_addr - va);
+            }
+        }
         Ok(PatchReport {
             name: removed.name,
             functions: removed.functions,
@@ -774,4 +857,35 @@ fn check_and_write(vm: &Vm, plan: &[Write], gpas: &[u64]) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn space_is_first_fit_aligned_and_reused_after_release() {
+        let mut s = Space::new(1024);
+        assert_eq!(s.find(100), Some(0));
+        s.take(0, 100);
+        assert_eq!(s.find(10), Some(128));
+        s.take(128, 300);
+        assert_eq!(s.find(600), None, "only 1024 - 448 = 576 left at the end");
+        assert_eq!(s.find(500), Some(448));
+        s.take(448, 500);
+        assert_eq!(s.in_use(), 900);
+        // Freeing the middle run makes room there again, first fit.
+        s.release(128);
+        assert_eq!(s.in_use(), 600);
+        assert_eq!(s.find(200), Some(128));
+        assert_eq!(s.find(400), None);
+        s.release(0);
+        assert_eq!(s.find(400), Some(0));
+        s.release(448);
+        assert_eq!((s.in_use(), s.find(1024)), (0, Some(0)));
+        // Releasing where nothing starts changes nothing.
+        s.take(64, 1);
+        s.release(65);
+        assert_eq!(s.in_use(), 1);
+    }
 }
