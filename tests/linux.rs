@@ -73,10 +73,8 @@ echo "@@WORK loop done i=$i sum=$sum"
     let scenario = format!(
         r#"
 LOG=/tmp/serial.log
-$LUCOS run --vm busy --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "{CMDLINE}" --serial-log $LOG --quiet --detach
-echo "@@SCN started rc=$?"
-n=0; while ! grep -q "@@GUEST up" $LOG 2>/dev/null; do sleep 0.2; n=$((n + 1)); [ $n -gt 600 ] && break; done
-grep -q "@@GUEST up" $LOG || {{ echo "@@SCN guest did not come up"; dump_vm busy; sed 's/^/G| /' $LOG; cat $LUCOS_RUN_DIR/busy.log; $LUCOS stop --vm busy; exit 1; }}
+up busy $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "{CMDLINE}"
+rc=$?; echo "@@SCN started rc=$rc"; [ $rc = 0 ] || exit 1
 ok=0; bad=0; t0=$(cut -d' ' -f1 /proc/uptime)
 for k in $(seq 1 100); do
   if $LUCOS pause --vm busy >/dev/null && $LUCOS resume --vm busy >/dev/null; then ok=$((ok + 1)); else bad=$((bad + 1)); fi

@@ -91,7 +91,7 @@ wait_for() {
   done
   return 0
 }
-$LUCOS run --vm lx --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --serial-log $LOG --trusted-key $FILES/key.pub --quiet --detach
+up lx $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
 wait_for "@@CMD" || { sed 's/^/G| /' $LOG; sed 's/^/V| /' $LUCOS_RUN_DIR/lx.log; exit 1; }
 $LUCOS list --vm lx --json > /tmp/l 2>&1 || { echo "@@SCN list failed: $(cat /tmp/l)"; }
 S0=$(sha); echo "@@SCN sha before $S0"

@@ -16,6 +16,9 @@ insmod /modules/kvm-amd.ko $KVM_AMD_PARAMS || echo "@@HOST insmod kvm-amd failed
 grep . /sys/module/kvm_amd/parameters/* 2>/dev/null | sed 's|/sys/module/kvm_amd/parameters/|@@HOST kvm_amd.|'
 npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)
 echo "@@HOST kvm=$( [ -c /dev/kvm ] && echo yes || echo no) npt=$npt cpus=$(grep -c ^processor /proc/cpuinfo)"
+# Kernel messages up to info on the console: a hung-task report then carries
+# its call trace, a KVM problem its details.
+echo 6 >/proc/sys/kernel/printk
 # KVM's own trace of VM exits and injected events: when a guest dies, the
 # scenario prints its tail (the guest's last exits, the RIP of the shutdown).
 if mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null; then
@@ -25,7 +28,7 @@ if mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null; then
   done
 fi
 export LUCOS=/bin/lucos QEMU=/bin/qemu-system-x86_64 GUEST_KERNEL=/guest/vmlinuz GUEST_VMLINUX=/guest/vmlinux GUEST_INITRD=/guest/initrd.gz OTHER_KERNEL=/guest/testkernel.elf FILES=/guest/files
-export LUCOS_RUN_DIR=/run/lucos LD_LIBRARY_PATH=/lib/lucos
+export LUCOS_RUN_DIR=/run/lucos LD_LIBRARY_PATH=/lib/lucos LUCOS_EMULATED_HOST=1
 # A heartbeat: the test harness treats a host that prints nothing, not even
 # this, for minutes as hung (seen under QEMU TCG) and retries it.
 ( while :; do sleep 20; echo "@@HOST alive"; done ) &
