@@ -120,6 +120,7 @@ $LUCOS revert --vm lx procfix > /tmp/o 2>&1; echo "@@SCN revert rc=$? $(tr '\n' 
 sleep 1; n1=$(wc -l < $LOG); sleep 1.5
 tail -n +$((n1 + 1)) $LOG | grep "@@" | sed 's/^/@@SCN after revert /'
 echo "@@SCN sha after $(sha)"
+$LUCOS list --vm lx | grep "patch area" | sed 's/^/@@SCN area after /'
 $LUCOS status --vm lx | sed 's/^/@@SCN status /'
 sed 's/^/G| /' $LOG | tail -n 20
 $LUCOS stop --vm lx >/dev/null
@@ -299,6 +300,11 @@ fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
         "{after:?}"
     );
     assert_eq!(line("@@SCN sha after "), format!("@@SCN sha after {sha0}"));
+    // Sleeping tasks were checked at each revert, so both patches' code was freed.
+    assert_eq!(
+        line("@@SCN area after "),
+        "@@SCN area after patch area  0 of 2097152 bytes in use"
+    );
     assert!(line("@@SCN status ").contains("running"), "{}", out.text);
     eprintln!("{busy}\n{apply}\n{}", line("@@SCN revert "));
 }
