@@ -21,17 +21,11 @@ sleep 600
 
 /// Per guest: boot, wait for the guest's own view, then ask lucos.
 const SCENARIO: &str = r#"
-boot_ks() {
-  id=$1; LOG=/tmp/$id.log
-  $LUCOS run --vm $id --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$2" --serial-log $LOG --quiet --detach >/dev/null
-  n=0; while ! grep -q "@@NOTES" $LOG 2>/dev/null; do sleep 0.5; n=$((n + 1)); [ $n -gt 600 ] && break; $LUCOS status --vm $id >/dev/null 2>&1 || break; done
-  grep -q "@@NOTES" $LOG || { echo "@@SCN $id did not report"; sed 's/^/G| /' $LOG; sed 's/^/L| /' $LUCOS_RUN_DIR/$id.log; $LUCOS stop --vm $id >/dev/null 2>&1; sleep 2; return 1; }
-}
 ks() {
-  # One more boot if the guest died before reporting (seen once in the
-  # emulated host, cause unknown; its serial and VMM log are printed above).
-  boot_ks "$@" || boot_ks "$@"
   id=$1; LOG=/tmp/$id.log
+  up $id $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$2" || return 1
+  n=0; while ! grep -q "@@NOTES" $LOG 2>/dev/null; do sleep 0.5; n=$((n + 1)); [ $n -gt 600 ] && break; done
+  grep -q "@@NOTES" $LOG || { echo "@@SCN $id did not report"; sed 's/^/G| /' $LOG; sed 's/^/L| /' $LUCOS_RUN_DIR/$id.log; $LUCOS stop --vm $id >/dev/null 2>&1; return 1; }
   $LUCOS symbols --vm $id --all > /tmp/$id.syms
   echo "@@SCN $id all rc=$? count=$(wc -l < /tmp/$id.syms) sha=$(sha256sum /tmp/$id.syms | cut -c1-64) dups=$(cut -d' ' -f3 /tmp/$id.syms | sort | uniq -d | wc -l) text=$(grep ' _text$' /tmp/$id.syms | cut -d' ' -f1)"
   $LUCOS symbols --vm $id --json | tr -d '\n' | sed "s/^/@@SCN $id json /"; echo
