@@ -426,8 +426,8 @@ impl Patcher {
             let site = trampoline::check_site(&f.old, sym.addr, &code)?;
             olds.push((f, site));
         }
-        // New code: link once to learn its size (the layout does not depend
-        // on the base), then at the first free run of the area it fits in.
+        // New code: link at the area's base to learn its size (the layout
+        // does not depend on the base), then at the first free run it fits.
         let va = self.map_area(vm, paging)?;
         let resolve = |s: &str| -> Result<u64, String> {
             kernel
@@ -436,17 +436,18 @@ impl Patcher {
                 .map(|x| x.addr)
                 .map_err(|e| format!("the patch needs {s}: {e}"))
         };
-        let first_free = self.space.find(0).unwrap_or(0);
-        let mut linked = link(&lup.objects, va + first_free, &resolve)?;
-        let need = linked.bytes.len() as u64;
+        let at_base = link(&lup.objects, va, &resolve)?;
+        let need = at_base.bytes.len() as u64;
         let start = self.space.find(need).ok_or(PatchError::AreaFull {
             used: self.space.in_use(),
             size: self.space.size,
             need,
         })?;
-        if start != first_free {
-            linked = link(&lup.objects, va + start, &resolve)?;
-        }
+        let linked = if start == 0 {
+            at_base
+        } else {
+            link(&lup.objects, va + start, &resolve)?
+        };
         let base = va + start;
         let area = vm.patch_area();
         let mut plan = Vec::new();
