@@ -309,13 +309,16 @@ struct HostFailure(String);
 /// Guest output reaches the console prefixed (`G| `), so never matches.
 fn host_failed(line: &str) -> bool {
     !line.starts_with("G| ")
-        && (line.contains("watchdog: BUG: soft lockup")
-            || line.contains("Kernel panic - not syncing")
-            || line.contains("rcu_sched self-detected stall")
-            || line.contains("blocked for more than")
-            || line.contains("BUG: ")
-            || line.contains("general protection fault")
-            || line.contains("rcu: INFO: rcu_sched detected stalls"))
+        && [
+            "BUG: ", // soft lockup, bad page access, stack guard page hit
+            "general protection fault",
+            "Kernel panic - not syncing",
+            "rcu_sched self-detected stall",
+            "rcu: INFO: rcu_sched detected stalls",
+            "blocked for more than", // a hung task
+        ]
+        .iter()
+        .any(|s| line.contains(s))
 }
 
 #[allow(clippy::too_many_arguments)]
