@@ -15,13 +15,14 @@ mod common;
 use std::time::Duration;
 
 use common::bench::{median, number, runs};
-use common::linux::{run_scenario_with, Extras};
+use common::linux::{kernel_pkg, kernel_release, run_scenario_with, Extras};
 
 fn main() {
     let runs = runs();
-    let workload = "#!/bin/sh\nsleep 3\n";
+    // The guest idles until the scenario has measured it and stops it.
+    let workload = "#!/bin/sh\nwhile :; do sleep 1; done\n";
     let cmdline = "console=ttyS0 reboot=k panic=-1 quiet";
-    // measure NAME PID LOG: wait for /init, then report times and memory.
+    // measure NAME PID LOG: wait for /init, report times and memory, end the VMM.
     let scenario = format!(
         r#"
 now() {{ cut -d' ' -f1 /proc/uptime; }}
@@ -33,7 +34,7 @@ measure() {{
   shm=$(awk '/^RssShmem/ {{print $2}}' /proc/$pid/status)
   up=$(grep -o "@@GUEST up uptime=[0-9.]*" $log | cut -d= -f2)
   echo "@@BENCH vmm=$name t0=$t0 t1=$t1 guest_uptime=$up rss_kib=$rss shmem_kib=$shm"
-  wait $pid
+  kill $pid; wait $pid
 }}
 for i in $(seq 1 {runs}); do
   rm -f /tmp/l.log /tmp/q.log
@@ -81,7 +82,8 @@ done
         out.text
     );
     println!(
-        "Linux 6.1.0-56-cloud-amd64 boot to /init, 2 vCPUs, 256 MiB, busybox initramfs, {runs} runs each, on {}",
+        "Linux {} boot to /init, 2 vCPUs, 256 MiB, busybox initramfs, {runs} runs each, on {}",
+        kernel_release(&kernel_pkg()),
         out.where_
     );
     println!(

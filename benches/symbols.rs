@@ -18,7 +18,7 @@ mod common;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use common::linux::{package_vmlinux, run_scenario_with, Extras};
+use common::linux::{kernel_pkg, kernel_release, package_vmlinux, run_scenario_with, Extras};
 use symbol_db::{kallsyms, KernelImage};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -63,7 +63,7 @@ fn native() {
     let by_addr = t.elapsed();
     println!(
         "symbol-db, native, Debian {} image ({} MiB), {} symbols:",
-        env_release(),
+        kernel_release(&kernel_pkg()),
         image.bytes().len() >> 20,
         table.len()
     );
@@ -83,16 +83,6 @@ fn native() {
     );
 }
 
-fn env_release() -> String {
-    std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-kernels/linux/versions.env"),
-    )
-    .unwrap_or_default()
-    .lines()
-    .find_map(|l| l.strip_prefix("KERNEL_RELEASE=").map(str::to_owned))
-    .unwrap_or_default()
-}
-
 fn in_guest() {
     // The guest times 5 reads of its own /proc/kallsyms (uptime clock, 10 ms).
     let workload = r#"#!/bin/sh
@@ -100,7 +90,8 @@ t0=$(cut -d' ' -f1 /proc/uptime)
 for i in 1 2 3 4 5; do cat /proc/kallsyms > /dev/null; done
 t1=$(cut -d' ' -f1 /proc/uptime)
 echo "@@PROC five_reads_s=$(echo "$t0 $t1" | awk '{print $2 - $1}') lines=$(wc -l < /proc/kallsyms)"
-sleep 600
+# Until the scenario stops the VM.
+while :; do sleep 5; done
 "#;
     let scenario = r#"
 LOG=/tmp/g.log

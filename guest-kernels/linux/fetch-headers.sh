@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Fetches the pinned kbuild tree of the Debian guest kernel (linux-headers for
-# the cloud flavour, its common part, and linux-kbuild: same version as the
-# kernel, each sha256-checked), unpacks them into one tree in the asset cache,
-# and points the flavour's Makefile at the unpacked common part instead of
-# /usr/src. Idempotent. Prints the kbuild directory for `lucos build --kbuild`.
+# Fetches the kbuild tree of the chosen Debian kernel build (the same build
+# fetch-kernel.sh takes: linux-headers of the cloud flavour, its common part
+# and linux-kbuild of the same source version, each sha256-checked), unpacks
+# them into one tree in the asset cache, and points the flavour's Makefile at
+# the unpacked common part instead of /usr/src. Idempotent. Prints the kbuild
+# directory for `lucos build --kbuild`.
 #   guest-kernels/linux/fetch-headers.sh [CACHE_DIR]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=versions.env
-. "$here/versions.env"
-# shellcheck source=fetch-deb.sh
-. "$here/fetch-deb.sh"
+# shellcheck source=lib.sh
+. "$here/lib.sh"
 cache=$(asset_cache "${1:-}")
-root="$cache/linux-headers-$KERNEL_PKG_VERSION"
+choose_build "$cache"
+root="$cache/linux-headers-$KERNEL_RELEASE-$BUILD_VERSION"
 kbuild="$root/usr/src/linux-headers-$KERNEL_RELEASE"
 
 # Done already, unless the cache moved (the Makefile names its own path).
@@ -20,28 +20,17 @@ if [ -f "$root/.complete" ] && grep -q "^include $root/" "$kbuild/Makefile"; the
   echo "$kbuild"
   exit 0
 fi
-debs=()
-for spec in $HEADERS_PKGS; do
-  pkg=${spec%%:*} arch=${spec##*:}
-  var="HEADERS_SHA256_$(echo "$pkg" | tr .- __)"
-  sum=${!var}
-  deb="$cache/${pkg}_${KERNEL_PKG_VERSION}_${arch}.deb"
-  fetch_deb fetch-headers "$pkg" "$KERNEL_PKG_VERSION" "$sum" "$deb"
-  debs+=("$deb")
-done
-rm -rf "$root.tmp"
-mkdir -p "$root.tmp"
-for deb in "${debs[@]}"; do
-  dpkg-deb -x "$deb" "$root.tmp"
-done
-common="/usr/src/linux-headers-${KERNEL_RELEASE%-cloud-amd64}-common"
+mapfile -t debs < <(fetch_role "$cache" headers)
+[ ${#debs[@]} -eq "$(known_lines "$BUILD_ABI" | awk '$3 == "headers"' | wc -l)" ] && [ -f "${debs[-1]}" ] ||
+  { echo "fetch-headers: fetching the headers failed" >&2; exit 1; }
+unpack_into "$root" "${debs[@]}"
+common="/usr/src/linux-headers-$BUILD_ABI-common"
 mk="$root.tmp/usr/src/linux-headers-$KERNEL_RELEASE/Makefile"
 grep -q "^include $common/Makefile" "$mk" || {
+  rm -rf "$root.tmp"
   echo "fetch-headers: $mk does not include $common/Makefile as expected" >&2
   exit 1
 }
 sed -i "s|^include $common/Makefile|include $root$common/Makefile|" "$mk"
-rm -rf "$root"
-mv "$root.tmp" "$root"
-touch "$root/.complete"
+finish_unpack "$root"
 echo "$kbuild"

@@ -133,12 +133,13 @@ fn run_script(script: &str, args: &[&Path]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// The unpacked pinned kernel package (fetched and checked on first use).
+/// The unpacked kernel package of the chosen known build (fetched and
+/// checked on first use; guest-kernels/linux/versions.env lists the builds).
 pub fn kernel_pkg() -> PathBuf {
     PathBuf::from(run_script("guest-kernels/linux/fetch-kernel.sh", &[]))
 }
 
-/// The pinned kernel's kbuild tree (linux-headers, fetched and checked on
+/// The chosen build's kbuild tree (linux-headers, fetched and checked on
 /// first use): what `lucos build --kbuild` and livepatch modules build against.
 pub fn kbuild_dir() -> PathBuf {
     let dir = PathBuf::from(run_script("guest-kernels/linux/fetch-headers.sh", &[]));
@@ -146,29 +147,63 @@ pub fn kbuild_dir() -> PathBuf {
     dir
 }
 
-/// The pinned guest kernel (bzImage).
-pub fn guest_kernel(pkg: &Path) -> PathBuf {
-    let release = std::fs::read_to_string(repo().join("guest-kernels/linux/versions.env"))
-        .expect("versions.env")
+/// A value of the `lucos-build.env` that fetch-kernel.sh writes beside an
+/// unpacked kernel package (`KERNEL_ABI`, `KERNEL_VERSION`, `KERNEL_RELEASE`).
+pub fn build_value(pkg: &Path, key: &str) -> String {
+    let env = pkg.join("lucos-build.env");
+    std::fs::read_to_string(&env)
+        .unwrap_or_else(|e| panic!("{}: {e}", env.display()))
         .lines()
-        .find_map(|l| l.strip_prefix("KERNEL_RELEASE=").map(str::to_owned))
-        .expect("KERNEL_RELEASE");
-    pkg.join(format!("boot/vmlinuz-{release}"))
+        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no {key} in {}", env.display()))
 }
 
-/// The pinned guest kernel's uncompressed image (ELF vmlinux, stripped, as
-/// the guest runs it), read from the package's bzImage.
-pub fn package_vmlinux() -> Vec<u8> {
-    let pkg = kernel_pkg();
+/// The release (`uname -r`) of the kernel in `pkg`, e.g. `6.1.0-57-cloud-amd64`.
+pub fn kernel_release(pkg: &Path) -> String {
+    build_value(pkg, "KERNEL_RELEASE")
+}
+
+/// The guest kernel (bzImage) in `pkg`.
+pub fn guest_kernel(pkg: &Path) -> PathBuf {
+    pkg.join(format!("boot/vmlinuz-{}", kernel_release(pkg)))
+}
+
+/// The unpacked kernel package of another known build than the chosen one,
+/// if the archive (or the cache) still has one: a kernel "of another build"
+/// for the refusal tests.
+pub fn other_kernel_pkg() -> Option<PathBuf> {
+    let out = Command::new(repo().join("guest-kernels/linux/fetch-kernel.sh"))
+        .arg("--other")
+        .output()
+        .expect("run fetch-kernel.sh --other");
+    match out.status.code() {
+        Some(0) => Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())),
+        Some(3) => None,
+        _ => panic!(
+            "fetch-kernel.sh --other failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// The uncompressed image (ELF vmlinux, stripped, as the guest runs it) of
+/// the kernel in `pkg`, read from its bzImage.
+pub fn vmlinux_of(pkg: &Path) -> Vec<u8> {
     let dir = scratch("vmlinux");
     let out = dir.join("vmlinux");
     run_script(
         "guest-kernels/linux/extract-vmlinux.sh",
-        &[&guest_kernel(&pkg), &out],
+        &[&guest_kernel(pkg), &out],
     );
     let data = std::fs::read(&out).expect("vmlinux");
     let _ = std::fs::remove_dir_all(&dir);
     data
+}
+
+/// The chosen guest kernel's uncompressed image (see [`vmlinux_of`]).
+pub fn package_vmlinux() -> Vec<u8> {
+    vmlinux_of(&kernel_pkg())
 }
 
 /// What a scenario printed.

@@ -8,8 +8,9 @@
 # that ELF kernel as /guest/vmlinux.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-. "$here/../versions.env"
 out=$1 pkg=$2 lucos=$3 guest_initrd=$4 scenario=$5
+# The build the kernel package directory holds (written by fetch-kernel.sh).
+. "$pkg/lucos-build.env"
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,run,modules,guest,lib/lucos,lib64}
