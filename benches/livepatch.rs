@@ -31,7 +31,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::bench::{median, number as get, runs};
-use common::linux::{kbuild_dir, package_vmlinux, run_scenario_with, Extras};
+use common::linux::{
+    kbuild_dir, kernel_pkg, kernel_release, package_vmlinux, run_scenario_with, Extras,
+};
 
 /// The replaced functions and the /proc file each one shows; every one is
 /// `int NAME(struct seq_file *m, void *v)` behind a single_open file.
@@ -150,18 +152,25 @@ fn build_all(dir: &Path, files: &Path, guest: &Path) {
 /// announced with `@@ROUND K go` for the scenario to act in.
 fn workload(runs: usize) -> String {
     let files: Vec<&str> = FUNCS.iter().map(|(_, f)| *f).collect();
+    // The stall meter's window around an operation lasts until the guest
+    // sees the operation's effect (the last of its n functions answers, or
+    // no longer answers, "lucos-bench"), and 2 s more: it never has to
+    // guess how long the host will take.
     format!(
         r#"#!/bin/sh
 F=/files
 seen() {{ n=0; for f in {files}; do grep -qx "lucos-bench $f" /proc/$f && n=$((n + 1)); done; echo $n; }}
+last() {{ [ $1 = 1 ] && echo {first} || echo {tenth}; }}
+# window N present|absent: spin until /proc/$(last N) does or does not say so.
+window() {{ f=$(last $1); $F/klptime spin 2000 /proc/$f "lucos-bench $f" $2; }}
 echo "@@B start seen=$(seen)"
 for r in $(seq 1 {runs}); do
   for n in 1 10; do
-    $F/klptime spin 5000 > /tmp/gap & sp=$!
-    sleep 0.5; $F/klptime load $F/lpb$n.ko lpb$n > /tmp/op 2>&1
+    window $n present > /tmp/gap & sp=$!
+    sleep 0.5; $F/klptime load $F/lpb$n.ko lpb$n > /tmp/op 2>&1 || kill $sp
     wait $sp; echo "@@B sys=klp op=apply n=$n seen=$(seen) $(cat /tmp/op) $(cat /tmp/gap)"
-    $F/klptime spin 5000 > /tmp/gap & sp=$!
-    sleep 0.5; $F/klptime unload lpb$n > /tmp/op 2>&1
+    window $n absent > /tmp/gap & sp=$!
+    sleep 0.5; $F/klptime unload lpb$n > /tmp/op 2>&1 || kill $sp
     wait $sp; echo "@@B sys=klp op=revert n=$n seen=$(seen) $(cat /tmp/op) $(cat /tmp/gap)"
   done
 done
@@ -173,7 +182,8 @@ for r in $(seq 1 {runs}); do
   for n in 1 10; do
     for op in apply revert; do
       k=$((k + 1))
-      $F/klptime spin 5000 > /tmp/gap & sp=$!
+      if [ $op = apply ]; then want=present; else want=absent; fi
+      window $n $want > /tmp/gap & sp=$!
       echo "@@ROUND $k go"
       wait $sp; echo "@@B sys=lucos op=$op n=$n seen=$(seen) $(cat /tmp/gap)"
     done
@@ -181,7 +191,9 @@ for r in $(seq 1 {runs}); do
 done
 echo "@@B end"
 "#,
-        files = files.join(" ")
+        files = files.join(" "),
+        first = FUNCS[0].1,
+        tenth = FUNCS[9].1,
     )
 }
 
@@ -211,9 +223,11 @@ for r in $(seq 1 {runs}); do
     k=$((k + 1)); await "@@ROUND $k go" || exit 1
     $LUCOS patch --vm b --json $FILES/lpb$n.lup > /tmp/o 2>&1
     echo "@@SCN sys=lucos op=apply n=$n $(figures)"
+    grep -q '"pause_us"' /tmp/o || exit 1
     k=$((k + 1)); await "@@ROUND $k go" || exit 1
     $LUCOS revert --vm b --json lpb$n > /tmp/o 2>&1
     echo "@@SCN sys=lucos op=revert n=$n $(figures)"
+    grep -q '"pause_us"' /tmp/o || exit 1
   done
 done
 await "@@B end"
@@ -310,8 +324,9 @@ fn main() {
     };
     let ms = |us: f64| us / 1e3;
     println!(
-        "Live patching Linux 6.1.0-56-cloud-amd64 (2 vCPUs, 256 MiB), lucos against Linux livepatch, \
+        "Live patching Linux {} (2 vCPUs, 256 MiB), lucos against Linux livepatch, \
          same guest, same run, {runs} runs each (medians), on {}",
+        kernel_release(&kernel_pkg()),
         out.where_
     );
     println!(

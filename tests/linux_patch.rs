@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::linux::{kbuild_dir, package_vmlinux, run_scenario_with, Extras};
+use common::linux::{
+    kbuild_dir, kernel_release, other_kernel_pkg, package_vmlinux, run_scenario_with, vmlinux_of,
+    Extras,
+};
 
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
@@ -68,15 +71,15 @@ const WORKLOAD: &str = r#"#!/bin/sh
 cat /dev/kmsg > /dev/null &
 reader=$!
 echo "@@KMSG reader pid=$reader"
-i=0
-while [ $i -lt 1200 ]; do
+# Until the scenario stops the VM.
+while :; do
   echo "@@CMD $(cat /proc/cmdline)"
   echo "@@MEM lines=$(wc -l < /proc/meminfo) last=$(tail -n 1 /proc/meminfo | tr -s ' ')"
   echo "@@KMSG read $(dd if=/dev/kmsg bs=4096 count=1 2>&1 | head -n 1 | cut -c 1-60)"
   if [ -n "$reader" ] && grep -q lucos.patched /proc/cmdline; then
     kill $reader; wait $reader; reader=""; echo "@@KMSG reader gone"
   fi
-  i=$((i + 1)); sleep 0.5
+  sleep 0.5
 done
 "#;
 
@@ -195,14 +198,27 @@ fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
     let at = t.len() - 300;
     t[at] ^= 0x40;
     std::fs::write(files.join("tampered.lup"), t).expect("write");
-    // Another build: the same image with another build-id.
+    // Another build: another known Debian build's kernel while the archive
+    // still has one (a real "patch built for another kernel"), else the same
+    // image with another build-id.
     let syms = symbol_db::SymbolTable::from_kernel_elf(&vm, "vmlinux").expect("kallsyms");
-    let id = symbol_db::KernelIdentity::from_elf(&vm, "vmlinux").expect("identity");
-    let build_id = hex_bytes(id.build_id.as_deref().expect("build-id"));
-    let other = altered(&dir, &vm, "other.vmlinux", |v| {
-        let at = find(v, &build_id).expect("build-id bytes in the image");
-        v[at..at + build_id.len()].fill(0x5a);
-    });
+    let other = match other_kernel_pkg() {
+        Some(pkg) => {
+            eprintln!("otherbuild: built against {}", kernel_release(&pkg));
+            altered(&dir, &vmlinux_of(&pkg), "other.vmlinux", |_| {})
+        }
+        None => {
+            eprintln!(
+                "otherbuild: no other known build to be had; the image with another build-id"
+            );
+            let id = symbol_db::KernelIdentity::from_elf(&vm, "vmlinux").expect("identity");
+            let build_id = hex_bytes(id.build_id.as_deref().expect("build-id"));
+            altered(&dir, &vm, "other.vmlinux", |v| {
+                let at = find(v, &build_id).expect("build-id bytes in the image");
+                v[at..at + build_id.len()].fill(0x5a);
+            })
+        }
+    };
     b("otherbuild", FIX, &[], &other);
     // Old bytes differ: cmdline_proc_show altered past its ftrace site.
     let f = syms.lookup("cmdline_proc_show").expect("symbol");

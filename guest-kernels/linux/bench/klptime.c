@@ -10,11 +10,17 @@
  *   klptime unload NAME           write 0 to .../NAME/enabled, poll the
  *                                 transition, then delete_module() until
  *                                 the module is gone
- *   klptime spin MS               spin MS milliseconds on CLOCK_MONOTONIC
- *                                 and report the longest gap seen: the
- *                                 longest time this task was kept from
- *                                 running (a guest pause, an IPI storm, a
- *                                 stop_machine, the scheduler)
+ *   klptime spin MS [FILE TEXT present|absent]
+ *                                 spin on CLOCK_MONOTONIC and report the
+ *                                 longest gap seen: the longest time this
+ *                                 task was kept from running (a guest
+ *                                 pause, an IPI storm, a stop_machine, the
+ *                                 scheduler); for MS milliseconds, or with
+ *                                 FILE, until FILE (read every 10 ms)
+ *                                 holds TEXT (or no longer does) and MS
+ *                                 milliseconds more: a window that lasts as
+ *                                 long as the operation it watches, however
+ *                                 slow the machine
  *
  * Each prints one "@@KLP ..." line of key=value figures in microseconds.
  */
@@ -145,9 +151,26 @@ static int unload(const char *name)
 	return 0;
 }
 
-static int spin(long ms)
+/* Whether FILE holds TEXT (an unreadable file holds nothing). */
+static int holds(const char *file, const char *text)
 {
-	double t0 = now_us(), last = t0, max = 0;
+	static char buf[65536];
+	int fd = open(file, O_RDONLY);
+	ssize_t n, len = 0;
+
+	if (fd < 0)
+		return 0;
+	while (len < (ssize_t)sizeof(buf) - 1 &&
+	       (n = read(fd, buf + len, sizeof(buf) - 1 - len)) > 0)
+		len += n;
+	close(fd);
+	buf[len] = 0;
+	return strstr(buf, text) != NULL;
+}
+
+static int spin(long ms, const char *file, const char *text, int want)
+{
+	double t0 = now_us(), last = t0, max = 0, checked = t0, seen = file ? 0 : t0;
 
 	for (;;) {
 		double t = now_us();
@@ -155,10 +178,15 @@ static int spin(long ms)
 		if (t - last > max)
 			max = t - last;
 		last = t;
-		if (t - t0 > ms * 1e3)
+		if (!seen && t - checked > 10e3) {
+			if (holds(file, text) == want)
+				seen = t;
+			checked = t = last = now_us();
+		}
+		if (seen && t - seen > ms * 1e3)
 			break;
 	}
-	printf("@@KLP spin ms=%ld max_gap_us=%.1f\n", ms, max);
+	printf("@@KLP spin ms=%ld waited_us=%.1f max_gap_us=%.1f\n", ms, seen - t0, max);
 	return 0;
 }
 
@@ -169,7 +197,11 @@ int main(int argc, char **argv)
 	if (argc == 3 && !strcmp(argv[1], "unload"))
 		return unload(argv[2]);
 	if (argc == 3 && !strcmp(argv[1], "spin"))
-		return spin(atol(argv[2]));
-	fprintf(stderr, "usage: klptime load MODULE.ko NAME | unload NAME | spin MS\n");
+		return spin(atol(argv[2]), NULL, NULL, 0);
+	if (argc == 6 && !strcmp(argv[1], "spin") &&
+	    (!strcmp(argv[5], "present") || !strcmp(argv[5], "absent")))
+		return spin(atol(argv[2]), argv[3], argv[4], !strcmp(argv[5], "present"));
+	fprintf(stderr, "usage: klptime load MODULE.ko NAME | unload NAME | "
+		"spin MS [FILE TEXT present|absent]\n");
 	return 2;
 }
