@@ -300,23 +300,40 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
-/// `lucos inspect PATCH.lup`.
+/// `lucos inspect PATCH.lup`. With `--key`, the exit status says whether
+/// the signature verifies by that key: 0 only when it does, else
+/// [`exit::PATCH_REFUSED`] (an unsigned patch too); `--json` says which in
+/// `signature_valid`.
 pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliError> {
     let lup = Lup::read(path).map_err(engine)?;
-    let signature = match (&lup.signature, key) {
-        (None, _) => "none (unsigned)".to_owned(),
+    // (what to print, whether it verified: None when there was nothing to check)
+    let (signature, valid) = match (&lup.signature, key) {
+        (None, None) => ("none (unsigned)".to_owned(), None),
+        (None, Some(_)) => ("none (unsigned): nothing to verify".to_owned(), Some(false)),
         (Some(_), Some(k)) => {
             let vk = read_public_key(k)?;
             match lup.verify(&[vk], &path.display().to_string()) {
-                Ok(_) => format!("valid, by {}", k.display()),
-                Err(e) => format!("INVALID: {e}"),
+                Ok(_) => (format!("valid, by {}", k.display()), Some(true)),
+                Err(e) => (format!("INVALID: {e}"), Some(false)),
             }
         }
-        (Some(_), None) => "present (give --key KEY.pub to check it)".to_owned(),
+        (Some(_), None) => ("present (give --key KEY.pub to check it)".to_owned(), None),
+    };
+    let code = match valid {
+        Some(false) => {
+            eprintln!(
+                "lucos: error: {}: the signature does not verify by {}",
+                path.display(),
+                key.map(|k| k.display().to_string()).unwrap_or_default()
+            );
+            exit::PATCH_REFUSED
+        }
+        _ => exit::OK,
     };
     if json {
         let mut v = serde_json::to_value(&lup.manifest).unwrap_or_default();
         v["signature"] = Value::String(signature);
+        v["signature_valid"] = valid.map_or(Value::Null, Value::Bool);
         v["objects_bytes"] = lup
             .objects
             .iter()
@@ -324,7 +341,7 @@ pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliEr
             .sum::<usize>()
             .into();
         print_json(&v);
-        return Ok(exit::OK);
+        return Ok(code);
     }
     let m = &lup.manifest;
     println!("patch       {} (version {})", m.name, m.version);
@@ -359,7 +376,7 @@ pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliEr
     for (n, d) in &lup.objects {
         println!("object      {n} ({} bytes)", d.len());
     }
-    Ok(exit::OK)
+    Ok(code)
 }
 
 /// One line per switched function: name, old entry -> replacement.

@@ -263,6 +263,48 @@ fn bad_patches_are_refused_and_leave_the_kernel_text_byte_identical() {
     bytes[at] ^= 0x55;
     std::fs::write(s.path("tampered.lup"), &bytes).expect("write");
     refused(&s.path("tampered.lup"), 6, "signature does not verify");
+    // `inspect --key` tells a script by its exit status whether a patch is
+    // signed by that key: 0 only when it verifies, 6 when not (or unsigned).
+    let pubkey = s.path("key.pub");
+    let inspect = |lup: &Path, json: bool| {
+        let mut args = vec!["inspect", "--key", p(&pubkey), p(lup)];
+        if json {
+            args.push("--json");
+        }
+        s.dir.lucos(&args)
+    };
+    for (lup, code, valid) in [
+        (s.path("fix.lup"), 0, true),
+        (s.path("tampered.lup"), 6, false),
+        (unsigned.clone(), 6, false),
+    ] {
+        let o = inspect(&lup, false);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{}: {}",
+            lup.display(),
+            text(&o)
+        );
+        let o = inspect(&lup, true);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{}: {}",
+            lup.display(),
+            text(&o)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --json");
+        assert_eq!(v["signature_valid"], valid, "{}: {v}", lup.display());
+    }
+    let o = s.dir.lucos(&["inspect", "--json", p(&s.path("fix.lup"))]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --json");
+    assert_eq!(
+        v["signature_valid"],
+        serde_json::Value::Null,
+        "unchecked: {v}"
+    );
     // Signed by a key the VM does not trust.
     lucos_ok(&s.dir, &["keygen", "-o", p(&s.path("other"))]);
     let c = s.path("fix.c");
@@ -389,8 +431,8 @@ fn demo_boots_pauses_live_patches_and_reverts() {
         "== applied 'demo-fix' while the tasks ran: 1 function switched in one pause",
         "version testkernel 1.0 + live patch 'demo-fix'",
         "== reverted 'demo-fix'",
-        "[tk] done tasks=2 counter=32000",
-        "== guest finished: guest exited with status 0 ==",
+        "== the tasks run on, unpatched: stopping the guest ==",
+        "== guest ended: stopped ==",
     ] {
         assert!(out.contains(needle), "'{needle}' missing:\n{out}");
     }
