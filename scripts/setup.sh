@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # Installs what lucos needs on a Debian 12 (bookworm) machine. Idempotent:
 # run it as often as you like; it only installs what is missing.
+#   scripts/setup.sh demo   # the demo: a compiler and binutils for the test kernel
+#   scripts/setup.sh test   # the whole suite: the demo's, plus the Linux-guest assets
 #
 # Needs: root (or sudo), and a Rust toolchain (rustup; see README.md).
 set -euo pipefail
+profile=${1:-test}
+case "$profile" in demo | test) ;; *) echo "usage: scripts/setup.sh demo|test" >&2; exit 2 ;; esac
 
 # Debian packages, with the versions this project is tested with (bookworm).
-# apt installs the archive's current bookworm version; the check below warns
-# if that is not the tested one.
+# apt installs the archive's current bookworm version (without recommends);
+# the check below warns if that is not the tested one.
 declare -A PKGS=(
   [gcc]="4:12.2.0-3"        # builds the test kernel
-  [gcc-12]="12.2.0-14+deb12u1"  # the Debian kernel's compiler: kbuild of Linux live patches
-  [libelf1]="0.188-2.1"     # objtool, run by kbuild
   [make]="4.3-4.1"
-  [binutils]="2.40-2"       # ld for the test kernel
-  [qemu-system-x86]="1:7.2+dfsg-7+deb12u18+b3"  # the emulated SVM host for Linux-guest tests
-  [busybox-static]="1:1.35.0-4+deb12u1+b1"      # guest and emulated-host initramfs
-  [cpio]="2.13+dfsg-7.1"
-  [lz4]="1.9.4-1"           # unpacks the vmlinux inside the bzImage (PVH boot test)
+  [binutils]="2.40-2"       # ld and objcopy for the test kernel
 )
+if [ "$profile" = test ]; then
+  PKGS+=(
+    [gcc-12]="12.2.0-14+deb12u1"  # the Debian kernel's compiler: kbuild of Linux live patches
+    [libelf1]="0.188-2.1"     # objtool, run by kbuild
+    [qemu-system-x86]="1:7.2+dfsg-7+deb12u18+b3"  # the emulated SVM host for Linux-guest tests
+    [busybox-static]="1:1.35.0-4+deb12u1+b1"      # guest and emulated-host initramfs
+    [cpio]="2.13+dfsg-7.1"
+    [lz4]="1.9.4-1"           # unpacks the vmlinux inside the bzImage (PVH boot test)
+  )
+fi
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -32,7 +40,7 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 for p in "${!PKGS[@]}"; do
   have=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null || true)
@@ -41,10 +49,13 @@ for p in "${!PKGS[@]}"; do
   fi
 done
 
-# The pinned Debian kernel for Linux guests and the emulated host (sha256-checked, cached).
-"$(dirname "$0")/../guest-kernels/linux/fetch-kernel.sh" >/dev/null
-# Its kbuild tree (linux-headers), for Linux live patches built by `lucos build --kbuild`.
-"$(dirname "$0")/../guest-kernels/linux/fetch-headers.sh" >/dev/null
+if [ "$profile" = test ]; then
+  # The Debian kernel for Linux guests and the emulated host, of the first
+  # known build still to be had (sha256-checked, cached; it says which).
+  "$(dirname "$0")/../guest-kernels/linux/fetch-kernel.sh" >/dev/null
+  # Its kbuild tree (linux-headers), for Linux live patches built by `lucos build --kbuild`.
+  "$(dirname "$0")/../guest-kernels/linux/fetch-headers.sh" >/dev/null
+fi
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: error: no Rust toolchain (cargo) found. Install rustup with Rust 1.85 or newer:" >&2

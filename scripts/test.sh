@@ -3,7 +3,7 @@
 #   scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh test
 start=$(date +%s)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
