@@ -252,6 +252,7 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
                 old_masked,
                 old_relocs,
                 new: s.name.clone(),
+                new_object: Some(format!("{stem}.o")),
             });
         }
         objects.push((format!("{stem}.o"), data));

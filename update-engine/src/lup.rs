@@ -51,6 +51,10 @@ pub struct FunctionPatch {
     pub old_relocs: Vec<(u32, RelocKind)>,
     /// The replacement's symbol in the patch object.
     pub new: String,
+    /// The object that defines it (patches written before this field: the
+    /// global of that name, or the only local one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_object: Option<String>,
 }
 
 /// The hash a patch records for an old function: `code` as the file has it

@@ -231,14 +231,16 @@ impl Space {
         }
     }
 
-    /// Offset of the first free aligned run of `need` bytes.
-    fn find(&self, need: u64) -> Option<u64> {
+    /// Offset of the first free run of `need` bytes aligned to `align`
+    /// (and at least [`CODE_ALIGN`]).
+    fn find(&self, need: u64, align: u64) -> Option<u64> {
+        let align = align.max(CODE_ALIGN);
         let mut at = 0;
         for &(off, len) in &self.taken {
             if at + need <= off {
                 return Some(at);
             }
-            at = (off + len).div_ceil(CODE_ALIGN) * CODE_ALIGN;
+            at = (off + len).div_ceil(align) * align;
         }
         (at + need <= self.size).then_some(at)
     }
@@ -438,7 +440,8 @@ impl Patcher {
         };
         let at_base = link(&lup.objects, va, &resolve)?;
         let need = at_base.bytes.len() as u64;
-        let start = self.space.find(need).ok_or(PatchError::AreaFull {
+        let align = update_engine::link::alignment(&lup.objects);
+        let start = self.space.find(need, align).ok_or(PatchError::AreaFull {
             used: self.space.in_use(),
             size: self.space.size,
             need,
@@ -452,12 +455,11 @@ impl Patcher {
         let area = vm.patch_area();
         let mut plan = Vec::new();
         for (f, site) in &olds {
-            let new_addr = *linked
-                .symbols
-                .get(&f.new)
-                .ok_or_else(|| UpdateError::BadObject {
+            let new_addr = linked
+                .symbol(f.new_object.as_deref(), &f.new)
+                .map_err(|why| UpdateError::BadObject {
                     object: m.objects.join(","),
-                    why: format!("no symbol {} (the replacement for {})", f.new, f.old),
+                    why: format!("the replacement for {}: {why}", f.old),
                 })?;
             let jmp = trampoline::jmp_rel32(site.addr, new_addr).map_err(|why| {
                 UpdateError::UnsafeSite {
@@ -867,26 +869,34 @@ mod tests {
     #[test]
     fn space_is_first_fit_aligned_and_reused_after_release() {
         let mut s = Space::new(1024);
-        assert_eq!(s.find(100), Some(0));
+        assert_eq!(s.find(100, 1), Some(0));
         s.take(0, 100);
-        assert_eq!(s.find(10), Some(128));
+        assert_eq!(s.find(10, 1), Some(128));
         s.take(128, 300);
-        assert_eq!(s.find(600), None, "only 1024 - 448 = 576 left at the end");
-        assert_eq!(s.find(500), Some(448));
+        assert_eq!(
+            s.find(600, 1),
+            None,
+            "only 1024 - 448 = 576 left at the end"
+        );
+        assert_eq!(s.find(500, 1), Some(448));
         s.take(448, 500);
         assert_eq!(s.in_use(), 900);
         // Freeing the middle run makes room there again, first fit.
         s.release(128);
         assert_eq!(s.in_use(), 600);
-        assert_eq!(s.find(200), Some(128));
-        assert_eq!(s.find(400), None);
+        assert_eq!(s.find(200, 1), Some(128));
+        assert_eq!(s.find(400, 1), None);
         s.release(0);
-        assert_eq!(s.find(400), Some(0));
+        assert_eq!(s.find(400, 1), Some(0));
         s.release(448);
-        assert_eq!((s.in_use(), s.find(1024)), (0, Some(0)));
+        assert_eq!((s.in_use(), s.find(1024, 1)), (0, Some(0)));
         // Releasing where nothing starts changes nothing.
         s.take(64, 1);
         s.release(65);
         assert_eq!(s.in_use(), 1);
+        // A patch whose sections need more than a cache line gets a run
+        // aligned to that.
+        assert_eq!(s.find(10, 256), Some(256));
+        assert_eq!(s.find(10, 1), Some(128));
     }
 }
