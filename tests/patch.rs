@@ -596,3 +596,79 @@ fn replace_swaps_the_stack_for_one_cumulative_patch() {
     assert_eq!(s.text_sha(), before);
     assert!(!s.serial().contains("MIXED"));
 }
+
+#[test]
+fn an_idle_client_holds_nobody_up_and_oversized_or_garbage_requests_get_an_error() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use vmm_core::control::{ErrorCode, Response, MAX_REQUEST_BYTES};
+
+    let s = setup("clients");
+    let before = s.text_sha();
+    let sock = s.dir.0.join("lp.sock");
+    // One client connected and silent, one that began a request and stalls.
+    let idle = UnixStream::connect(&sock).expect("idle client");
+    let mut stalled = UnixStream::connect(&sock).expect("stalled client");
+    stalled.write_all(br#"{"op":"sta"#).expect("write");
+    // Everyone else goes on: query, pause, patch, revert.
+    for _ in 0..3 {
+        assert!(lucos_ok(&s.dir, &["status", "--vm", "lp"]).contains("running"));
+    }
+    lucos_ok(&s.dir, &["pause", "--vm", "lp"]);
+    lucos_ok(&s.dir, &["regs", "--vm", "lp", "--vcpu", "1"]);
+    lucos_ok(&s.dir, &["resume", "--vm", "lp"]);
+    lucos_ok(&s.dir, &["patch", "--vm", "lp", p(&s.path("fix.lup"))]);
+    s.wait_lines("version testkernel 1.0 (live-patched)\n", 2);
+    lucos_ok(&s.dir, &["revert", "--vm", "lp", "fix"]);
+    s.wait_lines("version testkernel 1.0\n", 2);
+
+    let answer = |conn: &UnixStream| -> Response {
+        let mut line = String::new();
+        BufReader::new(conn).read_line(&mut line).expect("reply");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply '{line}': {e}"))
+    };
+    // 100 MB without a newline: an error reply, the connection closed.
+    let big = UnixStream::connect(&sock).expect("big client");
+    let mut w = big.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..100 {
+            if w.write_all(&chunk).is_err() {
+                break; // the server closed the connection
+            }
+        }
+    });
+    let r = answer(&big);
+    let e = r.error.expect("an error");
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert!(
+        e.message
+            .contains(&format!("larger than {MAX_REQUEST_BYTES} bytes")),
+        "{}",
+        e.message
+    );
+    writer.join().expect("writer");
+    // Garbage: an error reply, and the connection still serves.
+    let mut g = UnixStream::connect(&sock).expect("garbage client");
+    g.write_all(b"\x01\x02 not json at all\n").expect("write");
+    let e = answer(&g).error.expect("an error");
+    assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message);
+    g.write_all(b"{\"op\":\"explode\"}\n").expect("write");
+    assert_eq!(
+        answer(&g).error.expect("an error").code,
+        ErrorCode::BadRequest
+    );
+    g.write_all(b"{\"op\":\"status\"}\n").expect("write");
+    assert!(answer(&g).ok);
+    // The idle client is still served when it speaks up; the stalled one
+    // was told its request took too long.
+    (&idle).write_all(b"{\"op\":\"status\"}\n").expect("write");
+    assert!(answer(&idle).ok);
+    let e = answer(&stalled)
+        .error
+        .expect("the stalled request is refused");
+    assert!(e.message.contains("not completed within"), "{}", e.message);
+    // Nothing of this touched the guest.
+    assert_eq!(s.text_sha(), before);
+    assert!(lucos_ok(&s.dir, &["status", "--vm", "lp"]).contains("running"));
+}

@@ -10,14 +10,22 @@
 //! -> {"op":"resume"}
 //! <- {"ok":false,"error":{"code":"not_paused","message":"the VM is not paused"}}
 //! ```
+//!
+//! Many clients may be connected at once, each served on its own thread: an
+//! idle or slow client holds no one else up. A request line may be at most
+//! [`MAX_REQUEST_BYTES`] long and, once begun, must be complete within
+//! [`REQUEST_SECS`] seconds; otherwise the client gets an error reply and
+//! the connection is closed. Requests that pause, patch or read vCPU state
+//! are served one at a time per VM (two patches never interleave); `status`
+//! always answers at once.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +40,12 @@ use crate::vm::{host_kvm_flavor, Vm, VmError};
 
 /// Protocol version, reported by `status`.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// The longest request line the server reads (1 MiB).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Seconds a client has to finish a request line it has begun.
+pub const REQUEST_SECS: u64 = 10;
+/// Clients served at once; more are told so and disconnected.
+pub const MAX_CLIENTS: usize = 64;
 
 /// A request.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -235,6 +249,11 @@ pub struct ControlServer {
     kernel: Mutex<Option<Arc<GuestKernel>>>,
     /// Live patches.
     patcher: Mutex<Patcher>,
+    /// Held while a request that pauses the VM or changes its state is
+    /// served: such requests from different clients never interleave.
+    ops: Mutex<()>,
+    /// Connections being served.
+    clients: AtomicUsize,
 }
 
 /// One answer of a `symbols` request: the symbol, or why not.
@@ -313,6 +332,8 @@ impl ControlServer {
             last_pause_ns: AtomicU64::new(u64::MAX),
             kernel: Mutex::new(None),
             patcher: Mutex::new(Patcher::new(Vec::new())),
+            ops: Mutex::new(()),
+            clients: AtomicUsize::new(0),
         }
     }
 
@@ -343,8 +364,16 @@ impl ControlServer {
         }
     }
 
-    /// Handles one request.
+    /// Handles one request; all but `status` one at a time.
     pub fn handle(&self, req: &Request) -> Response {
+        if matches!(req, Request::Status) {
+            return Response::ok(self.status());
+        }
+        let _one = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        self.handle_serialized(req)
+    }
+
+    fn handle_serialized(&self, req: &Request) -> Response {
         let fail = |e: VmError| Response::err(pause_error(&e), error_chain(&e));
         match req {
             Request::Status => Response::ok(self.status()),
@@ -537,26 +566,60 @@ impl ControlServer {
         })
     }
 
-    /// Serves `listener` until the process ends. One connection at a time;
-    /// each may carry any number of requests.
+    /// Serves `listener` until the process ends: each connection on its own
+    /// thread (at most [`MAX_CLIENTS`] at once), each carrying any number of
+    /// requests.
     pub fn serve(self: Arc<Self>, listener: UnixListener) {
         for conn in listener.incoming() {
-            match conn {
-                Ok(stream) => {
-                    if let Err(e) = self.serve_one(stream) {
+            let mut stream = match conn {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("control socket accept failed: {e}");
+                    continue;
+                }
+            };
+            if self.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                self.clients.fetch_sub(1, Ordering::SeqCst);
+                let _ = send(
+                    &mut stream,
+                    &Response::err(
+                        ErrorCode::Busy,
+                        format!("{MAX_CLIENTS} clients are connected already; try again later"),
+                    ),
+                );
+                continue;
+            }
+            let server = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("control-client".into())
+                .spawn(move || {
+                    if let Err(e) = server.serve_one(stream) {
                         log::debug!("control connection ended: {e}");
                     }
-                }
-                Err(e) => log::warn!("control socket accept failed: {e}"),
+                    server.clients.fetch_sub(1, Ordering::SeqCst);
+                });
+            if let Err(e) = spawned {
+                self.clients.fetch_sub(1, Ordering::SeqCst);
+                log::warn!("cannot start a thread for a control client: {e}");
             }
         }
     }
 
     fn serve_one(&self, stream: UnixStream) -> std::io::Result<()> {
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut writer = stream.try_clone()?;
-        for line in BufReader::new(stream).lines() {
-            let line = line?;
+        let mut lines = Lines::new(stream)?;
+        loop {
+            let line = match lines.next_line() {
+                Ok(Some(l)) => l,
+                Ok(None) => return Ok(()),
+                Err(LineError::Io(e)) => return Err(e),
+                Err(bad) => {
+                    // The stream cannot be trusted to resynchronize: answer and close.
+                    let why = bad.to_string();
+                    send(&mut writer, &Response::err(ErrorCode::BadRequest, why))?;
+                    return Ok(());
+                }
+            };
             if line.trim().is_empty() {
                 continue;
             }
@@ -577,11 +640,87 @@ impl ControlServer {
                 }
                 Err(e) => Response::err(ErrorCode::BadRequest, format!("bad request: {e}")),
             };
-            let mut out = serde_json::to_vec(&resp)?;
-            out.push(b'\n');
-            writer.write_all(&out)?;
+            send(&mut writer, &resp)?;
         }
-        Ok(())
+    }
+}
+
+fn send(w: &mut impl Write, resp: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(resp)?;
+    out.push(b'\n');
+    w.write_all(&out)
+}
+
+/// Why a request line could not be read.
+#[derive(Debug, thiserror::Error)]
+enum LineError {
+    #[error("request larger than {MAX_REQUEST_BYTES} bytes")]
+    TooLong,
+    #[error("request not completed within {REQUEST_SECS} s of its first byte")]
+    TooSlow,
+    #[error("request is not UTF-8")]
+    NotUtf8,
+    #[error(transparent)]
+    Io(std::io::Error),
+}
+
+/// Request lines from one client, bounded in size and in the time a begun
+/// line may take; an idle client (nothing begun) may wait as long as it likes.
+struct Lines {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// When the first byte of the line in `buf` arrived.
+    begun: Option<Instant>,
+}
+
+impl Lines {
+    fn new(stream: UnixStream) -> std::io::Result<Self> {
+        // Wake up now and then to check how long a begun line is taking.
+        stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+        Ok(Self {
+            stream,
+            buf: Vec::new(),
+            begun: None,
+        })
+    }
+
+    fn next_line(&mut self) -> Result<Option<String>, LineError> {
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let rest = self.buf.split_off(nl + 1);
+                let mut line = std::mem::replace(&mut self.buf, rest);
+                line.pop();
+                self.begun = (!self.buf.is_empty()).then(Instant::now);
+                return String::from_utf8(line)
+                    .map(Some)
+                    .map_err(|_| LineError::NotUtf8);
+            }
+            if self.buf.len() > MAX_REQUEST_BYTES {
+                return Err(LineError::TooLong);
+            }
+            if self
+                .begun
+                .is_some_and(|t| t.elapsed() > Duration::from_secs(REQUEST_SECS))
+            {
+                return Err(LineError::TooSlow);
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => {
+                    self.begun.get_or_insert_with(Instant::now);
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(LineError::Io(e)),
+            }
+        }
     }
 }
 
