@@ -12,9 +12,27 @@ use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmm_core::control::{Client, ControlServer, Request, VmIdentity};
+use vmm_core::control::{Client, ErrorCode, Request, Response, Service};
 use vmm_core::devices::{SerialCapture, SerialSink};
 use vmm_core::{Vm, VmConfig};
+
+/// The part of the VM's control server these requests use: vmm-core's
+/// transport (socket, framing, one thread per client) and the VM's pause.
+struct PauseService(Arc<Vm>);
+
+impl Service for PauseService {
+    fn handle(&self, req: &Request) -> Response {
+        let r = match req {
+            Request::Pause => self.0.pause().map(|t| t.as_secs_f64() * 1e6),
+            Request::Resume => self.0.resume().map(|()| 0.0),
+            _ => return Response::err(ErrorCode::BadRequest, "not served here"),
+        };
+        match r {
+            Ok(us) => Response::ok(us),
+            Err(e) => Response::err(ErrorCode::Internal, e.to_string()),
+        }
+    }
+}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -71,16 +89,8 @@ fn main() {
         let sock = dir.join("bench.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).expect("bind");
-        let server = Arc::new(ControlServer::new(
-            vm.clone(),
-            VmIdentity {
-                id: "bench".into(),
-                kernel: String::new(),
-                cmdline: String::new(),
-                mem_bytes: 64 << 20,
-            },
-        ));
-        std::thread::spawn(move || server.serve(listener));
+        let service = Arc::new(PauseService(vm.clone()));
+        std::thread::spawn(move || vmm_core::control::serve(listener, service));
         let mut client = Client::connect("bench", &sock).expect("connect");
         let mut socket = Vec::with_capacity(iters);
         for _ in 0..iters {

@@ -113,8 +113,8 @@ const char *lucos_version(void)
 /// guest's tasks call it.
 fn live_patch(vm: &Vm, kernel: &std::path::Path, capture: &SerialCapture) -> Result<(), CliError> {
     use update_engine::lup::key_hex;
+    use update_engine::patcher::Patcher;
     use update_engine::SigningKey;
-    use vmm_core::livepatch::Patcher;
 
     let dir = std::env::temp_dir().join(format!("lucos-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)
@@ -144,10 +144,10 @@ fn live_patch(vm: &Vm, kernel: &std::path::Path, capture: &SerialCapture) -> Res
         out: lup.clone(),
         sources: vec![src],
     })?;
-    let guest = vmm_core::introspect::inspect(vm, kernel)
+    let guest = update_engine::kernel::inspect(vm, kernel)
         .map_err(|e| CliError::Other(crate::error::chain(&e)))?;
     let mut patcher = Patcher::new(vec![key.verifying_key()]);
-    let fail = |e: vmm_core::livepatch::PatchError| CliError::Other(crate::error::chain(&e));
+    let fail = |e: update_engine::patcher::PatchError| CliError::Other(crate::error::chain(&e));
     let r = patcher.apply(vm, &guest, &lup, false).map_err(fail)?;
     println!(
         "== applied 'demo-fix' while the tasks ran: {} function switched in one pause of {:.1} µs ==",

@@ -7,6 +7,7 @@ mod logger;
 mod patch;
 mod paths;
 mod run;
+mod server;
 mod symbols;
 
 use std::path::PathBuf;

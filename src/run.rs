@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
-use vmm_core::control::{bind_socket, Client, ControlServer, Request, VmIdentity};
+use vmm_core::control::{bind_socket, Client, Request};
 use vmm_core::devices::SerialSink;
 use vmm_core::{ExitReason, Vm, VmConfig};
 
 use crate::error::{exit, CliError};
 use crate::paths;
+use crate::server::{ControlServer, VmIdentity};
 
 /// Arguments of `lucos run`.
 #[derive(Debug, Args)]
@@ -135,7 +136,7 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
     );
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || server.serve(listener))
+        .spawn(move || vmm_core::control::serve(listener, server))
         .map_err(|e| CliError::io("cannot start the control thread".into(), e))?;
     let ctl = vm.control();
     std::thread::Builder::new()

@@ -5,8 +5,11 @@
 //! Nothing here touches a VM: vmm-core reads guest memory and vCPU state and
 //! hands the engine bytes, addresses and symbols to decide on.
 
+pub mod kernel;
 pub mod link;
+pub mod linux;
 pub mod lup;
+pub mod patcher;
 pub mod safety;
 pub mod trampoline;
 

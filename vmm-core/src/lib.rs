@@ -5,12 +5,10 @@
 pub mod arch;
 pub mod control;
 pub mod devices;
-pub mod introspect;
-pub mod livepatch;
 pub mod loader;
 pub mod memory;
 pub mod pagewalk;
-pub mod tasks;
+pub mod region;
 pub mod vcpu;
 pub mod vm;
 

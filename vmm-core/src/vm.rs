@@ -121,7 +121,7 @@ pub struct Vm {
     threads: Vec<JoinHandle<()>>,
     started_at: Option<Instant>,
     entry: u64,
-    patch_area: crate::livepatch::PatchArea,
+    patch_area: crate::region::VmmRegion,
 }
 
 impl Vm {
@@ -187,10 +187,10 @@ impl Vm {
             .map(|r| r.guest_addr + r.len)
             .max()
             .unwrap_or(0);
-        let patch_area = crate::livepatch::PatchArea::new(ram_end)?;
+        let patch_area = crate::region::VmmRegion::patch_area(ram_end)?;
         // SAFETY: the region is a live mapping owned by `patch_area`, which
         // the Vm keeps for as long as `vm_fd` exists.
-        unsafe { vm_fd.set_user_memory_region(patch_area.region()) }
+        unsafe { vm_fd.set_user_memory_region(patch_area.kvm_region()) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (read-only patch area)"))?;
 
         loader::write_cmdline(&ram, &cfg.cmdline)?;
@@ -373,7 +373,7 @@ impl Vm {
     }
 
     /// The VMM-owned memory live patches are placed in.
-    pub fn patch_area(&self) -> &crate::livepatch::PatchArea {
+    pub fn patch_area(&self) -> &crate::region::VmmRegion {
         &self.patch_area
     }
 

@@ -13,9 +13,10 @@ use symbol_db::btf::Btf;
 use symbol_db::kallsyms::{self, KallsymsLayout};
 use symbol_db::{KernelIdentity, KernelImage, SymbolError, SymbolTable};
 
-use crate::pagewalk::{self, PageSize, PagingState, WalkError};
-use crate::tasks::TaskLayout;
-use crate::vm::{Vm, VmError};
+use vmm_core::pagewalk::{self, PageSize, PagingState, WalkError};
+use vmm_core::vm::{Vm, VmError};
+
+use crate::linux::TaskLayout;
 
 /// Where x86-64 Linux links `_text` (`__START_KERNEL`, with the default
 /// CONFIG_PHYSICAL_START of 16 MiB); the test kernel links there too.

@@ -13,9 +13,10 @@
 use symbol_db::btf::Btf;
 use symbol_db::SymbolTable;
 
-use crate::introspect;
-use crate::pagewalk::PagingState;
-use crate::vm::Vm;
+use vmm_core::pagewalk::PagingState;
+use vmm_core::vm::Vm;
+
+use crate::kernel as introspect;
 
 /// Kernel stack size of an x86-64 task (THREAD_SIZE without KASAN).
 pub const THREAD_SIZE: u64 = 16 << 10;

@@ -15,21 +15,16 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use update_engine::lup::{old_code_sha256, sha256_hex};
-use update_engine::safety::{self, Active, Leaving};
-use update_engine::trampoline::{self, Site, TRAMPOLINE_LEN};
-use update_engine::{link, Lup, UpdateError, VerifyingKey};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_core::pagewalk::{self, PagingState};
+use vmm_core::region::PATCH_AREA_BYTES;
+use vmm_core::vm::{Vm, VmError};
 
-use crate::introspect::{self, GuestKernel};
-use crate::pagewalk::{self, PagingState};
-use crate::tasks::{self, TaskLayout};
-use crate::vm::{Vm, VmError};
-
-/// Size of the patch area (one 2 MiB page).
-pub const PATCH_AREA_BYTES: u64 = 2 << 20;
-/// KVM memory slot of the patch area.
-pub const PATCH_AREA_SLOT: u32 = 8;
+use crate::kernel::{self as introspect, GuestKernel};
+use crate::linux::{self as tasks, TaskLayout};
+use crate::lup::{old_code_sha256, sha256_hex};
+use crate::safety::{self, Active, Leaving};
+use crate::trampoline::{self, Site, TRAMPOLINE_LEN};
+use crate::{link, Lup, UpdateError, VerifyingKey};
 /// Pauses tried before giving up while a vCPU keeps running code that the
 /// switch leaves behind.
 const MAX_TRIES: u32 = 100;
@@ -69,54 +64,6 @@ pub enum PatchError {
     /// The patch area could not be mapped into the guest kernel.
     #[error("cannot map the patch area into the guest kernel: {0}")]
     Map(String),
-}
-
-/// The VMM-owned memory patch code lives in.
-#[derive(Debug)]
-pub struct PatchArea {
-    mem: GuestMemoryMmap,
-    /// Guest-physical base (2 MiB aligned, above RAM).
-    pub gpa: u64,
-    /// Size in bytes.
-    pub size: u64,
-}
-
-impl PatchArea {
-    /// Allocates the area for a VM whose RAM ends at `ram_end` (guest-physical).
-    pub fn new(ram_end: u64) -> Result<Self, VmError> {
-        let gpa = ram_end.max(1 << 32).div_ceil(2 << 20) * (2 << 20);
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(gpa), PATCH_AREA_BYTES as usize)])
-            .map_err(|e| VmError::Memory(crate::memory::MemoryError::Map(e)))?;
-        Ok(PatchArea {
-            mem,
-            gpa,
-            size: PATCH_AREA_BYTES,
-        })
-    }
-
-    /// The KVM slot: read-only for the guest.
-    pub fn region(&self) -> kvm_bindings::kvm_userspace_memory_region {
-        let host = self
-            .mem
-            .iter()
-            .next()
-            .and_then(|r| r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok())
-            .map(|p| p as u64)
-            .unwrap_or(0);
-        kvm_bindings::kvm_userspace_memory_region {
-            slot: PATCH_AREA_SLOT,
-            flags: kvm_bindings::KVM_MEM_READONLY,
-            guest_phys_addr: self.gpa,
-            memory_size: self.size,
-            userspace_addr: host,
-        }
-    }
-
-    fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), PatchError> {
-        self.mem
-            .write_slice(bytes, GuestAddress(self.gpa + offset))
-            .map_err(|e| PatchError::Map(format!("patch area write: {e}")))
-    }
 }
 
 /// One function switched by an applied patch.
@@ -440,7 +387,7 @@ impl Patcher {
         };
         let at_base = link(&lup.objects, va, &resolve)?;
         let need = at_base.bytes.len() as u64;
-        let align = update_engine::link::alignment(&lup.objects);
+        let align = crate::link::alignment(&lup.objects);
         let start = self.space.find(need, align).ok_or(PatchError::AreaFull {
             used: self.space.in_use(),
             size: self.space.size,
@@ -508,7 +455,8 @@ impl Patcher {
             }
         }
         // Code first: it is unreachable until a trampoline points at it.
-        area.write(start, &linked.bytes)?;
+        area.write(start, &linked.bytes)
+            .map_err(|e| PatchError::Map(format!("patch area write: {e}")))?;
         let (pause, tries, tasks_checked) =
             switch(vm, paging, self.tasks.as_ref().map(|(l, p)| (l, *p)), &plan)?;
         self.space.take(start, need);
@@ -896,7 +844,8 @@ mod tests {
         assert_eq!(s.in_use(), 1);
         // A patch whose sections need more than a cache line gets a run
         // aligned to that.
-        assert_eq!(s.find(10, 256), Some(256));
-        assert_eq!(s.find(10, 1), Some(128));
+        assert_eq!(s.find(100, 256), Some(256));
+        assert_eq!(s.find(100, 1), Some(128));
+        assert_eq!(s.find(10, 256), Some(0));
     }
 }
