@@ -161,7 +161,7 @@ fn live_patch(vm: &Vm, kernel: &std::path::Path, capture: &SerialCapture) -> Res
             "demo: the tasks did not report the patched version in 60 s".into(),
         ));
     }
-    let r = patcher.revert(vm, "demo-fix").map_err(fail)?;
+    let r = patcher.revert(vm, &guest, "demo-fix").map_err(fail)?;
     println!(
         "== reverted 'demo-fix' in one pause of {:.1} µs: the original code runs again ==",
         r.pause_us

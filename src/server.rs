@@ -188,17 +188,21 @@ impl ControlServer {
                     Err(e) => return Response::err(ErrorCode::NoKernel, error_chain(&e)),
                 };
                 let mut p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
-                Self::patch_response(p.apply(&self.vm, &kernel, Path::new(path), *replace))
+                Self::patch_response(p.apply(self.vm.as_ref(), &kernel, Path::new(path), *replace))
             }
             Request::Revert { name } => {
+                let kernel = match self.guest_kernel() {
+                    Ok(k) => k,
+                    Err(e) => return Response::err(ErrorCode::NoKernel, error_chain(&e)),
+                };
                 let mut p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
-                Self::patch_response(p.revert(&self.vm, name))
+                Self::patch_response(p.revert(self.vm.as_ref(), &kernel, name))
             }
             Request::Patches => {
                 let text = self
                     .guest_kernel()
                     .ok()
-                    .and_then(|k| update_engine::patcher::text_hash(&self.vm, &k).ok());
+                    .and_then(|k| update_engine::patcher::text_hash(self.vm.as_ref(), &k).ok());
                 let p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
                 let (used, size) = p.area_usage();
                 Response::ok(serde_json::json!({
@@ -239,7 +243,7 @@ impl ControlServer {
             return Ok(k.clone());
         }
         let k = Arc::new(introspect::inspect(
-            &self.vm,
+            self.vm.as_ref(),
             Path::new(&self.ident.kernel),
         )?);
         *cached = Some(k.clone());

@@ -13,8 +13,9 @@ use symbol_db::btf::Btf;
 use symbol_db::kallsyms::{self, KallsymsLayout};
 use symbol_db::{KernelIdentity, KernelImage, SymbolError, SymbolTable};
 
+use vmm_core::guest::{Guest, Paused};
 use vmm_core::pagewalk::{self, PageSize, PagingState, WalkError};
-use vmm_core::vm::{Vm, VmError};
+use vmm_core::vm::VmError;
 
 use crate::linux::TaskLayout;
 
@@ -80,16 +81,11 @@ pub struct Timings {
 }
 
 /// vCPU 0's paging registers, pausing the VM for the read if it runs.
-pub fn kernel_paging(vm: &Vm) -> Result<PagingState, IntrospectError> {
-    let was_paused = vm.is_paused();
-    if !was_paused {
-        vm.pause()?;
-    }
-    let sregs = vm.sregs(0);
-    if !was_paused {
-        vm.resume()?;
-    }
-    let paging = PagingState::from(&sregs?);
+pub fn kernel_paging(vm: &dyn Guest) -> Result<PagingState, IntrospectError> {
+    let paused = Paused::new(vm)?;
+    let state = paused.vcpu(0);
+    paused.resume()?;
+    let paging = state?.paging;
     // With page-table isolation a vCPU in user mode runs on the user copy of
     // the top-level table, the kernel's plus 4 KiB, which maps almost none of
     // the kernel image: use the kernel's when it maps more of the window.
@@ -113,7 +109,7 @@ pub fn kernel_paging(vm: &Vm) -> Result<PagingState, IntrospectError> {
 
 /// Reads `buf.len()` bytes at guest-virtual `gva`.
 pub fn read_virt(
-    vm: &Vm,
+    vm: &dyn Guest,
     paging: PagingState,
     mut gva: u64,
     buf: &mut [u8],
@@ -124,7 +120,7 @@ pub fn read_virt(
         let page = t.page_size.bytes();
         let n = ((page - (gva & (page - 1))) as usize).min(buf.len() - done);
         vm.ram()
-            .read(t.gpa, &mut buf[done..done + n])
+            .read_phys(t.gpa, &mut buf[done..done + n])
             .map_err(VmError::Memory)?;
         done += n;
         gva += n as u64;
@@ -133,7 +129,7 @@ pub fn read_virt(
 }
 
 /// The mapped pages of `[start, end)`: (virtual address, guest-physical, length).
-fn mapped_runs(vm: &Vm, paging: PagingState, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+fn mapped_runs(vm: &dyn Guest, paging: PagingState, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
     let mut runs = Vec::new();
     let mut va = start;
     while va < end && va != u64::MAX {
@@ -162,12 +158,15 @@ fn mapped_runs(vm: &Vm, paging: PagingState, start: u64, end: u64) -> Vec<(u64, 
 
 /// Reads the kernel image out of guest memory: every page mapped in the
 /// kernel window from the first mapped one, unmapped holes as zeros.
-pub fn read_kernel_image(vm: &Vm, paging: PagingState) -> Result<KernelImage, IntrospectError> {
+pub fn read_kernel_image(
+    vm: &dyn Guest,
+    paging: PagingState,
+) -> Result<KernelImage, IntrospectError> {
     read_image_range(vm, paging, KERNEL_MAP, KERNEL_MAP_END)
 }
 
 fn read_image_range(
-    vm: &Vm,
+    vm: &dyn Guest,
     paging: PagingState,
     start: u64,
     end: u64,
@@ -181,7 +180,7 @@ fn read_image_range(
     for (va, gpa, len) in runs {
         let at = (va - first) as usize;
         vm.ram()
-            .read(gpa, &mut bytes[at..at + len as usize])
+            .read_phys(gpa, &mut bytes[at..at + len as usize])
             .map_err(VmError::Memory)?;
     }
     Ok(KernelImage::new(first, bytes))
@@ -191,7 +190,7 @@ fn read_image_range(
 /// booted from: an ELF with a symbol table (the test kernel, a vmlinux with
 /// symbols) is the source, checked against the build-id in memory;
 /// otherwise the kallsyms tables in guest memory are decoded.
-pub fn inspect(vm: &Vm, boot_kernel: &Path) -> Result<GuestKernel, IntrospectError> {
+pub fn inspect(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, IntrospectError> {
     let paging = kernel_paging(vm)?;
     if let Err(e) = pagewalk::translate(vm.ram(), paging, KERNEL_MAP) {
         if matches!(e, WalkError::PagingDisabled | WalkError::UnsupportedMode) {
@@ -257,7 +256,7 @@ fn text_of(symbols: &SymbolTable) -> Option<u64> {
 }
 
 fn finish(
-    vm: &Vm,
+    vm: &dyn Guest,
     paging: PagingState,
     source: String,
     symbols: SymbolTable,

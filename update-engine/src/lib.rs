@@ -1,16 +1,20 @@
-//! lucos live-update engine: the `.lup` patch format and its signature,
-//! linking a patch's relocatable object against the running kernel,
-//! trampolines, and the checks that make a switch safe.
+//! lucos live-update engine: the policy above vmm-core's mechanism. The
+//! `.lup` patch format and its signature, the guest kernel as seen from
+//! outside (kernel, linux), linking a patch against it, placing it in the
+//! patch area, the checks that make a switch safe and the switch itself,
+//! and the patcher that runs them as phases (patcher's module docs).
 //!
-//! Nothing here touches a VM: vmm-core reads guest memory and vCPU state and
-//! hands the engine bytes, addresses and symbols to decide on.
+//! The engine drives a VM only through [`vmm_core::guest::Guest`]: KVM in
+//! the VMM, an in-memory guest in the unit tests.
 
+pub mod area;
 pub mod kernel;
 pub mod link;
 pub mod linux;
 pub mod lup;
 pub mod patcher;
 pub mod safety;
+pub mod switch;
 pub mod trampoline;
 
 pub use link::{link, Linked};

@@ -13,8 +13,8 @@
 use symbol_db::btf::Btf;
 use symbol_db::SymbolTable;
 
+use vmm_core::guest::Guest;
 use vmm_core::pagewalk::PagingState;
-use vmm_core::vm::Vm;
 
 use crate::kernel as introspect;
 
@@ -103,7 +103,7 @@ impl std::fmt::Display for SleepingTask {
     }
 }
 
-fn read_u64(vm: &Vm, paging: PagingState, va: u64) -> Result<u64, String> {
+fn read_u64(vm: &dyn Guest, paging: PagingState, va: u64) -> Result<u64, String> {
     let mut b = [0u8; 8];
     introspect::read_virt(vm, paging, va, &mut b).map_err(|e| format!("reading {va:#x}: {e}"))?;
     Ok(u64::from_le_bytes(b))
@@ -114,7 +114,7 @@ fn read_u64(vm: &Vm, paging: PagingState, va: u64) -> Result<u64, String> {
 /// The current ones are the vCPUs' business: their live stacks are found
 /// from their registers.
 pub fn sleeping_tasks(
-    vm: &Vm,
+    vm: &dyn Guest,
     paging: PagingState,
     layout: &TaskLayout,
     cpus: u8,
@@ -160,7 +160,7 @@ pub fn sleeping_tasks(
 
 /// Task `t`'s saved stack, or None if it has none (it has exited).
 fn sleeping(
-    vm: &Vm,
+    vm: &dyn Guest,
     paging: PagingState,
     layout: &TaskLayout,
     t: u64,

@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod control;
 pub mod devices;
+pub mod guest;
 pub mod loader;
 pub mod memory;
 pub mod pagewalk;

@@ -1,7 +1,7 @@
 //! Guest page-table walker: guest virtual to guest physical through a vCPU's
 //! paging state (4-level paging with 4 KiB, 2 MiB and 1 GiB pages).
 
-use crate::memory::GuestRam;
+use crate::guest::PhysMemory;
 
 const PTE_P: u64 = 1 << 0;
 const PTE_W: u64 = 1 << 1;
@@ -15,7 +15,7 @@ const CR4_LA57: u64 = 1 << 12;
 const EFER_LMA: u64 = 1 << 10;
 
 /// Paging state of a vCPU, from its special registers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagingState {
     /// CR0.
     pub cr0: u64,
@@ -115,7 +115,11 @@ pub enum WalkError {
 }
 
 /// Translates `gva` through the page tables described by `paging`.
-pub fn translate(ram: &GuestRam, paging: PagingState, gva: u64) -> Result<Translation, WalkError> {
+pub fn translate(
+    ram: &(impl PhysMemory + ?Sized),
+    paging: PagingState,
+    gva: u64,
+) -> Result<Translation, WalkError> {
     if paging.cr0 & CR0_PG == 0 {
         return Err(WalkError::PagingDisabled);
     }
@@ -133,7 +137,7 @@ pub fn translate(ram: &GuestRam, paging: PagingState, gva: u64) -> Result<Transl
     for (depth, (level, shift)) in LEVELS.iter().enumerate() {
         let index = (gva >> shift) & 511;
         let entry = ram
-            .read_u64(table + index * 8)
+            .read_u64_phys(table + index * 8)
             .map_err(|_| WalkError::TableOutsideRam { gva, level, table })?;
         if entry & PTE_P == 0 {
             return Err(WalkError::NotPresent {
@@ -171,6 +175,7 @@ pub fn translate(ram: &GuestRam, paging: PagingState, gva: u64) -> Result<Transl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::GuestRam;
 
     fn paging(cr3: u64) -> PagingState {
         PagingState {

@@ -418,7 +418,63 @@ impl Vm {
     /// Translates a guest-virtual address through paused vCPU `index`'s page tables.
     pub fn translate(&self, index: u8, gva: u64) -> Result<Translation, VmError> {
         let s = self.sregs(index)?;
-        Ok(pagewalk::translate(&self.ram, PagingState::from(&s), gva)?)
+        Ok(pagewalk::translate(
+            self.ram.as_ref(),
+            PagingState::from(&s),
+            gva,
+        )?)
+    }
+}
+
+impl crate::guest::Guest for Vm {
+    fn ram(&self) -> &dyn crate::guest::PhysMemory {
+        self.ram.as_ref()
+    }
+
+    fn vcpu_count(&self) -> u8 {
+        Vm::vcpu_count(self)
+    }
+
+    fn is_paused(&self) -> bool {
+        Vm::is_paused(self)
+    }
+
+    fn pause_vcpus(&self) -> Result<Duration, VmError> {
+        self.pause()
+    }
+
+    fn resume_vcpus(&self) -> Result<(), VmError> {
+        self.resume()
+    }
+
+    fn vcpu_state(
+        &self,
+        _paused: &crate::guest::PauseToken,
+        v: u8,
+    ) -> Result<crate::guest::VcpuState, VmError> {
+        let r = self.regs(v)?;
+        let s = self.sregs(v)?;
+        Ok(crate::guest::VcpuState {
+            rip: r.rip,
+            rsp: r.rsp,
+            cpl: (s.cs.selector & 3) as u8,
+            paging: PagingState::from(&s),
+        })
+    }
+
+    fn area(&self) -> crate::guest::AreaInfo {
+        crate::guest::AreaInfo {
+            gpa: self.patch_area.gpa,
+            size: self.patch_area.size,
+        }
+    }
+
+    fn area_write(&self, offset: u64, bytes: &[u8]) -> Result<(), crate::memory::MemoryError> {
+        self.patch_area.write(offset, bytes)
+    }
+
+    fn area_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), crate::memory::MemoryError> {
+        self.patch_area.read(offset, buf)
     }
 }
 

@@ -1,0 +1,222 @@
+//! The switch: in one pause of every vCPU, check that nothing is in code the
+//! switch leaves (every vCPU's RIP and live kernel stack; on Linux, every
+//! sleeping task's saved stack too) and that every byte to be written holds
+//! what the plan expects, then write them all, undoing the ones written if
+//! one fails. Retried, with back-off, while something is in that code.
+
+use std::time::{Duration, Instant};
+
+use vmm_core::guest::{Guest, Paused};
+use vmm_core::pagewalk::{self, PagingState};
+use vmm_core::vm::VmError;
+
+use crate::linux::{self, TaskLayout};
+use crate::safety::{self, Active, Leaving};
+
+/// Pauses tried before giving up while something keeps being in code that
+/// the switch leaves.
+pub const MAX_TRIES: u32 = 100;
+
+/// One checked write of guest-physical memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// What is written, for messages.
+    pub what: String,
+    /// Where.
+    pub gpa: u64,
+    /// What must be there when the switch happens.
+    pub expect: Vec<u8>,
+    /// What is written.
+    pub bytes: Vec<u8>,
+}
+
+/// Everything one switch does.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// The writes, all or none.
+    pub writes: Vec<Write>,
+    /// Code nothing may be in when they happen.
+    pub leaving: Vec<Leaving>,
+}
+
+/// What a switch took.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Switched {
+    /// From the pause request until the writes were done.
+    pub pause: Duration,
+    /// Pauses it took.
+    pub tries: u32,
+    /// Sleeping tasks whose stacks were checked (None: none could be, so
+    /// only vCPUs were).
+    pub tasks_checked: Option<usize>,
+}
+
+/// Why a switch did not happen; the guest is unchanged either way.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    /// Something stayed in code being left through every try.
+    #[error("in each of {tries} pauses something was still in code the patch replaces (last: {who} {active}); nothing was changed, try again")]
+    Busy {
+        /// `vCPU N`, or `task PID (COMM)`.
+        who: String,
+        /// What it was doing there.
+        active: Active,
+        /// Pauses tried.
+        tries: u32,
+    },
+    /// Guest memory was not as the plan expects, or could not be read.
+    #[error("{0}")]
+    Guest(String),
+    /// Pausing or reading a vCPU failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// Why one paused attempt did not write.
+enum Refused {
+    Busy(String, Active),
+    Failed(String),
+}
+
+/// Runs `plan` in a pause of `guest` (or in the pause it is in already, then
+/// without retries); `tasks`: a Linux kernel's task layout and its own page
+/// tables, to check sleeping tasks.
+pub fn switch(
+    guest: &dyn Guest,
+    tasks: Option<(&TaskLayout, PagingState)>,
+    plan: &Plan,
+) -> Result<Switched, SwitchError> {
+    let mut leaving = plan.leaving.clone();
+    leaving.sort_by_key(|l| (l.start, l.end));
+    leaving.dedup_by_key(|l| (l.start, l.end));
+    for tries in 1..=MAX_TRIES {
+        let t = Instant::now();
+        let paused = Paused::new(guest)?;
+        let result = switch_paused(&paused, tasks, plan, &leaving);
+        let took = t.elapsed();
+        let was_paused = paused.was_paused();
+        paused.resume()?;
+        match result {
+            Ok(tasks_checked) => {
+                return Ok(Switched {
+                    pause: took,
+                    tries,
+                    tasks_checked,
+                })
+            }
+            Err(Refused::Busy(_, _)) if tries < MAX_TRIES && !was_paused => {
+                std::thread::sleep(Duration::from_micros(200 * u64::from(tries)));
+            }
+            Err(Refused::Busy(who, active)) => {
+                return Err(SwitchError::Busy { who, active, tries })
+            }
+            Err(Refused::Failed(why)) => return Err(SwitchError::Guest(why)),
+        }
+    }
+    unreachable!("the last try returns")
+}
+
+/// One try, every vCPU paused: nothing is written unless every check passes.
+fn switch_paused(
+    paused: &Paused<'_>,
+    tasks: Option<(&TaskLayout, PagingState)>,
+    plan: &Plan,
+    leaving: &[Leaving],
+) -> Result<Option<usize>, Refused> {
+    let guest = paused.guest();
+    for v in 0..guest.vcpu_count() {
+        if let Some(a) = vcpu_active(paused, v, leaving).map_err(Refused::Failed)? {
+            return Err(Refused::Busy(format!("vCPU {v}"), a));
+        }
+    }
+    let mut checked = None;
+    if let Some((layout, paging)) = tasks {
+        let sleeping = linux::sleeping_tasks(guest, paging, layout, guest.vcpu_count())
+            .map_err(|e| Refused::Failed(format!("walking the guest's tasks: {e}")))?;
+        for t in &sleeping {
+            if let Some(a) =
+                stack_active(guest, paging, t.from, t.end, leaving).map_err(Refused::Failed)?
+            {
+                return Err(Refused::Busy(t.to_string(), a));
+            }
+        }
+        checked = Some(sleeping.len());
+    }
+    check_and_write(guest, &plan.writes).map_err(Refused::Failed)?;
+    Ok(checked)
+}
+
+/// Whether paused vCPU `v` is in kernel code being left: its RIP, or a word
+/// on the live part of its kernel stack (read through its own page tables).
+/// A vCPU in user mode has no kernel call in progress.
+fn vcpu_active(paused: &Paused<'_>, v: u8, leaving: &[Leaving]) -> Result<Option<Active>, String> {
+    let s = paused.vcpu(v).map_err(|e| e.to_string())?;
+    if s.cpl != 0 {
+        return Ok(None);
+    }
+    if let Some(a) = safety::check_rip(s.rip, leaving) {
+        return Ok(Some(a));
+    }
+    let (from, end) = safety::live_stack(s.rsp);
+    stack_active(paused.guest(), s.paging, from, end, leaving)
+}
+
+/// Whether a word of the stack `[from, end)` is a return address into code
+/// being left, reading up to `end` or the first unmapped page.
+fn stack_active(
+    guest: &dyn Guest,
+    paging: PagingState,
+    from: u64,
+    end: u64,
+    leaving: &[Leaving],
+) -> Result<Option<Active>, String> {
+    let mut at = from;
+    let mut buf = [0u8; 4096];
+    while at < end {
+        let Ok(t) = pagewalk::translate(guest.ram(), paging, at) else {
+            break;
+        };
+        let page_end = (at | (t.page_size.bytes() - 1)).saturating_add(1);
+        let n = (page_end.min(end) - at).min(buf.len() as u64) as usize;
+        guest
+            .ram()
+            .read_phys(t.gpa, &mut buf[..n])
+            .map_err(|e| e.to_string())?;
+        if let Some(a) = safety::check_stack(at, &buf[..n], leaving) {
+            return Ok(Some(a));
+        }
+        at += n as u64;
+    }
+    Ok(None)
+}
+
+/// Checks every write's expected bytes, then writes them all; if one write
+/// fails, the ones done are undone (and a failure to undo is reported).
+fn check_and_write(guest: &dyn Guest, writes: &[Write]) -> Result<(), String> {
+    let ram = guest.ram();
+    for w in writes {
+        let mut now = vec![0u8; w.expect.len()];
+        ram.read_phys(w.gpa, &mut now).map_err(|e| e.to_string())?;
+        if now != w.expect {
+            return Err(format!(
+                "{} changed under us: {:02x?}, expected {:02x?}",
+                w.what, now, w.expect
+            ));
+        }
+    }
+    for (i, w) in writes.iter().enumerate() {
+        if let Err(e) = ram.write_phys(w.gpa, &w.bytes) {
+            let mut why = format!("writing {}: {e}", w.what);
+            for u in writes[..i].iter().rev() {
+                if let Err(e) = ram.write_phys(u.gpa, &u.expect) {
+                    why.push_str(&format!(
+                        "; and undoing {} failed too ({e}): guest memory at {:#x} holds the new bytes",
+                        u.what, u.gpa
+                    ));
+                }
+            }
+            return Err(why);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! The guest as the policy above vmm-core sees it (habit 4 of
+//! shared/STYLE.md): guest-physical memory, the VMM-owned patch area, and
+//! pausing every vCPU, with the vCPUs' registers readable only through the
+//! pause guard. [`crate::Vm`] implements it on KVM; update-engine's unit
+//! tests implement it in memory, so the engine's logic is tested without a
+//! VM and runs against KVM unchanged.
+
+use std::time::Duration;
+
+use crate::memory::{GuestRam, MemoryError};
+use crate::pagewalk::PagingState;
+use crate::vm::VmError;
+
+/// Guest-physical memory.
+pub trait PhysMemory {
+    /// Reads `buf.len()` bytes at `gpa`.
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
+    /// Writes `buf` at `gpa`.
+    fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError>;
+    /// Reads a little-endian u64 at `gpa`.
+    fn read_u64_phys(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.read_phys(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+impl PhysMemory for GuestRam {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.read(gpa, buf)
+    }
+    fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        self.write(gpa, buf)
+    }
+}
+
+/// What the engine needs of a paused vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuState {
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Current privilege level (CS.RPL): 0 kernel, 3 user.
+    pub cpl: u8,
+    /// Its paging registers.
+    pub paging: PagingState,
+}
+
+/// Where the VMM-owned patch area is: guest-physical, outside RAM,
+/// read-only to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AreaInfo {
+    /// Guest-physical base (2 MiB aligned).
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Proof that every vCPU is paused: only [`Paused`] makes one, so vCPU
+/// state can be read only through a pause guard.
+#[derive(Debug)]
+pub struct PauseToken(());
+
+/// A guest: its memory, its patch area, and its vCPUs to pause.
+pub trait Guest: Send + Sync {
+    /// Guest RAM.
+    fn ram(&self) -> &dyn PhysMemory;
+    /// Number of vCPUs.
+    fn vcpu_count(&self) -> u8;
+    /// Whether every vCPU is paused (by anyone).
+    fn is_paused(&self) -> bool;
+    /// Pauses every vCPU; how long until all were out. Use [`Paused::new`].
+    fn pause_vcpus(&self) -> Result<Duration, VmError>;
+    /// Resumes them. Use [`Paused`], which resumes on drop.
+    fn resume_vcpus(&self) -> Result<(), VmError>;
+    /// State of paused vCPU `v`.
+    fn vcpu_state(&self, paused: &PauseToken, v: u8) -> Result<VcpuState, VmError>;
+    /// The patch area.
+    fn area(&self) -> AreaInfo;
+    /// Writes `bytes` at `offset` of the patch area.
+    fn area_write(&self, offset: u64, bytes: &[u8]) -> Result<(), MemoryError>;
+    /// Reads the patch area at `offset`.
+    fn area_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
+}
+
+/// Every vCPU paused, for as long as this lives: vCPU state is readable
+/// through it; dropping it resumes the guest (unless the guest was paused
+/// already when it was made: then it stays paused, as whoever paused it
+/// expects).
+pub struct Paused<'a> {
+    guest: &'a dyn Guest,
+    token: PauseToken,
+    resume: bool,
+    took: Duration,
+}
+
+impl std::fmt::Debug for Paused<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Paused")
+            .field("resume", &self.resume)
+            .field("took", &self.took)
+            .finish()
+    }
+}
+
+impl<'a> Paused<'a> {
+    /// Pauses `guest`, unless it is paused already.
+    pub fn new(guest: &'a dyn Guest) -> Result<Self, VmError> {
+        let (resume, took) = if guest.is_paused() {
+            (false, Duration::ZERO)
+        } else {
+            (true, guest.pause_vcpus()?)
+        };
+        Ok(Self {
+            guest,
+            token: PauseToken(()),
+            resume,
+            took,
+        })
+    }
+
+    /// How long pausing took (zero if it was paused already).
+    pub fn took(&self) -> Duration {
+        self.took
+    }
+
+    /// Whether the guest was paused before this guard (and stays so).
+    pub fn was_paused(&self) -> bool {
+        !self.resume
+    }
+
+    /// State of vCPU `v`.
+    pub fn vcpu(&self, v: u8) -> Result<VcpuState, VmError> {
+        self.guest.vcpu_state(&self.token, v)
+    }
+
+    /// The guest.
+    pub fn guest(&self) -> &'a dyn Guest {
+        self.guest
+    }
+
+    /// Resumes now, reporting a failure (dropping resumes too, silently).
+    pub fn resume(mut self) -> Result<(), VmError> {
+        if std::mem::take(&mut self.resume) {
+            self.guest.resume_vcpus()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        if self.resume {
+            if let Err(e) = self.guest.resume_vcpus() {
+                log::error!("resuming the guest failed: {e}");
+            }
+        }
+    }
+}
