@@ -435,6 +435,23 @@ pub enum ClientError {
     },
 }
 
+/// How long a client waits for an answer: `LUCOS_CLIENT_TIMEOUT` seconds
+/// (0: for ever), by default [`CLIENT_TIMEOUT_SECS`]. A VMM that dies closes
+/// the socket, which ends the wait at once; the timeout is for a VMM that
+/// hangs. It is long because an answer can take long on a loaded machine:
+/// the first request that needs the guest kernel reads and decodes it (tens
+/// of MB), and a patch waits for a pause in which nothing runs old code.
+fn client_timeout() -> Option<Duration> {
+    let secs = std::env::var("LUCOS_CLIENT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(CLIENT_TIMEOUT_SECS);
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+/// Default seconds a client waits for an answer.
+pub const CLIENT_TIMEOUT_SECS: u64 = 600;
+
 /// A connection to one VM's control socket.
 #[derive(Debug)]
 pub struct Client {
@@ -474,9 +491,7 @@ impl Client {
             path: path.into(),
             source,
         };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(io)?;
+        stream.set_read_timeout(client_timeout()).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         Ok(Self {
             id: id.into(),
