@@ -1,7 +1,7 @@
 //! Client commands: list, status, pause, resume, stop, regs.
 
 use serde_json::Value;
-use vmm_core::control::{Client, Request, StatusInfo};
+use vmm_core::control::{Client, Done, PauseInfo, RegsInfo, Request, StatusInfo};
 
 use crate::error::{exit, CliError};
 use crate::paths;
@@ -18,18 +18,18 @@ pub(crate) fn print_json(v: &Value) {
     );
 }
 
-fn status_of(v: Value) -> Result<StatusInfo, CliError> {
-    serde_json::from_value(v).map_err(|e| CliError::Other(format!("unexpected status answer: {e}")))
+/// Prints `v` as the JSON a script reads.
+fn print_typed(v: &impl serde::Serialize) {
+    print_json(&serde_json::to_value(v).unwrap_or(Value::Null));
 }
 
 /// `lucos status`.
 pub fn status(id: &str, json: bool) -> Result<(), CliError> {
-    let v = connect(id)?.call(&Request::Status)?;
+    let s: StatusInfo = connect(id)?.call_as(&Request::Status)?;
     if json {
-        print_json(&v);
+        print_typed(&s);
         return Ok(());
     }
-    let s = status_of(v)?;
     println!("VM {}: {}", s.id, s.state);
     println!("  pid      {}", s.pid);
     println!("  vcpus    {}", s.vcpus);
@@ -47,35 +47,29 @@ pub fn status(id: &str, json: bool) -> Result<(), CliError> {
 
 /// `lucos pause`.
 pub fn pause(id: &str, json: bool) -> Result<(), CliError> {
-    let v = connect(id)?.call(&Request::Pause)?;
+    let p: PauseInfo = connect(id)?.call_as(&Request::Pause)?;
     if json {
-        print_json(&v);
+        print_typed(&p);
     } else {
-        let us = v
-            .get("pause_us")
-            .and_then(Value::as_f64)
-            .unwrap_or(f64::NAN);
-        println!("VM {id} paused (all vCPUs out in {us:.1} µs)");
+        println!("VM {id} paused (all vCPUs out in {:.1} µs)", p.pause_us);
     }
     Ok(())
 }
 
 /// `lucos resume` / `lucos stop`.
 pub fn simple(id: &str, req: Request, done: &str) -> Result<i32, CliError> {
-    connect(id)?.call(&req)?;
+    let Done {} = connect(id)?.call_as(&req)?;
     println!("VM {id} {done}");
     Ok(exit::OK)
 }
 
 /// `lucos regs`.
 pub fn regs(id: &str, vcpu: u8, json: bool) -> Result<(), CliError> {
-    let v = connect(id)?.call(&Request::Regs { vcpu })?;
+    let r: RegsInfo = connect(id)?.call_as(&Request::Regs { vcpu })?;
     if json {
-        print_json(&v);
+        print_typed(&r);
         return Ok(());
     }
-    let r: vmm_core::control::RegsInfo = serde_json::from_value(v)
-        .map_err(|e| CliError::Other(format!("unexpected regs answer: {e}")))?;
     println!(
         "vCPU {} (CPL {}, {} mode) cs={:#x} cr3={:#x}",
         r.vcpu,
@@ -88,6 +82,18 @@ pub fn regs(id: &str, vcpu: u8, json: bool) -> Result<(), CliError> {
         println!("  {name:<6} {val:#018x}");
     }
     Ok(())
+}
+
+/// One row of `lucos list`: a VM's status, or why it has none.
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+enum Row {
+    Up(StatusInfo),
+    Dead {
+        id: String,
+        state: &'static str,
+        error: String,
+    },
 }
 
 /// `lucos list`: every VM with a socket in the run directory.
@@ -103,16 +109,20 @@ pub fn list(json: bool) -> Result<(), CliError> {
         names.sort();
         for id in names {
             let row = match Client::connect(&id, &paths::socket_path(&id))
-                .and_then(|mut c| c.call(&Request::Status))
+                .and_then(|mut c| c.call_as::<StatusInfo>(&Request::Status))
             {
-                Ok(v) => v,
-                Err(e) => serde_json::json!({ "id": id, "state": "dead", "error": e.to_string() }),
+                Ok(s) => Row::Up(s),
+                Err(e) => Row::Dead {
+                    id,
+                    state: "dead",
+                    error: e.to_string(),
+                },
             };
             rows.push(row);
         }
     }
     if json {
-        print_json(&Value::Array(rows));
+        print_typed(&rows);
         return Ok(());
     }
     if rows.is_empty() {
@@ -124,26 +134,18 @@ pub fn list(json: bool) -> Result<(), CliError> {
         "ID", "PID", "STATE", "VCPUS", "MEM", "UPTIME"
     );
     for r in rows {
-        let get = |k: &str| r.get(k).cloned().unwrap_or(Value::Null);
-        let state = get("state");
-        if state == "dead" {
-            println!(
-                "{:<20} {:>8} {:<9}",
-                get("id").as_str().unwrap_or("?"),
-                "-",
-                "dead"
-            );
-            continue;
+        match r {
+            Row::Dead { id, .. } => println!("{:<20} {:>8} {:<9}", id, "-", "dead"),
+            Row::Up(s) => println!(
+                "{:<20} {:>8} {:<9} {:>5} {:>7}M {:>8.1}s",
+                s.id,
+                s.pid,
+                s.state,
+                s.vcpus,
+                s.mem_bytes >> 20,
+                s.uptime_ms as f64 / 1e3,
+            ),
         }
-        println!(
-            "{:<20} {:>8} {:<9} {:>5} {:>7}M {:>8.1}s",
-            get("id").as_str().unwrap_or("?"),
-            get("pid"),
-            state.as_str().unwrap_or("?"),
-            get("vcpus"),
-            get("mem_bytes").as_u64().unwrap_or(0) >> 20,
-            get("uptime_ms").as_u64().unwrap_or(0) as f64 / 1e3,
-        );
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use serde_json::Value;
 use symbol_db::fixups::CodeFixups;
 use symbol_db::{KernelIdentity, KernelImage, SymbolTable};
 use update_engine::lup::{key_hex, old_code_sha256, read_key_hex};
+use update_engine::patcher::{PatchList, PatchReport, SwitchedFunction};
 use update_engine::{FunctionPatch, Lup, Manifest, SigningKey, VerifyingKey};
 use vmm_core::control::Request;
 
@@ -381,52 +382,48 @@ pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliEr
 }
 
 /// One line per switched function: name, old entry -> replacement.
-fn print_functions(v: &Value) {
-    for f in v["functions"].as_array().into_iter().flatten() {
-        println!(
-            "  {} {} -> {}",
-            f["function"].as_str().unwrap_or("?"),
-            f["old_addr"].as_str().unwrap_or("?"),
-            f["new_addr"].as_str().unwrap_or("?")
-        );
+fn print_functions(functions: &[SwitchedFunction]) {
+    for f in functions {
+        println!("  {} {:#x} -> {:#x}", f.function, f.old_addr, f.new_addr);
     }
 }
 
-fn show_report(v: &Value, verb: &str) {
-    let tasks = match v["sleeping_tasks_checked"].as_u64() {
+fn show_report(r: &PatchReport, verb: &str) {
+    let tasks = match r.sleeping_tasks_checked {
         Some(n) => format!("; vCPUs and {n} sleeping tasks checked"),
         None => String::new(),
     };
+    let n = r.functions.len();
     println!(
-        "{verb} '{}': {} function{} switched in one pause of {:.1} µs ({} tr{}{tasks}), {:.1} ms in all",
-        v["name"].as_str().unwrap_or("?"),
-        v["functions"].as_array().map(|a| a.len()).unwrap_or(0),
-        if v["functions"].as_array().map(|a| a.len()).unwrap_or(0) == 1 {
-            ""
-        } else {
-            "s"
-        },
-        v["pause_us"].as_f64().unwrap_or(0.0),
-        v["tries"],
-        if v["tries"] == 1 { "y" } else { "ies" },
-        v["total_us"].as_f64().unwrap_or(0.0) / 1e3
+        "{verb} '{}': {n} function{} switched in one pause of {:.1} µs ({} tr{}{tasks}), {:.1} ms in all",
+        r.name,
+        if n == 1 { "" } else { "s" },
+        r.pause_us,
+        r.tries,
+        if r.tries == 1 { "y" } else { "ies" },
+        r.total_us / 1e3
     );
-    print_functions(v);
+    print_functions(&r.functions);
+}
+
+/// Prints `v` as the JSON a script reads.
+fn print_typed(v: &impl serde::Serialize) {
+    print_json(&serde_json::to_value(v).unwrap_or(Value::Null));
 }
 
 /// `lucos patch --vm ID PATCH.lup`.
 pub fn patch(vm: &str, path: &Path, replace: bool, json: bool) -> Result<i32, CliError> {
     let abs = std::fs::canonicalize(path)
         .map_err(|e| CliError::io(format!("cannot read {}", path.display()), e))?;
-    let v = connect(vm)?.call(&Request::Patch {
+    let r: PatchReport = connect(vm)?.call_as(&Request::Patch {
         path: abs.display().to_string(),
         replace,
     })?;
     if json {
-        print_json(&v);
+        print_typed(&r);
     } else {
         show_report(
-            &v,
+            &r,
             if replace {
                 "replaced every patch with"
             } else {
@@ -439,51 +436,48 @@ pub fn patch(vm: &str, path: &Path, replace: bool, json: bool) -> Result<i32, Cl
 
 /// `lucos revert --vm ID NAME`.
 pub fn revert(vm: &str, name: &str, json: bool) -> Result<i32, CliError> {
-    let v = connect(vm)?.call(&Request::Revert {
+    let r: PatchReport = connect(vm)?.call_as(&Request::Revert {
         name: name.to_owned(),
     })?;
     if json {
-        print_json(&v);
+        print_typed(&r);
     } else {
-        show_report(&v, "reverted");
+        show_report(&r, "reverted");
     }
     Ok(exit::OK)
 }
 
 /// `lucos list --vm ID`: the applied patches.
 pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
-    let v = connect(vm)?.call(&Request::Patches)?;
+    let l: PatchList = connect(vm)?.call_as(&Request::Patches)?;
     if json {
-        print_json(&v);
+        print_typed(&l);
         return Ok(exit::OK);
     }
-    let patches = v["patches"].as_array().cloned().unwrap_or_default();
-    if patches.is_empty() {
+    if l.patches.is_empty() {
         println!("no patches applied to VM {vm}");
     }
-    for p in patches {
+    for p in &l.patches {
         println!(
-            "{} v{}  {}  ({} bytes at {})",
-            p["name"].as_str().unwrap_or("?"),
-            p["version"],
-            p["description"].as_str().unwrap_or(""),
-            p["code_bytes"],
-            p["code_addr"].as_str().unwrap_or("?")
+            "{} v{}  {}  ({} bytes at {:#x})",
+            p.name, p.version, p.description, p.code_bytes, p.code_addr
         );
-        print_functions(&p);
+        print_functions(&p.functions);
     }
-    if let Some(a) = v["patch_area"].as_object() {
+    println!(
+        "patch area  {} of {} bytes in use",
+        l.patch_area.used_bytes, l.patch_area.size_bytes
+    );
+    if let Some(t) = &l.kernel_text {
         println!(
-            "patch area  {} of {} bytes in use",
-            a["used_bytes"], a["size_bytes"]
+            "kernel text {:#x}..{:#x} sha256 {}",
+            t.start, t.end, t.sha256
         );
     }
-    if let Some(t) = v["kernel_text"].as_object() {
+    if let Some(t) = &l.kernel_page_tables {
         println!(
-            "kernel text {}..{} sha256 {}",
-            t["start"].as_str().unwrap_or("?"),
-            t["end"].as_str().unwrap_or("?"),
-            t["sha256"].as_str().unwrap_or("?")
+            "page tables {} pages from {:#x} sha256 {}",
+            t.pages, t.root, t.sha256
         );
     }
     Ok(exit::OK)

@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
 use symbol_db::SymbolError;
 use update_engine::kernel::{self as introspect, GuestKernel, IntrospectError};
+use update_engine::kernel::{SymbolAnswer, SymbolsInfo};
 use update_engine::patcher::{PatchError, PatchReport, Patcher};
 use update_engine::UpdateError;
 use vmm_core::control::{
-    ErrorCode, RegsInfo, Request, Response, Service, StatusInfo, PROTOCOL_VERSION,
+    Done, ErrorCode, PauseInfo, RegsInfo, Request, Response, Service, StatusInfo, PROTOCOL_VERSION,
 };
 use vmm_core::vcpu::PauseError;
 use vmm_core::vm::{host_kvm_flavor, Vm, VmError};
@@ -44,50 +44,6 @@ pub struct ControlServer {
     /// Held while a request that pauses the VM or changes its state is
     /// served: such requests from different clients never interleave.
     ops: Mutex<()>,
-}
-
-/// One answer of a `symbols` request: the symbol, or why not.
-#[derive(Debug, Clone, Serialize)]
-#[serde(untagged)]
-pub enum SymbolAnswer {
-    /// Found.
-    Found(symbol_db::Answer),
-    /// Not found, or ambiguous.
-    Failed {
-        /// The query.
-        query: String,
-        /// Why.
-        error: String,
-    },
-}
-
-/// What `symbols` reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct SymbolsInfo {
-    /// Where the symbols came from.
-    pub source: String,
-    /// Build-id and banner read from guest memory.
-    pub identity: symbol_db::KernelIdentity,
-    /// The running `_text`.
-    #[serde(with = "symbol_db::hex_u64")]
-    pub text: u64,
-    /// Guest-physical address of `_text`.
-    #[serde(with = "symbol_db::hex_u64")]
-    pub text_gpa: u64,
-    /// KASLR slide of the virtual base, in bytes.
-    pub slide: i64,
-    /// Number of symbols.
-    pub count: usize,
-    /// Where the kallsyms tables were (kallsyms source only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kallsyms: Option<symbol_db::kallsyms::KallsymsLayout>,
-    /// How long inspecting the kernel took (once; later requests reuse it).
-    pub timings: introspect::Timings,
-    /// Answers to the queries, in order.
-    pub answers: Vec<SymbolAnswer>,
-    /// Every symbol, when asked for.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub symbols: Option<Vec<symbol_db::Symbol>>,
 }
 
 fn pause_error(e: &VmError) -> ErrorCode {
@@ -162,17 +118,19 @@ impl ControlServer {
                     self.pauses.fetch_add(1, Ordering::Relaxed);
                     self.last_pause_ns
                         .store(took.as_nanos() as u64, Ordering::Relaxed);
-                    Response::ok(serde_json::json!({ "pause_us": took.as_secs_f64() * 1e6 }))
+                    Response::ok(PauseInfo {
+                        pause_us: took.as_secs_f64() * 1e6,
+                    })
                 }
                 Err(e) => fail(e),
             },
             Request::Resume => match self.vm.resume() {
-                Ok(()) => Response::ok(serde_json::json!({})),
+                Ok(()) => Response::ok(Done {}),
                 Err(e) => fail(e),
             },
             Request::Stop => {
                 self.vm.stop();
-                Response::ok(serde_json::json!({}))
+                Response::ok(Done {})
             }
             Request::Regs { vcpu } => match self.regs(*vcpu) {
                 Ok(r) => Response::ok(r),
@@ -199,17 +157,9 @@ impl ControlServer {
                 Self::patch_response(p.revert(self.vm.as_ref(), &kernel, name))
             }
             Request::Patches => {
-                let text = self
-                    .guest_kernel()
-                    .ok()
-                    .and_then(|k| update_engine::patcher::text_hash(self.vm.as_ref(), &k).ok());
+                let k = self.guest_kernel().ok();
                 let p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
-                let (used, size) = p.area_usage();
-                Response::ok(serde_json::json!({
-                    "patches": p.applied(),
-                    "kernel_text": text,
-                    "patch_area": { "used_bytes": used, "size_bytes": size },
-                }))
+                Response::ok(p.list(self.vm.as_ref(), k.as_deref()))
             }
             Request::Symbols {
                 queries,
@@ -359,5 +309,70 @@ impl Service for ControlServer {
         }
         let _one = self.ops.lock().unwrap_or_else(|e| e.into_inner());
         self.handle_serialized(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::de::DeserializeOwned;
+    use serde_json::Value;
+    use update_engine::kernel::SymbolsInfo;
+    use update_engine::patcher::{PatchList, PatchReport};
+    use vmm_core::control::{Done, ErrorCode, PauseInfo, RegsInfo, Request, Response, StatusInfo};
+    use vmm_core::pagewalk::Translation;
+
+    const DOC: &str = include_str!("../docs/control-protocol.md");
+
+    /// `data` decoded as `T` and encoded again.
+    fn typed<T: serde::Serialize + DeserializeOwned>(data: &Value) -> Value {
+        let t: T = serde_json::from_value(data.clone())
+            .unwrap_or_else(|e| panic!("{data} is not a {}: {e}", std::any::type_name::<T>()));
+        serde_json::to_value(t).expect("encode")
+    }
+
+    #[test]
+    fn every_example_in_the_protocol_doc_round_trips_through_the_wire_types() {
+        let mut last: Option<Request> = None;
+        let (mut requests, mut answers) = (0, 0);
+        for line in DOC.lines().map(str::trim) {
+            if let Some(text) = line.strip_prefix("-> ") {
+                let doc: Value = serde_json::from_str(text).expect("a request line is JSON");
+                last = serde_json::from_str::<Request>(text).ok();
+                if let Some(req) = &last {
+                    assert_eq!(serde_json::to_value(req).expect("encode"), doc, "{text}");
+                }
+                requests += 1;
+            } else if let Some(text) = line.strip_prefix("<- ") {
+                let doc: Value = serde_json::from_str(text).expect("an answer line is JSON");
+                let resp: Response = serde_json::from_str(text).expect("an answer");
+                assert_eq!(serde_json::to_value(&resp).expect("encode"), doc, "{text}");
+                let Some(req) = last.take() else {
+                    let e = resp.error.expect("an unknown request gets an error");
+                    assert_eq!(e.code, ErrorCode::BadRequest, "{text}");
+                    answers += 1;
+                    continue;
+                };
+                if !resp.ok {
+                    assert!(resp.error.is_some(), "{text}");
+                    answers += 1;
+                    continue;
+                }
+                let data = resp.data.clone().unwrap_or(Value::Null);
+                let back = match req {
+                    Request::Status => typed::<StatusInfo>(&data),
+                    Request::Pause => typed::<PauseInfo>(&data),
+                    Request::Resume | Request::Stop => typed::<Done>(&data),
+                    Request::Regs { .. } => typed::<RegsInfo>(&data),
+                    Request::Translate { .. } => typed::<Translation>(&data),
+                    Request::Patch { .. } | Request::Revert { .. } => typed::<PatchReport>(&data),
+                    Request::Patches => typed::<PatchList>(&data),
+                    Request::Symbols { .. } => typed::<SymbolsInfo>(&data),
+                };
+                assert_eq!(back, data, "{req:?}: the answer changed in a round trip");
+                answers += 1;
+            }
+        }
+        assert_eq!(requests, answers, "every request in the doc has its answer");
+        assert!(requests >= 12, "only {requests} examples found in the doc");
     }
 }

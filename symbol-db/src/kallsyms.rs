@@ -18,7 +18,7 @@
 use crate::{KernelImage, Symbol, SymbolError, SymbolTable};
 
 /// Where the tables were found, as virtual addresses of the image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KallsymsLayout {
     /// `kallsyms_offsets`.
     pub offsets: u64,

@@ -9,6 +9,8 @@
 use std::path::Path;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 use symbol_db::btf::Btf;
 use symbol_db::kallsyms::{self, KallsymsLayout};
 use symbol_db::{KernelIdentity, KernelImage, SymbolError, SymbolTable};
@@ -69,8 +71,52 @@ pub struct GuestKernel {
     pub tasks: Result<TaskLayout, String>,
 }
 
+/// One answer of a `symbols` request: the symbol, or why not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SymbolAnswer {
+    /// Found.
+    Found(symbol_db::Answer),
+    /// Not found, or ambiguous.
+    Failed {
+        /// The query.
+        query: String,
+        /// Why.
+        error: String,
+    },
+}
+
+/// What `symbols` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SymbolsInfo {
+    /// Where the symbols came from.
+    pub source: String,
+    /// Build-id and banner read from guest memory.
+    pub identity: symbol_db::KernelIdentity,
+    /// The running `_text`.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub text: u64,
+    /// Guest-physical address of `_text`.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub text_gpa: u64,
+    /// KASLR slide of the virtual base, in bytes.
+    pub slide: i64,
+    /// Number of symbols.
+    pub count: usize,
+    /// Where the kallsyms tables were (kallsyms source only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kallsyms: Option<symbol_db::kallsyms::KallsymsLayout>,
+    /// How long inspecting the kernel took (once; later requests reuse it).
+    pub timings: Timings,
+    /// Answers to the queries, in order.
+    pub answers: Vec<SymbolAnswer>,
+    /// Every symbol, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symbols: Option<Vec<symbol_db::Symbol>>,
+}
+
 /// Time spent inspecting the guest kernel, in microseconds.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Timings {
     /// Reading the kernel image out of guest memory (page walks and copies).
     pub read_image_us: u64,

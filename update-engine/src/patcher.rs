@@ -186,6 +186,88 @@ pub fn text_hash(g: &dyn Guest, kernel: &GuestKernel) -> Result<TextHash, PatchE
     })
 }
 
+/// The kernel's own page tables and their hash, to show a refused patch
+/// left them as they were.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TablesHash {
+    /// Guest-physical address of the top-level table (`init_top_pgt`, or
+    /// vCPU 0's CR3 where the kernel has no such symbol).
+    #[serde(with = "symbol_db::hex_u64")]
+    pub root: u64,
+    /// Table pages hashed: the top-level one and every table below the
+    /// kernel half of it.
+    pub pages: usize,
+    /// SHA-256 of those pages, in walk order.
+    pub sha256: String,
+}
+
+/// Hashes the kernel's page tables: the top-level table and every
+/// page-directory-pointer, page-directory and page table reachable from its
+/// kernel half (the entries of every level, not the pages they map). Stable
+/// only while the guest is paused: a running Linux maps and unmaps vmalloc
+/// space (task stacks) all the time.
+pub fn tables_hash(g: &dyn Guest, k: &GuestKernel) -> Result<TablesHash, PatchError> {
+    use sha2::{Digest, Sha256};
+    const MAX_PAGES: usize = 1 << 18;
+    let view = View::new(g, k)?;
+    let root = view.tables.cr3 & 0x000f_ffff_ffff_f000;
+    let mut hasher = Sha256::new();
+    let mut pages = 0usize;
+    // (table, level: 4 = PML4 .. 1 = PT, first index to follow)
+    let mut todo = vec![(root, 4u8, 256usize)];
+    let mut page = [0u8; 4096];
+    while let Some((table, level, first)) = todo.pop() {
+        pages += 1;
+        if pages > MAX_PAGES {
+            return Err(PatchError::Map(format!(
+                "more than {MAX_PAGES} page-table pages below {root:#x}"
+            )));
+        }
+        g.ram()
+            .read_phys(table, &mut page)
+            .map_err(|e| PatchError::Vm(VmError::Memory(e)))?;
+        hasher.update(table.to_le_bytes());
+        hasher.update(page);
+        if level == 1 {
+            continue;
+        }
+        for i in (first..512).rev() {
+            let e = u64::from_le_bytes(page[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            let large = level < 4 && e & (1 << 7) != 0;
+            if e & 1 != 0 && !large {
+                todo.push((e & 0x000f_ffff_ffff_f000, level - 1, 0));
+            }
+        }
+    }
+    Ok(TablesHash {
+        root,
+        pages,
+        sha256: format!("{:x}", hasher.finalize()),
+    })
+}
+
+/// What the `patches` request answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PatchList {
+    /// Applied patches, oldest first.
+    pub patches: Vec<AppliedPatch>,
+    /// The running kernel's text and its hash (absent if it cannot be read).
+    pub kernel_text: Option<TextHash>,
+    /// The kernel's own page tables and their hash.
+    pub kernel_page_tables: Option<TablesHash>,
+    /// How much of the patch area holds code.
+    pub patch_area: AreaUsage,
+}
+
+/// Use of the patch area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AreaUsage {
+    /// Bytes holding code.
+    pub used_bytes: u64,
+    /// Its size.
+    pub size_bytes: u64,
+}
+
 /// Everything the patcher knows of a VM's live patches: what a revert
 /// needs, and what a new VMM process taking the guest over needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,8 +395,22 @@ impl Patcher {
 
     /// Bytes of the patch area holding code (applied, or kept after a
     /// revert that could not prove it unused), and the area's size.
-    pub fn area_usage(&self) -> (u64, u64) {
-        (self.state.space.in_use(), self.state.space.size)
+    pub fn area_usage(&self) -> AreaUsage {
+        AreaUsage {
+            used_bytes: self.state.space.in_use(),
+            size_bytes: self.state.space.size,
+        }
+    }
+
+    /// What the `patches` request answers: the stack, the kernel's text and
+    /// page tables (hashed as they are in guest memory now), the area.
+    pub fn list(&self, g: &dyn Guest, k: Option<&GuestKernel>) -> PatchList {
+        PatchList {
+            patches: self.state.applied.clone(),
+            kernel_text: k.and_then(|k| text_hash(g, k).ok()),
+            kernel_page_tables: k.and_then(|k| tables_hash(g, k).ok()),
+            patch_area: self.area_usage(),
+        }
     }
 
     /// Applies the `.lup` at `path` to the running kernel `k`; with

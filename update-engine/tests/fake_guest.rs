@@ -432,7 +432,7 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
     assert_eq!(pt.applied().len(), 1);
     assert_eq!(g.read(ALPHA, 5), jmp(ALPHA, new_addr(&r3, "alpha")));
     assert_eq!(g.read(BETA, 5), jmp(BETA, new_addr(&r3, "beta")));
-    assert_eq!(pt.area_usage().0, pt.applied()[0].code_bytes);
+    assert_eq!(pt.area_usage().used_bytes, pt.applied()[0].code_bytes);
 
     // Reverting it restores the original bytes; all RAM is as it was but
     // the area's page-directory entry (the mapping stays); no code in use.
@@ -447,7 +447,7 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
         "bytes changed outside the area's page-directory entry: {:x?}",
         &differ[..differ.len().min(16)]
     );
-    assert_eq!(pt.area_usage().0, 0);
+    assert_eq!(pt.area_usage().used_bytes, 0);
     assert!(
         g.unpaused_writes.lock().expect("lock").is_empty(),
         "guest RAM written while the guest ran: {:x?}",

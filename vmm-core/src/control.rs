@@ -197,6 +197,18 @@ pub struct StatusInfo {
     pub protocol: u32,
 }
 
+/// What `pause` answers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct PauseInfo {
+    /// From the request until every vCPU was out of guest mode, µs.
+    pub pause_us: f64,
+}
+
+/// What `resume` and `stop` answer: nothing but success (`{}`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Done {}
+
 /// Registers of one vCPU, as reported by `regs`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RegsInfo {
@@ -498,6 +510,20 @@ impl Client {
             path: path.into(),
             reader: BufReader::new(stream),
             writer,
+        })
+    }
+
+    /// Sends `req` and decodes the `data` of a successful response as the
+    /// request's reply type `T`: an answer that does not fit (a renamed or
+    /// missing field) is an error naming it, never a default.
+    pub fn call_as<T: serde::de::DeserializeOwned>(
+        &mut self,
+        req: &Request,
+    ) -> Result<T, ClientError> {
+        let v = self.call(req)?;
+        serde_json::from_value(v).map_err(|e| ClientError::BadResponse {
+            id: self.id.clone(),
+            why: format!("the answer to {req:?} does not fit its type: {e}"),
         })
     }
 
