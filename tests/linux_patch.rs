@@ -85,7 +85,10 @@ done
 
 const SCENARIO: &str = r#"
 LOG=/tmp/lx.serial
-sha() { $LUCOS list --vm lx --json | tr -d ' \n' | grep -o '"sha256":"[0-9a-f]*"' | cut -d'"' -f4 || true; }
+# The kernel text's and the kernel page tables' hashes, from `lucos list`.
+hash_of() { $LUCOS list --vm lx --json | tr -d ' \n' | grep -o "\"$1\":{[^}]*}" | grep -o '"sha256":"[0-9a-f]*"' | cut -d'"' -f4 || true; }
+sha() { hash_of kernel_text; }
+tables() { hash_of kernel_page_tables; }
 wait_for() {
   n=0
   until tail -n 4 $LOG | grep -q "$1"; do
@@ -102,6 +105,15 @@ for p in unsigned tampered otherbuild mismatch unknown; do
   $LUCOS patch --vm lx $FILES/$p.lup > /tmp/o 2>&1; rc=$?
   echo "@@SCN refuse $p rc=$rc sha=$(sha) msg=$(tr '\n' ' ' < /tmp/o)"
 done
+# With the guest paused (its page tables change while it runs: vmalloc'd
+# task stacks), the refusals leave the kernel's page tables identical too.
+$LUCOS pause --vm lx >/dev/null
+echo "@@SCN paused before sha=$(sha) tables=$(tables)"
+for p in unsigned tampered otherbuild mismatch unknown; do
+  $LUCOS patch --vm lx $FILES/$p.lup > /tmp/o 2>&1; rc=$?
+  echo "@@SCN paused refuse $p rc=$rc sha=$(sha) tables=$(tables)"
+done
+$LUCOS resume --vm lx >/dev/null
 # A task sleeps in devkmsg_read: refused, kernel text unchanged.
 wait_for "@@KMSG read"
 echo "@@SCN $(grep -o 'reader pid=[0-9]*' $LOG | head -n 1)"
@@ -257,6 +269,29 @@ fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
         assert!(l.contains(&format!("rc={rc} ")), "{l}");
         assert!(l.contains(why), "expected '{why}': {l}");
         assert!(l.contains(&format!("sha={sha0} ")), "text changed: {l}");
+    }
+    // Paused: the refusals leave the kernel's page tables as they were too.
+    let before = line("@@SCN paused before ");
+    let field = |l: &str, k: &str| -> String {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let tables0 = field(&before, "tables");
+    assert_eq!(tables0.len(), 64, "no page-table hash: {before}");
+    assert_eq!(field(&before, "sha"), sha0, "{before}");
+    for (p, rc) in [
+        ("unsigned", 6),
+        ("tampered", 6),
+        ("otherbuild", 5),
+        ("mismatch", 6),
+        ("unknown", 6),
+    ] {
+        let l = line(&format!("@@SCN paused refuse {p} "));
+        assert_eq!(field(&l, "rc"), rc.to_string(), "{l}");
+        assert_eq!(field(&l, "sha"), sha0, "text changed: {l}");
+        assert_eq!(field(&l, "tables"), tables0, "page tables changed: {l}");
     }
     // A sleeping task inside devkmsg_read holds its patch back, by name.
     let busy = line("@@SCN busy ");
