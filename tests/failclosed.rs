@@ -97,35 +97,14 @@ fn every_refused_patch_leaves_all_of_guest_ram_and_the_patch_area_identical() {
     ));
     // Another build: the same kernel with another build-id note.
     let other = d.join("other-build.elf");
-    let mut note = Vec::new();
-    for w in [4u32, 20, 3] {
-        note.extend_from_slice(&w.to_le_bytes());
-    }
-    note.extend_from_slice(b"GNU\0");
-    note.extend_from_slice(&[0x5a; 20]);
-    std::fs::write(d.join("note.bin"), note).expect("note");
-    assert!(std::process::Command::new("objcopy")
-        .arg(format!(
-            "--update-section=.notes={}",
-            p(&d.join("note.bin"))
-        ))
-        .arg(kernel())
-        .arg(&other)
-        .status()
-        .expect("objcopy")
-        .success());
+    common::kernel_of_another_build(&other);
     cases.push((
         "other build",
         build("otherbuild", FIX, p(&other), key),
         "is for another kernel build",
     ));
     // Old bytes differ: built against a kernel whose lucos_version was altered.
-    let mut k = std::fs::read(kernel()).expect("kernel");
-    let syms = symbol_db::SymbolTable::from_elf_bytes(&k, "k").expect("syms");
-    let f = syms.lookup("lucos_version").expect("sym");
-    let off = common::file_offset_of_vaddr(&k, f.addr) + 8;
-    k[off] ^= 0xff;
-    std::fs::write(d.join("altered.elf"), &k).expect("write");
+    common::kernel_with_altered(&d.join("altered.elf"), "lucos_version", 8);
     cases.push((
         "bytes mismatch",
         build("mismatch", FIX, p(&d.join("altered.elf")), key),

@@ -278,24 +278,16 @@ fn bad_patches_are_refused_and_leave_the_kernel_text_byte_identical() {
         (s.path("tampered.lup"), 6, false),
         (unsigned.clone(), 6, false),
     ] {
-        let o = inspect(&lup, false);
-        assert_eq!(
-            o.status.code(),
-            Some(code),
-            "{}: {}",
-            lup.display(),
-            text(&o)
-        );
-        let o = inspect(&lup, true);
-        assert_eq!(
-            o.status.code(),
-            Some(code),
-            "{}: {}",
-            lup.display(),
-            text(&o)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --json");
-        assert_eq!(v["signature_valid"], valid, "{}: {v}", lup.display());
+        for json in [false, true] {
+            let o = inspect(&lup, json);
+            let (what, out) = (lup.display(), text(&o));
+            assert_eq!(o.status.code(), Some(code), "{what} (json {json}): {out}");
+            if json {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&o.stdout).expect("inspect --json");
+                assert_eq!(v["signature_valid"], valid, "{what}: {v}");
+            }
+        }
     }
     let o = s.dir.lucos(&["inspect", "--json", p(&s.path("fix.lup"))]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -327,33 +319,12 @@ fn bad_patches_are_refused_and_leave_the_kernel_text_byte_identical() {
     refused(&o, 6, "signature does not verify with any trusted key");
     // Built for another kernel build (same code, another build-id).
     let other = s.path("other-build.elf");
-    let mut note = Vec::new();
-    for w in [4u32, 20, 3] {
-        note.extend_from_slice(&w.to_le_bytes());
-    }
-    note.extend_from_slice(b"GNU\0");
-    note.extend_from_slice(&[0x5a; 20]);
-    std::fs::write(s.path("note.bin"), note).expect("note");
-    assert!(std::process::Command::new("objcopy")
-        .arg(format!(
-            "--update-section=.notes={}",
-            p(&s.path("note.bin"))
-        ))
-        .arg(kernel())
-        .arg(&other)
-        .status()
-        .expect("objcopy")
-        .success());
+    common::kernel_of_another_build(&other);
     let wrong = build("wrongbuild", FIX, &[], p(&other));
     refused(&wrong, 5, "is for another kernel build");
     // Old bytes differ: built against a kernel file whose lucos_version was altered.
     let altered = s.path("altered.elf");
-    let mut k = std::fs::read(kernel()).expect("kernel");
-    let syms = symbol_db::SymbolTable::from_elf_bytes(&k, "k").expect("syms");
-    let f = syms.lookup("lucos_version").expect("sym");
-    let off = common::file_offset_of_vaddr(&k, f.addr) + 8;
-    k[off] ^= 0xff;
-    std::fs::write(&altered, &k).expect("write");
+    common::kernel_with_altered(&altered, "lucos_version", 8);
     let mism = build("mismatch", FIX, &[], p(&altered));
     refused(&mism, 6, "lucos_version does not match");
     // A kernel symbol that does not exist.

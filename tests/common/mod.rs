@@ -124,3 +124,35 @@ fn file_offset(elf: &[u8], addr: u64, base: fn(&goblin::elf::ProgramHeader) -> u
         .expect("segment holding the address");
     (ph.p_offset + (addr - base(ph))) as usize
 }
+
+/// Writes to `out` the test kernel with another build-id (its `.notes`
+/// replaced): the same code, another build.
+pub fn kernel_of_another_build(out: &std::path::Path) {
+    let mut note = Vec::new();
+    for w in [4u32, 20, 3] {
+        note.extend_from_slice(&w.to_le_bytes());
+    }
+    note.extend_from_slice(b"GNU\0");
+    note.extend_from_slice(&[0x5a; 20]);
+    let note_file = out.with_extension("note");
+    std::fs::write(&note_file, note).expect("note");
+    let ok = std::process::Command::new("objcopy")
+        .arg(format!("--update-section=.notes={}", note_file.display()))
+        .arg(test_kernel())
+        .arg(out)
+        .status()
+        .expect("objcopy")
+        .success();
+    assert!(ok, "objcopy of the test kernel");
+}
+
+/// Writes to `out` the test kernel with one byte of `function` (at
+/// `offset` into it) flipped: a kernel whose old bytes differ.
+pub fn kernel_with_altered(out: &std::path::Path, function: &str, offset: u64) {
+    let mut k = std::fs::read(test_kernel()).expect("kernel");
+    let syms = SymbolTable::from_elf_bytes(&k, "k").expect("syms");
+    let f = syms.lookup(function).expect("symbol");
+    let off = file_offset_of_vaddr(&k, f.addr + offset);
+    k[off] ^= 0xff;
+    std::fs::write(out, &k).expect("write");
+}

@@ -546,54 +546,31 @@ fn every_refusal_leaves_all_of_memory_identical() {
         p.write(&other, "other.lup"),
         "another kernel build",
     ));
-    // Old bytes differ.
-    let mism = p.build(
-        "mism",
-        "int alpha(void) { return 2; }\n",
-        &[("alpha", 9)],
-        &[],
-    );
-    cases.push((
-        "bytes mismatch",
-        p.write(&mism, "mism.lup"),
-        "alpha does not match",
-    ));
-    // A kernel symbol that does not exist.
-    let unknown = p.build(
-        "unknown",
-        "extern int no_such_kernel_function(void);\nint alpha(void) { return no_such_kernel_function(); }\n",
-        &[("alpha", 1)],
-        &[],
-    );
-    cases.push((
-        "unknown symbol",
-        p.write(&unknown, "unknown.lup"),
-        "no_such_kernel_function",
-    ));
-    // Bigger than the area.
-    let big = p.build(
-        "big",
-        "const char big[3 << 20] = { 1 };\nint alpha(void) { return big[12345]; }\n",
-        &[("alpha", 1)],
-        &[],
-    );
-    cases.push((
-        "area full",
-        p.write(&big, "big.lup"),
-        "the patch area is full",
-    ));
-    // A dependency that is not applied.
-    let dep = p.build(
-        "dep",
-        "int alpha(void) { return 2; }\n",
-        &[("alpha", 1)],
-        &["nothing"],
-    );
-    cases.push((
-        "missing dependency",
-        p.write(&dep, "dep.lup"),
-        "depends on 'nothing'",
-    ));
+    // Old bytes differ; a kernel symbol that does not exist; bigger than
+    // the area; a dependency that is not applied.
+    for (what, name, src, was, depends, why) in [
+        ("bytes mismatch", "mism", "int alpha(void) { return 2; }\n", 9, &[][..], "alpha does not match"),
+        (
+            "unknown symbol",
+            "unknown",
+            "extern int no_such_kernel_function(void);\nint alpha(void) { return no_such_kernel_function(); }\n",
+            1,
+            &[],
+            "no_such_kernel_function",
+        ),
+        (
+            "area full",
+            "big",
+            "const char big[3 << 20] = { 1 };\nint alpha(void) { return big[12345]; }\n",
+            1,
+            &[],
+            "the patch area is full",
+        ),
+        ("missing dependency", "dep", "int alpha(void) { return 2; }\n", 1, &["nothing"], "depends on 'nothing'"),
+    ] {
+        let lup = p.build(name, src, &[("alpha", was)], depends);
+        cases.push((what, p.write(&lup, &format!("{name}.lup")), why));
+    }
 
     let check = |pt: &mut Patcher, g: &Fake| {
         for (what, path, why) in &cases {
