@@ -167,3 +167,69 @@ fn record_build_prints_the_pinned_lines_of_a_build_the_archive_serves() {
     );
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+#[test]
+fn the_demo_set_up_fetches_no_linux_assets_and_installs_no_qemu() {
+    let cache = empty_cache("demo");
+    // A machine with nothing installed (dpkg-query knows no package), and an
+    // apt-get that only records what it is asked: the demo's set-up must ask
+    // for gcc, make and binutils, without recommends, and nothing else.
+    let bin = cache.with_extension("bin");
+    std::fs::create_dir_all(&bin).expect("dir");
+    let log = cache.with_extension("apt.log");
+    for (tool, rc) in [("apt-get", 0), ("dpkg-query", 1)] {
+        let f = bin.join(tool);
+        std::fs::write(
+            &f,
+            format!(
+                "#!/bin/sh\necho \"{tool} $*\" >> {}\nexit {rc}\n",
+                log.display()
+            ),
+        )
+        .expect("write");
+        let mut perm = std::fs::metadata(&f).expect("meta").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(&f, perm).expect("chmod");
+    }
+    let sudo = bin.join("sudo");
+    std::fs::write(&sudo, "#!/bin/sh\nexec \"$@\"\n").expect("write");
+    let mut perm = std::fs::metadata(&sudo).expect("meta").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&sudo, perm).expect("chmod");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let o = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/setup.sh"))
+        .arg("demo")
+        .env("PATH", path)
+        .env("LUCOS_ASSETS", &cache)
+        .output()
+        .expect("setup.sh demo");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        entries(&cache).is_empty(),
+        "the demo's set-up fetched {:?}",
+        entries(&cache)
+    );
+    let asked = std::fs::read_to_string(&log).unwrap_or_default();
+    let installs: Vec<&str> = asked
+        .lines()
+        .filter(|l| l.starts_with("apt-get") && l.contains(" install "))
+        .collect();
+    assert_eq!(installs.len(), 1, "{asked}");
+    assert!(installs[0].contains("--no-install-recommends"), "{asked}");
+    let mut pkgs: Vec<&str> = installs[0]
+        .split_whitespace()
+        .skip_while(|w| *w != "install")
+        .skip(1)
+        .filter(|w| !w.starts_with('-'))
+        .collect();
+    pkgs.sort_unstable();
+    assert_eq!(pkgs, ["binutils", "gcc", "make"], "{asked}");
+    assert!(!text(&o).contains("qemu"), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&cache);
+    let _ = std::fs::remove_dir_all(&bin);
+    let _ = std::fs::remove_file(&log);
+}
