@@ -21,6 +21,10 @@
 //! exactly when they should, or the benchmark fails.
 //!
 //! `cargo bench --bench livepatch` (LUCOS_BENCH_RUNS sets the runs, default 3).
+//! With `LUCOS_BENCH_BASELINE=PATH` (another lucos binary, say the build
+//! before a change), a second guest run by that binary gets the same lucos
+//! rounds, and its figures are printed beside this build's: before and
+//! after, in one run.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -164,7 +168,9 @@ last() {{ [ $1 = 1 ] && echo {first} || echo {tenth}; }}
 # window N present|absent: spin until /proc/$(last N) does or does not say so.
 window() {{ f=$(last $1); $F/klptime spin 2000 /proc/$f "lucos-bench $f" $2; }}
 echo "@@B start seen=$(seen)"
-for r in $(seq 1 {runs}); do
+# A guest run by the baseline lucos does only the lucos rounds.
+SYS=lucos; grep -q lucos.bench=baseline /proc/cmdline && SYS=baseline
+[ $SYS = lucos ] && for r in $(seq 1 {runs}); do
   for n in 1 10; do
     window $n present > /tmp/gap & sp=$!
     sleep 0.5; $F/klptime load $F/lpb$n.ko lpb$n > /tmp/op 2>&1 || kill $sp
@@ -174,7 +180,7 @@ for r in $(seq 1 {runs}); do
     wait $sp; echo "@@B sys=klp op=revert n=$n seen=$(seen) $(cat /tmp/op) $(cat /tmp/gap)"
   done
 done
-for r in $(seq 1 {runs}); do
+[ $SYS = lucos ] && for r in $(seq 1 {runs}); do
   $F/klptime spin 5000 > /tmp/gap; echo "@@B sys=idle op=none n=0 seen=$(seen) $(cat /tmp/gap)"
 done
 k=0
@@ -185,7 +191,7 @@ for r in $(seq 1 {runs}); do
       if [ $op = apply ]; then want=present; else want=absent; fi
       window $n $want > /tmp/gap & sp=$!
       echo "@@ROUND $k go"
-      wait $sp; echo "@@B sys=lucos op=$op n=$n seen=$(seen) $(cat /tmp/gap)"
+      wait $sp; echo "@@B sys=$SYS op=$op n=$n seen=$(seen) $(cat /tmp/gap)"
     done
   done
 done
@@ -215,31 +221,40 @@ figures() {{
   tr -d ' \n' < /tmp/o | grep -o '"\(pause_us\|total_us\|tries\)":[0-9.]*' | sed 's/"//g; s/:/=/' | tr '\n' ' '
   grep -q '"pause_us"' /tmp/o || tr '\n' ' ' < /tmp/o
 }}
-$LUCOS run --vm b --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M \
-  --cmdline "console=ttyS0 panic=-1 quiet" --serial-log $LOG --trusted-key $FILES/key.pub --quiet --detach
-k=0
-for r in $(seq 1 {runs}); do
-  for n in 1 10; do
-    k=$((k + 1)); await "@@ROUND $k go" || exit 1
-    $LUCOS patch --vm b --json $FILES/lpb$n.lup > /tmp/o 2>&1
-    echo "@@SCN sys=lucos op=apply n=$n $(figures)"
-    grep -q '"pause_us"' /tmp/o || exit 1
-    k=$((k + 1)); await "@@ROUND $k go" || exit 1
-    $LUCOS revert --vm b --json lpb$n > /tmp/o 2>&1
-    echo "@@SCN sys=lucos op=revert n=$n $(figures)"
-    grep -q '"pause_us"' /tmp/o || exit 1
+# rounds VMM SYS CMDLINE_EXTRA: a guest run by VMM, and its lucos rounds.
+rounds() {{
+  V=$1 S=$2
+  rm -f $LOG
+  $V run --vm b --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M \
+    --cmdline "console=ttyS0 panic=-1 quiet $3" --serial-log $LOG --trusted-key $FILES/key.pub --quiet --detach
+  k=0
+  for r in $(seq 1 {runs}); do
+    for n in 1 10; do
+      k=$((k + 1)); await "@@ROUND $k go" || exit 1
+      $V patch --vm b --json $FILES/lpb$n.lup > /tmp/o 2>&1
+      echo "@@SCN sys=$S op=apply n=$n $(figures)"
+      grep -q '"pause_us"' /tmp/o || exit 1
+      k=$((k + 1)); await "@@ROUND $k go" || exit 1
+      $V revert --vm b --json lpb$n > /tmp/o 2>&1
+      echo "@@SCN sys=$S op=revert n=$n $(figures)"
+      grep -q '"pause_us"' /tmp/o || exit 1
+    done
   done
-done
-await "@@B end"
-grep "@@B" $LOG
-grep -i "livepatch\|taint" $LOG | sed 's/^/G| /'
-$LUCOS stop --vm b >/dev/null 2>&1 || true
+  await "@@B end"
+  grep "@@B" $LOG
+  grep -i "livepatch\|taint" $LOG | sed 's/^/G| /'
+  $V stop --vm b >/dev/null 2>&1 || true
+  n=0; while $V status --vm b >/dev/null 2>&1; do sleep 0.5; n=$((n + 1)); [ $n -gt 120 ] && break; done
+}}
+rounds $LUCOS lucos ""
+[ -n "$LUCOS_BASELINE" ] && rounds $LUCOS_BASELINE baseline lucos.bench=baseline
 "#
     )
 }
 
 fn main() {
     let runs = runs();
+    let baseline = std::env::var_os("LUCOS_BENCH_BASELINE").map(std::path::PathBuf::from);
     let dir = std::env::temp_dir().join(format!("lucos-bench-livepatch-{}", std::process::id()));
     let (files, guest) = (dir.join("files"), dir.join("guest"));
     std::fs::create_dir_all(&files).expect("dir");
@@ -253,6 +268,7 @@ fn main() {
         Extras {
             files: Some(files),
             guest_files: Some(guest),
+            baseline: baseline.clone(),
             ..Extras::default()
         },
     );
@@ -361,6 +377,39 @@ fn main() {
                 ms(want("klp", op, n, "total_us")),
                 ms(want("klp", op, n, "max_gap_us")),
             );
+        }
+    }
+    if let Some(b) = &baseline {
+        println!(
+            "lucos before and after: the baseline {} and this build, same .lup files, one guest \
+             each, same emulated host, medians of {runs}",
+            b.display()
+        );
+        println!(
+            "{:<6} {:<7} | {:>14} {:>14} | {:>14} {:>14} | {:>12}",
+            "funcs",
+            "op",
+            "before pause",
+            "after pause",
+            "before total",
+            "after total",
+            "after/before"
+        );
+        for n in [1, 10] {
+            for op in ["apply", "revert"] {
+                let (bt, at) = (
+                    want("baseline", op, n, "total_us"),
+                    want("lucos", op, n, "total_us"),
+                );
+                println!(
+                    "{n:<6} {op:<7} | {:>11.3} ms {:>11.3} ms | {:>11.2} ms {:>11.2} ms | {:>11.2}x",
+                    ms(want("baseline", op, n, "pause_us")),
+                    ms(want("lucos", op, n, "pause_us")),
+                    ms(bt),
+                    ms(at),
+                    at / bt
+                );
+            }
         }
     }
     let idle = rows

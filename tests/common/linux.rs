@@ -251,6 +251,9 @@ pub struct Extras {
     /// A directory the guest's initramfs carries as /files (programs and
     /// modules its workload runs).
     pub guest_files: Option<PathBuf>,
+    /// `$LUCOS_BASELINE`: another lucos binary (an earlier build), for
+    /// benchmarks that compare it with this one in the same run.
+    pub baseline: Option<PathBuf>,
 }
 
 /// Runs `scenario` against a guest whose /workload.sh is `workload`.
@@ -382,6 +385,9 @@ fn run_once(
                 .env("GUEST_VMLINUX", vmlinux)
                 .env("OTHER_KERNEL", env!("LUCOS_TESTKERNEL"))
                 .env("FILES", extras.files.clone().unwrap_or_default());
+            if let Some(b) = &extras.baseline {
+                c.env("LUCOS_BASELINE", b);
+            }
             (c, "this host's KVM")
         }
         KvmFlavor::Pvm => {
@@ -391,6 +397,7 @@ fn run_once(
                     .args([host_initrd.as_path(), pkg, &lucos, initrd, scn])
                     .env("WITH_QEMU", if extras.qemu { "1" } else { "0" })
                     .env("WITH_FILES", extras.files.clone().unwrap_or_default())
+                    .env("WITH_BASELINE", extras.baseline.clone().unwrap_or_default())
                     .env(
                         "WITH_TESTKERNEL",
                         if extras.testkernel {

@@ -29,6 +29,7 @@ if mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null; then
 fi
 export LUCOS=/bin/lucos QEMU=/bin/qemu-system-x86_64 GUEST_KERNEL=/guest/vmlinuz GUEST_VMLINUX=/guest/vmlinux GUEST_INITRD=/guest/initrd.gz OTHER_KERNEL=/guest/testkernel.elf FILES=/guest/files
 export LUCOS_RUN_DIR=/run/lucos LD_LIBRARY_PATH=/lib/lucos LUCOS_EMULATED_HOST=1
+[ -x /bin/lucos-baseline ] && export LUCOS_BASELINE=/bin/lucos-baseline
 # A heartbeat: the test harness treats a host that prints nothing, not even
 # this, for minutes as hung (seen under QEMU TCG) and retries it.
 ( while :; do sleep 20; echo "@@HOST alive"; done ) &

@@ -32,6 +32,11 @@ add_binary() {
   done
 }
 add_binary "$lucos" lucos
+# WITH_BASELINE=FILE: another lucos binary (an earlier build), as
+# /bin/lucos-baseline, for benchmarks that compare the two in one run.
+if [ -n "${WITH_BASELINE:-}" ]; then
+  add_binary "$WITH_BASELINE" lucos-baseline
+fi
 if [ "${WITH_QEMU:-0}" = 1 ]; then
   add_binary "$(command -v qemu-system-x86_64)" qemu-system-x86_64
   mkdir -p "$root/usr/share/qemu"
