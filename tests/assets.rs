@@ -69,48 +69,256 @@ fn known_abis() -> Vec<String> {
     abis
 }
 
-#[test]
-fn the_first_known_build_still_served_is_used_and_the_next_one_when_it_is_gone() {
-    let cache = empty_cache("fallback");
-    let first = run("fetch-kernel.sh", &["--which"], &cache, None);
-    assert!(first.status.success(), "{}", text(&first));
-    let first_env = String::from_utf8_lossy(&first.stdout).into_owned();
-    let a = value(&first_env, "KERNEL_ABI");
-    assert!(known_abis().contains(&a), "{a} is not a known build");
-    assert!(
-        text(&first).contains(&format!("using Debian kernel build {a}-cloud-amd64")),
-        "the choice is said: {}",
-        text(&first)
-    );
-    assert!(entries(&cache).is_empty(), "--which fetches nothing");
+/// A stub archive: packages made here, served by an `apt-get` (and an
+/// `apt-cache` that knows nothing) put first on PATH, and a versions.env of
+/// three known builds: 9.9.0-3 (its kbuild not served), 9.9.0-2 and
+/// 9.9.0-1 (complete; no source package served for any, which no fetcher
+/// needs yet). `index` claims each package's sha256 as made; a package
+/// corrupted afterwards is served with the wrong bytes.
+struct StubArchive {
+    dir: PathBuf,
+    repo: PathBuf,
+    bin: PathBuf,
+    versions: PathBuf,
+}
 
-    // The chosen build gone from the archive: the next one still served is
-    // fetched for real, and said to be.
-    let o = run("fetch-kernel.sh", &[], &cache, Some(&a));
-    assert!(
-        o.status.success(),
-        "with {a} gone, no other known build is to be had: record one that the archive \
-         serves (guest-kernels/linux/record-build.sh):\n{}",
+impl StubArchive {
+    fn new(tag: &str) -> Self {
+        let dir = empty_cache(&format!("stub-{tag}"));
+        let (repo, bin) = (dir.join("repo"), dir.join("bin"));
+        std::fs::create_dir_all(&repo).expect("repo");
+        std::fs::create_dir_all(&bin).expect("bin");
+        let mut lines = String::new();
+        for (abi, ver, kbuild_served) in [
+            ("9.9.0-3", "9.9.3-1", false),
+            ("9.9.0-2", "9.9.2-1", true),
+            ("9.9.0-1", "9.9.1-1", true),
+        ] {
+            let pkgs = [
+                (
+                    "image",
+                    format!("linux-image-{abi}-cloud-amd64-unsigned"),
+                    "amd64",
+                    true,
+                ),
+                (
+                    "headers",
+                    format!("linux-headers-{abi}-cloud-amd64"),
+                    "amd64",
+                    true,
+                ),
+                (
+                    "headers",
+                    format!("linux-headers-{abi}-common"),
+                    "all",
+                    true,
+                ),
+                (
+                    "headers",
+                    "linux-kbuild-9.9".to_owned(),
+                    "amd64",
+                    kbuild_served,
+                ),
+                ("source", "linux-source-9.9".to_owned(), "all", false),
+            ];
+            for (role, pkg, arch, served) in pkgs {
+                let deb = Self::make_deb(&dir, abi, ver, role, &pkg, arch);
+                let sum = sha256(&deb);
+                lines.push_str(&format!("{abi} {ver} {role} {pkg} {arch} {sum}\n"));
+                if served {
+                    let name = format!("{pkg}_{ver}_{arch}.deb");
+                    std::fs::copy(&deb, repo.join(&name)).expect("copy");
+                    let size = std::fs::metadata(&deb).expect("meta").len();
+                    let mut index = std::fs::read_to_string(repo.join("index")).unwrap_or_default();
+                    index.push_str(&format!(
+                        "{pkg}={ver} 'file:{name}' {name} {size} SHA256:{sum}\n"
+                    ));
+                    std::fs::write(repo.join("index"), index).expect("index");
+                }
+            }
+        }
+        let versions = dir.join("versions.env");
+        std::fs::write(
+            &versions,
+            format!("KERNEL_FLAVOUR=cloud-amd64\nKNOWN_BUILDS='\n{lines}'\n"),
+        )
+        .expect("versions");
+        let apt_get = format!(
+            r#"#!/bin/bash
+repo={repo}
+case "$1" in
+  update) exit 0 ;;
+  download)
+    shift
+    if [ "$1" = --print-uris ]; then
+      shift; rc=0
+      for pv in "$@"; do
+        l=$(grep "^$pv " $repo/index) && echo "${{l#* }}" || {{ echo "E: $pv not found" >&2; rc=100; }}
+      done
+      exit $rc
+    fi
+    [ "$1" = -q ] && shift
+    l=$(grep "^$1 " $repo/index) || exit 100
+    name=$(echo "$l" | cut -d' ' -f3)
+    cp "$repo/$name" . ;;
+esac
+"#,
+            repo = repo.display()
+        );
+        for (tool, text) in [
+            ("apt-get", apt_get.as_str()),
+            ("apt-cache", "#!/bin/sh\nexit 100\n"),
+        ] {
+            let f = bin.join(tool);
+            std::fs::write(&f, text).expect("write");
+            let mut perm = std::fs::metadata(&f).expect("meta").permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+            std::fs::set_permissions(&f, perm).expect("chmod");
+        }
+        StubArchive {
+            dir,
+            repo,
+            bin,
+            versions,
+        }
+    }
+
+    /// A tiny .deb; an image holds boot/vmlinuz-ABI-cloud-amd64.
+    fn make_deb(dir: &Path, abi: &str, ver: &str, role: &str, pkg: &str, arch: &str) -> PathBuf {
+        let root = dir.join(format!("build-{pkg}-{ver}"));
+        std::fs::create_dir_all(root.join("DEBIAN")).expect("dir");
+        std::fs::write(
+            root.join("DEBIAN/control"),
+            format!(
+                "Package: {pkg}\nVersion: {ver}\nArchitecture: {arch}\nMaintainer: lucos tests <t@localhost>\nDescription: stub\n"
+            ),
+        )
+        .expect("control");
+        let file = match role {
+            "image" => format!("boot/vmlinuz-{abi}-cloud-amd64"),
+            _ => format!("usr/share/doc/{pkg}/stub"),
+        };
+        std::fs::create_dir_all(root.join(&file).parent().expect("parent")).expect("dir");
+        std::fs::write(root.join(&file), format!("{pkg} {ver}\n")).expect("payload");
+        let deb = dir.join(format!("{pkg}_{ver}_{arch}.deb"));
+        let o = Command::new("dpkg-deb")
+            .args(["--build", "--root-owner-group"])
+            .arg(&root)
+            .arg(&deb)
+            .output()
+            .expect("dpkg-deb");
+        assert!(o.status.success(), "dpkg-deb: {}", text(&o));
+        deb
+    }
+
+    fn run(&self, script: &str, args: &[&str], cache: &Path, skip: Option<&str>) -> Output {
+        let mut c = Command::new(self::script(script));
+        c.args(args)
+            .arg(cache)
+            .env("LUCOS_VERSIONS_ENV", &self.versions)
+            .env("TMPDIR", &self.dir)
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    self.bin.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env_remove("LUCOS_SKIP_BUILDS");
+        if let Some(s) = skip {
+            c.env("LUCOS_SKIP_BUILDS", s);
+        }
+        c.output().expect("run the fetcher")
+    }
+}
+
+impl Drop for StubArchive {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sha256(path: &Path) -> String {
+    let o = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&o.stdout)[..64].to_owned()
+}
+
+#[test]
+fn the_first_known_build_to_be_had_is_used_and_the_next_one_when_it_is_gone() {
+    let a = StubArchive::new("fallback");
+    let cache = a.dir.join("cache");
+    // 9.9.0-3 lacks its kbuild: passed over, loudly; 9.9.0-2 is chosen even
+    // though no source package is served (no fetcher needs one yet).
+    let o = a.run("fetch-kernel.sh", &["--which"], &cache, None);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        value(&String::from_utf8_lossy(&o.stdout), "KERNEL_ABI"),
+        "9.9.0-2",
+        "{}",
         text(&o)
     );
+    let said = text(&o);
+    assert!(
+        said.contains("9.9.0-3 (9.9.3-1): not to be had: linux-kbuild-9.9=9.9.3-1"),
+        "{said}"
+    );
+    assert!(entries(&cache).is_empty(), "--which fetches nothing");
+    // 9.9.0-2 gone too: 9.9.0-1 is fetched, checked and unpacked.
+    let o = a.run("fetch-kernel.sh", &[], &cache, Some("9.9.0-2"));
+    assert!(o.status.success(), "{}", text(&o));
     let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
     let env = std::fs::read_to_string(dir.join("lucos-build.env")).expect("lucos-build.env");
-    let b = value(&env, "KERNEL_ABI");
-    assert_ne!(a, b, "{}", text(&o));
-    let release = value(&env, "KERNEL_RELEASE");
-    assert_eq!(release, format!("{b}-cloud-amd64"));
-    assert!(dir.join(format!("boot/vmlinuz-{release}")).is_file());
+    assert_eq!(value(&env, "KERNEL_ABI"), "9.9.0-1");
+    assert_eq!(value(&env, "KERNEL_VERSION"), "9.9.1-1");
+    assert_eq!(value(&env, "KERNEL_RELEASE"), "9.9.0-1-cloud-amd64");
+    assert!(dir.join("boot/vmlinuz-9.9.0-1-cloud-amd64").is_file());
     assert!(dir.join(".complete").is_file());
     let said = text(&o);
     assert!(
-        said.contains("passed over") && said.contains(&format!("{a}: skipped")),
+        said.contains("9.9.0-2: skipped (LUCOS_SKIP_BUILDS test hook)"),
         "{said}"
     );
     assert!(
-        said.contains(&format!("using Debian kernel build {release}")),
+        said.contains("using Debian kernel build 9.9.0-1-cloud-amd64 (9.9.1-1)"),
         "{said}"
     );
-    let _ = std::fs::remove_dir_all(&cache);
+    // Only whole things in the cache: the checked .deb, its check, the tree.
+    let mut got = entries(&cache);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "linux-image-9.9.0-1-cloud-amd64-9.9.1-1",
+            "linux-image-9.9.0-1-cloud-amd64-unsigned_9.9.1-1_amd64.deb",
+            "linux-image-9.9.0-1-cloud-amd64-unsigned_9.9.1-1_amd64.deb.sha256",
+        ]
+    );
+}
+
+#[test]
+fn a_package_served_with_other_bytes_than_pinned_is_refused_and_nothing_is_left() {
+    let a = StubArchive::new("corrupt");
+    let cache = a.dir.join("cache");
+    // The archive's index says the pinned sha256, the file it sends differs.
+    let deb = a
+        .repo
+        .join("linux-image-9.9.0-2-cloud-amd64-unsigned_9.9.2-1_amd64.deb");
+    let mut bytes = std::fs::read(&deb).expect("deb");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&deb, bytes).expect("corrupt");
+    let o = a.run("fetch-kernel.sh", &[], &cache, None);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("sha256 mismatch for linux-image-9.9.0-2"),
+        "{}",
+        text(&o)
+    );
+    assert!(entries(&cache).is_empty(), "left {:?}", entries(&cache));
 }
 
 #[test]

@@ -94,10 +94,12 @@ after=$(ticks)
 state=$($LUCOS status --vm busy --json | grep -o '"pauses": [0-9]*')
 echo "@@SCN cycles ok=$ok bad=$bad ticks_before=$before ticks_after=$after from=$t0 to=$(cut -d' ' -f1 /proc/uptime) $state"
 # The guest counts on after the last resume.
-wait_ticks $((after + 2)) && echo "@@SCN counting on ticks=$(ticks)"
+wait_ticks $((after + 3)) && echo "@@SCN counting on ticks=$(ticks)"
 $LUCOS stop --vm busy >/dev/null
 wait_vm busy 300
-sed 's/^/G| /' $LOG
+# The stop may cut the guest's last line short: only whole lines.
+head -n "$(wc -l < $LOG)" $LOG | sed 's/^/G| /'
+echo
 cat $LUCOS_RUN_DIR/busy.log
 "#
     );

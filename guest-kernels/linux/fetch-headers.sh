@@ -20,8 +20,14 @@ if [ -f "$root/.complete" ] && grep -q "^include $root/" "$kbuild/Makefile"; the
   echo "$kbuild"
   exit 0
 fi
-mapfile -t debs < <(fetch_role "$cache" headers)
-[ ${#debs[@]} -eq "$(known_lines "$BUILD_ABI" | awk '$3 == "headers"' | wc -l)" ] && [ -f "${debs[-1]}" ] ||
+list=$(mktemp)
+trap 'rm -f "$list"' EXIT
+fetch_chosen "$cache" headers "$list" || { echo "fetch-headers: fetching the headers failed" >&2; exit 1; }
+# The choice may have changed (fetch_chosen chooses again after a failure).
+root="$cache/linux-headers-$KERNEL_RELEASE-$BUILD_VERSION"
+kbuild="$root/usr/src/linux-headers-$KERNEL_RELEASE"
+mapfile -t debs < "$list"
+[ ${#debs[@]} -eq "$(known_lines "$BUILD_ABI" | awk '$3 == "headers"' | wc -l)" ] ||
   { echo "fetch-headers: fetching the headers failed" >&2; exit 1; }
 unpack_into "$root" "${debs[@]}"
 common="/usr/src/linux-headers-$BUILD_ABI-common"

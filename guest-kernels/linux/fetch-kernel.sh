@@ -41,13 +41,19 @@ if [ "$mode" = other ]; then
   echo "lucos assets: another build: $KERNEL_RELEASE ($ver)" >&2
 fi
 
-out="$cache/linux-image-$KERNEL_RELEASE-$BUILD_VERSION"
-if [ -f "$out/.complete" ]; then
-  echo "$out"
-  exit 0
+if [ ! -f "$cache/linux-image-$KERNEL_RELEASE-$BUILD_VERSION/.complete" ]; then
+  list=$(mktemp)
+  trap 'rm -f "$list"' EXIT
+  if [ "$mode" = other ]; then
+    fetch_role "$cache" image > "$list" || { echo "fetch-kernel: fetching the image failed" >&2; exit 1; }
+  else
+    fetch_chosen "$cache" image "$list" || { echo "fetch-kernel: fetching the image failed" >&2; exit 1; }
+  fi
+  mapfile -t debs < "$list"
+  want=$(known_lines "$BUILD_ABI" | awk '$3 == "image"' | wc -l)
+  [ ${#debs[@]} -eq "$want" ] || { echo "fetch-kernel: fetching the image failed" >&2; exit 1; }
+  unpack_into "$cache/linux-image-$KERNEL_RELEASE-$BUILD_VERSION" "${debs[@]}"
+  finish_unpack "$cache/linux-image-$KERNEL_RELEASE-$BUILD_VERSION"
 fi
-mapfile -t debs < <(fetch_role "$cache" image)
-[ ${#debs[@]} -gt 0 ] && [ -f "${debs[-1]}" ] || { echo "fetch-kernel: fetching the image failed" >&2; exit 1; }
-unpack_into "$out" "${debs[@]}"
-finish_unpack "$out"
+out="$cache/linux-image-$KERNEL_RELEASE-$BUILD_VERSION"
 echo "$out"

@@ -3,12 +3,18 @@
 # versions.env, choosing the build to use, and fetching its packages, each
 # checked by sha256. Sourced, never run.
 #
+# A build is "to be had" when every package of the roles the fetchers use
+# (LUCOS_NEEDED_ROLES, default "image headers"; the source role joins when a
+# fetcher needs it) is in the cache with its sha256 or served with it.
+#
 # Test hook: LUCOS_SKIP_BUILDS="ABI [ABI...]" (or "all") treats those known
-# builds as not to be had, as if the archive had dropped them.
+# builds as not to be had, as if the archive had dropped them; tests/assets.rs
+# also puts a stub apt-get serving packages it made on PATH.
 
 LUCOS_LINUX_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# Test hook: LUCOS_VERSIONS_ENV=FILE reads the known builds from FILE.
 # shellcheck source=versions.env
-. "$LUCOS_LINUX_DIR/versions.env"
+. "${LUCOS_VERSIONS_ENV:-$LUCOS_LINUX_DIR/versions.env}"
 
 _sudo=""
 [ "$(id -u)" -ne 0 ] && _sudo="sudo"
@@ -94,7 +100,7 @@ apt_index() {
 # exactly that sha256.
 apt_serves() {
   apt_index
-  echo "$_apt_index" | grep -q " ${1}_${2}_${3}\.deb [0-9]* SHA256:$4\$"
+  grep -q " ${1}_${2}_${3}\.deb [0-9]* SHA256:$4\$" <<<"$_apt_index"
 }
 
 # choose_build CACHE: sets BUILD_ABI, BUILD_VERSION and KERNEL_RELEASE to the
@@ -112,6 +118,7 @@ choose_build() {
     missing="" version=""
     while read -r abi_ ver_ role pkg arch sum; do
       version=$ver_
+      case " ${LUCOS_NEEDED_ROLES:-image headers} " in *" $role "*) ;; *) continue ;; esac
       deb_cached "$(deb_file "$cache" "$pkg" "$ver_" "$arch")" "$sum" && continue
       apt_serves "$pkg" "$ver_" "$arch" "$sum" || missing+=" $pkg=$ver_"
     done < <(known_lines "$abi")
@@ -129,7 +136,7 @@ choose_build() {
     echo "lucos assets: error: no known Debian kernel build can be fetched completely"
     printf '%s' "$passed"
     echo "The archive offers now:"
-    apt_offers | sed 's/^/  /'
+    apt_offers | sed 's/^/  /' || true
     echo "To add one to versions.env's list (versions and sha256 from apt's signed indices):"
     echo "  guest-kernels/linux/record-build.sh ABI"
   } >&2
@@ -139,7 +146,7 @@ choose_build() {
 # apt_offers: the builds of the flavour the archive serves now, one a line
 # ("ABI (VERSION)"), from the flavour's metapackage.
 apt_offers() {
-  apt-cache show "linux-image-$KERNEL_FLAVOUR" 2>/dev/null |
+  { apt-cache show "linux-image-$KERNEL_FLAVOUR" 2>/dev/null || true; } |
     sed -n "s/^Depends: linux-image-\([0-9.-]*\)-$KERNEL_FLAVOUR (= \(.*\))\$/\1 (\2)/p"
 }
 
@@ -175,6 +182,21 @@ fetch_role() {
     fi
     echo "$deb"
   done < <(known_lines "$BUILD_ABI")
+}
+
+# fetch_chosen CACHE ROLE OUTFILE: fetch_role of the chosen build into
+# OUTFILE (its .deb paths). If a download fails, the archive may have dropped
+# the package since apt's lists were read: refresh them, choose again, and
+# try once more (the caller re-reads BUILD_ABI and friends).
+fetch_chosen() {
+  local cache=$1 role=$2 out=$3
+  fetch_role "$cache" "$role" > "$out" && return 0
+  echo "lucos assets: refreshing apt's lists and choosing the build again" >&2
+  _apt_updated=0
+  apt_refresh
+  _apt_index=""
+  choose_build "$cache" || return 1
+  fetch_role "$cache" "$role" > "$out"
 }
 
 # unpack_into OUT DEB...: unpacks the packages into OUT (through OUT.tmp, so

@@ -10,13 +10,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
 if [ $# -eq 0 ]; then
   echo "Builds of linux-image-$KERNEL_FLAVOUR the archive serves now (ABI, version):"
-  apt_offers | sed 's/^/  /'
+  apt_offers | sed 's/^/  /' || true
   exit 0
 fi
 abi=$1
 image=linux-image-$abi-$KERNEL_FLAVOUR-unsigned
-version=$(apt-cache show "$image" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)
-[ -n "$version" ] || { apt_refresh; version=$(apt-cache show "$image" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1); }
+version=$(apt-cache show "$image" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1 || true)
+[ -n "$version" ] || { apt_refresh; version=$(apt-cache show "$image" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1 || true); }
 [ -n "$version" ] || { echo "record-build: the archive does not serve $image" >&2; exit 1; }
 lines=""
 for spec in "image $image amd64" "headers linux-headers-$abi-$KERNEL_FLAVOUR amd64" \

@@ -81,6 +81,9 @@ pub enum PatchError {
     /// Guest memory was not as expected when switching.
     #[error("the switch did not happen: {0}")]
     Switch(String),
+    /// The switch was written in part and could not be undone (never seen).
+    #[error("the switch was written only in part and could not be undone: {0}; the guest may run a mix of old and new code: revert by hand or restart it")]
+    Torn(String),
 }
 
 impl From<SwitchError> for PatchError {
@@ -88,6 +91,7 @@ impl From<SwitchError> for PatchError {
         match e {
             SwitchError::Busy { who, active, tries } => PatchError::Busy { who, active, tries },
             SwitchError::Guest(why) => PatchError::Switch(why),
+            SwitchError::Torn(why) => PatchError::Torn(why),
             SwitchError::Vm(v) => PatchError::Vm(v),
         }
     }
@@ -652,6 +656,8 @@ impl Patcher {
             .map_err(area_err)?;
         match switch::switch(g, view.tasks(k), plan) {
             Ok(s) => Ok(s),
+            // Some new bytes may point into the code: leave it there.
+            Err(e @ SwitchError::Torn(_)) => Err(e.into()),
             Err(e) => {
                 if let Err(w) = g.area_write(placed.start, &before) {
                     log::error!("restoring the patch area after a refused switch: {w}");

@@ -67,15 +67,20 @@ pub enum SwitchError {
     /// Guest memory was not as the plan expects, or could not be read.
     #[error("{0}")]
     Guest(String),
+    /// A write failed and undoing the ones before it failed too: guest
+    /// memory holds part of the switch. Never seen; reported loudly.
+    #[error("the switch was written only in part and could not be undone: {0}")]
+    Torn(String),
     /// Pausing or reading a vCPU failed.
     #[error(transparent)]
     Vm(#[from] VmError),
 }
 
-/// Why one paused attempt did not write.
+/// Why one paused attempt did not write (or, `Torn`, wrote in part).
 enum Refused {
     Busy(String, Active),
     Failed(String),
+    Torn(String),
 }
 
 /// Runs `plan` in a pause of `guest` (or in the pause it is in already, then
@@ -95,22 +100,37 @@ pub fn switch(
         let result = switch_paused(&paused, tasks, plan, &leaving);
         let took = t.elapsed();
         let was_paused = paused.was_paused();
-        paused.resume()?;
+        let resumed = paused.resume();
         match result {
+            // The writes are in: the switch happened, whatever resuming
+            // says (a VM being stopped cannot be resumed).
             Ok(tasks_checked) => {
+                if let Err(e) = resumed {
+                    log::warn!("the switch is done, but resuming the guest failed: {e}");
+                }
                 return Ok(Switched {
                     pause: took,
                     tries,
                     tasks_checked,
-                })
+                });
             }
-            Err(Refused::Busy(_, _)) if tries < MAX_TRIES && !was_paused => {
-                std::thread::sleep(Duration::from_micros(200 * u64::from(tries)));
+            Err(Refused::Torn(why)) => return Err(SwitchError::Torn(why)),
+            Err(refused) => {
+                // Nothing was written; the guest must run again before
+                // anything else.
+                resumed?;
+                match refused {
+                    Refused::Busy(_, _) if tries < MAX_TRIES && !was_paused => {
+                        std::thread::sleep(Duration::from_micros(200 * u64::from(tries)));
+                    }
+                    Refused::Busy(who, active) => {
+                        return Err(SwitchError::Busy { who, active, tries })
+                    }
+                    Refused::Failed(why) | Refused::Torn(why) => {
+                        return Err(SwitchError::Guest(why))
+                    }
+                }
             }
-            Err(Refused::Busy(who, active)) => {
-                return Err(SwitchError::Busy { who, active, tries })
-            }
-            Err(Refused::Failed(why)) => return Err(SwitchError::Guest(why)),
         }
     }
     unreachable!("the last try returns")
@@ -142,7 +162,7 @@ fn switch_paused(
         }
         checked = Some(sleeping.len());
     }
-    check_and_write(guest, &plan.writes).map_err(Refused::Failed)?;
+    check_and_write(guest, &plan.writes)?;
     Ok(checked)
 }
 
@@ -191,31 +211,39 @@ fn stack_active(
 }
 
 /// Checks every write's expected bytes, then writes them all; if one write
-/// fails, the ones done are undone (and a failure to undo is reported).
-fn check_and_write(guest: &dyn Guest, writes: &[Write]) -> Result<(), String> {
+/// fails, the ones done are undone (`Failed`), or, if undoing fails too,
+/// the switch is `Torn`.
+fn check_and_write(guest: &dyn Guest, writes: &[Write]) -> Result<(), Refused> {
     let ram = guest.ram();
     for w in writes {
         let mut now = vec![0u8; w.expect.len()];
-        ram.read_phys(w.gpa, &mut now).map_err(|e| e.to_string())?;
+        ram.read_phys(w.gpa, &mut now)
+            .map_err(|e| Refused::Failed(e.to_string()))?;
         if now != w.expect {
-            return Err(format!(
+            return Err(Refused::Failed(format!(
                 "{} changed under us: {:02x?}, expected {:02x?}",
                 w.what, now, w.expect
-            ));
+            )));
         }
     }
     for (i, w) in writes.iter().enumerate() {
         if let Err(e) = ram.write_phys(w.gpa, &w.bytes) {
             let mut why = format!("writing {}: {e}", w.what);
+            let mut torn = false;
             for u in writes[..i].iter().rev() {
                 if let Err(e) = ram.write_phys(u.gpa, &u.expect) {
+                    torn = true;
                     why.push_str(&format!(
                         "; and undoing {} failed too ({e}): guest memory at {:#x} holds the new bytes",
                         u.what, u.gpa
                     ));
                 }
             }
-            return Err(why);
+            return Err(if torn {
+                Refused::Torn(why)
+            } else {
+                Refused::Failed(why)
+            });
         }
     }
     Ok(())
