@@ -82,7 +82,7 @@ impl CliError {
                 ErrorCode::BadRequest | ErrorCode::NoSuchVcpu => exit::USAGE,
                 ErrorCode::KernelMismatch => exit::WRONG_KERNEL,
                 ErrorCode::PatchRefused => exit::PATCH_REFUSED,
-                ErrorCode::Busy => exit::BUSY,
+                ErrorCode::Busy | ErrorCode::TooManyClients => exit::BUSY,
                 _ => exit::ERROR,
             },
             Self::Symbols(symbol_db::SymbolError::Mismatch { .. }) => exit::WRONG_KERNEL,

@@ -304,8 +304,15 @@ impl ControlServer {
 impl Service for ControlServer {
     /// All but `status` one at a time.
     fn handle(&self, req: &Request) -> Response {
-        if matches!(req, Request::Status) {
-            return Response::ok(self.status());
+        match req {
+            Request::Status => return Response::ok(self.status()),
+            // Stopping never waits for a patch or an inspection in progress
+            // (a switch that is stopped in its pause still completes).
+            Request::Stop => {
+                self.vm.stop();
+                return Response::ok(Done {});
+            }
+            _ => {}
         }
         let _one = self.ops.lock().unwrap_or_else(|e| e.into_inner());
         self.handle_serialized(req)

@@ -62,6 +62,8 @@ pub struct Linked {
     pub bytes: Vec<u8>,
     /// Global (and weak) symbols the patch defines → address.
     pub globals: HashMap<String, u64>,
+    /// The object whose definition of each global won.
+    pub global_objects: HashMap<String, String>,
     /// Local symbols, by (object, name) → addresses (in symbol-table order).
     pub locals: HashMap<(String, String), Vec<u64>>,
 }
@@ -81,11 +83,11 @@ impl Linked {
                     )),
                 };
             }
-            return self
-                .globals
-                .get(name)
-                .copied()
-                .ok_or_else(|| format!("{obj} defines no symbol {name}"));
+            return match (self.globals.get(name), self.global_objects.get(name)) {
+                (Some(&a), Some(o)) if o == obj => Ok(a),
+                (Some(_), Some(o)) => Err(format!("{name} is defined by {o}, not {obj}")),
+                _ => Err(format!("{obj} defines no symbol {name}")),
+            };
         }
         if let Some(&a) = self.globals.get(name) {
             return Ok(a);
@@ -269,6 +271,10 @@ pub fn link(
             }
         }
     }
+    let global_objects: HashMap<String, String> = globals
+        .iter()
+        .map(|(k, v)| (k.clone(), v.2.to_owned()))
+        .collect();
     let globals: HashMap<String, u64> = globals.into_iter().map(|(k, v)| (k, v.0)).collect();
     // Relocations.
     for o in &objs {
@@ -375,6 +381,7 @@ pub fn link(
         base,
         bytes,
         globals,
+        global_objects,
         locals,
     })
 }

@@ -257,7 +257,7 @@ pub struct PatchList {
     pub patches: Vec<AppliedPatch>,
     /// The running kernel's text and its hash (absent if it cannot be read).
     pub kernel_text: Option<TextHash>,
-    /// The kernel's own page tables and their hash.
+    /// The kernel's own page tables and their hash (only while paused).
     pub kernel_page_tables: Option<TablesHash>,
     /// How much of the patch area holds code.
     pub patch_area: AreaUsage,
@@ -406,13 +406,17 @@ impl Patcher {
         }
     }
 
-    /// What the `patches` request answers: the stack, the kernel's text and
-    /// page tables (hashed as they are in guest memory now), the area.
+    /// What the `patches` request answers: the stack, the kernel's text
+    /// and, while the guest is paused (a running one changes them all the
+    /// time), its page tables, hashed as they are in guest memory now; the
+    /// area.
     pub fn list(&self, g: &dyn Guest, k: Option<&GuestKernel>) -> PatchList {
         PatchList {
             patches: self.state.applied.clone(),
             kernel_text: k.and_then(|k| text_hash(g, k).ok()),
-            kernel_page_tables: k.and_then(|k| tables_hash(g, k).ok()),
+            kernel_page_tables: k
+                .filter(|_| g.is_paused())
+                .and_then(|k| tables_hash(g, k).ok()),
             patch_area: self.area_usage(),
         }
     }

@@ -119,6 +119,8 @@ pub enum ErrorCode {
     PatchRefused,
     /// A vCPU stayed inside a patch site; the guest is unchanged, try again.
     Busy,
+    /// The VMM serves as many clients as it will; try again later.
+    TooManyClients,
     /// Anything else.
     Internal,
 }
@@ -252,30 +254,50 @@ pub fn serve(listener: UnixListener, service: Arc<dyn Service>) {
                 continue;
             }
         };
-        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-            clients.fetch_sub(1, Ordering::SeqCst);
+        let slot = ClientSlot::take(&clients);
+        if slot.is_none() {
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = send(
                 &mut stream,
                 &Response::err(
-                    ErrorCode::Busy,
+                    ErrorCode::TooManyClients,
                     format!("{MAX_CLIENTS} clients are connected already; try again later"),
                 ),
             );
             continue;
         }
-        let (service, count) = (service.clone(), clients.clone());
+        let service = service.clone();
         let spawned = std::thread::Builder::new()
             .name("control-client".into())
             .spawn(move || {
+                let _slot = slot;
                 if let Err(e) = serve_one(service.as_ref(), stream) {
                     log::debug!("control connection ended: {e}");
                 }
-                count.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
-            clients.fetch_sub(1, Ordering::SeqCst);
             log::warn!("cannot start a thread for a control client: {e}");
         }
+    }
+}
+
+/// One of the [`MAX_CLIENTS`] places, given back when dropped (however the
+/// client's thread ends).
+struct ClientSlot(Arc<AtomicUsize>);
+
+impl ClientSlot {
+    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
+        if count.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            count.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(ClientSlot(count.clone()))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -348,8 +370,10 @@ struct Lines {
 
 impl Lines {
     fn new(stream: UnixStream) -> std::io::Result<Self> {
-        // Wake up now and then to check how long a begun line is taking.
+        // Wake up now and then to check how long a begun line is taking; a
+        // client that does not read its answers is dropped.
         stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(REQUEST_SECS)))?;
         Ok(Self {
             stream,
             buf: Vec::new(),
@@ -359,6 +383,11 @@ impl Lines {
 
     fn next_line(&mut self) -> Result<Option<String>, LineError> {
         let mut chunk = [0u8; 8192];
+        // A line that came with the previous one is timed from now: serving
+        // that one does not count against it.
+        if !self.buf.is_empty() {
+            self.begun = Some(Instant::now());
+        }
         loop {
             if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
                 let rest = self.buf.split_off(nl + 1);
@@ -379,7 +408,14 @@ impl Lines {
                 return Err(LineError::TooSlow);
             }
             match self.stream.read(&mut chunk) {
-                Ok(0) => return Ok(None),
+                // The client closed: an unterminated last line is its last request.
+                Ok(0) if self.buf.is_empty() => return Ok(None),
+                Ok(0) => {
+                    let line = std::mem::take(&mut self.buf);
+                    return String::from_utf8(line)
+                        .map(Some)
+                        .map_err(|_| LineError::NotUtf8);
+                }
                 Ok(n) => {
                     self.begun.get_or_insert_with(Instant::now);
                     self.buf.extend_from_slice(&chunk[..n]);
