@@ -108,9 +108,12 @@ pub fn list(json: bool) -> Result<(), CliError> {
             .collect();
         names.sort();
         for id in names {
-            let row = match Client::connect(&id, &paths::socket_path(&id))
-                .and_then(|mut c| c.call_as::<StatusInfo>(&Request::Status))
-            {
+            // status answers at once; a VMM that does not within 10 s is
+            // shown as dead rather than holding the whole list up.
+            let row = match Client::connect(&id, &paths::socket_path(&id)).and_then(|mut c| {
+                c.set_timeout(Some(std::time::Duration::from_secs(10)))?;
+                c.call_as::<StatusInfo>(&Request::Status)
+            }) {
                 Ok(s) => Row::Up(s),
                 Err(e) => Row::Dead {
                     id,

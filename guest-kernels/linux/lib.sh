@@ -161,9 +161,11 @@ fetch_role() {
     if ! deb_cached "$deb" "$sum"; then
       echo "lucos assets: downloading $pkg=$ver_" >&2
       tmp=$(mktemp -d "$cache/.download.XXXXXX")
-      if ! (cd "$tmp" && apt-get download -q "$pkg=$ver_" >&2 2>/dev/null); then
+      # shellcheck disable=SC2064 # $tmp now, on purpose
+      trap "rm -rf '$tmp'" INT TERM
+      if ! (cd "$tmp" && apt-get download -q "$pkg=$ver_" >&2); then
         apt_refresh
-        (cd "$tmp" && apt-get download -q "$pkg=$ver_" >&2 2>/dev/null) || {
+        (cd "$tmp" && apt-get download -q "$pkg=$ver_" >&2) || {
           rm -rf "$tmp"
           echo "lucos assets: cannot download $pkg=$ver_ with apt-get" >&2
           return 1
@@ -178,6 +180,7 @@ fetch_role() {
       fi
       mv "$tmp/$(basename "$deb")" "$deb"
       rm -rf "$tmp"
+      trap - INT TERM
       echo "$sum" > "$deb.sha256"
     fi
     echo "$deb"

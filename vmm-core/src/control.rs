@@ -549,6 +549,17 @@ impl Client {
         })
     }
 
+    /// Waits at most `limit` for each answer from now on (None: for ever).
+    pub fn set_timeout(&mut self, limit: Option<Duration>) -> Result<(), ClientError> {
+        self.writer
+            .set_read_timeout(limit)
+            .map_err(|source| ClientError::Io {
+                id: self.id.clone(),
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// Sends `req` and decodes the `data` of a successful response as the
     /// request's reply type `T`: an answer that does not fit (a renamed or
     /// missing field) is an error naming it, never a default.
