@@ -170,6 +170,14 @@ pub struct TextHash {
 
 /// Hashes the running kernel's text (`_stext`..`_etext`) in guest memory.
 pub fn text_hash(g: &dyn Guest, kernel: &GuestKernel) -> Result<TextHash, PatchError> {
+    text_hash_in(g, kernel, kernel::kernel_paging(g)?)
+}
+
+fn text_hash_in(
+    g: &dyn Guest,
+    kernel: &GuestKernel,
+    paging: PagingState,
+) -> Result<TextHash, PatchError> {
     let find = |names: &[&str]| {
         names
             .iter()
@@ -180,7 +188,6 @@ pub fn text_hash(g: &dyn Guest, kernel: &GuestKernel) -> Result<TextHash, PatchE
             "the kernel has no _stext/_etext symbols".into(),
         ));
     };
-    let paging = kernel::kernel_paging(g)?;
     let mut bytes = vec![0u8; end.saturating_sub(start) as usize];
     kernel::read_virt(g, paging, start, &mut bytes)?;
     Ok(TextHash {
@@ -211,9 +218,12 @@ pub struct TablesHash {
 /// only while the guest is paused: a running Linux maps and unmaps vmalloc
 /// space (task stacks) all the time.
 pub fn tables_hash(g: &dyn Guest, k: &GuestKernel) -> Result<TablesHash, PatchError> {
+    tables_hash_in(g, &View::new(g, k)?)
+}
+
+fn tables_hash_in(g: &dyn Guest, view: &View) -> Result<TablesHash, PatchError> {
     use sha2::{Digest, Sha256};
     const MAX_PAGES: usize = 1 << 18;
-    let view = View::new(g, k)?;
     let root = view.tables.cr3 & 0x000f_ffff_ffff_f000;
     let mut hasher = Sha256::new();
     let mut pages = 0usize;
@@ -411,12 +421,14 @@ impl Patcher {
     /// time), its page tables, hashed as they are in guest memory now; the
     /// area.
     pub fn list(&self, g: &dyn Guest, k: Option<&GuestKernel>) -> PatchList {
+        // One read of vCPU 0's paging (a pause when running) for both.
+        let view = k.and_then(|k| View::new(g, k).ok().map(|v| (k, v)));
         PatchList {
             patches: self.state.applied.clone(),
-            kernel_text: k.and_then(|k| text_hash(g, k).ok()),
-            kernel_page_tables: k
+            kernel_text: view.and_then(|(k, v)| text_hash_in(g, k, v.read).ok()),
+            kernel_page_tables: view
                 .filter(|_| g.is_paused())
-                .and_then(|k| tables_hash(g, k).ok()),
+                .and_then(|(_, v)| tables_hash_in(g, &v).ok()),
             patch_area: self.area_usage(),
         }
     }

@@ -335,6 +335,14 @@ impl Patches {
         )
     }
 
+    /// [`Patches::build`], written as NAME.lup.
+    fn file(&self, name: &str, src: &str, functions: &[(&str, u8)], depends: &[&str]) -> PathBuf {
+        self.write(
+            &self.build(name, src, functions, depends),
+            &format!("{name}.lup"),
+        )
+    }
+
     fn write(&self, lup: &Lup, file: &str) -> PathBuf {
         let p = self.dir.join(file);
         std::fs::write(&p, lup.to_bytes()).expect("write .lup");
@@ -372,14 +380,11 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
     let original_ram = g.ram.lock().expect("lock").clone();
     let (orig_a, orig_b) = (g.read(ALPHA, 5), g.read(BETA, 5));
 
-    let one = p.write(
-        &p.build(
-            "one",
-            "int alpha(void) { return 2; }\n",
-            &[("alpha", 1)],
-            &[],
-        ),
-        "one.lup",
+    let one = p.file(
+        "one",
+        "int alpha(void) { return 2; }\n",
+        &[("alpha", 1)],
+        &[],
     );
     let r1 = pt.apply(&g, &k, &one, false).expect("apply one");
     assert_eq!(r1.tries, 1);
@@ -399,14 +404,11 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
     );
 
     // Stacked on top: alpha goes to two's code; one cannot be reverted under it.
-    let two = p.write(
-        &p.build(
-            "two",
-            "int alpha(void) { return 3; }\n",
-            &[("alpha", 1)],
-            &["one"],
-        ),
-        "two.lup",
+    let two = p.file(
+        "two",
+        "int alpha(void) { return 3; }\n",
+        &[("alpha", 1)],
+        &["one"],
     );
     let r2 = pt.apply(&g, &k, &two, false).expect("apply two");
     let a2 = new_addr(&r2, "alpha");
@@ -419,14 +421,11 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
     assert_eq!(g.read(ALPHA, 5), jmp(ALPHA, a1));
 
     // A cumulative patch replaces the stack and covers beta too.
-    let all = p.write(
-        &p.build(
-            "all",
-            "int alpha(void) { return 4; }\nint beta(void) { return 5; }\n",
-            &[("alpha", 1), ("beta", 7)],
-            &[],
-        ),
-        "all.lup",
+    let all = p.file(
+        "all",
+        "int alpha(void) { return 4; }\nint beta(void) { return 5; }\n",
+        &[("alpha", 1), ("beta", 7)],
+        &[],
     );
     let r3 = pt.apply(&g, &k, &all, true).expect("apply all --replace");
     assert_eq!(pt.applied().len(), 1);
@@ -461,14 +460,11 @@ fn a_vcpu_held_in_old_code_delays_the_switch_until_it_leaves() {
     let (g, p) = (Fake::new(), Patches::new("held"));
     let k = g.kernel();
     let mut pt = p.patcher();
-    let one = p.write(
-        &p.build(
-            "one",
-            "int alpha(void) { return 2; }\n",
-            &[("alpha", 1)],
-            &[],
-        ),
-        "one.lup",
+    let one = p.file(
+        "one",
+        "int alpha(void) { return 2; }\n",
+        &[("alpha", 1)],
+        &[],
     );
     // vCPU 1 executes alpha in the first 3 pauses that look at it, then is
     // in user mode.
@@ -665,14 +661,11 @@ fn the_patch_state_survives_a_round_trip_and_a_new_patcher_reverts_from_it() {
     let (g, p) = (Fake::new(), Patches::new("state"));
     let k = g.kernel();
     let mut pt = p.patcher();
-    let one = p.write(
-        &p.build(
-            "one",
-            "int alpha(void) { return 2; }\nint beta(void) { return 3; }\n",
-            &[("alpha", 1), ("beta", 7)],
-            &[],
-        ),
-        "one.lup",
+    let one = p.file(
+        "one",
+        "int alpha(void) { return 2; }\nint beta(void) { return 3; }\n",
+        &[("alpha", 1), ("beta", 7)],
+        &[],
     );
     pt.apply(&g, &k, &one, false).expect("apply");
     let json = serde_json::to_string(pt.state()).expect("serialize");

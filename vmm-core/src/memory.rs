@@ -67,6 +67,15 @@ pub fn ram_ranges(size: u64) -> Vec<RamRange> {
     ]
 }
 
+/// A new zeroed memfd of `size` bytes named `name` (close-on-exec).
+pub fn new_memfd(name: &std::ffi::CStr, size: u64) -> Result<File, MemoryError> {
+    let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(MemoryError::Memfd)?;
+    let memfd = File::from(fd);
+    nix::unistd::ftruncate(&memfd, size as i64).map_err(MemoryError::Memfd)?;
+    Ok(memfd)
+}
+
 /// Guest RAM.
 #[derive(Debug)]
 pub struct GuestRam {
@@ -79,14 +88,7 @@ pub struct GuestRam {
 impl GuestRam {
     /// Creates `size` bytes of zeroed guest RAM in a new memfd.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        let fd = nix::sys::memfd::memfd_create(
-            c"lucos-guest-ram",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .map_err(MemoryError::Memfd)?;
-        let memfd = File::from(fd);
-        nix::unistd::ftruncate(&memfd, size as i64).map_err(MemoryError::Memfd)?;
-        Self::from_memfd(memfd, size)
+        Self::from_memfd(new_memfd(c"lucos-guest-ram", size)?, size)
     }
 
     /// Maps an existing RAM memfd of `size` bytes (one handed over by another VMM process).

@@ -35,13 +35,7 @@ impl VmmRegion {
     /// The patch area of a VM whose RAM ends at `ram_end` (guest-physical).
     pub fn patch_area(ram_end: u64) -> Result<Self, MemoryError> {
         let gpa = ram_end.max(1 << 32).div_ceil(2 << 20) * (2 << 20);
-        let fd = nix::sys::memfd::memfd_create(
-            c"lucos-patch-area",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .map_err(MemoryError::Memfd)?;
-        let memfd = File::from(fd);
-        nix::unistd::ftruncate(&memfd, PATCH_AREA_BYTES as i64).map_err(MemoryError::Memfd)?;
+        let memfd = crate::memory::new_memfd(c"lucos-patch-area", PATCH_AREA_BYTES)?;
         let file = memfd.try_clone().map_err(|e| {
             MemoryError::Memfd(nix::Error::from_raw(
                 e.raw_os_error().unwrap_or(libc::EBADF),
@@ -81,24 +75,26 @@ impl VmmRegion {
 
     /// Writes `bytes` at `offset` into the region.
     pub fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), MemoryError> {
-        let err = self.out_of_range(offset, bytes.len());
-        if offset.saturating_add(bytes.len() as u64) > self.size {
-            return Err(err);
-        }
+        let at = self.at(offset, bytes.len())?;
         self.mem
-            .write_slice(bytes, GuestAddress(self.gpa + offset))
-            .map_err(|_| err)
+            .write_slice(bytes, at)
+            .map_err(|_| self.out_of_range(offset, bytes.len()))
     }
 
     /// Reads `buf.len()` bytes at `offset` of the region.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let err = self.out_of_range(offset, buf.len());
-        if offset.saturating_add(buf.len() as u64) > self.size {
-            return Err(err);
-        }
+        let at = self.at(offset, buf.len())?;
         self.mem
-            .read_slice(buf, GuestAddress(self.gpa + offset))
-            .map_err(|_| err)
+            .read_slice(buf, at)
+            .map_err(|_| self.out_of_range(offset, buf.len()))
+    }
+
+    /// The guest address of `[offset, offset+len)`, if it lies in the region.
+    fn at(&self, offset: u64, len: usize) -> Result<GuestAddress, MemoryError> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(GuestAddress(self.gpa + offset)),
+            _ => Err(self.out_of_range(offset, len)),
+        }
     }
 
     fn out_of_range(&self, offset: u64, len: usize) -> MemoryError {
