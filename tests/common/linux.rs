@@ -65,13 +65,21 @@ boot() {
   done
 }
 # died_in_boot SERIAL TRY: whether to boot a guest that died once more. Only
-# in the emulated host, only once, and only when it died before its /init
-# reported "@@GUEST up", so before lucos did anything but run it: QEMU TCG's
+# in the emulated host, and only when it died before its /init reported
+# "@@GUEST up", so before lucos did anything but run it: QEMU TCG's
 # emulation of SVM there has been seen to crash the host's own kernel, hang
 # it, and triple-fault a booting guest now and then (a few percent of
-# boots; never on the same boot twice).
+# boots). The first time the guest boots once more in the same host; the
+# second time (seen once in CI, 2026-12-01) the host itself is suspect:
+# "@@HOSTFAIL" makes the test harness give the whole scenario a fresh
+# emulated host (a bounded number of times, loudly).
 died_in_boot() {
-  [ "$LUCOS_EMULATED_HOST" = 1 ] && [ "$2" = 1 ] && ! grep -q "@@GUEST up" $1 2>/dev/null || return 1
+  [ "$LUCOS_EMULATED_HOST" = 1 ] && ! grep -q "@@GUEST up" $1 2>/dev/null || return 1
+  if [ "$2" != 1 ]; then
+    echo "@@HOSTFAIL a guest died twice while its kernel booted in this emulated host"
+    sleep 30
+    return 1
+  fi
   echo "@@RETRY the guest died while its kernel booted; booting it once more (emulated host)"
   sleep 1
 }
@@ -354,6 +362,7 @@ fn host_failed(line: &str) -> bool {
             "rcu_sched self-detected stall",
             "rcu: INFO: rcu_sched detected stalls",
             "blocked for more than", // a hung task
+            "@@HOSTFAIL", // guests die in boot again and again (the prelude's died_in_boot)
         ]
         .iter()
         .any(|s| line.contains(s))
