@@ -19,7 +19,7 @@ pub(crate) fn print_json(v: &Value) {
 }
 
 /// Prints `v` as the JSON a script reads.
-fn print_typed(v: &impl serde::Serialize) {
+pub(crate) fn print_typed(v: &impl serde::Serialize) {
     print_json(&serde_json::to_value(v).unwrap_or(Value::Null));
 }
 
@@ -42,6 +42,7 @@ pub fn status(id: &str, json: bool) -> Result<(), CliError> {
         Some(us) => println!("  pauses   {} (last took {us:.1} µs)", s.pauses),
         None => println!("  pauses   {}", s.pauses),
     }
+    println!("  {}", crate::protect::stats_line(&s.write_control));
     Ok(())
 }
 

@@ -6,6 +6,7 @@ mod error;
 mod logger;
 mod patch;
 mod paths;
+mod protect;
 mod run;
 mod server;
 mod symbols;
@@ -81,6 +82,54 @@ enum Command {
         /// Patch name.
         name: String,
     },
+    /// Protect guest memory from the guest (write control): a byte range by
+    /// guest-physical address, or a kernel symbol; writes to it are refused
+    /// and reported (`lucos events`).
+    Protect {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// Name to release it by.
+        #[arg(long)]
+        name: String,
+        /// Guest-physical start (0x... or decimal).
+        #[arg(long, value_parser = parse_u64)]
+        gpa: Option<u64>,
+        /// Length in bytes (default for a symbol: its size).
+        #[arg(long, value_parser = parse_u64)]
+        len: Option<u64>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// A kernel symbol: NAME, NAME@FILE, NAME#N or 0xADDR (guest-virtual).
+        symbol: Option<String>,
+    },
+    /// Release a range protected with `lucos protect`.
+    Unprotect {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Its name.
+        name: String,
+    },
+    /// Show the guest writes that write control refused (who, where, what).
+    Events {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Keep printing new events until the VM ends.
+        #[arg(long)]
+        follow: bool,
+        /// Machine-readable output (with --follow: one JSON object per line).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a VM's state.
     Status {
         /// VM id.
@@ -136,7 +185,21 @@ enum Command {
     },
 }
 
+/// A number in decimal or 0x-hexadecimal.
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("'{s}' is not a number: {e}"))
+}
+
 fn main() {
+    // A closed pipe (`lucos events --follow | head`) ends lucos quietly, as
+    // it does any command-line tool, instead of a panic in println!.
+    // SAFETY: resetting a signal's disposition to the default at start-up,
+    // before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     logger::init();
     let cli = Cli::parse();
     let result: Result<i32, CliError> = match cli.cmd {
@@ -153,6 +216,21 @@ fn main() {
             patch,
         } => patch::patch(&vm, &patch, replace, json),
         Command::Revert { vm, json, name } => patch::revert(&vm, &name, json),
+        Command::Protect {
+            vm,
+            name,
+            gpa,
+            len,
+            json,
+            symbol,
+        } => protect::protect(&vm, &name, gpa, symbol, len, json),
+        Command::Unprotect { vm, json, name } => protect::unprotect(&vm, &name, json),
+        Command::Events {
+            vm,
+            since,
+            follow,
+            json,
+        } => protect::events(&vm, since, follow, json),
         Command::Status { vm, json } => client::status(&vm, json).map(|()| exit::OK),
         Command::Pause { vm, json } => client::pause(&vm, json).map(|()| exit::OK),
         Command::Resume { vm } => {

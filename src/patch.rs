@@ -463,11 +463,20 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
             p.name, p.version, p.description, p.code_bytes, p.code_addr
         );
         print_functions(&p.functions);
+        let owner = update_engine::patcher::patch_owner(&p.name);
+        let prot: Vec<_> = l.protected.iter().filter(|r| r.owner == owner).collect();
+        println!(
+            "  write control: {} ranges ({} bytes) protected from the guest",
+            prot.len(),
+            prot.iter().map(|r| r.len).sum::<u64>()
+        );
     }
     println!(
         "patch area  {} of {} bytes in use",
         l.patch_area.used_bytes, l.patch_area.size_bytes
     );
+    let s: vmm_core::control::StatusInfo = connect(vm)?.call_as(&Request::Status)?;
+    println!("{}", crate::protect::stats_line(&s.write_control));
     if let Some(t) = &l.kernel_text {
         println!(
             "kernel text {:#x}..{:#x} sha256 {}",

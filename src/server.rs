@@ -12,10 +12,13 @@ use update_engine::kernel::{SymbolAnswer, SymbolsInfo};
 use update_engine::patcher::{PatchError, PatchReport, Patcher};
 use update_engine::UpdateError;
 use vmm_core::control::{
-    Done, ErrorCode, PauseInfo, RegsInfo, Request, Response, Service, StatusInfo, PROTOCOL_VERSION,
+    Done, ErrorCode, EventInfo, EventsInfo, PauseInfo, ProtectInfo, RegsInfo, Request, Response,
+    Service, StatusInfo, PROTOCOL_VERSION,
 };
+use vmm_core::guest::Paused;
 use vmm_core::vcpu::PauseError;
 use vmm_core::vm::{host_kvm_flavor, Vm, VmError};
+use vmm_core::write_control::Protection;
 
 /// Static facts about the VM that `status` reports.
 #[derive(Debug, Clone)]
@@ -55,6 +58,11 @@ fn pause_error(e: &VmError) -> ErrorCode {
         VmError::Walk(_) => ErrorCode::NotMapped,
         _ => ErrorCode::Internal,
     }
+}
+
+/// The write-control owner of a range protected with `lucos protect NAME`.
+fn user_owner(name: &str) -> String {
+    format!("user:{name}")
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -161,6 +169,35 @@ impl ControlServer {
                 let p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
                 Response::ok(p.list(self.vm.as_ref(), k.as_deref()))
             }
+            Request::Protect {
+                name,
+                gpa,
+                symbol,
+                len,
+            } => match self.protect(name, *gpa, symbol.as_deref(), *len) {
+                Ok(()) => Response::ok(self.protect_info()),
+                Err(r) => r,
+            },
+            Request::Unprotect { name } => {
+                let owner = user_owner(name);
+                if !self
+                    .vm
+                    .write_control()
+                    .protections()
+                    .iter()
+                    .any(|p| p.owner == owner)
+                {
+                    return Response::err(
+                        ErrorCode::BadRequest,
+                        format!("no range protected by the name '{name}' (lucos protect); patches' ranges go with their revert"),
+                    );
+                }
+                match self.change_protection(&[owner], &[]) {
+                    Ok(()) => Response::ok(self.protect_info()),
+                    Err(r) => r,
+                }
+            }
+            Request::Events { since } => Response::ok(self.events(*since)),
             Request::Symbols {
                 queries,
                 all,
@@ -183,6 +220,138 @@ impl ControlServer {
                     Response::err(code, error_chain(&e))
                 }
             },
+        }
+    }
+
+    /// Protects `len` bytes at `gpa`, or at kernel symbol `symbol` (its
+    /// size by default), under the name `name`.
+    fn protect(
+        &self,
+        name: &str,
+        gpa: Option<u64>,
+        symbol: Option<&str>,
+        len: Option<u64>,
+    ) -> Result<(), Response> {
+        let bad = |m: String| Response::err(ErrorCode::BadRequest, m);
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(bad(format!(
+                "'{name}' is not a protection name (no spaces, not empty)"
+            )));
+        }
+        let owner = user_owner(name);
+        if self
+            .vm
+            .write_control()
+            .protections()
+            .iter()
+            .any(|p| p.owner == owner)
+        {
+            return Err(bad(format!(
+                "a range is protected by the name '{name}' already"
+            )));
+        }
+        let range = match (gpa, symbol) {
+            (Some(gpa), None) => Protection {
+                owner,
+                label: format!("{gpa:#x}"),
+                gpa,
+                len: len.ok_or_else(|| bad("protect by address needs a length".into()))?,
+            },
+            (None, Some(q)) => {
+                let k = self
+                    .guest_kernel()
+                    .map_err(|e| Response::err(ErrorCode::NoKernel, error_chain(&e)))?;
+                let a = k
+                    .symbols
+                    .answer(q)
+                    .map_err(|e| Response::err(ErrorCode::NoSymbol, e.to_string()))?;
+                let va = a.symbol.addr + a.offset;
+                let len = len.unwrap_or(a.symbol.size.saturating_sub(a.offset));
+                let paused = Paused::new(self.vm.as_ref())
+                    .map_err(|e| Response::err(pause_error(&e), error_chain(&e)))?;
+                let paging = paused
+                    .vcpu(0)
+                    .map_err(|e| Response::err(pause_error(&e), error_chain(&e)))?
+                    .paging;
+                let at = |va: u64| {
+                    vmm_core::pagewalk::translate(self.vm.ram().as_ref(), paging, va)
+                        .map(|t| t.gpa)
+                        .map_err(|e| {
+                            Response::err(ErrorCode::NotMapped, format!("{q} at {va:#x}: {e}"))
+                        })
+                };
+                let gpa = at(va)?;
+                if len > 0 && at(va + len - 1)? != gpa + len - 1 {
+                    return Err(bad(format!(
+                        "{q} ({va:#x}+{len:#x}) is not contiguous in guest-physical memory; protect it in parts"
+                    )));
+                }
+                let label = if a.offset == 0 {
+                    a.symbol.name.clone()
+                } else {
+                    format!("{}+{:#x}", a.symbol.name, a.offset)
+                };
+                let p = Protection {
+                    owner,
+                    label,
+                    gpa,
+                    len,
+                };
+                return paused
+                    .change_protection(&[], &[p])
+                    .map_err(|e| bad(e.to_string()));
+            }
+            _ => {
+                return Err(bad(
+                    "protect needs exactly one of an address and a symbol".into()
+                ))
+            }
+        };
+        self.change_protection(&[], &[range])
+    }
+
+    /// A write-control change in a pause of its own.
+    fn change_protection(&self, release: &[String], add: &[Protection]) -> Result<(), Response> {
+        let paused = Paused::new(self.vm.as_ref())
+            .map_err(|e| Response::err(pause_error(&e), error_chain(&e)))?;
+        paused
+            .change_protection(release, add)
+            .map_err(|e| Response::err(ErrorCode::BadRequest, e.to_string()))
+    }
+
+    fn protect_info(&self) -> ProtectInfo {
+        let wc = self.vm.write_control();
+        ProtectInfo {
+            ranges: wc.protections(),
+            slots: wc.slot_layout(),
+            write_control: wc.stats(),
+        }
+    }
+
+    /// Refused writes after `since`, the writer named by the kernel's symbols when known.
+    fn events(&self, since: u64) -> EventsInfo {
+        let wc = self.vm.write_control();
+        let (events, next) = wc.events_since(since);
+        let k = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let events = events
+            .into_iter()
+            .map(|event| {
+                let writer = k.as_ref().and_then(|k| {
+                    k.symbols
+                        .symbolize(event.rip)
+                        .map(|(s, off)| format!("{}+{off:#x}", s.name))
+                });
+                EventInfo { event, writer }
+            })
+            .collect();
+        EventsInfo {
+            events,
+            next,
+            write_control: wc.stats(),
         }
     }
 
@@ -259,6 +428,7 @@ impl ControlServer {
             pauses: self.pauses.load(Ordering::Relaxed),
             last_pause_us: (last != u64::MAX).then(|| last as f64 / 1e3),
             protocol: PROTOCOL_VERSION,
+            write_control: self.vm.write_control().stats(),
         }
     }
 
@@ -325,7 +495,10 @@ mod tests {
     use serde_json::Value;
     use update_engine::kernel::SymbolsInfo;
     use update_engine::patcher::{PatchList, PatchReport};
-    use vmm_core::control::{Done, ErrorCode, PauseInfo, RegsInfo, Request, Response, StatusInfo};
+    use vmm_core::control::{
+        Done, ErrorCode, EventsInfo, PauseInfo, ProtectInfo, RegsInfo, Request, Response,
+        StatusInfo,
+    };
     use vmm_core::pagewalk::Translation;
 
     const DOC: &str = include_str!("../docs/control-protocol.md");
@@ -374,6 +547,10 @@ mod tests {
                     Request::Patch { .. } | Request::Revert { .. } => typed::<PatchReport>(&data),
                     Request::Patches => typed::<PatchList>(&data),
                     Request::Symbols { .. } => typed::<SymbolsInfo>(&data),
+                    Request::Protect { .. } | Request::Unprotect { .. } => {
+                        typed::<ProtectInfo>(&data)
+                    }
+                    Request::Events { .. } => typed::<EventsInfo>(&data),
                 };
                 assert_eq!(back, data, "{req:?}: the answer changed in a round trip");
                 answers += 1;

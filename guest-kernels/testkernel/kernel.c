@@ -45,7 +45,7 @@ static u32 nr_cpus;
 static u64 mem_bytes;
 static char cmdline[256];
 static u64 opt_tasks, opt_iters, opt_report, opt_spin, opt_work, opt_timer_hz, opt_selftest;
-static u64 opt_mode;
+static u64 opt_mode, opt_atomic_n = 1000000;
 static u32 boot_flags;
 extern volatile u64 user_service_trap;
 
@@ -93,8 +93,8 @@ static u64 gdt[MAX_CPUS][10] __attribute__((aligned(16)));
 static struct tss tss[MAX_CPUS] __attribute__((aligned(16)));
 static struct idt_entry idt[256] __attribute__((aligned(16)));
 
-enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE };
-enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK };
+enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC };
+enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK, P_ATOMIC_N, P_TASKS };
 
 static inline u64 kva_to_pa(const void *p)
 {
@@ -161,6 +161,12 @@ static void parse_cmdline(void)
 			opt_mode = MODE_TRIPLE;
 		else if (KEY("mode") && val && vlen == 4 && !strncmp(val, "loop", 4))
 			opt_mode = MODE_LOOP;
+		else if (KEY("mode") && val && vlen == 4 && !strncmp(val, "poke", 4))
+			opt_mode = MODE_POKE;
+		else if (KEY("mode") && val && vlen == 6 && !strncmp(val, "atomic", 6))
+			opt_mode = MODE_ATOMIC;
+		else if (KEY("atomic_n") && val)
+			opt_atomic_n = parse_u64(val, vlen);
 		else
 			kprintf("[tk] ignoring unknown option at '%s'\n", key);
 #undef KEY
@@ -444,6 +450,8 @@ u64 syscall_dispatch(u64 a0, u64 a1, u64 a2, u64 nr)
 		memcpy((void *)a0, marks, 4);
 		return 3;
 	}
+	case SYS_POKE:
+		return text_poke_service(a0, a1);
 	case SYS_PARAM:
 		switch (a0) {
 		case P_ITERS: return opt_iters;
@@ -451,6 +459,8 @@ u64 syscall_dispatch(u64 a0, u64 a1, u64 a2, u64 nr)
 		case P_MODE: return opt_mode;
 		case P_SPIN: return opt_spin;
 		case P_WORK: return opt_work;
+		case P_ATOMIC_N: return opt_atomic_n;
+		case P_TASKS: return opt_tasks;
 		}
 		return 0;
 	}
@@ -517,6 +527,7 @@ void kmain(u64 cpu, u64 boot_info_pa)
 			panic("CPU lacks x2APIC");
 		build_page_tables((int)have_1g, (int)have_nx);
 		build_idt();
+		text_poke_init();
 		__atomic_store_n(&smp_go, 1, __ATOMIC_RELEASE);
 	} else {
 		while (!__atomic_load_n(&smp_go, __ATOMIC_ACQUIRE))

@@ -19,9 +19,53 @@ static __attribute__((noinline, used)) u64 mix(u64 v)
 	return (v ^ (v >> 29)) * 0xbf58476d1ce4e5b9ULL;
 }
 
-const char *lucos_version(void)
+/*
+ * lucos_version and text_scratch share one page of kernel text, in a
+ * section of their own that starts a page (linker.ld): the write-control
+ * tests protect a patch's jump on that page and write the rest of it.
+ */
+__attribute__((section(".text.wc"))) const char *lucos_version(void)
 {
 	return "testkernel 1.0";
+}
+
+/* 64 bytes of kernel text that nothing executes: a place on lucos_version's
+ * page for the kernel to write its own text (as text_poke does). */
+__asm__(".pushsection .text.wc,\"ax\"\n"
+	".balign 64\n"
+	".globl text_scratch\n"
+	".type text_scratch, @object\n"
+	"text_scratch: .fill 64, 1, 0xcc\n"
+	".size text_scratch, 64\n"
+	".popsection");
+extern volatile u64 text_scratch[8];
+
+/* lucos_version's first 8 bytes as built, saved at boot. */
+static u64 lucos_version_orig;
+
+void text_poke_init(void)
+{
+	lucos_version_orig = *(volatile u64 *)(void *)lucos_version;
+}
+
+/*
+ * SYS_POKE: the kernel writing into its own text, as a buggy driver or a
+ * rootkit would (which 0: put lucos_version's first 8 bytes back as they
+ * were built, undoing any live patch's jump), and as the kernel's own text
+ * patching does elsewhere on the page (which 1 + N: store `value` in
+ * text_scratch[1 + N], N < 7, and return what reads back).
+ */
+__attribute__((noinline)) u64 text_poke_service(u64 which, u64 value)
+{
+	volatile u64 *entry = (volatile u64 *)(void *)lucos_version;
+
+	if (which == 0) {
+		*entry = lucos_version_orig;
+		return *entry == lucos_version_orig;
+	}
+	which = 1 + (which - 1) % 7;
+	text_scratch[which] = value;
+	return text_scratch[which];
 }
 
 u64 counter_next(void)

@@ -5,8 +5,8 @@
  */
 #include "tk.h"
 
-enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK };
-enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE };
+enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK, P_ATOMIC_N, P_TASKS };
+enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC };
 
 /* Progress of each task, in user memory; the VMM's tests read it. */
 volatile u64 user_progress[MAX_TASKS];
@@ -105,6 +105,77 @@ static void triple(u64 task, u64 iter, u64 every, u64 spin, u64 *mixed)
 	sys3(SYS_WRITE, (u64)line, n, 0);
 }
 
+/*
+ * mode=poke: each iteration the kernel tries to put lucos_version's first
+ * bytes back as built (undoing a live patch) and writes a value elsewhere
+ * on the same text page, which must read back; every `every` iterations a
+ * report line (with the version the service gives now).
+ */
+static void poke(u64 task, u64 iter, u64 every)
+{
+	char line[96];
+	unsigned n = 0;
+	u64 got;
+
+	sys3(SYS_POKE, 0, 0, 0);
+	got = sys3(SYS_POKE, 1 + task, iter * 0x100 + task, 0);
+	if (got != iter * 0x100 + task) {
+		n += put_str(line + n, "[tk] task ");
+		n += put_dec(line + n, task);
+		n += put_str(line + n, " poke MISMATCH wrote ");
+		n += put_dec(line + n, iter * 0x100 + task);
+		n += put_str(line + n, " read ");
+		n += put_dec(line + n, got);
+		line[n++] = '\n';
+		sys3(SYS_WRITE, (u64)line, n, 0);
+	}
+	if (every && iter % every == 0)
+		report(task, iter, 0);
+}
+
+/*
+ * mode=atomic: a page of user memory whose first 64 bytes the VMM may
+ * protect (lucos protect), and a counter on the rest of it. In rounds, every
+ * task adds 1 to the counter atomic_n times with `lock incq`; when all have
+ * arrived, task 0 checks the count is exact and says so.
+ */
+struct atomic_page {
+	volatile u64 guard[8];
+	volatile u64 count;
+} __attribute__((aligned(4096)));
+struct atomic_page atomic_page;
+static volatile u64 atomic_arrived, atomic_checked __attribute__((aligned(64)));
+
+static void atomic_rounds(u64 task, u64 tasks, u64 n)
+{
+	u64 r, j;
+
+	for (r = 1;; r++) {
+		for (j = 0; j < n; j++)
+			__asm__ volatile("lock incq %0" : "+m"(atomic_page.count) : : "memory");
+		__atomic_add_fetch(&atomic_arrived, 1, __ATOMIC_SEQ_CST);
+		while (__atomic_load_n(&atomic_arrived, __ATOMIC_ACQUIRE) < tasks * r)
+			__asm__ volatile("pause");
+		if (task == 0) {
+			char line[128];
+			unsigned k = 0;
+			u64 got = atomic_page.count, want = tasks * n * r;
+
+			k += put_str(line + k, "[tk] atomic round ");
+			k += put_dec(line + k, r);
+			k += put_str(line + k, got == want ? " exact count " : " LOST count ");
+			k += put_dec(line + k, got);
+			k += put_str(line + k, " want ");
+			k += put_dec(line + k, want);
+			line[k++] = '\n';
+			sys3(SYS_WRITE, (u64)line, k, 0);
+			__atomic_store_n(&atomic_checked, r, __ATOMIC_RELEASE);
+		}
+		while (__atomic_load_n(&atomic_checked, __ATOMIC_ACQUIRE) < r)
+			__asm__ volatile("pause");
+	}
+}
+
 __attribute__((noreturn)) void user_main(u64 task)
 {
 	u64 iters = sys3(SYS_PARAM, P_ITERS, 0, 0), every = sys3(SYS_PARAM, P_REPORT, 0, 0);
@@ -113,8 +184,16 @@ __attribute__((noreturn)) void user_main(u64 task)
 	u64 i, counter = 0, mixed = 0;
 	volatile u64 sink = 0;
 
+	if (mode == MODE_ATOMIC)
+		atomic_rounds(task, sys3(SYS_PARAM, P_TASKS, 0, 0), sys3(SYS_PARAM, P_ATOMIC_N, 0, 0));
 	for (i = 1; iters == 0 || i <= iters; i++) {
 		u64 j;
+
+		if (mode == MODE_POKE) {
+			poke(task, i, every);
+			user_progress[task] = i;
+			continue;
+		}
 
 		if (mode != MODE_USER || (every && i % every == 0)) {
 			counter = sys3(SYS_COUNTER, 0, 0, 0);

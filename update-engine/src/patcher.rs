@@ -33,6 +33,7 @@ use vmm_core::guest::Guest;
 use vmm_core::pagewalk::{self, PagingState};
 use vmm_core::region::PATCH_AREA_BYTES;
 use vmm_core::vm::VmError;
+use vmm_core::write_control::Protection;
 
 use crate::area::{self, Mapping, Space};
 use crate::kernel::{self, GuestKernel};
@@ -271,6 +272,10 @@ pub struct PatchList {
     pub kernel_page_tables: Option<TablesHash>,
     /// How much of the patch area holds code.
     pub patch_area: AreaUsage,
+    /// Write control: the guest-physical ranges the guest cannot write
+    /// (each patch's jumps, `patch:NAME`; others' too).
+    #[serde(default)]
+    pub protected: Vec<Protection>,
 }
 
 /// Use of the patch area.
@@ -430,6 +435,7 @@ impl Patcher {
                 .filter(|_| g.is_paused())
                 .and_then(|(_, v)| tables_hash_in(g, &v).ok()),
             patch_area: self.area_usage(),
+            protected: g.protections(),
         }
     }
 
@@ -640,6 +646,17 @@ impl Patcher {
             }
         }
         let mut plan = site_plan(g, view, &sites)?;
+        // Write control: the jumps this patch writes are protected from the
+        // guest; a cumulative patch takes over from the ones it replaces.
+        plan.protect = site_protections(&plan, &sites, &m.name);
+        if replace {
+            plan.release = self
+                .state
+                .applied
+                .iter()
+                .map(|a| patch_owner(&a.name))
+                .collect();
+        }
         if let Some(map) = placed.mapping {
             plan.writes.insert(
                 0,
@@ -846,7 +863,8 @@ impl Patcher {
                 leaving: vec![code.clone()],
             })
             .collect();
-        let plan = site_plan(g, &view, &sites)?;
+        let mut plan = site_plan(g, &view, &sites)?;
+        plan.release = vec![patch_owner(name)];
         let switched = switch::switch(g, view.tasks(k), &plan)?;
         let st = &mut self.state;
         let removed = st.applied.remove(idx);
@@ -894,6 +912,28 @@ fn site_plan(g: &dyn Guest, view: &View, sites: &[SiteWrite]) -> Result<Plan, Pa
         plan.leaving.extend(w.leaving.iter().cloned());
     }
     Ok(plan)
+}
+
+/// The write-control owner name of patch `name`.
+pub fn patch_owner(name: &str) -> String {
+    format!("patch:{name}")
+}
+
+/// The protections of the jumps in `plan` (one write per site, in order)
+/// that switch to new code; sites given back to their original bytes stay
+/// ordinary memory.
+fn site_protections(plan: &Plan, sites: &[SiteWrite], name: &str) -> Vec<Protection> {
+    plan.writes
+        .iter()
+        .zip(sites)
+        .filter(|(_, s)| s.new_addr != 0)
+        .map(|(w, s)| Protection {
+            owner: patch_owner(name),
+            label: s.function.clone(),
+            gpa: w.gpa,
+            len: w.bytes.len() as u64,
+        })
+        .collect()
 }
 
 /// `[u8; 5]` as a hex string.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use vmm_core::guest::{Guest, Paused};
 use vmm_core::pagewalk::{self, PagingState};
 use vmm_core::vm::VmError;
+use vmm_core::write_control::Protection;
 
 use crate::linux::{self, TaskLayout};
 use crate::safety::{self, Active, Leaving};
@@ -37,6 +38,11 @@ pub struct Plan {
     pub writes: Vec<Write>,
     /// Code nothing may be in when they happen.
     pub leaving: Vec<Leaving>,
+    /// Write control, in the same pause after the writes: owners whose
+    /// protected ranges are released...
+    pub release: Vec<String>,
+    /// ...and ranges protected (the bytes the switch wrote).
+    pub protect: Vec<Protection>,
 }
 
 /// What a switch took.
@@ -163,7 +169,35 @@ fn switch_paused(
         checked = Some(sleeping.len());
     }
     check_and_write(guest, &plan.writes)?;
+    if !plan.release.is_empty() || !plan.protect.is_empty() {
+        if let Err(e) = paused.change_protection(&plan.release, &plan.protect) {
+            // Nothing of the protection changed: take the writes back too.
+            let why = format!("write control: {e}");
+            return Err(match undo(guest, &plan.writes) {
+                Ok(()) => Refused::Failed(why),
+                Err(u) => Refused::Torn(why + &u),
+            });
+        }
+    }
     Ok(checked)
+}
+
+/// Puts back what `writes` overwrote, last first; what failed, if any.
+fn undo(guest: &dyn Guest, writes: &[Write]) -> Result<(), String> {
+    let mut why = String::new();
+    for u in writes.iter().rev() {
+        if let Err(e) = guest.ram().write_phys(u.gpa, &u.expect) {
+            why.push_str(&format!(
+                "; and undoing {} failed too ({e}): guest memory at {:#x} holds the new bytes",
+                u.what, u.gpa
+            ));
+        }
+    }
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(why)
+    }
 }
 
 /// Whether paused vCPU `v` is in kernel code being left: its RIP, or a word
@@ -228,21 +262,10 @@ fn check_and_write(guest: &dyn Guest, writes: &[Write]) -> Result<(), Refused> {
     }
     for (i, w) in writes.iter().enumerate() {
         if let Err(e) = ram.write_phys(w.gpa, &w.bytes) {
-            let mut why = format!("writing {}: {e}", w.what);
-            let mut torn = false;
-            for u in writes[..i].iter().rev() {
-                if let Err(e) = ram.write_phys(u.gpa, &u.expect) {
-                    torn = true;
-                    why.push_str(&format!(
-                        "; and undoing {} failed too ({e}): guest memory at {:#x} holds the new bytes",
-                        u.what, u.gpa
-                    ));
-                }
-            }
-            return Err(if torn {
-                Refused::Torn(why)
-            } else {
-                Refused::Failed(why)
+            let why = format!("writing {}: {e}", w.what);
+            return Err(match undo(guest, &writes[..i]) {
+                Ok(()) => Refused::Failed(why),
+                Err(u) => Refused::Torn(why + &u),
             });
         }
     }

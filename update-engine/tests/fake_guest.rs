@@ -20,6 +20,7 @@ use vmm_core::guest::{AreaInfo, Guest, PauseToken, PhysMemory, VcpuState};
 use vmm_core::memory::MemoryError;
 use vmm_core::pagewalk::PagingState;
 use vmm_core::vm::VmError;
+use vmm_core::write_control::{ProtectError, Protection};
 
 const RAM: usize = 8 << 20;
 const PML4: u64 = 0x10_000;
@@ -61,6 +62,8 @@ struct Fake {
     /// ran text_poke while the patcher was planning): pauses to let pass
     /// first, where, what.
     before_pause: Mutex<Option<(u32, u64, Vec<u8>)>>,
+    /// Write control: the protected ranges.
+    protected: Mutex<Vec<Protection>>,
 }
 
 fn paging() -> PagingState {
@@ -113,6 +116,7 @@ impl Fake {
             unpaused_writes: Mutex::new(Vec::new()),
             script: Mutex::new(Box::new(|_, _| user())),
             before_pause: Mutex::new(None),
+            protected: Mutex::new(Vec::new()),
         }
     }
 
@@ -264,6 +268,21 @@ impl Guest for Fake {
         let a = self.area.lock().expect("lock");
         buf.copy_from_slice(&a[offset as usize..offset as usize + buf.len()]);
         Ok(())
+    }
+    fn change_protection(
+        &self,
+        _: &PauseToken,
+        release: &[String],
+        add: &[Protection],
+    ) -> Result<(), ProtectError> {
+        assert!(self.is_paused(), "protection changed while running");
+        let mut p = self.protected.lock().expect("lock");
+        p.retain(|r| !release.contains(&r.owner));
+        p.extend(add.iter().cloned());
+        Ok(())
+    }
+    fn protections(&self) -> Vec<Protection> {
+        self.protected.lock().expect("lock").clone()
     }
 }
 

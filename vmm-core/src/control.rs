@@ -89,6 +89,32 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<String>,
     },
+    /// Write control: protect a byte range of guest memory from the guest.
+    Protect {
+        /// Name to release it by (`lucos unprotect`).
+        name: String,
+        /// Guest-physical start...
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gpa: Option<u64>,
+        /// ...or a kernel symbol (NAME, NAME@FILE, NAME#N, 0xADDR), translated
+        /// through vCPU 0's page tables.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        symbol: Option<String>,
+        /// Bytes from the start (default: the symbol's size).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        len: Option<u64>,
+    },
+    /// Release a range protected with `protect`.
+    Unprotect {
+        /// Its name.
+        name: String,
+    },
+    /// Write-control events (refused writes) after sequence number `since`.
+    Events {
+        /// Last sequence number seen (0: from the oldest kept).
+        #[serde(default)]
+        since: u64,
+    },
 }
 
 /// Machine-readable error codes.
@@ -197,6 +223,43 @@ pub struct StatusInfo {
     pub last_pause_us: Option<f64>,
     /// Protocol version.
     pub protocol: u32,
+    /// Write control: trapped writes and what became of them, protected
+    /// ranges, pages and memory slots.
+    #[serde(default)]
+    pub write_control: crate::write_control::WriteStats,
+}
+
+/// What `protect` and `unprotect` answer: every protected range now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProtectInfo {
+    /// The ranges, with their owners.
+    pub ranges: Vec<crate::write_control::Protection>,
+    /// The RAM slot layout now.
+    pub slots: Vec<crate::write_control::SlotSpec>,
+    /// Counters.
+    pub write_control: crate::write_control::WriteStats,
+}
+
+/// One event as `events` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventInfo {
+    /// The event.
+    #[serde(flatten)]
+    pub event: crate::write_control::WriteEvent,
+    /// The writer's RIP as SYMBOL+0xOFF, when the guest kernel's symbols are known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
+}
+
+/// What `events` answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventsInfo {
+    /// Events after `since`, oldest first.
+    pub events: Vec<EventInfo>,
+    /// The sequence number the next event will have (ask `since: next - 1`).
+    pub next: u64,
+    /// Counters.
+    pub write_control: crate::write_control::WriteStats,
 }
 
 /// What `pause` answers.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::memory::{GuestRam, MemoryError};
 use crate::pagewalk::PagingState;
 use crate::vm::VmError;
+use crate::write_control::{ProtectError, Protection};
 
 /// Guest-physical memory.
 pub trait PhysMemory {
@@ -82,6 +83,16 @@ pub trait Guest: Send + Sync {
     fn area_write(&self, offset: u64, bytes: &[u8]) -> Result<(), MemoryError>;
     /// Reads the patch area at `offset`.
     fn area_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
+    /// Write control: releases the ranges of the owners in `release` and
+    /// protects `add`, all or nothing. Use [`Paused::change_protection`].
+    fn change_protection(
+        &self,
+        paused: &PauseToken,
+        release: &[String],
+        add: &[Protection],
+    ) -> Result<(), ProtectError>;
+    /// The protected ranges now.
+    fn protections(&self) -> Vec<Protection>;
 }
 
 /// Every vCPU paused, for as long as this lives: vCPU state is readable
@@ -133,6 +144,16 @@ impl<'a> Paused<'a> {
     /// State of vCPU `v`.
     pub fn vcpu(&self, v: u8) -> Result<VcpuState, VmError> {
         self.guest.vcpu_state(&self.token, v)
+    }
+
+    /// Releases the protected ranges of the owners in `release` and
+    /// protects `add` (write control), all or nothing.
+    pub fn change_protection(
+        &self,
+        release: &[String],
+        add: &[Protection],
+    ) -> Result<(), ProtectError> {
+        self.guest.change_protection(&self.token, release, add)
     }
 
     /// The guest.

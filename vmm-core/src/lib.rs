@@ -6,12 +6,14 @@ pub mod arch;
 pub mod control;
 pub mod devices;
 pub mod guest;
+pub mod insn;
 pub mod loader;
 pub mod memory;
 pub mod pagewalk;
 pub mod region;
 pub mod vcpu;
 pub mod vm;
+pub mod write_control;
 
 pub use vcpu::ExitReason;
 pub use vm::{Vm, VmConfig, VmError};

@@ -174,6 +174,14 @@ impl GuestRam {
         })
     }
 
+    /// The host address of guest-physical `gpa`, if it is RAM.
+    pub fn host_addr(&self, gpa: u64) -> Option<u64> {
+        self.slots()
+            .into_iter()
+            .find(|(g, len, _)| gpa >= *g && gpa < g + len)
+            .map(|(g, _, host)| host + (gpa - g))
+    }
+
     /// (guest address, size, host address) of each region, for KVM memory slots.
     pub fn slots(&self) -> Vec<(u64, u64, u64)> {
         self.mem

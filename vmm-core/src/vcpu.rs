@@ -17,6 +17,9 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::{GuestRequest, PioBus};
+use crate::guest::PhysMemory;
+use crate::memory::GuestRam;
+use crate::write_control::{Outcome, WriteControl, WriterCpu};
 
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -328,7 +331,7 @@ fn run_error(index: u8, message: String) -> ExitReason {
 }
 
 /// The body of a vCPU thread.
-pub fn vcpu_thread(vcpu: Arc<Vcpu>, ctl: Arc<RunControl>, bus: Arc<PioBus>) {
+pub fn vcpu_thread(vcpu: Arc<Vcpu>, ctl: Arc<RunControl>, bus: Arc<PioBus>, wc: Arc<WriteControl>) {
     let index = vcpu.index;
     {
         let mut fd = vcpu.lock();
@@ -338,8 +341,9 @@ pub fn vcpu_thread(vcpu: Arc<Vcpu>, ctl: Arc<RunControl>, bus: Arc<PioBus>) {
     ctl.thread_started(index as usize);
     // A panic must not leave a dead vCPU the VMM waits for forever: it ends
     // the VM with an error naming it.
-    let result =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(&vcpu, &ctl, &bus)));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_loop(&vcpu, &ctl, &bus, &wc)
+    }));
     if let Err(panic) = result {
         let what = panic
             .downcast_ref::<String>()
@@ -353,7 +357,7 @@ pub fn vcpu_thread(vcpu: Arc<Vcpu>, ctl: Arc<RunControl>, bus: Arc<PioBus>) {
     ctl.thread_ended(index as usize);
 }
 
-fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus) {
+fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus, wc: &WriteControl) {
     let index = vcpu.index;
     // A kick may have been sent before this thread registered: honour any request now.
     let mut needs_completion = false;
@@ -374,6 +378,7 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus) {
         }
         let mut fd = vcpu.lock();
         let mut internal_error = false;
+        let mut trapped: Option<(u64, [u8; 8], usize)> = None;
         let mut outcome = match fd.run() {
             Ok(exit) => {
                 internal_error = matches!(exit, VcpuExit::InternalError);
@@ -384,7 +389,17 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus) {
                         | VcpuExit::MmioRead(..)
                         | VcpuExit::MmioWrite(..)
                 );
-                handle_exit(index, exit, bus)
+                match exit {
+                    // A write to a write-controlled page of RAM.
+                    VcpuExit::MmioWrite(addr, data) if wc.is_protected_page(addr) => {
+                        let mut b = [0u8; 8];
+                        let n = data.len().min(8);
+                        b[..n].copy_from_slice(&data[..n]);
+                        trapped = Some((addr, b, n));
+                        None
+                    }
+                    exit => handle_exit(index, exit, bus),
+                }
             }
             Err(e) if e.errno() == libc::EINTR => {
                 fd.set_kvm_immediate_exit(0);
@@ -394,6 +409,17 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus) {
             Err(e) if e.errno() == libc::EAGAIN => None,
             Err(e) => Some(run_error(index, format!("KVM_RUN failed: {e}"))),
         };
+        if let Some((gpa, data, n)) = trapped {
+            let cpu = FdCpu::new(&fd, wc.ram());
+            if let Outcome::Rewind(regs) = wc.on_write(index, &cpu, gpa, &data[..n]) {
+                if let Err(e) = fd.set_regs(&regs) {
+                    outcome = Some(run_error(
+                        index,
+                        format!("rewinding a trapped write failed: {e}"),
+                    ));
+                }
+            }
+        }
         if internal_error {
             let run = fd.get_kvm_run();
             // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the
@@ -475,5 +501,36 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, bus: &PioBus) -> Option<ExitReason
             format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
         )),
         other => Some(run_error(index, format!("unhandled exit {other:?}"))),
+    }
+}
+
+/// A vCPU that made a trapped write, its registers read at most once.
+struct FdCpu<'a> {
+    fd: &'a VcpuFd,
+    ram: &'a GuestRam,
+    regs: std::cell::OnceCell<Option<kvm_bindings::kvm_regs>>,
+    sregs: std::cell::OnceCell<Option<kvm_bindings::kvm_sregs>>,
+}
+
+impl<'a> FdCpu<'a> {
+    fn new(fd: &'a VcpuFd, ram: &'a GuestRam) -> Self {
+        Self {
+            fd,
+            ram,
+            regs: std::cell::OnceCell::new(),
+            sregs: std::cell::OnceCell::new(),
+        }
+    }
+}
+
+impl WriterCpu for FdCpu<'_> {
+    fn regs(&self) -> Option<kvm_bindings::kvm_regs> {
+        *self.regs.get_or_init(|| self.fd.get_regs().ok())
+    }
+    fn sregs(&self) -> Option<kvm_bindings::kvm_sregs> {
+        *self.sregs.get_or_init(|| self.fd.get_sregs().ok())
+    }
+    fn memory(&self) -> &dyn PhysMemory {
+        self.ram
     }
 }

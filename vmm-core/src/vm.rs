@@ -16,6 +16,7 @@ use crate::loader::{self, LoadError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pagewalk::{self, PagingState, Translation, WalkError};
 use crate::vcpu::{self, ExitReason, PauseError, RunControl, Vcpu};
+use crate::write_control::{ProtectError, Protection, SlotSink, SlotSpec, WriteControl};
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 64;
@@ -122,6 +123,7 @@ pub struct Vm {
     started_at: Option<Instant>,
     entry: u64,
     patch_area: crate::region::VmmRegion,
+    write_control: Arc<WriteControl>,
 }
 
 impl Vm {
@@ -145,6 +147,7 @@ impl Vm {
             (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
             (Cap::Pit2, "KVM_CAP_PIT2"),
             (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::ReadonlyMem, "KVM_CAP_READONLY_MEM"),
         ] {
             if !kvm.check_extension(cap) {
                 return Err(VmError::MissingCap(name));
@@ -165,7 +168,17 @@ impl Vm {
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let ram = Arc::new(GuestRam::new(cfg.mem_bytes)?);
+        let mut ram_slots = Vec::new();
         for (slot, (guest, size, host)) in ram.slots().into_iter().enumerate() {
+            ram_slots.push((
+                slot as u32,
+                SlotSpec {
+                    gpa: guest,
+                    len: size,
+                    file_offset: ram.ranges()[slot].file_offset,
+                    readonly: false,
+                },
+            ));
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -192,6 +205,12 @@ impl Vm {
         // the Vm keeps for as long as `vm_fd` exists.
         unsafe { vm_fd.set_user_memory_region(patch_area.kvm_region()) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (read-only patch area)"))?;
+
+        let write_control = Arc::new(WriteControl::new(
+            ram.clone(),
+            ram_slots,
+            (patch_area.gpa, patch_area.size),
+        ));
 
         loader::write_cmdline(&ram, &cfg.cmdline)?;
         let (kernel, boot) = match kind {
@@ -287,6 +306,7 @@ impl Vm {
             started_at: None,
             entry: kernel.entry,
             patch_area,
+            write_control,
         })
     }
 
@@ -294,9 +314,10 @@ impl Vm {
     pub fn start(&mut self) -> Result<(), VmError> {
         for v in &self.vcpus {
             let (v2, ctl, bus) = (v.clone(), self.ctl.clone(), self.bus.clone());
+            let wc = self.write_control.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.index))
-                .spawn(move || vcpu::vcpu_thread(v2, ctl, bus))
+                .spawn(move || vcpu::vcpu_thread(v2, ctl, bus, wc))
                 .map_err(VmError::Thread)?;
             self.threads.push(t);
         }
@@ -375,6 +396,11 @@ impl Vm {
     /// The VMM-owned memory live patches are placed in.
     pub fn patch_area(&self) -> &crate::region::VmmRegion {
         &self.patch_area
+    }
+
+    /// Write control of guest RAM (protected ranges, trapped-write counters, events).
+    pub fn write_control(&self) -> &Arc<WriteControl> {
+        &self.write_control
     }
 
     /// Runs `f` on vCPU `index`'s fd. The VM must be paused.
@@ -475,6 +501,53 @@ impl crate::guest::Guest for Vm {
 
     fn area_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), crate::memory::MemoryError> {
         self.patch_area.read(offset, buf)
+    }
+
+    fn change_protection(
+        &self,
+        _paused: &crate::guest::PauseToken,
+        release: &[String],
+        add: &[Protection],
+    ) -> Result<(), ProtectError> {
+        if !self.is_paused() {
+            return Err(ProtectError::NotPaused);
+        }
+        self.write_control.change(self, release, add)
+    }
+
+    fn protections(&self) -> Vec<Protection> {
+        self.write_control.protections()
+    }
+}
+
+impl SlotSink for Vm {
+    fn set_slot(&self, id: u32, spec: Option<&SlotSpec>) -> Result<(), String> {
+        let region = match spec {
+            None => kvm_userspace_memory_region {
+                slot: id,
+                ..Default::default()
+            },
+            Some(s) => {
+                let host = self
+                    .ram
+                    .host_addr(s.gpa)
+                    .ok_or_else(|| format!("{:#x} is not RAM", s.gpa))?;
+                kvm_userspace_memory_region {
+                    slot: id,
+                    flags: if s.readonly {
+                        kvm_bindings::KVM_MEM_READONLY
+                    } else {
+                        0
+                    },
+                    guest_phys_addr: s.gpa,
+                    memory_size: s.len,
+                    userspace_addr: host,
+                }
+            }
+        };
+        // SAFETY: a deletion (size 0), or a slot over `len` bytes of RAM
+        // mapped at `host` by `self.ram`, which lives as long as the VM fd.
+        unsafe { self.vm_fd.set_user_memory_region(region) }.map_err(|e| e.to_string())
     }
 }
 

@@ -40,6 +40,7 @@ typedef long s64;
 #define SYS_CPU 7       /* () -> current cpu index */
 #define SYS_PARAM 8     /* (which) -> a boot option, see user.c */
 #define SYS_TRIPLE 9    /* (buf, work) -> 3 version marks from a 3-function call chain */
+#define SYS_POKE 10     /* (which, value): kernel writes into its own text, see services.c */
 
 /* Per-CPU area, reached through GS base in kernel mode. Offsets used in entry.S. */
 struct percpu {
@@ -107,6 +108,8 @@ void tri_outer(char *buf, u64 work);
 void tri_middle(char *buf, u64 work);
 void tri_inner(char *buf, u64 work);
 u64 stats_update(u32 task, u32 cpu, u64 value);
+u64 text_poke_service(u64 which, u64 value);
+void text_poke_init(void);
 extern struct task_stat stats_table[MAX_TASKS];
 extern volatile u64 service_counter;
 

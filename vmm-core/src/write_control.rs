@@ -1,0 +1,866 @@
+//! Write control: byte ranges of guest RAM the guest cannot write freely.
+//!
+//! A page that holds protected bytes leaves its ordinary read-write KVM slot
+//! for a read-only one (slots are split and merged while every vCPU is
+//! paused; the memory stays in the same memfd). The guest reads and executes
+//! it natively; a write to it leaves `KVM_RUN` as `KVM_EXIT_MMIO` (at most 8
+//! bytes, split at page ends). The vCPU thread hands it to [`WriteControl`]:
+//! bytes outside every protected range are written by the VMM itself, byte
+//! exact; a write that touches protected bytes goes to the installed
+//! [`WritePolicy`], which allows it, refuses it (those bytes are dropped, the
+//! guest continues after the instruction) or handles it itself.
+//!
+//! Locked read-modify-write instructions. KVM emulates a write to a
+//! read-only slot: it reads the operand natively, computes, and exits with
+//! the result; for a write, its registers (RIP, flags, outputs) are already
+//! final when userspace sees the exit. Two vCPUs doing `lock inc` on the
+//! same protected page can therefore both read 5 and both write 6. Every
+//! write to a protected page is performed under that page's lock, and one
+//! whose instruction is a read-modify-write (decoded at the vCPU's RIP) is
+//! checked first: its result must be what the instruction computes from the
+//! memory as it is *now*. If another vCPU's write came in between, the
+//! write is dropped and the vCPU is rewound to the instruction (its
+//! register outputs restored), so it executes it again on fresh memory.
+//! Allowed writes are thus linearized per page and none is lost.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use crate::guest::PhysMemory;
+use crate::memory::{GuestRam, MemoryError};
+
+/// Page granularity of write control (the second-level page size).
+pub const PAGE: u64 = 4096;
+/// Events kept for `lucos events` (older ones are dropped).
+pub const EVENT_LOG_LEN: usize = 4096;
+/// Rewinds of one vCPU in a row after which its write is committed anyway.
+pub const MAX_REWINDS_IN_A_ROW: u64 = 100_000;
+
+/// One protected byte range.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Protection {
+    /// Who asked for it (`patch:NAME`, `user:NAME`, `kernel-text`): released by this name.
+    pub owner: String,
+    /// What the bytes are, for events (`lucos_version`, `.text`).
+    pub label: String,
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl Protection {
+    fn end(&self) -> u64 {
+        self.gpa + self.len
+    }
+    fn contains(&self, gpa: u64) -> bool {
+        gpa >= self.gpa && gpa < self.end()
+    }
+}
+
+/// Why a protection change was refused; nothing was changed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtectError {
+    /// A zero-length range.
+    #[error("cannot protect {gpa:#x}+0: the range is empty")]
+    Empty {
+        /// Its start.
+        gpa: u64,
+    },
+    /// Not all of the range is guest RAM.
+    #[error("cannot protect {gpa:#x}+{len:#x}: not guest RAM (RAM is {ram})")]
+    NotRam {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+        /// The RAM ranges, for the message.
+        ram: String,
+    },
+    /// The range overlaps the VMM's patch area (read-only to the guest already).
+    #[error("cannot protect {gpa:#x}+{len:#x}: it overlaps the patch area at {area:#x}, which the guest can never write")]
+    PatchArea {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+        /// The patch area's base.
+        area: u64,
+    },
+    /// An owner name that is empty.
+    #[error("a protection needs an owner name")]
+    NoOwner,
+    /// Changing the memory slots failed (KVM).
+    #[error("changing the memory slots failed: {0}")]
+    Slots(String),
+    /// The guest is not paused.
+    #[error("protection changes need every vCPU paused")]
+    NotPaused,
+}
+
+/// One KVM memory slot of guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SlotSpec {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Offset into the RAM memfd.
+    pub file_offset: u64,
+    /// Read-only to the guest (write control).
+    pub readonly: bool,
+}
+
+/// The slot layout for `ram` with `pages` (page numbers) read-only: each RAM
+/// range split into runs of read-write and read-only pages, adjacent pages
+/// of one kind merged.
+pub fn slot_layout(
+    ram: &[crate::memory::RamRange],
+    pages: &BTreeMap<u64, Vec<usize>>,
+) -> Vec<SlotSpec> {
+    let mut out = Vec::new();
+    for r in ram {
+        let end = r.guest_addr + r.len;
+        let mut at = r.guest_addr;
+        let first = r.guest_addr / PAGE;
+        let last = end.div_ceil(PAGE);
+        for (&page, _) in pages.range(first..last) {
+            let p = page * PAGE;
+            if p > at {
+                out.push(SlotSpec {
+                    gpa: at,
+                    len: p - at,
+                    file_offset: r.file_offset + (at - r.guest_addr),
+                    readonly: false,
+                });
+            }
+            let pend = (p + PAGE).min(end);
+            match out.last_mut() {
+                Some(s) if s.readonly && s.gpa + s.len == p => s.len = pend - s.gpa,
+                _ => out.push(SlotSpec {
+                    gpa: p,
+                    len: pend - p,
+                    file_offset: r.file_offset + (p - r.guest_addr),
+                    readonly: true,
+                }),
+            }
+            at = pend;
+        }
+        if at < end {
+            out.push(SlotSpec {
+                gpa: at,
+                len: end - at,
+                file_offset: r.file_offset + (at - r.guest_addr),
+                readonly: false,
+            });
+        }
+    }
+    out
+}
+
+/// The protected ranges and the pages they cover.
+#[derive(Debug, Default, Clone)]
+struct Table {
+    list: Vec<Protection>,
+    /// Page number -> indices into `list` of the ranges on it.
+    pages: BTreeMap<u64, Vec<usize>>,
+}
+
+impl Table {
+    fn new(list: Vec<Protection>) -> Self {
+        let mut pages: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (i, p) in list.iter().enumerate() {
+            for page in p.gpa / PAGE..p.end().div_ceil(PAGE) {
+                pages.entry(page).or_default().push(i);
+            }
+        }
+        Self { list, pages }
+    }
+}
+
+/// A guest write to a protected page, as the policy sees it.
+#[derive(Debug)]
+pub struct TrappedWrite<'a> {
+    /// The vCPU that wrote.
+    pub vcpu: u8,
+    /// The writing instruction's address (guest-virtual), when it was found.
+    pub rip: u64,
+    /// Privilege level of the writer.
+    pub cpl: u8,
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+    /// The bytes.
+    pub data: &'a [u8],
+    /// The protected ranges the write touches (at least one).
+    pub touches: Vec<&'a Protection>,
+}
+
+/// What the policy decided about a write that touches protected bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Write every byte, as the guest asked.
+    Allow,
+    /// Drop the protected bytes (others are written); recorded as an event.
+    Refuse,
+    /// The policy did what the write calls for itself (a state-transfer
+    /// handler); nothing more is written.
+    Handled,
+}
+
+/// The policy above vmm-core that decides writes to protected bytes.
+pub trait WritePolicy: Send + Sync {
+    /// Decides `w`. Runs on the writing vCPU's thread with that page's lock held.
+    fn decide(&self, w: &TrappedWrite<'_>, ram: &dyn PhysMemory) -> Decision;
+}
+
+/// A refused write, as `lucos events` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WriteEvent {
+    /// Sequence number (from 1, per VM).
+    pub seq: u64,
+    /// Milliseconds since write control was set up (VM creation).
+    pub at_ms: u64,
+    /// What happened: `refused`.
+    pub kind: String,
+    /// The vCPU.
+    pub vcpu: u8,
+    /// The writing instruction (guest-virtual); 0 if it could not be found.
+    pub rip: u64,
+    /// Privilege level of the writer.
+    pub cpl: u8,
+    /// Guest-physical target.
+    pub gpa: u64,
+    /// The bytes the guest tried to write.
+    pub bytes: Vec<u8>,
+    /// Owner of the protection hit.
+    pub owner: String,
+    /// Its label and the offset into it: `lucos_version+0x1`.
+    pub target: String,
+}
+
+/// Counters of trapped writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WriteStats {
+    /// Guest writes to protected pages.
+    pub trapped: u64,
+    /// Written as asked (unprotected bytes, or allowed by the policy).
+    pub allowed: u64,
+    /// Refused (protected bytes dropped).
+    pub refused: u64,
+    /// Handled by the policy itself.
+    pub handled: u64,
+    /// Read-modify-writes rewound because another write came in between.
+    pub rewound: u64,
+    /// Protected ranges now.
+    pub ranges: u64,
+    /// Read-only pages now.
+    pub pages: u64,
+    /// RAM slots now (read-write and read-only).
+    pub slots: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    trapped: AtomicU64,
+    allowed: AtomicU64,
+    refused: AtomicU64,
+    handled: AtomicU64,
+    rewound: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct EventLog {
+    next: u64,
+    events: VecDeque<WriteEvent>,
+}
+
+/// What the vCPU thread must do after a trapped write was dealt with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// Continue the guest.
+    Done,
+    /// Set the vCPU's registers to these and continue (a rewound instruction).
+    Rewind(kvm_bindings::kvm_regs),
+}
+
+/// Write control of one VM's RAM.
+pub struct WriteControl {
+    ram: Arc<GuestRam>,
+    table: RwLock<Arc<Table>>,
+    policy: RwLock<Option<Arc<dyn WritePolicy>>>,
+    page_locks: Vec<Mutex<()>>,
+    counters: Counters,
+    /// Rewinds in a row per vCPU: a bound, so a misjudged instruction
+    /// cannot hold a vCPU forever.
+    rewinds_in_a_row: Vec<AtomicU64>,
+    events: Mutex<EventLog>,
+    /// The slot layout in KVM now: (slot id, spec).
+    slots: Mutex<Vec<(u32, SlotSpec)>>,
+    start: Instant,
+    area: (u64, u64),
+}
+
+impl std::fmt::Debug for WriteControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteControl")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Something that installs KVM memory slots (the VM; a recorder in tests).
+pub trait SlotSink {
+    /// Sets slot `id` to `spec` (`None`: deletes it).
+    fn set_slot(&self, id: u32, spec: Option<&SlotSpec>) -> Result<(), String>;
+}
+
+impl WriteControl {
+    /// Write control over `ram`, whose slots are `slots` now; `area` is the
+    /// patch area (base, size), which is never RAM.
+    pub fn new(ram: Arc<GuestRam>, slots: Vec<(u32, SlotSpec)>, area: (u64, u64)) -> Self {
+        Self {
+            ram,
+            table: RwLock::new(Arc::new(Table::default())),
+            policy: RwLock::new(None),
+            page_locks: (0..64).map(|_| Mutex::new(())).collect(),
+            counters: Counters::default(),
+            rewinds_in_a_row: (0..=u8::MAX).map(|_| AtomicU64::new(0)).collect(),
+            events: Mutex::new(EventLog {
+                next: 1,
+                events: VecDeque::new(),
+            }),
+            slots: Mutex::new(slots),
+            start: Instant::now(),
+            area,
+        }
+    }
+
+    /// The RAM under control.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Installs the policy that decides writes to protected bytes (without
+    /// one, every such write is refused).
+    pub fn set_policy(&self, policy: Arc<dyn WritePolicy>) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(policy);
+    }
+
+    fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The protected ranges now.
+    pub fn protections(&self) -> Vec<Protection> {
+        self.table().list.clone()
+    }
+
+    /// The RAM slot layout now (sorted by address).
+    pub fn slot_layout(&self) -> Vec<SlotSpec> {
+        let mut v: Vec<SlotSpec> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, s)| *s)
+            .collect();
+        v.sort_by_key(|s| s.gpa);
+        v
+    }
+
+    /// Checks one range before it is protected.
+    pub fn check(&self, p: &Protection) -> Result<(), ProtectError> {
+        if p.owner.is_empty() {
+            return Err(ProtectError::NoOwner);
+        }
+        if p.len == 0 {
+            return Err(ProtectError::Empty { gpa: p.gpa });
+        }
+        let (abase, asize) = self.area;
+        if p.gpa < abase + asize && p.gpa.saturating_add(p.len) > abase {
+            return Err(ProtectError::PatchArea {
+                gpa: p.gpa,
+                len: p.len,
+                area: abase,
+            });
+        }
+        if !self.ram.contains(p.gpa, p.len) {
+            let ram = self
+                .ram
+                .ranges()
+                .iter()
+                .map(|r| format!("{:#x}..{:#x}", r.guest_addr, r.guest_addr + r.len))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(ProtectError::NotRam {
+                gpa: p.gpa,
+                len: p.len,
+                ram,
+            });
+        }
+        Ok(())
+    }
+
+    /// Releases every range of the owners in `release`, then protects `add`,
+    /// moving pages between read-write and read-only slots through `sink`.
+    /// Every vCPU must be paused. All or nothing: on a refused range nothing
+    /// changes; if KVM refuses a slot change, the old layout is put back.
+    pub fn change(
+        &self,
+        sink: &dyn SlotSink,
+        release: &[String],
+        add: &[Protection],
+    ) -> Result<(), ProtectError> {
+        for p in add {
+            self.check(p)?;
+        }
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<Protection> = table
+            .list
+            .iter()
+            .filter(|p| !release.contains(&p.owner))
+            .cloned()
+            .collect();
+        list.extend(add.iter().cloned());
+        let next = Table::new(list);
+        let layout = slot_layout(self.ram.ranges(), &next.pages);
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let old = slots.clone();
+        match apply_layout(sink, &old, &layout) {
+            Ok(now) => {
+                *slots = now;
+                *table = Arc::new(next);
+                Ok(())
+            }
+            Err((now, why)) => {
+                // Put the old layout back (best effort; it was accepted before).
+                let old_specs: Vec<SlotSpec> = old.iter().map(|(_, s)| *s).collect();
+                match apply_layout(sink, &now, &old_specs) {
+                    Ok(back) => *slots = back,
+                    Err((back, e2)) => {
+                        log::error!("restoring the memory slots failed too: {e2}");
+                        *slots = back;
+                    }
+                }
+                Err(ProtectError::Slots(why))
+            }
+        }
+    }
+
+    /// Whether `gpa` is on a protected page (the vCPU exit path's test).
+    pub fn is_protected_page(&self, gpa: u64) -> bool {
+        self.table().pages.contains_key(&(gpa / PAGE))
+    }
+
+    /// The counters and the layout's size.
+    pub fn stats(&self) -> WriteStats {
+        let t = self.table();
+        let c = &self.counters;
+        WriteStats {
+            trapped: c.trapped.load(Ordering::Relaxed),
+            allowed: c.allowed.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            handled: c.handled.load(Ordering::Relaxed),
+            rewound: c.rewound.load(Ordering::Relaxed),
+            ranges: t.list.len() as u64,
+            pages: t.pages.len() as u64,
+            slots: self.slots.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+        }
+    }
+
+    /// Events after sequence number `since`, and the next sequence number.
+    pub fn events_since(&self, since: u64) -> (Vec<WriteEvent>, u64) {
+        let log = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            log.events
+                .iter()
+                .filter(|e| e.seq > since)
+                .cloned()
+                .collect(),
+            log.next,
+        )
+    }
+
+    fn record(&self, mut e: WriteEvent) {
+        let mut log = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        e.seq = log.next;
+        e.at_ms = self.start.elapsed().as_millis() as u64;
+        log.next += 1;
+        log.events.push_back(e);
+        while log.events.len() > EVENT_LOG_LEN {
+            log.events.pop_front();
+        }
+    }
+
+    /// Deals with one trapped guest write of `data` at `gpa` by vCPU `vcpu`,
+    /// whose registers `cpu` reads (and sets, to rewind).
+    pub fn on_write(&self, vcpu: u8, cpu: &dyn WriterCpu, gpa: u64, data: &[u8]) -> Outcome {
+        let table = self.table();
+        self.counters.trapped.fetch_add(1, Ordering::Relaxed);
+        let page = gpa / PAGE;
+        let _page_lock = self.page_locks[(page % self.page_locks.len() as u64) as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let end = gpa + data.len() as u64;
+        let touches: Vec<&Protection> = table
+            .pages
+            .get(&page)
+            .into_iter()
+            .chain(table.pages.get(&((end - 1) / PAGE)))
+            .flatten()
+            .map(|&i| &table.list[i])
+            .filter(|p| p.gpa < end && p.end() > gpa)
+            .collect();
+        let writer = crate::insn::find_writer(cpu, gpa, data.len());
+        let (rip, cpl) = writer
+            .as_ref()
+            .map(|w| (w.start, w.cpl))
+            .unwrap_or((cpu.rip_after().unwrap_or(0), 0));
+        let decision = if touches.is_empty() {
+            Decision::Allow
+        } else {
+            let policy = self
+                .policy
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            match policy {
+                Some(p) => p.decide(
+                    &TrappedWrite {
+                        vcpu,
+                        rip,
+                        cpl,
+                        gpa,
+                        data,
+                        touches: touches.clone(),
+                    },
+                    self.ram.as_ref(),
+                ),
+                None => Decision::Refuse,
+            }
+        };
+        match decision {
+            Decision::Handled => {
+                self.counters.handled.fetch_add(1, Ordering::Relaxed);
+                Outcome::Done
+            }
+            Decision::Allow => {
+                // A read-modify-write whose read went stale runs again.
+                if let Some(w) = &writer {
+                    let mut now = [0u8; 16];
+                    let now = &mut now[..data.len()];
+                    if self.ram.read(gpa, now).is_ok() {
+                        match crate::insn::verdict(w, now, data) {
+                            crate::insn::Verdict::Commit => {}
+                            crate::insn::Verdict::Drop => {
+                                self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+                                return Outcome::Done;
+                            }
+                            crate::insn::Verdict::Rewind(regs) => {
+                                let row = &self.rewinds_in_a_row[vcpu as usize];
+                                if row.fetch_add(1, Ordering::Relaxed) < MAX_REWINDS_IN_A_ROW {
+                                    self.counters.rewound.fetch_add(1, Ordering::Relaxed);
+                                    return Outcome::Rewind(regs);
+                                }
+                                log::warn!(
+                                    "vCPU {vcpu}: the write at {gpa:#x} by {:#x} was rewound {MAX_REWINDS_IN_A_ROW} times in a row; committing it",
+                                    w.start
+                                );
+                            }
+                        }
+                        self.rewinds_in_a_row[vcpu as usize].store(0, Ordering::Relaxed);
+                    }
+                }
+                if let Err(e) = self.ram.write(gpa, data) {
+                    log::warn!("vCPU {vcpu}: allowed write at {gpa:#x} failed: {e}");
+                }
+                self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+                Outcome::Done
+            }
+            Decision::Refuse => {
+                // Byte by byte: what is not protected is still written.
+                for (i, b) in data.iter().enumerate() {
+                    let at = gpa + i as u64;
+                    if !touches.iter().any(|p| p.contains(at)) {
+                        let _ = self.ram.write(at, std::slice::from_ref(b));
+                    }
+                }
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                let hit = touches[0];
+                let first = gpa.max(hit.gpa);
+                self.record(WriteEvent {
+                    seq: 0,
+                    at_ms: 0,
+                    kind: "refused".into(),
+                    vcpu,
+                    rip,
+                    cpl,
+                    gpa,
+                    bytes: data.to_vec(),
+                    owner: hit.owner.clone(),
+                    target: format!("{}+{:#x}", hit.label, first - hit.gpa),
+                });
+                Outcome::Done
+            }
+        }
+    }
+}
+
+/// The writing vCPU's state, as the trap handler needs it.
+pub trait WriterCpu {
+    /// General registers (after the writing instruction).
+    fn regs(&self) -> Option<kvm_bindings::kvm_regs>;
+    /// Special registers.
+    fn sregs(&self) -> Option<kvm_bindings::kvm_sregs>;
+    /// Guest memory, to read the instruction.
+    fn memory(&self) -> &dyn PhysMemory;
+    /// RIP after the writing instruction.
+    fn rip_after(&self) -> Option<u64> {
+        self.regs().map(|r| r.rip)
+    }
+}
+
+/// Installed slots: (KVM slot id, what it maps).
+type Slots = Vec<(u32, SlotSpec)>;
+
+/// Moves KVM from slots `old` to the layout `new`: deletes the slots that
+/// change, then creates the new ones (slots may not overlap). On failure,
+/// returns what is installed now with the reason.
+fn apply_layout(
+    sink: &dyn SlotSink,
+    old: &[(u32, SlotSpec)],
+    new: &[SlotSpec],
+) -> Result<Slots, (Slots, String)> {
+    let mut now: Vec<(u32, SlotSpec)> = Vec::new();
+    let mut gone = Vec::new();
+    for (id, s) in old {
+        if new.contains(s) {
+            now.push((*id, *s));
+        } else {
+            gone.push((*id, *s));
+        }
+    }
+    for (i, (id, s)) in gone.iter().enumerate() {
+        if let Err(e) = sink.set_slot(*id, None) {
+            // The ones not yet deleted are still there.
+            now.extend(gone[i..].iter().copied());
+            return Err((now, format!("deleting slot {id} at {:#x}: {e}", s.gpa)));
+        }
+    }
+    let mut free: Vec<u32> = gone.iter().map(|(id, _)| *id).collect();
+    free.sort_unstable();
+    free.reverse();
+    for s in new {
+        if now.iter().any(|(_, n)| n == s) {
+            continue;
+        }
+        let id = match free.pop() {
+            Some(id) => id,
+            None => next_free_id(&now),
+        };
+        if let Err(e) = sink.set_slot(id, Some(s)) {
+            return Err((
+                now,
+                format!("creating slot {id} at {:#x}+{:#x}: {e}", s.gpa, s.len),
+            ));
+        }
+        now.push((id, *s));
+    }
+    now.sort_by_key(|(_, s)| s.gpa);
+    Ok(now)
+}
+
+/// Slot ids used for RAM: 0..8 and from 16 up (8 is the patch area's).
+fn next_free_id(used: &[(u32, SlotSpec)]) -> u32 {
+    (0..)
+        .filter(|id| *id != crate::region::PATCH_AREA_SLOT)
+        .find(|id| !used.iter().any(|(u, _)| u == id))
+        .unwrap_or(u32::MAX)
+}
+
+impl From<MemoryError> for ProtectError {
+    fn from(e: MemoryError) -> Self {
+        ProtectError::Slots(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::RamRange;
+
+    fn pages(list: &[u64]) -> BTreeMap<u64, Vec<usize>> {
+        list.iter().map(|p| (*p, vec![0])).collect()
+    }
+
+    #[test]
+    fn layout_splits_and_merges() {
+        let ram = [RamRange {
+            guest_addr: 0,
+            len: 16 * PAGE,
+            file_offset: 0,
+        }];
+        assert_eq!(slot_layout(&ram, &BTreeMap::new()).len(), 1);
+        let l = slot_layout(&ram, &pages(&[3, 4, 9]));
+        let kinds: Vec<(u64, u64, bool)> = l
+            .iter()
+            .map(|s| (s.gpa / PAGE, s.len / PAGE, s.readonly))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, 3, false),
+                (3, 2, true),
+                (5, 4, false),
+                (9, 1, true),
+                (10, 6, false)
+            ]
+        );
+        assert!(l.iter().all(|s| s.file_offset == s.gpa));
+        // Edges: first and last page.
+        let l = slot_layout(&ram, &pages(&[0, 15]));
+        assert_eq!(l.len(), 3);
+        assert!(l[0].readonly && l[2].readonly && !l[1].readonly);
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<BTreeMap<u32, SlotSpec>>, Mutex<u32>);
+    impl SlotSink for Recorder {
+        fn set_slot(&self, id: u32, spec: Option<&SlotSpec>) -> Result<(), String> {
+            let mut calls = self.1.lock().expect("lock");
+            *calls += 1;
+            let mut m = self.0.lock().expect("lock");
+            match spec {
+                Some(s) => {
+                    if m.values()
+                        .any(|o| o.gpa < s.gpa + s.len && s.gpa < o.gpa + o.len)
+                    {
+                        return Err("overlap".into());
+                    }
+                    if m.insert(id, *s).is_some() {
+                        return Err("slot in use".into());
+                    }
+                }
+                None => {
+                    m.remove(&id).ok_or("no such slot")?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn wc() -> (WriteControl, Recorder) {
+        let ram = Arc::new(GuestRam::new(1 << 20).expect("ram"));
+        let spec = SlotSpec {
+            gpa: 0,
+            len: 1 << 20,
+            file_offset: 0,
+            readonly: false,
+        };
+        let rec = Recorder::default();
+        rec.0.lock().expect("lock").insert(0, spec);
+        (
+            WriteControl::new(ram, vec![(0, spec)], (1 << 32, 2 << 20)),
+            rec,
+        )
+    }
+
+    fn prot(owner: &str, gpa: u64, len: u64) -> Protection {
+        Protection {
+            owner: owner.into(),
+            label: "x".into(),
+            gpa,
+            len,
+        }
+    }
+
+    #[test]
+    fn protect_and_release_restore_the_layout() {
+        let (w, rec) = wc();
+        let before = w.slot_layout();
+        w.change(&rec, &[], &[prot("a", 0x3000, 5), prot("b", 0x3ffe, 4)])
+            .expect("protect");
+        assert_eq!(w.stats().pages, 2);
+        let ro: Vec<_> = w.slot_layout().into_iter().filter(|s| s.readonly).collect();
+        assert_eq!(
+            ro,
+            vec![SlotSpec {
+                gpa: 0x3000,
+                len: 0x2000,
+                file_offset: 0x3000,
+                readonly: true
+            }]
+        );
+        assert!(w.is_protected_page(0x3fff) && w.is_protected_page(0x4000));
+        assert!(!w.is_protected_page(0x5000));
+        w.change(&rec, &["b".into()], &[]).expect("release b");
+        assert_eq!(w.stats().pages, 1);
+        w.change(&rec, &["a".into()], &[]).expect("release a");
+        assert_eq!(w.slot_layout(), before);
+        let m = rec.0.lock().expect("lock");
+        assert_eq!(m.values().copied().collect::<Vec<_>>(), before);
+    }
+
+    #[test]
+    fn bad_ranges_change_nothing() {
+        let (w, rec) = wc();
+        let before = w.slot_layout();
+        for (p, what) in [
+            (prot("a", 0x1000, 0), "empty"),
+            (prot("a", (1 << 20) - 2, 4), "not guest RAM"),
+            (prot("a", (1 << 32) + 16, 4), "patch area"),
+            (prot("", 0x1000, 4), "owner"),
+        ] {
+            let e = w
+                .change(&rec, &[], &[prot("ok", 0x2000, 1), p])
+                .expect_err(what);
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        assert_eq!(w.slot_layout(), before);
+        assert_eq!(w.stats().ranges, 0);
+    }
+
+    struct NoCpu(Arc<GuestRam>);
+    impl WriterCpu for NoCpu {
+        fn regs(&self) -> Option<kvm_bindings::kvm_regs> {
+            None
+        }
+        fn sregs(&self) -> Option<kvm_bindings::kvm_sregs> {
+            None
+        }
+        fn memory(&self) -> &dyn PhysMemory {
+            self.0.as_ref()
+        }
+    }
+
+    #[test]
+    fn refused_writes_keep_protected_bytes_and_write_the_rest() {
+        let (w, rec) = wc();
+        w.ram
+            .write(0x3000, &[1, 2, 3, 4, 5, 6, 7, 8])
+            .expect("seed");
+        w.change(&rec, &[], &[prot("patch:fix", 0x3002, 2)])
+            .expect("protect");
+        let cpu = NoCpu(w.ram.clone());
+        // Touches protected bytes 2..4: refused (no policy), others written.
+        assert_eq!(w.on_write(0, &cpu, 0x3000, &[9; 8]), Outcome::Done);
+        let mut b = [0u8; 8];
+        w.ram.read(0x3000, &mut b).expect("read");
+        assert_eq!(b, [9, 9, 3, 4, 9, 9, 9, 9]);
+        // Elsewhere on the page: written.
+        w.on_write(1, &cpu, 0x3800, &[0xaa; 4]);
+        let mut c = [0u8; 4];
+        w.ram.read(0x3800, &mut c).expect("read");
+        assert_eq!(c, [0xaa; 4]);
+        let s = w.stats();
+        assert_eq!((s.trapped, s.allowed, s.refused), (2, 1, 1));
+        let (ev, next) = w.events_since(0);
+        assert_eq!(next, 2);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].target, "x+0x0");
+        assert_eq!(ev[0].owner, "patch:fix");
+        assert_eq!(ev[0].bytes, vec![9; 8]);
+    }
+}
