@@ -89,9 +89,10 @@ enum Command {
         /// VM id.
         #[arg(long)]
         vm: String,
-        /// Name to release it by.
+        /// Name to release it by (without it, and without a range: list
+        /// what is protected and the memory-slot layout).
         #[arg(long)]
-        name: String,
+        name: Option<String>,
         /// Guest-physical start (0x... or decimal).
         #[arg(long, value_parser = parse_u64)]
         gpa: Option<u64>,
@@ -223,7 +224,15 @@ fn main() {
             len,
             json,
             symbol,
-        } => protect::protect(&vm, &name, gpa, symbol, len, json),
+        } => match name {
+            Some(name) => protect::protect(&vm, &name, gpa, symbol, len, json),
+            None if gpa.is_none() && symbol.is_none() && len.is_none() => {
+                protect::protected(&vm, json)
+            }
+            None => Err(CliError::Usage(
+                "lucos protect: --name NAME is needed to protect a range".into(),
+            )),
+        },
         Command::Unprotect { vm, json, name } => protect::unprotect(&vm, &name, json),
         Command::Events {
             vm,

@@ -27,6 +27,28 @@ pub fn protect(
     Ok(exit::OK)
 }
 
+/// `lucos protect --vm ID`: what is protected, and the slot layout.
+pub fn protected(vm: &str, json: bool) -> Result<i32, CliError> {
+    let info: ProtectInfo = connect(vm)?.call_as(&Request::Protected)?;
+    show(vm, &info, json);
+    if !json {
+        println!("  memory slots of guest RAM:");
+        for s in &info.slots {
+            println!(
+                "    {:#012x}..{:#012x} {}",
+                s.gpa,
+                s.gpa + s.len,
+                if s.readonly {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
 /// `lucos unprotect --vm ID NAME`.
 pub fn unprotect(vm: &str, name: &str, json: bool) -> Result<i32, CliError> {
     let info: ProtectInfo = connect(vm)?.call_as(&Request::Unprotect {

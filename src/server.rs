@@ -198,6 +198,7 @@ impl ControlServer {
                 }
             }
             Request::Events { since } => Response::ok(self.events(*since)),
+            Request::Protected => Response::ok(self.protect_info()),
             Request::Symbols {
                 queries,
                 all,
@@ -476,6 +477,7 @@ impl Service for ControlServer {
     fn handle(&self, req: &Request) -> Response {
         match req {
             Request::Status => return Response::ok(self.status()),
+            Request::Protected => return Response::ok(self.protect_info()),
             // Stopping never waits for a patch or an inspection in progress
             // (a switch that is stopped in its pause still completes).
             Request::Stop => {
@@ -547,7 +549,7 @@ mod tests {
                     Request::Patch { .. } | Request::Revert { .. } => typed::<PatchReport>(&data),
                     Request::Patches => typed::<PatchList>(&data),
                     Request::Symbols { .. } => typed::<SymbolsInfo>(&data),
-                    Request::Protect { .. } | Request::Unprotect { .. } => {
+                    Request::Protect { .. } | Request::Unprotect { .. } | Request::Protected => {
                         typed::<ProtectInfo>(&data)
                     }
                     Request::Events { .. } => typed::<EventsInfo>(&data),

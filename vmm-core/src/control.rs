@@ -104,6 +104,8 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         len: Option<u64>,
     },
+    /// Every protected range and the memory-slot layout now.
+    Protected,
     /// Release a range protected with `protect`.
     Unprotect {
         /// Its name.

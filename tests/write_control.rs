@@ -1,0 +1,323 @@
+//! Write control on the test kernel on /dev/kvm: a live patch's jump cannot
+//! be overwritten by the guest (refused, counted, reported with its
+//! writer) while the rest of its page stays writable; revert gives the page
+//! back as ordinary memory in the slot layout of before; atomic increments
+//! by two vCPUs on a protected page stay exact; bad ranges are refused
+//! without changing anything.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::cli::{kernel, text, RunDir};
+use serde_json::Value;
+use symbol_db::SymbolTable;
+
+const FIX: &str = r#"#include "tk.h"
+const char *lucos_version(void)
+{
+	return "testkernel 1.0 (live-patched)";
+}
+"#;
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf8 path")
+}
+
+struct Vm {
+    dir: RunDir,
+    serial: PathBuf,
+}
+
+impl Vm {
+    /// The test kernel as VM `wc` on 2 vCPUs with `cmdline`, trusting `key.pub`.
+    fn start(name: &str, cmdline: &str) -> Self {
+        common::require_kvm();
+        let dir = RunDir::new(name);
+        let serial = dir.0.join("serial.log");
+        let vm = Vm { dir, serial };
+        vm.ok(&["keygen", "-o", p(&vm.path("key"))]);
+        vm.ok(&[
+            "run",
+            "--vm",
+            "wc",
+            "--kernel",
+            &kernel(),
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--cmdline",
+            cmdline,
+            "--serial-log",
+            p(&vm.serial),
+            "--trusted-key",
+            p(&vm.path("key.pub")),
+            "--detach",
+            "--quiet",
+        ]);
+        vm
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.0.join(f)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.dir.lucos(args);
+        assert!(
+            o.status.success(),
+            "lucos {args:?}: {}\n{}",
+            text(&o),
+            self.serial()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).expect("json")
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Waits until `needle` occurs `n` more times than now (a hang detector,
+    /// not a speed limit: generous).
+    fn wait_lines(&self, needle: &str, n: usize, secs: u64) {
+        let base = self.serial().matches(needle).count();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.serial().matches(needle).count() < base + n {
+            assert!(
+                Instant::now() < deadline,
+                "'{needle}' not seen {n} more times in {secs} s:\n{}",
+                self.serial()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for `n` more atomic rounds, failing at once on a lost count.
+    fn wait_rounds(&self, n: usize, secs: u64) {
+        let base = self.serial().matches(" exact count ").count();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let out = self.serial();
+            assert!(!out.contains("LOST"), "an increment was lost:\n{out}");
+            if out.matches(" exact count ").count() >= base + n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} rounds not done in {secs} s:\n{out}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stats(&self) -> Value {
+        self.json(&["status", "--vm", "wc", "--json"])["write_control"].clone()
+    }
+
+    fn protected(&self) -> Value {
+        self.json(&["protect", "--vm", "wc", "--json"])
+    }
+}
+
+fn count(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+#[test]
+fn a_patched_entry_cannot_be_overwritten_by_the_guest_and_the_rest_of_its_page_can() {
+    // Both tasks call a kernel service that writes lucos_version's first 8
+    // bytes back as built (undoing any patch) and another word on the same
+    // text page, which it reads back, over and over.
+    let vm = Vm::start("wc-patch", "tasks=2 iters=0 mode=poke report=200");
+    vm.wait_lines("version testkernel 1.0\n", 4, 60);
+    let syms = SymbolTable::from_elf_file(Path::new(&kernel())).expect("symbols");
+    let entry = syms.lookup("lucos_version").expect("lucos_version").addr;
+    let scratch = syms.lookup("text_scratch").expect("text_scratch").addr;
+    assert_eq!(
+        entry >> 12,
+        scratch >> 12,
+        "the test needs both on one page"
+    );
+    let elf = std::fs::read(kernel()).expect("kernel");
+    let off = common::file_offset_of_vaddr(&elf, entry);
+    let built: Vec<u64> = elf[off..off + 8].iter().map(|b| u64::from(*b)).collect();
+
+    let before = vm.protected();
+    assert_eq!(
+        before["ranges"].as_array().map(Vec::len),
+        Some(0),
+        "{before}"
+    );
+    let s0 = vm.stats();
+    assert_eq!((count(&s0, "pages"), count(&s0, "trapped")), (0, 0), "{s0}");
+
+    std::fs::write(vm.path("fix.c"), FIX).expect("fix.c");
+    vm.ok(&[
+        "build",
+        "--kernel",
+        &kernel(),
+        "--key",
+        p(&vm.path("key")),
+        "--name",
+        "fix",
+        "-o",
+        p(&vm.path("fix.lup")),
+        p(&vm.path("fix.c")),
+    ]);
+    vm.ok(&["patch", "--vm", "wc", p(&vm.path("fix.lup"))]);
+    let at_patch = vm.serial().len();
+    // The patched behaviour stays while the guest keeps trying to undo it.
+    vm.wait_lines("version testkernel 1.0 (live-patched)\n", 10, 60);
+    let out = vm.serial();
+    assert!(
+        !out[at_patch..]
+            .lines()
+            .skip(4)
+            .any(|l| l.ends_with("version testkernel 1.0")),
+        "the guest undid the patch:\n{}",
+        vm.serial()
+    );
+    assert!(!vm.serial().contains("MISMATCH"), "{}", vm.serial());
+
+    let s1 = vm.stats();
+    assert!(count(&s1, "refused") > 0, "{s1}");
+    assert!(
+        count(&s1, "allowed") > 0,
+        "writes elsewhere on the page: {s1}"
+    );
+    assert_eq!((count(&s1, "ranges"), count(&s1, "pages")), (1, 1), "{s1}");
+    let prot = vm.protected();
+    let r = &prot["ranges"][0];
+    assert_eq!(r["owner"], "patch:fix", "{prot}");
+    assert_eq!(r["label"], "lucos_version", "{prot}");
+    assert_eq!(r["len"], 5, "{prot}");
+
+    // The event names the writer, the target and the bytes it tried.
+    let ev = vm.json(&["events", "--vm", "wc", "--json"]);
+    let e = &ev["events"][0];
+    assert_eq!(e["kind"], "refused", "{ev}");
+    assert_eq!(e["target"], "lucos_version+0x0", "{ev}");
+    assert_eq!(e["owner"], "patch:fix", "{ev}");
+    assert_eq!(e["cpl"], 0, "{ev}");
+    assert!(
+        e["writer"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("text_poke_service+")),
+        "{ev}"
+    );
+    let bytes: Vec<u64> = e["bytes"]
+        .as_array()
+        .expect("bytes")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert_eq!(bytes, built, "the bytes the guest tried to write back");
+    let listed = vm.ok(&["list", "--vm", "wc"]);
+    assert!(
+        listed.contains("write control: 1 ranges (5 bytes)"),
+        "{listed}"
+    );
+    let text_events = vm.ok(&["events", "--vm", "wc"]);
+    assert!(
+        text_events.contains("refused") && text_events.contains("(text_poke_service+"),
+        "{text_events}"
+    );
+
+    // Revert: ordinary memory again, the slots as they were.
+    vm.ok(&["revert", "--vm", "wc", "fix"]);
+    vm.wait_lines("version testkernel 1.0\n", 4, 60);
+    let back = vm.protected();
+    assert_eq!(back["ranges"], before["ranges"], "{back}");
+    assert_eq!(back["slots"], before["slots"], "{back}");
+    let s2 = vm.stats();
+    vm.wait_lines("version testkernel 1.0\n", 4, 60);
+    let s3 = vm.stats();
+    assert_eq!(
+        count(&s3, "trapped"),
+        count(&s2, "trapped"),
+        "no traps after revert"
+    );
+    assert!(!vm.serial().contains("MISMATCH"), "{}", vm.serial());
+    assert!(!vm.serial().contains("EXCEPTION"), "{}", vm.serial());
+}
+
+#[test]
+fn atomic_increments_of_two_vcpus_on_a_protected_page_stay_exact() {
+    // Rounds of 100000 `lock incq` per task; task 0 checks the count after each.
+    let n = 100_000u64;
+    let vm = Vm::start("wc-atomic", &format!("tasks=2 mode=atomic atomic_n={n}"));
+    vm.wait_rounds(2, 60);
+    // The page's first 64 bytes protected: the counter after them traps.
+    let prot = vm.json(&[
+        "protect",
+        "--vm",
+        "wc",
+        "--name",
+        "guard",
+        "--len",
+        "64",
+        "--json",
+        "atomic_page",
+    ]);
+    assert_eq!(prot["ranges"][0]["label"], "atomic_page", "{prot}");
+    // The round under way may have begun unprotected; the next ones are
+    // trapped throughout.
+    vm.wait_rounds(2, 900);
+    let s = vm.stats();
+    assert!(
+        count(&s, "allowed") >= 2 * n,
+        "a whole round of increments trapped: {s}"
+    );
+    assert_eq!(count(&s, "refused"), 0, "{s}");
+    eprintln!("write control after two trapped rounds: {s}");
+    let out = vm.serial();
+    assert!(!out.contains("LOST"), "an increment was lost:\n{out}");
+    vm.ok(&["unprotect", "--vm", "wc", "guard"]);
+    vm.wait_rounds(2, 60);
+    assert!(!vm.serial().contains("LOST"), "{}", vm.serial());
+}
+
+#[test]
+fn protecting_a_bad_range_is_refused_and_changes_nothing() {
+    let vm = Vm::start("wc-bad", "tasks=2 iters=0 report=200");
+    vm.wait_lines("version testkernel 1.0\n", 2, 60);
+    let before = vm.protected();
+    for (args, why) in [
+        (
+            vec!["--gpa", "0x3fff000", "--len", "0x2000"],
+            "not guest RAM",
+        ),
+        (vec!["--gpa", "0x100000000", "--len", "16"], "patch area"),
+        (vec!["--gpa", "0x1000", "--len", "0"], "empty"),
+        (vec!["--gpa", "0x1000"], "needs a length"),
+        (vec!["no_such_symbol"], "no_such_symbol"),
+    ] {
+        let mut a = vec!["protect", "--vm", "wc", "--name", "x"];
+        a.extend(args.iter());
+        let o = vm.dir.lucos(&a);
+        let t = text(&o);
+        assert!(!o.status.success(), "{a:?} accepted: {t}");
+        assert!(t.contains(why), "{a:?}: {t}");
+        assert_eq!(vm.protected(), before, "{a:?} changed something");
+    }
+    let o = vm.dir.lucos(&["unprotect", "--vm", "wc", "nothing"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("no range protected"), "{}", text(&o));
+    // A name is protected once.
+    vm.ok(&[
+        "protect", "--vm", "wc", "--name", "x", "--gpa", "0x2000", "--len", "8",
+    ]);
+    let o = vm.dir.lucos(&[
+        "protect", "--vm", "wc", "--name", "x", "--gpa", "0x3000", "--len", "8",
+    ]);
+    assert!(text(&o).contains("already"), "{}", text(&o));
+    vm.ok(&["unprotect", "--vm", "wc", "x"]);
+    assert_eq!(vm.protected(), before);
+    vm.wait_lines("version testkernel 1.0\n", 2, 60);
+}
