@@ -102,6 +102,13 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Kernel text integrity: protect the kernel's text and read-only
+        /// data; only its own text patching (Linux: text_poke) may write them.
+        #[arg(long, conflicts_with_all = ["name", "gpa", "len", "symbol"])]
+        kernel_text: bool,
+        /// With --kernel-text: a function also allowed to write kernel text (repeatable).
+        #[arg(long, requires = "kernel_text")]
+        allow_writer: Vec<String>,
         /// A kernel symbol: NAME, NAME@FILE, NAME#N or 0xADDR (guest-virtual).
         symbol: Option<String>,
     },
@@ -224,7 +231,10 @@ fn main() {
             len,
             json,
             symbol,
+            kernel_text,
+            allow_writer,
         } => match name {
+            _ if kernel_text => protect::protect_kernel(&vm, allow_writer, json),
             Some(name) => protect::protect(&vm, &name, gpa, symbol, len, json),
             None if gpa.is_none() && symbol.is_none() && len.is_none() => {
                 protect::protected(&vm, json)

@@ -27,6 +27,13 @@ pub fn protect(
     Ok(exit::OK)
 }
 
+/// `lucos protect --vm ID --kernel-text [--allow-writer F]...`.
+pub fn protect_kernel(vm: &str, allow_writers: Vec<String>, json: bool) -> Result<i32, CliError> {
+    let info: ProtectInfo = connect(vm)?.call_as(&Request::ProtectKernel { allow_writers })?;
+    show(vm, &info, json);
+    Ok(exit::OK)
+}
+
 /// `lucos protect --vm ID`: what is protected, and the slot layout.
 pub fn protected(vm: &str, json: bool) -> Result<i32, CliError> {
     let info: ProtectInfo = connect(vm)?.call_as(&Request::Protected)?;

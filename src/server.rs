@@ -10,6 +10,7 @@ use symbol_db::SymbolError;
 use update_engine::kernel::{self as introspect, GuestKernel, IntrospectError};
 use update_engine::kernel::{SymbolAnswer, SymbolsInfo};
 use update_engine::patcher::{PatchError, PatchReport, Patcher};
+use update_engine::protect::{GuardPolicy, Writers, KERNEL_TEXT_OWNER};
 use update_engine::UpdateError;
 use vmm_core::control::{
     Done, ErrorCode, EventInfo, EventsInfo, PauseInfo, ProtectInfo, RegsInfo, Request, Response,
@@ -47,6 +48,8 @@ pub struct ControlServer {
     /// Held while a request that pauses the VM or changes its state is
     /// served: such requests from different clients never interleave.
     ops: Mutex<()>,
+    /// What the guest may write on protected pages (installed in the VM).
+    policy: Arc<GuardPolicy>,
 }
 
 fn pause_error(e: &VmError) -> ErrorCode {
@@ -60,8 +63,12 @@ fn pause_error(e: &VmError) -> ErrorCode {
     }
 }
 
-/// The write-control owner of a range protected with `lucos protect NAME`.
+/// The write-control owner of a range protected with `lucos protect NAME`
+/// (`kernel-text`: the kernel's text and read-only data).
 fn user_owner(name: &str) -> String {
+    if name == KERNEL_TEXT_OWNER {
+        return name.to_owned();
+    }
     format!("user:{name}")
 }
 
@@ -79,7 +86,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 impl ControlServer {
     /// A server for `vm`.
     pub fn new(vm: Arc<Vm>, ident: VmIdentity) -> Self {
+        let policy = Arc::new(GuardPolicy::new());
+        vm.write_control().set_policy(policy.clone());
         Self {
+            policy,
             vm,
             ident,
             pauses: AtomicU64::new(0),
@@ -178,6 +188,10 @@ impl ControlServer {
                 Ok(()) => Response::ok(self.protect_info()),
                 Err(r) => r,
             },
+            Request::ProtectKernel { allow_writers } => match self.protect_kernel(allow_writers) {
+                Ok(()) => Response::ok(self.protect_info()),
+                Err(r) => r,
+            },
             Request::Unprotect { name } => {
                 let owner = user_owner(name);
                 if !self
@@ -234,7 +248,7 @@ impl ControlServer {
         len: Option<u64>,
     ) -> Result<(), Response> {
         let bad = |m: String| Response::err(ErrorCode::BadRequest, m);
-        if name.is_empty() || name.contains(char::is_whitespace) {
+        if name.is_empty() || name.contains(char::is_whitespace) || name == KERNEL_TEXT_OWNER {
             return Err(bad(format!(
                 "'{name}' is not a protection name (no spaces, not empty)"
             )));
@@ -309,6 +323,97 @@ impl ControlServer {
             }
         };
         self.change_protection(&[], &[range])
+    }
+
+    /// Kernel text integrity: the running kernel's text (and read-only data,
+    /// where its symbols bracket it) protected; its own text patching, and
+    /// the functions in `allow_writers`, may write there.
+    fn protect_kernel(&self, allow_writers: &[String]) -> Result<(), Response> {
+        let k = self
+            .guest_kernel()
+            .map_err(|e| Response::err(ErrorCode::NoKernel, error_chain(&e)))?;
+        let sym = |n: &str| k.symbols.lookup(n).ok().map(|s| s.addr);
+        let mut spans = Vec::new();
+        for (label, start, end) in [
+            (".text", "_stext", "_etext"),
+            (".rodata", "__start_rodata", "__end_rodata"),
+        ] {
+            match (sym(start), sym(end)) {
+                (Some(s), Some(e)) if e > s => spans.push((label, s, e)),
+                _ if label == ".text" => {
+                    return Err(Response::err(
+                        ErrorCode::NoSymbol,
+                        "the kernel's symbols have no _stext.._etext",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let mut functions = Vec::new();
+        for w in allow_writers {
+            let a = k
+                .symbols
+                .answer(w)
+                .map_err(|e| Response::err(ErrorCode::NoSymbol, e.to_string()))?;
+            functions.push((
+                a.symbol.name.clone(),
+                a.symbol.addr,
+                a.symbol.addr + a.symbol.size.max(1),
+            ));
+        }
+        let paused = Paused::new(self.vm.as_ref())
+            .map_err(|e| Response::err(pause_error(&e), error_chain(&e)))?;
+        let paging = paused
+            .vcpu(0)
+            .map_err(|e| Response::err(pause_error(&e), error_chain(&e)))?
+            .paging;
+        let paging = match &k.tasks {
+            Ok(t) => t.paging(paging, k.text, k.text_gpa),
+            Err(_) => paging,
+        };
+        let mut ranges = Vec::new();
+        for (label, start, end) in spans {
+            // The kernel image is physically contiguous: check both ends.
+            let gpa = start.wrapping_sub(k.text).wrapping_add(k.text_gpa);
+            for (va, want) in [(start, gpa), (end - 1, gpa + (end - 1 - start))] {
+                match vmm_core::pagewalk::translate(self.vm.ram().as_ref(), paging, va) {
+                    Ok(t) if t.gpa == want => {}
+                    other => {
+                        return Err(Response::err(
+                            ErrorCode::NotMapped,
+                            format!(
+                            "kernel {label} at {va:#x} is not where the image puts it: {other:?}"
+                        ),
+                        ))
+                    }
+                }
+            }
+            ranges.push(Protection {
+                owner: KERNEL_TEXT_OWNER.into(),
+                label: label.into(),
+                gpa,
+                len: end - start,
+            });
+        }
+        let poking_pgd = match &k.tasks {
+            Ok(t) => {
+                match update_engine::linux::poking_pgd(self.vm.as_ref(), paging, t, &k.symbols) {
+                    Ok(pgd) => Some(pgd),
+                    Err(e) => {
+                        log::warn!("kernel text integrity without Linux's text_poke allowed: {e}");
+                        None
+                    }
+                }
+            }
+            Err(_) => None,
+        };
+        self.policy.set_writers(Writers {
+            poking_pgd,
+            functions,
+        });
+        paused
+            .change_protection(&[KERNEL_TEXT_OWNER.to_owned()], &ranges)
+            .map_err(|e| Response::err(ErrorCode::BadRequest, e.to_string()))
     }
 
     /// A write-control change in a pause of its own.
@@ -549,9 +654,10 @@ mod tests {
                     Request::Patch { .. } | Request::Revert { .. } => typed::<PatchReport>(&data),
                     Request::Patches => typed::<PatchList>(&data),
                     Request::Symbols { .. } => typed::<SymbolsInfo>(&data),
-                    Request::Protect { .. } | Request::Unprotect { .. } | Request::Protected => {
-                        typed::<ProtectInfo>(&data)
-                    }
+                    Request::Protect { .. }
+                    | Request::ProtectKernel { .. }
+                    | Request::Unprotect { .. }
+                    | Request::Protected => typed::<ProtectInfo>(&data),
                     Request::Events { .. } => typed::<EventsInfo>(&data),
                 };
                 assert_eq!(back, data, "{req:?}: the answer changed in a round trip");

@@ -321,3 +321,89 @@ fn protecting_a_bad_range_is_refused_and_changes_nothing() {
     assert_eq!(vm.protected(), before);
     vm.wait_lines("version testkernel 1.0\n", 2, 60);
 }
+
+#[test]
+fn kernel_text_integrity_refuses_all_writers_but_the_kernels_own_and_never_a_patch() {
+    let vm = Vm::start("wc-text", "tasks=2 iters=0 mode=poke report=200");
+    vm.wait_lines("version testkernel 1.0\n", 4, 60);
+    let before = vm.protected();
+    // Kernel text protected, no writer allowed: the kernel's writes to its
+    // own text page are refused, so what it reads back differs.
+    let prot = vm.json(&["protect", "--vm", "wc", "--kernel-text", "--json"]);
+    assert_eq!(prot["ranges"][0]["owner"], "kernel-text", "{prot}");
+    assert_eq!(prot["ranges"][0]["label"], ".text", "{prot}");
+    vm.wait_lines("poke MISMATCH", 2, 60);
+    let ev = vm.json(&["events", "--vm", "wc", "--json"]);
+    let e = &ev["events"][0];
+    assert_eq!(e["owner"], "kernel-text", "{ev}");
+    assert!(
+        e["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(".text+0x")),
+        "{ev}"
+    );
+    // The kernel's text patcher named: its writes go through again.
+    vm.ok(&["unprotect", "--vm", "wc", "kernel-text"]);
+    vm.ok(&[
+        "protect",
+        "--vm",
+        "wc",
+        "--kernel-text",
+        "--allow-writer",
+        "text_poke_service",
+    ]);
+    let mark = vm.serial().len();
+    vm.wait_lines("version testkernel 1.0\n", 6, 60);
+    let out = vm.serial();
+    assert!(
+        !out[mark..].lines().skip(2).any(|l| l.contains("MISMATCH")),
+        "an allowed writer was refused:\n{out}"
+    );
+    // A patch's jump stays refused to that writer too.
+    std::fs::write(vm.path("fix.c"), FIX).expect("fix.c");
+    vm.ok(&[
+        "build",
+        "--kernel",
+        &kernel(),
+        "--key",
+        p(&vm.path("key")),
+        "--name",
+        "fix",
+        "-o",
+        p(&vm.path("fix.lup")),
+        p(&vm.path("fix.c")),
+    ]);
+    vm.ok(&["patch", "--vm", "wc", p(&vm.path("fix.lup"))]);
+    let at_patch = vm.serial().len();
+    vm.wait_lines("version testkernel 1.0 (live-patched)\n", 8, 60);
+    let out = vm.serial();
+    assert!(
+        !out[at_patch..]
+            .lines()
+            .skip(4)
+            .any(|l| l.ends_with("version testkernel 1.0")),
+        "the guest undid the patch:\n{out}"
+    );
+    let since = count(&ev, "next") - 1;
+    let later = vm.json(&[
+        "events",
+        "--vm",
+        "wc",
+        "--json",
+        "--since",
+        &since.to_string(),
+    ]);
+    let owners: Vec<&str> = later["events"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|e| e["owner"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        owners.contains(&"patch:fix"),
+        "owners of later events: {owners:?}"
+    );
+    vm.ok(&["revert", "--vm", "wc", "fix"]);
+    vm.ok(&["unprotect", "--vm", "wc", "kernel-text"]);
+    let back = vm.protected();
+    assert_eq!(back["ranges"], before["ranges"], "{back}");
+    assert_eq!(back["slots"], before["slots"], "{back}");
+}

@@ -13,6 +13,7 @@ pub mod link;
 pub mod linux;
 pub mod lup;
 pub mod patcher;
+pub mod protect;
 pub mod safety;
 pub mod switch;
 pub mod trampoline;

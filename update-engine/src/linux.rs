@@ -49,6 +49,8 @@ pub struct TaskLayout {
     pub pid: u64,
     /// Offset of `task_struct.comm`.
     pub comm: u64,
+    /// Offset of `mm_struct.pgd` (the top-level page table of an address space).
+    pub mm_pgd: u64,
 }
 
 impl TaskLayout {
@@ -68,6 +70,9 @@ impl TaskLayout {
             thread_sp: off("thread.sp")?,
             pid: off("pid")?,
             comm: off("comm")?,
+            mm_pgd: btf
+                .offset_of("mm_struct", "pgd")
+                .map_err(|e| e.to_string())?,
         })
     }
 
@@ -101,6 +106,31 @@ impl std::fmt::Display for SleepingTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "task {} ({})", self.pid, self.comm)
     }
+}
+
+/// Guest-physical address of the top-level page table of the kernel's
+/// text-patching address space (`poking_mm->pgd`): text_poke, and through
+/// it ftrace, jump labels, static calls and kprobes, write kernel text only
+/// through that temporary mapping, so a write with that CR3 is the kernel's
+/// own text patching.
+pub fn poking_pgd(
+    vm: &dyn Guest,
+    paging: PagingState,
+    layout: &TaskLayout,
+    symbols: &SymbolTable,
+) -> Result<u64, String> {
+    let var = symbols
+        .lookup("poking_mm")
+        .map_err(|e| format!("poking_mm: {e}"))?
+        .addr;
+    let mm = read_u64(vm, paging, var)?;
+    if mm == 0 {
+        return Err("poking_mm is not set up yet".into());
+    }
+    let pgd = read_u64(vm, paging, mm + layout.mm_pgd)?;
+    let t = vmm_core::pagewalk::translate(vm.ram(), paging, pgd)
+        .map_err(|e| format!("poking_mm->pgd {pgd:#x}: {e}"))?;
+    Ok(t.gpa)
 }
 
 fn read_u64(vm: &dyn Guest, paging: PagingState, va: u64) -> Result<u64, String> {

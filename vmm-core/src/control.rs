@@ -104,6 +104,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         len: Option<u64>,
     },
+    /// Kernel text integrity: protect the running kernel's text and
+    /// read-only data; only its own text patching may write them.
+    ProtectKernel {
+        /// Functions also allowed to write kernel text (by the writing
+        /// instruction's address), besides Linux's text_poke.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        allow_writers: Vec<String>,
+    },
     /// Every protected range and the memory-slot layout now.
     Protected,
     /// Release a range protected with `protect`.

@@ -189,6 +189,8 @@ pub struct TrappedWrite<'a> {
     pub rip: u64,
     /// Privilege level of the writer.
     pub cpl: u8,
+    /// The writer's CR3 (its address space), 0 if unknown.
+    pub cr3: u64,
     /// Guest-physical address of the first byte.
     pub gpa: u64,
     /// The bytes.
@@ -532,6 +534,7 @@ impl WriteControl {
                         vcpu,
                         rip,
                         cpl,
+                        cr3: cpu.sregs().map(|s| s.cr3).unwrap_or(0),
                         gpa,
                         data,
                         touches: touches.clone(),
@@ -588,7 +591,13 @@ impl WriteControl {
                     }
                 }
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                let hit = touches[0];
+                // The most specific range hit names it (a patch's jump
+                // inside protected kernel text: the patch).
+                let hit = touches
+                    .iter()
+                    .copied()
+                    .min_by_key(|p| p.len)
+                    .unwrap_or(touches[0]);
                 let first = gpa.max(hit.gpa);
                 self.record(WriteEvent {
                     seq: 0,
