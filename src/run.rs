@@ -56,6 +56,14 @@ pub struct RunArgs {
     /// repeat for several. Without one, every patch is refused.
     #[arg(long = "trusted-key")]
     pub trusted_keys: Vec<PathBuf>,
+    /// Kernel text integrity once the kernel has booted (as `lucos protect
+    /// --kernel-text`): on Linux when it has made its text read-only, on
+    /// other kernels when a vCPU runs in user mode.
+    #[arg(long)]
+    pub protect_kernel: bool,
+    /// With --protect-kernel: a function also allowed to write kernel text (repeatable).
+    #[arg(long, requires = "protect_kernel")]
+    pub allow_writer: Vec<String>,
 }
 
 /// Runs the VMM (or, with --detach, starts it in the background).
@@ -134,6 +142,14 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
         )
         .with_trusted_keys(trusted),
     );
+    if args.protect_kernel {
+        let (server, ctl) = (server.clone(), vm.control());
+        let writers = args.allow_writer.clone();
+        std::thread::Builder::new()
+            .name("protect-kernel".into())
+            .spawn(move || protect_when_booted(&server, &ctl, writers))
+            .map_err(|e| CliError::io("cannot start the protect-kernel thread".into(), e))?;
+    }
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || vmm_core::control::serve(listener, server))
@@ -160,6 +176,30 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
         ExitReason::Reset | ExitReason::PowerOff | ExitReason::Stopped => exit::OK,
         ExitReason::TripleFault { .. } | ExitReason::Error { .. } => exit::GUEST_CRASHED,
     })
+}
+
+/// `run --protect-kernel`: checks five times a second whether the kernel
+/// has booted, then protects its text (once; a failure is logged).
+fn protect_when_booted(
+    server: &ControlServer,
+    ctl: &vmm_core::vcpu::RunControl,
+    allow_writers: Vec<String>,
+) {
+    while !ctl.stopping() {
+        std::thread::sleep(Duration::from_millis(200));
+        if !server.kernel_booted() {
+            continue;
+        }
+        let r =
+            vmm_core::control::Service::handle(server, &Request::ProtectKernel { allow_writers });
+        match r.error {
+            None => eprintln!(
+                "lucos: kernel text integrity on: the kernel's text and read-only data are protected"
+            ),
+            Some(e) => eprintln!("lucos: error: --protect-kernel failed: {}", e.message),
+        }
+        return;
+    }
 }
 
 /// Re-runs this command without --detach in a new session, logging to the run

@@ -416,6 +416,35 @@ impl ControlServer {
             .map_err(|e| Response::err(ErrorCode::BadRequest, e.to_string()))
     }
 
+    /// Whether the guest kernel has booted far enough for kernel text
+    /// integrity: a Linux kernel has made its text read-only in its own page
+    /// tables (mark_rodata_ro, after its init code patched itself); another
+    /// kernel has a vCPU in user mode.
+    pub fn kernel_booted(&self) -> bool {
+        let Ok(k) = self.guest_kernel() else {
+            return false;
+        };
+        let _one = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(paused) = Paused::new(self.vm.as_ref()) else {
+            return false;
+        };
+        let states: Vec<_> = (0..self.vm.vcpu_count())
+            .filter_map(|v| paused.vcpu(v).ok())
+            .collect();
+        let Some(first) = states.first() else {
+            return false;
+        };
+        match &k.tasks {
+            Ok(t) => {
+                let paging = t.paging(first.paging, k.text, k.text_gpa);
+                let text = k.symbols.lookup("_stext").map(|s| s.addr).unwrap_or(k.text);
+                vmm_core::pagewalk::translate(self.vm.ram().as_ref(), paging, text)
+                    .is_ok_and(|t| !t.writable)
+            }
+            Err(_) => states.iter().any(|s| s.cpl == 3),
+        }
+    }
+
     /// A write-control change in a pause of its own.
     fn change_protection(&self, release: &[String], add: &[Protection]) -> Result<(), Response> {
         let paused = Paused::new(self.vm.as_ref())

@@ -95,6 +95,17 @@ trace_on() {
   echo "filter_rc=$r1 tracer_rc=$r2 hits=$hits"
 }
 poke() { insmod /files/wpoke.ko addr=0x$1 bytes=$2 2>/dev/null; dmesg | grep 'wpoke:' | tail -n 1 | sed 's/.*wpoke: //'; }
+if grep -q wc.pk /proc/cmdline; then
+  # Booted with lucos run --protect-kernel: once the host says the kernel
+  # text is protected, the module tries an unpatched function, the tracer runs.
+  echo "@@PK ready"
+  until grep -q lucos-step-2 /proc/uptime; do sleep 0.2; done
+  echo "@@PK poke $(poke $VP 31c0c3)"
+  echo "@@PK after-poke version=$(cut -c 1-13 /proc/version)"
+  echo "@@PK ftrace $(trace_on loadavg_proc_show)"
+  echo "@@PK done"
+  while :; do sleep 1; done
+fi
 echo "@@WC ready"
 until grep -q lucos.patched /proc/cmdline; do sleep 0.2; done
 echo "@@WC patched cmdline=$(cat /proc/cmdline)"
@@ -117,9 +128,9 @@ const SCENARIO: &str = r#"
 LOG=/tmp/wc.serial
 wait_for() {
   n=0
-  until grep -q "$1" $LOG; do
+  until grep -q "$1" ${2:-$LOG}; do
     sleep 0.2; n=$((n + 1))
-    if [ $n -gt 1500 ]; then echo "@@SCN timeout waiting for $1"; sed 's/^/G| /' $LOG | tail -n 40; return 1; fi
+    if [ $n -gt 1500 ]; then echo "@@SCN timeout waiting for $1"; sed 's/^/G| /' ${2:-$LOG} | tail -n 40; return 1; fi
   done
 }
 up wc $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
@@ -140,6 +151,19 @@ grep "@@WC" $LOG | sed 's/^/G| /'
 $LUCOS stop --vm wc >/dev/null
 wait_vm wc 60
 cat $LUCOS_RUN_DIR/wc.log | sed 's/^/V| /'
+# lucos run --protect-kernel: protected once the kernel has made its text read-only.
+PK=/tmp/pk.serial
+up pk $PK --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE wc.pk" --trusted-key $FILES/key.pub --protect-kernel || exit 1
+n=0; until $LUCOS protect --vm pk | grep -q kernel-text; do sleep 0.5; n=$((n + 1)); [ $n -gt 600 ] && break; done
+$LUCOS protect --vm pk | sed 's/^/@@SCN pk /'
+$LUCOS patch --vm pk $FILES/signal.lup > /tmp/o 2>&1; echo "@@SCN pk signal rc=$? $(tr '\n' ' ' < /tmp/o)"
+wait_for "@@PK done" $PK
+grep "@@PK" $PK | sed 's/^/G| /'
+$LUCOS events --vm pk > /tmp/ev 2>&1
+grep -m 3 'kernel-text' /tmp/ev | sed 's/^/@@SCN pk-event /'
+$LUCOS stop --vm pk >/dev/null
+wait_vm pk 60
+cat $LUCOS_RUN_DIR/pk.log | sed 's/^/V| /'
 "#;
 
 fn run(cmd: &mut Command) {
@@ -273,6 +297,37 @@ fn linux_guest_cannot_undo_a_patch_or_write_protected_kernel_text_and_its_text_p
     out.expect("@@WC done");
     out.expect("@@WC alive Linux version");
     out.expect("lucos: VM wc ended: stopped");
+    // lucos run --protect-kernel: the same, from boot on.
+    assert!(
+        out.text
+            .lines()
+            .any(|l| l.starts_with("@@SCN pk ") && l.contains("kernel-text")),
+        "--protect-kernel did not protect:\n{}",
+        out.text
+    );
+    out.expect("lucos: kernel text integrity on");
+    assert!(line("@@SCN pk signal ").contains("rc=0"), "{}", out.text);
+    let pk = line("@@PK poke ");
+    assert!(
+        pk.contains("wrote 3 bytes") && !pk.ends_with("31c0c3"),
+        "{pk}"
+    );
+    assert!(
+        line("@@PK after-poke ").contains("version=Linux version"),
+        "{}",
+        out.text
+    );
+    let pkf = line("@@PK ftrace ");
+    assert!(
+        pkf.contains("tracer_rc=0") && !pkf.contains("hits=0"),
+        "{pkf}"
+    );
+    assert!(
+        line("@@SCN pk-event ").contains("(kernel-text)"),
+        "{}",
+        out.text
+    );
+    out.expect("lucos: VM pk ended: stopped");
     for l in out.text.lines().filter(|l| l.contains("@@WC dmesg ")) {
         eprintln!("{l}");
     }

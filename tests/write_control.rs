@@ -33,17 +33,23 @@ struct Vm {
 impl Vm {
     /// The test kernel as VM `wc` on 2 vCPUs with `cmdline`, trusting `key.pub`.
     fn start(name: &str, cmdline: &str) -> Self {
+        Self::start_with(name, cmdline, &[])
+    }
+
+    /// [`Vm::start`] with more `lucos run` arguments.
+    fn start_with(name: &str, cmdline: &str, extra: &[&str]) -> Self {
         common::require_kvm();
         let dir = RunDir::new(name);
         let serial = dir.0.join("serial.log");
         let vm = Vm { dir, serial };
         vm.ok(&["keygen", "-o", p(&vm.path("key"))]);
-        vm.ok(&[
+        let (k, serial, key) = (kernel(), vm.serial.clone(), vm.path("key.pub"));
+        let mut args = vec![
             "run",
             "--vm",
             "wc",
             "--kernel",
-            &kernel(),
+            &k,
             "--vcpus",
             "2",
             "--mem",
@@ -51,12 +57,14 @@ impl Vm {
             "--cmdline",
             cmdline,
             "--serial-log",
-            p(&vm.serial),
+            p(&serial),
             "--trusted-key",
-            p(&vm.path("key.pub")),
+            p(&key),
             "--detach",
             "--quiet",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        vm.ok(&args);
         vm
     }
 
@@ -406,4 +414,20 @@ fn kernel_text_integrity_refuses_all_writers_but_the_kernels_own_and_never_a_pat
     let back = vm.protected();
     assert_eq!(back["ranges"], before["ranges"], "{back}");
     assert_eq!(back["slots"], before["slots"], "{back}");
+}
+
+#[test]
+fn run_protect_kernel_protects_the_text_once_tasks_run() {
+    let vm = Vm::start_with(
+        "wc-boot",
+        "tasks=2 iters=0 mode=poke report=200",
+        &["--protect-kernel"],
+    );
+    // Once a vCPU has run in user mode the text is protected; the kernel's
+    // own writes to its text page are refused from then on.
+    vm.wait_lines("poke MISMATCH", 2, 60);
+    let prot = vm.protected();
+    assert_eq!(prot["ranges"][0]["owner"], "kernel-text", "{prot}");
+    let log = std::fs::read_to_string(vm.path("wc.log")).unwrap_or_default();
+    assert!(log.contains("kernel text integrity on"), "{log}");
 }
