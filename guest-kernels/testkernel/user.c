@@ -6,7 +6,7 @@
 #include "tk.h"
 
 enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK, P_ATOMIC_N, P_TASKS };
-enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC };
+enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH };
 
 /* Progress of each task, in user memory; the VMM's tests read it. */
 volatile u64 user_progress[MAX_TASKS];
@@ -184,6 +184,11 @@ __attribute__((noreturn)) void user_main(u64 task)
 	u64 i, counter = 0, mixed = 0;
 	volatile u64 sink = 0;
 
+	/* mode=wbench: plain 8-byte stores to atomic_page.count, forever (the
+	 * write-control benchmark measures them trapped and not). */
+	if (mode == MODE_WBENCH)
+		for (i = 1;; i++)
+			atomic_page.count = i;
 	if (mode == MODE_ATOMIC)
 		atomic_rounds(task, sys3(SYS_PARAM, P_TASKS, 0, 0), sys3(SYS_PARAM, P_ATOMIC_N, 0, 0));
 	for (i = 1; iters == 0 || i <= iters; i++) {

@@ -284,6 +284,7 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let sync_regs = kvm.check_extension(Cap::SyncRegs);
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
         for i in 0..cfg.vcpus {
             let fd = vm_fd
@@ -293,6 +294,7 @@ impl Vm {
             vcpus.push(Arc::new(Vcpu {
                 index: i,
                 fd: std::sync::Mutex::new(fd),
+                sync_regs,
             }));
         }
         Ok(Self {

@@ -255,6 +255,9 @@ pub struct WriteStats {
     pub handled: u64,
     /// Read-modify-writes rewound because another write came in between.
     pub rewound: u64,
+    /// Nanoseconds spent deciding and performing trapped writes, in all.
+    #[serde(default)]
+    pub handle_ns: u64,
     /// Protected ranges now.
     pub ranges: u64,
     /// Read-only pages now.
@@ -270,6 +273,7 @@ struct Counters {
     refused: AtomicU64,
     handled: AtomicU64,
     rewound: AtomicU64,
+    handle_ns: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -302,6 +306,11 @@ pub struct WriteControl {
     slots: Mutex<Vec<(u32, SlotSpec)>>,
     start: Instant,
     area: (u64, u64),
+    /// Measurement floor (benchmarks): trapped writes are counted and
+    /// dropped, nothing decoded or decided.
+    bare: std::sync::atomic::AtomicBool,
+    /// Whether any page is read-only now (the vCPU loop's cheap test).
+    trapping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for WriteControl {
@@ -336,12 +345,21 @@ impl WriteControl {
             slots: Mutex::new(slots),
             start: Instant::now(),
             area,
+            bare: std::sync::atomic::AtomicBool::new(false),
+            trapping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// The RAM under control.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// Benchmarks only: with `bare`, a trapped write is counted and dropped
+    /// at once (no decode, no policy, no write): the cost of the read-only
+    /// slot's trap itself, the floor an emulated write is compared with.
+    pub fn set_bare(&self, bare: bool) {
+        self.bare.store(bare, Ordering::Relaxed);
     }
 
     /// Installs the policy that decides writes to protected bytes (without
@@ -433,6 +451,8 @@ impl WriteControl {
         match apply_layout(sink, &old, &layout) {
             Ok(now) => {
                 *slots = now;
+                self.trapping
+                    .store(!next.pages.is_empty(), Ordering::Relaxed);
                 *table = Arc::new(next);
                 Ok(())
             }
@@ -451,6 +471,12 @@ impl WriteControl {
         }
     }
 
+    /// Whether trapped writes need the writer's registers now: some page is
+    /// protected (and the benchmark floor is off).
+    pub fn trapping(&self) -> bool {
+        self.trapping.load(Ordering::Relaxed) && !self.bare.load(Ordering::Relaxed)
+    }
+
     /// Whether `gpa` is on a protected page (the vCPU exit path's test).
     pub fn is_protected_page(&self, gpa: u64) -> bool {
         self.table().pages.contains_key(&(gpa / PAGE))
@@ -466,6 +492,7 @@ impl WriteControl {
             refused: c.refused.load(Ordering::Relaxed),
             handled: c.handled.load(Ordering::Relaxed),
             rewound: c.rewound.load(Ordering::Relaxed),
+            handle_ns: c.handle_ns.load(Ordering::Relaxed),
             ranges: t.list.len() as u64,
             pages: t.pages.len() as u64,
             slots: self.slots.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
@@ -499,8 +526,20 @@ impl WriteControl {
     /// Deals with one trapped guest write of `data` at `gpa` by vCPU `vcpu`,
     /// whose registers `cpu` reads (and sets, to rewind).
     pub fn on_write(&self, vcpu: u8, cpu: &dyn WriterCpu, gpa: u64, data: &[u8]) -> Outcome {
-        let table = self.table();
+        let t0 = Instant::now();
+        let out = self.decide_and_write(vcpu, cpu, gpa, data);
+        self.counters
+            .handle_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
+    fn decide_and_write(&self, vcpu: u8, cpu: &dyn WriterCpu, gpa: u64, data: &[u8]) -> Outcome {
         self.counters.trapped.fetch_add(1, Ordering::Relaxed);
+        if self.bare.load(Ordering::Relaxed) {
+            return Outcome::Done;
+        }
+        let table = self.table();
         let page = gpa / PAGE;
         let _page_lock = self.page_locks[(page % self.page_locks.len() as u64) as usize]
             .lock()

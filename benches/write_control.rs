@@ -1,0 +1,178 @@
+//! Write control on the bundled test kernel, side by side in one run:
+//!
+//! - a guest write to an ordinary page (a read-write slot: no trap);
+//! - a guest write to a read-only slot, trapped and dropped at once: the
+//!   floor, what KVM's exit and re-entry cost;
+//! - a guest write to unprotected bytes of a protected page, trapped and
+//!   allowed: lucos finds the writing instruction, checks it, and writes
+//!   the bytes (goal: within 1.2x of the floor);
+//! - a guest workload that does not write protected pages (syscalls and
+//!   user work on 2 vCPUs), with and without its kernel text protected, as
+//!   a ratio of progress (goal: 1.00).
+//!
+//! `cargo bench --bench write_control` (LUCOS_BENCH_RUNS: windows per
+//! figure, default 3; each window 1 s).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use symbol_db::SymbolTable;
+use vmm_core::devices::{SerialCapture, SerialSink};
+use vmm_core::guest::Paused;
+use vmm_core::write_control::Protection;
+use vmm_core::{Vm, VmConfig};
+
+use common::bench::{median, runs};
+
+const WINDOW: Duration = Duration::from_secs(1);
+
+fn boot(vcpus: u8, cmdline: &str) -> (Arc<Vm>, Arc<SerialCapture>) {
+    let serial = Arc::new(SerialCapture::default());
+    let mut vm = Vm::create(VmConfig {
+        kernel: env!("LUCOS_TESTKERNEL").into(),
+        initrd: None,
+        cmdline: cmdline.into(),
+        vcpus,
+        mem_bytes: 64 << 20,
+        serial: SerialSink::new(false, None, Some(serial.clone())),
+    })
+    .expect("create VM");
+    vm.start().expect("start");
+    assert!(
+        serial.wait_for("starting", Duration::from_secs(30)),
+        "test kernel did not start:\n{}",
+        serial.text()
+    );
+    (Arc::new(vm), serial)
+}
+
+/// Guest-physical address of user/kernel virtual `va`, through vCPU 0.
+fn gpa_of(vm: &Vm, va: u64) -> u64 {
+    vm.pause().expect("pause");
+    let t = vm.translate(0, va).expect("translate");
+    vm.resume().expect("resume");
+    t.gpa
+}
+
+fn protect(vm: &Vm, release: &[&str], add: &[Protection]) {
+    let release: Vec<String> = release.iter().map(|s| s.to_string()).collect();
+    Paused::new(vm)
+        .expect("pause")
+        .change_protection(&release, add)
+        .expect("protect");
+}
+
+/// Events per second of `count` over one window.
+fn rate(count: impl Fn() -> u64) -> f64 {
+    let (c0, t0) = (count(), Instant::now());
+    std::thread::sleep(WINDOW);
+    let (c1, t1) = (count(), Instant::now());
+    (c1.wrapping_sub(c0)) as f64 / (t1 - t0).as_secs_f64()
+}
+
+fn main() {
+    let n = runs();
+    let flavor = vmm_core::vm::host_kvm_flavor();
+    let syms = SymbolTable::from_elf_file(std::path::Path::new(env!("LUCOS_TESTKERNEL")))
+        .expect("symbols");
+    let sym = |s: &str| syms.lookup(s).expect("symbol").addr;
+
+    // 1 vCPU storing 8 bytes in a loop at atomic_page.count.
+    let (vm, serial) = boot(1, "tasks=1 mode=wbench");
+    let page = gpa_of(&vm, sym("atomic_page"));
+    let count = page + 64;
+    let wc = vm.write_control().clone();
+    let ram = vm.ram().clone();
+    let (mut plain, mut floor, mut allowed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut handler = Vec::new();
+    let guard = Protection {
+        owner: "bench".into(),
+        label: "guard".into(),
+        gpa: page,
+        len: 64,
+    };
+    for _ in 0..n {
+        plain.push(1e9 / rate(|| ram.read_u64(count).expect("read")));
+        protect(&vm, &[], std::slice::from_ref(&guard));
+        wc.set_bare(true);
+        floor.push(1e9 / rate(|| wc.stats().trapped));
+        wc.set_bare(false);
+        let before = wc.stats();
+        allowed.push(1e9 / rate(|| wc.stats().allowed));
+        let after = wc.stats();
+        handler.push(
+            (after.handle_ns - before.handle_ns) as f64 / (after.allowed - before.allowed) as f64,
+        );
+        protect(&vm, &["bench"], &[]);
+    }
+    let s = wc.stats();
+    assert!(!serial.text().contains("PANIC"), "{}", serial.text());
+    vm.stop();
+    let (plain, floor, allowed) = (median(plain), median(floor), median(allowed));
+    let handler = median(handler);
+
+    // 2 tasks doing syscalls and user work; kernel text protected or not.
+    let (vm, serial) = boot(2, "tasks=2 iters=0 report=0");
+    let progress = sym("user_progress");
+    let at = gpa_of(&vm, progress);
+    let ram = vm.ram().clone();
+    let done = || ram.read_u64(at).expect("read") + ram.read_u64(at + 8).expect("read");
+    let (stext, etext) = (sym("_stext"), sym("_etext"));
+    let text = Protection {
+        owner: "kernel-text".into(),
+        label: ".text".into(),
+        gpa: gpa_of(&vm, stext),
+        len: etext - stext,
+    };
+    let (mut open, mut guarded) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        open.push(rate(done));
+        protect(&vm, &[], std::slice::from_ref(&text));
+        guarded.push(rate(done));
+        protect(&vm, &["kernel-text"], &[]);
+    }
+    let traps = vm.write_control().stats().trapped;
+    assert!(!serial.text().contains("PANIC"), "{}", serial.text());
+    vm.stop();
+    let (open, guarded) = (median(open), median(guarded));
+
+    println!(
+        "lucos write control, host KVM {flavor:?}, test kernel; medians of {n} windows of {WINDOW:?}"
+    );
+    println!("| guest write of 8 bytes (1 vCPU, a loop of stores) | per write | vs the floor |");
+    println!("|---|---|---|");
+    println!(
+        "| ordinary page (read-write slot, no trap) | {:.2} ns | {:.5}x |",
+        plain,
+        plain / floor
+    );
+    println!(
+        "| read-only slot, trapped and dropped (the floor: KVM exit and re-entry) | {:.2} µs | 1.00x |",
+        floor / 1e3
+    );
+    println!(
+        "| protected page, unprotected bytes: trapped, decoded, checked, written by lucos | {:.2} µs | {:.2}x |",
+        allowed / 1e3,
+        allowed / floor
+    );
+    println!(
+        "(lucos's own part of an allowed write: {:.2} µs; over the run: {} trapped, {} allowed, {} rewound)",
+        handler / 1e3,
+        s.trapped,
+        s.allowed,
+        s.rewound
+    );
+    println!(
+        "| workload not writing protected pages (2 vCPUs, syscalls + user work) | iterations/s |"
+    );
+    println!("|---|---|");
+    println!("| kernel text not protected | {open:.0} |");
+    println!("| kernel text protected | {guarded:.0} |");
+    println!(
+        "| ratio protected / not | {:.3} ({traps} writes trapped meanwhile) |",
+        guarded / open
+    );
+}
