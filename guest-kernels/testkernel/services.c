@@ -21,8 +21,9 @@ static __attribute__((noinline, used)) u64 mix(u64 v)
 
 /*
  * lucos_version and text_scratch share one page of kernel text, in a
- * section of their own that starts a page (linker.ld): the write-control
- * tests protect a patch's jump on that page and write the rest of it.
+ * section of their own that starts a page (text_scratch's alignment): the
+ * write-control tests protect a patch's jump on that page and write the
+ * rest of it.
  */
 __attribute__((section(".text.wc"))) const char *lucos_version(void)
 {
@@ -32,7 +33,7 @@ __attribute__((section(".text.wc"))) const char *lucos_version(void)
 /* 64 bytes of kernel text that nothing executes: a place on lucos_version's
  * page for the kernel to write its own text (as text_poke does). */
 __asm__(".pushsection .text.wc,\"ax\"\n"
-	".balign 64\n"
+	".balign 4096\n"
 	".globl text_scratch\n"
 	".type text_scratch, @object\n"
 	"text_scratch: .fill 64, 1, 0xcc\n"

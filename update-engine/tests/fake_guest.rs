@@ -64,6 +64,8 @@ struct Fake {
     before_pause: Mutex<Option<(u32, u64, Vec<u8>)>>,
     /// Write control: the protected ranges.
     protected: Mutex<Vec<Protection>>,
+    /// Write control refuses the next change (as KVM refusing a slot would).
+    fail_protect: AtomicBool,
 }
 
 fn paging() -> PagingState {
@@ -117,6 +119,7 @@ impl Fake {
             script: Mutex::new(Box::new(|_, _| user())),
             before_pause: Mutex::new(None),
             protected: Mutex::new(Vec::new()),
+            fail_protect: AtomicBool::new(false),
         }
     }
 
@@ -276,6 +279,9 @@ impl Guest for Fake {
         add: &[Protection],
     ) -> Result<(), ProtectError> {
         assert!(self.is_paused(), "protection changed while running");
+        if self.fail_protect.swap(false, Ordering::SeqCst) {
+            return Err(ProtectError::Slots("slot 9 refused (test)".into()));
+        }
         let mut p = self.protected.lock().expect("lock");
         p.retain(|r| !release.contains(&r.owner));
         p.extend(add.iter().cloned());
@@ -408,6 +414,19 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
     let r1 = pt.apply(&g, &k, &one, false).expect("apply one");
     assert_eq!(r1.tries, 1);
     let a1 = new_addr(&r1, "alpha");
+    // Write control: the jump's five bytes, owned by the patch.
+    let alpha_gpa = TEXT_GPA + (ALPHA - TEXT);
+    let beta_gpa = TEXT_GPA + (BETA - TEXT);
+    let owned = |g: &Fake| -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> = g
+            .protections()
+            .into_iter()
+            .map(|p| (p.owner, p.gpa, p.len))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(owned(&g), vec![("patch:one".into(), alpha_gpa, 5)]);
     assert!((AREA_VA..AREA_VA + AREA_SIZE).contains(&a1), "{a1:#x}");
     assert_eq!(g.read(ALPHA, 5), jmp(ALPHA, a1));
     // The area is mapped, read-only, global, 2 MiB, by the first patch's switch.
@@ -431,6 +450,13 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
     );
     let r2 = pt.apply(&g, &k, &two, false).expect("apply two");
     let a2 = new_addr(&r2, "alpha");
+    assert_eq!(
+        owned(&g),
+        vec![
+            ("patch:one".into(), alpha_gpa, 5),
+            ("patch:two".into(), alpha_gpa, 5)
+        ]
+    );
     assert_ne!(a1, a2);
     assert_eq!(g.read(ALPHA, 5), jmp(ALPHA, a2));
     let e = pt.revert(&g, &k, "one").expect_err("one is under two");
@@ -438,6 +464,7 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
     // Reverting two gives alpha back to one.
     pt.revert(&g, &k, "two").expect("revert two");
     assert_eq!(g.read(ALPHA, 5), jmp(ALPHA, a1));
+    assert_eq!(owned(&g), vec![("patch:one".into(), alpha_gpa, 5)]);
 
     // A cumulative patch replaces the stack and covers beta too.
     let all = p.file(
@@ -448,6 +475,14 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
     );
     let r3 = pt.apply(&g, &k, &all, true).expect("apply all --replace");
     assert_eq!(pt.applied().len(), 1);
+    // The cumulative patch takes the protection over.
+    assert_eq!(
+        owned(&g),
+        vec![
+            ("patch:all".into(), alpha_gpa, 5),
+            ("patch:all".into(), beta_gpa, 5)
+        ]
+    );
     assert_eq!(g.read(ALPHA, 5), jmp(ALPHA, new_addr(&r3, "alpha")));
     assert_eq!(g.read(BETA, 5), jmp(BETA, new_addr(&r3, "beta")));
     assert_eq!(pt.area_usage().used_bytes, pt.applied()[0].code_bytes);
@@ -456,6 +491,7 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
     // the area's page-directory entry (the mapping stays); no code in use.
     pt.revert(&g, &k, "all").expect("revert all");
     assert_eq!((g.read(ALPHA, 5), g.read(BETA, 5)), (orig_a, orig_b));
+    assert!(owned(&g).is_empty(), "{:?}", owned(&g));
     let ram = g.ram.lock().expect("lock").clone();
     let differ: Vec<usize> = (0..RAM).filter(|&i| ram[i] != original_ram[i]).collect();
     assert!(
@@ -701,4 +737,32 @@ fn the_patch_state_survives_a_round_trip_and_a_new_patcher_reverts_from_it() {
     fresh.apply(&g, &k, &one, false).expect("apply again");
     assert_eq!(g.u64_at(PDE_AREA_AT), pde);
     assert_eq!(g.u64_at(PD + 510 * 8), 0, "no second slot mapped");
+}
+
+#[test]
+fn a_refused_protection_takes_the_switch_back() {
+    let (g, p) = (Fake::new(), Patches::new("protfail"));
+    let k = g.kernel();
+    let mut pt = p.patcher();
+    let one = p.file(
+        "one",
+        "int alpha(void) { return 2; }\n",
+        &[("alpha", 1)],
+        &[],
+    );
+    let before = g.hash();
+    // Write control fails after the switch's writes: they are undone, the
+    // area's code and its page-directory entry too; nothing is protected.
+    g.fail_protect.store(true, Ordering::SeqCst);
+    let e = pt
+        .apply(&g, &k, &one, false)
+        .expect_err("protection refused");
+    assert!(e.to_string().contains("write control"), "{e}");
+    assert_eq!(g.hash(), before, "guest memory changed");
+    assert!(g.protections().is_empty());
+    assert!(pt.applied().is_empty());
+    assert!(!g.is_paused(), "left paused");
+    // The same patch goes in once write control works.
+    pt.apply(&g, &k, &one, false).expect("apply");
+    assert_eq!(g.protections().len(), 1);
 }
