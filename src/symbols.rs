@@ -4,10 +4,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use serde_json::{json, Value};
 use symbol_db::btf::Btf;
 use symbol_db::dwarf::TypeDb;
 use symbol_db::{KernelIdentity, SymbolError, SymbolTable};
+use update_engine::kernel::{SymbolAnswer, SymbolsInfo};
 use vmm_core::control::Request;
 
 use crate::client::{connect, print_json};
@@ -37,6 +37,43 @@ pub struct SymbolsArgs {
     queries: Vec<String>,
 }
 
+/// What `lucos symbols` reports: the VMM's answer for a running kernel, or
+/// the same fields for a kernel file.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Info {
+    /// From a running guest (the VMM's typed answer).
+    Vm(SymbolsInfo),
+    /// From a file.
+    File(FileInfo),
+}
+
+/// `lucos symbols --kernel FILE`: what a file says.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct FileInfo {
+    source: String,
+    identity: KernelIdentity,
+    count: usize,
+    answers: Vec<SymbolAnswer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    symbols: Option<Vec<symbol_db::Symbol>>,
+}
+
+impl Info {
+    fn answers(&self) -> &[SymbolAnswer] {
+        match self {
+            Info::Vm(i) => &i.answers,
+            Info::File(f) => &f.answers,
+        }
+    }
+    fn symbols(&self) -> Option<&[symbol_db::Symbol]> {
+        match self {
+            Info::Vm(i) => i.symbols.as_deref(),
+            Info::File(f) => f.symbols.as_deref(),
+        }
+    }
+}
+
 /// `lucos symbols`.
 pub fn symbols(args: SymbolsArgs) -> Result<i32, CliError> {
     let info = match (&args.vm, &args.kernel) {
@@ -50,20 +87,20 @@ pub fn symbols(args: SymbolsArgs) -> Result<i32, CliError> {
                 ),
                 None => None,
             };
-            connect(vm)?.call(&Request::Symbols {
+            Info::Vm(connect(vm)?.call_as::<SymbolsInfo>(&Request::Symbols {
                 queries: args.queries.clone(),
                 all: args.all,
                 source,
-            })?
+            })?)
         }
-        (None, Some(file)) => from_file(file, &args.queries, args.all)?,
+        (None, Some(file)) => Info::File(from_file(file, &args.queries, args.all)?),
         (None, None) => return Err(CliError::Usage("give --vm ID or --kernel FILE".into())),
     };
     report(&info, &args)
 }
 
 /// The same answer as the VMM gives, for a kernel file.
-fn from_file(file: &std::path::Path, queries: &[String], all: bool) -> Result<Value, CliError> {
+fn from_file(file: &std::path::Path, queries: &[String], all: bool) -> Result<FileInfo, CliError> {
     let table = SymbolTable::from_file(file)?;
     let data = symbol_db::read_file(file)?;
     let identity = if data.starts_with(b"\x7fELF") {
@@ -71,86 +108,74 @@ fn from_file(file: &std::path::Path, queries: &[String], all: bool) -> Result<Va
     } else {
         KernelIdentity::default()
     };
-    let answers: Vec<Value> = queries
+    let answers = queries
         .iter()
         .map(|q| match table.answer(q) {
-            Ok(a) => serde_json::to_value(a).unwrap_or(Value::Null),
-            Err(e) => json!({ "query": q, "error": e.to_string() }),
+            Ok(a) => SymbolAnswer::Found(a),
+            Err(e) => SymbolAnswer::Failed {
+                query: q.clone(),
+                error: e.to_string(),
+            },
         })
         .collect();
-    let mut v = json!({
-        "source": file.display().to_string(),
-        "identity": identity,
-        "count": table.len(),
-        "answers": answers,
-    });
-    if all {
-        v["symbols"] = serde_json::to_value(table.iter().collect::<Vec<_>>()).unwrap_or_default();
-    }
-    Ok(v)
+    Ok(FileInfo {
+        source: file.display().to_string(),
+        identity,
+        count: table.len(),
+        answers,
+        symbols: all.then(|| table.iter().cloned().collect()),
+    })
 }
 
-fn report(info: &Value, args: &SymbolsArgs) -> Result<i32, CliError> {
-    let answers = info["answers"].as_array().cloned().unwrap_or_default();
-    let failed = answers.iter().filter(|a| a.get("error").is_some()).count();
+fn report(info: &Info, args: &SymbolsArgs) -> Result<i32, CliError> {
+    let answers = info.answers();
+    let failed = answers
+        .iter()
+        .filter(|a| matches!(a, SymbolAnswer::Failed { .. }))
+        .count();
     if args.json {
+        let v = serde_json::to_value(info).unwrap_or(serde_json::Value::Null);
         if args.all {
-            println!("{info}");
+            println!("{v}");
         } else {
-            print_json(info);
+            print_json(&v);
         }
         return Ok(if failed > 0 { exit::ERROR } else { exit::OK });
     }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     if args.all {
-        for s in info["symbols"].as_array().into_iter().flatten() {
-            let addr = s["addr"].as_str().unwrap_or("0x0");
-            let addr = u64::from_str_radix(addr.trim_start_matches("0x"), 16).unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "{addr:016x} {} {}",
-                s["type"].as_str().unwrap_or("?"),
-                s["name"].as_str().unwrap_or("")
-            );
+        for s in info.symbols().into_iter().flatten() {
+            let _ = writeln!(out, "{:016x} {} {}", s.addr, s.ty, s.name);
         }
     } else if answers.is_empty() {
-        let s = |k: &str| info[k].as_str().unwrap_or("-").to_owned();
-        let _ = writeln!(out, "source    {}", s("source"));
-        let _ = writeln!(
-            out,
-            "version   {}",
-            info["identity"]["version"].as_str().unwrap_or("-")
-        );
-        let _ = writeln!(
-            out,
-            "build-id  {}",
-            info["identity"]["build_id"].as_str().unwrap_or("-")
-        );
-        if let Some(text) = info["text"].as_str() {
-            let slide = info["slide"].as_i64().unwrap_or(0);
+        let (source, identity, count) = match info {
+            Info::Vm(i) => (&i.source, &i.identity, i.count),
+            Info::File(f) => (&f.source, &f.identity, f.count),
+        };
+        let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        let _ = writeln!(out, "source    {source}");
+        let _ = writeln!(out, "version   {}", or_dash(&identity.version));
+        let _ = writeln!(out, "build-id  {}", or_dash(&identity.build_id));
+        if let Info::Vm(i) = info {
             let _ = writeln!(
                 out,
-                "_text     {text} (KASLR slide {}{:#x}), guest-physical {}",
-                if slide < 0 { "-" } else { "+" },
-                slide.unsigned_abs(),
-                s("text_gpa")
+                "_text     {:#x} (KASLR slide {}{:#x}), guest-physical {:#x}",
+                i.text,
+                if i.slide < 0 { "-" } else { "+" },
+                i.slide.unsigned_abs(),
+                i.text_gpa
             );
         }
-        let _ = writeln!(out, "symbols   {}", info["count"]);
+        let _ = writeln!(out, "symbols   {count}");
     }
     let mut errors = Vec::new();
-    for a in &answers {
-        match a.get("error") {
-            Some(e) => errors.push(e.as_str().unwrap_or("?").to_owned()),
-            None => match serde_json::from_value::<symbol_db::Answer>(a.clone()) {
-                Ok(v) => {
-                    let _ = writeln!(out, "{v}");
-                }
-                Err(_) => {
-                    let _ = writeln!(out, "{a}");
-                }
-            },
+    for a in answers {
+        match a {
+            SymbolAnswer::Failed { error, .. } => errors.push(error.clone()),
+            SymbolAnswer::Found(v) => {
+                let _ = writeln!(out, "{v}");
+            }
         }
     }
     let _ = out.flush();
