@@ -20,33 +20,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use symbol_db::SymbolTable;
-use vmm_core::devices::{SerialCapture, SerialSink};
+use vmm_core::devices::SerialCapture;
 use vmm_core::guest::Paused;
 use vmm_core::write_control::Protection;
-use vmm_core::{Vm, VmConfig};
+use vmm_core::Vm;
 
 use common::bench::{median, runs};
 
 const WINDOW: Duration = Duration::from_secs(1);
 
 fn boot(vcpus: u8, cmdline: &str) -> (Arc<Vm>, Arc<SerialCapture>) {
-    let serial = Arc::new(SerialCapture::default());
-    let mut vm = Vm::create(VmConfig {
-        kernel: env!("LUCOS_TESTKERNEL").into(),
-        initrd: None,
-        cmdline: cmdline.into(),
-        vcpus,
-        mem_bytes: 64 << 20,
-        serial: SerialSink::new(false, None, Some(serial.clone())),
-    })
-    .expect("create VM");
-    vm.start().expect("start");
-    assert!(
-        serial.wait_for("starting", Duration::from_secs(30)),
-        "test kernel did not start:\n{}",
-        serial.text()
-    );
-    (Arc::new(vm), serial)
+    let t = common::boot(vcpus, cmdline);
+    t.expect_serial("starting", 30);
+    (Arc::new(t.vm), t.serial)
 }
 
 /// Guest-physical address of user/kernel virtual `va`, through vCPU 0.

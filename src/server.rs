@@ -282,12 +282,7 @@ impl ControlServer {
                     .map_err(|e| Response::err(ErrorCode::NoSymbol, e.to_string()))?;
                 let va = a.symbol.addr + a.offset;
                 let len = len.unwrap_or(a.symbol.size.saturating_sub(a.offset));
-                let paused = Paused::new(self.vm.as_ref())
-                    .map_err(|e| Response::err(pause_error(&e), error_chain(&e)))?;
-                let paging = paused
-                    .vcpu(0)
-                    .map_err(|e| Response::err(pause_error(&e), error_chain(&e)))?
-                    .paging;
+                let (paused, paging) = self.paused_paging()?;
                 let at = |va: u64| {
                     vmm_core::pagewalk::translate(self.vm.ram().as_ref(), paging, va)
                         .map(|t| t.gpa)
@@ -361,12 +356,7 @@ impl ControlServer {
                 a.symbol.addr + a.symbol.size.max(1),
             ));
         }
-        let paused = Paused::new(self.vm.as_ref())
-            .map_err(|e| Response::err(pause_error(&e), error_chain(&e)))?;
-        let paging = paused
-            .vcpu(0)
-            .map_err(|e| Response::err(pause_error(&e), error_chain(&e)))?
-            .paging;
+        let (paused, paging) = self.paused_paging()?;
         let paging = match &k.tasks {
             Ok(t) => t.paging(paging, k.text, k.text_gpa),
             Err(_) => paging,
@@ -443,6 +433,15 @@ impl ControlServer {
             }
             Err(_) => states.iter().any(|s| s.cpl == 3),
         }
+    }
+
+    /// The guest paused, and vCPU 0's paging (for translating kernel and
+    /// user addresses while nothing moves).
+    fn paused_paging(&self) -> Result<(Paused<'_>, vmm_core::pagewalk::PagingState), Response> {
+        let fail = |e: VmError| Response::err(pause_error(&e), error_chain(&e));
+        let paused = Paused::new(self.vm.as_ref()).map_err(fail)?;
+        let paging = paused.vcpu(0).map_err(fail)?.paging;
+        Ok((paused, paging))
     }
 
     /// A write-control change in a pause of its own.

@@ -124,6 +124,46 @@ impl Vm {
         }
     }
 
+    /// Builds the fix of lucos_version, signed by the trusted key, and applies it.
+    fn patch_fix(&self) {
+        std::fs::write(self.path("fix.c"), FIX).expect("fix.c");
+        let (k, key, out, src) = (
+            kernel(),
+            self.path("key"),
+            self.path("fix.lup"),
+            self.path("fix.c"),
+        );
+        self.ok(&[
+            "build",
+            "--kernel",
+            &k,
+            "--key",
+            p(&key),
+            "--name",
+            "fix",
+            "-o",
+            p(&out),
+            p(&src),
+        ]);
+        self.ok(&["patch", "--vm", "wc", p(&out)]);
+    }
+
+    /// [`Vm::patch_fix`], then `reports` patched version lines, none of
+    /// them (after the first few, in flight at the switch) unpatched.
+    fn patch_fix_and_see_it_stay(&self, reports: usize) {
+        self.patch_fix();
+        let at_patch = self.serial().len();
+        self.wait_lines("version testkernel 1.0 (live-patched)\n", reports, 60);
+        let out = self.serial();
+        assert!(
+            !out[at_patch..]
+                .lines()
+                .skip(4)
+                .any(|l| l.ends_with("version testkernel 1.0")),
+            "the guest undid the patch:\n{out}"
+        );
+    }
+
     fn stats(&self) -> Value {
         self.json(&["status", "--vm", "wc", "--json"])["write_control"].clone()
     }
@@ -165,32 +205,8 @@ fn a_patched_entry_cannot_be_overwritten_by_the_guest_and_the_rest_of_its_page_c
     let s0 = vm.stats();
     assert_eq!((count(&s0, "pages"), count(&s0, "trapped")), (0, 0), "{s0}");
 
-    std::fs::write(vm.path("fix.c"), FIX).expect("fix.c");
-    vm.ok(&[
-        "build",
-        "--kernel",
-        &kernel(),
-        "--key",
-        p(&vm.path("key")),
-        "--name",
-        "fix",
-        "-o",
-        p(&vm.path("fix.lup")),
-        p(&vm.path("fix.c")),
-    ]);
-    vm.ok(&["patch", "--vm", "wc", p(&vm.path("fix.lup"))]);
-    let at_patch = vm.serial().len();
     // The patched behaviour stays while the guest keeps trying to undo it.
-    vm.wait_lines("version testkernel 1.0 (live-patched)\n", 10, 60);
-    let out = vm.serial();
-    assert!(
-        !out[at_patch..]
-            .lines()
-            .skip(4)
-            .any(|l| l.ends_with("version testkernel 1.0")),
-        "the guest undid the patch:\n{}",
-        vm.serial()
-    );
+    vm.patch_fix_and_see_it_stay(10);
     assert!(!vm.serial().contains("MISMATCH"), "{}", vm.serial());
 
     let s1 = vm.stats();
@@ -368,30 +384,7 @@ fn kernel_text_integrity_refuses_all_writers_but_the_kernels_own_and_never_a_pat
         "an allowed writer was refused:\n{out}"
     );
     // A patch's jump stays refused to that writer too.
-    std::fs::write(vm.path("fix.c"), FIX).expect("fix.c");
-    vm.ok(&[
-        "build",
-        "--kernel",
-        &kernel(),
-        "--key",
-        p(&vm.path("key")),
-        "--name",
-        "fix",
-        "-o",
-        p(&vm.path("fix.lup")),
-        p(&vm.path("fix.c")),
-    ]);
-    vm.ok(&["patch", "--vm", "wc", p(&vm.path("fix.lup"))]);
-    let at_patch = vm.serial().len();
-    vm.wait_lines("version testkernel 1.0 (live-patched)\n", 8, 60);
-    let out = vm.serial();
-    assert!(
-        !out[at_patch..]
-            .lines()
-            .skip(4)
-            .any(|l| l.ends_with("version testkernel 1.0")),
-        "the guest undid the patch:\n{out}"
-    );
+    vm.patch_fix_and_see_it_stay(8);
     let since = count(&ev, "next") - 1;
     let later = vm.json(&[
         "events",
