@@ -413,6 +413,99 @@ mod tests {
         );
     }
 
+    /// Guest RAM whose page tables map 0xffffffff80000000 to 0 with one
+    /// 2 MiB page (tables at 0x1000..0x4000), and a vCPU in 64-bit kernel mode.
+    struct Cpu {
+        ram: crate::memory::GuestRam,
+        regs: kvm_regs,
+    }
+
+    impl WriterCpu for Cpu {
+        fn regs(&self) -> Option<kvm_regs> {
+            Some(self.regs)
+        }
+        fn sregs(&self) -> Option<kvm_bindings::kvm_sregs> {
+            let mut s = kvm_bindings::kvm_sregs::default();
+            s.cs.l = 1;
+            s.cs.selector = 0x10;
+            s.cr0 = 0x8000_0011;
+            s.cr3 = 0x1000;
+            s.cr4 = 0x20;
+            s.efer = 0x500;
+            Some(s)
+        }
+        fn memory(&self) -> &dyn crate::guest::PhysMemory {
+            &self.ram
+        }
+    }
+
+    const BASE: u64 = 0xffff_ffff_8000_0000;
+    const CODE: u64 = 0x10_0000;
+    const DATA: u64 = 0x18_0000;
+
+    /// `code` placed at CODE after some nops; the vCPU's RIP just past it.
+    fn cpu(code: &[u8], regs: kvm_regs) -> Cpu {
+        let ram = crate::memory::GuestRam::new(4 << 20).expect("ram");
+        let w = |a: u64, v: u64| ram.write(a, &v.to_le_bytes()).expect("write");
+        w(0x1000 + 511 * 8, 0x2000 | 3);
+        w(0x2000 + 510 * 8, 0x3000 | 3);
+        w(0x3000, 0x83);
+        ram.write(CODE - 16, &[0x90; 16]).expect("nops");
+        ram.write(CODE, code).expect("code");
+        let rip = BASE + CODE + code.len() as u64;
+        Cpu {
+            ram,
+            regs: kvm_regs { rip, ..regs },
+        }
+    }
+
+    #[test]
+    fn finds_the_writing_instruction_before_rip() {
+        // lock inc qword [rax]
+        let c = cpu(
+            &[0xf0, 0x48, 0xff, 0x00],
+            kvm_regs {
+                rax: BASE + DATA,
+                ..Default::default()
+            },
+        );
+        let w = find_writer(&c, DATA, 8).expect("found");
+        assert_eq!((w.start, w.locked, w.cpl), (BASE + CODE, true, 0));
+        assert_eq!(w.rmw, Rmw::Op(Mnemonic::Inc, 0));
+        // Not the address it wrote: nothing found (committed as a plain store).
+        assert!(find_writer(&c, DATA + 8, 8).is_none());
+        // The trapped size picks among the readings: as a 4-byte write the
+        // same bytes end in `inc dword [rax]` (ff 00), two bytes in.
+        let w = find_writer(&c, DATA, 4).expect("found");
+        assert_eq!((w.start, w.locked), (BASE + CODE + 2, false));
+        // mov [rip+disp32], rax: RIP-relative, a plain store.
+        let disp = (DATA as i64 - (CODE as i64 + 7)) as i32;
+        let mut mov = vec![0x48, 0x89, 0x05];
+        mov.extend_from_slice(&disp.to_le_bytes());
+        let c = cpu(&mov, kvm_regs::default());
+        let w = find_writer(&c, DATA, 8).expect("found");
+        assert_eq!((w.start, w.rmw, w.locked), (BASE + CODE, Rmw::Store, false));
+        // lock xadd [rax], ecx: its register and operand size.
+        let c = cpu(
+            &[0xf0, 0x0f, 0xc1, 0x08],
+            kvm_regs {
+                rax: BASE + DATA,
+                ..Default::default()
+            },
+        );
+        let w = find_writer(&c, DATA, 4).expect("found");
+        assert_eq!(w.rmw, Rmw::Xadd(Register::ECX));
+        // lock cmpxchg [rdi+8], rsi
+        let c = cpu(
+            &[0xf0, 0x48, 0x0f, 0xb1, 0x77, 0x08],
+            kvm_regs {
+                rdi: BASE + DATA - 8,
+                ..Default::default()
+            },
+        );
+        assert_eq!(find_writer(&c, DATA, 8).expect("found").rmw, Rmw::Cmpxchg);
+    }
+
     #[test]
     fn registers_by_size() {
         let mut r = kvm_regs {
