@@ -140,6 +140,7 @@ fn live_patch(vm: &Vm, kernel: &std::path::Path, capture: &SerialCapture) -> Res
         description: "a new version string".into(),
         version: 1,
         depends: vec![],
+        mode: update_engine::lup::Mode::Consistent,
         functions: vec![],
         out: lup.clone(),
         sources: vec![src],

@@ -65,6 +65,11 @@ enum Command {
         /// Replace every applied patch with this cumulative one.
         #[arg(long)]
         replace: bool,
+        /// `consistent`: switch only when nothing is in the replaced code;
+        /// `immediate`: when nothing is in the bytes being rewritten (calls
+        /// already in old code finish there). Default: the patch's own.
+        #[arg(long)]
+        mode: Option<update_engine::lup::Mode>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -220,9 +225,10 @@ fn main() {
         Command::Patch {
             vm,
             replace,
+            mode,
             json,
             patch,
-        } => patch::patch(&vm, &patch, replace, json),
+        } => patch::patch(&vm, &patch, replace, mode, json),
         Command::Revert { vm, json, name } => patch::revert(&vm, &name, json),
         Command::Protect {
             vm,

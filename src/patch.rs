@@ -88,6 +88,11 @@ pub struct BuildArgs {
     /// A patch that must be applied first (repeatable).
     #[arg(long = "depends")]
     pub depends: Vec<String>,
+    /// When the patch may switch: `consistent` (nothing in the replaced
+    /// code) or `immediate` (nothing in the bytes being rewritten); `lucos
+    /// patch --mode` overrides it.
+    #[arg(long, default_value = "consistent")]
+    pub mode: update_engine::lup::Mode,
     /// Replace only these kernel functions (NAME or NAME@OBJECT_FILE);
     /// default: every function the sources define that the kernel has.
     #[arg(long = "function")]
@@ -271,6 +276,7 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
         functions,
         depends: args.depends.clone(),
         objects: objects.iter().map(|(n, _)| n.clone()).collect(),
+        mode: args.mode,
     };
     let key = match (&args.key, args.unsigned) {
         (_, true) => None,
@@ -389,10 +395,13 @@ fn print_functions(functions: &[SwitchedFunction]) {
 }
 
 fn show_report(r: &PatchReport, verb: &str) {
-    let tasks = match r.sleeping_tasks_checked {
+    let mut tasks = match r.sleeping_tasks_checked {
         Some(n) => format!("; vCPUs and {n} sleeping tasks checked"),
         None => String::new(),
     };
+    if r.mode == update_engine::lup::Mode::Immediate {
+        tasks.push_str("; immediate: calls already in old code finish there");
+    }
     let n = r.functions.len();
     println!(
         "{verb} '{}': {n} function{} switched in one pause of {:.1} µs ({} tr{}{tasks}), {:.1} ms in all",
@@ -412,12 +421,19 @@ fn print_typed(v: &impl serde::Serialize) {
 }
 
 /// `lucos patch --vm ID PATCH.lup`.
-pub fn patch(vm: &str, path: &Path, replace: bool, json: bool) -> Result<i32, CliError> {
+pub fn patch(
+    vm: &str,
+    path: &Path,
+    replace: bool,
+    mode: Option<update_engine::lup::Mode>,
+    json: bool,
+) -> Result<i32, CliError> {
     let abs = std::fs::canonicalize(path)
         .map_err(|e| CliError::io(format!("cannot read {}", path.display()), e))?;
     let r: PatchReport = connect(vm)?.call_as(&Request::Patch {
         path: abs.display().to_string(),
         replace,
+        mode: mode.map(|m| m.to_string()),
     })?;
     if json {
         print_typed(&r);

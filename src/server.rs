@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use symbol_db::SymbolError;
 use update_engine::kernel::{self as introspect, GuestKernel, IntrospectError};
 use update_engine::kernel::{SymbolAnswer, SymbolsInfo};
+use update_engine::lup::Mode;
 use update_engine::patcher::{PatchError, PatchReport, Patcher};
 use update_engine::protect::{GuardPolicy, Writers, KERNEL_TEXT_OWNER};
 use update_engine::UpdateError;
@@ -158,13 +159,27 @@ impl ControlServer {
                 Ok(t) => Response::ok(t),
                 Err(e) => fail(e),
             },
-            Request::Patch { path, replace } => {
+            Request::Patch {
+                path,
+                replace,
+                mode,
+            } => {
+                let mode = match mode.as_deref().map(str::parse::<Mode>).transpose() {
+                    Ok(m) => m,
+                    Err(e) => return Response::err(ErrorCode::BadRequest, e),
+                };
                 let kernel = match self.guest_kernel() {
                     Ok(k) => k,
                     Err(e) => return Response::err(ErrorCode::NoKernel, error_chain(&e)),
                 };
                 let mut p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
-                Self::patch_response(p.apply(self.vm.as_ref(), &kernel, Path::new(path), *replace))
+                Self::patch_response(p.apply_as(
+                    self.vm.as_ref(),
+                    &kernel,
+                    Path::new(path),
+                    *replace,
+                    mode,
+                ))
             }
             Request::Revert { name } => {
                 let kernel = match self.guest_kernel() {

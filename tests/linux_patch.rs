@@ -119,6 +119,12 @@ wait_for "@@KMSG read"
 echo "@@SCN $(grep -o 'reader pid=[0-9]*' $LOG | head -n 1)"
 $LUCOS patch --vm lx $FILES/kmsgfix.lup > /tmp/o 2>&1; rc=$?
 echo "@@SCN busy rc=$rc sha=$(sha) msg=$(tr '\n' ' ' < /tmp/o)"
+# The same patch in immediate mode: the sleeper stays in the old function,
+# new reads take the new one at once; the revert then needs nothing to leave.
+$LUCOS patch --vm lx --mode immediate $FILES/kmsgfix.lup > /tmp/o 2>&1; echo "@@SCN kmsg immediate rc=$? $(tr '\n' ' ' < /tmp/o)"
+wait_for "No data available" && echo "@@SCN kmsg immediate seen patched reader_alive=$(grep -q '@@KMSG reader gone' $LOG && echo no || echo yes)"
+$LUCOS revert --vm lx kmsgfix > /tmp/o 2>&1; echo "@@SCN kmsg immediate revert rc=$? $(tr '\n' ' ' < /tmp/o)"
+sleep 1; wait_for "@@KMSG read [0-9]," && echo "@@SCN kmsg immediate seen reverted"
 $LUCOS patch --vm lx $FILES/procfix.lup > /tmp/o 2>&1; echo "@@SCN apply rc=$? $(tr '\n' ' ' < /tmp/o)"
 S1=$(sha); echo "@@SCN sha patched $S1"
 wait_for "lucos.patched=1" && wait_for "LucosPatched" && echo "@@SCN seen patched"
@@ -309,6 +315,21 @@ fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
         )),
         "{busy}"
     );
+    // Immediate mode: the same patch switches at once with the reader
+    // asleep in the old function, which goes on running it.
+    let imm = line("@@SCN kmsg immediate rc=");
+    assert!(
+        imm.contains("rc=0") && imm.contains("immediate"),
+        "{imm}\n{}",
+        out.text
+    );
+    out.expect("@@SCN kmsg immediate seen patched reader_alive=yes");
+    assert!(
+        line("@@SCN kmsg immediate revert ").contains("rc=0"),
+        "{}",
+        out.text
+    );
+    out.expect("@@SCN kmsg immediate seen reverted");
     let apply = line("@@SCN apply ");
     assert!(apply.contains("rc=0"), "{}", out.text);
     assert!(

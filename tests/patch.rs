@@ -366,6 +366,7 @@ fn a_thousand_apply_revert_cycles_under_load() {
             .call(&Request::Patch {
                 path: lup.clone(),
                 replace: false,
+                mode: None,
             })
             .unwrap_or_else(|e| panic!("apply {i}: {e}"));
         max_tries = max_tries.max(r["tries"].as_u64().unwrap_or(0));
@@ -436,6 +437,7 @@ fn a_three_function_patch_switches_as_one_under_load() {
             Request::Patch {
                 path: p(&tri).into(),
                 replace: false,
+                mode: None,
             },
         );
         assert_eq!(r["functions"].as_array().map(Vec::len), Some(3), "{r}");

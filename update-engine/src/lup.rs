@@ -120,6 +120,45 @@ pub struct Manifest {
     pub depends: Vec<String>,
     /// The object files (names in the container) holding the new code.
     pub objects: Vec<String>,
+    /// When the switch may happen (`lucos patch --mode` overrides it).
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// When a patch's switch may happen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Only when no vCPU and no sleeping task is anywhere in the code the
+    /// patch replaces (kpatch's rule): no call mixes old and new code.
+    /// Waits (bounded), then refuses, naming who was in it.
+    #[default]
+    Consistent,
+    /// In the first pause where no vCPU or task is inside the bytes being
+    /// rewritten (the LUCOS model): new calls take the new code at once,
+    /// calls already in old functions finish there. Safe when old and new
+    /// code may run side by side (no change of meaning across them).
+    Immediate,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Consistent => "consistent",
+            Mode::Immediate => "immediate",
+        })
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "consistent" => Ok(Mode::Consistent),
+            "immediate" => Ok(Mode::Immediate),
+            _ => Err(format!("'{s}' is not a mode: consistent or immediate")),
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -373,6 +412,7 @@ mod tests {
                 functions: vec![],
                 depends: vec![],
                 objects: vec!["a.o".into()],
+                mode: Mode::Consistent,
             },
             vec![("a.o".into(), vec![1, 2, 3])],
         )

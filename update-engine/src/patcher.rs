@@ -38,7 +38,7 @@ use vmm_core::write_control::Protection;
 use crate::area::{self, Mapping, Space};
 use crate::kernel::{self, GuestKernel};
 use crate::linux::TaskLayout;
-use crate::lup::{old_code_sha256, sha256_hex, FunctionPatch};
+use crate::lup::{old_code_sha256, sha256_hex, FunctionPatch, Mode};
 use crate::safety::{Active, Leaving};
 use crate::switch::{self, Plan, SwitchError, Switched, Write};
 use crate::trampoline::{self, Site, TRAMPOLINE_LEN};
@@ -134,6 +134,9 @@ pub struct AppliedPatch {
     pub code_addr: u64,
     /// Bytes of code.
     pub code_bytes: u64,
+    /// The mode it was applied in.
+    #[serde(default)]
+    pub mode: Mode,
 }
 
 /// What applying or reverting reports.
@@ -141,6 +144,9 @@ pub struct AppliedPatch {
 pub struct PatchReport {
     /// The patch.
     pub name: String,
+    /// When the switch was allowed to happen.
+    #[serde(default)]
+    pub mode: Mode,
     /// Functions switched.
     pub functions: Vec<SwitchedFunction>,
     /// How long every vCPU was paused, in microseconds.
@@ -448,14 +454,27 @@ impl Patcher {
         path: &Path,
         replace: bool,
     ) -> Result<PatchReport, PatchError> {
+        self.apply_as(g, k, path, replace, None)
+    }
+
+    /// [`Patcher::apply`] in `mode`, or the patch's own mode when `None`.
+    pub fn apply_as(
+        &mut self,
+        g: &dyn Guest,
+        k: &GuestKernel,
+        path: &Path,
+        replace: bool,
+        mode: Option<Mode>,
+    ) -> Result<PatchReport, PatchError> {
         let t0 = Instant::now();
         let lup = self.verify(path, k, replace)?;
+        let mode = mode.unwrap_or(lup.manifest.mode);
         let view = View::new(g, k)?;
         let olds = self.resolve(g, k, &view, &lup)?;
         let placed = self.place(g, k, &view, &lup)?;
-        let (plan, sites) = self.plan(g, &view, &lup, &olds, &placed, replace)?;
+        let (plan, sites) = self.plan(g, &view, &lup, &olds, &placed, (replace, mode))?;
         let switched = self.switch_code(g, k, &view, &placed, &plan)?;
-        Ok(self.commit_apply(&lup, placed, sites, switched, &view, replace, t0))
+        Ok(self.commit_apply(&lup, placed, sites, switched, &view, replace, mode, t0))
     }
 
     /// Phase 1: the file, its signature, its target, the stack rules.
@@ -591,8 +610,18 @@ impl Patcher {
         lup: &Lup,
         olds: &[Old<'_>],
         placed: &Placed,
-        replace: bool,
+        (replace, mode): (bool, Mode),
     ) -> Result<(Plan, Vec<SiteWrite>), PatchError> {
+        // What nothing may be in when the switch happens: the code being left
+        // (consistent), or only the bytes being rewritten (immediate).
+        let leaving = |function: &str, addr: u64, size: u64| match mode {
+            Mode::Consistent => self.leaving(function, addr, size),
+            Mode::Immediate => vec![Leaving {
+                function: format!("{function} (the bytes being rewritten)"),
+                start: addr + 1,
+                end: addr + TRAMPOLINE_LEN as u64,
+            }],
+        };
         let m = &lup.manifest;
         let mut sites = Vec::new();
         for Old { f, site } in olds {
@@ -621,7 +650,7 @@ impl Patcher {
                 // Reverting this patch puts back what it overwrote; a
                 // cumulative one replaces the whole stack, so the original.
                 restore: if replace { site.saved } else { now },
-                leaving: self.leaving(&f.old, site.addr, f.old_size),
+                leaving: leaving(&f.old, site.addr, f.old_size),
             });
         }
         // With --replace, sites of applied patches that the new one does not
@@ -639,7 +668,7 @@ impl Patcher {
                             now: self.current_bytes(sf.old_addr, orig),
                             bytes: orig,
                             restore: orig,
-                            leaving: self.leaving(&sf.function, sf.old_addr, sf.old_size),
+                            leaving: leaving(&sf.function, sf.old_addr, sf.old_size),
                         });
                     }
                 }
@@ -710,6 +739,7 @@ impl Patcher {
         switched: Switched,
         view: &View,
         replace: bool,
+        mode: Mode,
         t0: Instant,
     ) -> PatchReport {
         let m = &lup.manifest;
@@ -719,7 +749,8 @@ impl Patcher {
         }
         let va = st.area_va.unwrap_or(placed.linked.base - placed.start);
         st.space.take(placed.start, placed.need);
-        if replace && view.all_checked(switched.tasks_checked) {
+        // In immediate mode calls may still run in replaced patches' code.
+        if replace && mode == Mode::Consistent && view.all_checked(switched.tasks_checked) {
             // The code of every replaced patch was left in this switch: no
             // vCPU or task is in it, and nothing jumps there any more.
             for a in &st.applied {
@@ -748,9 +779,11 @@ impl Patcher {
             functions: functions.clone(),
             code_addr: placed.linked.base,
             code_bytes: placed.need,
+            mode,
         });
         PatchReport {
             name: m.name.clone(),
+            mode,
             functions,
             pause_us: switched.pause.as_secs_f64() * 1e6,
             tries: switched.tries,
@@ -878,6 +911,8 @@ impl Patcher {
         }
         Ok(PatchReport {
             name: removed.name,
+            // A revert always waits until nothing is in the patch's code.
+            mode: Mode::Consistent,
             functions: removed.functions,
             pause_us: switched.pause.as_secs_f64() * 1e6,
             tries: switched.tries,

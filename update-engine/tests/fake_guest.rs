@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use symbol_db::{KernelIdentity, Symbol, SymbolKind, SymbolTable};
 use update_engine::kernel::{GuestKernel, Timings};
-use update_engine::lup::{old_code_sha256, sha256_hex};
+use update_engine::lup::{old_code_sha256, sha256_hex, Mode};
 use update_engine::patcher::{PatchError, PatchState, Patcher};
 use update_engine::{FunctionPatch, Lup, Manifest, SigningKey, UpdateError};
 use vmm_core::guest::{AreaInfo, Guest, PauseToken, PhysMemory, VcpuState};
@@ -354,6 +354,7 @@ impl Patches {
                 functions,
                 depends: depends.iter().map(|d| (*d).to_owned()).collect(),
                 objects: vec![format!("{name}.o")],
+                mode: Mode::Consistent,
             },
             vec![(format!("{name}.o"), obj)],
             Some(&self.key),
@@ -765,4 +766,63 @@ fn a_refused_protection_takes_the_switch_back() {
     // The same patch goes in once write control works.
     pt.apply(&g, &k, &one, false).expect("apply");
     assert_eq!(g.protections().len(), 1);
+}
+
+#[test]
+fn immediate_mode_switches_with_a_vcpu_in_old_code_but_never_inside_the_rewritten_bytes() {
+    let (g, p) = (Fake::new(), Patches::new("immediate"));
+    let k = g.kernel();
+    let mut pt = p.patcher();
+    let one = p.file(
+        "one",
+        "int alpha(void) { return 2; }\n",
+        &[("alpha", 1)],
+        &[],
+    );
+    // vCPU 1 is inside alpha's body (past its first 5 bytes) in every pause,
+    // with a return address into alpha on its stack too.
+    {
+        let mut ram = g.ram.lock().expect("lock");
+        let at = (STACK_GPA + 0x1f08) as usize;
+        ram[at..at + 8].copy_from_slice(&(ALPHA + 9).to_le_bytes());
+    }
+    g.script(|v, _| {
+        if v == 1 {
+            kernel_at(ALPHA + 7, STACK + 0x1f00)
+        } else {
+            user()
+        }
+    });
+    // Consistent: refused after every try, naming the vCPU; nothing written.
+    let before = g.hash();
+    let e = pt.apply(&g, &k, &one, false).expect_err("consistent waits");
+    assert!(e.to_string().contains("vCPU 1"), "{e}");
+    assert_eq!(g.hash(), before);
+    // Immediate: the first pause switches; the call in flight finishes in
+    // alpha's old body, which is still there.
+    let r = pt
+        .apply_as(&g, &k, &one, false, Some(Mode::Immediate))
+        .expect("immediate");
+    assert_eq!((r.tries, r.mode), (1, Mode::Immediate));
+    let a1 = new_addr(&r, "alpha");
+    assert_eq!(g.read(ALPHA, 5), jmp(ALPHA, a1));
+    assert_eq!(g.read(ALPHA + 5, 4), function_bytes(1)[5..9].to_vec());
+    pt.revert(&g, &k, "one").expect("revert");
+    // A vCPU stopped inside the five bytes being rewritten holds even an
+    // immediate switch back until it has moved on.
+    let looks = AtomicU32::new(0);
+    g.script(move |v, _| {
+        if v == 0 && looks.fetch_add(1, Ordering::SeqCst) < 3 {
+            kernel_at(ALPHA + 2, STACK + 0x1f00)
+        } else {
+            user()
+        }
+    });
+    let r = pt
+        .apply_as(&g, &k, &one, false, Some(Mode::Immediate))
+        .expect("immediate");
+    assert!(
+        r.tries > 1,
+        "switched while a vCPU was inside the rewritten bytes"
+    );
 }

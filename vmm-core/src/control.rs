@@ -69,6 +69,9 @@ pub enum Request {
         /// Replace every applied patch with this cumulative one.
         #[serde(default)]
         replace: bool,
+        /// `consistent` or `immediate`, overriding the patch's own mode.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<String>,
     },
     /// Revert an applied patch.
     Revert {
