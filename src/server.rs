@@ -412,13 +412,17 @@ impl ControlServer {
             }
             Err(_) => None,
         };
+        let before = self.policy.writers();
         self.policy.set_writers(Writers {
             poking_pgd,
             functions,
         });
         paused
             .change_protection(&[KERNEL_TEXT_OWNER.to_owned()], &ranges)
-            .map_err(|e| Response::err(ErrorCode::BadRequest, e.to_string()))
+            .map_err(|e| {
+                self.policy.set_writers(before);
+                Response::err(ErrorCode::BadRequest, e.to_string())
+            })
     }
 
     /// Whether the guest kernel has booted far enough for kernel text

@@ -171,10 +171,13 @@ fn switch_paused(
     check_and_write(guest, &plan.writes)?;
     if !plan.release.is_empty() || !plan.protect.is_empty() {
         if let Err(e) = paused.change_protection(&plan.release, &plan.protect) {
-            // Nothing of the protection changed: take the writes back too.
+            // Nothing of the protection changed (unless KVM could not even
+            // put the old slots back): take the writes back too.
             let why = format!("write control: {e}");
+            let torn = matches!(e, vmm_core::write_control::ProtectError::Torn(_));
             return Err(match undo(guest, &plan.writes) {
-                Ok(()) => Refused::Failed(why),
+                Ok(()) if !torn => Refused::Failed(why),
+                Ok(()) => Refused::Torn(why),
                 Err(u) => Refused::Torn(why + &u),
             });
         }

@@ -8,9 +8,10 @@
 //! ends exactly at RIP, writes an explicit memory operand of the trapped
 //! size, and that operand's address (computed from the registers, which such
 //! an instruction leaves as they were for addressing) translates to the
-//! trapped guest-physical address. A LOCK-prefixed candidate wins over one
-//! without (the same instruction seen from one byte later), then the
-//! longest.
+//! trapped guest-physical address. If the candidates differ in what they
+//! do (a byte of the previous instruction read as a REX prefix, a shorter
+//! tail of another operand size), the writer is unknown; if they agree, the
+//! shortest LOCK-prefixed one (or the shortest) is taken.
 
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::kvm_regs;
@@ -180,7 +181,9 @@ pub fn find_writer(cpu: &dyn WriterCpu, gpa: u64, len: usize) -> Option<Writer> 
     let paging = PagingState::from(&sregs);
     let cpl = (sregs.cs.selector & 3) as u8;
     let bytes = bytes_before(cpu, paging, regs.rip);
-    let mut best: Option<(Instruction, u64)> = None;
+    // Every reading of the bytes that ends at RIP and writes an explicit
+    // memory operand at the trapped address, whatever its size.
+    let mut found: Vec<(Instruction, u64, u64)> = Vec::new();
     for k in 1..=bytes.len() {
         let start = regs.rip - k as u64;
         let code = &bytes[bytes.len() - k..];
@@ -189,7 +192,7 @@ pub fn find_writer(cpu: &dyn WriterCpu, gpa: u64, len: usize) -> Option<Writer> 
         if ins.is_invalid() || ins.len() != k || ins.op_count() == 0 {
             continue;
         }
-        if ins.op0_kind() != OpKind::Memory || ins.memory_size().size() != len {
+        if ins.op0_kind() != OpKind::Memory {
             continue;
         }
         let Some(ea) = ins.virtual_address(0, 0, |reg, _, _| match reg {
@@ -201,21 +204,55 @@ pub fn find_writer(cpu: &dyn WriterCpu, gpa: u64, len: usize) -> Option<Writer> 
             continue;
         };
         match pagewalk::translate(cpu.memory(), paging, ea) {
-            Ok(t) if t.gpa == gpa => {}
-            _ => continue,
-        }
-        let better = match &best {
-            None => true,
-            Some((b, _)) => {
-                (ins.has_lock_prefix() && !b.has_lock_prefix())
-                    || ins.has_lock_prefix() == b.has_lock_prefix()
-            }
-        };
-        if better {
-            best = Some((ins, start));
+            Ok(t) if t.gpa == gpa => found.push((ins, start, ea)),
+            _ => {}
         }
     }
-    let (ins, start) = best?;
+    // A reading with a wider operand that crosses the page here could have
+    // made this write as the first part of a split one: the writer is then
+    // unknown. Readings of the trapped size must agree (a byte of the
+    // instruction before, read as a REX prefix, can change a register): if
+    // they do not, the writer is unknown too, better a plain store than
+    // re-running the wrong instruction. Readings that agree differ only in
+    // prefixes that change nothing here (LOCK aside): the shortest is taken,
+    // a locked one preferred.
+    let split = found.iter().any(|(i, _, ea)| {
+        let (size, off) = (i.memory_size().size() as u64, ea & 0xfff);
+        size > len as u64 && off + size > 0x1000 && 0x1000 - off == len as u64
+    });
+    let same: Vec<&(Instruction, u64, u64)> = found
+        .iter()
+        .filter(|(i, _, _)| i.memory_size().size() == len)
+        .collect();
+    let key = |i: &Instruction| {
+        let ops: Vec<(OpKind, Register, u64)> = (0..i.op_count())
+            .map(|n| {
+                let imm = match i.op_kind(n) {
+                    OpKind::Register | OpKind::Memory => 0,
+                    _ => i.immediate(n),
+                };
+                (i.op_kind(n), i.op_register(n), imm)
+            })
+            .collect();
+        (
+            i.mnemonic(),
+            i.memory_base(),
+            i.memory_index(),
+            i.memory_displacement64(),
+            ops,
+        )
+    };
+    let first = same.first()?;
+    if split || same.iter().any(|(i, _, _)| key(i) != key(&first.0)) {
+        return None;
+    }
+    let locked = same.iter().any(|(i, _, _)| i.has_lock_prefix());
+    let (ins, start, _) = same
+        .iter()
+        .filter(|(i, _, _)| i.has_lock_prefix() == locked)
+        .min_by_key(|(i, _, _)| i.len())
+        .copied()
+        .copied()?;
     let src = |i: u32| -> Option<u64> {
         match ins.op_kind(i) {
             OpKind::Register => reg_value(&regs, ins.op_register(i)),
@@ -474,10 +511,40 @@ mod tests {
         assert_eq!(w.rmw, Rmw::Op(Mnemonic::Inc, 0));
         // Not the address it wrote: nothing found (committed as a plain store).
         assert!(find_writer(&c, DATA + 8, 8).is_none());
-        // The trapped size picks among the readings: as a 4-byte write the
-        // same bytes end in `inc dword [rax]` (ff 00), two bytes in.
+        // The size picks among readings: as a 4-byte write these bytes end
+        // in `inc dword [rax]` (ff 00), two bytes in.
         let w = find_writer(&c, DATA, 4).expect("found");
         assert_eq!((w.start, w.locked), (BASE + CODE + 2, false));
+        // ... unless the 8-byte reading crosses a page there: a 4-byte write
+        // may be its first part, and the writer is unknown.
+        let c = cpu(
+            &[0xf0, 0x48, 0xff, 0x00],
+            kvm_regs {
+                rax: BASE + DATA + 0xffc,
+                ..Default::default()
+            },
+        );
+        assert!(find_writer(&c, DATA + 0xffc, 4).is_none());
+        // A byte of the instruction before that reads as a REX prefix changes
+        // the register of `xchg [rdi], eax` (87 07 vs 44 87 07): no writer.
+        let c = cpu(
+            &[0x44, 0x87, 0x07],
+            kvm_regs {
+                rdi: BASE + DATA,
+                ..Default::default()
+            },
+        );
+        assert!(find_writer(&c, DATA, 4).is_none());
+        // One that changes nothing (a CS prefix) leaves the shortest reading.
+        let c = cpu(
+            &[0x2e, 0xf0, 0x48, 0xff, 0x00],
+            kvm_regs {
+                rax: BASE + DATA,
+                ..Default::default()
+            },
+        );
+        let w = find_writer(&c, DATA, 8).expect("found");
+        assert_eq!((w.start, w.locked), (BASE + CODE + 1, true));
         // mov [rip+disp32], rax: RIP-relative, a plain store.
         let disp = (DATA as i64 - (CODE as i64 + 7)) as i32;
         let mut mov = vec![0x48, 0x89, 0x05];

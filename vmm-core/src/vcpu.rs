@@ -366,17 +366,31 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus, wc: &WriteControl) {
     let mut needs_completion = false;
     let mut synced = false;
     loop {
+        let mut deferred = None;
         let keep_going = ctl.checkpoint(|| {
             if needs_completion {
-                // Complete the pending I/O inside KVM so the registers are consistent
-                // while paused (KVM API: re-enter with immediate_exit set).
+                // Complete the pending I/O inside KVM so the registers are
+                // consistent while paused (KVM API: re-enter with
+                // immediate_exit set). A write KVM split in parts comes back
+                // as one more exit per part: each is handled, none dropped.
                 let mut fd = vcpu.lock();
                 fd.set_kvm_immediate_exit(1);
-                let _ = fd.run();
+                for _ in 0..16 {
+                    let s = step(index, &mut fd, bus, wc, synced);
+                    if deferred.is_none() {
+                        deferred = s.outcome;
+                    }
+                    if !s.needs_completion {
+                        break;
+                    }
+                }
                 fd.set_kvm_immediate_exit(0);
                 needs_completion = false;
             }
         });
+        if let Some(reason) = deferred {
+            ctl.stop(reason);
+        }
         if !keep_going {
             break;
         }
@@ -394,77 +408,97 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus, wc: &WriteControl) {
             }
             synced = want_sync;
         }
-        let mut internal_error = false;
-        let mut trapped: Option<(u64, [u8; 8], usize)> = None;
-        let mut outcome = match fd.run() {
-            Ok(exit) => {
-                internal_error = matches!(exit, VcpuExit::InternalError);
-                needs_completion = matches!(
-                    exit,
-                    VcpuExit::IoIn(..)
-                        | VcpuExit::IoOut(..)
-                        | VcpuExit::MmioRead(..)
-                        | VcpuExit::MmioWrite(..)
-                );
-                match exit {
-                    // A write to a write-controlled page of RAM.
-                    VcpuExit::MmioWrite(addr, data) if wc.is_protected_page(addr) => {
-                        let mut b = [0u8; 8];
-                        let n = data.len().min(8);
-                        b[..n].copy_from_slice(&data[..n]);
-                        trapped = Some((addr, b, n));
-                        None
-                    }
-                    exit => handle_exit(index, exit, bus),
-                }
-            }
-            Err(e) if e.errno() == libc::EINTR => {
-                fd.set_kvm_immediate_exit(0);
-                needs_completion = false;
-                None
-            }
-            Err(e) if e.errno() == libc::EAGAIN => None,
-            Err(e) => Some(run_error(index, format!("KVM_RUN failed: {e}"))),
-        };
-        if let Some((gpa, data, n)) = trapped {
-            let synced_regs = synced.then(|| fd.sync_regs());
-            let cpu = FdCpu::new(&fd, wc.ram(), synced_regs.as_ref());
-            if let Outcome::Rewind(regs) = wc.on_write(index, &cpu, gpa, &data[..n]) {
-                if synced {
-                    // KVM loads them at the next entry.
-                    fd.sync_regs_mut().regs = regs;
-                    fd.set_sync_dirty_reg(SyncReg::Register);
-                } else if let Err(e) = fd.set_regs(&regs) {
-                    outcome = Some(run_error(
-                        index,
-                        format!("rewinding a trapped write failed: {e}"),
-                    ));
-                }
-            }
-        }
-        if internal_error {
-            let run = fd.get_kvm_run();
-            // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the
-            // kvm_run union is the one KVM filled in.
-            let sub = unsafe { run.__bindgen_anon_1.internal.suberror };
-            let why = if sub == 1 {
-                " (instruction emulation failed)"
-            } else {
-                ""
-            };
-            outcome = Some(run_error(
-                index,
-                format!("KVM internal error, suberror {sub}{why}"),
-            ));
-        }
-        if let Some(ExitReason::TripleFault { .. }) = outcome {
-            // What a developer needs to find the fault: where the vCPU was.
-            log_crash_state(index, &fd);
-        }
+        let s = step(index, &mut fd, bus, wc, synced);
+        needs_completion = s.needs_completion;
         drop(fd);
-        if let Some(reason) = outcome {
+        if let Some(reason) = s.outcome {
             ctl.stop(reason);
         }
+    }
+}
+
+/// What one `KVM_RUN` and its exit came to.
+struct Step {
+    /// The VM must end.
+    outcome: Option<ExitReason>,
+    /// An I/O or MMIO exit KVM completes at the next entry.
+    needs_completion: bool,
+}
+
+/// Runs the vCPU once and handles its exit: port and MMIO devices, trapped
+/// writes to write-controlled pages (rewinding through the synced registers
+/// when `synced`), errors.
+fn step(index: u8, fd: &mut VcpuFd, bus: &PioBus, wc: &WriteControl, synced: bool) -> Step {
+    let mut internal_error = false;
+    let mut needs_completion = false;
+    let mut trapped: Option<(u64, [u8; 8], usize)> = None;
+    let mut outcome = match fd.run() {
+        Ok(exit) => {
+            internal_error = matches!(exit, VcpuExit::InternalError);
+            needs_completion = matches!(
+                exit,
+                VcpuExit::IoIn(..)
+                    | VcpuExit::IoOut(..)
+                    | VcpuExit::MmioRead(..)
+                    | VcpuExit::MmioWrite(..)
+            );
+            match exit {
+                // A write to a write-controlled page of RAM.
+                VcpuExit::MmioWrite(addr, data) if wc.is_protected_page(addr) => {
+                    let mut b = [0u8; 8];
+                    let n = data.len().min(8);
+                    b[..n].copy_from_slice(&data[..n]);
+                    trapped = Some((addr, b, n));
+                    None
+                }
+                exit => handle_exit(index, exit, bus),
+            }
+        }
+        Err(e) if e.errno() == libc::EINTR => {
+            fd.set_kvm_immediate_exit(0);
+            None
+        }
+        Err(e) if e.errno() == libc::EAGAIN => None,
+        Err(e) => Some(run_error(index, format!("KVM_RUN failed: {e}"))),
+    };
+    if let Some((gpa, data, n)) = trapped {
+        let synced_regs = synced.then(|| fd.sync_regs());
+        let cpu = FdCpu::new(fd, wc.ram(), synced_regs.as_ref());
+        if let Outcome::Rewind(regs) = wc.on_write(index, &cpu, gpa, &data[..n]) {
+            if synced {
+                // KVM loads them at the next entry.
+                fd.sync_regs_mut().regs = regs;
+                fd.set_sync_dirty_reg(SyncReg::Register);
+            } else if let Err(e) = fd.set_regs(&regs) {
+                outcome = Some(run_error(
+                    index,
+                    format!("rewinding a trapped write failed: {e}"),
+                ));
+            }
+        }
+    }
+    if internal_error {
+        let run = fd.get_kvm_run();
+        // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the
+        // kvm_run union is the one KVM filled in.
+        let sub = unsafe { run.__bindgen_anon_1.internal.suberror };
+        let why = if sub == 1 {
+            " (instruction emulation failed)"
+        } else {
+            ""
+        };
+        outcome = Some(run_error(
+            index,
+            format!("KVM internal error, suberror {sub}{why}"),
+        ));
+    }
+    if let Some(ExitReason::TripleFault { .. }) = outcome {
+        // What a developer needs to find the fault: where the vCPU was.
+        log_crash_state(index, fd);
+    }
+    Step {
+        outcome,
+        needs_completion,
     }
 }
 

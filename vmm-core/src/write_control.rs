@@ -92,9 +92,13 @@ pub enum ProtectError {
     /// An owner name that is empty.
     #[error("a protection needs an owner name")]
     NoOwner,
-    /// Changing the memory slots failed (KVM).
+    /// Changing the memory slots failed (KVM); the old layout is back.
     #[error("changing the memory slots failed: {0}")]
     Slots(String),
+    /// Changing the memory slots failed and so did putting the old layout
+    /// back: guest memory is not as write control believes. Never seen.
+    #[error("changing the memory slots failed and the old layout could not be put back: {0}")]
+    Torn(String),
     /// The guest is not paused.
     #[error("protection changes need every vCPU paused")]
     NotPaused,
@@ -185,7 +189,8 @@ impl Table {
 pub struct TrappedWrite<'a> {
     /// The vCPU that wrote.
     pub vcpu: u8,
-    /// The writing instruction's address (guest-virtual), when it was found.
+    /// The writing instruction's address (guest-virtual); 0 when it could
+    /// not be found.
     pub rip: u64,
     /// Privilege level of the writer.
     pub cpl: u8,
@@ -228,7 +233,8 @@ pub struct WriteEvent {
     pub kind: String,
     /// The vCPU.
     pub vcpu: u8,
-    /// The writing instruction (guest-virtual); 0 if it could not be found.
+    /// The writing instruction (guest-virtual); where the vCPU was, just
+    /// past it, when it could not be found.
     pub rip: u64,
     /// Privilege level of the writer.
     pub cpl: u8,
@@ -460,13 +466,16 @@ impl WriteControl {
                 // Put the old layout back (best effort; it was accepted before).
                 let old_specs: Vec<SlotSpec> = old.iter().map(|(_, s)| *s).collect();
                 match apply_layout(sink, &now, &old_specs) {
-                    Ok(back) => *slots = back,
+                    Ok(back) => {
+                        *slots = back;
+                        Err(ProtectError::Slots(why))
+                    }
                     Err((back, e2)) => {
                         log::error!("restoring the memory slots failed too: {e2}");
                         *slots = back;
+                        Err(ProtectError::Torn(format!("{why}; restoring: {e2}")))
                     }
                 }
-                Err(ProtectError::Slots(why))
             }
         }
     }
@@ -549,16 +558,26 @@ impl WriteControl {
             .pages
             .get(&page)
             .into_iter()
-            .chain(table.pages.get(&((end - 1) / PAGE)))
+            .chain(
+                Some((end - 1) / PAGE)
+                    .filter(|&last| last != page)
+                    .and_then(|last| table.pages.get(&last)),
+            )
             .flatten()
             .map(|&i| &table.list[i])
             .filter(|p| p.gpa < end && p.end() > gpa)
             .collect();
         let writer = crate::insn::find_writer(cpu, gpa, data.len());
-        let (rip, cpl) = writer
-            .as_ref()
-            .map(|w| (w.start, w.cpl))
-            .unwrap_or((cpu.rip_after().unwrap_or(0), 0));
+        // Unknown writer: no address the policy could allow by (events show
+        // where the vCPU was, just past it), and its privilege level from CS.
+        let (rip, event_rip, cpl) = match &writer {
+            Some(w) => (w.start, w.start, w.cpl),
+            None => (
+                0,
+                cpu.rip_after().unwrap_or(0),
+                cpu.sregs().map(|s| (s.cs.selector & 3) as u8).unwrap_or(3),
+            ),
+        };
         let decision = if touches.is_empty() {
             Decision::Allow
         } else {
@@ -643,7 +662,7 @@ impl WriteControl {
                     at_ms: 0,
                     kind: "refused".into(),
                     vcpu,
-                    rip,
+                    rip: event_rip,
                     cpl,
                     gpa,
                     bytes: data.to_vec(),
@@ -720,7 +739,7 @@ fn apply_layout(
     Ok(now)
 }
 
-/// Slot ids used for RAM: 0..8 and from 16 up (8 is the patch area's).
+/// The lowest slot id not in use, never the patch area's.
 fn next_free_id(used: &[(u32, SlotSpec)]) -> u32 {
     (0..)
         .filter(|id| *id != crate::region::PATCH_AREA_SLOT)
