@@ -386,6 +386,21 @@ impl Drop for Patches {
     }
 }
 
+/// A fake guest, its kernel, a patcher, and patch "one" replacing alpha
+/// (`return 2`), in a directory named `dir`.
+fn alpha_patch(dir: &str) -> (Fake, Patches, GuestKernel, Patcher, PathBuf) {
+    let (g, p) = (Fake::new(), Patches::new(dir));
+    let k = g.kernel();
+    let pt = p.patcher();
+    let one = p.file(
+        "one",
+        "int alpha(void) { return 2; }\n",
+        &[("alpha", 1)],
+        &[],
+    );
+    (g, p, k, pt, one)
+}
+
 fn jmp(from: u64, to: u64) -> Vec<u8> {
     update_engine::jmp_rel32(from, to).expect("jmp").to_vec()
 }
@@ -513,15 +528,7 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
 
 #[test]
 fn a_vcpu_held_in_old_code_delays_the_switch_until_it_leaves() {
-    let (g, p) = (Fake::new(), Patches::new("held"));
-    let k = g.kernel();
-    let mut pt = p.patcher();
-    let one = p.file(
-        "one",
-        "int alpha(void) { return 2; }\n",
-        &[("alpha", 1)],
-        &[],
-    );
+    let (g, _p, k, mut pt, one) = alpha_patch("held");
     // vCPU 1 executes alpha in the first 3 pauses that look at it, then is
     // in user mode.
     let looks = AtomicU32::new(0);
@@ -742,15 +749,7 @@ fn the_patch_state_survives_a_round_trip_and_a_new_patcher_reverts_from_it() {
 
 #[test]
 fn a_refused_protection_takes_the_switch_back() {
-    let (g, p) = (Fake::new(), Patches::new("protfail"));
-    let k = g.kernel();
-    let mut pt = p.patcher();
-    let one = p.file(
-        "one",
-        "int alpha(void) { return 2; }\n",
-        &[("alpha", 1)],
-        &[],
-    );
+    let (g, _p, k, mut pt, one) = alpha_patch("protfail");
     let before = g.hash();
     // Write control fails after the switch's writes: they are undone, the
     // area's code and its page-directory entry too; nothing is protected.
@@ -770,15 +769,7 @@ fn a_refused_protection_takes_the_switch_back() {
 
 #[test]
 fn immediate_mode_switches_with_a_vcpu_in_old_code_but_never_inside_the_rewritten_bytes() {
-    let (g, p) = (Fake::new(), Patches::new("immediate"));
-    let k = g.kernel();
-    let mut pt = p.patcher();
-    let one = p.file(
-        "one",
-        "int alpha(void) { return 2; }\n",
-        &[("alpha", 1)],
-        &[],
-    );
+    let (g, _p, k, mut pt, one) = alpha_patch("immediate");
     // vCPU 1 is inside alpha's body (past its first 5 bytes) in every pause,
     // with a return address into alpha on its stack too.
     {
