@@ -475,8 +475,8 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
     }
     for p in &l.patches {
         println!(
-            "{} v{}  {}  ({} bytes at {:#x})",
-            p.name, p.version, p.description, p.code_bytes, p.code_addr
+            "{} v{}  {}  ({} bytes at {:#x}, applied {})",
+            p.name, p.version, p.description, p.code_bytes, p.code_addr, p.mode
         );
         print_functions(&p.functions);
         let owner = update_engine::patcher::patch_owner(&p.name);
