@@ -5,23 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::cli::{kernel, text, RunDir};
+use common::cli::{kernel, p, text, RunDir, FIX};
 use update_engine::lup::sha256_hex;
 use update_engine::patcher::{PatchError, Patcher};
 use vmm_core::guest::Guest;
-
-const FIX: &str = r#"#include "tk.h"
-const char *lucos_version(void)
-{
-	return "testkernel 1.0 (live-patched)";
-}
-"#;
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf8 path")
-}
 
 /// SHA-256 of every byte of guest RAM, and of the patch area.
 fn memory_hash(vm: &vmm_core::Vm) -> (String, String) {

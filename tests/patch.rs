@@ -7,17 +7,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use common::cli::{kernel, text, RunDir};
+use common::cli::{kernel, p, text, RunDir, FIX};
 use vmm_core::control::{Client, Request};
-
-const FIX: &str = r#"#include "tk.h"
-const char *lucos_version(void)
-{
-	return "testkernel 1.0 (live-patched)";
-}
-"#;
 
 struct Setup {
     dir: RunDir,
@@ -28,10 +20,6 @@ fn lucos_ok(dir: &RunDir, args: &[&str]) -> String {
     let o = dir.lucos(args);
     assert!(o.status.success(), "lucos {args:?}: {}", text(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf8 path")
 }
 
 /// The 3-function chain (outer -> middle -> inner) with version mark '2':
@@ -124,16 +112,7 @@ impl Setup {
 
     /// Waits until `needle` occurs `n` more times than now.
     fn wait_lines(&self, needle: &str, n: usize) {
-        let base = self.serial().matches(needle).count();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.serial().matches(needle).count() < base + n {
-            assert!(
-                Instant::now() < deadline,
-                "'{needle}' not seen {n} more times:\n{}",
-                self.serial()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::cli::wait_lines(&self.serial, needle, n, 20);
     }
 
     fn text_sha(&self) -> String {

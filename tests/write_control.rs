@@ -10,20 +10,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::cli::{kernel, text, RunDir};
+use common::cli::{kernel, p, text, RunDir, FIX};
 use serde_json::Value;
 use symbol_db::SymbolTable;
-
-const FIX: &str = r#"#include "tk.h"
-const char *lucos_version(void)
-{
-	return "testkernel 1.0 (live-patched)";
-}
-"#;
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf8 path")
-}
 
 struct Vm {
     dir: RunDir,
@@ -91,19 +80,9 @@ impl Vm {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
     }
 
-    /// Waits until `needle` occurs `n` more times than now (a hang detector,
-    /// not a speed limit: generous).
+    /// Waits until `needle` occurs `n` more times than now.
     fn wait_lines(&self, needle: &str, n: usize, secs: u64) {
-        let base = self.serial().matches(needle).count();
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while self.serial().matches(needle).count() < base + n {
-            assert!(
-                Instant::now() < deadline,
-                "'{needle}' not seen {n} more times in {secs} s:\n{}",
-                self.serial()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::cli::wait_lines(&self.serial, needle, n, secs);
     }
 
     /// Waits for `n` more atomic rounds, failing at once on a lost count.

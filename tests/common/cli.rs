@@ -1,8 +1,8 @@
 //! Driving the `lucos` binary from tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A private run directory (`LUCOS_RUN_DIR`) whose VMs are stopped on drop.
 pub struct RunDir(pub PathBuf);
@@ -70,4 +70,34 @@ pub fn start(dir: &RunDir, id: &str, extra: &[&str]) {
         "{}",
         text(&o)
     );
+}
+
+/// The test kernel's `lucos_version` with another string: the live patch
+/// most tests apply.
+pub const FIX: &str = r#"#include "tk.h"
+const char *lucos_version(void)
+{
+	return "testkernel 1.0 (live-patched)";
+}
+"#;
+
+/// A path as the `&str` a command line takes.
+pub fn p(path: &Path) -> &str {
+    path.to_str().expect("utf8 path")
+}
+
+/// Waits until `needle` occurs in `file` `n` more times than now; `secs`
+/// is a hang detector, not a speed limit.
+pub fn wait_lines(file: &Path, needle: &str, n: usize, secs: u64) {
+    let read = || std::fs::read_to_string(file).unwrap_or_default();
+    let base = read().matches(needle).count();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while read().matches(needle).count() < base + n {
+        assert!(
+            Instant::now() < deadline,
+            "'{needle}' not seen {n} more times in {secs} s:\n{}",
+            read()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
