@@ -92,16 +92,6 @@ fn klp_source(n: usize) -> String {
     s
 }
 
-fn run(cmd: &mut Command) {
-    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// Builds the lucos patches into `files` and the modules and klptime into
 /// `guest` (the guest's /files).
 fn build_all(dir: &Path, files: &Path, guest: &Path) {
@@ -110,31 +100,27 @@ fn build_all(dir: &Path, files: &Path, guest: &Path) {
     std::fs::write(&vmlinux, package_vmlinux()).expect("vmlinux");
     let lucos = env!("CARGO_BIN_EXE_lucos");
     let key = files.join("key");
-    run(Command::new(lucos).arg("keygen").arg("-o").arg(&key));
+    common::linux::run_ok(Command::new(lucos).arg("keygen").arg("-o").arg(&key));
     let kmod = dir.join("kmod");
     std::fs::create_dir_all(&kmod).expect("kmod dir");
     for n in [1, 10] {
         let src = dir.join(format!("lpb{n}_src.c"));
         std::fs::write(&src, lucos_source(n)).expect("source");
-        run(Command::new(lucos)
-            .args(["build", "--kernel"])
-            .arg(&vmlinux)
-            .arg("--kbuild")
-            .arg(&kbuild)
-            .args(["--name", &format!("lpb{n}"), "--key"])
-            .arg(&key)
-            .arg("-o")
-            .arg(files.join(format!("lpb{n}.lup")))
-            .arg(&src));
-        std::fs::write(kmod.join(format!("lpb{n}.c")), klp_source(n)).expect("module source");
+        common::linux::run_ok(
+            Command::new(lucos)
+                .args(["build", "--kernel"])
+                .arg(&vmlinux)
+                .arg("--kbuild")
+                .arg(&kbuild)
+                .args(["--name", &format!("lpb{n}"), "--key"])
+                .arg(&key)
+                .arg("-o")
+                .arg(files.join(format!("lpb{n}.lup")))
+                .arg(&src),
+        );
     }
-    std::fs::write(kmod.join("Kbuild"), "obj-m := lpb1.o lpb10.o\n").expect("Kbuild");
-    run(Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(&kbuild)
-        .arg(format!("M={}", kmod.display()))
-        .arg("modules"));
+    let (k1, k10) = (klp_source(1), klp_source(10));
+    common::linux::build_modules(&kbuild, &kmod, &[("lpb1", &k1), ("lpb10", &k10)]);
     for n in [1, 10] {
         std::fs::copy(
             kmod.join(format!("lpb{n}.ko")),
@@ -142,13 +128,15 @@ fn build_all(dir: &Path, files: &Path, guest: &Path) {
         )
         .expect("module");
     }
-    run(Command::new("cc")
-        .args(["-static", "-O2", "-Wall", "-o"])
-        .arg(guest.join("klptime"))
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/guest-kernels/linux/bench/klptime.c"
-        )));
+    common::linux::run_ok(
+        Command::new("cc")
+            .args(["-static", "-O2", "-Wall", "-o"])
+            .arg(guest.join("klptime"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/guest-kernels/linux/bench/klptime.c"
+            )),
+    );
 }
 
 /// The guest: livepatch rounds first (it drives them itself), a window with

@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::linux::{
-    kbuild_dir, kernel_release, other_kernel_pkg, package_vmlinux, run_scenario_with, vmlinux_of,
-    Extras,
+    build_patch, kbuild_dir, kernel_release, other_kernel_pkg, package_vmlinux, run_ok,
+    run_scenario_with, vmlinux_of, Extras,
 };
 
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
@@ -147,44 +147,6 @@ sed 's/^/G| /' $LOG | tail -n 20
 $LUCOS stop --vm lx >/dev/null
 "#;
 
-fn lucos(args: &[&str]) {
-    let o = Command::new(env!("CARGO_BIN_EXE_lucos"))
-        .args(args)
-        .output()
-        .expect("run lucos");
-    assert!(
-        o.status.success(),
-        "lucos {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// `lucos build` of `src` against `vmlinux` with kbuild.
-fn build(dir: &Path, kbuild: &str, vmlinux: &Path, name: &str, src: &str, extra: &[&str]) {
-    let c = dir.join(format!("{name}_src.c"));
-    std::fs::write(&c, src).expect("source");
-    let key = dir.join("key");
-    let out = dir.join(format!("{name}.lup"));
-    let mut args = vec![
-        "build",
-        "--kernel",
-        vmlinux.to_str().expect("utf8"),
-        "--kbuild",
-        kbuild,
-        "--name",
-        name,
-        "-o",
-        out.to_str().expect("utf8"),
-    ];
-    if !extra.contains(&"--unsigned") {
-        args.extend(["--key", key.to_str().expect("utf8")]);
-    }
-    args.extend_from_slice(extra);
-    args.push(c.to_str().expect("utf8"));
-    lucos(&args);
-}
-
 /// A copy of `vmlinux` changed by `f`.
 fn altered(dir: &Path, vmlinux: &[u8], name: &str, f: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
     let mut v = vmlinux.to_vec();
@@ -197,15 +159,18 @@ fn altered(dir: &Path, vmlinux: &[u8], name: &str, f: impl FnOnce(&mut Vec<u8>))
 #[test]
 fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
     let kbuild = kbuild_dir();
-    let kbuild = kbuild.to_str().expect("utf8");
     let dir = std::env::temp_dir().join(format!("lucos-patchfiles-{}", std::process::id()));
     let files = dir.join("files");
     std::fs::create_dir_all(&files).expect("dir");
     let vm = package_vmlinux();
     let vmlinux = altered(&dir, &vm, "vmlinux", |_| {});
-    lucos(&["keygen", "-o", files.join("key").to_str().expect("utf8")]);
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_lucos"))
+            .args(["keygen", "-o"])
+            .arg(files.join("key")),
+    );
     let b = |name: &str, src: &str, extra: &[&str], kernel: &Path| {
-        build(&files, kbuild, kernel, name, src, extra)
+        build_patch(&files, &kbuild, kernel, name, src, extra)
     };
     b("procfix", FIX, &[], &vmlinux);
     b("unsigned", FIX, &["--unsigned"], &vmlinux);

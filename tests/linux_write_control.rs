@@ -13,11 +13,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::linux::{kbuild_dir, package_vmlinux, run_scenario_with, Extras};
+use common::linux::{
+    build_modules, build_patch, kbuild_dir, package_vmlinux, run_ok, run_scenario_with, Extras,
+};
 
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
@@ -166,31 +167,6 @@ wait_vm pk 60
 cat $LUCOS_RUN_DIR/pk.log | sed 's/^/V| /'
 "#;
 
-fn run(cmd: &mut Command) {
-    let o = cmd.output().expect("run");
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn build(lucos: &str, files: &Path, kbuild: &Path, vmlinux: &Path, name: &str, src: &str) {
-    let c = files.join(format!("{name}_src.c"));
-    std::fs::write(&c, src).expect("source");
-    run(Command::new(lucos)
-        .args(["build", "--kernel"])
-        .arg(vmlinux)
-        .arg("--kbuild")
-        .arg(kbuild)
-        .args(["--name", name, "--key"])
-        .arg(files.join("key"))
-        .arg("-o")
-        .arg(files.join(format!("{name}.lup")))
-        .arg(&c));
-}
-
 #[test]
 fn linux_guest_cannot_undo_a_patch_or_write_protected_kernel_text_and_its_text_poke_still_works() {
     let kbuild = kbuild_dir();
@@ -202,20 +178,15 @@ fn linux_guest_cannot_undo_a_patch_or_write_protected_kernel_text_and_its_text_p
     let vmlinux = dir.join("vmlinux");
     std::fs::write(&vmlinux, package_vmlinux()).expect("vmlinux");
     let lucos = env!("CARGO_BIN_EXE_lucos");
-    run(Command::new(lucos)
-        .arg("keygen")
-        .arg("-o")
-        .arg(files.join("key")));
-    build(lucos, &files, &kbuild, &vmlinux, "cmdfix", CMDFIX);
-    build(lucos, &files, &kbuild, &vmlinux, "signal", SIGNAL);
-    std::fs::write(kmod.join("wpoke.c"), WPOKE).expect("module source");
-    std::fs::write(kmod.join("Kbuild"), "obj-m := wpoke.o\n").expect("Kbuild");
-    run(Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(&kbuild)
-        .arg(format!("M={}", kmod.display()))
-        .arg("modules"));
+    run_ok(
+        Command::new(lucos)
+            .arg("keygen")
+            .arg("-o")
+            .arg(files.join("key")),
+    );
+    build_patch(&files, &kbuild, &vmlinux, "cmdfix", CMDFIX, &[]);
+    build_patch(&files, &kbuild, &vmlinux, "signal", SIGNAL, &[]);
+    build_modules(&kbuild, &kmod, &[("wpoke", WPOKE)]);
     std::fs::copy(kmod.join("wpoke.ko"), guest.join("wpoke.ko")).expect("module");
 
     let out = run_scenario_with(

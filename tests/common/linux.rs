@@ -208,6 +208,64 @@ pub fn package_vmlinux() -> Vec<u8> {
     vmlinux_of(&kernel_pkg())
 }
 
+/// Runs `cmd`, failing with its output unless it succeeds.
+pub fn run_ok(cmd: &mut Command) {
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `lucos build` of `src` (written to `dir/NAME_src.c`) against `vmlinux`
+/// with `kbuild`, into `dir/NAME.lup`, signed by `dir/key` unless `extra`
+/// has `--unsigned`.
+pub fn build_patch(
+    dir: &Path,
+    kbuild: &Path,
+    vmlinux: &Path,
+    name: &str,
+    src: &str,
+    extra: &[&str],
+) {
+    let c = dir.join(format!("{name}_src.c"));
+    std::fs::write(&c, src).expect("source");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lucos"));
+    cmd.args(["build", "--kernel"])
+        .arg(vmlinux)
+        .arg("--kbuild")
+        .arg(kbuild)
+        .args(["--name", name, "-o"])
+        .arg(dir.join(format!("{name}.lup")));
+    if !extra.contains(&"--unsigned") {
+        cmd.arg("--key").arg(dir.join("key"));
+    }
+    run_ok(cmd.args(extra).arg(&c));
+}
+
+/// Kernel modules built against `kbuild` in `dir` from `sources` (file
+/// stem, C source): `dir/STEM.ko`.
+pub fn build_modules(kbuild: &Path, dir: &Path, sources: &[(&str, &str)]) {
+    let mut objs = Vec::new();
+    for (stem, src) in sources {
+        std::fs::write(dir.join(format!("{stem}.c")), src).expect("module source");
+        objs.push(format!("{stem}.o"));
+    }
+    std::fs::write(dir.join("Kbuild"), format!("obj-m := {}\n", objs.join(" "))).expect("Kbuild");
+    run_ok(
+        Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(kbuild)
+            .arg(format!("M={}", dir.display()))
+            .arg("modules"),
+    );
+}
+
 /// What a scenario printed.
 pub struct ScenarioOutput {
     /// Everything: host console, lucos, guest serial.
