@@ -265,7 +265,7 @@ impl ControlServer {
         let bad = |m: String| Response::err(ErrorCode::BadRequest, m);
         if name.is_empty() || name.contains(char::is_whitespace) || name == KERNEL_TEXT_OWNER {
             return Err(bad(format!(
-                "'{name}' is not a protection name (no spaces, not empty)"
+                "'{name}' is not a protection name (no spaces, not empty, not {KERNEL_TEXT_OWNER})"
             )));
         }
         let owner = user_owner(name);
@@ -280,13 +280,24 @@ impl ControlServer {
                 "a range is protected by the name '{name}' already"
             )));
         }
-        let range = match (gpa, symbol) {
-            (Some(gpa), None) => Protection {
-                owner,
-                label: format!("{gpa:#x}"),
-                gpa,
-                len: len.ok_or_else(|| bad("protect by address needs a length".into()))?,
-            },
+        // The range is found and protected in one pause (a symbol's
+        // translation through vCPU 0's tables must still hold).
+        let (paused, range) = match (gpa, symbol) {
+            (Some(gpa), None) => {
+                let len = len.ok_or_else(|| bad("protect by address needs a length".into()))?;
+                let paused = Paused::new(self.vm.as_ref())
+                    .map_err(|e| Response::err(pause_error(&e), error_chain(&e)))?;
+                let label = format!("{gpa:#x}");
+                (
+                    paused,
+                    Protection {
+                        owner,
+                        label,
+                        gpa,
+                        len,
+                    },
+                )
+            }
             (None, Some(q)) => {
                 let k = self
                     .guest_kernel()
@@ -316,15 +327,15 @@ impl ControlServer {
                 } else {
                     format!("{}+{:#x}", a.symbol.name, a.offset)
                 };
-                let p = Protection {
-                    owner,
-                    label,
-                    gpa,
-                    len,
-                };
-                return paused
-                    .change_protection(&[], &[p])
-                    .map_err(|e| bad(e.to_string()));
+                (
+                    paused,
+                    Protection {
+                        owner,
+                        label,
+                        gpa,
+                        len,
+                    },
+                )
             }
             _ => {
                 return Err(bad(
@@ -332,7 +343,9 @@ impl ControlServer {
                 ))
             }
         };
-        self.change_protection(&[], &[range])
+        paused
+            .change_protection(&[], &[range])
+            .map_err(|e| bad(e.to_string()))
     }
 
     /// Kernel text integrity: the running kernel's text (and read-only data,
