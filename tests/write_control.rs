@@ -32,13 +32,8 @@ impl Vm {
         let serial = dir.0.join("serial.log");
         let vm = Vm { dir, serial };
         vm.ok(&["keygen", "-o", p(&vm.path("key"))]);
-        let (k, serial, key) = (kernel(), vm.serial.clone(), vm.path("key.pub"));
+        let (serial, key) = (vm.serial.clone(), vm.path("key.pub"));
         let mut args = vec![
-            "run",
-            "--vm",
-            "wc",
-            "--kernel",
-            &k,
             "--vcpus",
             "2",
             "--mem",
@@ -49,11 +44,9 @@ impl Vm {
             p(&serial),
             "--trusted-key",
             p(&key),
-            "--detach",
-            "--quiet",
         ];
         args.extend_from_slice(extra);
-        vm.ok(&args);
+        common::cli::start(&vm.dir, "wc", &args);
         vm
     }
 
