@@ -27,6 +27,24 @@ use vmm_core::vm::{host_kvm_flavor, KvmFlavor};
 /// for the emulated host's own) and `@@SCN ID end=...`; if it has not ended in time it prints where
 /// every VMM thread is (`@@DUMP`), the vCPU registers, and stops it.
 const SCENARIO_PRELUDE: &str = r#"
+# When the scenario ends: every VM that ended other than on request or by its
+# guest's choice, why, and the end of its VMM log and serial output
+# (`@@VMEND` lines, which a failed expectation puts first in its message).
+vm_ends() {
+  for f in $LUCOS_RUN_DIR/*.log; do
+    [ -f "$f" ] || continue
+    id=$(basename "$f" .log)
+    end=$(grep -o 'ended: .*' "$f" | tail -n 1)
+    case "$end" in
+      "ended: stopped" | "ended: guest powered off" | "ended: guest exited with status 0") continue ;;
+      "") kill -0 "$(cat $LUCOS_RUN_DIR/$id.lock 2>/dev/null)" 2>/dev/null && continue; end="gone without an end line" ;;
+    esac
+    echo "@@VMEND $id $end"
+    tail -n 40 "$f" | sed "s/^/@@VMEND $id V| /"
+    [ -f /tmp/$id.serial ] && tail -n 40 /tmp/$id.serial | sed "s/^/@@VMEND $id G| /"
+  done
+}
+trap vm_ends EXIT
 dump_vm() {
   pid=$(cat $LUCOS_RUN_DIR/$1.lock 2>/dev/null)
   for t in /proc/$pid/task/*; do
@@ -279,10 +297,25 @@ impl ScenarioOutput {
     pub fn expect(&self, needle: &str) {
         assert!(
             self.text.contains(needle),
-            "'{needle}' not in the output of the scenario ({}):\n{}",
+            "'{needle}' not in the output of the scenario ({}):\n{}{}",
             self.where_,
+            self.vm_ends(),
             self.text
         );
+    }
+
+    /// The `@@VMEND` lines (VMs that ended unexpectedly), then a rule; or
+    /// nothing.
+    pub fn vm_ends(&self) -> String {
+        let ends: Vec<&str> = self
+            .text
+            .lines()
+            .filter(|l| l.contains("@@VMEND "))
+            .collect();
+        if ends.is_empty() {
+            return String::new();
+        }
+        format!("{}\n---- the whole output:\n", ends.join("\n"))
     }
 
     /// The value after `key=` on the first line starting with `prefix`.
