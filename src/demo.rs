@@ -142,6 +142,9 @@ fn live_patch(vm: &Vm, kernel: &std::path::Path, capture: &SerialCapture) -> Res
         depends: vec![],
         mode: update_engine::lup::Mode::Consistent,
         functions: vec![],
+        data: vec![],
+        init: vec![],
+        narrow: vec![],
         out: lup.clone(),
         sources: vec![src],
     })?;

@@ -97,6 +97,20 @@ pub struct BuildArgs {
     /// default: every function the sources define that the kernel has.
     #[arg(long = "function")]
     pub functions: Vec<String>,
+    /// A kernel object whose layout the patch changes: SYMBOL:STRUCT (a
+    /// global `struct STRUCT` or an array of them; repeatable). The old
+    /// layout comes from the kernel's DWARF or BTF, the new one from the
+    /// patch's; the transfer between them is derived member by member.
+    #[arg(long = "data", value_name = "SYMBOL:STRUCT")]
+    pub data: Vec<String>,
+    /// The value a member the patch adds starts at: SYMBOL.MEMBER=VALUE
+    /// (default 0; repeatable).
+    #[arg(long = "init", value_name = "SYMBOL.MEMBER=VALUE")]
+    pub init: Vec<String>,
+    /// Accept narrowing an integer member (values are truncated):
+    /// SYMBOL.MEMBER (repeatable).
+    #[arg(long = "narrow", value_name = "SYMBOL.MEMBER")]
+    pub narrow: Vec<String>,
     /// Output `.lup`.
     #[arg(long, short)]
     pub out: PathBuf,
@@ -268,6 +282,7 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
             "the sources define no function the kernel has: nothing to replace".into(),
         ));
     }
+    let data = data_changes(&args, &kdata, &kname, &ksyms, &image, &objects, &functions)?;
     let manifest = Manifest {
         name: args.name.clone(),
         description: args.description.clone(),
@@ -277,6 +292,7 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
         depends: args.depends.clone(),
         objects: objects.iter().map(|(n, _)| n.clone()).collect(),
         mode: args.mode,
+        data,
     };
     let key = match (&args.key, args.unsigned) {
         (_, true) => None,
@@ -306,6 +322,100 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
         if key.is_none() { ", UNSIGNED" } else { "" }
     );
     Ok(exit::OK)
+}
+
+/// The `--data` changes: each object's old layout (the kernel's DWARF, or
+/// its BTF) and new one (the patch objects' DWARF), the transfer derived
+/// between them, and the kernel functions left using the old copy.
+fn data_changes(
+    args: &BuildArgs,
+    kdata: &[u8],
+    kname: &str,
+    ksyms: &SymbolTable,
+    image: &KernelImage,
+    objects: &[(String, Vec<u8>)],
+    functions: &[FunctionPatch],
+) -> Result<Vec<update_engine::data::DataChange>, CliError> {
+    use update_engine::data::{derive, users_of, Declared};
+    let mut out = Vec::new();
+    let member_arg = |flag: &str, v: &str| -> Result<(String, String), CliError> {
+        v.split_once('.')
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .ok_or_else(|| CliError::Usage(format!("--{flag} {v}: give SYMBOL.MEMBER")))
+    };
+    let all_functions: Vec<(String, u64, u64)> = ksyms
+        .iter()
+        .filter(|s| s.kind == symbol_db::SymbolKind::Function && s.size > 0)
+        .map(|s| (s.name.clone(), s.addr, s.size))
+        .collect();
+    for spec in &args.data {
+        let (symbol, type_name) = spec.split_once(':').ok_or_else(|| {
+            CliError::Usage(format!(
+                "--data {spec}: give SYMBOL:STRUCT (stats_table:task_stat)"
+            ))
+        })?;
+        let mut declared = Declared::default();
+        for v in &args.init {
+            let (target, value) = v
+                .split_once('=')
+                .ok_or_else(|| CliError::Usage(format!("--init {v}: give SYMBOL.MEMBER=VALUE")))?;
+            let (sym, member) = member_arg("init", target)?;
+            let value: i64 = parse_int(value)
+                .ok_or_else(|| CliError::Usage(format!("--init {v}: {value} is not a number")))?;
+            if sym == symbol {
+                declared.init.push((member, value));
+            }
+        }
+        for v in &args.narrow {
+            let (sym, member) = member_arg("narrow", v)?;
+            if sym == symbol {
+                declared.narrow.push(member);
+            }
+        }
+        let sym = ksyms.answer(symbol)?.symbol;
+        let old = match symbol_db::dwarf::TypeDb::from_elf(kdata, kname) {
+            Ok(db) => db.struct_layout(type_name)?,
+            Err(_) => symbol_db::btf::Btf::from_elf(kdata, kname)?.struct_layout(type_name)?,
+        };
+        let new = objects
+            .iter()
+            .find_map(|(name, data)| {
+                symbol_db::dwarf::TypeDb::from_elf(data, name)
+                    .ok()
+                    .and_then(|db| db.struct_layout(type_name).ok())
+            })
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--data {spec}: the patch's sources do not use struct {type_name} (no DWARF \
+                     for it in their objects): the new code must define and use the new layout"
+                ))
+            })?;
+        if old.size == 0 || sym.size == 0 || sym.size % old.size != 0 {
+            return Err(CliError::Usage(format!(
+                "--data {spec}: {symbol} is {} bytes, not a whole number of struct {type_name} \
+                 ({} bytes)",
+                sym.size, old.size
+            )));
+        }
+        let mut change =
+            derive(symbol, sym.size / old.size, &old, &new, &declared).map_err(CliError::Usage)?;
+        if ksyms.all_named(symbol).len() > 1 {
+            change.symbol_file = sym.file.clone();
+        }
+        change.users_left = users_of(image, &all_functions, sym.addr, sym.addr + sym.size)
+            .into_iter()
+            .filter(|u| !functions.iter().any(|f| &f.old == u))
+            .collect();
+        out.push(change);
+    }
+    Ok(out)
+}
+
+fn parse_int(s: &str) -> Option<i64> {
+    match s.strip_prefix("0x") {
+        Some(h) => i64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
 }
 
 /// `lucos inspect PATCH.lup`. With `--key`, the exit status says whether

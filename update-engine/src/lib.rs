@@ -8,6 +8,7 @@
 //! the VMM, an in-memory guest in the unit tests.
 
 pub mod area;
+pub mod data;
 pub mod kernel;
 pub mod link;
 pub mod linux;

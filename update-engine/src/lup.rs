@@ -24,8 +24,18 @@ pub use ed25519_dalek::{SigningKey, VerifyingKey};
 
 /// Magic at the start of every `.lup`.
 pub const MAGIC: &[u8; 8] = b"LUCOSLUP";
-/// The container format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest container format version this build reads and writes: 2 for
+/// a patch with data-layout changes (a lucos that reads only 1 refuses it
+/// rather than apply the code without its data), 1 for every other.
+pub const FORMAT_VERSION: u32 = 2;
+
+fn format_version(m: &Manifest) -> u32 {
+    if m.data.is_empty() {
+        1
+    } else {
+        2
+    }
+}
 
 /// One function the patch replaces.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +133,9 @@ pub struct Manifest {
     /// When the switch may happen (`lucos patch --mode` overrides it).
     #[serde(default)]
     pub mode: Mode,
+    /// Kernel objects whose layout the patch changes (format version 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<crate::data::DataChange>,
 }
 
 /// When a patch's switch may happen.
@@ -182,7 +195,7 @@ fn body(manifest: &Manifest, objects: &[(String, Vec<u8>)]) -> Vec<u8> {
     let json = serde_json::to_vec(manifest).unwrap_or_default();
     let mut b = Vec::new();
     b.extend_from_slice(MAGIC);
-    b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b.extend_from_slice(&format_version(manifest).to_le_bytes());
     b.extend_from_slice(&(json.len() as u32).to_le_bytes());
     b.extend_from_slice(&json);
     b.extend_from_slice(&(objects.len() as u32).to_le_bytes());
@@ -245,15 +258,24 @@ impl Lup {
             return Err(bad("no LUCOSLUP magic (not a lucos patch)"));
         }
         let version = r.u32().ok_or_else(|| bad("truncated header"))?;
-        if version != FORMAT_VERSION {
+        if version == 0 || version > FORMAT_VERSION {
             return Err(bad(&format!(
-                "format version {version}; this lucos reads version {FORMAT_VERSION}"
+                "format version {version}; this lucos reads versions 1 to {FORMAT_VERSION}"
             )));
         }
         let mlen = r.u32().ok_or_else(|| bad("truncated header"))? as usize;
         let json = r.take(mlen).ok_or_else(|| bad("truncated manifest"))?;
         let manifest: Manifest =
             serde_json::from_slice(json).map_err(|e| bad(&format!("bad manifest: {e}")))?;
+        if version != format_version(&manifest) {
+            return Err(bad(&format!(
+                "format version {version} does not match its manifest (data changes: {})",
+                manifest.data.len()
+            )));
+        }
+        for d in &manifest.data {
+            d.check().map_err(|e| bad(&e))?;
+        }
         let count = r.u32().ok_or_else(|| bad("truncated object table"))?;
         if count > 64 {
             return Err(bad("too many objects"));
@@ -413,6 +435,7 @@ mod tests {
                 depends: vec![],
                 objects: vec!["a.o".into()],
                 mode: Mode::Consistent,
+                data: vec![],
             },
             vec![("a.o".into(), vec![1, 2, 3])],
         )

@@ -355,6 +355,7 @@ impl Patches {
                 depends: depends.iter().map(|d| (*d).to_owned()).collect(),
                 objects: vec![format!("{name}.o")],
                 mode: Mode::Consistent,
+                data: vec![],
             },
             vec![(format!("{name}.o"), obj)],
             Some(&self.key),

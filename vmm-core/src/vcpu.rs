@@ -443,8 +443,11 @@ fn step(index: u8, fd: &mut VcpuFd, bus: &PioBus, wc: &WriteControl, synced: boo
                     | VcpuExit::MmioWrite(..)
             );
             match exit {
-                // A write to a write-controlled page of RAM.
-                VcpuExit::MmioWrite(addr, data) if wc.is_protected_page(addr) => {
+                // A write to a write-controlled page of RAM, or to the patch
+                // area (refused unless it is a copy of data being tracked).
+                VcpuExit::MmioWrite(addr, data)
+                    if wc.is_protected_page(addr) || wc.in_area(addr) =>
+                {
                     let mut b = [0u8; 8];
                     let n = data.len().min(8);
                     b[..n].copy_from_slice(&data[..n]);

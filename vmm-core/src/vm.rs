@@ -122,7 +122,7 @@ pub struct Vm {
     threads: Vec<JoinHandle<()>>,
     started_at: Option<Instant>,
     entry: u64,
-    patch_area: crate::region::VmmRegion,
+    patch_area: Arc<crate::region::VmmRegion>,
     write_control: Arc<WriteControl>,
 }
 
@@ -200,17 +200,16 @@ impl Vm {
             .map(|r| r.guest_addr + r.len)
             .max()
             .unwrap_or(0);
-        let patch_area = crate::region::VmmRegion::patch_area(ram_end)?;
+        let patch_area = Arc::new(crate::region::VmmRegion::patch_area(ram_end)?);
         // SAFETY: the region is a live mapping owned by `patch_area`, which
         // the Vm keeps for as long as `vm_fd` exists.
         unsafe { vm_fd.set_user_memory_region(patch_area.kvm_region()) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (read-only patch area)"))?;
 
-        let write_control = Arc::new(WriteControl::new(
-            ram.clone(),
-            ram_slots,
-            (patch_area.gpa, patch_area.size),
-        ));
+        let write_control = Arc::new(
+            WriteControl::new(ram.clone(), ram_slots, (patch_area.gpa, patch_area.size))
+                .with_area(patch_area.clone()),
+        );
 
         loader::write_cmdline(&ram, &cfg.cmdline)?;
         let (kernel, boot) = match kind {

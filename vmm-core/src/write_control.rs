@@ -218,9 +218,24 @@ pub enum Decision {
 
 /// The policy above vmm-core that decides writes to protected bytes.
 pub trait WritePolicy: Send + Sync {
-    /// Decides `w`. Runs on the writing vCPU's thread with that page's lock held.
+    /// Decides `w`. Runs on the writing vCPU's thread with that page's lock
+    /// and its owner's lock held.
     fn decide(&self, w: &TrappedWrite<'_>, ram: &dyn PhysMemory) -> Decision;
+
+    /// Called after a write `decide` allowed is in memory, with the same
+    /// locks still held: a state-transfer policy brings the other copy of
+    /// the data up to date here, before the writing vCPU runs on.
+    fn committed(&self, _w: &TrappedWrite<'_>, _mem: &dyn PhysMemory) {}
 }
+
+/// Owners of protections in the patch area are named with this prefix:
+/// copies of kernel data a patch changes the layout of (the only ranges of
+/// the area the guest may write, through the policy).
+pub const DATA_OWNER_PREFIX: &str = "data:";
+
+/// Owner named in events for a write to the patch area outside any data
+/// copy (its code, its free space): always refused.
+pub const PATCH_AREA_OWNER: &str = "patch-area";
 
 /// A refused write, as `lucos events` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -312,6 +327,11 @@ pub struct WriteControl {
     slots: Mutex<Vec<(u32, SlotSpec)>>,
     start: Instant,
     area: (u64, u64),
+    /// The patch area's memory, when the VM has one (tests may not).
+    area_mem: Option<Arc<crate::region::VmmRegion>>,
+    /// Writes to one owner's ranges are serialized on its lock (after the
+    /// page's): the two copies of tracked data are on different pages.
+    owner_locks: Vec<Mutex<()>>,
     /// Measurement floor (benchmarks): trapped writes are counted and
     /// dropped, nothing decoded or decided.
     bare: std::sync::atomic::AtomicBool,
@@ -351,6 +371,8 @@ impl WriteControl {
             slots: Mutex::new(slots),
             start: Instant::now(),
             area,
+            area_mem: None,
+            owner_locks: (0..16).map(|_| Mutex::new(())).collect(),
             bare: std::sync::atomic::AtomicBool::new(false),
             trapping: std::sync::atomic::AtomicBool::new(false),
         }
@@ -359,6 +381,26 @@ impl WriteControl {
     /// The RAM under control.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// Gives write control the patch area's memory, so that writes to
+    /// data copies placed there can be decided and made.
+    pub fn with_area(mut self, area: Arc<crate::region::VmmRegion>) -> Self {
+        self.area_mem = Some(area);
+        self
+    }
+
+    /// Whether `gpa` lies in the patch area.
+    pub fn in_area(&self, gpa: u64) -> bool {
+        gpa >= self.area.0 && gpa < self.area.0 + self.area.1
+    }
+
+    /// RAM and the patch area, as one guest-physical memory.
+    fn mem(&self) -> Mem<'_> {
+        Mem {
+            ram: &self.ram,
+            area: self.area_mem.as_deref(),
+        }
     }
 
     /// Benchmarks only: with `bare`, a trapped write is counted and dropped
@@ -405,6 +447,12 @@ impl WriteControl {
             return Err(ProtectError::Empty { gpa: p.gpa });
         }
         let (abase, asize) = self.area;
+        let data_copy = p.owner.starts_with(DATA_OWNER_PREFIX)
+            && p.gpa >= abase
+            && p.gpa.saturating_add(p.len) <= abase + asize;
+        if data_copy {
+            return Ok(());
+        }
         if p.gpa < abase + asize && p.gpa.saturating_add(p.len) > abase {
             return Err(ProtectError::PatchArea {
                 gpa: p.gpa,
@@ -567,6 +615,17 @@ impl WriteControl {
             .map(|&i| &table.list[i])
             .filter(|p| p.gpa < end && p.end() > gpa)
             .collect();
+        // Then the owner's lock: writes to both copies of tracked data
+        // (different pages) are serialized on it.
+        let _owner_lock = touches.first().map(|p| {
+            let h = p.owner.bytes().fold(0usize, |h, b| {
+                h.wrapping_mul(31).wrapping_add(usize::from(b))
+            });
+            self.owner_locks[h % self.owner_locks.len()]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        });
+        let mem = self.mem();
         let writer = crate::insn::find_writer(cpu, gpa, data.len());
         // Unknown writer: no address the policy could allow by (events show
         // where the vCPU was, just past it), and its privilege level from CS.
@@ -578,27 +637,30 @@ impl WriteControl {
                 cpu.sregs().map(|s| (s.cs.selector & 3) as u8).unwrap_or(3),
             ),
         };
+        let trapped = TrappedWrite {
+            vcpu,
+            rip,
+            cpl,
+            cr3: cpu.sregs().map(|s| s.cr3).unwrap_or(0),
+            gpa,
+            data,
+            touches: touches.clone(),
+        };
+        let policy = self
+            .policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let decision = if touches.is_empty() {
-            Decision::Allow
+            // The patch area is written only where a policy allows it.
+            if self.in_area(gpa) {
+                Decision::Refuse
+            } else {
+                Decision::Allow
+            }
         } else {
-            let policy = self
-                .policy
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            match policy {
-                Some(p) => p.decide(
-                    &TrappedWrite {
-                        vcpu,
-                        rip,
-                        cpl,
-                        cr3: cpu.sregs().map(|s| s.cr3).unwrap_or(0),
-                        gpa,
-                        data,
-                        touches: touches.clone(),
-                    },
-                    self.ram.as_ref(),
-                ),
+            match &policy {
+                Some(p) => p.decide(&trapped, &mem),
                 None => Decision::Refuse,
             }
         };
@@ -612,7 +674,7 @@ impl WriteControl {
                 if let Some(w) = &writer {
                     let mut now = [0u8; 16];
                     let now = &mut now[..data.len()];
-                    if self.ram.read(gpa, now).is_ok() {
+                    if mem.read_phys(gpa, now).is_ok() {
                         match crate::insn::verdict(w, now, data) {
                             crate::insn::Verdict::Commit => {}
                             crate::insn::Verdict::Drop => {
@@ -634,29 +696,36 @@ impl WriteControl {
                         self.rewinds_in_a_row[vcpu as usize].store(0, Ordering::Relaxed);
                     }
                 }
-                if let Err(e) = self.ram.write(gpa, data) {
+                if let Err(e) = mem.write_phys(gpa, data) {
                     log::warn!("vCPU {vcpu}: allowed write at {gpa:#x} failed: {e}");
+                } else if let (Some(p), false) = (&policy, touches.is_empty()) {
+                    p.committed(&trapped, &mem);
                 }
                 self.counters.allowed.fetch_add(1, Ordering::Relaxed);
                 Outcome::Done
             }
             Decision::Refuse => {
-                // Byte by byte: what is not protected is still written.
+                // Byte by byte: what is not protected is still written
+                // (never in the patch area).
                 for (i, b) in data.iter().enumerate() {
                     let at = gpa + i as u64;
-                    if !touches.iter().any(|p| p.contains(at)) {
-                        let _ = self.ram.write(at, std::slice::from_ref(b));
+                    if !touches.iter().any(|p| p.contains(at)) && !self.in_area(at) {
+                        let _ = mem.write_phys(at, std::slice::from_ref(b));
                     }
                 }
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 // The most specific range hit names it (a patch's jump
                 // inside protected kernel text: the patch).
-                let hit = touches
-                    .iter()
-                    .copied()
-                    .min_by_key(|p| p.len)
-                    .unwrap_or(touches[0]);
-                let first = gpa.max(hit.gpa);
+                let (owner, target) = match touches.iter().copied().min_by_key(|p| p.len) {
+                    Some(hit) => (
+                        hit.owner.clone(),
+                        format!("{}+{:#x}", hit.label, gpa.max(hit.gpa) - hit.gpa),
+                    ),
+                    None => (
+                        PATCH_AREA_OWNER.to_owned(),
+                        format!("patch area+{:#x}", gpa - self.area.0),
+                    ),
+                };
                 self.record(WriteEvent {
                     seq: 0,
                     at_ms: 0,
@@ -666,11 +735,32 @@ impl WriteControl {
                     cpl,
                     gpa,
                     bytes: data.to_vec(),
-                    owner: hit.owner.clone(),
-                    target: format!("{}+{:#x}", hit.label, first - hit.gpa),
+                    owner,
+                    target,
                 });
                 Outcome::Done
             }
+        }
+    }
+}
+
+/// RAM and the patch area as one guest-physical memory.
+struct Mem<'a> {
+    ram: &'a GuestRam,
+    area: Option<&'a crate::region::VmmRegion>,
+}
+
+impl PhysMemory for Mem<'_> {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        match self.area {
+            Some(a) if gpa >= a.gpa && gpa < a.gpa + a.size => a.read(gpa - a.gpa, buf),
+            _ => self.ram.read(gpa, buf),
+        }
+    }
+    fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        match self.area {
+            Some(a) if gpa >= a.gpa && gpa < a.gpa + a.size => a.write(gpa - a.gpa, buf),
+            _ => self.ram.write(gpa, buf),
         }
     }
 }

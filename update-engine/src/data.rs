@@ -1,0 +1,598 @@
+//! Data-layout changes (the LUCOS idea): a patch may give a kernel object
+//! (a global struct, or an array of them) a new layout. The new code uses a
+//! new copy placed in the patch area; the old copy stays where it is for
+//! the old code. While both can run, write control traps every write to
+//! either copy and the engine transfers the written members to the other
+//! copy before the writer runs on ([`crate::protect::GuardPolicy`]). Once
+//! no old code can run any more the change retires: the old copy is
+//! released and only the new one is used.
+//!
+//! `lucos build` derives the transfer member by member, by name, from the
+//! old layout (the running kernel's DWARF or BTF) and the new one (the
+//! patch object's DWARF): same-typed members are copied, integers widened
+//! or narrowed (narrowing refused unless declared), new members start at a
+//! declared value (0 by default), removed members are dropped. Members the
+//! rest of the kernel links to or locks (list heads, locks, wait queues)
+//! are refused by name.
+
+use serde::{Deserialize, Serialize};
+use symbol_db::dwarf::{Member, StructLayout};
+
+/// Owner of a data change's protected copies: `data:PATCH:SYMBOL`.
+pub fn owner(patch: &str, symbol: &str) -> String {
+    format!(
+        "{}{patch}:{symbol}",
+        vmm_core::write_control::DATA_OWNER_PREFIX
+    )
+}
+
+/// A member's place and kind in one layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Field {
+    /// Byte offset in the struct.
+    pub offset: u32,
+    /// Size in bytes.
+    pub size: u32,
+    /// An integer (transferred by value: widened, narrowed, sign-extended).
+    pub int: bool,
+    /// A signed integer.
+    pub signed: bool,
+}
+
+/// How one member crosses between the layouts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberXfer {
+    /// Member name.
+    pub name: String,
+    /// Where it is in the old layout (`None`: added by the patch).
+    pub old: Option<Field>,
+    /// Where it is in the new layout (`None`: removed by the patch).
+    pub new: Option<Field>,
+    /// Value of an added member in copies made from the old layout.
+    #[serde(default)]
+    pub init: i64,
+}
+
+/// One object whose layout a patch changes (the `.lup` manifest's `data`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataChange {
+    /// The kernel symbol.
+    pub symbol: String,
+    /// Its object file, for a local symbol whose name is not unique.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symbol_file: Option<String>,
+    /// The struct type's name.
+    pub type_name: String,
+    /// Elements (1 for a single struct).
+    pub count: u64,
+    /// `sizeof` in the running kernel.
+    pub old_size: u64,
+    /// `sizeof` in the patch.
+    pub new_size: u64,
+    /// Member by member.
+    pub members: Vec<MemberXfer>,
+    /// Kernel functions that use the object and that the patch does not
+    /// replace: they keep using the old copy, so the change never retires
+    /// (both copies stay coherent for as long as the patch is applied).
+    #[serde(default)]
+    pub users_left: Vec<String>,
+}
+
+/// What the patch author declared for one change (`lucos build --data`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Declared {
+    /// Initial values of added members.
+    pub init: Vec<(String, i64)>,
+    /// Members whose narrowing is accepted (values are truncated).
+    pub narrow: Vec<String>,
+}
+
+/// Type names of members that other kernel data points into or that are
+/// held across code: moving them to a new copy breaks the kernel.
+const UNMOVABLE: &[&str] = &[
+    "list_head",
+    "hlist_head",
+    "hlist_node",
+    "rb_node",
+    "rb_root",
+    "llist_node",
+    "spinlock",
+    "raw_spinlock",
+    "rwlock",
+    "mutex",
+    "rw_semaphore",
+    "semaphore",
+    "wait_queue_head",
+    "completion",
+    "work_struct",
+    "delayed_work",
+    "timer_list",
+    "rcu_head",
+    "callback_head",
+    "kref",
+    "refcount_struct",
+];
+
+fn unmovable(type_name: &str) -> Option<&'static str> {
+    UNMOVABLE.iter().copied().find(|u| {
+        type_name
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|w| w == *u || w.trim_end_matches("_t") == *u)
+    })
+}
+
+/// Whether a C type name is an integer type, and a signed one.
+fn int_kind(type_name: &str, size: u64) -> Option<bool> {
+    if !matches!(size, 1 | 2 | 4 | 8) {
+        return None;
+    }
+    let t = type_name
+        .trim_start_matches("const ")
+        .trim_start_matches("volatile ")
+        .trim();
+    if t.contains('*') || t.contains('[') || t.starts_with("struct ") || t.starts_with("union ") {
+        return None;
+    }
+    let unsigned = [
+        "u8", "u16", "u32", "u64", "__u8", "__u16", "__u32", "__u64", "uint8_t", "uint16_t",
+        "uint32_t", "uint64_t", "size_t", "bool", "_Bool",
+    ];
+    let signed = [
+        "s8",
+        "s16",
+        "s32",
+        "s64",
+        "__s8",
+        "__s16",
+        "__s32",
+        "__s64",
+        "int8_t",
+        "int16_t",
+        "int32_t",
+        "int64_t",
+        "ssize_t",
+        "loff_t",
+        "time64_t",
+        "int",
+        "long",
+        "short",
+        "long int",
+        "short int",
+        "long long",
+        "long long int",
+        "char",
+        "signed char",
+    ];
+    if t.starts_with("unsigned") || unsigned.contains(&t) || t.starts_with("enum ") {
+        Some(false)
+    } else if signed.contains(&t) || t.starts_with("signed") {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+fn field(m: &Member) -> Result<Field, String> {
+    let size = m
+        .size
+        .ok_or_else(|| format!("member {} ({}) has no size", m.name, m.type_name))?;
+    let int = int_kind(&m.type_name, size);
+    Ok(Field {
+        offset: u32::try_from(m.offset).map_err(|_| format!("member {} is too far", m.name))?,
+        size: u32::try_from(size).map_err(|_| format!("member {} is too big", m.name))?,
+        int: int.is_some(),
+        signed: int.unwrap_or(false),
+    })
+}
+
+/// Derives the member-by-member transfer of `symbol` (`count` elements)
+/// from `old` to `new`; an error names what cannot be derived.
+pub fn derive(
+    symbol: &str,
+    count: u64,
+    old: &StructLayout,
+    new: &StructLayout,
+    declared: &Declared,
+) -> Result<DataChange, String> {
+    let mut members = Vec::new();
+    if count == 0 || old.size == 0 || new.size == 0 {
+        return Err(format!("{symbol}: struct {} has no size", old.name));
+    }
+    for m in &old.members {
+        if m.name == "<anon>" {
+            return Err(format!(
+                "{symbol}: struct {} has an anonymous member; name it to transfer it",
+                old.name
+            ));
+        }
+        if let Some(u) = unmovable(&m.type_name) {
+            return Err(format!(
+                "{symbol}: member {} is a {u} ({}): other kernel data links to it or it is \
+                 held across code, so it cannot move to a new copy",
+                m.name, m.type_name
+            ));
+        }
+    }
+    for m in &new.members {
+        if m.name == "<anon>" {
+            return Err(format!(
+                "{symbol}: the patch's struct {} has an anonymous member; name it",
+                new.name
+            ));
+        }
+        let n = field(m).map_err(|e| format!("{symbol}: {e}"))?;
+        let o = old.members.iter().find(|x| x.name == m.name);
+        let init = declared
+            .init
+            .iter()
+            .find(|(name, _)| name == &m.name)
+            .map(|(_, v)| *v);
+        let Some(o) = o else {
+            if !n.int && init.is_some_and(|v| v != 0) {
+                return Err(format!(
+                    "{symbol}: added member {} ({}) is not an integer: only 0 can start it",
+                    m.name, m.type_name
+                ));
+            }
+            members.push(MemberXfer {
+                name: m.name.clone(),
+                old: None,
+                new: Some(n),
+                init: init.unwrap_or(0),
+            });
+            continue;
+        };
+        if init.is_some() {
+            return Err(format!(
+                "{symbol}: member {} is in the old layout: its value is transferred, not set",
+                m.name
+            ));
+        }
+        let of = field(o).map_err(|e| format!("{symbol}: {e}"))?;
+        if of.int && n.int {
+            if n.size < of.size && !declared.narrow.contains(&m.name) {
+                return Err(format!(
+                    "{symbol}: member {} narrows from {} ({} bytes) to {} ({} bytes): values \
+                     could be lost; declare it (--narrow {symbol}.{}) if that is intended",
+                    m.name, o.type_name, of.size, m.type_name, n.size, m.name
+                ));
+            }
+        } else if of.size != n.size || o.type_name != m.type_name {
+            return Err(format!(
+                "{symbol}: member {} changes type from {} to {}: lucos cannot derive that \
+                 transfer",
+                m.name, o.type_name, m.type_name
+            ));
+        }
+        members.push(MemberXfer {
+            name: m.name.clone(),
+            old: Some(of),
+            new: Some(n),
+            init: 0,
+        });
+    }
+    for o in &old.members {
+        if !new.members.iter().any(|m| m.name == o.name) {
+            members.push(MemberXfer {
+                name: o.name.clone(),
+                old: Some(field(o).map_err(|e| format!("{symbol}: {e}"))?),
+                new: None,
+                init: 0,
+            });
+        }
+    }
+    for (name, _) in &declared.init {
+        if !members.iter().any(|x| &x.name == name && x.old.is_none()) {
+            return Err(format!(
+                "{symbol}: --init names {name}, which is not a member the patch adds"
+            ));
+        }
+    }
+    for name in &declared.narrow {
+        if !members.iter().any(|x| &x.name == name) {
+            return Err(format!(
+                "{symbol}: --narrow names {name}, which is no member"
+            ));
+        }
+    }
+    Ok(DataChange {
+        symbol: symbol.to_owned(),
+        symbol_file: None,
+        type_name: old.name.clone(),
+        count,
+        old_size: old.size,
+        new_size: new.size,
+        members,
+        users_left: Vec::new(),
+    })
+}
+
+/// Functions of `image` whose code refers to `[start, end)`: a memory
+/// operand or an immediate inside it (RIP-relative, absolute or
+/// sign-extended 32-bit addresses alike). `functions`: (name, address,
+/// size). What they are is what keeps the old copy in use.
+pub fn users_of(
+    image: &symbol_db::KernelImage,
+    functions: &[(String, u64, u64)],
+    start: u64,
+    end: u64,
+) -> Vec<String> {
+    use iced_x86::{Decoder, DecoderOptions, OpKind};
+    let inside = |a: u64| a >= start && a < end;
+    let mut out = Vec::new();
+    for (name, addr, size) in functions {
+        let Some(code) = image.read(*addr, *size as usize) else {
+            continue;
+        };
+        let mut d = Decoder::with_ip(64, code, *addr, DecoderOptions::NONE);
+        let uses = d.iter().any(|i| {
+            (0..i.op_count()).any(|k| match i.op_kind(k) {
+                OpKind::Memory => {
+                    i.memory_base() == iced_x86::Register::None && inside(i.memory_displacement64())
+                        || i.is_ip_rel_memory_operand() && inside(i.ip_rel_memory_address())
+                }
+                OpKind::Immediate32to64 | OpKind::Immediate64 | OpKind::Immediate32 => {
+                    inside(i.immediate(k)) || inside(i.immediate(k) as u32 as i32 as i64 as u64)
+                }
+                _ => false,
+            }) || (i.memory_base() != iced_x86::Register::None
+                && i.memory_base() != iced_x86::Register::RIP
+                && inside(i.memory_displacement64()))
+        });
+        if uses && !out.contains(name) {
+            out.push(name.clone());
+        }
+    }
+    out
+}
+
+fn read_int(b: &[u8], f: &Field) -> i128 {
+    let mut v = [0u8; 8];
+    let n = f.size.min(8) as usize;
+    v[..n].copy_from_slice(&b[f.offset as usize..f.offset as usize + n]);
+    let u = u64::from_le_bytes(v);
+    if f.signed && n < 8 {
+        let shift = 64 - 8 * n as u32;
+        i128::from(((u << shift) as i64) >> shift)
+    } else if f.signed {
+        i128::from(u as i64)
+    } else {
+        i128::from(u)
+    }
+}
+
+fn put(to: &Field, from: &Field, src: &[u8], dst: &mut [u8]) {
+    let d = to.offset as usize;
+    if to.int && from.int {
+        let v = read_int(src, from) as u64;
+        let n = to.size.min(8) as usize;
+        dst[d..d + n].copy_from_slice(&v.to_le_bytes()[..n]);
+    } else {
+        let s = from.offset as usize;
+        let n = to.size.min(from.size) as usize;
+        dst[d..d + n].copy_from_slice(&src[s..s + n]);
+    }
+}
+
+impl DataChange {
+    /// Bytes of the old object.
+    pub fn old_bytes(&self) -> u64 {
+        self.old_size * self.count
+    }
+
+    /// Bytes of the new copy.
+    pub fn new_bytes(&self) -> u64 {
+        self.new_size * self.count
+    }
+
+    /// Checks the manifest's numbers against each other (a `.lup` is input).
+    pub fn check(&self) -> Result<(), String> {
+        let bad = |why: String| Err(format!("data change {}: {why}", self.symbol));
+        if self.count == 0 || self.old_size == 0 || self.new_size == 0 {
+            return bad("empty".into());
+        }
+        if self.new_bytes() > 1 << 20 || self.old_bytes() > 1 << 20 {
+            return bad("larger than 1 MiB".into());
+        }
+        for m in &self.members {
+            for (f, size) in [(m.old, self.old_size), (m.new, self.new_size)] {
+                if let Some(f) = f {
+                    if f.size == 0 || u64::from(f.offset) + u64::from(f.size) > size {
+                        return bad(format!("member {} lies outside its struct", m.name));
+                    }
+                    if f.int && f.size > 8 {
+                        return bad(format!(
+                            "member {} is an integer of {} bytes",
+                            m.name, f.size
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One element in the new layout, from one in the old (old→new).
+    pub fn to_new(&self, old: &[u8], new: &mut [u8]) {
+        new.fill(0);
+        for m in &self.members {
+            match (&m.old, &m.new) {
+                (Some(o), Some(n)) => put(n, o, old, new),
+                (None, Some(n)) => {
+                    let d = n.offset as usize;
+                    let k = n.size.min(8) as usize;
+                    new[d..d + k].copy_from_slice(&m.init.to_le_bytes()[..k]);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// One element in the old layout, from one in the new (new→old); the
+    /// old element's bytes no member covers (padding, ...) are kept.
+    pub fn to_old(&self, new: &[u8], old: &mut [u8]) {
+        for m in &self.members {
+            if let (Some(o), Some(n)) = (&m.old, &m.new) {
+                put(o, n, new, old);
+            }
+        }
+    }
+
+    /// After `[off, off+len)` of an element changed in one layout (`from_old`:
+    /// the old one), what to write in the other: (offset in the element,
+    /// bytes), one member each. `elem` is the changed element, whole.
+    pub fn mirror(&self, from_old: bool, elem: &[u8], off: u64, len: u64) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for m in &self.members {
+            let (from, to) = if from_old {
+                (m.old, m.new)
+            } else {
+                (m.new, m.old)
+            };
+            let (Some(f), Some(t)) = (from, to) else {
+                continue;
+            };
+            let (fs, fe) = (u64::from(f.offset), u64::from(f.offset + f.size));
+            if fs >= off + len || fe <= off {
+                continue;
+            }
+            let mut buf = vec![0u8; (t.offset + t.size) as usize];
+            put(&t, &f, elem, &mut buf);
+            out.push((u64::from(t.offset), buf[t.offset as usize..].to_vec()));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(name: &str, offset: u64, size: u64, ty: &str) -> Member {
+        Member {
+            name: name.into(),
+            offset,
+            size: Some(size),
+            type_name: ty.into(),
+        }
+    }
+
+    fn layout(size: u64, members: Vec<Member>) -> StructLayout {
+        StructLayout {
+            name: "task_stat".into(),
+            size,
+            members,
+            unit: "t".into(),
+        }
+    }
+
+    fn old() -> StructLayout {
+        layout(
+            24,
+            vec![
+                m("id", 0, 4, "u32"),
+                m("calls", 4, 4, "u32"),
+                m("delta", 8, 4, "s32"),
+                m("gone", 12, 4, "u32"),
+                m("sum", 16, 8, "u64"),
+            ],
+        )
+    }
+
+    fn new() -> StructLayout {
+        layout(
+            40,
+            vec![
+                m("id", 0, 4, "u32"),
+                m("flags", 4, 4, "u32"),
+                m("calls", 8, 8, "u64"),
+                m("delta", 16, 8, "s64"),
+                m("sum", 24, 8, "u64"),
+                m("name", 32, 8, "char [8]"),
+            ],
+        )
+    }
+
+    #[test]
+    fn derives_copies_widens_adds_and_drops_by_name() {
+        let d = Declared {
+            init: vec![("flags".into(), 7)],
+            narrow: vec![],
+        };
+        let c = derive("stats", 2, &old(), &new(), &d).expect("derive");
+        c.check().expect("consistent");
+        let mut o = vec![0u8; 24];
+        o[0..4].copy_from_slice(&5u32.to_le_bytes());
+        o[4..8].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
+        o[8..12].copy_from_slice(&(-3i32).to_le_bytes());
+        o[12..16].copy_from_slice(&9u32.to_le_bytes());
+        o[16..24].copy_from_slice(&77u64.to_le_bytes());
+        let mut n = vec![0xaau8; 40];
+        c.to_new(&o, &mut n);
+        assert_eq!(u32::from_le_bytes(n[0..4].try_into().unwrap()), 5);
+        assert_eq!(u32::from_le_bytes(n[4..8].try_into().unwrap()), 7);
+        assert_eq!(
+            u64::from_le_bytes(n[8..16].try_into().unwrap()),
+            0xffff_fff0
+        );
+        assert_eq!(i64::from_le_bytes(n[16..24].try_into().unwrap()), -3);
+        assert_eq!(u64::from_le_bytes(n[24..32].try_into().unwrap()), 77);
+        assert_eq!(&n[32..40], &[0; 8]);
+        // Back: the removed member keeps what the old element had.
+        let mut back = o.clone();
+        back[4..8].fill(0);
+        c.to_old(&n, &mut back);
+        assert_eq!(back, o);
+        // A write to the old `calls` mirrors to the new `calls` only.
+        let w = c.mirror(true, &o, 4, 4);
+        assert_eq!(w, vec![(8, 0xffff_fff0u64.to_le_bytes().to_vec())]);
+        // A write to the new `flags` (added) mirrors nowhere.
+        assert!(c.mirror(false, &n, 4, 4).is_empty());
+        // A write to the old `gone` (removed) mirrors nowhere.
+        assert!(c.mirror(true, &o, 12, 4).is_empty());
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_derive_by_name() {
+        let none = Declared::default();
+        let mut n = new();
+        n.members[2] = m("calls", 8, 2, "u16");
+        let e = derive("stats", 1, &old(), &n, &none).unwrap_err();
+        assert!(e.contains("calls narrows"), "{e}");
+        let d = Declared {
+            init: vec![],
+            narrow: vec!["calls".into()],
+        };
+        derive("stats", 1, &old(), &n, &d).expect("declared narrowing");
+        let mut n = new();
+        n.members[4] = m("sum", 24, 8, "struct foo *");
+        let e = derive("stats", 1, &old(), &n, &none).unwrap_err();
+        assert!(e.contains("sum changes type"), "{e}");
+        let mut o = old();
+        o.members.push(m("node", 24, 16, "struct list_head"));
+        let e = derive("stats", 1, &o, &new(), &none).unwrap_err();
+        assert!(e.contains("node is a list_head"), "{e}");
+        let d = Declared {
+            init: vec![("calls".into(), 1)],
+            narrow: vec![],
+        };
+        assert!(derive("stats", 1, &old(), &new(), &d).is_err());
+        let d = Declared {
+            init: vec![("nope".into(), 1)],
+            narrow: vec![],
+        };
+        assert!(derive("stats", 1, &old(), &new(), &d).is_err());
+    }
+
+    #[test]
+    fn manifests_with_members_outside_their_struct_are_refused() {
+        let mut c = derive("stats", 1, &old(), &new(), &Declared::default()).expect("derive");
+        c.members[0].new = Some(Field {
+            offset: 39,
+            size: 4,
+            int: true,
+            signed: false,
+        });
+        assert!(c.check().is_err());
+    }
+}
