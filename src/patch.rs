@@ -491,6 +491,41 @@ pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliEr
             f.new
         );
     }
+    for d in &m.data {
+        println!(
+            "data        {} (struct {} x {}): {} -> {} bytes each",
+            d.symbol, d.type_name, d.count, d.old_size, d.new_size
+        );
+        for x in &d.members {
+            let at = |f: &Option<update_engine::data::Field>| match f {
+                Some(f) => format!("+{}:{}", f.offset, f.size),
+                None => "-".into(),
+            };
+            let how = match (&x.old, &x.new) {
+                (Some(o), Some(n)) if o.int && n.int && o.size != n.size => "converted",
+                (Some(_), Some(_)) => "copied",
+                (None, Some(_)) => "added",
+                _ => "dropped",
+            };
+            let init = if x.old.is_none() {
+                format!(" (starts at {})", x.init)
+            } else {
+                String::new()
+            };
+            println!(
+                "  member    {:<16} {:>8} -> {:<8} {how}{init}",
+                x.name,
+                at(&x.old),
+                at(&x.new)
+            );
+        }
+        if !d.users_left.is_empty() {
+            println!(
+                "  old copy  still used by {} (kept coherent while the patch is applied)",
+                d.users_left.join(", ")
+            );
+        }
+    }
     for (n, d) in &lup.objects {
         println!("object      {n} ({} bytes)", d.len());
     }

@@ -89,6 +89,7 @@ impl ControlServer {
     pub fn new(vm: Arc<Vm>, ident: VmIdentity) -> Self {
         let policy = Arc::new(GuardPolicy::new());
         vm.write_control().set_policy(policy.clone());
+        let tracker = policy.data();
         Self {
             policy,
             vm,
@@ -96,7 +97,7 @@ impl ControlServer {
             pauses: AtomicU64::new(0),
             last_pause_ns: AtomicU64::new(u64::MAX),
             kernel: Mutex::new(None),
-            patcher: Mutex::new(Patcher::new(Vec::new())),
+            patcher: Mutex::new(Patcher::new(Vec::new()).with_data_tracker(tracker)),
             ops: Mutex::new(()),
         }
     }
@@ -104,7 +105,7 @@ impl ControlServer {
     /// Trusts patches signed by `keys` (`lucos run --trusted-key`).
     pub fn with_trusted_keys(self, keys: Vec<update_engine::VerifyingKey>) -> Self {
         Self {
-            patcher: Mutex::new(Patcher::new(keys)),
+            patcher: Mutex::new(Patcher::new(keys).with_data_tracker(self.policy.data())),
             ..self
         }
     }

@@ -434,6 +434,12 @@ u64 syscall_dispatch(u64 a0, u64 a1, u64 a2, u64 nr)
 	case SYS_STATS:
 		task_iters[pc->task] = a1;
 		return stats_update((u32)a0, cpu, a1);
+	case SYS_STAT_READ:
+		/* Old code reading the table: after a live layout change of it,
+		 * this sees the old copy, which lucos keeps coherent. */
+		if (a0 >= MAX_TASKS)
+			return 0;
+		return a1 ? stats_table[a0].sum : stats_table[a0].calls;
 	case SYS_SPIN_CLI: {
 		volatile u64 i;
 		for (i = 0; i < a0; i++)

@@ -57,9 +57,12 @@ static unsigned put_str(char *buf, const char *s)
 	return i;
 }
 
+/* Updates of the stats table whose result was not the task's own count. */
+static u64 stats_lost[MAX_TASKS];
+
 static void report(u64 task, u64 iter, u64 counter)
 {
-	char ver[64], line[160];
+	char ver[64], line[256];
 	unsigned n = 0;
 
 	sys3(SYS_VERSION, (u64)ver, sizeof(ver), 0);
@@ -71,6 +74,14 @@ static void report(u64 task, u64 iter, u64 counter)
 	n += put_dec(line + n, iter);
 	n += put_str(line + n, " counter ");
 	n += put_dec(line + n, counter);
+	/* The table as unpatched kernel code reads it: exact, and never an
+	 * update lost, whatever layout the patched code uses. */
+	n += put_str(line + n, " stats calls=");
+	n += put_dec(line + n, sys3(SYS_STAT_READ, task, 0, 0));
+	n += put_str(line + n, " sum=");
+	n += put_dec(line + n, sys3(SYS_STAT_READ, task, 1, 0));
+	n += put_str(line + n, " lost=");
+	n += put_dec(line + n, stats_lost[task]);
 	n += put_str(line + n, " version ");
 	n += put_str(line + n, ver);
 	line[n++] = '\n';
@@ -202,7 +213,8 @@ __attribute__((noreturn)) void user_main(u64 task)
 
 		if (mode != MODE_USER || (every && i % every == 0)) {
 			counter = sys3(SYS_COUNTER, 0, 0, 0);
-			sys3(SYS_STATS, task, i, 0);
+			if (sys3(SYS_STATS, task, i, 0) != i && mode != MODE_USER)
+				stats_lost[task]++;
 		}
 		if (mode == MODE_SPIN)
 			sys3(SYS_SPIN_CLI, spin, 0, 0);

@@ -3,11 +3,14 @@
 
 use std::collections::HashMap;
 
-use gimli::{AttributeValue, EndianSlice, LittleEndian, UnitOffset};
+use std::rc::Rc;
+
+use gimli::{AttributeValue, EndianRcSlice, LittleEndian, UnitOffset};
 
 use crate::SymbolError;
 
-type R<'a> = EndianSlice<'a, LittleEndian>;
+/// Sections are owned: those of a relocatable object are relocated first.
+type R = EndianRcSlice<LittleEndian>;
 
 /// One member of a struct.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -37,7 +40,8 @@ pub struct StructLayout {
 
 /// The DWARF of one image, parsed once.
 pub struct TypeDb<'a> {
-    dwarf: gimli::Dwarf<R<'a>>,
+    dwarf: gimli::Dwarf<R>,
+    _image: std::marker::PhantomData<&'a [u8]>,
 }
 
 impl std::fmt::Debug for TypeDb<'_> {
@@ -57,12 +61,14 @@ impl<'a> TypeDb<'a> {
     /// Reads the DWARF sections of the ELF image `data`; `path` names it in errors.
     pub fn from_elf(data: &'a [u8], path: &str) -> Result<Self, SymbolError> {
         let elf = crate::parse_elf(data, path)?;
-        let mut sections: HashMap<&str, &'a [u8]> = HashMap::new();
-        for sh in &elf.section_headers {
+        let mut sections: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut index: HashMap<usize, String> = HashMap::new();
+        for (i, sh) in elf.section_headers.iter().enumerate() {
             if let Some(name) = elf.shdr_strtab.get_at(sh.sh_name) {
                 if let Some(bytes) = crate::section_data(data, sh) {
                     if name.starts_with(".debug_") {
-                        sections.insert(name, bytes);
+                        sections.insert(name.to_owned(), bytes.to_vec());
+                        index.insert(i, name.to_owned());
                     }
                 }
             }
@@ -70,14 +76,39 @@ impl<'a> TypeDb<'a> {
         if !sections.contains_key(".debug_info") {
             return Err(SymbolError::NoDebugInfo(path.to_owned()));
         }
-        let dwarf = gimli::Dwarf::load(|id| -> Result<R<'a>, gimli::Error> {
-            Ok(EndianSlice::new(
-                sections.get(id.name()).copied().unwrap_or(&[]),
-                LittleEndian,
-            ))
+        // A relocatable object (a patch's) keeps its DWARF's references to
+        // other sections (string offsets, ...) in relocations: apply them.
+        for (rel_index, relocs) in &elf.shdr_relocs {
+            let target = elf.section_headers[*rel_index].sh_info as usize;
+            let Some(bytes) = index.get(&target).and_then(|n| sections.get_mut(n)) else {
+                continue;
+            };
+            for r in relocs.iter() {
+                let sym = elf.syms.get(r.r_sym).map(|s| s.st_value).unwrap_or(0);
+                let v = sym.wrapping_add(r.r_addend.unwrap_or(0) as u64);
+                let at = r.r_offset as usize;
+                let width = match r.r_type {
+                    goblin::elf::reloc::R_X86_64_64 => 8,
+                    goblin::elf::reloc::R_X86_64_32 | goblin::elf::reloc::R_X86_64_32S => 4,
+                    _ => continue,
+                };
+                if let Some(dst) = bytes.get_mut(at..at + width) {
+                    dst.copy_from_slice(&v.to_le_bytes()[..width]);
+                }
+            }
+        }
+        let dwarf = gimli::Dwarf::load(|id| -> Result<R, gimli::Error> {
+            let b: Rc<[u8]> = sections
+                .get(id.name())
+                .map(|v| Rc::from(v.as_slice()))
+                .unwrap_or_else(|| Rc::from(&[][..]));
+            Ok(EndianRcSlice::new(b, LittleEndian))
         })
         .map_err(dwarf_err(path))?;
-        Ok(Self { dwarf })
+        Ok(Self {
+            dwarf,
+            _image: std::marker::PhantomData,
+        })
     }
 
     /// The layout of `struct name`; an error if no unit defines it.
@@ -88,7 +119,8 @@ impl<'a> TypeDb<'a> {
             let unit = self.dwarf.unit(header).map_err(&err)?;
             let unit_name = unit
                 .name
-                .map(|n| n.to_string_lossy().into_owned())
+                .as_ref()
+                .and_then(|n| gimli::Reader::to_string_lossy(n).ok().map(|c| c.into_owned()))
                 .unwrap_or_default();
             let mut cursor = unit.entries();
             while let Some(entry) = cursor.next_dfs().map_err(&err)? {
@@ -116,19 +148,19 @@ impl<'a> TypeDb<'a> {
 
     fn name_of(
         &self,
-        unit: &gimli::Unit<R<'a>>,
-        entry: &gimli::DebuggingInformationEntry<R<'a>>,
+        unit: &gimli::Unit<R>,
+        entry: &gimli::DebuggingInformationEntry<R>,
     ) -> Option<String> {
         let v = entry.attr_value(gimli::DW_AT_name)?;
         self.dwarf
             .attr_string(unit, v)
             .ok()
-            .map(|s| s.to_string_lossy().into_owned())
+            .and_then(|s| gimli::Reader::to_string_lossy(&s).ok().map(|c| c.into_owned()))
     }
 
     fn members(
         &self,
-        unit: &gimli::Unit<R<'a>>,
+        unit: &gimli::Unit<R>,
         at: UnitOffset,
     ) -> Result<Vec<Member>, SymbolError> {
         let err = dwarf_err("DWARF");
@@ -162,7 +194,7 @@ impl<'a> TypeDb<'a> {
     /// A C-style name and the size of the type at `at`.
     fn describe(
         &self,
-        unit: &gimli::Unit<R<'a>>,
+        unit: &gimli::Unit<R>,
         at: UnitOffset,
         depth: u32,
     ) -> (String, Option<u64>) {
@@ -216,7 +248,7 @@ impl<'a> TypeDb<'a> {
         }
     }
 
-    fn array_count(&self, unit: &gimli::Unit<R<'a>>, at: UnitOffset) -> Option<u64> {
+    fn array_count(&self, unit: &gimli::Unit<R>, at: UnitOffset) -> Option<u64> {
         let mut tree = unit.entries_tree(Some(at)).ok()?;
         let root = tree.root().ok()?;
         let mut children = root.children();

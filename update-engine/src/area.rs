@@ -61,10 +61,12 @@ impl Space {
     }
 }
 
-/// PDE bits for a patch-area page: present, 2 MiB, accessed and dirty preset
-/// (the slot is read-only, so the CPU could not set them), global; not
-/// writable, not user, executable.
-pub const PDE_AREA: u64 = 1 | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8);
+/// PDE bits for a patch-area page: present, writable, 2 MiB, accessed and
+/// dirty preset (the slot is read-only, so the CPU could not set them),
+/// global; not user, executable. Writable so that the guest's writes to
+/// copies of data a patch changes reach write control (the read-only KVM
+/// slot): every other write to the area is refused there and reported.
+pub const PDE_AREA: u64 = 1 | (1 << 1) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8);
 const PTE_P: u64 = 1;
 const PTE_PS: u64 = 1 << 7;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;

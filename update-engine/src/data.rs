@@ -163,9 +163,13 @@ fn int_kind(type_name: &str, size: u64) -> Option<bool> {
         "char",
         "signed char",
     ];
-    if t.starts_with("unsigned") || unsigned.contains(&t) || t.starts_with("enum ") {
+    let c_words = ["unsigned", "signed", "short", "long", "int", "char"];
+    if t.split_whitespace().all(|w| c_words.contains(&w)) {
+        return Some(!t.split_whitespace().any(|w| w == "unsigned"));
+    }
+    if unsigned.contains(&t) || t.starts_with("enum ") {
         Some(false)
-    } else if signed.contains(&t) || t.starts_with("signed") {
+    } else if signed.contains(&t) {
         Some(true)
     } else {
         None
@@ -594,5 +598,125 @@ mod tests {
             signed: false,
         });
         assert!(c.check().is_err());
+    }
+}
+
+/// One data change being tracked: both copies protected, writes to either
+/// transferred to the other.
+#[derive(Debug)]
+pub struct Tracked {
+    /// Owner of both copies' protections.
+    pub owner: String,
+    /// The change.
+    pub change: DataChange,
+    /// Guest-physical start of the old copy (contiguous).
+    pub old_gpa: u64,
+    /// Guest-physical start of the new copy (in the patch area).
+    pub new_gpa: u64,
+    /// Trapped writes transferred.
+    pub transfers: std::sync::atomic::AtomicU64,
+    /// Nanoseconds spent transferring them.
+    pub transfer_ns: std::sync::atomic::AtomicU64,
+}
+
+/// Live figures of one tracked change (`lucos list`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataStats {
+    /// `tracking` (both copies kept coherent).
+    pub state: String,
+    /// Trapped writes transferred to the other copy.
+    pub transfers: u64,
+    /// Time spent in those transfers, nanoseconds.
+    pub transfer_ns: u64,
+}
+
+/// The data changes of one VM being tracked, shared by the patcher (which
+/// adds and removes them in switch pauses) and the write policy (which
+/// transfers trapped writes).
+#[derive(Debug, Default)]
+pub struct DataTracker {
+    list: std::sync::RwLock<Vec<std::sync::Arc<Tracked>>>,
+}
+
+impl DataTracker {
+    /// Starts tracking `t` (before the pause that protects its copies).
+    pub fn add(&self, t: Tracked) {
+        self.list
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(std::sync::Arc::new(t));
+    }
+
+    /// Stops tracking `owner`'s change.
+    pub fn remove(&self, owner: &str) {
+        self.list
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|t| t.owner != owner);
+    }
+
+    /// The change `owner` names, if tracked.
+    pub fn get(&self, owner: &str) -> Option<std::sync::Arc<Tracked>> {
+        self.list
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|t| t.owner == owner)
+            .cloned()
+    }
+
+    /// Figures of `owner`'s change.
+    pub fn stats(&self, owner: &str) -> Option<DataStats> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.get(owner).map(|t| DataStats {
+            state: "tracking".into(),
+            transfers: t.transfers.load(Relaxed),
+            transfer_ns: t.transfer_ns.load(Relaxed),
+        })
+    }
+
+    /// After `data` was written at `gpa` in one of `owner`'s copies (the
+    /// write is in memory), writes the members it changed into the other
+    /// copy. Runs with the owner's write lock held, so writes to the two
+    /// copies never interleave.
+    pub fn transfer(
+        &self,
+        owner: &str,
+        gpa: u64,
+        len: u64,
+        mem: &dyn vmm_core::guest::PhysMemory,
+    ) -> Result<(), String> {
+        let t0 = std::time::Instant::now();
+        let t = self
+            .get(owner)
+            .ok_or_else(|| format!("{owner} is not tracked"))?;
+        let c = &t.change;
+        let (from_old, base, size, other_base, other_size) =
+            if gpa >= t.old_gpa && gpa < t.old_gpa + c.old_bytes() {
+                (true, t.old_gpa, c.old_size, t.new_gpa, c.new_size)
+            } else if gpa >= t.new_gpa && gpa < t.new_gpa + c.new_bytes() {
+                (false, t.new_gpa, c.new_size, t.old_gpa, c.old_size)
+            } else {
+                return Err(format!("{gpa:#x} is in neither copy of {owner}"));
+            };
+        let end = (gpa + len).min(base + size * c.count);
+        let mut elem = vec![0u8; size as usize];
+        let mut i = (gpa - base) / size;
+        while base + i * size < end {
+            let at = base + i * size;
+            mem.read_phys(at, &mut elem).map_err(|e| e.to_string())?;
+            let off = gpa.max(at) - at;
+            let n = end.min(at + size) - (at + off);
+            for (to_off, bytes) in c.mirror(from_old, &elem, off, n) {
+                mem.write_phys(other_base + i * other_size + to_off, &bytes)
+                    .map_err(|e| e.to_string())?;
+            }
+            i += 1;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        t.transfers.fetch_add(1, Relaxed);
+        t.transfer_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+        Ok(())
     }
 }

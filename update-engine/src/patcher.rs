@@ -137,6 +137,41 @@ pub struct AppliedPatch {
     /// The mode it was applied in.
     #[serde(default)]
     pub mode: Mode,
+    /// Kernel objects it gave a new layout.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<AppliedData>,
+}
+
+/// A data-layout change of an applied patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedData {
+    /// The kernel object.
+    pub symbol: String,
+    /// Its struct type.
+    pub type_name: String,
+    /// Elements.
+    pub count: u64,
+    /// The old copy (guest-virtual).
+    #[serde(with = "symbol_db::hex_u64")]
+    pub old_addr: u64,
+    /// The new copy (guest-virtual, in the patch area).
+    #[serde(with = "symbol_db::hex_u64")]
+    pub new_addr: u64,
+    /// Bytes of the old and the new copy.
+    pub old_bytes: u64,
+    /// Bytes of the new copy.
+    pub new_bytes: u64,
+    /// Kernel functions still using the old copy.
+    pub users_left: Vec<String>,
+    /// Live figures (filled in by `list`).
+    #[serde(default)]
+    pub stats: crate::data::DataStats,
+    /// The change (member by member), for the revert.
+    #[serde(skip)]
+    pub change: Option<crate::data::DataChange>,
+    /// Guest-physical start of the old copy.
+    #[serde(skip)]
+    pub old_gpa: u64,
 }
 
 /// What applying or reverting reports.
@@ -311,6 +346,8 @@ pub struct PatchState {
 pub struct Patcher {
     trusted: Vec<VerifyingKey>,
     state: PatchState,
+    /// Data changes being kept coherent (shared with the write policy).
+    tracker: std::sync::Arc<crate::data::DataTracker>,
 }
 
 /// How the engine sees the running kernel's address space for one
@@ -373,6 +410,18 @@ struct Placed {
     /// The area's mapping, when this patch is the first (planned only).
     mapping: Option<Mapping>,
     linked: Linked,
+    /// New copies of the patch's data changes, after its code.
+    data: Vec<PlacedData>,
+}
+
+/// Where one data change's copies are.
+struct PlacedData {
+    /// Old copy, guest-virtual and guest-physical.
+    old_va: u64,
+    old_gpa: u64,
+    /// New copy: offset in the area, guest-virtual.
+    new_offset: u64,
+    new_va: u64,
 }
 
 /// One site the switch writes, with what the state keeps of it.
@@ -405,7 +454,18 @@ impl Patcher {
 
     /// A patcher that goes on from `state` (saved by [`Patcher::state`]).
     pub fn restore(trusted: Vec<VerifyingKey>, state: PatchState) -> Self {
-        Patcher { trusted, state }
+        Patcher {
+            trusted,
+            state,
+            tracker: Default::default(),
+        }
+    }
+
+    /// Keeps the copies of data changes coherent through `tracker`: the one
+    /// the VM's write policy transfers with ([`crate::protect::GuardPolicy::data`]).
+    pub fn with_data_tracker(mut self, tracker: std::sync::Arc<crate::data::DataTracker>) -> Self {
+        self.tracker = tracker;
+        self
     }
 
     /// Everything a revert needs.
@@ -434,8 +494,17 @@ impl Patcher {
     pub fn list(&self, g: &dyn Guest, k: Option<&GuestKernel>) -> PatchList {
         // One read of vCPU 0's paging (a pause when running) for both.
         let view = k.and_then(|k| View::new(g, k).ok().map(|v| (k, v)));
+        let mut patches = self.state.applied.clone();
+        for a in &mut patches {
+            for d in &mut a.data {
+                d.stats = self
+                    .tracker
+                    .stats(&crate::data::owner(&a.name, &d.symbol))
+                    .unwrap_or_default();
+            }
+        }
         PatchList {
-            patches: self.state.applied.clone(),
+            patches,
             kernel_text: view.and_then(|(k, v)| text_hash_in(g, k, v.read).ok()),
             kernel_page_tables: view
                 .filter(|_| g.is_paused())
@@ -473,7 +542,36 @@ impl Patcher {
         let olds = self.resolve(g, k, &view, &lup)?;
         let placed = self.place(g, k, &view, &lup)?;
         let (plan, sites) = self.plan(g, &view, &lup, &olds, &placed, (replace, mode))?;
-        let switched = self.switch_code(g, k, &view, &placed, &plan)?;
+        // Tracked before the pause that protects the copies: the policy
+        // transfers from the first trapped write on.
+        let area_gpa = g.area().gpa;
+        let owners: Vec<String> = lup
+            .manifest
+            .data
+            .iter()
+            .zip(&placed.data)
+            .map(|(d, p)| {
+                let owner = crate::data::owner(&lup.manifest.name, &d.symbol);
+                self.tracker.add(crate::data::Tracked {
+                    owner: owner.clone(),
+                    change: d.clone(),
+                    old_gpa: p.old_gpa,
+                    new_gpa: area_gpa + p.new_offset,
+                    transfers: Default::default(),
+                    transfer_ns: Default::default(),
+                });
+                owner
+            })
+            .collect();
+        let switched = match self.switch_code(g, k, &view, &placed, &plan) {
+            Ok(s) => s,
+            Err(e) => {
+                for o in &owners {
+                    self.tracker.remove(o);
+                }
+                return Err(e);
+            }
+        };
         Ok(self.commit_apply(&lup, placed, sites, switched, &view, replace, mode, t0))
     }
 
@@ -489,6 +587,25 @@ impl Patcher {
                 "a patch named '{}' is already applied",
                 m.name
             )));
+        }
+        if replace && !m.data.is_empty() {
+            return Err(stack_err(format!(
+                "patch '{}' changes data layouts; a cumulative (--replace) patch cannot yet",
+                m.name
+            )));
+        }
+        for d in &m.data {
+            if let Some(a) = self
+                .state
+                .applied
+                .iter()
+                .find(|a| a.data.iter().any(|x| x.symbol == d.symbol))
+            {
+                return Err(stack_err(format!(
+                    "{} already has a new layout from patch '{}'; revert it first",
+                    d.symbol, a.name
+                )));
+            }
         }
         for d in &m.depends {
             if replace || !self.state.applied.iter().any(|a| &a.name == d) {
@@ -573,14 +690,34 @@ impl Patcher {
                 (Some(m), m.va)
             }
         };
-        let resolve = |s: &str| -> Result<u64, String> {
-            k.symbols
-                .lookup(s)
-                .map(|x| x.addr)
-                .map_err(|e| format!("the patch needs {s}: {e}"))
+        let changes = &lup.manifest.data;
+        // New copies of changed data follow the code, each 64-byte aligned;
+        // the new code refers to them instead of the old objects.
+        let mut data_off = Vec::new();
+        let mut data_need = 0;
+        for d in changes {
+            data_off.push(data_need);
+            data_need += d.new_bytes().div_ceil(area::CODE_ALIGN) * area::CODE_ALIGN;
+        }
+        let resolve_with = |data_base: u64| {
+            let data_off = &data_off;
+            move |s: &str| -> Result<u64, String> {
+                if let Some(i) = changes.iter().position(|d| d.symbol == s) {
+                    return Ok(data_base + data_off[i]);
+                }
+                k.symbols
+                    .lookup(s)
+                    .map(|x| x.addr)
+                    .map_err(|e| format!("the patch needs {s}: {e}"))
+            }
         };
-        let at_base = link(&lup.objects, va, &resolve)?;
-        let need = at_base.bytes.len() as u64;
+        let at_base = link(&lup.objects, va, &resolve_with(va))?;
+        let code = (at_base.bytes.len() as u64).div_ceil(area::CODE_ALIGN) * area::CODE_ALIGN;
+        let need = if changes.is_empty() {
+            at_base.bytes.len() as u64
+        } else {
+            code + data_need
+        };
         let align = crate::link::alignment(&lup.objects);
         let space = &self.state.space;
         let start = space.find(need, align).ok_or(PatchError::AreaFull {
@@ -588,16 +725,47 @@ impl Patcher {
             size: space.size,
             need,
         })?;
-        let linked = if start == 0 {
+        let linked = if start == 0 && changes.is_empty() {
             at_base
         } else {
-            link(&lup.objects, va + start, &resolve)?
+            link(&lup.objects, va + start, &resolve_with(va + start + code))?
         };
+        let mut data = Vec::new();
+        for (d, off) in changes.iter().zip(&data_off) {
+            let sym = match &d.symbol_file {
+                Some(file) => k.symbols.lookup_in(&d.symbol, file),
+                None => k.symbols.lookup(&d.symbol),
+            }
+            .map_err(|e| UpdateError::Symbol {
+                patch: lup.manifest.name.clone(),
+                why: e.to_string(),
+            })?;
+            let gpa_of = |va: u64| {
+                pagewalk::translate(g.ram(), view.read, va)
+                    .map(|t| t.gpa)
+                    .map_err(|e| PatchError::Map(format!("{} at {va:#x}: {e}", d.symbol)))
+            };
+            let old_gpa = gpa_of(sym.addr)?;
+            let last = sym.addr + d.old_bytes() - 1;
+            if gpa_of(last)? != old_gpa + d.old_bytes() - 1 {
+                return Err(PatchError::Map(format!(
+                    "{} is not contiguous in guest-physical memory: lucos cannot track it",
+                    d.symbol
+                )));
+            }
+            data.push(PlacedData {
+                old_va: sym.addr,
+                old_gpa,
+                new_offset: start + code + off,
+                new_va: va + start + code + off,
+            });
+        }
         Ok(Placed {
             start,
             need,
             mapping,
             linked,
+            data,
         })
     }
 
@@ -678,6 +846,30 @@ impl Patcher {
         // Write control: the jumps this patch writes are protected from the
         // guest; a cumulative patch takes over from the ones it replaces.
         plan.protect = site_protections(&plan, &sites, &m.name);
+        // Data changes: in the same pause the new copies are made from the
+        // old ones, and both are protected (their writes are transferred).
+        let area_gpa = g.area().gpa;
+        for (d, p) in m.data.iter().zip(&placed.data) {
+            let owner = crate::data::owner(&m.name, &d.symbol);
+            plan.copies.push(switch::DataCopy {
+                change: d.clone(),
+                old_gpa: p.old_gpa,
+                new_offset: p.new_offset,
+                to_new: true,
+            });
+            plan.protect.push(Protection {
+                owner: owner.clone(),
+                label: format!("{} (old)", d.symbol),
+                gpa: p.old_gpa,
+                len: d.old_bytes(),
+            });
+            plan.protect.push(Protection {
+                owner,
+                label: format!("{} (new)", d.symbol),
+                gpa: area_gpa + p.new_offset,
+                len: d.new_bytes(),
+            });
+        }
         if replace {
             plan.release = self
                 .state
@@ -780,6 +972,24 @@ impl Patcher {
             code_addr: placed.linked.base,
             code_bytes: placed.need,
             mode,
+            data: m
+                .data
+                .iter()
+                .zip(&placed.data)
+                .map(|(d, p)| AppliedData {
+                    symbol: d.symbol.clone(),
+                    type_name: d.type_name.clone(),
+                    count: d.count,
+                    old_addr: p.old_va,
+                    new_addr: p.new_va,
+                    old_bytes: d.old_bytes(),
+                    new_bytes: d.new_bytes(),
+                    users_left: d.users_left.clone(),
+                    stats: Default::default(),
+                    change: Some(d.clone()),
+                    old_gpa: p.old_gpa,
+                })
+                .collect(),
         });
         PatchReport {
             name: m.name.clone(),
@@ -898,9 +1108,32 @@ impl Patcher {
             .collect();
         let mut plan = site_plan(g, &view, &sites)?;
         plan.release = vec![patch_owner(name)];
+        // Data changes go back to their old layout in the same pause: the
+        // old copies from the new ones, then neither is tracked.
+        let area = g.area();
+        for d in &target.data {
+            let change = d.change.clone().ok_or_else(|| {
+                stack_err(format!(
+                    "patch '{name}' changed {} but this lucos does not know how (restored state)",
+                    d.symbol
+                ))
+            })?;
+            let va = self.state.area_va.unwrap_or(0);
+            plan.copies.push(switch::DataCopy {
+                change,
+                old_gpa: d.old_gpa,
+                new_offset: d.new_addr - va,
+                to_new: false,
+            });
+            plan.release.push(crate::data::owner(name, &d.symbol));
+            debug_assert!(d.new_addr - va < area.size);
+        }
         let switched = switch::switch(g, view.tasks(k), &plan)?;
         let st = &mut self.state;
         let removed = st.applied.remove(idx);
+        for d in &removed.data {
+            self.tracker.remove(&crate::data::owner(name, &d.symbol));
+        }
         // Its code was left in the switch: nothing is in it, nothing jumps
         // there. Where sleeping tasks could not be checked (a Linux kernel
         // without BTF) one may still return into it: the bytes stay.

@@ -18,7 +18,7 @@
 use std::sync::RwLock;
 
 use vmm_core::guest::PhysMemory;
-use vmm_core::write_control::{Decision, TrappedWrite, WritePolicy};
+use vmm_core::write_control::{Decision, TrappedWrite, WritePolicy, DATA_OWNER_PREFIX};
 
 /// Owner of the kernel-text ranges.
 pub const KERNEL_TEXT_OWNER: &str = "kernel-text";
@@ -38,6 +38,7 @@ pub struct Writers {
 #[derive(Debug, Default)]
 pub struct GuardPolicy {
     writers: RwLock<Writers>,
+    data: std::sync::Arc<crate::data::DataTracker>,
 }
 
 impl GuardPolicy {
@@ -45,6 +46,11 @@ impl GuardPolicy {
     /// text integrity names its writers.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The data changes it keeps coherent (the patcher adds them).
+    pub fn data(&self) -> std::sync::Arc<crate::data::DataTracker> {
+        self.data.clone()
     }
 
     /// Sets who may write kernel text.
@@ -63,6 +69,13 @@ impl GuardPolicy {
 
 impl WritePolicy for GuardPolicy {
     fn decide(&self, w: &TrappedWrite<'_>, _ram: &dyn PhysMemory) -> Decision {
+        // Copies of data being tracked: written, then transferred
+        // (`committed`), whoever writes.
+        if w.touches.iter().all(|p| {
+            p.owner.starts_with(DATA_OWNER_PREFIX) && self.data.get(&p.owner).is_some()
+        }) {
+            return Decision::Allow;
+        }
         if w.touches.iter().any(|p| p.owner != KERNEL_TEXT_OWNER) {
             return Decision::Refuse;
         }
@@ -78,6 +91,20 @@ impl WritePolicy for GuardPolicy {
             Decision::Allow
         } else {
             Decision::Refuse
+        }
+    }
+
+    fn committed(&self, w: &TrappedWrite<'_>, mem: &dyn PhysMemory) {
+        let mut done: Vec<&str> = Vec::new();
+        for p in &w.touches {
+            if !p.owner.starts_with(DATA_OWNER_PREFIX) || done.contains(&p.owner.as_str()) {
+                continue;
+            }
+            done.push(&p.owner);
+            let (from, to) = (w.gpa.max(p.gpa), (w.gpa + w.data.len() as u64).min(p.gpa + p.len));
+            if let Err(e) = self.data.transfer(&p.owner, from, to - from, mem) {
+                log::error!("vCPU {}: transferring a write of {}: {e}", w.vcpu, p.owner);
+            }
         }
     }
 }

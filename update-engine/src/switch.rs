@@ -43,6 +43,48 @@ pub struct Plan {
     pub release: Vec<String>,
     /// ...and ranges protected (the bytes the switch wrote).
     pub protect: Vec<Protection>,
+    /// Data copies made first, in the same pause (a data-layout change:
+    /// the new copy from the old at apply, the old from the new at revert).
+    pub copies: Vec<DataCopy>,
+}
+
+/// One object copied between its layouts in the switch's pause.
+#[derive(Debug, Clone)]
+pub struct DataCopy {
+    /// The change.
+    pub change: crate::data::DataChange,
+    /// Guest-physical start of the old copy (RAM).
+    pub old_gpa: u64,
+    /// Offset of the new copy in the patch area.
+    pub new_offset: u64,
+    /// Old→new (apply) or new→old (revert).
+    pub to_new: bool,
+}
+
+/// Makes `copies`, element by element.
+fn run_copies(guest: &dyn Guest, copies: &[DataCopy]) -> Result<(), String> {
+    for c in copies {
+        let d = &c.change;
+        let mut old = vec![0u8; d.old_bytes() as usize];
+        let mut new = vec![0u8; d.new_bytes() as usize];
+        let what = |e: vmm_core::memory::MemoryError| format!("copying {}: {e}", d.symbol);
+        guest.ram().read_phys(c.old_gpa, &mut old).map_err(what)?;
+        guest.area_read(c.new_offset, &mut new).map_err(what)?;
+        let (os, ns) = (d.old_size as usize, d.new_size as usize);
+        for (o, n) in old.chunks_mut(os).zip(new.chunks_mut(ns)) {
+            if c.to_new {
+                d.to_new(o, n);
+            } else {
+                d.to_old(n, o);
+            }
+        }
+        if c.to_new {
+            guest.area_write(c.new_offset, &new).map_err(what)?;
+        } else {
+            guest.ram().write_phys(c.old_gpa, &old).map_err(what)?;
+        }
+    }
+    Ok(())
 }
 
 /// What a switch took.
@@ -168,6 +210,7 @@ fn switch_paused(
         }
         checked = Some(sleeping.len());
     }
+    run_copies(guest, &plan.copies).map_err(Refused::Failed)?;
     check_and_write(guest, &plan.writes)?;
     if !plan.release.is_empty() || !plan.protect.is_empty() {
         if let Err(e) = paused.change_protection(&plan.release, &plan.protect) {

@@ -41,6 +41,7 @@ typedef long s64;
 #define SYS_PARAM 8     /* (which) -> a boot option, see user.c */
 #define SYS_TRIPLE 9    /* (buf, work) -> 3 version marks from a 3-function call chain */
 #define SYS_POKE 10     /* (which, value): kernel writes into its own text, see services.c */
+#define SYS_STAT_READ 11 /* (task, which) -> stats_table[task].calls (0) or .sum (1), read by unpatched code */
 
 /* Per-CPU area, reached through GS base in kernel mode. Offsets used in entry.S. */
 struct percpu {

@@ -1,0 +1,300 @@
+//! A live data-layout change on the test kernel on /dev/kvm (the LUCOS
+//! idea): the stats table's `struct task_stat` gets a new layout (a member
+//! added in the middle with a declared start value, one added at the end)
+//! while tasks on 2 vCPUs keep updating it. The patched `stats_update`
+//! uses the new copy; unpatched kernel code (`SYS_STAT_READ`) still reads
+//! the old one. Every write to either copy is trapped and transferred, so
+//! every report the guest prints checks, from both sides, that no update
+//! was lost: the new code's result equals the task's own count (`lost=0`),
+//! and the old copy read by old code holds exactly that many calls and
+//! their sum. Revert brings the old layout back with every update kept;
+//! apply and revert again, under load. Bad data declarations are refused
+//! at build time with their cause.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::cli::{kernel, p, text, RunDir};
+use serde_json::Value;
+
+/// The new layout and the code that maintains it. The patch does not
+/// include tk.h (its struct is the old layout): it declares what it uses.
+const NEW_STATS: &str = r#"typedef unsigned int u32;
+typedef unsigned long u64;
+#define MAX_TASKS 8
+
+struct task_stat {
+	u32 id;
+	u32 cpu;
+	u64 generation;
+	u64 calls;
+	u64 last_value;
+	u64 sum;
+	u64 max_value;
+};
+
+extern struct task_stat stats_table[MAX_TASKS];
+
+u64 stats_update(u32 task, u32 cpu, u64 value)
+{
+	struct task_stat *s;
+
+	if (task >= MAX_TASKS)
+		return 0;
+	s = &stats_table[task];
+	s->id = task;
+	s->cpu = cpu;
+	s->calls++;
+	s->last_value = value;
+	s->sum += value;
+	if (value > s->max_value)
+		s->max_value = value;
+	s->generation = 2;
+	return s->calls;
+}
+"#;
+
+struct Vm {
+    dir: RunDir,
+    serial: PathBuf,
+}
+
+impl Vm {
+    fn start(name: &str) -> Self {
+        common::require_kvm();
+        let dir = RunDir::new(name);
+        let serial = dir.0.join("serial.log");
+        let vm = Vm { dir, serial };
+        vm.ok(&["keygen", "-o", p(&vm.path("key"))]);
+        let (serial, key) = (vm.serial.clone(), vm.path("key.pub"));
+        common::cli::start(
+            &vm.dir,
+            "dc",
+            &[
+                "--vcpus",
+                "2",
+                "--mem",
+                "64M",
+                "--cmdline",
+                "tasks=2 iters=0 report=500",
+                "--serial-log",
+                p(&serial),
+                "--trusted-key",
+                p(&key),
+            ],
+        );
+        vm
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.0.join(f)
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        self.dir.lucos(args)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "lucos {args:?}: {}\n{}",
+            text(&o),
+            self.serial()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// `lucos build` of `src` with `extra` arguments into NAME.lup.
+    fn build(&self, name: &str, src: &str, extra: &[&str]) -> std::process::Output {
+        let c = self.path(&format!("{name}.c"));
+        std::fs::write(&c, src).expect("source");
+        let (k, key, out) = (
+            kernel(),
+            self.path("key"),
+            self.path(&format!("{name}.lup")),
+        );
+        let mut args = vec![
+            "build",
+            "--kernel",
+            &k,
+            "--key",
+            p(&key),
+            "--name",
+            name,
+            "-o",
+            p(&out),
+        ];
+        args.extend_from_slice(extra);
+        args.push(p(&c));
+        self.run(&args)
+    }
+
+    /// Waits for `n` more stats reports of every task after `from` (a byte
+    /// offset of the serial log), checking each: the task's count, the old
+    /// copy's calls and sum as unpatched code reads them, nothing lost.
+    /// Returns how many were checked.
+    fn check_reports(&self, from: usize, n: usize) -> usize {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let out = self.serial();
+            let mut seen = [0usize; 2];
+            let mut checked = 0;
+            for l in out[from.min(out.len())..].lines() {
+                let Some(r) = Report::parse(l) else { continue };
+                assert_eq!(r.calls, r.iter, "old copy's calls differ: {l}\n{out}");
+                assert_eq!(
+                    r.sum,
+                    r.iter * (r.iter + 1) / 2,
+                    "old copy's sum differs: {l}\n{out}"
+                );
+                assert_eq!(r.lost, 0, "an update was lost: {l}\n{out}");
+                seen[r.task as usize % 2] += 1;
+                checked += 1;
+            }
+            if seen.iter().all(|&s| s >= n) {
+                return checked;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} reports of every task not seen in 120 s:\n{out}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn list(&self) -> Value {
+        serde_json::from_str(&self.ok(&["list", "--vm", "dc", "--json"])).expect("json")
+    }
+}
+
+/// One `[tk] task T cpu C iter I counter X stats calls=.. sum=.. lost=..` line.
+struct Report {
+    task: u64,
+    iter: u64,
+    calls: u64,
+    sum: u64,
+    lost: u64,
+}
+
+impl Report {
+    fn parse(l: &str) -> Option<Self> {
+        let l = &l[l.find("[tk] task ")?..];
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let val = |k: &str| -> Option<u64> {
+            w.iter()
+                .find_map(|x| x.strip_prefix(&format!("{k}=")))?
+                .parse()
+                .ok()
+        };
+        let after = |k: &str| -> Option<u64> {
+            w.iter()
+                .position(|x| *x == k)
+                .and_then(|i| w.get(i + 1))?
+                .parse()
+                .ok()
+        };
+        Some(Report {
+            task: after("task")?,
+            iter: after("iter")?,
+            calls: val("calls")?,
+            sum: val("sum")?,
+            lost: val("lost")?,
+        })
+    }
+}
+
+#[test]
+fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
+    let vm = Vm::start("data-change");
+    vm.check_reports(0, 2);
+    let o = vm.build(
+        "stats2",
+        NEW_STATS,
+        &["--data", "stats_table:task_stat", "--init", "stats_table.generation=1"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let shown = vm.ok(&["inspect", p(&vm.path("stats2.lup"))]);
+    assert!(shown.contains("stats_table"), "inspect shows the data change:\n{shown}");
+
+    for round in 0..3 {
+        let at = vm.serial().len();
+        let out = vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
+        assert!(out.contains("applied 'stats2'"), "{out}");
+        let checked = vm.check_reports(at, 3);
+        assert!(checked >= 6, "round {round}: {checked} reports");
+        let l = vm.list();
+        let d = &l["patches"][0]["data"][0];
+        assert_eq!(d["symbol"], "stats_table", "{l}");
+        assert_eq!(d["count"], 8, "{l}");
+        assert_eq!(d["old_bytes"], 8 * 32, "{l}");
+        assert_eq!(d["new_bytes"], 8 * 48, "{l}");
+        assert_eq!(d["stats"]["state"], "tracking", "{l}");
+        // The new code's writes reached the old copy through transfers.
+        assert!(d["stats"]["transfers"].as_u64().unwrap_or(0) > 0, "{l}");
+        // Unpatched code that reads the table keeps the old copy in use.
+        assert!(
+            d["users_left"]
+                .as_array()
+                .is_some_and(|u| u.iter().any(|f| f == "syscall_dispatch")),
+            "{l}"
+        );
+        let prot = l["protected"].to_string();
+        assert!(prot.contains("stats_table (old)") && prot.contains("stats_table (new)"), "{l}");
+
+        let at = vm.serial().len();
+        let out = vm.ok(&["revert", "--vm", "dc", "stats2"]);
+        assert!(out.contains("reverted 'stats2'"), "{out}");
+        vm.check_reports(at, 3);
+        let l = vm.list();
+        assert_eq!(l["patches"].as_array().map(Vec::len), Some(0), "{l}");
+        assert!(!l["protected"].to_string().contains("stats_table"), "{l}");
+    }
+    // The area holds nothing after the last revert: code and copy freed.
+    assert_eq!(vm.list()["patch_area"]["used_bytes"], 0);
+}
+
+#[test]
+fn data_changes_lucos_cannot_derive_are_refused_at_build_time() {
+    let vm = Vm::start("data-bad");
+    let refused = |src: &str, extra: &[&str], why: &str| {
+        let o = vm.build("bad", src, extra);
+        assert!(!o.status.success(), "built: {}", text(&o));
+        assert!(text(&o).contains(why), "expected '{why}' in: {}", text(&o));
+        assert!(!vm.path("bad.lup").exists(), "a refused build left a file");
+    };
+    refused(
+        NEW_STATS,
+        &["--data", "no_such_table:task_stat"],
+        "no_such_table",
+    );
+    refused(NEW_STATS, &["--data", "stats_table:no_such_struct"], "no_such_struct");
+    refused(
+        &NEW_STATS.replace("u64 calls;", "unsigned short calls;"),
+        &["--data", "stats_table:task_stat"],
+        "calls narrows",
+    );
+    refused(
+        &NEW_STATS.replace("u64 sum;", "void *sum;").replace("s->sum += value;", ""),
+        &["--data", "stats_table:task_stat"],
+        "sum changes type",
+    );
+    refused(
+        NEW_STATS,
+        &["--data", "stats_table:task_stat", "--init", "stats_table.calls=3"],
+        "calls is in the old layout",
+    );
+    refused(NEW_STATS, &["--data", "stats_table"], "SYMBOL:STRUCT");
+    // Declared, the narrowing is accepted.
+    let o = vm.build(
+        "narrow",
+        &NEW_STATS.replace("u64 calls;", "unsigned short calls;"),
+        &["--data", "stats_table:task_stat", "--narrow", "stats_table.calls"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+}
