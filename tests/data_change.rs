@@ -216,11 +216,19 @@ fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
     let o = vm.build(
         "stats2",
         NEW_STATS,
-        &["--data", "stats_table:task_stat", "--init", "stats_table.generation=1"],
+        &[
+            "--data",
+            "stats_table:task_stat",
+            "--init",
+            "stats_table.generation=1",
+        ],
     );
     assert!(o.status.success(), "{}", text(&o));
     let shown = vm.ok(&["inspect", p(&vm.path("stats2.lup"))]);
-    assert!(shown.contains("stats_table"), "inspect shows the data change:\n{shown}");
+    assert!(
+        shown.contains("stats_table"),
+        "inspect shows the data change:\n{shown}"
+    );
 
     for round in 0..3 {
         let at = vm.serial().len();
@@ -245,7 +253,10 @@ fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
             "{l}"
         );
         let prot = l["protected"].to_string();
-        assert!(prot.contains("stats_table (old)") && prot.contains("stats_table (new)"), "{l}");
+        assert!(
+            prot.contains("stats_table (old)") && prot.contains("stats_table (new)"),
+            "{l}"
+        );
 
         let at = vm.serial().len();
         let out = vm.ok(&["revert", "--vm", "dc", "stats2"]);
@@ -273,20 +284,31 @@ fn data_changes_lucos_cannot_derive_are_refused_at_build_time() {
         &["--data", "no_such_table:task_stat"],
         "no_such_table",
     );
-    refused(NEW_STATS, &["--data", "stats_table:no_such_struct"], "no_such_struct");
+    refused(
+        NEW_STATS,
+        &["--data", "stats_table:no_such_struct"],
+        "no_such_struct",
+    );
     refused(
         &NEW_STATS.replace("u64 calls;", "unsigned short calls;"),
         &["--data", "stats_table:task_stat"],
         "calls narrows",
     );
     refused(
-        &NEW_STATS.replace("u64 sum;", "void *sum;").replace("s->sum += value;", ""),
+        &NEW_STATS
+            .replace("u64 sum;", "void *sum;")
+            .replace("s->sum += value;", ""),
         &["--data", "stats_table:task_stat"],
         "sum changes type",
     );
     refused(
         NEW_STATS,
-        &["--data", "stats_table:task_stat", "--init", "stats_table.calls=3"],
+        &[
+            "--data",
+            "stats_table:task_stat",
+            "--init",
+            "stats_table.calls=3",
+        ],
         "calls is in the old layout",
     );
     refused(NEW_STATS, &["--data", "stats_table"], "SYMBOL:STRUCT");
@@ -294,7 +316,12 @@ fn data_changes_lucos_cannot_derive_are_refused_at_build_time() {
     let o = vm.build(
         "narrow",
         &NEW_STATS.replace("u64 calls;", "unsigned short calls;"),
-        &["--data", "stats_table:task_stat", "--narrow", "stats_table.calls"],
+        &[
+            "--data",
+            "stats_table:task_stat",
+            "--narrow",
+            "stats_table.calls",
+        ],
     );
     assert!(o.status.success(), "{}", text(&o));
 }

@@ -120,7 +120,11 @@ impl<'a> TypeDb<'a> {
             let unit_name = unit
                 .name
                 .as_ref()
-                .and_then(|n| gimli::Reader::to_string_lossy(n).ok().map(|c| c.into_owned()))
+                .and_then(|n| {
+                    gimli::Reader::to_string_lossy(n)
+                        .ok()
+                        .map(|c| c.into_owned())
+                })
                 .unwrap_or_default();
             let mut cursor = unit.entries();
             while let Some(entry) = cursor.next_dfs().map_err(&err)? {
@@ -152,17 +156,14 @@ impl<'a> TypeDb<'a> {
         entry: &gimli::DebuggingInformationEntry<R>,
     ) -> Option<String> {
         let v = entry.attr_value(gimli::DW_AT_name)?;
-        self.dwarf
-            .attr_string(unit, v)
-            .ok()
-            .and_then(|s| gimli::Reader::to_string_lossy(&s).ok().map(|c| c.into_owned()))
+        self.dwarf.attr_string(unit, v).ok().and_then(|s| {
+            gimli::Reader::to_string_lossy(&s)
+                .ok()
+                .map(|c| c.into_owned())
+        })
     }
 
-    fn members(
-        &self,
-        unit: &gimli::Unit<R>,
-        at: UnitOffset,
-    ) -> Result<Vec<Member>, SymbolError> {
+    fn members(&self, unit: &gimli::Unit<R>, at: UnitOffset) -> Result<Vec<Member>, SymbolError> {
         let err = dwarf_err("DWARF");
         let mut tree = unit.entries_tree(Some(at)).map_err(&err)?;
         let root = tree.root().map_err(&err)?;
@@ -192,12 +193,7 @@ impl<'a> TypeDb<'a> {
     }
 
     /// A C-style name and the size of the type at `at`.
-    fn describe(
-        &self,
-        unit: &gimli::Unit<R>,
-        at: UnitOffset,
-        depth: u32,
-    ) -> (String, Option<u64>) {
+    fn describe(&self, unit: &gimli::Unit<R>, at: UnitOffset, depth: u32) -> (String, Option<u64>) {
         if depth > 16 {
             return ("...".into(), None);
         }

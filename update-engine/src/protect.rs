@@ -71,9 +71,10 @@ impl WritePolicy for GuardPolicy {
     fn decide(&self, w: &TrappedWrite<'_>, _ram: &dyn PhysMemory) -> Decision {
         // Copies of data being tracked: written, then transferred
         // (`committed`), whoever writes.
-        if w.touches.iter().all(|p| {
-            p.owner.starts_with(DATA_OWNER_PREFIX) && self.data.get(&p.owner).is_some()
-        }) {
+        if w.touches
+            .iter()
+            .all(|p| p.owner.starts_with(DATA_OWNER_PREFIX) && self.data.get(&p.owner).is_some())
+        {
             return Decision::Allow;
         }
         if w.touches.iter().any(|p| p.owner != KERNEL_TEXT_OWNER) {
@@ -101,7 +102,10 @@ impl WritePolicy for GuardPolicy {
                 continue;
             }
             done.push(&p.owner);
-            let (from, to) = (w.gpa.max(p.gpa), (w.gpa + w.data.len() as u64).min(p.gpa + p.len));
+            let (from, to) = (
+                w.gpa.max(p.gpa),
+                (w.gpa + w.data.len() as u64).min(p.gpa + p.len),
+            );
             if let Err(e) = self.data.transfer(&p.owner, from, to - from, mem) {
                 log::error!("vCPU {}: transferring a write of {}: {e}", w.vcpu, p.owner);
             }
