@@ -533,14 +533,20 @@ mod tests {
         o[16..24].copy_from_slice(&77u64.to_le_bytes());
         let mut n = vec![0xaau8; 40];
         c.to_new(&o, &mut n);
-        assert_eq!(u32::from_le_bytes(n[0..4].try_into().unwrap()), 5);
-        assert_eq!(u32::from_le_bytes(n[4..8].try_into().unwrap()), 7);
+        assert_eq!(u32::from_le_bytes(n[0..4].try_into().expect("4 bytes")), 5);
+        assert_eq!(u32::from_le_bytes(n[4..8].try_into().expect("4 bytes")), 7);
         assert_eq!(
-            u64::from_le_bytes(n[8..16].try_into().unwrap()),
+            u64::from_le_bytes(n[8..16].try_into().expect("8 bytes")),
             0xffff_fff0
         );
-        assert_eq!(i64::from_le_bytes(n[16..24].try_into().unwrap()), -3);
-        assert_eq!(u64::from_le_bytes(n[24..32].try_into().unwrap()), 77);
+        assert_eq!(
+            i64::from_le_bytes(n[16..24].try_into().expect("8 bytes")),
+            -3
+        );
+        assert_eq!(
+            u64::from_le_bytes(n[24..32].try_into().expect("8 bytes")),
+            77
+        );
         assert_eq!(&n[32..40], &[0; 8]);
         // Back: the removed member keeps what the old element had.
         let mut back = o.clone();
@@ -561,7 +567,7 @@ mod tests {
         let none = Declared::default();
         let mut n = new();
         n.members[2] = m("calls", 8, 2, "u16");
-        let e = derive("stats", 1, &old(), &n, &none).unwrap_err();
+        let e = derive("stats", 1, &old(), &n, &none).expect_err("refused");
         assert!(e.contains("calls narrows"), "{e}");
         let d = Declared {
             init: vec![],
@@ -570,11 +576,11 @@ mod tests {
         derive("stats", 1, &old(), &n, &d).expect("declared narrowing");
         let mut n = new();
         n.members[4] = m("sum", 24, 8, "struct foo *");
-        let e = derive("stats", 1, &old(), &n, &none).unwrap_err();
+        let e = derive("stats", 1, &old(), &n, &none).expect_err("refused");
         assert!(e.contains("sum changes type"), "{e}");
         let mut o = old();
         o.members.push(m("node", 24, 16, "struct list_head"));
-        let e = derive("stats", 1, &o, &new(), &none).unwrap_err();
+        let e = derive("stats", 1, &o, &new(), &none).expect_err("refused");
         assert!(e.contains("node is a list_head"), "{e}");
         let d = Declared {
             init: vec![("calls".into(), 1)],
