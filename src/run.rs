@@ -142,6 +142,19 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
         )
         .with_trusted_keys(trusted),
     );
+    {
+        // Data changes retire in the background (a pause only while one is
+        // tracked and could retire).
+        let (server, ctl) = (server.clone(), vm.control());
+        std::thread::Builder::new()
+            .name("retire".into())
+            .spawn(move || {
+                while ctl.wait_stopped(Some(Duration::from_millis(500))).is_none() {
+                    server.retire_tick();
+                }
+            })
+            .map_err(|e| CliError::io("cannot start the retire thread".into(), e))?;
+    }
     if args.protect_kernel {
         let (server, ctl) = (server.clone(), vm.control());
         let writers = args.allow_writer.clone();

@@ -523,6 +523,25 @@ impl ControlServer {
     }
 
     /// The guest kernel, inspected on first use and kept.
+    /// The background check of data changes (the VMM runs it about once
+    /// a second): retires those that can, each in one short pause.
+    pub fn retire_tick(&self) {
+        let _one = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
+        if !p.may_retire() {
+            return;
+        }
+        let Ok(k) = self.guest_kernel() else { return };
+        match p.retire(self.vm.as_ref(), &k) {
+            Ok(done) => {
+                for d in done {
+                    log::info!("data change {d} retired: its old copy is no longer used");
+                }
+            }
+            Err(e) => log::warn!("checking data changes for retirement: {}", error_chain(&e)),
+        }
+    }
+
     pub fn guest_kernel(&self) -> Result<Arc<GuestKernel>, IntrospectError> {
         let mut cached = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = cached.as_ref() {

@@ -2,7 +2,7 @@
 //! idea): the stats table's `struct task_stat` gets a new layout (a member
 //! added in the middle with a declared start value, one added at the end)
 //! while tasks on 2 vCPUs keep updating it. The patched `stats_update`
-//! uses the new copy; unpatched kernel code (`SYS_STAT_READ`) still reads
+//! uses the new copy; unpatched kernel code (`stats_read`, through `SYS_STAT_READ`) still reads
 //! the old one. Every write to either copy is trapped and transferred, so
 //! every report the guest prints checks, from both sides, that no update
 //! was lost: the new code's result equals the task's own count (`lost=0`),
@@ -249,7 +249,7 @@ fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
         assert!(
             d["users_left"]
                 .as_array()
-                .is_some_and(|u| u.iter().any(|f| f == "syscall_dispatch")),
+                .is_some_and(|u| u.iter().any(|f| f == "stats_read")),
             "{l}"
         );
         let prot = l["protected"].to_string();
@@ -268,6 +268,86 @@ fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
     }
     // The area holds nothing after the last revert: code and copy freed.
     assert_eq!(vm.list()["patch_area"]["used_bytes"], 0);
+}
+
+/// [`NEW_STATS`] plus the table's other users: with every function that
+/// touches the table replaced, the change can retire.
+fn all_users() -> String {
+    format!(
+        "{NEW_STATS}{}",
+        r#"
+u64 stats_read(u32 task, u32 which)
+{
+	struct task_stat *s;
+
+	if (task >= MAX_TASKS)
+		return 0;
+	s = &stats_table[task];
+	switch (which) {
+	case 0:
+		return s->calls;
+	case 1:
+		return s->sum;
+	case 2:
+		return s->id;
+	case 3:
+		return s->cpu;
+	default:
+		return s->last_value;
+	}
+}
+
+void *stats_addr(void)
+{
+	return stats_table;
+}
+"#
+    )
+}
+
+#[test]
+fn a_change_whose_old_users_are_all_replaced_retires_and_reverts_exactly() {
+    let vm = Vm::start("data-retire");
+    vm.check_reports(0, 2);
+    let o = vm.build("stats3", &all_users(), &["--data", "stats_table:task_stat"]);
+    assert!(o.status.success(), "{}", text(&o));
+    for _ in 0..2 {
+        let at = vm.serial().len();
+        vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats3.lup"))]);
+        // The VMM retires it in the background once nothing runs old code.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let l = loop {
+            let l = vm.list();
+            if l["patches"][0]["data"][0]["stats"]["state"] == "retired" {
+                break l;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not retired in 60 s: {l}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        let d = &l["patches"][0]["data"][0];
+        assert_eq!(d["users_left"].as_array().map(Vec::len), Some(0), "{l}");
+        assert!(d["stats"]["retired_after_ms"].is_u64(), "{l}");
+        // The old copy is ordinary memory again; the new one stays guarded.
+        let prot = l["protected"].to_string();
+        assert!(!prot.contains("stats_table (old)"), "{l}");
+        assert!(prot.contains("stats_table (new)"), "{l}");
+        // Writes to the new copy are no longer transferred.
+        let t0 = d["stats"]["transfers"].as_u64();
+        vm.check_reports(vm.serial().len(), 2);
+        assert_eq!(
+            vm.list()["patches"][0]["data"][0]["stats"]["transfers"].as_u64(),
+            t0
+        );
+        vm.check_reports(at, 3);
+        // Revert: the old copy, stale since the retirement, is written from
+        // the new one in the revert's pause; old code goes on exactly.
+        let at = vm.serial().len();
+        vm.ok(&["revert", "--vm", "dc", "stats3"]);
+        vm.check_reports(at, 3);
+    }
 }
 
 #[test]

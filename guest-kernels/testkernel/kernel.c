@@ -365,7 +365,7 @@ static void selftest(void)
 		(unsigned)__builtin_offsetof(struct boot_info, cmdline_len),
 		(unsigned)__builtin_offsetof(struct boot_info, flags));
 	print_map("kernel_text", (u64)lucos_version, kva_to_pa((void *)lucos_version), "2m");
-	print_map("kernel_data", (u64)stats_table, kva_to_pa(stats_table), "2m");
+	print_map("kernel_data", (u64)stats_addr(), kva_to_pa(stats_addr()), "2m");
 	print_map("user_text", (u64)user_main, __user_lma + ((u64)user_main - (u64)__user_start), "4k");
 	print_map("user_stack", stack0 - 8, kva_to_pa(user_stacks[0]) + USER_STACK_PAGES * PAGE_SIZE - 8, "4k");
 	print_map("direct", (u64)pa_to_kva(0x1234567), 0x1234567, direct_page_size);
@@ -386,9 +386,8 @@ static void finish(void)
 
 	kprintf("[tk] done tasks=%lu counter=%lu jiffies=%lu\n", opt_tasks, service_counter, jiffies);
 	for (i = 0; i < opt_tasks; i++)
-		kprintf("[tk] stat task=%u cpu=%u calls=%lu last=%lu sum=%lu\n", stats_table[i].id,
-			stats_table[i].cpu, stats_table[i].calls, stats_table[i].last_value,
-			stats_table[i].sum);
+		kprintf("[tk] stat task=%lu cpu=%lu calls=%lu last=%lu sum=%lu\n", stats_read(i, 2),
+			stats_read(i, 3), stats_read(i, 0), stats_read(i, 4), stats_read(i, 1));
 	for (i = 0; i < nr_cpus; i++)
 		kprintf("[tk] cpu %u ticks=%lu syscalls=%lu\n", i, percpu[i].ticks, percpu[i].syscalls);
 	debug_exit(0);
@@ -435,11 +434,9 @@ u64 syscall_dispatch(u64 a0, u64 a1, u64 a2, u64 nr)
 		task_iters[pc->task] = a1;
 		return stats_update((u32)a0, cpu, a1);
 	case SYS_STAT_READ:
-		/* Old code reading the table: after a live layout change of it,
-		 * this sees the old copy, which lucos keeps coherent. */
-		if (a0 >= MAX_TASKS)
-			return 0;
-		return a1 ? stats_table[a0].sum : stats_table[a0].calls;
+		/* Reads the table through stats_read: unpatched, it reads the
+		 * old copy after a live layout change, which lucos keeps coherent. */
+		return stats_read((u32)a0, a1 ? 1 : 0);
 	case SYS_SPIN_CLI: {
 		volatile u64 i;
 		for (i = 0; i < a0; i++)

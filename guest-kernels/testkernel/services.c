@@ -126,3 +126,32 @@ u64 stats_update(u32 task, u32 cpu, u64 value)
 	s->sum += value;
 	return s->calls;
 }
+
+/* The table's other users, kept out of kernel.c so that a patch changing
+ * its layout can replace every function that touches it (and the change
+ * can then retire). which: 0 calls, 1 sum, 2 id, 3 cpu, 4 last value. */
+u64 stats_read(u32 task, u32 which)
+{
+	struct task_stat *s;
+
+	if (task >= MAX_TASKS)
+		return 0;
+	s = &stats_table[task];
+	switch (which) {
+	case 0:
+		return s->calls;
+	case 1:
+		return s->sum;
+	case 2:
+		return s->id;
+	case 3:
+		return s->cpu;
+	default:
+		return s->last_value;
+	}
+}
+
+void *stats_addr(void)
+{
+	return stats_table;
+}

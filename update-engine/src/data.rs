@@ -18,13 +18,20 @@
 use serde::{Deserialize, Serialize};
 use symbol_db::dwarf::{Member, StructLayout};
 
-/// Owner of a data change's protected copies: `data:PATCH:SYMBOL`.
+/// Owner of a data change's new copy: `data:PATCH:SYMBOL`.
 pub fn owner(patch: &str, symbol: &str) -> String {
     format!(
         "{}{patch}:{symbol}",
         vmm_core::write_control::DATA_OWNER_PREFIX
     )
 }
+
+/// Owner of its old copy (released on its own when the change retires).
+pub fn old_owner(owner: &str) -> String {
+    format!("{owner}{OLD_SUFFIX}")
+}
+
+const OLD_SUFFIX: &str = "/old";
 
 /// A member's place and kind in one layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -623,13 +630,41 @@ pub struct Tracked {
     pub transfers: std::sync::atomic::AtomicU64,
     /// Nanoseconds spent transferring them.
     pub transfer_ns: std::sync::atomic::AtomicU64,
+    /// No old code can use the old copy any more: writes to the new one
+    /// are no longer transferred.
+    pub retired: std::sync::atomic::AtomicBool,
+    /// Since tracking began.
+    pub since: std::time::Instant,
+    /// Milliseconds from tracking to retirement.
+    pub retired_after_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Tracked {
+    /// Tracking `change` from now on.
+    pub fn new(owner: String, change: DataChange, old_gpa: u64, new_gpa: u64) -> Self {
+        Tracked {
+            owner,
+            change,
+            old_gpa,
+            new_gpa,
+            transfers: Default::default(),
+            transfer_ns: Default::default(),
+            retired: Default::default(),
+            since: std::time::Instant::now(),
+            retired_after_ms: Default::default(),
+        }
+    }
 }
 
 /// Live figures of one tracked change (`lucos list`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataStats {
-    /// `tracking` (both copies kept coherent).
+    /// `tracking` (both copies kept coherent) or `retired` (only the new
+    /// copy is in use).
     pub state: String,
+    /// Milliseconds from apply to retirement, once retired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_after_ms: Option<u64>,
     /// Trapped writes transferred to the other copy.
     pub transfers: u64,
     /// Time spent in those transfers, nanoseconds.
@@ -667,15 +702,39 @@ impl DataTracker {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|t| t.owner == owner)
+            .find(|t| t.owner == owner.strip_suffix(OLD_SUFFIX).unwrap_or(owner))
             .cloned()
+    }
+
+    /// Marks `owner`'s change retired (its old copy was just released).
+    pub fn retire(&self, owner: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(t) = self.get(owner) {
+            t.retired_after_ms
+                .store(t.since.elapsed().as_millis() as u64, Relaxed);
+            t.retired.store(true, Relaxed);
+        }
+    }
+
+    /// Whether `owner`'s change is retired.
+    pub fn is_retired(&self, owner: &str) -> bool {
+        self.get(owner)
+            .is_some_and(|t| t.retired.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Figures of `owner`'s change.
     pub fn stats(&self, owner: &str) -> Option<DataStats> {
         use std::sync::atomic::Ordering::Relaxed;
         self.get(owner).map(|t| DataStats {
-            state: "tracking".into(),
+            state: if t.retired.load(Relaxed) {
+                "retired".into()
+            } else {
+                "tracking".into()
+            },
+            retired_after_ms: t
+                .retired
+                .load(Relaxed)
+                .then(|| t.retired_after_ms.load(Relaxed)),
             transfers: t.transfers.load(Relaxed),
             transfer_ns: t.transfer_ns.load(Relaxed),
         })
@@ -696,6 +755,9 @@ impl DataTracker {
         let t = self
             .get(owner)
             .ok_or_else(|| format!("{owner} is not tracked"))?;
+        if t.retired.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let c = &t.change;
         let (from_old, base, size, other_base, other_size) =
             if gpa >= t.old_gpa && gpa < t.old_gpa + c.old_bytes() {

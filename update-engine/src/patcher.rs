@@ -514,6 +514,70 @@ impl Patcher {
         }
     }
 
+    /// Whether some data change could retire (the background check has
+    /// work): tracked, not retired, no kernel function outside its patch
+    /// using the old copy.
+    pub fn may_retire(&self) -> bool {
+        self.state.applied.iter().any(|a| {
+            a.data.iter().any(|d| {
+                let owner = crate::data::owner(&a.name, &d.symbol);
+                d.users_left.is_empty()
+                    && self.tracker.get(&owner).is_some()
+                    && !self.tracker.is_retired(&owner)
+            })
+        })
+    }
+
+    /// Retires every data change that can, each in one short pause (one
+    /// try; a busy one is left for the next call): no kernel function
+    /// outside the patch uses the old copy, and no vCPU (on Linux no
+    /// sleeping task either) is in the old code of the functions the patch
+    /// replaced, so nothing can use the old copy again. The old copy's
+    /// protection is released in that pause (its pages are ordinary memory
+    /// again) and writes to the new copy are no longer transferred. Returns
+    /// the changes retired now, as `PATCH:SYMBOL`.
+    pub fn retire(&mut self, g: &dyn Guest, k: &GuestKernel) -> Result<Vec<String>, PatchError> {
+        let mut done = Vec::new();
+        for a in &self.state.applied {
+            for d in &a.data {
+                let owner = crate::data::owner(&a.name, &d.symbol);
+                if !d.users_left.is_empty()
+                    || self.tracker.get(&owner).is_none()
+                    || self.tracker.is_retired(&owner)
+                {
+                    continue;
+                }
+                let view = View::new(g, k)?;
+                if view.linux && view.tasks(k).is_none() {
+                    // Sleeping tasks cannot be checked: never retire.
+                    continue;
+                }
+                let plan = Plan {
+                    leaving: a
+                        .functions
+                        .iter()
+                        .map(|f| Leaving {
+                            function: format!("{} (old code)", f.function),
+                            start: f.old_addr,
+                            end: f.old_addr + f.old_size,
+                        })
+                        .collect(),
+                    release: vec![crate::data::old_owner(&owner)],
+                    ..Plan::default()
+                };
+                match switch::switch_tries(g, view.tasks(k), &plan, 1) {
+                    Ok(_) => {
+                        self.tracker.retire(&owner);
+                        done.push(format!("{}:{}", a.name, d.symbol));
+                    }
+                    Err(SwitchError::Busy { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(done)
+    }
+
     /// Applies the `.lup` at `path` to the running kernel `k`; with
     /// `replace`, it replaces every applied patch (a cumulative patch).
     pub fn apply(
@@ -552,14 +616,12 @@ impl Patcher {
             .zip(&placed.data)
             .map(|(d, p)| {
                 let owner = crate::data::owner(&lup.manifest.name, &d.symbol);
-                self.tracker.add(crate::data::Tracked {
-                    owner: owner.clone(),
-                    change: d.clone(),
-                    old_gpa: p.old_gpa,
-                    new_gpa: area_gpa + p.new_offset,
-                    transfers: Default::default(),
-                    transfer_ns: Default::default(),
-                });
+                self.tracker.add(crate::data::Tracked::new(
+                    owner.clone(),
+                    d.clone(),
+                    p.old_gpa,
+                    area_gpa + p.new_offset,
+                ));
                 owner
             })
             .collect();
@@ -858,7 +920,7 @@ impl Patcher {
                 to_new: true,
             });
             plan.protect.push(Protection {
-                owner: owner.clone(),
+                owner: crate::data::old_owner(&owner),
                 label: format!("{} (old)", d.symbol),
                 gpa: p.old_gpa,
                 len: d.old_bytes(),
@@ -1125,7 +1187,9 @@ impl Patcher {
                 new_offset: d.new_addr - va,
                 to_new: false,
             });
-            plan.release.push(crate::data::owner(name, &d.symbol));
+            let owner = crate::data::owner(name, &d.symbol);
+            plan.release.push(crate::data::old_owner(&owner));
+            plan.release.push(owner);
             debug_assert!(d.new_addr - va < area.size);
         }
         let switched = switch::switch(g, view.tasks(k), &plan)?;

@@ -139,10 +139,21 @@ pub fn switch(
     tasks: Option<(&TaskLayout, PagingState)>,
     plan: &Plan,
 ) -> Result<Switched, SwitchError> {
+    switch_tries(guest, tasks, plan, MAX_TRIES)
+}
+
+/// [`switch`] with at most `max_tries` pauses (at least one).
+pub fn switch_tries(
+    guest: &dyn Guest,
+    tasks: Option<(&TaskLayout, PagingState)>,
+    plan: &Plan,
+    max_tries: u32,
+) -> Result<Switched, SwitchError> {
+    let max_tries = max_tries.max(1);
     let mut leaving = plan.leaving.clone();
     leaving.sort_by_key(|l| (l.start, l.end));
     leaving.dedup_by_key(|l| (l.start, l.end));
-    for tries in 1..=MAX_TRIES {
+    for tries in 1..=max_tries {
         let t = Instant::now();
         let paused = Paused::new(guest)?;
         let result = switch_paused(&paused, tasks, plan, &leaving);
@@ -168,7 +179,7 @@ pub fn switch(
                 // anything else.
                 resumed?;
                 match refused {
-                    Refused::Busy(_, _) if tries < MAX_TRIES && !was_paused => {
+                    Refused::Busy(_, _) if tries < max_tries && !was_paused => {
                         std::thread::sleep(Duration::from_micros(200 * u64::from(tries)));
                     }
                     Refused::Busy(who, active) => {

@@ -616,9 +616,11 @@ impl WriteControl {
             .filter(|p| p.gpa < end && p.end() > gpa)
             .collect();
         // Then the owner's lock: writes to both copies of tracked data
-        // (different pages) are serialized on it.
+        // (different pages) are serialized on it. Owners `A` and `A/part`
+        // share it.
         let _owner_lock = touches.first().map(|p| {
-            let h = p.owner.bytes().fold(0usize, |h, b| {
+            let group = p.owner.split('/').next().unwrap_or_default();
+            let h = group.bytes().fold(0usize, |h, b| {
                 h.wrapping_mul(31).wrapping_add(usize::from(b))
             });
             self.owner_locks[h % self.owner_locks.len()]

@@ -112,6 +112,8 @@ u64 stats_update(u32 task, u32 cpu, u64 value);
 u64 text_poke_service(u64 which, u64 value);
 void text_poke_init(void);
 extern struct task_stat stats_table[MAX_TASKS];
+u64 stats_read(u32 task, u32 which);
+void *stats_addr(void);
 extern volatile u64 service_counter;
 
 #endif
