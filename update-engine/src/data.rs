@@ -402,7 +402,8 @@ impl DataChange {
         if self.count == 0 || self.old_size == 0 || self.new_size == 0 {
             return bad("empty".into());
         }
-        if self.new_bytes() > 1 << 20 || self.old_bytes() > 1 << 20 {
+        let too_big = |size: u64| size.checked_mul(self.count).is_none_or(|b| b > 1 << 20);
+        if too_big(self.old_size) || too_big(self.new_size) {
             return bad("larger than 1 MiB".into());
         }
         for m in &self.members {

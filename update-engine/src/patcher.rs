@@ -167,10 +167,10 @@ pub struct AppliedData {
     #[serde(default)]
     pub stats: crate::data::DataStats,
     /// The change (member by member), for the revert.
-    #[serde(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change: Option<crate::data::DataChange>,
     /// Guest-physical start of the old copy.
-    #[serde(skip)]
+    #[serde(default, with = "symbol_db::hex_u64")]
     pub old_gpa: u64,
 }
 
@@ -807,6 +807,16 @@ impl Patcher {
                     .map(|t| t.gpa)
                     .map_err(|e| PatchError::Map(format!("{} at {va:#x}: {e}", d.symbol)))
             };
+            if sym.size != 0 && sym.size != d.old_bytes() {
+                return Err(PatchError::Map(format!(
+                    "{} is {} bytes in the running kernel, the patch expects {} ({} x {})",
+                    d.symbol,
+                    sym.size,
+                    d.old_bytes(),
+                    d.count,
+                    d.old_size
+                )));
+            }
             let old_gpa = gpa_of(sym.addr)?;
             let last = sym.addr + d.old_bytes() - 1;
             if gpa_of(last)? != old_gpa + d.old_bytes() - 1 {
