@@ -306,7 +306,7 @@ pub fn derive(
             ));
         }
     }
-    Ok(DataChange {
+    let change = DataChange {
         symbol: symbol.to_owned(),
         symbol_file: None,
         type_name: old.name.clone(),
@@ -315,7 +315,9 @@ pub fn derive(
         new_size: new.size,
         members,
         users_left: Vec::new(),
-    })
+    };
+    change.check()?;
+    Ok(change)
 }
 
 /// Functions of `image` whose code refers to `[start, end)`: a memory
@@ -405,6 +407,23 @@ impl DataChange {
         let too_big = |size: u64| size.checked_mul(self.count).is_none_or(|b| b > 1 << 20);
         if too_big(self.old_size) || too_big(self.new_size) {
             return bad("larger than 1 MiB".into());
+        }
+        // Members of one layout never overlap (a bitfield would: DWARF gives
+        // it its unit's offset and size).
+        for layout in [0, 1] {
+            let mut spans: Vec<(u32, u32, &str)> = self
+                .members
+                .iter()
+                .filter_map(|m| if layout == 0 { m.old } else { m.new }.map(|f| (f, m)))
+                .map(|(f, m)| (f.offset, f.offset.saturating_add(f.size), m.name.as_str()))
+                .collect();
+            spans.sort_unstable();
+            if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+                return bad(format!(
+                    "members {} and {} overlap (a bitfield?): lucos cannot transfer them",
+                    w[0].2, w[1].2
+                ));
+            }
         }
         for m in &self.members {
             for (f, size) in [(m.old, self.old_size), (m.new, self.new_size)] {
@@ -600,6 +619,14 @@ mod tests {
             narrow: vec![],
         };
         assert!(derive("stats", 1, &old(), &new(), &d).is_err());
+    }
+
+    #[test]
+    fn overlapping_members_such_as_bitfields_are_refused() {
+        let mut o = old();
+        o.members.push(m("flag", 0, 4, "unsigned int"));
+        let e = derive("stats", 1, &o, &new(), &Declared::default()).expect_err("refused");
+        assert!(e.contains("overlap"), "{e}");
     }
 
     #[test]

@@ -547,11 +547,12 @@ impl Patcher {
                 {
                     continue;
                 }
-                let view = View::new(g, k)?;
-                if view.linux && view.tasks(k).is_none() {
-                    // Sleeping tasks cannot be checked: never retire.
+                if k.symbols.lookup("init_task").is_ok() && k.tasks.is_err() {
+                    // A Linux kernel whose sleeping tasks cannot be checked:
+                    // never retire (and never pause to find that out).
                     continue;
                 }
+                let view = View::new(g, k)?;
                 let plan = Plan {
                     leaving: a
                         .functions
@@ -650,11 +651,21 @@ impl Patcher {
                 m.name
             )));
         }
-        if replace && !m.data.is_empty() {
+        if replace && (!m.data.is_empty() || self.state.applied.iter().any(|a| !a.data.is_empty()))
+        {
             return Err(stack_err(format!(
-                "patch '{}' changes data layouts; a cumulative (--replace) patch cannot yet",
+                "patch '{}': a cumulative (--replace) patch cannot yet change data layouts or \
+                 replace a patch that did; revert that patch first",
                 m.name
             )));
+        }
+        for (i, d) in m.data.iter().enumerate() {
+            if m.data[..i].iter().any(|x| x.symbol == d.symbol) {
+                return Err(stack_err(format!(
+                    "patch '{}' changes {} twice",
+                    m.name, d.symbol
+                )));
+            }
         }
         for d in &m.data {
             if let Some(a) = self
@@ -761,11 +772,25 @@ impl Patcher {
             data_off.push(data_need);
             data_need += d.new_bytes().div_ceil(area::CODE_ALIGN) * area::CODE_ALIGN;
         }
+        let changed_by: Vec<(String, String)> = self
+            .state
+            .applied
+            .iter()
+            .flat_map(|a| a.data.iter().map(|d| (d.symbol.clone(), a.name.clone())))
+            .collect();
         let resolve_with = |data_base: u64| {
+            let changed_by = &changed_by;
             let data_off = &data_off;
             move |s: &str| -> Result<u64, String> {
                 if let Some(i) = changes.iter().position(|d| d.symbol == s) {
                     return Ok(data_base + data_off[i]);
+                }
+                if let Some(a) = changed_by.iter().find(|(sym, _)| sym == s) {
+                    return Err(format!(
+                        "the patch uses {s}, whose layout patch '{}' changed: build it against \
+                         that layout into a patch that replaces it",
+                        a.1
+                    ));
                 }
                 k.symbols
                     .lookup(s)
@@ -818,7 +843,23 @@ impl Patcher {
                 )));
             }
             let old_gpa = gpa_of(sym.addr)?;
-            let last = sym.addr + d.old_bytes() - 1;
+            // Every page, and the last byte: one contiguous guest-physical run.
+            let end = sym.addr + d.old_bytes();
+            let mut at = (sym.addr | 0xfff) + 1;
+            while at <= end {
+                let probe = at.min(end - 1);
+                if gpa_of(probe)? != old_gpa + (probe - sym.addr) {
+                    return Err(PatchError::Map(format!(
+                        "{} is not contiguous in guest-physical memory: lucos cannot track it",
+                        d.symbol
+                    )));
+                }
+                if at == end {
+                    break;
+                }
+                at += 0x1000;
+            }
+            let last = end - 1;
             if gpa_of(last)? != old_gpa + d.old_bytes() - 1 {
                 return Err(PatchError::Map(format!(
                     "{} is not contiguous in guest-physical memory: lucos cannot track it",
