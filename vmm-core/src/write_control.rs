@@ -643,7 +643,13 @@ impl WriteControl {
             vcpu,
             rip,
             cpl,
-            cr3: cpu.sregs().map(|s| s.cr3).unwrap_or(0),
+            // Only a policy reads it (the fast path for unprotected bytes
+            // must not fetch the special registers).
+            cr3: if touches.is_empty() {
+                0
+            } else {
+                cpu.sregs().map(|s| s.cr3).unwrap_or(0)
+            },
             gpa,
             data,
             touches: touches.clone(),
