@@ -11,6 +11,7 @@ pub mod loader;
 pub mod memory;
 pub mod pagewalk;
 pub mod region;
+pub mod sandbox;
 pub mod vcpu;
 pub mod vm;
 pub mod write_control;

@@ -116,6 +116,13 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     });
 }
 
+/// Points this thread's kick target at `page` (another `kvm_run` this
+/// thread is about to run, such as the sandbox's) and returns the previous
+/// target, to be put back with the same call.
+pub(crate) fn swap_kick_page(page: *mut kvm_run) -> *mut kvm_run {
+    KVM_RUN_PAGE.with(|p| p.replace(page))
+}
+
 /// Installs the kick signal handler (idempotent).
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();

@@ -1,0 +1,654 @@
+//! A sandbox for guest-kernel code the VMM itself runs: a second, tiny KVM
+//! VM with one vCPU and no devices, in which a function compiled for the
+//! guest's kernel (a patch's C state-transfer function) runs on copies of
+//! two buffers.
+//!
+//! The guest is never involved: the function sees only its two buffers, its
+//! own code and a stack, at kernel addresses (a 2 MiB window at
+//! [`WINDOW_VA`], in the top 2 GiB like kernel code, so `-mcmodel=kernel`
+//! code links there). Interrupts are off and there is no interrupt source.
+//! Every exception goes through the sandbox's own IDT to a stub that
+//! reports it to the VMM; a function that runs past its time limit is
+//! kicked out of `KVM_RUN` by a watchdog. Either way the call fails with
+//! the cause named, and the sandbox is ready for the next call: the buffers
+//! are copied back only after a normal return.
+//!
+//! Layout of the window (virtual [`WINDOW_VA`] + offset = physical
+//! `WINDOW_GPA` + offset, 4 KiB pages; the gaps are unmapped guards):
+//!
+//! | offset | what |
+//! |---|---|
+//! | 0x0000 | GDT (the boot GDT: kernel code 0x10, data 0x18) |
+//! | 0x1000 | IDT, 32 interrupt gates |
+//! | 0x2000 | exception stubs, the call trampoline, runtime functions |
+//! | 0x4000 | the `%gs` page (zeros: a stack canary read works) |
+//! | 0x6000..0x16000 | stack (64 KiB) |
+//! | 0x20000 | first buffer (at most [`ARG_MAX`] bytes) |
+//! | 0x61000 | second buffer |
+//! | 0x100000 | code ([`CODE_VA`], at most [`CODE_MAX`] bytes) |
+//! | 0x1f0000 | unmapped: [`poison_symbol`] addresses |
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::arch::gdt::{kvm_segment_from_gdt, BOOT_GDT, GDT_CODE64, GDT_DATA, GDT_TSS};
+
+/// Virtual address of the sandbox's window.
+pub const WINDOW_VA: u64 = 0xffff_ffff_c000_0000;
+const WINDOW_GPA: u64 = 0x20_0000;
+const MEM_BYTES: usize = 4 << 20;
+const PML4: u64 = 0x1000;
+const PDPT: u64 = 0x2000;
+const PD: u64 = 0x3000;
+const PT: u64 = 0x4000;
+
+const GDT_OFF: u64 = 0;
+const IDT_OFF: u64 = 0x1000;
+const STUBS_OFF: u64 = 0x2000;
+const TRAMPOLINE_OFF: u64 = 0x2200;
+const RUNTIME_OFF: u64 = 0x2300;
+const GS_OFF: u64 = 0x4000;
+const STACK_LO: u64 = 0x6000;
+const STACK_TOP: u64 = 0x16000;
+const ARG0_OFF: u64 = 0x20000;
+const ARG1_OFF: u64 = 0x61000;
+/// Largest buffer a call takes.
+pub const ARG_MAX: u64 = 0x40000;
+const CODE_OFF: u64 = 0x10_0000;
+/// Where the code a sandbox runs must be linked.
+pub const CODE_VA: u64 = WINDOW_VA + CODE_OFF;
+/// Largest code a sandbox takes.
+pub const CODE_MAX: u64 = 0xf_0000;
+const POISON_OFF: u64 = 0x1f_0000;
+const POISON_SLOTS: u64 = 0x1_0000 / 16;
+
+/// The I/O port the trampoline writes when the function returned.
+const DONE_PORT: u16 = 0xf0;
+/// The I/O port an exception stub writes (the vector in AL).
+const FAULT_PORT: u16 = 0xf1;
+
+/// The default time limit of one call.
+pub const TIME_LIMIT: Duration = Duration::from_millis(50);
+
+/// Why a sandbox could not be made or a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A KVM call failed.
+    #[error("sandbox: {what}: {source}")]
+    Kvm {
+        /// The call.
+        what: &'static str,
+        /// Its error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Memory for the sandbox.
+    #[error("sandbox memory: {0}")]
+    Memory(String),
+    /// The code or a buffer does not fit.
+    #[error("{0}")]
+    TooBig(String),
+    /// The function raised an exception.
+    #[error("faulted: {name} (vector {vector}) at {rip:#x}{}", fault_detail(*.vector, *.address, *.error_code))]
+    Fault {
+        /// Exception vector.
+        vector: u8,
+        /// Its mnemonic (#PF, #GP, ...).
+        name: &'static str,
+        /// Where it happened.
+        rip: u64,
+        /// The address a page fault was for.
+        address: u64,
+        /// The error code, for the vectors that push one.
+        error_code: Option<u64>,
+    },
+    /// The function ran past its time limit.
+    #[error("ran past its time limit of {} ms (an endless loop?)", .0.as_millis())]
+    RanAway(Duration),
+    /// The sandbox's vCPU stopped in a way no function should make it.
+    #[error("stopped: {0}")]
+    Exit(String),
+}
+
+fn fault_detail(vector: u8, address: u64, error_code: Option<u64>) -> String {
+    let mut s = String::new();
+    if vector == 14 {
+        s += &format!(", address {address:#x}");
+        if (POISON_VA..POISON_VA + POISON_SLOTS * 16).contains(&address) {
+            s += " (a kernel symbol: a transfer function can use only its two arguments)";
+        }
+    }
+    if let Some(e) = error_code {
+        s += &format!(", error code {e:#x}");
+    }
+    s
+}
+
+const POISON_VA: u64 = WINDOW_VA + POISON_OFF;
+
+/// The address standing for the `index`th symbol the sandbox does not
+/// provide: unmapped, so using it faults and the fault names it.
+pub fn poison_symbol(index: u64) -> Option<u64> {
+    (index < POISON_SLOTS).then(|| POISON_VA + index * 16)
+}
+
+/// Which poison symbol `address` is, if any.
+pub fn poison_index(address: u64) -> Option<u64> {
+    (POISON_VA..POISON_VA + POISON_SLOTS * 16)
+        .contains(&address)
+        .then(|| (address - POISON_VA) / 16)
+}
+
+const EXCEPTIONS: [&str; 32] = [
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "?", "#TS", "#NP", "#SS", "#GP",
+    "#PF", "?", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "?", "?", "?", "?", "?", "?", "#HV",
+    "#VC", "#SX", "?",
+];
+
+/// Vectors for which the CPU pushes an error code.
+fn has_error_code(v: u8) -> bool {
+    matches!(v, 8 | 10..=14 | 17 | 21 | 29 | 30)
+}
+
+/// Runtime functions compiled kernel code may call, by name, with their
+/// machine code (kernel objects call `__fentry__` at entry, return through
+/// the return thunk, branch indirectly through retpoline thunks, and the
+/// compiler emits `memcpy`/`memset`/`memmove` for struct copies).
+fn runtime() -> Vec<(Vec<&'static str>, Vec<u8>)> {
+    let mut r: Vec<(Vec<&'static str>, Vec<u8>)> = vec![
+        (
+            vec!["__fentry__", "__x86_return_thunk", "mcount"],
+            vec![0xc3],
+        ),
+        (
+            vec!["memcpy", "__memcpy"],
+            // mov rax,rdi; mov rcx,rdx; rep movsb; ret
+            vec![0x48, 0x89, 0xf8, 0x48, 0x89, 0xd1, 0xf3, 0xa4, 0xc3],
+        ),
+        (
+            vec!["memset", "__memset"],
+            // mov r9,rdi; mov eax,esi; mov rcx,rdx; rep stosb; mov rax,r9; ret
+            vec![
+                0x49, 0x89, 0xf9, 0x89, 0xf0, 0x48, 0x89, 0xd1, 0xf3, 0xaa, 0x4c, 0x89, 0xc8, 0xc3,
+            ],
+        ),
+        (
+            vec!["memmove", "__memmove"],
+            // mov rax,rdi; mov rcx,rdx; cmp rdi,rsi; jbe fwd;
+            // lea rsi,[rsi+rdx-1]; lea rdi,[rdi+rdx-1]; std; rep movsb; cld; ret;
+            // fwd: rep movsb; ret
+            vec![
+                0x48, 0x89, 0xf8, 0x48, 0x89, 0xd1, 0x48, 0x39, 0xf7, 0x76, 0x0f, 0x48, 0x8d, 0x74,
+                0x16, 0xff, 0x48, 0x8d, 0x7c, 0x17, 0xff, 0xfd, 0xf3, 0xa4, 0xfc, 0xc3, 0xf3, 0xa4,
+                0xc3,
+            ],
+        ),
+    ];
+    const REGS: [&str; 16] = [
+        "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12",
+        "r13", "r14", "r15",
+    ];
+    for (i, reg) in REGS.iter().enumerate() {
+        let name: &'static str = match *reg {
+            "rax" => "__x86_indirect_thunk_rax",
+            "rcx" => "__x86_indirect_thunk_rcx",
+            "rdx" => "__x86_indirect_thunk_rdx",
+            "rbx" => "__x86_indirect_thunk_rbx",
+            "rsp" => "__x86_indirect_thunk_rsp",
+            "rbp" => "__x86_indirect_thunk_rbp",
+            "rsi" => "__x86_indirect_thunk_rsi",
+            "rdi" => "__x86_indirect_thunk_rdi",
+            "r8" => "__x86_indirect_thunk_r8",
+            "r9" => "__x86_indirect_thunk_r9",
+            "r10" => "__x86_indirect_thunk_r10",
+            "r11" => "__x86_indirect_thunk_r11",
+            "r12" => "__x86_indirect_thunk_r12",
+            "r13" => "__x86_indirect_thunk_r13",
+            "r14" => "__x86_indirect_thunk_r14",
+            _ => "__x86_indirect_thunk_r15",
+        };
+        // jmp *%reg
+        let modrm = 0xe0 | (i as u8 & 7);
+        let code = if i < 8 {
+            vec![0xff, modrm]
+        } else {
+            vec![0x41, 0xff, modrm]
+        };
+        r.push((vec![name], code));
+    }
+    r
+}
+
+/// The runtime laid out from [`RUNTIME_OFF`]: (names, offset, code).
+fn runtime_layout() -> Vec<(Vec<&'static str>, u64, Vec<u8>)> {
+    let mut at = RUNTIME_OFF;
+    runtime()
+        .into_iter()
+        .map(|(names, code)| {
+            let here = at;
+            at += (code.len() as u64).div_ceil(16) * 16;
+            (names, here, code)
+        })
+        .collect()
+}
+
+/// Where the sandbox provides runtime function `name`, if it does.
+pub fn runtime_symbol(name: &str) -> Option<u64> {
+    runtime_layout()
+        .into_iter()
+        .find(|(names, _, _)| names.contains(&name))
+        .map(|(_, off, _)| WINDOW_VA + off)
+}
+
+/// Disarmed, or armed until a deadline for one thread.
+#[derive(Debug, Default)]
+struct Watch {
+    armed: Option<(Instant, libc::pthread_t)>,
+    fired: bool,
+    quit: bool,
+}
+
+#[derive(Debug, Default)]
+struct Watchdog {
+    state: Mutex<Watch>,
+    cv: Condvar,
+}
+
+impl Watchdog {
+    /// Kicks the armed thread out of `KVM_RUN` once its deadline passes,
+    /// and again every millisecond until it is disarmed (a kick that lands
+    /// just before `KVM_RUN` is otherwise lost).
+    fn run(&self) {
+        let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if w.quit {
+                return;
+            }
+            match w.armed {
+                None => w = self.cv.wait(w).unwrap_or_else(|e| e.into_inner()),
+                Some((deadline, tid)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        w.fired = true;
+                        // SAFETY: `tid` is a thread that armed the watchdog and
+                        // disarms it before it ends; the kick signal's handler is
+                        // installed before any sandbox runs.
+                        unsafe { libc::pthread_kill(tid, crate::vcpu::kick_signal()) };
+                        w = self
+                            .cv
+                            .wait_timeout(w, Duration::from_millis(1))
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    } else {
+                        w = self
+                            .cv
+                            .wait_timeout(w, deadline - now)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                }
+            }
+        }
+    }
+
+    fn arm(&self, limit: Duration) {
+        let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: pthread_self has no preconditions.
+        let tid = unsafe { libc::pthread_self() };
+        w.armed = Some((Instant::now() + limit, tid));
+        w.fired = false;
+        self.cv.notify_all();
+    }
+
+    /// Disarms; whether it fired.
+    fn disarm(&self) -> bool {
+        let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        w.armed = None;
+        self.cv.notify_all();
+        w.fired
+    }
+
+    fn fired(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).fired
+    }
+}
+
+/// A sandbox holding one linked piece of code.
+#[derive(Debug)]
+pub struct Sandbox {
+    // Field order: the vCPU and VM go before the memory they map.
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+    code_len: u64,
+    watchdog: Arc<Watchdog>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SandboxError {
+    move |source| SandboxError::Kvm { what, source }
+}
+
+impl Sandbox {
+    /// A sandbox running `code`, linked to run at [`CODE_VA`].
+    pub fn new(code: &[u8]) -> Result<Self, SandboxError> {
+        if code.len() as u64 > CODE_MAX {
+            return Err(SandboxError::TooBig(format!(
+                "{} bytes of code; a sandbox takes at most {CODE_MAX}",
+                code.len()
+            )));
+        }
+        crate::vcpu::install_kick_handler()
+            .map_err(|e| SandboxError::Exit(format!("installing the kick signal handler: {e}")))?;
+        let kvm_fd = Kvm::new().map_err(kvm("opening /dev/kvm"))?;
+        let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+        if let Err(e) = vm.set_tss_address(0xfffb_d000) {
+            log::debug!("sandbox KVM_SET_TSS_ADDR: {e}");
+        }
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_BYTES)])
+            .map_err(|e| SandboxError::Memory(e.to_string()))?;
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| SandboxError::Memory(e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: MEM_BYTES as u64,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is the start of a live mapping of MEM_BYTES owned by
+        // `mem`, which the Sandbox drops only after the VM and vCPU.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm_fd
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        let watchdog = Arc::new(Watchdog::default());
+        let w = watchdog.clone();
+        let watcher = std::thread::Builder::new()
+            .name("sandbox-watchdog".into())
+            .spawn(move || w.run())
+            .map_err(|e| SandboxError::Exit(format!("starting the watchdog: {e}")))?;
+        let mut sb = Sandbox {
+            vcpu,
+            _vm: vm,
+            mem,
+            code_len: code.len() as u64,
+            watchdog,
+            watcher: Some(watcher),
+        };
+        sb.build(code)?;
+        Ok(sb)
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), SandboxError> {
+        self.mem
+            .write_slice(bytes, GuestAddress(gpa))
+            .map_err(|e| SandboxError::Memory(e.to_string()))
+    }
+
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), SandboxError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| SandboxError::Memory(e.to_string()))
+    }
+
+    fn build(&mut self, code: &[u8]) -> Result<(), SandboxError> {
+        const P: u64 = 1; // present
+        const W: u64 = 2; // writable
+        let va = |off: u64| WINDOW_VA + off;
+        // Page tables: the window's 2 MiB through one PT of 4 KiB pages.
+        self.write(PML4 + 511 * 8, &(PDPT | P | W).to_le_bytes())?;
+        self.write(PDPT + 511 * 8, &(PD | P | W).to_le_bytes())?;
+        self.write(PD, &(PT | P | W).to_le_bytes())?;
+        let code_end = CODE_OFF + self.code_len.div_ceil(0x1000) * 0x1000;
+        for page in 0..512u64 {
+            let off = page * 0x1000;
+            let mapped = off < 0x5000
+                || (STACK_LO..STACK_TOP).contains(&off)
+                || (ARG0_OFF..ARG0_OFF + ARG_MAX).contains(&off)
+                || (ARG1_OFF..ARG1_OFF + ARG_MAX).contains(&off)
+                || (CODE_OFF..code_end).contains(&off);
+            let pte = if mapped {
+                (WINDOW_GPA + off) | P | W
+            } else {
+                0
+            };
+            self.write(PT + page * 8, &pte.to_le_bytes())?;
+        }
+        // GDT and IDT.
+        for (i, e) in BOOT_GDT.iter().enumerate() {
+            self.write(WINDOW_GPA + GDT_OFF + i as u64 * 8, &e.to_le_bytes())?;
+        }
+        for v in 0..32u64 {
+            let handler = va(STUBS_OFF + v * 16);
+            let mut gate = [0u8; 16];
+            gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+            gate[2..4].copy_from_slice(&(u16::from(GDT_CODE64) * 8).to_le_bytes());
+            gate[5] = 0x8e; // present, DPL 0, 64-bit interrupt gate
+            gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+            gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+            self.write(WINDOW_GPA + IDT_OFF + v * 16, &gate)?;
+            // mov al, v; mov dx, FAULT_PORT; out dx, al; hlt; jmp $
+            let [lo, hi] = FAULT_PORT.to_le_bytes();
+            let stub = [0xb0, v as u8, 0x66, 0xba, lo, hi, 0xee, 0xf4, 0xeb, 0xfe];
+            self.write(WINDOW_GPA + STUBS_OFF + v * 16, &stub)?;
+        }
+        // call rax; mov dx, DONE_PORT; out dx, al; hlt; jmp $
+        let [lo, hi] = DONE_PORT.to_le_bytes();
+        self.write(
+            WINDOW_GPA + TRAMPOLINE_OFF,
+            &[0xff, 0xd0, 0x66, 0xba, lo, hi, 0xee, 0xf4, 0xeb, 0xfe],
+        )?;
+        for (_, off, bytes) in runtime_layout() {
+            self.write(WINDOW_GPA + off, &bytes)?;
+        }
+        self.write(WINDOW_GPA + CODE_OFF, code)?;
+
+        let mut s = self.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+        let code_seg = kvm_segment_from_gdt(BOOT_GDT[GDT_CODE64 as usize], GDT_CODE64);
+        let data = kvm_segment_from_gdt(BOOT_GDT[GDT_DATA as usize], GDT_DATA);
+        s.cs = code_seg;
+        s.ds = data;
+        s.es = data;
+        s.ss = data;
+        s.fs = data;
+        s.gs = data;
+        s.gs.base = va(GS_OFF);
+        s.tr = kvm_segment_from_gdt(BOOT_GDT[GDT_TSS as usize], GDT_TSS);
+        s.gdt.base = va(GDT_OFF);
+        s.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+        s.idt.base = va(IDT_OFF);
+        s.idt.limit = 32 * 16 - 1;
+        s.cr0 = 1 | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31); // PE ET NE WP PG
+        s.cr3 = PML4;
+        s.cr4 = 1 << 5; // PAE
+        s.efer = (1 << 8) | (1 << 10); // LME LMA
+        self.vcpu.set_sregs(&s).map_err(kvm("KVM_SET_SREGS"))
+    }
+
+    /// Runs the function at `entry` as `entry(a, b)` with `a` and `b`
+    /// copies of the two buffers, at most `limit` long; on a normal return
+    /// the function's `b` is copied back (`a` never is).
+    pub fn call(
+        &mut self,
+        entry: u64,
+        a: &[u8],
+        b: &mut [u8],
+        limit: Duration,
+    ) -> Result<(), SandboxError> {
+        if a.len() as u64 > ARG_MAX || b.len() as u64 > ARG_MAX {
+            return Err(SandboxError::TooBig(format!(
+                "buffers of {} and {} bytes; a sandbox call takes at most {ARG_MAX} each",
+                a.len(),
+                b.len()
+            )));
+        }
+        if !(CODE_VA..CODE_VA + self.code_len).contains(&entry) {
+            return Err(SandboxError::Exit(format!(
+                "entry {entry:#x} is outside the sandbox's code"
+            )));
+        }
+        self.write(WINDOW_GPA + ARG0_OFF, a)?;
+        self.write(WINDOW_GPA + ARG1_OFF, b)?;
+        let regs = kvm_regs {
+            rip: WINDOW_VA + TRAMPOLINE_OFF,
+            rsp: WINDOW_VA + STACK_TOP,
+            rax: entry,
+            rdi: WINDOW_VA + ARG0_OFF,
+            rsi: WINDOW_VA + ARG1_OFF,
+            rflags: 2,
+            ..Default::default()
+        };
+        self.vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+        let outcome = self.run(limit);
+        outcome?;
+        self.read(WINDOW_GPA + ARG1_OFF, b)
+    }
+
+    /// Runs the vCPU until the trampoline or a stub reports, or the watchdog
+    /// fires.
+    fn run(&mut self, limit: Duration) -> Result<(), SandboxError> {
+        let page: *mut kvm_bindings::kvm_run = self.vcpu.get_kvm_run();
+        let previous = crate::vcpu::swap_kick_page(page);
+        self.watchdog.arm(limit);
+        let mut kicked_for_guest = false;
+        let outcome = loop {
+            match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(DONE_PORT, _)) => break Ok(()),
+                Ok(VcpuExit::IoOut(FAULT_PORT, data)) => {
+                    let vector = data.first().copied().unwrap_or(0xff);
+                    break Err(self.fault(vector));
+                }
+                Ok(exit) => break Err(SandboxError::Exit(format!("{exit:?}"))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.vcpu.set_kvm_immediate_exit(0);
+                    if self.watchdog.fired() {
+                        break Err(SandboxError::RanAway(limit));
+                    }
+                    // A kick meant for the guest vCPU this thread runs.
+                    kicked_for_guest = true;
+                }
+                Err(e) => {
+                    break Err(SandboxError::Kvm {
+                        what: "KVM_RUN",
+                        source: e,
+                    })
+                }
+            }
+        };
+        self.watchdog.disarm();
+        self.vcpu.set_kvm_immediate_exit(0);
+        crate::vcpu::swap_kick_page(previous);
+        if kicked_for_guest && !previous.is_null() {
+            // SAFETY: `previous` is this thread's own vCPU kvm_run mapping (set by
+            // its vCPU loop, which outlives this call).
+            let field = unsafe { std::ptr::addr_of_mut!((*previous).immediate_exit) };
+            // SAFETY: `field` points into that live mapping; a volatile byte
+            // store is what the kick handler itself does.
+            unsafe { std::ptr::write_volatile(field, 1) };
+        }
+        outcome
+    }
+
+    fn fault(&self, vector: u8) -> SandboxError {
+        let name = EXCEPTIONS.get(vector as usize).copied().unwrap_or("?");
+        let (mut rip, mut error_code, mut address) = (0, None, 0);
+        if let Ok(r) = self.vcpu.get_regs() {
+            let mut frame = [0u8; 16];
+            let off = r.rsp.wrapping_sub(WINDOW_VA);
+            if (STACK_LO..STACK_TOP - 16).contains(&off)
+                && self.read(WINDOW_GPA + off, &mut frame).is_ok()
+            {
+                let w0 = u64::from_le_bytes(frame[..8].try_into().unwrap_or_default());
+                let w1 = u64::from_le_bytes(frame[8..].try_into().unwrap_or_default());
+                if has_error_code(vector) {
+                    (error_code, rip) = (Some(w0), w1);
+                } else {
+                    rip = w0;
+                }
+            }
+        }
+        if vector == 14 {
+            address = self.vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0);
+        }
+        SandboxError::Fault {
+            vector,
+            name,
+            rip,
+            address,
+            error_code,
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        {
+            let mut w = self
+                .watchdog
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            w.quit = true;
+            self.watchdog.cv.notify_all();
+        }
+        if let Some(t) = self.watcher.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_code_decodes_as_intended() {
+        use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+        for (names, _, code) in runtime_layout() {
+            let mut d = Decoder::with_ip(64, &code, 0, DecoderOptions::NONE);
+            let m: Vec<Mnemonic> = d.iter().map(|i| i.mnemonic()).collect();
+            assert!(!m.contains(&Mnemonic::INVALID), "{names:?}: {m:?}");
+            let last = *m.last().unwrap_or(&Mnemonic::INVALID);
+            assert!(
+                last == Mnemonic::Ret || last == Mnemonic::Jmp,
+                "{names:?} ends in {last:?}"
+            );
+        }
+        let mm = runtime_layout()
+            .into_iter()
+            .find(|(n, _, _)| n.contains(&"memmove"))
+            .map(|(_, _, c)| c)
+            .unwrap_or_default();
+        let mut d = Decoder::with_ip(64, &mm, 0, DecoderOptions::NONE);
+        let i: Vec<iced_x86::Instruction> = d.iter().collect();
+        assert_eq!(i[3].mnemonic(), Mnemonic::Jbe);
+        assert_eq!(i[3].near_branch_target(), 0x1a, "to the forward copy");
+        assert_eq!(i[9].mnemonic(), Mnemonic::Ret);
+        for (k, reg) in [(4, iced_x86::Register::RSI), (5, iced_x86::Register::RDI)] {
+            assert_eq!(i[k].mnemonic(), Mnemonic::Lea);
+            assert_eq!(i[k].op0_register(), reg);
+            assert_eq!(i[k].memory_base(), reg);
+            assert_eq!(i[k].memory_index(), iced_x86::Register::RDX);
+            assert_eq!(i[k].memory_displacement64(), u64::MAX);
+        }
+    }
+
+    #[test]
+    fn symbols_have_addresses_in_the_window() {
+        let m = runtime_symbol("memcpy").expect("memcpy");
+        assert!((WINDOW_VA + RUNTIME_OFF..WINDOW_VA + GS_OFF).contains(&m));
+        assert_eq!(runtime_symbol("memcpy"), runtime_symbol("__memcpy"));
+        assert!(runtime_symbol("printk").is_none());
+        let p = poison_symbol(3).expect("slot");
+        assert_eq!(poison_index(p), Some(3));
+        assert_eq!(poison_index(CODE_VA), None);
+    }
+}
