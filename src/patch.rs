@@ -372,6 +372,7 @@ fn data_changes(
                 declared.narrow.push(member);
             }
         }
+        declared.c = c_transfer(symbol, objects)?;
         let sym = ksyms.answer(symbol)?.symbol;
         let old = match symbol_db::dwarf::TypeDb::from_elf(kdata, kname) {
             Ok(db) => db.struct_layout(type_name)?,
@@ -409,6 +410,48 @@ fn data_changes(
         out.push(change);
     }
     Ok(out)
+}
+
+/// The C transfer functions the sources define for `symbol`
+/// (`lucos_to_new_SYMBOL` and `lucos_to_old_SYMBOL`, both or neither).
+fn c_transfer(
+    symbol: &str,
+    objects: &[(String, Vec<u8>)],
+) -> Result<Option<update_engine::data::CTransfer>, CliError> {
+    let (to_new, to_old) = update_engine::data::c_names(symbol);
+    let mut found: Vec<(String, &str)> = Vec::new();
+    for (name, data) in objects {
+        let syms = SymbolTable::from_elf_bytes(data, name)?;
+        for f in [&to_new, &to_old] {
+            if syms
+                .all_named(f)
+                .iter()
+                .any(|s| s.kind == symbol_db::SymbolKind::Function && s.size > 0)
+            {
+                found.push((f.clone(), name));
+            }
+        }
+    }
+    match found.as_slice() {
+        [] => Ok(None),
+        [(a, oa), (b, ob)] if a != b && oa == ob => Ok(Some(update_engine::data::CTransfer {
+            object: (*oa).to_owned(),
+            to_new,
+            to_old,
+        })),
+        [(a, oa), (b, ob)] if a != b => Err(CliError::Usage(format!(
+            "{a} is in {oa} but {b} in {ob}: define both transfer functions of {symbol} in one \
+             source"
+        ))),
+        [(one, _)] => Err(CliError::Usage(format!(
+            "the sources define {one} but not {}: a data change needs its C transfer in both \
+             directions (writes by old code reach the new copy, and writes by new code the old)",
+            if *one == to_new { &to_old } else { &to_new }
+        ))),
+        _ => Err(CliError::Usage(format!(
+            "the transfer functions of {symbol} are defined more than once"
+        ))),
+    }
 }
 
 fn parse_int(s: &str) -> Option<i64> {
@@ -502,9 +545,12 @@ pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliEr
                 None => "-".into(),
             };
             let how = match (&x.old, &x.new) {
+                (Some(_), Some(_)) if x.by_c => "by C",
                 (Some(o), Some(n)) if o.int && n.int && o.size != n.size => "converted",
                 (Some(_), Some(_)) => "copied",
+                (None, Some(_)) if x.by_c => "added (set by C)",
                 (None, Some(_)) => "added",
+                _ if x.by_c => "read by C",
                 _ => "dropped",
             };
             let init = if x.old.is_none() {
@@ -517,6 +563,12 @@ pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliEr
                 x.name,
                 at(&x.old),
                 at(&x.new)
+            );
+        }
+        if let Some(c) = &d.c {
+            println!(
+                "  C         {} / {} ({}), in the VMM's sandbox",
+                c.to_new, c.to_old, c.object
             );
         }
         if !d.users_left.is_empty() {

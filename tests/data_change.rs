@@ -18,9 +18,12 @@ use std::path::PathBuf;
 use common::cli::{kernel, p, text, RunDir};
 use serde_json::Value;
 
-/// The new layout and the code that maintains it. The patch does not
-/// include tk.h (its struct is the old layout): it declares what it uses.
-const NEW_STATS: &str = r#"typedef unsigned int u32;
+/// The new layout and the code that maintains it: a member added in the
+/// middle (`generation`, declared to start at 1), `calls` widened from 32 to
+/// 64 bits, `last_value` renamed `latest` (carried across by
+/// [`C_TRANSFER`]), one added at the end. The patch does not include tk.h
+/// (its struct is the old layout): it declares what it uses.
+const NEW_LAYOUT: &str = r#"typedef unsigned int u32;
 typedef unsigned long u64;
 #define MAX_TASKS 8
 
@@ -29,7 +32,7 @@ struct task_stat {
 	u32 cpu;
 	u64 generation;
 	u64 calls;
-	u64 last_value;
+	u64 latest;
 	u64 sum;
 	u64 max_value;
 };
@@ -46,7 +49,7 @@ u64 stats_update(u32 task, u32 cpu, u64 value)
 	s->id = task;
 	s->cpu = cpu;
 	s->calls++;
-	s->last_value = value;
+	s->latest = value;
 	s->sum += value;
 	if (value > s->max_value)
 		s->max_value = value;
@@ -54,6 +57,32 @@ u64 stats_update(u32 task, u32 cpu, u64 value)
 	return s->calls;
 }
 "#;
+
+/// The transfer lucos cannot derive (a renamed member), in C: run by the
+/// VMM in its sandbox on one element of each layout.
+const C_TRANSFER: &str = r#"
+struct task_stat_v1 {
+	u32 id;
+	u32 cpu;
+	u32 calls;
+	u64 last_value;
+	u64 sum;
+};
+
+void lucos_to_new_stats_table(const struct task_stat_v1 *old, struct task_stat *new)
+{
+	new->latest = old->last_value;
+}
+
+void lucos_to_old_stats_table(const struct task_stat *new, struct task_stat_v1 *old)
+{
+	old->last_value = new->latest;
+}
+"#;
+
+fn new_stats() -> String {
+    format!("{NEW_LAYOUT}{C_TRANSFER}")
+}
 
 struct Vm {
     dir: RunDir,
@@ -154,6 +183,9 @@ impl Vm {
                     "old copy's sum differs: {l}\n{out}"
                 );
                 assert_eq!(r.lost, 0, "an update was lost: {l}\n{out}");
+                // Even values are written by new code to `latest`, odd ones
+                // by old code to `last_value`: the C transfer keeps them one.
+                assert_eq!(r.last, r.iter, "old copy's last value differs: {l}\n{out}");
                 seen[r.task as usize % 2] += 1;
                 checked += 1;
             }
@@ -179,6 +211,7 @@ struct Report {
     iter: u64,
     calls: u64,
     sum: u64,
+    last: u64,
     lost: u64,
 }
 
@@ -204,6 +237,7 @@ impl Report {
             iter: after("iter")?,
             calls: val("calls")?,
             sum: val("sum")?,
+            last: val("last")?,
             lost: val("lost")?,
         })
     }
@@ -215,7 +249,7 @@ fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
     vm.check_reports(0, 2);
     let o = vm.build(
         "stats2",
-        NEW_STATS,
+        &new_stats(),
         &[
             "--data",
             "stats_table:task_stat",
@@ -225,10 +259,16 @@ fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
     );
     assert!(o.status.success(), "{}", text(&o));
     let shown = vm.ok(&["inspect", p(&vm.path("stats2.lup"))]);
-    assert!(
-        shown.contains("stats_table"),
-        "inspect shows the data change:\n{shown}"
-    );
+    for what in [
+        "stats_table",
+        "lucos_to_new_stats_table / lucos_to_old_stats_table",
+        "latest",
+        "added (set by C)",
+        "read by C",
+        "converted",
+    ] {
+        assert!(shown.contains(what), "inspect shows {what}:\n{shown}");
+    }
 
     for round in 0..3 {
         let at = vm.serial().len();
@@ -245,13 +285,17 @@ fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
         assert_eq!(d["stats"]["state"], "tracking", "{l}");
         // The new code's writes reached the old copy through transfers.
         assert!(d["stats"]["transfers"].as_u64().unwrap_or(0) > 0, "{l}");
-        // Unpatched code that reads the table keeps the old copy in use.
-        assert!(
-            d["users_left"]
-                .as_array()
-                .is_some_and(|u| u.iter().any(|f| f == "stats_read")),
-            "{l}"
-        );
+        assert_eq!(d["stats"]["failures"], 0, "{l}");
+        // Unpatched code that reads and writes the table keeps the old
+        // copy in use.
+        for f in ["stats_read", "stats_record"] {
+            assert!(
+                d["users_left"]
+                    .as_array()
+                    .is_some_and(|u| u.iter().any(|x| x == f)),
+                "{f}: {l}"
+            );
+        }
         let prot = l["protected"].to_string();
         assert!(
             prot.contains("stats_table (old)") && prot.contains("stats_table (new)"),
@@ -268,14 +312,74 @@ fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
     }
     // The area holds nothing after the last revert: code and copy freed.
     assert_eq!(vm.list()["patch_area"]["used_bytes"], 0);
+
+    // 100 more apply/revert cycles under load, back to back; every report
+    // printed meanwhile is checked.
+    let at = vm.serial().len();
+    for _ in 0..100 {
+        vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
+        vm.ok(&["revert", "--vm", "dc", "stats2"]);
+    }
+    let checked = vm.check_reports(at, 3);
+    assert!(checked >= 6, "{checked} reports");
+    assert_eq!(vm.list()["patch_area"]["used_bytes"], 0);
 }
 
-/// [`NEW_STATS`] plus the table's other users: with every function that
+#[test]
+fn c_transfers_that_fault_run_away_or_use_the_kernel_are_refused_and_change_nothing() {
+    let vm = Vm::start("data-cbad");
+    vm.check_reports(0, 1);
+    let before = vm.list();
+    for (name, body, why) in [
+        (
+            "cfault",
+            "(void)old; new->latest = *(volatile u64 *)(new->sum | 16);",
+            "faulted: #PF",
+        ),
+        (
+            "crun",
+            "(void)old; (void)new; for (;;) __asm__ volatile(\"\");",
+            "ran past its time limit",
+        ),
+        (
+            "ckernel",
+            "(void)old; new->latest = stats_table[0].sum;",
+            "(it uses stats_table)",
+        ),
+    ] {
+        let src = new_stats().replace("new->latest = old->last_value;", body);
+        let o = vm.build(name, &src, &["--data", "stats_table:task_stat"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let o = vm.run(&["patch", "--vm", "dc", p(&vm.path(&format!("{name}.lup")))]);
+        assert_eq!(o.status.code(), Some(6), "{name}: {}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains("lucos_to_new_stats_table") && t.contains(why),
+            "{name}: {t}"
+        );
+        let l = vm.list();
+        assert_eq!(l["patches"], before["patches"], "{name}: {l}");
+        assert_eq!(l["protected"], before["protected"], "{name}: {l}");
+        assert_eq!(l["patch_area"], before["patch_area"], "{name}: {l}");
+    }
+    // The guest went on exactly.
+    let at = vm.serial().len();
+    vm.check_reports(at, 2);
+    vm.check_reports(0, 2);
+}
+
+/// [`new_stats`] plus the table's other users: with every function that
 /// touches the table replaced, the change can retire.
 fn all_users() -> String {
     format!(
-        "{NEW_STATS}{}",
+        "{}{}",
+        new_stats(),
         r#"
+u64 stats_record(u32 task, u32 cpu, u64 value)
+{
+	return stats_update(task, cpu, value);
+}
+
 u64 stats_read(u32 task, u32 which)
 {
 	struct task_stat *s;
@@ -293,7 +397,7 @@ u64 stats_read(u32 task, u32 which)
 	case 3:
 		return s->cpu;
 	default:
-		return s->last_value;
+		return s->latest;
 	}
 }
 
@@ -360,29 +464,29 @@ fn data_changes_lucos_cannot_derive_are_refused_at_build_time() {
         assert!(!vm.path("bad.lup").exists(), "a refused build left a file");
     };
     refused(
-        NEW_STATS,
+        NEW_LAYOUT,
         &["--data", "no_such_table:task_stat"],
         "no_such_table",
     );
     refused(
-        NEW_STATS,
+        NEW_LAYOUT,
         &["--data", "stats_table:no_such_struct"],
         "no_such_struct",
     );
     refused(
-        &NEW_STATS.replace("u64 calls;", "unsigned short calls;"),
+        &NEW_LAYOUT.replace("u64 calls;", "unsigned short calls;"),
         &["--data", "stats_table:task_stat"],
         "calls narrows",
     );
     refused(
-        &NEW_STATS
+        &NEW_LAYOUT
             .replace("u64 sum;", "void *sum;")
             .replace("s->sum += value;", ""),
         &["--data", "stats_table:task_stat"],
         "sum changes type",
     );
     refused(
-        NEW_STATS,
+        NEW_LAYOUT,
         &[
             "--data",
             "stats_table:task_stat",
@@ -391,11 +495,17 @@ fn data_changes_lucos_cannot_derive_are_refused_at_build_time() {
         ],
         "calls is in the old layout",
     );
-    refused(NEW_STATS, &["--data", "stats_table"], "SYMBOL:STRUCT");
+    refused(NEW_LAYOUT, &["--data", "stats_table"], "SYMBOL:STRUCT");
+    // A C transfer needs both directions.
+    refused(
+        &new_stats().replace("lucos_to_old_stats_table", "other_name"),
+        &["--data", "stats_table:task_stat"],
+        "but not lucos_to_old_stats_table",
+    );
     // Declared, the narrowing is accepted.
     let o = vm.build(
         "narrow",
-        &NEW_STATS.replace("u64 calls;", "unsigned short calls;"),
+        &NEW_LAYOUT.replace("u64 calls;", "unsigned short calls;"),
         &[
             "--data",
             "stats_table:task_stat",

@@ -432,11 +432,15 @@ u64 syscall_dispatch(u64 a0, u64 a1, u64 a2, u64 nr)
 		return counter_next();
 	case SYS_STATS:
 		task_iters[pc->task] = a1;
+		/* Two writers of the table: a patch that changes its layout
+		 * and replaces one leaves the other writing the old copy. */
+		if (a1 & 1)
+			return stats_record((u32)a0, cpu, a1);
 		return stats_update((u32)a0, cpu, a1);
 	case SYS_STAT_READ:
 		/* Reads the table through stats_read: unpatched, it reads the
 		 * old copy after a live layout change, which lucos keeps coherent. */
-		return stats_read((u32)a0, a1 ? 1 : 0);
+		return stats_read((u32)a0, a1 == 4 ? 4 : a1 ? 1 : 0);
 	case SYS_SPIN_CLI: {
 		volatile u64 i;
 		for (i = 0; i < a0; i++)

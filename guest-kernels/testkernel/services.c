@@ -127,6 +127,23 @@ u64 stats_update(u32 task, u32 cpu, u64 value)
 	return s->calls;
 }
 
+/* The table's second writer, the same update (SYS_STATS sends it the odd
+ * values): a patch replacing only stats_update leaves old code writing. */
+u64 stats_record(u32 task, u32 cpu, u64 value)
+{
+	struct task_stat *s;
+
+	if (task >= MAX_TASKS)
+		return 0;
+	s = &stats_table[task];
+	s->id = task;
+	s->cpu = cpu;
+	s->calls++;
+	s->last_value = value;
+	s->sum += value;
+	return s->calls;
+}
+
 /* The table's other users, kept out of kernel.c so that a patch changing
  * its layout can replace every function that touches it (and the change
  * can then retire). which: 0 calls, 1 sum, 2 id, 3 cpu, 4 last value. */

@@ -80,6 +80,8 @@ static void report(u64 task, u64 iter, u64 counter)
 	n += put_dec(line + n, sys3(SYS_STAT_READ, task, 0, 0));
 	n += put_str(line + n, " sum=");
 	n += put_dec(line + n, sys3(SYS_STAT_READ, task, 1, 0));
+	n += put_str(line + n, " last=");
+	n += put_dec(line + n, sys3(SYS_STAT_READ, task, 4, 0));
 	n += put_str(line + n, " lost=");
 	n += put_dec(line + n, stats_lost[task]);
 	n += put_str(line + n, " version ");

@@ -86,9 +86,9 @@ impl TestVm {
             .expect("read guest memory")
     }
 
-    /// `calls` of stats_table[task] (struct task_stat: u32 id, u32 cpu, u64 calls, ...).
+    /// `calls` of stats_table[task] (struct task_stat: u32 id, u32 cpu, u32 calls, ...).
     pub fn task_calls(&self, task: u64) -> u64 {
-        self.read_kernel_u64(self.sym("stats_table") + task * 32 + 8)
+        self.read_kernel_u64(self.sym("stats_table") + task * 32 + 8) & 0xffff_ffff
     }
 
     /// The serial output must show no fault or panic.

@@ -58,6 +58,33 @@ pub struct MemberXfer {
     /// Value of an added member in copies made from the old layout.
     #[serde(default)]
     pub init: i64,
+    /// Transferred by the patch's C transfer functions, not derived: a
+    /// write to it runs the function for the other direction.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_c: bool,
+}
+
+/// The patch's own transfer functions for one object, in C: `void
+/// lucos_to_new_SYMBOL(const struct OLD *old, struct NEW *new)` and `void
+/// lucos_to_old_SYMBOL(const struct NEW *new, struct OLD *old)`, one element
+/// each. They run after the derived transfer, in the VMM's sandbox, and
+/// write what the derivation cannot (a renamed member, a changed type).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CTransfer {
+    /// The patch object defining them.
+    pub object: String,
+    /// Old→new.
+    pub to_new: String,
+    /// New→old.
+    pub to_old: String,
+}
+
+/// The names C transfer functions of `symbol` must have.
+pub fn c_names(symbol: &str) -> (String, String) {
+    (
+        format!("lucos_to_new_{symbol}"),
+        format!("lucos_to_old_{symbol}"),
+    )
 }
 
 /// One object whose layout a patch changes (the `.lup` manifest's `data`).
@@ -83,6 +110,9 @@ pub struct DataChange {
     /// (both copies stay coherent for as long as the patch is applied).
     #[serde(default)]
     pub users_left: Vec<String>,
+    /// The patch's C transfer functions (`.lup` format 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c: Option<CTransfer>,
 }
 
 /// What the patch author declared for one change (`lucos build --data`).
@@ -92,6 +122,8 @@ pub struct Declared {
     pub init: Vec<(String, i64)>,
     /// Members whose narrowing is accepted (values are truncated).
     pub narrow: Vec<String>,
+    /// The patch's C transfer functions, if its sources define them.
+    pub c: Option<CTransfer>,
 }
 
 /// Type names of members that other kernel data points into or that are
@@ -250,6 +282,7 @@ pub fn derive(
                 old: None,
                 new: Some(n),
                 init: init.unwrap_or(0),
+                by_c: declared.c.is_some(),
             });
             continue;
         };
@@ -260,6 +293,21 @@ pub fn derive(
             ));
         }
         let of = field(o).map_err(|e| format!("{symbol}: {e}"))?;
+        let derivable = if of.int && n.int {
+            true
+        } else {
+            of.size == n.size && o.type_name == m.type_name
+        };
+        if !derivable && declared.c.is_some() {
+            members.push(MemberXfer {
+                name: m.name.clone(),
+                old: Some(of),
+                new: Some(n),
+                init: 0,
+                by_c: true,
+            });
+            continue;
+        }
         if of.int && n.int {
             if n.size < of.size && !declared.narrow.contains(&m.name) {
                 return Err(format!(
@@ -273,6 +321,10 @@ pub fn derive(
                 "{symbol}: member {} changes type from {} to {}: lucos cannot derive that \
                  transfer",
                 m.name, o.type_name, m.type_name
+            ) + &format!(
+                "; write it in C ({} and {} in the patch sources)",
+                c_names(symbol).0,
+                c_names(symbol).1
             ));
         }
         members.push(MemberXfer {
@@ -280,6 +332,7 @@ pub fn derive(
             old: Some(of),
             new: Some(n),
             init: 0,
+            by_c: false,
         });
     }
     for o in &old.members {
@@ -289,6 +342,7 @@ pub fn derive(
                 old: Some(field(o).map_err(|e| format!("{symbol}: {e}"))?),
                 new: None,
                 init: 0,
+                by_c: declared.c.is_some(),
             });
         }
     }
@@ -315,6 +369,7 @@ pub fn derive(
         new_size: new.size,
         members,
         users_left: Vec::new(),
+        c: declared.c.clone(),
     };
     change.check()?;
     Ok(change)
@@ -448,6 +503,7 @@ impl DataChange {
         new.fill(0);
         for m in &self.members {
             match (&m.old, &m.new) {
+                (Some(_), Some(_)) if m.by_c => {}
                 (Some(o), Some(n)) => put(n, o, old, new),
                 (None, Some(n)) => {
                     let d = n.offset as usize;
@@ -463,10 +519,19 @@ impl DataChange {
     /// old element's bytes no member covers (padding, ...) are kept.
     pub fn to_old(&self, new: &[u8], old: &mut [u8]) {
         for m in &self.members {
-            if let (Some(o), Some(n)) = (&m.old, &m.new) {
+            if let (Some(o), Some(n), false) = (&m.old, &m.new, m.by_c) {
                 put(o, n, new, old);
             }
         }
+    }
+
+    /// Whether `[off, off+len)` of an element in one layout (`from_old`: the
+    /// old one) covers a member only the C transfer functions carry across.
+    pub fn touches_c(&self, from_old: bool, off: u64, len: u64) -> bool {
+        self.members.iter().filter(|m| m.by_c).any(|m| {
+            let f = if from_old { m.old } else { m.new };
+            f.is_some_and(|f| u64::from(f.offset) < off + len && u64::from(f.offset + f.size) > off)
+        })
     }
 
     /// After `[off, off+len)` of an element changed in one layout (`from_old`:
@@ -480,7 +545,7 @@ impl DataChange {
             } else {
                 (m.new, m.old)
             };
-            let (Some(f), Some(t)) = (from, to) else {
+            let (Some(f), Some(t), false) = (from, to, m.by_c) else {
                 continue;
             };
             let (fs, fe) = (u64::from(f.offset), u64::from(f.offset + f.size));
@@ -549,6 +614,7 @@ mod tests {
         let d = Declared {
             init: vec![("flags".into(), 7)],
             narrow: vec![],
+            c: None,
         };
         let c = derive("stats", 2, &old(), &new(), &d).expect("derive");
         c.check().expect("consistent");
@@ -599,6 +665,7 @@ mod tests {
         let d = Declared {
             init: vec![],
             narrow: vec!["calls".into()],
+            c: None,
         };
         derive("stats", 1, &old(), &n, &d).expect("declared narrowing");
         let mut n = new();
@@ -612,13 +679,59 @@ mod tests {
         let d = Declared {
             init: vec![("calls".into(), 1)],
             narrow: vec![],
+            c: None,
         };
         assert!(derive("stats", 1, &old(), &new(), &d).is_err());
         let d = Declared {
             init: vec![("nope".into(), 1)],
             narrow: vec![],
+            c: None,
         };
         assert!(derive("stats", 1, &old(), &new(), &d).is_err());
+    }
+
+    #[test]
+    fn with_c_functions_renamed_and_retyped_members_go_to_c() {
+        let c = CTransfer {
+            object: "p.o".into(),
+            to_new: c_names("stats").0,
+            to_old: c_names("stats").1,
+        };
+        let mut n = new();
+        n.members[4] = m("total", 24, 8, "u64"); // `sum` renamed
+        n.members[5] = m("name", 32, 8, "struct foo *"); // was char [8]... added anyway
+        let mut o = old();
+        o.members.push(m("name", 24, 8, "char [8]"));
+        o.size = 32;
+        let none = Declared::default();
+        let e = derive("stats", 1, &o, &n, &none).expect_err("a type change without C");
+        assert!(e.contains("lucos_to_new_stats"), "{e}");
+        let d = Declared {
+            c: Some(c.clone()),
+            ..Declared::default()
+        };
+        let ch = derive("stats", 1, &o, &n, &d).expect("derive with C");
+        assert_eq!(ch.c, Some(c));
+        let by_c: Vec<&str> = ch
+            .members
+            .iter()
+            .filter(|x| x.by_c)
+            .map(|x| x.name.as_str())
+            .collect();
+        // flags and total added, name retyped, gone and sum only in the old.
+        assert_eq!(by_c, ["flags", "total", "name", "gone", "sum"]);
+        // A write to the old `sum` (offset 16) or `name` needs C; to `calls`
+        // it does not, and mirrors as before.
+        assert!(ch.touches_c(true, 16, 8));
+        assert!(ch.touches_c(true, 24, 1));
+        assert!(!ch.touches_c(true, 4, 4));
+        assert!(ch.touches_c(false, 24, 8));
+        assert_eq!(ch.mirror(true, &[0; 32], 4, 4).len(), 1);
+        assert!(ch.mirror(true, &[0; 32], 16, 8).is_empty());
+        // The derived transfer leaves C's members alone.
+        let mut nb = vec![0x55u8; 40];
+        ch.to_new(&[1; 32], &mut nb);
+        assert_eq!(&nb[24..40], &[0; 16], "derived part zeroes, C fills");
     }
 
     #[test]
@@ -665,6 +778,10 @@ pub struct Tracked {
     pub since: std::time::Instant,
     /// Milliseconds from tracking to retirement.
     pub retired_after_ms: std::sync::atomic::AtomicU64,
+    /// The patch's C transfer functions, if it has them.
+    pub c: Option<std::sync::Arc<crate::transfer::CRunner>>,
+    /// Trapped writes whose C transfer failed (the other copy missed them).
+    pub failures: std::sync::atomic::AtomicU64,
 }
 
 impl Tracked {
@@ -680,7 +797,15 @@ impl Tracked {
             retired: Default::default(),
             since: std::time::Instant::now(),
             retired_after_ms: Default::default(),
+            c: None,
+            failures: Default::default(),
         }
+    }
+
+    /// With the patch's C transfer functions.
+    pub fn with_c(mut self, c: Option<std::sync::Arc<crate::transfer::CRunner>>) -> Self {
+        self.c = c;
+        self
     }
 }
 
@@ -697,6 +822,10 @@ pub struct DataStats {
     pub transfers: u64,
     /// Time spent in those transfers, nanoseconds.
     pub transfer_ns: u64,
+    /// Trapped writes whose C transfer function failed (faulted or ran
+    /// past its time limit): each is logged with its cause.
+    #[serde(default)]
+    pub failures: u64,
 }
 
 /// The data changes of one VM being tracked, shared by the patcher (which
@@ -722,6 +851,12 @@ impl DataTracker {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|t| t.owner != owner);
+    }
+
+    /// The C transfer functions of `owner`'s change, if tracked and it has
+    /// them.
+    pub fn c_runner(&self, owner: &str) -> Option<std::sync::Arc<crate::transfer::CRunner>> {
+        self.get(owner).and_then(|t| t.c.clone())
     }
 
     /// The change `owner` names, if tracked.
@@ -765,6 +900,7 @@ impl DataTracker {
                 .then(|| t.retired_after_ms.load(Relaxed)),
             transfers: t.transfers.load(Relaxed),
             transfer_ns: t.transfer_ns.load(Relaxed),
+            failures: t.failures.load(Relaxed),
         })
     }
 
@@ -797,17 +933,40 @@ impl DataTracker {
             };
         let end = (gpa + len).min(base + size * c.count);
         let mut elem = vec![0u8; size as usize];
+        let mut other = vec![0u8; other_size as usize];
         let mut i = (gpa - base) / size;
+        let mut failed = None;
         while base + i * size < end {
             let at = base + i * size;
             mem.read_phys(at, &mut elem).map_err(|e| e.to_string())?;
             let off = gpa.max(at) - at;
             let n = end.min(at + size) - (at + off);
+            let other_at = other_base + i * other_size;
             for (to_off, bytes) in c.mirror(from_old, &elem, off, n) {
-                mem.write_phys(other_base + i * other_size + to_off, &bytes)
+                mem.write_phys(other_at + to_off, &bytes)
                     .map_err(|e| e.to_string())?;
             }
+            if let Some(runner) = t.c.as_ref().filter(|_| c.touches_c(from_old, off, n)) {
+                mem.read_phys(other_at, &mut other)
+                    .map_err(|e| e.to_string())?;
+                let r = if from_old {
+                    runner.to_new(&elem, &mut other)
+                } else {
+                    runner.to_old(&elem, &mut other)
+                };
+                match r {
+                    Ok(()) => mem
+                        .write_phys(other_at, &other)
+                        .map_err(|e| e.to_string())?,
+                    Err(e) => failed = Some(e),
+                }
+            }
             i += 1;
+        }
+        if let Some(e) = failed {
+            t.failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(e);
         }
         use std::sync::atomic::Ordering::Relaxed;
         t.transfers.fetch_add(1, Relaxed);

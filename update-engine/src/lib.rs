@@ -18,6 +18,7 @@ pub mod protect;
 pub mod safety;
 pub mod switch;
 pub mod trampoline;
+pub mod transfer;
 
 pub use link::{link, Linked};
 pub use lup::{FunctionPatch, Lup, Manifest, SigningKey, VerifyingKey};
@@ -117,6 +118,10 @@ pub enum UpdateError {
     /// Anything about the patch stack (dependencies, names, reverts).
     #[error("{0}")]
     Stack(String),
+    /// A data-layout change that cannot be made (its C transfer functions
+    /// fault, run away, or do not link).
+    #[error("data change: {0}")]
+    Data(String),
     /// I/O.
     #[error("{what}")]
     Io {

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! "LUCOSLUP"             8 bytes magic
-//! format version         u32 LE (1)
+//! format version         u32 LE (1, 2 with data changes, 3 with C transfer functions)
 //! manifest length        u32 LE, then the manifest as JSON
 //! object count           u32 LE, then per object:
 //!   name length u16 LE, name, data length u32 LE, data (relocatable ELF)
@@ -24,16 +24,20 @@ pub use ed25519_dalek::{SigningKey, VerifyingKey};
 
 /// Magic at the start of every `.lup`.
 pub const MAGIC: &[u8; 8] = b"LUCOSLUP";
-/// The newest container format version this build reads and writes: 2 for
-/// a patch with data-layout changes (a lucos that reads only 1 refuses it
-/// rather than apply the code without its data), 1 for every other.
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest container format version this build reads and writes: 3 for
+/// a patch whose data changes have C transfer functions, 2 for one with
+/// only derived data changes, 1 for every other (a lucos that reads an
+/// older version refuses a newer patch rather than apply it without what
+/// it does not know).
+pub const FORMAT_VERSION: u32 = 3;
 
 fn format_version(m: &Manifest) -> u32 {
     if m.data.is_empty() {
         1
-    } else {
+    } else if m.data.iter().all(|d| d.c.is_none()) {
         2
+    } else {
+        3
     }
 }
 
@@ -133,7 +137,8 @@ pub struct Manifest {
     /// When the switch may happen (`lucos patch --mode` overrides it).
     #[serde(default)]
     pub mode: Mode,
-    /// Kernel objects whose layout the patch changes (format version 2).
+    /// Kernel objects whose layout the patch changes (format version 2; 3
+    /// with C transfer functions).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<crate::data::DataChange>,
 }

@@ -606,7 +606,16 @@ impl Patcher {
         let view = View::new(g, k)?;
         let olds = self.resolve(g, k, &view, &lup)?;
         let placed = self.place(g, k, &view, &lup)?;
-        let (plan, sites) = self.plan(g, &view, &lup, &olds, &placed, (replace, mode))?;
+        let (mut plan, sites) = self.plan(g, &view, &lup, &olds, &placed, (replace, mode))?;
+        // C transfer functions: linked for the sandbox and run over the
+        // object as it is now, before any pause.
+        let runners = self.c_runners(g, &lup, &placed)?;
+        for copy in &mut plan.copies {
+            copy.c = runners
+                .iter()
+                .find(|(s, _)| *s == copy.change.symbol)
+                .and_then(|(_, r)| r.clone());
+        }
         // Tracked before the pause that protects the copies: the policy
         // transfers from the first trapped write on.
         let area_gpa = g.area().gpa;
@@ -615,14 +624,18 @@ impl Patcher {
             .data
             .iter()
             .zip(&placed.data)
-            .map(|(d, p)| {
+            .zip(runners)
+            .map(|((d, p), (_, runner))| {
                 let owner = crate::data::owner(&lup.manifest.name, &d.symbol);
-                self.tracker.add(crate::data::Tracked::new(
-                    owner.clone(),
-                    d.clone(),
-                    p.old_gpa,
-                    area_gpa + p.new_offset,
-                ));
+                self.tracker.add(
+                    crate::data::Tracked::new(
+                        owner.clone(),
+                        d.clone(),
+                        p.old_gpa,
+                        area_gpa + p.new_offset,
+                    )
+                    .with_c(runner),
+                );
                 owner
             })
             .collect();
@@ -636,6 +649,33 @@ impl Patcher {
             }
         };
         Ok(self.commit_apply(&lup, placed, sites, switched, &view, replace, mode, t0))
+    }
+
+    /// The C transfer functions of `lup`'s data changes (symbol, runner),
+    /// each tried in both directions on every element of its object as it
+    /// is now: one that faults or runs away is refused before any pause.
+    #[allow(clippy::type_complexity)]
+    fn c_runners(
+        &self,
+        g: &dyn Guest,
+        lup: &Lup,
+        placed: &Placed,
+    ) -> Result<Vec<(String, Option<std::sync::Arc<crate::transfer::CRunner>>)>, PatchError> {
+        let refused = |why: String| PatchError::Update(UpdateError::Data(why));
+        let mut out = Vec::new();
+        for (d, p) in lup.manifest.data.iter().zip(&placed.data) {
+            let Some(r) = crate::transfer::CRunner::new(d, &lup.objects).map_err(refused)? else {
+                out.push((d.symbol.clone(), None));
+                continue;
+            };
+            let mut old = vec![0u8; d.old_bytes() as usize];
+            g.ram()
+                .read_phys(p.old_gpa, &mut old)
+                .map_err(|e| refused(format!("reading {}: {e}", d.symbol)))?;
+            r.dry_run(d, &old).map_err(refused)?;
+            out.push((d.symbol.clone(), Some(std::sync::Arc::new(r))));
+        }
+        Ok(out)
     }
 
     /// Phase 1: the file, its signature, its target, the stack rules.
@@ -969,6 +1009,7 @@ impl Patcher {
                 old_gpa: p.old_gpa,
                 new_offset: p.new_offset,
                 to_new: true,
+                c: None,
             });
             plan.protect.push(Protection {
                 owner: crate::data::old_owner(&owner),
@@ -1232,13 +1273,22 @@ impl Patcher {
                 ))
             })?;
             let va = self.state.area_va.unwrap_or(0);
+            let owner = crate::data::owner(name, &d.symbol);
+            let c = self.tracker.c_runner(&owner);
+            if change.c.is_some() && c.is_none() {
+                return Err(stack_err(format!(
+                    "patch '{name}' changed {} with C transfer functions this VMM does not \
+                     hold (restored state)",
+                    d.symbol
+                )));
+            }
             plan.copies.push(switch::DataCopy {
                 change,
                 old_gpa: d.old_gpa,
                 new_offset: d.new_addr - va,
                 to_new: false,
+                c,
             });
-            let owner = crate::data::owner(name, &d.symbol);
             plan.release.push(crate::data::old_owner(&owner));
             plan.release.push(owner);
             debug_assert!(d.new_addr - va < area.size);

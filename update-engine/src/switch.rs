@@ -59,6 +59,9 @@ pub struct DataCopy {
     pub new_offset: u64,
     /// Old→new (apply) or new→old (revert).
     pub to_new: bool,
+    /// The patch's C transfer functions, run on each element after the
+    /// derived transfer.
+    pub c: Option<std::sync::Arc<crate::transfer::CRunner>>,
 }
 
 /// Makes `copies`, element by element.
@@ -71,11 +74,19 @@ fn run_copies(guest: &dyn Guest, copies: &[DataCopy]) -> Result<(), String> {
         guest.ram().read_phys(c.old_gpa, &mut old).map_err(what)?;
         guest.area_read(c.new_offset, &mut new).map_err(what)?;
         let (os, ns) = (d.old_size as usize, d.new_size as usize);
+        // Every element is computed before anything is written: a C
+        // transfer that fails leaves both copies as they were.
         for (o, n) in old.chunks_mut(os).zip(new.chunks_mut(ns)) {
             if c.to_new {
                 d.to_new(o, n);
+                if let Some(r) = &c.c {
+                    r.to_new(o, n)?;
+                }
             } else {
                 d.to_old(n, o);
+                if let Some(r) = &c.c {
+                    r.to_old(n, o)?;
+                }
             }
         }
         if c.to_new {

@@ -26,7 +26,7 @@
 //! | 0x20000 | first buffer (at most [`ARG_MAX`] bytes) |
 //! | 0x61000 | second buffer |
 //! | 0x100000 | code ([`CODE_VA`], at most [`CODE_MAX`] bytes) |
-//! | 0x1f0000 | unmapped: [`poison_symbol`] addresses |
+//! | 0x4000000.. | unmapped, past the window: [`poison_symbol`] addresses |
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -62,9 +62,13 @@ const CODE_OFF: u64 = 0x10_0000;
 /// Where the code a sandbox runs must be linked.
 pub const CODE_VA: u64 = WINDOW_VA + CODE_OFF;
 /// Largest code a sandbox takes.
-pub const CODE_MAX: u64 = 0xf_0000;
-const POISON_OFF: u64 = 0x1f_0000;
-const POISON_SLOTS: u64 = 0x1_0000 / 16;
+pub const CODE_MAX: u64 = 0x10_0000;
+/// Unmapped addresses standing for symbols the sandbox does not provide:
+/// 64 KiB apart, past the window (the rest of its 1 GiB is unmapped), so
+/// an access at an offset into one still names it.
+const POISON_OFF: u64 = 0x400_0000;
+const POISON_SLOT: u64 = 0x1_0000;
+const POISON_SLOTS: u64 = (0x4000_0000 - POISON_OFF) / POISON_SLOT - 1;
 
 /// The I/O port the trampoline writes when the function returned.
 const DONE_PORT: u16 = 0xf0;
@@ -118,7 +122,7 @@ fn fault_detail(vector: u8, address: u64, error_code: Option<u64>) -> String {
     let mut s = String::new();
     if vector == 14 {
         s += &format!(", address {address:#x}");
-        if (POISON_VA..POISON_VA + POISON_SLOTS * 16).contains(&address) {
+        if poison_index(address).is_some() {
             s += " (a kernel symbol: a transfer function can use only its two arguments)";
         }
     }
@@ -133,14 +137,14 @@ const POISON_VA: u64 = WINDOW_VA + POISON_OFF;
 /// The address standing for the `index`th symbol the sandbox does not
 /// provide: unmapped, so using it faults and the fault names it.
 pub fn poison_symbol(index: u64) -> Option<u64> {
-    (index < POISON_SLOTS).then(|| POISON_VA + index * 16)
+    (index < POISON_SLOTS).then(|| POISON_VA + index * POISON_SLOT)
 }
 
 /// Which poison symbol `address` is, if any.
 pub fn poison_index(address: u64) -> Option<u64> {
-    (POISON_VA..POISON_VA + POISON_SLOTS * 16)
+    (POISON_VA..POISON_VA + POISON_SLOTS * POISON_SLOT)
         .contains(&address)
-        .then(|| (address - POISON_VA) / 16)
+        .then(|| (address - POISON_VA) / POISON_SLOT)
 }
 
 const EXCEPTIONS: [&str; 32] = [

@@ -34,14 +34,14 @@ typedef long s64;
 #define SYS_WRITE 1     /* (buf, len) */
 #define SYS_VERSION 2   /* (buf, len) -> copies the version string */
 #define SYS_COUNTER 3   /* () -> next value of the global service counter */
-#define SYS_STATS 4     /* (task, value) -> calls so far for task */
+#define SYS_STATS 4     /* (task, value) -> calls so far for task: odd values through stats_record, even through stats_update */
 #define SYS_SPIN_CLI 5  /* (iterations) spin in kernel mode with interrupts off */
 #define SYS_TICKS 6     /* () -> timer ticks on this cpu */
 #define SYS_CPU 7       /* () -> current cpu index */
 #define SYS_PARAM 8     /* (which) -> a boot option, see user.c */
 #define SYS_TRIPLE 9    /* (buf, work) -> 3 version marks from a 3-function call chain */
 #define SYS_POKE 10     /* (which, value): kernel writes into its own text, see services.c */
-#define SYS_STAT_READ 11 /* (task, which) -> stats_table[task].calls (0) or .sum (1), read by unpatched code */
+#define SYS_STAT_READ 11 /* (task, which) -> stats_table[task] .calls (0), .sum (1), .last_value (4): read by unpatched code */
 
 /* Per-CPU area, reached through GS base in kernel mode. Offsets used in entry.S. */
 struct percpu {
@@ -66,7 +66,7 @@ struct regs {
 struct task_stat {
 	u32 id;
 	u32 cpu;
-	u64 calls;
+	u32 calls;
 	u64 last_value;
 	u64 sum;
 };
@@ -109,6 +109,7 @@ void tri_outer(char *buf, u64 work);
 void tri_middle(char *buf, u64 work);
 void tri_inner(char *buf, u64 work);
 u64 stats_update(u32 task, u32 cpu, u64 value);
+u64 stats_record(u32 task, u32 cpu, u64 value);
 u64 text_poke_service(u64 which, u64 value);
 void text_poke_init(void);
 extern struct task_stat stats_table[MAX_TASKS];
