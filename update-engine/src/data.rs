@@ -480,6 +480,12 @@ impl DataChange {
                 ));
             }
         }
+        if let Some(m) = self.members.iter().find(|m| m.by_c && self.c.is_none()) {
+            return bad(format!(
+                "member {} is carried by C transfer functions the patch does not have",
+                m.name
+            ));
+        }
         for m in &self.members {
             for (f, size) in [(m.old, self.old_size), (m.new, self.new_size)] {
                 if let Some(f) = f {
