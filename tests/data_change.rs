@@ -91,6 +91,10 @@ struct Vm {
 
 impl Vm {
     fn start(name: &str) -> Self {
+        Self::start_with(name, "tasks=2 iters=0 report=500")
+    }
+
+    fn start_with(name: &str, cmdline: &str) -> Self {
         common::require_kvm();
         let dir = RunDir::new(name);
         let serial = dir.0.join("serial.log");
@@ -106,7 +110,7 @@ impl Vm {
                 "--mem",
                 "64M",
                 "--cmdline",
-                "tasks=2 iters=0 report=500",
+                cmdline,
                 "--serial-log",
                 p(&serial),
                 "--trusted-key",
@@ -514,4 +518,86 @@ fn data_changes_lucos_cannot_derive_are_refused_at_build_time() {
         ],
     );
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// The counter's new layout (`ops` moves, two members join it) and the new
+/// `ops_add`; `ops_tally` stays old code on the old copy.
+const OPS_PATCH: &str = r#"typedef unsigned long u64;
+
+struct op_count {
+	u64 generation;
+	u64 ops;
+	u64 adds;
+};
+
+extern struct op_count op_count;
+
+u64 ops_add(u64 n)
+{
+	u64 i;
+
+	for (i = 0; i < n; i++)
+		__atomic_add_fetch(&op_count.ops, 1, __ATOMIC_RELAXED);
+	if (n)
+		op_count.adds++;
+	return __atomic_load_n(&op_count.ops, __ATOMIC_RELAXED);
+}
+"#;
+
+/// `[tk] ops round R exact|LOST ...` lines after byte `from`.
+fn ops_rounds(serial: &str, from: usize) -> Vec<String> {
+    serial[from.min(serial.len())..]
+        .lines()
+        .filter(|l| l.contains("[tk] ops round "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_counter_incremented_atomically_by_old_and_new_code_on_two_vcpus_stays_exact() {
+    // Each round: 2 tasks x 10000 locked increments, half through ops_add,
+    // half through ops_tally; task 0 checks the total through both.
+    const PER_ROUND: u64 = 2 * 10_000;
+    let vm = Vm::start_with("data-ops", "tasks=2 mode=ops atomic_n=10000");
+    let wait_rounds = |from: usize, n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+        loop {
+            let out = vm.serial();
+            let rounds = ops_rounds(&out, from);
+            for l in &rounds {
+                assert!(l.contains(" exact "), "an increment was lost: {l}\n{out}");
+            }
+            if rounds.len() >= n {
+                return rounds.len();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} rounds not seen in 900 s:\n{out}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    wait_rounds(0, 1);
+    let o = vm.build("ops2", OPS_PATCH, &["--data", "op_count:op_count"]);
+    assert!(o.status.success(), "{}", text(&o));
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("ops2.lup"))]);
+    let t0 = std::time::Instant::now();
+    let at = vm.serial().len();
+    // A million increments while both copies are tracked (the round in
+    // progress at the apply is not counted).
+    let rounds = 1_000_000u64.div_ceil(PER_ROUND) as usize + 1;
+    wait_rounds(at, rounds);
+    let tracked = t0.elapsed();
+    let l = vm.list();
+    let d = &l["patches"][0]["data"][0];
+    assert_eq!(d["stats"]["state"], "tracking", "{l}");
+    let transfers = d["stats"]["transfers"].as_u64().unwrap_or(0);
+    assert!(transfers >= 1_000_000, "{transfers} transfers: {l}");
+    eprintln!(
+        "{rounds} rounds ({} increments) tracked in {tracked:?}: {transfers} transfers",
+        rounds as u64 * PER_ROUND
+    );
+    let at = vm.serial().len();
+    vm.ok(&["revert", "--vm", "dc", "ops2"]);
+    wait_rounds(at, 2);
 }

@@ -93,7 +93,7 @@ static u64 gdt[MAX_CPUS][10] __attribute__((aligned(16)));
 static struct tss tss[MAX_CPUS] __attribute__((aligned(16)));
 static struct idt_entry idt[256] __attribute__((aligned(16)));
 
-enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH };
+enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH, MODE_OPS };
 enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK, P_ATOMIC_N, P_TASKS };
 
 static inline u64 kva_to_pa(const void *p)
@@ -167,6 +167,8 @@ static void parse_cmdline(void)
 			opt_mode = MODE_ATOMIC;
 		else if (KEY("mode") && val && vlen == 6 && !strncmp(val, "wbench", 6))
 			opt_mode = MODE_WBENCH;
+		else if (KEY("mode") && val && vlen == 3 && !strncmp(val, "ops", 3))
+			opt_mode = MODE_OPS;
 		else if (KEY("atomic_n") && val)
 			opt_atomic_n = parse_u64(val, vlen);
 		else
@@ -437,6 +439,8 @@ u64 syscall_dispatch(u64 a0, u64 a1, u64 a2, u64 nr)
 		if (a1 & 1)
 			return stats_record((u32)a0, cpu, a1);
 		return stats_update((u32)a0, cpu, a1);
+	case SYS_OPS:
+		return a1 ? ops_tally(a0) : ops_add(a0);
 	case SYS_STAT_READ:
 		/* Reads the table through stats_read: unpatched, it reads the
 		 * old copy after a live layout change, which lucos keeps coherent. */

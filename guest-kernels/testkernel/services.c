@@ -144,6 +144,32 @@ u64 stats_record(u32 task, u32 cpu, u64 value)
 	return s->calls;
 }
 
+/* A counter two services increment with locked instructions (SYS_OPS,
+ * mode=ops): a patch that changes its layout and replaces one leaves both
+ * copies incremented at once, by old and new code on every vCPU. */
+struct op_count {
+	u64 ops;
+};
+struct op_count op_count;
+
+u64 ops_add(u64 n)
+{
+	u64 i;
+
+	for (i = 0; i < n; i++)
+		__atomic_add_fetch(&op_count.ops, 1, __ATOMIC_RELAXED);
+	return __atomic_load_n(&op_count.ops, __ATOMIC_RELAXED);
+}
+
+u64 ops_tally(u64 n)
+{
+	u64 i;
+
+	for (i = 0; i < n; i++)
+		__atomic_add_fetch(&op_count.ops, 1, __ATOMIC_RELAXED);
+	return __atomic_load_n(&op_count.ops, __ATOMIC_RELAXED);
+}
+
 /* The table's other users, kept out of kernel.c so that a patch changing
  * its layout can replace every function that touches it (and the change
  * can then retire). which: 0 calls, 1 sum, 2 id, 3 cpu, 4 last value. */

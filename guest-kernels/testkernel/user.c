@@ -6,7 +6,7 @@
 #include "tk.h"
 
 enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK, P_ATOMIC_N, P_TASKS };
-enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH };
+enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH, MODE_OPS };
 
 /* Progress of each task, in user memory; the VMM's tests read it. */
 volatile u64 user_progress[MAX_TASKS];
@@ -189,6 +189,49 @@ static void atomic_rounds(u64 task, u64 tasks, u64 n)
 	}
 }
 
+/*
+ * mode=ops: in rounds, every task adds atomic_n to the kernel's op_count
+ * with locked increments, in batches of 100 alternating between its two
+ * services (ops_add, ops_tally); when all have arrived, task 0 reads the
+ * count through each service and checks both against the exact total.
+ */
+static volatile u64 ops_arrived, ops_checked __attribute__((aligned(64)));
+
+static void ops_rounds(u64 task, u64 tasks, u64 n)
+{
+	u64 r, done;
+
+	for (r = 1;; r++) {
+		for (done = 0; done < n; done += 100)
+			sys3(SYS_OPS, n - done < 100 ? n - done : 100, (done / 100) & 1, 0);
+		user_progress[task] = r;
+		__atomic_add_fetch(&ops_arrived, 1, __ATOMIC_SEQ_CST);
+		while (__atomic_load_n(&ops_arrived, __ATOMIC_ACQUIRE) < tasks * r)
+			__asm__ volatile("pause");
+		if (task == 0) {
+			char line[160];
+			unsigned k = 0;
+			u64 via_tally = sys3(SYS_OPS, 0, 1, 0), via_add = sys3(SYS_OPS, 0, 0, 0);
+			u64 want = tasks * n * r;
+
+			k += put_str(line + k, "[tk] ops round ");
+			k += put_dec(line + k, r);
+			k += put_str(line + k, via_tally == want && via_add == want ? " exact" : " LOST");
+			k += put_str(line + k, " tally ");
+			k += put_dec(line + k, via_tally);
+			k += put_str(line + k, " add ");
+			k += put_dec(line + k, via_add);
+			k += put_str(line + k, " want ");
+			k += put_dec(line + k, want);
+			line[k++] = '\n';
+			sys3(SYS_WRITE, (u64)line, k, 0);
+			__atomic_store_n(&ops_checked, r, __ATOMIC_RELEASE);
+		}
+		while (__atomic_load_n(&ops_checked, __ATOMIC_ACQUIRE) < r)
+			__asm__ volatile("pause");
+	}
+}
+
 __attribute__((noreturn)) void user_main(u64 task)
 {
 	u64 iters = sys3(SYS_PARAM, P_ITERS, 0, 0), every = sys3(SYS_PARAM, P_REPORT, 0, 0);
@@ -204,6 +247,8 @@ __attribute__((noreturn)) void user_main(u64 task)
 			atomic_page.count = i;
 	if (mode == MODE_ATOMIC)
 		atomic_rounds(task, sys3(SYS_PARAM, P_TASKS, 0, 0), sys3(SYS_PARAM, P_ATOMIC_N, 0, 0));
+	if (mode == MODE_OPS)
+		ops_rounds(task, sys3(SYS_PARAM, P_TASKS, 0, 0), sys3(SYS_PARAM, P_ATOMIC_N, 0, 0));
 	for (i = 1; iters == 0 || i <= iters; i++) {
 		u64 j;
 

@@ -628,6 +628,9 @@ impl WriteControl {
                 .unwrap_or_else(|e| e.into_inner())
         });
         let mem = self.mem();
+        // The writing instruction may be patch code: read it from RAM and
+        // the patch area alike.
+        let cpu = &WithMem { cpu, mem: &mem };
         let writer = crate::insn::find_writer(cpu, gpa, data.len());
         // Unknown writer: no address the policy could allow by (events show
         // where the vCPU was, just past it), and its privilege level from CS.
@@ -749,6 +752,27 @@ impl WriteControl {
                 Outcome::Done
             }
         }
+    }
+}
+
+/// A writer whose instructions are read from RAM and the patch area.
+struct WithMem<'a> {
+    cpu: &'a dyn WriterCpu,
+    mem: &'a dyn PhysMemory,
+}
+
+impl WriterCpu for WithMem<'_> {
+    fn regs(&self) -> Option<kvm_bindings::kvm_regs> {
+        self.cpu.regs()
+    }
+    fn sregs(&self) -> Option<kvm_bindings::kvm_sregs> {
+        self.cpu.sregs()
+    }
+    fn memory(&self) -> &dyn PhysMemory {
+        self.mem
+    }
+    fn rip_after(&self) -> Option<u64> {
+        self.cpu.rip_after()
     }
 }
 

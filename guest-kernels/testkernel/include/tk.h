@@ -41,6 +41,7 @@ typedef long s64;
 #define SYS_PARAM 8     /* (which) -> a boot option, see user.c */
 #define SYS_TRIPLE 9    /* (buf, work) -> 3 version marks from a 3-function call chain */
 #define SYS_POKE 10     /* (which, value): kernel writes into its own text, see services.c */
+#define SYS_OPS 12       /* (n, path) -> op_count.ops after n locked increments through ops_add (path 0) or ops_tally (1) */
 #define SYS_STAT_READ 11 /* (task, which) -> stats_table[task] .calls (0), .sum (1), .last_value (4): read by unpatched code */
 
 /* Per-CPU area, reached through GS base in kernel mode. Offsets used in entry.S. */
@@ -110,6 +111,8 @@ void tri_middle(char *buf, u64 work);
 void tri_inner(char *buf, u64 work);
 u64 stats_update(u32 task, u32 cpu, u64 value);
 u64 stats_record(u32 task, u32 cpu, u64 value);
+u64 ops_add(u64 n);
+u64 ops_tally(u64 n);
 u64 text_poke_service(u64 which, u64 value);
 void text_poke_init(void);
 extern struct task_stat stats_table[MAX_TASKS];
