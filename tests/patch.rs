@@ -382,13 +382,17 @@ fn demo_boots_pauses_live_patches_and_reverts() {
         "== applied 'demo-fix' while the tasks ran: 1 function switched in one pause",
         "version testkernel 1.0 + live patch 'demo-fix'",
         "== reverted 'demo-fix'",
+        "== applied 'stats2' while the tasks update the table",
+        "calls, sum and last value exact every time, no update lost",
+        "== reverted 'stats2' in one pause",
+        "more reports checked after the revert: exact ==",
         "== the tasks run on, unpatched: stopping the guest ==",
         "== guest ended: stopped ==",
     ] {
         assert!(out.contains(needle), "'{needle}' missing:\n{out}");
     }
     // After the revert the tasks report the original string again.
-    let after = &out[out.find("== reverted").expect("revert line")..];
+    let after = &out[out.find("== reverted 'demo-fix'").expect("revert line")..];
     assert!(
         after.lines().any(|l| l.ends_with("version testkernel 1.0")),
         "{out}"

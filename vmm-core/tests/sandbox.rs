@@ -134,4 +134,3 @@ fn oversized_buffers_and_entries_outside_the_code_are_refused() {
         .call(CODE_VA + 0x10000, &[0; 8], &mut b, sandbox::TIME_LIMIT)
         .is_err());
 }
-
