@@ -592,11 +592,13 @@ fn print_functions(functions: &[SwitchedFunction]) {
 }
 
 fn show_report(r: &PatchReport, verb: &str) {
+    let immediate = r.mode == update_engine::lup::Mode::Immediate;
     let mut tasks = match r.sleeping_tasks_checked {
+        Some(0) if immediate => String::new(),
         Some(n) => format!("; vCPUs and {n} sleeping tasks checked"),
         None => String::new(),
     };
-    if r.mode == update_engine::lup::Mode::Immediate {
+    if immediate {
         tasks.push_str("; immediate: calls already in old code finish there");
     }
     let n = r.functions.len();

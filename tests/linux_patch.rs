@@ -355,3 +355,156 @@ fn hex_bytes(h: &str) -> Vec<u8> {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+/// Two functions: `/dev/kmsg` reads fail with ENODATA, and /proc/version
+/// says it is patched.
+const TWOFIX: &str = r#"#include <linux/fs.h>
+#include <linux/errno.h>
+#include <linux/seq_file.h>
+
+ssize_t devkmsg_read(struct file *file, char __user *buf, size_t count, loff_t *ppos)
+{
+	return -ENODATA;
+}
+
+int version_proc_show(struct seq_file *m, void *v)
+{
+	seq_puts(m, "lucos-immediate\n");
+	return 0;
+}
+"#;
+
+/// 24 readers asleep in `devkmsg_read`. Once the guest sees the patched
+/// reader (its own read fails with ENODATA), it wakes them with a message:
+/// each finishes that read in the old function and exits on its next read
+/// (new function, ENODATA). Then it reports how many exited and whether the
+/// kernel logged anything bad.
+const SLEEPERS: &str = r#"#!/bin/sh
+bad='Oops|WARNING|BUG|Call Trace|general protection'
+echo "@@DMESG before=$(dmesg | grep -cE "$bad")"
+dmesg | grep -E "$bad" | head -n 5 | sed 's/^/@@DMESG before: /'
+readers=""
+for i in $(seq 1 24); do cat /dev/kmsg > /dev/null 2>/tmp/r$i.err & readers="$readers $!"; done
+echo "@@KMSG readers=$(echo $readers | wc -w)"
+woken=""
+while :; do
+  r=$(dd if=/dev/kmsg bs=4096 count=1 2>&1 | head -n 1 | cut -c 1-60)
+  echo "@@KMSG read $r"
+  echo "@@VER $(head -c 40 /proc/version)"
+  case "$r" in *"No data available"*)
+    if [ -z "$woken" ]; then
+      woken=1
+      echo "lucos wake" > /dev/kmsg
+      n=0; for p in $readers; do wait $p; n=$((n + 1)); done
+      echo "@@KMSG readers exited=$n nodata=$(cat /tmp/r*.err | grep -c 'No data available')"
+      echo "@@DMESG bad=$(dmesg | grep -cE "$bad")"
+      dmesg | grep -E "$bad" | head -n 10 | sed 's/^/@@DMESG line: /'
+    fi;;
+  esac
+  sleep 0.5
+done
+"#;
+
+const SLEEPERS_SCENARIO: &str = r#"
+LOG=/tmp/lx.serial
+wait_log() {
+  n=0
+  until grep -q "$1" $LOG; do
+    sleep 0.2; n=$((n + 1))
+    if [ $n -gt 900 ]; then echo "@@SCN timeout waiting for $1"; return 1; fi
+  done
+}
+up lx $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
+wait_log "@@KMSG read" || exit 1
+sleep 1
+# Consistent mode: every try finds the sleepers; refused, by name.
+$LUCOS patch --vm lx $FILES/twofix.lup > /tmp/o 2>&1; echo "@@SCN consistent rc=$? $(tr '\n' ' ' < /tmp/o)"
+# Immediate mode: one pause, the sleepers left where they are.
+$LUCOS patch --vm lx --mode immediate --json $FILES/twofix.lup > /tmp/o 2>&1; echo "@@SCN immediate rc=$? $(tr -d '\n ' < /tmp/o)"
+wait_log "@@VER lucos-immediate" && echo "@@SCN version patched"
+wait_log "@@DMESG bad=" && sleep 0.5 && grep -E "@@KMSG readers exited|@@DMESG" $LOG | sed 's/^/@@SCN /'
+$LUCOS revert --vm lx twofix > /tmp/o 2>&1; echo "@@SCN revert rc=$? $(tr '\n' ' ' < /tmp/o)"
+n1=$(wc -l < $LOG); sleep 1.5
+tail -n +$((n1 + 1)) $LOG | grep "@@VER" | tail -n 1 | sed 's/^/@@SCN after revert /'
+$LUCOS status --vm lx | sed 's/^/@@SCN status /'
+$LUCOS stop --vm lx >/dev/null
+"#;
+
+#[test]
+fn linux_immediate_mode_switches_in_one_pause_with_dozens_of_tasks_asleep_in_the_old_code() {
+    let kbuild = kbuild_dir();
+    let dir = std::env::temp_dir().join(format!("lucos-sleepers-{}", std::process::id()));
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).expect("dir");
+    let vm = package_vmlinux();
+    let vmlinux = altered(&dir, &vm, "vmlinux", |_| {});
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_lucos"))
+            .args(["keygen", "-o"])
+            .arg(files.join("key")),
+    );
+    build_patch(&files, &kbuild, &vmlinux, "twofix", TWOFIX, &[]);
+    let out = run_scenario_with(
+        "sleepers",
+        SLEEPERS,
+        &format!("CMDLINE=\"{CMDLINE}\"\n{SLEEPERS_SCENARIO}"),
+        Duration::from_secs(600),
+        Extras {
+            files: Some(files.clone()),
+            ..Extras::default()
+        },
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let line = |prefix: &str| -> String {
+        out.text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no '{prefix}' line:\n{}", out.vm_ends()))
+            .to_owned()
+    };
+    // Consistent: refused after its tries, naming the sleepers.
+    let c = line("@@SCN consistent ");
+    assert!(c.contains("rc=7 "), "{c}\n{}", out.text);
+    assert!(
+        c.contains("(cat) inside a call to devkmsg_read") && c.contains("more tasks there too"),
+        "{c}"
+    );
+    let others: usize = c
+        .split("; ")
+        .find_map(|p| p.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(others >= 23, "the other sleepers are counted: {c}");
+    // Immediate: in effect after one pause, both functions.
+    let i = line("@@SCN immediate ");
+    assert!(i.contains("rc=0 "), "{i}\n{}", out.text);
+    let r: serde_json::Value =
+        serde_json::from_str(&i[i.find('{').unwrap_or(0)..]).expect("the report as JSON");
+    assert_eq!(r["tries"], 1, "one pause: {i}");
+    assert_eq!(r["mode"], "immediate", "{i}");
+    let switched: Vec<&str> = r["functions"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|f| f["function"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(switched, ["devkmsg_read", "version_proc_show"], "{i}");
+    // One-instruction sites: nothing to look for inside them, so no task
+    // was walked and the pause does not grow with the guest's tasks.
+    assert_eq!(r["sleeping_tasks_checked"], 0, "{i}");
+    eprintln!(
+        "immediate apply with 24 sleepers: pause {} µs",
+        r["pause_us"]
+    );
+    out.expect("@@SCN version patched");
+    // The sleepers woke in the old function, finished that read, and left
+    // on their next one (new function); the kernel logged nothing bad.
+    let e = line("@@SCN @@KMSG readers exited=");
+    assert!(e.contains("exited=24 nodata=24"), "{e}\n{}", out.text);
+    // Nothing new in the kernel log (the boot's own warnings, from the
+    // emulated CPU, were there before).
+    let before = out.value("@@SCN @@DMESG", "before");
+    assert!(before.is_some(), "{}", out.text);
+    assert_eq!(out.value("@@SCN @@DMESG", "bad"), before, "{}", out.text);
+    assert!(line("@@SCN revert ").contains("rc=0 "), "{}", out.text);
+    let after = line("@@SCN after revert ");
+    assert!(after.contains("@@VER Linux version"), "{after}");
+    assert!(line("@@SCN status ").contains("running"), "{}", out.text);
+}

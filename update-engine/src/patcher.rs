@@ -57,12 +57,14 @@ pub enum PatchError {
     #[error(transparent)]
     Kernel(#[from] kernel::IntrospectError),
     /// A vCPU or a sleeping task kept being in code the switch leaves behind.
-    #[error("in each of {tries} pauses something was still in code the patch replaces (last: {who} {active}); nothing was changed, try again")]
+    #[error("in each of {tries} pauses something was still in code the patch replaces (last: {who} {active}{}); nothing was changed, try again", crate::switch::also(others))]
     Busy {
         /// Who: `vCPU N`, or `task PID (COMM)` for a Linux task that is not running.
         who: String,
         /// What it was doing there.
         active: Active,
+        /// Other sleeping tasks in that code in the last pause.
+        others: Vec<String>,
         /// Pauses tried.
         tries: u32,
     },
@@ -90,7 +92,17 @@ pub enum PatchError {
 impl From<SwitchError> for PatchError {
     fn from(e: SwitchError) -> Self {
         match e {
-            SwitchError::Busy { who, active, tries } => PatchError::Busy { who, active, tries },
+            SwitchError::Busy {
+                who,
+                active,
+                others,
+                tries,
+            } => PatchError::Busy {
+                who,
+                active,
+                others,
+                tries,
+            },
             SwitchError::Guest(why) => PatchError::Switch(why),
             SwitchError::Torn(why) => PatchError::Torn(why),
             SwitchError::Vm(v) => PatchError::Vm(v),
@@ -172,6 +184,13 @@ pub struct AppliedData {
     /// Guest-physical start of the old copy.
     #[serde(default, with = "symbol_db::hex_u64")]
     pub old_gpa: u64,
+}
+
+/// Whether `bytes` are one instruction (so nothing can stop inside them).
+fn one_instruction(bytes: &[u8]) -> bool {
+    let mut d = iced_x86::Decoder::with_ip(64, bytes, 0, iced_x86::DecoderOptions::NONE);
+    let i = d.decode();
+    !i.is_invalid() && i.len() == bytes.len()
 }
 
 /// What applying or reverting reports.
@@ -935,8 +954,14 @@ impl Patcher {
     ) -> Result<(Plan, Vec<SiteWrite>), PatchError> {
         // What nothing may be in when the switch happens: the code being left
         // (consistent), or only the bytes being rewritten (immediate).
-        let leaving = |function: &str, addr: u64, size: u64| match mode {
+        // Nothing can be *inside* bytes that are one instruction (the
+        // ftrace nop, a `call __fentry__`, an earlier patch's jump): no
+        // vCPU stops and no task is preempted or returns there, so an
+        // immediate switch of such sites checks nothing, and its pause does
+        // not grow with the guest's tasks.
+        let leaving = |function: &str, addr: u64, size: u64, now: &[u8]| match mode {
             Mode::Consistent => self.leaving(function, addr, size),
+            Mode::Immediate if one_instruction(now) => Vec::new(),
             Mode::Immediate => vec![Leaving {
                 function: format!("{function} (the bytes being rewritten)"),
                 start: addr + 1,
@@ -971,7 +996,7 @@ impl Patcher {
                 // Reverting this patch puts back what it overwrote; a
                 // cumulative one replaces the whole stack, so the original.
                 restore: if replace { site.saved } else { now },
-                leaving: leaving(&f.old, site.addr, f.old_size),
+                leaving: leaving(&f.old, site.addr, f.old_size, &now),
             });
         }
         // With --replace, sites of applied patches that the new one does not
@@ -981,15 +1006,16 @@ impl Patcher {
                 for sf in &a.functions {
                     if !sites.iter().any(|w| w.addr == sf.old_addr) {
                         let orig = self.original_bytes(sf.old_addr).unwrap_or(sf.saved);
+                        let now = self.current_bytes(sf.old_addr, orig);
                         sites.push(SiteWrite {
                             function: sf.function.clone(),
                             addr: sf.old_addr,
                             new_addr: 0,
                             old_size: sf.old_size,
-                            now: self.current_bytes(sf.old_addr, orig),
+                            now,
                             bytes: orig,
                             restore: orig,
-                            leaving: leaving(&sf.function, sf.old_addr, sf.old_size),
+                            leaving: leaving(&sf.function, sf.old_addr, sf.old_size, &now),
                         });
                     }
                 }

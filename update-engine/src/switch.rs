@@ -114,12 +114,14 @@ pub struct Switched {
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
     /// Something stayed in code being left through every try.
-    #[error("in each of {tries} pauses something was still in code the patch replaces (last: {who} {active}); nothing was changed, try again")]
+    #[error("in each of {tries} pauses something was still in code the patch replaces (last: {who} {active}{}); nothing was changed, try again", also(others))]
     Busy {
         /// `vCPU N`, or `task PID (COMM)`.
         who: String,
         /// What it was doing there.
         active: Active,
+        /// Other sleeping tasks in that code in the last pause.
+        others: Vec<String>,
         /// Pauses tried.
         tries: u32,
     },
@@ -135,9 +137,28 @@ pub enum SwitchError {
     Vm(#[from] VmError),
 }
 
+/// The other tasks found in code being left, for a message: at most 10
+/// named.
+pub fn also(others: &[String]) -> String {
+    match others.len() {
+        0 => String::new(),
+        n => format!(
+            "; {n} more task{} there too: {}{}",
+            if n == 1 { "" } else { "s" },
+            others
+                .iter()
+                .take(10)
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
+            if n > 10 { ", ..." } else { "" }
+        ),
+    }
+}
+
 /// Why one paused attempt did not write (or, `Torn`, wrote in part).
 enum Refused {
-    Busy(String, Active),
+    Busy(String, Active, Vec<String>),
     Failed(String),
     Torn(String),
 }
@@ -190,11 +211,16 @@ pub fn switch_tries(
                 // anything else.
                 resumed?;
                 match refused {
-                    Refused::Busy(_, _) if tries < max_tries && !was_paused => {
+                    Refused::Busy(..) if tries < max_tries && !was_paused => {
                         std::thread::sleep(Duration::from_micros(200 * u64::from(tries)));
                     }
-                    Refused::Busy(who, active) => {
-                        return Err(SwitchError::Busy { who, active, tries })
+                    Refused::Busy(who, active, others) => {
+                        return Err(SwitchError::Busy {
+                            who,
+                            active,
+                            others,
+                            tries,
+                        })
                     }
                     Refused::Failed(why) | Refused::Torn(why) => {
                         return Err(SwitchError::Guest(why))
@@ -214,21 +240,36 @@ fn switch_paused(
     leaving: &[Leaving],
 ) -> Result<Option<usize>, Refused> {
     let guest = paused.guest();
-    for v in 0..guest.vcpu_count() {
+    // Nothing any vCPU or task could be in (an immediate switch of
+    // one-instruction sites): nothing to walk.
+    let mut checked = None;
+    if leaving.is_empty() && tasks.is_some() {
+        checked = Some(0);
+    }
+    let tasks = tasks.filter(|_| !leaving.is_empty());
+    for v in (0..guest.vcpu_count()).filter(|_| !leaving.is_empty()) {
         if let Some(a) = vcpu_active(paused, v, leaving).map_err(Refused::Failed)? {
-            return Err(Refused::Busy(format!("vCPU {v}"), a));
+            return Err(Refused::Busy(format!("vCPU {v}"), a, Vec::new()));
         }
     }
-    let mut checked = None;
     if let Some((layout, paging)) = tasks {
         let sleeping = linux::sleeping_tasks(guest, paging, layout, guest.vcpu_count())
             .map_err(|e| Refused::Failed(format!("walking the guest's tasks: {e}")))?;
+        // Every sleeper in code being left is named, not just the first.
+        let mut busy: Option<(String, Active)> = None;
+        let mut others = Vec::new();
         for t in &sleeping {
             if let Some(a) =
                 stack_active(guest, paging, t.from, t.end, leaving).map_err(Refused::Failed)?
             {
-                return Err(Refused::Busy(t.to_string(), a));
+                match busy {
+                    None => busy = Some((t.to_string(), a)),
+                    Some(_) => others.push(t.to_string()),
+                }
             }
+        }
+        if let Some((who, a)) = busy {
+            return Err(Refused::Busy(who, a, others));
         }
         checked = Some(sleeping.len());
     }
