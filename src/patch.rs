@@ -336,18 +336,27 @@ fn data_changes(
     objects: &[(String, Vec<u8>)],
     functions: &[FunctionPatch],
 ) -> Result<Vec<update_engine::data::DataChange>, CliError> {
-    use update_engine::data::{derive, users_of, Declared};
+    use update_engine::data::{data_pointers, derive, users_of, Declared};
     let mut out = Vec::new();
     let member_arg = |flag: &str, v: &str| -> Result<(String, String), CliError> {
         v.split_once('.')
             .map(|(a, b)| (a.to_owned(), b.to_owned()))
             .ok_or_else(|| CliError::Usage(format!("--{flag} {v}: give SYMBOL.MEMBER")))
     };
+    // Init code and data are freed once the kernel is up: what they use
+    // does not count.
+    let range = |a: &str, b: &str| -> Option<(u64, u64)> {
+        Some((ksyms.lookup(a).ok()?.addr, ksyms.lookup(b).ok()?.addr))
+    };
+    let init = range("__init_begin", "__init_end");
+    let text = range("_stext", "_etext");
     let all_functions: Vec<(String, u64, u64)> = ksyms
         .iter()
         .filter(|s| s.kind == symbol_db::SymbolKind::Function && s.size > 0)
+        .filter(|s| !init.is_some_and(|(a, b)| s.addr >= a && s.addr < b))
         .map(|s| (s.name.clone(), s.addr, s.size))
         .collect();
+    let skip: Vec<(u64, u64)> = [init, text].into_iter().flatten().collect();
     for spec in &args.data {
         let (symbol, type_name) = spec.split_once(':').ok_or_else(|| {
             CliError::Usage(format!(
@@ -407,6 +416,14 @@ fn data_changes(
             .into_iter()
             .filter(|u| !functions.iter().any(|f| &f.old == u))
             .collect();
+        // Kernel data pointing into the object: no patch can replace it.
+        for at in data_pointers(image, &skip, sym.addr, sym.addr + sym.size) {
+            let name = ksyms
+                .symbolize(at)
+                .map(|(s, off)| format!("{}+{off:#x}", s.name))
+                .unwrap_or_else(|| format!("{at:#x}"));
+            change.users_left.push(format!("data {name}"));
+        }
         out.push(change);
     }
     Ok(out)

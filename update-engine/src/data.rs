@@ -106,8 +106,10 @@ pub struct DataChange {
     /// Member by member.
     pub members: Vec<MemberXfer>,
     /// Kernel functions that use the object and that the patch does not
-    /// replace: they keep using the old copy, so the change never retires
-    /// (both copies stay coherent for as long as the patch is applied).
+    /// replace, and kernel data pointing into it (`data SYMBOL+OFF`, a
+    /// sysctl table's `.data`, say): they keep using the old copy, so the
+    /// change never retires (both copies stay coherent for as long as the
+    /// patch is applied).
     #[serde(default)]
     pub users_left: Vec<String>,
     /// The patch's C transfer functions (`.lup` format 3).
@@ -410,6 +412,35 @@ pub fn users_of(
         if uses && !out.contains(name) {
             out.push(name.clone());
         }
+    }
+    out
+}
+
+/// Words of `image`'s data (outside `skip`: kernel text, init memory the
+/// kernel freed, the object itself) that hold an address in `[start, end)`:
+/// other kernel data pointing into the object (a sysctl table's `.data`, a
+/// saved `&obj`). Code following such a pointer uses the old copy forever,
+/// so a change with one never retires. Returns the words' addresses.
+pub fn data_pointers(
+    image: &symbol_db::KernelImage,
+    skip: &[(u64, u64)],
+    start: u64,
+    end: u64,
+) -> Vec<u64> {
+    let base = image.base();
+    let bytes = image.bytes();
+    let mut out = Vec::new();
+    let first = base.next_multiple_of(8) - base;
+    for i in (first as usize..bytes.len().saturating_sub(7)).step_by(8) {
+        let v = u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or_default());
+        if v < start || v >= end {
+            continue;
+        }
+        let at = base + i as u64;
+        if skip.iter().any(|&(a, b)| at >= a && at < b) || (start..end).contains(&at) {
+            continue;
+        }
+        out.push(at);
     }
     out
 }
@@ -738,6 +769,25 @@ mod tests {
         let mut nb = vec![0x55u8; 40];
         ch.to_new(&[1; 32], &mut nb);
         assert_eq!(&nb[24..40], &[0; 16], "derived part zeroes, C fills");
+    }
+
+    #[test]
+    fn data_pointing_into_the_object_is_found_outside_what_is_skipped() {
+        let base = 0xffff_ffff_8100_0000u64;
+        let mut bytes = vec![0u8; 0x100];
+        let obj = base + 0x80;
+        // A pointer to the object's second member, one in "text" (skipped),
+        // one in the object itself, one just past it.
+        bytes[0x10..0x18].copy_from_slice(&(obj + 8).to_le_bytes());
+        bytes[0x40..0x48].copy_from_slice(&obj.to_le_bytes());
+        bytes[0x88..0x90].copy_from_slice(&obj.to_le_bytes());
+        bytes[0xc0..0xc8].copy_from_slice(&(obj + 0x20).to_le_bytes());
+        let image = symbol_db::KernelImage::new(base, bytes);
+        let skip = [(base + 0x40, base + 0x50)];
+        assert_eq!(
+            data_pointers(&image, &skip, obj, obj + 0x20),
+            vec![base + 0x10]
+        );
     }
 
     #[test]
