@@ -456,6 +456,22 @@ fn a_change_whose_old_users_are_all_replaced_retires_and_reverts_exactly() {
         vm.ok(&["revert", "--vm", "dc", "stats3"]);
         vm.check_reports(at, 3);
     }
+    // A patch applied earlier whose code uses the table (through the old
+    // layout) keeps using the old copy: the change then never retires.
+    let early = "#include \"tk.h\"\nvoid *stats_addr(void)\n{\n\treturn &stats_table[0];\n}\n";
+    let o = vm.build("early", early, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("early.lup"))]);
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats3.lup"))]);
+    let at = vm.serial().len();
+    vm.check_reports(at, 3);
+    let l = vm.list();
+    let d = &l["patches"][1]["data"][0];
+    assert_eq!(d["users_left"], serde_json::json!(["patch early"]), "{l}");
+    assert_eq!(d["stats"]["state"], "tracking", "{l}");
+    vm.ok(&["revert", "--vm", "dc", "stats3"]);
+    vm.ok(&["revert", "--vm", "dc", "early"]);
+    vm.check_reports(vm.serial().len(), 2);
 }
 
 #[test]

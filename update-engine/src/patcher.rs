@@ -667,7 +667,42 @@ impl Patcher {
                 return Err(e);
             }
         };
-        Ok(self.commit_apply(&lup, placed, sites, switched, &view, replace, mode, t0))
+        // Patches applied earlier whose code uses a changed object keep
+        // using its old copy: the change must not retire under them.
+        let earlier: Vec<Vec<String>> = placed
+            .data
+            .iter()
+            .zip(&lup.manifest.data)
+            .map(|(p, d)| self.patches_using(g, p.old_va, p.old_va + d.old_bytes()))
+            .collect();
+        let name = lup.manifest.name.clone();
+        let report = self.commit_apply(&lup, placed, sites, switched, &view, replace, mode, t0);
+        if let Some(a) = self.state.applied.iter_mut().find(|a| a.name == name) {
+            for (d, users) in a.data.iter_mut().zip(earlier) {
+                d.users_left.extend(users);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Applied patches whose code refers to `[start, end)`, as `patch NAME`.
+    fn patches_using(&self, g: &dyn Guest, start: u64, end: u64) -> Vec<String> {
+        let Some(va) = self.state.area_va else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for a in &self.state.applied {
+            let mut code = vec![0u8; a.code_bytes as usize];
+            if g.area_read(a.code_addr - va, &mut code).is_err() {
+                continue;
+            }
+            let image = symbol_db::KernelImage::new(a.code_addr, code);
+            let f = [(a.name.clone(), a.code_addr, a.code_bytes)];
+            if !crate::data::users_of(&image, &f, start, end).is_empty() {
+                out.push(format!("patch {}", a.name));
+            }
+        }
+        out
     }
 
     /// The C transfer functions of `lup`'s data changes (symbol, runner),

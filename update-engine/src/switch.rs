@@ -64,8 +64,17 @@ pub struct DataCopy {
     pub c: Option<std::sync::Arc<crate::transfer::CRunner>>,
 }
 
-/// Makes `copies`, element by element.
-fn run_copies(guest: &dyn Guest, copies: &[DataCopy]) -> Result<(), String> {
+/// What a data copy overwrote, to put back if the switch fails after it.
+struct CopyUndo {
+    /// In the patch area (a new copy) or in RAM (an old copy).
+    area: bool,
+    at: u64,
+    bytes: Vec<u8>,
+}
+
+/// Makes `copies`, element by element; returns what they overwrote.
+fn run_copies(guest: &dyn Guest, copies: &[DataCopy]) -> Result<Vec<CopyUndo>, String> {
+    let mut undo = Vec::new();
     for c in copies {
         let d = &c.change;
         let mut old = vec![0u8; d.old_bytes() as usize];
@@ -74,28 +83,56 @@ fn run_copies(guest: &dyn Guest, copies: &[DataCopy]) -> Result<(), String> {
         guest.ram().read_phys(c.old_gpa, &mut old).map_err(what)?;
         guest.area_read(c.new_offset, &mut new).map_err(what)?;
         let (os, ns) = (d.old_size as usize, d.new_size as usize);
+        let before = if c.to_new { new.clone() } else { old.clone() };
         // Every element is computed before anything is written: a C
         // transfer that fails leaves both copies as they were.
-        for (o, n) in old.chunks_mut(os).zip(new.chunks_mut(ns)) {
-            if c.to_new {
-                d.to_new(o, n);
-                if let Some(r) = &c.c {
-                    r.to_new(o, n)?;
+        let computed = old
+            .chunks_mut(os)
+            .zip(new.chunks_mut(ns))
+            .try_for_each(|(o, n)| {
+                if c.to_new {
+                    d.to_new(o, n);
+                    c.c.as_ref().map_or(Ok(()), |r| r.to_new(o, n))
+                } else {
+                    d.to_old(n, o);
+                    c.c.as_ref().map_or(Ok(()), |r| r.to_old(n, o))
                 }
-            } else {
-                d.to_old(n, o);
-                if let Some(r) = &c.c {
-                    r.to_old(n, o)?;
-                }
-            }
+            });
+        if let Err(e) = computed {
+            undo_copies(guest, &undo);
+            return Err(e);
         }
-        if c.to_new {
-            guest.area_write(c.new_offset, &new).map_err(what)?;
+        let wrote = if c.to_new {
+            guest.area_write(c.new_offset, &new)
         } else {
-            guest.ram().write_phys(c.old_gpa, &old).map_err(what)?;
+            guest.ram().write_phys(c.old_gpa, &old)
+        };
+        if let Err(e) = wrote {
+            undo_copies(guest, &undo);
+            return Err(what(e));
+        }
+        undo.push(CopyUndo {
+            area: c.to_new,
+            at: if c.to_new { c.new_offset } else { c.old_gpa },
+            bytes: before,
+        });
+    }
+    Ok(undo)
+}
+
+/// Puts back what data copies overwrote (best effort: memory the VMM
+/// wrote a moment ago).
+fn undo_copies(guest: &dyn Guest, undo: &[CopyUndo]) {
+    for u in undo.iter().rev() {
+        let r = if u.area {
+            guest.area_write(u.at, &u.bytes)
+        } else {
+            guest.ram().write_phys(u.at, &u.bytes)
+        };
+        if let Err(e) = r {
+            log::error!("undoing a data copy at {:#x}: {e}", u.at);
         }
     }
-    Ok(())
 }
 
 /// What a switch took.
@@ -273,14 +310,18 @@ fn switch_paused(
         }
         checked = Some(sleeping.len());
     }
-    run_copies(guest, &plan.copies).map_err(Refused::Failed)?;
-    check_and_write(guest, &plan.writes)?;
+    let copied = run_copies(guest, &plan.copies).map_err(Refused::Failed)?;
+    if let Err(e) = check_and_write(guest, &plan.writes) {
+        undo_copies(guest, &copied);
+        return Err(e);
+    }
     if !plan.release.is_empty() || !plan.protect.is_empty() {
         if let Err(e) = paused.change_protection(&plan.release, &plan.protect) {
             // Nothing of the protection changed (unless KVM could not even
             // put the old slots back): take the writes back too.
             let why = format!("write control: {e}");
             let torn = matches!(e, vmm_core::write_control::ProtectError::Torn(_));
+            undo_copies(guest, &copied);
             return Err(match undo(guest, &plan.writes) {
                 Ok(()) if !torn => Refused::Failed(why),
                 Ok(()) => Refused::Torn(why),

@@ -615,18 +615,30 @@ impl WriteControl {
             .map(|&i| &table.list[i])
             .filter(|p| p.gpa < end && p.end() > gpa)
             .collect();
-        // Then the owner's lock: writes to both copies of tracked data
-        // (different pages) are serialized on it. Owners `A` and `A/part`
-        // share it.
-        let _owner_lock = touches.first().map(|p| {
-            let group = p.owner.split('/').next().unwrap_or_default();
-            let h = group.bytes().fold(0usize, |h, b| {
-                h.wrapping_mul(31).wrapping_add(usize::from(b))
-            });
-            self.owner_locks[h % self.owner_locks.len()]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-        });
+        // Then the owners' locks: writes to both copies of tracked data
+        // (different pages) are serialized on them. Owners `A` and `A/part`
+        // share one. A write spanning several owners takes all of theirs,
+        // in index order (no two writers wait on each other).
+        let mut lock_ids: Vec<usize> = touches
+            .iter()
+            .map(|p| {
+                let group = p.owner.split('/').next().unwrap_or_default();
+                let h = group.bytes().fold(0usize, |h, b| {
+                    h.wrapping_mul(31).wrapping_add(usize::from(b))
+                });
+                h % self.owner_locks.len()
+            })
+            .collect();
+        lock_ids.sort_unstable();
+        lock_ids.dedup();
+        let _owner_locks: Vec<_> = lock_ids
+            .iter()
+            .map(|&i| {
+                self.owner_locks[i]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+            })
+            .collect();
         let mem = self.mem();
         // The writing instruction may be patch code: read it from RAM and
         // the patch area alike.
