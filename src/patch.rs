@@ -400,24 +400,37 @@ fn data_changes(
                      for it in their objects): the new code must define and use the new layout"
                 ))
             })?;
-        if old.size == 0 || sym.size == 0 || sym.size % old.size != 0 {
+        // From kallsyms a size is the distance to the next symbol: it may
+        // include the padding after the object.
+        let count = if ksyms.sizes_estimated() && old.size > 0 && sym.size >= old.size {
+            sym.size / old.size
+        } else if old.size == 0 || sym.size == 0 || sym.size % old.size != 0 {
             return Err(CliError::Usage(format!(
                 "--data {spec}: {symbol} is {} bytes, not a whole number of struct {type_name} \
                  ({} bytes)",
                 sym.size, old.size
             )));
+        } else {
+            sym.size / old.size
+        };
+        if count * old.size != sym.size {
+            eprintln!(
+                "note: {symbol}: {} bytes to the next symbol (kallsyms gives no sizes), taken \
+                 as {count} struct {type_name} of {} bytes",
+                sym.size, old.size
+            );
         }
-        let mut change =
-            derive(symbol, sym.size / old.size, &old, &new, &declared).map_err(CliError::Usage)?;
+        let mut change = derive(symbol, count, &old, &new, &declared).map_err(CliError::Usage)?;
+        let end = sym.addr + count * old.size;
         if ksyms.all_named(symbol).len() > 1 {
             change.symbol_file = sym.file.clone();
         }
-        change.users_left = users_of(image, &all_functions, sym.addr, sym.addr + sym.size)
+        change.users_left = users_of(image, &all_functions, sym.addr, end)
             .into_iter()
             .filter(|u| !functions.iter().any(|f| &f.old == u))
             .collect();
         // Kernel data pointing into the object: no patch can replace it.
-        for at in data_pointers(image, &skip, sym.addr, sym.addr + sym.size) {
+        for at in data_pointers(image, &skip, sym.addr, end) {
             let name = ksyms
                 .symbolize(at)
                 .map(|(s, off)| format!("{}+{off:#x}", s.name))

@@ -291,7 +291,7 @@ fn finish(
     crate::sizes_to_next_address(&mut symbols);
     let va = |off: usize| image.base() + off as u64;
     Ok(Kallsyms {
-        table: SymbolTable::from_symbols(symbols),
+        table: SymbolTable::from_symbols(symbols).with_estimated_sizes(),
         layout: KallsymsLayout {
             offsets: va(offsets_at),
             relative_base_at: va(base_at),

@@ -449,6 +449,9 @@ pub struct SymbolTable {
     by_name: HashMap<String, Vec<usize>>,
     /// Indices of sized symbols, sorted by address.
     by_addr: Vec<usize>,
+    /// Sizes are distances to the next symbol (kallsyms, System.map), not
+    /// the compiler's: they may include padding.
+    sizes_estimated: bool,
 }
 
 impl SymbolTable {
@@ -522,7 +525,20 @@ impl SymbolTable {
             symbols,
             by_name,
             by_addr,
+            sizes_estimated: false,
         }
+    }
+
+    /// Marks the sizes as distances to the next symbol.
+    pub fn with_estimated_sizes(mut self) -> Self {
+        self.sizes_estimated = true;
+        self
+    }
+
+    /// Whether sizes are distances to the next symbol (they may include
+    /// padding) rather than the compiler's.
+    pub fn sizes_estimated(&self) -> bool {
+        self.sizes_estimated
     }
 
     /// Reads a `System.map` (`nm -n` output: address, type letter, name).
@@ -536,7 +552,7 @@ impl SymbolTable {
         match Self::from_elf_bytes(data, name) {
             Err(SymbolError::BadElf { why, .. }) if why.contains("no symbol table") => {
                 let image = KernelImage::from_elf_bytes(data, name)?;
-                Ok(kallsyms::decode(&image)?.table)
+                Ok(kallsyms::decode(&image)?.table.with_estimated_sizes())
             }
             other => other,
         }

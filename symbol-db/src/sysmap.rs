@@ -43,7 +43,7 @@ pub(crate) fn parse(text: &str, path: &str) -> Result<SymbolTable, SymbolError> 
         });
     }
     crate::sizes_to_next_address(&mut symbols);
-    Ok(SymbolTable::from_symbols(symbols))
+    Ok(SymbolTable::from_symbols(symbols).with_estimated_sizes())
 }
 
 #[cfg(test)]

@@ -237,6 +237,22 @@ fn read_image_range(
 /// symbols) is the source, checked against the build-id in memory;
 /// otherwise the kallsyms tables in guest memory are decoded.
 pub fn inspect(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, IntrospectError> {
+    // vCPU 0's page tables are read while the guest runs on: a short-lived
+    // process whose tables vCPU 0 was on may exit and free them meanwhile
+    // (a walk then finds nothing). Take a fresh look and try again.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match inspect_once(vm, boot_kernel) {
+            Err(IntrospectError::Vm(VmError::Walk(e))) if tries < 3 => {
+                log::debug!("inspecting the guest kernel: {e}; again with vCPU 0's tables now");
+            }
+            other => return other,
+        }
+    }
+}
+
+fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, IntrospectError> {
     let paging = kernel_paging(vm)?;
     if let Err(e) = pagewalk::translate(vm.ram(), paging, KERNEL_MAP) {
         if matches!(e, WalkError::PagingDisabled | WalkError::UnsupportedMode) {

@@ -231,7 +231,7 @@ pub struct TextHash {
 
 /// Hashes the running kernel's text (`_stext`..`_etext`) in guest memory.
 pub fn text_hash(g: &dyn Guest, kernel: &GuestKernel) -> Result<TextHash, PatchError> {
-    text_hash_in(g, kernel, kernel::kernel_paging(g)?)
+    text_hash_in(g, kernel, View::new(g, kernel)?.read)
 }
 
 fn text_hash_in(
@@ -373,7 +373,9 @@ pub struct Patcher {
 /// operation.
 #[derive(Debug, Clone, Copy)]
 struct View {
-    /// vCPU 0's paging (the kernel half of it), for reading kernel text.
+    /// For reading kernel text: the kernel's own page tables where it has
+    /// them (vCPU 0's may belong to a process that exits, and frees them,
+    /// while the guest runs on), else vCPU 0's.
     read: PagingState,
     /// The kernel's own page tables (`init_top_pgt` where the kernel has
     /// one; else vCPU 0's, as in the test kernel's single address space).
@@ -384,16 +386,16 @@ struct View {
 
 impl View {
     fn new(g: &dyn Guest, k: &GuestKernel) -> Result<Self, PatchError> {
-        let read = kernel::kernel_paging(g)?;
+        let vcpu0 = kernel::kernel_paging(g)?;
         let tables = match k.symbols.lookup("init_top_pgt") {
             Ok(s) => PagingState {
                 cr3: s.addr.wrapping_sub(k.text).wrapping_add(k.text_gpa),
-                ..read
+                ..vcpu0
             },
-            Err(_) => read,
+            Err(_) => vcpu0,
         };
         Ok(View {
-            read,
+            read: tables,
             tables,
             linux: k.symbols.lookup("init_task").is_ok(),
         })
@@ -926,7 +928,13 @@ impl Patcher {
                     .map(|t| t.gpa)
                     .map_err(|e| PatchError::Map(format!("{} at {va:#x}: {e}", d.symbol)))
             };
-            if sym.size != 0 && sym.size != d.old_bytes() {
+            // Sizes from kallsyms reach the next symbol (padding included).
+            let fits = if k.symbols.sizes_estimated() {
+                sym.size >= d.old_bytes() && sym.size < d.old_bytes() + d.old_size
+            } else {
+                sym.size == d.old_bytes()
+            };
+            if sym.size != 0 && !fits {
                 return Err(PatchError::Map(format!(
                     "{} is {} bytes in the running kernel, the patch expects {} ({} x {})",
                     d.symbol,

@@ -1,0 +1,209 @@
+//! A live data-layout change in a running Debian cloud kernel (KASLR on, 2
+//! vCPUs, in the emulated SVM host on PVM machines): `files_stat`, the
+//! file-local `struct files_stat_struct` of fs/file_table.c, gains a member
+//! (`nr_reads`) that the patched `proc_nr_files` maintains and shows as a
+//! fourth field of /proc/sys/fs/file-nr. The old copy stays in use by
+//! unpatched code (`get_max_files`) and through the sysctl table's pointers
+//! (/proc/sys/fs/file-max reads and writes it), so lucos keeps the copies
+//! coherent both ways while the guest reads file-nr in a loop on the other
+//! vCPU: a value written to file-max (old copy) shows in file-nr (new
+//! copy), and a value the patched code writes (a floor on max_files) shows
+//! in file-max. The change never retires (kernel data points into the
+//! object); revert brings the old layout back with the values kept.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::linux::{build_patch, kbuild_dir, package_vmlinux, run_ok, run_scenario_with, Extras};
+
+const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+/// The new layout and the new reader; `files_stat` and the per-CPU counter
+/// `nr_files` are the kernel's (file-local symbols, resolved through
+/// kallsyms).
+const FSFIX: &str = r#"#include <linux/sysctl.h>
+#include <linux/percpu_counter.h>
+
+struct files_stat_struct {
+	unsigned long nr_files;
+	unsigned long nr_free_files;
+	unsigned long max_files;
+	unsigned long nr_reads;
+};
+
+extern struct files_stat_struct files_stat;
+extern struct percpu_counter nr_files;
+
+#define LUCOS_MIN_FILES 8192
+
+int proc_nr_files(struct ctl_table *table, int write, void *buffer, size_t *lenp, loff_t *ppos)
+{
+	struct ctl_table t = *table;
+
+	files_stat.nr_files = percpu_counter_read_positive(&nr_files);
+	if (files_stat.max_files < LUCOS_MIN_FILES)
+		files_stat.max_files = LUCOS_MIN_FILES;
+	files_stat.nr_reads++;
+	t.data = &files_stat;
+	t.maxlen = sizeof(files_stat);
+	return proc_doulongvec_minmax(&t, write, buffer, lenp, ppos);
+}
+"#;
+
+/// Reads file-nr in a loop on one side; on the other, prints file-nr and
+/// file-max, and once file-nr has the new field, writes file-max both ways
+/// and reports what each view says.
+const WORKLOAD: &str = r#"#!/bin/sh
+(while :; do cat /proc/sys/fs/file-nr > /dev/null; done) &
+step=0
+while :; do
+  fnr=$(tr -s ' \t' ' ' < /proc/sys/fs/file-nr); max=$(cat /proc/sys/fs/file-max)
+  echo "@@FNR $fnr MAX $max"
+  set -- $fnr
+  if [ $# -eq 4 ] && [ $step = 0 ]; then
+    step=1
+    echo 424242 > /proc/sys/fs/file-max
+    set -- $(cat /proc/sys/fs/file-nr)
+    echo "@@OLD2NEW file_max=$(cat /proc/sys/fs/file-max) file_nr_max=$3 fields=$#"
+    echo 100 > /proc/sys/fs/file-max
+    a=$(cat /proc/sys/fs/file-max)
+    set -- $(cat /proc/sys/fs/file-nr)
+    echo "@@NEW2OLD read_back=$a file_nr_max=$3 file_max=$(cat /proc/sys/fs/file-max)"
+    r1=$4; set -- $(cat /proc/sys/fs/file-nr)
+    echo "@@READS first=$r1 then=$4"
+  fi
+  sleep 0.3
+done
+"#;
+
+const SCENARIO: &str = r#"
+LOG=/tmp/lx.serial
+wait_log() {
+  n=0
+  until grep -q "$1" $LOG; do
+    sleep 0.2; n=$((n + 1))
+    if [ $n -gt 900 ]; then echo "@@SCN timeout waiting for $1"; return 1; fi
+  done
+}
+up lx $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
+wait_log "@@FNR" || exit 1
+$LUCOS patch --vm lx --json $FILES/fsfix.lup > /tmp/o 2>&1; echo "@@SCN apply rc=$? $(tr -d '\n ' < /tmp/o)"
+wait_log "@@READS" && grep -E "@@OLD2NEW|@@NEW2OLD|@@READS" $LOG | sed 's/^/@@SCN /'
+sleep 1
+echo "@@SCN list $($LUCOS list --vm lx --json | tr -d '\n ')"
+$LUCOS revert --vm lx fsfix > /tmp/o 2>&1; echo "@@SCN revert rc=$? $(tr '\n' ' ' < /tmp/o)"
+n1=$(wc -l < $LOG); sleep 1.5
+tail -n +$((n1 + 1)) $LOG | grep "@@FNR" | tail -n 1 | sed 's/^/@@SCN after revert /'
+echo "@@SCN list after $($LUCOS list --vm lx --json | tr -d '\n ')"
+$LUCOS status --vm lx | sed 's/^/@@SCN status /'
+$LUCOS stop --vm lx >/dev/null
+"#;
+
+#[test]
+fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted() {
+    let kbuild = kbuild_dir();
+    let dir = std::env::temp_dir().join(format!("lucos-ldata-{}", std::process::id()));
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).expect("dir");
+    let vmlinux = dir.join("vmlinux");
+    std::fs::write(&vmlinux, package_vmlinux()).expect("vmlinux");
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_lucos"))
+            .args(["keygen", "-o"])
+            .arg(files.join("key")),
+    );
+    build_patch(
+        &files,
+        &kbuild,
+        &vmlinux,
+        "fsfix",
+        FSFIX,
+        &["--data", "files_stat:files_stat_struct"],
+    );
+    let shown = Command::new(env!("CARGO_BIN_EXE_lucos"))
+        .arg("inspect")
+        .arg(files.join("fsfix.lup"))
+        .output()
+        .expect("inspect");
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    for what in [
+        "files_stat (struct files_stat_struct x 1): 24 -> 32 bytes each",
+        "nr_reads",
+        "get_max_files",
+        "data fs_stat_sysctls+",
+    ] {
+        assert!(shown.contains(what), "inspect shows {what}:\n{shown}");
+    }
+    let out = run_scenario_with(
+        "ldata",
+        WORKLOAD,
+        &format!("CMDLINE=\"{CMDLINE}\"\n{SCENARIO}"),
+        Duration::from_secs(600),
+        Extras {
+            files: Some(files.clone()),
+            ..Extras::default()
+        },
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let line = |prefix: &str| -> String {
+        out.text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no '{prefix}' line:\n{}", out.vm_ends()))
+            .to_owned()
+    };
+    let apply = line("@@SCN apply ");
+    assert!(apply.contains("rc=0 "), "{apply}\n{}", out.text);
+    // Old copy written (file-max, through the sysctl table): the new copy
+    // has it at once.
+    let o2n = line("@@SCN @@OLD2NEW ");
+    assert!(
+        o2n.contains("file_max=424242 file_nr_max=424242 fields=4"),
+        "{o2n}"
+    );
+    // 100 written to file-max (old copy); new code raises max_files to its
+    // floor in the new copy (the reader on the other vCPU may do it before
+    // this one reads): the old copy has that value too, which only a
+    // transfer from the new copy can have put there.
+    let n2o = line("@@SCN @@NEW2OLD ");
+    assert!(n2o.contains("file_nr_max=8192 file_max=8192"), "{n2o}");
+    let first: u64 = out
+        .value("@@SCN @@READS", "first")
+        .and_then(|v| v.parse().ok())
+        .expect("reads");
+    let then: u64 = out
+        .value("@@SCN @@READS", "then")
+        .and_then(|v| v.parse().ok())
+        .expect("reads");
+    assert!(first > 0 && then > first, "the new member counts reads");
+    // Tracking, with writes transferred; it never retires (kernel data and
+    // unpatched code use the old copy).
+    let l = line("@@SCN list {");
+    let v: serde_json::Value = serde_json::from_str(&l["@@SCN list ".len()..]).expect("list json");
+    let d = &v["patches"][0]["data"][0];
+    assert_eq!(d["symbol"], "files_stat", "{l}");
+    assert_eq!(d["stats"]["state"], "tracking", "{l}");
+    assert!(d["stats"]["transfers"].as_u64().unwrap_or(0) > 0, "{l}");
+    assert_eq!(d["stats"]["failures"], 0, "{l}");
+    let users = d["users_left"].to_string();
+    assert!(
+        users.contains("get_max_files") && users.contains("fs_stat_sysctls+"),
+        "{l}"
+    );
+    // Revert: the old layout (3 fields), the value kept.
+    assert!(line("@@SCN revert ").contains("rc=0 "), "{}", out.text);
+    let after = line("@@SCN after revert ");
+    let fields: Vec<&str> = after
+        .split("@@FNR ")
+        .nth(1)
+        .and_then(|s| s.split(" MAX ").next())
+        .map(|s| s.split_whitespace().collect())
+        .unwrap_or_default();
+    assert_eq!(fields.len(), 3, "{after}");
+    assert!(after.ends_with("MAX 8192"), "{after}");
+    let l = line("@@SCN list after ");
+    assert!(!l.contains("files_stat"), "{l}");
+    assert!(line("@@SCN status ").contains("running"), "{}", out.text);
+}
