@@ -317,11 +317,25 @@ fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
     // The area holds nothing after the last revert: code and copy freed.
     assert_eq!(vm.list()["patch_area"]["used_bytes"], 0);
 
-    // 100 more apply/revert cycles under load, back to back; every report
-    // printed meanwhile is checked.
+    // 100 more apply/revert cycles under load, back to back, every other
+    // one in immediate mode (a call already inside the old stats_update
+    // finishes there, on the old copy, while new calls use the new one);
+    // every report printed meanwhile is checked.
     let at = vm.serial().len();
-    for _ in 0..100 {
-        vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
+    for i in 0..100 {
+        let mode = if i % 2 == 0 {
+            "immediate"
+        } else {
+            "consistent"
+        };
+        vm.ok(&[
+            "patch",
+            "--vm",
+            "dc",
+            "--mode",
+            mode,
+            p(&vm.path("stats2.lup")),
+        ]);
         vm.ok(&["revert", "--vm", "dc", "stats2"]);
     }
     let checked = vm.check_reports(at, 3);
