@@ -358,11 +358,21 @@ fn data_changes(
         .collect();
     let skip: Vec<(u64, u64)> = [init, text].into_iter().flatten().collect();
     for spec in &args.data {
-        let (symbol, type_name) = spec.split_once(':').ok_or_else(|| {
+        let (symbol, type_spec) = spec.split_once(':').ok_or_else(|| {
             CliError::Usage(format!(
-                "--data {spec}: give SYMBOL:STRUCT (stats_table:task_stat)"
+                "--data {spec}: give SYMBOL:STRUCT or SYMBOL:STRUCT*COUNT (stats_table:task_stat)"
             ))
         })?;
+        // STRUCT*COUNT: an array of COUNT, said explicitly.
+        let (type_name, given) = match type_spec.split_once('*') {
+            Some((t, n)) => (
+                t,
+                Some(n.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    CliError::Usage(format!("--data {spec}: {n} is not a count"))
+                })?),
+            ),
+            None => (type_spec, None),
+        };
         let mut declared = Declared::default();
         for v in &args.init {
             let (target, value) = v
@@ -402,16 +412,45 @@ fn data_changes(
             })?;
         // From kallsyms a size is the distance to the next symbol: it may
         // include the padding after the object.
-        let count = if ksyms.sizes_estimated() && old.size > 0 && sym.size >= old.size {
-            sym.size / old.size
-        } else if old.size == 0 || sym.size == 0 || sym.size % old.size != 0 {
+        if old.size == 0 || sym.size == 0 {
             return Err(CliError::Usage(format!(
-                "--data {spec}: {symbol} is {} bytes, not a whole number of struct {type_name} \
-                 ({} bytes)",
-                sym.size, old.size
+                "--data {spec}: {symbol} or struct {type_name} has no size"
             )));
-        } else {
-            sym.size / old.size
+        }
+        // From kallsyms a size is the distance to the next symbol: it may
+        // include padding, so the count is 1 unless given (or unless only
+        // an array fits the size).
+        let count = match given {
+            Some(n) if n * old.size > sym.size => {
+                return Err(CliError::Usage(format!(
+                    "--data {spec}: {n} x {} bytes do not fit in {symbol} ({} bytes)",
+                    old.size, sym.size
+                )))
+            }
+            Some(n) if !ksyms.sizes_estimated() && n * old.size != sym.size => {
+                return Err(CliError::Usage(format!(
+                    "--data {spec}: {symbol} is {} bytes, not {n} x {}",
+                    sym.size, old.size
+                )))
+            }
+            Some(n) => n,
+            None if ksyms.sizes_estimated() && sym.size < 2 * old.size => 1,
+            None if ksyms.sizes_estimated() => {
+                return Err(CliError::Usage(format!(
+                    "--data {spec}: kallsyms gives no sizes and {symbol}'s {} bytes to the next \
+                     symbol could hold up to {} struct {type_name}: give SYMBOL:STRUCT*COUNT",
+                    sym.size,
+                    sym.size / old.size
+                )))
+            }
+            None if sym.size % old.size != 0 => {
+                return Err(CliError::Usage(format!(
+                    "--data {spec}: {symbol} is {} bytes, not a whole number of struct \
+                     {type_name} ({} bytes)",
+                    sym.size, old.size
+                )))
+            }
+            None => sym.size / old.size,
         };
         if count * old.size != sym.size {
             eprintln!(

@@ -386,6 +386,10 @@ dmesg | grep -E "$bad" | head -n 5 | sed 's/^/@@DMESG before: /'
 readers=""
 for i in $(seq 1 24); do cat /dev/kmsg > /dev/null 2>/tmp/r$i.err & readers="$readers $!"; done
 echo "@@KMSG readers=$(echo $readers | wc -w)"
+# Until every reader sleeps in devkmsg_read (a slow machine takes a while).
+asleep() { for p in $readers; do cat /proc/$p/wchan; echo; done | grep -c devkmsg_read; }
+n=0; until [ "$(asleep)" -eq 24 ] || [ $n -gt 600 ]; do sleep 0.1; n=$((n + 1)); done
+echo "@@KMSG asleep=$(asleep)"
 woken=""
 while :; do
   r=$(dd if=/dev/kmsg bs=4096 count=1 2>&1 | head -n 1 | cut -c 1-60)
@@ -415,8 +419,8 @@ wait_log() {
   done
 }
 up lx $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
-wait_log "@@KMSG read" || exit 1
-sleep 1
+wait_log "@@KMSG asleep=" || exit 1
+grep "@@KMSG asleep=" $LOG | sed 's/^/@@SCN /'
 # Consistent mode: every try finds the sleepers; refused, by name.
 $LUCOS patch --vm lx $FILES/twofix.lup > /tmp/o 2>&1; echo "@@SCN consistent rc=$? $(tr '\n' ' ' < /tmp/o)"
 # Immediate mode: one pause, the sleepers left where they are.
@@ -462,6 +466,12 @@ fn linux_immediate_mode_switches_in_one_pause_with_dozens_of_tasks_asleep_in_the
             .unwrap_or_else(|| panic!("no '{prefix}' line:\n{}", out.vm_ends()))
             .to_owned()
     };
+    assert_eq!(
+        out.value("@@SCN @@KMSG asleep", "asleep").as_deref(),
+        Some("24"),
+        "{}",
+        out.text
+    );
     // Consistent: refused after its tries, naming the sleepers.
     let c = line("@@SCN consistent ");
     assert!(c.contains("rc=7 "), "{c}\n{}", out.text);

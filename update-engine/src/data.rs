@@ -562,15 +562,6 @@ impl DataChange {
         }
     }
 
-    /// Whether `[off, off+len)` of an element in one layout (`from_old`: the
-    /// old one) covers a member only the C transfer functions carry across.
-    pub fn touches_c(&self, from_old: bool, off: u64, len: u64) -> bool {
-        self.members.iter().filter(|m| m.by_c).any(|m| {
-            let f = if from_old { m.old } else { m.new };
-            f.is_some_and(|f| u64::from(f.offset) < off + len && u64::from(f.offset + f.size) > off)
-        })
-    }
-
     /// After `[off, off+len)` of an element changed in one layout (`from_old`:
     /// the old one), what to write in the other: (offset in the element,
     /// bytes), one member each. `elem` is the changed element, whole.
@@ -757,12 +748,7 @@ mod tests {
             .collect();
         // flags and total added, name retyped, gone and sum only in the old.
         assert_eq!(by_c, ["flags", "total", "name", "gone", "sum"]);
-        // A write to the old `sum` (offset 16) or `name` needs C; to `calls`
-        // it does not, and mirrors as before.
-        assert!(ch.touches_c(true, 16, 8));
-        assert!(ch.touches_c(true, 24, 1));
-        assert!(!ch.touches_c(true, 4, 4));
-        assert!(ch.touches_c(false, 24, 8));
+        // A write to `calls` mirrors as before; C's members do not mirror.
         assert_eq!(ch.mirror(true, &[0; 32], 4, 4).len(), 1);
         assert!(ch.mirror(true, &[0; 32], 16, 8).is_empty());
         // The derived transfer leaves C's members alone.
@@ -935,6 +921,13 @@ impl DataTracker {
         }
     }
 
+    /// Whether a trapped write of `owner`'s change failed to transfer (its
+    /// copies may differ: it never retires).
+    pub fn failed(&self, owner: &str) -> bool {
+        self.get(owner)
+            .is_some_and(|t| t.failures.load(std::sync::atomic::Ordering::Relaxed) > 0)
+    }
+
     /// Whether `owner`'s change is retired.
     pub fn is_retired(&self, owner: &str) -> bool {
         self.get(owner)
@@ -1002,7 +995,9 @@ impl DataTracker {
                 mem.write_phys(other_at + to_off, &bytes)
                     .map_err(|e| e.to_string())?;
             }
-            if let Some(runner) = t.c.as_ref().filter(|_| c.touches_c(from_old, off, n)) {
+            // A C function may compute what it carries from any member, so
+            // every write to an element of a change that has one runs it.
+            if let Some(runner) = &t.c {
                 mem.read_phys(other_at, &mut other)
                     .map_err(|e| e.to_string())?;
                 let r = if from_old {

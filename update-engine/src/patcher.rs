@@ -545,6 +545,7 @@ impl Patcher {
                 d.users_left.is_empty()
                     && self.tracker.get(&owner).is_some()
                     && !self.tracker.is_retired(&owner)
+                    && !self.tracker.failed(&owner)
             })
         })
     }
@@ -562,9 +563,12 @@ impl Patcher {
         for a in &self.state.applied {
             for d in &a.data {
                 let owner = crate::data::owner(&a.name, &d.symbol);
+                // A failed transfer left the copies apart: the old one must
+                // not be dropped as if it held nothing the new one lacks.
                 if !d.users_left.is_empty()
                     || self.tracker.get(&owner).is_none()
                     || self.tracker.is_retired(&owner)
+                    || self.tracker.failed(&owner)
                 {
                     continue;
                 }
@@ -700,7 +704,10 @@ impl Patcher {
             }
             let image = symbol_db::KernelImage::new(a.code_addr, code);
             let f = [(a.name.clone(), a.code_addr, a.code_bytes)];
-            if !crate::data::users_of(&image, &f, start, end).is_empty() {
+            // Its code, or its read-only data (a table holding `&obj`).
+            if !crate::data::users_of(&image, &f, start, end).is_empty()
+                || !crate::data::data_pointers(&image, &[], start, end).is_empty()
+            {
                 out.push(format!("patch {}", a.name));
             }
         }

@@ -79,7 +79,13 @@ impl CRunner {
 
     fn call(&self, entry: u64, name: &str, a: &[u8], b: &mut [u8]) -> Result<(), String> {
         let mut sb = self.sandbox.lock().unwrap_or_else(|e| e.into_inner());
-        sb.call(entry, a, b, self.limit).map_err(|e| {
+        // The limit is wall-clock time: a host that took the thread away
+        // for a while is not a runaway. Once more with four times as long.
+        let r = match sb.call(entry, a, b, self.limit) {
+            Err(SandboxError::RanAway(_)) => sb.call(entry, a, b, self.limit * 4),
+            r => r,
+        };
+        r.map_err(|e| {
             let mut why = format!("transfer function {name} of {}: {e}", self.symbol);
             if let SandboxError::Fault { address, .. } = e {
                 if let Some(s) =

@@ -21,12 +21,17 @@
 //! | 0x0000 | GDT (the boot GDT: kernel code 0x10, data 0x18) |
 //! | 0x1000 | IDT, 32 interrupt gates |
 //! | 0x2000 | exception stubs, the call trampoline, runtime functions |
+//! | 0x3000 | TSS: IST 1 for #DF, #SS, #GP and #PF |
 //! | 0x4000 | the `%gs` page (zeros: a stack canary read works) |
-//! | 0x6000..0x16000 | stack (64 KiB) |
+//! | 0x8000..0x9000 | the IST stack (a stack overflow is reported, not a triple fault) |
+//! | 0x10000..0x1f000 | stack (60 KiB; 28 KiB unmapped below it) |
 //! | 0x20000 | first buffer (at most [`ARG_MAX`] bytes) |
 //! | 0x61000 | second buffer |
 //! | 0x100000 | code ([`CODE_VA`], at most [`CODE_MAX`] bytes) |
 //! | 0x4000000.. | unmapped, past the window: [`poison_symbol`] addresses |
+//!
+//! All of it is read-only to the function but the stacks and the two
+//! buffers (CR0.WP is set): nothing a call does survives into the next one.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -51,9 +56,12 @@ const IDT_OFF: u64 = 0x1000;
 const STUBS_OFF: u64 = 0x2000;
 const TRAMPOLINE_OFF: u64 = 0x2200;
 const RUNTIME_OFF: u64 = 0x2300;
+const TSS_OFF: u64 = 0x3000;
 const GS_OFF: u64 = 0x4000;
-const STACK_LO: u64 = 0x6000;
-const STACK_TOP: u64 = 0x16000;
+const IST_LO: u64 = 0x8000;
+const IST_TOP: u64 = 0x9000;
+const STACK_LO: u64 = 0x10000;
+const STACK_TOP: u64 = 0x1f000;
 const ARG0_OFF: u64 = 0x20000;
 const ARG1_OFF: u64 = 0x61000;
 /// Largest buffer a call takes.
@@ -321,6 +329,48 @@ impl Watchdog {
     }
 }
 
+/// While a call runs: the watchdog armed and this thread's kick target on
+/// the sandbox's `kvm_run`; undone on drop, whatever happens.
+struct Armed {
+    watchdog: Arc<Watchdog>,
+    page: *mut kvm_bindings::kvm_run,
+    previous: *mut kvm_bindings::kvm_run,
+    kicked_for_guest: std::cell::Cell<bool>,
+}
+
+impl Armed {
+    fn new(watchdog: Arc<Watchdog>, page: *mut kvm_bindings::kvm_run, limit: Duration) -> Self {
+        let previous = crate::vcpu::swap_kick_page(page);
+        watchdog.arm(limit);
+        Armed {
+            watchdog,
+            page,
+            previous,
+            kicked_for_guest: std::cell::Cell::new(false),
+        }
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        self.watchdog.disarm();
+        // SAFETY: `page` is the sandbox vCPU's kvm_run mapping, alive for as
+        // long as the Sandbox whose call made this guard.
+        let own = unsafe { std::ptr::addr_of_mut!((*self.page).immediate_exit) };
+        // SAFETY: `own` points into that live mapping.
+        unsafe { std::ptr::write_volatile(own, 0) };
+        crate::vcpu::swap_kick_page(self.previous);
+        if self.kicked_for_guest.get() && !self.previous.is_null() {
+            // SAFETY: `previous` is this thread's own vCPU kvm_run mapping (set
+            // by its vCPU loop, which outlives this call).
+            let field = unsafe { std::ptr::addr_of_mut!((*self.previous).immediate_exit) };
+            // SAFETY: `field` points into that live mapping; a volatile byte
+            // store is what the kick handler itself does.
+            unsafe { std::ptr::write_volatile(field, 1) };
+        }
+    }
+}
+
 /// A sandbox holding one linked piece of code.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -329,6 +379,8 @@ pub struct Sandbox {
     _vm: VmFd,
     mem: GuestMemoryMmap,
     code_len: u64,
+    /// The entry state, put back after a call that did not return.
+    sregs: kvm_bindings::kvm_sregs,
     watchdog: Arc<Watchdog>,
     watcher: Option<std::thread::JoinHandle<()>>,
 }
@@ -384,6 +436,7 @@ impl Sandbox {
             _vm: vm,
             mem,
             code_len: code.len() as u64,
+            sregs: Default::default(),
             watchdog,
             watcher: Some(watcher),
         };
@@ -414,13 +467,15 @@ impl Sandbox {
         let code_end = CODE_OFF + self.code_len.div_ceil(0x1000) * 0x1000;
         for page in 0..512u64 {
             let off = page * 0x1000;
-            let mapped = off < 0x5000
-                || (STACK_LO..STACK_TOP).contains(&off)
+            let read_only = off < 0x5000 || (CODE_OFF..code_end).contains(&off);
+            let writable = (STACK_LO..STACK_TOP).contains(&off)
+                || (IST_LO..IST_TOP).contains(&off)
                 || (ARG0_OFF..ARG0_OFF + ARG_MAX).contains(&off)
-                || (ARG1_OFF..ARG1_OFF + ARG_MAX).contains(&off)
-                || (CODE_OFF..code_end).contains(&off);
-            let pte = if mapped {
+                || (ARG1_OFF..ARG1_OFF + ARG_MAX).contains(&off);
+            let pte = if writable {
                 (WINDOW_GPA + off) | P | W
+            } else if read_only {
+                (WINDOW_GPA + off) | P
             } else {
                 0
             };
@@ -435,6 +490,8 @@ impl Sandbox {
             let mut gate = [0u8; 16];
             gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
             gate[2..4].copy_from_slice(&(u16::from(GDT_CODE64) * 8).to_le_bytes());
+            // #DF, #SS, #GP, #PF on their own stack: a bad RSP still reports.
+            gate[4] = u8::from(matches!(v, 8 | 12 | 13 | 14));
             gate[5] = 0x8e; // present, DPL 0, 64-bit interrupt gate
             gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
             gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
@@ -453,6 +510,8 @@ impl Sandbox {
         for (_, off, bytes) in runtime_layout() {
             self.write(WINDOW_GPA + off, &bytes)?;
         }
+        // 64-bit TSS: IST 1 at offset 0x24.
+        self.write(WINDOW_GPA + TSS_OFF + 0x24, &va(IST_TOP).to_le_bytes())?;
         self.write(WINDOW_GPA + CODE_OFF, code)?;
 
         let mut s = self.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
@@ -466,6 +525,8 @@ impl Sandbox {
         s.gs = data;
         s.gs.base = va(GS_OFF);
         s.tr = kvm_segment_from_gdt(BOOT_GDT[GDT_TSS as usize], GDT_TSS);
+        s.tr.base = va(TSS_OFF);
+        s.tr.limit = 0x67;
         s.gdt.base = va(GDT_OFF);
         s.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
         s.idt.base = va(IDT_OFF);
@@ -474,7 +535,9 @@ impl Sandbox {
         s.cr3 = PML4;
         s.cr4 = 1 << 5; // PAE
         s.efer = (1 << 8) | (1 << 10); // LME LMA
-        self.vcpu.set_sregs(&s).map_err(kvm("KVM_SET_SREGS"))
+        self.vcpu.set_sregs(&s).map_err(kvm("KVM_SET_SREGS"))?;
+        self.sregs = s;
+        Ok(())
     }
 
     /// Runs the function at `entry` as `entry(a, b)` with `a` and `b`
@@ -511,8 +574,14 @@ impl Sandbox {
             ..Default::default()
         };
         self.vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
-        let outcome = self.run(limit);
-        outcome?;
+        if let Err(e) = self.run(limit) {
+            // A triple fault resets the vCPU (real mode on AMD): the next
+            // call starts from the entry state again.
+            self.vcpu
+                .set_sregs(&self.sregs)
+                .map_err(kvm("KVM_SET_SREGS (after a failed call)"))?;
+            return Err(e);
+        }
         self.read(WINDOW_GPA + ARG1_OFF, b)
     }
 
@@ -520,45 +589,31 @@ impl Sandbox {
     /// fires.
     fn run(&mut self, limit: Duration) -> Result<(), SandboxError> {
         let page: *mut kvm_bindings::kvm_run = self.vcpu.get_kvm_run();
-        let previous = crate::vcpu::swap_kick_page(page);
-        self.watchdog.arm(limit);
-        let mut kicked_for_guest = false;
-        let outcome = loop {
+        let guard = Armed::new(self.watchdog.clone(), page, limit);
+        loop {
             match self.vcpu.run() {
-                Ok(VcpuExit::IoOut(DONE_PORT, _)) => break Ok(()),
+                Ok(VcpuExit::IoOut(DONE_PORT, _)) => return Ok(()),
                 Ok(VcpuExit::IoOut(FAULT_PORT, data)) => {
                     let vector = data.first().copied().unwrap_or(0xff);
-                    break Err(self.fault(vector));
+                    return Err(self.fault(vector));
                 }
-                Ok(exit) => break Err(SandboxError::Exit(format!("{exit:?}"))),
+                Ok(exit) => return Err(SandboxError::Exit(format!("{exit:?}"))),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.vcpu.set_kvm_immediate_exit(0);
                     if self.watchdog.fired() {
-                        break Err(SandboxError::RanAway(limit));
+                        return Err(SandboxError::RanAway(limit));
                     }
                     // A kick meant for the guest vCPU this thread runs.
-                    kicked_for_guest = true;
+                    guard.kicked_for_guest.set(true);
                 }
                 Err(e) => {
-                    break Err(SandboxError::Kvm {
+                    return Err(SandboxError::Kvm {
                         what: "KVM_RUN",
                         source: e,
                     })
                 }
             }
-        };
-        self.watchdog.disarm();
-        self.vcpu.set_kvm_immediate_exit(0);
-        crate::vcpu::swap_kick_page(previous);
-        if kicked_for_guest && !previous.is_null() {
-            // SAFETY: `previous` is this thread's own vCPU kvm_run mapping (set by
-            // its vCPU loop, which outlives this call).
-            let field = unsafe { std::ptr::addr_of_mut!((*previous).immediate_exit) };
-            // SAFETY: `field` points into that live mapping; a volatile byte
-            // store is what the kick handler itself does.
-            unsafe { std::ptr::write_volatile(field, 1) };
         }
-        outcome
     }
 
     fn fault(&self, vector: u8) -> SandboxError {
@@ -567,7 +622,8 @@ impl Sandbox {
         if let Ok(r) = self.vcpu.get_regs() {
             let mut frame = [0u8; 16];
             let off = r.rsp.wrapping_sub(WINDOW_VA);
-            if (STACK_LO..STACK_TOP - 16).contains(&off)
+            let on_stack = |lo: u64, top: u64| (lo..top - 16).contains(&off);
+            if (on_stack(STACK_LO, STACK_TOP) || on_stack(IST_LO, IST_TOP))
                 && self.read(WINDOW_GPA + off, &mut frame).is_ok()
             {
                 let w0 = u64::from_le_bytes(frame[..8].try_into().unwrap_or_default());

@@ -122,6 +122,34 @@ fn faults_and_endless_loops_fail_with_their_cause_and_the_sandbox_goes_on() {
 }
 
 #[test]
+fn a_stack_overflow_or_a_write_to_code_is_a_reported_fault_and_changes_nothing() {
+    // sub rsp, 0x20000; mov [rsp], rax: far below the stack (unmapped).
+    const DEEP: &[u8] = &[
+        0x48, 0x81, 0xec, 0x00, 0x00, 0x02, 0x00, 0x48, 0x89, 0x04, 0x24, 0xc3,
+    ];
+    // mov rsp, 0; push rax: no stack at all (the fault is delivered on
+    // the sandbox's own exception stack, not a triple fault).
+    const NO_STACK: &[u8] = &[0x31, 0xe4, 0x50, 0xc3];
+    // mov byte [rip-7], 0xc3: a write into its own code.
+    const SELF_WRITE: &[u8] = &[0xc6, 0x05, 0xf9, 0xff, 0xff, 0xff, 0xc3, 0xc3];
+    let (mut sb, e) = sandbox(&[ADD_ONE, DEEP, NO_STACK, SELF_WRITE]);
+    let mut b = [0u8; 16];
+    for (i, what) in [(1, "deep stack"), (2, "no stack"), (3, "write to code")] {
+        let err = sb
+            .call(e[i], &[0; 8], &mut b, sandbox::TIME_LIMIT)
+            .expect_err(what);
+        assert!(
+            matches!(err, SandboxError::Fault { vector: 14, .. }),
+            "{what}: {err}"
+        );
+        // The sandbox goes on, its code as it was.
+        sb.call(e[0], &7u64.to_le_bytes(), &mut b, sandbox::TIME_LIMIT)
+            .unwrap_or_else(|e| panic!("after {what}: {e}"));
+        assert_eq!(u64::from_le_bytes(b[8..].try_into().expect("8")), 8);
+    }
+}
+
+#[test]
 fn oversized_buffers_and_entries_outside_the_code_are_refused() {
     let (mut sb, e) = sandbox(&[ADD_ONE]);
     let big = vec![0u8; sandbox::ARG_MAX as usize + 1];
