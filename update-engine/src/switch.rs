@@ -86,18 +86,20 @@ fn run_copies(guest: &dyn Guest, copies: &[DataCopy]) -> Result<Vec<CopyUndo>, S
         let before = if c.to_new { new.clone() } else { old.clone() };
         // Every element is computed before anything is written: a C
         // transfer that fails leaves both copies as they were.
-        let computed = old
-            .chunks_mut(os)
-            .zip(new.chunks_mut(ns))
-            .try_for_each(|(o, n)| {
-                if c.to_new {
-                    d.to_new(o, n);
-                    c.c.as_ref().map_or(Ok(()), |r| r.to_new(o, n))
-                } else {
-                    d.to_old(n, o);
-                    c.c.as_ref().map_or(Ok(()), |r| r.to_old(n, o))
-                }
-            });
+        // Derived first, element by element; then the C functions over the
+        // whole object in as few sandbox calls as fit.
+        for (o, n) in old.chunks_mut(os).zip(new.chunks_mut(ns)) {
+            if c.to_new {
+                d.to_new(o, n);
+            } else {
+                d.to_old(n, o);
+            }
+        }
+        let computed = match (&c.c, c.to_new) {
+            (None, _) => Ok(()),
+            (Some(r), true) => r.to_new_all(&old, &mut new),
+            (Some(r), false) => r.to_old_all(&new, &mut old),
+        };
         if let Err(e) = computed {
             undo_copies(guest, &undo);
             return Err(e);

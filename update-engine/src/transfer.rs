@@ -85,17 +85,21 @@ impl CRunner {
             Err(SandboxError::RanAway(_)) => sb.call(entry, a, b, self.limit * 4),
             r => r,
         };
-        r.map_err(|e| {
-            let mut why = format!("transfer function {name} of {}: {e}", self.symbol);
-            if let SandboxError::Fault { address, .. } = e {
-                if let Some(s) =
-                    sandbox::poison_index(address).and_then(|i| self.unresolved.get(i as usize))
-                {
-                    why += &format!(" (it uses {s})");
-                }
+        r.map_err(|e| self.explain(name, e))
+    }
+
+    /// The error of a call of `name`, naming the kernel symbol a fault was
+    /// for when it was one.
+    fn explain(&self, name: &str, e: SandboxError) -> String {
+        let mut why = format!("transfer function {name} of {}: {e}", self.symbol);
+        if let SandboxError::Fault { address, .. } = e {
+            if let Some(s) =
+                sandbox::poison_index(address).and_then(|i| self.unresolved.get(i as usize))
+            {
+                why += &format!(" (it uses {s})");
             }
-            why
-        })
+        }
+        why
     }
 
     /// Old→new for one element: `new` holds the element's current new
@@ -112,19 +116,58 @@ impl CRunner {
         self.call(self.to_old, &self.functions.to_old, new, old)
     }
 
+    /// `entry` over every element pair of `a` and `b` (sizes `a_size`,
+    /// `b_size`), in as few sandbox calls as the buffers allow: a pause
+    /// does not pay a VM exit per element.
+    fn each(
+        &self,
+        entry: u64,
+        name: &str,
+        (a, a_size): (&[u8], usize),
+        (b, b_size): (&mut [u8], usize),
+    ) -> Result<(), String> {
+        let per = (sandbox::ARG_MAX as usize / a_size.max(b_size).max(1)).max(1);
+        let mut sb = self.sandbox.lock().unwrap_or_else(|e| e.into_inner());
+        for (ac, bc) in a.chunks(per * a_size).zip(b.chunks_mut(per * b_size)) {
+            let limit = self.limit * (ac.len() / a_size.max(1)).max(1) as u32;
+            let r = match sb.call_each(entry, (ac, a_size), (bc, b_size), limit) {
+                Err(SandboxError::RanAway(_)) => {
+                    sb.call_each(entry, (ac, a_size), (bc, b_size), limit * 4)
+                }
+                r => r,
+            };
+            r.map_err(|e| self.explain(name, e))?;
+        }
+        Ok(())
+    }
+
+    /// Old→new for every element of the object (`old`, `new` whole, the
+    /// derived part of `new` done).
+    pub fn to_new_all(&self, old: &[u8], new: &mut [u8]) -> Result<(), String> {
+        let (os, ns) = (self.old_size, self.new_size);
+        self.each(self.to_new, &self.functions.to_new, (old, os), (new, ns))
+    }
+
+    /// New→old for every element, likewise.
+    pub fn to_old_all(&self, new: &[u8], old: &mut [u8]) -> Result<(), String> {
+        let (os, ns) = (self.old_size, self.new_size);
+        self.each(self.to_old, &self.functions.to_old, (new, ns), (old, os))
+    }
+
     /// Both directions over every element of `old` (a snapshot of the old
     /// object), results thrown away: a function that faults or runs away
     /// is refused before the guest is paused.
     pub fn dry_run(&self, change: &DataChange, old: &[u8]) -> Result<(), String> {
         let (os, ns) = (change.old_size as usize, change.new_size as usize);
-        for o in old.chunks(os) {
-            let mut n = vec![0u8; ns];
-            change.to_new(o, &mut n);
-            self.to_new(o, &mut n)?;
-            let mut back = o.to_vec();
-            change.to_old(&n, &mut back);
-            self.to_old(&n, &mut back)?;
+        let mut new = vec![0u8; ns * old.len() / os.max(1)];
+        for (o, n) in old.chunks(os).zip(new.chunks_mut(ns)) {
+            change.to_new(o, n);
         }
-        Ok(())
+        self.to_new_all(old, &mut new)?;
+        let mut back = old.to_vec();
+        for (o, n) in back.chunks_mut(os).zip(new.chunks(ns)) {
+            change.to_old(n, o);
+        }
+        self.to_old_all(&new, &mut back)
     }
 }

@@ -55,6 +55,8 @@ const GDT_OFF: u64 = 0;
 const IDT_OFF: u64 = 0x1000;
 const STUBS_OFF: u64 = 0x2000;
 const TRAMPOLINE_OFF: u64 = 0x2200;
+/// The batch trampoline: `entry(a + i*a_size, b + i*b_size)` for i < count.
+const BATCH_OFF: u64 = 0x2240;
 const RUNTIME_OFF: u64 = 0x2300;
 const TSS_OFF: u64 = 0x3000;
 const GS_OFF: u64 = 0x4000;
@@ -507,6 +509,19 @@ impl Sandbox {
             WINDOW_GPA + TRAMPOLINE_OFF,
             &[0xff, 0xd0, 0x66, 0xba, lo, hi, 0xee, 0xf4, 0xeb, 0xfe],
         )?;
+        // rbp = entry, rbx = count, r12/r13 = the element pointers, r14/r15
+        // = their sizes (callee-saved: they survive each call).
+        // loop: test rbx,rbx; jz done; mov rdi,r12; mov rsi,r13; call rbp;
+        //       add r12,r14; add r13,r15; dec rbx; jmp loop
+        // done: mov dx, DONE_PORT; out dx, al; hlt; jmp $
+        self.write(
+            WINDOW_GPA + BATCH_OFF,
+            &[
+                0x48, 0x85, 0xdb, 0x74, 0x13, 0x4c, 0x89, 0xe7, 0x4c, 0x89, 0xee, 0xff, 0xd5, 0x4d,
+                0x01, 0xf4, 0x4d, 0x01, 0xfd, 0x48, 0xff, 0xcb, 0xeb, 0xe8, 0x66, 0xba, lo, hi,
+                0xee, 0xf4, 0xeb, 0xfe,
+            ],
+        )?;
         for (_, off, bytes) in runtime_layout() {
             self.write(WINDOW_GPA + off, &bytes)?;
         }
@@ -577,6 +592,61 @@ impl Sandbox {
         if let Err(e) = self.run(limit) {
             // A triple fault resets the vCPU (real mode on AMD): the next
             // call starts from the entry state again.
+            self.vcpu
+                .set_sregs(&self.sregs)
+                .map_err(kvm("KVM_SET_SREGS (after a failed call)"))?;
+            return Err(e);
+        }
+        self.read(WINDOW_GPA + ARG1_OFF, b)
+    }
+
+    /// Runs `entry` on `count` pairs of elements in one go (one `KVM_RUN`):
+    /// `entry(a_i, b_i)` with `a_i` the `i`th `a_size` bytes of `a`, `b_i`
+    /// likewise in `b`; at most `limit` for all of them. On a normal return
+    /// all of `b` is copied back; on a failure none of it.
+    pub fn call_each(
+        &mut self,
+        entry: u64,
+        (a, a_size): (&[u8], usize),
+        (b, b_size): (&mut [u8], usize),
+        limit: Duration,
+    ) -> Result<(), SandboxError> {
+        let count = a.len().checked_div(a_size).unwrap_or(0);
+        if a_size == 0 || b_size == 0 || a.len() != count * a_size || b.len() != count * b_size {
+            return Err(SandboxError::TooBig(format!(
+                "{} and {} bytes are not {count} elements of {a_size} and {b_size}",
+                a.len(),
+                b.len()
+            )));
+        }
+        if a.len() as u64 > ARG_MAX || b.len() as u64 > ARG_MAX {
+            return Err(SandboxError::TooBig(format!(
+                "buffers of {} and {} bytes; a sandbox call takes at most {ARG_MAX} each",
+                a.len(),
+                b.len()
+            )));
+        }
+        if !(CODE_VA..CODE_VA + self.code_len).contains(&entry) {
+            return Err(SandboxError::Exit(format!(
+                "entry {entry:#x} is outside the sandbox's code"
+            )));
+        }
+        self.write(WINDOW_GPA + ARG0_OFF, a)?;
+        self.write(WINDOW_GPA + ARG1_OFF, b)?;
+        let regs = kvm_regs {
+            rip: WINDOW_VA + BATCH_OFF,
+            rsp: WINDOW_VA + STACK_TOP,
+            rbp: entry,
+            rbx: count as u64,
+            r12: WINDOW_VA + ARG0_OFF,
+            r13: WINDOW_VA + ARG1_OFF,
+            r14: a_size as u64,
+            r15: b_size as u64,
+            rflags: 2,
+            ..Default::default()
+        };
+        self.vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+        if let Err(e) = self.run(limit) {
             self.vcpu
                 .set_sregs(&self.sregs)
                 .map_err(kvm("KVM_SET_SREGS (after a failed call)"))?;

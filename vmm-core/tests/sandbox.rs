@@ -57,6 +57,28 @@ fn a_function_runs_on_copies_and_returns_what_it_wrote() {
 }
 
 #[test]
+fn a_batch_runs_the_function_on_every_pair_of_elements_in_one_go() {
+    let (mut sb, e) = sandbox(&[ADD_ONE]);
+    // a: 100 words; b: 100 elements of 16 bytes.
+    let a: Vec<u8> = (0..100u64).flat_map(|i| (i * 10).to_le_bytes()).collect();
+    let mut b = vec![0xeeu8; 100 * 16];
+    sb.call_each(e[0], (&a, 8), (&mut b, 16), sandbox::TIME_LIMIT)
+        .expect("batch");
+    for (i, el) in b.chunks(16).enumerate() {
+        assert_eq!(&el[..8], &[0xee; 8], "element {i}: untouched half");
+        assert_eq!(
+            u64::from_le_bytes(el[8..].try_into().expect("8")),
+            i as u64 * 10 + 1,
+            "element {i}"
+        );
+    }
+    // Mismatched sizes are refused.
+    assert!(sb
+        .call_each(e[0], (&a, 8), (&mut b[..16 * 99], 16), sandbox::TIME_LIMIT)
+        .is_err());
+}
+
+#[test]
 fn runtime_functions_are_there_for_compiled_code() {
     // memcpy(b, a, 16) through the sandbox's runtime.
     let mut code = vec![
