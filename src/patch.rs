@@ -747,6 +747,33 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
             p.name, p.version, p.description, p.code_bytes, p.code_addr, p.mode
         );
         print_functions(&p.functions);
+        for d in &p.data {
+            println!(
+                "  data      {} (struct {} x {}): {} -> {} bytes, old copy {:#x}, new copy {:#x}",
+                d.symbol, d.type_name, d.count, d.old_bytes, d.new_bytes, d.old_addr, d.new_addr
+            );
+            let st = &d.stats;
+            let failures = if st.failures > 0 {
+                format!(", {} FAILED (the copies may differ)", st.failures)
+            } else {
+                String::new()
+            };
+            let when = match st.retired_after_ms {
+                Some(ms) => format!("retired {ms} ms after the apply"),
+                None => st.state.clone(),
+            };
+            println!(
+                "            {when}: {} writes transferred in {:.1} ms{failures}",
+                st.transfers,
+                st.transfer_ns as f64 / 1e6
+            );
+            if !d.users_left.is_empty() {
+                println!(
+                    "            old copy still used by {}",
+                    d.users_left.join(", ")
+                );
+            }
+        }
         let owner = update_engine::patcher::patch_owner(&p.name);
         let prot: Vec<_> = l.protected.iter().filter(|r| r.owner == owner).collect();
         println!(

@@ -305,6 +305,15 @@ fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
             prot.contains("stats_table (old)") && prot.contains("stats_table (new)"),
             "{l}"
         );
+        let text = vm.ok(&["list", "--vm", "dc"]);
+        for what in [
+            "data      stats_table (struct task_stat x 8): 256 -> 384 bytes",
+            "tracking: ",
+            " writes transferred in ",
+            "old copy still used by ",
+        ] {
+            assert!(text.contains(what), "lucos list shows '{what}':\n{text}");
+        }
 
         let at = vm.serial().len();
         let out = vm.ok(&["revert", "--vm", "dc", "stats2"]);
@@ -452,6 +461,8 @@ fn a_change_whose_old_users_are_all_replaced_retires_and_reverts_exactly() {
         let d = &l["patches"][0]["data"][0];
         assert_eq!(d["users_left"].as_array().map(Vec::len), Some(0), "{l}");
         assert!(d["stats"]["retired_after_ms"].is_u64(), "{l}");
+        let text = vm.ok(&["list", "--vm", "dc"]);
+        assert!(text.contains(" ms after the apply: "), "{text}");
         // The old copy is ordinary memory again; the new one stays guarded.
         let prot = l["protected"].to_string();
         assert!(!prot.contains("stats_table (old)"), "{l}");
