@@ -34,7 +34,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::bench::{body, lucos_source, median, number as get, runs, FUNCS};
+use common::bench::{
+    body, build_klptime, klp_module, lucos_source, median, number as get, runs, FUNCS,
+};
 use common::linux::{
     kbuild_dir, kernel_pkg, kernel_release, package_vmlinux, run_scenario_with, Extras,
 };
@@ -42,25 +44,18 @@ use common::linux::{
 /// A livepatch module replacing the same functions (the kernel's
 /// samples/livepatch shape: a klp_patch of one klp_object, vmlinux).
 fn klp_source(n: usize) -> String {
-    let mut s = String::from(
-        "#include <linux/module.h>\n#include <linux/livepatch.h>\n#include <linux/seq_file.h>\n\n",
-    );
+    let mut defs = String::new();
     for (f, file) in &FUNCS[..n] {
-        s += &format!(
+        defs += &format!(
             "static int lpb_{f}(struct seq_file *m, void *v)\n{}\n",
             body(file)
         );
     }
-    s += "static struct klp_func funcs[] = {\n";
-    for (f, _) in &FUNCS[..n] {
-        s += &format!("\t{{ .old_name = \"{f}\", .new_func = lpb_{f} }},\n");
-    }
-    s += "\t{ }\n};\n\nstatic struct klp_object objs[] = {\n\t{ .funcs = funcs },\n\t{ }\n};\n\n";
-    s += "static struct klp_patch patch = {\n\t.mod = THIS_MODULE,\n\t.objs = objs,\n};\n\n";
-    s += "static int __init lpb_init(void)\n{\n\treturn klp_enable_patch(&patch);\n}\n\n";
-    s += "static void __exit lpb_exit(void)\n{\n}\n\n";
-    s += "module_init(lpb_init);\nmodule_exit(lpb_exit);\nMODULE_LICENSE(\"GPL\");\nMODULE_INFO(livepatch, \"Y\");\n";
-    s
+    let funcs: Vec<(&str, String)> = FUNCS[..n]
+        .iter()
+        .map(|(f, _)| (*f, format!("lpb_{f}")))
+        .collect();
+    klp_module(&defs, &funcs)
 }
 
 /// Builds the lucos patches into `files` and the modules and klptime into
@@ -99,15 +94,7 @@ fn build_all(dir: &Path, files: &Path, guest: &Path) {
         )
         .expect("module");
     }
-    common::linux::run_ok(
-        Command::new("cc")
-            .args(["-static", "-O2", "-Wall", "-o"])
-            .arg(guest.join("klptime"))
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/guest-kernels/linux/bench/klptime.c"
-            )),
-    );
+    build_klptime(guest);
 }
 
 /// The guest: livepatch rounds first (it drives them itself), a window with

@@ -16,11 +16,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
-use common::bench::{lucos_source, median, number as get, runs};
-use common::linux::{kbuild_dir, package_vmlinux, run_ok, run_scenario_with, Extras};
+use common::bench::{
+    lucos_source, median, number as get, runs, step_signal_source, SCENARIO_HELPERS,
+};
+use common::linux::{build_patch, kbuild_dir, run_scenario_with, Extras, PatchDirs};
 
 const TASKS: [usize; 3] = [0, 300, 1000];
 
@@ -48,19 +49,8 @@ fn scenario(runs: usize) -> String {
     format!(
         r#"
 LOG=/tmp/b.serial
-await() {{
-  w=0
-  until grep -q "$1" $LOG; do
-    sleep 0.05; w=$((w + 1))
-    if [ $w -gt 12000 ]; then echo "@@SCN timeout waiting for $1"; sed 's/^/G| /' $LOG; return 1; fi
-  done
-}}
-figures() {{
-  tr -d ' \n' < /tmp/o | grep -o '"\(pause_us\|tries\|sleeping_tasks_checked\)":[0-9.]*' | sed 's/"//g; s/:/=/' | tr '\n' ' '
-  grep -q '"pause_us"' /tmp/o || tr '\n' ' ' < /tmp/o
-}}
-$LUCOS run --vm b --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 512M \
-  --cmdline "console=ttyS0 panic=-1 quiet" --serial-log $LOG --trusted-key $FILES/key.pub --quiet --detach
+{helpers}
+start_vm 512M
 for t in {steps}; do
   await "@@PHASE tasks=$t " || exit 1
   grep "@@PHASE tasks=$t " $LOG | sed 's/^/@@SCN /'
@@ -81,58 +71,33 @@ done
 await "@@PHASE end"
 $LUCOS stop --vm b >/dev/null 2>&1 || true
 "#,
-        steps = steps.join(" ")
-    )
-}
-
-/// A patch that makes /proc/sys/kernel/domainname read `step-done-T`: the
-/// host's signal to the guest that its step is over.
-fn step_source(t: usize) -> String {
-    format!(
-        "#include <linux/sysctl.h>\n#include <linux/string.h>\n#include <linux/errno.h>\n\n\
-         int proc_do_uts_string(struct ctl_table *table, int write, void *buffer, size_t *lenp, loff_t *ppos)\n\
-         {{\n\tstatic const char s[] = \"step-done-{t}\\n\";\n\tsize_t n = sizeof(s) - 1;\n\n\
-         \tif (write)\n\t\treturn -EPERM;\n\tif (*ppos) {{\n\t\t*lenp = 0;\n\t\treturn 0;\n\t}}\n\
-         \tif (n > *lenp)\n\t\tn = *lenp;\n\tmemcpy(buffer, s, n);\n\t*lenp = n;\n\t*ppos += n;\n\treturn 0;\n}}\n"
+        steps = steps.join(" "),
+        helpers = SCENARIO_HELPERS,
     )
 }
 
 fn main() {
     let runs = runs();
-    let dir = std::env::temp_dir().join(format!("lucos-bench-tasks-{}", std::process::id()));
-    let files = dir.join("files");
-    std::fs::create_dir_all(&files).expect("dir");
+    let d = PatchDirs::new("bench-tasks");
     let kbuild = kbuild_dir();
-    let vmlinux = dir.join("vmlinux");
-    std::fs::write(&vmlinux, package_vmlinux()).expect("vmlinux");
-    let lucos = env!("CARGO_BIN_EXE_lucos");
-    run_ok(
-        Command::new(lucos)
-            .arg("keygen")
-            .arg("-o")
-            .arg(files.join("key")),
+    build_patch(&d.files, &kbuild, &d.vmlinux, "lpb1", &lucos_source(1), &[]);
+    build_patch(
+        &d.files,
+        &kbuild,
+        &d.vmlinux,
+        "lpb10",
+        &lucos_source(10),
+        &[],
     );
-    let mut sources: Vec<(String, String)> = vec![
-        ("lpb1".into(), lucos_source(1)),
-        ("lpb10".into(), lucos_source(10)),
-    ];
     for t in TASKS {
-        sources.push((format!("step{t}"), step_source(t)));
-    }
-    for (name, src) in &sources {
-        let c = dir.join(format!("{name}_src.c"));
-        std::fs::write(&c, src).expect("source");
-        run_ok(
-            Command::new(lucos)
-                .args(["build", "--kernel"])
-                .arg(&vmlinux)
-                .arg("--kbuild")
-                .arg(&kbuild)
-                .args(["--name", name, "--key"])
-                .arg(files.join("key"))
-                .arg("-o")
-                .arg(files.join(format!("{name}.lup")))
-                .arg(&c),
+        let src = step_signal_source(&t.to_string());
+        build_patch(
+            &d.files,
+            &kbuild,
+            &d.vmlinux,
+            &format!("step{t}"),
+            &src,
+            &[],
         );
     }
     let out = run_scenario_with(
@@ -141,11 +106,11 @@ fn main() {
         &scenario(runs),
         Duration::from_secs(900 + 120 * runs as u64),
         Extras {
-            files: Some(files),
+            files: Some(d.files.clone()),
             ..Extras::default()
         },
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&d.dir);
     // (tasks, n, mode) -> pause µs samples, tasks walked.
     let mut rows: BTreeMap<(usize, u32, String), (Vec<f64>, f64)> = BTreeMap::new();
     let mut processes: BTreeMap<usize, f64> = BTreeMap::new();

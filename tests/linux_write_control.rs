@@ -13,12 +13,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::linux::{
-    build_modules, build_patch, kbuild_dir, package_vmlinux, run_ok, run_scenario_with, Extras,
-};
+use common::linux::{build_modules, build_patch, kbuild_dir, run_scenario_with, Extras, PatchDirs};
 
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
@@ -170,20 +167,13 @@ cat $LUCOS_RUN_DIR/pk.log | sed 's/^/V| /'
 #[test]
 fn linux_guest_cannot_undo_a_patch_or_write_protected_kernel_text_and_its_text_poke_still_works() {
     let kbuild = kbuild_dir();
-    let dir = std::env::temp_dir().join(format!("lucos-wcfiles-{}", std::process::id()));
-    let (files, guest, kmod) = (dir.join("files"), dir.join("guest"), dir.join("kmod"));
-    for d in [&files, &guest, &kmod] {
-        std::fs::create_dir_all(d).expect("dir");
-    }
-    let vmlinux = dir.join("vmlinux");
-    std::fs::write(&vmlinux, package_vmlinux()).expect("vmlinux");
-    let lucos = env!("CARGO_BIN_EXE_lucos");
-    run_ok(
-        Command::new(lucos)
-            .arg("keygen")
-            .arg("-o")
-            .arg(files.join("key")),
-    );
+    let PatchDirs {
+        dir,
+        files,
+        guest,
+        kmod,
+        vmlinux,
+    } = PatchDirs::new("wcfiles");
     build_patch(&files, &kbuild, &vmlinux, "cmdfix", CMDFIX, &[]);
     build_patch(&files, &kbuild, &vmlinux, "signal", SIGNAL, &[]);
     build_modules(&kbuild, &kmod, &[("wpoke", WPOKE)]);

@@ -226,6 +226,48 @@ pub fn package_vmlinux() -> Vec<u8> {
     vmlinux_of(&kernel_pkg())
 }
 
+/// A scratch set for a Linux scenario: `DIR/files` (the host's, with a
+/// fresh signing key `key`), `DIR/guest` (the guest's /files), `DIR/kmod`
+/// (module builds) and `DIR/vmlinux` (the chosen guest kernel's image).
+pub struct PatchDirs {
+    /// The whole scratch directory (remove it when done).
+    pub dir: PathBuf,
+    /// Host files: key, `.lup`s.
+    pub files: PathBuf,
+    /// Guest files.
+    pub guest: PathBuf,
+    /// Module builds.
+    pub kmod: PathBuf,
+    /// The guest kernel's image.
+    pub vmlinux: PathBuf,
+}
+
+impl PatchDirs {
+    /// Creates them under the temporary directory, named after `tag`.
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("lucos-{tag}-{}", std::process::id()));
+        let (files, guest, kmod) = (dir.join("files"), dir.join("guest"), dir.join("kmod"));
+        for d in [&files, &guest, &kmod] {
+            std::fs::create_dir_all(d).expect("dir");
+        }
+        let vmlinux = dir.join("vmlinux");
+        std::fs::write(&vmlinux, package_vmlinux()).expect("vmlinux");
+        run_ok(
+            Command::new(env!("CARGO_BIN_EXE_lucos"))
+                .arg("keygen")
+                .arg("-o")
+                .arg(files.join("key")),
+        );
+        PatchDirs {
+            dir,
+            files,
+            guest,
+            kmod,
+            vmlinux,
+        }
+    }
+}
+
 /// Runs `cmd`, failing with its output unless it succeeds.
 pub fn run_ok(cmd: &mut Command) {
     let o = cmd
