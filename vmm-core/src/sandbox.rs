@@ -54,8 +54,8 @@ const PT: u64 = 0x4000;
 const GDT_OFF: u64 = 0;
 const IDT_OFF: u64 = 0x1000;
 const STUBS_OFF: u64 = 0x2000;
-const TRAMPOLINE_OFF: u64 = 0x2200;
-/// The batch trampoline: `entry(a + i*a_size, b + i*b_size)` for i < count.
+/// The call trampoline: `entry(a + i*a_size, b + i*b_size)` for i < count
+/// (a single call is a batch of one).
 const BATCH_OFF: u64 = 0x2240;
 const RUNTIME_OFF: u64 = 0x2300;
 const TSS_OFF: u64 = 0x3000;
@@ -503,12 +503,7 @@ impl Sandbox {
             let stub = [0xb0, v as u8, 0x66, 0xba, lo, hi, 0xee, 0xf4, 0xeb, 0xfe];
             self.write(WINDOW_GPA + STUBS_OFF + v * 16, &stub)?;
         }
-        // call rax; mov dx, DONE_PORT; out dx, al; hlt; jmp $
         let [lo, hi] = DONE_PORT.to_le_bytes();
-        self.write(
-            WINDOW_GPA + TRAMPOLINE_OFF,
-            &[0xff, 0xd0, 0x66, 0xba, lo, hi, 0xee, 0xf4, 0xeb, 0xfe],
-        )?;
         // rbp = entry, rbx = count, r12/r13 = the element pointers, r14/r15
         // = their sizes (callee-saved: they survive each call).
         // loop: test rbx,rbx; jz done; mov rdi,r12; mov rsi,r13; call rbp;
@@ -565,39 +560,8 @@ impl Sandbox {
         b: &mut [u8],
         limit: Duration,
     ) -> Result<(), SandboxError> {
-        if a.len() as u64 > ARG_MAX || b.len() as u64 > ARG_MAX {
-            return Err(SandboxError::TooBig(format!(
-                "buffers of {} and {} bytes; a sandbox call takes at most {ARG_MAX} each",
-                a.len(),
-                b.len()
-            )));
-        }
-        if !(CODE_VA..CODE_VA + self.code_len).contains(&entry) {
-            return Err(SandboxError::Exit(format!(
-                "entry {entry:#x} is outside the sandbox's code"
-            )));
-        }
-        self.write(WINDOW_GPA + ARG0_OFF, a)?;
-        self.write(WINDOW_GPA + ARG1_OFF, b)?;
-        let regs = kvm_regs {
-            rip: WINDOW_VA + TRAMPOLINE_OFF,
-            rsp: WINDOW_VA + STACK_TOP,
-            rax: entry,
-            rdi: WINDOW_VA + ARG0_OFF,
-            rsi: WINDOW_VA + ARG1_OFF,
-            rflags: 2,
-            ..Default::default()
-        };
-        self.vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
-        if let Err(e) = self.run(limit) {
-            // A triple fault resets the vCPU (real mode on AMD): the next
-            // call starts from the entry state again.
-            self.vcpu
-                .set_sregs(&self.sregs)
-                .map_err(kvm("KVM_SET_SREGS (after a failed call)"))?;
-            return Err(e);
-        }
-        self.read(WINDOW_GPA + ARG1_OFF, b)
+        let (a_size, b_size) = (a.len(), b.len());
+        self.call_each(entry, (a, a_size), (b, b_size), limit)
     }
 
     /// Runs `entry` on `count` pairs of elements in one go (one `KVM_RUN`):
