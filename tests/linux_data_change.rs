@@ -147,13 +147,7 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
         },
     );
     let _ = std::fs::remove_dir_all(&dir);
-    let line = |prefix: &str| -> String {
-        out.text
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no '{prefix}' line:\n{}", out.vm_ends()))
-            .to_owned()
-    };
+    let line = |prefix: &str| out.line(prefix);
     let apply = line("@@SCN apply ");
     assert!(apply.contains("rc=0 "), "{apply}\n{}", out.text);
     // Old copy written (file-max, through the sysctl table): the new copy

@@ -220,13 +220,7 @@ fn linux_proc_functions_live_patched_and_reverted_bad_patches_refused() {
         },
     );
     let _ = std::fs::remove_dir_all(&dir);
-    let line = |prefix: &str| -> String {
-        out.text
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no '{prefix}' line:\n{}", out.text))
-            .to_owned()
-    };
+    let line = |prefix: &str| out.line(prefix);
     let sha0 = line("@@SCN sha before ")["@@SCN sha before ".len()..].to_owned();
     assert_eq!(sha0.len(), 64, "{}", out.text);
     for (p, rc, why) in [
@@ -459,13 +453,7 @@ fn linux_immediate_mode_switches_in_one_pause_with_dozens_of_tasks_asleep_in_the
         },
     );
     let _ = std::fs::remove_dir_all(&dir);
-    let line = |prefix: &str| -> String {
-        out.text
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no '{prefix}' line:\n{}", out.vm_ends()))
-            .to_owned()
-    };
+    let line = |prefix: &str| out.line(prefix);
     assert_eq!(
         out.value("@@SCN @@KMSG asleep", "asleep").as_deref(),
         Some("24"),

@@ -360,6 +360,16 @@ impl ScenarioOutput {
         format!("{}\n---- the whole output:\n", ends.join("\n"))
     }
 
+    /// The first line starting with `prefix`; fails, naming it, when there
+    /// is none.
+    pub fn line(&self, prefix: &str) -> String {
+        self.text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no '{prefix}' line:\n{}", self.vm_ends()))
+            .to_owned()
+    }
+
     /// The value after `key=` on the first line starting with `prefix`.
     pub fn value(&self, prefix: &str, key: &str) -> Option<String> {
         self.text
