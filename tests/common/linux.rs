@@ -491,13 +491,17 @@ struct HostFailure(String);
 /// Lines of the emulated host's own kernel that mean it is no longer sound.
 /// Guest output reaches the console prefixed (`G| `), so never matches.
 fn host_failed(line: &str) -> bool {
+    // G| lines are the guest's serial, V| lines lucos's log: not the host's.
     !line.starts_with("G| ")
+        && !line.starts_with("V| ")
         && [
             "BUG: ", // soft lockup, bad page access, stack guard page hit
             "general protection fault",
             "Kernel panic - not syncing",
-            "rcu_sched self-detected stall",
-            "rcu: INFO: rcu_sched detected stalls",
+            // RCU stalls, whatever the flavour (rcu_sched, rcu_preempt): seen
+            // as a CPU of the emulated host whose timer stopped firing.
+            "self-detected stall",
+            "rcu: INFO: rcu_",
             "blocked for more than", // a hung task
             "@@HOSTFAIL",            // a guest died in boot (the prelude's died_in_boot)
         ]
