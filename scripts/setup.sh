@@ -25,6 +25,15 @@ if [ "$profile" = test ]; then
     [busybox-static]="1:1.35.0-4+deb12u1+b1"      # guest and emulated-host initramfs
     [cpio]="2.13+dfsg-7.1"
     [lz4]="1.9.4-1"           # unpacks the vmlinux inside the bzImage (PVH boot test)
+    # lucos build --diff: the kernel source's own build (fetch-source.sh
+    # prepares it; objtool and the host tools of kbuild need these).
+    [flex]="2.6.4-8.2"
+    [bison]="2:3.8.2+dfsg-1+b1"
+    [libelf-dev]="0.188-2.1"
+    [libssl-dev]="3.0.19-1~deb12u2"
+    [bc]="1.07.1-3+b1"
+    [patch]="2.7.6-7"
+    [xz-utils]="5.4.1-1"
   )
 fi
 
@@ -55,6 +64,8 @@ if [ "$profile" = test ]; then
   "$(dirname "$0")/../guest-kernels/linux/fetch-kernel.sh" >/dev/null
   # Its kbuild tree (linux-headers), for Linux live patches built by `lucos build --kbuild`.
   "$(dirname "$0")/../guest-kernels/linux/fetch-headers.sh" >/dev/null
+  # Its source, prepared, for patches built from source diffs (`lucos build --diff`).
+  "$(dirname "$0")/../guest-kernels/linux/fetch-source.sh" >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
