@@ -9,6 +9,7 @@
 
 pub mod area;
 pub mod data;
+pub mod diffobj;
 pub mod kernel;
 pub mod link;
 pub mod linux;

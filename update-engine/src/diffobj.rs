@@ -1,0 +1,835 @@
+//! Turns two builds of one kernel object file, as it is and as a source diff
+//! changes it (both with `-ffunction-sections -fdata-sections`), into a
+//! patch object: the functions the diff changed or added, what they need
+//! that the running kernel lacks (string literals, anonymous read-only data,
+//! functions the kernel inlined away), and every other reference left
+//! undefined, to be resolved against the running kernel by name (with its
+//! position among namesakes for a `static`).
+//!
+//! A function is changed when its bytes or its relocations differ, each
+//! relocation compared by what it points at (a symbol by name, a string
+//! literal by its text, other anonymous data by section and offset), so a
+//! string that moved within `.rodata.str1.1` is no change and an inlined
+//! helper that changed makes its callers changed. What lucos cannot carry
+//! is refused by name: code the kernel runs once (`__init`, `__exit`),
+//! changed initial values of existing data, new writable data, and code
+//! that needs the kernel to process a table at load time (exception
+//! fixups, BUG/WARN entries, jump labels, alternatives, paravirt and static
+//! call sites).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use object::elf::{SHF_MERGE, SHF_STRINGS, SHF_WRITE};
+use object::read::{
+    Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget, SectionIndex,
+    SymbolIndex,
+};
+use object::write;
+use object::{RelocationFlags, SectionFlags, SectionKind, SymbolKind, SymbolScope};
+
+/// Sections that hold entries the kernel processes at boot or load for the
+/// code they point into; a function with an entry in one is refused.
+const KERNEL_TABLES: &[(&str, &str)] = &[
+    ("__ex_table", "exception-table entries (user-memory access fixups)"),
+    ("__bug_table", "BUG/WARN entries"),
+    ("__jump_table", "jump labels (static keys)"),
+    (".altinstructions", "alternative instructions"),
+    (".parainstructions", "paravirt call sites"),
+    (".static_call_sites", "static calls"),
+    ("__tracepoints_ptrs", "tracepoints"),
+];
+
+/// How to refer to a symbol of the running kernel that the patch uses.
+pub trait KernelSymbols {
+    /// The reference for `name`, defined by the object whose other symbols
+    /// are `neighbours` (they tell namesakes apart: an object's code and
+    /// data lie together in the kernel): `name`, or `name#N` (the N-th of
+    /// that name in address order); `None` when the kernel has no such
+    /// symbol or cannot tell which of its namesakes it is.
+    fn reference(&self, name: &str, neighbours: &[String]) -> Option<String>;
+}
+
+/// What the diff of one object found, and the patch object built from it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ObjectDiff {
+    /// The patch object (ELF relocatable), empty when nothing changed.
+    #[serde(skip)]
+    pub object: Vec<u8>,
+    /// Functions of the running kernel the patch replaces, with why.
+    pub changed: Vec<(String, String)>,
+    /// How each replaced function is found in the running kernel: its name,
+    /// or `name#N` among namesakes (see [`KernelSymbols::reference`]).
+    pub references: BTreeMap<String, String>,
+    /// Functions the diff adds (placed, called by changed code).
+    pub added: Vec<String>,
+    /// Functions the kernel does not have on their own (inlined there)
+    /// that changed code calls: placed as new copies.
+    pub pulled_in: Vec<String>,
+    /// Data placed with the code (string literals, read-only data).
+    pub data: Vec<String>,
+}
+
+/// What a relocation points at, as compared between the two builds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    /// A named symbol (numbered statics with their number dropped).
+    Sym(String, i64),
+    /// A string literal, by its text.
+    Str(Vec<u8>),
+    /// Anonymous data, by section name and addend.
+    Sec(String, i64),
+}
+
+struct Obj<'d> {
+    file: object::File<'d>,
+    /// Function symbols: name → (section, offset, size, local).
+    funcs: BTreeMap<String, (SectionIndex, u64, u64, bool)>,
+}
+
+impl<'d> Obj<'d> {
+    fn parse(name: &str, data: &'d [u8]) -> Result<Self, String> {
+        let file = object::File::parse(data).map_err(|e| format!("{name}: not an ELF object: {e}"))?;
+        let mut funcs = BTreeMap::new();
+        for s in file.symbols() {
+            if s.kind() != SymbolKind::Text || s.is_undefined() {
+                continue;
+            }
+            let (Ok(n), Some(sec)) = (s.name(), s.section_index()) else {
+                continue;
+            };
+            funcs.insert(n.to_owned(), (sec, s.address(), s.size(), s.is_local()));
+        }
+        Ok(Obj { file, funcs })
+    }
+
+    fn section_name(&self, i: SectionIndex) -> String {
+        self.file
+            .section_by_index(i)
+            .ok()
+            .and_then(|s| s.name().ok().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    /// The bytes and relocations (offset in the range, flags, target,
+    /// addend, raw symbol) of `[off, off+size)` of section `sec`.
+    fn range(&self, sec: SectionIndex, off: u64, size: u64) -> Result<(Vec<u8>, Vec<Rel>), String> {
+        let s = self.file.section_by_index(sec).map_err(|e| e.to_string())?;
+        let data = s.data().map_err(|e| e.to_string())?;
+        let bytes = data
+            .get(off as usize..(off + size) as usize)
+            .ok_or("a function lies past its section")?
+            .to_vec();
+        let mut rels = Vec::new();
+        for (at, r) in s.relocations() {
+            if at < off || at >= off + size {
+                continue;
+            }
+            let RelocationTarget::Symbol(sym) = r.target() else {
+                return Err(format!("a relocation in {} has no symbol", self.section_name(sec)));
+            };
+            rels.push(Rel {
+                at: at - off,
+                flags: r.flags(),
+                sym,
+                addend: r.addend(),
+            });
+        }
+        Ok((bytes, rels))
+    }
+
+    /// What relocation `r` points at, for comparing.
+    fn target(&self, r: &Rel) -> Target {
+        let Ok(sym) = self.file.symbol_by_index(r.sym) else {
+            return Target::Sec("?".into(), r.addend);
+        };
+        if sym.kind() == SymbolKind::Section {
+            let Some(si) = sym.section_index() else {
+                return Target::Sec("?".into(), r.addend);
+            };
+            let name = self.section_name(si);
+            if is_strings(&self.file, si) {
+                let off = string_offset(r);
+                if let Some(s) = self
+                    .file
+                    .section_by_index(si)
+                    .ok()
+                    .and_then(|s| s.data().ok())
+                    .and_then(|d| d.get(off as usize..))
+                {
+                    let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
+                    return Target::Str(s[..end].to_vec());
+                }
+            }
+            // A symbol of that section covering the place: by its name.
+            if let Some((n, base)) = self.covering(si, string_offset(r) as u64) {
+                return Target::Sym(unnumbered(&n).to_owned(), r.addend - base as i64);
+            }
+            return Target::Sec(name, r.addend);
+        }
+        let n = sym.name().unwrap_or("?");
+        Target::Sym(unnumbered(n).to_owned(), r.addend)
+    }
+
+    /// The named symbol of section `si` covering offset `off`: its name and value.
+    fn covering(&self, si: SectionIndex, off: u64) -> Option<(String, u64)> {
+        self.file
+            .symbols()
+            .filter(|s| s.section_index() == Some(si) && s.kind() != SymbolKind::Section)
+            .filter(|s| {
+                s.address() <= off && (off < s.address() + s.size().max(1))
+            })
+            .find_map(|s| s.name().ok().filter(|n| !n.is_empty()).map(|n| (n.to_owned(), s.address())))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Rel {
+    at: u64,
+    flags: RelocationFlags,
+    sym: SymbolIndex,
+    addend: i64,
+}
+
+/// The offset a relocation's addend points at within its section: PC-relative
+/// ones carry -4 for the displacement's own size.
+fn string_offset(r: &Rel) -> i64 {
+    match r.flags {
+        RelocationFlags::Elf { r_type } if matches!(r_type, object::elf::R_X86_64_PC32 | object::elf::R_X86_64_PLT32) => r.addend + 4,
+        _ => r.addend,
+    }
+}
+
+fn is_strings(file: &object::File<'_>, si: SectionIndex) -> bool {
+    file.section_by_index(si)
+        .map(|s| match s.flags() {
+            SectionFlags::Elf { sh_flags } => {
+                sh_flags & u64::from(SHF_MERGE) != 0 && sh_flags & u64::from(SHF_STRINGS) != 0
+            }
+            _ => false,
+        })
+        .unwrap_or(false)
+}
+
+fn is_writable(file: &object::File<'_>, si: SectionIndex) -> bool {
+    file.section_by_index(si)
+        .map(|s| match s.flags() {
+            SectionFlags::Elf { sh_flags } => sh_flags & u64::from(SHF_WRITE) != 0,
+            _ => true,
+        })
+        .unwrap_or(true)
+}
+
+/// `name` without GCC's numbering of statics (`__already_done.12` →
+/// `__already_done`); clone suffixes (`.isra.0`, `.constprop.1`) stay.
+fn unnumbered(name: &str) -> &str {
+    match name.rsplit_once('.') {
+        Some((base, n))
+            if !n.is_empty()
+                && n.bytes().all(|b| b.is_ascii_digit())
+                && !base.ends_with(".isra")
+                && !base.ends_with(".constprop")
+                && !base.ends_with(".part")
+                && !base.ends_with(".cold")
+                && !base.ends_with(".lto_priv") =>
+        {
+            base
+        }
+        _ => name,
+    }
+}
+
+/// A function's comparable form: bytes and relocations by target.
+fn fingerprint(o: &Obj<'_>, sec: SectionIndex, off: u64, size: u64) -> Result<(Vec<u8>, Vec<(u64, u32, Target)>), String> {
+    let (bytes, rels) = o.range(sec, off, size)?;
+    let mut r: Vec<(u64, u32, Target)> = rels
+        .iter()
+        .map(|x| {
+            let ty = match x.flags {
+                RelocationFlags::Elf { r_type } => r_type,
+                _ => 0,
+            };
+            (x.at, ty, o.target(x))
+        })
+        .collect();
+    r.sort();
+    Ok((bytes, r))
+}
+
+/// Diffs `original` and `patched`, builds of the object file `name` (e.g.
+/// `fs/proc/cmdline.o`, whose source is `cmdline.c` in the kernel's symbol
+/// table), and builds the patch object.
+pub fn diff_object(
+    name: &str,
+    original: &[u8],
+    patched: &[u8],
+    kernel: &dyn KernelSymbols,
+) -> Result<ObjectDiff, String> {
+    let a = Obj::parse(name, original)?;
+    let b = Obj::parse(name, patched)?;
+    let mut out = ObjectDiff::default();
+    // The original object's named symbols: where its namesakes lie.
+    let neighbours: Vec<String> = a
+        .file
+        .symbols()
+        .filter(|s| !s.is_undefined() && matches!(s.kind(), SymbolKind::Text | SymbolKind::Data))
+        .filter_map(|s| s.name().ok().map(str::to_owned))
+        .collect();
+
+    // Changed and new functions.
+    let mut take: BTreeSet<String> = BTreeSet::new();
+    for (fname, &(sec, off, size, _)) in &b.funcs {
+        let sname = b.section_name(sec);
+        let fb = fingerprint(&b, sec, off, size)?;
+        let why = match a.funcs.get(fname) {
+            Some(&(asec, aoff, asize, _)) => {
+                let fa = fingerprint(&a, asec, aoff, asize)?;
+                if fa == fb {
+                    continue;
+                }
+                if fa.0 != fb.0 {
+                    "its code changed"
+                } else {
+                    "what it refers to changed"
+                }
+            }
+            None => "new",
+        };
+        if sname.starts_with(".init.") || sname.starts_with(".exit.") {
+            return Err(format!(
+                "{fname} ({sname}) changed: it is __init/__exit code, which the kernel ran once \
+                 and freed (or never runs); a live patch cannot change it"
+            ));
+        }
+        if why == "new" {
+            out.added.push(fname.clone());
+        } else {
+            let r = kernel.reference(fname, &neighbours).ok_or_else(|| {
+                format!(
+                    "{fname} changed, but the running kernel has no {fname} of this object \
+                     (is {name} built into it?)"
+                )
+            })?;
+            out.references.insert(fname.clone(), r);
+            out.changed.push((fname.clone(), why.to_owned()));
+        }
+        take.insert(fname.clone());
+    }
+    // Existing data whose initial value the diff changed: refused.
+    for s in b.file.symbols() {
+        if s.kind() != SymbolKind::Data || s.is_undefined() {
+            continue;
+        }
+        let (Ok(n), Some(si)) = (s.name(), s.section_index()) else { continue };
+        let Some(old) = a.file.symbols().find(|x| x.name() == Ok(n) && x.kind() == SymbolKind::Data) else {
+            continue;
+        };
+        let val = |o: &object::File<'_>, sym: &object::Symbol<'_, '_>| -> Option<Vec<u8>> {
+            let sec = o.section_by_index(sym.section_index()?).ok()?;
+            let d = sec.data().ok()?;
+            if d.is_empty() {
+                return Some(vec![0; sym.size() as usize]);
+            }
+            d.get(sym.address() as usize..(sym.address() + sym.size()) as usize).map(<[u8]>::to_vec)
+        };
+        if is_writable(&b.file, si) && val(&b.file, &s) != val(&a.file, &old) {
+            return Err(format!(
+                "the diff changes the initial value of {n} (existing data in {name}): the \
+                 running kernel's copy is not re-initialized by a live patch; change it with a \
+                 data change (--data) or in code"
+            ));
+        }
+    }
+
+    if take.is_empty() {
+        return Ok(out);
+    }
+    // Cold parts go with their function.
+    for f in take.clone() {
+        let cold = format!("{f}.cold");
+        if b.funcs.contains_key(&cold) {
+            take.insert(cold);
+        }
+    }
+
+    // Refused: changed code with entries in tables the kernel processes.
+    for sec in b.file.sections() {
+        let Ok(sname) = sec.name() else { continue };
+        let Some((_, what)) = KERNEL_TABLES.iter().find(|(t, _)| *t == sname) else {
+            continue;
+        };
+        for (_, r) in sec.relocations() {
+            let RelocationTarget::Symbol(si) = r.target() else { continue };
+            let Ok(sym) = b.file.symbol_by_index(si) else { continue };
+            let rel = Rel { at: 0, flags: r.flags(), sym: si, addend: r.addend() };
+            let hit = if sym.kind() == SymbolKind::Section {
+                sym.section_index().and_then(|x| b.covering(x, rel.addend as u64)).map(|c| c.0)
+            } else {
+                sym.name().ok().map(str::to_owned)
+            };
+            if let Some(f) = hit.filter(|f| take.contains(f)) {
+                return Err(format!(
+                    "{f} has {what} ({sname}): lucos does not yet make new code's {sname} entries \
+                     known to the running kernel, so it refuses the patch rather than drop them"
+                ));
+            }
+        }
+    }
+
+    // The patch object.
+    let mut w = write::Object::new(
+        object::BinaryFormat::Elf,
+        object::Architecture::X86_64,
+        object::Endianness::Little,
+    );
+    // Placed sections of `b` → their copy; functions → (section, symbol).
+    let mut placed_secs: HashMap<SectionIndex, write::SectionId> = HashMap::new();
+    let mut fn_syms: HashMap<String, write::SymbolId> = HashMap::new();
+    let mut ext_syms: HashMap<String, write::SymbolId> = HashMap::new();
+    let mut queue: Vec<String> = take.iter().cloned().collect();
+    let mut pending_secs: Vec<SectionIndex> = Vec::new();
+    // Code first, then relocations (a function may call one placed later).
+    let mut code: Vec<(String, write::SectionId, SectionIndex, u64, u64)> = Vec::new();
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    loop {
+        while let Some(f) = queue.pop() {
+            if !done.insert(f.clone()) {
+                continue;
+            }
+            let &(sec, off, size, _) = b.funcs.get(&f).ok_or_else(|| format!("{f}: no such function"))?;
+            let (bytes, _) = b.range(sec, off, size)?;
+            let align = b.file.section_by_index(sec).map(|s| s.align()).unwrap_or(16).max(1);
+            let id = w.add_section(Vec::new(), format!(".text.{f}").into_bytes(), SectionKind::Text);
+            w.append_section_data(id, &bytes, align);
+            let sym = w.add_symbol(write::Symbol {
+                name: f.clone().into_bytes(),
+                value: 0,
+                size,
+                kind: SymbolKind::Text,
+                scope: SymbolScope::Compilation,
+                weak: false,
+                section: write::SymbolSection::Section(id),
+                flags: object::SymbolFlags::None,
+            });
+            fn_syms.insert(f.clone(), sym);
+            code.push((f.clone(), id, sec, off, size));
+            // What it calls that is not in the kernel comes along.
+            for r in b.range(sec, off, size)?.1 {
+                let Ok(s) = b.file.symbol_by_index(r.sym) else { continue };
+                if s.kind() == SymbolKind::Text && !s.is_undefined() {
+                    let n = s.name().unwrap_or("").to_owned();
+                    if !take.contains(&n) && kernel.reference(&n, &neighbours).is_none() {
+                        out.pulled_in.push(n.clone());
+                        take.insert(n.clone());
+                        queue.push(n);
+                    }
+                } else if s.kind() == SymbolKind::Section {
+                    if let Some(si) = s.section_index() {
+                        pending_secs.push(si);
+                    }
+                }
+            }
+        }
+        // Anonymous read-only data the code points into (strings, jump
+        // tables): placed whole; its own references may pull in more.
+        let mut more = false;
+        while let Some(si) = pending_secs.pop() {
+            if placed_secs.contains_key(&si) {
+                continue;
+            }
+            let sec = b.file.section_by_index(si).map_err(|e| e.to_string())?;
+            let sname = sec.name().unwrap_or("?").to_owned();
+            if let Some((fname, _)) = b.funcs.iter().find(|(_, v)| v.0 == si) {
+                // A function's own section, reached by a section symbol.
+                if !take.contains(fname) {
+                    // Resolved per relocation below.
+                }
+                continue;
+            }
+            if is_writable(&b.file, si) {
+                continue; // resolved per relocation, by the symbol covering it
+            }
+            let data = sec.data().map_err(|e| e.to_string())?;
+            let kind = if is_strings(&b.file, si) {
+                SectionKind::ReadOnlyString
+            } else {
+                SectionKind::ReadOnlyData
+            };
+            let id = w.add_section(Vec::new(), sname.clone().into_bytes(), kind);
+            w.append_section_data(id, data, sec.align().max(1));
+            placed_secs.insert(si, id);
+            out.data.push(sname);
+            for (_, r) in sec.relocations() {
+                if let RelocationTarget::Symbol(x) = r.target() {
+                    if let Ok(s) = b.file.symbol_by_index(x) {
+                        if s.kind() == SymbolKind::Section {
+                            if let Some(t) = s.section_index() {
+                                pending_secs.push(t);
+                            }
+                        }
+                    }
+                }
+            }
+            more = true;
+        }
+        if !more && queue.is_empty() {
+            break;
+        }
+    }
+
+    let renumber = renumbering(&a, &b)?;
+    // Relocations of the placed code and data.
+    let mut sites: Vec<(write::SectionId, SectionIndex, u64, u64)> = code
+        .iter()
+        .map(|(_, id, sec, off, size)| (*id, *sec, *off, *size))
+        .collect();
+    for (&si, &id) in &placed_secs {
+        let size = b.file.section_by_index(si).map(|s| s.size()).unwrap_or(0);
+        sites.push((id, si, 0, size));
+    }
+    for (id, sec, off, size) in sites {
+        for r in b.range(sec, off, size)?.1 {
+            let s = b.file.symbol_by_index(r.sym).map_err(|e| e.to_string())?;
+            let (symbol, addend) = resolve_target(
+                &b,
+                &s,
+                &r,
+                &neighbours,
+                name,
+                kernel,
+                &mut w,
+                &fn_syms,
+                &placed_secs,
+                &mut ext_syms,
+                &renumber,
+            )?;
+            w.add_relocation(
+                id,
+                write::Relocation {
+                    offset: r.at,
+                    symbol,
+                    addend,
+                    flags: r.flags,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    out.object = w.write().map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// The patch object's symbol (and addend) for a reference of `b` to `s`
+/// with `addend`.
+#[allow(clippy::too_many_arguments)]
+fn resolve_target(
+    b: &Obj<'_>,
+    s: &object::Symbol<'_, '_>,
+    r: &Rel,
+    neighbours: &[String],
+    name: &str,
+    kernel: &dyn KernelSymbols,
+    w: &mut write::Object<'_>,
+    fn_syms: &HashMap<String, write::SymbolId>,
+    placed_secs: &HashMap<SectionIndex, write::SectionId>,
+    ext_syms: &mut HashMap<String, write::SymbolId>,
+    renumber: &HashMap<String, String>,
+) -> Result<(write::SymbolId, i64), String> {
+    let addend = r.addend;
+    let mut external = |w: &mut write::Object<'_>, spec: String| -> write::SymbolId {
+        *ext_syms.entry(spec.clone()).or_insert_with(|| {
+            w.add_symbol(write::Symbol {
+                name: spec.into_bytes(),
+                value: 0,
+                size: 0,
+                kind: SymbolKind::Unknown,
+                scope: SymbolScope::Linkage,
+                weak: false,
+                section: write::SymbolSection::Undefined,
+                flags: object::SymbolFlags::None,
+            })
+        })
+    };
+    if s.is_undefined() {
+        return Ok((external(w, s.name().map_err(|e| e.to_string())?.to_owned()), addend));
+    }
+    // A named symbol, or the one a section-relative reference lands in.
+    let (sname, delta) = if s.kind() == SymbolKind::Section {
+        let si = s.section_index().ok_or("a section symbol without a section")?;
+        if let Some(&id) = placed_secs.get(&si) {
+            return Ok((w.section_symbol(id), addend));
+        }
+        match b.covering(si, string_offset(r).max(0) as u64) {
+            Some((n, base)) => (n, base as i64),
+            None => {
+                return Err(format!(
+                    "{name}: changed code refers to {} at offset {addend}, where no symbol is",
+                    b.section_name(si)
+                ))
+            }
+        }
+    } else {
+        (s.name().map_err(|e| e.to_string())?.to_owned(), 0)
+    };
+    if let Some(&id) = fn_syms.get(&sname) {
+        return Ok((id, addend - delta));
+    }
+    let sym = b
+        .file
+        .symbols()
+        .find(|x| x.name() == Ok(sname.as_str()) && !x.is_undefined())
+        .ok_or_else(|| format!("{name}: no symbol {sname}"))?;
+    // A numbered static (`__already_done.3`) by the running kernel's number.
+    let kname = match renumber.get(&sname) {
+        Some(k) => k.clone(),
+        None if unnumbered(&sname) != sname => {
+            return Err(format!(
+                "changed code uses {sname}, a numbered static, and lucos cannot tell which of \
+                 the running kernel's {}.N it is",
+                unnumbered(&sname)
+            ))
+        }
+        None => sname.clone(),
+    };
+    match kernel.reference(&kname, neighbours) {
+        Some(spec) => Ok((external(w, spec), addend - delta)),
+        None => {
+            let writable = sym.section_index().map(|i| is_writable(&b.file, i)).unwrap_or(true);
+            if writable {
+                Err(format!(
+                    "changed code uses {sname}, data the running kernel does not have (new in the \
+                     diff, or optimized away in the kernel): lucos places patch code and data \
+                     read-only, so a patch cannot add writable data yet"
+                ))
+            } else {
+                Err(format!(
+                    "changed code uses {sname}, read-only data the running kernel does not have \
+                     as a symbol"
+                ))
+            }
+        }
+    }
+}
+
+/// The numbered statics of `b` (`name.N`) paired with those of `a`: through
+/// the functions of both that refer to them, in the order they refer to them
+/// (GCC numbers them in the order it meets them, so a new one shifts the
+/// rest); a name whose base occurs once in each pairs directly.
+fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<HashMap<String, String>, String> {
+    let numbered = |o: &Obj<'_>, f: &(SectionIndex, u64, u64, bool)| -> Result<Vec<String>, String> {
+        let (_, rels) = o.range(f.0, f.1, f.2)?;
+        let mut v = Vec::new();
+        for r in rels {
+            let Ok(s) = o.file.symbol_by_index(r.sym) else { continue };
+            let n = if s.kind() == SymbolKind::Section {
+                match s.section_index().and_then(|si| o.covering(si, string_offset(&r).max(0) as u64)) {
+                    Some((n, _)) => n,
+                    None => continue,
+                }
+            } else {
+                s.name().unwrap_or("").to_owned()
+            };
+            if unnumbered(&n) != n && !v.contains(&n) {
+                v.push(n);
+            }
+        }
+        Ok(v)
+    };
+    let mut map: HashMap<String, String> = HashMap::new();
+    let mut clash: BTreeSet<String> = BTreeSet::new();
+    for (f, fb) in &b.funcs {
+        let Some(fa) = a.funcs.get(f) else { continue };
+        let (va, vb) = (numbered(a, fa)?, numbered(b, fb)?);
+        let bases = |v: &Vec<String>| v.iter().map(|n| unnumbered(n).to_owned()).collect::<Vec<_>>();
+        if bases(&va) != bases(&vb) {
+            continue;
+        }
+        for (x, y) in vb.into_iter().zip(va) {
+            match map.get(&x) {
+                Some(prev) if *prev != y => {
+                    clash.insert(x);
+                }
+                _ => {
+                    map.insert(x, y);
+                }
+            }
+        }
+    }
+    for x in clash {
+        map.remove(&x);
+    }
+    // Bases that occur once in each object.
+    let count = |o: &Obj<'_>| {
+        let mut m: HashMap<String, Vec<String>> = HashMap::new();
+        for s in o.file.symbols() {
+            if let Ok(n) = s.name() {
+                if unnumbered(n) != n && !s.is_undefined() {
+                    m.entry(unnumbered(n).to_owned()).or_default().push(n.to_owned());
+                }
+            }
+        }
+        m
+    };
+    let (ca, cb) = (count(a), count(b));
+    for (base, names) in &cb {
+        if let ([x], Some([y])) = (names.as_slice(), ca.get(base).map(Vec::as_slice)) {
+            map.entry(x.clone()).or_insert_with(|| y.clone());
+        }
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// `src` compiled as the kernel's objects are for a diff (function and
+    /// data sections, kernel code model).
+    fn compile(tag: &str, src: &str) -> Vec<u8> {
+        let dir = std::env::temp_dir().join(format!("lucos-diffobj-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (c, o) = (dir.join("t.c"), dir.join("t.o"));
+        std::fs::write(&c, src).expect("write source");
+        let st = Command::new("gcc")
+            .args(["-c", "-O2", "-fno-pic", "-mcmodel=kernel", "-mno-red-zone"])
+            .args(["-ffunction-sections", "-fdata-sections", "-fno-asynchronous-unwind-tables", "-o"])
+            .arg(&o)
+            .arg(&c)
+            .status()
+            .expect("gcc (scripts/setup.sh installs it)");
+        assert!(st.success(), "gcc {tag}");
+        let bytes = std::fs::read(&o).expect("object");
+        let _ = std::fs::remove_dir_all(&dir);
+        bytes
+    }
+
+    /// A kernel that has `names` once each, and `twice` twice.
+    struct Kernel {
+        names: Vec<&'static str>,
+        twice: Vec<&'static str>,
+    }
+
+    impl KernelSymbols for Kernel {
+        fn reference(&self, name: &str, _: &[String]) -> Option<String> {
+            if self.twice.contains(&name) {
+                return Some(format!("{name}#1"));
+            }
+            self.names.contains(&name).then(|| name.to_owned())
+        }
+    }
+
+    fn kernel() -> Kernel {
+        Kernel {
+            names: vec!["show", "helper", "other", "counter", "printk", "__already_done.1", "__already_done.0"],
+            twice: vec!["local_helper"],
+        }
+    }
+
+    const BASE: &str = r#"
+extern int printk(const char *, ...);
+int counter;
+static __attribute__((noinline)) int local_helper(int x) { return x * 3 + counter; }
+int helper(int x) { return local_helper(x) + 1; }
+int other(int x) { printk("other %d\n", x); return x; }
+int show(int x) { printk("show %d\n", x); return helper(x); }
+"#;
+
+    fn undefined(obj: &[u8]) -> BTreeSet<String> {
+        let f = object::File::parse(obj).expect("patch object");
+        f.symbols()
+            .filter(|s| s.is_undefined())
+            .filter_map(|s| s.name().ok().map(str::to_owned))
+            .filter(|n| !n.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn only_the_changed_function_is_taken_and_the_rest_refers_to_the_kernel() {
+        let a = compile("a1", BASE);
+        // A string moved (a new one before it), one function changed.
+        let b = compile(
+            "b1",
+            &BASE
+                .replace("printk(\"other %d\\n\", x)", "printk(\"other!! %d\\n\", x)")
+                .replace("return helper(x); }", "return helper(x) + 2; }"),
+        );
+        let d = diff_object("t.o", &a, &b, &kernel()).expect("diff");
+        let changed: Vec<&str> = d.changed.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(changed, ["other", "show"]);
+        assert!(d.added.is_empty() && d.pulled_in.is_empty());
+        let und = undefined(&d.object);
+        // show's call of helper is inlined: it calls the kernel's static
+        // local_helper (by position: the kernel has two) and printk.
+        assert!(und.contains("local_helper#1") && und.contains("printk"), "{und:?}");
+        assert!(d.data.iter().any(|s| s.contains(".str1.")), "{:?}", d.data);
+        // It links: the kernel's helper and printk, the patch's strings.
+        let objs = vec![("t.o".to_owned(), d.object.clone())];
+        let l = crate::link(&objs, 0xffff_ffff_c000_0000, &|n: &str| match n {
+            "local_helper#1" => Ok(0xffff_ffff_8100_1000),
+            "printk" => Ok(0xffff_ffff_8100_2000),
+            "__fentry__" => Ok(0xffff_ffff_8100_3000),
+            _ => Err(format!("no {n}")),
+        })
+        .expect("link");
+        assert!(l.symbol(Some("t.o"), "show").is_ok());
+        // Identical builds: nothing changed.
+        let same = diff_object("t.o", &a, &compile("a2", BASE), &kernel()).expect("diff");
+        assert!(same.changed.is_empty() && same.object.is_empty());
+    }
+
+    #[test]
+    fn an_inlined_helper_changes_its_callers_and_statics_with_namesakes_are_by_position() {
+        let src = BASE.replace("__attribute__((noinline)) ", "inline ");
+        let a = compile("a3", &src);
+        let b = compile("b3", &src.replace("x * 3", "x * 4"));
+        let d = diff_object("t.o", &a, &b, &kernel()).expect("diff");
+        let changed: Vec<&str> = d.changed.iter().map(|c| c.0.as_str()).collect();
+        assert!(changed.contains(&"helper"), "{changed:?}");
+        // A kept out-of-line static the kernel has namesakes of.
+        let a = compile("a4", BASE);
+        let b = compile("b4", &BASE.replace("return local_helper(x) + 1;", "return local_helper(x) + 5;"));
+        let d = diff_object("t.o", &a, &b, &kernel()).expect("diff");
+        assert!(undefined(&d.object).contains("local_helper#1"), "{:?}", undefined(&d.object));
+    }
+
+    #[test]
+    fn refusals_name_their_cause() {
+        let a = compile("a5", BASE);
+        // A changed initial value of existing data.
+        let b = compile("b5", &BASE.replace("int counter;", "int counter = 5;"));
+        let e = diff_object("t.o", &a, &b, &kernel()).expect_err("data");
+        assert!(e.contains("initial value of counter"), "{e}");
+        // New writable data used by changed code.
+        let b = compile(
+            "b6",
+            &BASE.replace("int other(int x) {", "static int seen; int other(int x) { seen++;"),
+        );
+        let e = diff_object("t.o", &a, &b, &kernel()).expect_err("new data");
+        assert!(e.contains("seen") && e.contains("writable data"), "{e}");
+        // Changed __init code.
+        let init = "int __attribute__((section(\".init.text\"))) setup(int x) { return x + 1; }\n";
+        let a = compile("a7", &format!("{BASE}{init}"));
+        let b = compile("b7", &format!("{BASE}{}", init.replace("x + 1", "x + 2")));
+        let e = diff_object("t.o", &a, &b, &kernel()).expect_err("init");
+        assert!(e.contains("setup") && e.contains("__init"), "{e}");
+    }
+
+    #[test]
+    fn numbered_statics_pair_by_their_users() {
+        let src = r#"
+extern int printk(const char *, ...);
+int show(int x) { static int __already_done; if (!__already_done) { __already_done = 1; printk("a"); } return x; }
+int other(int x) { static int __already_done; if (!__already_done) { __already_done = 1; printk("b"); } return x + 1; }
+"#;
+        let a = compile("a8", src);
+        // `show` changes; GCC's numbering of the statics is as before.
+        let b = compile("b8", &src.replace("return x; }", "return x + 7; }"));
+        let d = diff_object("t.o", &a, &b, &kernel()).expect("diff");
+        let und = undefined(&d.object);
+        let refs: Vec<&String> = und.iter().filter(|n| n.starts_with("__already_done")).collect();
+        assert_eq!(refs.len(), 1, "{und:?}");
+        // The name the original object gives show's static.
+        let f = object::File::parse(&*a).expect("obj");
+        assert!(f.symbols().any(|s| s.name() == Ok(refs[0].as_str())), "{refs:?}");
+    }
+}
