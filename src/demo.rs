@@ -148,6 +148,9 @@ fn live_patch(vm: &Vm, kernel: &std::path::Path, capture: &SerialCapture) -> Res
         data: vec![],
         init: vec![],
         narrow: vec![],
+        diff: None,
+        source: None,
+        json: false,
         out: lup.clone(),
         sources: vec![src],
     })?;
@@ -205,6 +208,9 @@ fn live_patch(vm: &Vm, kernel: &std::path::Path, capture: &SerialCapture) -> Res
         data: vec!["stats_table:task_stat".into()],
         init: vec!["stats_table.generation=1".into()],
         narrow: vec![],
+        diff: None,
+        source: None,
+        json: false,
         out: lup.clone(),
         sources: vec![src],
     })?;

@@ -1,6 +1,8 @@
 //! `lucos`: a VMM that live-updates the guest kernel from outside.
 
+mod build_diff;
 mod client;
+mod includes;
 mod demo;
 mod error;
 mod logger;

@@ -114,8 +114,20 @@ pub struct BuildArgs {
     /// Output `.lup`.
     #[arg(long, short)]
     pub out: PathBuf,
+    /// A source diff (unified, `patch -p1` style) to build the patch from,
+    /// instead of replacement functions: the objects it changes are built
+    /// as they are and as patched in --source, and diffed.
+    #[arg(long, requires = "source", conflicts_with_all = ["sources", "kbuild"])]
+    pub diff: Option<PathBuf>,
+    /// The running kernel's prepared kbuild tree, for --diff
+    /// (guest-kernels/linux/fetch-source.sh prepares Debian's).
+    #[arg(long, requires = "diff")]
+    pub source: Option<PathBuf>,
+    /// Print what was built as JSON (for --diff).
+    #[arg(long)]
+    pub json: bool,
     /// C sources holding the replacement functions.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "diff")]
     pub sources: Vec<PathBuf>,
 }
 
@@ -201,6 +213,7 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
         )));
     }
     if args.kbuild.is_none()
+        && args.diff.is_none()
         && target
             .version
             .as_deref()
@@ -211,11 +224,37 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
              patch is compiled with the kernel's own flags"
         )));
     }
+    // From a diff: the objects it changed, and which functions they replace.
+    let from_diff = match (&args.diff, &args.source) {
+        (Some(diff), Some(tree)) => {
+            let banner = target.version.clone().unwrap_or_default();
+            let built = crate::build_diff::build(diff, tree, &banner, &ksyms)?;
+            if !args.json {
+                for (step, secs) in &built.steps {
+                    eprintln!("lucos build: {step}: {secs:.2} s");
+                }
+            }
+            Some(built)
+        }
+        _ => None,
+    };
     let tmp = std::env::temp_dir().join(format!("lucos-build-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)
         .map_err(|e| CliError::io("cannot create a build directory".into(), e))?;
     // (stem, object bytes) per source; the build directory goes either way.
-    let compiled = compile(&args, &tmp).and_then(|objs| {
+    let compiled = if let Some(built) = &from_diff {
+        Ok(built
+            .objects
+            .iter()
+            .map(|(name, d)| {
+                (
+                    name.strip_suffix(".o").unwrap_or(name).to_owned(),
+                    d.object.clone(),
+                )
+            })
+            .collect())
+    } else {
+        compile(&args, &tmp).and_then(|objs| {
         objs.into_iter()
             .map(|(stem, obj)| {
                 std::fs::read(&obj)
@@ -223,17 +262,39 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
                     .map_err(|e| CliError::io(format!("cannot read {}", obj.display()), e))
             })
             .collect::<Result<Vec<_>, _>>()
-    });
+        })
+    };
     let _ = std::fs::remove_dir_all(&tmp);
     let mut objects = Vec::new();
     let mut functions = Vec::new();
     for (stem, data) in compiled? {
         // Replacement functions: those the object defines that the kernel has.
         let osyms = SymbolTable::from_elf_bytes(&data, &format!("{stem}.o"))?;
+        // From a diff: the functions it changed (not those it adds or pulls
+        // in), each with its reference in the running kernel.
+        let diff_wanted: Option<Vec<(String, String)>> = from_diff.as_ref().map(|b| {
+            b.objects
+                .iter()
+                .filter(|(n, _)| n.strip_suffix(".o") == Some(stem.as_str()))
+                .flat_map(|(_, d)| {
+                    d.changed.iter().map(|c| {
+                        let r = d.references.get(&c.0).cloned().unwrap_or(c.0.clone());
+                        (c.0.clone(), r)
+                    })
+                })
+                .collect()
+        });
         for s in osyms
             .iter()
             .filter(|s| s.kind == symbol_db::SymbolKind::Function)
         {
+            let diff_ref = match &diff_wanted {
+                Some(w) => match w.iter().find(|(n, _)| *n == s.name) {
+                    Some((_, r)) => Some(r.clone()),
+                    None => continue,
+                },
+                None => None,
+            };
             let wanted = args.functions.is_empty()
                 || args
                     .functions
@@ -248,7 +309,10 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
                 .find(|f| f.split('@').next() == Some(s.name.as_str()))
                 .cloned()
                 .unwrap_or_else(|| s.name.clone());
-            let old = ksyms.answer(&spec)?.symbol;
+            let old = match &diff_ref {
+                Some(r) => ksyms.reference(r)?.clone(),
+                None => ksyms.answer(&spec)?.symbol,
+            };
             let bytes = image.read(old.addr, old.size as usize).ok_or_else(|| {
                 CliError::Other(format!(
                     "{} lies outside {kname}'s loadable segments",
@@ -261,7 +325,8 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
             let old_sha256 =
                 old_code_sha256(bytes, &old_masked, &old_relocs, 0).map_err(CliError::Other)?;
             functions.push(FunctionPatch {
-                old: old.name.clone(),
+                // From a diff, a namesake by its position: `name#N`.
+                old: diff_ref.clone().unwrap_or_else(|| old.name.clone()),
                 old_file: if ksyms.all_named(&old.name).len() > 1 {
                     old.file.clone()
                 } else {
@@ -302,6 +367,66 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
     let lup = Lup::new(manifest, objects, key.as_ref());
     std::fs::write(&args.out, lup.to_bytes())
         .map_err(|e| CliError::io(format!("cannot write {}", args.out.display()), e))?;
+    if args.json {
+        #[derive(serde::Serialize)]
+        struct Step<'a> {
+            step: &'a str,
+            seconds: f64,
+        }
+        #[derive(serde::Serialize)]
+        struct Object<'a> {
+            object: &'a str,
+            #[serde(flatten)]
+            diff: &'a update_engine::diffobj::ObjectDiff,
+        }
+        #[derive(serde::Serialize)]
+        struct Built<'a> {
+            out: String,
+            name: &'a str,
+            build_id: Option<&'a str>,
+            signed: bool,
+            functions: Vec<&'a str>,
+            objects: Vec<Object<'a>>,
+            steps: Vec<Step<'a>>,
+        }
+        print_typed(&Built {
+            out: args.out.display().to_string(),
+            name: &lup.manifest.name,
+            build_id: lup.manifest.target.build_id.as_deref(),
+            signed: key.is_some(),
+            functions: lup.manifest.functions.iter().map(|f| f.old.as_str()).collect(),
+            objects: from_diff
+                .iter()
+                .flat_map(|b| b.objects.iter())
+                .map(|(object, diff)| Object { object, diff })
+                .collect(),
+            steps: from_diff
+                .iter()
+                .flat_map(|b| b.steps.iter())
+                .map(|(step, seconds)| Step {
+                    step,
+                    seconds: *seconds,
+                })
+                .collect(),
+        });
+        return Ok(exit::OK);
+    }
+    if let Some(built) = &from_diff {
+        for (object, d) in &built.objects {
+            for (f, why) in &d.changed {
+                println!("{object}: replaces {f} ({why})");
+            }
+            for f in &d.added {
+                println!("{object}: adds {f} (new in the diff)");
+            }
+            for f in &d.pulled_in {
+                println!("{object}: places {f} (called by changed code; the kernel has no copy of its own)");
+            }
+            for s in &d.data {
+                println!("{object}: places {s} (read-only data changed code uses)");
+            }
+        }
+    }
     println!(
         "{}: patch '{}' for {} ({} function{}: {}){}",
         args.out.display(),

@@ -618,6 +618,26 @@ impl SymbolTable {
         }
     }
 
+    /// The symbol a patch object's undefined reference names: `NAME`, or
+    /// `NAME#N`, the N-th symbol of that name in address order (a `static`
+    /// the kernel has namesakes of; `lucos build --diff` writes these).
+    pub fn reference(&self, spec: &str) -> Result<&Symbol, SymbolError> {
+        let Some((name, n)) = spec
+            .rsplit_once('#')
+            .and_then(|(name, n)| n.parse::<usize>().ok().map(|n| (name, n)))
+        else {
+            return self.lookup(spec);
+        };
+        let mut all = self.all_named(name);
+        all.sort_by_key(|s| s.addr);
+        let count = all.len();
+        all.into_iter().nth(n).ok_or_else(|| {
+            SymbolError::NotFound(format!(
+                "{spec} (the kernel has {count} symbols named {name})"
+            ))
+        })
+    }
+
     /// The symbol called `name` from object file `file`.
     pub fn lookup_in(&self, name: &str, file: &str) -> Result<&Symbol, SymbolError> {
         self.all_named(name)

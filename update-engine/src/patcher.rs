@@ -807,7 +807,7 @@ impl Patcher {
         for f in &m.functions {
             let sym = match &f.old_file {
                 Some(file) => k.symbols.lookup_in(&f.old, file),
-                None => k.symbols.lookup(&f.old),
+                None => k.symbols.reference(&f.old),
             }
             .map_err(|e| UpdateError::Symbol {
                 patch: m.name.clone(),
@@ -896,7 +896,7 @@ impl Patcher {
                     ));
                 }
                 k.symbols
-                    .lookup(s)
+                    .reference(s)
                     .map(|x| x.addr)
                     .map_err(|e| format!("the patch needs {s}: {e}"))
             }

@@ -1,0 +1,508 @@
+//! `lucos build --diff`: a live patch from a source diff, without building
+//! the kernel. The diff is applied to copies of the files it touches (the
+//! source tree stays pristine); each changed `.c` file's object is built as
+//! it is and as patched, in the prepared kbuild output tree, with the
+//! kernel's exact flags plus function and data sections; the two objects
+//! are diffed ([`update_engine::diffobj`]) into patch objects.
+//!
+//! Builds in one tree take turns (a lock file in it): the patched source
+//! sits in the output tree only while its object builds, and the original
+//! object is put back, so the next build of that file is a no-op.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use symbol_db::SymbolTable;
+use update_engine::diffobj::{diff_object, KernelSymbols, ObjectDiff};
+
+use crate::error::CliError;
+
+/// The flags lucos adds to the kernel's: each function and object in a
+/// section of its own (fetch-source.sh prepares trees with the same).
+const KCFLAGS: &str = "-ffunction-sections -fdata-sections";
+
+/// The most objects one diff may need built (each twice).
+const MAX_OBJECTS: usize = 48;
+
+/// What the diff built: per object file, its diff.
+#[derive(Debug)]
+pub struct DiffBuild {
+    /// (object file, its diff), for objects the diff changed.
+    pub objects: Vec<(String, ObjectDiff)>,
+    /// Steps and their times, for people.
+    pub steps: Vec<(String, f64)>,
+}
+
+/// References to the running kernel's symbols, from its vmlinux.
+struct Refs<'a>(&'a SymbolTable);
+
+impl KernelSymbols for Refs<'_> {
+    fn reference(&self, name: &str, neighbours: &[String]) -> Option<String> {
+        let mut all = self.0.all_named(name);
+        match all.len() {
+            0 => return None,
+            1 => return Some(name.to_owned()),
+            _ => {}
+        }
+        all.sort_by_key(|s| s.addr);
+        // Namesakes: the one nearest a symbol of the same object that the
+        // kernel has only once, of the same kind (code or data).
+        let code = |s: &symbol_db::Symbol| s.kind == symbol_db::SymbolKind::Function;
+        let anchors: Vec<&symbol_db::Symbol> = neighbours
+            .iter()
+            .filter(|n| n.as_str() != name)
+            .filter_map(|n| match self.0.all_named(n).as_slice() {
+                [one] => Some(*one),
+                _ => None,
+            })
+            .collect();
+        let (pos, _) = all
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                anchors
+                    .iter()
+                    .filter(|a| code(a) == code(c))
+                    .map(|a| a.addr.abs_diff(c.addr))
+                    .min()
+                    .map(|d| (i, d))
+            })
+            .min_by_key(|&(_, d)| d)?;
+        Some(format!("{name}#{pos}"))
+    }
+}
+
+/// The value of `KEY="..."` or `KEY=...` in a config or env file.
+fn setting(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|r| r.strip_prefix('='))
+            .map(|v| v.trim_matches('"').to_owned())
+    })
+}
+
+/// The files a unified diff changes (its `+++ b/PATH` lines, one level of
+/// prefix dropped, as `patch -p1` does).
+pub fn changed_files(diff: &str) -> Result<Vec<String>, CliError> {
+    let mut files = Vec::new();
+    for l in diff.lines() {
+        let Some(p) = l.strip_prefix("+++ ") else {
+            continue;
+        };
+        let p = p.split('\t').next().unwrap_or("").trim();
+        if p == "/dev/null" {
+            return Err(CliError::Usage(
+                "the diff deletes a file: a live patch cannot remove source files".into(),
+            ));
+        }
+        let p = p.split_once('/').map(|x| x.1).unwrap_or(p).to_owned();
+        if !files.contains(&p) {
+            files.push(p);
+        }
+    }
+    if files.is_empty() {
+        return Err(CliError::Usage(
+            "the diff changes no file (is it a unified diff, as `diff -u` or `git diff` write?)"
+                .into(),
+        ));
+    }
+    Ok(files)
+}
+
+/// Runs make in `tree` for `targets` (in parallel); the compiler's own
+/// message on failure.
+fn make(tree: &Path, vars: &[String], targets: &[String]) -> Result<(), CliError> {
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let out = Command::new("make")
+        .arg("-s")
+        .arg(format!("-j{jobs}"))
+        .arg("-C")
+        .arg(tree)
+        .args(vars)
+        .arg(format!("KCFLAGS={KCFLAGS}"))
+        .args(targets)
+        .output()
+        .map_err(|e| CliError::io("cannot run make (scripts/setup.sh installs it)".into(), e))?;
+    if !out.status.success() {
+        return Err(CliError::Other(format!(
+            "building {} failed:\n{}{}",
+            targets.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// Removes the patched source (and what was built from it) from the tree,
+/// and puts the original object back, however the build ended.
+struct Restore {
+    remove: Vec<PathBuf>,
+    put_back: Vec<(PathBuf, Vec<u8>)>,
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        for p in &self.remove {
+            let _ = std::fs::remove_file(p);
+        }
+        for (p, bytes) in &self.put_back {
+            let _ = std::fs::write(p, bytes);
+        }
+    }
+}
+
+/// Builds the objects `diff_path` changes in the prepared kbuild tree
+/// `tree` and diffs them against the running kernel `kernel` (its banner
+/// `banner`, its symbols `ksyms`).
+pub fn build(
+    diff_path: &Path,
+    tree: &Path,
+    banner: &str,
+    ksyms: &SymbolTable,
+) -> Result<DiffBuild, CliError> {
+    let mut steps = Vec::new();
+    let t0 = Instant::now();
+    let diff = std::fs::read_to_string(diff_path)
+        .map_err(|e| CliError::io(format!("cannot read {}", diff_path.display()), e))?;
+    let files = changed_files(&diff)?;
+    let (mut c_files, mut h_files) = (Vec::new(), Vec::new());
+    for f in &files {
+        match Path::new(f).extension().and_then(|e| e.to_str()) {
+            Some("c") => c_files.push(f.clone()),
+            Some("h") => h_files.push(f.clone()),
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "the diff changes {f}: only C sources and headers can be live-patched (not \
+                     assembler, build files or configuration)"
+                )))
+            }
+        }
+    }
+    // The tree: prepared, of the running kernel's release, config and compiler.
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).map_err(|e| {
+            CliError::Usage(format!(
+                "{} is not a prepared kernel build tree (no {}: {e}); \
+                 guest-kernels/linux/fetch-source.sh prepares one",
+                tree.display(),
+                p.display()
+            ))
+        })
+    };
+    let config = read(tree.join(".config"))?;
+    let uts = read(tree.join("include/generated/utsrelease.h"))?;
+    let release = uts
+        .split('"')
+        .nth(1)
+        .ok_or_else(|| CliError::Usage(format!("{}: no UTS_RELEASE", tree.display())))?
+        .to_owned();
+    let cc_text = setting(&config, "CONFIG_CC_VERSION_TEXT").unwrap_or_default();
+    if !banner.contains(&format!("Linux version {release} ")) {
+        return Err(CliError::Usage(format!(
+            "{} is a tree of release {release}; the kernel is '{}'",
+            tree.display(),
+            banner.trim()
+        )));
+    }
+    if cc_text.is_empty() || !banner.contains(&cc_text) {
+        return Err(CliError::Usage(format!(
+            "{} is configured for the compiler '{cc_text}'; the kernel was built by another: '{}'",
+            tree.display(),
+            banner.trim()
+        )));
+    }
+    let cc = cc_text.split_whitespace().next().unwrap_or("gcc").to_owned();
+    let have = Command::new(&cc)
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .unwrap_or_default();
+    if have != cc_text {
+        return Err(CliError::Usage(format!(
+            "the kernel was built with '{cc_text}'; {cc} here is '{}' (scripts/setup.sh test \
+             installs the kernel's compiler)",
+            if have.is_empty() { "missing" } else { &have }
+        )));
+    }
+    let source = std::fs::canonicalize(tree.join("source")).unwrap_or_else(|_| tree.to_owned());
+    steps.push(("check the tree".to_owned(), t0.elapsed().as_secs_f64()));
+
+    // The diff, applied to copies of the files it names.
+    let t = Instant::now();
+    let scratch = std::env::temp_dir().join(format!("lucos-diff-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let result = (|| -> Result<(), CliError> {
+        for f in &files {
+            let from = source.join(f);
+            let to = scratch.join(f);
+            if let Some(d) = to.parent() {
+                std::fs::create_dir_all(d)
+                    .map_err(|e| CliError::io("cannot make a scratch folder".into(), e))?;
+            }
+            if from.exists() {
+                std::fs::copy(&from, &to)
+                    .map_err(|e| CliError::io(format!("cannot read {}", from.display()), e))?;
+                let mut perm = std::fs::metadata(&to)
+                    .map_err(|e| CliError::io("scratch copy".into(), e))?
+                    .permissions();
+                #[allow(clippy::permissions_set_readonly_false)]
+                perm.set_readonly(false);
+                let _ = std::fs::set_permissions(&to, perm);
+            }
+        }
+        let out = Command::new("patch")
+            .args(["-p1", "-s", "-N", "-r", "-", "--no-backup-if-mismatch", "-d"])
+            .arg(&scratch)
+            .arg("-i")
+            .arg(std::fs::canonicalize(diff_path).unwrap_or_else(|_| diff_path.to_owned()))
+            .output()
+            .map_err(|e| CliError::io("cannot run patch (scripts/setup.sh installs it)".into(), e))?;
+        if !out.status.success() {
+            return Err(CliError::Usage(format!(
+                "the diff does not apply to {}:\n{}{}",
+                source.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&scratch);
+        return Err(e);
+    }
+    steps.push(("apply the diff".to_owned(), t.elapsed().as_secs_f64()));
+
+    // The objects to build: the changed C files', and for a changed
+    // header every object whose build includes it.
+    let t = Instant::now();
+    let mut candidates: Vec<String> = c_files.clone();
+    if !h_files.is_empty() {
+        for c in crate::includes::includers(&source, tree, &h_files)? {
+            if !candidates.contains(&c) {
+                candidates.push(c);
+            }
+        }
+        steps.push((
+            format!(
+                "find what includes {} ({} C files built into this config)",
+                h_files.join(", "),
+                candidates.len() - c_files.len()
+            ),
+            t.elapsed().as_secs_f64(),
+        ));
+        if candidates.len() > MAX_OBJECTS {
+            return Err(CliError::Usage(format!(
+                "the header change reaches {} C files (e.g. {}): lucos build --diff builds at \
+                 most {MAX_OBJECTS} objects twice; give the fix as changes to fewer headers, or \
+                 to the C files that matter",
+                candidates.len(),
+                candidates.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+
+    // One build at a time in this tree.
+    let lock_path = tree.join(".lucos-build.lock");
+    let lock = File::create(&lock_path)
+        .map_err(|e| CliError::io(format!("cannot create {}", lock_path.display()), e))?;
+    // SAFETY: flock(2) on a descriptor this function owns; the lock goes
+    // when `lock` is closed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(CliError::io(
+            format!("cannot lock {}", lock_path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let vars = vec![
+        format!("CC={cc}"),
+        format!("HOSTCC={cc}"),
+        format!("KERNELRELEASE={release}"),
+    ];
+    let refs = Refs(ksyms);
+    let overlay = scratch.join(".overlay");
+    let result = (|| -> Result<Vec<(String, ObjectDiff)>, CliError> {
+        let obj_of = |c: &str| Path::new(c).with_extension("o");
+        let cmd_of = |c: &str| {
+            let o = obj_of(c);
+            o.with_file_name(format!(
+                ".{}.cmd",
+                o.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            ))
+        };
+        let targets = |list: &[String]| -> Vec<String> {
+            list.iter()
+                .map(|c| obj_of(c).to_string_lossy().into_owned())
+                .collect()
+        };
+        let t = Instant::now();
+        make(tree, &vars, &targets(&candidates))?;
+        let mut originals = Vec::new();
+        for c in &candidates {
+            let o = obj_of(c);
+            let obj = std::fs::read(tree.join(&o))
+                .map_err(|e| CliError::io(format!("cannot read {}", o.display()), e))?;
+            let cmd = std::fs::read(tree.join(cmd_of(c))).unwrap_or_default();
+            originals.push((c.clone(), obj, cmd));
+        }
+        steps.push((
+            format!("build {} object(s) as they are", candidates.len()),
+            t.elapsed().as_secs_f64(),
+        ));
+        // A header's candidates: those whose build read it.
+        let used = |cmd: &[u8], path: &Path| {
+            memchr::memmem::find(cmd, path.as_os_str().as_encoded_bytes()).is_some()
+        };
+        originals.retain(|(c, _, cmd)| {
+            c_files.contains(c) || h_files.iter().any(|h| used(cmd, &source.join(h)))
+        });
+        // Objects of the running kernel only: one the diff names must be;
+        // a header's includer that is not (a module, say) is left out.
+        let in_kernel = |obj: &[u8]| -> bool {
+            let Ok(t) = SymbolTable::from_elf_bytes(obj, "object") else {
+                return false;
+            };
+            let funcs: Vec<&symbol_db::Symbol> = t
+                .iter()
+                .filter(|s| s.kind == symbol_db::SymbolKind::Function)
+                .collect();
+            let has = |s: &&&symbol_db::Symbol| !ksyms.all_named(&s.name).is_empty();
+            let globals: Vec<&&symbol_db::Symbol> = funcs.iter().filter(|s| s.global).collect();
+            if globals.is_empty() {
+                !funcs.is_empty() && funcs.iter().filter(has).count() * 2 >= funcs.len()
+            } else {
+                globals.iter().any(|s| has(s))
+            }
+        };
+        for (c, obj, _) in &originals {
+            if c_files.contains(c) && !in_kernel(obj) {
+                return Err(CliError::Usage(format!(
+                    "{c} is not built into the running kernel (its functions are not in its \
+                     symbols): a module, or code of another configuration"
+                )));
+            }
+        }
+        originals.retain(|(c, obj, _)| c_files.contains(c) || in_kernel(obj));
+        let kept: Vec<String> = originals.iter().map(|o| o.0.clone()).collect();
+
+        // The patched build: changed C files in the output tree (found
+        // before the pristine ones); changed headers in an overlay searched
+        // first, or beside their C files for a header of a source folder.
+        let t = Instant::now();
+        let mut restore = Restore {
+            remove: vec![],
+            put_back: vec![],
+        };
+        for (c, obj, cmd) in &originals {
+            restore.put_back.push((tree.join(obj_of(c)), obj.clone()));
+            restore.put_back.push((tree.join(cmd_of(c)), cmd.clone()));
+        }
+        let mut in_tree: Vec<String> = c_files.clone();
+        let mut overlaid = false;
+        for h in &h_files {
+            if h.starts_with("include/") || h.starts_with("arch/x86/include/") {
+                let to = overlay.join(h);
+                if let Some(d) = to.parent() {
+                    std::fs::create_dir_all(d)
+                        .map_err(|e| CliError::io("cannot make the overlay".into(), e))?;
+                }
+                std::fs::copy(scratch.join(h), &to)
+                    .map_err(|e| CliError::io(format!("cannot place {h}"), e))?;
+                overlaid = true;
+            } else {
+                in_tree.push(h.clone());
+                // Its includers, from beside it.
+                for c in &kept {
+                    if !in_tree.contains(c) {
+                        in_tree.push(c.clone());
+                    }
+                }
+            }
+        }
+        for f in &in_tree {
+            let from = if files.contains(f) {
+                scratch.join(f)
+            } else {
+                source.join(f)
+            };
+            restore.remove.push(tree.join(f));
+            std::fs::copy(&from, tree.join(f))
+                .map_err(|e| CliError::io(format!("cannot place {f} in the tree"), e))?;
+        }
+        let mut pvars = vars.clone();
+        if overlaid {
+            let o = overlay.display();
+            pvars.push(format!(
+                "NOSTDINC_FLAGS=-nostdinc -I{o}/arch/x86/include -I{o}/include \
+                 -I{o}/arch/x86/include/uapi -I{o}/include/uapi"
+            ));
+        }
+        make(tree, &pvars, &targets(&kept))?;
+        let mut patched = Vec::new();
+        for (c, _, _) in &originals {
+            let o = obj_of(c);
+            let obj = std::fs::read(tree.join(&o))
+                .map_err(|e| CliError::io(format!("cannot read {}", o.display()), e))?;
+            let cmd = std::fs::read(tree.join(cmd_of(c))).unwrap_or_default();
+            // The patched build read the patched headers, never the originals.
+            for h in &h_files {
+                if used(&cmd, &source.join(h)) {
+                    return Err(CliError::Other(format!(
+                        "{} was built with the original {h}, not the patched one (included \
+                         in a way lucos cannot redirect)",
+                        o.display()
+                    )));
+                }
+            }
+            patched.push(obj);
+        }
+        drop(restore);
+        steps.push((
+            format!("build {} object(s) patched", kept.len()),
+            t.elapsed().as_secs_f64(),
+        ));
+        let t = Instant::now();
+        let mut objects = Vec::new();
+        for ((c, original, _), patched) in originals.iter().zip(&patched) {
+            let objs = obj_of(c).to_string_lossy().into_owned();
+            let d = diff_object(&objs, original, patched, &refs)
+                .map_err(|e| CliError::Usage(format!("{objs}: {e}")))?;
+            if !d.changed.is_empty() || !d.added.is_empty() {
+                objects.push((objs, d));
+            }
+        }
+        steps.push((
+            format!("diff {} object(s)", originals.len()),
+            t.elapsed().as_secs_f64(),
+        ));
+        Ok(objects)
+    })();
+    drop(lock);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let objects = result?;
+    if objects.is_empty() {
+        return Err(CliError::Usage(
+            "no functional change: the diff changes no function's code (comments, \
+             formatting, or code the compiler left out)"
+                .into(),
+        ));
+    }
+    if objects.iter().all(|(_, d)| d.changed.is_empty()) {
+        return Err(CliError::Usage(
+            "the diff only adds functions that nothing in the running kernel calls: \
+             nothing to switch"
+                .into(),
+        ));
+    }
+    Ok(DiffBuild { objects, steps })
+}
