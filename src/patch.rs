@@ -255,13 +255,13 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
             .collect())
     } else {
         compile(&args, &tmp).and_then(|objs| {
-        objs.into_iter()
-            .map(|(stem, obj)| {
-                std::fs::read(&obj)
-                    .map(|data| (stem, data))
-                    .map_err(|e| CliError::io(format!("cannot read {}", obj.display()), e))
-            })
-            .collect::<Result<Vec<_>, _>>()
+            objs.into_iter()
+                .map(|(stem, obj)| {
+                    std::fs::read(&obj)
+                        .map(|data| (stem, data))
+                        .map_err(|e| CliError::io(format!("cannot read {}", obj.display()), e))
+                })
+                .collect::<Result<Vec<_>, _>>()
         })
     };
     let _ = std::fs::remove_dir_all(&tmp);
@@ -394,7 +394,12 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
             name: &lup.manifest.name,
             build_id: lup.manifest.target.build_id.as_deref(),
             signed: key.is_some(),
-            functions: lup.manifest.functions.iter().map(|f| f.old.as_str()).collect(),
+            functions: lup
+                .manifest
+                .functions
+                .iter()
+                .map(|f| f.old.as_str())
+                .collect(),
             objects: from_diff
                 .iter()
                 .flat_map(|b| b.objects.iter())
@@ -419,8 +424,8 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
             for f in &d.added {
                 println!("{object}: adds {f} (new in the diff)");
             }
-            for f in &d.pulled_in {
-                println!("{object}: places {f} (called by changed code; the kernel has no copy of its own)");
+            for (f, why) in &d.pulled_in {
+                println!("{object}: places {f} ({why})");
             }
             for s in &d.data {
                 println!("{object}: places {s} (read-only data changed code uses)");

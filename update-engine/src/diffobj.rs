@@ -21,8 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use object::elf::{SHF_MERGE, SHF_STRINGS, SHF_WRITE};
 use object::read::{
-    Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget, SectionIndex,
-    SymbolIndex,
+    Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget, SectionIndex, SymbolIndex,
 };
 use object::write;
 use object::{RelocationFlags, SectionFlags, SectionKind, SymbolKind, SymbolScope};
@@ -30,7 +29,10 @@ use object::{RelocationFlags, SectionFlags, SectionKind, SymbolKind, SymbolScope
 /// Sections that hold entries the kernel processes at boot or load for the
 /// code they point into; a function with an entry in one is refused.
 const KERNEL_TABLES: &[(&str, &str)] = &[
-    ("__ex_table", "exception-table entries (user-memory access fixups)"),
+    (
+        "__ex_table",
+        "exception-table entries (user-memory access fixups)",
+    ),
     ("__bug_table", "BUG/WARN entries"),
     ("__jump_table", "jump labels (static keys)"),
     (".altinstructions", "alternative instructions"),
@@ -62,9 +64,11 @@ pub struct ObjectDiff {
     pub references: BTreeMap<String, String>,
     /// Functions the diff adds (placed, called by changed code).
     pub added: Vec<String>,
-    /// Functions the kernel does not have on their own (inlined there)
-    /// that changed code calls: placed as new copies.
-    pub pulled_in: Vec<String>,
+    /// Functions placed as new copies without being switched, with why:
+    /// ones the kernel has no copy of (inlined there) that changed code
+    /// calls, and changed ones without a patchable entry (their callers are
+    /// switched instead).
+    pub pulled_in: Vec<(String, String)>,
     /// Data placed with the code (string literals, read-only data).
     pub data: Vec<String>,
 }
@@ -88,7 +92,8 @@ struct Obj<'d> {
 
 impl<'d> Obj<'d> {
     fn parse(name: &str, data: &'d [u8]) -> Result<Self, String> {
-        let file = object::File::parse(data).map_err(|e| format!("{name}: not an ELF object: {e}"))?;
+        let file =
+            object::File::parse(data).map_err(|e| format!("{name}: not an ELF object: {e}"))?;
         let mut funcs = BTreeMap::new();
         for s in file.symbols() {
             if s.kind() != SymbolKind::Text || s.is_undefined() {
@@ -125,7 +130,10 @@ impl<'d> Obj<'d> {
                 continue;
             }
             let RelocationTarget::Symbol(sym) = r.target() else {
-                return Err(format!("a relocation in {} has no symbol", self.section_name(sec)));
+                return Err(format!(
+                    "a relocation in {} has no symbol",
+                    self.section_name(sec)
+                ));
             };
             rels.push(Rel {
                 at: at - off,
@@ -175,10 +183,13 @@ impl<'d> Obj<'d> {
         self.file
             .symbols()
             .filter(|s| s.section_index() == Some(si) && s.kind() != SymbolKind::Section)
-            .filter(|s| {
-                s.address() <= off && (off < s.address() + s.size().max(1))
+            .filter(|s| s.address() <= off && (off < s.address() + s.size().max(1)))
+            .find_map(|s| {
+                s.name()
+                    .ok()
+                    .filter(|n| !n.is_empty())
+                    .map(|n| (n.to_owned(), s.address()))
             })
-            .find_map(|s| s.name().ok().filter(|n| !n.is_empty()).map(|n| (n.to_owned(), s.address())))
     }
 }
 
@@ -194,7 +205,14 @@ struct Rel {
 /// ones carry -4 for the displacement's own size.
 fn string_offset(r: &Rel) -> i64 {
     match r.flags {
-        RelocationFlags::Elf { r_type } if matches!(r_type, object::elf::R_X86_64_PC32 | object::elf::R_X86_64_PLT32) => r.addend + 4,
+        RelocationFlags::Elf { r_type }
+            if matches!(
+                r_type,
+                object::elf::R_X86_64_PC32 | object::elf::R_X86_64_PLT32
+            ) =>
+        {
+            r.addend + 4
+        }
         _ => r.addend,
     }
 }
@@ -239,7 +257,12 @@ fn unnumbered(name: &str) -> &str {
 }
 
 /// A function's comparable form: bytes and relocations by target.
-fn fingerprint(o: &Obj<'_>, sec: SectionIndex, off: u64, size: u64) -> Result<(Vec<u8>, Vec<(u64, u32, Target)>), String> {
+fn fingerprint(
+    o: &Obj<'_>,
+    sec: SectionIndex,
+    off: u64,
+    size: u64,
+) -> Result<(Vec<u8>, Vec<(u64, u32, Target)>), String> {
     let (bytes, rels) = o.range(sec, off, size)?;
     let mut r: Vec<(u64, u32, Target)> = rels
         .iter()
@@ -319,8 +342,14 @@ pub fn diff_object(
         if s.kind() != SymbolKind::Data || s.is_undefined() {
             continue;
         }
-        let (Ok(n), Some(si)) = (s.name(), s.section_index()) else { continue };
-        let Some(old) = a.file.symbols().find(|x| x.name() == Ok(n) && x.kind() == SymbolKind::Data) else {
+        let (Ok(n), Some(si)) = (s.name(), s.section_index()) else {
+            continue;
+        };
+        let Some(old) = a
+            .file
+            .symbols()
+            .find(|x| x.name() == Ok(n) && x.kind() == SymbolKind::Data)
+        else {
             continue;
         };
         let val = |o: &object::File<'_>, sym: &object::Symbol<'_, '_>| -> Option<Vec<u8>> {
@@ -329,7 +358,8 @@ pub fn diff_object(
             if d.is_empty() {
                 return Some(vec![0; sym.size() as usize]);
             }
-            d.get(sym.address() as usize..(sym.address() + sym.size()) as usize).map(<[u8]>::to_vec)
+            d.get(sym.address() as usize..(sym.address() + sym.size()) as usize)
+                .map(<[u8]>::to_vec)
         };
         if is_writable(&b.file, si) && val(&b.file, &s) != val(&a.file, &old) {
             return Err(format!(
@@ -342,6 +372,58 @@ pub fn diff_object(
 
     if take.is_empty() {
         return Ok(out);
+    }
+    // A changed function the kernel cannot switch (no `__fentry__` call at
+    // its entry: notrace, or a syscall body like `__do_sys_NAME`) is placed
+    // but not switched; its callers, which must all be in this object and
+    // only call it, are switched instead.
+    loop {
+        let stuck: Vec<String> = out
+            .changed
+            .iter()
+            .map(|c| c.0.clone())
+            .filter(|f| a.funcs.contains_key(f) && !has_entry(&a, f))
+            .collect();
+        if stuck.is_empty() {
+            break;
+        }
+        for f in stuck {
+            if !b.funcs.get(&f).is_some_and(|x| x.3) {
+                return Err(format!(
+                    "{f} changed, has no patchable entry (no __fentry__ call: notrace) and is \
+                     global, so code outside this object may call it: lucos cannot switch it"
+                ));
+            }
+            let mut callers = Vec::new();
+            for (referrer, call, where_) in references_to(&b, &f) {
+                match referrer.filter(|_| call) {
+                    Some(c) if c != f => callers.push(c),
+                    Some(_) => {}
+                    None => {
+                        return Err(format!(
+                            "{f} changed and has no patchable entry (no __fentry__ call), and \
+                             its address is taken (in {where_}): lucos cannot switch it"
+                        ))
+                    }
+                }
+            }
+            out.changed.retain(|c| c.0 != f);
+            out.references.remove(&f);
+            out.pulled_in.push((
+                f.clone(),
+                "changed, without a patchable entry: its callers are switched".into(),
+            ));
+            for c in callers {
+                if take.insert(c.clone()) {
+                    let r = kernel.reference(&c, &neighbours).ok_or_else(|| {
+                        format!("{c} calls {f}, but the running kernel has no {c} of {name}")
+                    })?;
+                    out.references.insert(c.clone(), r);
+                    out.changed
+                        .push((c, format!("calls {f}, which has no patchable entry")));
+                }
+            }
+        }
     }
     // Cold parts go with their function.
     for f in take.clone() {
@@ -358,11 +440,22 @@ pub fn diff_object(
             continue;
         };
         for (_, r) in sec.relocations() {
-            let RelocationTarget::Symbol(si) = r.target() else { continue };
-            let Ok(sym) = b.file.symbol_by_index(si) else { continue };
-            let rel = Rel { at: 0, flags: r.flags(), sym: si, addend: r.addend() };
+            let RelocationTarget::Symbol(si) = r.target() else {
+                continue;
+            };
+            let Ok(sym) = b.file.symbol_by_index(si) else {
+                continue;
+            };
+            let rel = Rel {
+                at: 0,
+                flags: r.flags(),
+                sym: si,
+                addend: r.addend(),
+            };
             let hit = if sym.kind() == SymbolKind::Section {
-                sym.section_index().and_then(|x| b.covering(x, rel.addend as u64)).map(|c| c.0)
+                sym.section_index()
+                    .and_then(|x| b.covering(x, rel.addend as u64))
+                    .map(|c| c.0)
             } else {
                 sym.name().ok().map(str::to_owned)
             };
@@ -395,10 +488,22 @@ pub fn diff_object(
             if !done.insert(f.clone()) {
                 continue;
             }
-            let &(sec, off, size, _) = b.funcs.get(&f).ok_or_else(|| format!("{f}: no such function"))?;
+            let &(sec, off, size, _) = b
+                .funcs
+                .get(&f)
+                .ok_or_else(|| format!("{f}: no such function"))?;
             let (bytes, _) = b.range(sec, off, size)?;
-            let align = b.file.section_by_index(sec).map(|s| s.align()).unwrap_or(16).max(1);
-            let id = w.add_section(Vec::new(), format!(".text.{f}").into_bytes(), SectionKind::Text);
+            let align = b
+                .file
+                .section_by_index(sec)
+                .map(|s| s.align())
+                .unwrap_or(16)
+                .max(1);
+            let id = w.add_section(
+                Vec::new(),
+                format!(".text.{f}").into_bytes(),
+                SectionKind::Text,
+            );
             w.append_section_data(id, &bytes, align);
             let sym = w.add_symbol(write::Symbol {
                 name: f.clone().into_bytes(),
@@ -414,11 +519,16 @@ pub fn diff_object(
             code.push((f.clone(), id, sec, off, size));
             // What it calls that is not in the kernel comes along.
             for r in b.range(sec, off, size)?.1 {
-                let Ok(s) = b.file.symbol_by_index(r.sym) else { continue };
+                let Ok(s) = b.file.symbol_by_index(r.sym) else {
+                    continue;
+                };
                 if s.kind() == SymbolKind::Text && !s.is_undefined() {
                     let n = s.name().unwrap_or("").to_owned();
                     if !take.contains(&n) && kernel.reference(&n, &neighbours).is_none() {
-                        out.pulled_in.push(n.clone());
+                        out.pulled_in.push((
+                            n.clone(),
+                            "called by changed code; the kernel has no copy".into(),
+                        ));
                         take.insert(n.clone());
                         queue.push(n);
                     }
@@ -550,11 +660,16 @@ fn resolve_target(
         })
     };
     if s.is_undefined() {
-        return Ok((external(w, s.name().map_err(|e| e.to_string())?.to_owned()), addend));
+        return Ok((
+            external(w, s.name().map_err(|e| e.to_string())?.to_owned()),
+            addend,
+        ));
     }
     // A named symbol, or the one a section-relative reference lands in.
     let (sname, delta) = if s.kind() == SymbolKind::Section {
-        let si = s.section_index().ok_or("a section symbol without a section")?;
+        let si = s
+            .section_index()
+            .ok_or("a section symbol without a section")?;
         if let Some(&id) = placed_secs.get(&si) {
             return Ok((w.section_symbol(id), addend));
         }
@@ -593,7 +708,10 @@ fn resolve_target(
     match kernel.reference(&kname, neighbours) {
         Some(spec) => Ok((external(w, spec), addend - delta)),
         None => {
-            let writable = sym.section_index().map(|i| is_writable(&b.file, i)).unwrap_or(true);
+            let writable = sym
+                .section_index()
+                .map(|i| is_writable(&b.file, i))
+                .unwrap_or(true);
             if writable {
                 Err(format!(
                     "changed code uses {sname}, data the running kernel does not have (new in the \
@@ -610,36 +728,145 @@ fn resolve_target(
     }
 }
 
+/// Whether function `f` of `o` starts with the `__fentry__` call (after an
+/// `endbr64`), the site a live patch rewrites.
+fn has_entry(o: &Obj<'_>, f: &str) -> bool {
+    let Some(&(sec, off, size, _)) = o.funcs.get(f) else {
+        return false;
+    };
+    let Ok((_, rels)) = o.range(sec, off, size) else {
+        return false;
+    };
+    rels.iter().any(|r| {
+        (r.at == 1 || r.at == 5)
+            && o.file
+                .symbol_by_index(r.sym)
+                .is_ok_and(|s| s.name() == Ok("__fentry__"))
+    })
+}
+
+/// Sections that describe code rather than run or hold data: their
+/// references to a function do not take its address.
+fn is_metadata(name: &str) -> bool {
+    name.starts_with(".debug")
+        || name.starts_with(".discard")
+        || name.starts_with(".orc_")
+        || name.starts_with(".rela")
+        || matches!(
+            name,
+            "__mcount_loc"
+                | "__patchable_function_entries"
+                | ".return_sites"
+                | ".retpoline_sites"
+                | ".call_sites"
+                | ".ibt_endbr_seal"
+                | ".static_call_sites"
+                | "__ex_table"
+                | "__bug_table"
+                | "__jump_table"
+                | ".altinstructions"
+                | ".parainstructions"
+                | ".smp_locks"
+                | ".eh_frame"
+        )
+}
+
+/// Every reference in `o` to function `f` from allocated sections: (the
+/// function it is in, if any; whether it is a call or jump; the section).
+fn references_to(o: &Obj<'_>, f: &str) -> Vec<(Option<String>, bool, String)> {
+    let Some(&(fsec, foff, fsize, _)) = o.funcs.get(f) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for sec in o.file.sections() {
+        let sname = sec.name().unwrap_or("?").to_owned();
+        if is_metadata(&sname) || sec.kind() == SectionKind::Metadata {
+            continue;
+        }
+        let data = sec.data().unwrap_or(&[]);
+        for (at, r) in sec.relocations() {
+            let RelocationTarget::Symbol(si) = r.target() else {
+                continue;
+            };
+            let Ok(sym) = o.file.symbol_by_index(si) else {
+                continue;
+            };
+            let hits = if sym.kind() == SymbolKind::Section {
+                let rel = Rel {
+                    at,
+                    flags: r.flags(),
+                    sym: si,
+                    addend: r.addend(),
+                };
+                let t = string_offset(&rel);
+                sym.section_index() == Some(fsec) && t >= foff as i64 && t < (foff + fsize) as i64
+            } else {
+                sym.name() == Ok(f)
+            };
+            if !hits {
+                continue;
+            }
+            let ty = match r.flags() {
+                RelocationFlags::Elf { r_type } => r_type,
+                _ => 0,
+            };
+            let opcode = at
+                .checked_sub(1)
+                .and_then(|i| data.get(i as usize))
+                .copied();
+            let call = ty == object::elf::R_X86_64_PLT32
+                || (ty == object::elf::R_X86_64_PC32 && matches!(opcode, Some(0xe8 | 0xe9)));
+            let referrer = o
+                .funcs
+                .iter()
+                .find(|(_, v)| v.0 == sec.index() && at >= v.1 && at < v.1 + v.2)
+                .map(|(n, _)| n.clone());
+            out.push((referrer, call, sname.clone()));
+        }
+    }
+    out
+}
+
 /// The numbered statics of `b` (`name.N`) paired with those of `a`: through
 /// the functions of both that refer to them, in the order they refer to them
 /// (GCC numbers them in the order it meets them, so a new one shifts the
 /// rest); a name whose base occurs once in each pairs directly.
 fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<HashMap<String, String>, String> {
-    let numbered = |o: &Obj<'_>, f: &(SectionIndex, u64, u64, bool)| -> Result<Vec<String>, String> {
-        let (_, rels) = o.range(f.0, f.1, f.2)?;
-        let mut v = Vec::new();
-        for r in rels {
-            let Ok(s) = o.file.symbol_by_index(r.sym) else { continue };
-            let n = if s.kind() == SymbolKind::Section {
-                match s.section_index().and_then(|si| o.covering(si, string_offset(&r).max(0) as u64)) {
-                    Some((n, _)) => n,
-                    None => continue,
+    let numbered =
+        |o: &Obj<'_>, f: &(SectionIndex, u64, u64, bool)| -> Result<Vec<String>, String> {
+            let (_, rels) = o.range(f.0, f.1, f.2)?;
+            let mut v = Vec::new();
+            for r in rels {
+                let Ok(s) = o.file.symbol_by_index(r.sym) else {
+                    continue;
+                };
+                let n = if s.kind() == SymbolKind::Section {
+                    match s
+                        .section_index()
+                        .and_then(|si| o.covering(si, string_offset(&r).max(0) as u64))
+                    {
+                        Some((n, _)) => n,
+                        None => continue,
+                    }
+                } else {
+                    s.name().unwrap_or("").to_owned()
+                };
+                if unnumbered(&n) != n && !v.contains(&n) {
+                    v.push(n);
                 }
-            } else {
-                s.name().unwrap_or("").to_owned()
-            };
-            if unnumbered(&n) != n && !v.contains(&n) {
-                v.push(n);
             }
-        }
-        Ok(v)
-    };
+            Ok(v)
+        };
     let mut map: HashMap<String, String> = HashMap::new();
     let mut clash: BTreeSet<String> = BTreeSet::new();
     for (f, fb) in &b.funcs {
         let Some(fa) = a.funcs.get(f) else { continue };
         let (va, vb) = (numbered(a, fa)?, numbered(b, fb)?);
-        let bases = |v: &Vec<String>| v.iter().map(|n| unnumbered(n).to_owned()).collect::<Vec<_>>();
+        let bases = |v: &Vec<String>| {
+            v.iter()
+                .map(|n| unnumbered(n).to_owned())
+                .collect::<Vec<_>>()
+        };
         if bases(&va) != bases(&vb) {
             continue;
         }
@@ -663,7 +890,9 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<HashMap<String, String>, Stri
         for s in o.file.symbols() {
             if let Ok(n) = s.name() {
                 if unnumbered(n) != n && !s.is_undefined() {
-                    m.entry(unnumbered(n).to_owned()).or_default().push(n.to_owned());
+                    m.entry(unnumbered(n).to_owned())
+                        .or_default()
+                        .push(n.to_owned());
                 }
             }
         }
@@ -691,8 +920,21 @@ mod tests {
         let (c, o) = (dir.join("t.c"), dir.join("t.o"));
         std::fs::write(&c, src).expect("write source");
         let st = Command::new("gcc")
-            .args(["-c", "-O2", "-fno-pic", "-mcmodel=kernel", "-mno-red-zone"])
-            .args(["-ffunction-sections", "-fdata-sections", "-fno-asynchronous-unwind-tables", "-o"])
+            .args([
+                "-c",
+                "-O2",
+                "-fno-pic",
+                "-mcmodel=kernel",
+                "-mno-red-zone",
+                "-pg",
+                "-mfentry",
+            ])
+            .args([
+                "-ffunction-sections",
+                "-fdata-sections",
+                "-fno-asynchronous-unwind-tables",
+                "-o",
+            ])
             .arg(&o)
             .arg(&c)
             .status()
@@ -720,7 +962,15 @@ mod tests {
 
     fn kernel() -> Kernel {
         Kernel {
-            names: vec!["show", "helper", "other", "counter", "printk", "__already_done.1", "__already_done.0"],
+            names: vec![
+                "show",
+                "helper",
+                "other",
+                "counter",
+                "printk",
+                "__already_done.1",
+                "__already_done.0",
+            ],
             twice: vec!["local_helper"],
         }
     }
@@ -760,7 +1010,10 @@ int show(int x) { printk("show %d\n", x); return helper(x); }
         let und = undefined(&d.object);
         // show's call of helper is inlined: it calls the kernel's static
         // local_helper (by position: the kernel has two) and printk.
-        assert!(und.contains("local_helper#1") && und.contains("printk"), "{und:?}");
+        assert!(
+            und.contains("local_helper#1") && und.contains("printk"),
+            "{und:?}"
+        );
         assert!(d.data.iter().any(|s| s.contains(".str1.")), "{:?}", d.data);
         // It links: the kernel's helper and printk, the patch's strings.
         let objs = vec![("t.o".to_owned(), d.object.clone())];
@@ -787,9 +1040,16 @@ int show(int x) { printk("show %d\n", x); return helper(x); }
         assert!(changed.contains(&"helper"), "{changed:?}");
         // A kept out-of-line static the kernel has namesakes of.
         let a = compile("a4", BASE);
-        let b = compile("b4", &BASE.replace("return local_helper(x) + 1;", "return local_helper(x) + 5;"));
+        let b = compile(
+            "b4",
+            &BASE.replace("return local_helper(x) + 1;", "return local_helper(x) + 5;"),
+        );
         let d = diff_object("t.o", &a, &b, &kernel()).expect("diff");
-        assert!(undefined(&d.object).contains("local_helper#1"), "{:?}", undefined(&d.object));
+        assert!(
+            undefined(&d.object).contains("local_helper#1"),
+            "{:?}",
+            undefined(&d.object)
+        );
     }
 
     #[test]
@@ -802,7 +1062,10 @@ int show(int x) { printk("show %d\n", x); return helper(x); }
         // New writable data used by changed code.
         let b = compile(
             "b6",
-            &BASE.replace("int other(int x) {", "static int seen; int other(int x) { seen++;"),
+            &BASE.replace(
+                "int other(int x) {",
+                "static int seen; int other(int x) { seen++;",
+            ),
         );
         let e = diff_object("t.o", &a, &b, &kernel()).expect_err("new data");
         assert!(e.contains("seen") && e.contains("writable data"), "{e}");
@@ -812,6 +1075,41 @@ int show(int x) { printk("show %d\n", x); return helper(x); }
         let b = compile("b7", &format!("{BASE}{}", init.replace("x + 1", "x + 2")));
         let e = diff_object("t.o", &a, &b, &kernel()).expect_err("init");
         assert!(e.contains("setup") && e.contains("__init"), "{e}");
+    }
+
+    #[test]
+    fn a_changed_function_without_a_patchable_entry_is_switched_through_its_callers() {
+        let src = r#"
+extern int printk(const char *, ...);
+static __attribute__((noinline, no_instrument_function)) int body(int x) { printk("body"); return x + 1; }
+int entry_a(int x) { return body(x) * 2; }
+int entry_b(int x) { return body(x) * 3; }
+int __attribute__((no_instrument_function)) global_body(int x) { return x - 1; }
+"#;
+        let k = Kernel {
+            names: vec!["body", "entry_a", "entry_b", "global_body", "printk"],
+            twice: vec![],
+        };
+        let a = compile("a9", src);
+        let b = compile("b9", &src.replace("x + 1", "x + 2"));
+        let d = diff_object("t.o", &a, &b, &k).expect("diff");
+        let mut changed: Vec<&str> = d.changed.iter().map(|c| c.0.as_str()).collect();
+        changed.sort_unstable();
+        assert_eq!(changed, ["entry_a", "entry_b"], "{d:?}");
+        assert!(d.pulled_in.iter().any(|p| p.0 == "body"), "{d:?}");
+        // A global one: code elsewhere may call it.
+        let b = compile("b10", &src.replace("x - 1", "x - 2"));
+        let e = diff_object("t.o", &a, &b, &k).expect_err("global notrace");
+        assert!(
+            e.contains("global_body") && e.contains("no patchable entry"),
+            "{e}"
+        );
+        // A static one whose address is taken.
+        let src2 = format!("{src}\nint (*ptr)(int) = body;\n");
+        let a = compile("a11", &src2);
+        let b = compile("b11", &src2.replace("x + 1", "x + 2"));
+        let e = diff_object("t.o", &a, &b, &k).expect_err("address taken");
+        assert!(e.contains("address is taken"), "{e}");
     }
 
     #[test]
@@ -826,10 +1124,16 @@ int other(int x) { static int __already_done; if (!__already_done) { __already_d
         let b = compile("b8", &src.replace("return x; }", "return x + 7; }"));
         let d = diff_object("t.o", &a, &b, &kernel()).expect("diff");
         let und = undefined(&d.object);
-        let refs: Vec<&String> = und.iter().filter(|n| n.starts_with("__already_done")).collect();
+        let refs: Vec<&String> = und
+            .iter()
+            .filter(|n| n.starts_with("__already_done"))
+            .collect();
         assert_eq!(refs.len(), 1, "{und:?}");
         // The name the original object gives show's static.
         let f = object::File::parse(&*a).expect("obj");
-        assert!(f.symbols().any(|s| s.name() == Ok(refs[0].as_str())), "{refs:?}");
+        assert!(
+            f.symbols().any(|s| s.name() == Ok(refs[0].as_str())),
+            "{refs:?}"
+        );
     }
 }
