@@ -215,7 +215,11 @@ pub fn build(
             banner.trim()
         )));
     }
-    let cc = cc_text.split_whitespace().next().unwrap_or("gcc").to_owned();
+    let cc = cc_text
+        .split_whitespace()
+        .next()
+        .unwrap_or("gcc")
+        .to_owned();
     let have = Command::new(&cc)
         .arg("--version")
         .output()
@@ -261,12 +265,22 @@ pub fn build(
             }
         }
         let out = Command::new("patch")
-            .args(["-p1", "-s", "-N", "-r", "-", "--no-backup-if-mismatch", "-d"])
+            .args([
+                "-p1",
+                "-s",
+                "-N",
+                "-r",
+                "-",
+                "--no-backup-if-mismatch",
+                "-d",
+            ])
             .arg(&scratch)
             .arg("-i")
             .arg(std::fs::canonicalize(diff_path).unwrap_or_else(|_| diff_path.to_owned()))
             .output()
-            .map_err(|e| CliError::io("cannot run patch (scripts/setup.sh installs it)".into(), e))?;
+            .map_err(|e| {
+                CliError::io("cannot run patch (scripts/setup.sh installs it)".into(), e)
+            })?;
         if !out.status.success() {
             return Err(CliError::Usage(format!(
                 "the diff does not apply to {}:\n{}{}",
@@ -307,7 +321,12 @@ pub fn build(
                  most {MAX_OBJECTS} objects twice; give the fix as changes to fewer headers, or \
                  to the C files that matter",
                 candidates.len(),
-                candidates.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                candidates
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
     }
@@ -337,7 +356,9 @@ pub fn build(
             let o = obj_of(c);
             o.with_file_name(format!(
                 ".{}.cmd",
-                o.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                o.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
             ))
         };
         let targets = |list: &[String]| -> Vec<String> {

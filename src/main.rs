@@ -2,9 +2,9 @@
 
 mod build_diff;
 mod client;
-mod includes;
 mod demo;
 mod error;
+mod includes;
 mod logger;
 mod patch;
 mod paths;
