@@ -175,7 +175,7 @@ pub fn build(
             Some("c") => c_files.push(f.clone()),
             Some("h") => h_files.push(f.clone()),
             _ => {
-                return Err(CliError::Usage(format!(
+                return Err(CliError::Refused(format!(
                     "the diff changes {f}: only C sources and headers can be live-patched (not \
                      assembler, build files or configuration)"
                 )))
@@ -202,14 +202,14 @@ pub fn build(
         .to_owned();
     let cc_text = setting(&config, "CONFIG_CC_VERSION_TEXT").unwrap_or_default();
     if !banner.contains(&format!("Linux version {release} ")) {
-        return Err(CliError::Usage(format!(
+        return Err(CliError::WrongKernel(format!(
             "{} is a tree of release {release}; the kernel is '{}'",
             tree.display(),
             banner.trim()
         )));
     }
     if cc_text.is_empty() || !banner.contains(&cc_text) {
-        return Err(CliError::Usage(format!(
+        return Err(CliError::WrongKernel(format!(
             "{} is configured for the compiler '{cc_text}'; the kernel was built by another: '{}'",
             tree.display(),
             banner.trim()
@@ -316,7 +316,7 @@ pub fn build(
             t.elapsed().as_secs_f64(),
         ));
         if candidates.len() > MAX_OBJECTS {
-            return Err(CliError::Usage(format!(
+            return Err(CliError::Refused(format!(
                 "the header change reaches {} C files (e.g. {}): lucos build --diff builds at \
                  most {MAX_OBJECTS} objects twice; give the fix as changes to fewer headers, or \
                  to the C files that matter",
@@ -402,12 +402,12 @@ pub fn build(
             if globals.is_empty() {
                 !funcs.is_empty() && funcs.iter().filter(has).count() * 2 >= funcs.len()
             } else {
-                globals.iter().any(|s| has(s))
+                globals.iter().any(has)
             }
         };
         for (c, obj, _) in &originals {
             if c_files.contains(c) && !in_kernel(obj) {
-                return Err(CliError::Usage(format!(
+                return Err(CliError::Refused(format!(
                     "{c} is not built into the running kernel (its functions are not in its \
                      symbols): a module, or code of another configuration"
                 )));
@@ -497,7 +497,7 @@ pub fn build(
         for ((c, original, _), patched) in originals.iter().zip(&patched) {
             let objs = obj_of(c).to_string_lossy().into_owned();
             let d = diff_object(&objs, original, patched, &refs)
-                .map_err(|e| CliError::Usage(format!("{objs}: {e}")))?;
+                .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
             if !d.changed.is_empty() || !d.added.is_empty() {
                 objects.push((objs, d));
             }
@@ -512,14 +512,14 @@ pub fn build(
     let _ = std::fs::remove_dir_all(&scratch);
     let objects = result?;
     if objects.is_empty() {
-        return Err(CliError::Usage(
+        return Err(CliError::Refused(
             "no functional change: the diff changes no function's code (comments, \
              formatting, or code the compiler left out)"
                 .into(),
         ));
     }
     if objects.iter().all(|(_, d)| d.changed.is_empty()) {
-        return Err(CliError::Usage(
+        return Err(CliError::Refused(
             "the diff only adds functions that nothing in the running kernel calls: \
              nothing to switch"
                 .into(),

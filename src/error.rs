@@ -56,6 +56,12 @@ pub enum CliError {
     /// Talking to a VM.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// A source tree (or other input) is for another kernel build.
+    #[error("{0}")]
+    WrongKernel(String),
+    /// A patch build refused what it was given (a change it cannot carry).
+    #[error("{0}")]
+    Refused(String),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -72,6 +78,8 @@ impl CliError {
         use vmm_core::control::ErrorCode;
         match self {
             Self::Usage(_) => exit::USAGE,
+            Self::WrongKernel(_) => exit::WRONG_KERNEL,
+            Self::Refused(_) => exit::PATCH_REFUSED,
             Self::Client(ClientError::UnknownVm { .. } | ClientError::StaleSocket { .. }) => {
                 exit::NO_VM
             }

@@ -84,7 +84,8 @@ fn sources(root: &Path) -> Result<Vec<String>, CliError> {
             if ft.is_dir() {
                 let top = rel.as_os_str().is_empty();
                 let other_arch = rel == Path::new("arch") && name != "x86";
-                if !(top && SKIP.contains(&name.as_str())) && !other_arch {
+                let skipped = top && SKIP.contains(&name.as_str());
+                if !skipped && !other_arch {
                     dirs.push(path);
                 }
             } else if ft.is_file() && (name.ends_with(".c") || name.ends_with(".h")) {
@@ -145,7 +146,7 @@ fn built_objects(root: &Path, tree: &Path, dir: &Path) -> Vec<String> {
 pub fn includers(root: &Path, tree: &Path, headers: &[String]) -> Result<Vec<String>, CliError> {
     for h in headers {
         if FORCED.contains(&h.as_str()) {
-            return Err(CliError::Usage(format!(
+            return Err(CliError::Refused(format!(
                 "the diff changes {h}, which kbuild includes into every object: that is a \
                  change to the whole kernel, not a live patch"
             )));
@@ -192,7 +193,7 @@ pub fn includers(root: &Path, tree: &Path, headers: &[String]) -> Result<Vec<Str
     }
     for forced in FORCED {
         if reaches(&included_by, forced, headers) {
-            return Err(CliError::Usage(format!(
+            return Err(CliError::Refused(format!(
                 "the diff changes a header included by {forced}, which kbuild includes into \
                  every object: that is a change to the whole kernel, not a live patch"
             )));
@@ -208,7 +209,7 @@ pub fn includers(root: &Path, tree: &Path, headers: &[String]) -> Result<Vec<Str
             .entry(dir.to_owned())
             .or_insert_with(|| built_objects(root, tree, dir));
         let obj = format!("{}.o", stem.to_string_lossy());
-        objs.iter().any(|o| *o == obj)
+        objs.contains(&obj)
     };
     let mut seen: BTreeSet<String> = headers.iter().cloned().collect();
     let mut queue: VecDeque<String> = headers.iter().cloned().collect();

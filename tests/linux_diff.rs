@@ -7,68 +7,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::diffs::{make_diff, once, source_tree, CMDLINE_FIX, HEADER_FIX};
 use common::linux::{run_scenario_with, Extras, PatchDirs};
-
-/// The prepared source tree of the guest's kernel build.
-fn source_tree() -> String {
-    let out = Command::new("guest-kernels/linux/fetch-source.sh")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run fetch-source.sh");
-    assert!(
-        out.status.success(),
-        "fetch-source.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// A unified diff of `file` (relative to the source tree) with `edit`
-/// applied to its text, as `diff -u` writes it with a/ and b/ prefixes.
-fn make_diff(tree: &str, file: &str, edit: impl FnOnce(&str) -> String) -> String {
-    let mut edit = Some(edit);
-    make_diffs(tree, &[file], |_, s| (edit.take().expect("one file"))(s))
-}
-
-/// A unified diff of several files, each edited by `edit(file, text)`.
-fn make_diffs(tree: &str, files: &[&str], mut edit: impl FnMut(&str, &str) -> String) -> String {
-    let dir = std::env::temp_dir().join(format!("lucos-mkdiff-{}", std::process::id()));
-    let mut diff = String::new();
-    for file in files {
-        let src = Path::new(tree).join("source").join(file);
-        let old =
-            std::fs::read_to_string(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
-        let new = edit(file, &old);
-        assert_ne!(old, new, "the edit of {file} changed nothing");
-        let (a, b) = (dir.join("a").join(file), dir.join("b").join(file));
-        for (p, text) in [(&a, &old), (&b, &new)] {
-            std::fs::create_dir_all(p.parent().expect("parent")).expect("dir");
-            std::fs::write(p, text).expect("write");
-        }
-        let out = Command::new("diff")
-            .args(["-u", &format!("a/{file}"), &format!("b/{file}")])
-            .current_dir(&dir)
-            .output()
-            .expect("diff");
-        diff.push_str(&String::from_utf8(out.stdout).expect("utf-8 diff"));
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    diff
-}
-
-/// Replaces exactly one occurrence of `from` in `s`.
-fn once(s: &str, from: &str, to: &str) -> String {
-    assert_eq!(
-        s.matches(from).count(),
-        1,
-        "'{from}' is not in the source once"
-    );
-    s.replacen(from, to, 1)
-}
 
 /// `lucos build --diff`: Ok(its output) or Err(its error output).
 fn build(d: &PatchDirs, tree: &str, name: &str, diff: &str) -> Result<String, String> {
@@ -95,7 +38,7 @@ fn build(d: &PatchDirs, tree: &str, name: &str, diff: &str) -> Result<String, St
     if out.status.success() {
         Ok(text)
     } else {
-        Err(text)
+        Err(format!("exit {}: {text}", out.status.code().unwrap_or(-1)))
     }
 }
 
@@ -153,16 +96,10 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let d = PatchDirs::new("diff");
 
     // Built: a /proc function's output (a static function, a new string).
-    let cmdline = make_diff(&tree, "fs/proc/cmdline.c", |s| {
-        once(
-            s,
-            "\tseq_putc(m, '\\n');",
-            "\tseq_puts(m, \" lucos.diff=1\\n\");",
-        )
-    });
+    let cmdline = CMDLINE_FIX(&tree);
     let out = build(&d, &tree, "cmdline", &cmdline).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("1 function: cmdline_proc_show"), "{out}");
-    assert!(out.contains("build fs/proc/cmdline.o patched"), "{out}");
+    assert!(out.contains("build 1 object(s) patched"), "{out}");
     // Built: a system call (uname reports machine "lucos"): a large file,
     // static helpers of it called from the new code by their kernel symbols.
     let uname = make_diff(&tree, "kernel/sys.c", |s| {
@@ -202,25 +139,7 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     // Built: a header change (a new inline in fs/proc/internal.h, used by
     // /proc/softirqs): every object including the header is built twice,
     // only the one whose code changed is in the patch.
-    let header = make_diffs(
-        &tree,
-        &["fs/proc/internal.h", "fs/proc/softirqs.c"],
-        |f, s| {
-            if f.ends_with(".h") {
-                once(
-                s,
-                "static inline struct proc_inode *PROC_I(",
-                "#include <linux/seq_file.h>\n\nstatic inline void proc_lucos_mark(struct seq_file *m)\n{\n\tseq_puts(m, \"LucosMark: 1\\n\");\n}\n\nstatic inline struct proc_inode *PROC_I(",
-            )
-            } else {
-                once(
-                    s,
-                    "\t}\n\treturn 0;\n}",
-                    "\t}\n\tproc_lucos_mark(p);\n\treturn 0;\n}",
-                )
-            }
-        },
-    );
+    let header = HEADER_FIX(&tree);
     let out = build(&d, &tree, "header", &header).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("1 function: show_softirqs"), "{out}");
     assert!(
@@ -231,6 +150,13 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     // Refused, each with its reason.
     let refused = |name: &str, diff: &str, why: &str| {
         let e = build(&d, &tree, name, diff).expect_err(name);
+        // A change lucos cannot carry: exit 6; bad input: 2.
+        let code = if ["stale", "empty"].contains(&name) {
+            2
+        } else {
+            6
+        };
+        assert!(e.starts_with(&format!("exit {code}:")), "{name}: {e}");
         assert!(e.contains(why), "{name}: expected '{why}' in:\n{e}");
         assert!(
             !d.files.join(format!("{name}.lup")).exists(),

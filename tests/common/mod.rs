@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod diffs;
 pub mod linux;
 
 use std::path::PathBuf;

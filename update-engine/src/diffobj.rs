@@ -205,14 +205,9 @@ struct Rel {
 /// ones carry -4 for the displacement's own size.
 fn string_offset(r: &Rel) -> i64 {
     match r.flags {
-        RelocationFlags::Elf { r_type }
-            if matches!(
-                r_type,
-                object::elf::R_X86_64_PC32 | object::elf::R_X86_64_PLT32
-            ) =>
-        {
-            r.addend + 4
-        }
+        RelocationFlags::Elf {
+            r_type: object::elf::R_X86_64_PC32 | object::elf::R_X86_64_PLT32,
+        } => r.addend + 4,
         _ => r.addend,
     }
 }
@@ -256,13 +251,11 @@ fn unnumbered(name: &str) -> &str {
     }
 }
 
+/// A function's bytes, and its relocations as (offset, type, target).
+type Fingerprint = (Vec<u8>, Vec<(u64, u32, Target)>);
+
 /// A function's comparable form: bytes and relocations by target.
-fn fingerprint(
-    o: &Obj<'_>,
-    sec: SectionIndex,
-    off: u64,
-    size: u64,
-) -> Result<(Vec<u8>, Vec<(u64, u32, Target)>), String> {
+fn fingerprint(o: &Obj<'_>, sec: SectionIndex, off: u64, size: u64) -> Result<Fingerprint, String> {
     let (bytes, rels) = o.range(sec, off, size)?;
     let mut r: Vec<(u64, u32, Target)> = rels
         .iter()
