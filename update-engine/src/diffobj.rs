@@ -461,6 +461,7 @@ pub fn diff_object(
         }
     }
 
+    let renumber = renumbering(&a, &b)?;
     // The patch object.
     let mut w = write::Object::new(
         object::BinaryFormat::Elf,
@@ -510,23 +511,52 @@ pub fn diff_object(
             });
             fn_syms.insert(f.clone(), sym);
             code.push((f.clone(), id, sec, off, size));
-            // What it calls that is not in the kernel comes along.
+            // What it uses that the kernel does not have comes along:
+            // functions (inlined everywhere there), anonymous read-only data
+            // (string literals, tables), read-only data the kernel lacks.
             for r in b.range(sec, off, size)?.1 {
                 let Ok(s) = b.file.symbol_by_index(r.sym) else {
                     continue;
                 };
-                if s.kind() == SymbolKind::Text && !s.is_undefined() {
-                    let n = s.name().unwrap_or("").to_owned();
-                    if !take.contains(&n) && kernel.reference(&n, &neighbours).is_none() {
-                        out.pulled_in.push((
-                            n.clone(),
-                            "called by changed code; the kernel has no copy".into(),
-                        ));
-                        take.insert(n.clone());
-                        queue.push(n);
+                if s.is_undefined() {
+                    continue;
+                }
+                let named = if s.kind() == SymbolKind::Section {
+                    let Some(si) = s.section_index() else {
+                        continue;
+                    };
+                    match b.covering(si, string_offset(&r).max(0) as u64) {
+                        Some((n, _)) => Some(n),
+                        None => {
+                            pending_secs.push(si);
+                            None
+                        }
                     }
-                } else if s.kind() == SymbolKind::Section {
-                    if let Some(si) = s.section_index() {
+                } else {
+                    s.name().ok().map(str::to_owned)
+                };
+                let Some(n) = named else { continue };
+                if take.contains(&n) {
+                    continue;
+                }
+                let kname = renumber.get(&n).cloned().unwrap_or_else(|| n.clone());
+                if kernel.reference(&kname, &neighbours).is_some() {
+                    continue;
+                }
+                if b.funcs.contains_key(&n) {
+                    out.pulled_in.push((
+                        n.clone(),
+                        "called by changed code; the kernel has no copy".into(),
+                    ));
+                    take.insert(n.clone());
+                    queue.push(n);
+                } else if let Some(si) = b
+                    .file
+                    .symbols()
+                    .find(|x| x.name() == Ok(n.as_str()) && !x.is_undefined())
+                    .and_then(|x| x.section_index())
+                {
+                    if !is_writable(&b.file, si) {
                         pending_secs.push(si);
                     }
                 }
@@ -579,7 +609,6 @@ pub fn diff_object(
         }
     }
 
-    let renumber = renumbering(&a, &b)?;
     // Relocations of the placed code and data.
     let mut sites: Vec<(write::SectionId, SectionIndex, u64, u64)> = code
         .iter()
@@ -658,22 +687,24 @@ fn resolve_target(
             addend,
         ));
     }
-    // A named symbol, or the one a section-relative reference lands in.
+    // A named symbol, or the one a section-relative reference lands in;
+    // anonymous data only in a placed section.
     let (sname, delta) = if s.kind() == SymbolKind::Section {
         let si = s
             .section_index()
             .ok_or("a section symbol without a section")?;
-        if let Some(&id) = placed_secs.get(&si) {
-            return Ok((w.section_symbol(id), addend));
-        }
         match b.covering(si, string_offset(r).max(0) as u64) {
             Some((n, base)) => (n, base as i64),
-            None => {
-                return Err(format!(
-                    "{name}: changed code refers to {} at offset {addend}, where no symbol is",
-                    b.section_name(si)
-                ))
-            }
+            None => match placed_secs.get(&si) {
+                Some(&id) => return Ok((w.section_symbol(id), addend)),
+                None => {
+                    return Err(format!(
+                        "{name}: changed code refers to {} at offset {addend}, where no \
+                         symbol is",
+                        b.section_name(si)
+                    ))
+                }
+            },
         }
     } else {
         (s.name().map_err(|e| e.to_string())?.to_owned(), 0)
@@ -686,6 +717,10 @@ fn resolve_target(
         .symbols()
         .find(|x| x.name() == Ok(sname.as_str()) && !x.is_undefined())
         .ok_or_else(|| format!("{name}: no symbol {sname}"))?;
+    // Read-only data placed with the code (the kernel lacks it).
+    if let Some(&id) = sym.section_index().and_then(|i| placed_secs.get(&i)) {
+        return Ok((w.section_symbol(id), sym.address() as i64 + addend - delta));
+    }
     // A numbered static (`__already_done.3`) by the running kernel's number.
     let kname = match renumber.get(&sname) {
         Some(k) => k.clone(),
@@ -1103,6 +1138,29 @@ int __attribute__((no_instrument_function)) global_body(int x) { return x - 1; }
         let b = compile("b11", &src2.replace("x + 1", "x + 2"));
         let e = diff_object("t.o", &a, &b, &k).expect_err("address taken");
         assert!(e.contains("address is taken"), "{e}");
+    }
+
+    #[test]
+    fn what_the_kernel_lacks_is_placed_with_the_code() {
+        let src = r#"
+static const int table[4] = { 3, 1, 4, 1 };
+static __attribute__((noinline)) int pick(int x) { return table[x & 3]; }
+int show(int x) { return pick(x) + 1; }
+"#;
+        // The kernel has `show`, but neither the helper nor the table (as if
+        // it had inlined or merged them away).
+        let k = Kernel {
+            names: vec!["show"],
+            twice: vec![],
+        };
+        let a = compile("a12", src);
+        let b = compile("b12", &src.replace("pick(x) + 1", "pick(x) + 2"));
+        let d = diff_object("t.o", &a, &b, &k).expect("diff");
+        assert_eq!(d.changed.len(), 1, "{d:?}");
+        assert!(d.pulled_in.iter().any(|p| p.0 == "pick"), "{d:?}");
+        assert!(d.data.iter().any(|s| s.contains("table")), "{d:?}");
+        let und = undefined(&d.object);
+        assert!(!und.contains("pick") && !und.contains("table"), "{und:?}");
     }
 
     #[test]
