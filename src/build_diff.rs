@@ -208,6 +208,19 @@ pub fn build(
             banner.trim()
         )));
     }
+    // A tree fetch-source.sh made names its Debian source version too.
+    if let Some(version) = std::fs::read_to_string(tree.join("lucos-build.env"))
+        .ok()
+        .and_then(|env| setting(&env, "KERNEL_VERSION"))
+    {
+        if !banner.contains(&format!(" {version} ")) {
+            return Err(CliError::WrongKernel(format!(
+                "{} is the source of Debian {version}; the kernel is '{}'",
+                tree.display(),
+                banner.trim()
+            )));
+        }
+    }
     if cc_text.is_empty() || !banner.contains(&cc_text) {
         return Err(CliError::WrongKernel(format!(
             "{} is configured for the compiler '{cc_text}'; the kernel was built by another: '{}'",

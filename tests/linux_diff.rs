@@ -225,6 +225,46 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
         "does not apply",
     );
     refused("empty", "not a diff\n", "changes no file");
+    // The tree of another build than the kernel's (its banner names another
+    // release): exit 5, nothing built.
+    let mut image = std::fs::read(&d.vmlinux).expect("vmlinux");
+    let release = String::from_utf8_lossy(&image)
+        .split("Linux version ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .expect("banner")
+        .to_owned();
+    let other_release = release.replacen("6.1.0-", "6.1.0-9", 1);
+    let needle = format!("Linux version {release} ");
+    let mut at = 0;
+    while let Some(i) = image[at..]
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+    {
+        // Same length: drop one character of the flavour.
+        let with = format!("Linux version {} ", &other_release[..release.len()]);
+        image[at + i..at + i + needle.len()].copy_from_slice(with.as_bytes());
+        at += i + needle.len();
+    }
+    let mut wrong = Command::new(env!("CARGO_BIN_EXE_lucos"));
+    let other_vmlinux = d.dir.join("other.vmlinux");
+    std::fs::write(&other_vmlinux, image).expect("other vmlinux");
+    let p = d.dir.join("wrongtree.patch");
+    std::fs::write(&p, &cmdline).expect("diff");
+    let out = wrong
+        .args(["build", "--unsigned", "--kernel"])
+        .arg(&other_vmlinux)
+        .arg("--diff")
+        .arg(&p)
+        .arg("--source")
+        .arg(&tree)
+        .args(["--name", "wrongtree", "-o"])
+        .arg(d.files.join("wrongtree.lup"))
+        .output()
+        .expect("lucos build");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("is a tree of release"), "{err}");
     refused(
         "module",
         &make_diff(&tree, "drivers/block/loop.c", |s| {
