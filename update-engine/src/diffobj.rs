@@ -293,16 +293,36 @@ pub fn diff_object(
 
     // Changed and new functions.
     let mut take: BTreeSet<String> = BTreeSet::new();
+    // A cold part (`NAME.cold`, GCC's out-of-line unlikely path) belongs to
+    // its function: a change in it changes the function.
+    let mut cold_changed: BTreeSet<String> = BTreeSet::new();
     for (fname, &(sec, off, size, _)) in &b.funcs {
+        if let Some(parent) = fname.strip_suffix(".cold") {
+            let fb = fingerprint(&b, sec, off, size)?;
+            let same = match a.funcs.get(fname) {
+                Some(&(asec, aoff, asize, _)) => fingerprint(&a, asec, aoff, asize)? == fb,
+                None => false,
+            };
+            if !same {
+                cold_changed.insert(parent.to_owned());
+            }
+        }
+    }
+    for (fname, &(sec, off, size, _)) in &b.funcs {
+        if fname.ends_with(".cold") {
+            continue;
+        }
         let sname = b.section_name(sec);
         let fb = fingerprint(&b, sec, off, size)?;
         let why = match a.funcs.get(fname) {
             Some(&(asec, aoff, asize, _)) => {
                 let fa = fingerprint(&a, asec, aoff, asize)?;
-                if fa == fb {
+                if fa == fb && !cold_changed.contains(fname) {
                     continue;
                 }
-                if fa.0 != fb.0 {
+                if fa == fb {
+                    "its cold part changed"
+                } else if fa.0 != fb.0 {
                     "its code changed"
                 } else {
                     "what it refers to changed"
@@ -842,8 +862,10 @@ fn references_to(o: &Obj<'_>, f: &str) -> Vec<(Option<String>, bool, String)> {
                 .checked_sub(1)
                 .and_then(|i| data.get(i as usize))
                 .copied();
+            // call, jmp, or a conditional jump (0f 8x).
             let call = ty == object::elf::R_X86_64_PLT32
-                || (ty == object::elf::R_X86_64_PC32 && matches!(opcode, Some(0xe8 | 0xe9)));
+                || (ty == object::elf::R_X86_64_PC32
+                    && matches!(opcode, Some(0xe8 | 0xe9 | 0x80..=0x8f)));
             let referrer = o
                 .funcs
                 .iter()
