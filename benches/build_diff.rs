@@ -106,6 +106,7 @@ fn main() {
     let cold_tree = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     let cold_build = lucos_build(&vmlinux, &cold_tree, &cmdline, &dir, "cold");
     let cold = prepare + cold_build;
+    eprintln!("build_diff: cold {cold:.1} s (fetch-source.sh {prepare:.1} s)");
 
     // Warm and header, in the tree the suite uses.
     lucos_build(&vmlinux, &tree, &cmdline, &dir, "first");
@@ -113,6 +114,7 @@ fn main() {
         .map(|i| lucos_build(&vmlinux, &tree, &cmdline, &dir, &format!("warm{i}")))
         .collect();
     let hdr = lucos_build(&vmlinux, &tree, &header, &dir, "header");
+    eprintln!("build_diff: warm {warm:.1?} s, header change {hdr:.1} s");
 
     // The reference: the whole kernel, once, same source and config.
     let full_out = dir.join("full");
@@ -130,6 +132,18 @@ fn main() {
             .arg(target);
         c
     };
+    // Debian builds BTF with pahole; without pahole here the reference is
+    // built without it (a little less work than Debian's build).
+    let pahole = Command::new("pahole").arg("--version").output().is_ok();
+    if !pahole {
+        run(
+            Command::new(src.join("scripts/config"))
+                .arg("--file")
+                .arg(full_out.join(".config"))
+                .args(["--disable", "DEBUG_INFO_BTF"]),
+            "scripts/config",
+        );
+    }
     run(&mut kmake("olddefconfig"), "make olddefconfig");
     eprintln!("build_diff: building the whole kernel once ({cores} cores) for the reference…");
     let t = Instant::now();
@@ -137,7 +151,10 @@ fn main() {
     let full = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&dir);
 
-    println!("lucos build --diff vs. building the kernel (Debian 6.1 cloud config, {cores} cores)");
+    println!(
+        "lucos build --diff vs. building the kernel (Debian 6.1 cloud config, {cores} cores{})",
+        if pahole { "" } else { "; reference without BTF: no pahole" }
+    );
     println!("{:<46} {:>10} {:>12}", "", "seconds", "full/this");
     let row = |what: &str, s: f64| println!("{what:<46} {s:>10.1} {:>11.0}x", full / s);
     row("lucos, one C file, cold (unpack + prepare)", cold);
