@@ -153,7 +153,11 @@ fn main() {
 
     println!(
         "lucos build --diff vs. building the kernel (Debian 6.1 cloud config, {cores} cores{})",
-        if pahole { "" } else { "; reference without BTF: no pahole" }
+        if pahole {
+            ""
+        } else {
+            "; reference without BTF: no pahole"
+        }
     );
     println!("{:<46} {:>10} {:>12}", "", "seconds", "full/this");
     let row = |what: &str, s: f64| println!("{what:<46} {s:>10.1} {:>11.0}x", full / s);
