@@ -225,7 +225,10 @@ esac
                     std::env::var("PATH").unwrap_or_default()
                 ),
             )
-            .env_remove("LUCOS_SKIP_BUILDS");
+            .env_remove("LUCOS_SKIP_BUILDS")
+            // The stub serves no source package: the kernel and headers
+            // decide here.
+            .env("LUCOS_NEEDED_ROLES", "image headers");
         if let Some(s) = skip {
             c.env("LUCOS_SKIP_BUILDS", s);
         }
@@ -324,7 +327,7 @@ fn a_package_served_with_other_bytes_than_pinned_is_refused_and_nothing_is_left(
 #[test]
 fn with_no_known_build_to_be_had_the_fetch_fails_naming_what_is_missing_and_writes_nothing() {
     let cache = empty_cache("none");
-    for name in ["fetch-kernel.sh", "fetch-headers.sh"] {
+    for name in ["fetch-kernel.sh", "fetch-headers.sh", "fetch-source.sh"] {
         let o = run(name, &[], &cache, Some("all"));
         assert!(!o.status.success(), "{name}: {}", text(&o));
         let t = text(&o);

@@ -4,8 +4,9 @@
 # checked by sha256. Sourced, never run.
 #
 # A build is "to be had" when every package of the roles the fetchers use
-# (LUCOS_NEEDED_ROLES, default "image headers"; the source role joins when a
-# fetcher needs it) is in the cache with its sha256 or served with it.
+# (LUCOS_NEEDED_ROLES, default "image headers source": the kernel, its kbuild
+# tree and its source for `lucos build --diff`, so every fetcher chooses the
+# same build) is in the cache with its sha256 or served with it.
 #
 # Test hook: LUCOS_SKIP_BUILDS="ABI [ABI...]" (or "all") treats those known
 # builds as not to be had, as if the archive had dropped them; tests/assets.rs
@@ -118,7 +119,7 @@ choose_build() {
     missing="" version=""
     while read -r abi_ ver_ role pkg arch sum; do
       version=$ver_
-      case " ${LUCOS_NEEDED_ROLES:-image headers} " in *" $role "*) ;; *) continue ;; esac
+      case " ${LUCOS_NEEDED_ROLES:-image headers source} " in *" $role "*) ;; *) continue ;; esac
       deb_cached "$(deb_file "$cache" "$pkg" "$ver_" "$arch")" "$sum" && continue
       apt_serves "$pkg" "$ver_" "$arch" "$sum" || missing+=" $pkg=$ver_"
     done < <(known_lines "$abi")
