@@ -122,7 +122,8 @@ echo "@@SCN busy rc=$rc sha=$(sha) msg=$(tr '\n' ' ' < /tmp/o)"
 # The same patch in immediate mode: the sleeper stays in the old function,
 # new reads take the new one at once; the revert then needs nothing to leave.
 $LUCOS patch --vm lx --mode immediate $FILES/kmsgfix.lup > /tmp/o 2>&1; echo "@@SCN kmsg immediate rc=$? $(tr '\n' ' ' < /tmp/o)"
-wait_for "No data available" && echo "@@SCN kmsg immediate seen patched reader_alive=$(grep -q '@@KMSG reader gone' $LOG && echo no || echo yes)"
+wait_for "No data available" && echo "@@SCN kmsg immediate seen patched reader_alive=$(grep -q '@@KMSG reader gone' $LOG && echo no || echo yes)" \
+  || { tail -n 60 $LOG | sed 's/^/G| /'; sed 's/^/V| /' $LUCOS_RUN_DIR/lx.log; exit 1; }
 $LUCOS revert --vm lx kmsgfix > /tmp/o 2>&1; echo "@@SCN kmsg immediate revert rc=$? $(tr '\n' ' ' < /tmp/o)"
 sleep 1; wait_for "@@KMSG read [0-9]," && echo "@@SCN kmsg immediate seen reverted"
 $LUCOS patch --vm lx $FILES/procfix.lup > /tmp/o 2>&1; echo "@@SCN apply rc=$? $(tr '\n' ' ' < /tmp/o)"
