@@ -729,6 +729,34 @@ mod tests {
     }
 
     #[test]
+    fn references_pick_namesakes_by_address_order() {
+        // A System.map lists by address; the table keeps its order here,
+        // so list the namesakes out of order to show it is by address.
+        let map = "ffffffff81003000 t helper\n\
+                   ffffffff81001000 t helper\n\
+                   ffffffff81002000 T unique\n";
+        let t = SymbolTable::from_system_map(map, "map").expect("map");
+        assert_eq!(
+            t.reference("unique").expect("unique").addr,
+            0xffffffff81002000
+        );
+        assert_eq!(
+            t.reference("helper#0").expect("#0").addr,
+            0xffffffff81001000
+        );
+        assert_eq!(
+            t.reference("helper#1").expect("#1").addr,
+            0xffffffff81003000
+        );
+        assert!(matches!(
+            t.reference("helper"),
+            Err(SymbolError::Ambiguous { .. })
+        ));
+        let e = t.reference("helper#2").expect_err("past the end");
+        assert!(e.to_string().contains("2 symbols named helper"), "{e}");
+    }
+
+    #[test]
     fn own_binary_symbols_resolve_both_ways() {
         let exe = std::env::current_exe().expect("test binary");
         let table = SymbolTable::from_elf_file(&exe).expect("symbols");
