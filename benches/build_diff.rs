@@ -163,7 +163,7 @@ fn main() {
     let row = |what: &str, s: f64| println!("{what:<46} {s:>10.1} {:>11.0}x", full / s);
     row("lucos, one C file, cold (unpack + prepare)", cold);
     println!("{:<46} {:>10.1}", "  of which fetch-source.sh", prepare);
-    row("lucos, one C file, warm (median)", median(warm.clone()));
+    row("lucos, one C file, warm (median)", median(warm));
     row("lucos, header change (24 objects twice)", hdr);
     println!(
         "{:<46} {:>10.1} {:>12}",

@@ -591,11 +591,9 @@ pub fn diff_object(
             }
             let sec = b.file.section_by_index(si).map_err(|e| e.to_string())?;
             let sname = sec.name().unwrap_or("?").to_owned();
-            if let Some((fname, _)) = b.funcs.iter().find(|(_, v)| v.0 == si) {
-                // A function's own section, reached by a section symbol.
-                if !take.contains(fname) {
-                    // Resolved per relocation below.
-                }
+            // A function's own section, reached by a section symbol: resolved
+            // per relocation, by the function it lands in.
+            if b.funcs.values().any(|v| v.0 == si) {
                 continue;
             }
             if is_writable(&b.file, si) {
