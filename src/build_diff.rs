@@ -24,6 +24,13 @@ use crate::error::CliError;
 /// section of its own (fetch-source.sh prepares trees with the same).
 const KCFLAGS: &str = "-ffunction-sections -fdata-sections";
 
+/// Headers both builds find before the kernel's (path under an include
+/// directory, text): see guest-kernels/linux/patch-include/.
+const PATCH_INCLUDE: &[(&str, &str)] = &[(
+    "asm/jump_label.h",
+    include_str!("../guest-kernels/linux/patch-include/asm/jump_label.h"),
+)];
+
 /// The most objects one diff may need built (each twice).
 const MAX_OBJECTS: usize = 48;
 
@@ -356,10 +363,27 @@ pub fn build(
             std::io::Error::last_os_error(),
         ));
     }
+    // Headers found before the kernel's in both builds (static branches
+    // that read their key), in the tree so that a rebuild of an unchanged
+    // object stays a no-op.
+    let patch_include = tree.join(".lucos/include");
+    for (name, text) in PATCH_INCLUDE {
+        let to = patch_include.join(name);
+        if std::fs::read(&to).ok().as_deref() != Some(text.as_bytes()) {
+            if let Some(d) = to.parent() {
+                std::fs::create_dir_all(d)
+                    .map_err(|e| CliError::io(format!("cannot make {}", d.display()), e))?;
+            }
+            std::fs::write(&to, text)
+                .map_err(|e| CliError::io(format!("cannot write {}", to.display()), e))?;
+        }
+    }
+    let nostdinc = format!("-nostdinc -I{}", patch_include.display());
     let vars = vec![
         format!("CC={cc}"),
         format!("HOSTCC={cc}"),
         format!("KERNELRELEASE={release}"),
+        format!("NOSTDINC_FLAGS={nostdinc}"),
     ];
     let refs = Refs(ksyms);
     let overlay = scratch.join(".overlay");
@@ -476,8 +500,9 @@ pub fn build(
         let mut pvars = vars.clone();
         if overlaid {
             let o = overlay.display();
+            pvars.pop();
             pvars.push(format!(
-                "NOSTDINC_FLAGS=-nostdinc -I{o}/arch/x86/include -I{o}/include \
+                "NOSTDINC_FLAGS={nostdinc} -I{o}/arch/x86/include -I{o}/include \
                  -I{o}/arch/x86/include/uapi -I{o}/include/uapi"
             ));
         }

@@ -49,9 +49,20 @@ state() {
   m=$(uname -m)
   v=$(grep -c 'lucos.version' /proc/version)
   h=$(grep -c 'LucosMark' /proc/softirqs)
+  mi=$(grep -c '^Lucos: 1' /proc/meminfo)
+  # oom_score_adj 123 written with its tracepoint on, then again with it off.
+  echo 1 > $EV/enable
+  o=$(sh -c 'echo 123 > /proc/self/oom_score_adj; cat /proc/self/oom_score_adj')
+  echo 0 > $EV/enable
+  sh -c 'echo 123 > /proc/self/oom_score_adj'
+  t=$(grep -o 'oom_score_adj=12[34]' $TR/trace | tr '\n' ,)
+  echo > $TR/trace
   w=$(dmesg | grep -c -e 'WARNING' -e 'BUG:' -e 'Oops' -e 'general protection')
-  echo "cmd=$c uname=$m version=$v header=$h warnings=$w"
+  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. warnings=$w"
 }
+TR=/sys/kernel/tracing
+mount -t tracefs nodev $TR
+EV=$TR/events/oom/oom_score_adj_update
 echo "@@D ready $(state)"
 dmesg | grep -e 'WARNING' -e 'BUG:' -e 'Oops' -e 'general protection' | head -n 4 | sed 's/^/@@D boot /'
 
@@ -73,17 +84,17 @@ up d $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --c
 wait_after 1 "@@D ready" || exit 1
 grep "@@D ready" $LOG | sed 's/^/@@SCN before /'
 grep "@@D boot" $LOG | sed 's/^/@@SCN /'
-for p in cmdline uname version header; do
+for p in cmdline uname version header meminfo oom; do
   $LUCOS patch --vm d $FILES/$p.lup > /tmp/o 2>&1; echo "@@SCN apply $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=1 uname=lucos version=1 header=1" && echo "@@SCN loaded"
+wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\." && echo "@@SCN loaded"
 $LUCOS list --vm d | sed 's/^/@@SCN list /'
-for p in header version uname cmdline; do
+for p in oom meminfo header version uname cmdline; do
   $LUCOS revert --vm d $p > /tmp/o 2>&1; echo "@@SCN revert $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0" && echo "@@SCN reverted"
+wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\." && echo "@@SCN reverted"
 at=$(wc -l < $LOG)
 wait_after "$at" "@@D state" && echo "@@SCN last $(grep '@@D state' $LOG | tail -n 1)"
 $LUCOS stop --vm d >/dev/null
@@ -146,6 +157,32 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
         out.contains("find what includes fs/proc/internal.h"),
         "{out}"
     );
+
+    // Built: a function with alternatives (meminfo_proc_show: a
+    // static_cpu_has for 5-level paging, ALWAYS and LA57 entries on one
+    // site), applied by lucos's linker for the guest's CPU.
+    let meminfo = make_diff(&tree, "fs/proc/meminfo.c", |s| {
+        once(
+            s,
+            "\tarch_report_meminfo(m);\n",
+            "\tarch_report_meminfo(m);\n\tseq_puts(m, \"Lucos: 1\\n\");\n",
+        )
+    });
+    let out = build(&d, &tree, "meminfo", &meminfo).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.contains("1 function: meminfo_proc_show"), "{out}");
+    // Built: a function with a tracepoint (a static key, and a static call
+    // behind it): __set_oom_adj (a GCC .isra clone) stores 124 for 123. The
+    // guest turns the tracepoint on and off around each write; the patched
+    // code must follow the key as the kernel's own sites do.
+    let oom = make_diff(&tree, "fs/proc/base.c", |s| {
+        once(
+            s,
+            "\ttask->signal->oom_score_adj = oom_adj;\n",
+            "\tif (oom_adj == 123)\n\t\toom_adj = 124;\n\ttask->signal->oom_score_adj = oom_adj;\n",
+        )
+    });
+    let out = build(&d, &tree, "oom", &oom).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.contains("1 function: __set_oom_adj.isra.0"), "{out}");
 
     // Refused, each with its reason.
     let refused = |name: &str, diff: &str, why: &str| {
@@ -283,18 +320,6 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
         }),
         "includes into every object",
     );
-    refused(
-        "alternatives",
-        &make_diff(&tree, "fs/proc/meminfo.c", |s| {
-            once(
-                s,
-                "\tarch_report_meminfo(m);\n",
-                "\tarch_report_meminfo(m);\n\tseq_puts(m, \"Lucos: 1\\n\");\n",
-            )
-        }),
-        "alternative instructions (.altinstructions)",
-    );
-
     let out = run_scenario_with(
         "diff",
         WORKLOAD,
@@ -308,11 +333,13 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let _ = std::fs::remove_dir_all(&d.dir);
     let before = out.line("@@SCN before ");
     assert!(
-        before.contains("cmd=0 uname=x86_64 version=0 header=0"),
+        before.contains(
+            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,."
+        ),
         "a LOADED check passed before its patch: {before}\n{}",
         out.text
     );
-    for p in ["cmdline", "uname", "version", "header"] {
+    for p in ["cmdline", "uname", "version", "header", "meminfo", "oom"] {
         let a = out.line(&format!("@@SCN apply {p} "));
         assert!(a.contains("rc=0"), "{a}\n{}", out.text);
         let r = out.line(&format!("@@SCN revert {p} "));

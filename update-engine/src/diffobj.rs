@@ -14,8 +14,10 @@
 //! is refused by name: code the kernel runs once (`__init`, `__exit`),
 //! changed initial values of existing data, new writable data, and code
 //! that needs the kernel to process a table at load time (exception
-//! fixups, BUG/WARN entries, jump labels, alternatives, paravirt and static
-//! call sites).
+//! fixups, BUG/WARN entries, jump labels). Alternatives go with their
+//! function (the entries and replacements, applied by lucos's linker for the
+//! running kernel's CPU); paravirt and static-call sites stay calls through
+//! `pv_ops` and the static-call trampolines, which are always right.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -35,11 +37,18 @@ const KERNEL_TABLES: &[(&str, &str)] = &[
     ),
     ("__bug_table", "BUG/WARN entries"),
     ("__jump_table", "jump labels (static keys)"),
-    (".altinstructions", "alternative instructions"),
-    (".parainstructions", "paravirt call sites"),
-    (".static_call_sites", "static calls"),
     ("__tracepoints_ptrs", "tracepoints"),
 ];
+
+/// The alternatives table, its replacements, and the out-of-line code of
+/// `static_cpu_has` (reached only from alternative sites that the kernel,
+/// and lucos's linker, always rewrite: `ALTERNATIVE_TERNARY` with
+/// `X86_FEATURE_ALWAYS`).
+const ALT_TABLE: &str = ".altinstructions";
+const ALT_REPLACEMENT: &str = ".altinstr_replacement";
+const ALT_AUX: &str = ".altinstr_aux";
+/// Size of one `struct alt_instr` (Linux 6.1).
+const ALT_ENTRY: u64 = 12;
 
 /// How to refer to a symbol of the running kernel that the patch uses.
 pub trait KernelSymbols {
@@ -155,6 +164,11 @@ impl<'d> Obj<'d> {
                 return Target::Sec("?".into(), r.addend);
             };
             let name = self.section_name(si);
+            if name == ALT_AUX {
+                // Only ever jumped to from sites the alternatives rewrite;
+                // where a snippet lies there is no change of the function.
+                return Target::Sec(name, 0);
+            }
             if is_strings(&self.file, si) {
                 let off = string_offset(r);
                 if let Some(s) = self
@@ -178,6 +192,58 @@ impl<'d> Obj<'d> {
         Target::Sym(unnumbered(n).to_owned(), r.addend)
     }
 
+    /// The object's alternatives: the function each site is in, and the entry.
+    fn alternatives(&self) -> Result<Vec<Alt>, String> {
+        let Some(table) = self.file.section_by_name(ALT_TABLE) else {
+            return Ok(Vec::new());
+        };
+        let data = table.data().map_err(|e| e.to_string())?;
+        if data.len() as u64 % ALT_ENTRY != 0 {
+            return Err(format!(
+                "{ALT_TABLE} is not a whole number of {ALT_ENTRY}-byte entries"
+            ));
+        }
+        let mut fields: HashMap<u64, (SectionIndex, u64)> = HashMap::new();
+        for (at, r) in table.relocations() {
+            let RelocationTarget::Symbol(si) = r.target() else {
+                continue;
+            };
+            let Ok(sym) = self.file.symbol_by_index(si) else {
+                continue;
+            };
+            let Some(sec) = sym.section_index() else {
+                continue;
+            };
+            fields.insert(at, (sec, (sym.address() as i64 + r.addend()) as u64));
+        }
+        let mut out = Vec::new();
+        for (n, e) in data.chunks_exact(ALT_ENTRY as usize).enumerate() {
+            let at = n as u64 * ALT_ENTRY;
+            let (Some(&(ssec, soff)), Some(&(rsec, roff))) =
+                (fields.get(&at), fields.get(&(at + 4)))
+            else {
+                return Err(format!("{ALT_TABLE} entry {n} lacks its relocations"));
+            };
+            if self.section_name(rsec) != ALT_REPLACEMENT {
+                return Err(format!(
+                    "{ALT_TABLE} entry {n} points outside {ALT_REPLACEMENT}"
+                ));
+            }
+            let Some((func, base)) = self.covering(ssec, soff) else {
+                continue; // a site outside any function: never placed
+            };
+            out.push(Alt {
+                func,
+                at: soff - base,
+                info: [e[8], e[9], e[10], e[11]],
+                repl_sec: rsec,
+                repl_off: roff,
+                repl_len: u64::from(e[11]),
+            });
+        }
+        Ok(out)
+    }
+
     /// The named symbol of section `si` covering offset `off`: its name and value.
     fn covering(&self, si: SectionIndex, off: u64) -> Option<(String, u64)> {
         self.file
@@ -191,6 +257,20 @@ impl<'d> Obj<'d> {
                     .map(|n| (n.to_owned(), s.address()))
             })
     }
+}
+
+/// One alternative of an object.
+#[derive(Debug, Clone)]
+struct Alt {
+    /// The function whose code the site is in, and the site's offset there.
+    func: String,
+    at: u64,
+    /// The entry's feature word and the two lengths, as they are.
+    info: [u8; 4],
+    /// The replacement: its section, offset and length.
+    repl_sec: SectionIndex,
+    repl_off: u64,
+    repl_len: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -251,12 +331,13 @@ fn unnumbered(name: &str) -> &str {
     }
 }
 
-/// A function's bytes, and its relocations as (offset, type, target).
-type Fingerprint = (Vec<u8>, Vec<(u64, u32, Target)>);
+/// A function's bytes, its relocations as (offset, type, target), and its
+/// alternatives (site, entry, replacement bytes and relocations).
+type Fingerprint = (Vec<u8>, Vec<(u64, u32, Target)>, Vec<AltPrint>);
+type AltPrint = (u64, [u8; 4], Vec<u8>, Vec<(u64, u32, Target)>);
 
-/// A function's comparable form: bytes and relocations by target.
-fn fingerprint(o: &Obj<'_>, sec: SectionIndex, off: u64, size: u64) -> Result<Fingerprint, String> {
-    let (bytes, rels) = o.range(sec, off, size)?;
+/// Relocations of `rels` as (offset, type, target), sorted.
+fn by_target(o: &Obj<'_>, rels: &[Rel]) -> Vec<(u64, u32, Target)> {
     let mut r: Vec<(u64, u32, Target)> = rels
         .iter()
         .map(|x| {
@@ -268,7 +349,24 @@ fn fingerprint(o: &Obj<'_>, sec: SectionIndex, off: u64, size: u64) -> Result<Fi
         })
         .collect();
     r.sort();
-    Ok((bytes, r))
+    r
+}
+
+/// A function's comparable form: bytes and relocations by target, and its
+/// alternatives (`alts`, of the whole object).
+fn fingerprint(
+    o: &Obj<'_>,
+    alts: &[Alt],
+    name: &str,
+    (sec, off, size): (SectionIndex, u64, u64),
+) -> Result<Fingerprint, String> {
+    let (bytes, rels) = o.range(sec, off, size)?;
+    let mut ap = Vec::new();
+    for x in alts.iter().filter(|x| x.func == name) {
+        let (rb, rr) = o.range(x.repl_sec, x.repl_off, x.repl_len)?;
+        ap.push((x.at, x.info, rb, by_target(o, &rr)));
+    }
+    Ok((bytes, by_target(o, &rels), ap))
 }
 
 /// Diffs `original` and `patched`, builds of the object file `name` (e.g.
@@ -282,6 +380,7 @@ pub fn diff_object(
 ) -> Result<ObjectDiff, String> {
     let a = Obj::parse(name, original)?;
     let b = Obj::parse(name, patched)?;
+    let (a_alts, b_alts) = (a.alternatives()?, b.alternatives()?);
     let mut out = ObjectDiff::default();
     // The original object's named symbols: where its namesakes lie.
     let neighbours: Vec<String> = a
@@ -298,9 +397,11 @@ pub fn diff_object(
     let mut cold_changed: BTreeSet<String> = BTreeSet::new();
     for (fname, &(sec, off, size, _)) in &b.funcs {
         if let Some(parent) = fname.strip_suffix(".cold") {
-            let fb = fingerprint(&b, sec, off, size)?;
+            let fb = fingerprint(&b, &b_alts, fname, (sec, off, size))?;
             let same = match a.funcs.get(fname) {
-                Some(&(asec, aoff, asize, _)) => fingerprint(&a, asec, aoff, asize)? == fb,
+                Some(&(asec, aoff, asize, _)) => {
+                    fingerprint(&a, &a_alts, fname, (asec, aoff, asize))? == fb
+                }
                 None => false,
             };
             if !same {
@@ -313,10 +414,10 @@ pub fn diff_object(
             continue;
         }
         let sname = b.section_name(sec);
-        let fb = fingerprint(&b, sec, off, size)?;
+        let fb = fingerprint(&b, &b_alts, fname, (sec, off, size))?;
         let why = match a.funcs.get(fname) {
             Some(&(asec, aoff, asize, _)) => {
-                let fa = fingerprint(&a, asec, aoff, asize)?;
+                let fa = fingerprint(&a, &a_alts, fname, (asec, aoff, asize))?;
                 if fa == fb && !cold_changed.contains(fname) {
                     continue;
                 }
@@ -324,8 +425,10 @@ pub fn diff_object(
                     "its cold part changed"
                 } else if fa.0 != fb.0 {
                     "its code changed"
-                } else {
+                } else if fa.1 != fb.1 {
                     "what it refers to changed"
+                } else {
+                    "its alternatives changed"
                 }
             }
             None => "new",
@@ -636,9 +739,66 @@ pub fn diff_object(
         let size = b.file.section_by_index(si).map(|s| s.size()).unwrap_or(0);
         sites.push((id, si, 0, size));
     }
+    // Alternatives of the placed functions: their entries and replacements,
+    // applied at link time for the running kernel's CPU.
+    let kept: Vec<&Alt> = b_alts
+        .iter()
+        .filter(|x| fn_syms.contains_key(&x.func))
+        .collect();
+    if let Some(first) = kept.first() {
+        let rsec = b
+            .file
+            .section_by_index(first.repl_sec)
+            .map_err(|e| e.to_string())?;
+        let repl = w.add_section(
+            Vec::new(),
+            ALT_REPLACEMENT.as_bytes().to_vec(),
+            SectionKind::Text,
+        );
+        w.append_section_data(repl, rsec.data().map_err(|e| e.to_string())?, 1);
+        let table = w.add_section(
+            Vec::new(),
+            ALT_TABLE.as_bytes().to_vec(),
+            SectionKind::ReadOnlyData,
+        );
+        let pc32 = RelocationFlags::Elf {
+            r_type: object::elf::R_X86_64_PC32,
+        };
+        let repl_sym = w.section_symbol(repl);
+        for (n, x) in kept.iter().enumerate() {
+            let mut e = [0u8; ALT_ENTRY as usize];
+            e[8..].copy_from_slice(&x.info);
+            w.append_section_data(table, &e, 1);
+            let at = n as u64 * ALT_ENTRY;
+            for (off, symbol, addend) in [
+                (at, fn_syms[&x.func], x.at as i64),
+                (at + 4, repl_sym, x.repl_off as i64),
+            ] {
+                w.add_relocation(
+                    table,
+                    write::Relocation {
+                        offset: off,
+                        symbol,
+                        addend,
+                        flags: pc32,
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+            }
+            sites.push((repl, x.repl_sec, x.repl_off, x.repl_len));
+        }
+    }
     for (id, sec, off, size) in sites {
+        let in_repl = b.section_name(sec) == ALT_REPLACEMENT;
+        let aux = b.section_name(sec) == ALT_AUX;
         for r in b.range(sec, off, size)?.1 {
             let s = b.file.symbol_by_index(r.sym).map_err(|e| e.to_string())?;
+            // `static_cpu_has` snippets of functions the patch leaves alone
+            // are never reached from it: their jumps stay unresolved.
+            if aux && !s.is_undefined() && !lands_in(&b, &s, &r, &fn_syms) {
+                continue;
+            }
+            let at = if in_repl { r.at + off } else { r.at };
             let (symbol, addend) = resolve_target(
                 &b,
                 &s,
@@ -655,7 +815,7 @@ pub fn diff_object(
             w.add_relocation(
                 id,
                 write::Relocation {
-                    offset: r.at,
+                    offset: at,
                     symbol,
                     addend,
                     flags: r.flags,
@@ -666,6 +826,24 @@ pub fn diff_object(
     }
     out.object = w.write().map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+/// Whether the reference `r` of `b` to `s` lands in a function the patch
+/// places (`fn_syms`).
+fn lands_in(
+    b: &Obj<'_>,
+    s: &object::Symbol<'_, '_>,
+    r: &Rel,
+    fn_syms: &HashMap<String, write::SymbolId>,
+) -> bool {
+    let name = if s.kind() == SymbolKind::Section {
+        s.section_index()
+            .and_then(|si| b.covering(si, string_offset(r).max(0) as u64))
+            .map(|c| c.0)
+    } else {
+        s.name().ok().map(str::to_owned)
+    };
+    name.is_some_and(|n| fn_syms.contains_key(&n))
 }
 
 /// The patch object's symbol (and addend) for a reference of `b` to `s`
@@ -811,6 +989,7 @@ fn is_metadata(name: &str) -> bool {
                 | "__bug_table"
                 | "__jump_table"
                 | ".altinstructions"
+                | ".altinstr_aux"
                 | ".parainstructions"
                 | ".smp_locks"
                 | ".eh_frame"
@@ -1206,5 +1385,86 @@ int other(int x) { static int __already_done; if (!__already_done) { __already_d
             f.symbols().any(|s| s.name() == Ok(refs[0].as_str())),
             "{refs:?}"
         );
+    }
+
+    /// `static_cpu_has` as Linux 6.1 writes it: an ALWAYS alternative over a
+    /// jump to an out-of-line test in `.altinstr_aux`.
+    const CPU_HAS: &str = r#"
+extern struct { unsigned char caps[80]; } boot_cpu_data;
+static inline __attribute__((always_inline)) int has(void)
+{
+	asm goto("661:\n\tjmp 6f\n662:\n"
+		".skip -(((665f-664f)-(662b-661b)) > 0) * ((665f-664f)-(662b-661b)),0x90\n663:\n"
+		".pushsection .altinstructions,\"a\"\n"
+		" .long 661b - .\n .long 664f - .\n .word 117\n .byte 663b-661b\n .byte 665f-664f\n"
+		".popsection\n.pushsection .altinstr_replacement,\"ax\"\n"
+		"664:\n\tjmp %l[t_no]\n665:\n.popsection\n"
+		".pushsection .altinstr_aux,\"ax\"\n6:\n\ttestb $1, boot_cpu_data(%%rip)\n"
+		"\tjnz %l[t_yes]\n\tjmp %l[t_no]\n.popsection\n"
+		: : : : t_yes, t_no);
+t_yes:
+	return 1;
+t_no:
+	return 0;
+}
+int first(int x) { return has() ? x + 1 : x; }
+int second(int x) { return has() ? x * 2 : x; }
+"#;
+
+    #[test]
+    fn alternatives_go_with_their_function_and_are_applied_at_link_time() {
+        let a = compile("a11", CPU_HAS);
+        // first gains a second test: second's out-of-line test moves in
+        // .altinstr_aux, which is no change of second.
+        let b = compile(
+            "b11",
+            &CPU_HAS.replace("? x + 1 : x;", "? x + 1 + has() : x;"),
+        );
+        let k = Kernel {
+            names: vec!["first", "second", "boot_cpu_data"],
+            twice: vec![],
+        };
+        let d = diff_object("t.o", &a, &b, &k).expect("diff");
+        let changed: Vec<&str> = d.changed.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(changed, ["first"], "{d:?}");
+        let f = object::File::parse(&*d.object).expect("patch object");
+        let table = f.section_by_name(ALT_TABLE).expect("alternatives kept");
+        assert_eq!(table.size(), 2 * ALT_ENTRY, "first's two sites only");
+        assert!(f.section_by_name(ALT_REPLACEMENT).is_some());
+        // Linked for a CPU (ALWAYS is bit 117): every site of first jumps
+        // within first, none into the out-of-line tests.
+        let objs = vec![("t.o".to_owned(), d.object.clone())];
+        let resolve = |n: &str| match n {
+            "boot_cpu_data" => Ok(0xffff_ffff_8200_0000),
+            "__fentry__" => Ok(0xffff_ffff_8100_3000),
+            _ => Err(format!("no {n}")),
+        };
+        let l =
+            crate::link::link_with(
+                &objs,
+                0xffff_ffff_c000_0000,
+                &resolve,
+                &|bit| Ok(bit == 117),
+            )
+            .expect("link");
+        let start = l.symbol(Some("t.o"), "first").expect("first");
+        let size = f
+            .symbols()
+            .find(|s| s.name() == Ok("first"))
+            .map(|s| s.size())
+            .expect("first's size");
+        let code = &l.bytes[(start - l.base) as usize..][..size as usize];
+        let mut jumps = 0;
+        for ins in iced_x86::Decoder::with_ip(64, code, start, iced_x86::DecoderOptions::NONE) {
+            if ins.mnemonic() == iced_x86::Mnemonic::Jmp {
+                jumps += 1;
+                let t = ins.near_branch_target();
+                assert!(t >= start && t < start + size, "a jump out of first: {ins}");
+            }
+        }
+        assert!(jumps >= 2, "first's two sites became jumps");
+        // Without the CPU's features the patch cannot be linked.
+        let e = crate::link(&objs, 0xffff_ffff_c000_0000, &resolve).expect_err("no features");
+        assert!(e.to_string().contains("alternatives"), "{e}");
     }
 }

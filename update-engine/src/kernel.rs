@@ -69,6 +69,57 @@ pub struct GuestKernel {
     /// Linux: where its tasks are (from its BTF), so a live patch can check
     /// sleeping tasks' stacks; why not, otherwise.
     pub tasks: Result<TaskLayout, String>,
+    /// Linux: where its CPU feature bits are, for a patch's alternatives;
+    /// why not, otherwise.
+    pub cpu_caps: Result<CpuCaps, String>,
+}
+
+/// Where a Linux kernel keeps the CPU features it booted with and patched
+/// its own alternatives for: `boot_cpu_data.x86_capability`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuCaps {
+    /// Address of the array (`u32` words, bit `n` of the whole array is
+    /// feature `n`).
+    pub addr: u64,
+    /// Its length in 32-bit words (capability and bug words together).
+    pub words: u64,
+}
+
+impl CpuCaps {
+    /// Where this kernel's feature bits are, from its BTF and symbols.
+    pub fn new(btf: &Btf, symbols: &SymbolTable) -> Result<Self, String> {
+        let base = symbols
+            .lookup("boot_cpu_data")
+            .map_err(|e| e.to_string())?
+            .addr;
+        let layout = btf
+            .struct_layout("cpuinfo_x86")
+            .map_err(|e| e.to_string())?;
+        let m = layout
+            .members
+            .iter()
+            .find(|m| m.name == "x86_capability")
+            .ok_or("struct cpuinfo_x86 has no x86_capability")?;
+        Ok(Self {
+            addr: base + m.offset,
+            words: m.size.unwrap_or(0) / 4,
+        })
+    }
+
+    /// Whether the running kernel has feature `bit`, read from guest memory
+    /// through `paging`.
+    pub fn has(&self, vm: &dyn Guest, paging: PagingState, bit: u16) -> Result<bool, String> {
+        let word = u64::from(bit / 32);
+        if word >= self.words {
+            return Err(format!(
+                "feature bit {bit} is past the running kernel's {} capability words",
+                self.words
+            ));
+        }
+        let mut b = [0u8; 4];
+        read_virt(vm, paging, self.addr + word * 4, &mut b).map_err(|e| e.to_string())?;
+        Ok(u32::from_le_bytes(b) & (1 << (bit % 32)) != 0)
+    }
 }
 
 /// One answer of a `symbols` request: the symbol, or why not.
@@ -270,7 +321,7 @@ fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, Intro
             let identity = KernelIdentity::from_image(&image, &symbols);
             identity.check_same(&KernelIdentity::from_elf(data, &name)?, &name)?;
             let text = text_of(&symbols).unwrap_or(base);
-            let tasks = task_layout(&image, &symbols);
+            let (tasks, cpu_caps) = linux_layouts(&image, &symbols);
             return finish(
                 vm,
                 paging,
@@ -280,7 +331,11 @@ fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, Intro
                 text,
                 None,
             )
-            .map(|g| GuestKernel { tasks, ..g });
+            .map(|g| GuestKernel {
+                tasks,
+                cpu_caps,
+                ..g
+            });
         }
     }
     let t0 = Instant::now();
@@ -294,7 +349,7 @@ fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, Intro
     };
     let identity = KernelIdentity::from_image(&image, &k.table);
     let text = text_of(&k.table).unwrap_or(image.base());
-    let tasks = task_layout(&image, &k.table);
+    let (tasks, cpu_caps) = linux_layouts(&image, &k.table);
     finish(
         vm,
         paging,
@@ -307,6 +362,7 @@ fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, Intro
     .map(|g| GuestKernel {
         timings,
         tasks,
+        cpu_caps,
         ..g
     })
 }
@@ -339,20 +395,30 @@ fn finish(
         kallsyms,
         timings: Timings::default(),
         tasks: Err("not looked for".into()),
+        cpu_caps: Err("not looked for".into()),
     })
 }
 
-/// The task layout of a Linux kernel, from the BTF in its image.
-fn task_layout(image: &KernelImage, symbols: &SymbolTable) -> Result<TaskLayout, String> {
-    let (Ok(start), Ok(stop)) = (symbols.lookup("__start_BTF"), symbols.lookup("__stop_BTF"))
-    else {
-        return Err("the kernel has no BTF (CONFIG_DEBUG_INFO_BTF)".into());
-    };
-    let bytes = image
-        .read(start.addr, stop.addr.saturating_sub(start.addr) as usize)
-        .ok_or("the kernel's BTF is not in its mapped image")?;
-    let btf = Btf::parse(bytes).map_err(|e| e.to_string())?;
-    TaskLayout::new(&btf, symbols)
+/// The task layout and CPU features of a Linux kernel, from the BTF in its
+/// image.
+fn linux_layouts(
+    image: &KernelImage,
+    symbols: &SymbolTable,
+) -> (Result<TaskLayout, String>, Result<CpuCaps, String>) {
+    let btf = (|| {
+        let (Ok(start), Ok(stop)) = (symbols.lookup("__start_BTF"), symbols.lookup("__stop_BTF"))
+        else {
+            return Err("the kernel has no BTF (CONFIG_DEBUG_INFO_BTF)".to_owned());
+        };
+        let bytes = image
+            .read(start.addr, stop.addr.saturating_sub(start.addr) as usize)
+            .ok_or("the kernel's BTF is not in its mapped image")?;
+        Btf::parse(bytes).map_err(|e| e.to_string())
+    })();
+    match btf {
+        Ok(btf) => (TaskLayout::new(&btf, symbols), CpuCaps::new(&btf, symbols)),
+        Err(e) => (Err(e.clone()), Err(e)),
+    }
 }
 
 impl GuestKernel {
@@ -431,6 +497,7 @@ impl GuestKernel {
             kallsyms: self.kallsyms,
             timings: self.timings,
             tasks: self.tasks.clone(),
+            cpu_caps: self.cpu_caps.clone(),
         })
     }
 }

@@ -10,6 +10,12 @@
 //! kernel. Sections keep their alignment: the layout is laid out from a base
 //! aligned to the largest alignment any placed section asks for
 //! ([`alignment`]).
+//!
+//! Alternatives (`.altinstructions`) are applied here, as the kernel's
+//! module loader would: each site whose CPU feature the running kernel has
+//! (or lacks, for a `NOT` entry) gets its replacement, relocated for the
+//! site's own address and padded with NOPs, in table order, so a later entry
+//! for the same site wins as in `apply_alternatives`.
 
 use std::collections::HashMap;
 
@@ -23,8 +29,11 @@ use crate::UpdateError;
 /// kernel's own boot-time code patching or unwinding, not code or data to
 /// place. Leaving them out keeps the code as the compiler wrote it:
 /// `__fentry__` calls and return-thunk jumps stay calls to the running
-/// kernel's functions (correct, if not the fastest), `lock` prefixes stay.
-/// Without ORC data the kernel's unwinder cannot walk through patch code.
+/// kernel's functions (correct, if not the fastest), `lock` prefixes stay,
+/// static calls stay calls to their trampoline (`__SCT__*`, which the kernel
+/// keeps pointing at the current target), paravirt sites stay indirect
+/// calls through `pv_ops`. Without ORC data the kernel's unwinder cannot
+/// walk through patch code.
 const SKIPPED: &[&str] = &[
     "__mcount_loc",
     "__patchable_function_entries",
@@ -37,21 +46,25 @@ const SKIPPED: &[&str] = &[
     ".orc_unwind",
     ".orc_unwind_ip",
     ".orc_header",
-];
-
-/// Sections whose code only works once the kernel has processed them
-/// (exception fixups, jump labels, BUG/WARN entries, alternatives, static
-/// calls, paravirt sites): a patch with them is refused rather than placed
-/// without them.
-const NEEDS_KERNEL: &[&str] = &[
-    "__ex_table",
-    "__jump_table",
-    "__bug_table",
-    ".altinstructions",
-    ".altinstr_replacement",
     ".static_call_sites",
     ".parainstructions",
+    ALT_TABLE,
+    ALT_REPLACEMENT,
 ];
+
+/// The alternatives table and the replacements it points into: applied at
+/// link time ([`link_with`]), not placed.
+const ALT_TABLE: &str = ".altinstructions";
+const ALT_REPLACEMENT: &str = ".altinstr_replacement";
+/// Size of one `struct alt_instr` (Linux 6.1: two `s32` offsets, `u16`
+/// feature with the `NOT` flag in bit 15, two `u8` lengths).
+const ALT_ENTRY: usize = 12;
+const ALT_FLAG_NOT: u16 = 1 << 15;
+
+/// Sections whose code only works once the kernel has processed them
+/// (exception fixups, jump labels, BUG/WARN entries): a patch with them is
+/// refused rather than placed without them.
+const NEEDS_KERNEL: &[&str] = &["__ex_table", "__jump_table", "__bug_table"];
 
 /// A linked patch: bytes to copy to `base`, and where its symbols landed.
 #[derive(Debug, Clone)]
@@ -137,6 +150,262 @@ struct Obj<'a> {
     placed: HashMap<usize, u64>,
 }
 
+impl Obj<'_> {
+    fn bad(&self, why: String) -> UpdateError {
+        UpdateError::BadObject {
+            object: self.name.to_owned(),
+            why,
+        }
+    }
+
+    fn section_name(&self, i: usize) -> &str {
+        self.elf
+            .section_headers
+            .get(i)
+            .and_then(|sh| self.elf.shdr_strtab.get_at(sh.sh_name))
+            .unwrap_or("?")
+    }
+
+    /// The section named `name`, if the object has one.
+    fn section(&self, name: &str) -> Option<usize> {
+        (0..self.elf.section_headers.len()).find(|&i| self.section_name(i) == name)
+    }
+
+    /// The bytes of section `i` in the file.
+    fn section_bytes(&self, i: usize) -> Result<&[u8], UpdateError> {
+        let sh = &self.elf.section_headers[i];
+        self.data
+            .get(sh.sh_offset as usize..(sh.sh_offset + sh.sh_size) as usize)
+            .ok_or_else(|| self.bad("a section lies past the end of the file".into()))
+    }
+
+    /// The relocations that apply to section `i`.
+    fn relocations_of(&self, i: usize) -> Vec<goblin::elf::Reloc> {
+        self.elf
+            .shdr_relocs
+            .iter()
+            .filter(|(r, _)| self.elf.section_headers[*r].sh_info as usize == i)
+            .flat_map(|(_, rs)| rs.iter())
+            .collect()
+    }
+
+    /// The address the symbol `r_sym` of a relocation in `sec_name` stands
+    /// for, and its name.
+    fn symbol_address(
+        &self,
+        r_sym: usize,
+        globals: &HashMap<String, u64>,
+        resolve: &dyn Fn(&str) -> Result<u64, String>,
+        sec_name: &str,
+    ) -> Result<(u64, &str), UpdateError> {
+        let sym =
+            self.elf.syms.get(r_sym).ok_or_else(|| {
+                self.bad(format!("relocation names symbol {r_sym} past the table"))
+            })?;
+        let sname = self.elf.strtab.get_at(sym.st_name).unwrap_or("");
+        let addr = if sym.st_type() == STT_SECTION {
+            *self.placed.get(&sym.st_shndx).ok_or_else(|| {
+                self.bad(format!(
+                    "relocation in {sec_name} against a section that is not placed"
+                ))
+            })?
+        } else if let Some(&a) = self.placed.get(&sym.st_shndx) {
+            // A global defined here may have yielded (weak) to another
+            // object's strong definition.
+            match sym.st_bind() {
+                STB_LOCAL => a + sym.st_value,
+                _ => globals.get(sname).copied().unwrap_or(a + sym.st_value),
+            }
+        } else if sym.st_shndx == 0 {
+            match globals.get(sname) {
+                Some(&a) => a,
+                None => resolve(sname).map_err(|why| UpdateError::Symbol {
+                    patch: self.name.to_owned(),
+                    why,
+                })?,
+            }
+        } else {
+            return Err(self.bad(format!("symbol {sname} is in a section that is not placed")));
+        };
+        Ok((addr, sname))
+    }
+
+    /// Writes the value of a relocation of type `r_type` (symbol plus
+    /// addend `s_a`, place `p`) at `bytes[at..]`.
+    #[allow(clippy::too_many_arguments)]
+    fn relocate(
+        &self,
+        bytes: &mut [u8],
+        at: usize,
+        r_type: u32,
+        s_a: i64,
+        p: u64,
+        sname: &str,
+        sec_name: &str,
+        r_offset: u64,
+    ) -> Result<(), UpdateError> {
+        let overflow = |value: i64, bits| UpdateError::RelocationOverflow {
+            object: self.name.to_owned(),
+            symbol: sname.to_owned(),
+            value,
+            bits,
+        };
+        use goblin::elf::reloc::*;
+        let (field, len): ([u8; 8], usize) = match r_type {
+            R_X86_64_64 => (s_a.to_le_bytes(), 8),
+            R_X86_64_PC64 => (s_a.wrapping_sub(p as i64).to_le_bytes(), 8),
+            R_X86_64_PC32 | R_X86_64_PLT32 => {
+                let v = s_a.wrapping_sub(p as i64);
+                let v32 = i32::try_from(v).map_err(|_| overflow(v, 32))?;
+                ((v32 as i64).to_le_bytes(), 4)
+            }
+            R_X86_64_32S => {
+                let v32 = i32::try_from(s_a).map_err(|_| overflow(s_a, 32))?;
+                ((v32 as i64).to_le_bytes(), 4)
+            }
+            R_X86_64_32 => {
+                let v32 = u32::try_from(s_a).map_err(|_| overflow(s_a, 32))?;
+                ((v32 as u64).to_le_bytes(), 4)
+            }
+            other => {
+                return Err(UpdateError::UnsupportedRelocation {
+                    object: self.name.to_owned(),
+                    section: sec_name.to_owned(),
+                    kind: r_to_str(other, goblin::elf::header::EM_X86_64).to_owned(),
+                    number: other,
+                })
+            }
+        };
+        let dst = bytes.get_mut(at..at + len).ok_or_else(|| {
+            self.bad(format!(
+                "relocation at {sec_name}+{r_offset:#x} past its section"
+            ))
+        })?;
+        dst.copy_from_slice(&field[..len]);
+        Ok(())
+    }
+
+    /// Applies the object's alternatives to its placed code in `bytes`
+    /// (which starts at `base`), as Linux's `apply_alternatives` does for a
+    /// module: an entry whose feature test passes copies its replacement over
+    /// the site, relocated for the site's address, and pads the rest of the
+    /// site with NOPs; entries are taken in table order.
+    fn apply_alternatives(
+        &self,
+        bytes: &mut [u8],
+        base: u64,
+        globals: &HashMap<String, u64>,
+        resolve: &dyn Fn(&str) -> Result<u64, String>,
+        cpu_has: &dyn Fn(u16) -> Result<bool, String>,
+    ) -> Result<(), UpdateError> {
+        let Some(table) = self.section(ALT_TABLE) else {
+            return Ok(());
+        };
+        let entries = self.section_bytes(table)?;
+        if entries.len() % ALT_ENTRY != 0 {
+            return Err(self.bad(format!(
+                "{ALT_TABLE} is {} bytes, not a whole number of {ALT_ENTRY}-byte entries",
+                entries.len()
+            )));
+        }
+        let repl = self.section(ALT_REPLACEMENT);
+        let repl_bytes = match repl {
+            Some(i) => self.section_bytes(i)?,
+            None => &[],
+        };
+        let repl_relocs = repl.map(|i| self.relocations_of(i)).unwrap_or_default();
+        let table_relocs = self.relocations_of(table);
+        // What field `at` of the table points at: (symbol's section, offset).
+        let field = |at: u64| -> Result<(usize, u64), UpdateError> {
+            let r = table_relocs
+                .iter()
+                .find(|r| r.r_offset == at)
+                .ok_or_else(|| self.bad(format!("{ALT_TABLE}+{at:#x} has no relocation")))?;
+            let sym = self
+                .elf
+                .syms
+                .get(r.r_sym)
+                .ok_or_else(|| self.bad(format!("{ALT_TABLE}+{at:#x}: no such symbol")))?;
+            let off = sym.st_value as i64 + r.r_addend.unwrap_or(0);
+            Ok((sym.st_shndx, off as u64))
+        };
+        for (n, e) in entries.chunks_exact(ALT_ENTRY).enumerate() {
+            let at = (n * ALT_ENTRY) as u64;
+            let cpuid = u16::from_le_bytes([e[8], e[9]]);
+            let (instrlen, repllen) = (e[10] as usize, e[11] as usize);
+            let (site_sec, site_off) = field(at)?;
+            let Some(&site_sec_addr) = self.placed.get(&site_sec) else {
+                continue; // an alternative in code the patch does not place
+            };
+            let site = site_sec_addr + site_off;
+            let feature = cpuid & !ALT_FLAG_NOT;
+            let has = cpu_has(feature).map_err(|why| {
+                self.bad(format!(
+                    "its code has alternatives (CPU feature {}*32+{}), and {why}",
+                    feature >> 5,
+                    feature & 31
+                ))
+            })?;
+            if has == (cpuid & ALT_FLAG_NOT != 0) {
+                continue;
+            }
+            let (repl_sec, repl_off) = field(at + 4)?;
+            if Some(repl_sec) != repl {
+                return Err(self.bad(format!(
+                    "{ALT_TABLE} entry {n} points outside {ALT_REPLACEMENT}"
+                )));
+            }
+            let end = site_sec_addr + self.elf.section_headers[site_sec].sh_size;
+            let src = repl_bytes
+                .get(repl_off as usize..repl_off as usize + repllen)
+                .filter(|_| repllen <= instrlen && site + instrlen as u64 <= end)
+                .ok_or_else(|| {
+                    self.bad(format!(
+                        "{ALT_TABLE} entry {n}: a {repllen}-byte replacement at \
+                         {ALT_REPLACEMENT}+{repl_off:#x} for a {instrlen}-byte site does not fit"
+                    ))
+                })?;
+            let at_site = (site - base) as usize;
+            bytes[at_site..at_site + repllen].copy_from_slice(src);
+            bytes[at_site + repllen..at_site + instrlen].fill(0x90);
+            for r in &repl_relocs {
+                if r.r_offset < repl_off || r.r_offset >= repl_off + repllen as u64 {
+                    continue;
+                }
+                let width = if matches!(
+                    r.r_type,
+                    goblin::elf::reloc::R_X86_64_64 | goblin::elf::reloc::R_X86_64_PC64
+                ) {
+                    8
+                } else {
+                    4
+                };
+                if r.r_offset + width > repl_off + repllen as u64 {
+                    return Err(self.bad(format!(
+                        "a relocation at {ALT_REPLACEMENT}+{:#x} reaches past its replacement",
+                        r.r_offset
+                    )));
+                }
+                let (s_addr, sname) =
+                    self.symbol_address(r.r_sym, globals, resolve, ALT_REPLACEMENT)?;
+                let p = site + (r.r_offset - repl_off);
+                let s_a = (s_addr as i64).wrapping_add(r.r_addend.unwrap_or(0));
+                self.relocate(
+                    bytes,
+                    (p - base) as usize,
+                    r.r_type,
+                    s_a,
+                    p,
+                    sname,
+                    ALT_REPLACEMENT,
+                    r.r_offset,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn align(x: u64, a: u64) -> u64 {
     if a <= 1 {
         x
@@ -145,11 +414,27 @@ fn align(x: u64, a: u64) -> u64 {
     }
 }
 
-/// Links `objects` to run at `base`; `resolve` finds kernel symbols.
+/// Links `objects` to run at `base`; `resolve` finds kernel symbols. A
+/// patch with alternatives needs [`link_with`].
 pub fn link(
     objects: &[(String, Vec<u8>)],
     base: u64,
     resolve: &dyn Fn(&str) -> Result<u64, String>,
+) -> Result<Linked, UpdateError> {
+    link_with(objects, base, resolve, &|_| {
+        Err("the running kernel's CPU features are not known here".into())
+    })
+}
+
+/// Links `objects` to run at `base`; `resolve` finds kernel symbols,
+/// `cpu_has` tells whether the running kernel has a CPU feature (a bit
+/// number of its `boot_cpu_data.x86_capability`, as `X86_FEATURE_*` are
+/// numbered), for the patch's alternatives.
+pub fn link_with(
+    objects: &[(String, Vec<u8>)],
+    base: u64,
+    resolve: &dyn Fn(&str) -> Result<u64, String>,
+    cpu_has: &dyn Fn(u16) -> Result<bool, String>,
 ) -> Result<Linked, UpdateError> {
     let mut objs = Vec::new();
     for (name, data) in objects {
@@ -283,99 +568,20 @@ pub fn link(
             let Some(&sec_addr) = o.placed.get(&target) else {
                 continue;
             };
-            let sec_name = o
-                .elf
-                .shdr_strtab
-                .get_at(o.elf.section_headers[target].sh_name)
-                .unwrap_or("?");
+            let sec_name = o.section_name(target);
             for r in relocs.iter() {
-                let sym = o
-                    .elf
-                    .syms
-                    .get(r.r_sym)
-                    .ok_or_else(|| UpdateError::BadObject {
-                        object: o.name.to_owned(),
-                        why: format!("relocation names symbol {} past the table", r.r_sym),
-                    })?;
-                let sname = o.elf.strtab.get_at(sym.st_name).unwrap_or("");
-                let s_addr = if sym.st_type() == STT_SECTION {
-                    *o.placed
-                        .get(&sym.st_shndx)
-                        .ok_or_else(|| UpdateError::BadObject {
-                            object: o.name.to_owned(),
-                            why: format!(
-                                "relocation in {sec_name} against a section that is not placed"
-                            ),
-                        })?
-                } else if let Some(&a) = o.placed.get(&sym.st_shndx) {
-                    // A global defined here may have yielded (weak) to
-                    // another object's strong definition.
-                    match sym.st_bind() {
-                        STB_LOCAL => a + sym.st_value,
-                        _ => globals.get(sname).copied().unwrap_or(a + sym.st_value),
-                    }
-                } else if sym.st_shndx == 0 {
-                    match globals.get(sname) {
-                        Some(&a) => a,
-                        None => resolve(sname).map_err(|why| UpdateError::Symbol {
-                            patch: o.name.to_owned(),
-                            why,
-                        })?,
-                    }
-                } else {
-                    return Err(UpdateError::BadObject {
-                        object: o.name.to_owned(),
-                        why: format!("symbol {sname} is in a section that is not placed"),
-                    });
-                };
+                let (s_addr, sname) = o.symbol_address(r.r_sym, &globals, resolve, sec_name)?;
                 let p = sec_addr + r.r_offset;
-                let a = r.r_addend.unwrap_or(0);
                 let at = (p - base) as usize;
-                let s_a = (s_addr as i64).wrapping_add(a);
-                let overflow = |value: i64, bits| UpdateError::RelocationOverflow {
-                    object: o.name.to_owned(),
-                    symbol: sname.to_owned(),
-                    value,
-                    bits,
-                };
-                use goblin::elf::reloc::*;
-                let (field, len): ([u8; 8], usize) = match r.r_type {
-                    R_X86_64_64 => (s_a.to_le_bytes(), 8),
-                    R_X86_64_PC64 => (s_a.wrapping_sub(p as i64).to_le_bytes(), 8),
-                    R_X86_64_PC32 | R_X86_64_PLT32 => {
-                        let v = s_a.wrapping_sub(p as i64);
-                        let v32 = i32::try_from(v).map_err(|_| overflow(v, 32))?;
-                        ((v32 as i64).to_le_bytes(), 4)
-                    }
-                    R_X86_64_32S => {
-                        let v32 = i32::try_from(s_a).map_err(|_| overflow(s_a, 32))?;
-                        ((v32 as i64).to_le_bytes(), 4)
-                    }
-                    R_X86_64_32 => {
-                        let v32 = u32::try_from(s_a).map_err(|_| overflow(s_a, 32))?;
-                        ((v32 as u64).to_le_bytes(), 4)
-                    }
-                    other => {
-                        return Err(UpdateError::UnsupportedRelocation {
-                            object: o.name.to_owned(),
-                            section: sec_name.to_owned(),
-                            kind: r_to_str(other, goblin::elf::header::EM_X86_64).to_owned(),
-                            number: other,
-                        })
-                    }
-                };
-                let dst = bytes
-                    .get_mut(at..at + len)
-                    .ok_or_else(|| UpdateError::BadObject {
-                        object: o.name.to_owned(),
-                        why: format!(
-                            "relocation at {sec_name}+{:#x} past its section",
-                            r.r_offset
-                        ),
-                    })?;
-                dst.copy_from_slice(&field[..len]);
+                let s_a = (s_addr as i64).wrapping_add(r.r_addend.unwrap_or(0));
+                o.relocate(
+                    &mut bytes, at, r.r_type, s_a, p, sname, sec_name, r.r_offset,
+                )?;
             }
         }
+    }
+    for o in &objs {
+        o.apply_alternatives(&mut bytes, base, &globals, resolve, cpu_has)?;
     }
     Ok(Linked {
         base,
@@ -513,6 +719,60 @@ mod tests {
         assert!(
             branch_targets(&l, usea).contains(&strong),
             "a.o's call goes to b.o's strong pick"
+        );
+    }
+
+    /// A function whose `movl $1` has an alternative `movl $2; call helper`
+    /// for CPU feature `feature` (with bit 15 the `NOT` flag), laid out as
+    /// Linux's ALTERNATIVE macro lays it out.
+    fn alternative_object(tag: &str, feature: u16) -> Vec<(String, Vec<u8>)> {
+        let src = format!(
+            "int feat(void) {{\n int r;\n asm volatile(\"661:\\n\\tmovl $1, %0\\n662:\\n\"\n\
+             \".skip -(((665f-664f)-(662b-661b)) > 0) * ((665f-664f)-(662b-661b)),0x90\\n663:\\n\"\n\
+             \".pushsection .altinstructions,\\\"a\\\"\\n\"\n\
+             \" .long 661b - .\\n .long 664f - .\\n .word {feature}\\n .byte 663b-661b\\n .byte 665f-664f\\n\"\n\
+             \".popsection\\n.pushsection .altinstr_replacement,\\\"ax\\\"\\n\"\n\
+             \"664:\\n\\tmovl $2, %0\\n\\tcall helper\\n665:\\n.popsection\\n\" : \"=a\"(r));\n return r;\n}}\n"
+        );
+        objects(tag, &[("alt", &src)])
+    }
+
+    /// The first instructions of the function at `addr`.
+    fn first(l: &Linked, addr: u64, n: usize) -> Vec<iced_x86::Instruction> {
+        let code = &l.bytes[(addr - l.base) as usize..];
+        Decoder::with_ip(64, code, addr, DecoderOptions::NONE)
+            .into_iter()
+            .take(n)
+            .collect()
+    }
+
+    #[test]
+    fn alternatives_are_applied_for_the_running_kernels_cpu_features() {
+        let objs = alternative_object("alt", 5);
+        // The feature is there: the replacement, its call relocated for
+        // where it now is.
+        let l = link_with(&objs, BASE, &kernel, &|f| Ok(f == 5)).expect("link");
+        let f = l.symbol(None, "feat").expect("feat");
+        let ins = first(&l, f, 2);
+        assert_eq!(ins[0].mnemonic(), Mnemonic::Mov);
+        assert_eq!(ins[0].immediate32(), 2, "{ins:?}");
+        assert_eq!(ins[1].mnemonic(), Mnemonic::Call);
+        assert_eq!(ins[1].near_branch_target(), KERNEL_HELPER);
+        // Not there: the original, padded with NOPs; no call.
+        let l = link_with(&objs, BASE, &kernel, &|_| Ok(false)).expect("link");
+        let ins = first(&l, l.symbol(None, "feat").expect("feat"), 2);
+        assert_eq!(ins[0].immediate32(), 1, "{ins:?}");
+        assert_eq!(ins[1].mnemonic(), Mnemonic::Nop);
+        // A NOT entry: replaced when the feature is missing.
+        let objs = alternative_object("altnot", 5 | ALT_FLAG_NOT);
+        let l = link_with(&objs, BASE, &kernel, &|_| Ok(false)).expect("link");
+        let ins = first(&l, l.symbol(None, "feat").expect("feat"), 1);
+        assert_eq!(ins[0].immediate32(), 2, "{ins:?}");
+        // Features that cannot be told: refused, saying why.
+        let e = link(&objs, BASE, &kernel).expect_err("features unknown");
+        assert!(
+            e.to_string().contains("alternatives (CPU feature 0*32+5)"),
+            "{e}"
         );
     }
 

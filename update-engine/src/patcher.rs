@@ -37,12 +37,13 @@ use vmm_core::write_control::Protection;
 
 use crate::area::{self, Mapping, Space};
 use crate::kernel::{self, GuestKernel};
+use crate::link::link_with;
 use crate::linux::TaskLayout;
 use crate::lup::{old_code_sha256, sha256_hex, FunctionPatch, Mode};
 use crate::safety::{Active, Leaving};
 use crate::switch::{self, Plan, SwitchError, Switched, Write};
 use crate::trampoline::{self, Site, TRAMPOLINE_LEN};
-use crate::{link, Linked, Lup, UpdateError, VerifyingKey};
+use crate::{Linked, Lup, UpdateError, VerifyingKey};
 
 /// Errors applying or reverting a patch. None leaves the guest changed.
 #[derive(Debug, thiserror::Error)]
@@ -901,7 +902,16 @@ impl Patcher {
                     .map_err(|e| format!("the patch needs {s}: {e}"))
             }
         };
-        let at_base = link(&lup.objects, va, &resolve_with(va))?;
+        // Alternatives are applied for the features the kernel booted with.
+        let cpu_has = |bit: u16| -> Result<bool, String> {
+            match &k.cpu_caps {
+                Ok(caps) => caps.has(g, view.read, bit),
+                Err(why) => Err(format!(
+                    "the running kernel's CPU features are not known: {why}"
+                )),
+            }
+        };
+        let at_base = link_with(&lup.objects, va, &resolve_with(va), &cpu_has)?;
         let code = (at_base.bytes.len() as u64).div_ceil(area::CODE_ALIGN) * area::CODE_ALIGN;
         let need = if changes.is_empty() {
             at_base.bytes.len() as u64
@@ -918,7 +928,12 @@ impl Patcher {
         let linked = if start == 0 && changes.is_empty() {
             at_base
         } else {
-            link(&lup.objects, va + start, &resolve_with(va + start + code))?
+            link_with(
+                &lup.objects,
+                va + start,
+                &resolve_with(va + start + code),
+                &cpu_has,
+            )?
         };
         let mut data = Vec::new();
         for (d, off) in changes.iter().zip(&data_off) {

@@ -178,6 +178,7 @@ impl Fake {
             kallsyms: None,
             timings: Timings::default(),
             tasks: Err("not Linux".into()),
+            cpu_caps: Err("not Linux".into()),
         }
     }
 }
