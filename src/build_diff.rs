@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use symbol_db::SymbolTable;
-use update_engine::diffobj::{diff_object, KernelSymbols, ObjectDiff};
+use update_engine::diffobj::{check_clone_conventions, diff_object, KernelSymbols, ObjectDiff};
 
 use crate::error::CliError;
 
@@ -26,10 +26,33 @@ const KCFLAGS: &str = "-ffunction-sections -fdata-sections";
 
 /// Headers both builds find before the kernel's (path under an include
 /// directory, text): see guest-kernels/linux/patch-include/.
-const PATCH_INCLUDE: &[(&str, &str)] = &[(
-    "asm/jump_label.h",
-    include_str!("../guest-kernels/linux/patch-include/asm/jump_label.h"),
-)];
+const PATCH_INCLUDE: &[(&str, &str)] = &[
+    (
+        "asm/jump_label.h",
+        include_str!("../guest-kernels/linux/patch-include/asm/jump_label.h"),
+    ),
+    (
+        "asm/bug.h",
+        include_str!("../guest-kernels/linux/patch-include/asm/bug.h"),
+    ),
+];
+
+/// Writes the [`PATCH_INCLUDE`] headers under `dir` (where one differs) and
+/// returns `dir`, for `-I` before the kernel's own include directories.
+pub fn write_patch_include(dir: &Path) -> Result<PathBuf, CliError> {
+    for (name, text) in PATCH_INCLUDE {
+        let to = dir.join(name);
+        if std::fs::read(&to).ok().as_deref() != Some(text.as_bytes()) {
+            if let Some(d) = to.parent() {
+                std::fs::create_dir_all(d)
+                    .map_err(|e| CliError::io(format!("cannot make {}", d.display()), e))?;
+            }
+            std::fs::write(&to, text)
+                .map_err(|e| CliError::io(format!("cannot write {}", to.display()), e))?;
+        }
+    }
+    Ok(dir.to_owned())
+}
 
 /// The most objects one diff may need built (each twice).
 const MAX_OBJECTS: usize = 48;
@@ -364,27 +387,18 @@ pub fn build(
         ));
     }
     // Headers found before the kernel's in both builds (static branches
-    // that read their key), in the tree so that a rebuild of an unchanged
-    // object stays a no-op.
-    let patch_include = tree.join(".lucos/include");
-    for (name, text) in PATCH_INCLUDE {
-        let to = patch_include.join(name);
-        if std::fs::read(&to).ok().as_deref() != Some(text.as_bytes()) {
-            if let Some(d) = to.parent() {
-                std::fs::create_dir_all(d)
-                    .map_err(|e| CliError::io(format!("cannot make {}", d.display()), e))?;
-            }
-            std::fs::write(&to, text)
-                .map_err(|e| CliError::io(format!("cannot write {}", to.display()), e))?;
-        }
-    }
+    // that read their key, WARN without __bug_table), in the tree so that a
+    // rebuild of an unchanged object stays a no-op.
+    let patch_include = write_patch_include(&tree.join(".lucos/include"))?;
     let nostdinc = format!("-nostdinc -I{}", patch_include.display());
+    // The kernel's own flags (its exact code), and with lucos's headers.
     let vars = vec![
         format!("CC={cc}"),
         format!("HOSTCC={cc}"),
         format!("KERNELRELEASE={release}"),
-        format!("NOSTDINC_FLAGS={nostdinc}"),
     ];
+    let mut lucos_vars = vars.clone();
+    lucos_vars.push(format!("NOSTDINC_FLAGS={nostdinc}"));
     let refs = Refs(ksyms);
     let overlay = scratch.join(".overlay");
     let result = (|| -> Result<Vec<(String, ObjectDiff)>, CliError> {
@@ -453,6 +467,51 @@ pub fn build(
         originals.retain(|(c, obj, _)| c_files.contains(c) || in_kernel(obj));
         let kept: Vec<String> = originals.iter().map(|o| o.0.clone()).collect();
 
+        // Objects with jump labels or WARN/BUG: built again with lucos's
+        // headers, which is the build compared with the patched one. The
+        // headers change only those sites; where GCC then chose otherwise
+        // (inlining a function or not, a clone's calling convention), the
+        // diff and the check below see it.
+        let t = Instant::now();
+        let rewritten: Vec<String> = originals
+            .iter()
+            .filter(|(_, obj, _)| update_engine::diffobj::has_rewritten_tables(obj))
+            .map(|o| o.0.clone())
+            .collect();
+        let mut compared: Vec<Vec<u8>> = originals.iter().map(|o| o.1.clone()).collect();
+        let mut plain_of: Vec<Option<Vec<u8>>> = vec![None; originals.len()];
+        if !rewritten.is_empty() {
+            let mut restore = Restore {
+                remove: vec![],
+                put_back: vec![],
+            };
+            for (c, obj, cmd) in &originals {
+                if rewritten.contains(c) {
+                    restore.put_back.push((tree.join(obj_of(c)), obj.clone()));
+                    restore.put_back.push((tree.join(cmd_of(c)), cmd.clone()));
+                }
+            }
+            make(tree, &lucos_vars, &targets(&rewritten))?;
+            for (i, (c, plain, _)) in originals.iter().enumerate() {
+                if !rewritten.contains(c) {
+                    continue;
+                }
+                let o = obj_of(c);
+                let obj = std::fs::read(tree.join(&o))
+                    .map_err(|e| CliError::io(format!("cannot read {}", o.display()), e))?;
+                plain_of[i] = Some(plain.clone());
+                compared[i] = obj;
+            }
+            drop(restore);
+            steps.push((
+                format!(
+                    "build {} object(s) with static branches and WARN for patch code",
+                    rewritten.len()
+                ),
+                t.elapsed().as_secs_f64(),
+            ));
+        }
+
         // The patched build: changed C files in the output tree (found
         // before the pristine ones); changed headers in an overlay searched
         // first, or beside their C files for a header of a source folder.
@@ -497,7 +556,7 @@ pub fn build(
             std::fs::copy(&from, tree.join(f))
                 .map_err(|e| CliError::io(format!("cannot place {f} in the tree"), e))?;
         }
-        let mut pvars = vars.clone();
+        let mut pvars = lucos_vars.clone();
         if overlaid {
             let o = overlay.display();
             pvars.pop();
@@ -532,10 +591,18 @@ pub fn build(
         ));
         let t = Instant::now();
         let mut objects = Vec::new();
-        for ((c, original, _), patched) in originals.iter().zip(&patched) {
+        for (i, ((c, _, _), (original, patched))) in originals
+            .iter()
+            .zip(compared.iter().zip(&patched))
+            .enumerate()
+        {
             let objs = obj_of(c).to_string_lossy().into_owned();
             let d = diff_object(&objs, original, patched, &refs)
                 .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
+            if let Some(plain) = &plain_of[i] {
+                check_clone_conventions(&objs, plain, original, &d)
+                    .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
+            }
             if !d.changed.is_empty() || !d.added.is_empty() {
                 objects.push((objs, d));
             }

@@ -132,7 +132,8 @@ pub struct BuildArgs {
 }
 
 /// Compiles each source into `tmp`: with kbuild (`make -C KBUILD M=tmp
-/// NAME.o`, the kernel's exact flags, objtool included) for Linux, or with
+/// NAME.o`, the kernel's exact flags, objtool included, lucos's
+/// patch-include headers first) for Linux, or with
 /// the test kernel's flags. Returns (stem, object path) per source.
 fn compile(args: &BuildArgs, tmp: &Path) -> Result<Vec<(String, PathBuf)>, CliError> {
     let mut objs = Vec::new();
@@ -166,11 +167,15 @@ fn compile(args: &BuildArgs, tmp: &Path) -> Result<Vec<(String, PathBuf)>, CliEr
         let list: Vec<String> = objs.iter().map(|(s, _)| format!("{s}.o")).collect();
         std::fs::write(tmp.join("Kbuild"), format!("obj-m := {}\n", list.join(" ")))
             .map_err(|e| CliError::io("cannot write the Kbuild file".into(), e))?;
+        // Patch code is built like `lucos build --diff`'s: static branches
+        // read their key, WARN calls __warn (no jump or bug tables).
+        let include = crate::build_diff::write_patch_include(&tmp.join(".lucos-include"))?;
         let out = Command::new("make")
             .arg("-s")
             .arg("-C")
             .arg(kbuild)
             .arg(format!("M={}", tmp.display()))
+            .arg(format!("NOSTDINC_FLAGS=-nostdinc -I{}", include.display()))
             .args(&list)
             .output()
             .map_err(|e| {
@@ -428,7 +433,15 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
                 println!("{object}: places {f} ({why})");
             }
             for s in &d.data {
-                println!("{object}: places {s} (read-only data changed code uses)");
+                let what = if s == ".altinstr_aux" {
+                    "the out-of-line CPU-feature tests of its alternatives"
+                } else {
+                    "read-only data changed code uses"
+                };
+                println!("{object}: places {s} ({what})");
+            }
+            for s in &d.own_data {
+                println!("{object}: places {s} (a variable the diff adds: the patch's own data)");
             }
         }
     }

@@ -57,8 +57,11 @@ state() {
   sh -c 'echo 123 > /proc/self/oom_score_adj'
   t=$(grep -o 'oom_score_adj=12[34]' $TR/trace | tr '\n' ,)
   echo > $TR/trace
-  w=$(dmesg | grep -c -e 'WARNING' -e 'BUG:' -e 'Oops' -e 'general protection')
-  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. warnings=$w"
+  cat /proc/loadavg > /dev/null
+  lr=$(dmesg | grep -c 'lucos: read ')
+  lw=$(dmesg | grep -c 'WARNING: .* at fs/proc/loadavg.c:')
+  w=$(dmesg | grep -e 'WARNING' -e 'BUG:' -e 'Oops' -e 'general protection' | grep -vc 'at fs/proc/loadavg.c:')
+  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. warned=$lr/$lw warnings=$w"
 }
 TR=/sys/kernel/tracing
 mount -t tracefs nodev $TR
@@ -77,24 +80,24 @@ wait_after() {
   n=0
   until tail -n +"$1" $LOG | grep -q "$2"; do
     sleep 0.2; n=$((n + 1))
-    if [ $n -gt 1500 ]; then echo "@@SCN timeout waiting for $2"; tail -n 20 $LOG | sed 's/^/G| /'; return 1; fi
+    if [ $n -gt 1500 ]; then echo "@@SCN timeout waiting for $2"; dump_vm d; tail -n 80 $LOG | sed 's/^/G| /'; return 1; fi
   done
 }
 up d $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "console=ttyS0 panic=-1 quiet" --trusted-key $FILES/key.pub || exit 1
 wait_after 1 "@@D ready" || exit 1
 grep "@@D ready" $LOG | sed 's/^/@@SCN before /'
 grep "@@D boot" $LOG | sed 's/^/@@SCN /'
-for p in cmdline uname version header meminfo oom; do
+for p in cmdline uname version header meminfo oom warn; do
   $LUCOS patch --vm d $FILES/$p.lup > /tmp/o 2>&1; echo "@@SCN apply $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\." && echo "@@SCN loaded"
+wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. warned=1/2" && echo "@@SCN loaded"
 $LUCOS list --vm d | sed 's/^/@@SCN list /'
-for p in oom meminfo header version uname cmdline; do
+for p in warn oom meminfo header version uname cmdline; do
   $LUCOS revert --vm d $p > /tmp/o 2>&1; echo "@@SCN revert $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\." && echo "@@SCN reverted"
+wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. warned=1/2" && echo "@@SCN reverted"
 at=$(wc -l < $LOG)
 wait_after "$at" "@@D state" && echo "@@SCN last $(grep '@@D state' $LOG | tail -n 1)"
 $LUCOS stop --vm d >/dev/null
@@ -184,6 +187,25 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let out = build(&d, &tree, "oom", &oom).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("1 function: __set_oom_adj.isra.0"), "{out}");
 
+    // Built: a new variable and WARNs (no __bug_table: patch-include/
+    // asm/bug.h): /proc/loadavg counts its reads in a variable of the patch
+    // and warns once at the second (WARN_ONCE, with a message) and once at
+    // the third (WARN_ON_ONCE, a once-flag of lucos's WARN).
+    let warn = make_diff(&tree, "fs/proc/loadavg.c", |s| {
+        let s = once(
+            s,
+            "static int loadavg_proc_show(",
+            "static int lucos_reads;\n\nstatic int loadavg_proc_show(",
+        );
+        once(
+            &s,
+            "\t\tidr_get_cursor(&task_active_pid_ns(current)->idr) - 1);\n\treturn 0;",
+            "\t\tidr_get_cursor(&task_active_pid_ns(current)->idr) - 1);\n\tlucos_reads++;\n\tWARN_ONCE(lucos_reads >= 2, \"lucos: read %d\\n\", lucos_reads);\n\tWARN_ON_ONCE(lucos_reads >= 3);\n\treturn 0;",
+        )
+    });
+    let out = build(&d, &tree, "warn", &warn).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.contains("1 function: loadavg_proc_show"), "{out}");
+
     // Refused, each with its reason.
     let refused = |name: &str, diff: &str, why: &str| {
         let e = build(&d, &tree, name, diff).expect_err(name);
@@ -223,31 +245,15 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
         "__init/__exit code",
     );
     refused(
-        "warn",
-        &make_diff(&tree, "fs/proc/cmdline.c", |s| {
+        "extable",
+        &make_diff(&tree, "fs/readdir.c", |s| {
             once(
                 s,
-                "\tseq_putc(m, '\\n');",
-                "\tWARN_ON(!v);\n\tseq_putc(m, '\\n');",
+                "\tprev_reclen = buf->prev_reclen;\n\tif (prev_reclen && signal_pending(current))",
+                "\tprev_reclen = buf->prev_reclen;\n\tif (prev_reclen > 0 && signal_pending(current))",
             )
         }),
-        "BUG/WARN entries (__bug_table)",
-    );
-    refused(
-        "newdata",
-        &make_diff(&tree, "fs/proc/cmdline.c", |s| {
-            let s = once(
-                s,
-                "static int cmdline_proc_show(",
-                "static int lucos_reads;\n\nstatic int cmdline_proc_show(",
-            );
-            once(
-                &s,
-                "\tseq_putc(m, '\\n');",
-                "\tlucos_reads++;\n\tseq_putc(m, '\\n');",
-            )
-        }),
-        "cannot add writable data yet",
+        "exception-table entries (__ex_table)",
     );
     refused(
         "asm",
@@ -334,12 +340,14 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let before = out.line("@@SCN before ");
     assert!(
         before.contains(
-            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,."
+            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,. warned=0/0"
         ),
         "a LOADED check passed before its patch: {before}\n{}",
         out.text
     );
-    for p in ["cmdline", "uname", "version", "header", "meminfo", "oom"] {
+    for p in [
+        "cmdline", "uname", "version", "header", "meminfo", "oom", "warn",
+    ] {
         let a = out.line(&format!("@@SCN apply {p} "));
         assert!(a.contains("rc=0"), "{a}\n{}", out.text);
         let r = out.line(&format!("@@SCN revert {p} "));

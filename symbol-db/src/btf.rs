@@ -284,6 +284,32 @@ impl Btf {
         Ok(at)
     }
 
+    /// Byte offset and size of `path` in `struct name`, as [`Btf::offset_of`]
+    /// finds it (through anonymous structs and unions).
+    pub fn member_of(&self, name: &str, path: &str) -> Result<(u64, u64), SymbolError> {
+        let t = self
+            .find_struct(name)
+            .ok_or_else(|| SymbolError::NoType(name.to_owned()))?;
+        let (mut at, mut cur, mut ty) = (0u64, t, 0u32);
+        for part in path.split('.') {
+            let (off, mty) = self
+                .member(cur, part)
+                .ok_or_else(|| SymbolError::NoMember {
+                    strukt: name.to_owned(),
+                    member: path.to_owned(),
+                })?;
+            at += off;
+            ty = mty;
+            cur = self
+                .resolve(mty)
+                .ok_or_else(|| bad(format!("bad type {mty} in struct {name}")))?;
+        }
+        let size = self
+            .size_of(ty)
+            .ok_or_else(|| bad(format!("{name}.{path} has no size")))?;
+        Ok((at, size))
+    }
+
     /// (byte offset, type) of member `name` of `t`, through anonymous members.
     fn member(&self, t: &Type, name: &str) -> Option<(u64, u32)> {
         for &(n, ty, bits) in &t.members {
@@ -364,6 +390,11 @@ mod tests {
         assert_eq!(b.offset_of("outer", "p").expect("offset"), 16);
         assert!(b.offset_of("outer", "in.c").is_err());
         assert!(b.offset_of("nosuch", "x").is_err());
+        // With sizes: through the anonymous union, and nested.
+        assert_eq!(b.member_of("outer", "u").expect("u"), (12, 4));
+        assert_eq!(b.member_of("outer", "in.b").expect("in.b"), (8, 4));
+        assert_eq!(b.member_of("outer", "p").expect("p"), (16, 8));
+        assert!(b.member_of("outer", "nope").is_err());
         let l = b.struct_layout("outer").expect("layout");
         assert_eq!(l.size, 24);
         let names: Vec<_> = l

@@ -26,6 +26,22 @@ pub fn owner(patch: &str, symbol: &str) -> String {
     )
 }
 
+/// The write-control owner of patch `patch`'s own writable data (the new
+/// variables it defines): the guest writes it freely, nothing is transferred.
+pub fn own_owner(patch: &str) -> String {
+    format!(
+        "{}{patch}{OWN_SUFFIX}",
+        vmm_core::write_control::DATA_OWNER_PREFIX
+    )
+}
+
+/// Whether `owner` is a patch's own writable data ([`own_owner`]).
+pub fn is_own(owner: &str) -> bool {
+    owner.starts_with(vmm_core::write_control::DATA_OWNER_PREFIX) && owner.ends_with(OWN_SUFFIX)
+}
+
+const OWN_SUFFIX: &str = "/own";
+
 /// Owner of its old copy (released on its own when the change retires).
 pub fn old_owner(owner: &str) -> String {
     format!("{owner}{OLD_SUFFIX}")

@@ -2,7 +2,8 @@
 //! changes it (both with `-ffunction-sections -fdata-sections`), into a
 //! patch object: the functions the diff changed or added, what they need
 //! that the running kernel lacks (string literals, anonymous read-only data,
-//! functions the kernel inlined away), and every other reference left
+//! functions the kernel inlined away, variables the diff adds: the patch's
+//! own writable data), and every other reference left
 //! undefined, to be resolved against the running kernel by name (with its
 //! position among namesakes for a `static`).
 //!
@@ -12,14 +13,15 @@
 //! string that moved within `.rodata.str1.1` is no change and an inlined
 //! helper that changed makes its callers changed. What lucos cannot carry
 //! is refused by name: code the kernel runs once (`__init`, `__exit`),
-//! changed initial values of existing data, new writable data, and code
+//! changed initial values of existing data, existing data the kernel has
+//! no symbol for, and code
 //! that needs the kernel to process a table at load time (exception
 //! fixups, BUG/WARN entries, jump labels). Alternatives go with their
 //! function (the entries and replacements, applied by lucos's linker for the
 //! running kernel's CPU); paravirt and static-call sites stay calls through
 //! `pv_ops` and the static-call trampolines, which are always right.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use object::elf::{SHF_MERGE, SHF_STRINGS, SHF_WRITE};
 use object::read::{
@@ -49,6 +51,92 @@ const ALT_REPLACEMENT: &str = ".altinstr_replacement";
 const ALT_AUX: &str = ".altinstr_aux";
 /// Size of one `struct alt_instr` (Linux 6.1).
 const ALT_ENTRY: u64 = 12;
+
+/// Whether object `obj` has jump-label or BUG/WARN entries: the sites
+/// `lucos build --diff` compiles differently for patch code
+/// (guest-kernels/linux/patch-include/).
+pub fn has_rewritten_tables(obj: &[u8]) -> bool {
+    object::File::parse(obj).is_ok_and(|f| {
+        f.sections()
+            .any(|s| matches!(s.name(), Ok("__jump_table" | "__bug_table")) && s.size() > 0)
+    })
+}
+
+/// Whether `name` is a function GCC cloned with a calling convention of its
+/// own choosing (parameters dropped or split, constants propagated, part of
+/// a function split out).
+fn is_clone(name: &str) -> bool {
+    [".isra.", ".constprop.", ".part."]
+        .iter()
+        .any(|c| name.contains(c))
+}
+
+/// Checks, for an object built twice (`plain`: with the kernel's headers,
+/// the kernel's own code; `rewritten`: with lucos's headers for patch code,
+/// which compile static branches and WARN differently), that every GCC
+/// clone the patch `diff` replaces or calls in the running kernel has the
+/// same calling convention in both: some caller of it (or, without
+/// callers, the clone itself) is the same code in both builds, and GCC
+/// gives a clone one convention in a build. Clones the kernel does not have
+/// are placed with the patch and need nothing.
+pub fn check_clone_conventions(
+    name: &str,
+    plain: &[u8],
+    rewritten: &[u8],
+    diff: &ObjectDiff,
+) -> Result<(), String> {
+    let a = Obj::parse(name, plain)?;
+    let b = Obj::parse(name, rewritten)?;
+    let (a_alts, b_alts) = (a.alternatives()?, b.alternatives()?);
+    let mut involved: BTreeSet<String> = diff.references.keys().cloned().collect();
+    if !diff.object.is_empty() {
+        let f = object::File::parse(&*diff.object).map_err(|e| e.to_string())?;
+        for s in f.symbols().filter(|s| s.is_undefined()) {
+            if let Ok(n) = s.name() {
+                involved.insert(n.split('#').next().unwrap_or(n).to_owned());
+            }
+        }
+    }
+    let same = |f: &str| -> Result<bool, String> {
+        match (a.funcs.get(f), b.funcs.get(f)) {
+            (Some(&(s1, o1, z1, _)), Some(&(s2, o2, z2, _))) => {
+                Ok(fingerprint(&a, &a_alts, f, (s1, o1, z1))?
+                    == fingerprint(&b, &b_alts, f, (s2, o2, z2))?)
+            }
+            _ => Ok(false),
+        }
+    };
+    for clone in involved.iter().filter(|n| is_clone(n)) {
+        if !a.funcs.contains_key(clone) {
+            continue;
+        }
+        let callers: BTreeSet<String> = references_to(&a, clone)
+            .into_iter()
+            .filter_map(|(r, call, _)| r.filter(|r| call && r != clone))
+            .collect();
+        let mut agreed = false;
+        for c in &callers {
+            if same(c)? {
+                agreed = true;
+                break;
+            }
+        }
+        if !(agreed || callers.is_empty() && same(clone)?) {
+            return Err(format!(
+                "{clone} is a GCC clone (its calling convention is GCC's choice in each build), \
+                 and no caller of it ({}) compiles the same for patch code (static branches \
+                 that read their key, WARN without __bug_table) as in the kernel's build: lucos \
+                 cannot show that the patch calls it as the running kernel does",
+                if callers.is_empty() {
+                    "none but its address".to_owned()
+                } else {
+                    callers.iter().cloned().collect::<Vec<_>>().join(", ")
+                }
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// How to refer to a symbol of the running kernel that the patch uses.
 pub trait KernelSymbols {
@@ -80,6 +168,8 @@ pub struct ObjectDiff {
     pub pulled_in: Vec<(String, String)>,
     /// Data placed with the code (string literals, read-only data).
     pub data: Vec<String>,
+    /// Variables the diff adds, placed as the patch's own writable data.
+    pub own_data: Vec<String>,
 }
 
 /// What a relocation points at, as compared between the two builds.
@@ -129,10 +219,13 @@ impl<'d> Obj<'d> {
     fn range(&self, sec: SectionIndex, off: u64, size: u64) -> Result<(Vec<u8>, Vec<Rel>), String> {
         let s = self.file.section_by_index(sec).map_err(|e| e.to_string())?;
         let data = s.data().map_err(|e| e.to_string())?;
-        let bytes = data
-            .get(off as usize..(off + size) as usize)
-            .ok_or("a function lies past its section")?
-            .to_vec();
+        let bytes = if s.kind() == SectionKind::UninitializedData {
+            vec![0; size as usize]
+        } else {
+            data.get(off as usize..(off + size) as usize)
+                .ok_or("a range lies past its section")?
+                .to_vec()
+        };
         let mut rels = Vec::new();
         for (at, r) in s.relocations() {
             if at < off || at >= off + size {
@@ -597,6 +690,8 @@ pub fn diff_object(
     let mut ext_syms: HashMap<String, write::SymbolId> = HashMap::new();
     let mut queue: Vec<String> = take.iter().cloned().collect();
     let mut pending_secs: Vec<SectionIndex> = Vec::new();
+    // Sections of variables the diff adds, placed as the patch's own data.
+    let mut own_data: HashSet<SectionIndex> = HashSet::new();
     // Code first, then relocations (a function may call one placed later).
     let mut code: Vec<(String, write::SectionId, SectionIndex, u64, u64)> = Vec::new();
     let mut done: BTreeSet<String> = BTreeSet::new();
@@ -662,6 +757,21 @@ pub fn diff_object(
                 if take.contains(&n) {
                     continue;
                 }
+                // A variable the diff adds is the patch's own, even where
+                // the kernel has a namesake elsewhere.
+                let data_sec = b
+                    .file
+                    .symbols()
+                    .find(|x| x.name() == Ok(n.as_str()) && !x.is_undefined())
+                    .filter(|x| x.kind() == SymbolKind::Data)
+                    .and_then(|x| x.section_index());
+                if let Some(si) = data_sec {
+                    if is_writable(&b.file, si) && is_new_data(&a, &n) {
+                        own_data.insert(si);
+                        pending_secs.push(si);
+                        continue;
+                    }
+                }
                 let kname = renumber.get(&n).cloned().unwrap_or_else(|| n.clone());
                 if kernel.reference(&kname, &neighbours).is_some() {
                     continue;
@@ -699,19 +809,33 @@ pub fn diff_object(
             if b.funcs.values().any(|v| v.0 == si) {
                 continue;
             }
-            if is_writable(&b.file, si) {
+            if is_writable(&b.file, si) && !own_data.contains(&si) {
                 continue; // resolved per relocation, by the symbol covering it
             }
             let data = sec.data().map_err(|e| e.to_string())?;
-            let kind = if is_strings(&b.file, si) {
+            let kind = if own_data.contains(&si) {
+                if sec.kind() == SectionKind::UninitializedData {
+                    SectionKind::UninitializedData
+                } else {
+                    SectionKind::Data
+                }
+            } else if is_strings(&b.file, si) {
                 SectionKind::ReadOnlyString
             } else {
                 SectionKind::ReadOnlyData
             };
             let id = w.add_section(Vec::new(), sname.clone().into_bytes(), kind);
-            w.append_section_data(id, data, sec.align().max(1));
+            if kind == SectionKind::UninitializedData {
+                w.append_section_bss(id, sec.size(), sec.align().max(1));
+            } else {
+                w.append_section_data(id, data, sec.align().max(1));
+            }
             placed_secs.insert(si, id);
-            out.data.push(sname);
+            if own_data.contains(&si) {
+                out.own_data.push(sname);
+            } else {
+                out.data.push(sname);
+            }
             for (_, r) in sec.relocations() {
                 if let RelocationTarget::Symbol(x) = r.target() {
                     if let Ok(s) = b.file.symbol_by_index(x) {
@@ -808,7 +932,7 @@ pub fn diff_object(
                 kernel,
                 &mut w,
                 &fn_syms,
-                &placed_secs,
+                (&placed_secs, &own_data, &a),
                 &mut ext_syms,
                 &renumber,
             )?;
@@ -858,7 +982,11 @@ fn resolve_target(
     kernel: &dyn KernelSymbols,
     w: &mut write::Object<'_>,
     fn_syms: &HashMap<String, write::SymbolId>,
-    placed_secs: &HashMap<SectionIndex, write::SectionId>,
+    (placed_secs, own_data, a): (
+        &HashMap<SectionIndex, write::SectionId>,
+        &HashSet<SectionIndex>,
+        &Obj<'_>,
+    ),
     ext_syms: &mut HashMap<String, write::SymbolId>,
     renumber: &HashMap<String, String>,
 ) -> Result<(write::SymbolId, i64), String> {
@@ -913,9 +1041,15 @@ fn resolve_target(
         .symbols()
         .find(|x| x.name() == Ok(sname.as_str()) && !x.is_undefined())
         .ok_or_else(|| format!("{name}: no symbol {sname}"))?;
-    // Read-only data placed with the code (the kernel lacks it).
-    if let Some(&id) = sym.section_index().and_then(|i| placed_secs.get(&i)) {
-        return Ok((w.section_symbol(id), sym.address() as i64 + addend - delta));
+    // Read-only data placed with the code (the kernel lacks it), and the
+    // variables the diff adds; other variables of a section that holds a new
+    // one (`.data.once`, `.data..read_mostly`) stay the kernel's.
+    if let Some(i) = sym.section_index() {
+        if let Some(&id) = placed_secs.get(&i) {
+            if !own_data.contains(&i) || is_new_data(a, &sname) {
+                return Ok((w.section_symbol(id), sym.address() as i64 + addend - delta));
+            }
+        }
     }
     // A numbered static (`__already_done.3`) by the running kernel's number.
     let kname = match renumber.get(&sname) {
@@ -938,9 +1072,9 @@ fn resolve_target(
                 .unwrap_or(true);
             if writable {
                 Err(format!(
-                    "changed code uses {sname}, data the running kernel does not have (new in the \
-                     diff, or optimized away in the kernel): lucos places patch code and data \
-                     read-only, so a patch cannot add writable data yet"
+                    "changed code uses {sname}, data of {name} the running kernel has no symbol \
+                     for (optimized away there, or named otherwise): a new copy would not share \
+                     its state"
                 ))
             } else {
                 Err(format!(
@@ -950,6 +1084,21 @@ fn resolve_target(
             }
         }
     }
+}
+
+/// Whether `name`, data of the patched build that the running kernel has
+/// no symbol for, is new: the original build has nothing of that name
+/// (statics compared without GCC's numbering), or it is a once-flag of
+/// lucos's own WARN (never in the kernel: guest-kernels/linux/patch-include).
+/// Existing data the kernel lacks by name is not new: a copy would not
+/// share its state.
+fn is_new_data(a: &Obj<'_>, name: &str) -> bool {
+    let base = unnumbered(name);
+    base.starts_with("__lucos_")
+        || !a
+            .file
+            .symbols()
+            .any(|x| !x.is_undefined() && x.name().is_ok_and(|n| unnumbered(n) == base))
 }
 
 /// Whether function `f` of `o` starts with the `__fentry__` call (after an
@@ -1286,22 +1435,62 @@ int show(int x) { printk("show %d\n", x); return helper(x); }
         let b = compile("b5", &BASE.replace("int counter;", "int counter = 5;"));
         let e = diff_object("t.o", &a, &b, &kernel()).expect_err("data");
         assert!(e.contains("initial value of counter"), "{e}");
-        // New writable data used by changed code.
-        let b = compile(
-            "b6",
-            &BASE.replace(
-                "int other(int x) {",
-                "static int seen; int other(int x) { seen++;",
-            ),
+        // Existing data the kernel has no symbol for: a copy would not
+        // share its state.
+        let k = Kernel {
+            names: vec!["show", "helper", "other", "printk"],
+            twice: vec!["local_helper"],
+        };
+        let b = compile("b6", &BASE.replace("x * 3 + counter", "x * 5 + counter"));
+        let e = diff_object("t.o", &a, &b, &k).expect_err("kernel lacks counter");
+        assert!(
+            e.contains("counter") && e.contains("share its state"),
+            "{e}"
         );
-        let e = diff_object("t.o", &a, &b, &kernel()).expect_err("new data");
-        assert!(e.contains("seen") && e.contains("writable data"), "{e}");
         // Changed __init code.
         let init = "int __attribute__((section(\".init.text\"))) setup(int x) { return x + 1; }\n";
         let a = compile("a7", &format!("{BASE}{init}"));
         let b = compile("b7", &format!("{BASE}{}", init.replace("x + 1", "x + 2")));
         let e = diff_object("t.o", &a, &b, &kernel()).expect_err("init");
         assert!(e.contains("setup") && e.contains("__init"), "{e}");
+    }
+
+    #[test]
+    fn variables_the_diff_adds_are_the_patchs_own_writable_data() {
+        let a = compile("a14", BASE);
+        let b = compile(
+            "b14",
+            &BASE.replace(
+                "int other(int x) {",
+                "static int seen; static int start = 7; int other(int x) { seen += start++;",
+            ),
+        );
+        let d = diff_object("t.o", &a, &b, &kernel()).expect("diff");
+        assert!(d.own_data.iter().any(|s| s.contains("seen")), "{d:?}");
+        assert!(d.own_data.iter().any(|s| s.contains("start")), "{d:?}");
+        let objs = vec![("t.o".to_owned(), d.object.clone())];
+        let l = crate::link(&objs, 0xffff_ffff_c000_0000, &|n: &str| match n {
+            "printk" | "__fentry__" | "counter" => Ok(0xffff_ffff_8100_2000),
+            _ => Err(format!("no {n}")),
+        })
+        .expect("link");
+        // Both after the code, writable, `start` with its initial value;
+        // the code reads and writes them there.
+        assert_eq!(l.writable.len(), 1, "{:?}", l.writable);
+        let (at, len) = l.writable[0];
+        let other = l.symbol(Some("t.o"), "other").expect("other");
+        assert!(at > other);
+        let data = &l.bytes[(at - l.base) as usize..][..len as usize];
+        assert!(data.chunks(4).any(|c| c == 7u32.to_le_bytes()), "{data:?}");
+        let code = &l.bytes[(other - l.base) as usize..(at - l.base) as usize];
+        let used: Vec<u64> =
+            iced_x86::Decoder::with_ip(64, code, other, iced_x86::DecoderOptions::NONE)
+                .into_iter()
+                .filter(|i| i.is_ip_rel_memory_operand())
+                .map(|i| i.ip_rel_memory_address())
+                .filter(|&a| a >= at && a < at + len)
+                .collect();
+        assert!(used.len() >= 2, "{used:x?}");
     }
 
     #[test]
@@ -1413,11 +1602,11 @@ int second(int x) { return has() ? x * 2 : x; }
 
     #[test]
     fn alternatives_go_with_their_function_and_are_applied_at_link_time() {
-        let a = compile("a11", CPU_HAS);
+        let a = compile("a15", CPU_HAS);
         // first gains a second test: second's out-of-line test moves in
         // .altinstr_aux, which is no change of second.
         let b = compile(
-            "b11",
+            "b15",
             &CPU_HAS.replace("? x + 1 : x;", "? x + 1 + has() : x;"),
         );
         let k = Kernel {
@@ -1466,5 +1655,49 @@ int second(int x) { return has() ? x * 2 : x; }
         // Without the CPU's features the patch cannot be linked.
         let e = crate::link(&objs, 0xffff_ffff_c000_0000, &resolve).expect_err("no features");
         assert!(e.to_string().contains("alternatives"), "{e}");
+    }
+
+    #[test]
+    fn a_clone_is_called_as_the_kernel_does_or_the_patch_is_refused() {
+        let src = r#"
+extern int printk(const char *, ...);
+extern int flag;
+static __attribute__((noinline)) int work(int x, int mode) { if (mode > 2) printk("m%d", x); return x * 7 + mode; }
+int caller(int x) { return work(x, 3) + 1; }
+int other(int x) { if (flag) printk("o"); return work(x + 1, 3) + 2; }
+"#;
+        let plain = compile("a13", src);
+        let names: Vec<String> = object::File::parse(&*plain)
+            .expect("obj")
+            .symbols()
+            .filter_map(|s| s.name().ok().map(str::to_owned))
+            .collect();
+        let clone = names
+            .iter()
+            .find(|n| n.starts_with("work.constprop."))
+            .expect("GCC cloned work")
+            .clone();
+        let diff = ObjectDiff {
+            references: [(clone.clone(), clone.clone())].into(),
+            ..ObjectDiff::default()
+        };
+        // One caller compiles differently (as a static branch would), the
+        // other the same: the convention is shown.
+        let one = compile(
+            "b13",
+            &src.replace("if (flag) printk(\"o\");", "if (flag > 1) printk(\"o\");"),
+        );
+        check_clone_conventions("t.o", &plain, &one, &diff).expect("one caller agrees");
+        // Both differ: refused, naming the clone and its callers.
+        let both = compile(
+            "c13",
+            &src.replace("if (flag) printk(\"o\");", "if (flag > 1) printk(\"o\");")
+                .replace("work(x, 3) + 1;", "work(x, 3) + 1 + flag;"),
+        );
+        let e = check_clone_conventions("t.o", &plain, &both, &diff).expect_err("no caller agrees");
+        assert!(e.contains(&clone) && e.contains("caller, other"), "{e}");
+        // A clone the patch does not involve needs nothing.
+        check_clone_conventions("t.o", &plain, &both, &ObjectDiff::default())
+            .expect("not involved");
     }
 }

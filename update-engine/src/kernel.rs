@@ -92,17 +92,13 @@ impl CpuCaps {
             .lookup("boot_cpu_data")
             .map_err(|e| e.to_string())?
             .addr;
-        let layout = btf
-            .struct_layout("cpuinfo_x86")
+        // In an anonymous union with an alignment member (Linux 6.1).
+        let (offset, size) = btf
+            .member_of("cpuinfo_x86", "x86_capability")
             .map_err(|e| e.to_string())?;
-        let m = layout
-            .members
-            .iter()
-            .find(|m| m.name == "x86_capability")
-            .ok_or("struct cpuinfo_x86 has no x86_capability")?;
         Ok(Self {
-            addr: base + m.offset,
-            words: m.size.unwrap_or(0) / 4,
+            addr: base + offset,
+            words: size / 4,
         })
     }
 

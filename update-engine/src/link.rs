@@ -52,6 +52,10 @@ const SKIPPED: &[&str] = &[
     ALT_REPLACEMENT,
 ];
 
+/// Alignment of the patch's own writable data (a cache line: it shares no
+/// line with code).
+const WRITABLE_ALIGN: u64 = 64;
+
 /// The alternatives table and the replacements it points into: applied at
 /// link time ([`link_with`]), not placed.
 const ALT_TABLE: &str = ".altinstructions";
@@ -79,6 +83,9 @@ pub struct Linked {
     pub global_objects: HashMap<String, String>,
     /// Local symbols, by (object, name) → addresses (in symbol-table order).
     pub locals: HashMap<(String, String), Vec<u64>>,
+    /// The patch's own writable data (new variables): (address, length),
+    /// after its code; the guest may write there.
+    pub writable: Vec<(u64, u64)>,
 }
 
 impl Linked {
@@ -136,6 +143,9 @@ pub fn alignment(objects: &[(String, Vec<u8>)]) -> u64 {
             let sname = elf.shdr_strtab.get_at(sh.sh_name).unwrap_or("");
             if is_placed(sname, sh) {
                 a = a.max(sh.sh_addralign.max(1));
+                if sh.sh_flags & SHF_WRITE as u64 != 0 {
+                    a = a.max(WRITABLE_ALIGN);
+                }
             }
         }
     }
@@ -462,36 +472,41 @@ pub fn link_with(
             why: format!("placed at {base:#x}, which is not aligned to the {need_align} bytes a section needs"),
         });
     }
-    // Layout.
+    // Layout: code and read-only data first, then the patch's own writable
+    // data (its new variables), together after them.
     let mut size = 0u64;
-    for o in &mut objs {
-        for (i, sh) in o.elf.section_headers.iter().enumerate() {
-            let sname = o.elf.shdr_strtab.get_at(sh.sh_name).unwrap_or("");
-            if !is_placed(sname, sh) {
-                continue;
+    let mut writable = Vec::new();
+    for pass_writable in [false, true] {
+        if pass_writable {
+            size = align(size, WRITABLE_ALIGN);
+        }
+        let start = size;
+        for o in &mut objs {
+            for (i, sh) in o.elf.section_headers.iter().enumerate() {
+                let sname = o.elf.shdr_strtab.get_at(sh.sh_name).unwrap_or("");
+                if !is_placed(sname, sh) {
+                    continue;
+                }
+                if NEEDS_KERNEL.contains(&sname) {
+                    return Err(UpdateError::BadObject {
+                        object: o.name.to_owned(),
+                        why: format!(
+                            "section {sname} needs the kernel to process it at load time \
+                             (exception fixups, jump labels, BUG/WARN), which lucos does not \
+                             do: rewrite the replacement without it"
+                        ),
+                    });
+                }
+                if (sh.sh_flags & SHF_WRITE as u64 != 0) != pass_writable {
+                    continue;
+                }
+                size = align(size, sh.sh_addralign.max(1));
+                o.placed.insert(i, base + size);
+                size += sh.sh_size;
             }
-            if NEEDS_KERNEL.contains(&sname) {
-                return Err(UpdateError::BadObject {
-                    object: o.name.to_owned(),
-                    why: format!(
-                        "section {sname} needs the kernel to process it at load time \
-                         (exception fixups, jump labels, BUG/WARN, alternatives, static calls), \
-                         which lucos does not do yet: rewrite the replacement without it"
-                    ),
-                });
-            }
-            if sh.sh_flags & SHF_WRITE as u64 != 0 {
-                return Err(UpdateError::BadObject {
-                    object: o.name.to_owned(),
-                    why: format!(
-                        "section {sname} is writable data; patch code is placed read-only, so a \
-                         patch may use kernel data through its symbols but not define its own"
-                    ),
-                });
-            }
-            size = align(size, sh.sh_addralign.max(1));
-            o.placed.insert(i, base + size);
-            size += sh.sh_size;
+        }
+        if pass_writable && size > start {
+            writable.push((base + start, size - start));
         }
     }
     let mut bytes = vec![0u8; size as usize];
@@ -589,6 +604,7 @@ pub fn link_with(
         globals,
         global_objects,
         locals,
+        writable,
     })
 }
 

@@ -1115,12 +1115,22 @@ impl Patcher {
                 len: d.new_bytes(),
             });
         }
+        // The patch's own variables: the guest writes them (each write
+        // trapped, as the area is a read-only slot, and allowed).
+        for &(addr, len) in &placed.linked.writable {
+            plan.protect.push(Protection {
+                owner: crate::data::own_owner(&m.name),
+                label: format!("{} (its own data)", m.name),
+                gpa: area_gpa + placed.start + (addr - placed.linked.base),
+                len,
+            });
+        }
         if replace {
             plan.release = self
                 .state
                 .applied
                 .iter()
-                .map(|a| patch_owner(&a.name))
+                .flat_map(|a| [patch_owner(&a.name), crate::data::own_owner(&a.name)])
                 .collect();
         }
         if let Some(map) = placed.mapping {
@@ -1352,7 +1362,7 @@ impl Patcher {
             })
             .collect();
         let mut plan = site_plan(g, &view, &sites)?;
-        plan.release = vec![patch_owner(name)];
+        plan.release = vec![patch_owner(name), crate::data::own_owner(name)];
         // Data changes go back to their old layout in the same pause: the
         // old copies from the new ones, then neither is tracked.
         let area = g.area();

@@ -3,6 +3,9 @@
 //! - A live patch's jumps (`patch:NAME`) and ranges protected by name
 //!   (`user:NAME`) are never written by the guest: every write to them is
 //!   refused and reported.
+//! - Copies of data whose layout a patch changes (`data:P:S`, `.../old`)
+//!   are written by anyone and kept coherent ([`crate::data`]); a patch's
+//!   own new variables (`data:P/own`) are written by anyone.
 //! - Kernel text integrity (`kernel-text`, opt-in, `lucos protect
 //!   --kernel-text`): the kernel's own text patching is allowed, everything
 //!   else refused. On Linux that patching (text_poke: ftrace, jump labels,
@@ -70,11 +73,11 @@ impl GuardPolicy {
 impl WritePolicy for GuardPolicy {
     fn decide(&self, w: &TrappedWrite<'_>, _ram: &dyn PhysMemory) -> Decision {
         // Copies of data being tracked: written, then transferred
-        // (`committed`), whoever writes.
-        if w.touches
-            .iter()
-            .all(|p| p.owner.starts_with(DATA_OWNER_PREFIX) && self.data.get(&p.owner).is_some())
-        {
+        // (`committed`), whoever writes; a patch's own variables: written.
+        if w.touches.iter().all(|p| {
+            p.owner.starts_with(DATA_OWNER_PREFIX)
+                && (crate::data::is_own(&p.owner) || self.data.get(&p.owner).is_some())
+        }) {
             return Decision::Allow;
         }
         if w.touches.iter().any(|p| p.owner != KERNEL_TEXT_OWNER) {
@@ -98,7 +101,10 @@ impl WritePolicy for GuardPolicy {
     fn committed(&self, w: &TrappedWrite<'_>, mem: &dyn PhysMemory) {
         let mut done: Vec<&str> = Vec::new();
         for p in &w.touches {
-            if !p.owner.starts_with(DATA_OWNER_PREFIX) || done.contains(&p.owner.as_str()) {
+            if !p.owner.starts_with(DATA_OWNER_PREFIX)
+                || crate::data::is_own(&p.owner)
+                || done.contains(&p.owner.as_str())
+            {
                 continue;
             }
             done.push(&p.owner);

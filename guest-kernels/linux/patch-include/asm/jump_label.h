@@ -6,8 +6,9 @@
  * The kernel keeps its own static-branch sites right by rewriting each one
  * listed in its __jump_table when a key changes; it knows nothing of code in
  * lucos's patch area, so a site there would keep the state it was built
- * with. Both builds of every object `lucos build --diff` compiles (as it is
- * and as patched) find this header first: it renames the architecture's
+ * with. lucos build compiles patch code with this header found first (and,
+ * to compare with, the unpatched build of an object that has jump labels,
+ * WARN or BUG): it renames the architecture's
  * asm-goto versions out of the way and makes a static branch read the key,
  * which is what a kernel without jump labels does (static_key_count() > 0).
  * The result is what the site would say, one load and test instead of a NOP
