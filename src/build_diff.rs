@@ -35,6 +35,10 @@ const PATCH_INCLUDE: &[(&str, &str)] = &[
         "asm/bug.h",
         include_str!("../guest-kernels/linux/patch-include/asm/bug.h"),
     ),
+    (
+        "asm/uaccess.h",
+        include_str!("../guest-kernels/linux/patch-include/asm/uaccess.h"),
+    ),
 ];
 
 /// Writes the [`PATCH_INCLUDE`] headers under `dir` (where one differs) and
@@ -505,7 +509,7 @@ pub fn build(
             drop(restore);
             steps.push((
                 format!(
-                    "build {} object(s) with static branches and WARN for patch code",
+                    "build {} object(s) as they are, as patch code is built (lucos's headers)",
                     rewritten.len()
                 ),
                 t.elapsed().as_secs_f64(),

@@ -35,7 +35,8 @@ use object::{RelocationFlags, SectionFlags, SectionKind, SymbolKind, SymbolScope
 const KERNEL_TABLES: &[(&str, &str)] = &[
     (
         "__ex_table",
-        "exception-table entries (user-memory access fixups)",
+        "exception-table entries (fixups of an inline access that may fault: rdmsr_safe, \
+         get_kernel_nofault, FPU state, user cmpxchg)",
     ),
     ("__bug_table", "BUG/WARN entries"),
     ("__jump_table", "jump labels (static keys)"),
@@ -52,13 +53,14 @@ const ALT_AUX: &str = ".altinstr_aux";
 /// Size of one `struct alt_instr` (Linux 6.1).
 const ALT_ENTRY: u64 = 12;
 
-/// Whether object `obj` has jump-label or BUG/WARN entries: the sites
-/// `lucos build --diff` compiles differently for patch code
-/// (guest-kernels/linux/patch-include/).
+/// Whether object `obj` has jump-label, BUG/WARN or exception-table
+/// entries: the sites `lucos build --diff` compiles differently for patch
+/// code (guest-kernels/linux/patch-include/).
 pub fn has_rewritten_tables(obj: &[u8]) -> bool {
     object::File::parse(obj).is_ok_and(|f| {
-        f.sections()
-            .any(|s| matches!(s.name(), Ok("__jump_table" | "__bug_table")) && s.size() > 0)
+        f.sections().any(|s| {
+            matches!(s.name(), Ok("__jump_table" | "__bug_table" | "__ex_table")) && s.size() > 0
+        })
     })
 }
 
@@ -124,9 +126,9 @@ pub fn check_clone_conventions(
         if !(agreed || callers.is_empty() && same(clone)?) {
             return Err(format!(
                 "{clone} is a GCC clone (its calling convention is GCC's choice in each build), \
-                 and no caller of it ({}) compiles the same for patch code (static branches \
-                 that read their key, WARN without __bug_table) as in the kernel's build: lucos \
-                 cannot show that the patch calls it as the running kernel does",
+                 and no caller of it ({}) compiles the same for patch code (lucos's headers: \
+                 static branches, WARN, user accesses) as in the kernel's build: lucos cannot \
+                 show that the patch calls it as the running kernel does",
                 if callers.is_empty() {
                     "none but its address".to_owned()
                 } else {
@@ -1453,6 +1455,17 @@ int show(int x) { printk("show %d\n", x); return helper(x); }
         let b = compile("b7", &format!("{BASE}{}", init.replace("x + 1", "x + 2")));
         let e = diff_object("t.o", &a, &b, &kernel()).expect_err("init");
         assert!(e.contains("setup") && e.contains("__init"), "{e}");
+        // A changed function with an exception-table entry (an inline
+        // access that may fault, as rdmsr_safe is).
+        let fixup = "int probe(int x) { asm volatile(\"1: nop\\n.pushsection __ex_table,\\\"a\\\"\\n.long 1b - .\\n.long 1b - .\\n.long 0\\n.popsection\"); return x + 1; }\n";
+        let a = compile("a16", &format!("{BASE}{fixup}"));
+        let b = compile("b16", &format!("{BASE}{}", fixup.replace("x + 1", "x + 2")));
+        let k = Kernel {
+            names: vec!["probe", "printk"],
+            twice: vec![],
+        };
+        let e = diff_object("t.o", &a, &b, &k).expect_err("extable");
+        assert!(e.contains("probe") && e.contains("__ex_table"), "{e}");
     }
 
     #[test]
