@@ -24,8 +24,8 @@ use crate::error::CliError;
 /// section of its own (fetch-source.sh prepares trees with the same).
 const KCFLAGS: &str = "-ffunction-sections -fdata-sections";
 
-/// Headers both builds find before the kernel's (path under an include
-/// directory, text): see guest-kernels/linux/patch-include/.
+/// Headers patch code is built with, found before the kernel's (path under
+/// an include directory, text): see guest-kernels/linux/patch-include/.
 const PATCH_INCLUDE: &[(&str, &str)] = &[
     (
         "asm/jump_label.h",
@@ -390,9 +390,10 @@ pub fn build(
             std::io::Error::last_os_error(),
         ));
     }
-    // Headers found before the kernel's in both builds (static branches
-    // that read their key, WARN without __bug_table), in the tree so that a
-    // rebuild of an unchanged object stays a no-op.
+    // Headers found before the kernel's when building patch code (static
+    // branches that read their key, WARN without __bug_table, user accesses
+    // through the kernel's helpers), in the tree so that switching back and
+    // forth does not rewrite them.
     let patch_include = write_patch_include(&tree.join(".lucos/include"))?;
     let nostdinc = format!("-nostdinc -I{}", patch_include.display());
     // The kernel's own flags (its exact code), and with lucos's headers.
@@ -471,11 +472,11 @@ pub fn build(
         originals.retain(|(c, obj, _)| c_files.contains(c) || in_kernel(obj));
         let kept: Vec<String> = originals.iter().map(|o| o.0.clone()).collect();
 
-        // Objects with jump labels or WARN/BUG: built again with lucos's
-        // headers, which is the build compared with the patched one. The
-        // headers change only those sites; where GCC then chose otherwise
-        // (inlining a function or not, a clone's calling convention), the
-        // diff and the check below see it.
+        // Objects with jump labels, WARN/BUG or exception-table entries:
+        // built again with lucos's headers, which is the build compared with
+        // the patched one. The headers change only those sites; where GCC
+        // then chose otherwise (inlining a function or not, a clone's calling
+        // convention), the diff and the check below see it.
         let t = Instant::now();
         let rewritten: Vec<String> = originals
             .iter()
@@ -563,7 +564,7 @@ pub fn build(
         let mut pvars = lucos_vars.clone();
         if overlaid {
             let o = overlay.display();
-            pvars.pop();
+            pvars.retain(|v| !v.starts_with("NOSTDINC_FLAGS="));
             pvars.push(format!(
                 "NOSTDINC_FLAGS={nostdinc} -I{o}/arch/x86/include -I{o}/include \
                  -I{o}/arch/x86/include/uapi -I{o}/include/uapi"

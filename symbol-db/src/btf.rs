@@ -264,29 +264,21 @@ impl Btf {
     /// Byte offset of `path` (`member` or `member.member...`) in `struct
     /// name`, looking through anonymous structs and unions as C does.
     pub fn offset_of(&self, name: &str, path: &str) -> Result<u64, SymbolError> {
-        let t = self
-            .find_struct(name)
-            .ok_or_else(|| SymbolError::NoType(name.to_owned()))?;
-        let mut at = 0u64;
-        let mut cur = t;
-        for part in path.split('.') {
-            let (off, ty) = self
-                .member(cur, part)
-                .ok_or_else(|| SymbolError::NoMember {
-                    strukt: name.to_owned(),
-                    member: path.to_owned(),
-                })?;
-            at += off;
-            cur = self
-                .resolve(ty)
-                .ok_or_else(|| bad(format!("bad type {ty} in struct {name}")))?;
-        }
-        Ok(at)
+        self.walk(name, path).map(|(at, _)| at)
     }
 
     /// Byte offset and size of `path` in `struct name`, as [`Btf::offset_of`]
     /// finds it (through anonymous structs and unions).
     pub fn member_of(&self, name: &str, path: &str) -> Result<(u64, u64), SymbolError> {
+        let (at, ty) = self.walk(name, path)?;
+        let size = self
+            .size_of(ty)
+            .ok_or_else(|| bad(format!("{name}.{path} has no size")))?;
+        Ok((at, size))
+    }
+
+    /// (byte offset, type) of `path` in `struct name`.
+    fn walk(&self, name: &str, path: &str) -> Result<(u64, u32), SymbolError> {
         let t = self
             .find_struct(name)
             .ok_or_else(|| SymbolError::NoType(name.to_owned()))?;
@@ -304,10 +296,7 @@ impl Btf {
                 .resolve(mty)
                 .ok_or_else(|| bad(format!("bad type {mty} in struct {name}")))?;
         }
-        let size = self
-            .size_of(ty)
-            .ok_or_else(|| bad(format!("{name}.{path} has no size")))?;
-        Ok((at, size))
+        Ok((at, ty))
     }
 
     /// (byte offset, type) of member `name` of `t`, through anonymous members.

@@ -75,12 +75,12 @@ fn is_clone(name: &str) -> bool {
 
 /// Checks, for an object built twice (`plain`: with the kernel's headers,
 /// the kernel's own code; `rewritten`: with lucos's headers for patch code,
-/// which compile static branches and WARN differently), that every GCC
-/// clone the patch `diff` replaces or calls in the running kernel has the
-/// same calling convention in both: some caller of it (or, without
-/// callers, the clone itself) is the same code in both builds, and GCC
-/// gives a clone one convention in a build. Clones the kernel does not have
-/// are placed with the patch and need nothing.
+/// which compile static branches, WARN and user accesses differently), that
+/// what the patch `diff` replaces or calls in the running kernel means the
+/// same in both: every local function it names is one the kernel's build
+/// has, and every GCC clone has the same calling convention in both (some
+/// caller of it, or without callers the clone itself, is the same code in
+/// both builds, and GCC gives a clone one convention in a build).
 pub fn check_clone_conventions(
     name: &str,
     plain: &[u8],
@@ -108,6 +108,18 @@ pub fn check_clone_conventions(
             _ => Ok(false),
         }
     };
+    // A function of this object the patch calls in the running kernel must
+    // be one the kernel's build has: else the name could be a namesake of
+    // another file.
+    for f in &involved {
+        if b.funcs.get(f).is_some_and(|x| x.3) && !a.funcs.contains_key(f) {
+            return Err(format!(
+                "{f} is a function of its own when built for patch code but not in the \
+                 kernel's build (GCC inlined it there): the patch would call whatever else the \
+                 kernel calls {f}"
+            ));
+        }
+    }
     for clone in involved.iter().filter(|n| is_clone(n)) {
         if !a.funcs.contains_key(clone) {
             continue;

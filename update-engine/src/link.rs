@@ -56,13 +56,27 @@ const SKIPPED: &[&str] = &[
 /// line with code).
 const WRITABLE_ALIGN: u64 = 64;
 
+/// Whether writable section `name` can be a patch's own data: ordinary
+/// variables (`.data`, `.bss`, GCC's per-variable `.data.NAME`/`.bss.NAME`,
+/// the kernel's `.data.once`, `.data..read_mostly`, cache-aligned ones). Not
+/// per-CPU variables (addressed through %gs relative to the per-CPU area),
+/// `__ro_after_init` ones, or sections the kernel itself walks (`__dyndbg`,
+/// `__param`, tracepoints...).
+pub fn is_own_data_section(name: &str) -> bool {
+    (name == ".data" || name == ".bss" || name.starts_with(".data.") || name.starts_with(".bss."))
+        && !name.contains("percpu")
+        && !name.contains("..ro_after_init")
+        && !name.contains("..page_aligned")
+}
+
 /// The alternatives table and the replacements it points into: applied at
 /// link time ([`link_with`]), not placed.
-const ALT_TABLE: &str = ".altinstructions";
-const ALT_REPLACEMENT: &str = ".altinstr_replacement";
+pub const ALT_TABLE: &str = ".altinstructions";
+/// The replacements the alternatives table points into.
+pub const ALT_REPLACEMENT: &str = ".altinstr_replacement";
 /// Size of one `struct alt_instr` (Linux 6.1: two `s32` offsets, `u16`
 /// feature with the `NOT` flag in bit 15, two `u8` lengths).
-const ALT_ENTRY: usize = 12;
+pub const ALT_ENTRY: usize = 12;
 const ALT_FLAG_NOT: u16 = 1 << 15;
 
 /// Sections whose code only works once the kernel has processed them
@@ -477,6 +491,7 @@ pub fn link_with(
     let mut size = 0u64;
     let mut writable = Vec::new();
     for pass_writable in [false, true] {
+        let before = size;
         if pass_writable {
             size = align(size, WRITABLE_ALIGN);
         }
@@ -497,7 +512,17 @@ pub fn link_with(
                         ),
                     });
                 }
-                if (sh.sh_flags & SHF_WRITE as u64 != 0) != pass_writable {
+                let writable = sh.sh_flags & SHF_WRITE as u64 != 0;
+                if writable && !is_own_data_section(sname) {
+                    return Err(UpdateError::BadObject {
+                        object: o.name.to_owned(),
+                        why: format!(
+                            "section {sname} is writable data a patch cannot own (per-CPU, \
+                             read-only after init, or a table the kernel walks)"
+                        ),
+                    });
+                }
+                if writable != pass_writable {
                     continue;
                 }
                 size = align(size, sh.sh_addralign.max(1));
@@ -505,8 +530,12 @@ pub fn link_with(
                 size += sh.sh_size;
             }
         }
-        if pass_writable && size > start {
-            writable.push((base + start, size - start));
+        if pass_writable {
+            if size > start {
+                writable.push((base + start, size - start));
+            } else {
+                size = before; // no writable data: no padding for it
+            }
         }
     }
     let mut bytes = vec![0u8; size as usize];

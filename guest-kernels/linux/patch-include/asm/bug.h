@@ -15,6 +15,8 @@
  *   printed its message already. WARN_ON_ONCE and friends keep their
  *   once-flag in a variable of the patch (__lucos_warned): it starts clear,
  *   so a replaced function may warn once more than the kernel's copy did.
+ *   A WARN inside a user_access_begin() section prints with EFLAGS.AC still
+ *   set (the kernel's trap clears it).
  * - BUG() is the same ud2, without a table entry: the kernel still stops the
  *   task with an oops, reported as "invalid opcode" at the patch address
  *   instead of "kernel BUG at file:line".

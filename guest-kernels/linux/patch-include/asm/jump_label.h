@@ -10,7 +10,7 @@
  * to compare with, the unpatched build of an object that has jump labels,
  * WARN or BUG): it renames the architecture's
  * asm-goto versions out of the way and makes a static branch read the key,
- * which is what a kernel without jump labels does (static_key_count() > 0).
+ * as a kernel without jump labels does (static_key_count() != 0).
  * The result is what the site would say, one load and test instead of a NOP
  * or jump, and never stale. Used only for patch objects, never for the
  * running kernel.
@@ -30,10 +30,12 @@
 #undef arch_static_branch_jump
 /*
  * Whether the site would jump: the key's state XOR the site's branch bit,
- * as jump_label_type() computes it for the kernel's own sites.
+ * as jump_label_type() computes it for the kernel's own sites. The key is
+ * on when its count is not 0: -1 is its first enable in progress, which
+ * static_key_count() counts as on while the kernel rewrites its sites.
  */
 #define lucos_static_key_jumps(key, branch) \
-	((*(const volatile int *)&(key)->enabled.counter > 0) ^ (branch))
+	((*(const volatile int *)&(key)->enabled.counter != 0) ^ (branch))
 #define arch_static_branch(key, branch) lucos_static_key_jumps(key, branch)
 #define arch_static_branch_jump(key, branch) lucos_static_key_jumps(key, branch)
 #endif

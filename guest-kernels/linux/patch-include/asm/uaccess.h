@@ -12,7 +12,9 @@
  * user_access_begin() sections (readdir, signal frames, stat, ...), become
  * calls of the kernel's own out-of-line __get_user/__put_user helpers, whose
  * fixups are in vmlinux's table. Each helper sets and clears EFLAGS.AC
- * itself; the section's user_access_end() clears it again.
+ * itself; the section's user_access_end() clears it again. On a fault
+ * unsafe_get_user() leaves 0 in its variable (the kernel's leaves it as it
+ * was); callers go to their error label and do not read it.
  *
  * Other inline fixups (rdmsr_safe, get_kernel_nofault, FPU state, user
  * cmpxchg) keep their entries, and lucos refuses patch code that has them.
@@ -27,7 +29,7 @@
 #undef unsafe_put_user
 #define unsafe_put_user(x, ptr, label)				\
 do {								\
-	if (unlikely(__put_user((x), (ptr))))			\
+	if (unlikely(__put_user((__typeof__(*(ptr)))(x), (ptr))))	\
 		goto label;					\
 } while (0)
 
