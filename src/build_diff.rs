@@ -147,17 +147,31 @@ pub fn changed_files(diff: &str) -> Result<Vec<String>, CliError> {
 }
 
 /// Runs make in `tree` for `targets` (in parallel); the compiler's own
-/// message on failure.
-fn make(tree: &Path, vars: &[String], targets: &[String]) -> Result<(), CliError> {
+/// message on failure. `for_patch`: a build with lucos's headers (`vars`):
+/// the objects are removed first and built anew, while kbuild is told not
+/// to rebuild for changed command lines (`KBUILD_NOCMDDEP`), so the tree's
+/// `prepare` outputs (asm-offsets and the like, whose command lines name
+/// the include flags) stay as the kernel's flags built them and the next
+/// build with those flags is a no-op.
+fn make(tree: &Path, vars: &[String], targets: &[String], for_patch: bool) -> Result<(), CliError> {
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let out = Command::new("make")
-        .arg("-s")
+    let mut cmd = Command::new("make");
+    cmd.arg("-s")
         .arg(format!("-j{jobs}"))
         .arg("-C")
         .arg(tree)
         .args(vars)
         .arg(format!("KCFLAGS={KCFLAGS}"))
-        .args(targets)
+        .args(targets);
+    if for_patch {
+        for t in targets {
+            let _ = std::fs::remove_file(tree.join(t));
+        }
+        cmd.env("KBUILD_NOCMDDEP", "1");
+    } else {
+        cmd.env_remove("KBUILD_NOCMDDEP");
+    }
+    let out = cmd
         .output()
         .map_err(|e| CliError::io("cannot run make (scripts/setup.sh installs it)".into(), e))?;
     if !out.status.success() {
@@ -423,7 +437,7 @@ pub fn build(
                 .collect()
         };
         let t = Instant::now();
-        make(tree, &vars, &targets(&candidates))?;
+        make(tree, &vars, &targets(&candidates), false)?;
         let mut originals = Vec::new();
         for c in &candidates {
             let o = obj_of(c);
@@ -496,7 +510,7 @@ pub fn build(
                     restore.put_back.push((tree.join(cmd_of(c)), cmd.clone()));
                 }
             }
-            make(tree, &lucos_vars, &targets(&rewritten))?;
+            make(tree, &lucos_vars, &targets(&rewritten), true)?;
             for (i, (c, plain, _)) in originals.iter().enumerate() {
                 if !rewritten.contains(c) {
                     continue;
@@ -570,7 +584,7 @@ pub fn build(
                  -I{o}/arch/x86/include/uapi -I{o}/include/uapi"
             ));
         }
-        make(tree, &pvars, &targets(&kept))?;
+        make(tree, &pvars, &targets(&kept), true)?;
         let mut patched = Vec::new();
         for (c, _, _) in &originals {
             let o = obj_of(c);
