@@ -3,7 +3,8 @@
 //! build) or refused with its reason; the built ones applied to a running
 //! Debian guest (KASLR on, 2 vCPUs) in the emulated SVM host, each with a
 //! LOADED check that fails before the patch, passes with it and fails again
-//! after revert; no oops or warning in the guest's log throughout.
+//! after revert; no oops or warning in the guest's log throughout, until a
+//! last patch makes two WARNs fire on purpose (each once, nothing else).
 
 mod common;
 
@@ -65,11 +66,11 @@ state() {
   fi
   t=$(cat /tmp/trace.last)
   ls=$(ls -a /tmp | grep -c -e lucos-hidden -e lucos-shown)
-  cat /proc/loadavg > /dev/null
+  lc=$(grep -c '^lucos reads' /proc/loadavg)
   lr=$(dmesg | grep -c 'lucos: read ')
   lw=$(dmesg | grep -c 'WARNING: .* at fs/proc/loadavg.c:')
   w=$(dmesg | grep -e 'WARNING' -e 'BUG:' -e 'Oops' -e 'general protection' | grep -vc 'at fs/proc/loadavg.c:')
-  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. warned=$lr/$lw ls=$ls warnings=$w"
+  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. counter=$lc ls=$ls warned=$lr/$lw warnings=$w"
 }
 TR=/sys/kernel/tracing
 mount -t tracefs nodev $TR
@@ -96,19 +97,26 @@ up d $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --c
 wait_after 1 "@@D ready" || exit 1
 grep "@@D ready" $LOG | sed 's/^/@@SCN before /'
 grep "@@D boot" $LOG | sed 's/^/@@SCN /'
-for p in cmdline uname version header meminfo oom warn hide; do
+for p in cmdline uname version header meminfo oom counter hide; do
   $LUCOS patch --vm d $FILES/$p.lup > /tmp/o 2>&1; echo "@@SCN apply $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. warned=1/2 ls=1 " && echo "@@SCN loaded"
+wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. counter=1 ls=1 " && echo "@@SCN loaded"
 $LUCOS list --vm d | sed 's/^/@@SCN list /'
-for p in hide warn oom meminfo header version uname cmdline; do
+for p in hide counter oom meminfo header version uname cmdline; do
   $LUCOS revert --vm d $p > /tmp/o 2>&1; echo "@@SCN revert $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. warned=1/2 ls=2 " && echo "@@SCN reverted"
+wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. counter=0 ls=2 " && echo "@@SCN reverted"
 at=$(wc -l < $LOG)
 wait_after "$at" "@@D state" && echo "@@SCN last $(grep '@@D state' $LOG | tail -n 1)"
+# Last, on purpose: WARNs in patch code fire, each once.
+$LUCOS patch --vm d $FILES/warn.lup > /tmp/o 2>&1; echo "@@SCN apply warn rc=$? $(tr '\n' ' ' < /tmp/o)"
+at=$(wc -l < $LOG)
+wait_after "$at" "warned=1/2 " && echo "@@SCN warned"
+at=$(wc -l < $LOG)
+wait_after "$at" "@@D state" && at=$(wc -l < $LOG) && wait_after "$at" "@@D state" && echo "@@SCN after-warn $(grep '@@D state' $LOG | tail -n 1)"
+$LUCOS revert --vm d warn > /tmp/o 2>&1; echo "@@SCN revert warn rc=$? $(tr '\n' ' ' < /tmp/o)"
 $LUCOS stop --vm d >/dev/null
 wait_vm d 60
 "#;
@@ -196,10 +204,26 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let out = build(&d, &tree, "oom", &oom).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("1 function: __set_oom_adj.isra.0"), "{out}");
 
-    // Built: a new variable and WARNs (no __bug_table: patch-include/
-    // asm/bug.h): /proc/loadavg counts its reads in a variable of the patch
-    // and warns once at the second (WARN_ONCE, with a message) and once at
-    // the third (WARN_ON_ONCE, a once-flag of lucos's WARN).
+    // Built: a new variable, and a WARN that does not fire (no
+    // __bug_table: patch-include/asm/bug.h): /proc/loadavg counts its reads
+    // in a variable of the patch and shows the count from the second read.
+    let counter = make_diff(&tree, "fs/proc/loadavg.c", |s| {
+        let s = once(
+            s,
+            "static int loadavg_proc_show(",
+            "static int lucos_reads;\n\nstatic int loadavg_proc_show(",
+        );
+        once(
+            &s,
+            "\t\tidr_get_cursor(&task_active_pid_ns(current)->idr) - 1);\n\treturn 0;",
+            "\t\tidr_get_cursor(&task_active_pid_ns(current)->idr) - 1);\n\tif (++lucos_reads > 1)\n\t\tseq_printf(m, \"lucos reads %d\\n\", lucos_reads);\n\tWARN_ON_ONCE(lucos_reads < 0);\n\treturn 0;",
+        )
+    });
+    let out = build(&d, &tree, "counter", &counter).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.contains("1 function: loadavg_proc_show"), "{out}");
+    // Built, applied last on purpose: WARNs that fire, once each
+    // (WARN_ONCE with a message at the second read, WARN_ON_ONCE at the
+    // third), their once-flags variables of the patch.
     let warn = make_diff(&tree, "fs/proc/loadavg.c", |s| {
         let s = once(
             s,
@@ -352,13 +376,13 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let before = out.line("@@SCN before ");
     assert!(
         before.contains(
-            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,. warned=0/0 ls=2 "
+            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,. counter=0 ls=2 warned=0/0 "
         ),
         "a LOADED check passed before its patch: {before}\n{}",
         out.text
     );
     for p in [
-        "cmdline", "uname", "version", "header", "meminfo", "oom", "warn", "hide",
+        "cmdline", "uname", "version", "header", "meminfo", "oom", "counter", "hide", "warn",
     ] {
         let a = out.line(&format!("@@SCN apply {p} "));
         assert!(a.contains("rc=0"), "{a}\n{}", out.text);
@@ -372,4 +396,11 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let warnings = |l: &str| l.rsplit("warnings=").next().unwrap_or("").trim().to_owned();
     let last = out.line("@@SCN last ");
     assert_eq!(warnings(&last), warnings(&before), "{last}\n{}", out.text);
+    assert!(last.contains("warned=0/0 "), "{last}\n{}", out.text);
+    // The WARN phase: the message once, two WARNINGs at loadavg.c, still
+    // so a few reads later, and no other warning or oops.
+    out.expect("@@SCN warned");
+    let after = out.line("@@SCN after-warn ");
+    assert!(after.contains("warned=1/2 "), "{after}\n{}", out.text);
+    assert_eq!(warnings(&after), warnings(&before), "{after}\n{}", out.text);
 }

@@ -69,8 +69,8 @@ pub fn is_own_data_section(name: &str) -> bool {
         && !name.contains("..page_aligned")
 }
 
-/// The alternatives table and the replacements it points into: applied at
-/// link time ([`link_with`]), not placed.
+/// The alternatives table: applied at link time ([`link_with`]), not
+/// placed, like the replacements it points into.
 pub const ALT_TABLE: &str = ".altinstructions";
 /// The replacements the alternatives table points into.
 pub const ALT_REPLACEMENT: &str = ".altinstr_replacement";
