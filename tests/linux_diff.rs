@@ -51,20 +51,11 @@ state() {
   v=$(grep -c 'lucos.version' /proc/version)
   h=$(grep -c 'LucosMark' /proc/softirqs)
   mi=$(grep -c '^Lucos: 1' /proc/meminfo)
+  # oom_score_adj 123 written, with its tracepoint on (the event is read
+  # and cleared each time).
   o=$(sh -c 'echo 123 > /proc/self/oom_score_adj; cat /proc/self/oom_score_adj')
-  # Every 10th check: oom_score_adj 123 written with its tracepoint on,
-  # then again with it off (each switch rewrites kernel text with int3
-  # breakpoints, which the emulated host without NRIPS handles poorly
-  # around a pause: not every check).
-  if [ $(($1 % 10)) -eq 0 ]; then
-    echo 1 > $EV/enable
-    sh -c 'echo 123 > /proc/self/oom_score_adj'
-    echo 0 > $EV/enable
-    sh -c 'echo 123 > /proc/self/oom_score_adj'
-    grep -o 'oom_score_adj=12[34]' $TR/trace | tr '\n' , > /tmp/trace.last
-    echo > $TR/trace
-  fi
-  t=$(cat /tmp/trace.last)
+  t=$(grep -o 'oom_score_adj=12[34]' $TR/trace | tr '\n' ,)
+  echo > $TR/trace
   ls=$(ls -a /tmp | grep -c -e lucos-hidden -e lucos-shown)
   lc=$(grep -c '^lucos reads' /proc/loadavg)
   lr=$(dmesg | grep -c 'lucos: read ')
@@ -75,12 +66,16 @@ state() {
 TR=/sys/kernel/tracing
 mount -t tracefs nodev $TR
 touch /tmp/lucos-hidden /tmp/lucos-shown
+# The tracepoint is switched on once, before any patch: switching it
+# rewrites kernel text with int3 breakpoints, which the emulated host
+# (no NRIPS) has been seen to mishandle around lucos's pauses.
 EV=$TR/events/oom/oom_score_adj_update
-echo "@@D ready $(state 0)"
+echo 1 > $EV/enable
+echo "@@D ready $(state)"
 dmesg | grep -e 'WARNING' -e 'BUG:' -e 'Oops' -e 'general protection' | head -n 4 | sed 's/^/@@D boot /'
 
 i=0
-while :; do i=$((i + 1)); echo "@@D state $i $(state $i)"; sleep 0.3; done
+while :; do i=$((i + 1)); echo "@@D state $i $(state)"; sleep 0.3; done
 "#;
 
 const SCENARIO: &str = r#"
@@ -192,8 +187,8 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     assert!(out.contains("1 function: meminfo_proc_show"), "{out}");
     // Built: a function with a tracepoint (a static key, and a static call
     // behind it): __set_oom_adj (a GCC .isra clone) stores 124 for 123. The
-    // guest turns the tracepoint on and off around each write; the patched
-    // code must follow the key as the kernel's own sites do.
+    // guest has the tracepoint on: the patched code must read the key and
+    // trace the value it stores.
     let oom = make_diff(&tree, "fs/proc/base.c", |s| {
         once(
             s,
