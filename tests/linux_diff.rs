@@ -43,6 +43,24 @@ fn build(d: &PatchDirs, tree: &str, name: &str, diff: &str) -> Result<String, St
     }
 }
 
+/// A diff of fs/proc/loadavg.c: a new `static int lucos_reads;` and `tail`
+/// (C statements) just before loadavg_proc_show returns.
+fn loadavg_diff(tree: &str, tail: &str) -> String {
+    make_diff(tree, "fs/proc/loadavg.c", |s| {
+        let s = once(
+            s,
+            "static int loadavg_proc_show(",
+            "static int lucos_reads;\n\nstatic int loadavg_proc_show(",
+        );
+        let end = "\t\tidr_get_cursor(&task_active_pid_ns(current)->idr) - 1);\n";
+        once(
+            &s,
+            &format!("{end}\treturn 0;"),
+            &format!("{end}{tail}\treturn 0;"),
+        )
+    })
+}
+
 const WORKLOAD: &str = r#"#!/bin/sh
 # LOADED checks, over and over: 1 where the patch's behaviour shows.
 state() {
@@ -202,35 +220,19 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     // Built: a new variable, and a WARN that does not fire (no
     // __bug_table: patch-include/asm/bug.h): /proc/loadavg counts its reads
     // in a variable of the patch and shows the count from the second read.
-    let counter = make_diff(&tree, "fs/proc/loadavg.c", |s| {
-        let s = once(
-            s,
-            "static int loadavg_proc_show(",
-            "static int lucos_reads;\n\nstatic int loadavg_proc_show(",
-        );
-        once(
-            &s,
-            "\t\tidr_get_cursor(&task_active_pid_ns(current)->idr) - 1);\n\treturn 0;",
-            "\t\tidr_get_cursor(&task_active_pid_ns(current)->idr) - 1);\n\tif (++lucos_reads > 1)\n\t\tseq_printf(m, \"lucos reads %d\\n\", lucos_reads);\n\tWARN_ON_ONCE(lucos_reads < 0);\n\treturn 0;",
-        )
-    });
+    let counter = loadavg_diff(
+        &tree,
+        "\tif (++lucos_reads > 1)\n\t\tseq_printf(m, \"lucos reads %d\\n\", lucos_reads);\n\tWARN_ON_ONCE(lucos_reads < 0);\n",
+    );
     let out = build(&d, &tree, "counter", &counter).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("1 function: loadavg_proc_show"), "{out}");
     // Built, applied last on purpose: WARNs that fire, once each
     // (WARN_ONCE with a message at the second read, WARN_ON_ONCE at the
     // third), their once-flags variables of the patch.
-    let warn = make_diff(&tree, "fs/proc/loadavg.c", |s| {
-        let s = once(
-            s,
-            "static int loadavg_proc_show(",
-            "static int lucos_reads;\n\nstatic int loadavg_proc_show(",
-        );
-        once(
-            &s,
-            "\t\tidr_get_cursor(&task_active_pid_ns(current)->idr) - 1);\n\treturn 0;",
-            "\t\tidr_get_cursor(&task_active_pid_ns(current)->idr) - 1);\n\tlucos_reads++;\n\tWARN_ONCE(lucos_reads >= 2, \"lucos: read %d\\n\", lucos_reads);\n\tWARN_ON_ONCE(lucos_reads >= 3);\n\treturn 0;",
-        )
-    });
+    let warn = loadavg_diff(
+        &tree,
+        "\tlucos_reads++;\n\tWARN_ONCE(lucos_reads >= 2, \"lucos: read %d\\n\", lucos_reads);\n\tWARN_ON_ONCE(lucos_reads >= 3);\n",
+    );
     let out = build(&d, &tree, "warn", &warn).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("1 function: loadavg_proc_show"), "{out}");
 

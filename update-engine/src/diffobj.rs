@@ -47,11 +47,10 @@ const KERNEL_TABLES: &[(&str, &str)] = &[
 /// `static_cpu_has` (reached only from alternative sites that the kernel,
 /// and lucos's linker, always rewrite: `ALTERNATIVE_TERNARY` with
 /// `X86_FEATURE_ALWAYS`).
-const ALT_TABLE: &str = ".altinstructions";
-const ALT_REPLACEMENT: &str = ".altinstr_replacement";
+use crate::link::{ALT_REPLACEMENT, ALT_TABLE};
 const ALT_AUX: &str = ".altinstr_aux";
 /// Size of one `struct alt_instr` (Linux 6.1).
-const ALT_ENTRY: u64 = 12;
+const ALT_ENTRY: u64 = crate::link::ALT_ENTRY as u64;
 
 /// Whether object `obj` has jump-label, BUG/WARN or exception-table
 /// entries: the sites `lucos build --diff` compiles differently for patch
@@ -420,8 +419,17 @@ fn is_writable(file: &object::File<'_>, si: SectionIndex) -> bool {
 }
 
 /// `name` without GCC's numbering of statics (`__already_done.12` →
-/// `__already_done`); clone suffixes (`.isra.0`, `.constprop.1`) stay.
+/// `__already_done`) or the kernel's `__UNIQUE_ID_` counter
+/// (`__UNIQUE_ID_ddebug123` → `__UNIQUE_ID_ddebug`); clone suffixes
+/// (`.isra.0`, `.constprop.1`) stay.
 fn unnumbered(name: &str) -> &str {
+    // `__UNIQUE_ID_ddebug123` (__COUNTER__, shifted by any use above it).
+    if let Some(rest) = name.strip_prefix("__UNIQUE_ID_") {
+        let base = rest.trim_end_matches(|c: char| c.is_ascii_digit());
+        if base.len() < rest.len() && !rest.contains('.') {
+            return &name[..name.len() - (rest.len() - base.len())];
+        }
+    }
     match name.rsplit_once('.') {
         Some((base, n))
             if !n.is_empty()
@@ -771,16 +779,24 @@ pub fn diff_object(
                 if take.contains(&n) {
                     continue;
                 }
-                // A variable the diff adds is the patch's own, even where
-                // the kernel has a namesake elsewhere.
-                let data_sec = b
+                let def = b
                     .file
                     .symbols()
                     .find(|x| x.name() == Ok(n.as_str()) && !x.is_undefined())
-                    .filter(|x| x.kind() == SymbolKind::Data)
-                    .and_then(|x| x.section_index());
-                if let Some(si) = data_sec {
+                    .and_then(|x| x.section_index().map(|si| (si, x.kind())));
+                // A variable the diff adds is the patch's own, even where
+                // the kernel has a namesake elsewhere.
+                if let Some((si, SymbolKind::Data)) = def {
                     if is_writable(&b.file, si) && is_new_data(&a, &n) {
+                        let sname = b.section_name(si);
+                        if !crate::link::is_own_data_section(&sname) {
+                            return Err(format!(
+                                "changed code uses {n}, a new variable in {sname}: per-CPU, \
+                                 read-only-after-init and kernel-walked sections (a new \
+                                 pr_debug's __dyndbg descriptor, a module parameter) cannot be \
+                                 a patch's own data"
+                            ));
+                        }
                         own_data.insert(si);
                         pending_secs.push(si);
                         continue;
@@ -797,12 +813,7 @@ pub fn diff_object(
                     ));
                     take.insert(n.clone());
                     queue.push(n);
-                } else if let Some(si) = b
-                    .file
-                    .symbols()
-                    .find(|x| x.name() == Ok(n.as_str()) && !x.is_undefined())
-                    .and_then(|x| x.section_index())
-                {
+                } else if let Some((si, _)) = def {
                     if !is_writable(&b.file, si) {
                         pending_secs.push(si);
                     }
@@ -884,6 +895,11 @@ pub fn diff_object(
         .filter(|x| fn_syms.contains_key(&x.func))
         .collect();
     if let Some(first) = kept.first() {
+        if kept.iter().any(|x| x.repl_sec != first.repl_sec) {
+            return Err(format!(
+                "the alternatives of {name} point into more than one {ALT_REPLACEMENT} section"
+            ));
+        }
         let rsec = b
             .file
             .section_by_index(first.repl_sec)
@@ -1153,6 +1169,7 @@ fn is_metadata(name: &str) -> bool {
                 | "__jump_table"
                 | ".altinstructions"
                 | ".altinstr_aux"
+                | ".altinstr_replacement"
                 | ".parainstructions"
                 | ".smp_locks"
                 | ".eh_frame"
@@ -1516,6 +1533,25 @@ int show(int x) { printk("show %d\n", x); return helper(x); }
                 .filter(|&a| a >= at && a < at + len)
                 .collect();
         assert!(used.len() >= 2, "{used:x?}");
+        // A new per-CPU variable cannot be the patch's own (it is reached
+        // through %gs, relative to the per-CPU area).
+        let b = compile(
+            "c14",
+            &BASE.replace(
+                "int other(int x) {",
+                "static int pc __attribute__((section(\".data..percpu\"))); int other(int x) { pc++;",
+            ),
+        );
+        let e = diff_object("t.o", &a, &b, &kernel()).expect_err("per-CPU");
+        assert!(e.contains("pc") && e.contains(".data..percpu"), "{e}");
+    }
+
+    #[test]
+    fn the_kernels_counters_are_numbering_too() {
+        assert_eq!(unnumbered("__UNIQUE_ID_ddebug123"), "__UNIQUE_ID_ddebug");
+        assert_eq!(unnumbered("__already_done.12"), "__already_done");
+        assert_eq!(unnumbered("f.isra.0"), "f.isra.0");
+        assert_eq!(unnumbered("__UNIQUE_ID_x"), "__UNIQUE_ID_x");
     }
 
     #[test]

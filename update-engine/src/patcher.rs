@@ -902,7 +902,8 @@ impl Patcher {
                     .map_err(|e| format!("the patch needs {s}: {e}"))
             }
         };
-        // Alternatives are applied for the features the kernel booted with.
+        // Alternatives are applied for the features the kernel has now (its
+        // boot_cpu_data), as the kernel does for a module it loads.
         let cpu_has = |bit: u16| -> Result<bool, String> {
             match &k.cpu_caps {
                 Ok(caps) => caps.has(g, view.read, bit),

@@ -54,6 +54,13 @@ impl CRunner {
         };
         let linked = crate::link::link(objects, sandbox::CODE_VA, &resolve)
             .map_err(|e| format!("linking the transfer functions of {}: {e}", change.symbol))?;
+        if !linked.writable.is_empty() {
+            return Err(format!(
+                "the transfer functions of {} define variables of their own: the sandbox runs \
+                 them on read-only code",
+                change.symbol
+            ));
+        }
         let to_new = linked.symbol(Some(&c.object), &c.to_new)?;
         let to_old = linked.symbol(Some(&c.object), &c.to_old)?;
         let sb = Sandbox::new(&linked.bytes)
