@@ -8,6 +8,7 @@
 //! the VMM, an in-memory guest in the unit tests.
 
 pub mod area;
+pub mod campaign;
 pub mod data;
 pub mod diffobj;
 pub mod kernel;

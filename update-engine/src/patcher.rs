@@ -153,6 +153,27 @@ pub struct AppliedPatch {
     /// Kernel objects it gave a new layout.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<AppliedData>,
+    /// SHA-256 of its code and read-only data as placed (`code_len` bytes
+    /// from `code_addr`), for `verify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_sha256: Option<String>,
+    /// Bytes hashed (its own writable data, after them, is not).
+    #[serde(default)]
+    pub code_len: u64,
+}
+
+/// What [`Patcher::verify_applied`] finds: whether every applied patch is in effect
+/// as it was applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Applied patches checked.
+    pub patches: usize,
+    /// Switched sites checked (each once, against the newest patch's jump).
+    pub sites: usize,
+    /// Bytes of patch code hashed.
+    pub code_bytes: u64,
+    /// What is not as it should be; empty when all is.
+    pub problems: Vec<String>,
 }
 
 /// A data-layout change of an applied patch.
@@ -185,6 +206,15 @@ pub struct AppliedData {
     /// Guest-physical start of the old copy.
     #[serde(default, with = "symbol_db::hex_u64")]
     pub old_gpa: u64,
+}
+
+/// `bytes` as space-separated hex.
+fn hex_bytes(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Whether `bytes` are one instruction (so nothing can stop inside them).
@@ -1219,6 +1249,14 @@ impl Patcher {
         if replace {
             st.applied.clear();
         }
+        let code_len = placed
+            .linked
+            .writable
+            .iter()
+            .map(|&(at, _)| at.saturating_sub(placed.linked.base) as usize)
+            .min()
+            .unwrap_or(placed.linked.bytes.len())
+            .min(placed.linked.bytes.len());
         st.applied.push(AppliedPatch {
             name: m.name.clone(),
             description: m.description.clone(),
@@ -1227,6 +1265,8 @@ impl Patcher {
             functions: functions.clone(),
             code_addr: placed.linked.base,
             code_bytes: placed.need,
+            code_sha256: Some(sha256_hex(&placed.linked.bytes[..code_len])),
+            code_len: code_len as u64,
             mode,
             data: m
                 .data
@@ -1277,6 +1317,61 @@ impl Patcher {
             }
         }
         v
+    }
+
+    /// Checks, while the guest runs, that every applied patch is in effect
+    /// as it was applied: each switched site holds the jump of the newest
+    /// patch that switched it, and each patch's code and read-only data
+    /// hash as they did when placed.
+    pub fn verify_applied(
+        &self,
+        g: &dyn Guest,
+        k: &GuestKernel,
+    ) -> Result<VerifyReport, PatchError> {
+        let view = View::new(g, k)?;
+        let mut problems = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let (mut sites, mut code_bytes) = (0, 0);
+        for a in &self.state.applied {
+            for f in &a.functions {
+                if !seen.insert(f.old_addr) {
+                    continue;
+                }
+                sites += 1;
+                let want = self.current_bytes(f.old_addr, f.saved);
+                let mut have = [0u8; 5];
+                kernel::read_virt(g, view.read, f.old_addr, &mut have)?;
+                if have != want {
+                    problems.push(format!(
+                        "{} at {:#x} holds {}, not {} (patch {})",
+                        f.function,
+                        f.old_addr,
+                        hex_bytes(&have),
+                        hex_bytes(&want),
+                        a.name
+                    ));
+                }
+            }
+            let (Some(sum), Some(va)) = (&a.code_sha256, self.state.area_va) else {
+                continue;
+            };
+            let mut code = vec![0u8; a.code_len as usize];
+            g.area_read(a.code_addr - va, &mut code)
+                .map_err(|e| PatchError::Vm(VmError::Memory(e)))?;
+            code_bytes += a.code_len;
+            if sha256_hex(&code) != *sum {
+                problems.push(format!(
+                    "the code of patch {} at {:#x} is not what was placed ({} bytes hash differently)",
+                    a.name, a.code_addr, a.code_len
+                ));
+            }
+        }
+        Ok(VerifyReport {
+            patches: self.state.applied.len(),
+            sites,
+            code_bytes,
+            problems,
+        })
     }
 
     /// What the bytes at `addr` are now: the jmp of the newest applied patch
