@@ -5,10 +5,13 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use symbol_db::SymbolError;
+use update_engine::health::{self, HealthError};
 use update_engine::kernel::{self as introspect, GuestKernel, IntrospectError};
 use update_engine::kernel::{SymbolAnswer, SymbolsInfo};
+use update_engine::klog;
 use update_engine::lup::Mode;
 use update_engine::patcher::{PatchError, PatchReport, Patcher};
 use update_engine::protect::{GuardPolicy, Writers, KERNEL_TEXT_OWNER};
@@ -22,6 +25,9 @@ use vmm_core::vcpu::PauseError;
 use vmm_core::vm::{host_kvm_flavor, Vm, VmError};
 use vmm_core::write_control::Protection;
 
+/// The longest an `alive` request waits for the guest's clock.
+const MAX_ALIVE_MS: u64 = 60_000;
+
 /// Static facts about the VM that `status` reports.
 #[derive(Debug, Clone)]
 pub struct VmIdentity {
@@ -33,6 +39,8 @@ pub struct VmIdentity {
     pub cmdline: String,
     /// RAM size.
     pub mem_bytes: u64,
+    /// `lucos run --label` labels.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Serves control requests for one VM.
@@ -195,6 +203,17 @@ impl ControlServer {
                 let p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
                 Response::ok(p.list(self.vm.as_ref(), k.as_deref()))
             }
+            Request::Verify => {
+                let kernel = match self.guest_kernel() {
+                    Ok(k) => k,
+                    Err(e) => return Response::err(ErrorCode::NoKernel, error_chain(&e)),
+                };
+                let p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
+                match p.verify_applied(self.vm.as_ref(), &kernel) {
+                    Ok(r) => Response::ok(r),
+                    Err(e) => Self::patch_response(Err(e)),
+                }
+            }
             Request::Protect {
                 name,
                 gpa,
@@ -229,6 +248,8 @@ impl ControlServer {
             }
             Request::Events { since } => Response::ok(self.events(*since)),
             Request::Protected => Response::ok(self.protect_info()),
+            Request::Dmesg { since } => self.dmesg(*since),
+            Request::Alive { timeout_ms } => self.alive(*timeout_ms),
             Request::Symbols {
                 queries,
                 all,
@@ -542,6 +563,75 @@ impl ControlServer {
         }
     }
 
+    /// The guest kernel for a request served without the `ops` lock: the
+    /// cached one, or (first time) one inspected under the lock, since an
+    /// inspection pauses the VM.
+    fn guest_kernel_unserialized(&self) -> Result<Arc<GuestKernel>, IntrospectError> {
+        if let Some(k) = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return Ok(k.clone());
+        }
+        let _one = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        self.guest_kernel()
+    }
+
+    /// `dmesg`: the guest kernel's log from `since` on, read while it runs.
+    fn dmesg(&self, since: u64) -> Response {
+        let k = match self.guest_kernel_unserialized() {
+            Ok(k) => k,
+            Err(e) => return Response::err(ErrorCode::NoKernel, error_chain(&e)),
+        };
+        let layout = match &k.log {
+            Ok(l) => l,
+            Err(e) => {
+                return Response::err(
+                    ErrorCode::NoKernel,
+                    format!("the guest kernel's log cannot be found: {e}"),
+                )
+            }
+        };
+        match klog::read_guest(self.vm.as_ref(), layout, since) {
+            Ok(info) => Response::ok(info),
+            Err(e @ klog::LogError::Read { .. }) => {
+                Response::err(ErrorCode::NotMapped, error_chain(&e))
+            }
+            Err(e) => Response::err(ErrorCode::Internal, error_chain(&e)),
+        }
+    }
+
+    /// `alive`: waits up to `timeout_ms` for the guest kernel's clock to
+    /// advance, reading it while the guest runs.
+    fn alive(&self, timeout_ms: u64) -> Response {
+        if timeout_ms > MAX_ALIVE_MS {
+            return Response::err(
+                ErrorCode::BadRequest,
+                format!("alive waits at most {MAX_ALIVE_MS} ms, not {timeout_ms}"),
+            );
+        }
+        let k = match self.guest_kernel_unserialized() {
+            Ok(k) => k,
+            Err(e) => return Response::err(ErrorCode::NoKernel, error_chain(&e)),
+        };
+        match health::wait_alive(self.vm.as_ref(), &k, Duration::from_millis(timeout_ms)) {
+            Ok(info) => Response::ok(info),
+            Err(e @ HealthError::Stalled { .. }) => {
+                let mut m = error_chain(&e);
+                if self.vm.is_paused() {
+                    m.push_str("; the VM is paused");
+                }
+                Response::err(ErrorCode::Stalled, m)
+            }
+            Err(e @ (HealthError::NoClock | HealthError::NotInImage { .. })) => {
+                Response::err(ErrorCode::NoSymbol, error_chain(&e))
+            }
+            Err(e) => Response::err(ErrorCode::Internal, error_chain(&e)),
+        }
+    }
+
     pub fn guest_kernel(&self) -> Result<Arc<GuestKernel>, IntrospectError> {
         let mut cached = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = cached.as_ref() {
@@ -615,6 +705,7 @@ impl ControlServer {
             last_pause_us: (last != u64::MAX).then(|| last as f64 / 1e3),
             protocol: PROTOCOL_VERSION,
             write_control: self.vm.write_control().stats(),
+            labels: self.ident.labels.clone(),
         }
     }
 
@@ -663,16 +754,24 @@ impl Service for ControlServer {
         match req {
             Request::Status => return Response::ok(self.status()),
             Request::Protected => return Response::ok(self.protect_info()),
+            // Read from guest memory while the guest runs: they answer
+            // while a patch is applied (or the VM is paused).
+            Request::Dmesg { since } => return self.dmesg(*since),
+            Request::Alive { timeout_ms } => return self.alive(*timeout_ms),
             // Stopping never waits for a patch or an inspection in progress
             // (a switch that is stopped in its pause still completes).
-            Request::Stop => {
-                self.vm.stop();
-                return Response::ok(Done {});
-            }
+            // The VM stops once this answer is out (`after_reply`).
+            Request::Stop => return Response::ok(Done {}),
             _ => {}
         }
         let _one = self.ops.lock().unwrap_or_else(|e| e.into_inner());
         self.handle_serialized(req)
+    }
+
+    fn after_reply(&self, req: &Request) {
+        if matches!(req, Request::Stop) {
+            self.vm.stop();
+        }
     }
 }
 
@@ -733,12 +832,15 @@ mod tests {
                     Request::Translate { .. } => typed::<Translation>(&data),
                     Request::Patch { .. } | Request::Revert { .. } => typed::<PatchReport>(&data),
                     Request::Patches => typed::<PatchList>(&data),
+                    Request::Verify => typed::<update_engine::patcher::VerifyReport>(&data),
                     Request::Symbols { .. } => typed::<SymbolsInfo>(&data),
                     Request::Protect { .. }
                     | Request::ProtectKernel { .. }
                     | Request::Unprotect { .. }
                     | Request::Protected => typed::<ProtectInfo>(&data),
                     Request::Events { .. } => typed::<EventsInfo>(&data),
+                    Request::Dmesg { .. } => typed::<vmm_core::control::DmesgInfo>(&data),
+                    Request::Alive { .. } => typed::<vmm_core::control::AliveInfo>(&data),
                 };
                 assert_eq!(back, data, "{req:?}: the answer changed in a round trip");
                 answers += 1;

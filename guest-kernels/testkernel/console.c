@@ -2,6 +2,7 @@
 /* Serial console on COM1 and the VMM's debug-exit port. */
 #include <stdarg.h>
 #include "boot.h"
+#include "printk.h"
 #include "tk.h"
 
 static volatile int console_spinlock;
@@ -37,6 +38,53 @@ void puts_raw(const char *s)
 		putc_raw(*s++);
 }
 
+/*
+ * Every line printed is also a record of the kernel log (printk.c), under
+ * the console lock: the line so far, its level and facility (0 kernel, 1
+ * user). A line longer than LOG_LINE_MAX is cut there in the log (not on the
+ * serial port); a print that does not end its line ends the record anyway.
+ */
+#define LOG_LINE_MAX 512
+#define LOG_DEFAULT_LEVEL 6
+static char log_line[LOG_LINE_MAX];
+static u16 log_len;
+static u8 log_level, log_facility;
+
+static const char *log_begin(const char *fmt, u8 facility)
+{
+	log_facility = facility;
+	log_level = LOG_DEFAULT_LEVEL;
+	if (fmt[0] == KERN_SOH[0] && fmt[1] >= '0' && fmt[1] <= '7') {
+		log_level = (u8)(fmt[1] - '0');
+		fmt += 2;
+	}
+	return fmt;
+}
+
+static void log_end(void)
+{
+	if (log_len)
+		log_store(log_facility, log_level, log_line, log_len);
+	log_len = 0;
+}
+
+static void out(char c)
+{
+	putc_raw(c);
+	if (c == '\n') {
+		log_store(log_facility, log_level, log_line, log_len);
+		log_len = 0;
+	} else if (log_len < LOG_LINE_MAX) {
+		log_line[log_len++] = c;
+	}
+}
+
+static void outs(const char *s)
+{
+	while (*s)
+		out(*s++);
+}
+
 static void put_num(u64 v, unsigned base, int width, char pad)
 {
 	char buf[24];
@@ -50,7 +98,7 @@ static void put_num(u64 v, unsigned base, int width, char pad)
 	while (i < width)
 		buf[i++] = pad;
 	while (i)
-		putc_raw(buf[--i]);
+		out(buf[--i]);
 }
 
 static void vkprintf(const char *fmt, va_list ap)
@@ -60,7 +108,7 @@ static void vkprintf(const char *fmt, va_list ap)
 		char pad = ' ';
 
 		if (*fmt != '%') {
-			putc_raw(*fmt);
+			out(*fmt);
 			continue;
 		}
 		fmt++;
@@ -78,7 +126,7 @@ static void vkprintf(const char *fmt, va_list ap)
 		case 'd': {
 			s64 v = is_long ? va_arg(ap, s64) : va_arg(ap, int);
 			if (v < 0) {
-				putc_raw('-');
+				out('-');
 				v = -v;
 			}
 			put_num((u64)v, 10, width, pad);
@@ -91,18 +139,18 @@ static void vkprintf(const char *fmt, va_list ap)
 			put_num(is_long ? va_arg(ap, u64) : va_arg(ap, unsigned), 16, width, pad);
 			break;
 		case 'p':
-			puts_raw("0x");
+			outs("0x");
 			put_num((u64)va_arg(ap, void *), 16, 0, '0');
 			break;
 		case 's':
-			puts_raw(va_arg(ap, const char *));
+			outs(va_arg(ap, const char *));
 			break;
 		case 'c':
-			putc_raw((char)va_arg(ap, int));
+			out((char)va_arg(ap, int));
 			break;
 		default:
-			putc_raw('%');
-			putc_raw(*fmt);
+			out('%');
+			out(*fmt);
 		}
 	}
 }
@@ -114,9 +162,23 @@ void kprintf(const char *fmt, ...)
 
 	va_start(ap, fmt);
 	console_lock();
-	vkprintf(fmt, ap);
+	vkprintf(log_begin(fmt, 0), ap);
+	log_end();
 	console_unlock();
 	va_end(ap);
+}
+
+/* A user task's output, as it is: printed, and logged line by line. */
+void console_write(const char *s, u64 n)
+{
+	u64 i;
+
+	console_lock();
+	log_begin("", 1);
+	for (i = 0; i < n; i++)
+		out(s[i]);
+	log_end();
+	console_unlock();
 }
 
 void debug_exit(u8 status)
@@ -128,6 +190,6 @@ void debug_exit(u8 status)
 
 void panic(const char *msg)
 {
-	kprintf("[tk] PANIC: %s\n", msg);
+	kprintf(KERN_EMERG "[tk] PANIC: %s\n", msg);
 	debug_exit(0x7f);
 }

@@ -52,6 +52,7 @@ extern volatile u64 user_service_trap;
 struct percpu percpu[MAX_CPUS];
 static volatile u32 smp_go, cpus_online, tasks_done;
 volatile u64 jiffies;
+u64 tick_ns;
 static volatile u64 task_iters[MAX_TASKS];
 
 /* Page tables built by the kernel itself. */
@@ -308,6 +309,7 @@ static void apic_timer_init(void)
 {
 	u64 hz = opt_timer_hz ? opt_timer_hz : 100;
 
+	tick_ns = 1000000000UL / hz;
 	wrmsr(MSR_APIC_BASE, rdmsr(MSR_APIC_BASE) | (1UL << 11) | (1UL << 10));
 	wrmsr(MSR_X2APIC_SVR, 0x100 | VEC_SPURIOUS);
 	wrmsr(MSR_X2APIC_TDCR, 0x3); /* divide by 16 */
@@ -409,14 +411,9 @@ u64 syscall_dispatch(u64 a0, u64 a1, u64 a2, u64 nr)
 			finish();
 		cpu_idle();
 	case SYS_WRITE: {
-		const char *s = (const char *)a0;
-		u64 i;
 		if (a0 >= USER_STACK_TOP || a1 > 512)
 			return (u64)-1;
-		console_lock();
-		for (i = 0; i < a1; i++)
-			putc_raw(s[i]);
-		console_unlock();
+		console_write((const char *)a0, a1);
 		return a1;
 	}
 	case SYS_VERSION: {
@@ -500,7 +497,7 @@ void interrupt_dispatch(struct regs *r)
 	{
 		u64 cr2;
 		__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
-		kprintf("[tk] EXCEPTION vector=%lu error=%lx rip=%lx cs=%lx rsp=%lx cr2=%lx\n", r->vector,
+		kprintf(KERN_EMERG "[tk] EXCEPTION vector=%lu error=%lx rip=%lx cs=%lx rsp=%lx cr2=%lx\n", r->vector,
 			r->error, r->rip, r->cs, r->rsp, cr2);
 	}
 	panic("unexpected exception");

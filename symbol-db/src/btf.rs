@@ -40,10 +40,13 @@ struct Type {
     /// Size for ints, enums, structs, unions, floats; the referred type
     /// for pointers, typedefs, qualifiers.
     size_or_type: u32,
-    /// Struct and union members: (name, type, bit offset).
-    members: Vec<(u32, u32, u32)>,
+    /// Struct and union members: (name, type, bit offset, bitfield width
+    /// or 0).
+    members: Vec<(u32, u32, u32, u32)>,
     /// Arrays: (element type, element count).
     array: Option<(u32, u32)>,
+    /// Integers: (bit offset, bits) of the value in its storage.
+    int_bits: Option<(u32, u32)>,
 }
 
 /// The types of one BTF blob, parsed once.
@@ -91,6 +94,7 @@ impl Btf {
             size_or_type: 0,
             members: Vec::new(),
             array: None,
+            int_bits: None,
         }];
         let mut at = 0;
         while at < tdata.len() {
@@ -107,9 +111,15 @@ impl Btf {
                 size_or_type,
                 members: Vec::new(),
                 array: None,
+                int_bits: None,
             };
             match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
+                KIND_INT => {
+                    let enc = u32_at(tdata, at)?;
+                    t.int_bits = Some(((enc >> 16) & 0xff, enc & 0xff));
+                    at += 4;
+                }
+                KIND_VAR | KIND_DECL_TAG => at += 4,
                 KIND_ARRAY => {
                     t.array = Some((u32_at(tdata, at)?, u32_at(tdata, at + 8)?));
                     at += 12;
@@ -119,9 +129,13 @@ impl Btf {
                         let m = at + 12 * i;
                         let off = u32_at(tdata, m + 8)?;
                         // With kind_flag the top 8 bits are a bitfield's size.
-                        let bits = if kind_flag { off & 0xff_ffff } else { off };
+                        let (bits, width) = if kind_flag {
+                            (off & 0xff_ffff, off >> 24)
+                        } else {
+                            (off, 0)
+                        };
                         t.members
-                            .push((u32_at(tdata, m)?, u32_at(tdata, m + 4)?, bits));
+                            .push((u32_at(tdata, m)?, u32_at(tdata, m + 4)?, bits, width));
                     }
                     at += 12 * vlen;
                 }
@@ -247,7 +261,7 @@ impl Btf {
             members: t
                 .members
                 .iter()
-                .map(|&(n, ty, bits)| Member {
+                .map(|&(n, ty, bits, _)| Member {
                     name: match self.name(n) {
                         "" => "<anon>".into(),
                         s => s.to_owned(),
@@ -277,14 +291,39 @@ impl Btf {
         Ok((at, size))
     }
 
+    /// Bit offset and width of `path` in `struct name`, as
+    /// [`Btf::offset_of`] finds it: a bitfield's own bits, or a whole
+    /// member's (its size in bits).
+    pub fn bits_of(&self, name: &str, path: &str) -> Result<(u64, u64), SymbolError> {
+        let (at, ty, width) = self.walk_bits(name, path)?;
+        if width > 0 {
+            return Ok((at, u64::from(width)));
+        }
+        let size = self
+            .size_of(ty)
+            .ok_or_else(|| bad(format!("{name}.{path} has no size")))?;
+        // Without kind_flag a bitfield is an integer type of fewer bits.
+        match self.resolve(ty).and_then(|t| t.int_bits) {
+            Some((off, bits)) if u64::from(bits) < size * 8 => {
+                Ok((at + u64::from(off), u64::from(bits)))
+            }
+            _ => Ok((at, size * 8)),
+        }
+    }
+
     /// (byte offset, type) of `path` in `struct name`.
     fn walk(&self, name: &str, path: &str) -> Result<(u64, u32), SymbolError> {
+        self.walk_bits(name, path).map(|(at, ty, _)| (at / 8, ty))
+    }
+
+    /// (bit offset, type, bitfield width or 0) of `path` in `struct name`.
+    fn walk_bits(&self, name: &str, path: &str) -> Result<(u64, u32, u32), SymbolError> {
         let t = self
             .find_struct(name)
             .ok_or_else(|| SymbolError::NoType(name.to_owned()))?;
-        let (mut at, mut cur, mut ty) = (0u64, t, 0u32);
+        let (mut at, mut cur, mut ty, mut width) = (0u64, t, 0u32, 0u32);
         for part in path.split('.') {
-            let (off, mty) = self
+            let (off, mty, w) = self
                 .member(cur, part)
                 .ok_or_else(|| SymbolError::NoMember {
                     strukt: name.to_owned(),
@@ -292,25 +331,27 @@ impl Btf {
                 })?;
             at += off;
             ty = mty;
+            width = w;
             cur = self
                 .resolve(mty)
                 .ok_or_else(|| bad(format!("bad type {mty} in struct {name}")))?;
         }
-        Ok((at, ty))
+        Ok((at, ty, width))
     }
 
-    /// (byte offset, type) of member `name` of `t`, through anonymous members.
-    fn member(&self, t: &Type, name: &str) -> Option<(u64, u32)> {
-        for &(n, ty, bits) in &t.members {
+    /// (bit offset, type, bitfield width or 0) of member `name` of `t`,
+    /// through anonymous members.
+    fn member(&self, t: &Type, name: &str) -> Option<(u64, u32, u32)> {
+        for &(n, ty, bits, width) in &t.members {
             let mname = self.name(n);
             if mname == name {
-                return Some((u64::from(bits / 8), ty));
+                return Some((u64::from(bits), ty, width));
             }
             if mname.is_empty() {
                 let inner = self.resolve(ty)?;
                 if matches!(inner.kind, KIND_STRUCT | KIND_UNION) {
-                    if let Some((off, ty)) = self.member(inner, name) {
-                        return Some((u64::from(bits / 8) + off, ty));
+                    if let Some((off, ty, w)) = self.member(inner, name) {
+                        return Some((u64::from(bits) + off, ty, w));
                     }
                 }
             }
@@ -326,7 +367,7 @@ mod tests {
     /// A tiny BTF blob: int (4), struct inner { int a; int b; }, struct
     /// outer { int x; struct inner in; union { int u; }; int *p; }.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0a\0b\0inner\0x\0in\0u\0outer\0p\0".to_vec();
+        let strings = b"\0int\0a\0b\0inner\0x\0in\0u\0outer\0p\0u8\0bf\0f\0lvl\0".to_vec();
         let s = |name: &str| -> u32 {
             let needle = format!("\0{name}\0");
             strings
@@ -352,6 +393,14 @@ mod tests {
             24,
             &[s("x"), 1, 0, s("in"), 2, 32, 0, 3, 96, s("p"), 4, 128],
         ); // 5
+        ty(s("u8"), 1, 0, 1, &[8]); // 6: u8
+        ty(
+            s("bf"),
+            4 | 0x80,
+            2,
+            1,
+            &[s("f"), 6, 5 << 24, s("lvl"), 6, (3 << 24) | 5],
+        ); // 7: struct bf { u8 f:5; u8 lvl:3; }, kind_flag: widths in the offsets
         let mut d = Vec::new();
         d.extend_from_slice(&MAGIC.to_le_bytes());
         d.extend_from_slice(&[1, 0]);
@@ -372,7 +421,7 @@ mod tests {
     #[test]
     fn offsets_through_nested_and_anonymous_members() {
         let b = Btf::parse(&blob()).expect("parse");
-        assert_eq!(b.len(), 5);
+        assert_eq!(b.len(), 7);
         assert_eq!(b.offset_of("outer", "x").expect("offset"), 0);
         assert_eq!(b.offset_of("outer", "in.b").expect("offset"), 8);
         assert_eq!(b.offset_of("outer", "u").expect("offset"), 12);
@@ -400,6 +449,16 @@ mod tests {
                 ("p", 16, Some(8), "int *"),
             ]
         );
+    }
+
+    #[test]
+    fn bitfields_and_whole_members_in_bits() {
+        let b = Btf::parse(&blob()).expect("parse");
+        assert_eq!(b.bits_of("bf", "f").expect("f"), (0, 5));
+        assert_eq!(b.bits_of("bf", "lvl").expect("lvl"), (5, 3));
+        assert_eq!(b.offset_of("bf", "lvl").expect("lvl"), 0);
+        assert_eq!(b.bits_of("outer", "in.b").expect("in.b"), (64, 32));
+        assert_eq!(b.bits_of("outer", "p").expect("p"), (128, 64));
     }
 
     #[test]

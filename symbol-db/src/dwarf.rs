@@ -150,6 +150,81 @@ impl<'a> TypeDb<'a> {
         Err(SymbolError::NoType(name.to_owned()))
     }
 
+    /// Bit offset and width of member `member` of `struct name` (a direct
+    /// member): a bitfield's own bits, or a whole member's.
+    pub fn bits_of(&self, name: &str, member: &str) -> Result<(u64, u64), SymbolError> {
+        let err = dwarf_err("DWARF");
+        let mut units = self.dwarf.units();
+        while let Some(header) = units.next().map_err(&err)? {
+            let unit = self.dwarf.unit(header).map_err(&err)?;
+            let mut cursor = unit.entries();
+            while let Some(entry) = cursor.next_dfs().map_err(&err)? {
+                if entry.tag() != gimli::DW_TAG_structure_type
+                    || entry.attr_value(gimli::DW_AT_declaration).is_some()
+                    || self.name_of(&unit, entry).as_deref() != Some(name)
+                {
+                    continue;
+                }
+                let at = entry.offset();
+                return self
+                    .member_bits(&unit, at, member)?
+                    .ok_or_else(|| SymbolError::NoMember {
+                        strukt: name.to_owned(),
+                        member: member.to_owned(),
+                    });
+            }
+        }
+        Err(SymbolError::NoType(name.to_owned()))
+    }
+
+    /// (bit offset, width) of member `member` of the struct at `at`.
+    fn member_bits(
+        &self,
+        unit: &gimli::Unit<R>,
+        at: UnitOffset,
+        member: &str,
+    ) -> Result<Option<(u64, u64)>, SymbolError> {
+        let err = dwarf_err("DWARF");
+        let mut tree = unit.entries_tree(Some(at)).map_err(&err)?;
+        let root = tree.root().map_err(&err)?;
+        let mut children = root.children();
+        while let Some(child) = children.next().map_err(&err)? {
+            let e = child.entry();
+            if e.tag() != gimli::DW_TAG_member || self.name_of(unit, e).as_deref() != Some(member) {
+                continue;
+            }
+            let udata = |a| e.attr_value(a).and_then(|v| v.udata_value());
+            let size = match e.attr_value(gimli::DW_AT_type) {
+                Some(AttributeValue::UnitRef(t)) => self.describe(unit, t, 0).1,
+                _ => None,
+            };
+            let location = udata(gimli::DW_AT_data_member_location).unwrap_or(0);
+            let Some(width) = udata(gimli::DW_AT_bit_size) else {
+                let size = size.ok_or_else(|| SymbolError::BadElf {
+                    path: "DWARF".into(),
+                    why: format!("member {member} has no size"),
+                })?;
+                return Ok(Some((location * 8, size * 8)));
+            };
+            if let Some(bit) = udata(gimli::DW_AT_data_bit_offset) {
+                return Ok(Some((bit, width)));
+            }
+            // DWARF 2/3: bits counted from the most significant end of a
+            // storage unit of DW_AT_byte_size bytes at the location.
+            let storage = udata(gimli::DW_AT_byte_size).or(size).unwrap_or(0);
+            let from_msb = udata(gimli::DW_AT_bit_offset).unwrap_or(0);
+            let from_lsb =
+                (storage * 8)
+                    .checked_sub(from_msb + width)
+                    .ok_or_else(|| SymbolError::BadElf {
+                        path: "DWARF".into(),
+                        why: format!("bitfield {member} does not fit its storage unit"),
+                    })?;
+            return Ok(Some((location * 8 + from_lsb, width)));
+        }
+        Ok(None)
+    }
+
     fn name_of(
         &self,
         unit: &gimli::Unit<R>,
@@ -176,7 +251,11 @@ impl<'a> TypeDb<'a> {
             }
             let offset = match e.attr_value(gimli::DW_AT_data_member_location) {
                 Some(v) => v.udata_value().unwrap_or(0),
-                None => 0, // union-like or first member
+                // A DWARF 4+ bitfield: the byte holding its first bit.
+                None => e
+                    .attr_value(gimli::DW_AT_data_bit_offset)
+                    .and_then(|v| v.udata_value())
+                    .map_or(0, |b| b / 8), // else union-like or first member
             };
             let (type_name, size) = match e.attr_value(gimli::DW_AT_type) {
                 Some(AttributeValue::UnitRef(t)) => self.describe(unit, t, 0),

@@ -12,6 +12,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use symbol_db::btf::Btf;
+use symbol_db::dwarf::TypeDb;
 use symbol_db::kallsyms::{self, KallsymsLayout};
 use symbol_db::{KernelIdentity, KernelImage, SymbolError, SymbolTable};
 
@@ -19,6 +20,7 @@ use vmm_core::guest::{Guest, Paused};
 use vmm_core::pagewalk::{self, PageSize, PagingState, WalkError};
 use vmm_core::vm::VmError;
 
+use crate::klog::LogLayout;
 use crate::linux::TaskLayout;
 
 /// Where x86-64 Linux links `_text` (`__START_KERNEL`, with the default
@@ -72,6 +74,9 @@ pub struct GuestKernel {
     /// Linux: where its CPU feature bits are, for a patch's alternatives;
     /// why not, otherwise.
     pub cpu_caps: Result<CpuCaps, String>,
+    /// Where its log is (`lucos dmesg`), from its BTF or the DWARF of the
+    /// ELF it was booted from; why not, otherwise.
+    pub log: Result<LogLayout, String>,
 }
 
 /// Where a Linux kernel keeps the CPU features it booted with and patched
@@ -317,8 +322,9 @@ fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, Intro
             let identity = KernelIdentity::from_image(&image, &symbols);
             identity.check_same(&KernelIdentity::from_elf(data, &name)?, &name)?;
             let text = text_of(&symbols).unwrap_or(base);
-            let (tasks, cpu_caps) = linux_layouts(&image, &symbols);
-            return finish(
+            let btf = kernel_btf(&image, &symbols);
+            let (tasks, cpu_caps) = linux_layouts(&btf, &symbols);
+            let mut g = finish(
                 vm,
                 paging,
                 format!("ELF symbols of {name}"),
@@ -326,8 +332,9 @@ fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, Intro
                 identity,
                 text,
                 None,
-            )
-            .map(|g| GuestKernel {
+            )?;
+            g.log = log_layout(&btf, Some((data, &name)), &g, paging);
+            return Ok(GuestKernel {
                 tasks,
                 cpu_caps,
                 ..g
@@ -345,8 +352,9 @@ fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, Intro
     };
     let identity = KernelIdentity::from_image(&image, &k.table);
     let text = text_of(&k.table).unwrap_or(image.base());
-    let (tasks, cpu_caps) = linux_layouts(&image, &k.table);
-    finish(
+    let btf = kernel_btf(&image, &k.table);
+    let (tasks, cpu_caps) = linux_layouts(&btf, &k.table);
+    let mut g = finish(
         vm,
         paging,
         "kallsyms in guest memory".into(),
@@ -354,8 +362,9 @@ fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, Intro
         identity,
         text,
         Some(k.layout),
-    )
-    .map(|g| GuestKernel {
+    )?;
+    g.log = log_layout(&btf, None, &g, paging);
+    Ok(GuestKernel {
         timings,
         tasks,
         cpu_caps,
@@ -392,29 +401,61 @@ fn finish(
         timings: Timings::default(),
         tasks: Err("not looked for".into()),
         cpu_caps: Err("not looked for".into()),
+        log: Err("not looked for".into()),
     })
 }
 
-/// The task layout and CPU features of a Linux kernel, from the BTF in its
-/// image.
+/// The BTF in a Linux kernel's image.
+fn kernel_btf(image: &KernelImage, symbols: &SymbolTable) -> Result<Btf, String> {
+    let (Ok(start), Ok(stop)) = (symbols.lookup("__start_BTF"), symbols.lookup("__stop_BTF"))
+    else {
+        return Err("the kernel has no BTF (CONFIG_DEBUG_INFO_BTF)".to_owned());
+    };
+    let bytes = image
+        .read(start.addr, stop.addr.saturating_sub(start.addr) as usize)
+        .ok_or("the kernel's BTF is not in its mapped image")?;
+    Btf::parse(bytes).map_err(|e| e.to_string())
+}
+
+/// The task layout and CPU features of a Linux kernel, from its BTF.
 fn linux_layouts(
-    image: &KernelImage,
+    btf: &Result<Btf, String>,
     symbols: &SymbolTable,
 ) -> (Result<TaskLayout, String>, Result<CpuCaps, String>) {
-    let btf = (|| {
-        let (Ok(start), Ok(stop)) = (symbols.lookup("__start_BTF"), symbols.lookup("__stop_BTF"))
-        else {
-            return Err("the kernel has no BTF (CONFIG_DEBUG_INFO_BTF)".to_owned());
-        };
-        let bytes = image
-            .read(start.addr, stop.addr.saturating_sub(start.addr) as usize)
-            .ok_or("the kernel's BTF is not in its mapped image")?;
-        Btf::parse(bytes).map_err(|e| e.to_string())
-    })();
     match btf {
-        Ok(btf) => (TaskLayout::new(&btf, symbols), CpuCaps::new(&btf, symbols)),
-        Err(e) => (Err(e.clone()), Err(e)),
+        Ok(btf) => (TaskLayout::new(btf, symbols), CpuCaps::new(btf, symbols)),
+        Err(e) => (Err(e.clone()), Err(e.clone())),
     }
+}
+
+/// Where the kernel `g` keeps its log: from its BTF, else from the DWARF of
+/// `elf` (the image it was booted from, and its name). It is read through
+/// the kernel's own top-level page table where the symbols name it
+/// (`init_top_pgt`; a vCPU's may belong to a process that exits), else
+/// through `paging` (vCPU 0's now).
+fn log_layout(
+    btf: &Result<Btf, String>,
+    elf: Option<(&[u8], &str)>,
+    g: &GuestKernel,
+    paging: PagingState,
+) -> Result<LogLayout, String> {
+    let own = match g.symbols.lookup("init_top_pgt") {
+        Ok(s) => PagingState {
+            cr3: s.addr.wrapping_sub(g.text).wrapping_add(g.text_gpa),
+            ..paging
+        },
+        Err(_) => paging,
+    };
+    let btf_err = match btf {
+        Ok(btf) => return LogLayout::from_btf(btf, &g.symbols, own),
+        Err(e) => e,
+    };
+    let Some((data, name)) = elf else {
+        return Err(btf_err.clone());
+    };
+    let types = TypeDb::from_elf(data, name)
+        .map_err(|e| format!("neither BTF ({btf_err}) nor DWARF ({e})"))?;
+    LogLayout::from_dwarf(&types, name, &g.symbols, own)
 }
 
 impl GuestKernel {
@@ -494,6 +535,7 @@ impl GuestKernel {
             timings: self.timings,
             tasks: self.tasks.clone(),
             cpu_caps: self.cpu_caps.clone(),
+            log: self.log.clone(),
         })
     }
 }

@@ -179,6 +179,7 @@ impl Fake {
             timings: Timings::default(),
             tasks: Err("not Linux".into()),
             cpu_caps: Err("not Linux".into()),
+            log: Err("not Linux".into()),
         }
     }
 }

@@ -80,6 +80,9 @@ pub enum Request {
     },
     /// The applied patches, oldest first.
     Patches,
+    /// Checks that the applied patches are in effect: every switched site
+    /// and every patch's code as placed (while the guest runs).
+    Verify,
     /// The guest kernel's identity and symbols; answers lookups.
     Symbols {
         /// Lookups: NAME, NAME@FILE, NAME#N or 0xADDR.
@@ -128,6 +131,20 @@ pub enum Request {
         #[serde(default)]
         since: u64,
     },
+    /// The guest kernel's log, read from guest memory (no agent, no pause):
+    /// the records from sequence number `since` on.
+    Dmesg {
+        /// First sequence number wanted (0: from the oldest kept; an earlier
+        /// answer's `next`: what came since).
+        #[serde(default)]
+        since: u64,
+    },
+    /// Whether the guest kernel's clock advances (read from guest memory,
+    /// no pause): waits up to `timeout_ms` for it to tick.
+    Alive {
+        /// How long to wait for a tick, in milliseconds.
+        timeout_ms: u64,
+    },
 }
 
 /// Machine-readable error codes.
@@ -160,6 +177,8 @@ pub enum ErrorCode {
     Busy,
     /// The VMM serves as many clients as it will; try again later.
     TooManyClients,
+    /// The guest kernel's clock did not advance in the time given (`alive`).
+    Stalled,
     /// Anything else.
     Internal,
 }
@@ -240,6 +259,9 @@ pub struct StatusInfo {
     /// ranges, pages and memory slots.
     #[serde(default)]
     pub write_control: crate::write_control::WriteStats,
+    /// Labels given at `lucos run --label k=v` (campaigns select VMs by them).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What `protect` and `unprotect` answer: every protected range now.
@@ -273,6 +295,44 @@ pub struct EventsInfo {
     pub next: u64,
     /// Counters.
     pub write_control: crate::write_control::WriteStats,
+}
+
+/// One record of the guest kernel's log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Sequence number (the kernel's own: 0 is its first line).
+    pub seq: u64,
+    /// When it was logged, nanoseconds on the kernel's clock.
+    pub ts_ns: u64,
+    /// Syslog level (0 emergency .. 7 debug).
+    pub level: u8,
+    /// The line, without its level or a newline.
+    pub text: String,
+}
+
+/// What `dmesg` answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DmesgInfo {
+    /// Records from `since` on, oldest first.
+    pub records: Vec<LogRecord>,
+    /// The sequence number to ask for next (`since: next`).
+    pub next: u64,
+    /// Records from `since` on that were overwritten before they could be
+    /// read (the ring wrapped).
+    pub lost: u64,
+}
+
+/// What `alive` answers: the guest kernel's clock advanced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AliveInfo {
+    /// The clock read (`jiffies_64`, or `jiffies`).
+    pub symbol: String,
+    /// Its value first...
+    pub before: u64,
+    /// ...and once it had changed.
+    pub after: u64,
+    /// How long that took, in milliseconds.
+    pub waited_ms: u64,
 }
 
 /// What `pause` answers.
@@ -315,6 +375,11 @@ pub trait Service: Send + Sync + 'static {
     /// several at once: serializing what must be serialized is the
     /// service's business.
     fn handle(&self, req: &Request) -> Response;
+
+    /// Called once the answer to `req` is written to its client: what must
+    /// wait for the answer to be out (stopping the VM ends the process,
+    /// which would otherwise cut the `stop` answer off).
+    fn after_reply(&self, _req: &Request) {}
 }
 
 /// Serves `listener` until the process ends: each connection on its own
@@ -395,11 +460,12 @@ fn serve_one(service: &dyn Service, stream: UnixStream) -> std::io::Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let resp = match serde_json::from_str::<Request>(&line) {
+        let req = serde_json::from_str::<Request>(&line);
+        let resp = match &req {
             // A bug in one request must not take the control socket down
             // with it: the VM would be left running but unreachable.
             Ok(req) => {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| service.handle(&req)))
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| service.handle(req)))
                     .unwrap_or_else(|p| {
                         let why = p
                             .downcast_ref::<String>()
@@ -412,7 +478,11 @@ fn serve_one(service: &dyn Service, stream: UnixStream) -> std::io::Result<()> {
             }
             Err(e) => Response::err(ErrorCode::BadRequest, format!("bad request: {e}")),
         };
-        send(&mut writer, &resp)?;
+        let sent = send(&mut writer, &resp);
+        if let Ok(req) = &req {
+            service.after_reply(req);
+        }
+        sent?;
     }
 }
 

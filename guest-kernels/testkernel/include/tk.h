@@ -87,14 +87,26 @@ static inline u64 this_cpu_read(unsigned long off)
 	return v;
 }
 
-/* console.c */
+/* console.c: kprintf(KERN_WARNING "...") logs at that level (the prefix is
+ * not printed); a line without one at KERN_INFO. */
+#define KERN_SOH "\001"
+#define KERN_EMERG KERN_SOH "0"
+#define KERN_ERR KERN_SOH "3"
+#define KERN_WARNING KERN_SOH "4"
+#define KERN_INFO KERN_SOH "6"
 void console_lock(void);
 void console_unlock(void);
 void putc_raw(char c);
 void puts_raw(const char *s);
 void kprintf(const char *fmt, ...);
+void console_write(const char *s, u64 n); /* a user task's output (SYS_WRITE) */
 __attribute__((noreturn)) void debug_exit(u8 status);
 __attribute__((noreturn)) void panic(const char *msg);
+
+/* kernel.c: the timer's ticks on CPU 0, and nanoseconds per tick (0 until
+ * the timer runs). */
+extern volatile u64 jiffies;
+extern u64 tick_ns;
 
 /* lib.c */
 void *memset(void *d, int c, unsigned long n);
