@@ -36,6 +36,10 @@ pub fn status(id: &str, json: bool) -> Result<(), CliError> {
     println!("  memory   {} MiB", s.mem_bytes >> 20);
     println!("  kernel   {}", s.kernel);
     println!("  cmdline  {}", s.cmdline);
+    if !s.labels.is_empty() {
+        let l: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("  labels   {}", l.join(" "));
+    }
     println!("  uptime   {:.1} s", s.uptime_ms as f64 / 1e3);
     println!("  kvm      {}", s.kvm);
     match s.last_pause_us {
@@ -89,7 +93,7 @@ pub fn regs(id: &str, vcpu: u8, json: bool) -> Result<(), CliError> {
 #[derive(Debug, serde::Serialize)]
 #[serde(untagged)]
 enum Row {
-    Up(StatusInfo),
+    Up(Box<StatusInfo>),
     Dead {
         id: String,
         state: &'static str,
@@ -115,7 +119,7 @@ pub fn list(json: bool) -> Result<(), CliError> {
                 c.set_timeout(Some(std::time::Duration::from_secs(10)))?;
                 c.call_as::<StatusInfo>(&Request::Status)
             }) {
-                Ok(s) => Row::Up(s),
+                Ok(s) => Row::Up(Box::new(s)),
                 Err(e) => Row::Dead {
                     id,
                     state: "dead",

@@ -20,6 +20,12 @@ pub mod exit {
     pub const PATCH_REFUSED: i32 = 6;
     /// A vCPU or a sleeping task stayed in code the patch replaces through every try; the guest is unchanged, try again.
     pub const BUSY: i32 = 7;
+    /// `lucos campaign run`: the campaign stopped on a failure (and rolled
+    /// back what its plan says); see its report.
+    pub const CAMPAIGN_FAILED: i32 = 8;
+    /// `lucos campaign run`: the campaign was aborted (`lucos campaign
+    /// abort`); `run` resumes it.
+    pub const CAMPAIGN_ABORTED: i32 = 9;
     /// `lucos run`: the guest crashed (triple fault, KVM error).
     pub const GUEST_CRASHED: i32 = 125;
 }
@@ -62,6 +68,9 @@ pub enum CliError {
     /// A patch build refused what it was given (a change it cannot carry).
     #[error("{0}")]
     Refused(String),
+    /// A VM (or a campaign) is not in a state that allows the request.
+    #[error("{0}")]
+    BadState(String),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -80,6 +89,7 @@ impl CliError {
             Self::Usage(_) => exit::USAGE,
             Self::WrongKernel(_) => exit::WRONG_KERNEL,
             Self::Refused(_) => exit::PATCH_REFUSED,
+            Self::BadState(_) => exit::BAD_STATE,
             Self::Client(ClientError::UnknownVm { .. } | ClientError::StaleSocket { .. }) => {
                 exit::NO_VM
             }

@@ -1,8 +1,10 @@
 //! `lucos`: a VMM that live-updates the guest kernel from outside.
 
 mod build_diff;
+mod campaign;
 mod client;
 mod demo;
+mod dmesg;
 mod error;
 mod includes;
 mod logger;
@@ -145,6 +147,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the guest kernel's log, read from guest memory (no agent).
+    Dmesg {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// Only records from this sequence number on (`next` of an earlier answer).
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Keep printing new records until the VM ends.
+        #[arg(long)]
+        follow: bool,
+        /// Machine-readable output (with --follow: one record per line).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that the guest kernel's clock advances (read from guest memory).
+    Alive {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// How long to wait for a tick, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a VM's state.
     Status {
         /// VM id.
@@ -192,6 +221,10 @@ enum Command {
     Symbols(symbols::SymbolsArgs),
     /// Show struct layouts (members, offsets, sizes) from a kernel's DWARF.
     Types(symbols::TypesArgs),
+    /// Roll patches over this host's VMs in waves, with health checks,
+    /// rollback and a journal (docs/campaigns.md).
+    #[command(subcommand)]
+    Campaign(campaign::CampaignCmd),
     /// Boot the bundled test kernel, pause it mid-flight and show what each vCPU was doing.
     Demo {
         /// Keep the test kernel image here instead of a temporary file.
@@ -258,6 +291,13 @@ fn main() {
             follow,
             json,
         } => protect::events(&vm, since, follow, json),
+        Command::Dmesg {
+            vm,
+            since,
+            follow,
+            json,
+        } => dmesg::dmesg(&vm, since, follow, json),
+        Command::Alive { vm, timeout, json } => dmesg::alive(&vm, timeout, json),
         Command::Status { vm, json } => client::status(&vm, json).map(|()| exit::OK),
         Command::Pause { vm, json } => client::pause(&vm, json).map(|()| exit::OK),
         Command::Resume { vm } => {
@@ -267,6 +307,7 @@ fn main() {
         Command::Regs { vm, vcpu, json } => client::regs(&vm, vcpu, json).map(|()| exit::OK),
         Command::Symbols(args) => symbols::symbols(args),
         Command::Types(args) => symbols::types(args),
+        Command::Campaign(cmd) => campaign::campaign(cmd),
         Command::Demo { kernel_out } => demo::demo(kernel_out),
     };
     match result {

@@ -64,6 +64,25 @@ pub struct RunArgs {
     /// With --protect-kernel: a function also allowed to write kernel text (repeatable).
     #[arg(long, requires = "protect_kernel")]
     pub allow_writer: Vec<String>,
+    /// A label KEY=VALUE for campaigns to select the VM by (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE`, the key of letters, digits, `_`, `.`, `-`, `/`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label '{s}' is not KEY=VALUE"))?;
+    let key_ok = !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'));
+    if !key_ok {
+        return Err(format!(
+            "label key '{k}': use letters, digits, '_', '.', '-' or '/'"
+        ));
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 /// Runs the VMM (or, with --detach, starts it in the background).
@@ -138,6 +157,7 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
                 kernel: args.kernel.display().to_string(),
                 cmdline: args.cmdline.clone(),
                 mem_bytes,
+                labels: args.labels.iter().cloned().collect(),
             },
         )
         .with_trusted_keys(trusted),

@@ -46,10 +46,13 @@ impl std::fmt::Display for FleetError {
 /// A lock held for the campaign's life.
 pub type Held = Box<dyn Send>;
 
+/// A VM's labels (`lucos run --label k=v`).
+pub type Labels = BTreeMap<String, String>;
+
 /// The VMs of a host, as the campaign sees them.
 pub trait Fleet: Sync {
     /// The running VMs: id and labels.
-    fn running(&self) -> Result<Vec<(String, BTreeMap<String, String>)>, String>;
+    fn running(&self) -> Result<Vec<(String, Labels)>, String>;
     /// Takes the campaign lock of `vm` for campaign `owner` (the plan's
     /// path), or says who holds it.
     fn lock_vm(&self, vm: &str, owner: &str) -> Result<Held, String>;
@@ -183,11 +186,21 @@ fn suffixed(p: &Path, s: &str) -> PathBuf {
     PathBuf::from(o)
 }
 
+/// What the journal's `Start` says.
+#[derive(Debug)]
+struct Started {
+    digest: String,
+    name: String,
+    waves: Vec<Vec<String>>,
+    settings: Vec<Wave>,
+    at: u64,
+}
+
 /// A campaign's state replayed from its journal.
 #[derive(Debug, Default)]
 pub struct State {
-    /// The `Start` entry: digest, name, wave VMs, wave settings.
-    start: Option<(String, String, Vec<Vec<String>>, Vec<Wave>, u64)>,
+    /// The `Start` entry.
+    start: Option<Started>,
     /// VMs by id: the last word on each.
     vms: BTreeMap<String, VmReport>,
     /// `Begin` without `Done`: (before, log_seq).
@@ -216,15 +229,20 @@ impl State {
                             s.vms.insert(vm.clone(), pending(vm, i));
                         }
                     }
-                    s.start = Some((
-                        digest.clone(),
-                        name.clone(),
-                        waves.clone(),
-                        settings.clone(),
-                        *at,
-                    ));
+                    s.start = Some(Started {
+                        digest: digest.clone(),
+                        name: name.clone(),
+                        waves: waves.clone(),
+                        settings: settings.clone(),
+                        at: *at,
+                    });
                 }
-                Entry::Run { .. } => {}
+                // A run after an abort resumes the campaign.
+                Entry::Run { .. } => {
+                    if s.end.as_ref().is_some_and(|e| e.0 == "aborted") {
+                        s.end = None;
+                    }
+                }
                 Entry::Begin {
                     vm,
                     before,
@@ -291,7 +309,7 @@ impl State {
     /// The report of this state, for the plan at `plan`.
     pub fn report(&self, plan: &Path, running: bool) -> Report {
         let (name, waves, started) = match &self.start {
-            Some((_, name, waves, _, at)) => (name.clone(), waves.clone(), Some(*at)),
+            Some(s) => (s.name.clone(), s.waves.clone(), Some(s.at)),
             None => (String::new(), Vec::new(), None),
         };
         let outcome = match (&self.end, &self.start) {
@@ -369,8 +387,8 @@ pub fn run(
     let jpath = journal_path(&plan.path);
     let entries = Journal::read(&jpath).map_err(CampaignError::Journal)?;
     let state = State::replay(&entries);
-    if let Some((digest, ..)) = &state.start {
-        if *digest != plan.digest {
+    if let Some(started) = &state.start {
+        if started.digest != plan.digest {
             return Err(CampaignError::Journal(format!(
                 "{} changed since its campaign began (journal {}): finish or abort that campaign with the plan it had, or move the journal away to start a new one",
                 plan.path.display(),
@@ -379,12 +397,13 @@ pub fn run(
         }
     }
     let abort = abort_path(&plan.path);
-    if state.end.is_some() {
+    // Finished (done or failed); an aborted campaign is resumed.
+    if state.end.as_ref().is_some_and(|e| e.0 != "aborted") {
         return Ok(state.report(&plan.path, false));
     }
     let _ = std::fs::remove_file(&abort);
     let (waves, settings): (Vec<Vec<String>>, Vec<Wave>) = match &state.start {
-        Some((_, _, w, s, _)) => (w.clone(), s.clone()),
+        Some(s) => (s.waves.clone(), s.settings.clone()),
         None => {
             let running = fleet.running().map_err(CampaignError::Fleet)?;
             let vms = plan.resolve(&running)?;

@@ -436,10 +436,7 @@ impl Plan {
 
     /// The plan's VMs among `running` (id, labels), sorted by id: every id
     /// and glob must match one, every label must be carried.
-    pub fn resolve(
-        &self,
-        running: &[(String, BTreeMap<String, String>)],
-    ) -> Result<Vec<String>, PlanError> {
+    pub fn resolve(&self, running: &[(String, super::Labels)]) -> Result<Vec<String>, PlanError> {
         let err = |line: usize, message: String| PlanError {
             path: self.path.clone(),
             line: Some(line),
@@ -463,7 +460,7 @@ impl Plan {
             let glob = globset::Glob::new(pattern)
                 .map_err(|e| err(*line, format!("target '{pattern}': {e}")))?
                 .compile_matcher();
-            let matched: Vec<&(String, BTreeMap<String, String>)> =
+            let matched: Vec<&(String, super::Labels)> =
                 running.iter().filter(|(id, _)| glob.is_match(id)).collect();
             if matched.is_empty() {
                 return Err(err(

@@ -44,7 +44,7 @@ impl Fake {
 }
 
 impl Fleet for Fake {
-    fn running(&self) -> Result<Vec<(String, BTreeMap<String, String>)>, String> {
+    fn running(&self) -> Result<Vec<(String, Labels)>, String> {
         Ok(self
             .vms
             .lock()
