@@ -34,6 +34,7 @@ if [ "$profile" = test ]; then
     [bc]="1.07.1-3+b1"
     [patch]="2.7.6-7"
     [xz-utils]="5.4.1-1"
+    [ansible-core]="2.14.18-0+deb12u2"  # tests/ansible.rs: the examples/ansible role over two local hosts
   )
 fi
 
