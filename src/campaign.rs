@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 use nix::fcntl::{Flock, FlockArg};
 use update_engine::campaign::{
-    self, CampaignError, Fleet, FleetError, Held, Outcome, Plan, Progress, Report,
+    self, CampaignError, Fleet, FleetError, Held, LogCheck, Outcome, Plan, Progress, Report,
 };
 use update_engine::patcher::{PatchList, PatchReport, VerifyReport};
 use vmm_core::control::{
-    AliveInfo, Client, ClientError, DmesgInfo, ErrorCode, Request, StatusInfo,
+    AliveInfo, Client, ClientError, DmesgInfo, ErrorCode, Request, StatusInfo, PROTOCOL_VERSION,
 };
 
 use crate::error::{exit, CliError};
@@ -334,7 +334,17 @@ fn fleet_error(e: ClientError) -> FleetError {
 
 fn call<T: serde::de::DeserializeOwned>(vm: &str, req: &Request) -> Result<T, FleetError> {
     let mut c = Client::connect(vm, &paths::socket_path(vm)).map_err(fleet_error)?;
-    c.call_as(req).map_err(fleet_error)
+    match c.call_as(req) {
+        // A broken or timed-out connection is a dead VMM only if a new one
+        // cannot be made: a slow answer to a patch is not a VM gone.
+        Err(e @ ClientError::Io { .. }) => match Client::connect(vm, &paths::socket_path(vm)) {
+            Err(gone) => Err(FleetError::Gone(format!("{e}; {gone}"))),
+            Ok(_) => Err(FleetError::Failed(format!(
+                "{e} (the VMM still answers: the request's outcome is unknown)"
+            ))),
+        },
+        other => other.map_err(fleet_error),
+    }
 }
 
 /// Takes an exclusive lock on `path`, writing `who` into it; says who holds
@@ -348,17 +358,27 @@ fn lock(path: &Path, who: &str) -> Result<Flock<File>, String> {
         .open(path)
         .map_err(|e| format!("cannot open lock file {}: {e}", path.display()))?;
     let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(mut l) => {
-            let _ = nix::unistd::ftruncate(&*l, 0);
-            let _ = l.write_all(who.as_bytes());
-            let _ = l.flush();
-            Ok(l)
-        }
-        Err((mut f, _)) => {
-            let mut s = String::new();
-            let _ = f.read_to_string(&mut s);
-            Err(s.trim().to_owned())
+    // `campaign status` and `abort` look with a shared lock held for a
+    // moment: a lock busy only that long is not another campaign.
+    let end = Instant::now() + Duration::from_millis(300);
+    let mut file = file;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut l) => {
+                let _ = nix::unistd::ftruncate(&*l, 0);
+                let _ = l.write_all(who.as_bytes());
+                let _ = l.flush();
+                return Ok(l);
+            }
+            Err((f, _)) if Instant::now() < end => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err((mut f, _)) => {
+                let mut s = String::new();
+                let _ = f.read_to_string(&mut s);
+                return Err(s.trim().to_owned());
+            }
         }
     }
 }
@@ -372,6 +392,7 @@ impl Fleet for SocketFleet {
             Err(e) => return Err(format!("cannot list run directory {}: {e}", dir.display())),
         };
         let mut out = Vec::new();
+        let mut silent = Vec::new();
         for e in entries.filter_map(Result::ok) {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(id) = name.strip_suffix(".sock") else {
@@ -381,10 +402,25 @@ impl Fleet for SocketFleet {
                 c.set_timeout(Some(Duration::from_secs(10)))?;
                 c.call_as::<StatusInfo>(&Request::Status)
             });
-            // A dead VMM's socket is not a running VM.
-            if let Ok(s) = status {
-                out.push((s.id, s.labels));
+            match status {
+                Ok(s) if s.protocol < PROTOCOL_VERSION => silent.push(format!(
+                    "{id} (its VMM speaks protocol {}, without the health checks of {PROTOCOL_VERSION}: restart or upgrade it)",
+                    s.protocol
+                )),
+                Ok(s) => out.push((s.id, s.labels)),
+                // A dead VMM's socket is not a running VM.
+                Err(ClientError::UnknownVm { .. } | ClientError::StaleSocket { .. }) => {}
+                // A VMM that does not answer could be a target: say so
+                // rather than leave it out of the campaign unnoticed.
+                Err(e) => silent.push(format!("{id} ({e})")),
             }
+        }
+        if !silent.is_empty() {
+            return Err(format!(
+                "cannot tell which VMs of {} the plan targets: {}",
+                dir.display(),
+                silent.join("; ")
+            ));
         }
         Ok(out)
     }
@@ -441,15 +477,19 @@ impl Fleet for SocketFleet {
         Ok(d.next)
     }
 
-    fn log_problems(&self, vm: &str, since: u64) -> Result<(Vec<String>, u64), FleetError> {
+    fn log_problems(&self, vm: &str, since: u64) -> Result<LogCheck, FleetError> {
         let d: DmesgInfo = call(vm, &Request::Dmesg { since })?;
-        let out = d
+        let problems = d
             .records
             .iter()
             .filter(|r| update_engine::klog::problem(&r.text).is_some())
             .map(|r| r.text.clone())
             .collect();
-        Ok((out, d.lost))
+        Ok(LogCheck {
+            problems,
+            lost: d.lost,
+            next: d.next,
+        })
     }
 
     fn alive(&self, vm: &str, timeout: Duration) -> Result<String, FleetError> {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use vmm_core::control::{AliveInfo, DmesgInfo, LogRecord, Request};
+use vmm_core::control::{AliveInfo, ClientError, DmesgInfo, LogRecord, Request};
 
 use crate::client::{connect, print_typed};
 use crate::error::{exit, CliError};
@@ -22,7 +22,14 @@ pub fn dmesg(vm: &str, since: u64, follow: bool, json: bool) -> Result<i32, CliE
         let info: DmesgInfo = match c.call_as(&Request::Dmesg { since }) {
             Ok(i) => i,
             // The VM ended while we followed it: that is the end of the log.
-            Err(_) if follow && answered => return Ok(exit::OK),
+            Err(
+                e @ (ClientError::Io { .. }
+                | ClientError::UnknownVm { .. }
+                | ClientError::StaleSocket { .. }),
+            ) if follow && answered => {
+                log::debug!("dmesg --follow: the VM ended ({e})");
+                return Ok(exit::OK);
+            }
             Err(e) => return Err(e.into()),
         };
         answered = true;

@@ -88,6 +88,11 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 /// Runs the VMM (or, with --detach, starts it in the background).
 pub fn run(args: RunArgs) -> Result<i32, CliError> {
     paths::validate_id(&args.vm)?;
+    for (i, (k, _)) in args.labels.iter().enumerate() {
+        if args.labels[..i].iter().any(|(k2, _)| k2 == k) {
+            return Err(CliError::Usage(format!("--label {k} is given twice")));
+        }
+    }
     let mem_bytes = paths::parse_mem(&args.mem)?;
     if args.vcpus == 0 || args.vcpus > vmm_core::vm::MAX_VCPUS {
         return Err(CliError::Usage(format!(

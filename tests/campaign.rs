@@ -384,13 +384,14 @@ timeout = "5m"
 }
 
 #[test]
-fn a_vm_stopped_mid_wave_is_reported_and_the_rest_go_on() {
+fn vms_stopped_or_killed_mid_wave_are_reported_and_the_rest_go_on() {
     let f = Fleet::new("campaign-gone");
     let fix = f.patch("fix", FIX);
     let ids: Vec<String> = (0..4).map(|i| format!("vm{i}")).collect();
     f.start(&ids, &[]);
     let lucos = env!("CARGO_BIN_EXE_lucos");
-    // vm0's health command stops vm2 (run directory inherited).
+    // vm0's health command stops vm2 and kills vm3's VMM with SIGKILL
+    // (run directory inherited; the VMM's pid is in its lock file).
     let plan = f.plan(
         "gone",
         &format!(
@@ -399,7 +400,7 @@ file = "{fix}"
 [targets]
 vms = ["vm0", "vm1", "vm2", "vm3"]
 [health]
-command = '[ "$LUCOS_VM" != vm0 ] || {lucos} stop --vm vm2'
+command = '[ "$LUCOS_VM" != vm0 ] || {{ {lucos} stop --vm vm2 && while [ -e $LUCOS_RUN_DIR/vm2.sock ]; do sleep 0.05; done && kill -9 $(cat $LUCOS_RUN_DIR/vm3.lock); }}'
 "#,
             fix = fix.display(),
         ),
@@ -418,7 +419,8 @@ command = '[ "$LUCOS_VM" != vm0 ] || {lucos} stop --vm vm2'
             .clone()
     };
     assert_eq!(result("vm2"), "gone", "{r:#}");
-    for vm in ["vm0", "vm1", "vm3"] {
+    assert_eq!(result("vm3"), "gone", "a VMM killed mid-campaign: {r:#}");
+    for vm in ["vm0", "vm1"] {
         assert_eq!(result(vm), "patched", "{r:#}");
         assert_eq!(f.patches(vm), ["fix"]);
     }

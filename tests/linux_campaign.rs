@@ -83,7 +83,10 @@ campaign() {
 plan fix fix apply "lucos.campaign=1"; campaign fix
 plan warn warn apply "lucos.warn=1"; campaign warn
 for i in 1 2 3; do echo "@@SCN after-warn lc$i patches=$($LUCOS list --vm lc$i --json | tr -d ' \n' | grep -o '"name":"[a-z]*"' | cut -d'"' -f4 | tr '\n' ,)"; done
-$LUCOS dmesg --vm lc1 | grep -m 1 "WARNING" | sed 's/^/@@SCN lc1 warning /'
+$LUCOS dmesg --vm lc1 > /tmp/dmesg1
+grep "WARNING: CPU:" /tmp/dmesg1 | tail -n 1 | sed 's/^/@@SCN lc1 warning /'
+echo "@@SCN lc1 message count=$(grep -c 'lucos campaign: this patch warns' /tmp/dmesg1)"
+for i in 2 3; do echo "@@SCN lc$i message count=$($LUCOS dmesg --vm lc$i | grep -c 'lucos campaign: this patch warns')"; done
 plan unfix fix revert "@@CMD $CMDLINE\$"; campaign unfix
 for i in 1 2 3; do echo "@@SCN after-revert lc$i patches=$($LUCOS list --vm lc$i --json | tr -d ' \n' | grep -o '"name":"[a-z]*"' | cut -d'"' -f4 | tr '\n' ,)"; done
 for i in 1 2 3; do $LUCOS stop --vm lc$i >/dev/null; done
@@ -168,7 +171,14 @@ fn linux_campaign_waves_log_checks_catch_a_warning_and_roll_back() {
     // Linux's own report of it (the address is in lucos's patch area,
     // which the guest's kallsyms does not name).
     let warning = out.line("@@SCN lc1 warning ");
-    assert!(warning.contains("WARNING: CPU: 0 PID:"), "{warning}");
+    assert!(
+        warning.contains("WARNING: CPU: 0 PID:") && !warning.contains("xstate"),
+        "{warning}"
+    );
+    out.expect("@@SCN lc1 message count=1\n");
+    // The other guests never ran the warning patch.
+    out.expect("@@SCN lc2 message count=0\n");
+    out.expect("@@SCN lc3 message count=0\n");
 
     let unfix = report(&out, "unfix");
     assert_eq!(unfix["outcome"], "done", "{unfix:#}");

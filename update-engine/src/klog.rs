@@ -523,6 +523,15 @@ fn decode(layout: &LogLayout, s: &Snapshot, since: u64) -> DmesgInfo {
             }
             continue;
         }
+        // Where the log is, even from a record that cannot be taken (so
+        // that `next` never falls back to 0 while the ring holds records).
+        // (Not a reusable one: the ring's initial descriptor is one, with
+        // no real sequence number.)
+        if state == STATE_COMMITTED || state == STATE_FINALIZED {
+            if let Some(seq) = layout.info.seq.get(info) {
+                newest = Some(newest.map_or(seq, |n| n.max(seq)));
+            }
+        }
         match state {
             STATE_RESERVED | STATE_COMMITTED => break,
             STATE_FINALIZED => {}
@@ -555,7 +564,9 @@ fn decode(layout: &LogLayout, s: &Snapshot, since: u64) -> DmesgInfo {
     // Asked from past the newest record: nothing, and where the log is.
     let next = match (records.is_empty(), newest) {
         (true, Some(n)) => since.min(n + 1),
-        (true, None) => 0,
+        // Nothing readable: an empty log starts at 0; else stay put.
+        (true, None) if since == u64::MAX => 0,
+        (true, None) => since,
         (false, _) => expected,
     };
     DmesgInfo {

@@ -1332,7 +1332,8 @@ impl Patcher {
         let mut problems = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         let (mut sites, mut code_bytes) = (0, 0);
-        for a in &self.state.applied {
+        // Newest first: a site is blamed on the patch whose jump it must hold.
+        for a in self.state.applied.iter().rev() {
             for f in &a.functions {
                 if !seen.insert(f.old_addr) {
                     continue;

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version, reported by `status`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The longest request line the server reads (1 MiB).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// Seconds a client has to finish a request line it has begun.

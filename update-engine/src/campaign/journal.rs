@@ -26,6 +26,9 @@ pub struct Check {
 pub enum Outcome {
     /// Not reached yet.
     Pending,
+    /// Its step began and did not end (the campaign was killed in it):
+    /// it may have been changed; a resumed run finishes its step.
+    InFlight,
     /// Its step was done (or found done already) and it is healthy.
     Patched,
     /// Its step or a health check failed.
@@ -53,6 +56,9 @@ pub enum Entry {
         waves: Vec<Vec<String>>,
         /// Each wave's settings.
         settings: Vec<super::plan::Wave>,
+        /// The plan's patches (names), in order.
+        #[serde(default)]
+        patches: Vec<String>,
     },
     /// A run (the first or a resumption) took over.
     Run {
@@ -149,15 +155,25 @@ impl Journal {
     /// by a crash in mid-write is dropped (and cut off the file when it is
     /// opened for writing).
     pub fn read(path: &Path) -> Result<Vec<Entry>, String> {
-        let file = match File::open(path) {
-            Ok(f) => f,
+        let mut data = match std::fs::read(path) {
+            Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(format!("cannot read journal {}: {e}", path.display())),
         };
+        // A last line without its newline was cut short by a crash, even
+        // if what is there parses (`open` cuts it off the file too).
+        if data.last().is_some_and(|&b| b != b'\n') {
+            let keep = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            log::warn!(
+                "journal {}: its last line is incomplete (a crash while writing it); ignored",
+                path.display()
+            );
+            data.truncate(keep);
+        }
         let mut out = Vec::new();
-        let mut lines = BufReader::new(file).split(b'\n').peekable();
+        let lines = BufReader::new(&data[..]).split(b'\n');
         let mut n = 0;
-        while let Some(line) = lines.next() {
+        for line in lines {
             n += 1;
             let line = line.map_err(|e| format!("cannot read journal {}: {e}", path.display()))?;
             if line.iter().all(u8::is_ascii_whitespace) {
@@ -165,13 +181,6 @@ impl Journal {
             }
             match serde_json::from_slice::<Entry>(&line) {
                 Ok(e) => out.push(e),
-                // Only the last line can be torn (appends are whole lines).
-                Err(_) if lines.peek().is_none() => {
-                    log::warn!(
-                        "journal {}: line {n} is incomplete (a crash while writing it); ignored",
-                        path.display()
-                    );
-                }
                 Err(e) => {
                     return Err(format!(
                         "journal {} line {n} is damaged: {e}",
@@ -199,6 +208,11 @@ impl Journal {
             let keep = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             file.set_len(keep as u64).map_err(io)?;
             file.seek(SeekFrom::End(0)).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        // The journal's own directory entry must survive a crash too.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         }
         Ok(Self {
             path: path.to_owned(),
@@ -240,6 +254,7 @@ mod tests {
             name: "n".into(),
             waves: vec![vec!["a".into()], vec!["b".into(), "c".into()]],
             settings: vec![],
+            patches: vec!["fix".into()],
         };
         let begin = Entry::Begin {
             at: 2,
@@ -251,9 +266,9 @@ mod tests {
         j.append(&start).expect("append");
         j.append(&begin).expect("append");
         drop(j);
-        // A crash in the middle of the next line.
+        // A crash in the middle of the next line (here a part that parses).
         let mut f = File::options().append(true).open(&path).expect("open");
-        f.write_all(br#"{"event":"done","at":3,"vm":"a""#)
+        f.write_all(br#"{"event":"run","at":3,"pid":7}"#)
             .expect("write");
         drop(f);
         assert_eq!(

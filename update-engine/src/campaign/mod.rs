@@ -69,15 +69,25 @@ pub trait Fleet: Sync {
     /// The sequence number the guest kernel's next log record will get.
     fn log_seq(&self, vm: &str) -> Result<u64, FleetError>;
     /// Kernel problems (oops, BUG, WARNING, lockup, stall, panic) logged
-    /// from sequence number `since` on: the lines, and how many records
-    /// were overwritten before they could be read.
-    fn log_problems(&self, vm: &str, since: u64) -> Result<(Vec<String>, u64), FleetError>;
+    /// from sequence number `since` on.
+    fn log_problems(&self, vm: &str, since: u64) -> Result<LogCheck, FleetError>;
     /// Waits up to `timeout` for the guest kernel's clock to advance; what
     /// was seen.
     fn alive(&self, vm: &str, timeout: Duration) -> Result<String, FleetError>;
     /// Checks that the applied patches' sites and code hold what they
     /// should; the discrepancies.
     fn verify(&self, vm: &str) -> Result<Vec<String>, FleetError>;
+}
+
+/// What a read of a guest's kernel log found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogCheck {
+    /// The problem lines.
+    pub problems: Vec<String>,
+    /// Records overwritten before they could be read.
+    pub lost: u64,
+    /// The sequence number to read from next time.
+    pub next: u64,
 }
 
 /// What a campaign shows as it goes (a terminal's bars, or plain lines).
@@ -114,6 +124,10 @@ pub struct VmReport {
     pub health: Vec<Check>,
     /// Why it failed, notes.
     pub detail: String,
+    /// Whether its step began (journaled `begin`): only then can the
+    /// campaign have changed it, and only then does a rollback touch it.
+    #[serde(default)]
+    pub began: bool,
 }
 
 /// A wave in the report.
@@ -142,6 +156,9 @@ pub struct Report {
     pub waves: Vec<WaveReport>,
     /// Its VMs, wave by wave.
     pub vms: Vec<VmReport>,
+    /// The plan's patches (names), in order.
+    #[serde(default)]
+    pub patches: Vec<String>,
     /// Unix time the campaign began, ms.
     pub started_ms: Option<u64>,
     /// Unix time it ended, ms.
@@ -189,6 +206,7 @@ fn suffixed(p: &Path, s: &str) -> PathBuf {
 /// What the journal's `Start` says.
 #[derive(Debug)]
 struct Started {
+    patches: Vec<String>,
     digest: String,
     name: String,
     waves: Vec<Vec<String>>,
@@ -223,6 +241,7 @@ impl State {
                     name,
                     waves,
                     settings,
+                    patches,
                 } => {
                     for (i, w) in waves.iter().enumerate() {
                         for vm in w {
@@ -230,6 +249,7 @@ impl State {
                         }
                     }
                     s.start = Some(Started {
+                        patches: patches.clone(),
                         digest: digest.clone(),
                         name: name.clone(),
                         waves: waves.clone(),
@@ -252,6 +272,8 @@ impl State {
                     s.in_flight.insert(vm.clone(), (before.clone(), *log_seq));
                     if let Some(r) = s.vms.get_mut(vm) {
                         r.before = before.clone();
+                        r.began = true;
+                        r.result = Outcome::InFlight;
                     }
                 }
                 Entry::Done {
@@ -308,9 +330,14 @@ impl State {
 
     /// The report of this state, for the plan at `plan`.
     pub fn report(&self, plan: &Path, running: bool) -> Report {
-        let (name, waves, started) = match &self.start {
-            Some(s) => (s.name.clone(), s.waves.clone(), Some(s.at)),
-            None => (String::new(), Vec::new(), None),
+        let (name, waves, started, patches) = match &self.start {
+            Some(s) => (
+                s.name.clone(),
+                s.waves.clone(),
+                Some(s.at),
+                s.patches.clone(),
+            ),
+            None => (String::new(), Vec::new(), None, Vec::new()),
         };
         let outcome = match (&self.end, &self.start) {
             (Some((o, ..)), _) => o.clone(),
@@ -339,6 +366,7 @@ impl State {
                 .collect(),
             started_ms: started,
             ended_ms: self.end.as_ref().map(|e| e.2),
+            patches,
         }
     }
 }
@@ -354,6 +382,7 @@ fn pending(vm: &str, wave: usize) -> VmReport {
         ms: 0,
         health: Vec::new(),
         detail: String::new(),
+        began: false,
     }
 }
 
@@ -430,6 +459,7 @@ pub fn run(
                 name: plan.name.clone(),
                 waves: waves.clone(),
                 settings: settings.clone(),
+                patches: plan.patches.iter().map(|p| p.name.clone()).collect(),
             })
             .map_err(CampaignError::Journal)?;
     }
@@ -489,12 +519,17 @@ impl Run<'_> {
                 continue;
             }
             let failed_before = state.waves_done.get(&i) == Some(&false);
+            // A VM of this wave failed before a crash: no new VM starts,
+            // only those the crash caught in their step are finished.
+            let failed_in_wave = first_failure(vms, &reports).is_some();
             let todo: Vec<String> = vms
                 .iter()
                 .filter(|vm| {
-                    reports
-                        .get(*vm)
-                        .is_none_or(|r| r.result == Outcome::Pending || in_flight.contains_key(*vm))
+                    in_flight.contains_key(*vm)
+                        || (!failed_in_wave
+                            && reports
+                                .get(*vm)
+                                .is_none_or(|r| r.result == Outcome::Pending))
                 })
                 .cloned()
                 .collect();
@@ -536,7 +571,7 @@ impl Run<'_> {
                     OnFailure::RollbackWave => vms.clone(),
                     OnFailure::RollbackAll => waves[..=i].iter().flatten().cloned().collect(),
                 };
-                self.rollback(&undo, &reports)?;
+                self.rollback(&undo, &reports, wave.timeout)?;
                 let what = match self.plan.on_failure {
                     OnFailure::Stop => "stopped",
                     OnFailure::RollbackWave => "stopped and rolled back the wave",
@@ -599,11 +634,11 @@ impl Run<'_> {
     }
 
     /// Retries `f` while it is refused as busy, with back-off, until `deadline`.
-    fn retry(
+    fn retry<T>(
         &self,
         deadline: Instant,
-        mut f: impl FnMut() -> Result<f64, FleetError>,
-    ) -> Result<f64, FleetError> {
+        mut f: impl FnMut() -> Result<T, FleetError>,
+    ) -> Result<T, FleetError> {
         let mut wait = Duration::from_millis(50);
         loop {
             match f() {
@@ -654,7 +689,7 @@ impl Run<'_> {
         let (before, log_seq) = match prior {
             Some(p) => p,
             None => {
-                let before = match self.fleet.patches(vm) {
+                let before = match self.retry(deadline, || self.fleet.patches(vm)) {
                     Ok(b) => b,
                     Err(e) if gone(&e) => return done(report, Outcome::Gone, e.to_string()),
                     Err(e) => return done(report, Outcome::Failed, e.to_string()),
@@ -674,6 +709,7 @@ impl Run<'_> {
             }
         };
         report.before = before.clone();
+        report.began = true;
         let mut notes = Vec::new();
         for p in &self.plan.patches {
             let now = match self.fleet.patches(vm) {
@@ -754,15 +790,15 @@ impl Run<'_> {
             let r = match log_seq {
                 None => Err("the kernel log could not be read before the step".into()),
                 Some(seq) => match self.fleet.log_problems(vm, seq) {
-                    Ok((p, 0)) if p.is_empty() => {
+                    Ok(LogCheck { problems: p, lost: 0, .. }) if p.is_empty() => {
                         Ok(format!("no problem logged since record {seq}"))
                     }
                     // A ring overwritten faster than the checks read it
                     // would fail every chatty guest; say it, pass.
-                    Ok((p, lost)) if p.is_empty() => Ok(format!(
+                    Ok(LogCheck { problems: p, lost, .. }) if p.is_empty() => Ok(format!(
                         "no problem logged since record {seq} ({lost} records overwritten before they were read)"
                     )),
-                    Ok((p, _)) => Err(format!(
+                    Ok(LogCheck { problems: p, .. }) => Err(format!(
                         "{} problem line(s) since record {seq}: {}",
                         p.len(),
                         p.iter().take(3).cloned().collect::<Vec<_>>().join(" | ")
@@ -875,24 +911,65 @@ impl Run<'_> {
             i + 1,
             humantime::format_duration(wave.soak)
         ));
+        // The wave's patched VMs' logs are read all through the soak, from
+        // where each step began, so that a chatty guest's ring does not
+        // overwrite a problem before the end.
+        let patched: Vec<String> = vms
+            .iter()
+            .filter(|vm| {
+                reports
+                    .get(*vm)
+                    .is_some_and(|r| r.result == Outcome::Patched)
+            })
+            .cloned()
+            .collect();
+        let mut cursors: BTreeMap<String, Option<u64>> = patched
+            .iter()
+            .map(|vm| {
+                let seq = self
+                    .journal_log_seq(vm)
+                    .or_else(|| self.fleet.log_seq(vm).ok());
+                (vm.clone(), seq)
+            })
+            .collect();
+        let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let end = Instant::now() + wave.soak;
         while Instant::now() < end {
             if self.abort_requested() {
                 return Ok(None);
             }
-            std::thread::sleep((end - Instant::now()).min(Duration::from_millis(100)));
+            if self.plan.health.log {
+                for (vm, cursor) in cursors.iter_mut() {
+                    let Some(at) = *cursor else { continue };
+                    if let Ok(c) = self.fleet.log_problems(vm, at) {
+                        seen.entry(vm.clone()).or_default().extend(c.problems);
+                        *cursor = Some(c.next.max(at));
+                    }
+                }
+            }
+            std::thread::sleep((end - Instant::now()).min(Duration::from_millis(250)));
         }
-        for vm in vms {
+        for vm in &patched {
             let Some(r) = reports.get(vm).cloned() else {
                 continue;
             };
-            if r.result != Outcome::Patched {
-                continue;
+            let seq = cursors.get(vm).copied().flatten();
+            let mut health = self.health(vm, i, seq, &r.after);
+            if let Some(lines) = seen.get(vm).filter(|l| !l.is_empty()) {
+                if let Some(c) = health.iter_mut().find(|c| c.check == "log") {
+                    c.ok = false;
+                    c.detail = format!(
+                        "{} problem line(s) during the soak: {}",
+                        lines.len(),
+                        lines
+                            .iter()
+                            .take(3)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    );
+                }
             }
-            let seq = self
-                .journal_log_seq(vm)
-                .or_else(|| self.fleet.log_seq(vm).ok());
-            let health = self.health(vm, i, seq, &r.after);
             if let Some(c) = health.iter().find(|c| !c.ok) {
                 let detail = format!(
                     "after the soak: health check {} failed: {}",
@@ -948,13 +1025,12 @@ impl Run<'_> {
         &self,
         vms: &[String],
         reports: &BTreeMap<String, VmReport>,
+        timeout: Duration,
     ) -> Result<(), CampaignError> {
         for vm in vms {
             let Some(r) = reports.get(vm) else { continue };
-            if matches!(
-                r.result,
-                Outcome::Pending | Outcome::Gone | Outcome::RolledBack
-            ) {
+            // Never begun (its `before` unknown): the campaign changed nothing.
+            if !r.began || matches!(r.result, Outcome::Gone | Outcome::RolledBack) {
                 continue;
             }
             let mut notes = Vec::new();
@@ -970,7 +1046,7 @@ impl Run<'_> {
                 };
                 let has = now.contains(&p.name);
                 let was = r.before.contains(&p.name);
-                let deadline = Instant::now() + plan::WAVE_TIMEOUT;
+                let deadline = Instant::now() + timeout;
                 let res = match p.action {
                     Action::Apply if has && !was => {
                         self.retry(deadline, || self.fleet.revert(vm, &p.name))

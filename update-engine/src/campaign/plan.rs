@@ -374,11 +374,18 @@ impl Plan {
                     )
                 }),
             };
+            let timeout = duration(&w_ref.timeout, "timeout", WAVE_TIMEOUT)?;
+            if timeout.is_zero() {
+                return Err(err(
+                    w_ref.timeout.as_ref().map(|t| t.span()),
+                    format!("{which}: timeout 0: a wave needs time to patch"),
+                ));
+            }
             waves.push(Wave {
                 size,
                 concurrency,
                 soak: duration(&w_ref.soak, "soak", Duration::ZERO)?,
-                timeout: duration(&w_ref.timeout, "timeout", WAVE_TIMEOUT)?,
+                timeout,
             });
         }
         if waves.is_empty() {
@@ -404,12 +411,21 @@ impl Plan {
                 command: h.command.filter(|c| !c.trim().is_empty()),
                 timeout: match &h.timeout {
                     None => HEALTH_TIMEOUT,
-                    Some(d) => humantime::parse_duration(d.get_ref()).map_err(|e| {
-                        err(
-                            Some(d.span()),
-                            format!("health: timeout \"{}\": {e}", d.get_ref()),
-                        )
-                    })?,
+                    Some(d) => match humantime::parse_duration(d.get_ref()) {
+                        Ok(t) if t.is_zero() => {
+                            return Err(err(
+                                Some(d.span()),
+                                "health: timeout 0: the checks need time to run".into(),
+                            ))
+                        }
+                        Ok(t) => t,
+                        Err(e) => {
+                            return Err(err(
+                                Some(d.span()),
+                                format!("health: timeout \"{}\": {e}", d.get_ref()),
+                            ))
+                        }
+                    },
                 },
             },
         };

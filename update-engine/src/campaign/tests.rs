@@ -15,6 +15,8 @@ struct Fake {
     calls: Mutex<Vec<String>>,
     /// vm01 stops while vm00 is reverted.
     vanish: bool,
+    /// Times listing a VM's patches fails (not as gone) before it works.
+    broken: Mutex<BTreeMap<String, u32>>,
 }
 
 impl Fake {
@@ -60,6 +62,12 @@ impl Fleet for Fake {
         Ok(Box::new(()))
     }
     fn patches(&self, vm: &str) -> Result<Vec<String>, FleetError> {
+        if let Some(n) = self.broken.lock().expect("lock").get_mut(vm) {
+            if *n > 0 {
+                *n -= 1;
+                return Err(FleetError::Failed("internal error".into()));
+            }
+        }
         self.vms
             .lock()
             .expect("lock")
@@ -109,16 +117,17 @@ impl Fleet for Fake {
     fn log_seq(&self, _: &str) -> Result<u64, FleetError> {
         Ok(10)
     }
-    fn log_problems(&self, vm: &str, _: u64) -> Result<(Vec<String>, u64), FleetError> {
+    fn log_problems(&self, vm: &str, since: u64) -> Result<LogCheck, FleetError> {
         let warned = self.warns.iter().any(|w| w == vm);
-        Ok((
-            if warned {
+        Ok(LogCheck {
+            problems: if warned {
                 vec!["WARNING: CPU: 0 PID: 1 at x.c:1 f".into()]
             } else {
                 Vec::new()
             },
-            0,
-        ))
+            lost: 0,
+            next: since,
+        })
     }
     fn alive(&self, _: &str, _: Duration) -> Result<String, FleetError> {
         Ok("jiffies advanced".into())
@@ -189,6 +198,7 @@ fn a_run_killed_between_apply_and_journal_resumes_without_applying_twice() {
         name: plan.name.clone(),
         waves: split.iter().map(|w| w.1.clone()).collect(),
         settings: split.iter().map(|w| w.0.clone()).collect(),
+        patches: vec!["fix".into()],
     })
     .expect("append");
     j.append(&Entry::Begin {
@@ -309,5 +319,89 @@ fn a_journal_of_another_plan_is_refused() {
         e.to_string().contains("changed since its campaign began"),
         "{e}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A journal as a first run left it: started, then `entries`.
+fn seed(plan: &Plan, fleet: &Fake, entries: &[Entry]) {
+    let mut j = Journal::open(&journal_path(&plan.path)).expect("journal");
+    let vms: Vec<String> = fleet
+        .running()
+        .expect("vms")
+        .into_iter()
+        .map(|v| v.0)
+        .collect();
+    let split = plan.split(&vms);
+    j.append(&Entry::Start {
+        at: 1,
+        digest: plan.digest.clone(),
+        name: plan.name.clone(),
+        waves: split.iter().map(|w| w.1.clone()).collect(),
+        settings: split.iter().map(|w| w.0.clone()).collect(),
+        patches: vec!["fix".into()],
+    })
+    .expect("append");
+    for e in entries {
+        j.append(e).expect("append");
+    }
+}
+
+#[test]
+fn a_run_killed_after_a_failure_starts_no_new_vm_of_that_wave_when_resumed() {
+    let (dir, plan) = setup("failed-kill", &WAVES.replace("size = 1", "size = 3"));
+    let fleet = Fake::new(6);
+    // vm00 failed, and the run died before it ended the wave.
+    seed(
+        &plan,
+        &fleet,
+        &[
+            Entry::Begin {
+                at: 2,
+                vm: "vm00".into(),
+                wave: 0,
+                before: Vec::new(),
+                log_seq: Some(1),
+            },
+            Entry::Done {
+                at: 3,
+                vm: "vm00".into(),
+                wave: 0,
+                outcome: Outcome::Failed,
+                after: Vec::new(),
+                paused_us: 0.0,
+                ms: 1,
+                health: Vec::new(),
+                detail: "patch refused".into(),
+            },
+        ],
+    );
+    let r = run(&plan, &fleet, &Quiet).expect("resumed");
+    assert_eq!(r.outcome, "failed", "{r:#?}");
+    assert_eq!(fleet.calls("apply"), 0, "no VM of the failed wave started");
+    assert!(
+        r.vms[1..].iter().all(|v| v.result == Outcome::Pending),
+        "{r:#?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_vm_whose_step_never_began_is_not_rolled_back() {
+    let text = WAVES.replace("size = 1", "size = 3");
+    let (dir, plan) = setup("never-began", &text);
+    let mut fleet = Fake::new(4);
+    // vm01 had the patch before the campaign; listing it fails once (its
+    // step fails before it begins); vm02 then fails its health check.
+    fleet
+        .apply("vm01", Path::new("fix.lup"), false)
+        .expect("applied");
+    fleet.broken.lock().expect("lock").insert("vm01".into(), 1);
+    fleet.warns = vec!["vm02".into()];
+    let r = run(&plan, &fleet, &Quiet).expect("ran");
+    assert_eq!(r.outcome, "failed", "{r:#?}");
+    assert_eq!(fleet.has("vm01"), ["fix"], "its own patch kept: {r:#?}");
+    assert_eq!(fleet.calls("revert vm01"), 0);
+    assert!(!r.vms[1].began);
+    assert_eq!(fleet.has("vm00"), Vec::<String>::new(), "vm00 rolled back");
     let _ = std::fs::remove_dir_all(dir);
 }
