@@ -18,18 +18,12 @@ use std::process::Command;
 use std::time::Instant;
 
 use common::bench::median;
-use common::cli::{kernel, p, start, text, RunDir, FIX};
+use common::cli::{build_test_patch, p, start, text, RunDir, FIX};
 use serde_json::Value;
 
 fn p99(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1]
-}
-
-fn ok(dir: &RunDir, args: &[&str]) -> String {
-    let o = dir.lucos(args);
-    assert!(o.status.success(), "lucos {args:?}: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Runs the campaign of a plan with `body` after its patch; (seconds, per-VM pause µs).
@@ -51,7 +45,7 @@ fn campaign(
     )
     .expect("plan");
     let t = Instant::now();
-    let out = ok(dir, &["campaign", "run", "--json", p(&plan)]);
+    let out = dir.ok(&["campaign", "run", "--json", p(&plan)]);
     let secs = t.elapsed().as_secs_f64();
     let r: Value = serde_json::from_str(&out).expect("report");
     assert_eq!(r["outcome"], "done", "{r:#}");
@@ -72,25 +66,8 @@ fn main() {
     let dir = RunDir::new("bench-campaign");
     let d = dir.0.join("work");
     std::fs::create_dir_all(&d).expect("work dir");
-    ok(&dir, &["keygen", "-o", p(&d.join("key"))]);
-    std::fs::write(d.join("fix.c"), FIX).expect("source");
-    let fix = d.join("fix.lup");
-    let k = kernel();
-    ok(
-        &dir,
-        &[
-            "build",
-            "--kernel",
-            &k,
-            "--key",
-            p(&d.join("key")),
-            "--name",
-            "fix",
-            "-o",
-            p(&fix),
-            p(&d.join("fix.c")),
-        ],
-    );
+    dir.ok(&["keygen", "-o", p(&d.join("key"))]);
+    let fix = build_test_patch(&dir, &d, &d.join("key"), "fix", FIX);
     let key = d.join("key.pub");
     let t = Instant::now();
     for i in 0..n {

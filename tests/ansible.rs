@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
-use common::cli::{kernel, p, text, wait_lines, RunDir, FIX};
+use common::cli::{build_test_patch, p, text, wait_lines, RunDir, FIX};
 use serde_json::Value;
 
 /// Both tests start four VMs and an ansible-playbook: one at a time on a
@@ -82,24 +82,8 @@ impl Fleet {
         let plans = ctl.0.join("plans");
         std::fs::create_dir_all(&plans).expect("plans dir");
         let key = ctl.0.join("key");
-        lucos_ok(&ctl, &["keygen", "-o", p(&key)]);
-        std::fs::write(plans.join("fix.c"), FIX).expect("fix.c");
-        let k = kernel();
-        lucos_ok(
-            &ctl,
-            &[
-                "build",
-                "--kernel",
-                &k,
-                "--key",
-                p(&key),
-                "--name",
-                "fix",
-                "-o",
-                p(&plans.join("fix.lup")),
-                p(&plans.join("fix.c")),
-            ],
-        );
+        ctl.ok(&["keygen", "-o", p(&key)]);
+        build_test_patch(&ctl, &plans, &key, "fix", FIX);
         std::fs::write(plans.join("fix.toml"), plan_text).expect("plan");
         for (f, body) in files {
             let path = plans.join(f);
@@ -170,15 +154,7 @@ impl Fleet {
 
     /// The names of the patches VM `vm` of host `h` carries.
     fn patches(&self, h: usize, vm: &str) -> Vec<String> {
-        let v: Value =
-            serde_json::from_str(&lucos_ok(&self.hosts[h], &["list", "--vm", vm, "--json"]))
-                .expect("list --json");
-        v["patches"]
-            .as_array()
-            .expect("patches")
-            .iter()
-            .map(|p| p["name"].as_str().expect("name").to_owned())
-            .collect()
+        self.hosts[h].patches(vm)
     }
 
     /// `ansible-playbook site.yml` over the two hosts, timed; `files`: the
@@ -247,12 +223,6 @@ fn require_ansible() {
              installs it) and cannot run without it: {e}. It is not skipped on purpose."
         ),
     }
-}
-
-fn lucos_ok(dir: &RunDir, args: &[&str]) -> String {
-    let o = dir.lucos(args);
-    assert!(o.status.success(), "lucos {args:?}: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// A string as a YAML (JSON) scalar.

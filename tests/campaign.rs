@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cli::{kernel, p, start, text, RunDir, FIX};
+use common::cli::{build_test_patch, p, start, text, RunDir, FIX};
 use serde_json::Value;
 
 /// A patch whose new code makes the guest log a kernel warning each time
@@ -38,30 +38,12 @@ impl Fleet {
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let o = self.dir.lucos(args);
-        assert!(o.status.success(), "lucos {args:?}: {}", text(&o));
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        self.dir.ok(args)
     }
 
     /// Builds a signed patch of `lucos_version` from `src`.
     fn patch(&self, name: &str, src: &str) -> PathBuf {
-        let c = self.d.join(format!("{name}.c"));
-        std::fs::write(&c, src).expect("source");
-        let out = self.d.join(format!("{name}.lup"));
-        let k = kernel();
-        self.ok(&[
-            "build",
-            "--kernel",
-            &k,
-            "--key",
-            p(&self.d.join("key")),
-            "--name",
-            name,
-            "-o",
-            p(&out),
-            p(&c),
-        ]);
-        out
+        build_test_patch(&self.dir, &self.d, &self.d.join("key"), name, src)
     }
 
     /// Starts test-kernel VMs `ids`, each running a task that calls the
@@ -109,14 +91,7 @@ impl Fleet {
 
     /// The names of the patches applied to `vm`.
     fn patches(&self, vm: &str) -> Vec<String> {
-        let out = self.ok(&["list", "--vm", vm, "--json"]);
-        let v: Value = serde_json::from_str(&out).expect("list json");
-        v["patches"]
-            .as_array()
-            .expect("patches")
-            .iter()
-            .map(|p| p["name"].as_str().expect("name").to_owned())
-            .collect()
+        self.dir.patches(vm)
     }
 
     fn pauses(&self, vm: &str) -> u64 {

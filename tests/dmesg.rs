@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::cli::{kernel, p, start, text, RunDir};
+use common::cli::{build_test_patch, p, start, text, RunDir};
 use update_engine::klog::problem;
 use vmm_core::control::{AliveInfo, Client, DmesgInfo, ErrorCode, LogRecord, Request};
 
@@ -255,19 +255,7 @@ fn a_live_patch_that_makes_the_kernel_warn_shows_in_dmesg_as_a_warning() {
         assert!(o.status.success(), "lucos {args:?}: {}", text(&o));
     };
     ok(&["keygen", "-o", p(&d.join("key"))]);
-    std::fs::write(d.join("warn.c"), WARN_ONCE).expect("warn.c");
-    ok(&[
-        "build",
-        "--kernel",
-        &kernel(),
-        "--key",
-        p(&d.join("key")),
-        "--name",
-        "warn",
-        "-o",
-        p(&d.join("warn.lup")),
-        p(&d.join("warn.c")),
-    ]);
+    build_test_patch(&dir, &d, &d.join("key"), "warn", WARN_ONCE);
     let serial = d.join("serial.log");
     start(
         &dir,

@@ -42,6 +42,49 @@ impl Drop for RunDir {
     }
 }
 
+impl RunDir {
+    /// `lucos ARGS`, which must succeed: its standard output.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.lucos(args);
+        assert!(o.status.success(), "lucos {args:?}: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// The names of the patches applied to VM `vm`, oldest first.
+    pub fn patches(&self, vm: &str) -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["list", "--vm", vm, "--json"])).expect("list --json");
+        v["patches"]
+            .as_array()
+            .expect("patches")
+            .iter()
+            .map(|p| p["name"].as_str().expect("name").to_owned())
+            .collect()
+    }
+}
+
+/// `dir/NAME.lup`: a test-kernel patch built from the C source `src`,
+/// signed with `key` (from `lucos keygen`).
+pub fn build_test_patch(run: &RunDir, dir: &Path, key: &Path, name: &str, src: &str) -> PathBuf {
+    let c = dir.join(format!("{name}.c"));
+    std::fs::write(&c, src).expect("patch source");
+    let out = dir.join(format!("{name}.lup"));
+    let k = kernel();
+    run.ok(&[
+        "build",
+        "--kernel",
+        &k,
+        "--key",
+        p(key),
+        "--name",
+        name,
+        "-o",
+        p(&out),
+        p(&c),
+    ]);
+    out
+}
+
 /// Exit status and output, for assertion messages.
 pub fn text(o: &Output) -> String {
     format!(

@@ -183,33 +183,17 @@ fn a_run_killed_between_apply_and_journal_resumes_without_applying_twice() {
     let fleet = Fake::new(10);
     // A first run that journaled its start and vm00's begin, applied the
     // patch, and died before journaling done.
-    let mut j = Journal::open(&journal_path(&plan.path)).expect("journal");
-    let split = plan.split(
-        &fleet
-            .running()
-            .expect("vms")
-            .into_iter()
-            .map(|v| v.0)
-            .collect::<Vec<_>>(),
+    seed(
+        &plan,
+        &fleet,
+        &[Entry::Begin {
+            at: 2,
+            vm: "vm00".into(),
+            wave: 0,
+            before: Vec::new(),
+            log_seq: Some(3),
+        }],
     );
-    j.append(&Entry::Start {
-        at: 1,
-        digest: plan.digest.clone(),
-        name: plan.name.clone(),
-        waves: split.iter().map(|w| w.1.clone()).collect(),
-        settings: split.iter().map(|w| w.0.clone()).collect(),
-        patches: vec!["fix".into()],
-    })
-    .expect("append");
-    j.append(&Entry::Begin {
-        at: 2,
-        vm: "vm00".into(),
-        wave: 0,
-        before: Vec::new(),
-        log_seq: Some(3),
-    })
-    .expect("append");
-    drop(j);
     fleet
         .apply("vm00", Path::new("fix.lup"), false)
         .expect("first run's apply");
