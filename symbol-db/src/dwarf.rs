@@ -111,70 +111,69 @@ impl<'a> TypeDb<'a> {
         })
     }
 
-    /// The layout of `struct name`; an error if no unit defines it.
-    pub fn struct_layout(&self, name: &str) -> Result<StructLayout, SymbolError> {
+    /// The first definition of `struct name`: its unit and the unit's
+    /// name, and where in the unit it is; an error if no unit defines it.
+    fn find_struct(&self, name: &str) -> Result<(gimli::Unit<R>, String, UnitOffset), SymbolError> {
         let err = dwarf_err("DWARF");
         let mut units = self.dwarf.units();
         while let Some(header) = units.next().map_err(&err)? {
             let unit = self.dwarf.unit(header).map_err(&err)?;
-            let unit_name = unit
-                .name
-                .as_ref()
-                .and_then(|n| {
-                    gimli::Reader::to_string_lossy(n)
-                        .ok()
-                        .map(|c| c.into_owned())
-                })
-                .unwrap_or_default();
+            let mut found = None;
             let mut cursor = unit.entries();
             while let Some(entry) = cursor.next_dfs().map_err(&err)? {
-                if entry.tag() != gimli::DW_TAG_structure_type
-                    || entry.attr_value(gimli::DW_AT_declaration).is_some()
-                    || self.name_of(&unit, entry).as_deref() != Some(name)
+                if entry.tag() == gimli::DW_TAG_structure_type
+                    && entry.attr_value(gimli::DW_AT_declaration).is_none()
+                    && self.name_of(&unit, entry).as_deref() == Some(name)
                 {
-                    continue;
+                    found = Some(entry.offset());
+                    break;
                 }
-                let size = entry
-                    .attr_value(gimli::DW_AT_byte_size)
-                    .and_then(|v| v.udata_value())
-                    .unwrap_or(0);
-                let offset = entry.offset();
-                return Ok(StructLayout {
-                    name: name.to_owned(),
-                    size,
-                    members: self.members(&unit, offset)?,
-                    unit: unit_name,
-                });
+            }
+            if let Some(at) = found {
+                let unit_name = unit
+                    .name
+                    .as_ref()
+                    .and_then(|n| {
+                        gimli::Reader::to_string_lossy(n)
+                            .ok()
+                            .map(|c| c.into_owned())
+                    })
+                    .unwrap_or_default();
+                return Ok((unit, unit_name, at));
             }
         }
         Err(SymbolError::NoType(name.to_owned()))
     }
 
+    /// The layout of `struct name`; an error if no unit defines it.
+    pub fn struct_layout(&self, name: &str) -> Result<StructLayout, SymbolError> {
+        let err = dwarf_err("DWARF");
+        let (unit, unit_name, at) = self.find_struct(name)?;
+        let mut tree = unit.entries_tree(Some(at)).map_err(&err)?;
+        let size = tree
+            .root()
+            .map_err(&err)?
+            .entry()
+            .attr_value(gimli::DW_AT_byte_size)
+            .and_then(|v| v.udata_value())
+            .unwrap_or(0);
+        Ok(StructLayout {
+            name: name.to_owned(),
+            size,
+            members: self.members(&unit, at)?,
+            unit: unit_name,
+        })
+    }
+
     /// Bit offset and width of member `member` of `struct name` (a direct
     /// member): a bitfield's own bits, or a whole member's.
     pub fn bits_of(&self, name: &str, member: &str) -> Result<(u64, u64), SymbolError> {
-        let err = dwarf_err("DWARF");
-        let mut units = self.dwarf.units();
-        while let Some(header) = units.next().map_err(&err)? {
-            let unit = self.dwarf.unit(header).map_err(&err)?;
-            let mut cursor = unit.entries();
-            while let Some(entry) = cursor.next_dfs().map_err(&err)? {
-                if entry.tag() != gimli::DW_TAG_structure_type
-                    || entry.attr_value(gimli::DW_AT_declaration).is_some()
-                    || self.name_of(&unit, entry).as_deref() != Some(name)
-                {
-                    continue;
-                }
-                let at = entry.offset();
-                return self
-                    .member_bits(&unit, at, member)?
-                    .ok_or_else(|| SymbolError::NoMember {
-                        strukt: name.to_owned(),
-                        member: member.to_owned(),
-                    });
-            }
-        }
-        Err(SymbolError::NoType(name.to_owned()))
+        let (unit, _, at) = self.find_struct(name)?;
+        self.member_bits(&unit, at, member)?
+            .ok_or_else(|| SymbolError::NoMember {
+                strukt: name.to_owned(),
+                member: member.to_owned(),
+            })
     }
 
     /// (bit offset, width) of member `member` of the struct at `at`.
