@@ -15,7 +15,7 @@ use nix::fcntl::{Flock, FlockArg};
 use update_engine::campaign::{
     self, CampaignError, Fleet, FleetError, Held, LogCheck, Outcome, Plan, Progress, Report,
 };
-use update_engine::patcher::{PatchList, PatchReport, VerifyReport};
+use update_engine::patcher::{PatchReport, VerifyReport};
 use vmm_core::control::{
     AliveInfo, Client, ClientError, DmesgInfo, ErrorCode, Request, StatusInfo, PROTOCOL_VERSION,
 };
@@ -446,8 +446,10 @@ impl Fleet for SocketFleet {
     }
 
     fn patches(&self, vm: &str) -> Result<Vec<String>, FleetError> {
-        let l: PatchList = call(vm, &Request::Patches)?;
-        Ok(l.patches.into_iter().map(|p| p.name).collect())
+        // `verify` names them without hashing the kernel's text as
+        // `patches` does.
+        let v: VerifyReport = call(vm, &Request::Verify)?;
+        Ok(v.applied)
     }
 
     fn apply(&self, vm: &str, file: &Path, replace: bool) -> Result<f64, FleetError> {

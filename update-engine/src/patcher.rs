@@ -168,6 +168,9 @@ pub struct AppliedPatch {
 pub struct VerifyReport {
     /// Applied patches checked.
     pub patches: usize,
+    /// Their names, oldest first.
+    #[serde(default)]
+    pub applied: Vec<String>,
     /// Switched sites checked (each once, against the newest patch's jump).
     pub sites: usize,
     /// Bytes of patch code hashed.
@@ -1369,6 +1372,7 @@ impl Patcher {
         }
         Ok(VerifyReport {
             patches: self.state.applied.len(),
+            applied: self.state.applied.iter().map(|a| a.name.clone()).collect(),
             sites,
             code_bytes,
             problems,

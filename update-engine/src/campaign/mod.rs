@@ -686,6 +686,8 @@ impl Run<'_> {
             Ok(r)
         };
         let gone = |e: &FleetError| matches!(e, FleetError::Gone(_));
+        // What the VM carries now, when just read (a fresh step's `before`).
+        let mut known: Option<Vec<String>> = None;
         let (before, log_seq) = match prior {
             Some(p) => p,
             None => {
@@ -705,6 +707,7 @@ impl Run<'_> {
                     before: before.clone(),
                     log_seq: seq,
                 })?;
+                known = Some(before.clone());
                 (before, seq)
             }
         };
@@ -712,7 +715,7 @@ impl Run<'_> {
         report.began = true;
         let mut notes = Vec::new();
         for p in &self.plan.patches {
-            let now = match self.fleet.patches(vm) {
+            let now = match known.take().map_or_else(|| self.fleet.patches(vm), Ok) {
                 Ok(n) => n,
                 Err(e) if gone(&e) => return done(report, Outcome::Gone, e.to_string()),
                 Err(e) => return done(report, Outcome::Failed, e.to_string()),
@@ -923,11 +926,13 @@ impl Run<'_> {
             })
             .cloned()
             .collect();
+        let baselines = self.journal_log_seqs();
         let mut cursors: BTreeMap<String, Option<u64>> = patched
             .iter()
             .map(|vm| {
-                let seq = self
-                    .journal_log_seq(vm)
+                let seq = baselines
+                    .get(vm)
+                    .copied()
                     .or_else(|| self.fleet.log_seq(vm).ok());
                 (vm.clone(), seq)
             })
@@ -1001,22 +1006,26 @@ impl Run<'_> {
         Ok(first_failure(vms, reports))
     }
 
-    /// The log baseline a VM's `Begin` recorded.
-    fn journal_log_seq(&self, vm: &str) -> Option<u64> {
+    /// The log baselines the VMs' `Begin`s recorded (the last one each).
+    fn journal_log_seqs(&self) -> BTreeMap<String, u64> {
         let path = self
             .journal
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .path()
             .to_owned();
-        Journal::read(&path)
-            .ok()?
-            .iter()
-            .rev()
-            .find_map(|e| match e {
-                Entry::Begin { vm: v, log_seq, .. } if v == vm => *log_seq,
-                _ => None,
-            })
+        let mut out = BTreeMap::new();
+        for e in Journal::read(&path).unwrap_or_default() {
+            if let Entry::Begin {
+                vm,
+                log_seq: Some(seq),
+                ..
+            } = e
+            {
+                out.insert(vm, seq);
+            }
+        }
+        out
     }
 
     /// Undoes the campaign's step on `vms` (only what it changed: a patch
