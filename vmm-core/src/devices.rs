@@ -159,6 +159,44 @@ pub enum GuestRequest {
     PowerOff,
 }
 
+impl SerialSink {
+    /// The partial last line, not yet passed on.
+    pub fn pending(&self) -> &[u8] {
+        &self.line
+    }
+
+    /// Drops the partial last line (another VMM process passes it on now).
+    pub fn forget_pending(&mut self) {
+        self.line.clear();
+    }
+}
+
+/// COM1's registers and buffered input, as saved for another VMM process
+/// (vm-superio's `SerialState`, which is not serializable itself).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialRegs {
+    /// Divisor latch, low and high byte.
+    pub divisor: [u8; 2],
+    /// Interrupt enable.
+    pub ier: u8,
+    /// Interrupt identification.
+    pub iir: u8,
+    /// Line control.
+    pub lcr: u8,
+    /// Line status.
+    pub lsr: u8,
+    /// Modem control.
+    pub mcr: u8,
+    /// Modem status.
+    pub msr: u8,
+    /// Scratch.
+    pub scr: u8,
+    /// Bytes received and not yet read by the guest.
+    pub input: Vec<u8>,
+    /// Output of the guest's partial last line, not yet passed on.
+    pub pending_output: Vec<u8>,
+}
+
 /// The port-I/O bus.
 #[derive(Debug)]
 pub struct PioBus {
@@ -213,6 +251,61 @@ impl PioBus {
             I8042_CMD_PORT if data.first() == Some(&I8042_RESET_CMD) => Some(GuestRequest::Reset),
             _ => None,
         }
+    }
+
+    /// COM1's state (the other devices have none).
+    pub fn serial_regs(&self) -> SerialRegs {
+        let serial = self.serial();
+        let st = serial.state();
+        SerialRegs {
+            divisor: [st.baud_divisor_low, st.baud_divisor_high],
+            ier: st.interrupt_enable,
+            iir: st.interrupt_identification,
+            lcr: st.line_control,
+            lsr: st.line_status,
+            mcr: st.modem_control,
+            msr: st.modem_status,
+            scr: st.scratch,
+            input: st.in_buffer,
+            pending_output: serial.writer().pending().to_vec(),
+        }
+    }
+
+    /// Puts COM1 in state `r`, raising its interrupt through `irq`.
+    pub fn restore_serial(&self, r: &SerialRegs, irq: EventFd) -> io::Result<()> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: r.divisor[0],
+            baud_divisor_high: r.divisor[1],
+            interrupt_enable: r.ier,
+            interrupt_identification: r.iir,
+            line_control: r.lcr,
+            line_status: r.lsr,
+            modem_control: r.mcr,
+            modem_status: r.msr,
+            scratch: r.scr,
+            in_buffer: r.input.clone(),
+        };
+        let mut serial = self.serial();
+        let spare = IrqfdTrigger(irq.try_clone()?);
+        let old = std::mem::replace(&mut *serial, Serial::new(spare, SerialSink::default()));
+        let mut sink = old.into_writer();
+        sink.line.clear();
+        sink.line.extend_from_slice(&r.pending_output);
+        let restored = Serial::from_state(
+            &state,
+            IrqfdTrigger(irq),
+            vm_superio::serial::NoEvents,
+            sink,
+        )
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
+        *serial = restored;
+        Ok(())
+    }
+
+    /// Drops COM1's partial output line: the VMM process that takes the
+    /// guest over passes it on.
+    pub fn forget_pending_output(&self) {
+        self.serial().writer_mut().forget_pending();
     }
 
     /// Flushes any partial line of serial output.

@@ -12,6 +12,7 @@ pub mod memory;
 pub mod pagewalk;
 pub mod region;
 pub mod sandbox;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod write_control;

@@ -36,6 +36,12 @@ impl VmmRegion {
     pub fn patch_area(ram_end: u64) -> Result<Self, MemoryError> {
         let gpa = ram_end.max(1 << 32).div_ceil(2 << 20) * (2 << 20);
         let memfd = crate::memory::new_memfd(c"lucos-patch-area", PATCH_AREA_BYTES)?;
+        Self::from_memfd(memfd, gpa)
+    }
+
+    /// The patch area in `memfd` (one handed over by another VMM process),
+    /// at guest-physical `gpa`.
+    pub fn from_memfd(memfd: File, gpa: u64) -> Result<Self, MemoryError> {
         let file = memfd.try_clone().map_err(|e| {
             MemoryError::Memfd(nix::Error::from_raw(
                 e.raw_os_error().unwrap_or(libc::EBADF),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, CpuId};
+use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -101,6 +101,12 @@ pub enum VmError {
     /// Thread creation failed.
     #[error("cannot start vCPU thread")]
     Thread(#[source] std::io::Error),
+    /// KVM refused an MSR of a saved state.
+    #[error("KVM refused MSR {0:#x} of the saved state")]
+    MsrRefused(u32),
+    /// A saved state that does not fit this VM.
+    #[error("the saved machine state does not fit: {0}")]
+    StateMismatch(String),
     /// Installing the kick signal failed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -113,17 +119,19 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// A running (or ready to run) VM.
 #[derive(Debug)]
 pub struct Vm {
-    _kvm: Kvm,
-    vm_fd: VmFd,
+    pub(crate) kvm: Kvm,
+    pub(crate) vm_fd: VmFd,
     ram: Arc<GuestRam>,
-    bus: Arc<PioBus>,
-    vcpus: Vec<Arc<Vcpu>>,
+    pub(crate) bus: Arc<PioBus>,
+    pub(crate) vcpus: Vec<Arc<Vcpu>>,
     ctl: Arc<RunControl>,
     threads: Vec<JoinHandle<()>>,
     started_at: Option<Instant>,
-    entry: u64,
+    pub(crate) entry: u64,
     patch_area: Arc<crate::region::VmmRegion>,
     write_control: Arc<WriteControl>,
+    /// COM1's interrupt (a second handle on the bus's).
+    pub(crate) serial_irq: EventFd,
 }
 
 impl Vm {
@@ -138,79 +146,10 @@ impl Vm {
         // Check the image before touching KVM, so bad input fails fast and plainly.
         let kind = check_bootable(&cfg.kernel, cfg.mem_bytes)?;
         let flavor = host_kvm_flavor();
-        vcpu::install_kick_handler().map_err(VmError::Signal)?;
-
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        for (cap, name) in [
-            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-            (Cap::Pit2, "KVM_CAP_PIT2"),
-            (Cap::Irqfd, "KVM_CAP_IRQFD"),
-            (Cap::ReadonlyMem, "KVM_CAP_READONLY_MEM"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(VmError::MissingCap(name));
-            }
-        }
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        if let Err(e) = vm_fd.set_tss_address(0xfffb_d000) {
-            // Needed on Intel only; other KVM flavours may refuse it.
-            log::debug!("KVM_SET_TSS_ADDR: {e}");
-        }
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        let ram = Arc::new(GuestRam::new(cfg.mem_bytes)?);
-        let mut ram_slots = Vec::new();
-        for (slot, (guest, size, host)) in ram.slots().into_iter().enumerate() {
-            ram_slots.push((
-                slot as u32,
-                SlotSpec {
-                    gpa: guest,
-                    len: size,
-                    file_offset: ram.ranges()[slot].file_offset,
-                    readonly: false,
-                },
-            ));
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: guest,
-                memory_size: size,
-                userspace_addr: host,
-            };
-            // SAFETY: `host` is the start of a live mapping of `size` bytes owned by `ram`,
-            // which the Vm keeps alive for as long as `vm_fd` exists.
-            unsafe { vm_fd.set_user_memory_region(region) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-
-        // The live-patch area: VMM-owned, outside the guest's RAM map,
-        // read-only to the guest.
-        let ram_end = ram
-            .ranges()
-            .iter()
-            .map(|r| r.guest_addr + r.len)
-            .max()
-            .unwrap_or(0);
-        let patch_area = Arc::new(crate::region::VmmRegion::patch_area(ram_end)?);
-        // SAFETY: the region is a live mapping owned by `patch_area`, which
-        // the Vm keeps for as long as `vm_fd` exists.
-        unsafe { vm_fd.set_user_memory_region(patch_area.kvm_region()) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (read-only patch area)"))?;
-
-        let write_control = Arc::new(
-            WriteControl::new(ram.clone(), ram_slots, (patch_area.gpa, patch_area.size))
-                .with_area(patch_area.clone()),
-        );
-
+        let ram = GuestRam::new(cfg.mem_bytes)?;
+        let area = crate::region::VmmRegion::patch_area(ram_end(&ram))?;
+        let mut vm = Self::shell(ram, area, cfg.vcpus, cfg.serial)?;
+        let ram = vm.ram.clone();
         loader::write_cmdline(&ram, &cfg.cmdline)?;
         let (kernel, boot) = match kind {
             loader::KernelKind::Elf => {
@@ -271,6 +210,92 @@ impl Vm {
         regs::write_boot_gdt(ram.memory())?;
         regs::write_boot_page_tables(ram.memory())?;
 
+        for v in &vm.vcpus {
+            configure_vcpu(&v.lock(), v.index, &boot)?;
+        }
+        vm.entry = kernel.entry;
+        Ok(vm)
+    }
+
+    /// A VM over existing guest memory (`ram`, `area`) with `vcpus` vCPUs
+    /// created but not set up: what [`Vm::create`] builds on, and what a
+    /// VMM process taking a running guest over loads its state into
+    /// ([`Vm::load_machine`](crate::snapshot)).
+    pub(crate) fn shell(
+        ram: GuestRam,
+        area: crate::region::VmmRegion,
+        vcpu_count: u8,
+        serial: SerialSink,
+    ) -> Result<Self, VmError> {
+        if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
+            return Err(VmError::BadVcpuCount(vcpu_count));
+        }
+        vcpu::install_kick_handler().map_err(VmError::Signal)?;
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::ReadonlyMem, "KVM_CAP_READONLY_MEM"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        if let Err(e) = vm_fd.set_tss_address(0xfffb_d000) {
+            // Needed on Intel only; other KVM flavours may refuse it.
+            log::debug!("KVM_SET_TSS_ADDR: {e}");
+        }
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let ram = Arc::new(ram);
+        let mut ram_slots = Vec::new();
+        for (slot, (guest, size, host)) in ram.slots().into_iter().enumerate() {
+            ram_slots.push((
+                slot as u32,
+                SlotSpec {
+                    gpa: guest,
+                    len: size,
+                    file_offset: ram.ranges()[slot].file_offset,
+                    readonly: false,
+                },
+            ));
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: guest,
+                memory_size: size,
+                userspace_addr: host,
+            };
+            // SAFETY: `host` is the start of a live mapping of `size` bytes owned by `ram`,
+            // which the Vm keeps alive for as long as `vm_fd` exists.
+            unsafe { vm_fd.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        // The live-patch area: VMM-owned, outside the guest's RAM map,
+        // read-only to the guest.
+        let patch_area = Arc::new(area);
+        // SAFETY: the region is a live mapping owned by `patch_area`, which
+        // the Vm keeps for as long as `vm_fd` exists.
+        unsafe { vm_fd.set_user_memory_region(patch_area.kvm_region()) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (read-only patch area)"))?;
+
+        let write_control = Arc::new(
+            WriteControl::new(ram.clone(), ram_slots, (patch_area.gpa, patch_area.size))
+                .with_area(patch_area.clone()),
+        );
+
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm {
             what: "eventfd",
             source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
@@ -278,18 +303,24 @@ impl Vm {
         vm_fd
             .register_irqfd(&irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
-        let bus = Arc::new(PioBus::new(irq, cfg.serial));
+        let serial_irq = irq.try_clone().map_err(|e| VmError::Kvm {
+            what: "eventfd",
+            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        let bus = Arc::new(PioBus::new(irq, serial));
 
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let sync_regs = kvm.check_extension(Cap::SyncRegs);
-        let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
-        for i in 0..cfg.vcpus {
+        let mut vcpus = Vec::with_capacity(vcpu_count as usize);
+        for i in 0..vcpu_count {
             let fd = vm_fd
                 .create_vcpu(u64::from(i))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            configure_vcpu(&fd, i, cfg.vcpus, &supported, &boot)?;
+            let mut cpuid = supported.clone();
+            cpuid::set_vcpu_topology(&mut cpuid, i, vcpu_count);
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             vcpus.push(Arc::new(Vcpu {
                 index: i,
                 fd: std::sync::Mutex::new(fd),
@@ -297,7 +328,7 @@ impl Vm {
             }));
         }
         Ok(Self {
-            _kvm: kvm,
+            kvm,
             vm_fd,
             ram,
             bus,
@@ -305,9 +336,10 @@ impl Vm {
             vcpus,
             threads: Vec::new(),
             started_at: None,
-            entry: kernel.entry,
+            entry: 0,
             patch_area,
             write_control,
+            serial_irq,
         })
     }
 
@@ -563,6 +595,15 @@ impl Drop for Vm {
     }
 }
 
+/// Where a VM's RAM ends (guest-physical), above which its patch area lies.
+fn ram_end(ram: &GuestRam) -> u64 {
+    ram.ranges()
+        .iter()
+        .map(|r| r.guest_addr + r.len)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Checks that the kernel at `path` can boot in `mem_bytes` of RAM on this
 /// host, without touching KVM: image format, size, and host capability.
 pub fn check_bootable(
@@ -634,16 +675,7 @@ fn set_lint(fd: &VcpuFd) -> Result<(), VmError> {
     fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
 }
 
-fn configure_vcpu(
-    fd: &VcpuFd,
-    index: u8,
-    count: u8,
-    supported: &CpuId,
-    boot: &BootSpec,
-) -> Result<(), VmError> {
-    let mut cpuid = supported.clone();
-    cpuid::set_vcpu_topology(&mut cpuid, index, count);
-    fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+fn configure_vcpu(fd: &VcpuFd, index: u8, boot: &BootSpec) -> Result<(), VmError> {
     let msrs = msr::to_msrs(&msr::boot_msr_entries()).map_err(|_| VmError::Kvm {
         what: "building boot MSRs",
         source: kvm_ioctls::Error::new(libc::EINVAL),
