@@ -57,7 +57,7 @@ fn main() {
     );
     for vcpus in [1u8, 2] {
         let serial = Arc::new(SerialCapture::default());
-        let mut vm = Vm::create(VmConfig {
+        let vm = Vm::create(VmConfig {
             kernel: env!("LUCOS_TESTKERNEL").into(),
             initrd: None,
             cmdline: "iters=0 report=0 work=500".into(),
@@ -90,7 +90,8 @@ fn main() {
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).expect("bind");
         let service = Arc::new(PauseService(vm.clone()));
-        std::thread::spawn(move || vmm_core::control::serve(listener, service));
+        let gate = Arc::new(vmm_core::control::AcceptGate::new().expect("eventfd"));
+        std::thread::spawn(move || vmm_core::control::serve(listener, service, gate));
         let mut client = Client::connect("bench", &sock).expect("connect");
         let mut socket = Vec::with_capacity(iters);
         for _ in 0..iters {

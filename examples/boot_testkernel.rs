@@ -15,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .unwrap_or_else(|| "iters=2000 report=500".into());
     let capture = Arc::new(SerialCapture::default());
-    let mut vm = Vm::create(VmConfig {
+    let vm = Vm::create(VmConfig {
         kernel: env!("LUCOS_TESTKERNEL").into(),
         initrd: None,
         cmdline,

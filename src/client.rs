@@ -32,6 +32,12 @@ pub fn status(id: &str, json: bool) -> Result<(), CliError> {
     }
     println!("VM {}: {}", s.id, s.state);
     println!("  pid      {}", s.pid);
+    println!(
+        "  vmm      {} ({} live upgrade{})",
+        s.vmm_version,
+        s.upgrades,
+        if s.upgrades == 1 { "" } else { "s" }
+    );
     println!("  vcpus    {}", s.vcpus);
     println!("  memory   {} MiB", s.mem_bytes >> 20);
     println!("  kernel   {}", s.kernel);

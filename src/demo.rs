@@ -40,7 +40,7 @@ pub fn demo(kernel_out: Option<PathBuf>) -> Result<i32, CliError> {
         .map_err(|e| CliError::Other(e.to_string()))?;
     let capture = Arc::new(SerialCapture::default());
     println!("== lucos demo: booting the bundled test kernel (2 vCPUs, 64 MiB) ==");
-    let mut vm = Vm::create(VmConfig {
+    let vm = Vm::create(VmConfig {
         kernel: kernel.clone(),
         initrd: None,
         cmdline: "iters=0 report=1000".into(),

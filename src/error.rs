@@ -26,6 +26,9 @@ pub mod exit {
     /// `lucos campaign run`: the campaign was aborted (`lucos campaign
     /// abort`); `run` resumes it.
     pub const CAMPAIGN_ABORTED: i32 = 9;
+    /// `lucos upgrade`: the new VMM did not take the guest over; it runs on
+    /// under the old one, unchanged.
+    pub const UPGRADE_FAILED: i32 = 10;
     /// `lucos run`: the guest crashed (triple fault, KVM error).
     pub const GUEST_CRASHED: i32 = 125;
 }
@@ -101,6 +104,7 @@ impl CliError {
                 ErrorCode::KernelMismatch => exit::WRONG_KERNEL,
                 ErrorCode::PatchRefused => exit::PATCH_REFUSED,
                 ErrorCode::Busy | ErrorCode::TooManyClients => exit::BUSY,
+                ErrorCode::UpgradeFailed => exit::UPGRADE_FAILED,
                 _ => exit::ERROR,
             },
             Self::Symbols(symbol_db::SymbolError::Mismatch { .. }) => exit::WRONG_KERNEL,

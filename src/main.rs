@@ -14,6 +14,7 @@ mod protect;
 mod run;
 mod server;
 mod symbols;
+mod upgrade;
 
 use std::path::PathBuf;
 
@@ -221,6 +222,13 @@ enum Command {
     Symbols(symbols::SymbolsArgs),
     /// Show struct layouts (members, offsets, sizes) from a kernel's DWARF.
     Types(symbols::TypesArgs),
+    /// Hand a running VM to a new lucos binary (live VMM upgrade): the guest
+    /// pauses for milliseconds, keeps its patches and protections, and runs
+    /// on under the old VMM if the new one fails (docs/upgrade.md).
+    Upgrade(upgrade::UpgradeArgs),
+    /// Take a VM over from a VMM that hands it over (started by `upgrade`).
+    #[command(hide = true)]
+    Takeover(upgrade::TakeoverArgs),
     /// Roll patches over this host's VMs in waves, with health checks,
     /// rollback and a journal (docs/campaigns.md).
     #[command(subcommand)]
@@ -308,6 +316,8 @@ fn main() {
         Command::Symbols(args) => symbols::symbols(args),
         Command::Types(args) => symbols::types(args),
         Command::Campaign(cmd) => campaign::campaign(cmd),
+        Command::Upgrade(args) => upgrade::upgrade(args),
+        Command::Takeover(args) => upgrade::takeover(args),
         Command::Demo { kernel_out } => demo::demo(kernel_out),
     };
     match result {

@@ -14,13 +14,16 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
-use vmm_core::control::{bind_socket, Client, Request};
+use std::os::fd::AsFd;
+
+use vmm_core::control::{bind_socket, AcceptGate, Client, Request};
 use vmm_core::devices::SerialSink;
 use vmm_core::{ExitReason, Vm, VmConfig};
 
 use crate::error::{exit, CliError};
 use crate::paths;
 use crate::server::{ControlServer, VmIdentity};
+use crate::upgrade::HandoffCtx;
 
 /// Arguments of `lucos run`.
 #[derive(Debug, Args)]
@@ -113,7 +116,7 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
     }
 
     // The lock lives as long as this process: it is what makes an id "running".
-    let _lock = paths::lock_vm(&args.vm)?;
+    let lock = paths::lock_vm(&args.vm)?;
     let sock = paths::socket_path(&args.vm);
     if sock.exists() {
         // We hold the lock, so whoever made this socket is gone.
@@ -125,15 +128,7 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
             .map_err(|e| CliError::io(format!("cannot remove {}", sock.display()), e))?;
     }
 
-    // SIGINT/SIGTERM are taken by a thread of their own: block them before
-    // any other thread exists so every thread inherits the mask.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals
-        .thread_block()
-        .map_err(|e| CliError::io("cannot block signals".into(), e.into()))?;
-
+    let signals = block_signals()?;
     let serial_log = match &args.serial_log {
         Some(p) => Some(
             File::create(p)
@@ -141,7 +136,16 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
         ),
         None => None,
     };
-    let mut vm = Vm::create(VmConfig {
+    // A second descriptor of the same open file (same offset), for a VMM
+    // the guest is handed to.
+    let serial_log_handoff = match &serial_log {
+        Some(f) => Some(
+            f.try_clone()
+                .map_err(|e| CliError::io("cannot duplicate the serial log".into(), e))?,
+        ),
+        None => None,
+    };
+    let vm = Vm::create(VmConfig {
         kernel: args.kernel.clone(),
         initrd: args.initrd.clone(),
         cmdline: args.cmdline.clone(),
@@ -154,19 +158,77 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
     vm.start()?;
     let vm = Arc::new(vm);
 
-    let server = Arc::new(
-        ControlServer::new(
-            vm.clone(),
-            VmIdentity {
-                id: args.vm.clone(),
-                kernel: args.kernel.display().to_string(),
-                cmdline: args.cmdline.clone(),
-                mem_bytes,
-                labels: args.labels.iter().cloned().collect(),
-            },
-        )
-        .with_trusted_keys(trusted),
+    let server = ControlServer::new(
+        vm.clone(),
+        VmIdentity {
+            id: args.vm.clone(),
+            kernel: args.kernel.display().to_string(),
+            cmdline: args.cmdline.clone(),
+            mem_bytes,
+            labels: args.labels.iter().cloned().collect(),
+        },
+    )
+    .with_trusted_keys(trusted);
+    if args.protect_kernel {
+        *server
+            .protect_pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(args.allow_writer.clone());
+    }
+    let gate = Arc::new(
+        AcceptGate::new().map_err(|e| CliError::io("cannot create an eventfd".into(), e))?,
     );
+    let dup = |fd: std::os::fd::BorrowedFd<'_>, what: &str| {
+        fd.try_clone_to_owned()
+            .map_err(|e| CliError::io(format!("cannot duplicate the {what}"), e))
+    };
+    *server.handoff.lock().unwrap_or_else(|e| e.into_inner()) = Some(HandoffCtx {
+        listener: dup(listener.as_fd(), "control socket")?,
+        lock: dup(lock.as_fd(), "lock file")?,
+        serial_log: serial_log_handoff,
+        stdout: !args.quiet,
+        binary: std::env::current_exe()
+            .map_err(|e| CliError::io("cannot find the lucos binary".into(), e))?,
+        gate: gate.clone(),
+    });
+    let code = serve_vm(vm, Arc::new(server), listener, gate, sock, signals);
+    if matches!(code, Ok(HANDED_OVER)) {
+        // The lock is the new VMM's now: unlocking it on the way out
+        // (Flock's drop) would release it for that process too.
+        std::mem::forget(lock);
+        return Ok(exit::OK);
+    }
+    code
+}
+
+/// What [`serve_vm`] returns when the guest was handed to another process.
+const HANDED_OVER: i32 = -1;
+
+/// Blocks SIGINT and SIGTERM in this thread, before any other thread
+/// exists, so every thread inherits the mask: a thread of their own takes
+/// them ([`serve_vm`]).
+pub fn block_signals() -> Result<SigSet, CliError> {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals
+        .thread_block()
+        .map_err(|e| CliError::io("cannot block signals".into(), e.into()))?;
+    Ok(signals)
+}
+
+/// Serves a running VM until it ends: the retire and protect-kernel
+/// threads, the control socket, the signals. Returns the exit code, or
+/// [`HANDED_OVER`] when the guest went to a new VMM process.
+pub fn serve_vm(
+    vm: Arc<Vm>,
+    server: Arc<ControlServer>,
+    listener: std::os::unix::net::UnixListener,
+    gate: Arc<AcceptGate>,
+    sock: PathBuf,
+    signals: SigSet,
+) -> Result<i32, CliError> {
+    let id = server.identity().id.clone();
     {
         // Data changes retire in the background (a pause only while one is
         // tracked and could retire).
@@ -180,18 +242,25 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
             })
             .map_err(|e| CliError::io("cannot start the retire thread".into(), e))?;
     }
-    if args.protect_kernel {
+    let pending = server
+        .protect_pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(writers) = pending {
         let (server, ctl) = (server.clone(), vm.control());
-        let writers = args.allow_writer.clone();
         std::thread::Builder::new()
             .name("protect-kernel".into())
             .spawn(move || protect_when_booted(&server, &ctl, writers))
             .map_err(|e| CliError::io("cannot start the protect-kernel thread".into(), e))?;
     }
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || vmm_core::control::serve(listener, server))
-        .map_err(|e| CliError::io("cannot start the control thread".into(), e))?;
+    {
+        let server = server.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || vmm_core::control::serve(listener, server, gate))
+            .map_err(|e| CliError::io("cannot start the control thread".into(), e))?;
+    }
     let ctl = vm.control();
     std::thread::Builder::new()
         .name("signals".into())
@@ -207,8 +276,12 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
         .control()
         .wait_stopped(None)
         .unwrap_or(ExitReason::Stopped);
+    if let Some(pid) = server.handed_to() {
+        eprintln!("lucos: VM {id} handed over to a new VMM, pid {pid}");
+        return Ok(HANDED_OVER);
+    }
     let _ = std::fs::remove_file(&sock);
-    eprintln!("lucos: VM {} ended: {reason}", args.vm);
+    eprintln!("lucos: VM {id} ended: {reason}");
     Ok(match reason {
         ExitReason::GuestExit { status } => i32::from(status),
         ExitReason::Reset | ExitReason::PowerOff | ExitReason::Stopped => exit::OK,
@@ -228,8 +301,15 @@ fn protect_when_booted(
         if !server.kernel_booted() {
             continue;
         }
+        if server.handed_to().is_some() {
+            return;
+        }
         let r =
             vmm_core::control::Service::handle(server, &Request::ProtectKernel { allow_writers });
+        *server
+            .protect_pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         match r.error {
             None => eprintln!(
                 "lucos: kernel text integrity on: the kernel's text and read-only data are protected"

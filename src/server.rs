@@ -29,7 +29,7 @@ use vmm_core::write_control::Protection;
 const MAX_ALIVE_MS: u64 = 60_000;
 
 /// Static facts about the VM that `status` reports.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmIdentity {
     /// VM id.
     pub id: String,
@@ -59,6 +59,14 @@ pub struct ControlServer {
     ops: Mutex<()>,
     /// What the guest may write on protected pages (installed in the VM).
     policy: Arc<GuardPolicy>,
+    /// Live VMM upgrades the VM has been through.
+    pub(crate) upgrades: AtomicU64,
+    /// What a handover needs of the process (set by `lucos run`).
+    pub(crate) handoff: Mutex<Option<crate::upgrade::HandoffCtx>>,
+    /// The pid the guest was handed to: this process serves it no more.
+    pub(crate) handed_to: std::sync::atomic::AtomicU32,
+    /// `--protect-kernel` writers, until the kernel text is protected.
+    pub(crate) protect_pending: Mutex<Option<Vec<String>>>,
 }
 
 fn pause_error(e: &VmError) -> ErrorCode {
@@ -107,7 +115,103 @@ impl ControlServer {
             kernel: Mutex::new(None),
             patcher: Mutex::new(Patcher::new(Vec::new()).with_data_tracker(tracker)),
             ops: Mutex::new(()),
+            upgrades: AtomicU64::new(0),
+            handoff: Mutex::new(None),
+            handed_to: Default::default(),
+            protect_pending: Mutex::new(None),
         }
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// Its identity.
+    pub fn identity(&self) -> &VmIdentity {
+        &self.ident
+    }
+
+    /// The pid the guest was handed to, once it was.
+    pub fn handed_to(&self) -> Option<u32> {
+        match self.handed_to.load(Ordering::SeqCst) {
+            0 => None,
+            pid => Some(pid),
+        }
+    }
+
+    /// What another VMM process needs to serve this VM as this one does
+    /// (everything but the machine state and the guest's memory).
+    pub(crate) fn export(&self) -> crate::upgrade::ServiceState {
+        let p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
+        crate::upgrade::ServiceState {
+            ident: self.ident.clone(),
+            trusted: p.trusted().iter().map(|k| k.to_bytes()).collect(),
+            patches: p.state().clone(),
+            writers: self.policy.writers(),
+            tracked: self.policy.data().export(),
+            protections: self.vm.write_control().protections(),
+            pauses: self.pauses.load(Ordering::Relaxed),
+            last_pause_ns: self.last_pause_ns.load(Ordering::Relaxed),
+            upgrades: self.upgrades.load(Ordering::Relaxed),
+            uptime_ms: self.vm.uptime().as_millis() as u64,
+            protect_pending: self
+                .protect_pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            write: self.vm.write_control().carried(0),
+        }
+    }
+
+    /// A server for `vm` (built over memory another VMM process handed
+    /// over) that goes on from `st`: patches, trusted keys, protections,
+    /// tracked data, counters.
+    pub(crate) fn import(vm: Arc<Vm>, st: &crate::upgrade::ServiceState) -> Result<Self, String> {
+        let mut keys = Vec::with_capacity(st.trusted.len());
+        for k in &st.trusted {
+            keys.push(
+                update_engine::VerifyingKey::from_bytes(k)
+                    .map_err(|e| format!("a trusted key: {e}"))?,
+            );
+        }
+        let policy = Arc::new(GuardPolicy::new());
+        policy.set_writers(st.writers.clone());
+        policy.data().import(&st.tracked)?;
+        vm.write_control().set_policy(policy.clone());
+        vm.write_control()
+            .change(vm.as_ref(), &[], &st.protections)
+            .map_err(|e| format!("protections: {e}"))?;
+        let patcher = Patcher::restore(keys, st.patches.clone()).with_data_tracker(policy.data());
+        Ok(Self {
+            policy,
+            vm,
+            ident: st.ident.clone(),
+            pauses: AtomicU64::new(st.pauses),
+            last_pause_ns: AtomicU64::new(st.last_pause_ns),
+            kernel: Mutex::new(None),
+            patcher: Mutex::new(patcher),
+            ops: Mutex::new(()),
+            upgrades: AtomicU64::new(st.upgrades),
+            handoff: Mutex::new(None),
+            handed_to: Default::default(),
+            protect_pending: Mutex::new(st.protect_pending.clone()),
+        })
+    }
+
+    /// Data-change counters now (owner, counters), for the machine state.
+    pub(crate) fn data_counts(&self) -> Vec<(String, [u64; 3])> {
+        self.policy
+            .data()
+            .export()
+            .into_iter()
+            .map(|t| (t.owner, t.counts))
+            .collect()
+    }
+
+    /// Sets the data-change counters to another process's.
+    pub(crate) fn set_data_counts(&self, counts: &[(String, [u64; 3])]) {
+        self.policy.data().set_counts(counts);
     }
 
     /// Trusts patches signed by `keys` (`lucos run --trusted-key`).
@@ -160,6 +264,11 @@ impl ControlServer {
                 self.vm.stop();
                 Response::ok(Done {})
             }
+            Request::Upgrade { binary, timeout_ms } => crate::upgrade::hand_over(
+                self,
+                binary.as_deref(),
+                Duration::from_millis(timeout_ms.unwrap_or(crate::upgrade::DEFAULT_TIMEOUT_MS)),
+            ),
             Request::Regs { vcpu } => match self.regs(*vcpu) {
                 Ok(r) => Response::ok(r),
                 Err(e) => fail(e),
@@ -548,6 +657,9 @@ impl ControlServer {
     /// a second): retires those that can, each in one short pause.
     pub fn retire_tick(&self) {
         let _one = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        if self.handed_to().is_some() {
+            return;
+        }
         let mut p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
         if !p.may_retire() {
             return;
@@ -706,6 +818,8 @@ impl ControlServer {
             protocol: PROTOCOL_VERSION,
             write_control: self.vm.write_control().stats(),
             labels: self.ident.labels.clone(),
+            vmm_version: crate::upgrade::version(),
+            upgrades: self.upgrades.load(Ordering::Relaxed),
         }
     }
 
@@ -751,6 +865,12 @@ impl ControlServer {
 impl Service for ControlServer {
     /// All but `status` one at a time.
     fn handle(&self, req: &Request) -> Response {
+        if let Some(pid) = self.handed_to() {
+            return Response::err(
+                ErrorCode::NotRunning,
+                format!("this VMM handed the VM to a new one (pid {pid}); connect again"),
+            );
+        }
         match req {
             Request::Status => return Response::ok(self.status()),
             Request::Protected => return Response::ok(self.protect_info()),
@@ -770,6 +890,11 @@ impl Service for ControlServer {
 
     fn after_reply(&self, req: &Request) {
         if matches!(req, Request::Stop) {
+            self.vm.stop();
+        }
+        // Handed over: the old vCPU threads end parked (they never run the
+        // guest again) and the process exits.
+        if matches!(req, Request::Upgrade { .. }) && self.handed_to().is_some() {
             self.vm.stop();
         }
     }
@@ -841,6 +966,7 @@ mod tests {
                     Request::Events { .. } => typed::<EventsInfo>(&data),
                     Request::Dmesg { .. } => typed::<vmm_core::control::DmesgInfo>(&data),
                     Request::Alive { .. } => typed::<vmm_core::control::AliveInfo>(&data),
+                    Request::Upgrade { .. } => typed::<vmm_core::control::UpgradeInfo>(&data),
                 };
                 assert_eq!(back, data, "{req:?}: the answer changed in a round trip");
                 answers += 1;

@@ -8,7 +8,7 @@ use common::boot;
 use vmm_core::ExitReason;
 
 fn run_to_completion(vcpus: u8, iters: u64) {
-    let mut t = boot(vcpus, &format!("iters={iters} report=500"));
+    let t = boot(vcpus, &format!("iters={iters} report=500"));
     let reason =
         t.vm.wait_timeout(Duration::from_secs(120))
             .unwrap_or_else(|| panic!("guest did not finish; output:\n{}", t.serial.text()));
@@ -63,7 +63,7 @@ fn boots_two_vcpus_and_runs_user_tasks_on_both() {
 #[test]
 fn stop_from_outside_ends_an_idle_guest() {
     // tasks=0: nothing ever finishes; the guest is stopped from outside instead.
-    let mut t = boot(2, "tasks=0");
+    let t = boot(2, "tasks=0");
     t.expect_serial("starting 0 tasks", 30);
     t.vm.stop();
     assert_eq!(t.vm.wait(), ExitReason::Stopped);

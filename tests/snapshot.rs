@@ -24,13 +24,13 @@ fn dup(fd: i32) -> File {
 }
 
 /// Hands `old`'s guest to a new VM and returns it, running.
-fn hand_over(old: &mut Vm, serial: &Arc<SerialCapture>) -> Vm {
+fn hand_over(old: &Vm, serial: &Arc<SerialCapture>) -> Vm {
     old.pause().expect("pause");
     let st = old.save_machine().expect("save");
     let [ram, area] = old.memfds();
     let json = serde_json::to_vec(&st).expect("serialize");
     let st: vmm_core::snapshot::MachineState = serde_json::from_slice(&json).expect("parse");
-    let mut new = Vm::adopt(
+    let new = Vm::adopt(
         old.ram().size(),
         dup(ram),
         dup(area),
@@ -56,7 +56,7 @@ fn a_guest_handed_from_vm_to_vm_50_times_keeps_its_tasks_timer_and_serial() {
     let mut ticks = t.read_kernel_u64(jiffies);
     for i in 0..50 {
         let serial = t.serial.clone();
-        let mut new = hand_over(&mut t.vm, &serial);
+        let mut new = hand_over(&t.vm, &serial);
         std::mem::swap(&mut t.vm, &mut new);
         drop(new);
         // The tasks and the timer go on in the new VM.

@@ -45,7 +45,7 @@ pub struct TestVm {
 pub fn boot(vcpus: u8, cmdline: &str) -> TestVm {
     require_kvm();
     let serial = Arc::new(SerialCapture::default());
-    let mut vm = Vm::create(VmConfig {
+    let vm = Vm::create(VmConfig {
         kernel: test_kernel(),
         initrd: None,
         cmdline: cmdline.into(),

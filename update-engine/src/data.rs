@@ -840,6 +840,36 @@ pub struct Tracked {
     pub c: Option<std::sync::Arc<crate::transfer::CRunner>>,
     /// Trapped writes whose C transfer failed (the other copy missed them).
     pub failures: std::sync::atomic::AtomicU64,
+    /// The patch objects `c` was linked from (what another VMM process
+    /// taking the guest over links again).
+    pub c_objects: Option<std::sync::Arc<PatchObjects>>,
+}
+
+/// A patch's objects: (name, ELF bytes).
+pub type PatchObjects = Vec<(String, Vec<u8>)>;
+
+/// One tracked change as handed to another VMM process (`lucos upgrade`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackedState {
+    /// Owner of both copies' protections.
+    pub owner: String,
+    /// The change.
+    pub change: DataChange,
+    /// Guest-physical start of the old copy.
+    pub old_gpa: u64,
+    /// Guest-physical start of the new copy.
+    pub new_gpa: u64,
+    /// Milliseconds since tracking began.
+    pub age_ms: u64,
+    /// Whether it has retired.
+    pub retired: bool,
+    /// Milliseconds from tracking to retirement, once retired.
+    pub retired_after_ms: u64,
+    /// Counters: transfers, their nanoseconds, failures.
+    pub counts: [u64; 3],
+    /// The patch objects its C transfer functions are linked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c_objects: Option<Vec<(String, Vec<u8>)>>,
 }
 
 impl Tracked {
@@ -857,11 +887,19 @@ impl Tracked {
             retired_after_ms: Default::default(),
             c: None,
             failures: Default::default(),
+            c_objects: None,
         }
     }
 
-    /// With the patch's C transfer functions.
-    pub fn with_c(mut self, c: Option<std::sync::Arc<crate::transfer::CRunner>>) -> Self {
+    /// With the patch's C transfer functions, linked from `objects`.
+    pub fn with_c(
+        mut self,
+        c: Option<std::sync::Arc<crate::transfer::CRunner>>,
+        objects: &[(String, Vec<u8>)],
+    ) -> Self {
+        if c.is_some() {
+            self.c_objects = Some(std::sync::Arc::new(objects.to_vec()));
+        }
         self.c = c;
         self
     }
@@ -901,6 +939,71 @@ impl DataTracker {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(std::sync::Arc::new(t));
+    }
+
+    /// Every tracked change, for another VMM process.
+    pub fn export(&self) -> Vec<TrackedState> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.list
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|t| TrackedState {
+                owner: t.owner.clone(),
+                change: t.change.clone(),
+                old_gpa: t.old_gpa,
+                new_gpa: t.new_gpa,
+                age_ms: t.since.elapsed().as_millis() as u64,
+                retired: t.retired.load(Relaxed),
+                retired_after_ms: t.retired_after_ms.load(Relaxed),
+                counts: [
+                    t.transfers.load(Relaxed),
+                    t.transfer_ns.load(Relaxed),
+                    t.failures.load(Relaxed),
+                ],
+                c_objects: t.c_objects.as_ref().map(|o| o.as_ref().clone()),
+            })
+            .collect()
+    }
+
+    /// Tracks what another VMM process exported (its C transfer functions
+    /// linked again here), replacing anything tracked.
+    pub fn import(&self, list: &[TrackedState]) -> Result<(), String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut out = Vec::with_capacity(list.len());
+        for s in list {
+            let objects = s.c_objects.clone().unwrap_or_default();
+            let c = crate::transfer::CRunner::new(&s.change, &objects)?.map(std::sync::Arc::new);
+            let t = Tracked::new(s.owner.clone(), s.change.clone(), s.old_gpa, s.new_gpa)
+                .with_c(c, &objects);
+            let t = Tracked {
+                since: std::time::Instant::now()
+                    .checked_sub(std::time::Duration::from_millis(s.age_ms))
+                    .unwrap_or_else(std::time::Instant::now),
+                ..t
+            };
+            t.retired.store(s.retired, Relaxed);
+            t.retired_after_ms.store(s.retired_after_ms, Relaxed);
+            t.transfers.store(s.counts[0], Relaxed);
+            t.transfer_ns.store(s.counts[1], Relaxed);
+            t.failures.store(s.counts[2], Relaxed);
+            out.push(std::sync::Arc::new(t));
+        }
+        *self.list.write().unwrap_or_else(|e| e.into_inner()) = out;
+        Ok(())
+    }
+
+    /// Sets the counters of tracked changes to `counts` (owner, counters),
+    /// as another VMM process had them when it paused.
+    pub fn set_counts(&self, counts: &[(String, [u64; 3])]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (owner, c) in counts {
+            if let Some(t) = self.get(owner) {
+                t.transfers.store(c[0], Relaxed);
+                t.transfer_ns.store(c[1], Relaxed);
+                t.failures.store(c[2], Relaxed);
+            }
+        }
     }
 
     /// Stops tracking `owner`'s change.

@@ -523,6 +523,11 @@ impl Patcher {
         self
     }
 
+    /// The keys whose patches it accepts.
+    pub fn trusted(&self) -> &[VerifyingKey] {
+        &self.trusted
+    }
+
     /// Everything a revert needs.
     pub fn state(&self) -> &PatchState {
         &self.state
@@ -693,7 +698,7 @@ impl Patcher {
                         p.old_gpa,
                         area_gpa + p.new_offset,
                     )
-                    .with_c(runner),
+                    .with_c(runner, &lup.objects),
                 );
                 owner
             })

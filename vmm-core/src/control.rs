@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version, reported by `status`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The longest request line the server reads (1 MiB).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// Seconds a client has to finish a request line it has begun.
@@ -145,6 +145,42 @@ pub enum Request {
         /// How long to wait for a tick, in milliseconds.
         timeout_ms: u64,
     },
+    /// Hand the running guest to a new VMM process (`lucos upgrade`).
+    Upgrade {
+        /// The new lucos binary (default: the path this VMM was started from).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<String>,
+        /// How long the new process has to start, take the state and report
+        /// the guest running, in milliseconds (default 10 s).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+}
+
+/// What `upgrade` answers once the new VMM runs the guest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UpgradeInfo {
+    /// The VMM process that had the guest.
+    pub old_pid: u32,
+    /// The one that has it now.
+    pub new_pid: u32,
+    /// The new binary.
+    pub binary: String,
+    /// Its version.
+    pub version: String,
+    /// Upgrades this VM has been through, this one included.
+    pub upgrades: u64,
+    /// Guest downtime: from the last vCPU out in the old process to the
+    /// first vCPU in in the new one, microseconds.
+    pub downtime_us: f64,
+    /// Of which pausing the vCPUs took, microseconds.
+    pub pause_us: f64,
+    /// The whole operation, from the request to the new process's report,
+    /// milliseconds (the new process starts and builds its VM while the
+    /// guest still runs).
+    pub total_ms: f64,
+    /// Bytes of state sent while the guest was paused.
+    pub state_bytes: u64,
 }
 
 /// Machine-readable error codes.
@@ -179,6 +215,9 @@ pub enum ErrorCode {
     TooManyClients,
     /// The guest kernel's clock did not advance in the time given (`alive`).
     Stalled,
+    /// A new VMM process did not take the guest over; it runs on under the
+    /// old one, unchanged.
+    UpgradeFailed,
     /// Anything else.
     Internal,
 }
@@ -262,6 +301,12 @@ pub struct StatusInfo {
     /// Labels given at `lucos run --label k=v` (campaigns select VMs by them).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Version of the VMM binary serving the VM.
+    #[serde(default)]
+    pub vmm_version: String,
+    /// Live VMM upgrades the VM has been through.
+    #[serde(default)]
+    pub upgrades: u64,
 }
 
 /// What `protect` and `unprotect` answer: every protected range now.
@@ -382,19 +427,121 @@ pub trait Service: Send + Sync + 'static {
     fn after_reply(&self, _req: &Request) {}
 }
 
+/// Lets the VMM stop taking new connections on its control socket while
+/// it hands the socket to another process (`lucos upgrade`), and take them
+/// again if that fails. Connections already open are served on.
+#[derive(Debug)]
+pub struct AcceptGate {
+    state: std::sync::Mutex<GateState>,
+    cv: std::sync::Condvar,
+    wake: vmm_sys_util::eventfd::EventFd,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    hold: bool,
+    parked: bool,
+}
+
+impl AcceptGate {
+    /// An open gate.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            state: Default::default(),
+            cv: Default::default(),
+            wake: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops accepting; returns once the accept loop has stopped (or after
+    /// a second, if no loop runs).
+    pub fn hold(&self) {
+        let mut st = self.lock();
+        st.hold = true;
+        let _ = self.wake.write(1);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !st.parked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Accepts again.
+    pub fn release(&self) {
+        self.lock().hold = false;
+        self.cv.notify_all();
+    }
+
+    /// Waits while held.
+    fn pass(&self) {
+        let mut st = self.lock();
+        while st.hold {
+            st.parked = true;
+            self.cv.notify_all();
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked = false;
+    }
+}
+
 /// Serves `listener` until the process ends: each connection on its own
 /// thread (at most [`MAX_CLIENTS`] at once), each carrying any number of
-/// requests, answered by `service`.
-pub fn serve(listener: UnixListener, service: Arc<dyn Service>) {
+/// requests, answered by `service`. `gate` can stop it accepting.
+pub fn serve(listener: UnixListener, service: Arc<dyn Service>, gate: Arc<AcceptGate>) {
+    use std::os::fd::AsRawFd;
     let clients = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        let mut stream = match conn {
-            Ok(s) => s,
+    // Non-blocking: another process may accept on the same socket (during
+    // a VMM upgrade), and a connection seen by poll may be gone by accept.
+    if let Err(e) = listener.set_nonblocking(true) {
+        log::warn!("control socket: cannot make it non-blocking: {e}");
+    }
+    loop {
+        gate.pass();
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: gate.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd for descriptors this
+        // function's arguments keep open.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            let _ = gate.wake.read();
+            continue;
+        }
+        let mut stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 log::warn!("control socket accept failed: {e}");
                 continue;
             }
         };
+        if let Err(e) = stream.set_nonblocking(false) {
+            log::warn!("control connection: {e}");
+            continue;
+        }
         let slot = ClientSlot::take(&clients);
         if slot.is_none() {
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));

@@ -6,6 +6,7 @@ pub mod arch;
 pub mod control;
 pub mod devices;
 pub mod guest;
+pub mod handoff;
 pub mod insn;
 pub mod loader;
 pub mod memory;

@@ -125,8 +125,10 @@ pub struct Vm {
     pub(crate) bus: Arc<PioBus>,
     pub(crate) vcpus: Vec<Arc<Vcpu>>,
     ctl: Arc<RunControl>,
-    threads: Vec<JoinHandle<()>>,
-    started_at: Option<Instant>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    started_at: std::sync::OnceLock<Instant>,
+    /// Guest uptime in earlier VMM processes (`lucos upgrade`), ms.
+    uptime_before: std::sync::atomic::AtomicU64,
     pub(crate) entry: u64,
     patch_area: Arc<crate::region::VmmRegion>,
     write_control: Arc<WriteControl>,
@@ -334,8 +336,9 @@ impl Vm {
             bus,
             ctl: Arc::new(RunControl::new(vcpus.len())),
             vcpus,
-            threads: Vec::new(),
-            started_at: None,
+            threads: Default::default(),
+            started_at: Default::default(),
+            uptime_before: Default::default(),
             entry: 0,
             patch_area,
             write_control,
@@ -344,7 +347,8 @@ impl Vm {
     }
 
     /// Starts every vCPU thread.
-    pub fn start(&mut self) -> Result<(), VmError> {
+    pub fn start(&self) -> Result<(), VmError> {
+        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         for v in &self.vcpus {
             let (v2, ctl, bus) = (v.clone(), self.ctl.clone(), self.bus.clone());
             let wc = self.write_control.clone();
@@ -352,10 +356,22 @@ impl Vm {
                 .name(format!("vcpu{}", v.index))
                 .spawn(move || vcpu::vcpu_thread(v2, ctl, bus, wc))
                 .map_err(VmError::Thread)?;
-            self.threads.push(t);
+            threads.push(t);
         }
-        self.started_at = Some(Instant::now());
+        let _ = self.started_at.set(Instant::now());
         Ok(())
+    }
+
+    fn join_threads(&self) {
+        let threads: Vec<_> = self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
     /// Pauses every vCPU; returns how long it took for all to leave guest mode.
@@ -374,20 +390,16 @@ impl Vm {
     }
 
     /// Waits for the VM to end and joins its vCPU threads.
-    pub fn wait(&mut self) -> ExitReason {
+    pub fn wait(&self) -> ExitReason {
         let reason = self.ctl.wait_stopped(None);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.join_threads();
         reason.unwrap_or(ExitReason::Stopped)
     }
 
     /// Waits up to `timeout` for the VM to end by itself.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitReason> {
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
         let reason = self.ctl.wait_stopped(Some(timeout))?;
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.join_threads();
         Some(reason)
     }
 
@@ -423,7 +435,24 @@ impl Vm {
 
     /// Time since the vCPUs were started.
     pub fn uptime(&self) -> Duration {
-        self.started_at.map(|t| t.elapsed()).unwrap_or_default()
+        let before = Duration::from_millis(
+            self.uptime_before
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        before
+            + self
+                .started_at
+                .get()
+                .map(|t| t.elapsed())
+                .unwrap_or_default()
+    }
+
+    /// Counts `before` of guest uptime spent in earlier VMM processes.
+    pub fn carry_uptime(&self, before: Duration) {
+        self.uptime_before.store(
+            before.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The VMM-owned memory live patches are placed in.
@@ -586,11 +615,14 @@ impl SlotSink for Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        let running = !self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if running {
             self.ctl.stop(ExitReason::Stopped);
-            for t in self.threads.drain(..) {
-                let _ = t.join();
-            }
+            self.join_threads();
         }
     }
 }

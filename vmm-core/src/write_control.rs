@@ -303,6 +303,17 @@ struct EventLog {
     events: VecDeque<WriteEvent>,
 }
 
+/// Write control's counters and event log, carried to another VMM process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WriteCarry {
+    /// trapped, allowed, refused, handled, rewound, handle_ns.
+    pub counts: [u64; 6],
+    /// The next event's sequence number.
+    pub next_event: u64,
+    /// The events kept.
+    pub events: Vec<WriteEvent>,
+}
+
 /// What the vCPU thread must do after a trapped write was dealt with.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Outcome {
@@ -553,6 +564,54 @@ impl WriteControl {
             ranges: t.list.len() as u64,
             pages: t.pages.len() as u64,
             slots: self.slots.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+        }
+    }
+
+    /// The counters and the events after sequence number `since`, for
+    /// another VMM process.
+    pub fn carried(&self, since: u64) -> WriteCarry {
+        let c = &self.counters;
+        let log = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        WriteCarry {
+            counts: [
+                c.trapped.load(Ordering::Relaxed),
+                c.allowed.load(Ordering::Relaxed),
+                c.refused.load(Ordering::Relaxed),
+                c.handled.load(Ordering::Relaxed),
+                c.rewound.load(Ordering::Relaxed),
+                c.handle_ns.load(Ordering::Relaxed),
+            ],
+            next_event: log.next,
+            events: log
+                .events
+                .iter()
+                .filter(|e| e.seq > since)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Takes over another VMM process's counters and event log.
+    pub fn carry_on(&self, w: &WriteCarry) {
+        let c = &self.counters;
+        for (a, v) in [
+            &c.trapped,
+            &c.allowed,
+            &c.refused,
+            &c.handled,
+            &c.rewound,
+            &c.handle_ns,
+        ]
+        .into_iter()
+        .zip(w.counts)
+        {
+            a.store(v, Ordering::Relaxed);
+        }
+        let mut log = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        log.next = w.next_event;
+        log.events.extend(w.events.iter().cloned());
+        while log.events.len() > EVENT_LOG_LEN {
+            log.events.pop_front();
         }
     }
 
