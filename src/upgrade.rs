@@ -405,6 +405,7 @@ fn attempt(
     let machine = vm
         .save_machine()
         .map_err(|e| before(format!("saving the machine state: {e}")))?;
+    let tsc_khz = machine.vcpus.first().and_then(|v| v.tsc_khz);
     let state = Msg::State {
         format: FORMAT,
         state: Box::new(PausedState {
@@ -446,6 +447,7 @@ fn attempt(
         pause_us: pause.as_secs_f64() * 1e6,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
         state_bytes,
+        tsc_khz,
     })
 }
 

@@ -94,7 +94,7 @@ static u64 gdt[MAX_CPUS][10] __attribute__((aligned(16)));
 static struct tss tss[MAX_CPUS] __attribute__((aligned(16)));
 static struct idt_entry idt[256] __attribute__((aligned(16)));
 
-enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH, MODE_OPS };
+enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH, MODE_OPS, MODE_STALL };
 enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK, P_ATOMIC_N, P_TASKS };
 
 static inline u64 kva_to_pa(const void *p)
@@ -170,6 +170,8 @@ static void parse_cmdline(void)
 			opt_mode = MODE_WBENCH;
 		else if (KEY("mode") && val && vlen == 3 && !strncmp(val, "ops", 3))
 			opt_mode = MODE_OPS;
+		else if (KEY("mode") && val && vlen == 5 && !strncmp(val, "stall", 5))
+			opt_mode = MODE_STALL;
 		else if (KEY("atomic_n") && val)
 			opt_atomic_n = parse_u64(val, vlen);
 		else

@@ -6,7 +6,7 @@
 #include "tk.h"
 
 enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK, P_ATOMIC_N, P_TASKS };
-enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH, MODE_OPS };
+enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH, MODE_OPS, MODE_STALL };
 
 /* Progress of each task, in user memory; the VMM's tests read it. */
 volatile u64 user_progress[MAX_TASKS];
@@ -232,6 +232,51 @@ static void ops_rounds(u64 task, u64 tasks, u64 n)
 	}
 }
 
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+
+/*
+ * mode=stall: read the TSC in a tight loop and, every `every` reads, report
+ * the longest gap between two reads since the last report, in TSC cycles:
+ * the longest the task was kept from running (a VMM pause or handover, a
+ * timer interrupt). The report itself is outside the measured gaps.
+ */
+static __attribute__((noreturn)) void stall_loop(u64 task, u64 every)
+{
+	char line[128];
+	u64 i, t, prev, max = 0, round = 0;
+	unsigned n;
+
+	if (!every)
+		every = 1000000;
+	prev = rdtsc();
+	for (i = 1;; i++) {
+		t = rdtsc();
+		if (t - prev > max)
+			max = t - prev;
+		prev = t;
+		if (i % every)
+			continue;
+		n = 0;
+		n += put_str(line + n, "[tk] task ");
+		n += put_dec(line + n, task);
+		n += put_str(line + n, " stall round ");
+		n += put_dec(line + n, ++round);
+		n += put_str(line + n, " max_cycles ");
+		n += put_dec(line + n, max);
+		line[n++] = '\n';
+		sys3(SYS_WRITE, (u64)line, n, 0);
+		user_progress[task] = round;
+		max = 0;
+		prev = rdtsc();
+	}
+}
+
 __attribute__((noreturn)) void user_main(u64 task)
 {
 	u64 iters = sys3(SYS_PARAM, P_ITERS, 0, 0), every = sys3(SYS_PARAM, P_REPORT, 0, 0);
@@ -247,6 +292,8 @@ __attribute__((noreturn)) void user_main(u64 task)
 			atomic_page.count = i;
 	if (mode == MODE_ATOMIC)
 		atomic_rounds(task, sys3(SYS_PARAM, P_TASKS, 0, 0), sys3(SYS_PARAM, P_ATOMIC_N, 0, 0));
+	if (mode == MODE_STALL)
+		stall_loop(task, every);
 	if (mode == MODE_OPS)
 		ops_rounds(task, sys3(SYS_PARAM, P_TASKS, 0, 0), sys3(SYS_PARAM, P_ATOMIC_N, 0, 0));
 	for (i = 1; iters == 0 || i <= iters; i++) {

@@ -171,9 +171,10 @@ pub struct UpgradeInfo {
     /// Upgrades this VM has been through, this one included.
     pub upgrades: u64,
     /// Guest downtime: from the last vCPU out in the old process to the
-    /// first vCPU in in the new one, microseconds.
+    /// new one's vCPUs started, microseconds.
     pub downtime_us: f64,
-    /// Of which pausing the vCPUs took, microseconds.
+    /// Pausing the vCPUs (request to the last one out) before that,
+    /// microseconds: the first vCPU out waits this much longer.
     pub pause_us: f64,
     /// The whole operation, from the request to the new process's report,
     /// milliseconds (the new process starts and builds its VM while the
@@ -181,6 +182,10 @@ pub struct UpgradeInfo {
     pub total_ms: f64,
     /// Bytes of state sent while the guest was paused.
     pub state_bytes: u64,
+    /// The guest's TSC frequency in kHz, where KVM tells it (to read
+    /// guest-measured stalls in cycles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tsc_khz: Option<u32>,
 }
 
 /// Machine-readable error codes.
