@@ -397,8 +397,8 @@ fn attempt(
     // 3. the pause: no new connections, the guest stopped, its state sent.
     ctx.gate.hold();
     a.held = Some(ctx.gate.clone());
-    let pause = vm
-        .pause()
+    let (pause, pauses) = vm
+        .pause_for_save()
         .map_err(|e| before(format!("pausing the guest: {e}")))?;
     a.paused = true;
     let paused_ns = monotonic_ns();
@@ -445,6 +445,7 @@ fn attempt(
         upgrades,
         downtime_us: started_ns.saturating_sub(paused_ns) as f64 / 1e3 + pause.as_secs_f64() * 1e6,
         pause_us: pause.as_secs_f64() * 1e6,
+        pauses,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
         state_bytes,
         tsc_khz,

@@ -662,3 +662,105 @@ fn a_counter_incremented_atomically_by_old_and_new_code_on_two_vcpus_stays_exact
     vm.ok(&["revert", "--vm", "dc", "ops2"]);
     wait_rounds(at, 2);
 }
+
+/// The `upgrade` of VM `dc`'s VMM: the new process's pid.
+fn upgrade(vm: &Vm) -> u64 {
+    let out = vm.ok(&["upgrade", "--vm", "dc", "--json"]);
+    let v: Value = serde_json::from_str(&out).expect("upgrade json");
+    v["new_pid"].as_u64().expect("new_pid")
+}
+
+#[test]
+fn tracked_data_changes_stay_coherent_through_vmm_upgrades_and_retire_after_one() {
+    let vm = Vm::start("data-upgrade");
+    vm.check_reports(0, 2);
+    // A change that old code keeps using: tracked for as long as it is
+    // applied; every write to either copy transferred, in whichever VMM
+    // process runs the guest.
+    let o = vm.build(
+        "stats2",
+        &new_stats(),
+        &[
+            "--data",
+            "stats_table:task_stat",
+            "--init",
+            "stats_table.generation=1",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
+    vm.check_reports(vm.serial().len(), 2);
+    let mut transfers = 0;
+    for _ in 0..10 {
+        upgrade(&vm);
+        let at = vm.serial().len();
+        vm.check_reports(at, 3);
+        let l = vm.list();
+        let d = &l["patches"][0]["data"][0];
+        assert_eq!(d["stats"]["state"], "tracking", "{l}");
+        assert_eq!(d["stats"]["failures"], 0, "{l}");
+        // The counters go on from the old process's.
+        let t = d["stats"]["transfers"].as_u64().expect("transfers");
+        assert!(t > transfers, "{t} <= {transfers}: {l}");
+        transfers = t;
+        let prot = l["protected"].to_string();
+        assert!(
+            prot.contains("stats_table (old)") && prot.contains("stats_table (new)"),
+            "{l}"
+        );
+    }
+    let at = vm.serial().len();
+    vm.ok_when_not_busy(&["revert", "--vm", "dc", "stats2"]);
+    vm.check_reports(at, 3);
+
+    // A change that retires once nothing runs old code: handed over while
+    // still tracked (the VMM retires in the background, about once a
+    // second; an upgrade right after the apply comes first, else try
+    // again), it retires in the new process.
+    let o = vm.build("stats3", &all_users(), &["--data", "stats_table:task_stat"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut handed_while_tracked = None;
+    for _ in 0..10 {
+        vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats3.lup"))]);
+        let pid = upgrade(&vm);
+        let l = vm.list();
+        if l["patches"][0]["data"][0]["stats"]["state"] == "tracking" {
+            handed_while_tracked = Some(pid);
+            break;
+        }
+        vm.ok_when_not_busy(&["revert", "--vm", "dc", "stats3"]);
+    }
+    let pid = handed_while_tracked.expect("never handed over while tracked in 10 tries");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let l = vm.list();
+        if l["patches"][0]["data"][0]["stats"]["state"] == "retired" {
+            assert_eq!(
+                l["patches"][0]["data"][0]["users_left"]
+                    .as_array()
+                    .map(Vec::len),
+                Some(0),
+                "{l}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not retired in 60 s after an upgrade: {l}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status: Value =
+        serde_json::from_str(&vm.ok(&["status", "--vm", "dc", "--json"])).expect("status json");
+    assert_eq!(
+        status["pid"], pid,
+        "retired by the process the VM was handed to"
+    );
+    let at = vm.serial().len();
+    vm.check_reports(at, 3);
+    // And it reverts exactly from the new process after one more upgrade.
+    upgrade(&vm);
+    let at = vm.serial().len();
+    vm.ok_when_not_busy(&["revert", "--vm", "dc", "stats3"]);
+    vm.check_reports(at, 3);
+}

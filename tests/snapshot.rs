@@ -25,7 +25,7 @@ fn dup(fd: i32) -> File {
 
 /// Hands `old`'s guest to a new VM and returns it, running.
 fn hand_over(old: &Vm, serial: &Arc<SerialCapture>) -> Vm {
-    old.pause().expect("pause");
+    old.pause_for_save().expect("pause");
     let st = old.save_machine().expect("save");
     let [ram, area] = old.memfds();
     let json = serde_json::to_vec(&st).expect("serialize");
@@ -48,13 +48,13 @@ fn hand_over(old: &Vm, serial: &Arc<SerialCapture>) -> Vm {
 }
 
 #[test]
-fn a_guest_handed_from_vm_to_vm_50_times_keeps_its_tasks_timer_and_serial() {
+fn a_guest_handed_from_vm_to_vm_200_times_keeps_its_tasks_timer_and_serial() {
     let mut t = boot(2, "tasks=2 iters=0 report=200");
     t.expect_serial("starting 2 tasks", 30);
     let jiffies = t.sym("jiffies");
     let mut last = [t.task_calls(0), t.task_calls(1)];
     let mut ticks = t.read_kernel_u64(jiffies);
-    for i in 0..50 {
+    for i in 0..200 {
         let serial = t.serial.clone();
         let mut new = hand_over(&t.vm, &serial);
         std::mem::swap(&mut t.vm, &mut new);
@@ -100,5 +100,24 @@ fn a_guest_handed_from_vm_to_vm_50_times_keeps_its_tasks_timer_and_serial() {
         for (k, w) in iters.windows(2).enumerate() {
             assert_eq!(w[1], w[0] + 200, "task {task}, line {k}: {iters:?}");
         }
+    }
+    // Every update of the kernel's statistics made, none lost or made
+    // twice: each report's count and sum are the task's own.
+    for l in text.lines().filter(|l| l.contains(" stats calls=")) {
+        let field = |k: &str| -> u64 {
+            l.split(k)
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {k} in {l}"))
+        };
+        let (iter, calls, sum, lost) = (
+            field(" iter "),
+            field(" calls="),
+            field(" sum="),
+            field(" lost="),
+        );
+        assert_eq!((calls, lost), (iter, 0), "{l}");
+        assert_eq!(sum, iter * (iter + 1) / 2, "{l}");
     }
 }

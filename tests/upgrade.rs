@@ -42,21 +42,28 @@ fn start_vm(dir: &RunDir, serial: &Path, key: &Path) {
     );
 }
 
-/// Each task's report lines: (iter, counter), in the order printed.
-fn reports(serial: &str, task: u64) -> Vec<(u64, u64)> {
+/// Each task's report lines: (iter, counter, calls, sum, lost), in the
+/// order printed.
+fn reports(serial: &str, task: u64) -> Vec<(u64, u64, u64, u64, u64)> {
     let prefix = format!("[tk] task {task} cpu ");
     serial
         .lines()
         .filter_map(|l| l.strip_prefix(&prefix))
         .map(|l| {
             let field = |k: &str| -> u64 {
-                l.split(&format!(" {k} "))
+                l.split(k)
                     .nth(1)
                     .and_then(|r| r.split(' ').next())
                     .and_then(|v| v.parse().ok())
                     .unwrap_or_else(|| panic!("no {k} in '{l}'"))
             };
-            (field("iter"), field("counter"))
+            (
+                field(" iter "),
+                field(" counter "),
+                field(" calls="),
+                field(" sum="),
+                field(" lost="),
+            )
         })
         .collect()
 }
@@ -83,20 +90,12 @@ fn a_vm_upgraded_100_times_under_load_keeps_its_tasks_timer_serial_patch_and_pro
     wait_lines(&serial, "version testkernel 1.0\n", 2, 60);
 
     // Before: a patch, and a range the guest writes all the time protected
-    // (the tasks' statistics: their writes are refused from now on).
+    // (the kernel's note of each task's iteration, written at every call and
+    // read only when a task exits: its writes are refused from now on).
     let fix = build_test_patch(&dir, &dir.0, &dir.0.join("key"), "fix", FIX);
     dir.ok(&["patch", "--vm", "up", p(&fix)]);
     wait_lines(&serial, "(live-patched)\n", 2, 60);
-    dir.ok(&[
-        "protect",
-        "--vm",
-        "up",
-        "--name",
-        "guard",
-        "--len",
-        "64",
-        "stats_table",
-    ]);
+    dir.ok(&["protect", "--vm", "up", "--name", "guard", "task_iters"]);
     let refused = wait_counter(&dir, "refused", 0);
     let first_pid = status(&dir)["pid"].as_u64().expect("pid");
 
@@ -175,6 +174,12 @@ fn a_vm_upgraded_100_times_under_load_keeps_its_tasks_timer_serial_patch_and_pro
         for w in r.windows(2) {
             assert_eq!(w[1].0, w[0].0 + REPORT, "task {task}: {w:?}");
             assert!(w[1].1 >= w[0].1, "task {task}: counter back {w:?}");
+        }
+        // Every kernel service call made once: the kernel's count and sum
+        // of the task's calls are the task's own.
+        for &(iter, _, calls, sum, lost) in &r {
+            assert_eq!((calls, lost), (iter, 0), "task {task} at {iter}:\n{out}");
+            assert_eq!(sum, iter * (iter + 1) / 2, "task {task} at {iter}");
         }
     }
 }

@@ -176,6 +176,10 @@ pub struct UpgradeInfo {
     /// Pausing the vCPUs (request to the last one out) before that,
     /// microseconds: the first vCPU out waits this much longer.
     pub pause_us: f64,
+    /// Pauses it took to find every vCPU where its state can be saved
+    /// whole (1 but on PVM hosts: see docs/upgrade.md).
+    #[serde(default)]
+    pub pauses: u32,
     /// The whole operation, from the request to the new process's report,
     /// milliseconds (the new process starts and builds its VM while the
     /// guest still runs).

@@ -104,6 +104,9 @@ pub enum VmError {
     /// KVM refused an MSR of a saved state.
     #[error("KVM refused MSR {0:#x} of the saved state")]
     MsrRefused(u32),
+    /// No pause found every vCPU where its state can be saved whole.
+    #[error("no pause in {n} tries found every vCPU where its state can be saved whole (a vCPU kept stopping just after a software interrupt)", n = .0)]
+    NoSafePoint(u32),
     /// A saved state that does not fit this VM.
     #[error("the saved machine state does not fit: {0}")]
     StateMismatch(String),
@@ -250,6 +253,18 @@ impl Vm {
         if let Err(e) = vm_fd.set_tss_address(0xfffb_d000) {
             // Needed on Intel only; other KVM flavours may refuse it.
             log::debug!("KVM_SET_TSS_ADDR: {e}");
+        }
+        // Pending exceptions are then reported by KVM_GET_VCPU_EVENTS as
+        // pending (not folded into "injected") and restored as such: a vCPU
+        // paused between an exception being raised and its delivery (on
+        // PVM, a guest kernel service entered by int3) is saved whole.
+        let payload = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_EXCEPTION_PAYLOAD,
+            args: [1, 0, 0, 0],
+            ..Default::default()
+        };
+        if let Err(e) = vm_fd.enable_cap(&payload) {
+            log::debug!("KVM_CAP_EXCEPTION_PAYLOAD: {e}");
         }
         vm_fd
             .create_irq_chip()
