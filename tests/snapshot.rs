@@ -121,3 +121,17 @@ fn a_guest_handed_from_vm_to_vm_200_times_keeps_its_tasks_timer_and_serial() {
         assert_eq!(sum, iter * (iter + 1) / 2, "{l}");
     }
 }
+
+#[test]
+fn memory_smaller_than_the_state_says_is_refused_by_name() {
+    common::require_kvm();
+    let small = vmm_core::memory::new_memfd(c"small-ram", 16 << 20).expect("memfd");
+    let area =
+        vmm_core::memory::new_memfd(c"area", vmm_core::region::PATCH_AREA_BYTES).expect("memfd");
+    let e = Vm::adopt(64 << 20, small, area, 1 << 32, 1, SerialSink::default())
+        .expect_err("16 MiB of RAM for a 64 MiB VM");
+    assert!(
+        e.to_string().contains("the RAM memfd holds 16777216 bytes"),
+        "{e}"
+    );
+}

@@ -413,6 +413,22 @@ impl Vm {
         vcpus: u8,
         serial: crate::devices::SerialSink,
     ) -> Result<Self, VmError> {
+        let need = crate::memory::ram_ranges(mem_bytes)
+            .iter()
+            .map(|r| r.file_offset + r.len)
+            .max()
+            .unwrap_or(0);
+        for (f, what, want) in [
+            (&ram, "RAM", need),
+            (&area, "patch area", crate::region::PATCH_AREA_BYTES),
+        ] {
+            let have = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if have < want {
+                return Err(VmError::StateMismatch(format!(
+                    "the {what} memfd holds {have} bytes, {want} are needed"
+                )));
+            }
+        }
         let ram = crate::memory::GuestRam::from_memfd(ram, mem_bytes)?;
         let area = crate::region::VmmRegion::from_memfd(area, area_gpa)?;
         Self::shell(ram, area, vcpus, serial)
