@@ -202,7 +202,7 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
 }
 
 /// What [`serve_vm`] returns when the guest was handed to another process.
-const HANDED_OVER: i32 = -1;
+pub const HANDED_OVER: i32 = -1;
 
 /// Blocks SIGINT and SIGTERM in this thread, before any other thread
 /// exists, so every thread inherits the mask: a thread of their own takes
@@ -247,11 +247,11 @@ pub fn serve_vm(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    if let Some(writers) = pending {
+    if pending.is_some() {
         let (server, ctl) = (server.clone(), vm.control());
         std::thread::Builder::new()
             .name("protect-kernel".into())
-            .spawn(move || protect_when_booted(&server, &ctl, writers))
+            .spawn(move || protect_when_booted(&server, &ctl))
             .map_err(|e| CliError::io("cannot start the protect-kernel thread".into(), e))?;
     }
     {
@@ -276,6 +276,9 @@ pub fn serve_vm(
         .control()
         .wait_stopped(None)
         .unwrap_or(ExitReason::Stopped);
+    // An upgrade in progress decides how this process ends: wait for it
+    // (it holds the handover context until it committed or undid).
+    drop(server.handoff.lock().unwrap_or_else(|e| e.into_inner()));
     if let Some(pid) = server.handed_to() {
         eprintln!("lucos: VM {id} handed over to a new VMM, pid {pid}");
         return Ok(HANDED_OVER);
@@ -291,30 +294,18 @@ pub fn serve_vm(
 
 /// `run --protect-kernel`: checks five times a second whether the kernel
 /// has booted, then protects its text (once; a failure is logged).
-fn protect_when_booted(
-    server: &ControlServer,
-    ctl: &vmm_core::vcpu::RunControl,
-    allow_writers: Vec<String>,
-) {
+fn protect_when_booted(server: &ControlServer, ctl: &vmm_core::vcpu::RunControl) {
     while !ctl.stopping() {
         std::thread::sleep(Duration::from_millis(200));
         if !server.kernel_booted() {
             continue;
         }
-        if server.handed_to().is_some() {
-            return;
-        }
-        let r =
-            vmm_core::control::Service::handle(server, &Request::ProtectKernel { allow_writers });
-        *server
-            .protect_pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
-        match r.error {
-            None => eprintln!(
+        match server.protect_pending_kernel().map(|r| r.error) {
+            Some(None) => eprintln!(
                 "lucos: kernel text integrity on: the kernel's text and read-only data are protected"
             ),
-            Some(e) => eprintln!("lucos: error: --protect-kernel failed: {}", e.message),
+            Some(Some(e)) => eprintln!("lucos: error: --protect-kernel failed: {}", e.message),
+            None => {}
         }
         return;
     }

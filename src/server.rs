@@ -122,6 +122,23 @@ impl ControlServer {
         }
     }
 
+    /// `run --protect-kernel` once the kernel has booted: protects its
+    /// text with the pending writers, under the same lock as every state
+    /// change (an upgrade never carries a protection both done and
+    /// pending). Returns the answer, or None if nothing was pending.
+    pub fn protect_pending_kernel(&self) -> Option<Response> {
+        let _one = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        if self.handed_to().is_some() {
+            return None;
+        }
+        let allow_writers = self
+            .protect_pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        Some(self.handle_serialized(&Request::ProtectKernel { allow_writers }))
+    }
+
     /// The VM.
     pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
@@ -154,7 +171,6 @@ impl ControlServer {
             pauses: self.pauses.load(Ordering::Relaxed),
             last_pause_ns: self.last_pause_ns.load(Ordering::Relaxed),
             upgrades: self.upgrades.load(Ordering::Relaxed),
-            uptime_ms: self.vm.uptime().as_millis() as u64,
             protect_pending: self
                 .protect_pending
                 .lock()
@@ -885,6 +901,14 @@ impl Service for ControlServer {
             _ => {}
         }
         let _one = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        // A request that waited for an upgrade must not act on a VM it
+        // handed over.
+        if let Some(pid) = self.handed_to() {
+            return Response::err(
+                ErrorCode::NotRunning,
+                format!("this VMM handed the VM to a new one (pid {pid}); connect again"),
+            );
+        }
         self.handle_serialized(req)
     }
 

@@ -93,8 +93,6 @@ pub struct ServiceState {
     pub last_pause_ns: u64,
     /// Upgrades before this one.
     pub upgrades: u64,
-    /// Guest uptime so far.
-    pub uptime_ms: u64,
     /// `--protect-kernel` writers, if the kernel text is not protected yet.
     pub protect_pending: Option<Vec<String>>,
     /// Write control's counters and event log so far (the machine state
@@ -114,8 +112,12 @@ pub struct ProcessState {
     pub stdout: bool,
     /// A serial log file is attached.
     pub serial_log: bool,
-    /// The binary to hand over to next time, by default.
+    /// The binary the new process runs (its own default for the next
+    /// upgrade).
     pub binary: String,
+    /// The CPUID each vCPU was given (kept: the new binary's own policy
+    /// may differ).
+    pub cpuids: Vec<Vec<vmm_core::snapshot::CpuidEntry>>,
 }
 
 /// The machine state and the counters that move while the guest runs.
@@ -127,6 +129,8 @@ pub struct PausedState {
     pub write: WriteCarry,
     /// Data-change counters.
     pub data: Vec<(String, [u64; 3])>,
+    /// Guest uptime so far.
+    pub uptime_ms: u64,
 }
 
 /// A message on the handover channel.
@@ -198,6 +202,18 @@ struct Attempt<'a> {
     child: Option<Child>,
     paused: bool,
     held: Option<Arc<AcceptGate>>,
+    /// The guest went to the new process: nothing may be undone.
+    committed: bool,
+}
+
+impl Drop for Attempt<'_> {
+    /// Whatever ends an attempt before its commit (an error, a panic)
+    /// undoes it.
+    fn drop(&mut self) {
+        if !self.committed {
+            self.undo();
+        }
+    }
 }
 
 impl Attempt<'_> {
@@ -259,11 +275,12 @@ pub fn hand_over(server: &ControlServer, binary: Option<&str>, limit: Duration) 
         child: None,
         paused: false,
         held: None,
+        committed: false,
     };
     match attempt(&mut a, ctx, &binary, limit, t0) {
         Ok(info) => {
-            // Committed: nothing of `a` may be undone.
-            std::mem::forget(a.child.take());
+            // The new process outlives this one; it is not waited for.
+            drop(a.child.take());
             Response::ok(info)
         }
         Err(Failure::Before(why)) => {
@@ -279,11 +296,8 @@ pub fn hand_over(server: &ControlServer, binary: Option<&str>, limit: Duration) 
             )
         }
         Err(Failure::After(why)) => {
-            log::error!("upgrade: the new VMM took the guest and then failed: {why}");
-            Response::err(
-                ErrorCode::Internal,
-                format!("the new VMM took the guest over and then failed: {why}"),
-            )
+            log::error!("upgrade: {why}");
+            Response::err(ErrorCode::Internal, why)
         }
     }
 }
@@ -347,7 +361,7 @@ fn attempt(
     };
 
     // 1. hello
-    left(&ch).map_err(|e| before(e.to_string()))?;
+    left(&ch).map_err(|e| before(format!("setting the channel's time limit: {e}")))?;
     let (version, new_pid) = match ch.recv::<Msg>() {
         Ok((
             Msg::Hello {
@@ -372,7 +386,8 @@ fn attempt(
         area_gpa: vm.area_gpa(),
         stdout: ctx.stdout,
         serial_log: ctx.serial_log.is_some(),
-        binary: ctx.binary.display().to_string(),
+        binary: binary.display().to_string(),
+        cpuids: vm.cpuid_entries().to_vec(),
     };
     let [ram, area] = vm.memfds();
     let mut fds = vec![ram, area, ctx.listener.as_raw_fd(), ctx.lock.as_raw_fd()];
@@ -386,7 +401,7 @@ fn attempt(
     };
     ch.send(&setup, &fds)
         .map_err(|e| before(a.child_gone(&e, "taking the setup")))?;
-    left(&ch).map_err(|e| before(e.to_string()))?;
+    left(&ch).map_err(|e| before(format!("setting the channel's time limit: {e}")))?;
     match ch.recv::<Msg>() {
         Ok((Msg::Prepared, _)) => {}
         Ok((Msg::Failed { message }, _)) => return Err(before(message)),
@@ -395,8 +410,12 @@ fn attempt(
     }
 
     // 3. the pause: no new connections, the guest stopped, its state sent.
-    ctx.gate.hold();
     a.held = Some(ctx.gate.clone());
+    if !ctx.gate.hold() {
+        return Err(before(
+            "the control socket's accept loop did not stop within a second".into(),
+        ));
+    }
     let (pause, pauses) = vm
         .pause_for_save()
         .map_err(|e| before(format!("pausing the guest: {e}")))?;
@@ -412,12 +431,13 @@ fn attempt(
             machine,
             write: vm.write_control().carried(events_sent),
             data: server.data_counts(),
+            uptime_ms: vm.uptime().as_millis() as u64,
         }),
     };
     let state_bytes = ch
         .send(&state, &[])
         .map_err(|e| before(a.child_gone(&e, "taking the state")))? as u64;
-    left(&ch).map_err(|e| before(e.to_string()))?;
+    left(&ch).map_err(|e| before(format!("setting the channel's time limit: {e}")))?;
     match ch.recv::<Msg>() {
         Ok((Msg::Ready, _)) => {}
         Ok((Msg::Failed { message }, _)) => return Err(before(message)),
@@ -425,16 +445,42 @@ fn attempt(
         Err(e) => return Err(before(a.child_gone(&e, "loading the state"))),
     }
 
-    // 4. commit.
-    vm.forget_serial_pending();
-    ch.send(&Msg::Go, &[])
-        .map_err(|e| Failure::After(e.to_string()))?;
+    // 4. commit. A VM being stopped (`lucos stop`, a signal) is not
+    // handed over. From here this process refuses every request and its
+    // vCPUs never run again; if `go` cannot be sent whole, the new process
+    // never starts the guest and it is taken back.
+    if vm.control().stopping() {
+        return Err(before("the VM is being stopped".into()));
+    }
     server.handed_to.store(new_pid, Ordering::SeqCst);
+    if !vm.control().set_handed_over(true) {
+        server.handed_to.store(0, Ordering::SeqCst);
+        return Err(before("the VM is being stopped".into()));
+    }
+    if let Err(e) = ch.send(&Msg::Go, &[]) {
+        vm.control().set_handed_over(false);
+        server.handed_to.store(0, Ordering::SeqCst);
+        return Err(before(
+            a.child_gone(&e, "before it could be given the guest"),
+        ));
+    }
+    a.committed = true;
+    // The new process passes the partial output line on.
+    vm.forget_serial_pending();
     let _ = ch.set_timeout(Some(Duration::from_secs(10)));
     let started_ns = match ch.recv::<Msg>() {
         Ok((Msg::Running { started_ns }, _)) => started_ns,
-        Ok((other, _)) => return Err(Failure::After(format!("unexpected message {other:?}"))),
-        Err(e) => return Err(Failure::After(e.to_string())),
+        Ok((other, _)) => {
+            return Err(Failure::After(format!(
+                "the new VMM (pid {new_pid}) was given the guest and answered {other:?}"
+            )))
+        }
+        Err(e) => {
+            return Err(Failure::After(format!(
+                "the new VMM (pid {new_pid}) was given the guest and did not report it running \
+                 ({e}); it may run it still: see its log"
+            )))
+        }
     };
     let upgrades = server.upgrades.fetch_add(1, Ordering::SeqCst) + 1;
     Ok(UpgradeInfo {
@@ -482,7 +528,16 @@ pub fn upgrade(args: UpgradeArgs) -> Result<i32, CliError> {
         ),
         None => None,
     };
-    let info: UpgradeInfo = crate::client::connect(&args.vm)?.call_as(&Request::Upgrade {
+    let mut client = crate::client::connect(&args.vm)?;
+    let status: vmm_core::control::StatusInfo = client.call_as(&Request::Status)?;
+    if status.protocol < 3 {
+        return Err(CliError::BadState(format!(
+            "VM {}'s VMM (pid {}) speaks control protocol {}, and live upgrade needs 3: \
+             it is older than live upgrade and can only be restarted",
+            args.vm, status.pid, status.protocol
+        )));
+    }
+    let info: UpgradeInfo = client.call_as(&Request::Upgrade {
         binary,
         timeout_ms: Some(args.timeout.saturating_mul(1000)),
     })?;
@@ -573,12 +628,6 @@ pub fn takeover(args: TakeoverArgs) -> Result<i32, CliError> {
     let (ram, area, listener, lock) = (next(), next(), next(), next());
     let serial_log = process.serial_log.then(&mut next);
     let listener = UnixListener::from(OwnedFd::from(listener));
-    // The lock file names the VMM that holds the VM.
-    {
-        use std::os::unix::fs::FileExt;
-        let _ = lock.set_len(0);
-        let _ = lock.write_at(std::process::id().to_string().as_bytes(), 0);
-    }
 
     let signals = crate::run::block_signals()?;
     let sink = SerialSink::new(
@@ -593,6 +642,7 @@ pub fn takeover(args: TakeoverArgs) -> Result<i32, CliError> {
         process.area_gpa,
         process.vcpus,
         sink,
+        &process.cpuids,
     )
     .map_err(|e| {
         fail(
@@ -630,7 +680,7 @@ pub fn takeover(args: TakeoverArgs) -> Result<i32, CliError> {
     vm.write_control().carry_on(&service.write);
     vm.write_control().carry_on(&state.write);
     server.set_data_counts(&state.data);
-    vm.carry_uptime(Duration::from_millis(service.uptime_ms));
+    vm.carry_uptime(Duration::from_millis(state.uptime_ms));
     ch.send(&Msg::Ready, &[])
         .map_err(|e| CliError::io("the handover channel".into(), e))?;
 
@@ -647,6 +697,12 @@ pub fn takeover(args: TakeoverArgs) -> Result<i32, CliError> {
     let started_ns = monotonic_ns();
     let _ = ch.send(&Msg::Running { started_ns }, &[]);
     drop(ch);
+    // The lock file names the VMM that holds the VM: this one now.
+    {
+        use std::os::unix::fs::FileExt;
+        let _ = lock.set_len(0);
+        let _ = lock.write_at(std::process::id().to_string().as_bytes(), 0);
+    }
     eprintln!(
         "lucos: VM {} taken over by pid {} ({}), upgrade {}",
         service.ident.id,
@@ -670,5 +726,8 @@ pub fn takeover(args: TakeoverArgs) -> Result<i32, CliError> {
     };
     *server.handoff.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctx);
     let sock = crate::paths::socket_path(&service.ident.id);
-    crate::run::serve_vm(vm, Arc::new(server), listener, gate, sock, signals)
+    match crate::run::serve_vm(vm, Arc::new(server), listener, gate, sock, signals)? {
+        crate::run::HANDED_OVER => Ok(exit::OK),
+        code => Ok(code),
+    }
 }

@@ -37,6 +37,7 @@ fn hand_over(old: &Vm, serial: &Arc<SerialCapture>) -> Vm {
         old.area_gpa(),
         old.vcpu_count(),
         SerialSink::new(false, None, Some(serial.clone())),
+        old.cpuid_entries(),
     )
     .expect("adopt");
     new.load_machine(&st).expect("load");
@@ -128,8 +129,16 @@ fn memory_smaller_than_the_state_says_is_refused_by_name() {
     let small = vmm_core::memory::new_memfd(c"small-ram", 16 << 20).expect("memfd");
     let area =
         vmm_core::memory::new_memfd(c"area", vmm_core::region::PATCH_AREA_BYTES).expect("memfd");
-    let e = Vm::adopt(64 << 20, small, area, 1 << 32, 1, SerialSink::default())
-        .expect_err("16 MiB of RAM for a 64 MiB VM");
+    let e = Vm::adopt(
+        64 << 20,
+        small,
+        area,
+        1 << 32,
+        1,
+        SerialSink::default(),
+        &[],
+    )
+    .expect_err("16 MiB of RAM for a 64 MiB VM");
     assert!(
         e.to_string().contains("the RAM memfd holds 16777216 bytes"),
         "{e}"

@@ -449,7 +449,9 @@ pub struct AcceptGate {
 #[derive(Debug, Default)]
 struct GateState {
     hold: bool,
-    parked: bool,
+    /// Holds asked for, and the last one the accept loop stopped for.
+    asked: u64,
+    stopped: u64,
 }
 
 impl AcceptGate {
@@ -458,7 +460,7 @@ impl AcceptGate {
         Ok(Self {
             state: Default::default(),
             cv: Default::default(),
-            wake: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?,
+            wake: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
         })
     }
 
@@ -466,17 +468,21 @@ impl AcceptGate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stops accepting; returns once the accept loop has stopped (or after
-    /// a second, if no loop runs).
-    pub fn hold(&self) {
+    /// Stops accepting. True once the accept loop has stopped for this
+    /// hold; false if it did not within a second (the gate is open again).
+    pub fn hold(&self) -> bool {
         let mut st = self.lock();
         st.hold = true;
+        st.asked += 1;
+        let want = st.asked;
         let _ = self.wake.write(1);
         let deadline = Instant::now() + Duration::from_secs(1);
-        while !st.parked {
+        while st.stopped < want {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return;
+                st.hold = false;
+                self.cv.notify_all();
+                return false;
             }
             st = self
                 .cv
@@ -484,6 +490,7 @@ impl AcceptGate {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        true
     }
 
     /// Accepts again.
@@ -496,11 +503,10 @@ impl AcceptGate {
     fn pass(&self) {
         let mut st = self.lock();
         while st.hold {
-            st.parked = true;
+            st.stopped = st.asked;
             self.cv.notify_all();
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        st.parked = false;
     }
 }
 

@@ -85,6 +85,16 @@ impl Channel {
             .iter()
             .map(|&fd| unsafe { File::from_raw_fd(fd) })
             .collect();
+        // Received descriptors are inheritable (recvmsg without
+        // MSG_CMSG_CLOEXEC): they must not leak into processes this one
+        // starts (the next upgrade's).
+        for f in &files {
+            use std::os::fd::AsRawFd;
+            // SAFETY: fcntl on a descriptor this process owns (in `f`).
+            if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

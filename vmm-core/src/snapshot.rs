@@ -29,7 +29,10 @@ use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::SerialRegs;
+
 use crate::vm::{Vm, VmError};
+/// One CPUID entry as KVM takes it (serializable).
+pub use kvm_bindings::kvm_cpuid_entry2 as CpuidEntry;
 
 /// The machine-state format this build writes.
 pub const FORMAT: u32 = 1;
@@ -192,15 +195,20 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, VmError> {
     Ok(out)
 }
 
-/// Writes `msrs`, the TSC first and the TSC deadline last; one KVM
-/// refuses is named in the error.
-fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), VmError> {
+/// Writes `msrs`, the TSC first and the TSC deadline last (without the
+/// TSC when `skip_tsc`: its offset is set instead); one KVM refuses is
+/// named in the error.
+fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)], skip_tsc: bool) -> Result<(), VmError> {
     let rank = |i: u32| match i {
         MSR_IA32_TSC => 0,
         MSR_IA32_TSC_DEADLINE => 2,
         _ => 1,
     };
-    let mut sorted = msrs.to_vec();
+    let mut sorted: Vec<(u32, u64)> = msrs
+        .iter()
+        .copied()
+        .filter(|&(i, _)| !(skip_tsc && i == MSR_IA32_TSC))
+        .collect();
     sorted.sort_by_key(|&(i, _)| rank(i));
     for batch in sorted.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
         let entries: Vec<kvm_msr_entry> = batch
@@ -269,9 +277,17 @@ impl Vm {
             }
             let mut safe = true;
             for v in 0..self.vcpu_count() {
-                if self.soft_exception_may_be_pending(v)? {
-                    safe = false;
-                    break;
+                match self.soft_exception_may_be_pending(v) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        safe = false;
+                        break;
+                    }
+                    Err(e) => {
+                        // Never leave the guest paused behind an error.
+                        let _ = self.resume();
+                        return Err(e);
+                    }
                 }
             }
             if safe {
@@ -302,6 +318,14 @@ impl Vm {
             vm.get_irqchip(c).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
         }
         let pit = vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?;
+        // KVM_GET_XSAVE gives the first 4 KiB; a guest allowed more (AMX
+        // tiles, KVM_CAP_XSAVE2) would lose the rest.
+        let xsave_size = self.kvm.check_extension_int(kvm_ioctls::Cap::Xsave2);
+        if xsave_size > 4096 {
+            return Err(VmError::StateMismatch(format!(
+                "the guest's XSAVE state is {xsave_size} bytes; lucos carries 4096"
+            )));
+        }
         let index_list = self
             .kvm
             .get_msr_index_list()
@@ -382,12 +406,19 @@ impl Vm {
             fd.set_debug_regs(&s.debug_regs)
                 .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
             fd.set_lapic(&s.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-            write_msrs(&fd, &s.msrs)?;
-            fd.set_vcpu_events(&s.events)
-                .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+            if let Some(khz) = s.tsc_khz {
+                if fd.get_tsc_khz().ok() != Some(khz) {
+                    fd.set_tsc_khz(khz).map_err(kvm_err("KVM_SET_TSC_KHZ"))?;
+                }
+            }
+            // The TSC offset before the MSRs: the TSC deadline is then
+            // written against the TSC as it runs on.
             if carry_tsc {
                 set_tsc_offset(&fd, s.tsc_offset.unwrap_or_default())?;
             }
+            write_msrs(&fd, &s.msrs, carry_tsc)?;
+            fd.set_vcpu_events(&s.events)
+                .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
             // Tell a kvmclock guest it was stopped (its watchdogs discount
             // the gap); a guest without kvmclock refuses, which is fine.
             let _ = fd.kvmclock_ctrl();
@@ -404,7 +435,8 @@ impl Vm {
 
     /// A VM over memory another VMM process handed over: RAM of
     /// `mem_bytes` in `ram`, the patch area in `area` at `area_gpa`, and
-    /// `vcpus` vCPUs, to be loaded with [`Vm::load_machine`] and started.
+    /// `vcpus` vCPUs with the CPUID the old VM's had, to be loaded with
+    /// [`Vm::load_machine`] and started.
     pub fn adopt(
         mem_bytes: u64,
         ram: std::fs::File,
@@ -412,6 +444,7 @@ impl Vm {
         area_gpa: u64,
         vcpus: u8,
         serial: crate::devices::SerialSink,
+        cpuids: &[Vec<kvm_bindings::kvm_cpuid_entry2>],
     ) -> Result<Self, VmError> {
         let need = crate::memory::ram_ranges(mem_bytes)
             .iter()
@@ -431,7 +464,12 @@ impl Vm {
         }
         let ram = crate::memory::GuestRam::from_memfd(ram, mem_bytes)?;
         let area = crate::region::VmmRegion::from_memfd(area, area_gpa)?;
-        Self::shell(ram, area, vcpus, serial)
+        Self::shell(ram, area, vcpus, serial, Some(cpuids))
+    }
+
+    /// The CPUID each vCPU was given (for a VMM process taking it over).
+    pub fn cpuid_entries(&self) -> &[Vec<kvm_bindings::kvm_cpuid_entry2>] {
+        &self.cpuids
     }
 
     /// The guest-physical base of the patch area.

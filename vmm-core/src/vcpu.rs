@@ -82,6 +82,9 @@ struct CtlState {
     /// vCPU threads started and not yet ended.
     live: usize,
     exit: Option<ExitReason>,
+    /// The guest went to another VMM process: the vCPUs stay parked until
+    /// they end, and nothing pauses or resumes them any more.
+    handed_over: bool,
 }
 
 /// State shared by the VMM and its vCPU threads.
@@ -142,6 +145,7 @@ impl RunControl {
                 parked: 0,
                 live: 0,
                 exit: None,
+                handed_over: false,
             }),
             cv: Condvar::new(),
             threads: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
@@ -171,6 +175,9 @@ impl RunControl {
     pub fn pause(&self, timeout: Duration) -> Result<Duration, PauseError> {
         let start = Instant::now();
         let mut st = self.lock();
+        if st.handed_over {
+            return Err(PauseError::NotRunning);
+        }
         match st.request {
             Request::Stop => return Err(PauseError::NotRunning),
             Request::Pause => return Err(PauseError::AlreadyPaused),
@@ -204,6 +211,9 @@ impl RunControl {
     /// Lets paused vCPUs run again.
     pub fn resume(&self) -> Result<(), PauseError> {
         let mut st = self.lock();
+        if st.handed_over {
+            return Err(PauseError::NotRunning);
+        }
         match st.request {
             Request::Pause => {
                 st.request = Request::Run;
@@ -218,7 +228,20 @@ impl RunControl {
     /// Whether every live vCPU is parked.
     pub fn is_paused(&self) -> bool {
         let st = self.lock();
-        st.request == Request::Pause && st.parked == st.live && st.live > 0
+        !st.handed_over && st.request == Request::Pause && st.parked == st.live && st.live > 0
+    }
+
+    /// Marks a paused VM as handed to another VMM process (`true`; or
+    /// takes it back, `false`, when the handover did not happen): while
+    /// marked, its parked vCPUs can be stopped but never paused, resumed
+    /// or used. Refused (false) unless paused, or while stopping.
+    pub fn set_handed_over(&self, on: bool) -> bool {
+        let mut st = self.lock();
+        if on && (st.request != Request::Pause || st.parked != st.live) {
+            return false;
+        }
+        st.handed_over = on;
+        true
     }
 
     /// Ends the VM with `reason` (the first reason recorded wins).

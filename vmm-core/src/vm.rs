@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, CpuId};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -137,6 +137,8 @@ pub struct Vm {
     write_control: Arc<WriteControl>,
     /// COM1's interrupt (a second handle on the bus's).
     pub(crate) serial_irq: EventFd,
+    /// The CPUID each vCPU was given.
+    pub(crate) cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
 }
 
 impl Vm {
@@ -153,7 +155,7 @@ impl Vm {
         let flavor = host_kvm_flavor();
         let ram = GuestRam::new(cfg.mem_bytes)?;
         let area = crate::region::VmmRegion::patch_area(ram_end(&ram))?;
-        let mut vm = Self::shell(ram, area, cfg.vcpus, cfg.serial)?;
+        let mut vm = Self::shell(ram, area, cfg.vcpus, cfg.serial, None)?;
         let ram = vm.ram.clone();
         loader::write_cmdline(&ram, &cfg.cmdline)?;
         let (kernel, boot) = match kind {
@@ -231,6 +233,7 @@ impl Vm {
         area: crate::region::VmmRegion,
         vcpu_count: u8,
         serial: SerialSink,
+        cpuids: Option<&[Vec<kvm_bindings::kvm_cpuid_entry2>]>,
     ) -> Result<Self, VmError> {
         if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
             return Err(VmError::BadVcpuCount(vcpu_count));
@@ -264,7 +267,10 @@ impl Vm {
             ..Default::default()
         };
         if let Err(e) = vm_fd.enable_cap(&payload) {
-            log::debug!("KVM_CAP_EXCEPTION_PAYLOAD: {e}");
+            log::warn!(
+                "KVM_CAP_EXCEPTION_PAYLOAD cannot be enabled ({e}): a live VMM upgrade may fail \
+                 to restore a vCPU with an exception pending"
+            );
         }
         vm_fd
             .create_irq_chip()
@@ -313,10 +319,11 @@ impl Vm {
                 .with_area(patch_area.clone()),
         );
 
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm {
-            what: "eventfd",
-            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-        })?;
+        let irq =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| VmError::Kvm {
+                what: "eventfd",
+                source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+            })?;
         vm_fd
             .register_irqfd(&irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
@@ -330,14 +337,32 @@ impl Vm {
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let sync_regs = kvm.check_extension(Cap::SyncRegs);
+        if cpuids.is_some_and(|c| c.len() != usize::from(vcpu_count)) {
+            return Err(VmError::StateMismatch(format!(
+                "CPUID given for {} vCPUs, the VM has {vcpu_count}",
+                cpuids.map(<[_]>::len).unwrap_or(0)
+            )));
+        }
         let mut vcpus = Vec::with_capacity(vcpu_count as usize);
+        let mut used = Vec::with_capacity(vcpu_count as usize);
         for i in 0..vcpu_count {
             let fd = vm_fd
                 .create_vcpu(u64::from(i))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            cpuid::set_vcpu_topology(&mut cpuid, i, vcpu_count);
+            // A VM taken over from another VMM process keeps the CPU its
+            // guest saw (that binary's CPUID policy may differ from ours).
+            let cpuid = match cpuids {
+                Some(c) => CpuId::from_entries(&c[usize::from(i)]).map_err(|_| {
+                    VmError::StateMismatch(format!("vCPU {i}: too many CPUID entries"))
+                })?,
+                None => {
+                    let mut c = supported.clone();
+                    cpuid::set_vcpu_topology(&mut c, i, vcpu_count);
+                    c
+                }
+            };
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            used.push(cpuid.as_slice().to_vec());
             vcpus.push(Arc::new(Vcpu {
                 index: i,
                 fd: std::sync::Mutex::new(fd),
@@ -358,6 +383,7 @@ impl Vm {
             patch_area,
             write_control,
             serial_irq,
+            cpuids: used,
         })
     }
 
