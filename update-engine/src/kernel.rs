@@ -269,7 +269,15 @@ fn read_image_range(
     start: u64,
     end: u64,
 ) -> Result<KernelImage, IntrospectError> {
-    let runs = mapped_runs(vm, paging, start, end);
+    // The patch area, once a patch mapped it into the kernel window (at
+    // its top), is the VMM's memory, not the kernel image, and not RAM: a
+    // view of the kernel built after a patch (in a VMM that took the guest
+    // over) must leave it out.
+    let area = vm.area();
+    let runs: Vec<_> = mapped_runs(vm, paging, start, end)
+        .into_iter()
+        .filter(|&(_, gpa, len)| gpa + len <= area.gpa || gpa >= area.gpa + area.size)
+        .collect();
     let (first, last) = match (runs.first(), runs.last()) {
         (Some(f), Some(l)) => (f.0, l.0 + l.2),
         _ => return Err(IntrospectError::NoImage),
