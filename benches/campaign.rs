@@ -17,14 +17,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use common::bench::median;
+use common::bench::{median, p99};
 use common::cli::{build_test_patch, p, start, text, RunDir, FIX};
 use serde_json::Value;
-
-fn p99(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1]
-}
 
 /// Runs the campaign of a plan with `body` after its patch; (seconds, per-VM pause µs).
 fn campaign(

@@ -17,14 +17,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::bench::median;
+use common::bench::{median, p99};
 use common::cli::{p, start, RunDir};
 use serde_json::Value;
-
-fn p99(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1]
-}
 
 /// Each task's stall reports so far: (task, round, max cycles).
 fn stalls(serial: &std::path::Path) -> Vec<(u64, u64, u64)> {

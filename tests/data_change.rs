@@ -188,6 +188,22 @@ impl Vm {
         self.run(&args)
     }
 
+    /// stats2.lup: the stats table's new layout ([`new_stats`]), its
+    /// added `generation` starting at 1.
+    fn build_stats2(&self) {
+        let o = self.build(
+            "stats2",
+            &new_stats(),
+            &[
+                "--data",
+                "stats_table:task_stat",
+                "--init",
+                "stats_table.generation=1",
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+
     /// Waits for `n` more stats reports of every task after `from` (a byte
     /// offset of the serial log), checking each: the task's count, the old
     /// copy's calls and sum as unpatched code reads them, nothing lost.
@@ -271,17 +287,7 @@ impl Report {
 fn stats_table_gets_a_new_layout_live_and_back_with_no_update_lost() {
     let vm = Vm::start("data-change");
     vm.check_reports(0, 2);
-    let o = vm.build(
-        "stats2",
-        &new_stats(),
-        &[
-            "--data",
-            "stats_table:task_stat",
-            "--init",
-            "stats_table.generation=1",
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    vm.build_stats2();
     let shown = vm.ok(&["inspect", p(&vm.path("stats2.lup"))]);
     for what in [
         "stats_table",
@@ -677,17 +683,7 @@ fn tracked_data_changes_stay_coherent_through_vmm_upgrades_and_retire_after_one(
     // A change that old code keeps using: tracked for as long as it is
     // applied; every write to either copy transferred, in whichever VMM
     // process runs the guest.
-    let o = vm.build(
-        "stats2",
-        &new_stats(),
-        &[
-            "--data",
-            "stats_table:task_stat",
-            "--init",
-            "stats_table.generation=1",
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    vm.build_stats2();
     vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
     vm.check_reports(vm.serial().len(), 2);
     let mut transfers = 0;

@@ -17,6 +17,13 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The 99th percentile of `v` (nearest rank; `v` must not be empty).
+#[allow(dead_code)]
+pub fn p99(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
 /// The number after `key=` in a line of `key=value` words.
 pub fn number(line: &str, key: &str) -> Option<f64> {
     line.split_whitespace()
