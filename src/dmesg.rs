@@ -83,6 +83,37 @@ pub fn alive(vm: &str, timeout_ms: u64, json: bool) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
+/// `lucos modules`: the guest kernel's loaded modules (and one's symbols).
+pub fn modules(vm: &str, symbols_of: Option<String>, json: bool) -> Result<i32, CliError> {
+    let info: update_engine::modules::ModulesInfo =
+        connect(vm)?.call_as(&Request::Modules { symbols_of })?;
+    if json {
+        print_typed(&info);
+        return Ok(exit::OK);
+    }
+    println!(
+        "{:<24} {:<8} {:>18} {:>9} {:>9} {:>7}  version / srcversion",
+        "module", "state", "base", "size", "text", "symbols"
+    );
+    for m in &info.modules {
+        println!(
+            "{:<24} {:<8} {:>#18x} {:>9} {:>9} {:>7}  {} / {}",
+            m.name,
+            m.state,
+            m.base,
+            m.size,
+            m.text_size,
+            m.symbols,
+            m.version.as_deref().unwrap_or("-"),
+            m.srcversion.as_deref().unwrap_or("-")
+        );
+    }
+    for s in info.symbols.iter().flatten() {
+        println!("{:016x} {} {} size={:#x}", s.addr, s.kind, s.name, s.size);
+    }
+    Ok(exit::OK)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -148,6 +148,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the guest kernel's loaded modules, read from guest memory (no
+    /// agent): name, state, core memory, version; `--symbols M` also lists
+    /// module M's symbols.
+    Modules {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// Also list this module's symbols.
+        #[arg(long)]
+        symbols: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the guest kernel's log, read from guest memory (no agent).
     Dmesg {
         /// VM id.
@@ -306,6 +320,7 @@ fn main() {
             json,
         } => dmesg::dmesg(&vm, since, follow, json),
         Command::Alive { vm, timeout, json } => dmesg::alive(&vm, timeout, json),
+        Command::Modules { vm, symbols, json } => dmesg::modules(&vm, symbols, json),
         Command::Status { vm, json } => client::status(&vm, json).map(|()| exit::OK),
         Command::Pause { vm, json } => client::pause(&vm, json).map(|()| exit::OK),
         Command::Resume { vm } => {

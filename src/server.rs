@@ -374,6 +374,7 @@ impl ControlServer {
             Request::Events { since } => Response::ok(self.events(*since)),
             Request::Protected => Response::ok(self.protect_info()),
             Request::Dmesg { since } => self.dmesg(*since),
+            Request::Modules { symbols_of } => self.modules(symbols_of.as_deref()),
             Request::Alive { timeout_ms } => self.alive(*timeout_ms),
             Request::Symbols {
                 queries,
@@ -731,6 +732,44 @@ impl ControlServer {
         }
     }
 
+    /// `modules`: the guest's loaded modules (and one's symbols), read
+    /// while the guest runs.
+    fn modules(&self, symbols_of: Option<&str>) -> Response {
+        let k = match self.guest_kernel_unserialized() {
+            Ok(k) => k,
+            Err(e) => return Response::err(ErrorCode::NoKernel, error_chain(&e)),
+        };
+        let layout = match &k.modules {
+            Ok(l) => l,
+            Err(e) => {
+                return Response::err(
+                    ErrorCode::NoKernel,
+                    format!("the guest kernel's modules cannot be found: {e}"),
+                )
+            }
+        };
+        let modules = match update_engine::modules::list(self.vm.as_ref(), layout) {
+            Ok(m) => m,
+            Err(e) => return Response::err(ErrorCode::NotMapped, error_chain(&e)),
+        };
+        let symbols = match symbols_of {
+            None => None,
+            Some(name) => {
+                let Some(m) = modules.iter().find(|m| m.name == name) else {
+                    return Response::err(
+                        ErrorCode::NoSymbol,
+                        format!("no module named '{name}' is loaded"),
+                    );
+                };
+                match update_engine::modules::symbols(self.vm.as_ref(), layout, m) {
+                    Ok(s) => Some(s),
+                    Err(e) => return Response::err(ErrorCode::NotMapped, error_chain(&e)),
+                }
+            }
+        };
+        Response::ok(update_engine::modules::ModulesInfo { modules, symbols })
+    }
+
     /// `alive`: waits up to `timeout_ms` for the guest kernel's clock to
     /// advance, reading it while the guest runs.
     fn alive(&self, timeout_ms: u64) -> Response {
@@ -894,6 +933,7 @@ impl Service for ControlServer {
             // while a patch is applied (or the VM is paused).
             Request::Dmesg { since } => return self.dmesg(*since),
             Request::Alive { timeout_ms } => return self.alive(*timeout_ms),
+            Request::Modules { symbols_of } => return self.modules(symbols_of.as_deref()),
             // Stopping never waits for a patch or an inspection in progress
             // (a switch that is stopped in its pause still completes).
             // The VM stops once this answer is out (`after_reply`).
@@ -991,6 +1031,7 @@ mod tests {
                     Request::Dmesg { .. } => typed::<vmm_core::control::DmesgInfo>(&data),
                     Request::Alive { .. } => typed::<vmm_core::control::AliveInfo>(&data),
                     Request::Upgrade { .. } => typed::<vmm_core::control::UpgradeInfo>(&data),
+                    Request::Modules { .. } => typed::<update_engine::modules::ModulesInfo>(&data),
                 };
                 assert_eq!(back, data, "{req:?}: the answer changed in a round trip");
                 answers += 1;

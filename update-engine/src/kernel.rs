@@ -77,6 +77,8 @@ pub struct GuestKernel {
     /// Where its log is (`lucos dmesg`), from its BTF or the DWARF of the
     /// ELF it was booted from; why not, otherwise.
     pub log: Result<LogLayout, String>,
+    /// Where the kernel keeps its modules (Linux with BTF).
+    pub modules: Result<crate::modules::ModuleLayout, String>,
 }
 
 /// Where a Linux kernel keeps the CPU features it booted with and patched
@@ -342,6 +344,7 @@ fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, Intro
                 None,
             )?;
             g.log = log_layout(&btf, Some((data, &name)), &g, paging);
+            g.modules = module_layout(&btf, &g, paging);
             return Ok(GuestKernel {
                 tasks,
                 cpu_caps,
@@ -372,6 +375,7 @@ fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, Intro
         Some(k.layout),
     )?;
     g.log = log_layout(&btf, None, &g, paging);
+    g.modules = module_layout(&btf, &g, paging);
     Ok(GuestKernel {
         timings,
         tasks,
@@ -410,6 +414,7 @@ fn finish(
         tasks: Err("not looked for".into()),
         cpu_caps: Err("not looked for".into()),
         log: Err("not looked for".into()),
+        modules: Err("not looked for".into()),
     })
 }
 
@@ -433,6 +438,26 @@ fn linux_layouts(
     match btf {
         Ok(btf) => (TaskLayout::new(btf, symbols), CpuCaps::new(btf, symbols)),
         Err(e) => (Err(e.clone()), Err(e.clone())),
+    }
+}
+
+/// Where the kernel `g` keeps its modules, from its BTF, read through its
+/// own top-level page table (as its log).
+fn module_layout(
+    btf: &Result<Btf, String>,
+    g: &GuestKernel,
+    paging: PagingState,
+) -> Result<crate::modules::ModuleLayout, String> {
+    let own = match g.symbols.lookup("init_top_pgt") {
+        Ok(s) => PagingState {
+            cr3: s.addr.wrapping_sub(g.text).wrapping_add(g.text_gpa),
+            ..paging
+        },
+        Err(_) => paging,
+    };
+    match btf {
+        Ok(btf) => crate::modules::ModuleLayout::from_btf(btf, &g.symbols, own),
+        Err(e) => Err(e.clone()),
     }
 }
 
@@ -544,6 +569,7 @@ impl GuestKernel {
             tasks: self.tasks.clone(),
             cpu_caps: self.cpu_caps.clone(),
             log: self.log.clone(),
+            modules: self.modules.clone(),
         })
     }
 }

@@ -17,6 +17,7 @@ pub mod klog;
 pub mod link;
 pub mod linux;
 pub mod lup;
+pub mod modules;
 pub mod patcher;
 pub mod protect;
 pub mod safety;

@@ -145,6 +145,13 @@ pub enum Request {
         /// How long to wait for a tick, in milliseconds.
         timeout_ms: u64,
     },
+    /// The guest kernel's loaded modules, read from guest memory (no
+    /// agent, no pause); with `symbols_of`, that module's symbols too.
+    Modules {
+        /// A module whose symbols to return.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        symbols_of: Option<String>,
+    },
     /// Hand the running guest to a new VMM process (`lucos upgrade`).
     Upgrade {
         /// The new lucos binary (default: the path this VMM was started from).
