@@ -50,17 +50,6 @@ module_init(lucosmod_init);
 module_exit(lucosmod_exit);
 "#;
 
-/// The host's signal to the guest that it may unload the module: a live
-/// patch makes /proc/uptime say so.
-const SIGNAL: &str = r#"#include <linux/seq_file.h>
-
-int uptime_proc_show(struct seq_file *m, void *v)
-{
-	seq_puts(m, "lucos-step-2\n");
-	return 0;
-}
-"#;
-
 /// Loads the module, says what the guest itself sees of it, waits for the
 /// host's signal, unloads it and says so.
 const WORKLOAD: &str = r#"#!/bin/sh
@@ -131,7 +120,14 @@ fn linux_modules_are_listed_from_guest_memory_with_their_symbols_and_go_when_unl
         kmod,
         vmlinux,
     } = PatchDirs::new("modules");
-    common::linux::build_patch(&files, &kbuild, &vmlinux, "signal", SIGNAL, &[]);
+    common::linux::build_patch(
+        &files,
+        &kbuild,
+        &vmlinux,
+        "signal",
+        common::linux::SIGNAL,
+        &[],
+    );
     build_modules(&kbuild, &kmod, &[("lucosmod", LUCOSMOD)]);
     std::fs::copy(kmod.join("lucosmod.ko"), guest.join("lucosmod.ko")).expect("module");
     let out = run_scenario_with(

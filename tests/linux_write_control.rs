@@ -29,17 +29,6 @@ int cmdline_proc_show(struct seq_file *m, void *v)
 }
 "#;
 
-/// The host's signal to the guest that the next step may begin: /proc/uptime
-/// says so (a second live patch).
-const SIGNAL: &str = r#"#include <linux/seq_file.h>
-
-int uptime_proc_show(struct seq_file *m, void *v)
-{
-	seq_puts(m, "lucos-step-2\n");
-	return 0;
-}
-"#;
-
 /// A module that writes `bytes` (hex) at kernel address `addr` with CR0.WP
 /// cleared, as a rootkit would, then reports what the address holds. Its
 /// init fails on purpose, so it can be loaded again.
@@ -175,7 +164,14 @@ fn linux_guest_cannot_undo_a_patch_or_write_protected_kernel_text_and_its_text_p
         vmlinux,
     } = PatchDirs::new("wcfiles");
     build_patch(&files, &kbuild, &vmlinux, "cmdfix", CMDFIX, &[]);
-    build_patch(&files, &kbuild, &vmlinux, "signal", SIGNAL, &[]);
+    build_patch(
+        &files,
+        &kbuild,
+        &vmlinux,
+        "signal",
+        common::linux::SIGNAL,
+        &[],
+    );
     build_modules(&kbuild, &kmod, &[("wpoke", WPOKE)]);
     std::fs::copy(kmod.join("wpoke.ko"), guest.join("wpoke.ko")).expect("module");
 

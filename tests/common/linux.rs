@@ -159,6 +159,18 @@ pub fn kernel_pkg() -> PathBuf {
     PathBuf::from(run_script("guest-kernels/linux/fetch-kernel.sh", &[]))
 }
 
+/// A live patch that is the host's signal to a guest scenario that its next
+/// step may begin: /proc/uptime says `lucos-step-2` (the guest polls it).
+#[allow(dead_code)]
+pub const SIGNAL: &str = r#"#include <linux/seq_file.h>
+
+int uptime_proc_show(struct seq_file *m, void *v)
+{
+	seq_puts(m, "lucos-step-2\n");
+	return 0;
+}
+"#;
+
 /// The chosen build's kbuild tree (linux-headers, fetched and checked on
 /// first use): what `lucos build --kbuild` and livepatch modules build against.
 pub fn kbuild_dir() -> PathBuf {

@@ -180,6 +180,7 @@ impl Fake {
             tasks: Err("not Linux".into()),
             cpu_caps: Err("not Linux".into()),
             log: Err("not Linux".into()),
+            modules: Err("not Linux".into()),
         }
     }
 }
