@@ -257,21 +257,6 @@ impl Vm {
             // Needed on Intel only; other KVM flavours may refuse it.
             log::debug!("KVM_SET_TSS_ADDR: {e}");
         }
-        // Pending exceptions are then reported by KVM_GET_VCPU_EVENTS as
-        // pending (not folded into "injected") and restored as such: a vCPU
-        // paused between an exception being raised and its delivery (on
-        // PVM, a guest kernel service entered by int3) is saved whole.
-        let payload = kvm_bindings::kvm_enable_cap {
-            cap: kvm_bindings::KVM_CAP_EXCEPTION_PAYLOAD,
-            args: [1, 0, 0, 0],
-            ..Default::default()
-        };
-        if let Err(e) = vm_fd.enable_cap(&payload) {
-            log::warn!(
-                "KVM_CAP_EXCEPTION_PAYLOAD cannot be enabled ({e}): a live VMM upgrade may fail \
-                 to restore a vCPU with an exception pending"
-            );
-        }
         vm_fd
             .create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
