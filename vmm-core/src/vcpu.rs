@@ -535,10 +535,16 @@ fn step(index: u8, fd: &mut VcpuFd, bus: &PioBus, wc: &WriteControl, synced: boo
     }
 }
 
-/// Logs the registers of a vCPU that triple-faulted (KVM keeps the state at
-/// the shutdown; RIP is where the last fault was raised or delivered).
+/// Logs the registers of a vCPU that triple-faulted. On Intel KVM keeps
+/// the state at the shutdown (RIP is where the last fault was raised or
+/// delivered); on AMD it resets the vCPU at the SHUTDOWN intercept, so the
+/// registers are the reset values (RIP 0xfff0, CS 0xf000), said as such.
 fn log_crash_state(index: u8, fd: &kvm_ioctls::VcpuFd) {
     match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => log::error!(
+            "vCPU {index} triple fault: its registers read back in their reset state (KVM on AMD \
+             resets a vCPU at a shutdown), so where it faulted is not known"
+        ),
         (Ok(r), Ok(s)) => log::error!(
             "vCPU {index} triple fault: rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x} gs_base={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}",
             r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
