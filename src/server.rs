@@ -216,13 +216,10 @@ impl ControlServer {
     }
 
     /// Data-change counters now (owner, counters), for the machine state.
+    /// (Read in the handover's pause: the counters only, not a copy of
+    /// each change and its patch objects.)
     pub(crate) fn data_counts(&self) -> Vec<(String, [u64; 3])> {
-        self.policy
-            .data()
-            .export()
-            .into_iter()
-            .map(|t| (t.owner, t.counts))
-            .collect()
+        self.policy.data().counts()
     }
 
     /// Sets the data-change counters to another process's.

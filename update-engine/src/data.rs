@@ -993,6 +993,25 @@ impl DataTracker {
         Ok(())
     }
 
+    /// The counters of every tracked change (owner; transfers, their
+    /// nanoseconds, failures): what moves while the guest runs.
+    pub fn counts(&self) -> Vec<(String, [u64; 3])> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.list
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|t| {
+                let c = [
+                    t.transfers.load(Relaxed),
+                    t.transfer_ns.load(Relaxed),
+                    t.failures.load(Relaxed),
+                ];
+                (t.owner.clone(), c)
+            })
+            .collect()
+    }
+
     /// Sets the counters of tracked changes to `counts` (owner, counters),
     /// as another VMM process had them when it paused.
     pub fn set_counts(&self, counts: &[(String, [u64; 3])]) {
