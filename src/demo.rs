@@ -151,6 +151,7 @@ fn live_patch(vm: &Vm, kernel: &std::path::Path, capture: &SerialCapture) -> Res
         diff: None,
         source: None,
         json: false,
+        modules: Vec::new(),
         out: lup.clone(),
         sources: vec![src],
     })?;
@@ -211,6 +212,7 @@ fn live_patch(vm: &Vm, kernel: &std::path::Path, capture: &SerialCapture) -> Res
         diff: None,
         source: None,
         json: false,
+        modules: Vec::new(),
         out: lup.clone(),
         sources: vec![src],
     })?;

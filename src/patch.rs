@@ -111,6 +111,12 @@ pub struct BuildArgs {
     /// SYMBOL.MEMBER (repeatable).
     #[arg(long = "narrow", value_name = "SYMBOL.MEMBER")]
     pub narrow: Vec<String>,
+    /// A module of the target build (its `.ko` from the kernel package)
+    /// whose functions the sources replace (repeatable): a source whose
+    /// functions the module defines is linked against that module in the
+    /// guest. Other sources replace vmlinux functions.
+    #[arg(long = "module", value_name = "MODULE.ko", conflicts_with_all = ["diff", "data"])]
+    pub modules: Vec<PathBuf>,
     /// Output `.lup`.
     #[arg(long, short)]
     pub out: PathBuf,
@@ -203,6 +209,61 @@ fn compile(args: &BuildArgs, tmp: &Path) -> Result<Vec<(String, PathBuf)>, CliEr
     Ok(objs)
 }
 
+/// A part of a function GCC moved out of line (`NAME.cold`): reached only
+/// by jumps from its function, in that function's frame, so never replaced
+/// on its own (the replacement's own part goes with it).
+fn is_fragment(name: &str) -> bool {
+    name.contains(".cold")
+}
+
+/// The `--module` files: each a module of the target build (its vermagic
+/// names the target's release), with a build-id.
+fn read_modules(
+    paths: &[PathBuf],
+    target: &KernelIdentity,
+) -> Result<Vec<symbol_db::module::ModuleObject>, CliError> {
+    // "Linux version RELEASE (...": the release a module's vermagic starts with.
+    let release = target
+        .version
+        .as_deref()
+        .and_then(|v| v.strip_prefix("Linux version "))
+        .and_then(|v| v.split_whitespace().next());
+    let mut out: Vec<symbol_db::module::ModuleObject> = Vec::new();
+    for p in paths {
+        let m = symbol_db::module::ModuleObject::from_file(p)?;
+        let Some(release) = release else {
+            return Err(CliError::Usage(format!(
+                "{}: --module is for Linux kernels, and the kernel has no Linux banner",
+                p.display()
+            )));
+        };
+        let built_for = m
+            .vermagic
+            .as_deref()
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap_or("?");
+        if built_for != release {
+            return Err(CliError::Usage(format!(
+                "{}: module {} was built for kernel {built_for}, the patch targets {release}",
+                p.display(),
+                m.name
+            )));
+        }
+        if m.build_id.is_none() {
+            return Err(CliError::Usage(format!(
+                "{}: module {} has no build-id; a patch must name the exact build it is for",
+                p.display(),
+                m.name
+            )));
+        }
+        if out.iter().any(|o| o.name == m.name) {
+            return Err(CliError::Usage(format!("module {} given twice", m.name)));
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
 /// `lucos build`: compile replacement functions with the target kernel's
 /// flags and package them as a signed `.lup`.
 pub fn build(args: BuildArgs) -> Result<i32, CliError> {
@@ -270,6 +331,8 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
         })
     };
     let _ = std::fs::remove_dir_all(&tmp);
+    let modules = read_modules(&args.modules, &target)?;
+    let mut module_targets: Vec<update_engine::lup::ModuleTarget> = Vec::new();
     let mut objects = Vec::new();
     let mut functions = Vec::new();
     for (stem, data) in compiled? {
@@ -289,9 +352,86 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
                 })
                 .collect()
         });
+        let object = format!("{stem}.o");
+        // Functions of a module: this object is linked against it.
+        let mut target_module: Option<&symbol_db::module::ModuleObject> = None;
         for s in osyms
             .iter()
-            .filter(|s| s.kind == symbol_db::SymbolKind::Function)
+            .filter(|s| s.kind == symbol_db::SymbolKind::Function && !is_fragment(&s.name))
+        {
+            let wanted = args.functions.is_empty()
+                || args
+                    .functions
+                    .iter()
+                    .any(|f| f.split('@').next() == Some(s.name.as_str()));
+            let owners: Vec<&symbol_db::module::ModuleObject> = modules
+                .iter()
+                .filter(|m| !m.functions_named(&s.name).is_empty())
+                .collect();
+            let m = match owners.as_slice() {
+                [] => continue,
+                [m] => *m,
+                [a, b, ..] => {
+                    return Err(CliError::Usage(format!(
+                        "{} is a function of both {} and {}: give only the module it replaces",
+                        s.name, a.name, b.name
+                    )))
+                }
+            };
+            if !wanted {
+                continue;
+            }
+            if let Some(t) = target_module.filter(|t| t.name != m.name) {
+                return Err(CliError::Usage(format!(
+                    "{stem}: replaces functions of both {} and {}: put each module's \
+                     functions in a source of its own",
+                    t.name, m.name
+                )));
+            }
+            target_module = Some(m);
+            let f = match m.functions_named(&s.name).as_slice() {
+                [f] => (*f).clone(),
+                _ => {
+                    return Err(CliError::Usage(format!(
+                        "module {} has more than one function named {}: lucos cannot tell \
+                         which one to replace",
+                        m.name, s.name
+                    )))
+                }
+            };
+            let code = m.code(&f).ok_or_else(|| {
+                CliError::Other(format!("{}: {} lies outside its section", m.name, f.name))
+            })?;
+            let old_masked = m.masked(&f);
+            let old_sha256 = old_code_sha256(code, &old_masked, &[], 0).map_err(CliError::Other)?;
+            functions.push(FunctionPatch {
+                old: f.name.clone(),
+                old_file: None,
+                old_size: f.size,
+                old_sha256,
+                old_masked,
+                old_relocs: Vec::new(),
+                new: s.name.clone(),
+                new_object: Some(object.clone()),
+                module: Some(m.name.clone()),
+            });
+        }
+        if let Some(m) = target_module {
+            let build_id = m.build_id.clone().unwrap_or_default();
+            match module_targets.iter_mut().find(|t| t.name == m.name) {
+                Some(t) => t.objects.push(object.clone()),
+                None => module_targets.push(update_engine::lup::ModuleTarget {
+                    name: m.name.clone(),
+                    build_id,
+                    objects: vec![object.clone()],
+                }),
+            }
+            objects.push((object, data));
+            continue;
+        }
+        for s in osyms
+            .iter()
+            .filter(|s| s.kind == symbol_db::SymbolKind::Function && !is_fragment(&s.name))
         {
             let diff_ref = match &diff_wanted {
                 Some(w) => match w.iter().find(|(n, _)| *n == s.name) {
@@ -343,6 +483,7 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
                 old_relocs,
                 new: s.name.clone(),
                 new_object: Some(format!("{stem}.o")),
+                module: None,
             });
         }
         objects.push((format!("{stem}.o"), data));
@@ -363,6 +504,7 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
         objects: objects.iter().map(|(n, _)| n.clone()).collect(),
         mode: args.mode,
         data,
+        modules: module_targets,
     };
     let key = match (&args.key, args.unsigned) {
         (_, true) => None,
@@ -733,12 +875,21 @@ pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliEr
         }
     );
     println!("signature   {signature}");
+    for t in &m.modules {
+        println!(
+            "module      {} (build-id {}): objects {}",
+            t.name,
+            t.build_id,
+            t.objects.join(", ")
+        );
+    }
     for f in &m.functions {
         println!(
             "function    {}{} ({} bytes, sha256 {}) -> {}",
             f.old,
             f.old_file
                 .as_deref()
+                .or(f.module.as_deref())
                 .map(|x| format!("@{x}"))
                 .unwrap_or_default(),
             f.old_size,
@@ -799,7 +950,15 @@ pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliEr
 /// One line per switched function: name, old entry -> replacement.
 fn print_functions(functions: &[SwitchedFunction]) {
     for f in functions {
-        println!("  {} {:#x} -> {:#x}", f.function, f.old_addr, f.new_addr);
+        let at = f
+            .module
+            .as_deref()
+            .map(|m| format!("@{m}"))
+            .unwrap_or_default();
+        println!(
+            "  {}{at} {:#x} -> {:#x}",
+            f.function, f.old_addr, f.new_addr
+        );
     }
 }
 
@@ -890,6 +1049,20 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
             p.name, p.version, p.description, p.code_bytes, p.code_addr, p.mode
         );
         print_functions(&p.functions);
+        // The objects it covers: vmlinux (when it switched any of its
+        // functions), and each module, applied or gone with the module.
+        let mut objects = Vec::new();
+        if p.functions.iter().any(|f| f.module.is_none()) || p.modules.is_empty() {
+            objects.push("vmlinux applied".to_owned());
+        }
+        for m in &p.modules {
+            let st = match m.status {
+                update_engine::patcher::ObjectStatus::Applied => "applied",
+                update_engine::patcher::ObjectStatus::Gone => "gone (unloaded)",
+            };
+            objects.push(format!("{} {st}", m.name));
+        }
+        println!("  objects   {}", objects.join(", "));
         for d in &p.data {
             println!(
                 "  data      {} (struct {} x {}): {} -> {} bytes, old copy {:#x}, new copy {:#x}",
@@ -918,7 +1091,11 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
             }
         }
         let owner = update_engine::patcher::patch_owner(&p.name);
-        let prot: Vec<_> = l.protected.iter().filter(|r| r.owner == owner).collect();
+        let prot: Vec<_> = l
+            .protected
+            .iter()
+            .filter(|r| r.owner == owner || r.owner.starts_with(&format!("{owner}@")))
+            .collect();
         println!(
             "  write control: {} ranges ({} bytes) protected from the guest",
             prot.len(),

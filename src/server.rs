@@ -322,7 +322,13 @@ impl ControlServer {
             }
             Request::Patches => {
                 let k = self.guest_kernel().ok();
-                let p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
+                let mut p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
+                // Parts of patches whose module the guest unloaded show as gone.
+                if let Some(k) = &k {
+                    if let Err(e) = p.reconcile_modules(self.vm.as_ref(), k) {
+                        log::warn!("checking patched modules: {e}");
+                    }
+                }
                 Response::ok(p.list(self.vm.as_ref(), k.as_deref()))
             }
             Request::Verify => {
@@ -330,7 +336,10 @@ impl ControlServer {
                     Ok(k) => k,
                     Err(e) => return Response::err(ErrorCode::NoKernel, error_chain(&e)),
                 };
-                let p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
+                let mut p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = p.reconcile_modules(self.vm.as_ref(), &kernel) {
+                    return Self::patch_response(Err(e));
+                }
                 match p.verify_applied(self.vm.as_ref(), &kernel) {
                     Ok(r) => Response::ok(r),
                     Err(e) => Self::patch_response(Err(e)),

@@ -19,6 +19,7 @@ pub mod dwarf;
 pub mod fixups;
 pub mod identity;
 pub mod kallsyms;
+pub mod module;
 mod sysmap;
 
 pub use identity::KernelIdentity;

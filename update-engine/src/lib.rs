@@ -76,6 +76,17 @@ pub enum UpdateError {
         /// The lookup error.
         why: String,
     },
+    /// A module the patch replaces functions of is not there as the patch
+    /// needs it (not loaded, another build, being loaded or unloaded).
+    #[error("patch '{patch}': module {module} {why}")]
+    Module {
+        /// The patch.
+        patch: String,
+        /// The module.
+        module: String,
+        /// What is wrong.
+        why: String,
+    },
     /// A relocation the linker does not handle.
     #[error(
         "patch object {object}: relocation type {kind} ({number}) in {section} is not supported"

@@ -460,6 +460,18 @@ pub fn link_with(
     resolve: &dyn Fn(&str) -> Result<u64, String>,
     cpu_has: &dyn Fn(u16) -> Result<bool, String>,
 ) -> Result<Linked, UpdateError> {
+    link_objects(objects, base, &|_, s| resolve(s), cpu_has)
+}
+
+/// [`link_with`], where what an undefined symbol stands for depends on the
+/// object that refers to it: `resolve(object, symbol)` (a patch object
+/// linked against a module finds the module's symbols first).
+pub fn link_objects(
+    objects: &[(String, Vec<u8>)],
+    base: u64,
+    resolve: &dyn Fn(&str, &str) -> Result<u64, String>,
+    cpu_has: &dyn Fn(u16) -> Result<bool, String>,
+) -> Result<Linked, UpdateError> {
     let mut objs = Vec::new();
     for (name, data) in objects {
         let bad = |why: String| UpdateError::BadObject {
@@ -613,8 +625,9 @@ pub fn link_with(
                 continue;
             };
             let sec_name = o.section_name(target);
+            let resolve = |s: &str| resolve(o.name, s);
             for r in relocs.iter() {
-                let (s_addr, sname) = o.symbol_address(r.r_sym, &globals, resolve, sec_name)?;
+                let (s_addr, sname) = o.symbol_address(r.r_sym, &globals, &resolve, sec_name)?;
                 let p = sec_addr + r.r_offset;
                 let at = (p - base) as usize;
                 let s_a = (s_addr as i64).wrapping_add(r.r_addend.unwrap_or(0));
@@ -625,7 +638,8 @@ pub fn link_with(
         }
     }
     for o in &objs {
-        o.apply_alternatives(&mut bytes, base, &globals, resolve, cpu_has)?;
+        let resolve = |s: &str| resolve(o.name, s);
+        o.apply_alternatives(&mut bytes, base, &globals, &resolve, cpu_has)?;
     }
     Ok(Linked {
         base,

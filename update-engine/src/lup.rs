@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! "LUCOSLUP"             8 bytes magic
-//! format version         u32 LE (1, 2 with data changes, 3 with C transfer functions)
+//! format version         u32 LE (1, 2 with data changes, 3 with C transfer
+//!                        functions, 4 with functions of modules)
 //! manifest length        u32 LE, then the manifest as JSON
 //! object count           u32 LE, then per object:
 //!   name length u16 LE, name, data length u32 LE, data (relocatable ELF)
@@ -24,21 +25,37 @@ pub use ed25519_dalek::{SigningKey, VerifyingKey};
 
 /// Magic at the start of every `.lup`.
 pub const MAGIC: &[u8; 8] = b"LUCOSLUP";
-/// The newest container format version this build reads and writes: 3 for
-/// a patch whose data changes have C transfer functions, 2 for one with
-/// only derived data changes, 1 for every other (a lucos that reads an
-/// older version refuses a newer patch rather than apply it without what
-/// it does not know).
-pub const FORMAT_VERSION: u32 = 3;
+/// The newest container format version this build reads and writes: 4 for
+/// a patch that replaces functions of modules, 3 for one whose data changes
+/// have C transfer functions, 2 for one with only derived data changes, 1
+/// for every other (a lucos that reads an older version refuses a newer
+/// patch rather than apply it without what it does not know: a lucos
+/// without modules would look a module's function up in vmlinux).
+pub const FORMAT_VERSION: u32 = 4;
 
 fn format_version(m: &Manifest) -> u32 {
-    if m.data.is_empty() {
+    if !m.modules.is_empty() {
+        4
+    } else if m.data.is_empty() {
         1
     } else if m.data.iter().all(|d| d.c.is_none()) {
         2
     } else {
         3
     }
+}
+
+/// A module whose functions a patch replaces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleTarget {
+    /// The module's name, as the kernel knows it (`binfmt_misc`).
+    pub name: String,
+    /// Hex of the GNU build-id of the `.ko` the patch was built against:
+    /// the loaded module must carry the same.
+    pub build_id: String,
+    /// The patch objects linked against it (its own symbols first, then the
+    /// kernel's, then other modules'); every other object is vmlinux's.
+    pub objects: Vec<String>,
 }
 
 /// One function the patch replaces.
@@ -69,6 +86,10 @@ pub struct FunctionPatch {
     /// global of that name, or the only local one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_object: Option<String>,
+    /// The module the old function is in (one of the manifest's
+    /// `modules`); none for vmlinux.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
 }
 
 /// The hash a patch records for an old function: `code` as the file has it
@@ -141,6 +162,19 @@ pub struct Manifest {
     /// with C transfer functions).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<crate::data::DataChange>,
+    /// Modules whose functions it replaces (format version 4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<ModuleTarget>,
+}
+
+impl Manifest {
+    /// The module target `object` (a patch object) is linked against, if
+    /// any.
+    pub fn module_of_object(&self, object: &str) -> Option<&ModuleTarget> {
+        self.modules
+            .iter()
+            .find(|m| m.objects.iter().any(|o| o == object))
+    }
 }
 
 /// When a patch's switch may happen.
@@ -280,6 +314,29 @@ impl Lup {
         }
         for d in &manifest.data {
             d.check().map_err(|e| bad(&e))?;
+        }
+        for f in &manifest.functions {
+            if let Some(m) = &f.module {
+                if !manifest.modules.iter().any(|t| &t.name == m) {
+                    return Err(bad(&format!(
+                        "function {} is in module {m}, which the manifest does not name",
+                        f.old
+                    )));
+                }
+            }
+        }
+        for (i, t) in manifest.modules.iter().enumerate() {
+            if manifest.modules[..i].iter().any(|x| x.name == t.name) {
+                return Err(bad(&format!("module {} is named twice", t.name)));
+            }
+            if t.name.is_empty() || t.name.len() >= 56 || t.build_id.is_empty() {
+                return Err(bad("a module target without a name or build-id"));
+            }
+        }
+        if !manifest.data.is_empty() && !manifest.modules.is_empty() {
+            return Err(bad(
+                "a patch of modules cannot also change data layouts (not supported yet)",
+            ));
         }
         let count = r.u32().ok_or_else(|| bad("truncated object table"))?;
         if count > 64 {
@@ -441,6 +498,7 @@ mod tests {
                 objects: vec!["a.o".into()],
                 mode: Mode::Consistent,
                 data: vec![],
+                modules: vec![],
             },
             vec![("a.o".into(), vec![1, 2, 3])],
         )

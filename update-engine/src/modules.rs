@@ -41,8 +41,26 @@ pub struct ModuleLayout {
     num_symtab: u64,
     strtab: u64,
     typetab: u64,
+    /// Where the module's ELF notes are (its sysfs `notes` directory).
+    notes: Option<NotesLayout>,
     /// The paging to read kernel memory through.
     pub paging: PagingState,
+}
+
+/// `struct module_notes_attrs` (CONFIG_SYSFS and CONFIG_KALLSYMS): the
+/// module's SHF_ALLOC note sections, each a `struct bin_attribute` whose
+/// `private` is the loaded section and `size` its length.
+#[derive(Debug, Clone, Copy)]
+struct NotesLayout {
+    /// `module.notes_attrs`.
+    attrs_ptr: u64,
+    /// `module_notes_attrs.notes` and `.attrs`.
+    count: u64,
+    array: u64,
+    /// `sizeof(struct bin_attribute)`, and its `size` and `private`.
+    stride: u64,
+    size: u64,
+    private: u64,
 }
 
 /// One loaded module.
@@ -70,6 +88,10 @@ pub struct ModuleInfo {
     pub srcversion: Option<String>,
     /// Symbols in its table.
     pub symbols: u64,
+    /// Hex of the GNU build-id note it was loaded with (its identity: the
+    /// `.ko` file's), when the kernel keeps its notes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
 }
 
 /// What the `modules` request answers.
@@ -124,6 +146,17 @@ impl ModuleLayout {
             num_symtab: k("num_symtab")?,
             strtab: k("strtab")?,
             typetab: k("typetab")?,
+            notes: (|| -> Result<NotesLayout, symbol_db::SymbolError> {
+                Ok(NotesLayout {
+                    attrs_ptr: btf.offset_of("module", "notes_attrs")?,
+                    count: btf.offset_of("module_notes_attrs", "notes")?,
+                    array: btf.offset_of("module_notes_attrs", "attrs")?,
+                    stride: btf.struct_layout("bin_attribute")?.size,
+                    size: btf.offset_of("bin_attribute", "size")?,
+                    private: btf.offset_of("bin_attribute", "private")?,
+                })
+            })()
+            .ok(),
             paging,
         })
     }
@@ -233,10 +266,43 @@ pub fn list(vm: &dyn Guest, l: &ModuleLayout) -> Result<Vec<ModuleInfo>, ModuleE
             version: r.opt_str(m + l.version, "a module's version")?,
             srcversion: r.opt_str(m + l.srcversion, "a module's srcversion")?,
             symbols,
+            build_id: l.notes.and_then(|n| build_id(&r, m, n)),
         });
         node = r.u64(node, "the modules list")?;
     }
     Ok(out)
+}
+
+/// The build-id among the loaded note sections of the module at `m`
+/// (none while it has no notes: a module being loaded or unloaded).
+fn build_id(r: &Reader<'_>, m: u64, n: NotesLayout) -> Option<String> {
+    let attrs = r.u64(m + n.attrs_ptr, "a module's notes").ok()?;
+    if attrs == 0 {
+        return None;
+    }
+    let count = r.u32(attrs + n.count, "a module's note count").ok()?;
+    for i in 0..u64::from(count.min(64)) {
+        let a = attrs + n.array + i * n.stride;
+        let size = r.u64(a + n.size, "a note's size").ok()?;
+        let at = r.u64(a + n.private, "a note's address").ok()?;
+        if size == 0 || size > 4096 || at == 0 {
+            continue;
+        }
+        let mut notes = vec![0u8; size as usize];
+        r.bytes(at, &mut notes, "a module's notes").ok()?;
+        if let Some(id) = symbol_db::identity::build_id_from_notes(&notes) {
+            return Some(id);
+        }
+    }
+    None
+}
+
+/// The live module named `name`, or why there is none.
+pub fn find(vm: &dyn Guest, l: &ModuleLayout, name: &str) -> Result<ModuleInfo, ModuleError> {
+    let all = list(vm, l)?;
+    all.into_iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| ModuleError(format!("module {name} is not loaded in the guest")))
 }
 
 /// The symbols of module `m` (from its own symbol table as the kernel keeps
@@ -304,4 +370,20 @@ pub fn symbols(
         };
     }
     Ok(out)
+}
+
+/// The one symbol named `name` among a module's `symbols`, or why not.
+pub fn symbol_named<'s>(
+    symbols: &'s [ModuleSymbol],
+    module: &str,
+    name: &str,
+) -> Result<&'s ModuleSymbol, String> {
+    let mut all = symbols.iter().filter(|s| s.name == name);
+    match (all.next(), all.next()) {
+        (Some(s), None) => Ok(s),
+        (None, _) => Err(format!("module {module} has no symbol {name}")),
+        (Some(_), Some(_)) => Err(format!(
+            "module {module} has more than one symbol named {name}"
+        )),
+    }
 }

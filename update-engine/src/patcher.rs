@@ -37,7 +37,7 @@ use vmm_core::write_control::Protection;
 
 use crate::area::{self, Mapping, Space};
 use crate::kernel::{self, GuestKernel};
-use crate::link::link_with;
+use crate::link::link_objects;
 use crate::linux::TaskLayout;
 use crate::lup::{old_code_sha256, sha256_hex, FunctionPatch, Mode};
 use crate::safety::{Active, Leaving};
@@ -69,6 +69,9 @@ pub enum PatchError {
         /// Pauses tried.
         tries: u32,
     },
+    /// The guest's module list could not be read.
+    #[error(transparent)]
+    Modules(#[from] crate::modules::ModuleError),
     /// No room left.
     #[error("the patch area is full ({used} of {size} bytes in use; no free run of {need} bytes)")]
     AreaFull {
@@ -127,6 +130,34 @@ pub struct SwitchedFunction {
     /// What the trampoline overwrote (restored by revert), as hex.
     #[serde(with = "hex5")]
     pub saved: [u8; 5],
+    /// The module it is in; none for vmlinux.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// A module an applied patch switched functions of, as it was loaded then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedModule {
+    /// Its name.
+    pub name: String,
+    /// Its build-id.
+    pub build_id: String,
+    /// Its `struct module` when patched (the loaded instance).
+    #[serde(with = "symbol_db::hex_u64")]
+    pub addr: u64,
+    /// `applied`, or `gone` once the guest unloaded it (its sites went with
+    /// its memory: nothing to revert there).
+    pub status: ObjectStatus,
+}
+
+/// Where an applied patch stands in one object it covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectStatus {
+    /// Its functions are switched.
+    Applied,
+    /// The module was unloaded after the patch switched it.
+    Gone,
 }
 
 /// An applied patch.
@@ -160,6 +191,20 @@ pub struct AppliedPatch {
     /// Bytes hashed (its own writable data, after them, is not).
     #[serde(default)]
     pub code_len: u64,
+    /// The modules it switched functions of (the rest are vmlinux's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<AppliedModule>,
+}
+
+impl AppliedPatch {
+    /// Whether the switched function `f` is in a module the guest unloaded.
+    fn gone(&self, f: &SwitchedFunction) -> bool {
+        f.module.as_ref().is_some_and(|m| {
+            self.modules
+                .iter()
+                .any(|x| &x.name == m && x.status == ObjectStatus::Gone)
+        })
+    }
 }
 
 /// What [`Patcher::verify_applied`] finds: whether every applied patch is in effect
@@ -450,6 +495,103 @@ impl View {
     }
 }
 
+/// A module a patch replaces functions of, as loaded in the guest now.
+struct LoadedModule {
+    info: crate::modules::ModuleInfo,
+    symbols: Vec<crate::modules::ModuleSymbol>,
+}
+
+/// The modules `lup` targets, each found live in the guest with the build
+/// the patch was made for.
+fn loaded_modules(
+    g: &dyn Guest,
+    k: &GuestKernel,
+    lup: &Lup,
+) -> Result<Vec<LoadedModule>, PatchError> {
+    let m = &lup.manifest;
+    let mut out = Vec::new();
+    if m.modules.is_empty() {
+        return Ok(out);
+    }
+    let err = |module: &str, why: String| {
+        PatchError::Update(UpdateError::Module {
+            patch: m.name.clone(),
+            module: module.to_owned(),
+            why,
+        })
+    };
+    let layout = k.modules.as_ref().map_err(|why| {
+        err(
+            &m.modules[0].name,
+            format!("cannot be found: lucos cannot read this kernel's modules ({why})"),
+        )
+    })?;
+    let all = crate::modules::list(g, layout).map_err(|e| err(&m.modules[0].name, e.to_string()))?;
+    for t in &m.modules {
+        let Some(info) = all.iter().find(|x| x.name == t.name) else {
+            return Err(err(
+                &t.name,
+                "is not loaded in the guest: load it first (lucos does not yet hold a patch \
+                 for a module loaded later)"
+                    .into(),
+            ));
+        };
+        if info.state != "live" {
+            return Err(err(
+                &t.name,
+                format!("is {} (being loaded or unloaded): try again", info.state),
+            ));
+        }
+        match &info.build_id {
+            None => {
+                return Err(err(
+                    &t.name,
+                    "has no build-id the kernel keeps (its notes): lucos cannot tell its build"
+                        .into(),
+                ))
+            }
+            Some(id) if *id != t.build_id => {
+                return Err(err(
+                    &t.name,
+                    format!(
+                        "is another build: build-id {id} in the guest, the patch is for {}",
+                        t.build_id
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        let symbols = crate::modules::symbols(g, layout, info).map_err(|e| err(&t.name, e.to_string()))?;
+        out.push(LoadedModule {
+            info: info.clone(),
+            symbols,
+        });
+    }
+    Ok(out)
+}
+
+/// The symbols the loaded modules other than `mods` export: (name, address).
+fn other_exports(g: &dyn Guest, k: &GuestKernel, mods: &[LoadedModule]) -> Vec<(String, u64)> {
+    let Ok(layout) = k.modules.as_ref() else {
+        return Vec::new();
+    };
+    let Ok(all) = crate::modules::list(g, layout) else {
+        return Vec::new();
+    };
+    all.iter()
+        .filter(|m| m.state == "live" && !mods.iter().any(|l| l.info.addr == m.addr))
+        .filter_map(|m| crate::modules::symbols(g, layout, m).ok())
+        .flatten()
+        .filter(|s| s.kind.is_ascii_uppercase())
+        .map(|s| (s.name, s.addr))
+        .collect()
+}
+
+/// Owner of the protections of a patch's jumps in module `module`.
+pub fn module_owner(patch: &str, module: &str) -> String {
+    format!("{}@{module}", patch_owner(patch))
+}
+
 /// An old function, found and checked (phase 2).
 struct Old<'m> {
     f: &'m FunctionPatch,
@@ -492,6 +634,8 @@ struct SiteWrite {
     /// What a revert of this patch puts back.
     restore: [u8; 5],
     leaving: Vec<Leaving>,
+    /// The module it is in; none for vmlinux.
+    module: Option<String>,
 }
 
 impl Patcher {
@@ -665,11 +809,13 @@ impl Patcher {
         mode: Option<Mode>,
     ) -> Result<PatchReport, PatchError> {
         let t0 = Instant::now();
+        self.reconcile_modules(g, k)?;
         let lup = self.verify(path, k, replace)?;
         let mode = mode.unwrap_or(lup.manifest.mode);
         let view = View::new(g, k)?;
-        let olds = self.resolve(g, k, &view, &lup)?;
-        let placed = self.place(g, k, &view, &lup)?;
+        let mods = loaded_modules(g, k, &lup)?;
+        let olds = self.resolve(g, k, &view, &lup, &mods)?;
+        let placed = self.place(g, k, &view, &lup, &mods)?;
         let (mut plan, sites) = self.plan(g, &view, &lup, &olds, &placed, (replace, mode))?;
         // C transfer functions: linked for the sandbox and run over the
         // object as it is now, before any pause.
@@ -722,6 +868,17 @@ impl Patcher {
             .collect();
         let name = lup.manifest.name.clone();
         let report = self.commit_apply(&lup, placed, sites, switched, &view, replace, mode, t0);
+        if let Some(a) = self.state.applied.iter_mut().find(|a| a.name == name) {
+            a.modules = mods
+                .iter()
+                .map(|m| AppliedModule {
+                    name: m.info.name.clone(),
+                    build_id: m.info.build_id.clone().unwrap_or_default(),
+                    addr: m.info.addr,
+                    status: ObjectStatus::Applied,
+                })
+                .collect();
+        }
         if let Some(a) = self.state.applied.iter_mut().find(|a| a.name == name) {
             for (d, users) in a.data.iter_mut().zip(earlier) {
                 d.users_left.extend(users);
@@ -840,10 +997,15 @@ impl Patcher {
         k: &GuestKernel,
         view: &View,
         lup: &'m Lup,
+        mods: &[LoadedModule],
     ) -> Result<Vec<Old<'m>>, PatchError> {
         let m = &lup.manifest;
         let mut olds = Vec::new();
         for f in &m.functions {
+            if let Some(module) = &f.module {
+                olds.push(self.resolve_in_module(g, view, lup, f, module, mods)?);
+                continue;
+            }
             let sym = match &f.old_file {
                 Some(file) => k.symbols.lookup_in(&f.old, file),
                 None => k.symbols.reference(&f.old),
@@ -888,6 +1050,62 @@ impl Patcher {
         Ok(olds)
     }
 
+    /// Phase 2 for a function of a module: found in the module's own symbol
+    /// table, its bytes checked with every relocated field and every site
+    /// the kernel rewrites masked (the patch recorded them from the `.ko`).
+    fn resolve_in_module<'m>(
+        &self,
+        g: &dyn Guest,
+        view: &View,
+        lup: &'m Lup,
+        f: &'m FunctionPatch,
+        module: &str,
+        mods: &[LoadedModule],
+    ) -> Result<Old<'m>, PatchError> {
+        let name = &lup.manifest.name;
+        let loaded = mods
+            .iter()
+            .find(|l| l.info.name == module)
+            .ok_or_else(|| UpdateError::Stack(format!("patch '{name}': module {module} not found")))?;
+        let sym = crate::modules::symbol_named(&loaded.symbols, module, &f.old).map_err(|why| {
+            UpdateError::Symbol {
+                patch: name.clone(),
+                why,
+            }
+        })?;
+        let mismatch = |why: String| UpdateError::OldBytesMismatch {
+            patch: name.clone(),
+            function: format!("{}@{module}", f.old),
+            why,
+        };
+        if !matches!(sym.kind, 't' | 'T') {
+            return Err(mismatch(format!("it is not code in the module (type {})", sym.kind)).into());
+        }
+        if sym.size != 0 && sym.size != f.old_size {
+            return Err(mismatch(format!(
+                "it is {} bytes in the loaded module, {} in the patch's target",
+                sym.size, f.old_size
+            ))
+            .into());
+        }
+        let mut code = vec![0u8; f.old_size as usize];
+        kernel::read_virt(g, view.read, sym.addr, &mut code)?;
+        if let Some(original) = self.original_bytes(sym.addr) {
+            code[..TRAMPOLINE_LEN].copy_from_slice(&original);
+        }
+        let got = old_code_sha256(&code, &f.old_masked, &f.old_relocs, 0)
+            .map_err(|why| mismatch(format!("the patch's description of it is wrong: {why}")))?;
+        if got != f.old_sha256 {
+            return Err(mismatch(
+                "its bytes in guest memory differ from the module build the patch was made for"
+                    .into(),
+            )
+            .into());
+        }
+        let site = trampoline::check_site(&f.old, sym.addr, &code)?;
+        Ok(Old { f, site })
+    }
+
     /// Phases 3 and 4: link at the area's base to learn the size (the layout
     /// does not depend on the base), find a free aligned run, link there.
     fn place(
@@ -896,6 +1114,7 @@ impl Patcher {
         k: &GuestKernel,
         view: &View,
         lup: &Lup,
+        mods: &[LoadedModule],
     ) -> Result<Placed, PatchError> {
         let (mapping, va) = match self.state.area_va {
             Some(va) => (None, va),
@@ -920,10 +1139,46 @@ impl Patcher {
             .iter()
             .flat_map(|a| a.data.iter().map(|d| (d.symbol.clone(), a.name.clone())))
             .collect();
+        // Exported symbols of the other loaded modules, read once if a
+        // module's patch object needs one.
+        let others: std::cell::OnceCell<Vec<(String, u64)>> = std::cell::OnceCell::new();
+        let exported = |s: &str| -> Option<u64> {
+            let all = others.get_or_init(|| other_exports(g, k, mods));
+            all.iter().find(|(n, _)| n == s).map(|&(_, a)| a)
+        };
         let resolve_with = |data_base: u64| {
             let changed_by = &changed_by;
             let data_off = &data_off;
-            move |s: &str| -> Result<u64, String> {
+            let exported = &exported;
+            move |object: &str, s: &str| -> Result<u64, String> {
+                // An object linked against a module: the module's own
+                // symbols first (its statics too), then the kernel's, then
+                // what other modules export.
+                if let Some(t) = lup.manifest.module_of_object(object) {
+                    if let Some(l) = mods.iter().find(|l| l.info.name == t.name) {
+                        let mut named = l.symbols.iter().filter(|x| x.name == s);
+                        match (named.next(), named.next()) {
+                            (Some(x), None) => return Ok(x.addr),
+                            (Some(_), Some(_)) => {
+                                return Err(format!(
+                                    "the patch needs {s}, which module {} has more than once",
+                                    t.name
+                                ))
+                            }
+                            (None, _) => {}
+                        }
+                        if let Ok(x) = k.symbols.reference(s) {
+                            return Ok(x.addr);
+                        }
+                        return exported(s).ok_or_else(|| {
+                            format!(
+                                "the patch needs {s}: neither module {}, the kernel nor another \
+                                 loaded module has it",
+                                t.name
+                            )
+                        });
+                    }
+                }
                 if let Some(i) = changes.iter().position(|d| d.symbol == s) {
                     return Ok(data_base + data_off[i]);
                 }
@@ -950,7 +1205,7 @@ impl Patcher {
                 )),
             }
         };
-        let at_base = link_with(&lup.objects, va, &resolve_with(va), &cpu_has)?;
+        let at_base = link_objects(&lup.objects, va, &resolve_with(va), &cpu_has)?;
         let code = (at_base.bytes.len() as u64).div_ceil(area::CODE_ALIGN) * area::CODE_ALIGN;
         let need = if changes.is_empty() {
             at_base.bytes.len() as u64
@@ -967,7 +1222,7 @@ impl Patcher {
         let linked = if start == 0 && changes.is_empty() {
             at_base
         } else {
-            link_with(
+            link_objects(
                 &lup.objects,
                 va + start,
                 &resolve_with(va + start + code),
@@ -1101,6 +1356,7 @@ impl Patcher {
                 // cumulative one replaces the whole stack, so the original.
                 restore: if replace { site.saved } else { now },
                 leaving: leaving(&f.old, site.addr, f.old_size, &now),
+                module: f.module.clone(),
             });
         }
         // With --replace, sites of applied patches that the new one does not
@@ -1108,6 +1364,10 @@ impl Patcher {
         if replace {
             for a in &self.state.applied {
                 for sf in &a.functions {
+                    // A site that went with its module is not there to write.
+                    if a.gone(sf) {
+                        continue;
+                    }
                     if !sites.iter().any(|w| w.addr == sf.old_addr) {
                         let orig = self.original_bytes(sf.old_addr).unwrap_or(sf.saved);
                         let now = self.current_bytes(sf.old_addr, orig);
@@ -1120,6 +1380,7 @@ impl Patcher {
                             bytes: orig,
                             restore: orig,
                             leaving: leaving(&sf.function, sf.old_addr, sf.old_size, &now),
+                            module: sf.module.clone(),
                         });
                     }
                 }
@@ -1169,7 +1430,7 @@ impl Patcher {
                 .state
                 .applied
                 .iter()
-                .flat_map(|a| [patch_owner(&a.name), crate::data::own_owner(&a.name)])
+                .flat_map(|a| owners_of(a))
                 .collect();
         }
         if let Some(map) = placed.mapping {
@@ -1252,6 +1513,7 @@ impl Patcher {
                 new_addr: w.new_addr,
                 old_size: w.old_size,
                 saved: w.restore,
+                module: w.module.clone(),
             })
             .collect();
         if replace {
@@ -1275,6 +1537,7 @@ impl Patcher {
             code_bytes: placed.need,
             code_sha256: Some(sha256_hex(&placed.linked.bytes[..code_len])),
             code_len: code_len as u64,
+            modules: Vec::new(),
             mode,
             data: m
                 .data
@@ -1327,6 +1590,78 @@ impl Patcher {
         v
     }
 
+    /// Notices the modules the guest unloaded since a patch switched their
+    /// functions: a module no longer in the kernel's list at the address it
+    /// was patched at, or one there that no longer holds the patch's jumps
+    /// (unloaded and loaded again). Their part of each patch is `gone`: the
+    /// protections of its jumps are released (in one short pause) and
+    /// nothing is written there again. Returns `PATCH@MODULE` per part that
+    /// went.
+    pub fn reconcile_modules(
+        &mut self,
+        g: &dyn Guest,
+        k: &GuestKernel,
+    ) -> Result<Vec<String>, PatchError> {
+        let watched = |a: &AppliedPatch| {
+            a.modules
+                .iter()
+                .any(|m| m.status == ObjectStatus::Applied)
+        };
+        if !self.state.applied.iter().any(watched) {
+            return Ok(Vec::new());
+        }
+        let Ok(layout) = k.modules.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let all = crate::modules::list(g, layout)?;
+        let view = View::new(g, k)?;
+        let mut gone = Vec::new();
+        for (i, a) in self.state.applied.iter().enumerate() {
+            for m in a.modules.iter().filter(|m| m.status == ObjectStatus::Applied) {
+                let present = all.iter().any(|x| {
+                    x.addr == m.addr
+                        && x.name == m.name
+                        && matches!(x.state.as_str(), "live" | "going")
+                });
+                let holds = present
+                    && a.functions
+                        .iter()
+                        .filter(|f| f.module.as_deref() == Some(m.name.as_str()))
+                        .all(|f| {
+                            let mut have = [0u8; 5];
+                            kernel::read_virt(g, view.read, f.old_addr, &mut have).is_ok()
+                                && have == self.current_bytes(f.old_addr, f.saved)
+                        });
+                if !holds {
+                    gone.push((i, m.name.clone()));
+                }
+            }
+        }
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        let owners: Vec<String> = gone
+            .iter()
+            .map(|(i, m)| module_owner(&self.state.applied[*i].name, m))
+            .collect();
+        {
+            let paused = vmm_core::guest::Paused::new(g)?;
+            paused
+                .change_protection(&owners, &[])
+                .map_err(|e| PatchError::Switch(e.to_string()))?;
+        }
+        let mut out = Vec::new();
+        for (i, name) in gone {
+            let a = &mut self.state.applied[i];
+            if let Some(m) = a.modules.iter_mut().find(|m| m.name == name) {
+                m.status = ObjectStatus::Gone;
+            }
+            log::info!("patch {}: module {name} was unloaded; its part of the patch is gone", a.name);
+            out.push(format!("{}@{name}", a.name));
+        }
+        Ok(out)
+    }
+
     /// Checks, while the guest runs, that every applied patch is in effect
     /// as it was applied: each switched site holds the jump of the newest
     /// patch that switched it, and each patch's code and read-only data
@@ -1343,7 +1678,7 @@ impl Patcher {
         // Newest first: a site is blamed on the patch whose jump it must hold.
         for a in self.state.applied.iter().rev() {
             for f in &a.functions {
-                if !seen.insert(f.old_addr) {
+                if a.gone(f) || !seen.insert(f.old_addr) {
                     continue;
                 }
                 sites += 1;
@@ -1419,6 +1754,9 @@ impl Patcher {
     ) -> Result<PatchReport, PatchError> {
         let t0 = Instant::now();
         let stack_err = |s: String| PatchError::Update(UpdateError::Stack(s));
+        if self.state.applied.iter().any(|a| a.name == name) {
+            self.reconcile_modules(g, k)?;
+        }
         let applied = &self.state.applied;
         let idx = applied
             .iter()
@@ -1453,9 +1791,11 @@ impl Patcher {
             start: target.code_addr,
             end: target.code_addr + target.code_bytes,
         };
+        // Sites of a module the guest unloaded went with its memory.
         let sites: Vec<SiteWrite> = target
             .functions
             .iter()
+            .filter(|f| !target.gone(f))
             .map(|f| SiteWrite {
                 function: f.function.clone(),
                 addr: f.old_addr,
@@ -1465,10 +1805,11 @@ impl Patcher {
                 bytes: f.saved,
                 restore: f.saved,
                 leaving: vec![code.clone()],
+                module: f.module.clone(),
             })
             .collect();
         let mut plan = site_plan(g, &view, &sites)?;
-        plan.release = vec![patch_owner(name), crate::data::own_owner(name)];
+        plan.release = owners_of(target);
         // Data changes go back to their old layout in the same pause: the
         // old copies from the new ones, then neither is tracked.
         let area = g.area();
@@ -1559,6 +1900,13 @@ pub fn patch_owner(name: &str) -> String {
     format!("patch:{name}")
 }
 
+/// Every owner of protections an applied patch holds.
+fn owners_of(a: &AppliedPatch) -> Vec<String> {
+    let mut v = vec![patch_owner(&a.name), crate::data::own_owner(&a.name)];
+    v.extend(a.modules.iter().map(|m| module_owner(&a.name, &m.name)));
+    v
+}
+
 /// The protections of the jumps in `plan` (one write per site, in order)
 /// that switch to new code; sites given back to their original bytes stay
 /// ordinary memory.
@@ -1568,7 +1916,10 @@ fn site_protections(plan: &Plan, sites: &[SiteWrite], name: &str) -> Vec<Protect
         .zip(sites)
         .filter(|(_, s)| s.new_addr != 0)
         .map(|(w, s)| Protection {
-            owner: patch_owner(name),
+            owner: match &s.module {
+                Some(m) => module_owner(name, m),
+                None => patch_owner(name),
+            },
             label: s.function.clone(),
             gpa: w.gpa,
             len: w.bytes.len() as u64,

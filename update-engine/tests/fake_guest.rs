@@ -346,6 +346,7 @@ impl Patches {
                 old_relocs: vec![],
                 new: f.into(),
                 new_object: Some(format!("{name}.o")),
+                module: None,
             })
             .collect();
         Lup::new(
@@ -359,6 +360,7 @@ impl Patches {
                 objects: vec![format!("{name}.o")],
                 mode: Mode::Consistent,
                 data: vec![],
+                modules: vec![],
             },
             vec![(format!("{name}.o"), obj)],
             Some(&self.key),
