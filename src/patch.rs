@@ -963,6 +963,21 @@ fn print_functions(functions: &[SwitchedFunction]) {
 }
 
 fn show_report(r: &PatchReport, verb: &str) {
+    if let (Some(m), true) = (&r.waiting_for, r.functions.is_empty()) {
+        if verb == "reverted" {
+            println!(
+                "dropped '{}': it was held for module {m}, which never loaded",
+                r.name
+            );
+        } else {
+            println!(
+                "held '{}': module {m} is not loaded; the patch is applied when the guest loads \
+                 it, before any of its code runs",
+                r.name
+            );
+        }
+        return;
+    }
     let immediate = r.mode == update_engine::lup::Mode::Immediate;
     let mut tasks = match r.sleeping_tasks_checked {
         Some(0) if immediate => String::new(),
@@ -1040,7 +1055,7 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
         print_typed(&l);
         return Ok(exit::OK);
     }
-    if l.patches.is_empty() {
+    if l.patches.is_empty() && l.held.is_empty() {
         println!("no patches applied to VM {vm}");
     }
     for p in &l.patches {
@@ -1101,6 +1116,19 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
             prot.len(),
             prot.iter().map(|r| r.len).sum::<u64>()
         );
+    }
+    for h in &l.held {
+        let state = match h.coming {
+            Some(a) => format!("module being loaded at {a:#x}"),
+            None => "not loaded".into(),
+        };
+        println!(
+            "{} v{}  {}  (held for module {}: {state})",
+            h.name, h.version, h.description, h.module
+        );
+        if let Some(e) = &h.last_error {
+            println!("  last load: not applied: {e}");
+        }
     }
     println!(
         "patch area  {} of {} bytes in use",

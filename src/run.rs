@@ -242,6 +242,23 @@ pub fn serve_vm(
             })
             .map_err(|e| CliError::io("cannot start the retire thread".into(), e))?;
     }
+    {
+        // Watched writes about the guest's modules (a patch held for a
+        // module being loaded, a patched module being unloaded) hold their
+        // vCPU until this thread has dealt with them.
+        let (server, ctl) = (server.clone(), vm.control());
+        std::thread::Builder::new()
+            .name("modules".into())
+            .spawn(move || {
+                while ctl.exit_reason().is_none() {
+                    if let Some(ev) = server.next_module_event(Duration::from_millis(500)) {
+                        server.module_event(&ev);
+                        ctl.release(usize::from(ev.vcpu()));
+                    }
+                }
+            })
+            .map_err(|e| CliError::io("cannot start the modules thread".into(), e))?;
+    }
     let pending = server
         .protect_pending
         .lock()

@@ -14,7 +14,7 @@ use update_engine::kernel::{SymbolAnswer, SymbolsInfo};
 use update_engine::klog;
 use update_engine::lup::Mode;
 use update_engine::patcher::{PatchError, PatchReport, Patcher};
-use update_engine::protect::{GuardPolicy, Writers, KERNEL_TEXT_OWNER};
+use update_engine::protect::{GuardPolicy, ModuleEvent, Writers, KERNEL_TEXT_OWNER};
 use update_engine::UpdateError;
 use vmm_core::control::{
     Done, ErrorCode, EventInfo, EventsInfo, PauseInfo, ProtectInfo, RegsInfo, Request, Response,
@@ -675,6 +675,35 @@ impl ControlServer {
         }
     }
 
+    /// The next module event the write policy holds a vCPU for.
+    pub fn next_module_event(&self, timeout: Duration) -> Option<ModuleEvent> {
+        self.policy.next_module_event(timeout)
+    }
+
+    /// Deals with a module event (the caller releases its vCPU after).
+    pub fn module_event(&self, ev: &ModuleEvent) {
+        let _one = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        if self.handed_to().is_some() {
+            return;
+        }
+        let k = match self.guest_kernel() {
+            Ok(k) => k,
+            Err(e) => {
+                log::error!("a module event ({ev:?}): {}", error_chain(&e));
+                return;
+            }
+        };
+        let mut p = self.patcher.lock().unwrap_or_else(|e| e.into_inner());
+        match p.on_module_event(self.vm.as_ref(), &k, ev) {
+            Ok(said) => {
+                for s in said {
+                    log::info!("{s}");
+                }
+            }
+            Err(e) => log::error!("a module event ({ev:?}): {}", error_chain(&e)),
+        }
+    }
+
     /// The guest kernel, inspected on first use and kept.
     /// The background check of data changes (the VMM runs it about once
     /// a second): retires those that can, each in one short pause.
@@ -830,12 +859,18 @@ impl ControlServer {
         }
         let answers = queries
             .iter()
-            .map(|q| match k.symbols.answer(q) {
-                Ok(a) => SymbolAnswer::Found(a),
-                Err(e) => SymbolAnswer::Failed {
-                    query: q.clone(),
-                    error: e.to_string(),
-                },
+            .map(|q| {
+                let found = match self.module_symbol(&k, q) {
+                    Some(r) => r,
+                    None => k.symbols.answer(q).map_err(|e| e.to_string()),
+                };
+                match found {
+                    Ok(a) => SymbolAnswer::Found(a),
+                    Err(error) => SymbolAnswer::Failed {
+                        query: q.clone(),
+                        error,
+                    },
+                }
             })
             .collect();
         Ok(SymbolsInfo {
@@ -850,6 +885,32 @@ impl ControlServer {
             answers,
             symbols: all.then(|| k.symbols.iter().cloned().collect()),
         })
+    }
+
+    /// `NAME@MODULE` where MODULE is a module loaded in the guest: the
+    /// symbol from that module's own table (its `file` is the module).
+    /// None when the query is no such lookup (`NAME@FILE` of vmlinux).
+    fn module_symbol(&self, k: &GuestKernel, q: &str) -> Option<Result<symbol_db::Answer, String>> {
+        let (name, module) = q.rsplit_once('@')?;
+        let layout = k.modules.as_ref().ok()?;
+        let modules = update_engine::modules::list(self.vm.as_ref(), layout).ok()?;
+        let m = modules.iter().find(|m| m.name == module)?;
+        Some(
+            update_engine::modules::symbols(self.vm.as_ref(), layout, m)
+                .map_err(|e| e.to_string())
+                .and_then(|syms| {
+                    let s = update_engine::modules::symbol_named(&syms, module, name)?;
+                    let mut sym =
+                        symbol_db::Symbol::from_type_letter(s.name.clone(), s.addr, s.kind);
+                    sym.size = s.size;
+                    sym.file = Some(module.to_owned());
+                    Ok(symbol_db::Answer {
+                        query: q.to_owned(),
+                        symbol: sym,
+                        offset: 0,
+                    })
+                }),
+        )
     }
 
     fn status(&self) -> StatusInfo {

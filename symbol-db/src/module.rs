@@ -88,8 +88,12 @@ impl ModuleObject {
                 "not a kernel module (not a relocatable object: a .ko is one)".into(),
             ));
         }
-        let sec_name =
-            |i: usize| -> &str { elf.section_headers.get(i).and_then(|sh| elf.shdr_strtab.get_at(sh.sh_name)).unwrap_or("") };
+        let sec_name = |i: usize| -> &str {
+            elf.section_headers
+                .get(i)
+                .and_then(|sh| elf.shdr_strtab.get_at(sh.sh_name))
+                .unwrap_or("")
+        };
         let find = |n: &str| {
             elf.section_headers
                 .iter()
@@ -200,10 +204,11 @@ impl ModuleObject {
             }
         };
         // A relative call/jmp is 5 bytes, a conditional jump 6.
-        let branch_len = |sec: usize, off: u64| match text.get(&sec).and_then(|t| t.get(off as usize)) {
-            Some(0x0f) => 6,
-            _ => 5,
-        };
+        let branch_len =
+            |sec: usize, off: u64| match text.get(&sec).and_then(|t| t.get(off as usize)) {
+                Some(0x0f) => 6,
+                _ => 5,
+            };
         for (table, stride, len) in [
             (".retpoline_sites", 4, None),
             (".return_sites", 4, None),

@@ -162,6 +162,20 @@ impl ModuleLayout {
     }
 }
 
+impl ModuleLayout {
+    /// Address of the kernel's `modules` list head (its `next` first): a
+    /// module is added at the head.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// Address of module `m`'s `state` (a u32: 0 live, 1 coming, 2 going,
+    /// 3 unformed).
+    pub fn state_addr(&self, m: &ModuleInfo) -> u64 {
+        m.addr + self.state
+    }
+}
+
 /// Errors reading modules.
 #[derive(Debug, thiserror::Error)]
 #[error("reading the guest's modules: {0}")]
@@ -246,31 +260,77 @@ pub fn list(vm: &dyn Guest, l: &ModuleLayout) -> Result<Vec<ModuleInfo>, ModuleE
                 "the modules list has more than {MAX_MODULES} entries (a loop?)"
             )));
         }
-        let m = node.wrapping_sub(l.list);
-        let mut name = [0u8; NAME_LEN];
-        r.bytes(m + l.name, &mut name, "a module's name")?;
-        let end = name.iter().position(|&c| c == 0).unwrap_or(NAME_LEN);
-        let kallsyms = r.u64(m + l.kallsyms, "a module's kallsyms")?;
-        let symbols = match kallsyms {
-            0 => 0,
-            k => r.u32(k + l.num_symtab, "a module's symbol count")?.into(),
-        };
-        out.push(ModuleInfo {
-            name: String::from_utf8_lossy(&name[..end]).into_owned(),
-            state: state_name(r.u32(m + l.state, "a module's state")?),
-            addr: m,
-            base: r.u64(m + l.base, "a module's base")?,
-            size: r.u32(m + l.size, "a module's size")?.into(),
-            text_size: r.u32(m + l.text_size, "a module's text size")?.into(),
-            ro_size: r.u32(m + l.ro_size, "a module's read-only size")?.into(),
-            version: r.opt_str(m + l.version, "a module's version")?,
-            srcversion: r.opt_str(m + l.srcversion, "a module's srcversion")?,
-            symbols,
-            build_id: l.notes.and_then(|n| build_id(&r, m, n)),
-        });
+        out.push(read_module(&r, l, node.wrapping_sub(l.list))?);
         node = r.u64(node, "the modules list")?;
     }
     Ok(out)
+}
+
+/// The module whose `struct module` is at `m`.
+fn read_module(r: &Reader<'_>, l: &ModuleLayout, m: u64) -> Result<ModuleInfo, ModuleError> {
+    let mut name = [0u8; NAME_LEN];
+    r.bytes(m + l.name, &mut name, "a module's name")?;
+    let end = name.iter().position(|&c| c == 0).unwrap_or(NAME_LEN);
+    let kallsyms = r.u64(m + l.kallsyms, "a module's kallsyms")?;
+    let symbols = match kallsyms {
+        0 => 0,
+        k => r.u32(k + l.num_symtab, "a module's symbol count")?.into(),
+    };
+    Ok(ModuleInfo {
+        name: String::from_utf8_lossy(&name[..end]).into_owned(),
+        state: state_name(r.u32(m + l.state, "a module's state")?),
+        addr: m,
+        base: r.u64(m + l.base, "a module's base")?,
+        size: r.u32(m + l.size, "a module's size")?.into(),
+        text_size: r.u32(m + l.text_size, "a module's text size")?.into(),
+        ro_size: r.u32(m + l.ro_size, "a module's read-only size")?.into(),
+        version: r.opt_str(m + l.version, "a module's version")?,
+        srcversion: r.opt_str(m + l.srcversion, "a module's srcversion")?,
+        symbols,
+        build_id: l.notes.and_then(|n| build_id(r, m, n)),
+    })
+}
+
+/// The module a node of the kernel's modules list belongs to, as it is now
+/// (a module being loaded is in the list from its `unformed` state on);
+/// none for the list head itself.
+pub fn module_at_node(
+    vm: &dyn Guest,
+    l: &ModuleLayout,
+    node: u64,
+) -> Result<Option<ModuleInfo>, ModuleError> {
+    if node == l.head {
+        return Ok(None);
+    }
+    let r = Reader {
+        vm,
+        paging: l.paging,
+    };
+    read_module(&r, l, node.wrapping_sub(l.list)).map(Some)
+}
+
+/// The GNU build-id note in module `m`'s read-only core memory (where the
+/// loader puts its SHF_ALLOC notes), for a module whose notes the kernel
+/// does not list yet (its sysfs entries come after it is `coming`).
+pub fn scan_build_id(vm: &dyn Guest, l: &ModuleLayout, m: &ModuleInfo) -> Option<String> {
+    const HEAD: [u8; 16] = *b"\x04\0\0\0\x14\0\0\0\x03\0\0\0GNU\0";
+    let r = Reader {
+        vm,
+        paging: l.paging,
+    };
+    let len = m.ro_size.min(64 << 20);
+    let mut ro = vec![0u8; len as usize];
+    r.bytes(m.base, &mut ro, "a module's read-only memory")
+        .ok()?;
+    let at = (0..ro.len().saturating_sub(36))
+        .step_by(4)
+        .find(|&i| ro[i..i + 16] == HEAD)?;
+    Some(
+        ro[at + 16..at + 36]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 /// The build-id among the loaded note sections of the module at `m`

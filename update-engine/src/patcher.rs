@@ -145,6 +145,10 @@ pub struct AppliedModule {
     /// Its `struct module` when patched (the loaded instance).
     #[serde(with = "symbol_db::hex_u64")]
     pub addr: u64,
+    /// Owner of the protections of its jumps (unique to this apply, see
+    /// [`module_owner`]); `watch:` before it owns the watch on the
+    /// module's state.
+    pub owner: String,
     /// `applied`, or `gone` once the guest unloaded it (its sites went with
     /// its memory: nothing to revert there).
     pub status: ObjectStatus,
@@ -194,6 +198,69 @@ pub struct AppliedPatch {
     /// The modules it switched functions of (the rest are vmlinux's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub modules: Vec<AppliedModule>,
+    /// For a patch of one module only: the `.lup` (hex), held again when
+    /// the guest unloads the module, to patch it when it loads again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// A patch for a module not loaded yet, held until the guest loads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldPatch {
+    /// Its name.
+    pub name: String,
+    /// Its description.
+    #[serde(default)]
+    pub description: String,
+    /// Its version.
+    pub version: u32,
+    /// The module it waits for.
+    pub module: String,
+    /// The mode to apply it in.
+    pub mode: Mode,
+    /// The `.lup`, hex.
+    #[serde(default, skip_serializing)]
+    pub lup: String,
+    /// The `struct module` of the instance being loaded that it will be
+    /// applied to (its state is watched), if one is loading.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hex")]
+    pub coming: Option<u64>,
+    /// Why the last try to apply it failed (the module loaded without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+mod opt_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(x) => s.serialize_some(&format!("{x:#x}")),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        let v: Option<String> = Option::deserialize(d)?;
+        v.map(|t| {
+            u64::from_str_radix(t.trim_start_matches("0x"), 16).map_err(serde::de::Error::custom)
+        })
+        .transpose()
+    }
+}
+
+fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn from_hex(t: &str) -> Option<Vec<u8>> {
+    if t.len() % 2 != 0 {
+        return None;
+    }
+    (0..t.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(t.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 impl AppliedPatch {
@@ -292,6 +359,10 @@ pub struct PatchReport {
     pub sleeping_tasks_checked: Option<usize>,
     /// Total time of the request, in microseconds.
     pub total_us: f64,
+    /// A patch for a module not loaded yet: held, and applied when the
+    /// guest loads this module (nothing was switched now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 /// The running kernel's text and its hash, to show a refused patch changed
@@ -415,6 +486,9 @@ pub struct PatchList {
     /// (each patch's jumps, `patch:NAME`; others' too).
     #[serde(default)]
     pub protected: Vec<Protection>,
+    /// Patches waiting for their module to load.
+    #[serde(default)]
+    pub held: Vec<HeldPatch>,
 }
 
 /// Use of the patch area.
@@ -437,6 +511,9 @@ pub struct PatchState {
     pub space: Space,
     /// Applied patches, oldest first.
     pub applied: Vec<AppliedPatch>,
+    /// Patches held for modules not loaded yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldPatch>,
 }
 
 /// Per-VM live-patch policy and state.
@@ -499,6 +576,11 @@ impl View {
 struct LoadedModule {
     info: crate::modules::ModuleInfo,
     symbols: Vec<crate::modules::ModuleSymbol>,
+    /// Owner of the protections of the patch's jumps in it.
+    owner: String,
+    /// Guest-physical address of its `state` (watched: see
+    /// [`crate::protect`]).
+    state_gpa: u64,
 }
 
 /// The modules `lup` targets, each found live in the guest with the build
@@ -507,6 +589,7 @@ fn loaded_modules(
     g: &dyn Guest,
     k: &GuestKernel,
     lup: &Lup,
+    coming: Option<u64>,
 ) -> Result<Vec<LoadedModule>, PatchError> {
     let m = &lup.manifest;
     let mut out = Vec::new();
@@ -520,34 +603,48 @@ fn loaded_modules(
             why,
         })
     };
+    // Owners unique to this apply: a watch that saw an earlier instance of
+    // the module go must not release this one's protections.
+    let tag = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    );
     let layout = k.modules.as_ref().map_err(|why| {
         err(
             &m.modules[0].name,
             format!("cannot be found: lucos cannot read this kernel's modules ({why})"),
         )
     })?;
-    let all = crate::modules::list(g, layout).map_err(|e| err(&m.modules[0].name, e.to_string()))?;
+    let all =
+        crate::modules::list(g, layout).map_err(|e| err(&m.modules[0].name, e.to_string()))?;
     for t in &m.modules {
         let Some(info) = all.iter().find(|x| x.name == t.name) else {
             return Err(err(
                 &t.name,
-                "is not loaded in the guest: load it first (lucos does not yet hold a patch \
-                 for a module loaded later)"
+                "is not loaded in the guest (a patch of one module only is held until it \
+                 loads; one that also covers vmlinux or other modules needs them all loaded)"
                     .into(),
             ));
         };
-        if info.state != "live" {
+        let is_coming = coming == Some(info.addr) && info.state == "coming";
+        if info.state != "live" && !is_coming {
             return Err(err(
                 &t.name,
                 format!("is {} (being loaded or unloaded): try again", info.state),
             ));
         }
+        let mut info = info.clone();
+        if info.build_id.is_none() {
+            info.build_id = crate::modules::scan_build_id(g, layout, &info);
+        }
         match &info.build_id {
             None => {
                 return Err(err(
                     &t.name,
-                    "has no build-id the kernel keeps (its notes): lucos cannot tell its build"
-                        .into(),
+                    "has no build-id note in its memory: lucos cannot tell its build".into(),
                 ))
             }
             Some(id) if *id != t.build_id => {
@@ -561,10 +658,17 @@ fn loaded_modules(
             }
             Some(_) => {}
         }
-        let symbols = crate::modules::symbols(g, layout, info).map_err(|e| err(&t.name, e.to_string()))?;
+        let symbols =
+            crate::modules::symbols(g, layout, &info).map_err(|e| err(&t.name, e.to_string()))?;
+        let state_va = layout.state_addr(&info);
+        let state_gpa = pagewalk::translate(g.ram(), layout.paging, state_va)
+            .map_err(|e| err(&t.name, format!("its state at {state_va:#x}: {e}")))?
+            .gpa;
         out.push(LoadedModule {
-            info: info.clone(),
+            info,
             symbols,
+            owner: module_owner(&m.name, &t.name, &tag),
+            state_gpa,
         });
     }
     Ok(out)
@@ -587,9 +691,10 @@ fn other_exports(g: &dyn Guest, k: &GuestKernel, mods: &[LoadedModule]) -> Vec<(
         .collect()
 }
 
-/// Owner of the protections of a patch's jumps in module `module`.
-pub fn module_owner(patch: &str, module: &str) -> String {
-    format!("{}@{module}", patch_owner(patch))
+/// Owner of the protections of a patch's jumps in module `module`,
+/// applied with `tag` (unique per apply).
+pub fn module_owner(patch: &str, module: &str, tag: &str) -> String {
+    format!("{}@{module}/{tag}", patch_owner(patch))
 }
 
 /// An old function, found and checked (phase 2).
@@ -636,6 +741,8 @@ struct SiteWrite {
     leaving: Vec<Leaving>,
     /// The module it is in; none for vmlinux.
     module: Option<String>,
+    /// Owner of the protection of its jump.
+    owner: String,
 }
 
 impl Patcher {
@@ -647,6 +754,7 @@ impl Patcher {
                 area_va: None,
                 space: Space::new(PATCH_AREA_BYTES),
                 applied: Vec::new(),
+                held: Vec::new(),
             },
         )
     }
@@ -715,6 +823,7 @@ impl Patcher {
                 .and_then(|(_, v)| tables_hash_in(g, &v).ok()),
             patch_area: self.area_usage(),
             protected: g.protections(),
+            held: self.state.held.clone(),
         }
     }
 
@@ -810,16 +919,65 @@ impl Patcher {
     ) -> Result<PatchReport, PatchError> {
         let t0 = Instant::now();
         self.reconcile_modules(g, k)?;
-        let lup = self.verify(path, k, replace)?;
+        let what = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| UpdateError::Io {
+            what: format!("cannot read {what}"),
+            source,
+        })?;
+        let lup = self.verify(Lup::parse(&bytes, &what)?, &what, k, replace)?;
+        // A patch of one module that is not loaded: held until it loads.
+        if let Some(module) = self.holdable(g, k, &lup, replace)? {
+            let mode = mode.unwrap_or(lup.manifest.mode);
+            self.state.held.push(HeldPatch {
+                name: lup.manifest.name.clone(),
+                description: lup.manifest.description.clone(),
+                version: lup.manifest.version,
+                module: module.clone(),
+                mode,
+                lup: to_hex(&bytes),
+                coming: None,
+                last_error: None,
+            });
+            if let Err(e) = self.sync_watches(g, k) {
+                self.state.held.pop();
+                return Err(e);
+            }
+            return Ok(PatchReport {
+                name: lup.manifest.name.clone(),
+                mode,
+                functions: Vec::new(),
+                pause_us: 0.0,
+                tries: 0,
+                sleeping_tasks_checked: None,
+                total_us: t0.elapsed().as_secs_f64() * 1e6,
+                waiting_for: Some(module),
+            });
+        }
+        self.apply_lup(g, k, &lup, &bytes, (replace, mode), None, t0)
+    }
+
+    /// Applies the verified `lup` (whose file is `bytes`); `coming` is the
+    /// `struct module` of a module being loaded it may be applied to.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_lup(
+        &mut self,
+        g: &dyn Guest,
+        k: &GuestKernel,
+        lup: &Lup,
+        bytes: &[u8],
+        (replace, mode): (bool, Option<Mode>),
+        coming: Option<u64>,
+        t0: Instant,
+    ) -> Result<PatchReport, PatchError> {
         let mode = mode.unwrap_or(lup.manifest.mode);
         let view = View::new(g, k)?;
-        let mods = loaded_modules(g, k, &lup)?;
-        let olds = self.resolve(g, k, &view, &lup, &mods)?;
-        let placed = self.place(g, k, &view, &lup, &mods)?;
-        let (mut plan, sites) = self.plan(g, &view, &lup, &olds, &placed, (replace, mode))?;
+        let mods = loaded_modules(g, k, lup, coming)?;
+        let olds = self.resolve(g, k, &view, lup, &mods)?;
+        let placed = self.place(g, k, &view, lup, &mods)?;
+        let (mut plan, sites) = self.plan(g, &view, lup, &olds, &placed, (replace, mode, &mods))?;
         // C transfer functions: linked for the sandbox and run over the
         // object as it is now, before any pause.
-        let runners = self.c_runners(g, &lup, &placed)?;
+        let runners = self.c_runners(g, lup, &placed)?;
         for copy in &mut plan.copies {
             copy.c = runners
                 .iter()
@@ -867,14 +1025,18 @@ impl Patcher {
             .map(|(p, d)| self.patches_using(g, p.old_va, p.old_va + d.old_bytes()))
             .collect();
         let name = lup.manifest.name.clone();
-        let report = self.commit_apply(&lup, placed, sites, switched, &view, replace, mode, t0);
+        let report = self.commit_apply(lup, placed, sites, switched, &view, replace, mode, t0);
+        let m = &lup.manifest;
+        let one_module = m.modules.len() == 1 && m.functions.iter().all(|f| f.module.is_some());
         if let Some(a) = self.state.applied.iter_mut().find(|a| a.name == name) {
+            a.source = one_module.then(|| to_hex(bytes));
             a.modules = mods
                 .iter()
                 .map(|m| AppliedModule {
                     name: m.info.name.clone(),
                     build_id: m.info.build_id.clone().unwrap_or_default(),
                     addr: m.info.addr,
+                    owner: m.owner.clone(),
                     status: ObjectStatus::Applied,
                 })
                 .collect();
@@ -938,9 +1100,14 @@ impl Patcher {
     }
 
     /// Phase 1: the file, its signature, its target, the stack rules.
-    fn verify(&self, path: &Path, k: &GuestKernel, replace: bool) -> Result<Lup, PatchError> {
-        let lup = Lup::read(path)?;
-        lup.verify(&self.trusted, &path.display().to_string())?;
+    fn verify(
+        &self,
+        lup: Lup,
+        what: &str,
+        k: &GuestKernel,
+        replace: bool,
+    ) -> Result<Lup, PatchError> {
+        lup.verify(&self.trusted, what)?;
         lup.check_target(&k.identity)?;
         let m = &lup.manifest;
         let stack_err = |s: String| PatchError::Update(UpdateError::Stack(s));
@@ -948,6 +1115,12 @@ impl Patcher {
             return Err(stack_err(format!(
                 "a patch named '{}' is already applied",
                 m.name
+            )));
+        }
+        if let Some(h) = self.state.held.iter().find(|h| h.name == m.name) {
+            return Err(stack_err(format!(
+                "a patch named '{}' is already held for module {}",
+                m.name, h.module
             )));
         }
         if replace && (!m.data.is_empty() || self.state.applied.iter().any(|a| !a.data.is_empty()))
@@ -1063,10 +1236,9 @@ impl Patcher {
         mods: &[LoadedModule],
     ) -> Result<Old<'m>, PatchError> {
         let name = &lup.manifest.name;
-        let loaded = mods
-            .iter()
-            .find(|l| l.info.name == module)
-            .ok_or_else(|| UpdateError::Stack(format!("patch '{name}': module {module} not found")))?;
+        let loaded = mods.iter().find(|l| l.info.name == module).ok_or_else(|| {
+            UpdateError::Stack(format!("patch '{name}': module {module} not found"))
+        })?;
         let sym = crate::modules::symbol_named(&loaded.symbols, module, &f.old).map_err(|why| {
             UpdateError::Symbol {
                 patch: name.clone(),
@@ -1079,7 +1251,9 @@ impl Patcher {
             why,
         };
         if !matches!(sym.kind, 't' | 'T') {
-            return Err(mismatch(format!("it is not code in the module (type {})", sym.kind)).into());
+            return Err(
+                mismatch(format!("it is not code in the module (type {})", sym.kind)).into(),
+            );
         }
         if sym.size != 0 && sym.size != f.old_size {
             return Err(mismatch(format!(
@@ -1309,7 +1483,7 @@ impl Patcher {
         lup: &Lup,
         olds: &[Old<'_>],
         placed: &Placed,
-        (replace, mode): (bool, Mode),
+        (replace, mode, mods): (bool, Mode, &[LoadedModule]),
     ) -> Result<(Plan, Vec<SiteWrite>), PatchError> {
         // What nothing may be in when the switch happens: the code being left
         // (consistent), or only the bytes being rewritten (immediate).
@@ -1357,6 +1531,12 @@ impl Patcher {
                 restore: if replace { site.saved } else { now },
                 leaving: leaving(&f.old, site.addr, f.old_size, &now),
                 module: f.module.clone(),
+                owner: f
+                    .module
+                    .as_ref()
+                    .and_then(|mn| mods.iter().find(|l| &l.info.name == mn))
+                    .map(|l| l.owner.clone())
+                    .unwrap_or_else(|| patch_owner(&m.name)),
             });
         }
         // With --replace, sites of applied patches that the new one does not
@@ -1381,6 +1561,7 @@ impl Patcher {
                             restore: orig,
                             leaving: leaving(&sf.function, sf.old_addr, sf.old_size, &now),
                             module: sf.module.clone(),
+                            owner: patch_owner(&a.name),
                         });
                     }
                 }
@@ -1389,7 +1570,17 @@ impl Patcher {
         let mut plan = site_plan(g, view, &sites)?;
         // Write control: the jumps this patch writes are protected from the
         // guest; a cumulative patch takes over from the ones it replaces.
-        plan.protect = site_protections(&plan, &sites, &m.name);
+        plan.protect = site_protections(&plan, &sites);
+        // Each patched module's state is watched: when the guest unloads
+        // it, its jumps' protections no longer hold (the memory is freed).
+        for l in mods {
+            plan.protect.push(Protection {
+                owner: crate::protect::watch_owner(&l.owner),
+                label: format!("module {} state", l.info.name),
+                gpa: l.state_gpa,
+                len: 4,
+            });
+        }
         // Data changes: in the same pause the new copies are made from the
         // old ones, and both are protected (their writes are transferred).
         let area_gpa = g.area().gpa;
@@ -1426,12 +1617,7 @@ impl Patcher {
             });
         }
         if replace {
-            plan.release = self
-                .state
-                .applied
-                .iter()
-                .flat_map(|a| owners_of(a))
-                .collect();
+            plan.release = self.state.applied.iter().flat_map(owners_of).collect();
         }
         if let Some(map) = placed.mapping {
             plan.writes.insert(
@@ -1538,6 +1724,7 @@ impl Patcher {
             code_sha256: Some(sha256_hex(&placed.linked.bytes[..code_len])),
             code_len: code_len as u64,
             modules: Vec::new(),
+            source: None,
             mode,
             data: m
                 .data
@@ -1566,6 +1753,7 @@ impl Patcher {
             tries: switched.tries,
             sleeping_tasks_checked: switched.tasks_checked,
             total_us: t0.elapsed().as_secs_f64() * 1e6,
+            waiting_for: None,
         }
     }
 
@@ -1590,6 +1778,284 @@ impl Patcher {
         v
     }
 
+    /// The module `lup` waits for, if it is a patch of one module only that
+    /// is not loaded (then it is held, not refused).
+    fn holdable(
+        &self,
+        g: &dyn Guest,
+        k: &GuestKernel,
+        lup: &Lup,
+        replace: bool,
+    ) -> Result<Option<String>, PatchError> {
+        let m = &lup.manifest;
+        let [t] = m.modules.as_slice() else {
+            return Ok(None);
+        };
+        if m.functions.iter().any(|f| f.module.is_none()) {
+            return Ok(None);
+        }
+        let Ok(layout) = k.modules.as_ref() else {
+            return Ok(None);
+        };
+        if crate::modules::list(g, layout)?
+            .iter()
+            .any(|x| x.name == t.name)
+        {
+            return Ok(None);
+        }
+        if replace {
+            return Err(UpdateError::Stack(format!(
+                "patch '{}': module {} is not loaded; a cumulative (--replace) patch is not held \
+                 for a module loaded later",
+                m.name, t.name
+            ))
+            .into());
+        }
+        Ok(Some(t.name.clone()))
+    }
+
+    /// Whether the modules list head must be watched: a patch is held, or
+    /// one will be held again once its unloaded module is gone.
+    fn wants_list_watch(&self) -> bool {
+        !self.state.held.is_empty()
+            || self.state.applied.iter().any(|a| {
+                a.source.is_some()
+                    && !a.modules.is_empty()
+                    && a.modules.iter().all(|m| m.status == ObjectStatus::Gone)
+            })
+    }
+
+    /// The list watch to add or release so it is there exactly when
+    /// [`Patcher::wants_list_watch`].
+    fn list_watch_change(
+        &self,
+        g: &dyn Guest,
+        k: &GuestKernel,
+    ) -> Result<(Vec<String>, Vec<Protection>), PatchError> {
+        let want = self.wants_list_watch();
+        let have = g
+            .protections()
+            .iter()
+            .any(|p| p.owner == crate::protect::LIST_WATCH);
+        if want == have {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        if !want {
+            return Ok((vec![crate::protect::LIST_WATCH.to_owned()], Vec::new()));
+        }
+        let layout = k
+            .modules
+            .as_ref()
+            .map_err(|why| PatchError::Map(format!("the guest's modules list: {why}")))?;
+        let head = pagewalk::translate(g.ram(), layout.paging, layout.head())
+            .map_err(VmError::Walk)?
+            .gpa;
+        Ok((
+            Vec::new(),
+            vec![Protection {
+                owner: crate::protect::LIST_WATCH.to_owned(),
+                label: "the kernel's modules list".into(),
+                gpa: head,
+                len: 8,
+            }],
+        ))
+    }
+
+    /// Adds or releases the list watch, in one short pause if anything
+    /// changes.
+    fn sync_watches(&mut self, g: &dyn Guest, k: &GuestKernel) -> Result<(), PatchError> {
+        let (release, add) = self.list_watch_change(g, k)?;
+        change_protection(g, &release, &add)
+    }
+
+    /// Deals with what a watched write told of the guest's modules (its
+    /// vCPU is held meanwhile: the caller releases it after): a module
+    /// being loaded that a held patch is for gets its state watched; one
+    /// that became `coming` is patched before any of its code runs; a
+    /// patched one being unloaded loses its part of the patch (held again
+    /// for its next load when the patch covers that module only). Returns
+    /// what happened, for the log.
+    pub fn on_module_event(
+        &mut self,
+        g: &dyn Guest,
+        k: &GuestKernel,
+        ev: &crate::protect::ModuleEvent,
+    ) -> Result<Vec<String>, PatchError> {
+        use crate::protect::{watch_owner, ModuleEvent, COMING_PREFIX};
+        let layout = k
+            .modules
+            .as_ref()
+            .map_err(|why| PatchError::Map(format!("the guest's modules list: {why}")))?
+            .clone();
+        let mut said = Vec::new();
+        let (mut release, mut add) = (Vec::new(), Vec::new());
+        match ev {
+            ModuleEvent::Going { owner, .. } => {
+                for a in &mut self.state.applied {
+                    if let Some(m) = a.modules.iter_mut().find(|m| &m.owner == owner) {
+                        m.status = ObjectStatus::Gone;
+                        release.push(owner.clone());
+                        release.push(watch_owner(owner));
+                        said.push(format!(
+                            "module {} is being unloaded: patch {}'s part in it is gone",
+                            m.name, a.name
+                        ));
+                    }
+                }
+            }
+            ModuleEvent::Listed { node, .. } => {
+                let all = crate::modules::list(g, &layout)?;
+                said.extend(self.rehold_gone(&all));
+                // Loads that failed before `coming`: their watch goes.
+                for h in &mut self.state.held {
+                    if let Some(addr) = h.coming {
+                        if !all.iter().any(|x| x.addr == addr && x.name == h.module) {
+                            release.push(format!("{COMING_PREFIX}{}@{addr:x}", h.module));
+                            h.coming = None;
+                        }
+                    }
+                }
+                if let Some(m) = crate::modules::module_at_node(g, &layout, *node)? {
+                    let waiting = self
+                        .state
+                        .held
+                        .iter()
+                        .any(|h| h.module == m.name && h.coming.is_none());
+                    if waiting && m.state == "unformed" {
+                        let gpa =
+                            pagewalk::translate(g.ram(), layout.paging, layout.state_addr(&m))
+                                .map_err(VmError::Walk)?
+                                .gpa;
+                        add.push(Protection {
+                            owner: format!("{COMING_PREFIX}{}@{:x}", m.name, m.addr),
+                            label: format!("module {} state (loading)", m.name),
+                            gpa,
+                            len: 4,
+                        });
+                        for h in self.state.held.iter_mut().filter(|h| h.module == m.name) {
+                            h.coming = Some(m.addr);
+                        }
+                        said.push(format!(
+                            "module {} is being loaded at {:#x}: watching for it to be coming",
+                            m.name, m.addr
+                        ));
+                    }
+                }
+            }
+            ModuleEvent::Coming { owner, .. } => {
+                release.push(owner.clone());
+                let (name, addr) = owner[COMING_PREFIX.len()..]
+                    .rsplit_once('@')
+                    .and_then(|(n, a)| Some((n.to_owned(), u64::from_str_radix(a, 16).ok()?)))
+                    .unwrap_or_default();
+                let due: Vec<HeldPatch> = self
+                    .state
+                    .held
+                    .iter()
+                    .filter(|h| h.module == name && h.coming == Some(addr))
+                    .cloned()
+                    .collect();
+                // The watch first: the apply pauses the guest on its own.
+                change_protection(g, &release, &[])?;
+                release.clear();
+                for h in due {
+                    let t0 = Instant::now();
+                    let result = from_hex(&h.lup)
+                        .ok_or_else(|| {
+                            PatchError::Switch("a held patch's bytes are damaged".into())
+                        })
+                        .and_then(|bytes| {
+                            let lup = Lup::parse(&bytes, &h.name)?;
+                            self.apply_lup(
+                                g,
+                                k,
+                                &lup,
+                                &bytes,
+                                (false, Some(h.mode)),
+                                Some(addr),
+                                t0,
+                            )
+                        });
+                    match result {
+                        Ok(r) => {
+                            self.state.held.retain(|x| x.name != h.name);
+                            said.push(format!(
+                                "module {name} is coming: patch {} applied before any of its code \
+                                 ran ({} functions, pause {:.0} µs)",
+                                h.name,
+                                r.functions.len(),
+                                r.pause_us
+                            ));
+                        }
+                        Err(e) => {
+                            let why = e.to_string();
+                            if let Some(x) = self.state.held.iter_mut().find(|x| x.name == h.name) {
+                                x.coming = None;
+                                x.last_error = Some(why.clone());
+                            }
+                            said.push(format!(
+                                "module {name} is coming, but patch {} could not be applied \
+                                 (the module runs without it): {why}",
+                                h.name
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        let (r, a) = self.list_watch_change(g, k)?;
+        release.extend(r);
+        add.extend(a);
+        change_protection(g, &release, &add)?;
+        Ok(said)
+    }
+
+    /// Patches of one module whose module is gone from the guest's list
+    /// (`all`, as it is now) are held again for its next load; their code
+    /// is freed. Returns what happened.
+    fn rehold_gone(&mut self, all: &[crate::modules::ModuleInfo]) -> Vec<String> {
+        let mut said = Vec::new();
+        let va = self.state.area_va;
+        let mut i = 0;
+        while i < self.state.applied.len() {
+            let a = &self.state.applied[i];
+            let gone = !a.modules.is_empty()
+                && a.modules.iter().all(|m| {
+                    m.status == ObjectStatus::Gone
+                        && !all.iter().any(|x| x.addr == m.addr && x.name == m.name)
+                });
+            let dependents = self
+                .state
+                .applied
+                .iter()
+                .any(|b| b.depends.contains(&a.name));
+            if !gone || dependents || a.source.is_none() {
+                i += 1;
+                continue;
+            }
+            let a = self.state.applied.remove(i);
+            if let Some(va) = va {
+                self.state.space.release(a.code_addr - va);
+            }
+            let module = a.modules[0].name.clone();
+            said.push(format!(
+                "module {module} is gone: patch {} is held for its next load",
+                a.name
+            ));
+            self.state.held.push(HeldPatch {
+                name: a.name,
+                description: a.description,
+                version: a.version,
+                module,
+                mode: a.mode,
+                lup: a.source.unwrap_or_default(),
+                coming: None,
+                last_error: None,
+            });
+        }
+        said
+    }
+
     /// Notices the modules the guest unloaded since a patch switched their
     /// functions: a module no longer in the kernel's list at the address it
     /// was patched at, or one there that no longer holds the patch's jumps
@@ -1602,12 +2068,9 @@ impl Patcher {
         g: &dyn Guest,
         k: &GuestKernel,
     ) -> Result<Vec<String>, PatchError> {
-        let watched = |a: &AppliedPatch| {
-            a.modules
-                .iter()
-                .any(|m| m.status == ObjectStatus::Applied)
-        };
-        if !self.state.applied.iter().any(watched) {
+        let watched =
+            |a: &AppliedPatch| a.modules.iter().any(|m| m.status == ObjectStatus::Applied);
+        if !self.state.applied.iter().any(watched) && !self.wants_list_watch() {
             return Ok(Vec::new());
         }
         let Ok(layout) = k.modules.as_ref() else {
@@ -1617,11 +2080,15 @@ impl Patcher {
         let view = View::new(g, k)?;
         let mut gone = Vec::new();
         for (i, a) in self.state.applied.iter().enumerate() {
-            for m in a.modules.iter().filter(|m| m.status == ObjectStatus::Applied) {
+            for m in a
+                .modules
+                .iter()
+                .filter(|m| m.status == ObjectStatus::Applied)
+            {
                 let present = all.iter().any(|x| {
                     x.addr == m.addr
                         && x.name == m.name
-                        && matches!(x.state.as_str(), "live" | "going")
+                        && matches!(x.state.as_str(), "live" | "coming" | "going")
                 });
                 let holds = present
                     && a.functions
@@ -1637,28 +2104,30 @@ impl Patcher {
                 }
             }
         }
-        if gone.is_empty() {
-            return Ok(Vec::new());
-        }
-        let owners: Vec<String> = gone
+        let mut owners: Vec<String> = gone
             .iter()
-            .map(|(i, m)| module_owner(&self.state.applied[*i].name, m))
+            .filter_map(|(i, m)| self.state.applied[*i].modules.iter().find(|x| &x.name == m))
+            .flat_map(|m| [m.owner.clone(), crate::protect::watch_owner(&m.owner)])
             .collect();
-        {
-            let paused = vmm_core::guest::Paused::new(g)?;
-            paused
-                .change_protection(&owners, &[])
-                .map_err(|e| PatchError::Switch(e.to_string()))?;
-        }
         let mut out = Vec::new();
         for (i, name) in gone {
             let a = &mut self.state.applied[i];
             if let Some(m) = a.modules.iter_mut().find(|m| m.name == name) {
                 m.status = ObjectStatus::Gone;
             }
-            log::info!("patch {}: module {name} was unloaded; its part of the patch is gone", a.name);
+            log::info!(
+                "patch {}: module {name} was unloaded; its part of the patch is gone",
+                a.name
+            );
             out.push(format!("{}@{name}", a.name));
         }
+        // A patch of one module whose module is gone waits for its next load.
+        for why in self.rehold_gone(&all) {
+            log::info!("{why}");
+        }
+        let (release, add) = self.list_watch_change(g, k)?;
+        owners.extend(release);
+        change_protection(g, &owners, &add)?;
         Ok(out)
     }
 
@@ -1754,6 +2223,32 @@ impl Patcher {
     ) -> Result<PatchReport, PatchError> {
         let t0 = Instant::now();
         let stack_err = |s: String| PatchError::Update(UpdateError::Stack(s));
+        if let Some(i) = self.state.held.iter().position(|h| h.name == name) {
+            let h = self.state.held.remove(i);
+            let mut release = Vec::new();
+            if let Some(addr) = h.coming {
+                if !self.state.held.iter().any(|x| x.coming == Some(addr)) {
+                    release.push(format!(
+                        "{}{}@{addr:x}",
+                        crate::protect::COMING_PREFIX,
+                        h.module
+                    ));
+                }
+            }
+            let (r, a) = self.list_watch_change(g, k)?;
+            release.extend(r);
+            change_protection(g, &release, &a)?;
+            return Ok(PatchReport {
+                name: h.name,
+                mode: h.mode,
+                functions: Vec::new(),
+                pause_us: 0.0,
+                tries: 0,
+                sleeping_tasks_checked: None,
+                total_us: t0.elapsed().as_secs_f64() * 1e6,
+                waiting_for: Some(h.module),
+            });
+        }
         if self.state.applied.iter().any(|a| a.name == name) {
             self.reconcile_modules(g, k)?;
         }
@@ -1806,6 +2301,7 @@ impl Patcher {
                 restore: f.saved,
                 leaving: vec![code.clone()],
                 module: f.module.clone(),
+                owner: patch_owner(name),
             })
             .collect();
         let mut plan = site_plan(g, &view, &sites)?;
@@ -1864,6 +2360,7 @@ impl Patcher {
             tries: switched.tries,
             sleeping_tasks_checked: switched.tasks_checked,
             total_us: t0.elapsed().as_secs_f64() * 1e6,
+            waiting_for: None,
         })
     }
 }
@@ -1900,26 +2397,42 @@ pub fn patch_owner(name: &str) -> String {
     format!("patch:{name}")
 }
 
+/// Releases `release` and protects `add` in one short pause (nothing when
+/// both are empty).
+fn change_protection(
+    g: &dyn Guest,
+    release: &[String],
+    add: &[Protection],
+) -> Result<(), PatchError> {
+    if release.is_empty() && add.is_empty() {
+        return Ok(());
+    }
+    let paused = vmm_core::guest::Paused::new(g)?;
+    paused
+        .change_protection(release, add)
+        .map_err(|e| PatchError::Switch(e.to_string()))
+}
+
 /// Every owner of protections an applied patch holds.
 fn owners_of(a: &AppliedPatch) -> Vec<String> {
     let mut v = vec![patch_owner(&a.name), crate::data::own_owner(&a.name)];
-    v.extend(a.modules.iter().map(|m| module_owner(&a.name, &m.name)));
+    for m in &a.modules {
+        v.push(m.owner.clone());
+        v.push(crate::protect::watch_owner(&m.owner));
+    }
     v
 }
 
 /// The protections of the jumps in `plan` (one write per site, in order)
 /// that switch to new code; sites given back to their original bytes stay
 /// ordinary memory.
-fn site_protections(plan: &Plan, sites: &[SiteWrite], name: &str) -> Vec<Protection> {
+fn site_protections(plan: &Plan, sites: &[SiteWrite]) -> Vec<Protection> {
     plan.writes
         .iter()
         .zip(sites)
         .filter(|(_, s)| s.new_addr != 0)
         .map(|(w, s)| Protection {
-            owner: match &s.module {
-                Some(m) => module_owner(name, m),
-                None => patch_owner(name),
-            },
+            owner: s.owner.clone(),
             label: s.function.clone(),
             gpa: w.gpa,
             len: w.bytes.len() as u64,

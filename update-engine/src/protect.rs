@@ -15,6 +15,13 @@
 //!   the functions allowed to write (`--allow-writer`), checked by the
 //!   writing instruction's address.
 //!
+//! - A patched module's `state` (`watch:OWNER`, OWNER the owner of the
+//!   patch's jumps in it) is written by anyone; a write that takes the
+//!   module out of `live` (the guest unloads it: its memory is freed next)
+//!   ends the protection of those jumps at once, before the patcher
+//!   notices the module went ([`crate::patcher::Patcher::reconcile_modules`]
+//!   then releases the ranges): the freed memory is the guest's again.
+//!
 //! Unprotected bytes of a protected page are always written (vmm-core does
 //! that before the policy is asked).
 
@@ -27,6 +34,62 @@ use vmm_core::write_control::{Decision, TrappedWrite, WritePolicy, DATA_OWNER_PR
 pub const KERNEL_TEXT_OWNER: &str = "kernel-text";
 /// Physical-address bits of CR3 (no PCID, no flags).
 const CR3_ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// Prefix of the owners of watches on patched modules' state.
+pub const WATCH_PREFIX: &str = "watch:";
+/// Owner of the watch on the kernel's `modules` list head: a module being
+/// loaded is added there (while lucos holds a patch for a module not
+/// loaded yet).
+pub const LIST_WATCH: &str = "watch:modules";
+/// Prefix of the owners of watches on the state of a module being loaded
+/// that a held patch is for: `watch:coming/MODULE@ADDR`.
+pub const COMING_PREFIX: &str = "watch:coming/";
+
+/// What a watched write tells the patcher about the guest's modules. The
+/// vCPU that wrote is held until the VMM releases it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModuleEvent {
+    /// The modules list head's first node is now `node` (a module being
+    /// loaded was added, or the first one removed).
+    Listed {
+        /// The held vCPU.
+        vcpu: u8,
+        /// The new first node.
+        node: u64,
+    },
+    /// A module a held patch is for became `coming`: relocated, its
+    /// alternatives and ftrace sites done, read-only, none of its code run.
+    Coming {
+        /// The held vCPU.
+        vcpu: u8,
+        /// The watch's owner (`watch:coming/MODULE@ADDR`).
+        owner: String,
+    },
+    /// A patched module left `live`: the guest is unloading it (or its
+    /// init failed).
+    Going {
+        /// The held vCPU.
+        vcpu: u8,
+        /// The owner of the patch's jumps in it.
+        owner: String,
+    },
+}
+
+impl ModuleEvent {
+    /// The vCPU to release once the event is dealt with.
+    pub fn vcpu(&self) -> u8 {
+        match self {
+            ModuleEvent::Listed { vcpu, .. }
+            | ModuleEvent::Coming { vcpu, .. }
+            | ModuleEvent::Going { vcpu, .. } => *vcpu,
+        }
+    }
+}
+
+/// Owner of the watch on the state of the module whose jumps `owner` owns.
+pub fn watch_owner(owner: &str) -> String {
+    format!("{WATCH_PREFIX}{owner}")
+}
 
 /// Who may write the kernel's text.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -42,6 +105,11 @@ pub struct Writers {
 pub struct GuardPolicy {
     writers: RwLock<Writers>,
     data: std::sync::Arc<crate::data::DataTracker>,
+    /// Owners of jumps in modules the guest has begun to unload.
+    released: RwLock<std::collections::HashSet<String>>,
+    /// Module events whose vCPUs are held, for the VMM's watcher.
+    events: std::sync::Mutex<std::collections::VecDeque<ModuleEvent>>,
+    events_cv: std::sync::Condvar,
 }
 
 impl GuardPolicy {
@@ -61,6 +129,17 @@ impl GuardPolicy {
         *self.writers.write().unwrap_or_else(|e| e.into_inner()) = w;
     }
 
+    /// The next module event, waiting up to `timeout` for one. Its vCPU is
+    /// held until released: every event must be dealt with.
+    pub fn next_module_event(&self, timeout: std::time::Duration) -> Option<ModuleEvent> {
+        let q = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut q, _) = self
+            .events_cv
+            .wait_timeout_while(q, timeout, |q| q.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        q.pop_front()
+    }
+
     /// Who may write kernel text now.
     pub fn writers(&self) -> Writers {
         self.writers
@@ -70,17 +149,68 @@ impl GuardPolicy {
     }
 }
 
+impl GuardPolicy {
+    /// Notes a write to a watched module state: the module leaving `live`
+    /// releases the jumps of the watch's owner.
+    fn watch(
+        &self,
+        w: &TrappedWrite<'_>,
+        p: &vmm_core::write_control::Protection,
+        ram: &dyn PhysMemory,
+    ) {
+        let mut state = [0u8; 4];
+        if ram.read_phys(p.gpa, &mut state).is_err() {
+            return;
+        }
+        for (i, b) in state.iter_mut().enumerate() {
+            let at = p.gpa + i as u64;
+            if at >= w.gpa && at < w.gpa + w.data.len() as u64 {
+                *b = w.data[(at - w.gpa) as usize];
+            }
+        }
+        if u32::from_le_bytes(state) != 0 {
+            let owner = &p.owner[WATCH_PREFIX.len()..];
+            let mut r = self.released.write().unwrap_or_else(|e| e.into_inner());
+            if r.insert(owner.to_owned()) {
+                log::info!(
+                    "vCPU {}: {} is being unloaded; its patched jumps are the guest's again",
+                    w.vcpu,
+                    p.label.trim_end_matches(" state")
+                );
+            }
+        }
+    }
+}
+
 impl WritePolicy for GuardPolicy {
-    fn decide(&self, w: &TrappedWrite<'_>, _ram: &dyn PhysMemory) -> Decision {
+    fn decide(&self, w: &TrappedWrite<'_>, ram: &dyn PhysMemory) -> Decision {
+        for p in w.touches.iter().filter(|p| {
+            p.owner.starts_with(WATCH_PREFIX)
+                && p.owner != LIST_WATCH
+                && !p.owner.starts_with(COMING_PREFIX)
+        }) {
+            self.watch(w, p, ram);
+        }
+        // Watches, and jumps in modules being unloaded: written.
+        let touches: Vec<_> = {
+            let r = self.released.read().unwrap_or_else(|e| e.into_inner());
+            w.touches
+                .iter()
+                .filter(|p| !p.owner.starts_with(WATCH_PREFIX) && !r.contains(&p.owner))
+                .collect()
+        };
+        if touches.is_empty() {
+            return Decision::Allow;
+        }
         // Copies of data being tracked: written, then transferred
         // (`committed`), whoever writes; a patch's own variables: written.
-        if w.touches.iter().all(|p| {
+        if touches.iter().all(|p| {
             p.owner.starts_with(DATA_OWNER_PREFIX)
                 && (crate::data::is_own(&p.owner) || self.data.get(&p.owner).is_some())
         }) {
             return Decision::Allow;
         }
-        if w.touches.iter().any(|p| p.owner != KERNEL_TEXT_OWNER) {
+        if touches.iter().any(|p| p.owner != KERNEL_TEXT_OWNER) {
             return Decision::Refuse;
         }
         let a = self.writers.read().unwrap_or_else(|e| e.into_inner());
@@ -96,6 +226,51 @@ impl WritePolicy for GuardPolicy {
         } else {
             Decision::Refuse
         }
+    }
+
+    fn holds(&self, w: &TrappedWrite<'_>, mem: &dyn PhysMemory) -> bool {
+        let mut events = Vec::new();
+        for p in w
+            .touches
+            .iter()
+            .filter(|p| p.owner.starts_with(WATCH_PREFIX))
+        {
+            let mut v = [0u8; 8];
+            let n = (p.len as usize).min(8);
+            if mem.read_phys(p.gpa, &mut v[..n]).is_err() {
+                continue;
+            }
+            let value = u64::from_le_bytes(v);
+            let vcpu = w.vcpu;
+            if p.owner == LIST_WATCH {
+                // Only a write of the head's `next` (the first 8 bytes).
+                if w.gpa < p.gpa + 8 {
+                    events.push(ModuleEvent::Listed { vcpu, node: value });
+                }
+            } else if p.owner.starts_with(COMING_PREFIX) {
+                if value == 1 {
+                    events.push(ModuleEvent::Coming {
+                        vcpu,
+                        owner: p.owner.clone(),
+                    });
+                }
+            } else if value != 0 {
+                events.push(ModuleEvent::Going {
+                    vcpu,
+                    owner: p.owner[WATCH_PREFIX.len()..].to_owned(),
+                });
+            }
+        }
+        // One event per hold: the first says what the watcher looks at.
+        let Some(e) = events.into_iter().next() else {
+            return false;
+        };
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(e);
+        self.events_cv.notify_all();
+        true
     }
 
     fn committed(&self, w: &TrappedWrite<'_>, mem: &dyn PhysMemory) {

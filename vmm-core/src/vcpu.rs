@@ -85,6 +85,11 @@ struct CtlState {
     /// The guest went to another VMM process: the vCPUs stay parked until
     /// they end, and nothing pauses or resumes them any more.
     handed_over: bool,
+    /// Per vCPU: released from a hold (a release may come before the hold
+    /// parks).
+    released: Vec<bool>,
+    /// vCPUs held now.
+    held: usize,
 }
 
 /// State shared by the VMM and its vCPU threads.
@@ -146,6 +151,8 @@ impl RunControl {
                 live: 0,
                 exit: None,
                 handed_over: false,
+                released: vec![false; vcpus],
+                held: 0,
             }),
             cv: Condvar::new(),
             threads: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
@@ -302,6 +309,40 @@ impl RunControl {
         self.cv.notify_all();
     }
 
+    /// Releases vCPU `index` from a hold (see [`Outcome::Hold`]); it runs
+    /// again unless the VM is paused. A release before the vCPU parked
+    /// lets its hold pass at once.
+    pub fn release(&self, index: usize) {
+        let mut st = self.lock();
+        if let Some(r) = st.released.get_mut(index) {
+            *r = true;
+        }
+        self.cv.notify_all();
+    }
+
+    /// vCPUs held now.
+    pub fn held(&self) -> usize {
+        self.lock().held
+    }
+
+    /// Called by vCPU thread `index` whose trapped write asked for a hold:
+    /// parks (counted as paused) until released, then while a pause is
+    /// requested; returns false when the thread must end.
+    fn hold(&self, index: usize, before_park: impl FnOnce()) -> bool {
+        let mut st = self.lock();
+        before_park();
+        st.parked += 1;
+        st.held += 1;
+        self.cv.notify_all();
+        while (!st.released[index] && st.request != Request::Stop) || st.request == Request::Pause {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.released[index] = false;
+        st.held -= 1;
+        st.parked -= 1;
+        st.request != Request::Stop
+    }
+
     /// Called by a vCPU thread between KVM_RUN calls. Parks while a pause is
     /// requested; returns false when the thread must end.
     fn checkpoint(&self, before_park: impl FnOnce()) -> bool {
@@ -399,22 +440,7 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus, wc: &WriteControl) {
         let mut deferred = None;
         let keep_going = ctl.checkpoint(|| {
             if needs_completion {
-                // Complete the pending I/O inside KVM so the registers are
-                // consistent while paused (KVM API: re-enter with
-                // immediate_exit set). A write KVM split in parts comes back
-                // as one more exit per part: each is handled, none dropped.
-                let mut fd = vcpu.lock();
-                fd.set_kvm_immediate_exit(1);
-                for _ in 0..16 {
-                    let s = step(index, &mut fd, bus, wc, synced);
-                    if deferred.is_none() {
-                        deferred = s.outcome;
-                    }
-                    if !s.needs_completion {
-                        break;
-                    }
-                }
-                fd.set_kvm_immediate_exit(0);
+                deferred = complete_io(vcpu, index, bus, wc, synced);
                 needs_completion = false;
             }
         });
@@ -444,7 +470,51 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus, wc: &WriteControl) {
         if let Some(reason) = s.outcome {
             ctl.stop(reason);
         }
+        if s.held {
+            // The write is complete in KVM before the thread parks, as for
+            // a pause.
+            let mut deferred = None;
+            let keep_going = ctl.hold(index as usize, || {
+                if needs_completion {
+                    deferred = complete_io(vcpu, index, bus, wc, synced);
+                    needs_completion = false;
+                }
+            });
+            if let Some(reason) = deferred {
+                ctl.stop(reason);
+            }
+            if !keep_going {
+                break;
+            }
+        }
     }
+}
+
+/// Completes a pending I/O or MMIO exit inside KVM (re-entry with
+/// immediate_exit set), so the registers are consistent while parked. A
+/// write KVM split in parts comes back as one more exit per part: each is
+/// handled, none dropped. Returns why the VM must end, if it must.
+fn complete_io(
+    vcpu: &Vcpu,
+    index: u8,
+    bus: &PioBus,
+    wc: &WriteControl,
+    synced: bool,
+) -> Option<ExitReason> {
+    let mut deferred = None;
+    let mut fd = vcpu.lock();
+    fd.set_kvm_immediate_exit(1);
+    for _ in 0..16 {
+        let s = step(index, &mut fd, bus, wc, synced);
+        if deferred.is_none() {
+            deferred = s.outcome;
+        }
+        if !s.needs_completion {
+            break;
+        }
+    }
+    fd.set_kvm_immediate_exit(0);
+    deferred
 }
 
 /// What one `KVM_RUN` and its exit came to.
@@ -453,6 +523,8 @@ struct Step {
     outcome: Option<ExitReason>,
     /// An I/O or MMIO exit KVM completes at the next entry.
     needs_completion: bool,
+    /// A trapped write asked for the vCPU to be held.
+    held: bool,
 }
 
 /// Runs the vCPU once and handles its exit: port and MMIO devices, trapped
@@ -462,6 +534,7 @@ fn step(index: u8, fd: &mut VcpuFd, bus: &PioBus, wc: &WriteControl, synced: boo
     let mut internal_error = false;
     let mut needs_completion = false;
     let mut trapped: Option<(u64, [u8; 8], usize)> = None;
+    let mut held = false;
     let mut outcome = match fd.run() {
         Ok(exit) => {
             internal_error = matches!(exit, VcpuExit::InternalError);
@@ -497,7 +570,9 @@ fn step(index: u8, fd: &mut VcpuFd, bus: &PioBus, wc: &WriteControl, synced: boo
     if let Some((gpa, data, n)) = trapped {
         let synced_regs = synced.then(|| fd.sync_regs());
         let cpu = FdCpu::new(fd, wc.ram(), synced_regs.as_ref());
-        if let Outcome::Rewind(regs) = wc.on_write(index, &cpu, gpa, &data[..n]) {
+        let out = wc.on_write(index, &cpu, gpa, &data[..n]);
+        held = out == Outcome::Hold;
+        if let Outcome::Rewind(regs) = out {
             if synced {
                 // KVM loads them at the next entry.
                 fd.sync_regs_mut().regs = regs;
@@ -532,6 +607,7 @@ fn step(index: u8, fd: &mut VcpuFd, bus: &PioBus, wc: &WriteControl, synced: boo
     Step {
         outcome,
         needs_completion,
+        held,
     }
 }
 
@@ -637,5 +713,72 @@ impl WriterCpu for FdCpu<'_> {
     }
     fn memory(&self) -> &dyn PhysMemory {
         self.ram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits until `f` holds (the held thread gets there on its own time).
+    fn until(f: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "never happened");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_held_vcpu_counts_as_paused_and_runs_only_once_released() {
+        // A pause kicks vCPU threads with this signal.
+        install_kick_handler().expect("kick handler");
+        let ctl = Arc::new(RunControl::new(1));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = ctl.clone();
+        let t = std::thread::spawn(move || {
+            c.thread_started(0);
+            let mut parked_once = false;
+            let go_on = c.hold(0, || parked_once = true);
+            tx.send((go_on, parked_once)).expect("send");
+            // A release that comes first lets the next hold pass at once.
+            rx_wait(&c);
+            let again = c.hold(0, || {});
+            c.thread_ended(0);
+            again
+        });
+        until(|| ctl.held() == 1);
+        // A pause finds it parked already; resuming does not release it.
+        ctl.pause(Duration::from_secs(30)).expect("pause");
+        assert!(ctl.is_paused());
+        ctl.resume().expect("resume");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(ctl.held(), 1);
+        assert!(rx.try_recv().is_err(), "ran on before its release");
+        ctl.release(0);
+        let (go_on, parked_once) = rx.recv().expect("released");
+        assert!(go_on && parked_once);
+        ctl.release(0);
+        assert!(t.join().expect("thread"), "released before its hold");
+    }
+
+    fn rx_wait(c: &RunControl) {
+        until(|| c.lock().released[0]);
+    }
+
+    #[test]
+    fn stopping_ends_a_held_vcpu() {
+        let ctl = Arc::new(RunControl::new(2));
+        let c = ctl.clone();
+        let t = std::thread::spawn(move || {
+            c.thread_started(1);
+            let go_on = c.hold(1, || {});
+            c.thread_ended(1);
+            go_on
+        });
+        until(|| ctl.held() == 1);
+        ctl.stop(ExitReason::Stopped);
+        assert!(!t.join().expect("thread"));
+        assert_eq!(ctl.held(), 0);
     }
 }

@@ -226,6 +226,13 @@ pub trait WritePolicy: Send + Sync {
     /// locks still held: a state-transfer policy brings the other copy of
     /// the data up to date here, before the writing vCPU runs on.
     fn committed(&self, _w: &TrappedWrite<'_>, _mem: &dyn PhysMemory) {}
+
+    /// Called after `committed`: whether the writing vCPU must be held (it
+    /// parks, counted as paused, until the VMM releases it). A policy that
+    /// says yes must see to it that something releases it.
+    fn holds(&self, _w: &TrappedWrite<'_>, _mem: &dyn PhysMemory) -> bool {
+        false
+    }
 }
 
 /// Owners of protections in the patch area are named with this prefix:
@@ -321,6 +328,10 @@ pub enum Outcome {
     Done,
     /// Set the vCPU's registers to these and continue (a rewound instruction).
     Rewind(kvm_bindings::kvm_regs),
+    /// The write is done; the vCPU stays parked until the VMM releases it
+    /// ([`crate::vcpu::RunControl::release`]): the policy asked to act on
+    /// what it wrote before the guest goes on.
+    Hold,
 }
 
 /// Write control of one VM's RAM.
@@ -778,13 +789,17 @@ impl WriteControl {
                         self.rewinds_in_a_row[vcpu as usize].store(0, Ordering::Relaxed);
                     }
                 }
+                let mut out = Outcome::Done;
                 if let Err(e) = mem.write_phys(gpa, data) {
                     log::warn!("vCPU {vcpu}: allowed write at {gpa:#x} failed: {e}");
                 } else if let (Some(p), false) = (&policy, touches.is_empty()) {
                     p.committed(&trapped, &mem);
+                    if p.holds(&trapped, &mem) {
+                        out = Outcome::Hold;
+                    }
                 }
                 self.counters.allowed.fetch_add(1, Ordering::Relaxed);
-                Outcome::Done
+                out
             }
             Decision::Refuse => {
                 // Byte by byte: what is not protected is still written
