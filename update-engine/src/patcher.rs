@@ -218,8 +218,8 @@ pub struct HeldPatch {
     pub module: String,
     /// The mode to apply it in.
     pub mode: Mode,
-    /// The `.lup`, hex.
-    #[serde(default, skip_serializing)]
+    /// The `.lup`, hex (carried to a new VMM process; not listed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub lup: String,
     /// The `struct module` of the instance being loaded that it will be
     /// applied to (its state is watched), if one is loading.
@@ -486,8 +486,8 @@ pub struct PatchList {
     /// (each patch's jumps, `patch:NAME`; others' too).
     #[serde(default)]
     pub protected: Vec<Protection>,
-    /// Patches waiting for their module to load.
-    #[serde(default)]
+    /// Patches waiting for their module to load (without their bytes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held: Vec<HeldPatch>,
 }
 
@@ -823,7 +823,15 @@ impl Patcher {
                 .and_then(|(_, v)| tables_hash_in(g, &v).ok()),
             patch_area: self.area_usage(),
             protected: g.protections(),
-            held: self.state.held.clone(),
+            held: self
+                .state
+                .held
+                .iter()
+                .map(|h| HeldPatch {
+                    lup: String::new(),
+                    ..h.clone()
+                })
+                .collect(),
         }
     }
 
