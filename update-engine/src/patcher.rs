@@ -1581,7 +1581,17 @@ impl Patcher {
         plan.protect = site_protections(&plan, &sites);
         // Each patched module's state is watched: when the guest unloads
         // it, its jumps' protections no longer hold (the memory is freed).
+        // In the pause the state must still be what it was checked as: a
+        // module that began to unload since is not patched (its unload
+        // would not be seen).
         for l in mods {
+            let state: u32 = if l.info.state == "coming" { 1 } else { 0 };
+            plan.writes.push(Write {
+                what: format!("module {}'s state (still {})", l.info.name, l.info.state),
+                gpa: l.state_gpa,
+                expect: state.to_le_bytes().to_vec(),
+                bytes: state.to_le_bytes().to_vec(),
+            });
             plan.protect.push(Protection {
                 owner: crate::protect::watch_owner(&l.owner),
                 label: format!("module {} state", l.info.name),
