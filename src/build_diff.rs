@@ -66,12 +66,34 @@ const MAX_OBJECTS: usize = 48;
 pub struct DiffBuild {
     /// (object file, its diff), for objects the diff changed.
     pub objects: Vec<(String, ObjectDiff)>,
+    /// The module each object of a module is built into (object file,
+    /// module name); the others are vmlinux's.
+    pub module_of: Vec<(String, String)>,
     /// Steps and their times, for people.
     pub steps: Vec<(String, f64)>,
 }
 
 /// References to the running kernel's symbols, from its vmlinux.
 struct Refs<'a>(&'a SymbolTable);
+
+/// References from an object of a module: the module's own symbols (by
+/// name: the patcher finds them in the loaded module's table), then the
+/// kernel's.
+struct ModuleRefs<'a> {
+    module: &'a symbol_db::module::ModuleObject,
+    kernel: Refs<'a>,
+}
+
+impl KernelSymbols for ModuleRefs<'_> {
+    fn reference(&self, name: &str, neighbours: &[String]) -> Option<String> {
+        match self.module.defines(name) {
+            0 => self.kernel.reference(name, neighbours),
+            1 => Some(name.to_owned()),
+            // Namesakes inside one module: not told apart.
+            _ => None,
+        }
+    }
+}
 
 impl KernelSymbols for Refs<'_> {
     fn reference(&self, name: &str, neighbours: &[String]) -> Option<String> {
@@ -107,6 +129,50 @@ impl KernelSymbols for Refs<'_> {
             .min_by_key(|&(_, d)| d)?;
         Some(format!("{name}#{pos}"))
     }
+}
+
+/// Checks that each function `d` replaces, in `object` as the tree builds
+/// it, has the bytes module `m`'s file has (relocated fields and rewritten
+/// sites of either masked): else the tree is not the source of the
+/// module's build, and the patch would be made from other code.
+fn same_as_module(
+    object: &str,
+    built: &[u8],
+    m: &symbol_db::module::ModuleObject,
+    d: &ObjectDiff,
+) -> Result<(), CliError> {
+    let ours = symbol_db::module::ModuleObject::parse(built, object)?;
+    for (name, _) in &d.changed {
+        let reference = d.references.get(name).unwrap_or(name);
+        let (Some(a), Some(b)) = (
+            ours.functions_named(name).first().copied(),
+            m.functions_named(reference).first().copied(),
+        ) else {
+            continue;
+        };
+        let (ca, cb) = (ours.code(a), m.code(b));
+        let same = match (ca, cb) {
+            (Some(x), Some(y)) if x.len() == y.len() => {
+                let mut x = x.to_vec();
+                let mut y = y.to_vec();
+                for (o, l) in ours.masked(a).into_iter().chain(m.masked(b)) {
+                    let r = o as usize..(o + l) as usize;
+                    x[r.clone()].fill(0);
+                    y[r].fill(0);
+                }
+                x == y
+            }
+            _ => false,
+        };
+        if !same {
+            return Err(CliError::WrongKernel(format!(
+                "{object}: {name} as this tree builds it ({} bytes) is not module {}'s ({} \
+                 bytes): the tree is not the source of that module's build",
+                a.size, m.name, b.size
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The value of `KEY="..."` or `KEY=...` in a config or env file.
@@ -211,6 +277,7 @@ pub fn build(
     tree: &Path,
     banner: &str,
     ksyms: &SymbolTable,
+    modules: &[symbol_db::module::ModuleObject],
 ) -> Result<DiffBuild, CliError> {
     let mut steps = Vec::new();
     let t0 = Instant::now();
@@ -420,6 +487,8 @@ pub fn build(
     lucos_vars.push(format!("NOSTDINC_FLAGS={nostdinc}"));
     let refs = Refs(ksyms);
     let overlay = scratch.join(".overlay");
+    // (object file, index in `modules`) of objects built into a module.
+    let mut module_of: Vec<(String, usize)> = Vec::new();
     let result = (|| -> Result<Vec<(String, ObjectDiff)>, CliError> {
         let obj_of = |c: &str| Path::new(c).with_extension("o");
         let cmd_of = |c: &str| {
@@ -475,15 +544,42 @@ pub fn build(
                 globals.iter().any(has)
             }
         };
+        // Or of a module given with --module: most of its functions are
+        // the module's.
+        let in_module = |obj: &[u8]| -> Option<usize> {
+            let t = SymbolTable::from_elf_bytes(obj, "object").ok()?;
+            let funcs: Vec<&symbol_db::Symbol> = t
+                .iter()
+                .filter(|s| s.kind == symbol_db::SymbolKind::Function)
+                .collect();
+            modules.iter().position(|m| {
+                !funcs.is_empty()
+                    && funcs
+                        .iter()
+                        .filter(|s| !m.functions_named(&s.name).is_empty())
+                        .count()
+                        * 2
+                        >= funcs.len()
+            })
+        };
         for (c, obj, _) in &originals {
-            if c_files.contains(c) && !in_kernel(obj) {
+            if let Some(i) = in_module(obj) {
+                module_of.push((obj_of(c).to_string_lossy().into_owned(), i));
+            } else if c_files.contains(c) && !in_kernel(obj) {
                 return Err(CliError::Refused(format!(
                     "{c} is not built into the running kernel (its functions are not in its \
-                     symbols): a module, or code of another configuration"
+                     symbols): a module (give its .ko with --module), or code of another \
+                     configuration"
                 )));
             }
         }
-        originals.retain(|(c, obj, _)| c_files.contains(c) || in_kernel(obj));
+        originals.retain(|(c, obj, _)| {
+            c_files.contains(c)
+                || in_kernel(obj)
+                || module_of
+                    .iter()
+                    .any(|(o, _)| *o == obj_of(c).to_string_lossy())
+        });
         let kept: Vec<String> = originals.iter().map(|o| o.0.clone()).collect();
 
         // Objects with jump labels, WARN/BUG or exception-table entries:
@@ -616,8 +712,26 @@ pub fn build(
             .enumerate()
         {
             let objs = obj_of(c).to_string_lossy().into_owned();
-            let d = diff_object(&objs, original, patched, &refs)
-                .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
+            let d = match module_of.iter().find(|(o, _)| *o == objs) {
+                Some(&(_, m)) => diff_object(
+                    &objs,
+                    original,
+                    patched,
+                    &ModuleRefs {
+                        module: &modules[m],
+                        kernel: Refs(ksyms),
+                    },
+                ),
+                None => diff_object(&objs, original, patched, &refs),
+            }
+            .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
+            // An object of a module: each function it replaces, as this
+            // tree builds it, must be the module's (the tree is the source
+            // of that build).
+            if let Some(&(_, m)) = module_of.iter().find(|(o, _)| *o == objs) {
+                let plain = plain_of[i].as_ref().unwrap_or(&originals[i].1);
+                same_as_module(&objs, plain, &modules[m], &d)?;
+            }
             if let Some(plain) = &plain_of[i] {
                 check_clone_conventions(&objs, plain, original, &d)
                     .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
@@ -649,5 +763,14 @@ pub fn build(
                 .into(),
         ));
     }
-    Ok(DiffBuild { objects, steps })
+    let module_of = module_of
+        .into_iter()
+        .filter(|(o, _)| objects.iter().any(|(x, _)| x == o))
+        .map(|(o, i)| (o, modules[i].name.clone()))
+        .collect();
+    Ok(DiffBuild {
+        objects,
+        module_of,
+        steps,
+    })
 }

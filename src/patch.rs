@@ -115,7 +115,7 @@ pub struct BuildArgs {
     /// whose functions the sources replace (repeatable): a source whose
     /// functions the module defines is linked against that module in the
     /// guest. Other sources replace vmlinux functions.
-    #[arg(long = "module", value_name = "MODULE.ko", conflicts_with_all = ["diff", "data"])]
+    #[arg(long = "module", value_name = "MODULE.ko", conflicts_with = "data")]
     pub modules: Vec<PathBuf>,
     /// Output `.lup`.
     #[arg(long, short)]
@@ -209,6 +209,49 @@ fn compile(args: &BuildArgs, tmp: &Path) -> Result<Vec<(String, PathBuf)>, CliEr
     Ok(objs)
 }
 
+/// The replacement of module `m`'s function `old` by `new` of `object`:
+/// its size and hash from the `.ko`, with every relocated field and
+/// rewritten site masked.
+fn module_function(
+    m: &symbol_db::module::ModuleObject,
+    old: &str,
+    new: &str,
+    object: &str,
+) -> Result<FunctionPatch, CliError> {
+    let f = match m.functions_named(old).as_slice() {
+        [f] => (*f).clone(),
+        [] => {
+            return Err(CliError::Refused(format!(
+                "module {} has no function {old}",
+                m.name
+            )))
+        }
+        _ => {
+            return Err(CliError::Usage(format!(
+                "module {} has more than one function named {old}: lucos cannot tell which \
+                 one to replace",
+                m.name
+            )))
+        }
+    };
+    let code = m.code(&f).ok_or_else(|| {
+        CliError::Other(format!("{}: {} lies outside its section", m.name, f.name))
+    })?;
+    let old_masked = m.masked(&f);
+    let old_sha256 = old_code_sha256(code, &old_masked, &[], 0).map_err(CliError::Other)?;
+    Ok(FunctionPatch {
+        old: f.name.clone(),
+        old_file: None,
+        old_size: f.size,
+        old_sha256,
+        old_masked,
+        old_relocs: Vec::new(),
+        new: new.to_owned(),
+        new_object: Some(object.to_owned()),
+        module: Some(m.name.clone()),
+    })
+}
+
 /// A part of a function GCC moved out of line (`NAME.cold`): reached only
 /// by jumps from its function, in that function's frame, so never replaced
 /// on its own (the replacement's own part goes with it).
@@ -290,11 +333,12 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
              patch is compiled with the kernel's own flags"
         )));
     }
+    let modules = read_modules(&args.modules, &target)?;
     // From a diff: the objects it changed, and which functions they replace.
     let from_diff = match (&args.diff, &args.source) {
         (Some(diff), Some(tree)) => {
             let banner = target.version.clone().unwrap_or_default();
-            let built = crate::build_diff::build(diff, tree, &banner, &ksyms)?;
+            let built = crate::build_diff::build(diff, tree, &banner, &ksyms, &modules)?;
             if !args.json {
                 for (step, secs) in &built.steps {
                     eprintln!("lucos build: {step}: {secs:.2} s");
@@ -331,7 +375,6 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
         })
     };
     let _ = std::fs::remove_dir_all(&tmp);
-    let modules = read_modules(&args.modules, &target)?;
     let mut module_targets: Vec<update_engine::lup::ModuleTarget> = Vec::new();
     let mut objects = Vec::new();
     let mut functions = Vec::new();
@@ -355,9 +398,23 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
         let object = format!("{stem}.o");
         // Functions of a module: this object is linked against it.
         let mut target_module: Option<&symbol_db::module::ModuleObject> = None;
+        // From a diff, an object built into a module: the functions it changed.
+        if let (Some(b), Some(wanted)) = (&from_diff, &diff_wanted) {
+            if let Some((_, name)) = b.module_of.iter().find(|(o, _)| *o == object) {
+                let m = modules
+                    .iter()
+                    .find(|m| &m.name == name)
+                    .ok_or_else(|| CliError::Other(format!("module {name} went missing")))?;
+                target_module = Some(m);
+                for (new, reference) in wanted {
+                    functions.push(module_function(m, reference, new, &object)?);
+                }
+            }
+        }
         for s in osyms
             .iter()
             .filter(|s| s.kind == symbol_db::SymbolKind::Function && !is_fragment(&s.name))
+            .filter(|_| from_diff.is_none())
         {
             let wanted = args.functions.is_empty()
                 || args
@@ -389,32 +446,7 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
                 )));
             }
             target_module = Some(m);
-            let f = match m.functions_named(&s.name).as_slice() {
-                [f] => (*f).clone(),
-                _ => {
-                    return Err(CliError::Usage(format!(
-                        "module {} has more than one function named {}: lucos cannot tell \
-                         which one to replace",
-                        m.name, s.name
-                    )))
-                }
-            };
-            let code = m.code(&f).ok_or_else(|| {
-                CliError::Other(format!("{}: {} lies outside its section", m.name, f.name))
-            })?;
-            let old_masked = m.masked(&f);
-            let old_sha256 = old_code_sha256(code, &old_masked, &[], 0).map_err(CliError::Other)?;
-            functions.push(FunctionPatch {
-                old: f.name.clone(),
-                old_file: None,
-                old_size: f.size,
-                old_sha256,
-                old_masked,
-                old_relocs: Vec::new(),
-                new: s.name.clone(),
-                new_object: Some(object.clone()),
-                module: Some(m.name.clone()),
-            });
+            functions.push(module_function(m, &s.name, &s.name, &object)?);
         }
         if let Some(m) = target_module {
             let build_id = m.build_id.clone().unwrap_or_default();

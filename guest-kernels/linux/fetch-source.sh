@@ -46,39 +46,6 @@ fi
 
 # The build's config, from its image package; prepared as Debian's build
 # prepared it, in an output tree (the source stays pristine).
-config="$image/boot/config-$KERNEL_RELEASE"
-[ -f "$config" ] || { echo "fetch-source: no $config" >&2; exit 1; }
-want_cc=$(sed -n 's/^CONFIG_CC_VERSION_TEXT="\(.*\)"$/\1/p' "$config")
-have_cc=$(gcc-12 --version 2>/dev/null | head -n 1 || true)
-[ "$want_cc" = "$have_cc" ] || {
-  echo "fetch-source: the kernel was built with '$want_cc'; gcc-12 here is '${have_cc:-missing}' (scripts/setup.sh test installs it)" >&2
-  exit 1
-}
-echo "lucos assets: preparing $tree (config $KERNEL_RELEASE, $want_cc)" >&2
-# Prepared in place (its files name its path); .prepared marks it whole.
-rm -rf "$tree"
-mkdir -p "$tree"
-cp "$config" "$tree/.config"
-# Debian's config names its signing keys and certificates; a patch object
-# needs none of them.
-# KCFLAGS as lucos build --diff gives them (objects built with a flag the
-# prepared parts were not rebuild those parts first).
-kmake() {
-  make -s -C "$root/src" O="$tree" CC=gcc-12 HOSTCC=gcc-12 KERNELRELEASE="$KERNEL_RELEASE" \
-    KCFLAGS="-ffunction-sections -fdata-sections" "$@" >&2
-}
-kmake olddefconfig
-"$root/src/scripts/config" --file "$tree/.config" \
-  --set-str SYSTEM_TRUSTED_KEYS "" --set-str SYSTEM_REVOCATION_KEYS "" \
-  --set-str MODULE_SIG_KEY "certs/signing_key.pem" >&2
-kmake olddefconfig
-# KERNELRELEASE: Debian's ABI name, as the running kernel has it (uname -r);
-# include/config/kernel.release keeps it for lucos build.
-kmake -j"$(nproc)" prepare modules_prepare
-# One object, so the tools the first object build makes (resolve_btfids,
-# the generated headers) are made here, once; the object goes again.
-kmake lib/ctype.o
-rm -f "$tree/lib/ctype.o" "$tree/lib/.ctype.o.cmd"
-cp "$root/lucos-build.env" "$tree/lucos-build.env"
-touch "$tree/.prepared"
+"$here/prepare-tree.sh" "$root/src" "$tree" "$image/boot/config-$KERNEL_RELEASE" \
+  "$KERNEL_RELEASE" "$root/lucos-build.env"
 echo "$tree"

@@ -61,6 +61,8 @@ pub struct ModuleObject {
     masked: HashMap<usize, Vec<(u64, u64)>>,
     /// Where each table's sites came from: (table, count).
     pub tables: Vec<(String, usize)>,
+    /// How many defined symbols (functions, data) have each name.
+    defined: HashMap<String, usize>,
 }
 
 /// Bytes a relocation of x86-64 type `t` writes.
@@ -130,6 +132,16 @@ impl ModuleObject {
                 let d = crate::section_data(data, sh)
                     .ok_or_else(|| bad(format!("section {} lies outside the file", sec_name(i))))?;
                 text.insert(i, d.to_vec());
+            }
+        }
+        let mut defined: HashMap<String, usize> = HashMap::new();
+        for s in elf.syms.iter() {
+            let kind = s.st_type();
+            if s.st_shndx == 0 || !matches!(kind, STT_FUNC | goblin::elf::sym::STT_OBJECT) {
+                continue;
+            }
+            if let Some(n) = elf.strtab.get_at(s.st_name).filter(|n| !n.is_empty()) {
+                *defined.entry(n.to_owned()).or_default() += 1;
             }
         }
         let mut functions = Vec::new();
@@ -260,6 +272,7 @@ impl ModuleObject {
             text,
             masked,
             tables,
+            defined,
         })
     }
 
@@ -267,6 +280,11 @@ impl ModuleObject {
     pub fn from_file(path: &std::path::Path) -> Result<Self, SymbolError> {
         let data = crate::read_file(path)?;
         Self::parse(&data, &path.display().to_string())
+    }
+
+    /// How many functions and variables the module defines named `name`.
+    pub fn defines(&self, name: &str) -> usize {
+        self.defined.get(name).copied().unwrap_or(0)
     }
 
     /// The functions named `name` (a local name may repeat).

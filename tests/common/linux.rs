@@ -411,6 +411,9 @@ pub struct Extras {
     /// `$LUCOS_BASELINE`: another lucos binary (an earlier build), for
     /// benchmarks that compare it with this one in the same run.
     pub baseline: Option<PathBuf>,
+    /// The unpacked kernel package the guest (and the emulated host) runs,
+    /// instead of the chosen build's.
+    pub kernel: Option<PathBuf>,
 }
 
 /// Runs `scenario` against a guest whose /workload.sh is `workload`.
@@ -433,7 +436,7 @@ pub fn run_scenario_with(
 ) -> ScenarioOutput {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch(name);
-    let pkg = kernel_pkg();
+    let pkg = extras.kernel.clone().unwrap_or_else(kernel_pkg);
     let wl = dir.join("workload.sh");
     std::fs::write(&wl, workload).expect("workload");
     let initrd = dir.join("guest-initrd.cpio.gz");
