@@ -420,6 +420,16 @@ fn attempt(
         .pause_for_save()
         .map_err(|e| before(format!("pausing the guest: {e}")))?;
     a.paused = true;
+    // A vCPU held for a module event (a module being loaded or unloaded)
+    // waits for this process's modules thread: handed over, its event would
+    // be lost.
+    if vm.control().held() > 0 {
+        return Err(before(
+            "a guest module is being loaded or unloaded and lucos is dealing with it (a vCPU \
+             is held): try again"
+                .into(),
+        ));
+    }
     let paused_ns = monotonic_ns();
     let machine = vm
         .save_machine()
