@@ -544,4 +544,55 @@ mod tests {
             Err(UpdateError::Unsigned(_))
         ));
     }
+
+    #[test]
+    fn module_targets_make_format_4_and_must_be_consistent() {
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        let (mut m, o) = sample();
+        m.functions.push(FunctionPatch {
+            old: "bm_status_read".into(),
+            old_file: None,
+            old_size: 101,
+            old_sha256: "00".into(),
+            old_masked: vec![(0, 5)],
+            old_relocs: vec![],
+            new: "bm_status_read".into(),
+            new_object: Some("a.o".into()),
+            module: Some("binfmt_misc".into()),
+        });
+        m.modules.push(ModuleTarget {
+            name: "binfmt_misc".into(),
+            build_id: "5ed3".into(),
+            objects: vec!["a.o".into()],
+        });
+        let bytes = Lup::new(m.clone(), o.clone(), Some(&key)).to_bytes();
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().expect("4")), 4);
+        let lup = Lup::parse(&bytes, "p").expect("parse");
+        assert_eq!(
+            lup.manifest
+                .module_of_object("a.o")
+                .map(|t| t.name.as_str()),
+            Some("binfmt_misc")
+        );
+        assert!(lup.manifest.module_of_object("b.o").is_none());
+        // A lucos that knows format 3 at most refuses it (the header says 4).
+        let mut old = bytes.clone();
+        old[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let e = Lup::parse(&old, "p").expect_err("version");
+        assert!(e.to_string().contains("does not match its manifest"), "{e}");
+        // A function in a module the manifest does not name.
+        let mut bad = m.clone();
+        bad.functions[0].module = Some("nfsd".into());
+        let e = Lup::parse(&Lup::new(bad, o.clone(), None).to_bytes(), "p").expect_err("unnamed");
+        assert!(
+            e.to_string()
+                .contains("module nfsd, which the manifest does not name"),
+            "{e}"
+        );
+        // A module named twice.
+        let mut bad = m.clone();
+        bad.modules.push(bad.modules[0].clone());
+        let e = Lup::parse(&Lup::new(bad, o, None).to_bytes(), "p").expect_err("twice");
+        assert!(e.to_string().contains("named twice"), "{e}");
+    }
 }

@@ -370,4 +370,137 @@ mod tests {
             Decision::Refuse
         );
     }
+
+    /// RAM of one page at 0x1000, for the watches' values.
+    struct Page(std::sync::Mutex<Vec<u8>>);
+    impl PhysMemory for Page {
+        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), vmm_core::memory::MemoryError> {
+            let m = self.0.lock().expect("page");
+            let at = (gpa - 0x1000) as usize;
+            buf.copy_from_slice(&m[at..at + buf.len()]);
+            Ok(())
+        }
+        fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), vmm_core::memory::MemoryError> {
+            let mut m = self.0.lock().expect("page");
+            let at = (gpa - 0x1000) as usize;
+            m[at..at + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+    }
+
+    /// What write control does with an allowed write: into RAM, then
+    /// `committed`, then `holds`.
+    fn allowed(
+        pol: &GuardPolicy,
+        ram: &Page,
+        touches: Vec<&Protection>,
+        gpa: u64,
+        data: &[u8],
+    ) -> (Decision, bool) {
+        let w = TrappedWrite {
+            vcpu: 1,
+            rip: 0x10,
+            cpl: 0,
+            cr3: 0,
+            gpa,
+            data,
+            touches,
+        };
+        let d = pol.decide(&w, ram);
+        if d != Decision::Allow {
+            return (d, false);
+        }
+        ram.write_phys(gpa, data).expect("write");
+        pol.committed(&w, ram);
+        (d, pol.holds(&w, ram))
+    }
+
+    fn at(owner: &str, gpa: u64, len: u64) -> Protection {
+        Protection {
+            owner: owner.into(),
+            label: "module m state".into(),
+            gpa,
+            len,
+        }
+    }
+
+    #[test]
+    fn module_watches_are_written_and_hold_their_vcpu_for_the_events_that_matter() {
+        let pol = GuardPolicy::new();
+        let ram = Page(std::sync::Mutex::new(vec![0u8; 4096]));
+        let owner = "patch:fix@m/1";
+        let jump = at(owner, 0x1100, 5);
+        let state = at(&watch_owner(owner), 0x1200, 4);
+        let list = at(LIST_WATCH, 0x1300, 8);
+        let coming = at(&format!("{COMING_PREFIX}m@ffffffffc0001000"), 0x1400, 4);
+        let none = std::time::Duration::ZERO;
+
+        // The module's jump: refused while it is live.
+        assert_eq!(
+            allowed(&pol, &ram, vec![&jump], 0x1100, &[0x90]).0,
+            Decision::Refuse
+        );
+        // COMING -> LIVE: written, no event.
+        assert_eq!(
+            allowed(&pol, &ram, vec![&state], 0x1200, &0u32.to_le_bytes()),
+            (Decision::Allow, false)
+        );
+        assert_eq!(pol.next_module_event(none), None);
+        // LIVE -> GOING: written, the vCPU held, the jump the guest's again.
+        assert_eq!(
+            allowed(&pol, &ram, vec![&state], 0x1200, &2u32.to_le_bytes()),
+            (Decision::Allow, true)
+        );
+        assert_eq!(
+            pol.next_module_event(none),
+            Some(ModuleEvent::Going {
+                vcpu: 1,
+                owner: owner.into()
+            })
+        );
+        assert_eq!(
+            allowed(&pol, &ram, vec![&jump], 0x1100, &[0x90]).0,
+            Decision::Allow
+        );
+        // Another apply's jumps in a reloaded module are protected again.
+        let again = at("patch:fix@m/2", 0x1100, 5);
+        assert_eq!(
+            allowed(&pol, &ram, vec![&again], 0x1100, &[0x90]).0,
+            Decision::Refuse
+        );
+
+        // The list head's next: every write is an event; its prev is not.
+        let node = 0xffff_ffff_c000_1008u64;
+        assert_eq!(
+            allowed(&pol, &ram, vec![&list], 0x1300, &node.to_le_bytes()),
+            (Decision::Allow, true)
+        );
+        assert_eq!(
+            pol.next_module_event(none),
+            Some(ModuleEvent::Listed { vcpu: 1, node })
+        );
+        // A module being loaded: only its state becoming `coming` (1) holds.
+        assert_eq!(
+            allowed(&pol, &ram, vec![&coming], 0x1400, &3u32.to_le_bytes()),
+            (Decision::Allow, false)
+        );
+        assert_eq!(
+            allowed(&pol, &ram, vec![&coming], 0x1400, &1u32.to_le_bytes()),
+            (Decision::Allow, true)
+        );
+        assert_eq!(
+            pol.next_module_event(none),
+            Some(ModuleEvent::Coming {
+                vcpu: 1,
+                owner: coming.owner.clone()
+            })
+        );
+        // A byte write of the state: the rest of it from RAM.
+        assert_eq!(
+            allowed(&pol, &ram, vec![&coming], 0x1401, &[0]),
+            (Decision::Allow, true)
+        );
+        assert!(pol.next_module_event(none).is_some());
+        assert_eq!(pol.next_module_event(none), None);
+    }
 }
