@@ -1030,6 +1030,12 @@ fn show_report(r: &PatchReport, verb: &str) {
         r.total_us / 1e3
     );
     print_functions(&r.functions);
+    if let (Some(m), false) = (&r.waiting_for, r.functions.is_empty()) {
+        println!(
+            "  held: its part for {m} (not loaded), applied when the guest loads it, before any \
+             of its code runs"
+        );
+    }
 }
 
 /// Prints `v` as the JSON a script reads.

@@ -11,9 +11,13 @@
 //! - Unloaded and loaded again: the patch (of that module only) is applied
 //!   again at the load.
 //! - A patch spanning vmlinux (/proc/cmdline) and the module switches both
-//!   in one pause; after an unload and reload the module's part is gone
-//!   (the reloaded module is the original: lucos let go of its freed
-//!   memory before the guest reused it), vmlinux's stays until reverted.
+//!   in one pause; after an unload and reload its part in the old module
+//!   is gone (lucos let go of the freed memory before the guest reused it:
+//!   the loader's writes went through) and the module's part is applied
+//!   again at the load, as `span@binfmt_misc`; vmlinux's stays throughout.
+//! - The spanning patch given while the module is not loaded: vmlinux's
+//!   part is applied at once, the module's is held and applied at its load;
+//!   one revert takes both.
 //! - A patch for another build of a loaded module is refused; one held for
 //!   a module that never loads is dropped by revert.
 
@@ -112,6 +116,13 @@ load
 echo "@@BM reloaded2 $(st) cmdline=$(grep -c lucos.patched=1 /proc/cmdline)"
 until ! grep -q lucos.patched=1 /proc/cmdline; do sleep 0.1; done
 echo "@@BM done $(st)"
+unload
+echo "@@BM unloaded3 $(grep -c binfmt_misc /proc/modules)"
+until grep -q lucos.patched=1 /proc/cmdline; do sleep 0.1; done
+load
+echo "@@BM partial $(st) cmdline=$(grep -c lucos.patched=1 /proc/cmdline)"
+until ! grep -q lucos.patched=1 /proc/cmdline; do sleep 0.1; done
+echo "@@BM final $(st)"
 while :; do sleep 1; done
 "#;
 
@@ -152,6 +163,12 @@ $LUCOS list --vm mp --json > /tmp/o 2>&1; echo "@@SCN list3 rc=$? $(one /tmp/o)"
 $LUCOS list --vm mp > /tmp/o 2>&1; echo "@@SCN listtext rc=$?"; sed 's/^/@@LIST /' /tmp/o
 $LUCOS revert --vm mp span > /tmp/o 2>&1; echo "@@SCN revert3 rc=$? $(one /tmp/o)"
 seen '^@@BM done' || fail
+seen '^@@BM unloaded3' || fail
+$LUCOS patch --vm mp $FILES/span.lup --json > /tmp/o 2>&1; echo "@@SCN partial rc=$? $(one /tmp/o)"
+seen '^@@BM partial' || fail
+$LUCOS list --vm mp --json > /tmp/o 2>&1; echo "@@SCN listp rc=$? $(one /tmp/o)"
+$LUCOS revert --vm mp span > /tmp/o 2>&1; echo "@@SCN revertp rc=$? $(one /tmp/o)"
+seen '^@@BM final' || fail
 $LUCOS revert --vm mp dummyfix > /tmp/o 2>&1; echo "@@SCN drop rc=$? $(one /tmp/o)"
 $LUCOS list --vm mp --json > /tmp/o 2>&1; echo "@@SCN list4 rc=$? $(one /tmp/o)"
 $LUCOS stop --vm mp >/dev/null
@@ -357,14 +374,18 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
         "enabled live-patched cmdline=1",
         "{text}"
     );
-    // Unloaded and loaded again: the module's part is gone (the reloaded
-    // module is the original: the loader's writes over the old jump went
-    // through), vmlinux's stays until the revert.
-    assert_eq!(guest(text, "reloaded2"), "enabled cmdline=1", "{text}");
+    // Unloaded and loaded again: the patch's part in the old module is gone
+    // (its protections with it: the loader's writes over the old jump went
+    // through), vmlinux's stays, and the module's part is applied again at
+    // the load as a patch of its own, span@binfmt_misc.
+    assert_eq!(
+        guest(text, "reloaded2"),
+        "enabled live-patched cmdline=1",
+        "{text}"
+    );
     let list3 = json("list3", "0");
-    let p = list3["patches"]
-        .as_array()
-        .expect("patches")
+    let patches = list3["patches"].as_array().expect("patches");
+    let p = patches
         .iter()
         .find(|p| p["name"] == "span")
         .unwrap_or_else(|| panic!("span: {list3}"));
@@ -378,12 +399,51 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
             .all(|r| !r["owner"].as_str().unwrap_or("").ends_with(owner)),
         "the gone module's ranges are still protected: {list3}"
     );
+    let part = patches
+        .iter()
+        .find(|p| p["name"] == "span@binfmt_misc")
+        .unwrap_or_else(|| panic!("span's part not applied at the reload: {list3}"));
+    assert_eq!(part["modules"][0]["status"], "applied", "{part}");
     assert!(
         text.contains("@@LIST   objects   vmlinux applied, binfmt_misc gone (unloaded)"),
         "{text}"
     );
     step(text, "revert3", "0");
     assert_eq!(guest(text, "done"), "enabled", "{text}");
+
+    // Spanning, with the module not loaded: vmlinux's part now, the
+    // module's held (span@binfmt_misc) and applied when it loads; one revert
+    // takes both.
+    assert_eq!(guest(text, "unloaded3"), "0", "{text}");
+    let partial = json("partial", "0");
+    assert_eq!(partial["waiting_for"], "binfmt_misc", "{partial}");
+    assert_eq!(
+        partial["functions"][0]["function"], "cmdline_proc_show",
+        "{partial}"
+    );
+    assert_eq!(
+        partial["functions"].as_array().map(Vec::len),
+        Some(1),
+        "{partial}"
+    );
+    assert_eq!(
+        guest(text, "partial"),
+        "enabled live-patched cmdline=1",
+        "{text}"
+    );
+    let listp = json("listp", "0");
+    let names: Vec<&str> = listp["patches"]
+        .as_array()
+        .expect("patches")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"span") && names.contains(&"span@binfmt_misc"),
+        "{listp}"
+    );
+    step(text, "revertp", "0");
+    assert_eq!(guest(text, "final"), "enabled", "{text}");
 
     // The held patch whose module never loaded is dropped by revert.
     assert!(

@@ -416,6 +416,60 @@ impl Lup {
             .ok_or_else(|| UpdateError::BadSignature(path.to_owned()))
     }
 
+    /// The part of this (verified) patch that covers `modules`, and vmlinux
+    /// too when `vmlinux`: their functions and objects only, named `name`
+    /// (a patch whose modules are not all loaded is applied in parts).
+    pub fn part(&self, name: &str, modules: &[String], vmlinux: bool) -> Lup {
+        let m = &self.manifest;
+        let keep_object = |o: &str| match m.module_of_object(o) {
+            Some(t) => modules.contains(&t.name),
+            None => vmlinux,
+        };
+        let manifest = Manifest {
+            name: name.to_owned(),
+            functions: m
+                .functions
+                .iter()
+                .filter(|f| match &f.module {
+                    Some(x) => modules.contains(x),
+                    None => vmlinux,
+                })
+                .cloned()
+                .collect(),
+            objects: m
+                .objects
+                .iter()
+                .filter(|o| keep_object(o))
+                .cloned()
+                .collect(),
+            modules: m
+                .modules
+                .iter()
+                .filter(|t| modules.contains(&t.name))
+                .cloned()
+                .collect(),
+            // A module's part stands alone: it is applied when the module
+            // loads, whatever else is applied then.
+            depends: if vmlinux {
+                m.depends.clone()
+            } else {
+                Vec::new()
+            },
+            ..m.clone()
+        };
+        Lup {
+            objects: self
+                .objects
+                .iter()
+                .filter(|(n, _)| keep_object(n))
+                .cloned()
+                .collect(),
+            manifest,
+            signature: self.signature,
+            signed: self.signed.clone(),
+        }
+    }
+
     /// Refuses the patch unless it targets the running kernel `running`.
     pub fn check_target(&self, running: &KernelIdentity) -> Result<(), UpdateError> {
         running

@@ -198,10 +198,13 @@ pub struct AppliedPatch {
     /// The modules it switched functions of (the rest are vmlinux's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub modules: Vec<AppliedModule>,
-    /// For a patch of one module only: the `.lup` (hex), held again when
-    /// the guest unloads the module, to patch it when it loads again.
+    /// For a patch of modules: the `.lup` (hex), whose part for a module
+    /// the guest unloads is held again, to patch it when it loads again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// This is the part of the `.lup` for this module only (`NAME@MODULE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
 }
 
 /// A patch for a module not loaded yet, held until the guest loads it.
@@ -216,6 +219,10 @@ pub struct HeldPatch {
     pub version: u32,
     /// The module it waits for.
     pub module: String,
+    /// Applied as the part of the `.lup` that covers this module only (a
+    /// patch whose other objects were applied without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
     /// The mode to apply it in.
     pub mode: Mode,
     /// The `.lup`, hex (carried to a new VMM process; not listed).
@@ -624,9 +631,7 @@ fn loaded_modules(
         let Some(info) = all.iter().find(|x| x.name == t.name) else {
             return Err(err(
                 &t.name,
-                "is not loaded in the guest (a patch of one module only is held until it \
-                 loads; one that also covers vmlinux or other modules needs them all loaded)"
-                    .into(),
+                "is not loaded in the guest (it was a moment ago: unloaded meanwhile?)".into(),
             ));
         };
         let is_coming = coming == Some(info.addr) && info.state == "coming";
@@ -933,39 +938,70 @@ impl Patcher {
             source,
         })?;
         let lup = self.verify(Lup::parse(&bytes, &what)?, &what, k, replace)?;
-        // A patch of one module that is not loaded: held until it loads.
-        if let Some(module) = self.holdable(g, k, &lup, replace)? {
-            let mode = mode.unwrap_or(lup.manifest.mode);
-            self.state.held.push(HeldPatch {
-                name: lup.manifest.name.clone(),
-                description: lup.manifest.description.clone(),
-                version: lup.manifest.version,
-                module: module.clone(),
-                mode,
-                lup: to_hex(&bytes),
-                coming: None,
-                last_error: None,
-            });
-            if let Err(e) = self.sync_watches(g, k) {
-                self.state.held.pop();
-                return Err(e);
-            }
-            return Ok(PatchReport {
-                name: lup.manifest.name.clone(),
+        let missing = self.missing_modules(g, k, &lup, replace)?;
+        if missing.is_empty() {
+            return self.apply_lup(g, k, &lup, &bytes, (replace, mode), None, None, t0);
+        }
+        let m = &lup.manifest;
+        let name = m.name.clone();
+        let mode = mode.unwrap_or(m.mode);
+        let vmlinux = m.functions.iter().any(|f| f.module.is_none());
+        let present: Vec<String> = m
+            .modules
+            .iter()
+            .map(|t| t.name.clone())
+            .filter(|t| !missing.contains(t))
+            .collect();
+        // A patch of one module that is not loaded is held whole; a patch
+        // of other objects too is applied without the missing modules, and
+        // each one's part is held (`NAME@MODULE`) until it loads.
+        let whole = !vmlinux && present.is_empty() && missing.len() == 1;
+        let mut report = if whole {
+            PatchReport {
+                name: name.clone(),
                 mode,
                 functions: Vec::new(),
                 pause_us: 0.0,
                 tries: 0,
                 sleeping_tasks_checked: None,
-                total_us: t0.elapsed().as_secs_f64() * 1e6,
-                waiting_for: Some(module),
+                total_us: 0.0,
+                waiting_for: None,
+            }
+        } else {
+            let now = lup.part(&name, &present, true);
+            self.apply_lup(g, k, &now, &bytes, (replace, Some(mode)), None, None, t0)?
+        };
+        let held_before = self.state.held.len();
+        for module in &missing {
+            self.state.held.push(HeldPatch {
+                name: if whole {
+                    name.clone()
+                } else {
+                    format!("{name}@{module}")
+                },
+                description: m.description.clone(),
+                version: m.version,
+                module: module.clone(),
+                part: (!whole).then(|| module.clone()),
+                mode,
+                lup: to_hex(&bytes),
+                coming: None,
+                last_error: None,
             });
         }
-        self.apply_lup(g, k, &lup, &bytes, (replace, mode), None, t0)
+        if let Err(e) = self.sync_watches(g, k) {
+            // Nothing is held; what was applied stays (revert takes it).
+            self.state.held.truncate(held_before);
+            return Err(e);
+        }
+        report.waiting_for = Some(missing.join(", "));
+        report.total_us = t0.elapsed().as_secs_f64() * 1e6;
+        Ok(report)
     }
 
-    /// Applies the verified `lup` (whose file is `bytes`); `coming` is the
-    /// `struct module` of a module being loaded it may be applied to.
+    /// Applies the verified `lup` (whose file is `bytes`; `part` when `lup`
+    /// is that file's part for one module); `coming` is the `struct module`
+    /// of a module being loaded it may be applied to.
     #[allow(clippy::too_many_arguments)]
     fn apply_lup(
         &mut self,
@@ -974,6 +1010,7 @@ impl Patcher {
         lup: &Lup,
         bytes: &[u8],
         (replace, mode): (bool, Option<Mode>),
+        part: Option<&str>,
         coming: Option<u64>,
         t0: Instant,
     ) -> Result<PatchReport, PatchError> {
@@ -1035,9 +1072,9 @@ impl Patcher {
         let name = lup.manifest.name.clone();
         let report = self.commit_apply(lup, placed, sites, switched, &view, replace, mode, t0);
         let m = &lup.manifest;
-        let one_module = m.modules.len() == 1 && m.functions.iter().all(|f| f.module.is_some());
         if let Some(a) = self.state.applied.iter_mut().find(|a| a.name == name) {
-            a.source = one_module.then(|| to_hex(bytes));
+            a.source = (!m.modules.is_empty()).then(|| to_hex(bytes));
+            a.part = part.map(str::to_owned);
             a.modules = mods
                 .iter()
                 .map(|m| AppliedModule {
@@ -1743,6 +1780,7 @@ impl Patcher {
             code_len: code_len as u64,
             modules: Vec::new(),
             source: None,
+            part: None,
             mode,
             data: m
                 .data
@@ -1785,7 +1823,7 @@ impl Patcher {
             end: addr + size.max(TRAMPOLINE_LEN as u64),
         }];
         for a in &self.state.applied {
-            if a.functions.iter().any(|f| f.old_addr == addr) {
+            if a.functions.iter().any(|f| f.old_addr == addr && !a.gone(f)) {
                 v.push(Leaving {
                     function: format!("{function} of patch {}", a.name),
                     start: a.code_addr,
@@ -1796,40 +1834,39 @@ impl Patcher {
         v
     }
 
-    /// The module `lup` waits for, if it is a patch of one module only that
-    /// is not loaded (then it is held, not refused).
-    fn holdable(
+    /// The modules `lup` covers that are not loaded in the guest (their
+    /// parts are held).
+    fn missing_modules(
         &self,
         g: &dyn Guest,
         k: &GuestKernel,
         lup: &Lup,
         replace: bool,
-    ) -> Result<Option<String>, PatchError> {
+    ) -> Result<Vec<String>, PatchError> {
         let m = &lup.manifest;
-        let [t] = m.modules.as_slice() else {
-            return Ok(None);
-        };
-        if m.functions.iter().any(|f| f.module.is_none()) {
-            return Ok(None);
+        if m.modules.is_empty() {
+            return Ok(Vec::new());
         }
         let Ok(layout) = k.modules.as_ref() else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        if crate::modules::list(g, layout)?
+        let all = crate::modules::list(g, layout)?;
+        let missing: Vec<String> = m
+            .modules
             .iter()
-            .any(|x| x.name == t.name)
-        {
-            return Ok(None);
-        }
-        if replace {
+            .filter(|t| !all.iter().any(|x| x.name == t.name))
+            .map(|t| t.name.clone())
+            .collect();
+        if replace && !missing.is_empty() {
             return Err(UpdateError::Stack(format!(
                 "patch '{}': module {} is not loaded; a cumulative (--replace) patch is not held \
                  for a module loaded later",
-                m.name, t.name
+                m.name,
+                missing.join(", ")
             ))
             .into());
         }
-        Ok(Some(t.name.clone()))
+        Ok(missing)
     }
 
     /// Whether the modules list head must be watched: a patch is held, or
@@ -1838,9 +1875,21 @@ impl Patcher {
         !self.state.held.is_empty()
             || self.state.applied.iter().any(|a| {
                 a.source.is_some()
-                    && !a.modules.is_empty()
-                    && a.modules.iter().all(|m| m.status == ObjectStatus::Gone)
+                    && a.modules.iter().any(|m| {
+                        m.status == ObjectStatus::Gone && !self.part_exists(&a.name, &m.name)
+                    })
             })
+    }
+
+    /// Whether `patch`'s part for `module` is held or applied, or `patch`
+    /// itself is held.
+    fn part_exists(&self, patch: &str, module: &str) -> bool {
+        let part = format!("{patch}@{module}");
+        self.state
+            .held
+            .iter()
+            .any(|h| h.name == part || h.name == patch)
+            || self.state.applied.iter().any(|a| a.name == part)
     }
 
     /// The list watch to add or release so it is there exactly when
@@ -1983,13 +2032,18 @@ impl Patcher {
                             PatchError::Switch("a held patch's bytes are damaged".into())
                         })
                         .and_then(|bytes| {
-                            let lup = Lup::parse(&bytes, &h.name)?;
+                            let whole = Lup::parse(&bytes, &h.name)?;
+                            let lup = match &h.part {
+                                Some(m) => whole.part(&h.name, std::slice::from_ref(m), false),
+                                None => whole,
+                            };
                             self.apply_lup(
                                 g,
                                 k,
                                 &lup,
                                 &bytes,
                                 (false, Some(h.mode)),
+                                h.part.as_deref(),
                                 Some(addr),
                                 t0,
                             )
@@ -2034,42 +2088,75 @@ impl Patcher {
     fn rehold_gone(&mut self, all: &[crate::modules::ModuleInfo]) -> Vec<String> {
         let mut said = Vec::new();
         let va = self.state.area_va;
+        let absent = |m: &AppliedModule| {
+            m.status == ObjectStatus::Gone
+                && !all.iter().any(|x| x.addr == m.addr && x.name == m.name)
+        };
         let mut i = 0;
         while i < self.state.applied.len() {
             let a = &self.state.applied[i];
-            let gone = !a.modules.is_empty()
-                && a.modules.iter().all(|m| {
-                    m.status == ObjectStatus::Gone
-                        && !all.iter().any(|x| x.addr == m.addr && x.name == m.name)
-                });
+            let Some(source) = a.source.clone() else {
+                i += 1;
+                continue;
+            };
             let dependents = self
                 .state
                 .applied
                 .iter()
                 .any(|b| b.depends.contains(&a.name));
-            if !gone || dependents || a.source.is_none() {
-                i += 1;
+            let only_module =
+                a.functions.iter().all(|f| f.module.is_some()) && a.modules.len() == 1;
+            if only_module && absent(&a.modules[0]) && !dependents {
+                // Gone whole: held again as it was, its code freed.
+                let a = self.state.applied.remove(i);
+                if let Some(va) = va {
+                    self.state.space.release(a.code_addr - va);
+                }
+                let module = a.modules[0].name.clone();
+                said.push(format!(
+                    "module {module} is gone: patch {} is held for its next load",
+                    a.name
+                ));
+                self.state.held.push(HeldPatch {
+                    name: a.name,
+                    description: a.description,
+                    version: a.version,
+                    module,
+                    part: a.part,
+                    mode: a.mode,
+                    lup: source,
+                    coming: None,
+                    last_error: None,
+                });
                 continue;
             }
-            let a = self.state.applied.remove(i);
-            if let Some(va) = va {
-                self.state.space.release(a.code_addr - va);
+            // A patch of other objects too: the gone module's part is held.
+            let gone: Vec<String> = a
+                .modules
+                .iter()
+                .filter(|m| absent(m) && !self.part_exists(&a.name, &m.name))
+                .map(|m| m.name.clone())
+                .collect();
+            let (name, description, version, mode) =
+                (a.name.clone(), a.description.clone(), a.version, a.mode);
+            for module in gone {
+                said.push(format!(
+                    "module {module} is gone: patch {name}'s part for it is held for its next \
+                     load ({name}@{module})"
+                ));
+                self.state.held.push(HeldPatch {
+                    name: format!("{name}@{module}"),
+                    description: description.clone(),
+                    version,
+                    module: module.clone(),
+                    part: Some(module),
+                    mode,
+                    lup: source.clone(),
+                    coming: None,
+                    last_error: None,
+                });
             }
-            let module = a.modules[0].name.clone();
-            said.push(format!(
-                "module {module} is gone: patch {} is held for its next load",
-                a.name
-            ));
-            self.state.held.push(HeldPatch {
-                name: a.name,
-                description: a.description,
-                version: a.version,
-                module,
-                mode: a.mode,
-                lup: a.source.unwrap_or_default(),
-                coming: None,
-                last_error: None,
-            });
+            i += 1;
         }
         said
     }
@@ -2216,7 +2303,7 @@ impl Patcher {
             .find_map(|a| {
                 a.functions
                     .iter()
-                    .find(|f| f.old_addr == addr)
+                    .find(|f| f.old_addr == addr && !a.gone(f))
                     .and_then(|f| trampoline::jmp_rel32(addr, f.new_addr).ok())
             })
             .unwrap_or(original)
@@ -2227,13 +2314,58 @@ impl Patcher {
         self.state
             .applied
             .iter()
-            .find_map(|a| a.functions.iter().find(|f| f.old_addr == addr))
+            .find_map(|a| {
+                a.functions
+                    .iter()
+                    .find(|f| f.old_addr == addr && !a.gone(f))
+            })
             .map(|f| f.saved)
     }
 
-    /// Reverts the applied patch `name`: its trampolines go back to what
-    /// they overwrote, in one pause.
+    /// Reverts the applied patch `name` with its parts for modules
+    /// (`NAME@MODULE`), or drops the held one. The trampolines go back to
+    /// what they overwrote, in one pause per patch.
     pub fn revert(
+        &mut self,
+        g: &dyn Guest,
+        k: &GuestKernel,
+        name: &str,
+    ) -> Result<PatchReport, PatchError> {
+        // Its parts for modules (`NAME@MODULE`) go with it: the applied ones
+        // reverted first, each in its own pause; the held ones dropped.
+        let prefix = format!("{name}@");
+        let is_part = |n: &str, part: &Option<String>| {
+            part.as_deref()
+                .is_some_and(|m| n.strip_prefix(&prefix) == Some(m))
+        };
+        let parts: Vec<String> = self
+            .state
+            .applied
+            .iter()
+            .filter(|a| is_part(&a.name, &a.part))
+            .map(|a| a.name.clone())
+            .chain(
+                self.state
+                    .held
+                    .iter()
+                    .filter(|h| is_part(&h.name, &h.part))
+                    .map(|h| h.name.clone()),
+            )
+            .collect();
+        let whole = self.state.applied.iter().any(|a| a.name == name)
+            || self.state.held.iter().any(|h| h.name == name);
+        let mut last = None;
+        for p in &parts {
+            last = Some(self.revert_one(g, k, p)?);
+        }
+        match (whole, last) {
+            (false, Some(r)) => Ok(r),
+            _ => self.revert_one(g, k, name),
+        }
+    }
+
+    /// Reverts the applied patch `name`, or drops the held one.
+    fn revert_one(
         &mut self,
         g: &dyn Guest,
         k: &GuestKernel,
@@ -2285,11 +2417,12 @@ impl Patcher {
             )));
         }
         let target = &applied[idx];
-        for f in &target.functions {
-            if let Some(later) = applied[idx + 1..]
-                .iter()
-                .find(|a| a.functions.iter().any(|g| g.old_addr == f.old_addr))
-            {
+        for f in target.functions.iter().filter(|f| !target.gone(f)) {
+            if let Some(later) = applied[idx + 1..].iter().find(|a| {
+                a.functions
+                    .iter()
+                    .any(|g| g.old_addr == f.old_addr && !a.gone(g))
+            }) {
                 return Err(stack_err(format!(
                     "{} is switched again by the later patch '{}'; revert that first",
                     f.function, later.name
