@@ -448,6 +448,27 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
             target_module = Some(m);
             functions.push(module_function(m, &s.name, &s.name, &object)?);
         }
+        if let (Some(m), None) = (target_module, &from_diff) {
+            // Its other functions would be linked against the module: a
+            // vmlinux replacement among them would be dropped silently.
+            if let Some(v) = osyms.iter().find(|s| {
+                s.kind == symbol_db::SymbolKind::Function
+                    && !is_fragment(&s.name)
+                    && m.functions_named(&s.name).is_empty()
+                    && !ksyms.all_named(&s.name).is_empty()
+                    && (args.functions.is_empty()
+                        || args
+                            .functions
+                            .iter()
+                            .any(|f| f.split('@').next() == Some(s.name.as_str())))
+            }) {
+                return Err(CliError::Usage(format!(
+                    "{stem}: {} is a vmlinux function, and the source replaces functions of \
+                     module {}: put vmlinux's replacements in a source of their own",
+                    v.name, m.name
+                )));
+            }
+        }
         if let Some(m) = target_module {
             let build_id = m.build_id.clone().unwrap_or_default();
             match module_targets.iter_mut().find(|t| t.name == m.name) {

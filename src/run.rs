@@ -252,8 +252,25 @@ pub fn serve_vm(
             .spawn(move || {
                 while ctl.exit_reason().is_none() {
                     if let Some(ev) = server.next_module_event(Duration::from_millis(500)) {
-                        server.module_event(&ev);
+                        let t0 = std::time::Instant::now();
+                        // Whatever happens, the held vCPU goes on.
+                        let dealt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            server.module_event(&ev)
+                        }));
+                        if dealt.is_err() {
+                            log::error!("dealing with a module event ({ev:?}) panicked");
+                        }
                         ctl.release(usize::from(ev.vcpu()));
+                        // A long hold (behind a long request) can make the
+                        // guest's other CPUs wait on this one.
+                        let held = t0.elapsed();
+                        if held > Duration::from_secs(1) {
+                            log::warn!(
+                                "vCPU {} was held {} ms for a module event",
+                                ev.vcpu(),
+                                held.as_millis()
+                            );
+                        }
                     }
                 }
             })

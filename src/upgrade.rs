@@ -44,8 +44,10 @@ use vmm_core::Vm;
 use crate::error::{exit, CliError};
 use crate::server::{ControlServer, VmIdentity};
 
-/// The handover format this build writes (docs/upgrade.md).
-pub const FORMAT: u32 = 1;
+/// The newest handover format this build writes (docs/upgrade.md): 2 when
+/// the VM has patches of modules (held patches, module parts, watches a
+/// lucos without modules would refuse guest writes to), else 1.
+pub const FORMAT: u32 = 2;
 /// The oldest handover format this build reads.
 pub const OLDEST_FORMAT: u32 = 1;
 /// How long a new process has by default, from its start to the guest
@@ -69,6 +71,23 @@ fn formats_read() -> (u32, u32) {
     {
         Some(n) => (n, n),
         None => (OLDEST_FORMAT, FORMAT),
+    }
+}
+
+/// The handover format `service` needs: 2 with module state, else 1 (which
+/// a lucos of before modules reads).
+fn format_of(service: &ServiceState) -> u32 {
+    let p = &service.patches;
+    let modules = !p.held.is_empty()
+        || p.applied.iter().any(|a| !a.modules.is_empty())
+        || service
+            .protections
+            .iter()
+            .any(|x| x.owner.starts_with(update_engine::protect::WATCH_PREFIX));
+    if modules {
+        2
+    } else {
+        1
     }
 }
 
@@ -362,7 +381,7 @@ fn attempt(
 
     // 1. hello
     left(&ch).map_err(|e| before(format!("setting the channel's time limit: {e}")))?;
-    let (version, new_pid) = match ch.recv::<Msg>() {
+    let (version, new_pid, reads) = match ch.recv::<Msg>() {
         Ok((
             Msg::Hello {
                 version,
@@ -372,7 +391,7 @@ fn attempt(
             _,
         )) => {
             log::info!("upgrade: {version} (pid {pid}) reads handover formats {reads:?}");
-            (version, pid)
+            (version, pid, reads)
         }
         Ok((other, _)) => return Err(before(format!("unexpected first message {other:?}"))),
         Err(e) => return Err(before(a.child_gone(&e, "at start"))),
@@ -380,6 +399,14 @@ fn attempt(
 
     // 2. setup, with the files.
     let service = server.export();
+    let format = format_of(&service);
+    if format == 2 && reads.1 < 2 {
+        return Err(before(format!(
+            "the new lucos ({version}) reads handover formats up to {}; this VM's state needs \
+             format {format} (patches of kernel modules)",
+            reads.1
+        )));
+    }
     let events_sent = service.write.next_event.saturating_sub(1);
     let process = ProcessState {
         vcpus: vm.vcpu_count(),
@@ -395,7 +422,7 @@ fn attempt(
         fds.push(f.as_raw_fd());
     }
     let setup = Msg::Setup {
-        format: FORMAT,
+        format,
         process,
         service: Box::new(service),
     };
@@ -436,7 +463,7 @@ fn attempt(
         .map_err(|e| before(format!("saving the machine state: {e}")))?;
     let tsc_khz = machine.vcpus.first().and_then(|v| v.tsc_khz);
     let state = Msg::State {
-        format: FORMAT,
+        format,
         state: Box::new(PausedState {
             machine,
             write: vm.write_control().carried(events_sent),

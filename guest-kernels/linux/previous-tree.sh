@@ -25,8 +25,14 @@ if [ -f "$out/.prepared" ] && [ "$(cat "$work/.from" 2>/dev/null)" = "$stamp" ];
   echo "$out"
   exit 0
 fi
+# Only a folder this script made (or an empty one) is emptied.
+if [ -n "$(ls -A "$work")" ] && [ ! -f "$work/.lucos-previous-tree" ] && [ ! -f "$work/.from" ]; then
+  echo "previous-tree: $work is not empty and not a tree this script made; give another folder" >&2
+  exit 2
+fi
 rm -rf "$work"
 mkdir -p "$work"
+touch "$work/.lucos-previous-tree"
 cp -al "$src" "$work/src"
 # The folders are the copy's own (files are shared: patch writes each file
 # it changes anew, so the pristine source stays as it was).

@@ -52,7 +52,8 @@ pub struct ModuleObject {
     pub version: Option<String>,
     /// `vermagic=`: the kernel release and options it was built for.
     pub vermagic: Option<String>,
-    /// Its functions in executable sections.
+    /// Its functions in executable sections (not init code: the kernel runs
+    /// it once at load and frees it).
     pub functions: Vec<ModuleFunction>,
     /// Per executable section index: its bytes.
     text: HashMap<usize, Vec<u8>>,
@@ -84,7 +85,25 @@ impl ModuleObject {
             path: name.to_owned(),
             why,
         };
+        // Distributions may ship modules compressed (.ko.xz, .ko.zst, .ko.gz).
+        for (magic, what) in [
+            (&b"\xfd7zXZ\0"[..], "xz"),
+            (&b"\x28\xb5\x2f\xfd"[..], "zstd"),
+            (&b"\x1f\x8b"[..], "gzip"),
+        ] {
+            if data.starts_with(magic) {
+                return Err(bad(format!(
+                    "a {what}-compressed module: decompress it first (e.g. `{what} -d`)"
+                )));
+            }
+        }
         let elf = crate::parse_elf(data, name)?;
+        if elf.header.e_machine != goblin::elf::header::EM_X86_64 {
+            return Err(bad(format!(
+                "a module for machine {} (lucos patches x86-64 kernels)",
+                elf.header.e_machine
+            )));
+        }
         if elf.header.e_type != goblin::elf::header::ET_REL {
             return Err(bad(
                 "not a kernel module (not a relocatable object: a .ko is one)".into(),
@@ -147,6 +166,10 @@ impl ModuleObject {
         let mut functions = Vec::new();
         for s in elf.syms.iter() {
             if s.st_type() != STT_FUNC || !is_text(s.st_shndx) {
+                continue;
+            }
+            // Init code runs once at load and is freed after: never replaced.
+            if sec_name(s.st_shndx).starts_with(".init") {
                 continue;
             }
             let Some(n) = elf.strtab.get_at(s.st_name) else {
@@ -221,13 +244,24 @@ impl ModuleObject {
                 Some(0x0f) => 6,
                 _ => 5,
             };
+        // A static branch is a 2-byte or a 5-byte jump or nop (objtool
+        // picks the nop of the jump's size).
+        let jump_len = |sec: usize, off: u64| {
+            let at = text
+                .get(&sec)
+                .and_then(|t| t.get(off as usize..off as usize + 2));
+            match at {
+                Some([0xeb, _]) | Some([0x66, 0x90]) => 2,
+                _ => 5,
+            }
+        };
         for (table, stride, len) in [
             (".retpoline_sites", 4, None),
             (".return_sites", 4, None),
             (".smp_locks", 4, Some(1)),
             (".ibt_endbr_seal", 4, Some(4)),
             ("__mcount_loc", 8, Some(5)),
-            ("__jump_table", 16, Some(5)),
+            ("__jump_table", 16, Some(0)),
             (".static_call_sites", 8, Some(5)),
         ] {
             let Some(sites) = sites_of(table, stride, 0) else {
@@ -235,7 +269,11 @@ impl ModuleObject {
             };
             tables.push((table.to_owned(), sites.len()));
             for (_, (sec, off)) in sites {
-                let l = len.unwrap_or_else(|| branch_len(sec, off));
+                let l = match len {
+                    Some(0) => jump_len(sec, off),
+                    Some(l) => l,
+                    None => branch_len(sec, off),
+                };
                 add(sec, off, l);
             }
         }

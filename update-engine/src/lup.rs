@@ -332,6 +332,41 @@ impl Lup {
             if t.name.is_empty() || t.name.len() >= 56 || t.build_id.is_empty() {
                 return Err(bad("a module target without a name or build-id"));
             }
+            if let Some(o) = t.objects.iter().find(|o| !manifest.objects.contains(o)) {
+                return Err(bad(&format!(
+                    "module {} names object {o}, which the manifest does not",
+                    t.name
+                )));
+            }
+            if manifest.modules[..i]
+                .iter()
+                .any(|x| x.objects.iter().any(|o| t.objects.contains(o)))
+            {
+                return Err(bad(&format!(
+                    "an object of module {} is another module's too",
+                    t.name
+                )));
+            }
+        }
+        // A module's replacement is defined by one of that module's objects
+        // (else it would be linked against another object's symbols).
+        for f in &manifest.functions {
+            let object = f.new_object.as_deref();
+            let of = object
+                .and_then(|o| manifest.module_of_object(o))
+                .map(|t| &t.name);
+            if f.module.is_some() && (object.is_none() || of != f.module.as_ref()) {
+                return Err(bad(&format!(
+                    "the replacement of {} is not in an object of its module",
+                    f.old
+                )));
+            }
+            if let (None, Some(m)) = (&f.module, of) {
+                return Err(bad(&format!(
+                    "the replacement of vmlinux's {} is in an object of module {m}",
+                    f.old
+                )));
+            }
         }
         if !manifest.data.is_empty() && !manifest.modules.is_empty() {
             return Err(bad(

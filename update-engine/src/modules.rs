@@ -169,6 +169,12 @@ impl ModuleLayout {
         self.head
     }
 
+    /// Address of module `m`'s list node's `prev` (poisoned when the node
+    /// leaves the list).
+    pub fn list_prev_addr(&self, m: &ModuleInfo) -> u64 {
+        m.addr + self.list + 8
+    }
+
     /// Address of module `m`'s `state` (a u32: 0 live, 1 coming, 2 going,
     /// 3 unformed).
     pub fn state_addr(&self, m: &ModuleInfo) -> u64 {
@@ -284,8 +290,15 @@ fn read_module(r: &Reader<'_>, l: &ModuleLayout, m: u64) -> Result<ModuleInfo, M
         size: r.u32(m + l.size, "a module's size")?.into(),
         text_size: r.u32(m + l.text_size, "a module's text size")?.into(),
         ro_size: r.u32(m + l.ro_size, "a module's read-only size")?.into(),
-        version: r.opt_str(m + l.version, "a module's version")?,
-        srcversion: r.opt_str(m + l.srcversion, "a module's srcversion")?,
+        // Best-effort: a string of a module being freed may be gone already.
+        version: r
+            .opt_str(m + l.version, "a module's version")
+            .ok()
+            .flatten(),
+        srcversion: r
+            .opt_str(m + l.srcversion, "a module's srcversion")
+            .ok()
+            .flatten(),
         symbols,
         build_id: l.notes.and_then(|n| build_id(r, m, n)),
     })
@@ -313,7 +326,6 @@ pub fn module_at_node(
 /// loader puts its SHF_ALLOC notes), for a module whose notes the kernel
 /// does not list yet (its sysfs entries come after it is `coming`).
 pub fn scan_build_id(vm: &dyn Guest, l: &ModuleLayout, m: &ModuleInfo) -> Option<String> {
-    const HEAD: [u8; 16] = *b"\x04\0\0\0\x14\0\0\0\x03\0\0\0GNU\0";
     let r = Reader {
         vm,
         paging: l.paging,
@@ -322,15 +334,19 @@ pub fn scan_build_id(vm: &dyn Guest, l: &ModuleLayout, m: &ModuleInfo) -> Option
     let mut ro = vec![0u8; len as usize];
     r.bytes(m.base, &mut ro, "a module's read-only memory")
         .ok()?;
-    let at = (0..ro.len().saturating_sub(36))
-        .step_by(4)
-        .find(|&i| ro[i..i + 16] == HEAD)?;
-    Some(
-        ro[at + 16..at + 36]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+    // A note: namesz 4, descsz (1..=64), type NT_GNU_BUILD_ID (3), "GNU\0".
+    (0..ro.len().saturating_sub(16)).step_by(4).find_map(|i| {
+        let word = |at: usize| u32::from_le_bytes(ro[at..at + 4].try_into().unwrap_or_default());
+        let desc = word(i + 4) as usize;
+        if word(i) != 4 || word(i + 8) != 3 || &ro[i + 12..i + 16] != b"GNU\0" {
+            return None;
+        }
+        if desc == 0 || desc > 64 || i + 16 + desc > ro.len() {
+            return None;
+        }
+        let end = (i + 16 + desc.div_ceil(4) * 4).min(ro.len());
+        symbol_db::identity::build_id_from_notes(&ro[i..end])
+    })
 }
 
 /// The build-id among the loaded note sections of the module at `m`

@@ -152,6 +152,11 @@ pub struct AppliedModule {
     /// `applied`, or `gone` once the guest unloaded it (its sites went with
     /// its memory: nothing to revert there).
     pub status: ObjectStatus,
+    /// The instance is being freed (it was made `unformed`): its watch is
+    /// released, and a module of that name at the same address is another
+    /// load.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freed: bool,
 }
 
 /// Where an applied patch stands in one object it covers.
@@ -931,7 +936,9 @@ impl Patcher {
         mode: Option<Mode>,
     ) -> Result<PatchReport, PatchError> {
         let t0 = Instant::now();
-        self.reconcile_modules(g, k)?;
+        if let Err(e) = self.reconcile_modules(g, k) {
+            log::warn!("checking patched modules: {e}");
+        }
         let what = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|source| UpdateError::Io {
             what: format!("cannot read {what}"),
@@ -956,6 +963,15 @@ impl Patcher {
         // of other objects too is applied without the missing modules, and
         // each one's part is held (`NAME@MODULE`) until it loads.
         let whole = !vmlinux && present.is_empty() && missing.len() == 1;
+        if whole && !m.depends.is_empty() {
+            return Err(UpdateError::Stack(format!(
+                "patch '{name}' depends on {} and its module {} is not loaded: a held patch \
+                 cannot depend on others (load the module first)",
+                m.depends.join(", "),
+                missing[0]
+            ))
+            .into());
+        }
         let mut report = if whole {
             PatchReport {
                 name: name.clone(),
@@ -993,6 +1009,11 @@ impl Patcher {
             // Nothing is held; what was applied stays (revert takes it).
             self.state.held.truncate(held_before);
             return Err(e);
+        }
+        // A module that came in before the watch did.
+        match self.catch_up(g, k) {
+            Ok(said) => said.iter().for_each(|x| log::info!("{x}")),
+            Err(e) => log::warn!("looking for held patches' modules: {e}"),
         }
         report.waiting_for = Some(missing.join(", "));
         report.total_us = t0.elapsed().as_secs_f64() * 1e6;
@@ -1083,6 +1104,7 @@ impl Patcher {
                     addr: m.info.addr,
                     owner: m.owner.clone(),
                     status: ObjectStatus::Applied,
+                    freed: false,
                 })
                 .collect();
         }
@@ -1166,6 +1188,17 @@ impl Patcher {
             return Err(stack_err(format!(
                 "a patch named '{}' is already held for module {}",
                 m.name, h.module
+            )));
+        }
+        if replace
+            && (!m.modules.is_empty()
+                || !self.state.held.is_empty()
+                || self.state.applied.iter().any(|a| !a.modules.is_empty()))
+        {
+            return Err(stack_err(format!(
+                "patch '{}': a cumulative (--replace) patch cannot yet cover modules or replace \
+                 patches of modules (applied or held); revert those first",
+                m.name
             )));
         }
         if replace && (!m.data.is_empty() || self.state.applied.iter().any(|a| !a.data.is_empty()))
@@ -1299,6 +1332,16 @@ impl Patcher {
             return Err(
                 mismatch(format!("it is not code in the module (type {})", sym.kind)).into(),
             );
+        }
+        // Only the module's core text: init code is freed after the load.
+        let core = loaded.info.base..loaded.info.base + loaded.info.text_size;
+        if !core.contains(&sym.addr) || !core.contains(&(sym.addr + f.old_size.max(1) - 1)) {
+            return Err(mismatch(format!(
+                "it lies outside the module's core text ({:#x}..{:#x}): init code, freed once \
+                 the module is loaded, is never patched",
+                core.start, core.end
+            ))
+            .into());
         }
         if sym.size != 0 && sym.size != f.old_size {
             return Err(mismatch(format!(
@@ -1957,22 +2000,73 @@ impl Patcher {
         let mut said = Vec::new();
         let (mut release, mut add) = (Vec::new(), Vec::new());
         match ev {
-            ModuleEvent::Going { owner, .. } => {
+            ModuleEvent::Going { owner, state, .. } => {
+                // Every patch of that instance (each watches the same state).
+                let instance = self
+                    .state
+                    .applied
+                    .iter()
+                    .flat_map(|a| &a.modules)
+                    .find(|m| &m.owner == owner)
+                    .map(|m| (m.name.clone(), m.addr));
+                let Some((name, addr)) = instance else {
+                    // A watch the state does not know: let it go.
+                    release.push(watch_owner(owner));
+                    change_protection(g, &release, &[])?;
+                    return Ok(said);
+                };
                 for a in &mut self.state.applied {
-                    if let Some(m) = a.modules.iter_mut().find(|m| &m.owner == owner) {
-                        m.status = ObjectStatus::Gone;
-                        release.push(owner.clone());
-                        release.push(watch_owner(owner));
+                    for m in a
+                        .modules
+                        .iter_mut()
+                        .filter(|m| m.name == name && m.addr == addr)
+                    {
+                        if m.status == ObjectStatus::Applied {
+                            m.status = ObjectStatus::Gone;
+                            release.push(m.owner.clone());
+                            said.push(format!(
+                                "module {name} is being unloaded: patch {}'s part in it is gone",
+                                a.name
+                            ));
+                        }
+                        // About to be freed: the watch goes too (the page is
+                        // the guest's again), and the instance is gone for good.
+                        if *state == 3 && !m.freed {
+                            m.freed = true;
+                            release.push(watch_owner(&m.owner));
+                        }
+                    }
+                }
+                if *state == 3 {
+                    let all = crate::modules::list(g, &layout)?;
+                    let (s, r) = self.rehold_gone(&all);
+                    said.extend(s);
+                    release.extend(r);
+                }
+            }
+            ModuleEvent::Dropped { owner, .. } => {
+                release.push(owner.clone());
+                let addr = owner
+                    .rsplit_once('@')
+                    .and_then(|(_, a)| u64::from_str_radix(a, 16).ok());
+                for h in &mut self.state.held {
+                    if h.coming.is_some() && h.coming == addr {
+                        h.coming = None;
                         said.push(format!(
-                            "module {} is being unloaded: patch {}'s part in it is gone",
-                            m.name, a.name
+                            "module {} left the list before it was coming (its load failed)",
+                            h.module
                         ));
                     }
                 }
             }
             ModuleEvent::Listed { node, .. } => {
-                let all = crate::modules::list(g, &layout)?;
-                said.extend(self.rehold_gone(&all));
+                // The new node first: a list walk can fail on a module
+                // being freed, and this one must not be missed.
+                let new = crate::modules::module_at_node(g, &layout, *node)?;
+                let all = crate::modules::list(g, &layout).unwrap_or_default();
+                let (s, r) = self.rehold_gone(&all);
+                said.extend(s);
+                release.extend(r);
                 // Loads that failed before `coming`: their watch goes.
                 for h in &mut self.state.held {
                     if let Some(addr) = h.coming {
@@ -1982,23 +2076,14 @@ impl Patcher {
                         }
                     }
                 }
-                if let Some(m) = crate::modules::module_at_node(g, &layout, *node)? {
+                if let Some(m) = new {
                     let waiting = self
                         .state
                         .held
                         .iter()
                         .any(|h| h.module == m.name && h.coming.is_none());
                     if waiting && m.state == "unformed" {
-                        let gpa =
-                            pagewalk::translate(g.ram(), layout.paging, layout.state_addr(&m))
-                                .map_err(VmError::Walk)?
-                                .gpa;
-                        add.push(Protection {
-                            owner: format!("{COMING_PREFIX}{}@{:x}", m.name, m.addr),
-                            label: format!("module {} state (loading)", m.name),
-                            gpa,
-                            len: 4,
-                        });
+                        add.extend(Self::coming_watches(g, &layout, &m)?);
                         for h in self.state.held.iter_mut().filter(|h| h.module == m.name) {
                             h.coming = Some(m.addr);
                         }
@@ -2026,29 +2111,7 @@ impl Patcher {
                 change_protection(g, &release, &[])?;
                 release.clear();
                 for h in due {
-                    let t0 = Instant::now();
-                    let result = from_hex(&h.lup)
-                        .ok_or_else(|| {
-                            PatchError::Switch("a held patch's bytes are damaged".into())
-                        })
-                        .and_then(|bytes| {
-                            let whole = Lup::parse(&bytes, &h.name)?;
-                            let lup = match &h.part {
-                                Some(m) => whole.part(&h.name, std::slice::from_ref(m), false),
-                                None => whole,
-                            };
-                            self.apply_lup(
-                                g,
-                                k,
-                                &lup,
-                                &bytes,
-                                (false, Some(h.mode)),
-                                h.part.as_deref(),
-                                Some(addr),
-                                t0,
-                            )
-                        });
-                    match result {
+                    match self.apply_held(g, k, &h, Some(addr)) {
                         Ok(r) => {
                             self.state.held.retain(|x| x.name != h.name);
                             said.push(format!(
@@ -2075,22 +2138,144 @@ impl Patcher {
                 }
             }
         }
+        release.extend(self.stale_owners(g));
         let (r, a) = self.list_watch_change(g, k)?;
         release.extend(r);
         add.extend(a);
+        release.sort();
+        release.dedup();
         change_protection(g, &release, &add)?;
+        Ok(said)
+    }
+
+    /// Applies held patch `h` to its module, loaded or (`coming`, its
+    /// `struct module`) being loaded; on success it is held no more.
+    fn apply_held(
+        &mut self,
+        g: &dyn Guest,
+        k: &GuestKernel,
+        h: &HeldPatch,
+        coming: Option<u64>,
+    ) -> Result<PatchReport, PatchError> {
+        let t0 = Instant::now();
+        let bytes = from_hex(&h.lup)
+            .ok_or_else(|| PatchError::Switch("a held patch's bytes are damaged".into()))?;
+        let whole = Lup::parse(&bytes, &h.name)?;
+        let lup = match &h.part {
+            Some(m) => whole.part(&h.name, std::slice::from_ref(m), false),
+            None => whole,
+        };
+        let r = self.apply_lup(
+            g,
+            k,
+            &lup,
+            &bytes,
+            (false, Some(h.mode)),
+            h.part.as_deref(),
+            coming,
+            t0,
+        )?;
+        self.state.held.retain(|x| x.name != h.name);
+        Ok(r)
+    }
+
+    /// The watches on a module being loaded (`unformed`): its state, for the
+    /// moment it is `coming`, and its list node's `prev`, poisoned if its
+    /// load fails first.
+    fn coming_watches(
+        g: &dyn Guest,
+        layout: &crate::modules::ModuleLayout,
+        m: &crate::modules::ModuleInfo,
+    ) -> Result<Vec<Protection>, PatchError> {
+        let gpa = |va: u64| {
+            pagewalk::translate(g.ram(), layout.paging, va)
+                .map(|t| t.gpa)
+                .map_err(VmError::Walk)
+        };
+        let owner = format!("{}{}@{:x}", crate::protect::COMING_PREFIX, m.name, m.addr);
+        Ok(vec![
+            Protection {
+                owner: owner.clone(),
+                label: format!("module {} state (loading)", m.name),
+                gpa: gpa(layout.state_addr(m))?,
+                len: 4,
+            },
+            Protection {
+                owner,
+                label: format!("module {} list node (loading)", m.name),
+                gpa: gpa(layout.list_prev_addr(m))?,
+                len: 8,
+            },
+        ])
+    }
+
+    /// Held patches whose module appeared between the read of the list and
+    /// the start of its watch: one being loaded gets its watches now, one
+    /// loaded is patched now. Returns what happened.
+    fn catch_up(&mut self, g: &dyn Guest, k: &GuestKernel) -> Result<Vec<String>, PatchError> {
+        let Ok(layout) = k.modules.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let layout = layout.clone();
+        let all = crate::modules::list(g, &layout)?;
+        let mut said = Vec::new();
+        let mut add: Vec<Protection> = Vec::new();
+        let waiting: Vec<HeldPatch> = self
+            .state
+            .held
+            .iter()
+            .filter(|h| h.coming.is_none())
+            .cloned()
+            .collect();
+        for h in waiting {
+            let Some(m) = all.iter().find(|x| x.name == h.module) else {
+                continue;
+            };
+            match m.state.as_str() {
+                "unformed" => {
+                    if !add
+                        .iter()
+                        .any(|p| p.owner.ends_with(&format!("@{:x}", m.addr)))
+                    {
+                        add.extend(Self::coming_watches(g, &layout, m)?);
+                    }
+                    if let Some(x) = self.state.held.iter_mut().find(|x| x.name == h.name) {
+                        x.coming = Some(m.addr);
+                    }
+                }
+                state @ ("live" | "coming") => {
+                    let coming = (state == "coming").then_some(m.addr);
+                    match self.apply_held(g, k, &h, coming) {
+                        Ok(_) => said.push(format!(
+                            "module {} loaded as patch {} was held: applied now",
+                            h.module, h.name
+                        )),
+                        Err(e) => said.push(format!(
+                            "module {} loaded as patch {} was held, and it could not be \
+                             applied: {e}",
+                            h.module, h.name
+                        )),
+                    }
+                }
+                _ => {}
+            }
+        }
+        change_protection(g, &[], &add)?;
         Ok(said)
     }
 
     /// Patches of one module whose module is gone from the guest's list
     /// (`all`, as it is now) are held again for its next load; their code
     /// is freed. Returns what happened.
-    fn rehold_gone(&mut self, all: &[crate::modules::ModuleInfo]) -> Vec<String> {
+    fn rehold_gone(&mut self, all: &[crate::modules::ModuleInfo]) -> (Vec<String>, Vec<String>) {
         let mut said = Vec::new();
+        let mut release = Vec::new();
         let va = self.state.area_va;
+        // Freed (made `unformed`), or out of the list: a module of that
+        // name at that address now is another load.
         let absent = |m: &AppliedModule| {
             m.status == ObjectStatus::Gone
-                && !all.iter().any(|x| x.addr == m.addr && x.name == m.name)
+                && (m.freed || !all.iter().any(|x| x.addr == m.addr && x.name == m.name))
         };
         let mut i = 0;
         while i < self.state.applied.len() {
@@ -2107,11 +2292,13 @@ impl Patcher {
             let only_module =
                 a.functions.iter().all(|f| f.module.is_some()) && a.modules.len() == 1;
             if only_module && absent(&a.modules[0]) && !dependents {
-                // Gone whole: held again as it was, its code freed.
+                // Gone whole: held again as it was, its code freed and
+                // whatever it still protects (its own data) released.
                 let a = self.state.applied.remove(i);
                 if let Some(va) = va {
                     self.state.space.release(a.code_addr - va);
                 }
+                release.extend(owners_of(&a));
                 let module = a.modules[0].name.clone();
                 said.push(format!(
                     "module {module} is gone: patch {} is held for its next load",
@@ -2158,7 +2345,26 @@ impl Patcher {
             }
             i += 1;
         }
-        said
+        (said, release)
+    }
+
+    /// Owners of protections that should be gone and are not (a release
+    /// that failed): the jumps of gone module parts, the watches of freed
+    /// instances.
+    fn stale_owners(&self, g: &dyn Guest) -> Vec<String> {
+        let present = g.protections();
+        let has = |o: &str| present.iter().any(|p| p.owner == o);
+        let mut out = Vec::new();
+        for m in self.state.applied.iter().flat_map(|a| &a.modules) {
+            if m.status == ObjectStatus::Gone && has(&m.owner) {
+                out.push(m.owner.clone());
+            }
+            let w = crate::protect::watch_owner(&m.owner);
+            if m.freed && has(&w) {
+                out.push(w);
+            }
+        }
+        out
     }
 
     /// Notices the modules the guest unloaded since a patch switched their
@@ -2227,11 +2433,16 @@ impl Patcher {
             out.push(format!("{}@{name}", a.name));
         }
         // A patch of one module whose module is gone waits for its next load.
-        for why in self.rehold_gone(&all) {
+        let (said, release) = self.rehold_gone(&all);
+        for why in said {
             log::info!("{why}");
         }
+        owners.extend(release);
+        owners.extend(self.stale_owners(g));
         let (release, add) = self.list_watch_change(g, k)?;
         owners.extend(release);
+        owners.sort();
+        owners.dedup();
         change_protection(g, &owners, &add)?;
         Ok(out)
     }
@@ -2331,6 +2542,10 @@ impl Patcher {
         k: &GuestKernel,
         name: &str,
     ) -> Result<PatchReport, PatchError> {
+        // Modules unloaded meanwhile first (a patch of one may be held again).
+        if let Err(e) = self.reconcile_modules(g, k) {
+            log::warn!("checking patched modules: {e}");
+        }
         // Its parts for modules (`NAME@MODULE`) go with it: the applied ones
         // reverted first, each in its own pause; the held ones dropped.
         let prefix = format!("{name}@");
@@ -2358,10 +2573,15 @@ impl Patcher {
         for p in &parts {
             last = Some(self.revert_one(g, k, p)?);
         }
-        match (whole, last) {
+        let r = match (whole, last) {
             (false, Some(r)) => Ok(r),
             _ => self.revert_one(g, k, name),
+        };
+        // The list watch goes with the last patch that needed it.
+        if let Err(e) = self.sync_watches(g, k) {
+            log::warn!("after reverting {name}: {e}");
         }
+        r
     }
 
     /// Reverts the applied patch `name`, or drops the held one.
@@ -2399,9 +2619,7 @@ impl Patcher {
                 waiting_for: Some(h.module),
             });
         }
-        if self.state.applied.iter().any(|a| a.name == name) {
-            self.reconcile_modules(g, k)?;
-        }
+
         let applied = &self.state.applied;
         let idx = applied
             .iter()

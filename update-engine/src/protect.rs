@@ -18,9 +18,13 @@
 //! - A patched module's `state` (`watch:OWNER`, OWNER the owner of the
 //!   patch's jumps in it) is written by anyone; a write that takes the
 //!   module out of `live` (the guest unloads it: its memory is freed next)
-//!   ends the protection of those jumps at once, before the patcher
-//!   notices the module went ([`crate::patcher::Patcher::reconcile_modules`]
-//!   then releases the ranges): the freed memory is the guest's again.
+//!   ends the protection of those jumps at once, and holds the writing vCPU
+//!   while the patcher releases the ranges
+//!   ([`crate::patcher::Patcher::on_module_event`]); the write that makes
+//!   it `unformed` (just before its memory is freed) does the same for the
+//!   watch itself. The modules list head (`watch:modules`) and the state and
+//!   list node of a module being loaded (`watch:coming/...`) hold their
+//!   vCPU too, for the patcher to act before the module's code can run.
 //!
 //! Unprotected bytes of a protected page are always written (vmm-core does
 //! that before the policy is asked).
@@ -66,14 +70,29 @@ pub enum ModuleEvent {
         owner: String,
     },
     /// A patched module left `live`: the guest is unloading it (or its
-    /// init failed).
+    /// init failed), `state` 2; or it is about to be freed, `state` 3
+    /// (`free_module` makes it `unformed` first).
     Going {
         /// The held vCPU.
         vcpu: u8,
         /// The owner of the patch's jumps in it.
         owner: String,
+        /// The state written.
+        state: u32,
+    },
+    /// A module being loaded that a held patch waits for left the list
+    /// before it was `coming` (its load failed): its `list.prev` was
+    /// poisoned.
+    Dropped {
+        /// The held vCPU.
+        vcpu: u8,
+        /// The watch's owner (`watch:coming/MODULE@ADDR`).
+        owner: String,
     },
 }
+
+/// What `list_del_rcu` leaves in a removed node's `prev`.
+pub const LIST_POISON2: u64 = 0xdead_0000_0000_0122;
 
 impl ModuleEvent {
     /// The vCPU to release once the event is dealt with.
@@ -81,7 +100,8 @@ impl ModuleEvent {
         match self {
             ModuleEvent::Listed { vcpu, .. }
             | ModuleEvent::Coming { vcpu, .. }
-            | ModuleEvent::Going { vcpu, .. } => *vcpu,
+            | ModuleEvent::Going { vcpu, .. }
+            | ModuleEvent::Dropped { vcpu, .. } => *vcpu,
         }
     }
 }
@@ -248,8 +268,15 @@ impl WritePolicy for GuardPolicy {
                     events.push(ModuleEvent::Listed { vcpu, node: value });
                 }
             } else if p.owner.starts_with(COMING_PREFIX) {
-                if value == 1 {
+                // Its state (4 bytes) becoming `coming`, or its list node's
+                // `prev` (8 bytes) poisoned by its removal.
+                if p.len == 4 && value == 1 {
                     events.push(ModuleEvent::Coming {
+                        vcpu,
+                        owner: p.owner.clone(),
+                    });
+                } else if p.len == 8 && value == LIST_POISON2 {
+                    events.push(ModuleEvent::Dropped {
                         vcpu,
                         owner: p.owner.clone(),
                     });
@@ -258,6 +285,7 @@ impl WritePolicy for GuardPolicy {
                 events.push(ModuleEvent::Going {
                     vcpu,
                     owner: p.owner[WATCH_PREFIX.len()..].to_owned(),
+                    state: value as u32,
                 });
             }
         }
@@ -455,7 +483,8 @@ mod tests {
             pol.next_module_event(none),
             Some(ModuleEvent::Going {
                 vcpu: 1,
-                owner: owner.into()
+                owner: owner.into(),
+                state: 2
             })
         );
         assert_eq!(
@@ -501,6 +530,19 @@ mod tests {
             (Decision::Allow, true)
         );
         assert!(pol.next_module_event(none).is_some());
+        // Its list node removed before it was coming (a failed load).
+        let prev = at(&coming.owner, 0x1408, 8);
+        assert_eq!(
+            allowed(&pol, &ram, vec![&prev], 0x1408, &LIST_POISON2.to_le_bytes()),
+            (Decision::Allow, true)
+        );
+        assert_eq!(
+            pol.next_module_event(none),
+            Some(ModuleEvent::Dropped {
+                vcpu: 1,
+                owner: coming.owner.clone()
+            })
+        );
         assert_eq!(pol.next_module_event(none), None);
     }
 }

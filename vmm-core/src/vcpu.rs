@@ -334,11 +334,15 @@ impl RunControl {
         st.parked += 1;
         st.held += 1;
         self.cv.notify_all();
-        while (!st.released[index] && st.request != Request::Stop) || st.request == Request::Pause {
+        while !st.released[index] && st.request != Request::Stop {
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         st.released[index] = false;
         st.held -= 1;
+        // Released: now only a pause keeps it parked.
+        while st.request == Request::Pause {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
         st.parked -= 1;
         st.request != Request::Stop
     }
@@ -438,9 +442,10 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus, wc: &WriteControl) {
     let mut synced = false;
     loop {
         let mut deferred = None;
+        let mut held = false;
         let keep_going = ctl.checkpoint(|| {
             if needs_completion {
-                deferred = complete_io(vcpu, index, bus, wc, synced);
+                (deferred, held) = complete_io(vcpu, index, bus, wc, synced);
                 needs_completion = false;
             }
         });
@@ -448,6 +453,10 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus, wc: &WriteControl) {
             ctl.stop(reason);
         }
         if !keep_going {
+            break;
+        }
+        // A write completed for the pause that asked for a hold.
+        if held && !ctl.hold(index as usize, || {}) {
             break;
         }
         let mut fd = vcpu.lock();
@@ -470,13 +479,15 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus, wc: &WriteControl) {
         if let Some(reason) = s.outcome {
             ctl.stop(reason);
         }
-        if s.held {
+        let mut held = s.held;
+        while held {
             // The write is complete in KVM before the thread parks, as for
-            // a pause.
+            // a pause (completing it may trap another watched write).
             let mut deferred = None;
+            let mut again = false;
             let keep_going = ctl.hold(index as usize, || {
                 if needs_completion {
-                    deferred = complete_io(vcpu, index, bus, wc, synced);
+                    (deferred, again) = complete_io(vcpu, index, bus, wc, synced);
                     needs_completion = false;
                 }
             });
@@ -484,8 +495,9 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus, wc: &WriteControl) {
                 ctl.stop(reason);
             }
             if !keep_going {
-                break;
+                return;
             }
+            held = again;
         }
     }
 }
@@ -493,15 +505,17 @@ fn run_loop(vcpu: &Vcpu, ctl: &RunControl, bus: &PioBus, wc: &WriteControl) {
 /// Completes a pending I/O or MMIO exit inside KVM (re-entry with
 /// immediate_exit set), so the registers are consistent while parked. A
 /// write KVM split in parts comes back as one more exit per part: each is
-/// handled, none dropped. Returns why the VM must end, if it must.
+/// handled, none dropped. Returns why the VM must end, if it must, and
+/// whether one of those writes asked for a hold.
 fn complete_io(
     vcpu: &Vcpu,
     index: u8,
     bus: &PioBus,
     wc: &WriteControl,
     synced: bool,
-) -> Option<ExitReason> {
+) -> (Option<ExitReason>, bool) {
     let mut deferred = None;
+    let mut held = false;
     let mut fd = vcpu.lock();
     fd.set_kvm_immediate_exit(1);
     for _ in 0..16 {
@@ -509,12 +523,13 @@ fn complete_io(
         if deferred.is_none() {
             deferred = s.outcome;
         }
+        held |= s.held;
         if !s.needs_completion {
             break;
         }
     }
     fd.set_kvm_immediate_exit(0);
-    deferred
+    (deferred, held)
 }
 
 /// What one `KVM_RUN` and its exit came to.
