@@ -972,6 +972,46 @@ impl Patcher {
             ))
             .into());
         }
+        // The missing modules' parts are held, and the list watched, first:
+        // a module the guest loads from now on is seen whatever the rest does.
+        let held_names: Vec<String> = missing
+            .iter()
+            .map(|module| {
+                if whole {
+                    name.clone()
+                } else {
+                    format!("{name}@{module}")
+                }
+            })
+            .collect();
+        for (module, held) in missing.iter().zip(&held_names) {
+            self.state.held.push(HeldPatch {
+                name: held.clone(),
+                description: m.description.clone(),
+                version: m.version,
+                module: module.clone(),
+                part: (!whole).then(|| module.clone()),
+                mode,
+                lup: to_hex(&bytes),
+                coming: None,
+                last_error: None,
+            });
+        }
+        let unhold = |p: &mut Self| {
+            p.state.held.retain(|h| !held_names.contains(&h.name));
+            if let Err(e) = p.sync_watches(g, k) {
+                log::warn!("patch {name}: {e}");
+            }
+        };
+        if let Err(e) = self.sync_watches(g, k) {
+            unhold(self);
+            return Err(e);
+        }
+        // A module that came in before the watch did.
+        match self.catch_up(g, k) {
+            Ok(said) => said.iter().for_each(|x| log::info!("{x}")),
+            Err(e) => log::warn!("looking for held patches' modules: {e}"),
+        }
         let mut report = if whole {
             PatchReport {
                 name: name.clone(),
@@ -985,36 +1025,23 @@ impl Patcher {
             }
         } else {
             let now = lup.part(&name, &present, true);
-            self.apply_lup(g, k, &now, &bytes, (replace, Some(mode)), None, None, t0)?
+            match self.apply_lup(g, k, &now, &bytes, (replace, Some(mode)), None, None, t0) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Nothing of it stays: its held parts go (a part that
+                    // the catch-up applied meanwhile is reverted).
+                    for held in &held_names {
+                        if self.state.applied.iter().any(|a| &a.name == held) {
+                            if let Err(e) = self.revert_one(g, k, held) {
+                                log::warn!("patch {name}: taking back {held}: {e}");
+                            }
+                        }
+                    }
+                    unhold(self);
+                    return Err(e);
+                }
+            }
         };
-        let held_before = self.state.held.len();
-        for module in &missing {
-            self.state.held.push(HeldPatch {
-                name: if whole {
-                    name.clone()
-                } else {
-                    format!("{name}@{module}")
-                },
-                description: m.description.clone(),
-                version: m.version,
-                module: module.clone(),
-                part: (!whole).then(|| module.clone()),
-                mode,
-                lup: to_hex(&bytes),
-                coming: None,
-                last_error: None,
-            });
-        }
-        if let Err(e) = self.sync_watches(g, k) {
-            // Nothing is held; what was applied stays (revert takes it).
-            self.state.held.truncate(held_before);
-            return Err(e);
-        }
-        // A module that came in before the watch did.
-        match self.catch_up(g, k) {
-            Ok(said) => said.iter().for_each(|x| log::info!("{x}")),
-            Err(e) => log::warn!("looking for held patches' modules: {e}"),
-        }
         report.waiting_for = Some(missing.join(", "));
         report.total_us = t0.elapsed().as_secs_f64() * 1e6;
         Ok(report)
