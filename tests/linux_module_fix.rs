@@ -17,8 +17,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::linux::{
-    build_patch, kernel_pkg, kernel_release, run_scenario_with, vmlinux_of, Extras, PatchDirs,
-    SIGNAL,
+    build_patch, guest_said, kernel_pkg, kernel_release, run_scenario_with, scn_answer, vmlinux_of,
+    Extras, PatchDirs, SIGNAL,
 };
 
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
@@ -58,25 +58,17 @@ while :; do sleep 1; done
 
 const SCENARIO: &str = r#"
 LOG=/tmp/nf.serial
-seen() {
-  n=0
-  until grep -q "$1" $LOG; do
-    sleep 0.2; n=$((n + 1))
-    if [ $n -gt 1500 ]; then echo "@@SCN timeout waiting for '$1'"; return 1; fi
-  done
-}
 fail() { tail -n 40 $LOG | sed 's/^/G| /'; $LUCOS stop --vm nf >/dev/null 2>&1; exit 1; }
-one() { tr '\n' ' ' < $1; }
 up nf $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 512M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
-seen '^@@NFS ready' || fail
+seen $LOG '^@@NFS ready' || fail
 $LUCOS symbols --vm nf nfsd4_sequence@nfsd --json > /tmp/o 2>&1; echo "@@SCN symbols rc=$? $(one /tmp/o)"
 $LUCOS patch --vm nf $FILES/nfsd-seq.lup --json > /tmp/o 2>&1; echo "@@SCN fix rc=$? $(one /tmp/o)"
 $LUCOS list --vm nf --json > /tmp/o 2>&1; echo "@@SCN list rc=$? $(one /tmp/o)"
 $LUCOS patch --vm nf $FILES/go.lup > /tmp/o 2>&1; echo "@@SCN go rc=$? $(one /tmp/o)"
-seen '^@@NFS patched' || fail
+seen $LOG '^@@NFS patched' || fail
 $LUCOS revert --vm nf nfsd-seq > /tmp/o 2>&1; echo "@@SCN revert rc=$? $(one /tmp/o)"
 $LUCOS revert --vm nf go > /tmp/o 2>&1; echo "@@SCN revertgo rc=$? $(one /tmp/o)"
-seen '^@@NFS reverted' || fail
+seen $LOG '^@@NFS reverted' || fail
 $LUCOS list --vm nf --json > /tmp/o 2>&1; echo "@@SCN list2 rc=$? $(one /tmp/o)"
 $LUCOS stop --vm nf >/dev/null
 wait_vm nf 300
@@ -85,27 +77,6 @@ tr -d '\r' < $LOG | grep -e '^@@NFS' | sed 's/^/@@GUEST /'
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The text after `@@SCN {what} rc=`, which must start with `rc`.
-fn step<'a>(text: &'a str, what: &str, rc: &str) -> &'a str {
-    let prefix = format!("@@SCN {what} rc=");
-    let rest = text
-        .lines()
-        .find_map(|l| l.find(&prefix).map(|i| &l[i + prefix.len()..]))
-        .unwrap_or_else(|| panic!("no '{prefix}' line:\n{text}"));
-    assert!(
-        rest.starts_with(&format!("{rc} ")) || rest == rc,
-        "{what}: expected rc={rc}: {rest}\n{text}"
-    );
-    rest[rc.len()..].trim()
-}
-
-fn guest<'a>(text: &'a str, what: &str) -> &'a str {
-    let prefix = format!("@@GUEST @@NFS {what}");
-    text.lines()
-        .find_map(|l| l.find(&prefix).map(|i| l[i + prefix.len()..].trim()))
-        .unwrap_or_else(|| panic!("the guest did not say '{what}':\n{text}"))
 }
 
 #[test]
@@ -214,26 +185,37 @@ fn linux_debian_nfsd_fix_built_from_its_source_delta_is_applied_to_the_previous_
         eprintln!("{l}");
     }
 
-    let ready = guest(text, "ready");
+    let ready = guest_said(text, "@@NFS", "ready");
     assert!(ready.starts_with("threads=1 kthreads=1"), "{ready}\n{text}");
     let syms: serde_json::Value =
-        serde_json::from_str(step(text, "symbols", "0")).expect("symbols JSON");
+        serde_json::from_str(scn_answer(text, "symbols", "0")).expect("symbols JSON");
     let addr = syms["answers"][0]["symbol"]["addr"]
         .as_str()
         .expect("nfsd4_sequence's address")
         .to_owned();
-    let fix: serde_json::Value = serde_json::from_str(step(text, "fix", "0")).expect("fix JSON");
+    let fix: serde_json::Value =
+        serde_json::from_str(scn_answer(text, "fix", "0")).expect("fix JSON");
     assert_eq!(fix["functions"][0]["function"], "nfsd4_sequence", "{fix}");
     assert_eq!(fix["functions"][0]["module"], "nfsd", "{fix}");
     assert_eq!(fix["functions"][0]["old_addr"], addr.as_str(), "{fix}");
-    let list: serde_json::Value = serde_json::from_str(step(text, "list", "0")).expect("list");
+    let list: serde_json::Value =
+        serde_json::from_str(scn_answer(text, "list", "0")).expect("list");
     assert_eq!(list["patches"][0]["modules"][0]["name"], "nfsd", "{list}");
     // The server thread lives on through the patch and its revert.
-    assert_eq!(guest(text, "patched"), "threads=1 kthreads=1", "{text}");
-    step(text, "revert", "0");
-    step(text, "revertgo", "0");
-    assert_eq!(guest(text, "reverted"), "threads=1 kthreads=1", "{text}");
-    let list2: serde_json::Value = serde_json::from_str(step(text, "list2", "0")).expect("list2");
+    assert_eq!(
+        guest_said(text, "@@NFS", "patched"),
+        "threads=1 kthreads=1",
+        "{text}"
+    );
+    scn_answer(text, "revert", "0");
+    scn_answer(text, "revertgo", "0");
+    assert_eq!(
+        guest_said(text, "@@NFS", "reverted"),
+        "threads=1 kthreads=1",
+        "{text}"
+    );
+    let list2: serde_json::Value =
+        serde_json::from_str(scn_answer(text, "list2", "0")).expect("list2");
     assert_eq!(
         list2["patches"].as_array().map(Vec::len),
         Some(0),

@@ -26,8 +26,8 @@ mod common;
 use std::time::Duration;
 
 use common::linux::{
-    build_modules, build_patch, kbuild_dir, kernel_pkg, kernel_release, run_scenario_with, Extras,
-    PatchDirs, SIGNAL,
+    build_modules, build_patch, guest_said, kbuild_dir, kernel_pkg, kernel_release,
+    run_scenario_with, scn_answer, Extras, PatchDirs, SIGNAL,
 };
 
 const CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4";
@@ -128,47 +128,39 @@ while :; do sleep 1; done
 
 const SCENARIO: &str = r#"
 LOG=/tmp/mp.serial
-seen() {
-  n=0
-  until grep -q "$1" $LOG; do
-    sleep 0.2; n=$((n + 1))
-    if [ $n -gt 1500 ]; then echo "@@SCN timeout waiting for '$1'"; return 1; fi
-  done
-}
 fail() {
   $LUCOS events --vm mp 2>&1 | tail -n 20 | sed 's/^/@@EVENTS /'
   tail -n 60 $LOG | sed 's/^/G| /'; $LUCOS stop --vm mp >/dev/null 2>&1; exit 1;
 }
 export LUCOS_LOG=info
-one() { tr '\n' ' ' < $1; }
 up mp $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
-seen '^@@BM ready' || fail
+seen $LOG '^@@BM ready' || fail
 $LUCOS symbols --vm mp lucosmod_value@lucosmod --json > /tmp/o 2>&1; echo "@@SCN symbols rc=$? $(one /tmp/o)"
 $LUCOS patch --vm mp $FILES/otherbuild.lup > /tmp/o 2>&1; echo "@@SCN otherbuild rc=$? $(one /tmp/o)"
 $LUCOS patch --vm mp $FILES/dummyfix.lup --json > /tmp/o 2>&1; echo "@@SCN dummyheld rc=$? $(one /tmp/o)"
 $LUCOS patch --vm mp $FILES/bmfix.lup --json > /tmp/o 2>&1; echo "@@SCN held rc=$? $(one /tmp/o)"
 $LUCOS list --vm mp --json > /tmp/o 2>&1; echo "@@SCN list0 rc=$? $(one /tmp/o)"
 $LUCOS patch --vm mp $FILES/go.lup > /tmp/o 2>&1; echo "@@SCN go rc=$? $(one /tmp/o)"
-seen '^@@BM loaded' || fail
+seen $LOG '^@@BM loaded' || fail
 $LUCOS list --vm mp --json > /tmp/o 2>&1; echo "@@SCN list1 rc=$? $(one /tmp/o)"
 $LUCOS revert --vm mp bmfix > /tmp/o 2>&1; echo "@@SCN revert1 rc=$? $(one /tmp/o)"
-seen '^@@BM reverted' || fail
+seen $LOG '^@@BM reverted' || fail
 $LUCOS patch --vm mp $FILES/bmfix.lup --json > /tmp/o 2>&1; echo "@@SCN live rc=$? $(one /tmp/o)"
-seen '^@@BM reloaded' || fail
+seen $LOG '^@@BM reloaded' || fail
 $LUCOS list --vm mp --json > /tmp/o 2>&1; echo "@@SCN list2 rc=$? $(one /tmp/o)"
 $LUCOS revert --vm mp bmfix > /tmp/o 2>&1; echo "@@SCN revert2 rc=$? $(one /tmp/o)"
 $LUCOS patch --vm mp $FILES/span.lup --json > /tmp/o 2>&1; echo "@@SCN span rc=$? $(one /tmp/o)"
-seen '^@@BM reloaded2' || fail
+seen $LOG '^@@BM reloaded2' || fail
 $LUCOS list --vm mp --json > /tmp/o 2>&1; echo "@@SCN list3 rc=$? $(one /tmp/o)"
 $LUCOS list --vm mp > /tmp/o 2>&1; echo "@@SCN listtext rc=$?"; sed 's/^/@@LIST /' /tmp/o
 $LUCOS revert --vm mp span > /tmp/o 2>&1; echo "@@SCN revert3 rc=$? $(one /tmp/o)"
-seen '^@@BM done' || fail
-seen '^@@BM unloaded3' || fail
+seen $LOG '^@@BM done' || fail
+seen $LOG '^@@BM unloaded3' || fail
 $LUCOS patch --vm mp $FILES/span.lup --json > /tmp/o 2>&1; echo "@@SCN partial rc=$? $(one /tmp/o)"
-seen '^@@BM partial' || fail
+seen $LOG '^@@BM partial' || fail
 $LUCOS list --vm mp --json > /tmp/o 2>&1; echo "@@SCN listp rc=$? $(one /tmp/o)"
 $LUCOS revert --vm mp span > /tmp/o 2>&1; echo "@@SCN revertp rc=$? $(one /tmp/o)"
-seen '^@@BM final' || fail
+seen $LOG '^@@BM final' || fail
 $LUCOS revert --vm mp dummyfix > /tmp/o 2>&1; echo "@@SCN drop rc=$? $(one /tmp/o)"
 $LUCOS list --vm mp --json > /tmp/o 2>&1; echo "@@SCN list4 rc=$? $(one /tmp/o)"
 $LUCOS stop --vm mp >/dev/null
@@ -176,27 +168,6 @@ wait_vm mp 300
 grep -a 'lucos' $LUCOS_RUN_DIR/mp.log | sed 's/^/@@VMLOG /'
 tr -d '\r' < $LOG | grep -e '^@@BM' | sed 's/^/@@GUEST /'
 "#;
-
-/// The text after `@@SCN {what} rc=`, which must start with `rc`.
-fn step<'a>(text: &'a str, what: &str, rc: &str) -> &'a str {
-    let prefix = format!("@@SCN {what} rc=");
-    let rest = text
-        .lines()
-        .find_map(|l| l.find(&prefix).map(|i| &l[i + prefix.len()..]))
-        .unwrap_or_else(|| panic!("no '{prefix}' line:\n{text}"));
-    assert!(
-        rest.starts_with(&format!("{rc} ")) || rest == rc,
-        "{what}: expected rc={rc}: {rest}\n{text}"
-    );
-    rest[rc.len()..].trim()
-}
-
-fn guest<'a>(text: &'a str, what: &str) -> &'a str {
-    let prefix = format!("@@GUEST @@BM {what}");
-    text.lines()
-        .find_map(|l| l.find(&prefix).map(|i| l[i + prefix.len()..].trim()))
-        .unwrap_or_else(|| panic!("the guest did not say '{what}':\n{text}"))
-}
 
 #[test]
 fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_unloaded() {
@@ -262,7 +233,8 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
     }
 
     let json = |what: &str, rc: &str| -> serde_json::Value {
-        serde_json::from_str(step(text, what, rc)).unwrap_or_else(|e| panic!("{what}: {e}\n{text}"))
+        serde_json::from_str(scn_answer(text, what, rc))
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{text}"))
     };
 
     // Module symbols by NAME@MODULE.
@@ -271,7 +243,7 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
     assert_eq!(syms["answers"][0]["symbol"]["type"], "T", "{syms}");
 
     // Another build of a loaded module: refused, naming both build-ids.
-    let otherbuild = step(text, "otherbuild", "6");
+    let otherbuild = scn_answer(text, "otherbuild", "6");
     assert!(
         otherbuild.contains("module lucosmod is another build"),
         "{otherbuild}"
@@ -306,8 +278,12 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
     );
 
     // Loaded later: patched before any of its code ran.
-    step(text, "go", "0");
-    assert_eq!(guest(text, "loaded"), "enabled live-patched", "{text}");
+    scn_answer(text, "go", "0");
+    assert_eq!(
+        guest_said(text, "@@BM", "loaded"),
+        "enabled live-patched",
+        "{text}"
+    );
     let list1 = json("list1", "0");
     let p = &list1["patches"]
         .as_array()
@@ -335,18 +311,26 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
     );
 
     // Reverted, then applied while loaded and in use.
-    step(text, "revert1", "0");
-    assert_eq!(guest(text, "reverted"), "enabled", "{text}");
+    scn_answer(text, "revert1", "0");
+    assert_eq!(guest_said(text, "@@BM", "reverted"), "enabled", "{text}");
     assert_eq!(
         json("live", "0")["functions"][0]["function"],
         "bm_status_read"
     );
-    assert_eq!(guest(text, "patched"), "enabled live-patched", "{text}");
+    assert_eq!(
+        guest_said(text, "@@BM", "patched"),
+        "enabled live-patched",
+        "{text}"
+    );
 
     // Unloaded and loaded again: patched again at load (the patch covers
     // that module only).
-    assert_eq!(guest(text, "unloaded"), "0", "{text}");
-    assert_eq!(guest(text, "reloaded"), "enabled live-patched", "{text}");
+    assert_eq!(guest_said(text, "@@BM", "unloaded"), "0", "{text}");
+    assert_eq!(
+        guest_said(text, "@@BM", "reloaded"),
+        "enabled live-patched",
+        "{text}"
+    );
     let list2 = json("list2", "0");
     let p = list2["patches"]
         .as_array()
@@ -355,7 +339,7 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
         .find(|p| p["name"] == "bmfix")
         .unwrap_or_else(|| panic!("bmfix not applied at reload: {list2}"));
     assert_eq!(p["modules"][0]["status"], "applied", "{p}");
-    step(text, "revert2", "0");
+    scn_answer(text, "revert2", "0");
 
     // Spanning vmlinux and the module: both in one switch.
     let span = json("span", "0");
@@ -370,7 +354,7 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
         "{span}"
     );
     assert_eq!(
-        guest(text, "spanning"),
+        guest_said(text, "@@BM", "spanning"),
         "enabled live-patched cmdline=1",
         "{text}"
     );
@@ -379,7 +363,7 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
     // through), vmlinux's stays, and the module's part is applied again at
     // the load as a patch of its own, span@binfmt_misc.
     assert_eq!(
-        guest(text, "reloaded2"),
+        guest_said(text, "@@BM", "reloaded2"),
         "enabled live-patched cmdline=1",
         "{text}"
     );
@@ -408,13 +392,13 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
         text.contains("@@LIST   objects   vmlinux applied, binfmt_misc gone (unloaded)"),
         "{text}"
     );
-    step(text, "revert3", "0");
-    assert_eq!(guest(text, "done"), "enabled", "{text}");
+    scn_answer(text, "revert3", "0");
+    assert_eq!(guest_said(text, "@@BM", "done"), "enabled", "{text}");
 
     // Spanning, with the module not loaded: vmlinux's part now, the
     // module's held (span@binfmt_misc) and applied when it loads; one revert
     // takes both.
-    assert_eq!(guest(text, "unloaded3"), "0", "{text}");
+    assert_eq!(guest_said(text, "@@BM", "unloaded3"), "0", "{text}");
     let partial = json("partial", "0");
     assert_eq!(partial["waiting_for"], "binfmt_misc", "{partial}");
     assert_eq!(
@@ -427,7 +411,7 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
         "{partial}"
     );
     assert_eq!(
-        guest(text, "partial"),
+        guest_said(text, "@@BM", "partial"),
         "enabled live-patched cmdline=1",
         "{text}"
     );
@@ -442,12 +426,12 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
         names.contains(&"span") && names.contains(&"span@binfmt_misc"),
         "{listp}"
     );
-    step(text, "revertp", "0");
-    assert_eq!(guest(text, "final"), "enabled", "{text}");
+    scn_answer(text, "revertp", "0");
+    assert_eq!(guest_said(text, "@@BM", "final"), "enabled", "{text}");
 
     // The held patch whose module never loaded is dropped by revert.
     assert!(
-        step(text, "drop", "0").contains("dropped 'dummyfix'"),
+        scn_answer(text, "drop", "0").contains("dropped 'dummyfix'"),
         "{text}"
     );
     let list4 = json("list4", "0");

@@ -59,6 +59,17 @@ dump_vm() {
   done
   kvm_trace 40
 }
+# seen LOG PATTERN: waits (up to 300 s) until the serial log LOG has a line
+# matching PATTERN.
+seen() {
+  n=0
+  until grep -q "$2" "$1"; do
+    sleep 0.2; n=$((n + 1))
+    if [ $n -gt 1500 ]; then echo "@@SCN timeout waiting for '$2'"; return 1; fi
+  done
+}
+# one FILE: FILE on one line (a command's answer in an @@SCN line).
+one() { tr '\n' ' ' < "$1"; }
 wait_vm() {
   n=0
   while $LUCOS status --vm $1 >/dev/null 2>&1; do
@@ -278,6 +289,31 @@ impl PatchDirs {
             vmlinux,
         }
     }
+}
+
+/// What the scenario printed after `@@SCN {what} rc=`, which must start
+/// with `rc` (the command's exit status): the rest of the line.
+#[allow(dead_code)]
+pub fn scn_answer<'a>(text: &'a str, what: &str, rc: &str) -> &'a str {
+    let prefix = format!("@@SCN {what} rc=");
+    let rest = text
+        .lines()
+        .find_map(|l| l.find(&prefix).map(|i| &l[i + prefix.len()..]))
+        .unwrap_or_else(|| panic!("no '{prefix}' line:\n{text}"));
+    assert!(
+        rest.starts_with(&format!("{rc} ")) || rest == rc,
+        "{what}: expected rc={rc}: {rest}\n{text}"
+    );
+    rest[rc.len()..].trim()
+}
+
+/// What the guest said after `@@GUEST {tag} {what}` (its first such line).
+#[allow(dead_code)]
+pub fn guest_said<'a>(text: &'a str, tag: &str, what: &str) -> &'a str {
+    let prefix = format!("@@GUEST {tag} {what}");
+    text.lines()
+        .find_map(|l| l.find(&prefix).map(|i| l[i + prefix.len()..].trim()))
+        .unwrap_or_else(|| panic!("the guest did not say '{tag} {what}':\n{text}"))
 }
 
 /// Runs `cmd`, failing with its output unless it succeeds.
