@@ -11,6 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
 . "$here/lib.sh"
 cache=$(asset_cache "${1:-}")
+lock_cache "$cache"
 choose_build "$cache"
 root="$cache/linux-headers-$KERNEL_RELEASE-$BUILD_VERSION"
 kbuild="$root/usr/src/linux-headers-$KERNEL_RELEASE"

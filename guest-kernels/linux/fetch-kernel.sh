@@ -13,6 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 mode=fetch
 case "${1:-}" in --which | --other) mode=${1#--}; shift ;; esac
 cache=$(asset_cache "${1:-}")
+lock_cache "$cache"
 choose_build "$cache"
 
 if [ "$mode" = which ]; then

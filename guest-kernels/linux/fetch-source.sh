@@ -13,6 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
 . "$here/lib.sh"
 cache=$(asset_cache "${1:-}")
+lock_cache "$cache"
 image=$("$here/fetch-kernel.sh" "$cache")
 choose_build "$cache"
 [ "$image" = "$cache/linux-image-$KERNEL_RELEASE-$BUILD_VERSION" ] || {

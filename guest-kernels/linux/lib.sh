@@ -29,6 +29,20 @@ asset_cache() {
   (cd "$dir" && pwd)
 }
 
+# lock_cache CACHE: waits for, then holds until the script exits, the cache's
+# lock, so fetchers run at once (tests running side by side, a set-up beside
+# a test) take turns instead of unpacking into the same place. A script run
+# by one that holds it (exported LUCOS_ASSETS_LOCKED) does not wait for it.
+lock_cache() {
+  [ "${LUCOS_ASSETS_LOCKED:-}" = "$1" ] && return 0
+  exec 9> "$1/.lock"
+  if ! flock -n 9; then
+    echo "lucos assets: waiting for another fetch into $1" >&2
+    flock 9
+  fi
+  export LUCOS_ASSETS_LOCKED=$1
+}
+
 # known_lines [ABI]: the package lines of KNOWN_BUILDS (of one build).
 known_lines() {
   echo "$KNOWN_BUILDS" | awk -v abi="${1:-}" 'NF == 6 && $1 !~ /^#/ && (abi == "" || $1 == abi)'
