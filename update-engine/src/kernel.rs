@@ -3,8 +3,9 @@
 //! from, or the kallsyms tables inside it) and which build it is.
 //!
 //! Nothing here needs the guest's cooperation. The VM is paused only long
-//! enough to read vCPU 0's paging registers; the image is read while the
-//! guest runs (kernel text and rodata do not move).
+//! enough to read vCPU 0's paging registers and copy its top-level page
+//! table; the image is read while the guest runs (kernel text and rodata do
+//! not move), through that copy.
 
 use std::path::Path;
 use std::time::Instant;
@@ -16,9 +17,11 @@ use symbol_db::dwarf::TypeDb;
 use symbol_db::kallsyms::{self, KallsymsLayout};
 use symbol_db::{KernelIdentity, KernelImage, SymbolError, SymbolTable};
 
-use vmm_core::guest::{Guest, Paused};
+use vmm_core::guest::{AreaInfo, Guest, PauseToken, Paused, PhysMemory};
+use vmm_core::memory::MemoryError;
 use vmm_core::pagewalk::{self, PageSize, PagingState, WalkError};
 use vmm_core::vm::VmError;
+use vmm_core::write_control::{ProtectError, Protection};
 
 use crate::klog::LogLayout;
 use crate::linux::TaskLayout;
@@ -182,10 +185,22 @@ pub struct Timings {
 
 /// vCPU 0's paging registers, pausing the VM for the read if it runs.
 pub fn kernel_paging(vm: &dyn Guest) -> Result<PagingState, IntrospectError> {
+    Ok(pinned_paging(vm)?.0)
+}
+
+/// vCPU 0's paging registers and its top-level tables as they were in the
+/// same pause (see [`PinnedTables`]).
+pub fn pinned_paging(vm: &dyn Guest) -> Result<(PagingState, PinnedTables<'_>), IntrospectError> {
     let paused = Paused::new(vm)?;
     let state = paused.vcpu(0);
+    let pinned = state
+        .as_ref()
+        .ok()
+        .map(|s| PinnedTables::new(vm, &paused, s.paging));
     paused.resume()?;
     let paging = state?.paging;
+    let pinned = pinned.expect("made when the state was read");
+    let vm: &dyn Guest = &pinned;
     // With page-table isolation a vCPU in user mode runs on the user copy of
     // the top-level table, the kernel's plus 4 KiB, which maps almost none of
     // the kernel image: use the kernel's when it maps more of the window.
@@ -201,10 +216,120 @@ pub fn kernel_paging(vm: &dyn Guest) -> Result<PagingState, IntrospectError> {
                 .sum()
         };
         if mapped(kernel) > mapped(paging) {
-            return Ok(kernel);
+            return Ok((kernel, pinned));
         }
     }
-    Ok(paging)
+    Ok((paging, pinned))
+}
+
+/// Mask of a top-level table's address in CR3 (bits 12..51; the low bits
+/// are PCID or flags).
+const CR3_TABLE: u64 = 0x000f_ffff_ffff_f000;
+
+/// The guest as vCPU 0 saw it in one pause: its top-level page table(s)
+/// copied in that pause, read from the copy, everything else from the
+/// guest. vCPU 0 may be on the page tables of a short-lived process; the
+/// process can exit and its top-level table be freed and reused while the
+/// image is read (the guest runs on), and a walk through it would then find
+/// nothing, or something else. The kernel's half of every process's table
+/// points to the kernel's own lower-level tables, which live as long as the
+/// kernel, so walks through the copy stay right.
+pub struct PinnedTables<'a> {
+    guest: &'a dyn Guest,
+    /// (guest-physical address, copy) of each table.
+    tables: Vec<(u64, Box<[u8; 4096]>)>,
+}
+
+impl std::fmt::Debug for PinnedTables<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at: Vec<String> = self.tables.iter().map(|t| format!("{:#x}", t.0)).collect();
+        f.debug_struct("PinnedTables").field("tables", &at).finish()
+    }
+}
+
+impl<'a> PinnedTables<'a> {
+    /// Copies the top-level table `paging` names and, with page-table
+    /// isolation, the kernel's beside it (the guest must be paused).
+    fn new(guest: &'a dyn Guest, _paused: &Paused, paging: PagingState) -> Self {
+        let user = paging.cr3 & CR3_TABLE;
+        let mut tables = Vec::new();
+        let mut at = vec![user];
+        if user & 0x1000 != 0 {
+            at.push(user & !0x1000);
+        }
+        for gpa in at {
+            let mut t = Box::new([0u8; 4096]);
+            // A table that is not RAM: nothing to pin (the walk will say so).
+            if guest.ram().read_phys(gpa, &mut t[..]).is_ok() {
+                tables.push((gpa, t));
+            }
+        }
+        PinnedTables { guest, tables }
+    }
+}
+
+impl PhysMemory for PinnedTables<'_> {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.guest.ram().read_phys(gpa, buf)?;
+        let end = gpa + buf.len() as u64;
+        for (at, table) in &self.tables {
+            let (lo, hi) = (gpa.max(*at), end.min(at + 4096));
+            if lo < hi {
+                buf[(lo - gpa) as usize..(hi - gpa) as usize]
+                    .copy_from_slice(&table[(lo - at) as usize..(hi - at) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        self.guest.ram().write_phys(gpa, buf)
+    }
+}
+
+impl Guest for PinnedTables<'_> {
+    fn ram(&self) -> &dyn PhysMemory {
+        self
+    }
+    fn vcpu_count(&self) -> u8 {
+        self.guest.vcpu_count()
+    }
+    fn is_paused(&self) -> bool {
+        self.guest.is_paused()
+    }
+    fn pause_vcpus(&self) -> Result<std::time::Duration, VmError> {
+        self.guest.pause_vcpus()
+    }
+    fn resume_vcpus(&self) -> Result<(), VmError> {
+        self.guest.resume_vcpus()
+    }
+    fn vcpu_state(
+        &self,
+        paused: &PauseToken,
+        v: u8,
+    ) -> Result<vmm_core::guest::VcpuState, VmError> {
+        self.guest.vcpu_state(paused, v)
+    }
+    fn area(&self) -> AreaInfo {
+        self.guest.area()
+    }
+    fn area_write(&self, offset: u64, bytes: &[u8]) -> Result<(), MemoryError> {
+        self.guest.area_write(offset, bytes)
+    }
+    fn area_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.guest.area_read(offset, buf)
+    }
+    fn change_protection(
+        &self,
+        paused: &PauseToken,
+        release: &[String],
+        add: &[Protection],
+    ) -> Result<(), ProtectError> {
+        self.guest.change_protection(paused, release, add)
+    }
+    fn protections(&self) -> Vec<Protection> {
+        self.guest.protections()
+    }
 }
 
 /// Reads `buf.len()` bytes at guest-virtual `gva`.
@@ -299,9 +424,9 @@ fn read_image_range(
 /// symbols) is the source, checked against the build-id in memory;
 /// otherwise the kallsyms tables in guest memory are decoded.
 pub fn inspect(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, IntrospectError> {
-    // vCPU 0's page tables are read while the guest runs on: a short-lived
-    // process whose tables vCPU 0 was on may exit and free them meanwhile
-    // (a walk then finds nothing). Take a fresh look and try again.
+    // The image is read while the guest runs on, through vCPU 0's top-level
+    // table as copied in the pause (PinnedTables: the process vCPU 0 was in
+    // may exit meanwhile). A walk that still fails gets a fresh look.
     let mut tries = 0;
     loop {
         tries += 1;
@@ -315,7 +440,8 @@ pub fn inspect(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, Intros
 }
 
 fn inspect_once(vm: &dyn Guest, boot_kernel: &Path) -> Result<GuestKernel, IntrospectError> {
-    let paging = kernel_paging(vm)?;
+    let (paging, pinned) = pinned_paging(vm)?;
+    let vm: &dyn Guest = &pinned;
     if let Err(e) = pagewalk::translate(vm.ram(), paging, KERNEL_MAP) {
         if matches!(e, WalkError::PagingDisabled | WalkError::UnsupportedMode) {
             return Err(IntrospectError::NotRunning(e));

@@ -815,3 +815,26 @@ fn immediate_mode_switches_with_a_vcpu_in_old_code_but_never_inside_the_rewritte
         .expect("immediate");
     assert_eq!(r.tries, 1);
 }
+
+#[test]
+fn kernel_reads_go_through_vcpu0s_top_table_as_it_was_in_the_pause() {
+    let fake = Fake::new();
+    *fake.script.lock().expect("lock") = Box::new(|_, _| user());
+    let (paging, pinned) = update_engine::kernel::pinned_paging(&fake).expect("paging");
+    assert!(
+        !fake.is_paused(),
+        "the guest runs on while the image is read"
+    );
+    // The process vCPU 0 was in exits; its top-level table is freed and
+    // reused: a walk through the guest's own memory now finds nothing.
+    fake.ram.lock().expect("lock")[PML4 as usize..PML4 as usize + 4096].fill(0);
+    let mut buf = [0u8; 11];
+    assert!(update_engine::kernel::read_virt(&fake, paging, ALPHA, &mut buf).is_err());
+    // Through the copy taken in the pause, the kernel's own lower tables
+    // still map its text.
+    update_engine::kernel::read_virt(&pinned, paging, ALPHA, &mut buf).expect("read");
+    assert_eq!(buf.to_vec(), function_bytes(1)[..11].to_vec());
+    // Writes go to the guest (the copy pins reads only).
+    pinned.ram().write_phys(PML4 + 8, &[1]).expect("write");
+    assert_eq!(fake.u64_at(PML4 + 8), 1);
+}
