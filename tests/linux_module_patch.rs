@@ -4,9 +4,10 @@
 //! module's static `enabled`) is replaced from a C source built with
 //! `lucos build --module`, and /proc/sys/fs/binfmt_misc/status shows it.
 //!
-//! - Held: the patch is given before the guest loads the module; when the
-//!   guest loads it, it is patched before any of its code runs (its first
-//!   read already shows the patch).
+//! - Held: the patch is given before the guest loads the module, the VMM
+//!   is upgraded (the held patch and the watches go to the new process);
+//!   when the guest loads the module, it is patched before any of its code
+//!   runs (its first read already shows the patch).
 //! - Reverted, then applied while the module is loaded and in use.
 //! - Unloaded and loaded again: the patch (of that module only) is applied
 //!   again at the load.
@@ -140,6 +141,7 @@ $LUCOS patch --vm mp $FILES/otherbuild.lup > /tmp/o 2>&1; echo "@@SCN otherbuild
 $LUCOS patch --vm mp $FILES/dummyfix.lup --json > /tmp/o 2>&1; echo "@@SCN dummyheld rc=$? $(one /tmp/o)"
 $LUCOS patch --vm mp $FILES/bmfix.lup --json > /tmp/o 2>&1; echo "@@SCN held rc=$? $(one /tmp/o)"
 $LUCOS list --vm mp --json > /tmp/o 2>&1; echo "@@SCN list0 rc=$? $(one /tmp/o)"
+$LUCOS upgrade --vm mp --json > /tmp/o 2>&1; echo "@@SCN upgrade rc=$? $(one /tmp/o)"
 $LUCOS patch --vm mp $FILES/go.lup > /tmp/o 2>&1; echo "@@SCN go rc=$? $(one /tmp/o)"
 seen $LOG '^@@BM loaded' || fail
 $LUCOS list --vm mp --json > /tmp/o 2>&1; echo "@@SCN list1 rc=$? $(one /tmp/o)"
@@ -277,6 +279,9 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
         "the modules list is not watched: {list0}"
     );
 
+    // Handed to a new VMM process (format 2: held patches and watches go
+    // with the guest), which then sees the load.
+    scn_answer(text, "upgrade", "0");
     // Loaded later: patched before any of its code ran.
     scn_answer(text, "go", "0");
     assert_eq!(
@@ -305,10 +310,12 @@ fn linux_module_functions_are_patched_live_spanning_vmlinux_and_forgotten_when_u
         "the jump is not protected: {list1}"
     );
     assert_eq!(list1["held"].as_array().map(Vec::len), Some(1), "{list1}");
-    assert!(
-        text.contains("patch bmfix applied before any of its code"),
-        "{text}"
-    );
+    // By the new process: the held patch and the list watch went with the guest.
+    let taken = text.find("taken over by pid").expect("no handover logged");
+    let applied = text
+        .find("patch bmfix applied before any of its code")
+        .expect("the load was not seen");
+    assert!(taken < applied, "applied before the handover: {text}");
 
     // Reverted, then applied while loaded and in use.
     scn_answer(text, "revert1", "0");
