@@ -5,10 +5,12 @@
 //! against the previous revision, 6.1.192-2 (the tree: previous-tree.sh;
 //! the build checks the function as that tree builds it against the
 //! 6.1.192-2 package's nfsd.ko), and applied to a Debian guest running
-//! 6.1.192-2 in the emulated SVM host, with nfsd and the modules it needs
-//! loaded from that package and an nfsd server thread running. The patch
-//! switches the loaded module's function (found at the address its own
-//! kallsyms gives), the server thread lives on, revert restores it.
+//! 6.1.192-2 in the emulated SVM host, with nfsd, the NFS client and the
+//! modules they need loaded from that package, the guest serving a tmpfs
+//! over NFSv4.1 to itself and reading it all the time. The patch switches
+//! the loaded module's function (found at the address its own kallsyms
+//! gives) while the server runs SEQUENCE operations through it; reads go on
+//! without an error before the patch, while patched and after the revert.
 
 mod common;
 
@@ -28,30 +30,80 @@ const FIX: &str = "guest-kernels/linux/fixes/debian-6.1.192-3-nfsd.patch";
 const FIXED: &str = "6.1.192-3";
 const BEFORE: &str = "6.1.192-2";
 
-/// Modules nfsd needs, in load order, then nfsd.
-const MODULES: [&str; 6] = [
+/// Modules nfsd needs, in load order, then nfsd, then the NFS client's.
+const MODULES: [&str; 11] = [
     "net/sunrpc/sunrpc.ko",
     "fs/nfs_common/grace.ko",
     "fs/lockd/lockd.ko",
     "fs/nfs_common/nfs_acl.ko",
     "net/sunrpc/auth_gss/auth_rpcgss.ko",
     "fs/nfsd/nfsd.ko",
+    "fs/netfs/netfs.ko",
+    "fs/fscache/fscache.ko",
+    "fs/nfs/nfs.ko",
+    "net/dns_resolver/dns_resolver.ko",
+    "fs/nfs/nfsv4.ko",
 ];
 
+/// The guest serves a tmpfs over NFSv4.1 and mounts it from itself
+/// (loopback), so every open, read and stat of /mnt/hello is a compound
+/// whose first operation, SEQUENCE, runs `nfsd4_sequence`. No nfs-utils in
+/// the guest: the export is written into the kernel's caches as mountd and
+/// exportfs would (client "lucos" is 127.0.0.1; the NFSv4 root, fsid 0, is
+/// /export: read-only, insecure ports, no subtree check). Leases are off,
+/// so no delegation lets the client open without asking the server.
+/// `sequence` is the server's count of SEQUENCE operations
+/// (/proc/net/rpc/nfsd, proc4ops: the count of operations, then one
+/// counter per operation; SEQUENCE is operation 53).
 const WORKLOAD: &str = r#"#!/bin/sh
-for m in sunrpc grace lockd nfs_acl auth_rpcgss nfsd; do
+for m in sunrpc grace lockd nfs_acl auth_rpcgss nfsd netfs fscache nfs dns_resolver nfsv4; do
   insmod /files/$m.ko || echo "@@NFS insmod $m failed"
 done
-mkdir -p /proc/fs/nfsd 2>/dev/null
+ifconfig lo 127.0.0.1 up
+echo 0 > /proc/sys/fs/leases-enable
+mkdir -p /proc/fs/nfsd /export /mnt
 mount -t nfsd nfsd /proc/fs/nfsd || echo "@@NFS mount failed"
+mount -t tmpfs tmpfs /export
+echo lucos-nfs > /export/hello
 # NFSv4 only: it needs no rpcbind.
 echo "-2 -3 +4 +4.1" > /proc/fs/nfsd/versions 2>/dev/null
+echo 10 > /proc/fs/nfsd/nfsv4leasetime
+echo 10 > /proc/fs/nfsd/nfsv4gracetime
+never=2147483647
+echo "nfsd 127.0.0.1 $never lucos" > /proc/net/rpc/auth.unix.ip/channel || echo "@@NFS client failed"
+echo "lucos 1 \x00000000 $never /export" > /proc/net/rpc/nfsd.fh/channel || echo "@@NFS fsid failed"
+echo "lucos /export $never 9219 65534 65534 0" > /proc/net/rpc/nfsd.export/channel || echo "@@NFS export failed"
 echo 1 > /proc/fs/nfsd/threads || echo "@@NFS threads failed"
+mount -t nfs4 -o vers=4.1,addr=127.0.0.1,clientaddr=127.0.0.1,noac,lookupcache=none 127.0.0.1:/ /mnt \
+  || echo "@@NFS client mount failed"
 kthreads() { grep -l '^nfsd$' /proc/[0-9]*/comm 2>/dev/null | wc -l; }
+sequence() { awk '$1 == "proc4ops" { print $56 }' /proc/net/rpc/nfsd; }
+io() { [ "$(cat /mnt/hello 2>/dev/null)" = lucos-nfs ] && [ "$(ls /mnt)" = hello ]; }
+# Until the grace period ends, opens are refused.
+i=0
+until io; do
+  i=$((i + 1)); [ $i -gt 600 ] && { echo "@@NFS io never worked"; break; }
+  sleep 0.5
+done
+# Traffic from now on, all the time; a failed read is reported.
+(n=0; while :; do
+  if io; then n=$((n + 1)); echo $n > /tmp/io; else echo "@@NFS io failed after $n"; fi
+  sleep 0.1
+done) &
+# Waits until the server has run N more SEQUENCEs, and says how many ran.
+traffic() {
+  s=$(sequence); r=$(cat /tmp/io)
+  [ -n "$s" ] || { echo "@@NFS traffic-$2 failed: no SEQUENCE count"; return; }
+  until [ "$(sequence)" -ge $((s + $1)) ]; do sleep 0.2; done
+  echo "@@NFS traffic-$2 sequence=+$(( $(sequence) - s )) io=+$(( $(cat /tmp/io) - r ))"
+}
 echo "@@NFS ready threads=$(cat /proc/fs/nfsd/threads) kthreads=$(kthreads) versions=$(cat /proc/fs/nfsd/versions)"
+traffic 20 before
 until grep -q lucos-step-2 /proc/uptime; do sleep 0.2; done
+traffic 20 patched
 echo "@@NFS patched threads=$(cat /proc/fs/nfsd/threads) kthreads=$(kthreads)"
 until ! grep -q lucos-step-2 /proc/uptime; do sleep 0.2; done
+traffic 20 reverted
 echo "@@NFS reverted threads=$(cat /proc/fs/nfsd/threads) kthreads=$(kthreads)"
 while :; do sleep 1; done
 "#;
@@ -201,6 +253,24 @@ fn linux_debian_nfsd_fix_built_from_its_source_delta_is_applied_to_the_previous_
     let list: serde_json::Value =
         serde_json::from_str(scn_answer(text, "list", "0")).expect("list");
     assert_eq!(list["patches"][0]["modules"][0]["name"], "nfsd", "{list}");
+    // NFS traffic through nfsd4_sequence before the patch, while patched
+    // and after the revert; no read failed.
+    for phase in ["before", "patched", "reverted"] {
+        let said = guest_said(text, "@@NFS", &format!("traffic-{phase}"));
+        let count = |key: &str| -> u64 {
+            said.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in '{said}'"))
+        };
+        assert!(count("sequence=+") >= 20, "{phase}: {said}");
+        assert!(count("io=+") >= 1, "{phase}: {said}");
+    }
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("@@NFS") && (l.contains("failed") || l.contains("never")))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}\n{text}");
     // The server thread lives on through the patch and its revert.
     assert_eq!(
         guest_said(text, "@@NFS", "patched"),
