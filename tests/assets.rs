@@ -444,3 +444,34 @@ fn the_demo_set_up_fetches_no_linux_assets_and_installs_no_qemu() {
     let _ = std::fs::remove_dir_all(&bin);
     let _ = std::fs::remove_file(&log);
 }
+
+#[test]
+fn fetchers_run_at_once_into_one_cache_take_turns() {
+    let a = StubArchive::new("together");
+    let cache = a.dir.join("cache");
+    std::fs::create_dir_all(&cache).expect("cache");
+    // Four at once (tests side by side, a set-up beside a test): each gets
+    // the same whole tree; the cache holds only whole things, no lock file.
+    let outs: Vec<Output> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| a.run("fetch-kernel.sh", &[], &cache, Some("9.9.0-2"))))
+            .collect();
+        runs.into_iter().map(|r| r.join().expect("run")).collect()
+    });
+    for o in &outs {
+        assert!(o.status.success(), "{}", text(o));
+        assert_eq!(outs[0].stdout, o.stdout, "{}", text(o));
+    }
+    let dir = PathBuf::from(String::from_utf8_lossy(&outs[0].stdout).trim());
+    assert!(dir.join(".complete").is_file());
+    let mut got = entries(&cache);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "linux-image-9.9.0-1-cloud-amd64-9.9.1-1",
+            "linux-image-9.9.0-1-cloud-amd64-unsigned_9.9.1-1_amd64.deb",
+            "linux-image-9.9.0-1-cloud-amd64-unsigned_9.9.1-1_amd64.deb.sha256",
+        ]
+    );
+}

@@ -29,13 +29,14 @@ asset_cache() {
   (cd "$dir" && pwd)
 }
 
-# lock_cache CACHE: waits for, then holds until the script exits, the cache's
-# lock, so fetchers run at once (tests running side by side, a set-up beside
-# a test) take turns instead of unpacking into the same place. A script run
-# by one that holds it (exported LUCOS_ASSETS_LOCKED) does not wait for it.
+# lock_cache CACHE: waits for, then holds until the script exits, a lock on
+# the cache folder itself (flock(1) of the folder: no file is left), so
+# fetchers run at once (tests running side by side, a set-up beside a test)
+# take turns instead of unpacking into the same place. A script run by one
+# that holds it (exported LUCOS_ASSETS_LOCKED) does not wait for it.
 lock_cache() {
   [ "${LUCOS_ASSETS_LOCKED:-}" = "$1" ] && return 0
-  exec 9> "$1/.lock"
+  exec 9< "$1"
   if ! flock -n 9; then
     echo "lucos assets: waiting for another fetch into $1" >&2
     flock 9
