@@ -288,8 +288,10 @@ impl<'d> Obj<'d> {
                     return Target::Str(s[..end].to_vec());
                 }
             }
-            // A symbol of that section covering the place: by its name.
-            if let Some((n, base)) = self.covering(si, string_offset(r) as u64) {
+            // A symbol of that section covering the place: by its name. An
+            // instruction with an immediate after its displacement makes a
+            // PC-relative addend below -4: the place is the section's start.
+            if let Some((n, base)) = self.covering(si, string_offset(r).max(0) as u64) {
                 return Target::Sym(unnumbered(&n).to_owned(), r.addend - base as i64);
             }
             return Target::Sec(name, r.addend);
@@ -699,7 +701,10 @@ pub fn diff_object(
         }
     }
 
-    let renumber = renumbering(&a, &b)?;
+    let Renumbering {
+        map: renumber,
+        new: new_statics,
+    } = renumbering(&a, &b)?;
     // The patch object.
     let mut w = write::Object::new(
         object::BinaryFormat::Elf,
@@ -787,7 +792,7 @@ pub fn diff_object(
                 // A variable the diff adds is the patch's own, even where
                 // the kernel has a namesake elsewhere.
                 if let Some((si, SymbolKind::Data)) = def {
-                    if is_writable(&b.file, si) && is_new_data(&a, &n) {
+                    if is_writable(&b.file, si) && is_new_data(&a, &n, &new_statics) {
                         let sname = b.section_name(si);
                         if !crate::link::is_own_data_section(&sname) {
                             return Err(format!(
@@ -962,7 +967,7 @@ pub fn diff_object(
                 kernel,
                 &mut w,
                 &fn_syms,
-                (&placed_secs, &own_data, &a),
+                (&placed_secs, &own_data, &a, &new_statics),
                 &mut ext_syms,
                 &renumber,
             )?;
@@ -1012,10 +1017,11 @@ fn resolve_target(
     kernel: &dyn KernelSymbols,
     w: &mut write::Object<'_>,
     fn_syms: &HashMap<String, write::SymbolId>,
-    (placed_secs, own_data, a): (
+    (placed_secs, own_data, a, new_statics): (
         &HashMap<SectionIndex, write::SectionId>,
         &HashSet<SectionIndex>,
         &Obj<'_>,
+        &HashSet<String>,
     ),
     ext_syms: &mut HashMap<String, write::SymbolId>,
     renumber: &HashMap<String, String>,
@@ -1076,7 +1082,7 @@ fn resolve_target(
     // one (`.data.once`, `.data..read_mostly`) stay the kernel's.
     if let Some(i) = sym.section_index() {
         if let Some(&id) = placed_secs.get(&i) {
-            if !own_data.contains(&i) || is_new_data(a, &sname) {
+            if !own_data.contains(&i) || is_new_data(a, &sname, new_statics) {
                 return Ok((w.section_symbol(id), sym.address() as i64 + addend - delta));
             }
         }
@@ -1118,13 +1124,15 @@ fn resolve_target(
 
 /// Whether `name`, data of the patched build that the running kernel has
 /// no symbol for, is new: the original build has nothing of that name
-/// (statics compared without GCC's numbering), or it is a once-flag of
-/// lucos's own WARN (never in the kernel: guest-kernels/linux/patch-include).
-/// Existing data the kernel lacks by name is not new: a copy would not
-/// share its state.
-fn is_new_data(a: &Obj<'_>, name: &str) -> bool {
+/// (statics compared without GCC's numbering), it is a numbered static only
+/// new functions or new sites use (`new_statics`, see [`renumbering`]), or
+/// it is a once-flag of lucos's own WARN (never in the kernel:
+/// guest-kernels/linux/patch-include). Existing data the kernel lacks by
+/// name is not new: a copy would not share its state.
+fn is_new_data(a: &Obj<'_>, name: &str, new_statics: &HashSet<String>) -> bool {
     let base = unnumbered(name);
-    base.starts_with("__lucos_")
+    new_statics.contains(name)
+        || base.starts_with("__lucos_")
         || !a
             .file
             .symbols()
@@ -1234,11 +1242,28 @@ fn references_to(o: &Obj<'_>, f: &str) -> Vec<(Option<String>, bool, String)> {
     out
 }
 
-/// The numbered statics of `b` (`name.N`) paired with those of `a`: through
-/// the functions of both that refer to them, in the order they refer to them
-/// (GCC numbers them in the order it meets them, so a new one shifts the
-/// rest); a name whose base occurs once in each pairs directly.
-fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<HashMap<String, String>, String> {
+/// The numbered statics of `b` (`name.N`) paired with those of `a`, and
+/// those of `b` that are new.
+///
+/// Pairs come through the functions of both that refer to them: for each
+/// name, in the order a function refers to them (GCC numbers them in the
+/// order it meets them, so a new one shifts the rest), where the function
+/// refers to as many of that name in both; a name whose base occurs once in
+/// each object pairs directly. A static of `b` that no pair names is new
+/// when every function of `b` that refers to it is new or refers to no
+/// static of that name in `a` (a static local belongs to its function, or
+/// to the inline function whose copies refer to it): a `pr_warn_once` or
+/// `WARN_ONCE` the diff adds to a function, in an object that has others.
+/// A function that refers to more or fewer of a name than before, all
+/// paired with some, is left unpaired: lucos cannot tell which is new.
+struct Renumbering {
+    /// `b`'s name → `a`'s.
+    map: HashMap<String, String>,
+    /// `b`'s statics that the original object does not have.
+    new: HashSet<String>,
+}
+
+fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
     let numbered =
         |o: &Obj<'_>, f: &(SectionIndex, u64, u64, bool)| -> Result<Vec<String>, String> {
             let (_, rels) = o.range(f.0, f.1, f.2)?;
@@ -1264,26 +1289,41 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<HashMap<String, String>, Stri
             }
             Ok(v)
         };
+    let of_base = |v: &[String], base: &str| -> Vec<String> {
+        v.iter()
+            .filter(|n| unnumbered(n) == base)
+            .cloned()
+            .collect()
+    };
     let mut map: HashMap<String, String> = HashMap::new();
     let mut clash: BTreeSet<String> = BTreeSet::new();
+    // Each numbered static of `b` → whether some function refers to it that
+    // the original has, with statics of its base.
+    let mut known_user: HashMap<String, bool> = HashMap::new();
     for (f, fb) in &b.funcs {
-        let Some(fa) = a.funcs.get(f) else { continue };
-        let (va, vb) = (numbered(a, fa)?, numbered(b, fb)?);
-        let bases = |v: &Vec<String>| {
-            v.iter()
-                .map(|n| unnumbered(n).to_owned())
-                .collect::<Vec<_>>()
+        let vb = numbered(b, fb)?;
+        let va = match a.funcs.get(f) {
+            Some(fa) => numbered(a, fa)?,
+            None => Vec::new(),
         };
-        if bases(&va) != bases(&vb) {
-            continue;
-        }
-        for (x, y) in vb.into_iter().zip(va) {
-            match map.get(&x) {
-                Some(prev) if *prev != y => {
-                    clash.insert(x);
-                }
-                _ => {
-                    map.insert(x, y);
+        let bases: BTreeSet<&str> = vb.iter().map(|n| unnumbered(n)).collect();
+        for base in bases {
+            let (xs, ys) = (of_base(&vb, base), of_base(&va, base));
+            for x in &xs {
+                let k = known_user.entry(x.clone()).or_insert(false);
+                *k |= !ys.is_empty();
+            }
+            if xs.len() != ys.len() {
+                continue;
+            }
+            for (x, y) in xs.into_iter().zip(ys) {
+                match map.get(&x) {
+                    Some(prev) if *prev != y => {
+                        clash.insert(x);
+                    }
+                    _ => {
+                        map.insert(x, y);
+                    }
                 }
             }
         }
@@ -1291,6 +1331,11 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<HashMap<String, String>, Stri
     for x in clash {
         map.remove(&x);
     }
+    let new: HashSet<String> = known_user
+        .into_iter()
+        .filter(|(x, known)| !known && !map.contains_key(x))
+        .map(|(x, _)| x)
+        .collect();
     // Bases that occur once in each object.
     let count = |o: &Obj<'_>| {
         let mut m: HashMap<String, Vec<String>> = HashMap::new();
@@ -1308,10 +1353,12 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<HashMap<String, String>, Stri
     let (ca, cb) = (count(a), count(b));
     for (base, names) in &cb {
         if let ([x], Some([y])) = (names.as_slice(), ca.get(base).map(Vec::as_slice)) {
-            map.entry(x.clone()).or_insert_with(|| y.clone());
+            if !new.contains(x) {
+                map.entry(x.clone()).or_insert_with(|| y.clone());
+            }
         }
     }
-    Ok(map)
+    Ok(Renumbering { map, new })
 }
 
 #[cfg(test)]
@@ -1635,6 +1682,84 @@ int other(int x) { static int __already_done; if (!__already_done) { __already_d
             f.symbols().any(|s| s.name() == Ok(refs[0].as_str())),
             "{refs:?}"
         );
+    }
+
+    #[test]
+    fn a_once_flag_added_beside_others_is_the_patchs_own_and_the_others_stay_the_kernels() {
+        let src = r#"
+extern int printk(const char *, ...);
+#define ONCE(s) ({ static int __already_done; if (!__already_done) { __already_done = 1; printk(s); } })
+int show(int x) { ONCE("a"); return x; }
+int other(int x) { ONCE("b"); return x + 1; }
+int third(int x) { return x * 2; }
+"#;
+        let a = compile("a9", src);
+        let names = |o: &[u8]| -> BTreeSet<String> {
+            object::File::parse(o)
+                .expect("obj")
+                .symbols()
+                .filter_map(|s| s.name().ok().map(str::to_owned))
+                .filter(|n| n.starts_with("__already_done"))
+                .collect()
+        };
+        // The running kernel: this object's functions and statics.
+        let kernel = Kernel {
+            names: ["show", "other", "third", "printk"]
+                .into_iter()
+                .chain(
+                    names(&a)
+                        .into_iter()
+                        .map(|n| &*Box::leak(n.into_boxed_str())),
+                )
+                .collect(),
+            twice: vec![],
+        };
+        // A once-flag added to `third` (which had none): the patch's own.
+        let b = compile(
+            "b9",
+            &src.replace("{ return x * 2; }", "{ ONCE(\"c\"); return x * 2; }"),
+        );
+        let d = diff_object("t.o", &a, &b, &kernel).expect("diff");
+        assert_eq!(
+            d.changed.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+            ["third"]
+        );
+        assert!(
+            d.own_data.iter().any(|s| s.contains("__already_done")),
+            "{d:?}"
+        );
+        let und = undefined(&d.object);
+        assert!(
+            !und.iter().any(|n| n.starts_with("__already_done")),
+            "{und:?}"
+        );
+        // `show` changed too: its flag is the kernel's (as the original
+        // names it), third's is new.
+        let b = compile(
+            "b10",
+            &src.replace("{ return x * 2; }", "{ ONCE(\"c\"); return x * 2; }")
+                .replace("return x; }", "return x + 7; }"),
+        );
+        let d = diff_object("t.o", &a, &b, &kernel).expect("diff");
+        let und = undefined(&d.object);
+        let refs: Vec<&String> = und
+            .iter()
+            .filter(|n| n.starts_with("__already_done"))
+            .collect();
+        assert_eq!(refs.len(), 1, "{und:?}");
+        assert!(names(&a).contains(refs[0]), "{refs:?} {:?}", names(&a));
+        assert_eq!(d.own_data.len(), 1, "{d:?}");
+        // A second flag in a function that had one: which is new is not
+        // known, refused by name.
+        let b = compile(
+            "b11",
+            &src.replace(
+                "{ ONCE(\"a\"); return x; }",
+                "{ ONCE(\"z\"); ONCE(\"a\"); return x; }",
+            ),
+        );
+        let e = diff_object("t.o", &a, &b, &kernel).expect_err("ambiguous");
+        assert!(e.to_string().contains("numbered static"), "{e}");
     }
 
     /// `static_cpu_has` as Linux 6.1 writes it: an ALWAYS alternative over a
