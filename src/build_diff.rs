@@ -16,7 +16,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use symbol_db::SymbolTable;
-use update_engine::diffobj::{check_clone_conventions, diff_object, KernelSymbols, ObjectDiff};
+use update_engine::diffobj::{
+    check_clone_conventions, diff_object_of_build, KernelSymbols, ObjectDiff,
+};
 
 use crate::error::CliError;
 
@@ -712,17 +714,21 @@ pub fn build(
             .enumerate()
         {
             let objs = obj_of(c).to_string_lossy().into_owned();
+            // Names of the kernel's own build (where the compared one was
+            // built with lucos's headers).
+            let own = plain_of[i].as_deref();
             let d = match module_of.iter().find(|(o, _)| *o == objs) {
-                Some(&(_, m)) => diff_object(
+                Some(&(_, m)) => diff_object_of_build(
                     &objs,
                     original,
                     patched,
+                    own,
                     &ModuleRefs {
                         module: &modules[m],
                         kernel: Refs(ksyms),
                     },
                 ),
-                None => diff_object(&objs, original, patched, &refs),
+                None => diff_object_of_build(&objs, original, patched, own, &refs),
             }
             .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
             // An object of a module: each function it replaces, as this

@@ -255,7 +255,11 @@ impl<'d> Obj<'d> {
                 flags: r.flags(),
                 sym,
                 addend: r.addend(),
+                tail: 0,
             });
+        }
+        if matches!(s.kind(), SectionKind::Text) {
+            instruction_tails(&bytes, &mut rels);
         }
         Ok((bytes, rels))
     }
@@ -387,16 +391,50 @@ struct Rel {
     flags: RelocationFlags,
     sym: SymbolIndex,
     addend: i64,
+    /// In code: the bytes of its instruction after the relocated field (an
+    /// immediate after a RIP-relative displacement: `movb $1, x(%rip)`).
+    tail: u8,
 }
 
-/// The offset a relocation's addend points at within its section: PC-relative
-/// ones carry -4 for the displacement's own size.
-fn string_offset(r: &Rel) -> i64 {
-    match r.flags {
+/// Whether `r` is relative to the place of its field.
+fn pc_relative(r: &Rel) -> bool {
+    matches!(
+        r.flags,
         RelocationFlags::Elf {
             r_type: object::elf::R_X86_64_PC32 | object::elf::R_X86_64_PLT32,
-        } => r.addend + 4,
-        _ => r.addend,
+        }
+    )
+}
+
+/// The offset a relocation's addend points at within its section: a
+/// PC-relative one is relative to the end of its instruction, so its addend
+/// carries -4 for the displacement and minus the size of an immediate after
+/// it (`cmpb $0, x(%rip)`: -5), which would otherwise name the variable
+/// before the one meant (bytes of `.data.once`, say).
+fn string_offset(r: &Rel) -> i64 {
+    if pc_relative(r) {
+        r.addend + 4 + i64::from(r.tail)
+    } else {
+        r.addend
+    }
+}
+
+/// For each PC-relative relocation of `rels` in the code `bytes` (starting
+/// at an instruction), the bytes of its instruction after its field.
+fn instruction_tails(bytes: &[u8], rels: &mut [Rel]) {
+    if !rels.iter().any(pc_relative) {
+        return;
+    }
+    let mut ends = Vec::new();
+    let mut d = iced_x86::Decoder::with_ip(64, bytes, 0, iced_x86::DecoderOptions::NONE);
+    while d.can_decode() {
+        let i = d.decode();
+        ends.push((i.ip(), i.next_ip()));
+    }
+    for r in rels.iter_mut().filter(|r| pc_relative(r)) {
+        if let Some(&(_, end)) = ends.iter().find(|&&(s, e)| s <= r.at && r.at + 4 <= e) {
+            r.tail = (end - r.at - 4).min(8) as u8;
+        }
     }
 }
 
@@ -495,12 +533,32 @@ pub fn diff_object(
     patched: &[u8],
     kernel: &dyn KernelSymbols,
 ) -> Result<ObjectDiff, String> {
+    diff_object_of_build(name, original, patched, None, kernel)
+}
+
+/// [`diff_object`] where `original` is not the kernel's own build of the
+/// object but one built as patch code is (lucos's headers), and `kernel_build`
+/// is the kernel's: its names are the running kernel's. GCC numbers statics
+/// in the order it meets them, and lucos's WARN uses no `__already_done`, so
+/// the two builds can number the same static differently
+/// (`__already_done.9` in one, `.3` in the other, and `.9` in the kernel
+/// another object's): each static is paired through both builds.
+pub fn diff_object_of_build(
+    name: &str,
+    original: &[u8],
+    patched: &[u8],
+    kernel_build: Option<&[u8]>,
+    kernel: &dyn KernelSymbols,
+) -> Result<ObjectDiff, String> {
     let a = Obj::parse(name, original)?;
     let b = Obj::parse(name, patched)?;
+    let p = kernel_build.map(|k| Obj::parse(name, k)).transpose()?;
     let (a_alts, b_alts) = (a.alternatives()?, b.alternatives()?);
     let mut out = ObjectDiff::default();
-    // The original object's named symbols: where its namesakes lie.
-    let neighbours: Vec<String> = a
+    // The kernel's build's named symbols: where its namesakes lie.
+    let neighbours: Vec<String> = p
+        .as_ref()
+        .unwrap_or(&a)
         .file
         .symbols()
         .filter(|s| !s.is_undefined() && matches!(s.kind(), SymbolKind::Text | SymbolKind::Data))
@@ -684,6 +742,7 @@ pub fn diff_object(
                 flags: r.flags(),
                 sym: si,
                 addend: r.addend(),
+                tail: 0,
             };
             let hit = if sym.kind() == SymbolKind::Section {
                 sym.section_index()
@@ -702,9 +761,18 @@ pub fn diff_object(
     }
 
     let Renumbering {
-        map: renumber,
+        map: mut renumber,
         new: new_statics,
     } = renumbering(&a, &b)?;
+    if let Some(p) = &p {
+        // Through the original build's names to the kernel's; a static the
+        // two builds do not pair is left unpaired (refused where used).
+        let to_kernel = renumbering(p, &a)?.map;
+        renumber = renumber
+            .into_iter()
+            .filter_map(|(x, y)| to_kernel.get(&y).map(|z| (x, z.clone())))
+            .collect();
+    }
     // The patch object.
     let mut w = write::Object::new(
         object::BinaryFormat::Elf,
@@ -1210,6 +1278,7 @@ fn references_to(o: &Obj<'_>, f: &str) -> Vec<(Option<String>, bool, String)> {
                     flags: r.flags(),
                     sym: si,
                     addend: r.addend(),
+                    tail: 0,
                 };
                 let t = string_offset(&rel);
                 sym.section_index() == Some(fsec) && t >= foff as i64 && t < (foff + fsize) as i64
@@ -1760,6 +1829,143 @@ int third(int x) { return x * 2; }
         );
         let e = diff_object("t.o", &a, &b, &kernel).expect_err("ambiguous");
         assert!(e.to_string().contains("numbered static"), "{e}");
+    }
+
+    #[test]
+    fn once_flags_packed_in_one_section_are_told_apart_by_their_instructions() {
+        // Linux's DO_ONCE_LITE: one-byte flags in `.data.once`, tested with
+        // `cmpb $0, x(%rip)` and set with `movb $1, x(%rip)`, whose
+        // displacements are followed by an immediate byte.
+        let src = r#"
+extern int printk(const char *, ...);
+#define ONCE(s) ({ static _Bool __attribute__((section(".data.once"))) __already_done; if (!__already_done) { __already_done = 1; printk(s); } })
+int show(int x) { ONCE("a"); return x; }
+int other(int x) { return x + 1; }
+"#;
+        let a = compile("a13", src);
+        let b = compile(
+            "b13",
+            &src.replace("{ return x + 1; }", "{ ONCE(\"b\"); return x + 1; }"),
+        );
+        let names = |o: &[u8]| -> Vec<String> {
+            object::File::parse(o)
+                .expect("obj")
+                .symbols()
+                .filter_map(|s| s.name().ok().map(str::to_owned))
+                .filter(|n| n.starts_with("__already_done"))
+                .collect()
+        };
+        assert_eq!(names(&b).len(), 2, "{:?}", names(&b));
+        let kernel = Kernel {
+            names: ["show", "other", "printk"]
+                .into_iter()
+                .chain(
+                    names(&a)
+                        .into_iter()
+                        .map(|n| &*Box::leak(n.into_boxed_str())),
+                )
+                .collect(),
+            twice: vec![],
+        };
+        // `other`'s new flag is the patch's own, not show's (the byte before
+        // it), which stays the kernel's and is not used.
+        let d = diff_object("t.o", &a, &b, &kernel).expect("diff");
+        assert_eq!(
+            d.changed.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+            ["other"]
+        );
+        assert_eq!(d.own_data, [".data.once"], "{d:?}");
+        let und = undefined(&d.object);
+        assert!(
+            !und.iter().any(|n| n.starts_with("__already_done")),
+            "{und:?}"
+        );
+        // And `show` changed beside it: its flag is the kernel's.
+        let b2 = compile(
+            "b14",
+            &src.replace("{ return x + 1; }", "{ ONCE(\"b\"); return x + 1; }")
+                .replace("return x; }", "return x + 7; }"),
+        );
+        let d = diff_object("t.o", &a, &b2, &kernel).expect("diff");
+        let und = undefined(&d.object);
+        let refs: Vec<&String> = und
+            .iter()
+            .filter(|n| n.starts_with("__already_done"))
+            .collect();
+        assert_eq!(refs, [&names(&a)[0]], "{und:?}");
+    }
+
+    #[test]
+    fn statics_are_named_as_the_kernels_own_build_names_them() {
+        // The kernel's build: `warn` uses a once-flag; the build as patch
+        // code is built (lucos's WARN) does not, so GCC numbers the others
+        // differently there.
+        let src = |warn_flag: bool| {
+            format!(
+                r#"
+extern int printk(const char *, ...);
+#define ONCE(s) ({{ static int __already_done; if (!__already_done) {{ __already_done = 1; printk(s); }} }})
+int show(int x) {{ ONCE("a"); return x; }}
+int other(int x) {{ ONCE("b"); return x + 1; }}
+int warn(int x) {{ {} return x; }}
+"#,
+                if warn_flag {
+                    "ONCE(\"w\");"
+                } else {
+                    "printk(\"w\");"
+                }
+            )
+        };
+        let own = compile("p12", &src(true));
+        let a = compile("a12", &src(false));
+        let b = compile(
+            "b12",
+            &src(false).replace("return x; }\nint other", "return x + 7; }\nint other"),
+        );
+        let flag_of = |o: &[u8], f: &str| -> String {
+            let file = object::File::parse(o).expect("obj");
+            let sec = file
+                .symbols()
+                .find(|s| s.name() == Ok(f))
+                .and_then(|s| s.section_index())
+                .expect("function");
+            let rel = file
+                .section_by_index(sec)
+                .expect("section")
+                .relocations()
+                .find_map(|(_, r)| match r.target() {
+                    object::RelocationTarget::Symbol(i) => {
+                        let s = file.symbol_by_index(i).ok()?;
+                        let si = s.section_index()?;
+                        let name = file.section_by_index(si).ok()?.name().ok()?.to_owned();
+                        name.strip_prefix(".bss.").map(str::to_owned)
+                    }
+                    _ => None,
+                })
+                .expect("a flag");
+            rel
+        };
+        let kernel_name = flag_of(&own, "show");
+        assert_ne!(kernel_name, flag_of(&a, "show"), "the builds number alike");
+        let names: Vec<&'static str> = object::File::parse(&*own)
+            .expect("obj")
+            .symbols()
+            .filter_map(|s| s.name().ok().map(str::to_owned))
+            .filter(|n| !n.is_empty())
+            .map(|n| &*Box::leak(n.into_boxed_str()))
+            .chain(["printk"])
+            .collect();
+        let kernel = Kernel {
+            names,
+            twice: vec![],
+        };
+        let d = diff_object_of_build("t.o", &a, &b, Some(&own), &kernel).expect("diff");
+        let und = undefined(&d.object);
+        assert!(
+            und.contains(&kernel_name),
+            "{und:?}, kernel's {kernel_name}"
+        );
+        assert!(d.own_data.is_empty(), "{d:?}");
     }
 
     /// `static_cpu_has` as Linux 6.1 writes it: an ALWAYS alternative over a
