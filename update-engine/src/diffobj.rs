@@ -930,6 +930,27 @@ pub fn diff_object_of_build(
             }
             placed_secs.insert(si, id);
             if own_data.contains(&si) {
+                // A new global is named in the patch object, so the patch's
+                // other objects that use it link to this copy.
+                for x in b.file.symbols() {
+                    let Ok(n) = x.name() else { continue };
+                    if x.section_index() == Some(si)
+                        && x.is_global()
+                        && x.kind() == SymbolKind::Data
+                        && is_new_data(&a, n, &new_statics)
+                    {
+                        w.add_symbol(write::Symbol {
+                            name: n.as_bytes().to_vec(),
+                            value: x.address(),
+                            size: x.size(),
+                            kind: SymbolKind::Data,
+                            scope: SymbolScope::Linkage,
+                            weak: false,
+                            section: write::SymbolSection::Section(id),
+                            flags: object::SymbolFlags::None,
+                        });
+                    }
+                }
                 out.own_data.push(sname);
             } else {
                 out.data.push(sname);
@@ -1893,6 +1914,50 @@ int other(int x) { return x + 1; }
             .filter(|n| n.starts_with("__already_done"))
             .collect();
         assert_eq!(refs, [&names(&a)[0]], "{und:?}");
+    }
+
+    #[test]
+    fn a_new_global_defined_in_one_object_and_used_in_another_links_to_the_patchs_copy() {
+        let one = "int counter;\nint show(int x) { return x + counter; }\n";
+        let two = "int other(int x) { return x + 1; }\n";
+        let (a1, a2) = (compile("a15", one), compile("a16", two));
+        let b1 = compile(
+            "b15",
+            &one.replace("int counter;", "int counter;\nint lucos_global = 5;")
+                .replace("return x + counter;", "lucos_global++; return x + counter;"),
+        );
+        let b2 = compile(
+            "b16",
+            &format!(
+                "extern int lucos_global;\n{}",
+                two.replace("x + 1;", "x + lucos_global;")
+            ),
+        );
+        let kernel = Kernel {
+            names: vec!["show", "other", "counter"],
+            twice: vec![],
+        };
+        let d1 = diff_object("one.o", &a1, &b1, &kernel).expect("diff one");
+        let d2 = diff_object("two.o", &a2, &b2, &kernel).expect("diff two");
+        assert!(!d1.own_data.is_empty(), "{d1:?}");
+        assert!(undefined(&d2.object).contains("lucos_global"));
+        // Linked together: two.o's reference is one.o's new variable, not a
+        // kernel symbol (the kernel has none of that name).
+        let objs = vec![
+            ("one.o".to_owned(), d1.object.clone()),
+            ("two.o".to_owned(), d2.object.clone()),
+        ];
+        let base = 0xffff_ffff_c000_0000;
+        let l = crate::link(&objs, base, &|n: &str| match n {
+            "counter" => Ok(0xffff_ffff_8200_0000),
+            "__fentry__" => Ok(0xffff_ffff_8100_3000),
+            _ => Err(format!("no {n}")),
+        })
+        .expect("link");
+        let g = l
+            .symbol(None, "lucos_global")
+            .expect("the new global is defined");
+        assert!(g >= base, "{g:#x}");
     }
 
     #[test]
