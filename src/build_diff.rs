@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use symbol_db::SymbolTable;
+use symbol_db::{KernelImage, SymbolTable};
 use update_engine::diffobj::{
-    check_clone_conventions, diff_object_of_build, KernelSymbols, ObjectDiff,
+    check_clone_conventions, diff_object_of_build, KernelSymbols, ObjectDiff, StaticUse,
 };
 
 use crate::error::CliError;
@@ -76,7 +76,7 @@ pub struct DiffBuild {
 }
 
 /// References to the running kernel's symbols, from its vmlinux.
-struct Refs<'a>(&'a SymbolTable);
+struct Refs<'a>(&'a SymbolTable, Option<&'a KernelImage>);
 
 /// References from an object of a module: the module's own symbols (by
 /// name: the patcher finds them in the loaded module's table), then the
@@ -87,6 +87,18 @@ struct ModuleRefs<'a> {
 }
 
 impl KernelSymbols for ModuleRefs<'_> {
+    fn reference_used(
+        &self,
+        name: &str,
+        neighbours: &[String],
+        uses: &[StaticUse],
+    ) -> Option<String> {
+        match self.module.defines(name) {
+            0 => self.kernel.reference_used(name, neighbours, uses),
+            _ => self.reference(name, neighbours),
+        }
+    }
+
     fn reference(&self, name: &str, neighbours: &[String]) -> Option<String> {
         match self.module.defines(name) {
             0 => self.kernel.reference(name, neighbours),
@@ -97,7 +109,58 @@ impl KernelSymbols for ModuleRefs<'_> {
     }
 }
 
+impl Refs<'_> {
+    /// The address `spec` (`NAME` or `NAME#N`) names.
+    fn address(&self, spec: &str) -> Option<u64> {
+        let (name, n) = match spec.rsplit_once('#') {
+            Some((name, n)) => (name, n.parse::<usize>().ok()?),
+            None => (spec, 0),
+        };
+        let mut all = self.0.all_named(name);
+        all.sort_by_key(|s| s.addr);
+        all.get(n).map(|s| s.addr)
+    }
+}
+
 impl KernelSymbols for Refs<'_> {
+    fn reference_used(
+        &self,
+        name: &str,
+        neighbours: &[String],
+        uses: &[StaticUse],
+    ) -> Option<String> {
+        let mut all = self.0.all_named(name);
+        if all.len() < 2 {
+            return self.reference(name, neighbours);
+        }
+        all.sort_by_key(|s| s.addr);
+        // The address the kernel's own code of the object uses, read from
+        // the field of its relocation in the kernel image.
+        if let Some(image) = self.1 {
+            for u in uses {
+                let Some(f) = self
+                    .reference(&u.func, neighbours)
+                    .and_then(|spec| self.address(&spec))
+                else {
+                    continue;
+                };
+                let p = f + u.at;
+                let Some(field) = image.read(p, 4) else {
+                    continue;
+                };
+                let field = i32::from_le_bytes(field.try_into().expect("4 bytes"));
+                let at = p
+                    .wrapping_add(field as i64 as u64)
+                    .wrapping_sub(u.addend as u64)
+                    .wrapping_add(u.base);
+                if let Some(i) = all.iter().position(|s| s.addr == at) {
+                    return Some(format!("{name}#{i}"));
+                }
+            }
+        }
+        self.reference(name, neighbours)
+    }
+
     fn reference(&self, name: &str, neighbours: &[String]) -> Option<String> {
         let mut all = self.0.all_named(name);
         match all.len() {
@@ -279,6 +342,7 @@ pub fn build(
     tree: &Path,
     banner: &str,
     ksyms: &SymbolTable,
+    image: Option<&KernelImage>,
     modules: &[symbol_db::module::ModuleObject],
 ) -> Result<DiffBuild, CliError> {
     let mut steps = Vec::new();
@@ -487,7 +551,7 @@ pub fn build(
     ];
     let mut lucos_vars = vars.clone();
     lucos_vars.push(format!("NOSTDINC_FLAGS={nostdinc}"));
-    let refs = Refs(ksyms);
+    let refs = Refs(ksyms, image);
     let overlay = scratch.join(".overlay");
     // (object file, index in `modules`) of objects built into a module.
     let mut module_of: Vec<(String, usize)> = Vec::new();
@@ -725,7 +789,7 @@ pub fn build(
                     own,
                     &ModuleRefs {
                         module: &modules[m],
-                        kernel: Refs(ksyms),
+                        kernel: Refs(ksyms, image),
                     },
                 ),
                 None => diff_object_of_build(&objs, original, patched, own, &refs),

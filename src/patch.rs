@@ -338,7 +338,8 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
     let from_diff = match (&args.diff, &args.source) {
         (Some(diff), Some(tree)) => {
             let banner = target.version.clone().unwrap_or_default();
-            let built = crate::build_diff::build(diff, tree, &banner, &ksyms, &modules)?;
+            let built =
+                crate::build_diff::build(diff, tree, &banner, &ksyms, Some(&image), &modules)?;
             if !args.json {
                 for (step, secs) in &built.steps {
                     eprintln!("lucos build: {step}: {secs:.2} s");

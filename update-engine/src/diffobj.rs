@@ -159,6 +159,73 @@ pub trait KernelSymbols {
     /// that name in address order); `None` when the kernel has no such
     /// symbol or cannot tell which of its namesakes it is.
     fn reference(&self, name: &str, neighbours: &[String]) -> Option<String>;
+
+    /// [`reference`](Self::reference) for a static of the object that the
+    /// kernel has namesakes of (GCC's numbered statics: `__already_done.3`
+    /// of one object lies among those of every other, in sections such as
+    /// `.data.once` that all objects share), where `uses` says how the
+    /// kernel's build of the object refers to it from its code: the kernel's
+    /// copy of such a function then tells its address exactly.
+    fn reference_used(
+        &self,
+        name: &str,
+        neighbours: &[String],
+        uses: &[StaticUse],
+    ) -> Option<String> {
+        let _ = uses;
+        self.reference(name, neighbours)
+    }
+}
+
+/// A PC-relative reference to a static in a function of the kernel's build
+/// of an object: `func`'s relocation at `at` (from its start), its addend,
+/// and the static's offset from the relocation's symbol (`base`: its place
+/// in the section when the relocation is against the section). The field
+/// in the kernel's code holds `S + addend - P`, so `S + base` is the
+/// static's address there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticUse {
+    /// The function whose code refers to the static.
+    pub func: String,
+    /// The relocated field's offset in the function.
+    pub at: u64,
+    /// The relocation's addend.
+    pub addend: i64,
+    /// The static's offset from the relocation's symbol.
+    pub base: u64,
+}
+
+/// How the functions of `o` refer to `name` PC-relatively (see [`StaticUse`]).
+fn static_uses(o: &Obj<'_>, name: &str) -> Vec<StaticUse> {
+    let mut out = Vec::new();
+    for (f, &(sec, off, size, _)) in &o.funcs {
+        let Ok((_, rels)) = o.range(sec, off, size) else {
+            continue;
+        };
+        for r in rels.iter().filter(|r| pc_relative(r)) {
+            let Ok(s) = o.file.symbol_by_index(r.sym) else {
+                continue;
+            };
+            let hit = if s.kind() == SymbolKind::Section {
+                s.section_index()
+                    .and_then(|si| o.covering(si, string_offset(r).max(0) as u64))
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, base)| base)
+            } else {
+                (s.name() == Ok(name)).then_some(0)
+            };
+            if let Some(base) = hit {
+                out.push(StaticUse {
+                    func: f.clone(),
+                    at: r.at,
+                    addend: r.addend,
+                    base,
+                });
+            }
+        }
+    }
+    out.sort_by(|x, y| x.func.cmp(&y.func).then(x.at.cmp(&y.at)));
+    out
 }
 
 /// What the diff of one object found, and the patch object built from it.
@@ -773,6 +840,18 @@ pub fn diff_object_of_build(
             .filter_map(|(x, y)| to_kernel.get(&y).map(|z| (x, z.clone())))
             .collect();
     }
+    // How the kernel's build uses each of its statics the patch refers to.
+    let kernel_build = p.as_ref().unwrap_or(&a);
+    let uses: HashMap<String, Vec<StaticUse>> = renumber
+        .values()
+        .map(|k| (k.clone(), static_uses(kernel_build, k)))
+        .collect();
+    let refer = |kname: &str| -> Option<String> {
+        match uses.get(kname) {
+            Some(u) => kernel.reference_used(kname, &neighbours, u),
+            None => kernel.reference(kname, &neighbours),
+        }
+    };
     // The patch object.
     let mut w = write::Object::new(
         object::BinaryFormat::Elf,
@@ -876,7 +955,7 @@ pub fn diff_object_of_build(
                     }
                 }
                 let kname = renumber.get(&n).cloned().unwrap_or_else(|| n.clone());
-                if kernel.reference(&kname, &neighbours).is_some() {
+                if refer(&kname).is_some() {
                     continue;
                 }
                 if b.funcs.contains_key(&n) {
@@ -1051,9 +1130,8 @@ pub fn diff_object_of_build(
                 &b,
                 &s,
                 &r,
-                &neighbours,
                 name,
-                kernel,
+                &refer,
                 &mut w,
                 &fn_syms,
                 (&placed_secs, &own_data, &a, &new_statics),
@@ -1101,9 +1179,8 @@ fn resolve_target(
     b: &Obj<'_>,
     s: &object::Symbol<'_, '_>,
     r: &Rel,
-    neighbours: &[String],
     name: &str,
-    kernel: &dyn KernelSymbols,
+    refer: &dyn Fn(&str) -> Option<String>,
     w: &mut write::Object<'_>,
     fn_syms: &HashMap<String, write::SymbolId>,
     (placed_secs, own_data, a, new_statics): (
@@ -1188,7 +1265,7 @@ fn resolve_target(
         }
         None => sname.clone(),
     };
-    match kernel.reference(&kname, neighbours) {
+    match refer(&kname) {
         Some(spec) => Ok((external(w, spec), addend - delta)),
         None => {
             let writable = sym
