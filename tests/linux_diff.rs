@@ -75,11 +75,18 @@ state() {
   t=$(grep -o 'oom_score_adj=12[34]' $TR/trace | tr '\n' ,)
   echo > $TR/trace
   ls=$(ls -a /tmp | grep -c -e lucos-hidden -e lucos-shown)
+  # /proc/PID/oom_adj written (its deprecation notice: the kernel's own
+  # once-flag, set at the first state), then oom_score read: the patch's
+  # pr_warn_once, a flag of its own beside the kernel's in fs/proc/base.o.
+  sh -c 'echo 0 > /proc/self/oom_adj'
+  os=$(grep -c lucos /proc/self/oom_score)
+  ow=$(dmesg | grep -c 'lucos: oom_score read')
+  od=$(dmesg | grep -c 'oom_adj is deprecated')
   lc=$(grep -c '^lucos reads' /proc/loadavg)
   lr=$(dmesg | grep -c 'lucos: read ')
   lw=$(dmesg | grep -c 'WARNING: .* at fs/proc/loadavg.c:')
   w=$(dmesg | grep -e 'WARNING' -e 'BUG:' -e 'Oops' -e 'general protection' | grep -vc 'at fs/proc/loadavg.c:')
-  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. counter=$lc ls=$ls warned=$lr/$lw warnings=$w"
+  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. counter=$lc ls=$ls once=$os/$ow/$od warned=$lr/$lw warnings=$w"
 }
 TR=/sys/kernel/tracing
 mount -t tracefs nodev $TR
@@ -103,6 +110,8 @@ wait_after() {
   n=0
   until tail -n +"$1" $LOG | grep -q "$2"; do
     sleep 0.2; n=$((n + 1))
+    # Still waiting (and alive): the guest's last line so far.
+    [ $((n % 250)) -eq 0 ] && echo "@@SCN still waiting for $2: $(tail -n 1 $LOG)"
     if [ $n -gt 1500 ]; then echo "@@SCN timeout waiting for $2"; dump_vm d; $LUCOS resume --vm d >/dev/null 2>&1; tail -n 80 $LOG | sed 's/^/G| /'; return 1; fi
   done
 }
@@ -110,17 +119,17 @@ up d $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --c
 wait_after 1 "@@D ready" || exit 1
 grep "@@D ready" $LOG | sed 's/^/@@SCN before /'
 grep "@@D boot" $LOG | sed 's/^/@@SCN /'
-for p in cmdline uname version header meminfo oom counter hide; do
+for p in cmdline uname version header meminfo oom counter hide once; do
   $LUCOS patch --vm d $FILES/$p.lup > /tmp/o 2>&1; echo "@@SCN apply $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. counter=1 ls=1 " && echo "@@SCN loaded"
+wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. counter=1 ls=1 once=1/1/1 " && echo "@@SCN loaded"
 $LUCOS list --vm d | sed 's/^/@@SCN list /'
-for p in hide counter oom meminfo header version uname cmdline; do
+for p in once hide counter oom meminfo header version uname cmdline; do
   $LUCOS revert --vm d $p > /tmp/o 2>&1; echo "@@SCN revert $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. counter=0 ls=2 " && echo "@@SCN reverted"
+wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. counter=0 ls=2 once=0/1/1 " && echo "@@SCN reverted"
 at=$(wc -l < $LOG)
 wait_after "$at" "@@D state" && echo "@@SCN last $(grep '@@D state' $LOG | tail -n 1)"
 # Last, on purpose: WARNs in patch code fire, each once.
@@ -250,6 +259,21 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let out = build(&d, &tree, "hide", &hide).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("1 function: filldir64"), "{out}");
 
+    // Built: a pr_warn_once added to an object that has one already
+    // (fs/proc/base.c's oom_adj notice): the new once-flag is a numbered
+    // static (`__already_done.N`, in `.data.once`) only the changed function
+    // uses, so it is the patch's own; the kernel's stays the kernel's (the
+    // notice it guards printed once, before the patch, and not again).
+    let oncediff = make_diff(&tree, "fs/proc/base.c", |s| {
+        once(
+            s,
+            "\tseq_printf(m, \"%lu\\n\", points);\n",
+            "\tpr_warn_once(\"lucos: oom_score read\\n\");\n\tseq_printf(m, \"%lu lucos\\n\", points);\n",
+        )
+    });
+    let out = build(&d, &tree, "once", &oncediff).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.contains("1 function: proc_oom_score"), "{out}");
+
     // Refused, each with its reason.
     let refused = |name: &str, diff: &str, why: &str| {
         let e = build(&d, &tree, name, diff).expect_err(name);
@@ -373,13 +397,14 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let before = out.line("@@SCN before ");
     assert!(
         before.contains(
-            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,. counter=0 ls=2 warned=0/0 "
+            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,. counter=0 ls=2 once=0/0/1 warned=0/0 "
         ),
         "a LOADED check passed before its patch: {before}\n{}",
         out.text
     );
     for p in [
-        "cmdline", "uname", "version", "header", "meminfo", "oom", "counter", "hide", "warn",
+        "cmdline", "uname", "version", "header", "meminfo", "oom", "counter", "hide", "once",
+        "warn",
     ] {
         let a = out.line(&format!("@@SCN apply {p} "));
         assert!(a.contains("rc=0"), "{a}\n{}", out.text);
