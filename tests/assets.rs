@@ -49,6 +49,14 @@ fn value(env: &str, key: &str) -> String {
         .to_owned()
 }
 
+/// What a cache holds after 9.9.0-1's kernel was fetched: the checked
+/// .deb, its check, the unpacked tree.
+const WHOLE_9_9_0_1: [&str; 3] = [
+    "linux-image-9.9.0-1-cloud-amd64-9.9.1-1",
+    "linux-image-9.9.0-1-cloud-amd64-unsigned_9.9.1-1_amd64.deb",
+    "linux-image-9.9.0-1-cloud-amd64-unsigned_9.9.1-1_amd64.deb.sha256",
+];
+
 fn entries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .expect("cache dir")
@@ -292,14 +300,7 @@ fn the_first_known_build_to_be_had_is_used_and_the_next_one_when_it_is_gone() {
     // Only whole things in the cache: the checked .deb, its check, the tree.
     let mut got = entries(&cache);
     got.sort();
-    assert_eq!(
-        got,
-        [
-            "linux-image-9.9.0-1-cloud-amd64-9.9.1-1",
-            "linux-image-9.9.0-1-cloud-amd64-unsigned_9.9.1-1_amd64.deb",
-            "linux-image-9.9.0-1-cloud-amd64-unsigned_9.9.1-1_amd64.deb.sha256",
-        ]
-    );
+    assert_eq!(got, WHOLE_9_9_0_1);
 }
 
 #[test]
@@ -466,12 +467,5 @@ fn fetchers_run_at_once_into_one_cache_take_turns() {
     assert!(dir.join(".complete").is_file());
     let mut got = entries(&cache);
     got.sort();
-    assert_eq!(
-        got,
-        [
-            "linux-image-9.9.0-1-cloud-amd64-9.9.1-1",
-            "linux-image-9.9.0-1-cloud-amd64-unsigned_9.9.1-1_amd64.deb",
-            "linux-image-9.9.0-1-cloud-amd64-unsigned_9.9.1-1_amd64.deb.sha256",
-        ]
-    );
+    assert_eq!(got, WHOLE_9_9_0_1);
 }

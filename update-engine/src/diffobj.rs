@@ -1614,6 +1614,19 @@ int show(int x) { printk("show %d\n", x); return helper(x); }
             .collect()
     }
 
+    /// The names of the functions `d` replaces.
+    fn changed_names(d: &ObjectDiff) -> Vec<&str> {
+        d.changed.iter().map(|c| c.0.as_str()).collect()
+    }
+
+    /// The patch object's references to the kernel's once-flags.
+    fn flag_refs(d: &ObjectDiff) -> Vec<String> {
+        undefined(&d.object)
+            .into_iter()
+            .filter(|n| n.starts_with("__already_done"))
+            .collect()
+    }
+
     #[test]
     fn only_the_changed_function_is_taken_and_the_rest_refers_to_the_kernel() {
         let a = compile("a1", BASE);
@@ -1887,19 +1900,12 @@ int third(int x) { return x * 2; }
             &src.replace("{ return x * 2; }", "{ ONCE(\"c\"); return x * 2; }"),
         );
         let d = diff_object("t.o", &a, &b, &kernel).expect("diff");
-        assert_eq!(
-            d.changed.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
-            ["third"]
-        );
+        assert_eq!(changed_names(&d), ["third"]);
         assert!(
             d.own_data.iter().any(|s| s.contains("__already_done")),
             "{d:?}"
         );
-        let und = undefined(&d.object);
-        assert!(
-            !und.iter().any(|n| n.starts_with("__already_done")),
-            "{und:?}"
-        );
+        assert!(flag_refs(&d).is_empty(), "{d:?}");
         // `show` changed too: its flag is the kernel's (as the original
         // names it), third's is new.
         let b = compile(
@@ -1908,13 +1914,9 @@ int third(int x) { return x * 2; }
                 .replace("return x; }", "return x + 7; }"),
         );
         let d = diff_object("t.o", &a, &b, &kernel).expect("diff");
-        let und = undefined(&d.object);
-        let refs: Vec<&String> = und
-            .iter()
-            .filter(|n| n.starts_with("__already_done"))
-            .collect();
-        assert_eq!(refs.len(), 1, "{und:?}");
-        assert!(names(&a).contains(refs[0]), "{refs:?} {:?}", names(&a));
+        let refs = flag_refs(&d);
+        assert_eq!(refs.len(), 1, "{refs:?}");
+        assert!(names(&a).contains(&refs[0]), "{refs:?} {:?}", names(&a));
         assert_eq!(d.own_data.len(), 1, "{d:?}");
         // A second flag in a function that had one: which is new is not
         // known, refused by name.
@@ -1968,16 +1970,9 @@ int other(int x) { return x + 1; }
         // `other`'s new flag is the patch's own, not show's (the byte before
         // it), which stays the kernel's and is not used.
         let d = diff_object("t.o", &a, &b, &kernel).expect("diff");
-        assert_eq!(
-            d.changed.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
-            ["other"]
-        );
+        assert_eq!(changed_names(&d), ["other"]);
         assert_eq!(d.own_data, [".data.once"], "{d:?}");
-        let und = undefined(&d.object);
-        assert!(
-            !und.iter().any(|n| n.starts_with("__already_done")),
-            "{und:?}"
-        );
+        assert!(flag_refs(&d).is_empty(), "{d:?}");
         // And `show` changed beside it: its flag is the kernel's.
         let b2 = compile(
             "b14",
@@ -1985,12 +1980,7 @@ int other(int x) { return x + 1; }
                 .replace("return x; }", "return x + 7; }"),
         );
         let d = diff_object("t.o", &a, &b2, &kernel).expect("diff");
-        let und = undefined(&d.object);
-        let refs: Vec<&String> = und
-            .iter()
-            .filter(|n| n.starts_with("__already_done"))
-            .collect();
-        assert_eq!(refs, [&names(&a)[0]], "{und:?}");
+        assert_eq!(flag_refs(&d), [names(&a)[0].clone()]);
     }
 
     #[test]
