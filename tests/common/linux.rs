@@ -140,8 +140,13 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A fresh folder of this call's own: tests of one binary run side by side
+/// (two extracting the kernel at once shared one folder, and one's clean-up
+/// removed the other's half-written vmlinux).
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lucos-linux-{name}-{}", std::process::id()));
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("lucos-linux-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
