@@ -195,9 +195,13 @@ pub struct StaticUse {
     pub base: u64,
 }
 
-/// How the functions of `o` refer to `name` PC-relatively (see [`StaticUse`]).
-fn static_uses(o: &Obj<'_>, name: &str) -> Vec<StaticUse> {
-    let mut out = Vec::new();
+/// How the functions of `o` refer to each of `names` PC-relatively (see
+/// [`StaticUse`]), in one pass over its code.
+fn static_uses(o: &Obj<'_>, names: &HashSet<&str>) -> HashMap<String, Vec<StaticUse>> {
+    let mut out: HashMap<String, Vec<StaticUse>> = HashMap::new();
+    if names.is_empty() {
+        return out;
+    }
     for (f, &(sec, off, size, _)) in &o.funcs {
         let Ok((_, rels)) = o.range(sec, off, size) else {
             continue;
@@ -209,13 +213,11 @@ fn static_uses(o: &Obj<'_>, name: &str) -> Vec<StaticUse> {
             let hit = if s.kind() == SymbolKind::Section {
                 s.section_index()
                     .and_then(|si| o.covering(si, string_offset(r).max(0) as u64))
-                    .filter(|(n, _)| n == name)
-                    .map(|(_, base)| base)
             } else {
-                (s.name() == Ok(name)).then_some(0)
+                s.name().ok().map(|n| (n.to_owned(), 0))
             };
-            if let Some(base) = hit {
-                out.push(StaticUse {
+            if let Some((name, base)) = hit.filter(|(n, _)| names.contains(n.as_str())) {
+                out.entry(name).or_default().push(StaticUse {
                     func: f.clone(),
                     at: r.at,
                     addend: r.addend,
@@ -224,7 +226,9 @@ fn static_uses(o: &Obj<'_>, name: &str) -> Vec<StaticUse> {
             }
         }
     }
-    out.sort_by(|x, y| x.func.cmp(&y.func).then(x.at.cmp(&y.at)));
+    for uses in out.values_mut() {
+        uses.sort_by(|x, y| x.func.cmp(&y.func).then(x.at.cmp(&y.at)));
+    }
     out
 }
 
@@ -842,14 +846,14 @@ pub fn diff_object_of_build(
     }
     // How the kernel's build uses each of its statics the patch refers to.
     let kernel_build = p.as_ref().unwrap_or(&a);
-    let uses: HashMap<String, Vec<StaticUse>> = renumber
-        .values()
-        .map(|k| (k.clone(), static_uses(kernel_build, k)))
-        .collect();
+    let statics: HashSet<&str> = renumber.values().map(String::as_str).collect();
+    let uses = static_uses(kernel_build, &statics);
     let refer = |kname: &str| -> Option<String> {
-        match uses.get(kname) {
-            Some(u) => kernel.reference_used(kname, &neighbours, u),
-            None => kernel.reference(kname, &neighbours),
+        if statics.contains(kname) {
+            let none = Vec::new();
+            kernel.reference_used(kname, &neighbours, uses.get(kname).unwrap_or(&none))
+        } else {
+            kernel.reference(kname, &neighbours)
         }
     };
     // The patch object.
