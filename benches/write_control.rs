@@ -185,6 +185,7 @@ fn main() {
         label: "guard".into(),
         gpa: page,
         len: 64,
+        access: vmm_core::write_control::Access::Trapped,
     };
     for _ in 0..n {
         plain.push(1e9 / rate(|| ram.read_u64(count).expect("read")));
@@ -218,6 +219,7 @@ fn main() {
         label: ".text".into(),
         gpa: gpa_of(&vm, stext),
         len: etext - stext,
+        access: vmm_core::write_control::Access::Trapped,
     };
     let (mut open, mut guarded) = (Vec::new(), Vec::new());
     for _ in 0..n {

@@ -39,7 +39,7 @@ pub fn protected(vm: &str, json: bool) -> Result<i32, CliError> {
     let info: ProtectInfo = connect(vm)?.call_as(&Request::Protected)?;
     show(vm, &info, json);
     if !json {
-        println!("  memory slots of guest RAM:");
+        println!("  memory slots (guest RAM, then the patch area):");
         for s in &info.slots {
             println!(
                 "    {:#012x}..{:#012x} {}",
@@ -72,7 +72,14 @@ fn show(vm: &str, info: &ProtectInfo, json: bool) {
     }
     println!("VM {vm}: {} protected ranges", info.ranges.len());
     for r in &info.ranges {
-        println!("  {:#012x}+{:<5} {:<24} {}", r.gpa, r.len, r.owner, r.label);
+        let native = match r.access {
+            vmm_core::write_control::Access::Trapped => "",
+            vmm_core::write_control::Access::Native => " (written natively)",
+        };
+        println!(
+            "  {:#012x}+{:<5} {:<24} {}{native}",
+            r.gpa, r.len, r.owner, r.label
+        );
     }
     println!("  {}", stats_line(&info.write_control));
 }
@@ -80,7 +87,7 @@ fn show(vm: &str, info: &ProtectInfo, json: bool) {
 /// One line of write-control figures, for status and list.
 pub fn stats_line(s: &WriteStats) -> String {
     format!(
-        "write control: {} ranges on {} read-only pages, {} RAM slots; writes trapped {}, allowed {}, refused {}, rewound {}, handled {}",
+        "write control: {} ranges on {} read-only pages, {} memory slots; writes trapped {}, allowed {}, refused {}, rewound {}, handled {}",
         s.ranges, s.pages, s.slots, s.trapped, s.allowed, s.refused, s.rewound, s.handled
     )
 }

@@ -449,6 +449,7 @@ impl ControlServer {
                         label,
                         gpa,
                         len,
+                        access: vmm_core::write_control::Access::Trapped,
                     },
                 )
             }
@@ -488,6 +489,7 @@ impl ControlServer {
                         label,
                         gpa,
                         len,
+                        access: vmm_core::write_control::Access::Trapped,
                     },
                 )
             }
@@ -565,6 +567,7 @@ impl ControlServer {
                 label: label.into(),
                 gpa,
                 len: end - start,
+                access: vmm_core::write_control::Access::Trapped,
             });
         }
         let poking_pgd = match &k.tasks {

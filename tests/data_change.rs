@@ -243,6 +243,15 @@ impl Vm {
     fn list(&self) -> Value {
         serde_json::from_str(&self.ok(&["list", "--vm", "dc", "--json"])).expect("json")
     }
+
+    /// Guest writes write control has trapped so far.
+    fn trapped(&self) -> u64 {
+        let s: Value =
+            serde_json::from_str(&self.ok(&["status", "--vm", "dc", "--json"])).expect("json");
+        s["write_control"]["trapped"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no write_control.trapped in {s}"))
+    }
 }
 
 /// One `[tk] task T cpu C iter I counter X stats calls=.. sum=.. lost=..` line.
@@ -489,17 +498,29 @@ fn a_change_whose_old_users_are_all_replaced_retires_and_reverts_exactly() {
         assert!(d["stats"]["retired_after_ms"].is_u64(), "{l}");
         let text = vm.ok(&["list", "--vm", "dc"]);
         assert!(text.contains(" ms after the apply: "), "{text}");
-        // The old copy is ordinary memory again; the new one stays guarded.
+        // The old copy is ordinary memory again; the new one's pages are
+        // the guest's: written without an exit.
         let prot = l["protected"].to_string();
         assert!(!prot.contains("stats_table (old)"), "{l}");
-        assert!(prot.contains("stats_table (new)"), "{l}");
-        // Writes to the new copy are no longer transferred.
+        let new = l["protected"]
+            .as_array()
+            .and_then(|v| {
+                v.iter()
+                    .find(|p| p["label"] == "stats_table (new, retired)")
+            })
+            .unwrap_or_else(|| panic!("no retired new copy in {l}"));
+        assert_eq!(new["access"], "native", "{l}");
+        assert_eq!(new["len"].as_u64().map(|n| n % 4096), Some(0), "{l}");
+        // Writes to the new copy are no longer transferred, nor trapped:
+        // the tasks go on updating it through the patched code.
         let t0 = d["stats"]["transfers"].as_u64();
+        let w0 = vm.trapped();
         vm.check_reports(vm.serial().len(), 2);
         assert_eq!(
             vm.list()["patches"][0]["data"][0]["stats"]["transfers"].as_u64(),
             t0
         );
+        assert_eq!(vm.trapped(), w0, "writes to a retired copy trapped");
         vm.check_reports(at, 3);
         // Revert: the old copy, stale since the retirement, is written from
         // the new one in the revert's pause; old code goes on exactly.

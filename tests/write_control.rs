@@ -3,7 +3,8 @@
 //! writer) while the rest of its page stays writable; revert gives the page
 //! back as ordinary memory in the slot layout of before; atomic increments
 //! by two vCPUs on a protected page stay exact; bad ranges are refused
-//! without changing anything.
+//! without changing anything; a patch's own variables are written natively
+//! while its code stays read-only.
 
 mod common;
 
@@ -316,6 +317,118 @@ fn protecting_a_bad_range_is_refused_and_changes_nothing() {
     vm.ok(&["unprotect", "--vm", "wc", "x"]);
     assert_eq!(vm.protected(), before);
     vm.wait_lines("version testkernel 1.0\n", 2, 60);
+}
+
+/// `lucos_version` with a variable of the patch's own, written at every call.
+const COUNTED: &str = r#"#include "tk.h"
+static u64 calls;
+const char *lucos_version(void)
+{
+	u64 n = __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED);
+
+	if (n % 8 == 0)
+		kprintf("[own] %lu calls\n", n);
+	return "testkernel 1.0 (counted)";
+}
+"#;
+
+#[test]
+fn a_patchs_own_variables_are_written_without_a_trap_and_its_code_stays_read_only() {
+    let vm = Vm::start("wc-own", "tasks=2 iters=0 report=50");
+    vm.wait_lines("version testkernel 1.0\n", 2, 60);
+    let before = vm.protected();
+    std::fs::write(vm.path("counted.c"), COUNTED).expect("counted.c");
+    let (k, key, out, src) = (
+        kernel(),
+        vm.path("key"),
+        vm.path("counted.lup"),
+        vm.path("counted.c"),
+    );
+    vm.ok(&[
+        "build",
+        "--kernel",
+        &k,
+        "--key",
+        p(&key),
+        "--name",
+        "counted",
+        "-o",
+        p(&out),
+        p(&src),
+    ]);
+    vm.ok(&["patch", "--vm", "wc", p(&out)]);
+    // Its variable: whole pages of the patch area, written natively; the
+    // area's only read-write slot, the rest of it (the code) read-only.
+    let prot = vm.protected();
+    let own: Vec<&Value> = prot["ranges"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter(|r| r["owner"] == "data:counted/own")
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(own.len(), 1, "{prot}");
+    assert_eq!(own[0]["access"], "native", "{prot}");
+    let (gpa, len) = (count(own[0], "gpa"), count(own[0], "len"));
+    assert!(gpa % 4096 == 0 && len % 4096 == 0 && len > 0, "{prot}");
+    let ram_end = before["slots"]
+        .as_array()
+        .and_then(|v| {
+            v.iter()
+                .map(|s| count(s, "gpa") + count(s, "len"))
+                .filter(|&e| e < gpa)
+                .max()
+        })
+        .expect("RAM slots");
+    let area: Vec<&Value> = prot["slots"]
+        .as_array()
+        .map(|v| v.iter().filter(|s| count(s, "gpa") > ram_end).collect())
+        .unwrap_or_default();
+    let writable: Vec<(u64, u64)> = area
+        .iter()
+        .filter(|s| s["readonly"] == false)
+        .map(|s| (count(s, "gpa"), count(s, "len")))
+        .collect();
+    assert_eq!(writable, vec![(gpa, len)], "{prot}");
+    assert!(area.len() >= 2, "the code's page stays read-only: {prot}");
+    // Both vCPUs count through it, with no write trapped: every count
+    // printed once (two vCPUs may print out of order).
+    let trapped = count(&vm.stats(), "trapped");
+    let mark = vm.serial().len();
+    vm.wait_lines("[own] ", 6, 60);
+    let out = vm.serial();
+    let mut counts: Vec<u64> = out[mark..]
+        .lines()
+        .filter_map(|l| l.split("[own] ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(counts.len() >= 6, "{out}");
+    let printed = counts.len();
+    counts.sort_unstable();
+    counts.dedup();
+    assert!(
+        counts.len() == printed && counts.iter().all(|n| n % 8 == 0),
+        "own counter: {counts:?}"
+    );
+    assert_eq!(count(&vm.stats(), "trapped"), trapped, "writes trapped");
+    // Handed to a new VMM process: the same slots, the count goes on.
+    vm.ok(&["upgrade", "--vm", "wc"]);
+    let again = vm.protected();
+    assert_eq!(again["slots"], prot["slots"], "{again}");
+    let last = *counts.last().expect("counts");
+    let mark = vm.serial().len();
+    vm.wait_lines("[own] ", 2, 60);
+    let later: Vec<u64> = vm.serial()[mark..]
+        .lines()
+        .filter_map(|l| l.split("[own] ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(later.iter().all(|&n| n > last), "{later:?} after {last}");
+    assert_eq!(count(&vm.stats(), "trapped"), trapped, "writes trapped");
+    // Revert: the area read-only as before.
+    vm.ok(&["revert", "--vm", "wc", "counted"]);
+    let back = vm.protected();
+    assert_eq!(back["ranges"], before["ranges"], "{back}");
+    assert_eq!(back["slots"], before["slots"], "{back}");
 }
 
 #[test]

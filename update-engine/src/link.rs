@@ -52,9 +52,10 @@ const SKIPPED: &[&str] = &[
     ALT_REPLACEMENT,
 ];
 
-/// Alignment of the patch's own writable data (a cache line: it shares no
-/// line with code).
-const WRITABLE_ALIGN: u64 = 64;
+/// Alignment and granularity of the patch's own writable data: a page. The
+/// guest writes those pages natively (write control opens them), so they
+/// hold nothing else: no code, no other patch's data.
+pub const WRITABLE_ALIGN: u64 = 4096;
 
 /// Whether writable section `name` can be a patch's own data: ordinary
 /// variables (`.data`, `.bss`, GCC's per-variable `.data.NAME`/`.bss.NAME`,
@@ -544,6 +545,7 @@ pub fn link_objects(
         }
         if pass_writable {
             if size > start {
+                size = align(size, WRITABLE_ALIGN);
                 writable.push((base + start, size - start));
             } else {
                 size = before; // no writable data: no padding for it

@@ -866,7 +866,8 @@ impl Patcher {
     /// sleeping task either) is in the old code of the functions the patch
     /// replaced, so nothing can use the old copy again. The old copy's
     /// protection is released in that pause (its pages are ordinary memory
-    /// again) and writes to the new copy are no longer transferred. Returns
+    /// again), and the new copy's pages are opened to the guest's writes
+    /// (no more traps, nothing transferred). Returns
     /// the changes retired now, as `PATCH:SYMBOL`.
     pub fn retire(&mut self, g: &dyn Guest, k: &GuestKernel) -> Result<Vec<String>, PatchError> {
         let mut done = Vec::new();
@@ -888,6 +889,26 @@ impl Patcher {
                     continue;
                 }
                 let view = View::new(g, k)?;
+                let page = crate::link::WRITABLE_ALIGN;
+                let offset = d.new_addr - self.state.area_va.unwrap_or(0);
+                // The new copy's pages become the guest's (no more traps).
+                // A copy placed by an older lucos may share a page with
+                // code: it stays trapped (its writes allowed, not
+                // transferred).
+                let (release, protect) = if offset % page == 0 {
+                    (
+                        vec![crate::data::old_owner(&owner), owner.clone()],
+                        vec![Protection {
+                            owner: owner.clone(),
+                            label: format!("{} (new, retired)", d.symbol),
+                            gpa: g.area().gpa + offset,
+                            len: d.new_bytes.div_ceil(page) * page,
+                            access: vmm_core::write_control::Access::Native,
+                        }],
+                    )
+                } else {
+                    (vec![crate::data::old_owner(&owner)], Vec::new())
+                };
                 let plan = Plan {
                     leaving: a
                         .functions
@@ -898,7 +919,8 @@ impl Patcher {
                             end: f.old_addr + f.old_size,
                         })
                         .collect(),
-                    release: vec![crate::data::old_owner(&owner)],
+                    release,
+                    protect,
                     ..Plan::default()
                 };
                 match switch::switch_tries(g, view.tasks(k), &plan, 1) {
@@ -1414,13 +1436,15 @@ impl Patcher {
             }
         };
         let changes = &lup.manifest.data;
-        // New copies of changed data follow the code, each 64-byte aligned;
-        // the new code refers to them instead of the old objects.
+        // New copies of changed data follow the code, each on pages of its
+        // own (trapped while tracked, written natively once retired); the
+        // new code refers to them instead of the old objects.
+        let page = crate::link::WRITABLE_ALIGN;
         let mut data_off = Vec::new();
         let mut data_need = 0;
         for d in changes {
             data_off.push(data_need);
-            data_need += d.new_bytes().div_ceil(area::CODE_ALIGN) * area::CODE_ALIGN;
+            data_need += d.new_bytes().div_ceil(page) * page;
         }
         let changed_by: Vec<(String, String)> = self
             .state
@@ -1495,13 +1519,18 @@ impl Patcher {
             }
         };
         let at_base = link_objects(&lup.objects, va, &resolve_with(va), &cpu_has)?;
-        let code = (at_base.bytes.len() as u64).div_ceil(area::CODE_ALIGN) * area::CODE_ALIGN;
-        let need = if changes.is_empty() {
-            at_base.bytes.len() as u64
+        let code = (at_base.bytes.len() as u64).div_ceil(page) * page;
+        let (need, align) = if changes.is_empty() {
+            (
+                at_base.bytes.len() as u64,
+                crate::link::alignment(&lup.objects),
+            )
         } else {
-            code + data_need
+            (
+                code + data_need,
+                crate::link::alignment(&lup.objects).max(page),
+            )
         };
-        let align = crate::link::alignment(&lup.objects);
         let space = &self.state.space;
         let start = space.find(need, align).ok_or(PatchError::AreaFull {
             used: space.in_use(),
@@ -1704,6 +1733,7 @@ impl Patcher {
                 label: format!("module {} state", l.info.name),
                 gpa: l.state_gpa,
                 len: 4,
+                access: vmm_core::write_control::Access::Trapped,
             });
         }
         // Data changes: in the same pause the new copies are made from the
@@ -1723,22 +1753,26 @@ impl Patcher {
                 label: format!("{} (old)", d.symbol),
                 gpa: p.old_gpa,
                 len: d.old_bytes(),
+                access: vmm_core::write_control::Access::Trapped,
             });
             plan.protect.push(Protection {
                 owner,
                 label: format!("{} (new)", d.symbol),
                 gpa: area_gpa + p.new_offset,
                 len: d.new_bytes(),
+                access: vmm_core::write_control::Access::Trapped,
             });
         }
-        // The patch's own variables: the guest writes them (each write
-        // trapped, as the area is a read-only slot, and allowed).
+        // The patch's own variables: whole pages the guest writes natively
+        // (read-write slots in the otherwise read-only area), opened in the
+        // switch's pause, before any jump can reach the code using them.
         for &(addr, len) in &placed.linked.writable {
             plan.protect.push(Protection {
                 owner: crate::data::own_owner(&m.name),
                 label: format!("{} (its own data)", m.name),
                 gpa: area_gpa + placed.start + (addr - placed.linked.base),
                 len,
+                access: vmm_core::write_control::Access::Native,
             });
         }
         if replace {
@@ -1994,6 +2028,7 @@ impl Patcher {
                 label: "the kernel's modules list".into(),
                 gpa: head,
                 len: 8,
+                access: vmm_core::write_control::Access::Trapped,
             }],
         ))
     }
@@ -2226,12 +2261,14 @@ impl Patcher {
                 label: format!("module {} state (loading)", m.name),
                 gpa: gpa(layout.state_addr(m))?,
                 len: 4,
+                access: vmm_core::write_control::Access::Trapped,
             },
             Protection {
                 owner,
                 label: format!("module {} list node (loading)", m.name),
                 gpa: gpa(layout.list_prev_addr(m))?,
                 len: 8,
+                access: vmm_core::write_control::Access::Trapped,
             },
         ])
     }
@@ -2832,6 +2869,7 @@ fn site_protections(plan: &Plan, sites: &[SiteWrite]) -> Vec<Protection> {
             label: s.function.clone(),
             gpa: w.gpa,
             len: w.bytes.len() as u64,
+            access: vmm_core::write_control::Access::Trapped,
         })
         .collect()
 }

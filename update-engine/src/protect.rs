@@ -333,6 +333,7 @@ mod tests {
             label: "x".into(),
             gpa: 0x1000,
             len: 16,
+            access: vmm_core::write_control::Access::Trapped,
         }
     }
 
@@ -449,6 +450,7 @@ mod tests {
             label: "module m state".into(),
             gpa,
             len,
+            access: vmm_core::write_control::Access::Trapped,
         }
     }
 

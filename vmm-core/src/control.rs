@@ -330,7 +330,7 @@ pub struct StatusInfo {
 pub struct ProtectInfo {
     /// The ranges, with their owners.
     pub ranges: Vec<crate::write_control::Protection>,
-    /// The RAM slot layout now.
+    /// The slot layout now: RAM's, then the patch area's.
     pub slots: Vec<crate::write_control::SlotSpec>,
     /// Counters.
     pub write_control: crate::write_control::WriteStats,

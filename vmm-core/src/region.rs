@@ -1,7 +1,9 @@
 //! Guest memory the VMM owns: a region outside the guest's RAM map (no e820
 //! or boot-info entry), in a memfd of its own, registered with KVM as a
-//! read-only slot. The guest can read and execute it through a mapping,
-//! never write it; the VMM writes it directly. Live-patch code lives here.
+//! read-only slot. The guest can read and execute it through a mapping; it
+//! writes only the pages write control opens to it (a patch's own
+//! variables), never code; the VMM writes it directly. Live-patch code
+//! lives here.
 //!
 //! Like RAM, it is in a memfd, so it can be handed to another VMM process
 //! with the rest of the guest's memory.
@@ -61,15 +63,20 @@ impl VmmRegion {
         })
     }
 
-    /// The KVM slot: read-only for the guest.
-    pub fn kvm_region(&self) -> kvm_bindings::kvm_userspace_memory_region {
-        let host = self
-            .mem
+    /// The host address of guest-physical `gpa`, if it lies in the region.
+    pub fn host_addr(&self, gpa: u64) -> Option<u64> {
+        let off = gpa.checked_sub(self.gpa).filter(|&o| o < self.size)?;
+        self.mem
             .iter()
             .next()
-            .and_then(|r| r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok())
+            .and_then(|r| r.get_host_address(vm_memory::MemoryRegionAddress(off)).ok())
             .map(|p| p as u64)
-            .unwrap_or(0);
+    }
+
+    /// The KVM slot: read-only for the guest. (Write control splits it
+    /// where pages are opened to native writes.)
+    pub fn kvm_region(&self) -> kvm_bindings::kvm_userspace_memory_region {
+        let host = self.host_addr(self.gpa).unwrap_or(0);
         kvm_bindings::kvm_userspace_memory_region {
             slot: PATCH_AREA_SLOT,
             flags: kvm_bindings::KVM_MEM_READONLY,

@@ -616,10 +616,16 @@ impl SlotSink for Vm {
                 ..Default::default()
             },
             Some(s) => {
-                let host = self
-                    .ram
-                    .host_addr(s.gpa)
-                    .ok_or_else(|| format!("{:#x} is not RAM", s.gpa))?;
+                // Whole in RAM or whole in the patch area.
+                let area = &self.patch_area;
+                let host = if self.ram.contains(s.gpa, s.len) {
+                    self.ram.host_addr(s.gpa)
+                } else if s.gpa >= area.gpa && s.gpa.saturating_add(s.len) <= area.gpa + area.size {
+                    area.host_addr(s.gpa)
+                } else {
+                    None
+                }
+                .ok_or_else(|| format!("{:#x}+{:#x} is not guest memory", s.gpa, s.len))?;
                 kvm_userspace_memory_region {
                     slot: id,
                     flags: if s.readonly {
@@ -633,8 +639,9 @@ impl SlotSink for Vm {
                 }
             }
         };
-        // SAFETY: a deletion (size 0), or a slot over `len` bytes of RAM
-        // mapped at `host` by `self.ram`, which lives as long as the VM fd.
+        // SAFETY: a deletion (size 0), or a slot over `len` bytes of RAM or
+        // of the patch area, mapped at `host` by `self.ram` or
+        // `self.patch_area`, which live as long as the VM fd.
         unsafe { self.vm_fd.set_user_memory_region(region) }.map_err(|e| e.to_string())
     }
 }

@@ -38,6 +38,26 @@ pub const EVENT_LOG_LEN: usize = 4096;
 /// Rewinds of one vCPU in a row after which its write is committed anyway.
 pub const MAX_REWINDS_IN_A_ROW: u64 = 100_000;
 
+/// How the guest writes a range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Access {
+    /// Every write to its pages exits to the VMM, which decides it.
+    #[default]
+    Trapped,
+    /// Whole pages of the patch area the guest writes natively, without an
+    /// exit (a read-write slot): a patch's own variables, a data copy whose
+    /// change retired. The rest of the area stays read-only.
+    Native,
+}
+
+impl Access {
+    /// Whether this is [`Access::Trapped`] (the default, left out of JSON).
+    pub fn is_trapped(&self) -> bool {
+        *self == Access::Trapped
+    }
+}
+
 /// One protected byte range.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Protection {
@@ -49,6 +69,10 @@ pub struct Protection {
     pub gpa: u64,
     /// Length in bytes.
     pub len: u64,
+    /// Trapped (the default) or, for pages of the patch area, written
+    /// natively.
+    #[serde(default, skip_serializing_if = "Access::is_trapped")]
+    pub access: Access,
 }
 
 impl Protection {
@@ -89,6 +113,27 @@ pub enum ProtectError {
         /// The patch area's base.
         area: u64,
     },
+    /// A range opened to native writes that is not whole pages of the
+    /// patch area.
+    #[error(
+        "cannot open {gpa:#x}+{len:#x} to native writes: only whole pages of the patch area can be"
+    )]
+    NotAreaPages {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A page that would be both trapped and written natively.
+    #[error("page {page:#x} would be both trapped (owner {trapped}) and written natively (owner {native})")]
+    Mixed {
+        /// The page's guest-physical address.
+        page: u64,
+        /// Owner of a trapped range on it.
+        trapped: String,
+        /// Owner of the native one.
+        native: String,
+    },
     /// An owner name that is empty.
     #[error("a protection needs an owner name")]
     NoOwner,
@@ -111,7 +156,7 @@ pub struct SlotSpec {
     pub gpa: u64,
     /// Length in bytes.
     pub len: u64,
-    /// Offset into the RAM memfd.
+    /// Offset into the memfd behind it (RAM's, or the patch area's).
     pub file_offset: u64,
     /// Read-only to the guest (write control).
     pub readonly: bool,
@@ -168,20 +213,69 @@ pub fn slot_layout(
 #[derive(Debug, Default, Clone)]
 struct Table {
     list: Vec<Protection>,
-    /// Page number -> indices into `list` of the ranges on it.
+    /// Page number -> indices into `list` of the trapped ranges on it.
     pages: BTreeMap<u64, Vec<usize>>,
+    /// Page number -> index into `list` of the native range on it (patch
+    /// area pages the guest writes without an exit).
+    native: BTreeMap<u64, usize>,
 }
 
 impl Table {
     fn new(list: Vec<Protection>) -> Self {
         let mut pages: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        let mut native = BTreeMap::new();
         for (i, p) in list.iter().enumerate() {
             for page in p.gpa / PAGE..p.end().div_ceil(PAGE) {
-                pages.entry(page).or_default().push(i);
+                match p.access {
+                    Access::Trapped => pages.entry(page).or_default().push(i),
+                    Access::Native => {
+                        native.insert(page, i);
+                    }
+                }
             }
         }
-        Self { list, pages }
+        Self {
+            list,
+            pages,
+            native,
+        }
     }
+
+    /// A page both trapped and native, if any: (page address, trapped
+    /// owner, native owner).
+    fn mixed(&self) -> Option<(u64, &str, &str)> {
+        self.native.iter().find_map(|(page, &n)| {
+            self.pages.get(page).map(|t| {
+                (
+                    page * PAGE,
+                    self.list[t[0]].owner.as_str(),
+                    self.list[n].owner.as_str(),
+                )
+            })
+        })
+    }
+}
+
+/// The slot layout of the patch area at `gpa` (`size` bytes): read-only
+/// but for the `native` pages (page numbers), adjacent pages of one kind
+/// merged. `file_offset` is the offset into the area's memfd.
+pub fn area_layout(gpa: u64, size: u64, native: &BTreeMap<u64, usize>) -> Vec<SlotSpec> {
+    let mut out: Vec<SlotSpec> = Vec::new();
+    let mut at = gpa;
+    while at < gpa + size {
+        let readonly = !native.contains_key(&(at / PAGE));
+        match out.last_mut() {
+            Some(s) if s.readonly == readonly => s.len += PAGE,
+            _ => out.push(SlotSpec {
+                gpa: at,
+                len: PAGE,
+                file_offset: at - gpa,
+                readonly,
+            }),
+        }
+        at += PAGE;
+    }
+    out
 }
 
 /// A guest write to a protected page, as the policy sees it.
@@ -290,7 +384,8 @@ pub struct WriteStats {
     pub ranges: u64,
     /// Read-only pages now.
     pub pages: u64,
-    /// RAM slots now (read-write and read-only).
+    /// Memory slots now, RAM's and the patch area's (read-write and
+    /// read-only).
     pub slots: u64,
 }
 
@@ -407,7 +502,23 @@ impl WriteControl {
 
     /// Gives write control the patch area's memory, so that writes to
     /// data copies placed there can be decided and made.
+    /// The area is installed as one read-only slot
+    /// ([`crate::region::PATCH_AREA_SLOT`]); pages opened to native writes
+    /// ([`Access::Native`]) get read-write slots of their own.
     pub fn with_area(mut self, area: Arc<crate::region::VmmRegion>) -> Self {
+        self.slots
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((
+                crate::region::PATCH_AREA_SLOT,
+                SlotSpec {
+                    gpa: area.gpa,
+                    len: area.size,
+                    file_offset: 0,
+                    readonly: true,
+                },
+            ));
+        self.area = (area.gpa, area.size);
         self.area_mem = Some(area);
         self
     }
@@ -447,7 +558,7 @@ impl WriteControl {
         self.table().list.clone()
     }
 
-    /// The RAM slot layout now (sorted by address).
+    /// The slot layout now: RAM's, then the patch area's (sorted by address).
     pub fn slot_layout(&self) -> Vec<SlotSpec> {
         let mut v: Vec<SlotSpec> = self
             .slots
@@ -469,6 +580,17 @@ impl WriteControl {
             return Err(ProtectError::Empty { gpa: p.gpa });
         }
         let (abase, asize) = self.area;
+        if p.access == Access::Native {
+            let whole_pages = p.gpa % PAGE == 0 && p.len % PAGE == 0;
+            let in_area = p.gpa >= abase && p.gpa.saturating_add(p.len) <= abase + asize;
+            if !whole_pages || !in_area || self.area_mem.is_none() {
+                return Err(ProtectError::NotAreaPages {
+                    gpa: p.gpa,
+                    len: p.len,
+                });
+            }
+            return Ok(());
+        }
         let data_copy = p.owner.starts_with(DATA_OWNER_PREFIX)
             && p.gpa >= abase
             && p.gpa.saturating_add(p.len) <= abase + asize;
@@ -521,7 +643,17 @@ impl WriteControl {
             .collect();
         list.extend(add.iter().cloned());
         let next = Table::new(list);
-        let layout = slot_layout(self.ram.ranges(), &next.pages);
+        if let Some((page, trapped, native)) = next.mixed() {
+            return Err(ProtectError::Mixed {
+                page,
+                trapped: trapped.to_owned(),
+                native: native.to_owned(),
+            });
+        }
+        let mut layout = slot_layout(self.ram.ranges(), &next.pages);
+        if self.area_mem.is_some() {
+            layout.extend(area_layout(self.area.0, self.area.1, &next.native));
+        }
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let old = slots.clone();
         match apply_layout(sink, &old, &layout) {
@@ -1048,6 +1180,7 @@ mod tests {
             label: "x".into(),
             gpa,
             len,
+            access: Access::Trapped,
         }
     }
 
@@ -1076,6 +1209,103 @@ mod tests {
         assert_eq!(w.slot_layout(), before);
         let m = rec.0.lock().expect("lock");
         assert_eq!(m.values().copied().collect::<Vec<_>>(), before);
+    }
+
+    fn native(owner: &str, gpa: u64, len: u64) -> Protection {
+        Protection {
+            access: Access::Native,
+            ..prot(owner, gpa, len)
+        }
+    }
+
+    #[test]
+    fn native_pages_of_the_area_get_read_write_slots() {
+        let (w, rec) = wc();
+        let area = Arc::new(crate::region::VmmRegion::patch_area(1 << 20).expect("area"));
+        let a = area.gpa;
+        rec.0.lock().expect("lock").insert(
+            crate::region::PATCH_AREA_SLOT,
+            SlotSpec {
+                gpa: a,
+                len: area.size,
+                file_offset: 0,
+                readonly: true,
+            },
+        );
+        let w = w.with_area(area.clone());
+        let before = w.slot_layout();
+        assert_eq!(before.len(), 2);
+        // A trapped data copy on page 3, native pages 1-2 and 5.
+        w.change(
+            &rec,
+            &[],
+            &[
+                prot("data:p:x", a + 3 * PAGE + 8, 16),
+                native("data:p/own", a + PAGE, 2 * PAGE),
+                native("data:q/own", a + 5 * PAGE, PAGE),
+            ],
+        )
+        .expect("open");
+        let area_slots: Vec<(u64, u64, bool)> = w
+            .slot_layout()
+            .into_iter()
+            .filter(|s| s.gpa >= a)
+            .map(|s| ((s.gpa - a) / PAGE, s.len / PAGE, s.readonly))
+            .collect();
+        assert_eq!(
+            area_slots,
+            vec![
+                (0, 1, true),
+                (1, 2, false),
+                (3, 2, true),
+                (5, 1, false),
+                (6, 506, true)
+            ]
+        );
+        assert!(w
+            .slot_layout()
+            .iter()
+            .filter(|s| s.gpa >= a)
+            .all(|s| s.file_offset == s.gpa - a));
+        // What KVM holds is that layout.
+        let mut held: Vec<SlotSpec> = rec.0.lock().expect("lock").values().copied().collect();
+        held.sort_by_key(|s| s.gpa);
+        assert_eq!(held, w.slot_layout());
+        // Only the trapped page traps.
+        assert!(w.is_protected_page(a + 3 * PAGE));
+        assert!(!w.is_protected_page(a + PAGE));
+        // Refused, nothing changed: not whole pages, not the area, a page
+        // both trapped and native.
+        let now = w.slot_layout();
+        for (p, what) in [
+            (native("n", a + 7 * PAGE + 8, PAGE), "whole pages"),
+            (native("n", a + 7 * PAGE, 100), "whole pages"),
+            (native("n", 0x3000, PAGE), "whole pages"),
+            (native("n", a + 3 * PAGE, PAGE), "both trapped"),
+        ] {
+            let e = w.change(&rec, &[], &[p]).expect_err(what);
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        assert_eq!(w.slot_layout(), now);
+        // A copy retires: its trapped range goes, the same owner's pages
+        // become native in the same change.
+        w.change(
+            &rec,
+            &["data:p:x".into()],
+            &[native("data:p:x", a + 3 * PAGE, PAGE)],
+        )
+        .expect("retire");
+        assert!(!w.is_protected_page(a + 3 * PAGE));
+        w.change(
+            &rec,
+            &["data:p:x".into(), "data:p/own".into(), "data:q/own".into()],
+            &[],
+        )
+        .expect("release");
+        assert_eq!(w.slot_layout(), before);
+        let mut held: Vec<SlotSpec> = rec.0.lock().expect("lock").values().copied().collect();
+        held.sort_by_key(|s| s.gpa);
+        assert_eq!(held, before);
     }
 
     #[test]
