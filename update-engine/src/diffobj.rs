@@ -958,6 +958,19 @@ pub fn diff_object_of_build(
                         continue;
                     }
                 }
+                // A numbered read-only static the running kernel's cannot be
+                // told apart for (`__func__.4` of a new pr_warn): only its
+                // bytes matter, so the patch takes its own copy.
+                if let Some((si, _)) = def {
+                    if !is_writable(&b.file, si)
+                        && !renumber.contains_key(&n)
+                        && unnumbered(&n) != n
+                        && !b.funcs.contains_key(&n)
+                    {
+                        pending_secs.push(si);
+                        continue;
+                    }
+                }
                 let kname = renumber.get(&n).cloned().unwrap_or_else(|| n.clone());
                 if refer(&kname).is_some() {
                     continue;
@@ -1933,6 +1946,55 @@ int third(int x) { return x * 2; }
         );
         let e = diff_object("t.o", &a, &b, &kernel).expect_err("ambiguous");
         assert!(e.to_string().contains("numbered static"), "{e}");
+    }
+
+    #[test]
+    fn a_new_read_only_numbered_static_is_the_patchs_copy_whatever_the_kernel_has() {
+        let src = r#"
+extern int printk(const char *, ...);
+int show(int x) { printk("%s %d\n", __func__, x); return x; }
+int other(int x) { printk("%s %d\n", __func__, x); return x + 1; }
+int third(int x) { return x * 2; }
+"#;
+        let a = compile("a12", src);
+        // The running kernel has `__func__.N` of every number, in other
+        // objects too (namesakes).
+        let kernel = Kernel {
+            names: vec!["show", "other", "third", "printk"],
+            twice: vec![
+                "__func__.0",
+                "__func__.1",
+                "__func__.2",
+                "__func__.3",
+                "__func__.4",
+            ],
+        };
+        // `third` prints its name now: a new `__func__.N`, copied into the
+        // patch (before: refused, "cannot tell which").
+        let b = compile(
+            "b12",
+            &src.replace(
+                "{ return x * 2; }",
+                "{ printk(\"%s\\n\", __func__); return x * 2; }",
+            ),
+        );
+        let d = diff_object("t.o", &a, &b, &kernel).expect("diff");
+        assert_eq!(changed_names(&d), ["third"]);
+        assert!(d.data.iter().any(|s| s.contains("__func__")), "{d:?}");
+        assert!(
+            undefined(&d.object)
+                .iter()
+                .all(|n| !n.starts_with("__func__")),
+            "{:?}",
+            undefined(&d.object)
+        );
+        // The copy holds the name.
+        let f = object::File::parse(&*d.object).expect("patch object");
+        let sec = f
+            .sections()
+            .find(|s| s.name().is_ok_and(|n| n.contains("__func__")))
+            .expect("__func__ section");
+        assert_eq!(sec.data().expect("data"), b"third\0");
     }
 
     #[test]
