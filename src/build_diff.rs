@@ -17,7 +17,8 @@ use std::time::Instant;
 
 use symbol_db::{KernelImage, SymbolTable};
 use update_engine::diffobj::{
-    check_clone_conventions, diff_object_of_build, KernelSymbols, ObjectDiff, StaticUse,
+    clone_unproven, diff_object_with_copies, unproven_clones, KernelSymbols, ObjectDiff,
+    StaticUse,
 };
 
 use crate::error::CliError;
@@ -781,30 +782,53 @@ pub fn build(
             // Names of the kernel's own build (where the compared one was
             // built with lucos's headers).
             let own = plain_of[i].as_deref();
-            let d = match module_of.iter().find(|(o, _)| *o == objs) {
-                Some(&(_, m)) => diff_object_of_build(
-                    &objs,
-                    original,
-                    patched,
-                    own,
-                    &ModuleRefs {
-                        module: &modules[m],
-                        kernel: Refs(ksyms, image),
-                    },
-                ),
-                None => diff_object_of_build(&objs, original, patched, own, &refs),
-            }
-            .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
+            // GCC clones whose calling convention in the kernel cannot be
+            // shown (their callers compile otherwise for patch code): the
+            // patch takes its own copy, and checks again what that copy
+            // calls.
+            let mut copies: Vec<String> = Vec::new();
+            let d = loop {
+                let d = match module_of.iter().find(|(o, _)| *o == objs) {
+                    Some(&(_, m)) => diff_object_with_copies(
+                        &objs,
+                        original,
+                        patched,
+                        own,
+                        &ModuleRefs {
+                            module: &modules[m],
+                            kernel: Refs(ksyms, image),
+                        },
+                        &copies,
+                    ),
+                    None => diff_object_with_copies(&objs, original, patched, own, &refs, &copies),
+                }
+                .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
+                let Some(plain) = &plain_of[i] else { break d };
+                let unproven = unproven_clones(&objs, plain, original, &d)
+                    .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
+                let mut more = false;
+                for (clone, callers) in unproven {
+                    // Only called clones: a copy would not be the kernel's
+                    // function where its address is compared.
+                    if callers.is_empty() || copies.contains(&clone) {
+                        return Err(CliError::Refused(format!(
+                            "{objs}: {}",
+                            clone_unproven(&clone, &callers)
+                        )));
+                    }
+                    copies.push(clone);
+                    more = true;
+                }
+                if !more {
+                    break d;
+                }
+            };
             // An object of a module: each function it replaces, as this
             // tree builds it, must be the module's (the tree is the source
             // of that build).
             if let Some(&(_, m)) = module_of.iter().find(|(o, _)| *o == objs) {
                 let plain = plain_of[i].as_ref().unwrap_or(&originals[i].1);
                 same_as_module(&objs, plain, &modules[m], &d)?;
-            }
-            if let Some(plain) = &plain_of[i] {
-                check_clone_conventions(&objs, plain, original, &d)
-                    .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
             }
             if !d.changed.is_empty() || !d.added.is_empty() {
                 objects.push((objs, d));

@@ -86,6 +86,40 @@ pub fn check_clone_conventions(
     rewritten: &[u8],
     diff: &ObjectDiff,
 ) -> Result<(), String> {
+    match unproven_clones(name, plain, rewritten, diff)?.first() {
+        None => Ok(()),
+        Some((clone, callers)) => Err(clone_unproven(clone, callers)),
+    }
+}
+
+/// Why a call of GCC clone `clone` (callers in the kernel's build:
+/// `callers`) cannot be shown to match the running kernel.
+pub fn clone_unproven(clone: &str, callers: &[String]) -> String {
+    format!(
+        "{clone} is a GCC clone (its calling convention is GCC's choice in each build), and no \
+         caller of it ({}) compiles the same for patch code (lucos's headers: static branches, \
+         WARN, user accesses) as in the kernel's build: lucos cannot show that the patch calls \
+         it as the running kernel does",
+        if callers.is_empty() {
+            "none but its address".to_owned()
+        } else {
+            callers.join(", ")
+        }
+    )
+}
+
+/// The GCC clones the patch `diff` calls in the running kernel whose calling
+/// convention there cannot be shown to be the one patch code uses, each
+/// with its callers in the kernel's build (none: only its address is
+/// taken); see
+/// [`check_clone_conventions`]. An error for a local function that is one
+/// of its own only in the build for patch code.
+pub fn unproven_clones(
+    name: &str,
+    plain: &[u8],
+    rewritten: &[u8],
+    diff: &ObjectDiff,
+) -> Result<Vec<(String, Vec<String>)>, String> {
     let a = Obj::parse(name, plain)?;
     let b = Obj::parse(name, rewritten)?;
     let (a_alts, b_alts) = (a.alternatives()?, b.alternatives()?);
@@ -119,6 +153,7 @@ pub fn check_clone_conventions(
             ));
         }
     }
+    let mut unproven = Vec::new();
     for clone in involved.iter().filter(|n| is_clone(n)) {
         if !a.funcs.contains_key(clone) {
             continue;
@@ -135,20 +170,10 @@ pub fn check_clone_conventions(
             }
         }
         if !(agreed || callers.is_empty() && same(clone)?) {
-            return Err(format!(
-                "{clone} is a GCC clone (its calling convention is GCC's choice in each build), \
-                 and no caller of it ({}) compiles the same for patch code (lucos's headers: \
-                 static branches, WARN, user accesses) as in the kernel's build: lucos cannot \
-                 show that the patch calls it as the running kernel does",
-                if callers.is_empty() {
-                    "none but its address".to_owned()
-                } else {
-                    callers.iter().cloned().collect::<Vec<_>>().join(", ")
-                }
-            ));
+            unproven.push((clone.clone(), callers.into_iter().collect()));
         }
     }
-    Ok(())
+    Ok(unproven)
 }
 
 /// How to refer to a symbol of the running kernel that the patch uses.
@@ -621,6 +646,22 @@ pub fn diff_object_of_build(
     kernel_build: Option<&[u8]>,
     kernel: &dyn KernelSymbols,
 ) -> Result<ObjectDiff, String> {
+    diff_object_with_copies(name, original, patched, kernel_build, kernel, &[])
+}
+
+/// [`diff_object_of_build`], with `own_copies`: GCC clones changed code
+/// calls that the patch takes a copy of (from the patched build) instead of
+/// calling the running kernel's, because the kernel's calling convention
+/// for them cannot be shown ([`unproven_clones`]). Unchanged code, so the
+/// copy does what the kernel's does; only patch code calls it.
+pub fn diff_object_with_copies(
+    name: &str,
+    original: &[u8],
+    patched: &[u8],
+    kernel_build: Option<&[u8]>,
+    kernel: &dyn KernelSymbols,
+    own_copies: &[String],
+) -> Result<ObjectDiff, String> {
     let a = Obj::parse(name, original)?;
     let b = Obj::parse(name, patched)?;
     let p = kernel_build.map(|k| Obj::parse(name, k)).transpose()?;
@@ -785,6 +826,17 @@ pub fn diff_object_of_build(
                         .push((c, format!("calls {f}, which has no patchable entry")));
                 }
             }
+        }
+    }
+    // Clones whose convention in the kernel cannot be shown: the patch's own.
+    for c in own_copies {
+        if b.funcs.contains_key(c) && take.insert(c.clone()) {
+            out.pulled_in.push((
+                c.clone(),
+                "a GCC clone changed code calls, whose calling convention in the running \
+                 kernel cannot be shown: the patch has its own copy"
+                    .into(),
+            ));
         }
     }
     // Cold parts go with their function.
@@ -2289,5 +2341,46 @@ int other(int x) { if (flag) printk("o"); return work(x + 1, 3) + 2; }
         // A clone the patch does not involve needs nothing.
         check_clone_conventions("t.o", &plain, &both, &ObjectDiff::default())
             .expect("not involved");
+        // A patch changing `caller` in that build: the clone it calls is
+        // unproven, so the patch takes its own copy of it, which then calls
+        // nothing unproven.
+        let patched = compile(
+            "d13",
+            &src.replace("if (flag) printk(\"o\");", "if (flag > 1) printk(\"o\");")
+                .replace("work(x, 3) + 1 + flag;", "work(x, 3) + 5 + flag;"),
+        );
+        let kernel = Kernel {
+            names: vec![
+                "caller",
+                "other",
+                "printk",
+                "flag",
+                Box::leak(clone.clone().into_boxed_str()),
+            ],
+            twice: vec![],
+        };
+        let d = diff_object_with_copies("t.o", &both, &patched, Some(&plain), &kernel, &[])
+            .expect("diff");
+        assert_eq!(changed_names(&d), ["caller"]);
+        assert!(undefined(&d.object).contains(&clone), "{d:?}");
+        let unproven = unproven_clones("t.o", &plain, &both, &d).expect("unproven");
+        assert_eq!(unproven.len(), 1, "{unproven:?}");
+        assert_eq!(unproven[0].0, clone);
+        assert_eq!(unproven[0].1, ["caller", "other"]);
+        let d = diff_object_with_copies(
+            "t.o",
+            &both,
+            &patched,
+            Some(&plain),
+            &kernel,
+            std::slice::from_ref(&clone),
+        )
+        .expect("diff with a copy");
+        assert_eq!(changed_names(&d), ["caller"]);
+        assert!(!undefined(&d.object).contains(&clone), "{d:?}");
+        assert!(d.pulled_in.iter().any(|(n, _)| *n == clone), "{d:?}");
+        assert!(unproven_clones("t.o", &plain, &both, &d)
+            .expect("unproven")
+            .is_empty());
     }
 }
