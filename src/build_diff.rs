@@ -17,8 +17,7 @@ use std::time::Instant;
 
 use symbol_db::{KernelImage, SymbolTable};
 use update_engine::diffobj::{
-    clone_unproven, diff_object_with_copies, unproven_clones, KernelSymbols, ObjectDiff,
-    StaticUse,
+    clone_unproven, diff_object_with_copies, unproven_clones, KernelSymbols, ObjectDiff, StaticUse,
 };
 
 use crate::error::CliError;

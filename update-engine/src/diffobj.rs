@@ -63,6 +63,11 @@ pub fn has_rewritten_tables(obj: &[u8]) -> bool {
     })
 }
 
+/// Offset of `lineno` in Linux's `struct _ddebug` (after four pointers:
+/// modname, function, filename, format) and its bits (`lineno:18`).
+const DYNDBG_LINENO: usize = 32;
+const DYNDBG_LINENO_MASK: u32 = (1 << 18) - 1;
+
 /// Whether `name` is a function GCC cloned with a calling convention of its
 /// own choosing (parameters dropped or split, constants propagated, part of
 /// a function split out).
@@ -764,7 +769,19 @@ pub fn diff_object_with_copies(
             d.get(sym.address() as usize..(sym.address() + sym.size()) as usize)
                 .map(<[u8]>::to_vec)
         };
-        if is_writable(&b.file, si) && val(&b.file, &s) != val(&a.file, &old) {
+        let (mut vb, mut va) = (val(&b.file, &s), val(&a.file, &old));
+        // A dynamic-debug descriptor (`pr_debug`'s `descriptor.N` in
+        // `__dyndbg`) records its line: a line shift is no change (the
+        // kernel's descriptor keeps its line; only its control file shows it).
+        if b.section_name(si).starts_with("__dyndbg") {
+            for v in [&mut vb, &mut va].into_iter().flatten() {
+                if let Some(w) = v.get_mut(DYNDBG_LINENO..DYNDBG_LINENO + 4) {
+                    let x = u32::from_le_bytes([w[0], w[1], w[2], w[3]]) & !DYNDBG_LINENO_MASK;
+                    w.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
+        if is_writable(&b.file, si) && vb != va {
             return Err(format!(
                 "the diff changes the initial value of {n} (existing data in {name}): the \
                  running kernel's copy is not re-initialized by a live patch; change it with a \
@@ -2047,6 +2064,46 @@ int third(int x) { return x * 2; }
             .find(|s| s.name().is_ok_and(|n| n.contains("__func__")))
             .expect("__func__ section");
         assert_eq!(sec.data().expect("data"), b"third\0");
+    }
+
+    #[test]
+    fn a_pr_debug_descriptor_whose_line_moved_is_no_change_of_data() {
+        // Linux's `struct _ddebug` and `pr_debug`'s descriptor of it.
+        let src = r#"
+struct dd { const char *m, *f, *file, *fmt; unsigned int lineno:18, cls:6, flags:8; long key; } __attribute__((aligned(8)));
+extern int printk(const char *, ...);
+#define PR(s, fl) ({ static struct dd __attribute__((used, section("__dyndbg"))) descriptor = { "m", __func__, "f.c", s, __LINE__, 0, fl, 0 }; printk(s, &descriptor); })
+int show(int x) { PR("a", 0); return x; }
+int other(int x) { PR("b", 0); return x + 1; }
+"#;
+        let a = compile("a14", src);
+        let kernel = Kernel {
+            names: ["show", "other", "printk"]
+                .into_iter()
+                .chain(
+                    object::File::parse(&*a)
+                        .expect("obj")
+                        .symbols()
+                        .filter_map(|s| s.name().ok().map(str::to_owned))
+                        .filter(|n| n.starts_with("descriptor"))
+                        .map(|n| &*Box::leak(n.into_boxed_str())),
+                )
+                .collect(),
+            twice: vec![],
+        };
+        // Two lines added above both: every descriptor's line moves.
+        let shifted = format!("/* a\n * b */\n{src}").replace("return x + 1; }", "return x + 2; }");
+        let d = diff_object("t.o", &a, &compile("b14", &shifted), &kernel).expect("diff");
+        assert_eq!(changed_names(&d), ["other"]);
+        // Another member of it changed: refused.
+        let e = diff_object(
+            "t.o",
+            &a,
+            &compile("c14", &shifted.replace("PR(\"a\", 0)", "PR(\"a\", 1)")),
+            &kernel,
+        )
+        .expect_err("flags changed");
+        assert!(e.contains("initial value of descriptor"), "{e}");
     }
 
     #[test]
