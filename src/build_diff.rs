@@ -17,7 +17,8 @@ use std::time::Instant;
 
 use symbol_db::{KernelImage, SymbolTable};
 use update_engine::diffobj::{
-    clone_unproven, diff_object_with_copies, unproven_clones, KernelSymbols, ObjectDiff, StaticUse,
+    clone_unproven, diff_object_with, unproven_clones, DiffOptions, KernelSymbols, LineMap,
+    ObjectDiff, StaticUse,
 };
 
 use crate::error::CliError;
@@ -786,9 +787,20 @@ pub fn build(
             // patch takes its own copy, and checks again what that copy
             // calls.
             let mut copies: Vec<String> = Vec::new();
+            // Where the diff moved the lines of the object's C file.
+            let lines = c_files.contains(c).then(|| {
+                let text = |p: PathBuf| {
+                    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
+                };
+                LineMap::between(&text(source.join(c)), &text(scratch.join(c)))
+            });
             let d = loop {
+                let opts = DiffOptions {
+                    own_copies: &copies,
+                    lines: lines.as_ref(),
+                };
                 let d = match module_of.iter().find(|(o, _)| *o == objs) {
-                    Some(&(_, m)) => diff_object_with_copies(
+                    Some(&(_, m)) => diff_object_with(
                         &objs,
                         original,
                         patched,
@@ -797,9 +809,9 @@ pub fn build(
                             module: &modules[m],
                             kernel: Refs(ksyms, image),
                         },
-                        &copies,
+                        &opts,
                     ),
-                    None => diff_object_with_copies(&objs, original, patched, own, &refs, &copies),
+                    None => diff_object_with(&objs, original, patched, own, &refs, &opts),
                 }
                 .map_err(|e| CliError::Refused(format!("{objs}: {e}")))?;
                 let Some(plain) = &plain_of[i] else { break d };

@@ -625,6 +625,9 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
             for f in &d.added {
                 println!("{object}: adds {f} (new in the diff)");
             }
+            for f in &d.line_shifted {
+                println!("{object}: leaves {f} (only line numbers moved)");
+            }
             for (f, why) in &d.pulled_in {
                 println!("{object}: places {f} ({why})");
             }

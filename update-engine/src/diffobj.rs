@@ -284,6 +284,10 @@ pub struct ObjectDiff {
     pub data: Vec<String>,
     /// Variables the diff adds, placed as the patch's own writable data.
     pub own_data: Vec<String>,
+    /// Functions whose code differs only in line numbers the diff moved
+    /// (not replaced).
+    #[serde(default)]
+    pub line_shifted: Vec<String>,
 }
 
 /// What a relocation points at, as compared between the two builds.
@@ -651,22 +655,115 @@ pub fn diff_object_of_build(
     kernel_build: Option<&[u8]>,
     kernel: &dyn KernelSymbols,
 ) -> Result<ObjectDiff, String> {
-    diff_object_with_copies(name, original, patched, kernel_build, kernel, &[])
+    diff_object_with(
+        name,
+        original,
+        patched,
+        kernel_build,
+        kernel,
+        &DiffOptions::default(),
+    )
 }
 
-/// [`diff_object_of_build`], with `own_copies`: GCC clones changed code
-/// calls that the patch takes a copy of (from the patched build) instead of
-/// calling the running kernel's, because the kernel's calling convention
-/// for them cannot be shown ([`unproven_clones`]). Unchanged code, so the
-/// copy does what the kernel's does; only patch code calls it.
-pub fn diff_object_with_copies(
+/// What [`diff_object_with`] knows beyond the two builds.
+#[derive(Debug, Default)]
+pub struct DiffOptions<'a> {
+    /// GCC clones changed code calls that the patch takes a copy of (from
+    /// the patched build) instead of calling the running kernel's, because
+    /// the kernel's calling convention for them cannot be shown
+    /// ([`unproven_clones`]). Unchanged code, so the copy does what the
+    /// kernel's does; only patch code calls it.
+    pub own_copies: &'a [String],
+    /// Where the diff moved the lines of the object's own C file: a
+    /// function whose code differs only in line numbers it passes to a
+    /// function (`ext4_error`'s `__LINE__`) is not changed.
+    pub lines: Option<&'a LineMap>,
+}
+
+/// Where the unchanged lines of one source file are after a diff: runs of
+/// (old first line, new first line, count), 1-based, in order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LineMap(Vec<(u32, u32, u32)>);
+
+impl LineMap {
+    /// The map from the file's text before and after the diff.
+    pub fn between(old: &str, new: &str) -> Self {
+        let (a, b): (Vec<&str>, Vec<&str>) = (old.lines().collect(), new.lines().collect());
+        let runs = similar::capture_diff_slices(similar::Algorithm::Myers, &a, &b)
+            .into_iter()
+            .filter_map(|op| match op {
+                similar::DiffOp::Equal {
+                    old_index,
+                    new_index,
+                    len,
+                } => Some((old_index as u32 + 1, new_index as u32 + 1, len as u32)),
+                _ => None,
+            })
+            .collect();
+        LineMap(runs)
+    }
+
+    /// Whether unchanged line `old` is line `new` after the diff, and moved.
+    pub fn moved(&self, old: u32, new: u32) -> bool {
+        let i = self.0.partition_point(|&(o, _, _)| o <= old);
+        i > 0 && {
+            let (o, n, len) = self.0[i - 1];
+            old < o + len && n + (old - o) == new && old != new
+        }
+    }
+}
+
+/// Whether two builds of a function differ only in line numbers the diff
+/// moved (`lines`), each loaded as a 32-bit immediate (`mov $LINE, %edx`,
+/// or into an argument's stack slot) that a later call passes on: same
+/// length, same relocations and alternatives, every other byte equal.
+/// kpatch ignores such `__LINE__` changes the same way, by a list of the
+/// functions that take a line; here the line map does it: the old value
+/// must be an unchanged line and the new one where that line went.
+fn only_lines_moved(fa: &Fingerprint, fb: &Fingerprint, lines: &LineMap) -> bool {
+    use iced_x86::{Code, Decoder, DecoderOptions, FlowControl};
+    if fa.1 != fb.1 || fa.2 != fb.2 || fa.0.len() != fb.0.len() || fa.0 == fb.0 {
+        return false;
+    }
+    let mut da = Decoder::with_ip(64, &fa.0, 0, DecoderOptions::NONE);
+    let mut db = Decoder::with_ip(64, &fb.0, 0, DecoderOptions::NONE);
+    // A moved line not yet passed to a call.
+    let mut pending = false;
+    while da.can_decode() {
+        let (ia, ib) = (da.decode(), db.decode());
+        if ia.is_invalid() || ib.is_invalid() || ia.len() != ib.len() {
+            return false;
+        }
+        let at = ia.ip() as usize..ia.ip() as usize + ia.len();
+        let (xa, xb) = (&fa.0[at.clone()], &fb.0[at]);
+        if xa == xb {
+            if ia.flow_control() == FlowControl::Call {
+                pending = false;
+            }
+            continue;
+        }
+        let is_line_load = matches!(ia.code(), Code::Mov_r32_imm32 | Code::Mov_rm32_imm32)
+            && ia.code() == ib.code()
+            && xa[..xa.len() - 4] == xb[..xb.len() - 4]
+            && lines.moved(ia.immediate32(), ib.immediate32());
+        if !is_line_load {
+            return false;
+        }
+        pending = true;
+    }
+    !pending && !db.can_decode()
+}
+
+/// [`diff_object_of_build`], with what else is known ([`DiffOptions`]).
+pub fn diff_object_with(
     name: &str,
     original: &[u8],
     patched: &[u8],
     kernel_build: Option<&[u8]>,
     kernel: &dyn KernelSymbols,
-    own_copies: &[String],
+    opts: &DiffOptions<'_>,
 ) -> Result<ObjectDiff, String> {
+    let own_copies = opts.own_copies;
     let a = Obj::parse(name, original)?;
     let b = Obj::parse(name, patched)?;
     let p = kernel_build.map(|k| Obj::parse(name, k)).transpose()?;
@@ -692,7 +789,8 @@ pub fn diff_object_with_copies(
             let fb = fingerprint(&b, &b_alts, fname, (sec, off, size))?;
             let same = match a.funcs.get(fname) {
                 Some(&(asec, aoff, asize, _)) => {
-                    fingerprint(&a, &a_alts, fname, (asec, aoff, asize))? == fb
+                    let fa = fingerprint(&a, &a_alts, fname, (asec, aoff, asize))?;
+                    fa == fb || opts.lines.is_some_and(|l| only_lines_moved(&fa, &fb, l))
                 }
                 None => false,
             };
@@ -711,6 +809,12 @@ pub fn diff_object_with_copies(
             Some(&(asec, aoff, asize, _)) => {
                 let fa = fingerprint(&a, &a_alts, fname, (asec, aoff, asize))?;
                 if fa == fb && !cold_changed.contains(fname) {
+                    continue;
+                }
+                if !cold_changed.contains(fname)
+                    && opts.lines.is_some_and(|l| only_lines_moved(&fa, &fb, l))
+                {
+                    out.line_shifted.push(fname.clone());
                     continue;
                 }
                 if fa == fb {
@@ -2067,6 +2171,59 @@ int third(int x) { return x * 2; }
     }
 
     #[test]
+    fn line_maps_follow_unchanged_lines() {
+        let m = LineMap::between("a\nb\nc\nd\n", "x\ny\na\nb\nd\n");
+        assert!(m.moved(1, 3) && m.moved(2, 4) && m.moved(4, 5));
+        // Removed, not where it went, not moved.
+        assert!(!m.moved(3, 5) && !m.moved(1, 4));
+        let same = LineMap::between("a\nb\n", "a\nb\n");
+        assert!(!same.moved(1, 1));
+    }
+
+    #[test]
+    fn a_function_whose_code_differs_only_in_moved_lines_is_left_alone() {
+        let src = r#"
+extern void report(const char *f, int line, int x);
+int show(int x) { report("f", __LINE__, x); return x; }
+int other(int x) { report("f", __LINE__, x); return x + 1; }
+"#;
+        let a = compile("a15", src);
+        let kernel = Kernel {
+            names: vec!["show", "other", "report"],
+            twice: vec![],
+        };
+        // Two lines added at the top, `show` changed: `other` passes its
+        // line, two further down, and nothing else differs.
+        let shifted = format!("/* a\n * b */\n{src}").replace("return x; }", "return x + 3; }");
+        let b = compile("b15", &shifted);
+        let lines = LineMap::between(src, &shifted);
+        let opts = DiffOptions {
+            own_copies: &[],
+            lines: Some(&lines),
+        };
+        let d = diff_object_with("t.o", &a, &b, None, &kernel, &opts).expect("diff");
+        assert_eq!(changed_names(&d), ["show"]);
+        assert_eq!(d.line_shifted, ["other"]);
+        // Without the map: both replaced.
+        let d = diff_object("t.o", &a, &b, &kernel).expect("diff");
+        assert_eq!(changed_names(&d).len(), 2, "{d:?}");
+        // A value that is not where the line went: a change.
+        let off = shifted.replace(
+            "__LINE__, x); return x + 1;",
+            "__LINE__ + 1, x); return x + 1;",
+        );
+        let b = compile("c15", &off);
+        let lines = LineMap::between(src, &off);
+        let opts = DiffOptions {
+            own_copies: &[],
+            lines: Some(&lines),
+        };
+        let d = diff_object_with("t.o", &a, &b, None, &kernel, &opts).expect("diff");
+        assert_eq!(changed_names(&d).len(), 2, "{d:?}");
+        assert!(d.line_shifted.is_empty());
+    }
+
+    #[test]
     fn a_pr_debug_descriptor_whose_line_moved_is_no_change_of_data() {
         // Linux's `struct _ddebug` and `pr_debug`'s descriptor of it.
         let src = r#"
@@ -2416,21 +2573,23 @@ int other(int x) { if (flag) printk("o"); return work(x + 1, 3) + 2; }
             ],
             twice: vec![],
         };
-        let d = diff_object_with_copies("t.o", &both, &patched, Some(&plain), &kernel, &[])
-            .expect("diff");
+        let d = diff_object_of_build("t.o", &both, &patched, Some(&plain), &kernel).expect("diff");
         assert_eq!(changed_names(&d), ["caller"]);
         assert!(undefined(&d.object).contains(&clone), "{d:?}");
         let unproven = unproven_clones("t.o", &plain, &both, &d).expect("unproven");
         assert_eq!(unproven.len(), 1, "{unproven:?}");
         assert_eq!(unproven[0].0, clone);
         assert_eq!(unproven[0].1, ["caller", "other"]);
-        let d = diff_object_with_copies(
+        let d = diff_object_with(
             "t.o",
             &both,
             &patched,
             Some(&plain),
             &kernel,
-            std::slice::from_ref(&clone),
+            &DiffOptions {
+                own_copies: std::slice::from_ref(&clone),
+                lines: None,
+            },
         )
         .expect("diff with a copy");
         assert_eq!(changed_names(&d), ["caller"]);
