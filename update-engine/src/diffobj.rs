@@ -722,7 +722,16 @@ impl LineMap {
 /// must be an unchanged line and the new one where that line went.
 fn only_lines_moved(fa: &Fingerprint, fb: &Fingerprint, lines: &LineMap) -> bool {
     use iced_x86::{Code, Decoder, DecoderOptions, FlowControl};
-    if fa.1 != fb.1 || fa.2 != fb.2 || fa.0.len() != fb.0.len() || fa.0 == fb.0 {
+    let same_refs = fa.1.len() == fb.1.len()
+        && fa.1.iter().zip(&fb.1).all(|(x, y)| {
+            x.0 == y.0
+                && x.1 == y.1
+                && match (&x.2, &y.2) {
+                    (Target::Str(p), Target::Str(q)) => same_but_lines(p, q, lines),
+                    (p, q) => p == q,
+                }
+        });
+    if !same_refs || fa.2 != fb.2 || fa.0.len() != fb.0.len() || fa == fb {
         return false;
     }
     let mut da = Decoder::with_ip(64, &fa.0, 0, DecoderOptions::NONE);
@@ -752,6 +761,41 @@ fn only_lines_moved(fa: &Fingerprint, fb: &Fingerprint, lines: &LineMap) -> bool
         pending = true;
     }
     !pending && !db.can_decode()
+}
+
+/// Whether string literals `p` and `q` are the same but for the lines of
+/// `FILE.c:LINE` / `FILE.h:LINE` references the diff moved (fortify's
+/// "field ... at net/core/dev.c:10296", WARN's messages).
+fn same_but_lines(p: &[u8], q: &[u8], lines: &LineMap) -> bool {
+    // Split into runs of digits and of the rest.
+    fn runs(s: &[u8]) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for i in 1..=s.len() {
+            if i == s.len() || s[i].is_ascii_digit() != s[i - 1].is_ascii_digit() {
+                out.push(&s[start..i]);
+                start = i;
+            }
+        }
+        out
+    }
+    let (rp, rq) = (runs(p), runs(q));
+    if rp.len() != rq.len() {
+        return false;
+    }
+    let number = |r: &[u8]| std::str::from_utf8(r).ok()?.parse::<u32>().ok();
+    let mut prev: &[u8] = &[];
+    for (x, y) in rp.iter().zip(&rq) {
+        if x != y {
+            let after_file = prev.ends_with(b".c:") || prev.ends_with(b".h:");
+            match (number(x), number(y)) {
+                (Some(a), Some(b)) if after_file && lines.moved(a, b) => {}
+                _ => return false,
+            }
+        }
+        prev = x;
+    }
+    true
 }
 
 /// [`diff_object_of_build`], with what else is known ([`DiffOptions`]).
@@ -1726,7 +1770,13 @@ mod tests {
     /// `src` compiled as the kernel's objects are for a diff (function and
     /// data sections, kernel code model).
     fn compile(tag: &str, src: &str) -> Vec<u8> {
-        let dir = std::env::temp_dir().join(format!("lucos-diffobj-{tag}-{}", std::process::id()));
+        // Its own folder per call: tests run side by side.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "lucos-diffobj-{tag}-{}-{n}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).expect("dir");
         let (c, o) = (dir.join("t.c"), dir.join("t.o"));
         std::fs::write(&c, src).expect("write source");
@@ -1745,9 +1795,11 @@ mod tests {
                 "-fdata-sections",
                 "-fno-asynchronous-unwind-tables",
                 "-o",
+                "t.o",
+                "t.c",
             ])
-            .arg(&o)
-            .arg(&c)
+            // `__FILE__` is `t.c` in every build, as kbuild's are relative.
+            .current_dir(&dir)
             .status()
             .expect("gcc (scripts/setup.sh installs it)");
         assert!(st.success(), "gcc {tag}");
@@ -2178,14 +2230,21 @@ int third(int x) { return x * 2; }
         assert!(!m.moved(3, 5) && !m.moved(1, 4));
         let same = LineMap::between("a\nb\n", "a\nb\n");
         assert!(!same.moved(1, 1));
+        // Strings: a `FILE.c:LINE` whose line moved is the same string.
+        assert!(same_but_lines(b"at x/a.c:1 now", b"at x/a.c:3 now", &m));
+        assert!(!same_but_lines(b"at x/a.c:1 now", b"at x/a.c:4 now", &m));
+        assert!(!same_but_lines(b"limit 1", b"limit 3", &m));
+        assert!(!same_but_lines(b"at a.c:1", b"at b.c:3", &m));
     }
 
     #[test]
     fn a_function_whose_code_differs_only_in_moved_lines_is_left_alone() {
         let src = r#"
+#define S2(x) #x
+#define S(x) S2(x)
 extern void report(const char *f, int line, int x);
 int show(int x) { report("f", __LINE__, x); return x; }
-int other(int x) { report("f", __LINE__, x); return x + 1; }
+int other(int x) { report(__FILE__ ":" S(__LINE__), __LINE__, x); return x + 1; }
 "#;
         let a = compile("a15", src);
         let kernel = Kernel {
