@@ -1012,6 +1012,24 @@ pub fn diff_object_with(
         }
     }
 
+    // Refused: a new export. The kernel's export table is what modules
+    // link against; a patch cannot add to it, and dropping it silently
+    // would leave a module that needs it failing to load.
+    for sec in b.file.sections() {
+        let Ok(sname) = sec.name() else { continue };
+        let Some(sym) = ["___ksymtab+", "___ksymtab_gpl+"]
+            .iter()
+            .find_map(|p| sname.strip_prefix(p))
+        else {
+            continue;
+        };
+        if a.file.section_by_name(sname).is_none() {
+            return Err(format!(
+                "the diff exports {sym} (EXPORT_SYMBOL): a live patch cannot add to the running \
+                 kernel's export table, so a module could not link to it"
+            ));
+        }
+    }
     // Refused: changed code with entries in tables the kernel processes.
     for sec in b.file.sections() {
         let Ok(sname) = sec.name() else { continue };
@@ -2220,6 +2238,27 @@ int third(int x) { return x * 2; }
             .find(|s| s.name().is_ok_and(|n| n.contains("__func__")))
             .expect("__func__ section");
         assert_eq!(sec.data().expect("data"), b"third\0");
+    }
+
+    #[test]
+    fn a_new_export_is_refused_by_name() {
+        // EXPORT_SYMBOL as Linux 6.1 writes it: an entry in a section of
+        // its own, `___ksymtab+NAME`.
+        let src = r#"
+extern int printk(const char *, ...);
+int show(int x) { printk("show"); return x; }
+"#;
+        let a = compile("a17", src);
+        let b = compile(
+            "b17",
+            &format!(
+                "{src}int lucos_new(int x) {{ return x + 1; }}\n\
+                 static const void *__ksymtab_lucos_new __attribute__((used, section(\"___ksymtab+lucos_new\"))) = lucos_new;\n"
+            )
+            .replace("return x; }", "return lucos_new(x); }"),
+        );
+        let e = diff_object("t.o", &a, &b, &kernel()).expect_err("a new export");
+        assert!(e.contains("exports lucos_new (EXPORT_SYMBOL)"), "{e}");
     }
 
     #[test]
