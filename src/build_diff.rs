@@ -17,8 +17,8 @@ use std::time::Instant;
 
 use symbol_db::{KernelImage, SymbolTable};
 use update_engine::diffobj::{
-    clone_unproven, diff_object_with, unproven_clones, DiffOptions, KernelSymbols, LineMap,
-    ObjectDiff, StaticUse,
+    clone_unproven, diff_object_with, new_global_variables, undefined_symbols, unproven_clones,
+    DiffOptions, KernelSymbols, LineMap, ObjectDiff, StaticUse,
 };
 
 use crate::error::CliError;
@@ -772,12 +772,12 @@ pub fn build(
             t.elapsed().as_secs_f64(),
         ));
         let t = Instant::now();
-        let mut objects = Vec::new();
-        for (i, ((c, _, _), (original, patched))) in originals
-            .iter()
-            .zip(compared.iter().zip(&patched))
-            .enumerate()
-        {
+        // One object's diff; `globals`: new global variables of it that
+        // other objects' patch code uses (placed even if nothing else of
+        // it changed).
+        let diff_one = |i: usize, globals: &[String]| -> Result<(String, ObjectDiff), CliError> {
+            let c = &originals[i].0;
+            let (original, patched) = (&compared[i], &patched[i]);
             let objs = obj_of(c).to_string_lossy().into_owned();
             // Names of the kernel's own build (where the compared one was
             // built with lucos's headers).
@@ -798,6 +798,7 @@ pub fn build(
                 let opts = DiffOptions {
                     own_copies: &copies,
                     lines: lines.as_ref(),
+                    new_globals: globals,
                 };
                 let d = match module_of.iter().find(|(o, _)| *o == objs) {
                     Some(&(_, m)) => diff_object_with(
@@ -841,8 +842,32 @@ pub fn build(
                 let plain = plain_of[i].as_ref().unwrap_or(&originals[i].1);
                 same_as_module(&objs, plain, &modules[m], &d)?;
             }
+            Ok((objs, d))
+        };
+        let mut objects = Vec::new();
+        let mut unchanged = Vec::new();
+        for i in 0..originals.len() {
+            let (objs, d) = diff_one(i, &[])?;
             if !d.changed.is_empty() || !d.added.is_empty() {
                 objects.push((objs, d));
+            } else {
+                unchanged.push(i);
+            }
+        }
+        // A new global variable used by another object's patch code, whose
+        // own object has no other change: that object contributes it.
+        let mut wanted: std::collections::BTreeSet<String> = Default::default();
+        for (_, d) in &objects {
+            wanted.extend(undefined_symbols(&d.object));
+        }
+        for i in unchanged {
+            let globals: Vec<String> = new_global_variables(&compared[i], &patched[i])
+                .map_err(|e| CliError::Refused(format!("{}: {e}", originals[i].0)))?
+                .into_iter()
+                .filter(|g| wanted.contains(g))
+                .collect();
+            if !globals.is_empty() {
+                objects.push(diff_one(i, &globals)?);
             }
         }
         steps.push((

@@ -89,8 +89,11 @@ state() {
   # naming the function (__func__: a numbered static of the patch's own).
   up=$(grep -c lucos /proc/uptime)
   ur=$(dmesg | grep -c 'lucos: uptime_proc_show read')
+  # /proc/filesystems counts its reads under a new mutex (the patch's own
+  # data, whose wait list points at itself).
+  fs=$(grep -c '^lucos	reads [0-9]' /proc/filesystems)
   w=$(dmesg | grep -e 'WARNING' -e 'BUG:' -e 'Oops' -e 'general protection' | grep -vc 'at fs/proc/loadavg.c:')
-  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. counter=$lc ls=$ls once=$os/$ow/$od uptime=$up/$ur warned=$lr/$lw warnings=$w"
+  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. counter=$lc ls=$ls once=$os/$ow/$od uptime=$up/$ur fs=$fs warned=$lr/$lw warnings=$w"
 }
 TR=/sys/kernel/tracing
 mount -t tracefs nodev $TR
@@ -123,17 +126,17 @@ up d $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --c
 wait_after 1 "@@D ready" || exit 1
 grep "@@D ready" $LOG | sed 's/^/@@SCN before /'
 grep "@@D boot" $LOG | sed 's/^/@@SCN /'
-for p in cmdline uname version header meminfo oom counter hide once uptime; do
+for p in cmdline uname version header meminfo oom counter hide once uptime fs; do
   $LUCOS patch --vm d $FILES/$p.lup > /tmp/o 2>&1; echo "@@SCN apply $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. counter=1 ls=1 once=1/1/1 uptime=1/[1-9]" && echo "@@SCN loaded"
+wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. counter=1 ls=1 once=1/1/1 uptime=1/[1-9][0-9]* fs=1 " && echo "@@SCN loaded"
 $LUCOS list --vm d | sed 's/^/@@SCN list /'
-for p in uptime once hide counter oom meminfo header version uname cmdline; do
+for p in fs uptime once hide counter oom meminfo header version uname cmdline; do
   $LUCOS revert --vm d $p > /tmp/o 2>&1; echo "@@SCN revert $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. counter=0 ls=2 once=0/1/1 uptime=0/" && echo "@@SCN reverted"
+wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. counter=0 ls=2 once=0/1/1 uptime=0/[0-9]* fs=0 " && echo "@@SCN reverted"
 at=$(wc -l < $LOG)
 wait_after "$at" "@@D state" && echo "@@SCN last $(grep '@@D state' $LOG | tail -n 1)"
 # Last, on purpose: WARNs in patch code fire, each once.
@@ -292,6 +295,24 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let out = build(&d, &tree, "uptime", &uptime).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("1 function: uptime_proc_show"), "{out}");
     assert!(out.contains("places .rodata.__func__."), "{out}");
+    // Built: a new mutex and counter, the patch's own data; the mutex's
+    // wait list is initialized to point at itself (relocated to the
+    // patch's copy).
+    let fs = make_diff(&tree, "fs/filesystems.c", |s| {
+        let s = once(
+            s,
+            "static int filesystems_proc_show(struct seq_file *m, void *v)\n{\n\tstruct file_system_type * tmp;\n",
+            "static DEFINE_MUTEX(lucos_fs_lock);\nstatic unsigned long lucos_fs_reads;\n\nstatic int filesystems_proc_show(struct seq_file *m, void *v)\n{\n\tstruct file_system_type * tmp;\n\tunsigned long n;\n\n\tmutex_lock(&lucos_fs_lock);\n\tn = ++lucos_fs_reads;\n\tmutex_unlock(&lucos_fs_lock);\n",
+        );
+        once(
+            &s,
+            "\tread_unlock(&file_systems_lock);\n\treturn 0;\n}\n\nstatic int __init proc_filesystems_init",
+            "\tread_unlock(&file_systems_lock);\n\tseq_printf(m, \"lucos\\treads %lu\\n\", n);\n\treturn 0;\n}\n\nstatic int __init proc_filesystems_init",
+        )
+    });
+    let out = build(&d, &tree, "fs", &fs).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.contains("1 function: filesystems_proc_show"), "{out}");
+    assert!(out.contains("places .data.lucos_fs_lock"), "{out}");
 
     // Built, not applied (the guest has no ext4 nor a futex user to show
     // them): a fix near the top of fs/ext4/super.c moves the lines that the
@@ -455,14 +476,14 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let before = out.line("@@SCN before ");
     assert!(
         before.contains(
-            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,. counter=0 ls=2 once=0/0/1 uptime=0/0 warned=0/0 "
+            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,. counter=0 ls=2 once=0/0/1 uptime=0/0 fs=0 warned=0/0 "
         ),
         "a LOADED check passed before its patch: {before}\n{}",
         out.text
     );
     for p in [
         "cmdline", "uname", "version", "header", "meminfo", "oom", "counter", "hide", "once",
-        "uptime", "warn",
+        "uptime", "fs", "warn",
     ] {
         let a = out.line(&format!("@@SCN apply {p} "));
         assert!(a.contains("rc=0"), "{a}\n{}", out.text);

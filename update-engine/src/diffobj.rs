@@ -678,6 +678,45 @@ pub struct DiffOptions<'a> {
     /// function whose code differs only in line numbers it passes to a
     /// function (`ext4_error`'s `__LINE__`) is not changed.
     pub lines: Option<&'a LineMap>,
+    /// New global variables of this object that other objects of the patch
+    /// use: placed as the patch's own data even if no function of this
+    /// object changed ([`new_global_variables`]).
+    pub new_globals: &'a [String],
+}
+
+/// The global variables `patched` defines that `original` (another build of
+/// the same object) does not.
+pub fn new_global_variables(original: &[u8], patched: &[u8]) -> Result<Vec<String>, String> {
+    let a = object::File::parse(original).map_err(|e| e.to_string())?;
+    let b = object::File::parse(patched).map_err(|e| e.to_string())?;
+    let had: HashSet<&str> = a
+        .symbols()
+        .filter(|s| !s.is_undefined())
+        .filter_map(|s| s.name().ok())
+        .collect();
+    Ok(b.symbols()
+        .filter(|s| s.is_global() && !s.is_undefined() && s.kind() == SymbolKind::Data)
+        .filter_map(|s| s.name().ok())
+        .filter(|n| !had.contains(n))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The names a patch object leaves undefined (what it needs from the
+/// kernel or from other objects of the patch).
+pub fn undefined_symbols(object: &[u8]) -> BTreeSet<String> {
+    if object.is_empty() {
+        return BTreeSet::new();
+    }
+    object::File::parse(object)
+        .map(|f| {
+            f.symbols()
+                .filter(|s| s.is_undefined())
+                .filter_map(|s| s.name().ok().map(str::to_owned))
+                .filter(|n| !n.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Where the unchanged lines of one source file are after a diff: runs of
@@ -938,7 +977,7 @@ pub fn diff_object_with(
         }
     }
 
-    if take.is_empty() {
+    if take.is_empty() && opts.new_globals.is_empty() {
         return Ok(out);
     }
     // A changed function the kernel cannot switch (no `__fentry__` call at
@@ -1105,6 +1144,26 @@ pub fn diff_object_with(
     let mut pending_secs: Vec<SectionIndex> = Vec::new();
     // Sections of variables the diff adds, placed as the patch's own data.
     let mut own_data: HashSet<SectionIndex> = HashSet::new();
+    // New globals other objects of the patch use: placed whatever else
+    // changed here.
+    for g in opts.new_globals {
+        let si = b
+            .file
+            .symbols()
+            .find(|x| x.name() == Ok(g.as_str()) && !x.is_undefined() && x.is_global())
+            .and_then(|x| x.section_index())
+            .filter(|_| is_new_data(&a, g, &new_statics))
+            .ok_or_else(|| format!("{name} has no new global variable {g}"))?;
+        let sname = b.section_name(si);
+        if !crate::link::is_own_data_section(&sname) {
+            return Err(format!(
+                "the patch uses {g}, a new variable in {sname}: per-CPU, read-only-after-init \
+                 and kernel-walked sections cannot be a patch's own data"
+            ));
+        }
+        own_data.insert(si);
+        pending_secs.push(si);
+    }
     // Code first, then relocations (a function may call one placed later).
     let mut code: Vec<(String, write::SectionId, SectionIndex, u64, u64)> = Vec::new();
     let mut done: BTreeSet<String> = BTreeSet::new();
@@ -1791,10 +1850,8 @@ mod tests {
         // Its own folder per call: tests run side by side.
         static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "lucos-diffobj-{tag}-{}-{n}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("lucos-diffobj-{tag}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let (c, o) = (dir.join("t.c"), dir.join("t.o"));
         std::fs::write(&c, src).expect("write source");
@@ -2296,8 +2353,8 @@ int other(int x) { report(__FILE__ ":" S(__LINE__), __LINE__, x); return x + 1; 
         let b = compile("b15", &shifted);
         let lines = LineMap::between(src, &shifted);
         let opts = DiffOptions {
-            own_copies: &[],
             lines: Some(&lines),
+            ..DiffOptions::default()
         };
         let d = diff_object_with("t.o", &a, &b, None, &kernel, &opts).expect("diff");
         assert_eq!(changed_names(&d), ["show"]);
@@ -2313,8 +2370,8 @@ int other(int x) { report(__FILE__ ":" S(__LINE__), __LINE__, x); return x + 1; 
         let b = compile("c15", &off);
         let lines = LineMap::between(src, &off);
         let opts = DiffOptions {
-            own_copies: &[],
             lines: Some(&lines),
+            ..DiffOptions::default()
         };
         let d = diff_object_with("t.o", &a, &b, None, &kernel, &opts).expect("diff");
         assert_eq!(changed_names(&d).len(), 2, "{d:?}");
@@ -2455,6 +2512,50 @@ int other(int x) { return x + 1; }
             .symbol(None, "lucos_global")
             .expect("the new global is defined");
         assert!(g >= base, "{g:#x}");
+        // The variable's object has no other change: on its own it gives
+        // nothing; asked for the globals two.o needs, it places them.
+        let b1 = compile(
+            "b18",
+            &one.replace("int counter;", "int counter;\nint lucos_global = 5;"),
+        );
+        let d1 = diff_object("one.o", &a1, &b1, &kernel).expect("diff one");
+        assert!(d1.object.is_empty() && d1.changed.is_empty(), "{d1:?}");
+        let wanted = undefined_symbols(&d2.object);
+        let globals: Vec<String> = new_global_variables(&a1, &b1)
+            .expect("new globals")
+            .into_iter()
+            .filter(|g| wanted.contains(g))
+            .collect();
+        assert_eq!(globals, ["lucos_global"]);
+        let d1 = diff_object_with(
+            "one.o",
+            &a1,
+            &b1,
+            None,
+            &kernel,
+            &DiffOptions {
+                new_globals: &globals,
+                ..DiffOptions::default()
+            },
+        )
+        .expect("diff one for its global");
+        assert!(d1.changed.is_empty() && !d1.own_data.is_empty(), "{d1:?}");
+        let objs = vec![
+            ("one.o".to_owned(), d1.object.clone()),
+            ("two.o".to_owned(), d2.object.clone()),
+        ];
+        let l = crate::link(&objs, base, &|n: &str| match n {
+            "__fentry__" => Ok(0xffff_ffff_8100_3000),
+            _ => Err(format!("no {n}")),
+        })
+        .expect("link");
+        let g = l
+            .symbol(None, "lucos_global")
+            .expect("the new global is defined");
+        assert!(g >= base, "{g:#x}");
+        // Its initial value is the patch's.
+        let at = (g - base) as usize;
+        assert_eq!(l.bytes[at..at + 4], 5i32.to_le_bytes());
     }
 
     #[test]
@@ -2686,7 +2787,7 @@ int other(int x) { if (flag) printk("o"); return work(x + 1, 3) + 2; }
             &kernel,
             &DiffOptions {
                 own_copies: std::slice::from_ref(&clone),
-                lines: None,
+                ..DiffOptions::default()
             },
         )
         .expect("diff with a copy");
