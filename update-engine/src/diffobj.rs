@@ -1003,6 +1003,9 @@ pub fn diff_object_with(
             }
             let mut callers = Vec::new();
             for (referrer, call, where_) in references_to(&b, &f) {
+                // A cold part is its function's: its calls are the parent's.
+                let referrer =
+                    referrer.map(|r| r.strip_suffix(".cold").map(str::to_owned).unwrap_or(r));
                 match referrer.filter(|_| call) {
                     Some(c) if c != f => callers.push(c),
                     Some(_) => {}
@@ -2316,6 +2319,59 @@ int show(int x) { printk("show"); return x; }
         );
         let e = diff_object("t.o", &a, &b, &kernel()).expect_err("a new export");
         assert!(e.contains("exports lucos_new (EXPORT_SYMBOL)"), "{e}");
+    }
+
+    #[test]
+    fn a_function_without_an_entry_whose_cold_part_calls_it_is_switched_through_its_callers() {
+        // `body` (notrace) has a cold part that calls `body` again: that
+        // call is the function's own, not a caller to switch.
+        let src = r#"
+extern void __attribute__((cold)) note(int);
+extern int g[64];
+static __attribute__((noinline, no_instrument_function)) int body(int x, int d) {
+    int s = 0;
+    for (int i = 0; i < x; i++) {
+        s += g[i & 63] * i;
+        if (s > 100000) {
+            note(s);
+            s += body(x - 3, d + 1) * 3 + 1;
+        }
+    }
+    return s + 1;
+}
+int caller(int x) { return body(x, 0) * 2; }
+"#;
+        let a = compile("a19", src);
+        let b = compile("b19", &src.replace("return s + 1;", "return s + 2;"));
+        let names: Vec<&'static str> = object::File::parse(&*a)
+            .expect("obj")
+            .symbols()
+            .filter_map(|s| s.name().ok().map(str::to_owned))
+            .filter(|n| !n.is_empty())
+            .map(|n| &*Box::leak(n.into_boxed_str()))
+            .collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("body") && n.ends_with(".cold")),
+            "GCC split a cold part: {names:?}"
+        );
+        let kernel = Kernel {
+            names,
+            twice: vec![],
+        };
+        let d = diff_object("t.o", &a, &b, &kernel).expect("diff");
+        assert_eq!(changed_names(&d), ["caller"]);
+        // The function is placed with its cold part, which is not a
+        // function of its own to switch or place.
+        let placed: Vec<&str> = d.pulled_in.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            placed
+                .iter()
+                .any(|n| n.starts_with("body") && !n.ends_with(".cold")),
+            "{placed:?}"
+        );
+        assert!(!placed.iter().any(|n| n.ends_with(".cold")), "{placed:?}");
     }
 
     #[test]
