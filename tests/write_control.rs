@@ -424,8 +424,49 @@ fn a_patchs_own_variables_are_written_without_a_trap_and_its_code_stays_read_onl
         .collect();
     assert!(later.iter().all(|&n| n > last), "{later:?} after {last}");
     assert_eq!(count(&vm.stats(), "trapped"), trapped, "writes trapped");
+    // A cumulative patch that replaces it, with the same variable: the
+    // count goes on from where it was (carried in the switch's pause).
+    let later_max = later.iter().copied().max().unwrap_or(last);
+    std::fs::write(vm.path("counted2.c"), COUNTED.replace("[own]", "[own2]")).expect("counted2.c");
+    let (out2, src2) = (vm.path("counted2.lup"), vm.path("counted2.c"));
+    vm.ok(&[
+        "build",
+        "--kernel",
+        &k,
+        "--key",
+        p(&key),
+        "--name",
+        "counted2",
+        "-o",
+        p(&out2),
+        p(&src2),
+    ]);
+    vm.ok(&["patch", "--vm", "wc", "--replace", p(&out2)]);
+    let mark = vm.serial().len();
+    vm.wait_lines("[own2] ", 2, 60);
+    let carried: Vec<u64> = vm.serial()[mark..]
+        .lines()
+        .filter_map(|l| l.split("[own2] ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        carried.iter().all(|&n| n > later_max),
+        "the count restarted: {carried:?} after {later_max}"
+    );
+    let names: Vec<String> = vm.protected()["ranges"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|r| r["owner"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        names.contains(&"data:counted2/own".to_owned())
+            && !names.iter().any(|n| n == "data:counted/own"),
+        "{names:?}"
+    );
     // Revert: the area read-only as before.
-    vm.ok(&["revert", "--vm", "wc", "counted"]);
+    vm.ok(&["revert", "--vm", "wc", "counted2"]);
     let back = vm.protected();
     assert_eq!(back["ranges"], before["ranges"], "{back}");
     assert_eq!(back["slots"], before["slots"], "{back}");

@@ -1325,10 +1325,11 @@ pub fn diff_object_with(
             if own_data.contains(&si) {
                 // A new global is named in the patch object, so the patch's
                 // other objects that use it link to this copy.
+                // Its statics are named too (locally): a cumulative patch
+                // that replaces this one takes over their values by name.
                 for x in b.file.symbols() {
                     let Ok(n) = x.name() else { continue };
                     if x.section_index() == Some(si)
-                        && x.is_global()
                         && x.kind() == SymbolKind::Data
                         && is_new_data(&a, n, &new_statics)
                     {
@@ -1337,7 +1338,11 @@ pub fn diff_object_with(
                             value: x.address(),
                             size: x.size(),
                             kind: SymbolKind::Data,
-                            scope: SymbolScope::Linkage,
+                            scope: if x.is_global() {
+                                SymbolScope::Linkage
+                            } else {
+                                SymbolScope::Compilation
+                            },
                             weak: false,
                             section: write::SymbolSection::Section(id),
                             flags: object::SymbolFlags::None,

@@ -101,6 +101,22 @@ pub struct Linked {
     /// The patch's own writable data (new variables): (address, length),
     /// after its code; the guest may write there.
     pub writable: Vec<(u64, u64)>,
+    /// The named variables in that data.
+    pub variables: Vec<Variable>,
+}
+
+/// A variable of a patch's own writable data.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Variable {
+    /// The patch object that defines it.
+    pub object: String,
+    /// Its symbol.
+    pub name: String,
+    /// Guest-virtual address.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub addr: u64,
+    /// Size in bytes.
+    pub size: u64,
 }
 
 impl Linked {
@@ -575,6 +591,7 @@ pub fn link_objects(
     // yields to a strong one).
     let mut globals: HashMap<String, (u64, bool, &str)> = HashMap::new();
     let mut locals: HashMap<(String, String), Vec<u64>> = HashMap::new();
+    let mut variables = Vec::new();
     for o in &objs {
         for s in o.elf.syms.iter() {
             let name = o.elf.strtab.get_at(s.st_name).unwrap_or("");
@@ -585,6 +602,19 @@ pub fn link_objects(
                 continue;
             };
             let addr = sec + s.st_value;
+            let in_writable = o
+                .elf
+                .section_headers
+                .get(s.st_shndx)
+                .is_some_and(|h| h.sh_flags & SHF_WRITE as u64 != 0);
+            if in_writable && s.st_type() == goblin::elf::sym::STT_OBJECT && s.st_size > 0 {
+                variables.push(Variable {
+                    object: o.name.to_owned(),
+                    name: name.to_owned(),
+                    addr,
+                    size: s.st_size,
+                });
+            }
             match s.st_bind() {
                 STB_LOCAL => locals
                     .entry((o.name.to_owned(), name.to_owned()))
@@ -650,6 +680,7 @@ pub fn link_objects(
         global_objects,
         locals,
         writable,
+        variables,
     })
 }
 

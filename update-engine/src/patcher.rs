@@ -210,6 +210,10 @@ pub struct AppliedPatch {
     /// This is the part of the `.lup` for this module only (`NAME@MODULE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part: Option<String>,
+    /// Its own variables, by name (a cumulative patch that replaces it
+    /// takes over their values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variables: Vec<crate::link::Variable>,
 }
 
 /// A patch for a module not loaded yet, held until the guest loads it.
@@ -1777,6 +1781,7 @@ impl Patcher {
         }
         if replace {
             plan.release = self.state.applied.iter().flat_map(owners_of).collect();
+            plan.carry = self.carried_variables(&placed.linked.variables);
         }
         if let Some(map) = placed.mapping {
             plan.writes.insert(
@@ -1790,6 +1795,54 @@ impl Patcher {
             );
         }
         Ok((plan, sites))
+    }
+
+    /// What a cumulative patch takes over from the patches it replaces: each
+    /// variable of its own with the same object, name and size as one of
+    /// theirs, its value copied in the switch's pause (a counter goes on, a
+    /// once-flag stays set). GCC's numbered statics (`__already_done.3`) are
+    /// left out: their numbers need not name the same variable in two
+    /// builds.
+    fn carried_variables(&self, new: &[crate::link::Variable]) -> Vec<switch::Carry> {
+        let Some(va) = self.state.area_va else {
+            return Vec::new();
+        };
+        let numbered = |n: &str| {
+            n.rsplit_once('.')
+                .is_some_and(|(_, d)| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let olds: Vec<(&AppliedPatch, &crate::link::Variable)> = self
+            .state
+            .applied
+            .iter()
+            .flat_map(|a| a.variables.iter().map(move |x| (a, x)))
+            .collect();
+        let mut out = Vec::new();
+        for v in new.iter().filter(|v| !numbered(&v.name)) {
+            // Same object, name and size; or, objects named otherwise (a
+            // hand-written patch's source file renamed), the one variable
+            // of that name and size on both sides.
+            let same = |x: &crate::link::Variable| x.name == v.name && x.size == v.size;
+            let old = olds
+                .iter()
+                .find(|(_, x)| x.object == v.object && same(x))
+                .or_else(|| {
+                    let mut it = olds.iter().filter(|(_, x)| same(x));
+                    match (it.next(), it.next(), new.iter().filter(|y| same(y)).count()) {
+                        (Some(one), None, 1) => Some(one),
+                        _ => None,
+                    }
+                });
+            if let Some(&(a, x)) = old {
+                out.push(switch::Carry {
+                    what: format!("{} of patch '{}'", v.name, a.name),
+                    from: x.addr - va,
+                    to: v.addr - va,
+                    len: v.size,
+                });
+            }
+        }
+        out
     }
 
     /// Phase 6: the code into its run, then the switch; on failure the run
@@ -1885,6 +1938,7 @@ impl Patcher {
             modules: Vec::new(),
             source: None,
             part: None,
+            variables: placed.linked.variables.clone(),
             mode,
             data: m
                 .data

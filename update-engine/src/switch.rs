@@ -46,6 +46,43 @@ pub struct Plan {
     /// Data copies made first, in the same pause (a data-layout change:
     /// the new copy from the old at apply, the old from the new at revert).
     pub copies: Vec<DataCopy>,
+    /// Values carried within the patch area in the same pause, after the
+    /// copies: a replaced patch's variables into the cumulative patch's.
+    pub carry: Vec<Carry>,
+}
+
+/// One variable's bytes carried from one place of the patch area to
+/// another in the switch's pause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Carry {
+    /// What it is, for messages.
+    pub what: String,
+    /// Offset of the value now.
+    pub from: u64,
+    /// Offset it goes to.
+    pub to: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// Carries `carry`; what it overwrote is added to `undo`.
+fn run_carry(guest: &dyn Guest, carry: &[Carry], undo: &mut Vec<CopyUndo>) -> Result<(), String> {
+    for c in carry {
+        let (mut value, mut before) = (vec![0u8; c.len as usize], vec![0u8; c.len as usize]);
+        let read = guest
+            .area_read(c.from, &mut value)
+            .and_then(|()| guest.area_read(c.to, &mut before));
+        if let Err(e) = read.and_then(|()| guest.area_write(c.to, &value)) {
+            undo_copies(guest, undo);
+            return Err(format!("carrying {}: {e}", c.what));
+        }
+        undo.push(CopyUndo {
+            area: true,
+            at: c.to,
+            bytes: before,
+        });
+    }
+    Ok(())
 }
 
 /// One object copied between its layouts in the switch's pause.
@@ -312,7 +349,8 @@ fn switch_paused(
         }
         checked = Some(sleeping.len());
     }
-    let copied = run_copies(guest, &plan.copies).map_err(Refused::Failed)?;
+    let mut copied = run_copies(guest, &plan.copies).map_err(Refused::Failed)?;
+    run_carry(guest, &plan.carry, &mut copied).map_err(Refused::Failed)?;
     if let Err(e) = check_and_write(guest, &plan.writes) {
         undo_copies(guest, &copied);
         return Err(e);
