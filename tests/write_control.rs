@@ -97,14 +97,15 @@ impl Vm {
         }
     }
 
-    /// Builds the fix of lucos_version, signed by the trusted key, and applies it.
-    fn patch_fix(&self) {
-        std::fs::write(self.path("fix.c"), FIX).expect("fix.c");
-        let (k, key, out, src) = (
+    /// Builds `source` as patch `name` (`NAME.lup`), signed by the trusted
+    /// key.
+    fn build(&self, name: &str, source: &str) -> PathBuf {
+        let src = self.path(&format!("{name}.c"));
+        std::fs::write(&src, source).expect("patch source");
+        let (k, key, out) = (
             kernel(),
             self.path("key"),
-            self.path("fix.lup"),
-            self.path("fix.c"),
+            self.path(&format!("{name}.lup")),
         );
         self.ok(&[
             "build",
@@ -113,11 +114,17 @@ impl Vm {
             "--key",
             p(&key),
             "--name",
-            "fix",
+            name,
             "-o",
             p(&out),
             p(&src),
         ]);
+        out
+    }
+
+    /// Builds the fix of lucos_version, signed by the trusted key, and applies it.
+    fn patch_fix(&self) {
+        let out = self.build("fix", FIX);
         self.ok(&["patch", "--vm", "wc", p(&out)]);
     }
 
@@ -332,30 +339,19 @@ const char *lucos_version(void)
 }
 "#;
 
+/// The counts in `text`'s `TAG N calls` lines.
+fn own_counts(text: &str, tag: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.split(tag).nth(1)?.split(' ').next()?.parse().ok())
+        .collect()
+}
+
 #[test]
 fn a_patchs_own_variables_are_written_without_a_trap_and_its_code_stays_read_only() {
     let vm = Vm::start("wc-own", "tasks=2 iters=0 report=50");
     vm.wait_lines("version testkernel 1.0\n", 2, 60);
     let before = vm.protected();
-    std::fs::write(vm.path("counted.c"), COUNTED).expect("counted.c");
-    let (k, key, out, src) = (
-        kernel(),
-        vm.path("key"),
-        vm.path("counted.lup"),
-        vm.path("counted.c"),
-    );
-    vm.ok(&[
-        "build",
-        "--kernel",
-        &k,
-        "--key",
-        p(&key),
-        "--name",
-        "counted",
-        "-o",
-        p(&out),
-        p(&src),
-    ]);
+    let out = vm.build("counted", COUNTED);
     vm.ok(&["patch", "--vm", "wc", p(&out)]);
     // Its variable: whole pages of the patch area, written natively; the
     // area's only read-write slot, the rest of it (the code) read-only.
@@ -398,10 +394,7 @@ fn a_patchs_own_variables_are_written_without_a_trap_and_its_code_stays_read_onl
     let mark = vm.serial().len();
     vm.wait_lines("[own] ", 6, 60);
     let out = vm.serial();
-    let mut counts: Vec<u64> = out[mark..]
-        .lines()
-        .filter_map(|l| l.split("[own] ").nth(1)?.split(' ').next()?.parse().ok())
-        .collect();
+    let mut counts = own_counts(&out[mark..], "[own] ");
     assert!(counts.len() >= 6, "{out}");
     let printed = counts.len();
     counts.sort_unstable();
@@ -418,36 +411,17 @@ fn a_patchs_own_variables_are_written_without_a_trap_and_its_code_stays_read_onl
     let last = *counts.last().expect("counts");
     let mark = vm.serial().len();
     vm.wait_lines("[own] ", 2, 60);
-    let later: Vec<u64> = vm.serial()[mark..]
-        .lines()
-        .filter_map(|l| l.split("[own] ").nth(1)?.split(' ').next()?.parse().ok())
-        .collect();
+    let later = own_counts(&vm.serial()[mark..], "[own] ");
     assert!(later.iter().all(|&n| n > last), "{later:?} after {last}");
     assert_eq!(count(&vm.stats(), "trapped"), trapped, "writes trapped");
     // A cumulative patch that replaces it, with the same variable: the
     // count goes on from where it was (carried in the switch's pause).
     let later_max = later.iter().copied().max().unwrap_or(last);
-    std::fs::write(vm.path("counted2.c"), COUNTED.replace("[own]", "[own2]")).expect("counted2.c");
-    let (out2, src2) = (vm.path("counted2.lup"), vm.path("counted2.c"));
-    vm.ok(&[
-        "build",
-        "--kernel",
-        &k,
-        "--key",
-        p(&key),
-        "--name",
-        "counted2",
-        "-o",
-        p(&out2),
-        p(&src2),
-    ]);
+    let out2 = vm.build("counted2", &COUNTED.replace("[own]", "[own2]"));
     vm.ok(&["patch", "--vm", "wc", "--replace", p(&out2)]);
     let mark = vm.serial().len();
     vm.wait_lines("[own2] ", 2, 60);
-    let carried: Vec<u64> = vm.serial()[mark..]
-        .lines()
-        .filter_map(|l| l.split("[own2] ").nth(1)?.split(' ').next()?.parse().ok())
-        .collect();
+    let carried = own_counts(&vm.serial()[mark..], "[own2] ");
     assert!(
         carried.iter().all(|&n| n > later_max),
         "the count restarted: {carried:?} after {later_max}"

@@ -822,6 +822,9 @@ impl Patcher {
         let view = k.and_then(|k| View::new(g, k).ok().map(|v| (k, v)));
         let mut patches = self.state.applied.clone();
         for a in &mut patches {
+            // The `.lup` kept to hold a module's part again (hundreds of
+            // KB of hex) is the VMM's own state, not listed.
+            a.source = None;
             for d in &mut a.data {
                 d.stats = self
                     .tracker
