@@ -772,6 +772,19 @@ pub fn build(
             t.elapsed().as_secs_f64(),
         ));
         let t = Instant::now();
+        // Where the diff moved the lines of each object's C file (read
+        // once: an object may be diffed twice).
+        let lines: Vec<Option<LineMap>> = originals
+            .iter()
+            .map(|(c, _, _)| {
+                c_files.contains(c).then(|| {
+                    let text = |p: PathBuf| {
+                        String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
+                    };
+                    LineMap::between(&text(source.join(c)), &text(scratch.join(c)))
+                })
+            })
+            .collect();
         // One object's diff; `globals`: new global variables of it that
         // other objects' patch code uses (placed even if nothing else of
         // it changed).
@@ -787,17 +800,11 @@ pub fn build(
             // patch takes its own copy, and checks again what that copy
             // calls.
             let mut copies: Vec<String> = Vec::new();
-            // Where the diff moved the lines of the object's C file.
-            let lines = c_files.contains(c).then(|| {
-                let text = |p: PathBuf| {
-                    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
-                };
-                LineMap::between(&text(source.join(c)), &text(scratch.join(c)))
-            });
+            let lines = lines[i].as_ref();
             let d = loop {
                 let opts = DiffOptions {
                     own_copies: &copies,
-                    lines: lines.as_ref(),
+                    lines,
                     new_globals: globals,
                 };
                 let d = match module_of.iter().find(|(o, _)| *o == objs) {

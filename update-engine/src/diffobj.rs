@@ -130,11 +130,9 @@ pub fn unproven_clones(
     let (a_alts, b_alts) = (a.alternatives()?, b.alternatives()?);
     let mut involved: BTreeSet<String> = diff.references.keys().cloned().collect();
     if !diff.object.is_empty() {
-        let f = object::File::parse(&*diff.object).map_err(|e| e.to_string())?;
-        for s in f.symbols().filter(|s| s.is_undefined()) {
-            if let Ok(n) = s.name() {
-                involved.insert(n.split('#').next().unwrap_or(n).to_owned());
-            }
+        object::File::parse(&*diff.object).map_err(|e| e.to_string())?;
+        for n in undefined_symbols(&diff.object) {
+            involved.insert(n.split('#').next().unwrap_or(&n).to_owned());
         }
     }
     let same = |f: &str| -> Result<bool, String> {
@@ -1931,12 +1929,8 @@ int show(int x) { printk("show %d\n", x); return helper(x); }
 "#;
 
     fn undefined(obj: &[u8]) -> BTreeSet<String> {
-        let f = object::File::parse(obj).expect("patch object");
-        f.symbols()
-            .filter(|s| s.is_undefined())
-            .filter_map(|s| s.name().ok().map(str::to_owned))
-            .filter(|n| !n.is_empty())
-            .collect()
+        object::File::parse(obj).expect("patch object");
+        undefined_symbols(obj)
     }
 
     /// The names of the functions `d` replaces.
