@@ -111,6 +111,13 @@ pub struct BuildArgs {
     /// SYMBOL.MEMBER (repeatable).
     #[arg(long = "narrow", value_name = "SYMBOL.MEMBER")]
     pub narrow: Vec<String>,
+    /// Move the kernel data that points into SYMBOL (a `--data` object: a
+    /// sysctl table's `.data`, say) to the new copy while the patch is
+    /// applied, and back at revert (repeatable). Without it such pointers
+    /// keep the old copy in use: the change never retires. Code that
+    /// follows them must accept the new layout at the address they point to.
+    #[arg(long = "repoint", value_name = "SYMBOL")]
+    pub repoint: Vec<String>,
     /// A module of the target build (its `.ko` from the kernel package)
     /// whose functions the sources replace (repeatable): a source whose
     /// functions the module defines is linked against that module in the
@@ -699,6 +706,13 @@ fn data_changes(
         .map(|s| (s.name.clone(), s.addr, s.size))
         .collect();
     let skip: Vec<(u64, u64)> = [init, text].into_iter().flatten().collect();
+    for r in &args.repoint {
+        if !args.data.iter().any(|d| d.split(':').next() == Some(r)) {
+            return Err(CliError::Usage(format!(
+                "--repoint {r}: {r} is not an object the patch changes (give --data {r}:STRUCT)"
+            )));
+        }
+    }
     for spec in &args.data {
         let (symbol, type_spec) = spec.split_once(':').ok_or_else(|| {
             CliError::Usage(format!(
@@ -810,14 +824,49 @@ fn data_changes(
             .into_iter()
             .filter(|u| !functions.iter().any(|f| &f.old == u))
             .collect();
-        // Kernel data pointing into the object: no patch can replace it.
+        // Kernel data pointing into the object: no patch can replace it;
+        // with --repoint it moves to the new copy while the patch is applied.
+        let repoint = args.repoint.iter().any(|r| r == symbol);
         for at in data_pointers(image, &skip, sym.addr, end) {
-            let name = ksyms
-                .symbolize(at)
+            let holder = ksyms.symbolize(at);
+            let name = holder
+                .as_ref()
                 .map(|(s, off)| format!("{}+{off:#x}", s.name))
                 .unwrap_or_else(|| format!("{at:#x}"));
-            change.users_left.push(format!("data {name}"));
+            if !repoint {
+                change.users_left.push(format!("data {name}"));
+                continue;
+            }
+            let Some((h, offset)) = holder else {
+                return Err(CliError::Usage(format!(
+                    "--repoint {symbol}: the kernel word at {at:#x} points into it and belongs                      to no symbol: lucos cannot find it again in the running kernel"
+                )));
+            };
+            let value = image
+                .read(at, 8)
+                .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+            let pointer = update_engine::data::Pointer {
+                holder: h.name.clone(),
+                holder_file: (ksyms.all_named(&h.name).len() > 1)
+                    .then(|| h.file.clone())
+                    .flatten(),
+                offset,
+                target: value - sym.addr,
+            };
+            if change.map_offset(pointer.target).is_none() {
+                return Err(CliError::Usage(format!(
+                    "--repoint {symbol}: {name} points to byte {:#x} of it, which the new layout                      removes",
+                    pointer.target
+                )));
+            }
+            change.repoint.push(pointer);
         }
+        if repoint && change.repoint.is_empty() {
+            return Err(CliError::Usage(format!(
+                "--repoint {symbol}: no kernel data points into it"
+            )));
+        }
+        change.check().map_err(CliError::Usage)?;
         out.push(change);
     }
     Ok(out)
@@ -997,6 +1046,13 @@ pub fn inspect(path: &Path, json: bool, key: Option<&Path>) -> Result<i32, CliEr
                 d.users_left.join(", ")
             );
         }
+        for p in &d.repoint {
+            let to = d.map_offset(p.target).unwrap_or_default();
+            println!(
+                "  repoint   {p}: {}+{:#x} -> new copy +{to:#x} while applied",
+                d.symbol, p.target
+            );
+        }
     }
     for (n, d) in &lup.objects {
         println!("object      {n} ({} bytes)", d.len());
@@ -1165,6 +1221,15 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
                 println!(
                     "            old copy still used by {}",
                     d.users_left.join(", ")
+                );
+            }
+            if let Some(w) = &st.waiting {
+                println!("            not retired yet: {w}");
+            }
+            for r in &d.repointed {
+                println!(
+                    "            {} points at the new copy ({:#x}, was {:#x})",
+                    r.word, r.new, r.old
                 );
             }
         }

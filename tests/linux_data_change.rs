@@ -8,8 +8,16 @@
 //! coherent both ways while the guest reads file-nr in a loop on the other
 //! vCPU: a value written to file-max (old copy) shows in file-nr (new
 //! copy), and a value the patched code writes (a floor on max_files) shows
-//! in file-max. The change never retires (kernel data points into the
+//! in file-max. That change never retires (kernel data points into the
 //! object); revert brings the old layout back with the values kept.
+//!
+//! Then the same change once more, now with every function that uses the
+//! object replaced and the sysctl table's pointers moved to the new copy
+//! (`--repoint`): it retires while the guest goes on writing file-max (no
+//! more traps, nothing transferred, the values written after retirement
+//! show through both the repointed table and the patched reader), and its
+//! revert after retirement brings the old layout back with the last value
+//! written.
 
 mod common;
 
@@ -52,12 +60,80 @@ int proc_nr_files(struct ctl_table *table, int write, void *buffer, size_t *lenp
 }
 "#;
 
+/// The change with every user of the object replaced: the reader, and the
+/// two unpatched users, `get_max_files` and `alloc_empty_file` (their code
+/// as in fs/file_table.c, compiled against the new layout).
+const FSALL: &str = r#"#include <linux/sysctl.h>
+#include <linux/percpu_counter.h>
+#include <linux/capability.h>
+#include <linux/err.h>
+
+struct file;
+struct cred;
+
+struct files_stat_struct {
+	unsigned long nr_files;
+	unsigned long nr_free_files;
+	unsigned long max_files;
+	unsigned long nr_reads;
+};
+
+extern struct files_stat_struct files_stat;
+extern struct percpu_counter nr_files;
+struct file *__alloc_file(int flags, const struct cred *cred);
+
+#define LUCOS_MIN_FILES 8192
+
+int proc_nr_files(struct ctl_table *table, int write, void *buffer, size_t *lenp, loff_t *ppos)
+{
+	struct ctl_table t = *table;
+
+	files_stat.nr_files = percpu_counter_read_positive(&nr_files);
+	if (files_stat.max_files < LUCOS_MIN_FILES)
+		files_stat.max_files = LUCOS_MIN_FILES;
+	files_stat.nr_reads++;
+	t.data = &files_stat;
+	t.maxlen = sizeof(files_stat);
+	return proc_doulongvec_minmax(&t, write, buffer, lenp, ppos);
+}
+
+unsigned long get_max_files(void)
+{
+	return files_stat.max_files;
+}
+
+struct file *alloc_empty_file(int flags, const struct cred *cred)
+{
+	static long old_max;
+	struct file *f;
+
+	if (percpu_counter_read_positive(&nr_files) >= files_stat.max_files &&
+	    !capable(CAP_SYS_ADMIN)) {
+		if (percpu_counter_sum_positive(&nr_files) >= files_stat.max_files)
+			goto over;
+	}
+	f = __alloc_file(flags, cred);
+	if (!IS_ERR(f))
+		percpu_counter_inc(&nr_files);
+	return f;
+over:
+	if (percpu_counter_read_positive(&nr_files) > old_max) {
+		pr_info("VFS: file-max limit %lu reached\n", get_max_files());
+		old_max = percpu_counter_read_positive(&nr_files);
+	}
+	return ERR_PTR(-ENFILE);
+}
+"#;
+
 /// Reads file-nr in a loop on one side; on the other, prints file-nr and
 /// file-max, and once file-nr has the new field, writes file-max both ways
-/// and reports what each view says.
+/// and reports what each view says. After that change's revert (3 fields),
+/// once file-nr has 4 fields again (the second change) it writes a new
+/// file-max at every step and reports both views; when the fields are 3
+/// again (reverted), the last value it wrote and what file-max says.
 const WORKLOAD: &str = r#"#!/bin/sh
 (while :; do cat /proc/sys/fs/file-nr > /dev/null; done) &
-step=0
+step=0; k=0; v=0
 while :; do
   fnr=$(tr -s ' \t' ' ' < /proc/sys/fs/file-nr); max=$(cat /proc/sys/fs/file-max)
   echo "@@FNR $fnr MAX $max"
@@ -73,6 +149,16 @@ while :; do
     echo "@@NEW2OLD read_back=$a file_nr_max=$3 file_max=$(cat /proc/sys/fs/file-max)"
     r1=$4; set -- $(cat /proc/sys/fs/file-nr)
     echo "@@READS first=$r1 then=$4"
+  elif [ $# -eq 3 ] && [ $step = 1 ]; then
+    step=2
+  elif [ $# -eq 4 ] && [ $step -ge 2 ]; then
+    step=3; k=$((k + 1)); v=$((300000 + k))
+    echo $v > /proc/sys/fs/file-max
+    set -- $(cat /proc/sys/fs/file-nr)
+    echo "@@ALL k=$k wrote=$v file_nr_max=$3 file_max=$(cat /proc/sys/fs/file-max) fields=$#"
+  elif [ $# -eq 3 ] && [ $step = 3 ]; then
+    step=4
+    echo "@@REVERTED last=$v file_max=$max file_nr_max=$3"
   fi
   sleep 0.3
 done
@@ -97,6 +183,25 @@ $LUCOS revert --vm lx fsfix > /tmp/o 2>&1; echo "@@SCN revert rc=$? $(tr '\n' ' 
 n1=$(wc -l < $LOG); sleep 1.5
 tail -n +$((n1 + 1)) $LOG | grep "@@FNR" | tail -n 1 | sed 's/^/@@SCN after revert /'
 echo "@@SCN list after $($LUCOS list --vm lx --json | tr -d '\n ')"
+$LUCOS patch --vm lx --json $FILES/fsall.lup > /tmp/o 2>&1; echo "@@SCN apply2 rc=$? $(tr -d '\n ' < /tmp/o)"
+i=0
+while :; do
+  $LUCOS list --vm lx --json | tr -d '\n ' > /tmp/l
+  grep -q '"state":"retired"' /tmp/l && break
+  i=$((i + 1)); [ $i -gt 600 ] && break
+  sleep 0.5
+done
+echo "@@SCN retired $(cat /tmp/l)"
+$LUCOS status --vm lx | grep -o "writes trapped [0-9]*" | sed 's/^/@@SCN at retirement /'
+n3=$(wc -l < $LOG); j=0
+until tail -n +$((n3 + 1)) $LOG | grep -q "@@ALL.*fields=4"; do
+  sleep 0.2; j=$((j + 1)); [ $j -gt 900 ] && break
+done
+tail -n +$((n3 + 1)) $LOG | grep "@@ALL.*fields=4" | head -n 1 | sed 's/^/@@SCN after retire /'
+echo "@@SCN list retired $($LUCOS list --vm lx --json | tr -d '\n ')"
+$LUCOS status --vm lx | grep -o "writes trapped [0-9]*" | sed 's/^/@@SCN later /'
+$LUCOS revert --vm lx fsall > /tmp/o 2>&1; echo "@@SCN revert2 rc=$? $(tr '\n' ' ' < /tmp/o)"
+wait_log "@@REVERTED" && grep "@@REVERTED" $LOG | sed 's/^/@@SCN /'
 $LUCOS status --vm lx | sed 's/^/@@SCN status /'
 $LUCOS stop --vm lx >/dev/null
 "#;
@@ -122,12 +227,38 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
         FSFIX,
         &["--data", "files_stat:files_stat_struct"],
     );
-    let shown = Command::new(env!("CARGO_BIN_EXE_lucos"))
-        .arg("inspect")
-        .arg(files.join("fsfix.lup"))
-        .output()
-        .expect("inspect");
-    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    build_patch(
+        &files,
+        &kbuild,
+        &vmlinux,
+        "fsall",
+        FSALL,
+        &[
+            "--data",
+            "files_stat:files_stat_struct",
+            "--repoint",
+            "files_stat",
+        ],
+    );
+    let inspect = |name: &str| {
+        let shown = Command::new(env!("CARGO_BIN_EXE_lucos"))
+            .arg("inspect")
+            .arg(files.join(format!("{name}.lup")))
+            .output()
+            .expect("inspect");
+        String::from_utf8_lossy(&shown.stdout).into_owned()
+    };
+    // Every user replaced, both pointers of the sysctl table moved: none
+    // left (`file-nr`'s .data to the start, `file-max`'s to max_files).
+    let all = inspect("fsall");
+    assert!(!all.contains("still used by"), "{all}");
+    for what in [
+        "repoint   fs_stat_sysctls+0x8: files_stat+0x0 -> new copy +0x0",
+        "repoint   fs_stat_sysctls+0x48: files_stat+0x10 -> new copy +0x10",
+    ] {
+        assert!(all.contains(what), "inspect shows {what}:\n{all}");
+    }
+    let shown = inspect("fsfix");
     for what in [
         "files_stat (struct files_stat_struct x 1): 24 -> 32 bytes each",
         "nr_reads",
@@ -199,5 +330,51 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
     assert!(after.ends_with("MAX 8192"), "{after}");
     let l = line("@@SCN list after ");
     assert!(!l.contains("files_stat"), "{l}");
+
+    // The second change retires: no user of the old copy is left, and no
+    // register or stack holds a pointer into it.
+    assert!(line("@@SCN apply2 ").contains("rc=0 "), "{}", out.text);
+    let json = |prefix: &str| -> serde_json::Value {
+        let l = line(prefix);
+        serde_json::from_str(&l[prefix.len()..]).unwrap_or_else(|e| panic!("{e}: {l}"))
+    };
+    let retired = json("@@SCN retired ");
+    let d = &retired["patches"][0]["data"][0];
+    assert_eq!(d["stats"]["state"], "retired", "{retired}");
+    assert_eq!(
+        d["repointed"].as_array().map(Vec::len),
+        Some(2),
+        "{retired}"
+    );
+    // After retirement file-max writes go to the new copy through the
+    // repointed table, and the patched reader shows them: one copy.
+    let after = line("@@SCN after retire ");
+    let wrote = out.value("@@SCN after retire", "wrote").expect("wrote");
+    assert!(
+        after.contains(&format!("file_nr_max={wrote} file_max={wrote} fields=4")),
+        "{after}"
+    );
+    // Nothing trapped or transferred since it retired, though the guest
+    // wrote the new copy (file-max, and the reader's counters at every read).
+    let later = json("@@SCN list retired ");
+    let d2 = &later["patches"][0]["data"][0];
+    assert_eq!(d2["stats"]["state"], "retired", "{later}");
+    assert_eq!(d2["stats"]["transfers"], d["stats"]["transfers"], "{later}");
+    let traps = |prefix: &str| line(prefix).rsplit(' ').next().map(str::to_owned);
+    assert_eq!(
+        traps("@@SCN at retirement writes trapped"),
+        traps("@@SCN later writes trapped"),
+        "{}",
+        out.text
+    );
+    // Reverted after retirement: the old layout, with the last value the
+    // guest wrote into the new copy.
+    assert!(line("@@SCN revert2 ").contains("rc=0 "), "{}", out.text);
+    let last = out.value("@@SCN @@REVERTED", "last").expect("last");
+    let r = line("@@SCN @@REVERTED ");
+    assert!(
+        r.contains(&format!("file_max={last} file_nr_max={last}")),
+        "{r}"
+    );
     assert!(line("@@SCN status ").contains("running"), "{}", out.text);
 }

@@ -708,5 +708,9 @@ fn run_once(
         !timed_out,
         "scenario {name} ran past {timeout:?} in {where_}:\n{text}"
     );
+    // What the scenario reported (shown with --nocapture, or when the test fails).
+    for l in text.lines().filter(|l| l.starts_with("@@SCN")) {
+        eprintln!("{l}");
+    }
     Ok(ScenarioOutput { text, where_ })
 }

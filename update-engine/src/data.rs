@@ -131,6 +131,32 @@ pub struct DataChange {
     /// The patch's C transfer functions (`.lup` format 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub c: Option<CTransfer>,
+    /// Kernel data words pointing into the object that the patch moves to
+    /// the new copy while it is applied (`lucos build --repoint`): written
+    /// in the switch's pause, put back at revert. Not users left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repoint: Vec<Pointer>,
+}
+
+/// A kernel data word that points into a changed object: `holder+offset`
+/// holds the object's address plus `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pointer {
+    /// The kernel symbol holding the pointer (a sysctl table, say).
+    pub holder: String,
+    /// Its object file, for a local symbol whose name is not unique.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_file: Option<String>,
+    /// Byte offset of the pointer in the holder.
+    pub offset: u64,
+    /// Byte offset in the old object it points to.
+    pub target: u64,
+}
+
+impl std::fmt::Display for Pointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}+{:#x}", self.holder, self.offset)
+    }
 }
 
 /// What the patch author declared for one change (`lucos build --data`).
@@ -388,6 +414,7 @@ pub fn derive(
         members,
         users_left: Vec::new(),
         c: declared.c.clone(),
+        repoint: Vec::new(),
     };
     change.check()?;
     Ok(change)
@@ -527,6 +554,14 @@ impl DataChange {
                 ));
             }
         }
+        for p in &self.repoint {
+            if self.map_offset(p.target).is_none() {
+                return bad(format!(
+                    "{p} points to byte {:#x}, which has no place in the new layout",
+                    p.target
+                ));
+            }
+        }
         if let Some(m) = self.members.iter().find(|m| m.by_c && self.c.is_none()) {
             return bad(format!(
                 "member {} is carried by C transfer functions the patch does not have",
@@ -549,6 +584,31 @@ impl DataChange {
             }
         }
         Ok(())
+    }
+
+    /// Where byte `off` of the old object is in the new copy: an element's
+    /// start maps to the new element's start (a pointer to the struct), a
+    /// byte of a member to the same byte of it in the new layout, the end
+    /// to the end. `None` for a member the patch removes or narrows past
+    /// `off`, padding, or past the end.
+    pub fn map_offset(&self, off: u64) -> Option<u64> {
+        if off == self.old_bytes() {
+            return Some(self.new_bytes());
+        }
+        let (elem, within) = (off / self.old_size, off % self.old_size);
+        if elem >= self.count {
+            return None;
+        }
+        let base = elem * self.new_size;
+        if within == 0 {
+            return Some(base);
+        }
+        self.members.iter().find_map(|m| {
+            let (o, n) = (m.old?, m.new?);
+            let at = within.checked_sub(u64::from(o.offset))?;
+            (at < u64::from(o.size) && at < u64::from(n.size))
+                .then(|| base + u64::from(n.offset) + at)
+        })
     }
 
     /// One element in the new layout, from one in the old (old→new).
@@ -700,6 +760,32 @@ mod tests {
     }
 
     #[test]
+    fn a_pointer_into_the_old_object_maps_by_member_and_element() {
+        let mut c = derive("stats", 2, &old(), &new(), &Declared::default()).expect("derive");
+        // An element's start: the new element's start (a pointer to it).
+        assert_eq!(c.map_offset(0), Some(0));
+        assert_eq!(c.map_offset(24), Some(40));
+        // A member, inside a member, in the second element.
+        assert_eq!(c.map_offset(16), Some(24));
+        assert_eq!(c.map_offset(24 + 8), Some(40 + 16));
+        assert_eq!(c.map_offset(5), Some(9));
+        // The end maps to the end.
+        assert_eq!(c.map_offset(48), Some(80));
+        // A removed member, and past the end: nowhere.
+        assert_eq!(c.map_offset(12), None);
+        assert_eq!(c.map_offset(49), None);
+        // A manifest pointing nowhere is refused by name.
+        c.repoint.push(Pointer {
+            holder: "table".into(),
+            holder_file: None,
+            offset: 8,
+            target: 12,
+        });
+        let e = c.check().expect_err("removed member");
+        assert!(e.contains("table+0x8") && e.contains("0xc"), "{e}");
+    }
+
+    #[test]
     fn refuses_what_it_cannot_derive_by_name() {
         let none = Declared::default();
         let mut n = new();
@@ -843,6 +929,9 @@ pub struct Tracked {
     /// The patch objects `c` was linked from (what another VMM process
     /// taking the guest over links again).
     pub c_objects: Option<std::sync::Arc<PatchObjects>>,
+    /// What held the last retirement check back (a task in old code, a
+    /// register holding a pointer into the old copy).
+    pub waiting: std::sync::Mutex<Option<String>>,
 }
 
 /// A patch's objects: (name, ELF bytes).
@@ -888,6 +977,7 @@ impl Tracked {
             c: None,
             failures: Default::default(),
             c_objects: None,
+            waiting: Default::default(),
         }
     }
 
@@ -922,6 +1012,9 @@ pub struct DataStats {
     /// past its time limit): each is logged with its cause.
     #[serde(default)]
     pub failures: u64,
+    /// While tracking: what held the last retirement check back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// The data changes of one VM being tracked, shared by the patcher (which
@@ -1088,7 +1181,19 @@ impl DataTracker {
             transfers: t.transfers.load(Relaxed),
             transfer_ns: t.transfer_ns.load(Relaxed),
             failures: t.failures.load(Relaxed),
+            waiting: if t.retired.load(Relaxed) {
+                None
+            } else {
+                t.waiting.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            },
         })
+    }
+
+    /// Notes what held `owner`'s retirement back this time.
+    pub fn waiting(&self, owner: &str, why: String) {
+        if let Some(t) = self.get(owner) {
+            *t.waiting.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        }
     }
 
     /// After `data` was written at `gpa` in one of `owner`'s copies (the

@@ -3,7 +3,8 @@
 //! ```text
 //! "LUCOSLUP"             8 bytes magic
 //! format version         u32 LE (1, 2 with data changes, 3 with C transfer
-//!                        functions, 4 with functions of modules)
+//!                        functions, 4 with functions of modules, 5 with
+//!                        kernel pointers repointed to new copies)
 //! manifest length        u32 LE, then the manifest as JSON
 //! object count           u32 LE, then per object:
 //!   name length u16 LE, name, data length u32 LE, data (relocatable ELF)
@@ -25,19 +26,23 @@ pub use ed25519_dalek::{SigningKey, VerifyingKey};
 
 /// Magic at the start of every `.lup`.
 pub const MAGIC: &[u8; 8] = b"LUCOSLUP";
-/// The newest container format version this build reads and writes: 4 for
+/// The newest container format version this build reads and writes: 5 for
+/// a patch whose data changes repoint kernel pointers (a lucos ignoring
+/// them would retire a change the kernel still reaches), 4 for
 /// a patch that replaces functions of modules, 3 for one whose data changes
 /// have C transfer functions, 2 for one with only derived data changes, 1
 /// for every other (a lucos that reads an older version refuses a newer
 /// patch rather than apply it without what it does not know: a lucos
 /// without modules would look a module's function up in vmlinux).
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 fn format_version(m: &Manifest) -> u32 {
     if !m.modules.is_empty() {
         4
     } else if m.data.is_empty() {
         1
+    } else if m.data.iter().any(|d| !d.repoint.is_empty()) {
+        5
     } else if m.data.iter().all(|d| d.c.is_none()) {
         2
     } else {
@@ -683,5 +688,33 @@ mod tests {
         bad.modules.push(bad.modules[0].clone());
         let e = Lup::parse(&Lup::new(bad, o, None).to_bytes(), "p").expect_err("twice");
         assert!(e.to_string().contains("named twice"), "{e}");
+    }
+
+    #[test]
+    fn a_patch_that_repoints_kernel_pointers_is_format_5_and_older_readers_refuse_it() {
+        let (mut m, o) = sample();
+        let change: crate::data::DataChange = serde_json::from_str(
+            r#"{"symbol": "files_stat", "type_name": "files_stat_struct", "count": 1,
+                "old_size": 8, "new_size": 16, "users_left": [],
+                "members": [
+                  {"name": "max", "old": {"offset": 0, "size": 8, "int": true, "signed": false},
+                                  "new": {"offset": 8, "size": 8, "int": true, "signed": false}}],
+                "repoint": [{"holder": "fs_stat_sysctls", "offset": 72, "target": 0}]}"#,
+        )
+        .expect("change");
+        m.data.push(change.clone());
+        let bytes = Lup::new(m.clone(), o.clone(), None).to_bytes();
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().expect("4")), 5);
+        let lup = Lup::parse(&bytes, "p").expect("parse");
+        assert_eq!(lup.manifest.data[0].repoint[0].to_string(), "fs_stat_sysctls+0x48");
+        // Written as format 2 (what a lucos without repointing reads): refused.
+        let mut old = bytes.clone();
+        old[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let e = Lup::parse(&old, "p").expect_err("version");
+        assert!(e.to_string().contains("does not match its manifest"), "{e}");
+        // Without the pointers it is format 2 again.
+        m.data[0].repoint.clear();
+        let bytes = Lup::new(m, o, None).to_bytes();
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().expect("4")), 2);
     }
 }

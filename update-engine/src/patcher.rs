@@ -337,6 +337,29 @@ pub struct AppliedData {
     /// Guest-physical start of the old copy.
     #[serde(default, with = "symbol_db::hex_u64")]
     pub old_gpa: u64,
+    /// Kernel data words pointing at the new copy while the patch is
+    /// applied (at the old one before and after).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repointed: Vec<Repointed>,
+}
+
+/// A kernel data word a data change points at its new copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repointed {
+    /// `HOLDER+OFFSET`.
+    pub word: String,
+    /// Guest-virtual address of the word.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub addr: u64,
+    /// Its guest-physical address.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub gpa: u64,
+    /// The pointer into the old copy.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub old: u64,
+    /// The pointer into the new copy.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub new: u64,
 }
 
 /// `bytes` as space-separated hex.
@@ -738,6 +761,8 @@ struct PlacedData {
     /// New copy: offset in the area, guest-virtual.
     new_offset: u64,
     new_va: u64,
+    /// Kernel data words moved to the new copy.
+    repointed: Vec<Repointed>,
 }
 
 /// One site the switch writes, with what the state keeps of it.
@@ -916,6 +941,14 @@ impl Patcher {
                 } else {
                     (vec![crate::data::old_owner(&owner)], Vec::new())
                 };
+                // Nothing may be in the old code, nor hold a pointer into the
+                // old copy (generic code that followed a repointed word).
+                let old_copy = Leaving {
+                    function: format!("{} (old copy)", d.symbol),
+                    start: d.old_addr,
+                    end: d.old_addr + d.old_bytes,
+                    data: true,
+                };
                 let plan = Plan {
                     leaving: a
                         .functions
@@ -924,7 +957,9 @@ impl Patcher {
                             function: format!("{} (old code)", f.function),
                             start: f.old_addr,
                             end: f.old_addr + f.old_size,
+                            data: false,
                         })
+                        .chain([old_copy])
                         .collect(),
                     release,
                     protect,
@@ -935,7 +970,14 @@ impl Patcher {
                         self.tracker.retire(&owner);
                         done.push(format!("{}:{}", a.name, d.symbol));
                     }
-                    Err(SwitchError::Busy { .. }) => {}
+                    Err(SwitchError::Busy {
+                        who,
+                        active,
+                        others,
+                        ..
+                    }) => self
+                        .tracker
+                        .waiting(&owner, format!("{who} {active}{}", switch::also(&others))),
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -1609,11 +1651,44 @@ impl Patcher {
                     d.symbol
                 )));
             }
+            let new_va = va + start + code + off;
+            let mut repointed = Vec::new();
+            for p in &d.repoint {
+                let holder = match &p.holder_file {
+                    Some(file) => k.symbols.lookup_in(&p.holder, file),
+                    None => k.symbols.lookup(&p.holder),
+                }
+                .map_err(|e| UpdateError::Symbol {
+                    patch: lup.manifest.name.clone(),
+                    why: format!("{p} (points into {}): {e}", d.symbol),
+                })?;
+                let addr = holder.addr + p.offset;
+                if addr % 8 != 0 || (holder.size != 0 && p.offset + 8 > holder.size) {
+                    return Err(PatchError::Map(format!(
+                        "{p} (points into {}) is not an aligned word inside {} ({} bytes)",
+                        d.symbol, p.holder, holder.size
+                    )));
+                }
+                let to = d.map_offset(p.target).ok_or_else(|| {
+                    PatchError::Map(format!(
+                        "{p}: byte {:#x} of {} has no new place",
+                        p.target, d.symbol
+                    ))
+                })?;
+                repointed.push(Repointed {
+                    word: p.to_string(),
+                    addr,
+                    gpa: gpa_of(addr)?,
+                    old: sym.addr + p.target,
+                    new: new_va + to,
+                });
+            }
             data.push(PlacedData {
                 old_va: sym.addr,
                 old_gpa,
                 new_offset: start + code + off,
-                new_va: va + start + code + off,
+                new_va,
+                repointed,
             });
         }
         Ok(Placed {
@@ -1650,6 +1725,7 @@ impl Patcher {
                 function: format!("{function} (the bytes being rewritten)"),
                 start: addr + 1,
                 end: addr + TRAMPOLINE_LEN as u64,
+                data: false,
             }],
         };
         let m = &lup.manifest;
@@ -1769,6 +1845,18 @@ impl Patcher {
                 len: d.new_bytes(),
                 access: vmm_core::write_control::Access::Trapped,
             });
+        }
+        // Kernel data pointing into a changed object moves to the new copy
+        // in the same pause (checked to still point where it did).
+        for (d, p) in m.data.iter().zip(&placed.data) {
+            for r in &p.repointed {
+                plan.writes.push(Write {
+                    what: format!("{} (points into {})", r.word, d.symbol),
+                    gpa: r.gpa,
+                    expect: r.old.to_le_bytes().to_vec(),
+                    bytes: r.new.to_le_bytes().to_vec(),
+                });
+            }
         }
         // The patch's own variables: whole pages the guest writes natively
         // (read-write slots in the otherwise read-only area), opened in the
@@ -1959,6 +2047,7 @@ impl Patcher {
                     stats: Default::default(),
                     change: Some(d.clone()),
                     old_gpa: p.old_gpa,
+                    repointed: p.repointed.clone(),
                 })
                 .collect(),
         });
@@ -1982,6 +2071,7 @@ impl Patcher {
             function: function.to_owned(),
             start: addr,
             end: addr + size.max(TRAMPOLINE_LEN as u64),
+            data: false,
         }];
         for a in &self.state.applied {
             if a.functions.iter().any(|f| f.old_addr == addr && !a.gone(f)) {
@@ -1989,6 +2079,7 @@ impl Patcher {
                     function: format!("{function} of patch {}", a.name),
                     start: a.code_addr,
                     end: a.code_addr + a.code_bytes,
+                    data: false,
                 });
             }
         }
@@ -2775,6 +2866,7 @@ impl Patcher {
             function: format!("patch {}", target.name),
             start: target.code_addr,
             end: target.code_addr + target.code_bytes,
+            data: false,
         };
         // Sites of a module the guest unloaded went with its memory.
         let sites: Vec<SiteWrite> = target
@@ -2826,6 +2918,15 @@ impl Patcher {
             plan.release.push(crate::data::old_owner(&owner));
             plan.release.push(owner);
             debug_assert!(d.new_addr - va < area.size);
+            // Kernel data moved to the new copy points at the old one again.
+            for r in &d.repointed {
+                plan.writes.push(Write {
+                    what: format!("{} (points into {}'s new copy)", r.word, d.symbol),
+                    gpa: r.gpa,
+                    expect: r.new.to_le_bytes().to_vec(),
+                    bytes: r.old.to_le_bytes().to_vec(),
+                });
+            }
         }
         let switched = switch::switch(g, view.tasks(k), &plan)?;
         let st = &mut self.state;

@@ -30,6 +30,9 @@ pub struct Leaving {
     pub start: u64,
     /// One past the last byte.
     pub end: u64,
+    /// Data, not code: an old copy nothing may hold a pointer into (in a
+    /// register or on a stack), its first byte included.
+    pub data: bool,
 }
 
 impl Leaving {
@@ -58,6 +61,16 @@ pub enum Active {
         /// The word.
         value: u64,
     },
+    /// A register or a stack word holds a pointer into data being left
+    /// (code following a pointer to an old copy).
+    Holding {
+        /// The data.
+        data: String,
+        /// Which register, or where on the stack.
+        place: String,
+        /// The pointer.
+        value: u64,
+    },
 }
 
 impl std::fmt::Display for Active {
@@ -72,6 +85,9 @@ impl std::fmt::Display for Active {
                 f,
                 "inside a call to {function} (return address {value:#x} on its stack at {at:#x})"
             ),
+            Self::Holding { data, place, value } => {
+                write!(f, "holding a pointer into {data} ({value:#x} in {place})")
+            }
         }
     }
 }
@@ -80,7 +96,7 @@ impl std::fmt::Display for Active {
 pub fn check_rip(rip: u64, leaving: &[Leaving]) -> Option<Active> {
     leaving
         .iter()
-        .find(|l| l.contains(rip))
+        .find(|l| !l.data && l.contains(rip))
         .map(|l| Active::Executing {
             function: l.function.clone(),
             rip,
@@ -88,18 +104,47 @@ pub fn check_rip(rip: u64, leaving: &[Leaving]) -> Option<Active> {
 }
 
 /// Whether any 8-byte word of `stack`, which starts at guest-virtual
-/// `base`, points into code being left. A word equal to a range's first byte
-/// is not counted: no call returns to a function's entry, so that is a
-/// function pointer (a callback spilled to the stack), not an activation.
+/// `base`, points into code or data being left. For code a word equal to a
+/// range's first byte is not counted: no call returns to a function's
+/// entry, so that is a function pointer (a callback spilled to the stack),
+/// not an activation. For data every byte counts.
 pub fn check_stack(base: u64, stack: &[u8], leaving: &[Leaving]) -> Option<Active> {
     stack.chunks_exact(8).enumerate().find_map(|(i, w)| {
         let value = u64::from_le_bytes(w.try_into().expect("8-byte chunk"));
+        let at = base + 8 * i as u64;
         leaving
             .iter()
-            .find(|l| l.contains(value) && value != l.start)
-            .map(|l| Active::OnStack {
-                function: l.function.clone(),
-                at: base + 8 * i as u64,
+            .find(|l| l.contains(value) && (l.data || value != l.start))
+            .map(|l| match l.data {
+                true => Active::Holding {
+                    data: l.function.clone(),
+                    place: format!("its stack at {at:#x}"),
+                    value,
+                },
+                false => Active::OnStack {
+                    function: l.function.clone(),
+                    at,
+                    value,
+                },
+            })
+    })
+}
+
+/// Names of the general-purpose registers in [`vmm_core::guest::VcpuState::gprs`]'s order.
+pub const GPR_NAMES: [&str; 16] = [
+    "RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP", "R8", "R9", "R10", "R11", "R12", "R13",
+    "R14", "R15",
+];
+
+/// Whether a general-purpose register holds a pointer into data being left.
+pub fn check_regs(gprs: &[u64; 16], leaving: &[Leaving]) -> Option<Active> {
+    gprs.iter().zip(GPR_NAMES).find_map(|(&value, reg)| {
+        leaving
+            .iter()
+            .find(|l| l.data && l.contains(value))
+            .map(|l| Active::Holding {
+                data: l.function.clone(),
+                place: reg.to_owned(),
                 value,
             })
     })
@@ -123,11 +168,13 @@ mod tests {
                 function: "f".into(),
                 start: 0x1000,
                 end: 0x1040,
+                data: false,
             },
             Leaving {
                 function: "g".into(),
                 start: 0x2000,
                 end: 0x2010,
+                data: false,
             },
         ]
     }
@@ -163,6 +210,40 @@ mod tests {
             }
         );
         assert!(a.to_string().contains("inside a call to g"), "{a}");
+    }
+
+    #[test]
+    fn a_pointer_into_old_data_counts_in_a_register_or_on_a_stack_its_start_too() {
+        let mut l = leaving();
+        l.push(Leaving {
+            function: "stats (old copy)".into(),
+            start: 0x9000,
+            end: 0x9018,
+            data: true,
+        });
+        // RIP never "executes" data; a register pointing to its start holds it.
+        assert_eq!(check_rip(0x9000, &l), None);
+        let mut gprs = [0u64; 16];
+        gprs[1] = 0x1008;
+        assert_eq!(
+            check_regs(&gprs, &l),
+            None,
+            "code in a register is no pointer into data"
+        );
+        gprs[12] = 0x9000;
+        let a = check_regs(&gprs, &l).expect("held");
+        assert!(
+            a.to_string().contains("stats (old copy) (0x9000 in R12)"),
+            "{a}"
+        );
+        let mut stack = vec![0u8; 32];
+        stack[16..24].copy_from_slice(&0x9000u64.to_le_bytes());
+        assert!(matches!(
+            check_stack(0x8000, &stack, &l),
+            Some(Active::Holding { place, .. }) if place == "its stack at 0x8010"
+        ));
+        stack[16..24].copy_from_slice(&0x9018u64.to_le_bytes());
+        assert_eq!(check_stack(0x8000, &stack, &l), None, "one past the end");
     }
 
     #[test]

@@ -390,15 +390,18 @@ fn undo(guest: &dyn Guest, writes: &[Write]) -> Result<(), String> {
     }
 }
 
-/// Whether paused vCPU `v` is in kernel code being left: its RIP, or a word
-/// on the live part of its kernel stack (read through its own page tables).
+/// Whether paused vCPU `v` is in kernel code being left, or holds a pointer
+/// into data being left: its RIP or registers, or a word on the live part
+/// of its kernel stack (read through its own page tables).
 /// A vCPU in user mode has no kernel call in progress.
 fn vcpu_active(paused: &Paused<'_>, v: u8, leaving: &[Leaving]) -> Result<Option<Active>, String> {
     let s = paused.vcpu(v).map_err(|e| e.to_string())?;
     if s.cpl != 0 {
         return Ok(None);
     }
-    if let Some(a) = safety::check_rip(s.rip, leaving) {
+    if let Some(a) =
+        safety::check_rip(s.rip, leaving).or_else(|| safety::check_regs(&s.gprs, leaving))
+    {
         return Ok(Some(a));
     }
     let (from, end) = safety::live_stack(s.rsp);

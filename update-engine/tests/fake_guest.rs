@@ -83,6 +83,7 @@ fn user() -> VcpuState {
         rsp: 0x7f_0000,
         cpl: 3,
         paging: paging(),
+        gprs: [0; 16],
     }
 }
 
@@ -92,6 +93,7 @@ fn kernel_at(rip: u64, rsp: u64) -> VcpuState {
         rsp,
         cpl: 0,
         paging: paging(),
+        gprs: [0; 16],
     }
 }
 

@@ -46,6 +46,9 @@ pub struct VcpuState {
     pub cpl: u8,
     /// Its paging registers.
     pub paging: PagingState,
+    /// General-purpose registers: RAX, RBX, RCX, RDX, RSI, RDI, RBP, RSP,
+    /// R8 to R15 (what code running there holds, pointers included).
+    pub gprs: [u64; 16],
 }
 
 /// Where the VMM-owned patch area is: guest-physical, outside RAM,

@@ -573,6 +573,10 @@ impl crate::guest::Guest for Vm {
             rsp: r.rsp,
             cpl: (s.cs.selector & 3) as u8,
             paging: PagingState::from(&s),
+            gprs: [
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
+                r.r12, r.r13, r.r14, r.r15,
+            ],
         })
     }
 
