@@ -781,3 +781,155 @@ fn tracked_data_changes_stay_coherent_through_vmm_upgrades_and_retire_after_one(
     vm.ok_when_not_busy(&["revert", "--vm", "dc", "stats3"]);
     vm.check_reports(at, 3);
 }
+
+/// mode=ctl's object with a member added in front (`max` and `used` move),
+/// and its one user by name, which now also counts charges in the added
+/// member. The ctl table's pointers are not in the patch: generic code.
+const LIMITS2: &str = r#"typedef unsigned long u64;
+
+struct tk_limits {
+	u64 charges;
+	u64 max;
+	u64 used;
+};
+
+extern struct tk_limits tk_limits;
+
+u64 limits_charge(u64 n)
+{
+	__atomic_add_fetch(&tk_limits.charges, 1, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&tk_limits.used, n, __ATOMIC_RELAXED);
+	return __atomic_load_n(&tk_limits.max, __ATOMIC_RELAXED);
+}
+"#;
+
+impl Vm {
+    /// Waits for `n` more `[tk] ctl round` reports after byte `from` of the
+    /// serial log, each `ok`: the limit set through the ctl table's pointer
+    /// is the one the charge was made against, and `used` read through the
+    /// table holds every charge counted.
+    fn check_ctl(&self, from: usize, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let out = self.serial();
+            let rounds: Vec<&str> = out[from.min(out.len())..]
+                .lines()
+                .filter(|l| l.starts_with("[tk] ctl round "))
+                .collect();
+            if let Some(bad) = rounds.iter().find(|l| !l.contains(" ok ")) {
+                panic!("{bad}\n{out}");
+            }
+            if rounds.len() >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} ctl reports not seen in 120 s:\n{out}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn inspect(&self, name: &str) -> String {
+        self.ok(&["inspect", p(&self.path(&format!("{name}.lup")))])
+    }
+}
+
+#[test]
+fn kernel_pointers_into_a_changed_object_move_to_the_new_copy_and_it_retires() {
+    let vm = Vm::start_with("data-repoint", "tasks=2 iters=0 report=200 mode=ctl");
+    vm.check_ctl(0, 2);
+    // Without --repoint the ctl table's pointers keep the old copy in use.
+    let o = vm.build("limits1", LIMITS2, &["--data", "tk_limits:tk_limits"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let shown = vm.inspect("limits1");
+    assert!(
+        shown.contains("still used by data tk_ctls+0x8, data tk_ctls+0x18"),
+        "{shown}"
+    );
+    let o = vm.build(
+        "limits2",
+        LIMITS2,
+        &["--data", "tk_limits:tk_limits", "--repoint", "tk_limits"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let shown = vm.inspect("limits2");
+    assert!(!shown.contains("still used by"), "{shown}");
+    // `&tk_limits.max` is `&tk_limits`: it follows `max` to its new place.
+    for r in [
+        "repoint   tk_ctls+0x8: tk_limits+0x0 -> new copy +0x8",
+        "repoint   tk_ctls+0x18: tk_limits+0x8 -> new copy +0x10",
+    ] {
+        assert!(shown.contains(r), "{r}:\n{shown}");
+    }
+    for round in 0..2 {
+        let at = vm.serial().len();
+        vm.ok(&["patch", "--vm", "dc", p(&vm.path("limits2.lup"))]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let l = loop {
+            let l = vm.list();
+            if l["patches"][0]["data"][0]["stats"]["state"] == "retired" {
+                break l;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not retired in 60 s: {l}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        let d = &l["patches"][0]["data"][0];
+        assert_eq!(d["repointed"].as_array().map(Vec::len), Some(2), "{l}");
+        // Generic code now reaches the new copy through the moved pointers
+        // and the patched charge reads `max` there: every report agrees,
+        // with nothing trapped any more.
+        let w0 = vm.trapped();
+        vm.check_ctl(vm.serial().len(), 3);
+        assert_eq!(
+            vm.trapped(),
+            w0,
+            "writes to a retired copy trapped (round {round})"
+        );
+        vm.check_ctl(at, 3);
+        // Revert after retirement: the old copy from the new one, the
+        // pointers back; the tasks go on exactly.
+        let at = vm.serial().len();
+        vm.ok_when_not_busy(&["revert", "--vm", "dc", "limits2"]);
+        vm.check_ctl(at, 3);
+    }
+}
+
+#[test]
+fn a_repointed_word_the_kernel_changed_refuses_the_patch_and_changes_nothing() {
+    // The kernel re-aimed tk_ctls[0] at boot: the image's value the patch
+    // expects is not there.
+    let vm = Vm::start_with(
+        "data-repoint-moved",
+        "tasks=2 iters=0 report=200 mode=ctl ctl_moved",
+    );
+    let o = vm.build(
+        "limits2",
+        LIMITS2,
+        &["--data", "tk_limits:tk_limits", "--repoint", "tk_limits"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let before = vm.list();
+    let o = vm.run(&["patch", "--vm", "dc", p(&vm.path("limits2.lup"))]);
+    assert!(!o.status.success(), "applied: {}", text(&o));
+    assert!(
+        text(&o).contains("tk_ctls+0x8 (points into tk_limits) changed under us"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(vm.list(), before, "a refused patch changed the VM's state");
+    // A name given to --repoint that the patch does not change.
+    let o = vm.build(
+        "bad",
+        LIMITS2,
+        &["--data", "tk_limits:tk_limits", "--repoint", "stats_table"],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("--repoint stats_table"),
+        "{}",
+        text(&o)
+    );
+}

@@ -94,7 +94,7 @@ static u64 gdt[MAX_CPUS][10] __attribute__((aligned(16)));
 static struct tss tss[MAX_CPUS] __attribute__((aligned(16)));
 static struct idt_entry idt[256] __attribute__((aligned(16)));
 
-enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH, MODE_OPS, MODE_STALL };
+enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH, MODE_OPS, MODE_STALL, MODE_CTL };
 enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK, P_ATOMIC_N, P_TASKS };
 
 static inline u64 kva_to_pa(const void *p)
@@ -172,6 +172,13 @@ static void parse_cmdline(void)
 			opt_mode = MODE_OPS;
 		else if (KEY("mode") && val && vlen == 5 && !strncmp(val, "stall", 5))
 			opt_mode = MODE_STALL;
+		else if (KEY("mode") && val && vlen == 3 && !strncmp(val, "ctl", 3))
+			opt_mode = MODE_CTL;
+		else if (KEY("ctl_moved"))
+			/* The kernel re-aims a ctl pointer at boot: the image's
+			 * initial value no longer holds (a patch built from the
+			 * image expects it and must be refused). */
+			tk_ctls[0].data = tk_ctls[1].data;
 		else if (KEY("atomic_n") && val)
 			opt_atomic_n = parse_u64(val, vlen);
 		else
@@ -440,6 +447,8 @@ u64 syscall_dispatch(u64 a0, u64 a1, u64 a2, u64 nr)
 		return stats_update((u32)a0, cpu, a1);
 	case SYS_OPS:
 		return a1 ? ops_tally(a0) : ops_add(a0);
+	case SYS_CTL:
+		return a0 == 2 ? limits_charge(a2) : tk_ctl_access(a0, a1, a2);
 	case SYS_STAT_READ:
 		/* Reads the table through stats_read: unpatched, it reads the
 		 * old copy after a live layout change, which lucos keeps coherent. */

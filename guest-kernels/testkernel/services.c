@@ -170,6 +170,39 @@ u64 ops_tally(u64 n)
 	return __atomic_load_n(&op_count.ops, __ATOMIC_RELAXED);
 }
 
+/*
+ * tk_limits: generic code reads and writes it through tk_ctls' pointers
+ * (tk_ctl_access knows no layout, like Linux's proc_doulongvec_minmax), and
+ * limits_charge names it. A patch that changes its layout replaces
+ * limits_charge and moves tk_ctls' pointers to the new copy (lucos build
+ * --repoint); then nothing uses the old copy and the change can retire.
+ */
+struct tk_limits tk_limits = { .max = 1 };
+
+struct tk_ctl tk_ctls[2] = {
+	{ "max", &tk_limits.max },
+	{ "used", &tk_limits.used },
+};
+
+u64 tk_ctl_access(u64 which, u64 write, u64 value)
+{
+	volatile u64 *p;
+
+	if (which >= sizeof(tk_ctls) / sizeof(tk_ctls[0]))
+		return (u64)-1;
+	p = tk_ctls[which].data;
+	if (write)
+		*p = value;
+	return *p;
+}
+
+/* Charges n and returns the limit the charge was made against. */
+u64 limits_charge(u64 n)
+{
+	__atomic_add_fetch(&tk_limits.used, n, __ATOMIC_RELAXED);
+	return __atomic_load_n(&tk_limits.max, __ATOMIC_RELAXED);
+}
+
 /* The table's other users, kept out of kernel.c so that a patch changing
  * its layout can replace every function that touches it (and the change
  * can then retire). which: 0 calls, 1 sum, 2 id, 3 cpu, 4 last value. */

@@ -6,7 +6,7 @@
 #include "tk.h"
 
 enum { P_ITERS, P_REPORT, P_MODE, P_SPIN, P_WORK, P_ATOMIC_N, P_TASKS };
-enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH, MODE_OPS, MODE_STALL };
+enum { MODE_LOOP, MODE_SPIN, MODE_USER, MODE_TRIPLE, MODE_POKE, MODE_ATOMIC, MODE_WBENCH, MODE_OPS, MODE_STALL, MODE_CTL };
 
 /* Progress of each task, in user memory; the VMM's tests read it. */
 volatile u64 user_progress[MAX_TASKS];
@@ -232,6 +232,64 @@ static void ops_rounds(u64 task, u64 tasks, u64 n)
 	}
 }
 
+/*
+ * mode=ctl: task 0 sets tk_limits.max through the ctl table (SYS_CTL 0) to
+ * a new value at every step and charges 1 through limits_charge, which
+ * must have charged against that value; the other tasks charge 1 at a
+ * time and count. Every `every` steps task 0 reads `used` through the ctl
+ * table, which must lie between every charge counted before the read and
+ * every charge counted after it (plus one in flight each): no charge lost,
+ * whichever copy and code each went through.
+ */
+static volatile u64 ctl_charges[8] __attribute__((aligned(64)));
+
+static void ctl_loop(u64 task, u64 tasks, u64 every)
+{
+	u64 i, bad = 0, round = 0;
+
+	if (!every)
+		every = 1000;
+	if (tasks > 8)
+		tasks = 8;
+	for (i = 1;; i++) {
+		if (task != 0) {
+			sys3(SYS_CTL, 2, 0, 1);
+			ctl_charges[task]++;
+			user_progress[task] = i;
+			continue;
+		}
+		sys3(SYS_CTL, 0, 1, 1000 + i);
+		if (sys3(SYS_CTL, 2, 0, 1) != 1000 + i)
+			bad++;
+		ctl_charges[0]++;
+		if (i % every == 0) {
+			char line[160];
+			unsigned k = 0;
+			u64 t, before = 0, after = 0, used;
+
+			for (t = 0; t < tasks; t++)
+				before += ctl_charges[t];
+			used = sys3(SYS_CTL, 1, 0, 0);
+			for (t = 0; t < tasks; t++)
+				after += ctl_charges[t];
+			if (used < before || used > after + tasks)
+				bad++;
+			k += put_str(line + k, "[tk] ctl round ");
+			k += put_dec(line + k, ++round);
+			k += put_str(line + k, bad ? " BAD" : " ok");
+			k += put_str(line + k, " max ");
+			k += put_dec(line + k, sys3(SYS_CTL, 0, 0, 0));
+			k += put_str(line + k, " used ");
+			k += put_dec(line + k, used);
+			k += put_str(line + k, " charged ");
+			k += put_dec(line + k, before);
+			line[k++] = '\n';
+			sys3(SYS_WRITE, (u64)line, k, 0);
+			user_progress[task] = round;
+		}
+	}
+}
+
 static inline u64 rdtsc(void)
 {
 	u32 lo, hi;
@@ -296,6 +354,8 @@ __attribute__((noreturn)) void user_main(u64 task)
 		stall_loop(task, every);
 	if (mode == MODE_OPS)
 		ops_rounds(task, sys3(SYS_PARAM, P_TASKS, 0, 0), sys3(SYS_PARAM, P_ATOMIC_N, 0, 0));
+	if (mode == MODE_CTL)
+		ctl_loop(task, sys3(SYS_PARAM, P_TASKS, 0, 0), every);
 	for (i = 1; iters == 0 || i <= iters; i++) {
 		u64 j;
 

@@ -586,11 +586,14 @@ impl DataChange {
         Ok(())
     }
 
-    /// Where byte `off` of the old object is in the new copy: an element's
-    /// start maps to the new element's start (a pointer to the struct), a
-    /// byte of a member to the same byte of it in the new layout, the end
-    /// to the end. `None` for a member the patch removes or narrows past
-    /// `off`, padding, or past the end.
+    /// Where byte `off` of the old object is in the new copy: a byte of a
+    /// member maps to the same byte of that member in the new layout (what
+    /// generic code reaches through a pointer is a member: a sysctl entry's
+    /// `.data = &obj.member`; a pointer to an element's start is one to its
+    /// first member, and follows it if the patch moves it), the start of an
+    /// element whose first member the patch removes to the new element's
+    /// start, the end to the end. `None` for a byte of a removed member (or
+    /// past a narrowed one's end), padding, or past the end.
     pub fn map_offset(&self, off: u64) -> Option<u64> {
         if off == self.old_bytes() {
             return Some(self.new_bytes());
@@ -600,15 +603,17 @@ impl DataChange {
             return None;
         }
         let base = elem * self.new_size;
-        if within == 0 {
-            return Some(base);
-        }
-        self.members.iter().find_map(|m| {
-            let (o, n) = (m.old?, m.new?);
+        let member = self.members.iter().find_map(|m| {
+            let o = m.old?;
             let at = within.checked_sub(u64::from(o.offset))?;
-            (at < u64::from(o.size) && at < u64::from(n.size))
-                .then(|| base + u64::from(n.offset) + at)
-        })
+            (at < u64::from(o.size)).then_some((m.new, at))
+        });
+        match member {
+            Some((Some(n), at)) if at < u64::from(n.size) => Some(base + u64::from(n.offset) + at),
+            Some(_) if within != 0 => None,
+            _ if within == 0 => Some(base),
+            _ => None,
+        }
     }
 
     /// One element in the new layout, from one in the old (old→new).
@@ -762,7 +767,7 @@ mod tests {
     #[test]
     fn a_pointer_into_the_old_object_maps_by_member_and_element() {
         let mut c = derive("stats", 2, &old(), &new(), &Declared::default()).expect("derive");
-        // An element's start: the new element's start (a pointer to it).
+        // An element's start: its first member's place.
         assert_eq!(c.map_offset(0), Some(0));
         assert_eq!(c.map_offset(24), Some(40));
         // A member, inside a member, in the second element.
@@ -783,6 +788,37 @@ mod tests {
         });
         let e = c.check().expect_err("removed member");
         assert!(e.contains("table+0x8") && e.contains("0xc"), "{e}");
+        // A member added in front: a pointer to the start follows the first
+        // member (`&obj` is `&obj.first`); with the first member removed it
+        // is the new element's start.
+        let two = |names: &[&str]| {
+            let members = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| m(n, 8 * i as u64, 8, "u64"))
+                .collect::<Vec<_>>();
+            layout(8 * names.len() as u64, members)
+        };
+        let moved = derive(
+            "lim",
+            1,
+            &two(&["max", "used"]),
+            &two(&["gen", "max", "used"]),
+            &Declared::default(),
+        )
+        .expect("derive");
+        assert_eq!(moved.map_offset(0), Some(8));
+        assert_eq!(moved.map_offset(8), Some(16));
+        let gone = derive(
+            "lim",
+            1,
+            &two(&["max", "used"]),
+            &two(&["used"]),
+            &Declared::default(),
+        )
+        .expect("derive");
+        assert_eq!(gone.map_offset(0), Some(0));
+        assert_eq!(gone.map_offset(3), None);
     }
 
     #[test]

@@ -706,7 +706,10 @@ mod tests {
         let bytes = Lup::new(m.clone(), o.clone(), None).to_bytes();
         assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().expect("4")), 5);
         let lup = Lup::parse(&bytes, "p").expect("parse");
-        assert_eq!(lup.manifest.data[0].repoint[0].to_string(), "fs_stat_sysctls+0x48");
+        assert_eq!(
+            lup.manifest.data[0].repoint[0].to_string(),
+            "fs_stat_sysctls+0x48"
+        );
         // Written as format 2 (what a lucos without repointing reads): refused.
         let mut old = bytes.clone();
         old[8..12].copy_from_slice(&2u32.to_le_bytes());

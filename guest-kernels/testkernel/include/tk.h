@@ -43,6 +43,7 @@ typedef long s64;
 #define SYS_POKE 10     /* (which, value): kernel writes into its own text, see services.c */
 #define SYS_OPS 12       /* (n, path) -> op_count.ops after n locked increments through ops_add (path 0) or ops_tally (1) */
 #define SYS_STAT_READ 11 /* (task, which) -> stats_table[task] .calls (0), .sum (1), .last_value (4): read by unpatched code */
+#define SYS_CTL 13       /* (which, write, value): tk_ctls[which] (0 max, 1 used) read, or written then read, through its pointer; which 2: limits_charge(value) */
 
 /* Per-CPU area, reached through GS base in kernel mode. Offsets used in entry.S. */
 struct percpu {
@@ -60,6 +61,14 @@ struct regs {
 	u64 rbp, rdi, rsi, rdx, rcx, rbx, rax;
 	u64 vector, error;
 	u64 rip, cs, rflags, rsp, ss;
+};
+
+/* Limits set and read through a table of pointers to their members (as
+ * Linux's sysctl tables point into the kernel's objects) and charged by
+ * limits_charge, which names the object. */
+struct tk_limits {
+	u64 max;
+	u64 used;
 };
 
 /* A row of the stats table that user tasks update through SYS_STATS.
@@ -125,6 +134,14 @@ u64 stats_update(u32 task, u32 cpu, u64 value);
 u64 stats_record(u32 task, u32 cpu, u64 value);
 u64 ops_add(u64 n);
 u64 ops_tally(u64 n);
+struct tk_ctl {
+	const char *name;
+	u64 *data;
+};
+extern struct tk_limits tk_limits;
+extern struct tk_ctl tk_ctls[2];
+u64 tk_ctl_access(u64 which, u64 write, u64 value);
+u64 limits_charge(u64 n);
 u64 text_poke_service(u64 which, u64 value);
 void text_poke_init(void);
 extern struct task_stat stats_table[MAX_TASKS];
