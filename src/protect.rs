@@ -75,6 +75,7 @@ fn show(vm: &str, info: &ProtectInfo, json: bool) {
         let native = match r.access {
             vmm_core::write_control::Access::Trapped => "",
             vmm_core::write_control::Access::Native => " (written natively)",
+            vmm_core::write_control::Access::Relayed => " (read-only slot, writes relayed)",
         };
         println!(
             "  {:#012x}+{:<5} {:<24} {}{native}",

@@ -83,7 +83,10 @@ fn pause_error(e: &VmError) -> ErrorCode {
 /// The write-control owner of a range protected with `lucos protect NAME`
 /// (`kernel-text`: the kernel's text and read-only data).
 fn user_owner(name: &str) -> String {
-    if name == KERNEL_TEXT_OWNER {
+    // The kernel text's integrity protection, and the relayed slot the
+    // first patch of kernel text keeps (`lucos unprotect lucos:text` gives
+    // it back; the next patch of kernel text takes it again).
+    if name == KERNEL_TEXT_OWNER || name == update_engine::patcher::TEXT_RELAY_OWNER {
         return name.to_owned();
     }
     format!("user:{name}")

@@ -195,12 +195,19 @@ fn a_patched_entry_cannot_be_overwritten_by_the_guest_and_the_rest_of_its_page_c
         count(&s1, "allowed") > 0,
         "writes elsewhere on the page: {s1}"
     );
-    assert_eq!((count(&s1, "ranges"), count(&s1, "pages")), (1, 1), "{s1}");
+    // The jump, and the kernel text behind a read-only slot whose writes
+    // are relayed (kept from the first patch of kernel text on).
     let prot = vm.protected();
+    assert_eq!(count(&s1, "ranges"), 2, "{s1}");
     let r = &prot["ranges"][0];
     assert_eq!(r["owner"], "patch:fix", "{prot}");
     assert_eq!(r["label"], "lucos_version", "{prot}");
     assert_eq!(r["len"], 5, "{prot}");
+    let relay = &prot["ranges"][1];
+    assert_eq!(relay["owner"], "lucos:text", "{prot}");
+    assert_eq!(relay["access"], "relayed", "{prot}");
+    let text_pages = relay["len"].as_u64().expect("len").div_ceil(4096);
+    assert!(count(&s1, "pages") >= text_pages, "{s1}");
 
     // The event names the writer, the target and the bytes it tried.
     let ev = vm.json(&["events", "--vm", "wc", "--json"]);
@@ -233,9 +240,26 @@ fn a_patched_entry_cannot_be_overwritten_by_the_guest_and_the_rest_of_its_page_c
         "{text_events}"
     );
 
-    // Revert: ordinary memory again, the slots as they were.
+    // Revert: the kernel's writes go through again (relayed), the slots
+    // stay; a patch and its revert change no slot any more.
     vm.ok(&["revert", "--vm", "wc", "fix"]);
     vm.wait_lines("version testkernel 1.0\n", 4, 60);
+    let after = vm.protected();
+    assert_eq!(after["ranges"].as_array().map(Vec::len), Some(1), "{after}");
+    assert_eq!(after["slots"], prot["slots"], "{after}");
+    let r0 = count(&vm.stats(), "refused");
+    vm.wait_lines("version testkernel 1.0\n", 4, 60);
+    assert_eq!(
+        count(&vm.stats(), "refused"),
+        r0,
+        "a write refused after revert"
+    );
+    vm.patch_fix_and_see_it_stay(2);
+    assert_eq!(vm.protected()["slots"], prot["slots"]);
+    vm.ok(&["revert", "--vm", "wc", "fix"]);
+    assert_eq!(vm.protected()["slots"], prot["slots"]);
+    // Given back: ordinary memory again, the slots as they were.
+    vm.ok(&["unprotect", "--vm", "wc", "lucos:text"]);
     let back = vm.protected();
     assert_eq!(back["ranges"], before["ranges"], "{back}");
     assert_eq!(back["slots"], before["slots"], "{back}");
@@ -439,8 +463,10 @@ fn a_patchs_own_variables_are_written_without_a_trap_and_its_code_stays_read_onl
             && !names.iter().any(|n| n == "data:counted/own"),
         "{names:?}"
     );
-    // Revert: the area read-only as before.
+    // Revert: the area read-only as before (and the text's relayed slot
+    // given back).
     vm.ok(&["revert", "--vm", "wc", "counted2"]);
+    vm.ok(&["unprotect", "--vm", "wc", "lucos:text"]);
     let back = vm.protected();
     assert_eq!(back["ranges"], before["ranges"], "{back}");
     assert_eq!(back["slots"], before["slots"], "{back}");
@@ -504,6 +530,7 @@ fn kernel_text_integrity_refuses_all_writers_but_the_kernels_own_and_never_a_pat
     );
     vm.ok(&["revert", "--vm", "wc", "fix"]);
     vm.ok(&["unprotect", "--vm", "wc", "kernel-text"]);
+    vm.ok(&["unprotect", "--vm", "wc", "lucos:text"]);
     let back = vm.protected();
     assert_eq!(back["ranges"], before["ranges"], "{back}");
     assert_eq!(back["slots"], before["slots"], "{back}");

@@ -577,6 +577,8 @@ struct View {
     tables: PagingState,
     /// Whether the guest is Linux, whose tasks can sleep inside kernel code.
     linux: bool,
+    /// The kernel's text (`_stext`..`_etext`), guest-physical: start, length.
+    text: Option<(u64, u64)>,
 }
 
 impl View {
@@ -589,10 +591,21 @@ impl View {
             },
             Err(_) => vcpu0,
         };
+        // The kernel's text, where it is one physically contiguous run.
+        let sym = |n: &str| k.symbols.all_named(n).first().map(|s| s.addr);
+        let gpa = |va: u64| pagewalk::translate(g.ram(), tables, va).ok().map(|t| t.gpa);
+        let text = match (sym("_stext"), sym("_etext")) {
+            (Some(s), Some(e)) if e > s => match (gpa(s), gpa(e - 1)) {
+                (Some(a), Some(b)) if b.checked_sub(a) == Some(e - 1 - s) => Some((a, e - s)),
+                _ => None,
+            },
+            _ => None,
+        };
         Ok(View {
             read: tables,
             tables,
             linux: k.symbols.lookup("init_task").is_ok(),
+            text,
         })
     }
 
@@ -1798,6 +1811,24 @@ impl Patcher {
         // Write control: the jumps this patch writes are protected from the
         // guest; a cumulative patch takes over from the ones it replaces.
         plan.protect = site_protections(&plan, &sites);
+        // From the first patch of kernel text on, all of the text stays in
+        // a read-only slot whose writes are relayed as the guest makes them
+        // (the kernel's own text patching): later jumps are protected and
+        // released without a change of memory slots, which would cost this
+        // pause and then the guest (KVM rebuilds its second-level mappings
+        // of the slots it replaces).
+        if let Some((gpa, len)) = view.text {
+            let vmlinux_site = sites.iter().any(|s| s.module.is_none() && s.new_addr != 0);
+            if vmlinux_site && !g.protections().iter().any(|p| p.owner == TEXT_RELAY_OWNER) {
+                plan.protect.push(Protection {
+                    owner: TEXT_RELAY_OWNER.into(),
+                    label: "kernel text (relayed)".into(),
+                    gpa,
+                    len,
+                    access: vmm_core::write_control::Access::Relayed,
+                });
+            }
+        }
         // Each patched module's state is watched: when the guest unloads
         // it, its jumps' protections no longer hold (the memory is freed).
         // In the pause the state must still be what it was checked as: a
@@ -3031,6 +3062,10 @@ fn site_protections(plan: &Plan, sites: &[SiteWrite]) -> Vec<Protection> {
         })
         .collect()
 }
+
+/// Owner of the kernel text's relayed read-only slot (kept from the first
+/// patch of kernel text on, whatever is reverted).
+pub const TEXT_RELAY_OWNER: &str = "lucos:text";
 
 /// `[u8; 5]` as a hex string.
 mod hex5 {

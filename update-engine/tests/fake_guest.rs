@@ -14,13 +14,13 @@ use std::time::Duration;
 use symbol_db::{KernelIdentity, Symbol, SymbolKind, SymbolTable};
 use update_engine::kernel::{GuestKernel, Timings};
 use update_engine::lup::{old_code_sha256, sha256_hex, Mode};
-use update_engine::patcher::{PatchError, PatchState, Patcher};
+use update_engine::patcher::{PatchError, PatchState, Patcher, TEXT_RELAY_OWNER};
 use update_engine::{FunctionPatch, Lup, Manifest, SigningKey, UpdateError};
 use vmm_core::guest::{AreaInfo, Guest, PauseToken, PhysMemory, VcpuState};
 use vmm_core::memory::MemoryError;
 use vmm_core::pagewalk::PagingState;
 use vmm_core::vm::VmError;
-use vmm_core::write_control::{ProtectError, Protection};
+use vmm_core::write_control::{Access, ProtectError, Protection};
 
 const RAM: usize = 8 << 20;
 const PML4: u64 = 0x10_000;
@@ -441,16 +441,31 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
     // Write control: the jump's five bytes, owned by the patch.
     let alpha_gpa = TEXT_GPA + (ALPHA - TEXT);
     let beta_gpa = TEXT_GPA + (BETA - TEXT);
+    // The patches' own ranges; the kernel text's relayed slot is kept
+    // apart (from the first patch on, whatever is reverted).
+    let relay = (TEXT_RELAY_OWNER.to_owned(), TEXT_GPA, 0x1000);
     let owned = |g: &Fake| -> Vec<(String, u64, u64)> {
         let mut v: Vec<_> = g
             .protections()
             .into_iter()
             .map(|p| (p.owner, p.gpa, p.len))
+            .filter(|p| *p != relay)
             .collect();
         v.sort();
         v
     };
+    let relayed = |g: &Fake| {
+        g.protections()
+            .iter()
+            .filter(|p| p.owner == TEXT_RELAY_OWNER)
+            .map(|p| (p.owner.clone(), p.gpa, p.len, p.access))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(owned(&g), vec![("patch:one".into(), alpha_gpa, 5)]);
+    assert_eq!(
+        relayed(&g),
+        vec![(relay.0.clone(), relay.1, relay.2, Access::Relayed)]
+    );
     assert!((AREA_VA..AREA_VA + AREA_SIZE).contains(&a1), "{a1:#x}");
     assert_eq!(g.read(ALPHA, 5), jmp(ALPHA, a1));
     // The area is mapped, read-only, global, 2 MiB, by the first patch's switch.
@@ -516,6 +531,7 @@ fn stack_replace_and_revert_byte_for_byte_and_ram_written_only_in_pauses() {
     pt.revert(&g, &k, "all").expect("revert all");
     assert_eq!((g.read(ALPHA, 5), g.read(BETA, 5)), (orig_a, orig_b));
     assert!(owned(&g).is_empty(), "{:?}", owned(&g));
+    assert_eq!(relayed(&g).len(), 1, "the text's relayed slot stays");
     let ram = g.ram.lock().expect("lock").clone();
     let differ: Vec<usize> = (0..RAM).filter(|&i| ram[i] != original_ram[i]).collect();
     assert!(
@@ -767,12 +783,12 @@ fn a_refused_protection_takes_the_switch_back() {
         .expect_err("protection refused");
     assert!(e.to_string().contains("write control"), "{e}");
     assert_eq!(g.hash(), before, "guest memory changed");
-    assert!(g.protections().is_empty());
+    assert!(g.protections().is_empty(), "not even the text's relay");
     assert!(pt.applied().is_empty());
     assert!(!g.is_paused(), "left paused");
     // The same patch goes in once write control works.
     pt.apply(&g, &k, &one, false).expect("apply");
-    assert_eq!(g.protections().len(), 1);
+    assert_eq!(g.protections().len(), 2, "the jump and the text's relay");
 }
 
 #[test]

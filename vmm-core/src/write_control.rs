@@ -49,6 +49,13 @@ pub enum Access {
     /// exit (a read-write slot): a patch's own variables, a data copy whose
     /// change retired. The rest of the area stays read-only.
     Native,
+    /// Guest RAM kept behind a read-only slot whose bytes the VMM writes
+    /// exactly as the guest asks (no policy, no event; counted as allowed):
+    /// trapped ranges on its pages then come and go without a change of
+    /// memory slots. A slot change is the slow part of a protection change:
+    /// KVM drops its second-level mappings of the slots it replaces, and
+    /// the guest faults them back in.
+    Relayed,
 }
 
 impl Access {
@@ -218,18 +225,24 @@ struct Table {
     /// Page number -> index into `list` of the native range on it (patch
     /// area pages the guest writes without an exit).
     native: BTreeMap<u64, usize>,
+    /// Pages of relayed ranges (read-only slots, no decisions).
+    relayed: std::collections::BTreeSet<u64>,
 }
 
 impl Table {
     fn new(list: Vec<Protection>) -> Self {
         let mut pages: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
         let mut native = BTreeMap::new();
+        let mut relayed = std::collections::BTreeSet::new();
         for (i, p) in list.iter().enumerate() {
             for page in p.gpa / PAGE..p.end().div_ceil(PAGE) {
                 match p.access {
                     Access::Trapped => pages.entry(page).or_default().push(i),
                     Access::Native => {
                         native.insert(page, i);
+                    }
+                    Access::Relayed => {
+                        relayed.insert(page);
                     }
                 }
             }
@@ -238,7 +251,23 @@ impl Table {
             list,
             pages,
             native,
+            relayed,
         }
+    }
+
+    /// Pages in read-only slots: trapped and relayed ones (page number ->
+    /// the trapped ranges on it, none on a page only relayed).
+    fn readonly_pages(&self) -> BTreeMap<u64, Vec<usize>> {
+        let mut all = self.pages.clone();
+        for &p in &self.relayed {
+            all.entry(p).or_default();
+        }
+        all
+    }
+
+    /// Whether `page` is in a read-only slot of RAM.
+    fn is_readonly(&self, page: u64) -> bool {
+        self.pages.contains_key(&page) || self.relayed.contains(&page)
     }
 
     /// A page both trapped and native, if any: (page address, trapped
@@ -650,7 +679,7 @@ impl WriteControl {
                 native: native.to_owned(),
             });
         }
-        let mut layout = slot_layout(self.ram.ranges(), &next.pages);
+        let mut layout = slot_layout(self.ram.ranges(), &next.readonly_pages());
         if self.area_mem.is_some() {
             layout.extend(area_layout(self.area.0, self.area.1, &next.native));
         }
@@ -659,8 +688,10 @@ impl WriteControl {
         match apply_layout(sink, &old, &layout) {
             Ok(now) => {
                 *slots = now;
-                self.trapping
-                    .store(!next.pages.is_empty(), Ordering::Relaxed);
+                self.trapping.store(
+                    !next.pages.is_empty() || !next.relayed.is_empty(),
+                    Ordering::Relaxed,
+                );
                 *table = Arc::new(next);
                 Ok(())
             }
@@ -690,7 +721,7 @@ impl WriteControl {
 
     /// Whether `gpa` is on a protected page (the vCPU exit path's test).
     pub fn is_protected_page(&self, gpa: u64) -> bool {
-        self.table().pages.contains_key(&(gpa / PAGE))
+        self.table().is_readonly(gpa / PAGE)
     }
 
     /// The counters and the layout's size.
@@ -705,7 +736,7 @@ impl WriteControl {
             rewound: c.rewound.load(Ordering::Relaxed),
             handle_ns: c.handle_ns.load(Ordering::Relaxed),
             ranges: t.list.len() as u64,
-            pages: t.pages.len() as u64,
+            pages: t.readonly_pages().len() as u64,
             slots: self.slots.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
         }
     }
@@ -1367,5 +1398,44 @@ mod tests {
         assert_eq!(ev[0].target, "x+0x0");
         assert_eq!(ev[0].owner, "patch:fix");
         assert_eq!(ev[0].bytes, vec![9; 8]);
+    }
+
+    #[test]
+    fn ranges_on_relayed_pages_come_and_go_without_a_slot_change() {
+        let (w, rec) = wc();
+        let relay = Protection {
+            access: Access::Relayed,
+            ..prot("text", 0x3000, 3 * PAGE)
+        };
+        w.change(&rec, &[], &[relay]).expect("relay");
+        let layout = w.slot_layout();
+        assert_eq!(w.stats().pages, 3);
+        assert!(w.is_protected_page(0x5fff) && !w.is_protected_page(0x6000));
+        let calls = *rec.1.lock().expect("lock");
+        // A trapped range on a relayed page, and its release: the same slots,
+        // no call to KVM.
+        w.change(&rec, &[], &[prot("patch:fix", 0x4002, 5)])
+            .expect("protect");
+        assert_eq!(w.slot_layout(), layout);
+        w.ram.write(0x4000, &[1; 8]).expect("seed");
+        let cpu = NoCpu(w.ram.clone());
+        // Relayed bytes are written as asked, with no policy; trapped ones
+        // on the same page still go to the policy (none here: refused).
+        w.on_write(0, &cpu, 0x3008, &[7; 8]);
+        w.on_write(0, &cpu, 0x4000, &[9; 8]);
+        let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+        w.ram.read(0x3008, &mut a).expect("read");
+        w.ram.read(0x4000, &mut b).expect("read");
+        assert_eq!((a, b), ([7; 8], [9, 9, 1, 1, 1, 1, 1, 9]));
+        let s = w.stats();
+        assert_eq!((s.trapped, s.allowed, s.refused), (2, 1, 1));
+        assert_eq!(w.events_since(0).0.len(), 1, "relayed writes are no events");
+        w.change(&rec, &["patch:fix".into()], &[]).expect("release");
+        assert_eq!(w.slot_layout(), layout);
+        assert_eq!(*rec.1.lock().expect("lock"), calls);
+        // Releasing the relay merges the slots back.
+        w.change(&rec, &["text".into()], &[])
+            .expect("release relay");
+        assert_eq!(w.slot_layout().len(), 1);
     }
 }
