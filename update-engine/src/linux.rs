@@ -139,6 +139,51 @@ fn read_u64(vm: &dyn Guest, paging: PagingState, va: u64) -> Result<u64, String>
     Ok(u64::from_le_bytes(b))
 }
 
+/// Reads guest-virtual memory through one set of page tables, keeping the
+/// last page it translated: task structs are in the direct map (2 MiB or
+/// 1 GiB pages), so walking hundreds of tasks takes a handful of page-table
+/// walks instead of several per task. Valid while the guest is paused.
+struct Reader<'a> {
+    vm: &'a dyn Guest,
+    paging: PagingState,
+    /// (virtual base, size, guest-physical base) of the last page.
+    last: std::cell::Cell<Option<(u64, u64, u64)>>,
+}
+
+impl Reader<'_> {
+    fn read(&self, mut va: u64, buf: &mut [u8]) -> Result<(), String> {
+        let mut done = 0;
+        while done < buf.len() {
+            let (base, size, gpa) = match self.last.get() {
+                Some(c) if va >= c.0 && va - c.0 < c.1 => c,
+                _ => {
+                    let t = vmm_core::pagewalk::translate(self.vm.ram(), self.paging, va)
+                        .map_err(|e| format!("reading {va:#x}: {e}"))?;
+                    let size = t.page_size.bytes();
+                    let base = va & !(size - 1);
+                    let c = (base, size, t.gpa - (va - base));
+                    self.last.set(Some(c));
+                    c
+                }
+            };
+            let n = ((base + size - va) as usize).min(buf.len() - done);
+            self.vm
+                .ram()
+                .read_phys(gpa + (va - base), &mut buf[done..done + n])
+                .map_err(|e| format!("reading {va:#x}: {e}"))?;
+            done += n;
+            va += n as u64;
+        }
+        Ok(())
+    }
+
+    fn u64(&self, va: u64) -> Result<u64, String> {
+        let mut b = [0u8; 8];
+        self.read(va, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
 /// Every task not current on one of the `cpus` CPUs, with its stack; the
 /// VM must be paused, `paging` the kernel's own ([`TaskLayout::paging`]).
 /// The current ones are the vCPUs' business: their live stacks are found
@@ -149,14 +194,15 @@ pub fn sleeping_tasks(
     layout: &TaskLayout,
     cpus: u8,
 ) -> Result<Vec<SleepingTask>, String> {
+    let r = Reader {
+        vm,
+        paging,
+        last: Default::default(),
+    };
     let mut current = Vec::new();
     for cpu in 0..u64::from(cpus) {
-        let base = read_u64(vm, paging, layout.per_cpu_offset + 8 * cpu)?;
-        current.push(read_u64(
-            vm,
-            paging,
-            base.wrapping_add(layout.current_task),
-        )?);
+        let base = r.u64(layout.per_cpu_offset + 8 * cpu)?;
+        current.push(r.u64(base.wrapping_add(layout.current_task))?);
     }
     let mut out = Vec::new();
     let mut seen = 0usize;
@@ -172,16 +218,16 @@ pub fn sleeping_tasks(
                 ));
             }
             if !current.contains(&t) {
-                if let Some(s) = sleeping(vm, paging, layout, t)? {
+                if let Some(s) = sleeping(&r, layout, t)? {
                     out.push(s);
                 }
             }
-            t = read_u64(vm, paging, t + layout.thread_group)?.wrapping_sub(layout.thread_group);
+            t = r.u64(t + layout.thread_group)?.wrapping_sub(layout.thread_group);
             if t == leader {
                 break;
             }
         }
-        leader = read_u64(vm, paging, leader + layout.tasks)?.wrapping_sub(layout.tasks);
+        leader = r.u64(leader + layout.tasks)?.wrapping_sub(layout.tasks);
         if leader == layout.init_task {
             return Ok(out);
         }
@@ -189,22 +235,17 @@ pub fn sleeping_tasks(
 }
 
 /// Task `t`'s saved stack, or None if it has none (it has exited).
-fn sleeping(
-    vm: &dyn Guest,
-    paging: PagingState,
-    layout: &TaskLayout,
-    t: u64,
-) -> Result<Option<SleepingTask>, String> {
-    let stack = read_u64(vm, paging, t + layout.stack)?;
+fn sleeping(r: &Reader<'_>, layout: &TaskLayout, t: u64) -> Result<Option<SleepingTask>, String> {
+    let stack = r.u64(t + layout.stack)?;
     if stack == 0 {
         return Ok(None);
     }
     let end = stack + THREAD_SIZE;
-    let sp = read_u64(vm, paging, t + layout.thread_sp)?;
+    let sp = r.u64(t + layout.thread_sp)?;
     let mut pid = [0u8; 4];
     let mut comm = [0u8; 16];
-    introspect::read_virt(vm, paging, t + layout.pid, &mut pid).map_err(|e| e.to_string())?;
-    introspect::read_virt(vm, paging, t + layout.comm, &mut comm).map_err(|e| e.to_string())?;
+    r.read(t + layout.pid, &mut pid)?;
+    r.read(t + layout.comm, &mut comm)?;
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     Ok(Some(SleepingTask {
         pid: i32::from_le_bytes(pid),

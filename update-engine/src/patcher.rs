@@ -398,6 +398,9 @@ pub struct PatchReport {
     pub sleeping_tasks_checked: Option<usize>,
     /// Total time of the request, in microseconds.
     pub total_us: f64,
+    /// Where the time of the pause that switched went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_phases: Option<switch::PausePhases>,
     /// A patch for a module not loaded yet: held, and applied when the
     /// guest loads this module (nothing was switched now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1105,6 +1108,7 @@ impl Patcher {
                 tries: 0,
                 sleeping_tasks_checked: None,
                 total_us: 0.0,
+                pause_phases: None,
                 waiting_for: None,
             }
         } else {
@@ -2090,6 +2094,7 @@ impl Patcher {
             tries: switched.tries,
             sleeping_tasks_checked: switched.tasks_checked,
             total_us: t0.elapsed().as_secs_f64() * 1e6,
+            pause_phases: Some(switched.phases),
             waiting_for: None,
         }
     }
@@ -2859,6 +2864,7 @@ impl Patcher {
                 tries: 0,
                 sleeping_tasks_checked: None,
                 total_us: t0.elapsed().as_secs_f64() * 1e6,
+                pause_phases: None,
                 waiting_for: Some(h.module),
             });
         }
@@ -2982,6 +2988,7 @@ impl Patcher {
             tries: switched.tries,
             sleeping_tasks_checked: switched.tasks_checked,
             total_us: t0.elapsed().as_secs_f64() * 1e6,
+            pause_phases: Some(switched.phases),
             waiting_for: None,
         })
     }

@@ -179,6 +179,8 @@ fn undo_copies(guest: &dyn Guest, undo: &[CopyUndo]) {
 pub struct Switched {
     /// From the pause request until the writes were done.
     pub pause: Duration,
+    /// Where the time of that pause went.
+    pub phases: PausePhases,
     /// Pauses it took.
     pub tries: u32,
     /// Sleeping tasks whose stacks were checked (None: none could be, so
@@ -186,7 +188,22 @@ pub struct Switched {
     pub tasks_checked: Option<usize>,
 }
 
-/// Why a switch did not happen; the guest is unchanged either way.
+/// Where the time of a switch's pause went, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PausePhases {
+    /// Stopping every vCPU (the request until the last is out).
+    pub stop_us: f64,
+    /// Reading each vCPU's state and checking it (RIP, registers, stack).
+    pub vcpus_us: f64,
+    /// Walking the sleeping tasks and their stacks (Linux).
+    pub tasks_us: f64,
+    /// Data copies and carried variables.
+    pub data_us: f64,
+    /// Checking and writing the bytes.
+    pub writes_us: f64,
+    /// Write control: the protection change (and memory slots, if any).
+    pub protection_us: f64,
+}
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
     /// Something stayed in code being left through every try.
@@ -264,7 +281,11 @@ pub fn switch_tries(
     for tries in 1..=max_tries {
         let t = Instant::now();
         let paused = Paused::new(guest)?;
-        let result = switch_paused(&paused, tasks, plan, &leaving);
+        let mut phases = PausePhases {
+            stop_us: us(t.elapsed()),
+            ..PausePhases::default()
+        };
+        let result = switch_paused(&paused, tasks, plan, &leaving, &mut phases);
         let took = t.elapsed();
         let was_paused = paused.was_paused();
         let resumed = paused.resume();
@@ -277,6 +298,7 @@ pub fn switch_tries(
                 }
                 return Ok(Switched {
                     pause: took,
+                    phases,
                     tries,
                     tasks_checked,
                 });
@@ -314,8 +336,15 @@ fn switch_paused(
     tasks: Option<(&TaskLayout, PagingState)>,
     plan: &Plan,
     leaving: &[Leaving],
+    phases: &mut PausePhases,
 ) -> Result<Option<usize>, Refused> {
     let guest = paused.guest();
+    let mut t = Instant::now();
+    let lap = |t: &mut Instant| {
+        let d = us(t.elapsed());
+        *t = Instant::now();
+        d
+    };
     // Nothing any vCPU or task could be in (an immediate switch of
     // one-instruction sites): nothing to walk.
     let mut checked = None;
@@ -328,6 +357,7 @@ fn switch_paused(
             return Err(Refused::Busy(format!("vCPU {v}"), a, Vec::new()));
         }
     }
+    phases.vcpus_us = lap(&mut t);
     if let Some((layout, paging)) = tasks {
         let sleeping = linux::sleeping_tasks(guest, paging, layout, guest.vcpu_count())
             .map_err(|e| Refused::Failed(format!("walking the guest's tasks: {e}")))?;
@@ -349,12 +379,15 @@ fn switch_paused(
         }
         checked = Some(sleeping.len());
     }
+    phases.tasks_us = lap(&mut t);
     let mut copied = run_copies(guest, &plan.copies).map_err(Refused::Failed)?;
     run_carry(guest, &plan.carry, &mut copied).map_err(Refused::Failed)?;
+    phases.data_us = lap(&mut t);
     if let Err(e) = check_and_write(guest, &plan.writes) {
         undo_copies(guest, &copied);
         return Err(e);
     }
+    phases.writes_us = lap(&mut t);
     if !plan.release.is_empty() || !plan.protect.is_empty() {
         if let Err(e) = paused.change_protection(&plan.release, &plan.protect) {
             // Nothing of the protection changed (unless KVM could not even
@@ -369,7 +402,12 @@ fn switch_paused(
             });
         }
     }
+    phases.protection_us = lap(&mut t);
     Ok(checked)
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
 /// Puts back what `writes` overwrote, last first; what failed, if any.

@@ -169,21 +169,19 @@ pub struct SlotSpec {
     pub readonly: bool,
 }
 
-/// The slot layout for `ram` with `pages` (page numbers) read-only: each RAM
-/// range split into runs of read-write and read-only pages, adjacent pages
-/// of one kind merged.
-pub fn slot_layout(
-    ram: &[crate::memory::RamRange],
-    pages: &BTreeMap<u64, Vec<usize>>,
-) -> Vec<SlotSpec> {
-    let mut out = Vec::new();
+/// The slot layout for `ram` with the page runs `readonly` (`[first, end)`
+/// page numbers, sorted, not overlapping) read-only: each RAM range split
+/// into runs of read-write and read-only pages, adjacent runs of one kind
+/// merged. Its cost grows with the runs, not the pages.
+pub fn slot_layout(ram: &[crate::memory::RamRange], readonly: &[(u64, u64)]) -> Vec<SlotSpec> {
+    let mut out: Vec<SlotSpec> = Vec::new();
     for r in ram {
         let end = r.guest_addr + r.len;
         let mut at = r.guest_addr;
-        let first = r.guest_addr / PAGE;
-        let last = end.div_ceil(PAGE);
-        for (&page, _) in pages.range(first..last) {
-            let p = page * PAGE;
+        let (first, last) = (r.guest_addr / PAGE, end.div_ceil(PAGE));
+        let from = readonly.partition_point(|&(_, e)| e <= first);
+        for &(a, b) in readonly[from..].iter().take_while(|&&(a, _)| a < last) {
+            let (p, pend) = ((a * PAGE).max(r.guest_addr), (b * PAGE).min(end));
             if p > at {
                 out.push(SlotSpec {
                     gpa: at,
@@ -192,7 +190,6 @@ pub fn slot_layout(
                     readonly: false,
                 });
             }
-            let pend = (p + PAGE).min(end);
             match out.last_mut() {
                 Some(s) if s.readonly && s.gpa + s.len == p => s.len = pend - s.gpa,
                 _ => out.push(SlotSpec {
@@ -220,67 +217,89 @@ pub fn slot_layout(
 #[derive(Debug, Default, Clone)]
 struct Table {
     list: Vec<Protection>,
-    /// Page number -> indices into `list` of the trapped ranges on it.
-    pages: BTreeMap<u64, Vec<usize>>,
+    /// Indices into `list` of the trapped ranges (what the policy decides).
+    trapped: Vec<usize>,
+    /// Runs of RAM pages in read-only slots, `[first, end)` page numbers,
+    /// sorted and merged: the pages of trapped and relayed ranges. Kept as
+    /// runs so that a large range (all of the kernel's text) costs one
+    /// entry, in the pause that changes it and in every lookup.
+    readonly: Vec<(u64, u64)>,
     /// Page number -> index into `list` of the native range on it (patch
     /// area pages the guest writes without an exit).
     native: BTreeMap<u64, usize>,
-    /// Pages of relayed ranges (read-only slots, no decisions).
-    relayed: std::collections::BTreeSet<u64>,
 }
 
 impl Table {
     fn new(list: Vec<Protection>) -> Self {
-        let mut pages: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        let mut trapped = Vec::new();
+        let mut runs = Vec::new();
         let mut native = BTreeMap::new();
-        let mut relayed = std::collections::BTreeSet::new();
         for (i, p) in list.iter().enumerate() {
-            for page in p.gpa / PAGE..p.end().div_ceil(PAGE) {
-                match p.access {
-                    Access::Trapped => pages.entry(page).or_default().push(i),
-                    Access::Native => {
+            let (first, end) = (p.gpa / PAGE, p.end().div_ceil(PAGE));
+            match p.access {
+                Access::Trapped => {
+                    trapped.push(i);
+                    runs.push((first, end));
+                }
+                Access::Relayed => runs.push((first, end)),
+                Access::Native => {
+                    for page in first..end {
                         native.insert(page, i);
-                    }
-                    Access::Relayed => {
-                        relayed.insert(page);
                     }
                 }
             }
         }
+        runs.sort_unstable();
+        let mut readonly: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+        for (a, b) in runs {
+            match readonly.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => readonly.push((a, b)),
+            }
+        }
         Self {
             list,
-            pages,
+            trapped,
+            readonly,
             native,
-            relayed,
         }
-    }
-
-    /// Pages in read-only slots: trapped and relayed ones (page number ->
-    /// the trapped ranges on it, none on a page only relayed).
-    fn readonly_pages(&self) -> BTreeMap<u64, Vec<usize>> {
-        let mut all = self.pages.clone();
-        for &p in &self.relayed {
-            all.entry(p).or_default();
-        }
-        all
     }
 
     /// Whether `page` is in a read-only slot of RAM.
     fn is_readonly(&self, page: u64) -> bool {
-        self.pages.contains_key(&page) || self.relayed.contains(&page)
+        let i = self.readonly.partition_point(|&(_, e)| e <= page);
+        self.readonly.get(i).is_some_and(|&(a, _)| a <= page)
+    }
+
+    /// Pages in read-only slots of RAM.
+    fn readonly_pages(&self) -> u64 {
+        self.readonly.iter().map(|(a, b)| b - a).sum()
+    }
+
+    /// The trapped ranges `[gpa, end)` touches.
+    fn touching(&self, gpa: u64, end: u64) -> Vec<&Protection> {
+        self.trapped
+            .iter()
+            .map(|&i| &self.list[i])
+            .filter(|p| p.gpa < end && p.end() > gpa)
+            .collect()
     }
 
     /// A page both trapped and native, if any: (page address, trapped
     /// owner, native owner).
     fn mixed(&self) -> Option<(u64, &str, &str)> {
-        self.native.iter().find_map(|(page, &n)| {
-            self.pages.get(page).map(|t| {
-                (
-                    page * PAGE,
-                    self.list[t[0]].owner.as_str(),
-                    self.list[n].owner.as_str(),
-                )
-            })
+        self.trapped.iter().find_map(|&t| {
+            let p = &self.list[t];
+            self.native
+                .range(p.gpa / PAGE..p.end().div_ceil(PAGE))
+                .next()
+                .map(|(page, &n)| {
+                    (
+                        page * PAGE,
+                        p.owner.as_str(),
+                        self.list[n].owner.as_str(),
+                    )
+                })
         })
     }
 }
@@ -679,7 +698,7 @@ impl WriteControl {
                 native: native.to_owned(),
             });
         }
-        let mut layout = slot_layout(self.ram.ranges(), &next.readonly_pages());
+        let mut layout = slot_layout(self.ram.ranges(), &next.readonly);
         if self.area_mem.is_some() {
             layout.extend(area_layout(self.area.0, self.area.1, &next.native));
         }
@@ -688,10 +707,8 @@ impl WriteControl {
         match apply_layout(sink, &old, &layout) {
             Ok(now) => {
                 *slots = now;
-                self.trapping.store(
-                    !next.pages.is_empty() || !next.relayed.is_empty(),
-                    Ordering::Relaxed,
-                );
+                self.trapping
+                    .store(!next.readonly.is_empty(), Ordering::Relaxed);
                 *table = Arc::new(next);
                 Ok(())
             }
@@ -736,7 +753,7 @@ impl WriteControl {
             rewound: c.rewound.load(Ordering::Relaxed),
             handle_ns: c.handle_ns.load(Ordering::Relaxed),
             ranges: t.list.len() as u64,
-            pages: t.readonly_pages().len() as u64,
+            pages: t.readonly_pages(),
             slots: self.slots.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
         }
     }
@@ -835,19 +852,7 @@ impl WriteControl {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let end = gpa + data.len() as u64;
-        let touches: Vec<&Protection> = table
-            .pages
-            .get(&page)
-            .into_iter()
-            .chain(
-                Some((end - 1) / PAGE)
-                    .filter(|&last| last != page)
-                    .and_then(|last| table.pages.get(&last)),
-            )
-            .flatten()
-            .map(|&i| &table.list[i])
-            .filter(|p| p.gpa < end && p.end() > gpa)
-            .collect();
+        let touches = table.touching(gpa, end);
         // Then the owners' locks: writes to both copies of tracked data
         // (different pages) are serialized on them. Owners `A` and `A/part`
         // share one. A write spanning several owners takes all of theirs,
@@ -1129,8 +1134,8 @@ mod tests {
     use super::*;
     use crate::memory::RamRange;
 
-    fn pages(list: &[u64]) -> BTreeMap<u64, Vec<usize>> {
-        list.iter().map(|p| (*p, vec![0])).collect()
+    fn pages(list: &[u64]) -> Vec<(u64, u64)> {
+        Table::new(list.iter().map(|&p| prot("t", p * PAGE, 1)).collect()).readonly
     }
 
     #[test]
@@ -1140,7 +1145,7 @@ mod tests {
             len: 16 * PAGE,
             file_offset: 0,
         }];
-        assert_eq!(slot_layout(&ram, &BTreeMap::new()).len(), 1);
+        assert_eq!(slot_layout(&ram, &[]).len(), 1);
         let l = slot_layout(&ram, &pages(&[3, 4, 9]));
         let kinds: Vec<(u64, u64, bool)> = l
             .iter()

@@ -21,6 +21,9 @@
  *                                 milliseconds more: a window that lasts as
  *                                 long as the operation it watches, however
  *                                 slow the machine
+ *   klptime pause                 sleep in pause() until killed: a task
+ *                                 asleep in a kernel function that nothing
+ *                                 but a signal wakes (benches/time_to_effect.rs)
  *
  * Each prints one "@@KLP ..." line of key=value figures in microseconds.
  */
@@ -201,7 +204,10 @@ int main(int argc, char **argv)
 	if (argc == 6 && !strcmp(argv[1], "spin") &&
 	    (!strcmp(argv[5], "present") || !strcmp(argv[5], "absent")))
 		return spin(atol(argv[2]), argv[3], argv[4], !strcmp(argv[5], "present"));
+	if (argc == 2 && !strcmp(argv[1], "pause"))
+		for (;;)
+			pause();
 	fprintf(stderr, "usage: klptime load MODULE.ko NAME | unload NAME | "
-		"spin MS [FILE TEXT present|absent]\n");
+		"spin MS [FILE TEXT present|absent] | pause\n");
 	return 2;
 }
