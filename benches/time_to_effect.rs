@@ -212,8 +212,18 @@ fn main() {
             .collect()
     };
     for (case, tag, sleep_site, seen) in [
-        ("sys", "BUSY", "devkmsg_read (woken by livepatch's own log messages)", "lucos-busy"),
-        ("quiet", "QUIET", "pause() (woken by nothing but a signal)", "lucos-quiet"),
+        (
+            "sys",
+            "BUSY",
+            "devkmsg_read (woken by livepatch's own log messages)",
+            "lucos-busy",
+        ),
+        (
+            "quiet",
+            "QUIET",
+            "pause() (woken by nothing but a signal)",
+            "lucos-quiet",
+        ),
     ] {
         let imm = lines(&format!("@@SCN {case}=immediate "));
         assert_eq!(imm.len(), runs, "{}", out.text);

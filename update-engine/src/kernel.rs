@@ -82,6 +82,9 @@ pub struct GuestKernel {
     pub log: Result<LogLayout, String>,
     /// Where the kernel keeps its modules (Linux with BTF).
     pub modules: Result<crate::modules::ModuleLayout, String>,
+    /// vCPU 0's paging mode (long mode: constant once read; a reboot ends
+    /// the VMM), read on first use.
+    pub mode: std::sync::OnceLock<PagingState>,
 }
 
 /// Where a Linux kernel keeps the CPU features it booted with and patched
@@ -186,6 +189,23 @@ pub struct Timings {
 /// vCPU 0's paging registers, pausing the VM for the read if it runs.
 pub fn kernel_paging(vm: &dyn Guest) -> Result<PagingState, IntrospectError> {
     Ok(pinned_paging(vm)?.0)
+}
+
+/// vCPU 0's paging registers as they are, read in a pause: the paging mode
+/// (CR0, CR4, EFER), for walks through another top-level table (the
+/// kernel's own, where it has one). Cheaper than [`kernel_paging`], which
+/// also pins vCPU 0's tables and compares what they map.
+pub fn paging_mode(vm: &dyn Guest) -> Result<PagingState, IntrospectError> {
+    let paused = Paused::new(vm)?;
+    let state = paused.vcpu(0);
+    paused.resume()?;
+    Ok(state?.paging)
+}
+
+/// Whether `p` is 4-level long-mode paging (what a Linux kernel runs in
+/// from early boot until it stops).
+pub fn long_mode(p: PagingState) -> bool {
+    p.cr0 & (1 << 31) != 0 && p.cr4 & (1 << 5) != 0 && p.efer & (1 << 10) != 0
 }
 
 /// vCPU 0's paging registers and its top-level tables as they were in the
@@ -541,6 +561,7 @@ fn finish(
         cpu_caps: Err("not looked for".into()),
         log: Err("not looked for".into()),
         modules: Err("not looked for".into()),
+        mode: Default::default(),
     })
 }
 
@@ -696,6 +717,7 @@ impl GuestKernel {
             cpu_caps: self.cpu_caps.clone(),
             log: self.log.clone(),
             modules: self.modules.clone(),
+            mode: Default::default(),
         })
     }
 }

@@ -222,7 +222,9 @@ pub fn sleeping_tasks(
                     out.push(s);
                 }
             }
-            t = r.u64(t + layout.thread_group)?.wrapping_sub(layout.thread_group);
+            t = r
+                .u64(t + layout.thread_group)?
+                .wrapping_sub(layout.thread_group);
             if t == leader {
                 break;
             }

@@ -586,13 +586,25 @@ struct View {
 
 impl View {
     fn new(g: &dyn Guest, k: &GuestKernel) -> Result<Self, PatchError> {
-        let vcpu0 = kernel::kernel_paging(g)?;
+        // Where the kernel has its own top-level table only vCPU 0's paging
+        // mode is needed (walking whatever table vCPU 0 is on would cost
+        // pinning it and, in user mode with page-table isolation, comparing
+        // what its two halves map: milliseconds under emulation).
         let tables = match k.symbols.lookup("init_top_pgt") {
             Ok(s) => PagingState {
                 cr3: s.addr.wrapping_sub(k.text).wrapping_add(k.text_gpa),
-                ..vcpu0
+                ..match k.mode.get() {
+                    Some(m) => *m,
+                    None => {
+                        let m = kernel::paging_mode(g)?;
+                        if kernel::long_mode(m) {
+                            let _ = k.mode.set(m);
+                        }
+                        m
+                    }
+                }
             },
-            Err(_) => vcpu0,
+            Err(_) => kernel::kernel_paging(g)?,
         };
         // The kernel's text, where it is one physically contiguous run.
         let sym = |n: &str| k.symbols.all_named(n).first().map(|s| s.addr);

@@ -183,6 +183,7 @@ impl Fake {
             cpu_caps: Err("not Linux".into()),
             log: Err("not Linux".into()),
             modules: Err("not Linux".into()),
+            mode: Default::default(),
         }
     }
 }

@@ -293,13 +293,7 @@ impl Table {
             self.native
                 .range(p.gpa / PAGE..p.end().div_ceil(PAGE))
                 .next()
-                .map(|(page, &n)| {
-                    (
-                        page * PAGE,
-                        p.owner.as_str(),
-                        self.list[n].owner.as_str(),
-                    )
-                })
+                .map(|(page, &n)| (page * PAGE, p.owner.as_str(), self.list[n].owner.as_str()))
         })
     }
 }
