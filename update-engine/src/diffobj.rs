@@ -1738,8 +1738,12 @@ fn references_to(o: &Obj<'_>, f: &str) -> Vec<(Option<String>, bool, String)> {
 /// static of that name in `a` (a static local belongs to its function, or
 /// to the inline function whose copies refer to it): a `pr_warn_once` or
 /// `WARN_ONCE` the diff adds to a function, in an object that has others.
-/// A function that refers to more or fewer of a name than before, all
-/// paired with some, is left unpaired: lucos cannot tell which is new.
+/// A function that refers to more or fewer of a name than before pairs
+/// them by what its code refers to next to each (the message of a
+/// `pr_warn_once`, the function it calls): each old static whose context
+/// one new static alone has is paired with it, and when all are, the new
+/// statics left over are new. Otherwise they stay unpaired: lucos cannot
+/// tell which is new.
 struct Renumbering {
     /// `b`'s name → `a`'s.
     map: HashMap<String, String>,
@@ -1784,6 +1788,9 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
     // Each numbered static of `b` → whether some function refers to it that
     // the original has, with statics of its base.
     let mut known_user: HashMap<String, bool> = HashMap::new();
+    // `b`'s statics a function refers to besides the ones it had.
+    let mut added: BTreeSet<String> = BTreeSet::new();
+    let fa_of = |a: &Obj<'_>, f: &str| a.funcs.get(f).copied();
     for (f, fb) in &b.funcs {
         let vb = numbered(b, fb)?;
         let va = match a.funcs.get(f) {
@@ -1798,6 +1805,19 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
                 *k |= !ys.is_empty();
             }
             if xs.len() != ys.len() {
+                if let Some((pairs, left)) = pair_by_context(a, fa_of(a, f), b, fb, base)? {
+                    for (x, y) in pairs {
+                        match map.get(&x) {
+                            Some(prev) if *prev != y => {
+                                clash.insert(x);
+                            }
+                            _ => {
+                                map.insert(x, y);
+                            }
+                        }
+                    }
+                    added.extend(left);
+                }
                 continue;
             }
             for (x, y) in xs.into_iter().zip(ys) {
@@ -1817,7 +1837,7 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
     }
     let new: HashSet<String> = known_user
         .into_iter()
-        .filter(|(x, known)| !known && !map.contains_key(x))
+        .filter(|(x, known)| (!known || added.contains(x)) && !map.contains_key(x))
         .map(|(x, _)| x)
         .collect();
     // Bases that occur once in each object.
@@ -1843,6 +1863,114 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
         }
     }
     Ok(Renumbering { map, new })
+}
+
+/// Bytes of code either side of a reference to a numbered static whose
+/// other references make its context.
+const STATIC_CONTEXT: u64 = 48;
+
+/// The numbered statics of `base` that function `fb` of `b` and `fa` of
+/// `a` refer to, paired by their contexts: for each static, what the
+/// function refers to nearest each of its references (its stores of an
+/// immediate, where it has some: a once flag being set), within
+/// [`STATIC_CONTEXT`] bytes: a string literal (by its text: the message a
+/// once flag guards) if there is one, else anything else. Each of `a`'s whose context
+/// exactly one of `b`'s has, and no other of `a`'s, is paired with it.
+/// `Some((pairs, new))` only when every one of `a`'s is paired (`new`: the
+/// rest of `b`'s); `None` when `a`'s function is not there or some context
+/// is ambiguous.
+#[allow(clippy::type_complexity)]
+fn pair_by_context(
+    a: &Obj<'_>,
+    fa: Option<(SectionIndex, u64, u64, bool)>,
+    b: &Obj<'_>,
+    fb: &(SectionIndex, u64, u64, bool),
+    base: &str,
+) -> Result<Option<(Vec<(String, String)>, Vec<String>)>, String> {
+    let Some(fa) = fa else { return Ok(None) };
+    let contexts = |o: &Obj<'_>,
+                    f: &(SectionIndex, u64, u64, bool)|
+     -> Result<Vec<(String, BTreeSet<Target>)>, String> {
+        let (_, rels) = o.range(f.0, f.1, f.2)?;
+        let name_of = |r: &Rel| -> Option<String> {
+            let s = o.file.symbol_by_index(r.sym).ok()?;
+            let n = if s.kind() == SymbolKind::Section {
+                o.covering(s.section_index()?, string_offset(r).max(0) as u64)?
+                    .0
+            } else {
+                s.name().ok()?.to_owned()
+            };
+            (unnumbered(&n) == base && n != base).then_some(n)
+        };
+        let mut out: Vec<(String, BTreeSet<Target>)> = Vec::new();
+        // Where a static is stored to with an immediate (`movb $1,
+        // flag(%rip)`: a once flag being set, in the block that goes on
+        // to its message), only those references; GCC moves the test and
+        // the rest of the block apart.
+        let stores: Vec<&Rel> = rels
+            .iter()
+            .filter(|r| r.tail > 0 && name_of(r).is_some())
+            .collect();
+        let refs: Vec<&Rel> = rels
+            .iter()
+            .filter(|r| {
+                name_of(r).is_some_and(|n| {
+                    r.tail > 0
+                        || !stores
+                            .iter()
+                            .any(|s| name_of(s).as_deref() == Some(n.as_str()))
+                })
+            })
+            .collect();
+        for r in refs {
+            let Some(n) = name_of(r) else { continue };
+            // The nearest string literal (the message a once flag guards,
+            // loaded beside the store that sets it), else the nearest
+            // reference of any other kind, within reach.
+            let others: Vec<(u64, Target)> = rels
+                .iter()
+                .filter(|q| q.at.abs_diff(r.at) <= STATIC_CONTEXT && name_of(q).is_none())
+                .map(|q| (q.at.abs_diff(r.at), o.target(q)))
+                .collect();
+            let nearest = |strings: bool| {
+                others
+                    .iter()
+                    .filter(|(_, t)| matches!(t, Target::Str(_)) == strings)
+                    .min_by_key(|(d, _)| *d)
+                    .map(|(_, t)| t.clone())
+            };
+            let near: BTreeSet<Target> = nearest(true)
+                .or_else(|| nearest(false))
+                .into_iter()
+                .collect();
+            match out.iter_mut().find(|(x, _)| *x == n) {
+                Some((_, set)) => set.extend(near),
+                None => out.push((n, near)),
+            }
+        }
+        Ok(out)
+    };
+    let (ca, cb) = (contexts(a, &fa)?, contexts(b, fb)?);
+    let mut pairs = Vec::new();
+    for (y, ctx) in &ca {
+        let same_b: Vec<&String> = cb
+            .iter()
+            .filter(|(_, c)| c == ctx)
+            .map(|(x, _)| x)
+            .collect();
+        let same_a = ca.iter().filter(|(_, c)| c == ctx).count();
+        match same_b.as_slice() {
+            [x] if same_a == 1 && !ctx.is_empty() => pairs.push(((*x).clone(), y.clone())),
+            _ => return Ok(None),
+        }
+    }
+    let new = cb
+        .iter()
+        .map(|(x, _)| x)
+        .filter(|x| !pairs.iter().any(|(p, _)| p == *x))
+        .cloned()
+        .collect();
+    Ok(Some((pairs, new)))
 }
 
 #[cfg(test)]
@@ -2237,13 +2365,57 @@ int third(int x) { return x * 2; }
         assert_eq!(refs.len(), 1, "{refs:?}");
         assert!(names(&a).contains(&refs[0]), "{refs:?} {:?}", names(&a));
         assert_eq!(d.own_data.len(), 1, "{d:?}");
-        // A second flag in a function that had one: which is new is not
-        // known, refused by name.
+        // A second flag in a function that had one, before it: the old one
+        // is known by its message ("a") and stays the kernel's, the new one
+        // ("z") is the patch's own.
+        let show_flag = |o: &[u8]| -> String {
+            let f = object::File::parse(o).expect("obj");
+            let t = f.symbol_by_name("show").expect("show");
+            let sec = f
+                .section_by_index(t.section_index().expect("sec"))
+                .expect("sec");
+            let rels: Vec<String> = sec
+                .relocations()
+                .filter_map(|(_, r)| match r.target() {
+                    object::RelocationTarget::Symbol(i) => f.symbol_by_index(i).ok(),
+                    _ => None,
+                })
+                .filter_map(|s| {
+                    // A section symbol: the flag defined in that section.
+                    let of_section = s.section_index().and_then(|si| {
+                        f.symbols().find(|x| {
+                            x.section_index() == Some(si) && x.kind() != SymbolKind::Section
+                        })
+                    });
+                    match s.kind() {
+                        SymbolKind::Section => of_section,
+                        _ => Some(s),
+                    }
+                })
+                .filter_map(|s| s.name().ok().map(str::to_owned))
+                .filter(|n| n.starts_with("__already_done"))
+                .collect();
+            rels.first().cloned().unwrap_or_default()
+        };
         let b = compile(
             "b11",
             &src.replace(
                 "{ ONCE(\"a\"); return x; }",
                 "{ ONCE(\"z\"); ONCE(\"a\"); return x; }",
+            ),
+        );
+        let d = diff_object("t.o", &a, &b, &kernel).expect("paired by context");
+        assert_eq!(changed_names(&d), ["show"]);
+        let refs = flag_refs(&d);
+        assert_eq!(refs, [show_flag(&a)], "{d:?}");
+        assert_eq!(d.own_data.len(), 1, "{d:?}");
+        // Two flags whose code is alike: which is new is not known, refused
+        // by name.
+        let b = compile(
+            "b11b",
+            &src.replace(
+                "{ ONCE(\"a\"); return x; }",
+                "{ ONCE(\"a\"); ONCE(\"a\"); return x; }",
             ),
         );
         let e = diff_object("t.o", &a, &b, &kernel).expect_err("ambiguous");
