@@ -121,28 +121,25 @@ LOG=/tmp/b.serial
 start_vm 256M
 await "@@BUSY ready" || exit 1
 grep "@@BUSY ready" $LOG | sed 's/^/@@SCN /'
-for r in $(seq 1 {runs}); do
-  $LUCOS patch --vm b --json --mode immediate $FILES/busy.lup > /tmp/o 2>&1
-  echo "@@SCN sys=immediate $(figures)"
-  $LUCOS revert --vm b busy > /dev/null 2>&1 || echo "@@SCN revert failed"
-done
-t0=$(cut -d' ' -f1 /proc/uptime)
-$LUCOS patch --vm b --json --mode consistent $FILES/busy.lup > /tmp/o 2>&1; rc=$?
-t1=$(cut -d' ' -f1 /proc/uptime)
-echo "@@SCN sys=consistent rc=$rc wall_us=$(awk "BEGIN {{ print ($t1 - $t0) * 1000000 }}") $(tr '\n' ' ' < /tmp/o | cut -c 1-200)"
+# measure CASE NAME: NAME.lup applied in immediate mode {runs} times (each
+# reverted), then once in consistent mode.
+measure() {{
+  for r in $(seq 1 {runs}); do
+    $LUCOS patch --vm b --json --mode immediate $FILES/$2.lup > /tmp/o 2>&1
+    echo "@@SCN $1=immediate $(figures)"
+    $LUCOS revert --vm b $2 > /dev/null 2>&1 || echo "@@SCN revert failed"
+  done
+  t0=$(cut -d' ' -f1 /proc/uptime)
+  $LUCOS patch --vm b --json --mode consistent $FILES/$2.lup > /tmp/o 2>&1; rc=$?
+  t1=$(cut -d' ' -f1 /proc/uptime)
+  echo "@@SCN $1=consistent rc=$rc wall_us=$(awk "BEGIN {{ print ($t1 - $t0) * 1000000 }}") $(tr '\n' ' ' < /tmp/o | cut -c 1-200)"
+}}
+measure sys busy
 $LUCOS patch --vm b $FILES/go.lup > /dev/null 2>&1 || echo "@@SCN go patch failed"
 await "@@BUSY end" || exit 1
 grep "@@BUSY" $LOG | sed 's/^/@@SCN /'
 await "@@QUIET ready" || exit 1
-for r in $(seq 1 {runs}); do
-  $LUCOS patch --vm b --json --mode immediate $FILES/quiet.lup > /tmp/o 2>&1
-  echo "@@SCN quiet=immediate $(figures)"
-  $LUCOS revert --vm b quiet > /dev/null 2>&1 || echo "@@SCN revert failed"
-done
-t0=$(cut -d' ' -f1 /proc/uptime)
-$LUCOS patch --vm b --json --mode consistent $FILES/quiet.lup > /tmp/o 2>&1; rc=$?
-t1=$(cut -d' ' -f1 /proc/uptime)
-echo "@@SCN quiet=consistent rc=$rc wall_us=$(awk "BEGIN {{ print ($t1 - $t0) * 1000000 }}") $(tr '\n' ' ' < /tmp/o | cut -c 1-200)"
+measure quiet quiet
 $LUCOS patch --vm b $FILES/go2.lup > /dev/null 2>&1 || echo "@@SCN go2 patch failed"
 await "@@QUIET end" || exit 1
 grep "@@QUIET" $LOG | sed 's/^/@@SCN /'

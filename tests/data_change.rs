@@ -481,18 +481,7 @@ fn a_change_whose_old_users_are_all_replaced_retires_and_reverts_exactly() {
         let at = vm.serial().len();
         vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats3.lup"))]);
         // The VMM retires it in the background once nothing runs old code.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let l = loop {
-            let l = vm.list();
-            if l["patches"][0]["data"][0]["stats"]["state"] == "retired" {
-                break l;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not retired in 60 s: {l}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        };
+        let l = vm.wait_retired();
         let d = &l["patches"][0]["data"][0];
         assert_eq!(d["users_left"].as_array().map(Vec::len), Some(0), "{l}");
         assert!(d["stats"]["retired_after_ms"].is_u64(), "{l}");
@@ -830,6 +819,23 @@ impl Vm {
         }
     }
 
+    /// `lucos list` once the first patch's data change has retired (60 s
+    /// at most).
+    fn wait_retired(&self) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let l = self.list();
+            if l["patches"][0]["data"][0]["stats"]["state"] == "retired" {
+                return l;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not retired in 60 s: {l}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     fn inspect(&self, name: &str) -> String {
         self.ok(&["inspect", p(&self.path(&format!("{name}.lup")))])
     }
@@ -865,18 +871,7 @@ fn kernel_pointers_into_a_changed_object_move_to_the_new_copy_and_it_retires() {
     for round in 0..2 {
         let at = vm.serial().len();
         vm.ok(&["patch", "--vm", "dc", p(&vm.path("limits2.lup"))]);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let l = loop {
-            let l = vm.list();
-            if l["patches"][0]["data"][0]["stats"]["state"] == "retired" {
-                break l;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not retired in 60 s: {l}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        };
+        let l = vm.wait_retired();
         let d = &l["patches"][0]["data"][0];
         assert_eq!(d["repointed"].as_array().map(Vec::len), Some(2), "{l}");
         // Generic code now reaches the new copy through the moved pointers

@@ -60,42 +60,16 @@ int proc_nr_files(struct ctl_table *table, int write, void *buffer, size_t *lenp
 }
 "#;
 
-/// The change with every user of the object replaced: the reader, and the
-/// two unpatched users, `get_max_files` and `alloc_empty_file` (their code
+/// With [`FSFIX`], the change with every user of the object replaced: the
+/// two users it leaves, `get_max_files` and `alloc_empty_file` (their code
 /// as in fs/file_table.c, compiled against the new layout).
-const FSALL: &str = r#"#include <linux/sysctl.h>
-#include <linux/percpu_counter.h>
+const FSALL_USERS: &str = r#"
 #include <linux/capability.h>
 #include <linux/err.h>
 
 struct file;
 struct cred;
-
-struct files_stat_struct {
-	unsigned long nr_files;
-	unsigned long nr_free_files;
-	unsigned long max_files;
-	unsigned long nr_reads;
-};
-
-extern struct files_stat_struct files_stat;
-extern struct percpu_counter nr_files;
 struct file *__alloc_file(int flags, const struct cred *cred);
-
-#define LUCOS_MIN_FILES 8192
-
-int proc_nr_files(struct ctl_table *table, int write, void *buffer, size_t *lenp, loff_t *ppos)
-{
-	struct ctl_table t = *table;
-
-	files_stat.nr_files = percpu_counter_read_positive(&nr_files);
-	if (files_stat.max_files < LUCOS_MIN_FILES)
-		files_stat.max_files = LUCOS_MIN_FILES;
-	files_stat.nr_reads++;
-	t.data = &files_stat;
-	t.maxlen = sizeof(files_stat);
-	return proc_doulongvec_minmax(&t, write, buffer, lenp, ppos);
-}
 
 unsigned long get_max_files(void)
 {
@@ -232,7 +206,7 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
         &kbuild,
         &vmlinux,
         "fsall",
-        FSALL,
+        &format!("{FSFIX}{FSALL_USERS}"),
         &[
             "--data",
             "files_stat:files_stat_struct",
