@@ -82,6 +82,7 @@ state() {
   os=$(grep -c lucos /proc/self/oom_score)
   ow=$(dmesg | grep -c 'lucos: oom_score read')
   od=$(dmesg | grep -c 'oom_adj is deprecated')
+  or=$(dmesg | grep -c 'lucos: oom_score_adj 123 raised')
   lc=$(grep -c '^lucos reads' /proc/loadavg)
   lr=$(dmesg | grep -c 'lucos: read ')
   lw=$(dmesg | grep -c 'WARNING: .* at fs/proc/loadavg.c:')
@@ -93,7 +94,7 @@ state() {
   # data, whose wait list points at itself).
   fs=$(grep -c '^lucos	reads [0-9]' /proc/filesystems)
   w=$(dmesg | grep -e 'WARNING' -e 'BUG:' -e 'Oops' -e 'general protection' | grep -vc 'at fs/proc/loadavg.c:')
-  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. counter=$lc ls=$ls once=$os/$ow/$od uptime=$up/$ur fs=$fs warned=$lr/$lw warnings=$w"
+  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. counter=$lc ls=$ls once=$os/$ow/$od oomw=$or uptime=$up/$ur fs=$fs warned=$lr/$lw warnings=$w"
 }
 TR=/sys/kernel/tracing
 mount -t tracefs nodev $TR
@@ -130,13 +131,13 @@ for p in cmdline uname version header meminfo oom counter hide once uptime fs; d
   $LUCOS patch --vm d $FILES/$p.lup > /tmp/o 2>&1; echo "@@SCN apply $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. counter=1 ls=1 once=1/1/1 uptime=1/[1-9][0-9]* fs=1 " && echo "@@SCN loaded"
+wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. counter=1 ls=1 once=1/1/1 oomw=1 uptime=1/[1-9][0-9]* fs=1 " && echo "@@SCN loaded"
 $LUCOS list --vm d | sed 's/^/@@SCN list /'
 for p in fs uptime once hide counter oom meminfo header version uname cmdline; do
   $LUCOS revert --vm d $p > /tmp/o 2>&1; echo "@@SCN revert $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. counter=0 ls=2 once=0/1/1 uptime=0/[0-9]* fs=0 " && echo "@@SCN reverted"
+wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. counter=0 ls=2 once=0/1/1 oomw=1 uptime=0/[0-9]* fs=0 " && echo "@@SCN reverted"
 at=$(wc -l < $LOG)
 wait_after "$at" "@@D state" && echo "@@SCN last $(grep '@@D state' $LOG | tail -n 1)"
 # Last, on purpose: WARNs in patch code fire, each once.
@@ -227,7 +228,7 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
         once(
             s,
             "\ttask->signal->oom_score_adj = oom_adj;\n",
-            "\tif (oom_adj == 123)\n\t\toom_adj = 124;\n\ttask->signal->oom_score_adj = oom_adj;\n",
+            "\tif (oom_adj == 123) {\n\t\tpr_warn_once(\"lucos: oom_score_adj 123 raised\\n\");\n\t\toom_adj = 124;\n\t}\n\ttask->signal->oom_score_adj = oom_adj;\n",
         )
     });
     let out = build(&d, &tree, "oom", &oom).unwrap_or_else(|e| panic!("{e}"));
@@ -476,7 +477,7 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let before = out.line("@@SCN before ");
     assert!(
         before.contains(
-            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,. counter=0 ls=2 once=0/0/1 uptime=0/0 fs=0 warned=0/0 "
+            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,. counter=0 ls=2 once=0/0/1 oomw=0 uptime=0/0 fs=0 warned=0/0 "
         ),
         "a LOADED check passed before its patch: {before}\n{}",
         out.text

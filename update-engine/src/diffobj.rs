@@ -1805,7 +1805,7 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
                 *k |= !ys.is_empty();
             }
             if xs.len() != ys.len() {
-                if let Some((pairs, left)) = pair_by_context(a, fa_of(a, f), b, fb, base)? {
+                if let Some((pairs, left)) = pair_by_context(a, fa_of(a, f), b, fb, f, base)? {
                     for (x, y) in pairs {
                         match map.get(&x) {
                             Some(prev) if *prev != y => {
@@ -1869,13 +1869,15 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
 /// other references make its context.
 const STATIC_CONTEXT: u64 = 48;
 
-/// The numbered statics of `base` that function `fb` of `b` and `fa` of
-/// `a` refer to, paired by their contexts: for each static, what the
-/// function refers to nearest each of its references (its stores of an
-/// immediate, where it has some: a once flag being set), within
-/// [`STATIC_CONTEXT`] bytes: a string literal (by its text: the message a
-/// once flag guards) if there is one, else anything else. Each of `a`'s whose context
-/// exactly one of `b`'s has, and no other of `a`'s, is paired with it.
+/// The numbered statics of `base` that function `name` (`fb` of `b`, `fa`
+/// of `a`) and its `.cold` part refer to, paired by their contexts: for
+/// each static, what the code refers to nearest each of its references
+/// (its stores of an immediate, where it has some: a once flag being set),
+/// within [`STATIC_CONTEXT`] bytes, jumps to the function's own parts
+/// aside: the string literals (by their text: the message a once flag
+/// guards) where there are some, else anything else. Each of `a`'s whose
+/// context exactly one of `b`'s has, and no other of `a`'s, is paired with
+/// it.
 /// `Some((pairs, new))` only when every one of `a`'s is paired (`new`: the
 /// rest of `b`'s); `None` when `a`'s function is not there or some context
 /// is ambiguous.
@@ -1885,11 +1887,14 @@ fn pair_by_context(
     fa: Option<(SectionIndex, u64, u64, bool)>,
     b: &Obj<'_>,
     fb: &(SectionIndex, u64, u64, bool),
+    name: &str,
     base: &str,
 ) -> Result<Option<(Vec<(String, String)>, Vec<String>)>, String> {
     let Some(fa) = fa else { return Ok(None) };
-    let contexts = |o: &Obj<'_>,
-                    f: &(SectionIndex, u64, u64, bool)|
+    let cold = format!("{name}.cold");
+    let jump = |t: &Target| matches!(t, Target::Sym(n, _) if n == name || *n == cold);
+    let part_contexts = |o: &Obj<'_>,
+                         f: &(SectionIndex, u64, u64, bool)|
      -> Result<Vec<(String, BTreeSet<Target>)>, String> {
         let (_, rels) = o.range(f.0, f.1, f.2)?;
         let name_of = |r: &Rel| -> Option<String> {
@@ -1931,6 +1936,7 @@ fn pair_by_context(
                 .iter()
                 .filter(|q| q.at.abs_diff(r.at) <= STATIC_CONTEXT && name_of(q).is_none())
                 .map(|q| (q.at.abs_diff(r.at), o.target(q)))
+                .filter(|(_, t)| !jump(t))
                 .collect();
             let nearest = |strings: bool| {
                 others
@@ -1946,6 +1952,29 @@ fn pair_by_context(
             match out.iter_mut().find(|(x, _)| *x == n) {
                 Some((_, set)) => set.extend(near),
                 None => out.push((n, near)),
+            }
+        }
+        Ok(out)
+    };
+    // The function and its cold part (where GCC puts the body of a
+    // `pr_warn_once` with arguments): each searched on its own.
+    let contexts = |o: &Obj<'_>,
+                    f: &(SectionIndex, u64, u64, bool)|
+     -> Result<Vec<(String, BTreeSet<Target>)>, String> {
+        let mut out: Vec<(String, BTreeSet<Target>)> = Vec::new();
+        for part in std::iter::once(*f).chain(o.funcs.get(&cold).copied()) {
+            for (n, set) in part_contexts(o, &part)? {
+                match out.iter_mut().find(|(x, _)| *x == n) {
+                    Some((_, s)) => s.extend(set),
+                    None => out.push((n, set)),
+                }
+            }
+        }
+        // A static whose references have a message nearby is known by its
+        // messages alone (what else is near differs between builds).
+        for (_, set) in &mut out {
+            if set.iter().any(|t| matches!(t, Target::Str(_))) {
+                set.retain(|t| matches!(t, Target::Str(_)));
             }
         }
         Ok(out)
