@@ -348,6 +348,16 @@ pub fn build(
 ) -> Result<DiffBuild, CliError> {
     let mut steps = Vec::new();
     let t0 = Instant::now();
+    // make runs in the tree (`-C`) and the patch headers' overlay is named
+    // relative to it: a relative tree (`--source ../linux`) must not reach
+    // them as written (kbuild would miss lucos's headers and keep the
+    // kernel's jump labels and WARN tables).
+    let tree = &std::fs::canonicalize(tree).map_err(|e| {
+        CliError::Usage(format!(
+            "{} is not a prepared kernel build tree: {e} (guest-kernels/linux/fetch-source.sh prepares one)",
+            tree.display()
+        ))
+    })?;
     let diff = std::fs::read_to_string(diff_path)
         .map_err(|e| CliError::io(format!("cannot read {}", diff_path.display()), e))?;
     let files = changed_files(&diff)?;

@@ -233,6 +233,31 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     });
     let out = build(&d, &tree, "oom", &oom).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("1 function: __set_oom_adj.isra.0"), "{out}");
+    // The same from a relative --source: kbuild still takes lucos's headers
+    // for the patch code (a relative tree once kept the kernel's jump
+    // labels, and the patch was refused).
+    let tree_path = std::path::Path::new(&tree);
+    let rel = Command::new(env!("CARGO_BIN_EXE_lucos"))
+        .current_dir(tree_path.parent().expect("tree's parent"))
+        .args(["build", "--unsigned", "--kernel"])
+        .arg(&d.vmlinux)
+        .arg("--diff")
+        .arg(d.dir.join("oom.patch"))
+        .arg("--source")
+        .arg(std::path::Path::new(".").join(tree_path.file_name().expect("tree's name")))
+        .args(["--name", "oomrel", "-o"])
+        .arg(d.dir.join("oomrel.lup"))
+        .output()
+        .expect("lucos build");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&rel.stdout),
+        String::from_utf8_lossy(&rel.stderr)
+    );
+    assert!(
+        rel.status.success() && said.contains("1 function: __set_oom_adj.isra.0"),
+        "{said}"
+    );
 
     // Built: a new variable, and a WARN that does not fire (no
     // __bug_table: patch-include/asm/bug.h): /proc/loadavg counts its reads
