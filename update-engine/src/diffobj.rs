@@ -459,6 +459,18 @@ impl<'d> Obj<'d> {
         Ok(out)
     }
 
+    /// The name of the symbol relocation `r` points at: for a section
+    /// symbol, the named symbol of that section covering the place.
+    fn named(&self, r: &Rel) -> Option<String> {
+        let s = self.file.symbol_by_index(r.sym).ok()?;
+        if s.kind() == SymbolKind::Section {
+            self.covering(s.section_index()?, string_offset(r).max(0) as u64)
+                .map(|(n, _)| n)
+        } else {
+            Some(s.name().unwrap_or("").to_owned())
+        }
+    }
+
     /// The named symbol of section `si` covering offset `off`: its name and value.
     fn covering(&self, si: SectionIndex, off: u64) -> Option<(String, u64)> {
         self.file
@@ -1757,20 +1769,7 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
             let (_, rels) = o.range(f.0, f.1, f.2)?;
             let mut v = Vec::new();
             for r in rels {
-                let Ok(s) = o.file.symbol_by_index(r.sym) else {
-                    continue;
-                };
-                let n = if s.kind() == SymbolKind::Section {
-                    match s
-                        .section_index()
-                        .and_then(|si| o.covering(si, string_offset(&r).max(0) as u64))
-                    {
-                        Some((n, _)) => n,
-                        None => continue,
-                    }
-                } else {
-                    s.name().unwrap_or("").to_owned()
-                };
+                let Some(n) = o.named(&r) else { continue };
                 if unnumbered(&n) != n && !v.contains(&n) {
                     v.push(n);
                 }
@@ -1790,7 +1789,6 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
     let mut known_user: HashMap<String, bool> = HashMap::new();
     // `b`'s statics a function refers to besides the ones it had.
     let mut added: BTreeSet<String> = BTreeSet::new();
-    let fa_of = |a: &Obj<'_>, f: &str| a.funcs.get(f).copied();
     for (f, fb) in &b.funcs {
         let vb = numbered(b, fb)?;
         let va = match a.funcs.get(f) {
@@ -1805,7 +1803,9 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
                 *k |= !ys.is_empty();
             }
             if xs.len() != ys.len() {
-                if let Some((pairs, left)) = pair_by_context(a, fa_of(a, f), b, fb, f, base)? {
+                if let Some((pairs, left)) =
+                    pair_by_context(a, a.funcs.get(f).copied(), b, fb, f, base)?
+                {
                     for (x, y) in pairs {
                         match map.get(&x) {
                             Some(prev) if *prev != y => {
@@ -1897,45 +1897,34 @@ fn pair_by_context(
                          f: &(SectionIndex, u64, u64, bool)|
      -> Result<Vec<(String, BTreeSet<Target>)>, String> {
         let (_, rels) = o.range(f.0, f.1, f.2)?;
-        let name_of = |r: &Rel| -> Option<String> {
-            let s = o.file.symbol_by_index(r.sym).ok()?;
-            let n = if s.kind() == SymbolKind::Section {
-                o.covering(s.section_index()?, string_offset(r).max(0) as u64)?
-                    .0
-            } else {
-                s.name().ok()?.to_owned()
-            };
-            (unnumbered(&n) == base && n != base).then_some(n)
-        };
+        // Each relocation's static of `base`, if it points at one.
+        let statics: Vec<Option<String>> = rels
+            .iter()
+            .map(|r| o.named(r).filter(|n| unnumbered(n) == base && n != base))
+            .collect();
         let mut out: Vec<(String, BTreeSet<Target>)> = Vec::new();
         // Where a static is stored to with an immediate (`movb $1,
         // flag(%rip)`: a once flag being set, in the block that goes on
         // to its message), only those references; GCC moves the test and
         // the rest of the block apart.
-        let stores: Vec<&Rel> = rels
+        let stored: BTreeSet<&String> = rels
             .iter()
-            .filter(|r| r.tail > 0 && name_of(r).is_some())
+            .zip(&statics)
+            .filter_map(|(r, n)| n.as_ref().filter(|_| r.tail > 0))
             .collect();
-        let refs: Vec<&Rel> = rels
-            .iter()
-            .filter(|r| {
-                name_of(r).is_some_and(|n| {
-                    r.tail > 0
-                        || !stores
-                            .iter()
-                            .any(|s| name_of(s).as_deref() == Some(n.as_str()))
-                })
-            })
-            .collect();
-        for r in refs {
-            let Some(n) = name_of(r) else { continue };
+        for (r, n) in rels.iter().zip(&statics) {
+            let Some(n) = n else { continue };
+            if r.tail == 0 && stored.contains(n) {
+                continue;
+            }
             // The nearest string literal (the message a once flag guards,
             // loaded beside the store that sets it), else the nearest
             // reference of any other kind, within reach.
             let others: Vec<(u64, Target)> = rels
                 .iter()
-                .filter(|q| q.at.abs_diff(r.at) <= STATIC_CONTEXT && name_of(q).is_none())
-                .map(|q| (q.at.abs_diff(r.at), o.target(q)))
+                .zip(&statics)
+                .filter(|(q, m)| q.at.abs_diff(r.at) <= STATIC_CONTEXT && m.is_none())
+                .map(|(q, _)| (q.at.abs_diff(r.at), o.target(q)))
                 .filter(|(_, t)| !jump(t))
                 .collect();
             let nearest = |strings: bool| {
@@ -1949,9 +1938,9 @@ fn pair_by_context(
                 .or_else(|| nearest(false))
                 .into_iter()
                 .collect();
-            match out.iter_mut().find(|(x, _)| *x == n) {
+            match out.iter_mut().find(|(x, _)| x == n) {
                 Some((_, set)) => set.extend(near),
-                None => out.push((n, near)),
+                None => out.push((n.clone(), near)),
             }
         }
         Ok(out)
@@ -2398,33 +2387,13 @@ int third(int x) { return x * 2; }
         // is known by its message ("a") and stays the kernel's, the new one
         // ("z") is the patch's own.
         let show_flag = |o: &[u8]| -> String {
-            let f = object::File::parse(o).expect("obj");
-            let t = f.symbol_by_name("show").expect("show");
-            let sec = f
-                .section_by_index(t.section_index().expect("sec"))
-                .expect("sec");
-            let rels: Vec<String> = sec
-                .relocations()
-                .filter_map(|(_, r)| match r.target() {
-                    object::RelocationTarget::Symbol(i) => f.symbol_by_index(i).ok(),
-                    _ => None,
-                })
-                .filter_map(|s| {
-                    // A section symbol: the flag defined in that section.
-                    let of_section = s.section_index().and_then(|si| {
-                        f.symbols().find(|x| {
-                            x.section_index() == Some(si) && x.kind() != SymbolKind::Section
-                        })
-                    });
-                    match s.kind() {
-                        SymbolKind::Section => of_section,
-                        _ => Some(s),
-                    }
-                })
-                .filter_map(|s| s.name().ok().map(str::to_owned))
-                .filter(|n| n.starts_with("__already_done"))
-                .collect();
-            rels.first().cloned().unwrap_or_default()
+            let obj = Obj::parse("t.o", o).expect("obj");
+            let f = obj.funcs["show"];
+            let (_, rels) = obj.range(f.0, f.1, f.2).expect("show");
+            rels.iter()
+                .filter_map(|r| obj.named(r))
+                .find(|n| n.starts_with("__already_done"))
+                .unwrap_or_default()
         };
         let b = compile(
             "b11",

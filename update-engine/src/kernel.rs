@@ -202,12 +202,6 @@ pub fn paging_mode(vm: &dyn Guest) -> Result<PagingState, IntrospectError> {
     Ok(state?.paging)
 }
 
-/// Whether `p` is 4-level long-mode paging (what a Linux kernel runs in
-/// from early boot until it stops).
-pub fn long_mode(p: PagingState) -> bool {
-    p.cr0 & (1 << 31) != 0 && p.cr4 & (1 << 5) != 0 && p.efer & (1 << 10) != 0
-}
-
 /// vCPU 0's paging registers and its top-level tables as they were in the
 /// same pause (see [`PinnedTables`]).
 pub fn pinned_paging(vm: &dyn Guest) -> Result<(PagingState, PinnedTables<'_>), IntrospectError> {

@@ -597,7 +597,9 @@ impl View {
                     Some(m) => *m,
                     None => {
                         let m = kernel::paging_mode(g)?;
-                        if kernel::long_mode(m) {
+                        // Long mode: what a Linux kernel runs in from
+                        // early boot until it stops.
+                        if m.four_level() {
                             let _ = k.mode.set(m);
                         }
                         m

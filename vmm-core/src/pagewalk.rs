@@ -27,6 +27,16 @@ pub struct PagingState {
     pub efer: u64,
 }
 
+impl PagingState {
+    /// Whether this is the paging [`translate`] walks: 4-level long mode.
+    pub fn four_level(&self) -> bool {
+        self.cr0 & CR0_PG != 0
+            && self.cr4 & CR4_PAE != 0
+            && self.efer & EFER_LMA != 0
+            && self.cr4 & CR4_LA57 == 0
+    }
+}
+
 impl From<&kvm_bindings::kvm_sregs> for PagingState {
     fn from(s: &kvm_bindings::kvm_sregs) -> Self {
         Self {
