@@ -16,9 +16,24 @@ use common::linux::{run_scenario_with, Extras, PatchDirs};
 
 /// `lucos build --diff`: Ok(its output) or Err(its error output).
 fn build(d: &PatchDirs, tree: &str, name: &str, diff: &str) -> Result<String, String> {
+    build_in(d, None, tree, name, diff)
+}
+
+/// [`build`] run in folder `cwd` (`tree` may then be relative to it).
+fn build_in(
+    d: &PatchDirs,
+    cwd: Option<&std::path::Path>,
+    tree: &str,
+    name: &str,
+    diff: &str,
+) -> Result<String, String> {
     let p = d.dir.join(format!("{name}.patch"));
     std::fs::write(&p, diff).expect("diff file");
-    let out = Command::new(env!("CARGO_BIN_EXE_lucos"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lucos"));
+    if let Some(cwd) = cwd {
+        cmd.current_dir(cwd);
+    }
+    let out = cmd
         .args(["build", "--kernel"])
         .arg(&d.vmlinux)
         .arg("--diff")
@@ -237,27 +252,13 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     // for the patch code (a relative tree once kept the kernel's jump
     // labels, and the patch was refused).
     let tree_path = std::path::Path::new(&tree);
-    let rel = Command::new(env!("CARGO_BIN_EXE_lucos"))
-        .current_dir(tree_path.parent().expect("tree's parent"))
-        .args(["build", "--unsigned", "--kernel"])
-        .arg(&d.vmlinux)
-        .arg("--diff")
-        .arg(d.dir.join("oom.patch"))
-        .arg("--source")
-        .arg(std::path::Path::new(".").join(tree_path.file_name().expect("tree's name")))
-        .args(["--name", "oomrel", "-o"])
-        .arg(d.dir.join("oomrel.lup"))
-        .output()
-        .expect("lucos build");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&rel.stdout),
-        String::from_utf8_lossy(&rel.stderr)
-    );
-    assert!(
-        rel.status.success() && said.contains("1 function: __set_oom_adj.isra.0"),
-        "{said}"
-    );
+    let leaf = tree_path
+        .file_name()
+        .expect("tree's name")
+        .to_string_lossy();
+    let out = build_in(&d, tree_path.parent(), &format!("./{leaf}"), "oomrel", &oom)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.contains("1 function: __set_oom_adj.isra.0"), "{out}");
 
     // Built: a new variable, and a WARN that does not fire (no
     // __bug_table: patch-include/asm/bug.h): /proc/loadavg counts its reads
