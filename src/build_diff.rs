@@ -150,7 +150,9 @@ impl KernelSymbols for Refs<'_> {
                     continue;
                 };
                 let field = i32::from_le_bytes(field.try_into().expect("4 bytes"));
-                let at = p
+                // PC-relative: the field is S + A - P; absolute: S + A.
+                let from = if u.absolute { 0 } else { p };
+                let at = from
                     .wrapping_add(field as i64 as u64)
                     .wrapping_sub(u.addend as u64)
                     .wrapping_add(u.base);

@@ -649,6 +649,14 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
             for s in &d.own_data {
                 println!("{object}: places {s} (a variable the diff adds: the patch's own data)");
             }
+            if d.extable_entries > 0 {
+                println!(
+                    "{object}: carries {} exception-table entr{} (made known to the kernel \
+                     through lucos's exception index)",
+                    d.extable_entries,
+                    if d.extable_entries == 1 { "y" } else { "ies" }
+                );
+            }
         }
     }
     println!(

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::diffs::{make_diff, once, source_tree, CMDLINE_FIX, HEADER_FIX};
-use common::linux::{run_scenario_with, Extras, PatchDirs};
+use common::linux::{run_ok, run_scenario_with, Extras, PatchDirs};
 
 /// `lucos build --diff`: Ok(its output) or Err(its error output).
 fn build(d: &PatchDirs, tree: &str, name: &str, diff: &str) -> Result<String, String> {
@@ -108,8 +108,11 @@ state() {
   # /proc/filesystems counts its reads under a new mutex (the patch's own
   # data, whose wait list points at itself).
   fs=$(grep -c '^lucos	reads [0-9]' /proc/filesystems)
+  # A futex operation that faults in futex_wake_op (its exception-table
+  # fixup: in patch code, found through lucos's exception index).
+  fx=$(/files/futex_fault)
   w=$(dmesg | grep -e 'WARNING' -e 'BUG:' -e 'Oops' -e 'general protection' | grep -vc 'at fs/proc/loadavg.c:')
-  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. counter=$lc ls=$ls once=$os/$ow/$od oomw=$or uptime=$up/$ur fs=$fs warned=$lr/$lw warnings=$w"
+  echo "cmd=$c uname=$m version=$v header=$h meminfo=$mi oom=$o trace=$t. counter=$lc ls=$ls once=$os/$ow/$od oomw=$or uptime=$up/$ur fs=$fs futex=$fx warned=$lr/$lw warnings=$w"
 }
 TR=/sys/kernel/tracing
 mount -t tracefs nodev $TR
@@ -142,17 +145,17 @@ up d $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --c
 wait_after 1 "@@D ready" || exit 1
 grep "@@D ready" $LOG | sed 's/^/@@SCN before /'
 grep "@@D boot" $LOG | sed 's/^/@@SCN /'
-for p in cmdline uname version header meminfo oom counter hide once uptime fs; do
+for p in cmdline uname version header meminfo oom counter hide once uptime fs futex; do
   $LUCOS patch --vm d $FILES/$p.lup > /tmp/o 2>&1; echo "@@SCN apply $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. counter=1 ls=1 once=1/1/1 oomw=1 uptime=1/[1-9][0-9]* fs=1 " && echo "@@SCN loaded"
+wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. counter=1 ls=1 once=1/1/1 oomw=1 uptime=1/[1-9][0-9]* fs=1 futex=EACCES " && echo "@@SCN loaded"
 $LUCOS list --vm d | sed 's/^/@@SCN list /'
-for p in fs uptime once hide counter oom meminfo header version uname cmdline; do
+for p in futex fs uptime once hide counter oom meminfo header version uname cmdline; do
   $LUCOS revert --vm d $p > /tmp/o 2>&1; echo "@@SCN revert $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
-wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. counter=0 ls=2 once=0/1/1 oomw=1 uptime=0/[0-9]* fs=0 " && echo "@@SCN reverted"
+wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. counter=0 ls=2 once=0/1/1 oomw=1 uptime=0/[0-9]* fs=0 futex=EFAULT " && echo "@@SCN reverted"
 at=$(wc -l < $LOG)
 wait_after "$at" "@@D state" && echo "@@SCN last $(grep '@@D state' $LOG | tail -n 1)"
 # Last, on purpose: WARNs in patch code fire, each once.
@@ -292,6 +295,23 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     });
     let out = build(&d, &tree, "hide", &hide).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("1 function: filldir64"), "{out}");
+
+    // Built: a function with an access that may fault on purpose
+    // (futex_wake_op's atomic operation on user memory: an exception-table
+    // entry and its fixup, carried with the patch and made known to the
+    // kernel through lucos's exception index; and a ratelimit state of the
+    // kernel's, passed by its absolute address): a FUTEX_WAKE_OP on a
+    // read-only page gives EACCES instead of EFAULT.
+    let futex = make_diff(&tree, "kernel/futex/waitwake.c", |s| {
+        once(
+            s,
+            "\t\t\tret = fault_in_user_writeable(uaddr2);\n\t\t\tif (ret)\n\t\t\t\treturn ret;\n",
+            "\t\t\tret = fault_in_user_writeable(uaddr2);\n\t\t\tif (ret)\n\t\t\t\treturn ret == -EFAULT ? -EACCES : ret;\n",
+        )
+    });
+    let out = build(&d, &tree, "futex", &futex).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.contains("1 function: futex_wake_op"), "{out}");
+    assert!(out.contains("carries 8 exception-table entries"), "{out}");
 
     // Built: a pr_warn_once added to an object that has one already
     // (fs/proc/base.c's oom_adj notice): the new once-flag is a numbered
@@ -489,6 +509,16 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
         }),
         "includes into every object",
     );
+    // The LOADED check's program, for the guest.
+    run_ok(
+        Command::new("cc")
+            .args(["-static", "-O2", "-Wall", "-o"])
+            .arg(d.guest.join("futex_fault"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/guest-kernels/linux/checks/futex_fault.c"
+            )),
+    );
     let out = run_scenario_with(
         "diff",
         WORKLOAD,
@@ -496,6 +526,7 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
         Duration::from_secs(900),
         Extras {
             files: Some(d.files.clone()),
+            guest_files: Some(d.guest.clone()),
             ..Extras::default()
         },
     );
@@ -503,14 +534,14 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     let before = out.line("@@SCN before ");
     assert!(
         before.contains(
-            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,. counter=0 ls=2 once=0/0/1 oomw=0 uptime=0/0 fs=0 warned=0/0 "
+            "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,. counter=0 ls=2 once=0/0/1 oomw=0 uptime=0/0 fs=0 futex=EFAULT warned=0/0 "
         ),
         "a LOADED check passed before its patch: {before}\n{}",
         out.text
     );
     for p in [
         "cmdline", "uname", "version", "header", "meminfo", "oom", "counter", "hide", "once",
-        "uptime", "fs", "warn",
+        "uptime", "fs", "futex", "warn",
     ] {
         let a = out.line(&format!("@@SCN apply {p} "));
         assert!(a.contains("rc=0"), "{a}\n{}", out.text);

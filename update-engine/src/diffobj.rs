@@ -33,11 +33,6 @@ use object::{RelocationFlags, SectionFlags, SectionKind, SymbolKind, SymbolScope
 /// Sections that hold entries the kernel processes at boot or load for the
 /// code they point into; a function with an entry in one is refused.
 const KERNEL_TABLES: &[(&str, &str)] = &[
-    (
-        "__ex_table",
-        "exception-table entries (fixups of an inline access that may fault: rdmsr_safe, \
-         get_kernel_nofault, FPU state, user cmpxchg)",
-    ),
     ("__bug_table", "BUG/WARN entries"),
     ("__jump_table", "jump labels (static keys)"),
     ("__tracepoints_ptrs", "tracepoints"),
@@ -47,7 +42,7 @@ const KERNEL_TABLES: &[(&str, &str)] = &[
 /// `static_cpu_has` (reached only from alternative sites that the kernel,
 /// and lucos's linker, always rewrite: `ALTERNATIVE_TERNARY` with
 /// `X86_FEATURE_ALWAYS`).
-use crate::link::{ALT_REPLACEMENT, ALT_TABLE};
+use crate::link::{ALT_REPLACEMENT, ALT_TABLE, EX_ENTRY, EX_TABLE};
 const ALT_AUX: &str = ".altinstr_aux";
 /// Size of one `struct alt_instr` (Linux 6.1).
 const ALT_ENTRY: u64 = crate::link::ALT_ENTRY as u64;
@@ -221,10 +216,15 @@ pub struct StaticUse {
     pub addend: i64,
     /// The static's offset from the relocation's symbol.
     pub base: u64,
+    /// Whether the field holds the address itself (`mov $_rs.1, %rdi`: a
+    /// sign-extended 32-bit absolute relocation) rather than an offset from
+    /// the field.
+    #[doc(alias = "R_X86_64_32S")]
+    pub absolute: bool,
 }
 
-/// How the functions of `o` refer to each of `names` PC-relatively (see
-/// [`StaticUse`]), in one pass over its code.
+/// How the functions of `o` refer to each of `names`, PC-relatively or by
+/// a 32-bit absolute address (see [`StaticUse`]), in one pass over its code.
 fn static_uses(o: &Obj<'_>, names: &HashSet<&str>) -> HashMap<String, Vec<StaticUse>> {
     let mut out: HashMap<String, Vec<StaticUse>> = HashMap::new();
     if names.is_empty() {
@@ -234,7 +234,15 @@ fn static_uses(o: &Obj<'_>, names: &HashSet<&str>) -> HashMap<String, Vec<Static
         let Ok((_, rels)) = o.range(sec, off, size) else {
             continue;
         };
-        for r in rels.iter().filter(|r| pc_relative(r)) {
+        let abs32 = |r: &&Rel| {
+            matches!(
+                r.flags,
+                RelocationFlags::Elf {
+                    r_type: object::elf::R_X86_64_32S
+                }
+            )
+        };
+        for r in rels.iter().filter(|r| pc_relative(r) || abs32(r)) {
             let Ok(s) = o.file.symbol_by_index(r.sym) else {
                 continue;
             };
@@ -250,6 +258,7 @@ fn static_uses(o: &Obj<'_>, names: &HashSet<&str>) -> HashMap<String, Vec<Static
                     at: r.at,
                     addend: r.addend,
                     base,
+                    absolute: abs32(&r),
                 });
             }
         }
@@ -286,6 +295,10 @@ pub struct ObjectDiff {
     /// (not replaced).
     #[serde(default)]
     pub line_shifted: Vec<String>,
+    /// Exception-table entries carried with the placed code (made known
+    /// to the kernel through lucos's exception index).
+    #[serde(default)]
+    pub extable_entries: usize,
 }
 
 /// What a relocation points at, as compared between the two builds.
@@ -459,6 +472,65 @@ impl<'d> Obj<'d> {
         Ok(out)
     }
 
+    /// The object's exception-table entries whose instruction is in a
+    /// function.
+    fn extable(&self) -> Result<Vec<Ex>, String> {
+        let Some(table) = self.file.section_by_name(EX_TABLE) else {
+            return Ok(Vec::new());
+        };
+        let data = table.data().map_err(|e| e.to_string())?;
+        if data.len() % EX_ENTRY != 0 {
+            return Err(format!(
+                "{EX_TABLE} is not a whole number of {EX_ENTRY}-byte entries"
+            ));
+        }
+        let mut fields: HashMap<u64, (SectionIndex, u64)> = HashMap::new();
+        for (at, r) in table.relocations() {
+            let RelocationTarget::Symbol(si) = r.target() else {
+                continue;
+            };
+            let Ok(sym) = self.file.symbol_by_index(si) else {
+                continue;
+            };
+            let Some(sec) = sym.section_index() else {
+                continue;
+            };
+            fields.insert(at, (sec, (sym.address() as i64 + r.addend()) as u64));
+        }
+        let mut out = Vec::new();
+        for (n, e) in data.chunks_exact(EX_ENTRY).enumerate() {
+            let at = (n * EX_ENTRY) as u64;
+            let (Some(&(isec, ioff)), Some(&(fsec, foff))) =
+                (fields.get(&at), fields.get(&(at + 4)))
+            else {
+                return Err(format!("{EX_TABLE} entry {n} lacks its relocations"));
+            };
+            if fields.contains_key(&(at + 8)) {
+                return Err(format!("{EX_TABLE} entry {n} has a relocated data word"));
+            }
+            let Some((func, base)) = self.covering(isec, ioff) else {
+                continue; // outside any function: never placed
+            };
+            // A fixup label may sit right after its function's last byte.
+            let Some((fix_func, fbase)) = self
+                .covering(fsec, foff)
+                .or_else(|| self.covering(fsec, foff.checked_sub(1)?))
+            else {
+                return Err(format!(
+                    "the fixup of {func}'s exception-table entry {n} is outside any function"
+                ));
+            };
+            out.push(Ex {
+                func,
+                at: ioff - base,
+                fix_func,
+                fix_at: foff - fbase,
+                data: [e[8], e[9], e[10], e[11]],
+            });
+        }
+        Ok(out)
+    }
+
     /// The name of the symbol relocation `r` points at: for a section
     /// symbol, the named symbol of that section covering the place.
     fn named(&self, r: &Rel) -> Option<String> {
@@ -484,6 +556,18 @@ impl<'d> Obj<'d> {
                     .map(|n| (n.to_owned(), s.address()))
             })
     }
+}
+
+/// One exception-table entry of an object: the instruction that may
+/// fault and its fixup, each as a function and an offset in it.
+#[derive(Debug, Clone)]
+struct Ex {
+    func: String,
+    at: u64,
+    fix_func: String,
+    fix_at: u64,
+    /// The entry's data word (type and register), as it is.
+    data: [u8; 4],
 }
 
 /// One alternative of an object.
@@ -1444,6 +1528,53 @@ pub fn diff_object_with(
             sites.push((repl, x.repl_sec, x.repl_off, x.repl_len));
         }
     }
+    // Exception-table entries of the placed functions (an access that may
+    // fault and its fixup): lucos's linker sorts them into the patch's
+    // table, and its exception index makes the kernel find them.
+    let pc32 = RelocationFlags::Elf {
+        r_type: object::elf::R_X86_64_PC32,
+    };
+    let kept_ex: Vec<Ex> = b
+        .extable()?
+        .into_iter()
+        .filter(|e| fn_syms.contains_key(&e.func))
+        .collect();
+    if !kept_ex.is_empty() {
+        let table = w.add_section(
+            Vec::new(),
+            EX_TABLE.as_bytes().to_vec(),
+            SectionKind::ReadOnlyData,
+        );
+        for (n, e) in kept_ex.iter().enumerate() {
+            let &fix = fn_syms.get(&e.fix_func).ok_or_else(|| {
+                format!(
+                    "{}'s exception-table entry has its fixup in {}, which the patch does not \
+                     place",
+                    e.func, e.fix_func
+                )
+            })?;
+            let mut entry = [0u8; EX_ENTRY];
+            entry[8..].copy_from_slice(&e.data);
+            w.append_section_data(table, &entry, 4);
+            let at = (n * EX_ENTRY) as u64;
+            for (offset, symbol, addend) in [
+                (at, fn_syms[&e.func], e.at as i64),
+                (at + 4, fix, e.fix_at as i64),
+            ] {
+                w.add_relocation(
+                    table,
+                    write::Relocation {
+                        offset,
+                        symbol,
+                        addend,
+                        flags: pc32,
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+            }
+        }
+        out.extable_entries = kept_ex.len();
+    }
     for (id, sec, off, size) in sites {
         let in_repl = b.section_name(sec) == ALT_REPLACEMENT;
         let aux = b.section_name(sec) == ALT_AUX;
@@ -2176,17 +2307,45 @@ int show(int x) { printk("show %d\n", x); return helper(x); }
         let b = compile("b7", &format!("{BASE}{}", init.replace("x + 1", "x + 2")));
         let e = diff_object("t.o", &a, &b, &kernel()).expect_err("init");
         assert!(e.contains("setup") && e.contains("__init"), "{e}");
-        // A changed function with an exception-table entry (an inline
-        // access that may fault, as rdmsr_safe is).
-        let fixup = "int probe(int x) { asm volatile(\"1: nop\\n.pushsection __ex_table,\\\"a\\\"\\n.long 1b - .\\n.long 1b - .\\n.long 0\\n.popsection\"); return x + 1; }\n";
-        let a = compile("a16", &format!("{BASE}{fixup}"));
-        let b = compile("b16", &format!("{BASE}{}", fixup.replace("x + 1", "x + 2")));
+    }
+
+    #[test]
+    fn exception_table_entries_go_with_their_functions_and_link_into_one_sorted_table() {
+        // Two functions with an access that may fault (an exception-table
+        // entry each: the instruction, its fixup after it, a type word);
+        // only the changed one's entry goes with the patch.
+        let site = |f: &str, ty: u32| {
+            format!(
+                "int {f}(int x) {{ asm volatile(\"1: nop\\n nop\\n2:\\n.pushsection __ex_table,\\\"a\\\"\\n.long 1b - .\\n.long 2b - .\\n.long {ty}\\n.popsection\"); return x + 1; }}\n"
+            )
+        };
+        let src = format!("{BASE}{}{}", site("probe", 3), site("quiet", 5));
+        let a = compile("a16", &src);
+        let b = compile("b16", &src.replacen("x + 1", "x + 2", 1));
         let k = Kernel {
-            names: vec!["probe", "printk"],
+            names: vec!["probe", "quiet", "printk"],
             twice: vec![],
         };
-        let e = diff_object("t.o", &a, &b, &k).expect_err("extable");
-        assert!(e.contains("probe") && e.contains("__ex_table"), "{e}");
+        let d = diff_object("t.o", &a, &b, &k).expect("diff");
+        assert_eq!(d.changed.len(), 1, "{:?}", d.changed);
+        assert_eq!(d.extable_entries, 1);
+        let objs = vec![("t.o".to_owned(), d.object.clone())];
+        let l = crate::link(&objs, 0xffff_ffff_c000_0000, &|n: &str| match n {
+            "__fentry__" => Ok(0xffff_ffff_8100_3000),
+            _ => Err(format!("no {n}")),
+        })
+        .expect("link");
+        let t = l.extable.expect("a table");
+        assert_eq!(t.count, 1);
+        let at = (t.addr - l.base) as usize;
+        let field = |o: usize| i32::from_le_bytes(l.bytes[at + o..at + o + 4].try_into().unwrap());
+        let insn = t.addr.wrapping_add_signed(field(0).into());
+        let fixup = (t.addr + 4).wrapping_add_signed(field(4).into());
+        let probe = l.symbol(Some("t.o"), "probe").expect("probe");
+        // probe: the fentry call (5 bytes), then the two nops of the site.
+        assert_eq!(insn, probe + 5);
+        assert_eq!(fixup, probe + 7);
+        assert_eq!(field(8), 3);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod area;
 pub mod campaign;
 pub mod data;
 pub mod diffobj;
+pub mod extable;
 pub mod health;
 pub mod kernel;
 pub mod klog;

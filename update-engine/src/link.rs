@@ -81,9 +81,26 @@ pub const ALT_ENTRY: usize = 12;
 const ALT_FLAG_NOT: u16 = 1 << 15;
 
 /// Sections whose code only works once the kernel has processed them
-/// (exception fixups, jump labels, BUG/WARN entries): a patch with them is
-/// refused rather than placed without them.
-const NEEDS_KERNEL: &[&str] = &["__ex_table", "__jump_table", "__bug_table"];
+/// (jump labels, BUG/WARN entries): a patch with them is refused rather
+/// than placed without them.
+const NEEDS_KERNEL: &[&str] = &["__jump_table", "__bug_table"];
+
+/// The exception table: entries for the patch's own instructions that may
+/// fault, placed together after the rest of the read-only data and sorted,
+/// so the kernel can search them as one table (see [`crate::extable`]).
+pub const EX_TABLE: &str = "__ex_table";
+/// Size of one `struct exception_table_entry` (x86-64 Linux: three `s32`,
+/// the instruction and the fixup relative to themselves, and the data).
+pub const EX_ENTRY: usize = 12;
+
+/// A patch's exception table, as linked: sorted by instruction address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExTable {
+    /// Guest-virtual address of the first entry.
+    pub addr: u64,
+    /// Entries.
+    pub count: u64,
+}
 
 /// A linked patch: bytes to copy to `base`, and where its symbols landed.
 #[derive(Debug, Clone)]
@@ -103,6 +120,8 @@ pub struct Linked {
     pub writable: Vec<(u64, u64)>,
     /// The named variables in that data.
     pub variables: Vec<Variable>,
+    /// Its exception table, if its code has one.
+    pub extable: Option<ExTable>,
 }
 
 /// A variable of a patch's own writable data.
@@ -517,9 +536,13 @@ pub fn link_objects(
     }
     // Layout: code and read-only data first, then the patch's own writable
     // data (its new variables), together after them.
+    // The exception tables of all objects come together after the
+    // read-only data: one table.
     let mut size = 0u64;
     let mut writable = Vec::new();
-    for pass_writable in [false, true] {
+    let mut ex_range = None;
+    let mut ex_first = None;
+    for (pass_writable, pass_ex) in [(false, false), (false, true), (true, false)] {
         let before = size;
         if pass_writable {
             size = align(size, WRITABLE_ALIGN);
@@ -530,6 +553,19 @@ pub fn link_objects(
                 let sname = o.elf.shdr_strtab.get_at(sh.sh_name).unwrap_or("");
                 if !is_placed(sname, sh) {
                     continue;
+                }
+                if (sname == EX_TABLE) != pass_ex {
+                    continue;
+                }
+                if pass_ex && (sh.sh_size % EX_ENTRY as u64 != 0 || sh.sh_flags & SHF_WRITE as u64 != 0) {
+                    return Err(UpdateError::BadObject {
+                        object: o.name.to_owned(),
+                        why: format!(
+                            "{EX_TABLE} is not read-only {EX_ENTRY}-byte entries \
+                             ({} bytes)",
+                            sh.sh_size
+                        ),
+                    });
                 }
                 if NEEDS_KERNEL.contains(&sname) {
                     return Err(UpdateError::BadObject {
@@ -554,10 +590,23 @@ pub fn link_objects(
                 if writable != pass_writable {
                     continue;
                 }
+                if pass_ex && ex_first.is_some() && align(size, sh.sh_addralign.max(1)) != size {
+                    return Err(o.bad(format!(
+                        "its {EX_TABLE} is aligned to {} bytes: the objects' tables would not \
+                         make one table",
+                        sh.sh_addralign
+                    )));
+                }
                 size = align(size, sh.sh_addralign.max(1));
+                if pass_ex && ex_first.is_none() {
+                    ex_first = Some(size);
+                }
                 o.placed.insert(i, base + size);
                 size += sh.sh_size;
             }
+        }
+        if let (true, Some(first)) = (pass_ex, ex_first) {
+            ex_range = Some((first, size));
         }
         if pass_writable {
             if size > start {
@@ -673,6 +722,10 @@ pub fn link_objects(
         let resolve = |s: &str| resolve(o.name, s);
         o.apply_alternatives(&mut bytes, base, &globals, &resolve, cpu_has)?;
     }
+    let extable = match ex_range {
+        Some((start, end)) => Some(sort_extable(&mut bytes, base, start, end, &objs)?),
+        None => None,
+    };
     Ok(Linked {
         base,
         bytes,
@@ -681,6 +734,57 @@ pub fn link_objects(
         locals,
         writable,
         variables,
+        extable,
+    })
+}
+
+/// Sorts the linked exception table at `start..end` of `bytes` (which
+/// starts at `base`) by instruction address, as the kernel sorts its own
+/// at boot, re-encoding each entry's offsets for its new place. Every
+/// instruction and fixup must be in the patch's code.
+fn sort_extable(
+    bytes: &mut [u8],
+    base: u64,
+    start: u64,
+    end: u64,
+    objs: &[Obj<'_>],
+) -> Result<ExTable, UpdateError> {
+    let bad = |why: String| UpdateError::BadObject {
+        object: objs.iter().map(|o| o.name).collect::<Vec<_>>().join(","),
+        why,
+    };
+    let field = |b: &[u8], at: usize| i32::from_le_bytes(b[at..at + 4].try_into().expect("4"));
+    let code_end = base + start;
+    let mut entries = Vec::new();
+    for (n, e) in bytes[start as usize..end as usize]
+        .chunks_exact(EX_ENTRY)
+        .enumerate()
+    {
+        let at = base + start + (n * EX_ENTRY) as u64;
+        let insn = at.wrapping_add_signed(field(e, 0).into());
+        let fixup = (at + 4).wrapping_add_signed(field(e, 4).into());
+        for (what, a) in [("instruction", insn), ("fixup", fixup)] {
+            if !(base..code_end).contains(&a) {
+                return Err(bad(format!(
+                    "{EX_TABLE} entry {n}: its {what} ({a:#x}) is not in the patch's code"
+                )));
+            }
+        }
+        entries.push((insn, fixup, field(e, 8)));
+    }
+    entries.sort_by_key(|e| e.0);
+    for (n, (insn, fixup, data)) in entries.iter().enumerate() {
+        let at = base + start + (n * EX_ENTRY) as u64;
+        let off = (start as usize) + n * EX_ENTRY;
+        // Within one patch: the differences fit in 32 bits.
+        let rel = |to: u64, from: u64| (to.wrapping_sub(from) as i64) as i32;
+        bytes[off..off + 4].copy_from_slice(&rel(*insn, at).to_le_bytes());
+        bytes[off + 4..off + 8].copy_from_slice(&rel(*fixup, at + 4).to_le_bytes());
+        bytes[off + 8..off + 12].copy_from_slice(&data.to_le_bytes());
+    }
+    Ok(ExTable {
+        addr: base + start,
+        count: entries.len() as u64,
     })
 }
 
@@ -866,6 +970,46 @@ mod tests {
             e.to_string().contains("alternatives (CPU feature 0*32+5)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_exception_table_is_sorted_by_instruction_and_reencoded_for_its_new_places() {
+        // Code at 0x1000..0x1100 (base 0x1000), a table of three entries
+        // at 0x1100 in the order the objects gave them.
+        let base = 0x1000u64;
+        let mut bytes = vec![0u8; 0x100 + 3 * EX_ENTRY];
+        let put = |b: &mut Vec<u8>, n: usize, insn: u64, fixup: u64, data: i32| {
+            let at = base + 0x100 + (n * EX_ENTRY) as u64;
+            let o = 0x100 + n * EX_ENTRY;
+            b[o..o + 4].copy_from_slice(&((insn as i64 - at as i64) as i32).to_le_bytes());
+            b[o + 4..o + 8].copy_from_slice(&((fixup as i64 - (at + 4) as i64) as i32).to_le_bytes());
+            b[o + 8..o + 12].copy_from_slice(&data.to_le_bytes());
+        };
+        put(&mut bytes, 0, 0x1080, 0x1084, 1);
+        put(&mut bytes, 1, 0x1010, 0x1014, 2);
+        put(&mut bytes, 2, 0x1040, 0x10f0, 3);
+        let t = sort_extable(&mut bytes, base, 0x100, 0x100 + 3 * EX_ENTRY as u64, &[])
+            .expect("sorted");
+        assert_eq!(t, ExTable { addr: 0x1100, count: 3 });
+        let read = |n: usize| {
+            let at = 0x1100 + (n * EX_ENTRY) as u64;
+            let o = 0x100 + n * EX_ENTRY;
+            let f = |k: usize| i32::from_le_bytes(bytes[o + k..o + k + 4].try_into().unwrap());
+            (
+                at.wrapping_add_signed(f(0).into()),
+                (at + 4).wrapping_add_signed(f(4).into()),
+                f(8),
+            )
+        };
+        assert_eq!(
+            [read(0), read(1), read(2)],
+            [(0x1010, 0x1014, 2), (0x1040, 0x10f0, 3), (0x1080, 0x1084, 1)]
+        );
+        // An entry for an instruction outside the patch's code is refused.
+        put(&mut bytes, 0, 0x2000, 0x1004, 1);
+        let e = sort_extable(&mut bytes, base, 0x100, 0x100 + 3 * EX_ENTRY as u64, &[])
+            .expect_err("outside");
+        assert!(e.to_string().contains("not in the patch's code"), "{e}");
     }
 
     #[test]

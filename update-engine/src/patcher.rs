@@ -556,6 +556,9 @@ pub struct PatchState {
     /// Patches held for modules not loaded yet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held: Vec<HeldPatch>,
+    /// lucos's exception index, while a patch has exception-table entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extables: Option<crate::extable::Index>,
 }
 
 /// Per-VM live-patch policy and state.
@@ -638,6 +641,12 @@ impl View {
     /// mode, the vCPUs.
     fn all_checked(&self, tasks_checked: Option<usize>) -> bool {
         tasks_checked.is_some() || !self.linux
+    }
+
+    /// Whether a switch will see everything that can be inside kernel
+    /// code (see [`View::all_checked`]), known before it.
+    fn can_check(&self, k: &GuestKernel) -> bool {
+        !self.linux || self.tasks(k).is_some()
     }
 }
 
@@ -795,6 +804,17 @@ struct PlacedData {
     repointed: Vec<Repointed>,
 }
 
+/// What a switch changes of lucos's exception index (see
+/// [`crate::extable`]), committed once it happened.
+struct ExtableChange {
+    /// The index after the switch.
+    next: Option<crate::extable::Index>,
+    /// A page of the area it takes (a new index).
+    take: Option<u64>,
+    /// A page it gives back (the last slot went, nothing can be in it).
+    release: Option<u64>,
+}
+
 /// One site the switch writes, with what the state keeps of it.
 struct SiteWrite {
     function: String,
@@ -824,6 +844,7 @@ impl Patcher {
                 space: Space::new(PATCH_AREA_BYTES),
                 applied: Vec::new(),
                 held: Vec::new(),
+                extables: None,
             },
         )
     }
@@ -1170,6 +1191,19 @@ impl Patcher {
         let olds = self.resolve(g, k, &view, lup, &mods)?;
         let placed = self.place(g, k, &view, lup, &mods)?;
         let (mut plan, sites) = self.plan(g, &view, lup, &olds, &placed, (replace, mode, &mods))?;
+        // The patch's exception table, known to the kernel through lucos's
+        // index; a cumulative patch's predecessors give theirs back where
+        // their code is released (as `commit_apply` decides).
+        let freeing: Vec<u64> = if replace && mode == Mode::Consistent && view.can_check(k) {
+            self.state.applied.iter().map(|a| a.code_addr).collect()
+        } else {
+            Vec::new()
+        };
+        let adding = placed.linked.extable.map(|t| {
+            let l = &placed.linked;
+            (l.base, l.base + l.bytes.len() as u64, t, placed.start, placed.need)
+        });
+        let ex = self.extable_plan(g, k, &view, adding, &freeing, &mut plan)?;
         // C transfer functions: linked for the sandbox and run over the
         // object as it is now, before any pause.
         let runners = self.c_runners(g, lup, &placed)?;
@@ -1221,6 +1255,7 @@ impl Patcher {
             .collect();
         let name = lup.manifest.name.clone();
         let report = self.commit_apply(lup, placed, sites, switched, &view, replace, mode, t0);
+        self.commit_extable(ex);
         let m = &lup.manifest;
         if let Some(a) = self.state.applied.iter_mut().find(|a| a.name == name) {
             a.source = (!m.modules.is_empty()).then(|| to_hex(bytes));
@@ -1825,6 +1860,20 @@ impl Patcher {
                 }
             }
         }
+        if let Some(ix) = &self.state.extables {
+            if let Some(w) = sites.iter().find(|w| w.addr == ix.site && w.new_addr != 0) {
+                return Err(UpdateError::UnsafeSite {
+                    function: w.function.clone(),
+                    addr: w.addr,
+                    why: format!(
+                        "its entry jumps to lucos's exception index ({}), which patches with \
+                         exception-table entries need",
+                        crate::extable::OWNER
+                    ),
+                }
+                .into());
+            }
+        }
         let mut plan = site_plan(g, view, &sites)?;
         // Write control: the jumps this patch writes are protected from the
         // guest; a cumulative patch takes over from the ones it replaces.
@@ -2111,6 +2160,168 @@ impl Patcher {
             pause_phases: Some(switched.phases),
             waiting_for: None,
         }
+    }
+
+    /// Adds to `plan` what lucos's exception index needs: a slot for the
+    /// patch `adding` (its code `[start, end)`, its table, and its run
+    /// `(offset, bytes)` in the area), placing the index and hooking
+    /// [`crate::extable::HOOKED`] if this is the first; the slots of the
+    /// patches whose code starts at `freeing` cleared; the hook taken back
+    /// with the last slot. The whole page is written in the pause.
+    fn extable_plan(
+        &self,
+        g: &dyn Guest,
+        k: &GuestKernel,
+        view: &View,
+        adding: Option<(u64, u64, crate::link::ExTable, u64, u64)>,
+        freeing: &[u64],
+        plan: &mut Plan,
+    ) -> Result<Option<ExtableChange>, PatchError> {
+        use crate::extable::{self, Index, BLOCK_BYTES, HOOKED, OWNER, SEARCH};
+        let cur = self.state.extables.as_ref();
+        let frees = cur.is_some_and(|ix| ix.slots.iter().any(|s| *s != 0 && freeing.contains(s)));
+        if adding.is_none() && !frees {
+            return Ok(None);
+        }
+        let refuse = |why: String| -> PatchError {
+            UpdateError::UnsafeSite {
+                function: HOOKED.into(),
+                addr: k.symbols.lookup(HOOKED).map_or(0, |s| s.addr),
+                why: format!("the patch has exception-table entries, and {why}"),
+            }
+            .into()
+        };
+        let area_err =
+            |e: vmm_core::memory::MemoryError| PatchError::Map(format!("patch area: {e}"));
+        let mut take = None;
+        let (mut ix, mut page, expect) = match cur {
+            Some(ix) => {
+                let mut now = vec![0u8; BLOCK_BYTES as usize];
+                g.area_read(ix.offset, &mut now).map_err(area_err)?;
+                (ix.clone(), now.clone(), now)
+            }
+            None => {
+                let (.., run_start, run_need) = adding.expect("adding: checked above");
+                let lookup = |n: &str| {
+                    k.symbols.lookup(n).map(|s| s.addr).map_err(|e| {
+                        refuse(format!(
+                            "lucos makes them known to the kernel through {HOOKED} and \
+                             {SEARCH}: {e}"
+                        ))
+                    })
+                };
+                let (hooked, search) = (lookup(HOOKED)?, lookup(SEARCH)?);
+                let mut entry = [0u8; TRAMPOLINE_LEN];
+                kernel::read_virt(g, view.read, hooked, &mut entry)?;
+                if entry != trampoline::FENTRY_NOP {
+                    return Err(refuse(format!(
+                        "{HOOKED} does not start with the fentry nop ({}: traced, or replaced \
+                         by a patch), so lucos cannot hook it",
+                        hex_bytes(&entry)
+                    )));
+                }
+                let site = trampoline::check_site(HOOKED, hooked, &entry)?;
+                let site_gpa = pagewalk::translate(g.ram(), view.tables, hooked)
+                    .map_err(VmError::Walk)?
+                    .gpa;
+                // A page of its own, beside the patch's run.
+                let mut space = self.state.space.clone();
+                space.take(run_start, run_need);
+                let offset = space.find(BLOCK_BYTES, BLOCK_BYTES).ok_or(PatchError::AreaFull {
+                    used: space.in_use(),
+                    size: space.size,
+                    need: BLOCK_BYTES,
+                })?;
+                let (code_start, ..) = adding.expect("adding");
+                let va = code_start - run_start + offset;
+                let page = extable::page(va, search, hooked + TRAMPOLINE_LEN as u64)
+                    .map_err(|why| refuse(format!("its index cannot reach the kernel: {why}")))?;
+                let jmp = trampoline::jmp_rel32(hooked, va).map_err(|why| refuse(why))?;
+                plan.writes.push(Write {
+                    what: format!("{HOOKED} (lucos's exception index)"),
+                    gpa: site_gpa,
+                    expect: site.saved.to_vec(),
+                    bytes: jmp.to_vec(),
+                });
+                plan.protect.push(Protection {
+                    owner: OWNER.into(),
+                    label: format!("{HOOKED} (lucos's exception index)"),
+                    gpa: site_gpa,
+                    len: TRAMPOLINE_LEN as u64,
+                    access: vmm_core::write_control::Access::Trapped,
+                });
+                let mut now = vec![0u8; BLOCK_BYTES as usize];
+                g.area_read(offset, &mut now).map_err(area_err)?;
+                take = Some(offset);
+                (Index::new(offset, hooked, site_gpa), page, now)
+            }
+        };
+        for (i, s) in ix.slots.iter_mut().enumerate() {
+            if *s != 0 && freeing.contains(s) {
+                extable::set_slot(&mut page, i, None);
+                *s = 0;
+            }
+        }
+        if let Some((start, end, table, ..)) = adding {
+            let i = ix.slots.iter().position(|&s| s == 0).ok_or_else(|| {
+                refuse(format!(
+                    "lucos's exception index is full ({} patches with entries applied)",
+                    ix.slots.len()
+                ))
+            })?;
+            extable::set_slot(&mut page, i, Some((start, end, table)));
+            ix.slots[i] = start;
+        }
+        let mut release = None;
+        let next = if ix.is_empty() {
+            // The last slot went: the hook goes, in a pause where nothing is
+            // inside the stub (nor returns into it: it calls nothing).
+            let mut jmp_now = [0u8; TRAMPOLINE_LEN];
+            kernel::read_virt(g, view.read, ix.site, &mut jmp_now)?;
+            plan.writes.push(Write {
+                what: format!("{HOOKED} (lucos's exception index)"),
+                gpa: ix.site_gpa,
+                expect: jmp_now.to_vec(),
+                bytes: trampoline::FENTRY_NOP.to_vec(),
+            });
+            plan.release.push(OWNER.into());
+            let va = self.state.area_va.unwrap_or(0) + ix.offset;
+            plan.leaving.push(Leaving {
+                function: "lucos's exception index".into(),
+                start: va,
+                end: va + extable::STUB_BYTES,
+                data: false,
+            });
+            if view.can_check(k) {
+                release = Some(ix.offset);
+            }
+            None
+        } else {
+            plan.area_writes.push(switch::AreaWrite {
+                what: "lucos's exception index".into(),
+                offset: ix.offset,
+                expect,
+                bytes: page,
+            });
+            Some(ix)
+        };
+        Ok(Some(ExtableChange {
+            next,
+            take,
+            release,
+        }))
+    }
+
+    /// Commits what a switch changed of the exception index.
+    fn commit_extable(&mut self, ex: Option<ExtableChange>) {
+        let Some(ex) = ex else { return };
+        if let Some(off) = ex.take {
+            self.state.space.take(off, crate::extable::BLOCK_BYTES);
+        }
+        if let Some(off) = ex.release {
+            self.state.space.release(off);
+        }
+        self.state.extables = ex.next;
     }
 
     /// Code a vCPU must not be in when the site of `function` is switched:
@@ -2979,7 +3190,16 @@ impl Patcher {
                 });
             }
         }
+        // Its exception table goes from lucos's index in the same pause,
+        // where nothing can be left in its code (as the release below).
+        let freeing = if view.can_check(k) {
+            vec![target.code_addr]
+        } else {
+            Vec::new()
+        };
+        let ex = self.extable_plan(g, k, &view, None, &freeing, &mut plan)?;
         let switched = switch::switch(g, view.tasks(k), &plan)?;
+        self.commit_extable(ex);
         let st = &mut self.state;
         let removed = st.applied.remove(idx);
         for d in &removed.data {

@@ -31,6 +31,20 @@ pub struct Write {
     pub bytes: Vec<u8>,
 }
 
+/// One write to the patch area (VMM memory) in the switch's pause, checked
+/// like a [`Write`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AreaWrite {
+    /// What is written, for messages.
+    pub what: String,
+    /// Offset in the area.
+    pub offset: u64,
+    /// What must be there.
+    pub expect: Vec<u8>,
+    /// What is written.
+    pub bytes: Vec<u8>,
+}
+
 /// Everything one switch does.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
@@ -49,6 +63,9 @@ pub struct Plan {
     /// Values carried within the patch area in the same pause, after the
     /// copies: a replaced patch's variables into the cumulative patch's.
     pub carry: Vec<Carry>,
+    /// Writes to the patch area, after the carried values (lucos's
+    /// exception index: [`crate::extable`]).
+    pub area_writes: Vec<AreaWrite>,
 }
 
 /// One variable's bytes carried from one place of the patch area to
@@ -80,6 +97,38 @@ fn run_carry(guest: &dyn Guest, carry: &[Carry], undo: &mut Vec<CopyUndo>) -> Re
             area: true,
             at: c.to,
             bytes: before,
+        });
+    }
+    Ok(())
+}
+
+/// Makes `writes` in the patch area, each checked first; what they
+/// overwrote is added to `undo`.
+fn run_area_writes(
+    guest: &dyn Guest,
+    writes: &[AreaWrite],
+    undo: &mut Vec<CopyUndo>,
+) -> Result<(), String> {
+    for w in writes {
+        let mut now = vec![0u8; w.expect.len()];
+        let r = guest.area_read(w.offset, &mut now).map_err(|e| e.to_string());
+        let r = r.and_then(|()| {
+            if now == w.expect {
+                guest
+                    .area_write(w.offset, &w.bytes)
+                    .map_err(|e| e.to_string())
+            } else {
+                Err("it changed under us".into())
+            }
+        });
+        if let Err(e) = r {
+            undo_copies(guest, undo);
+            return Err(format!("writing {}: {e}", w.what));
+        }
+        undo.push(CopyUndo {
+            area: true,
+            at: w.offset,
+            bytes: now,
         });
     }
     Ok(())
@@ -382,6 +431,7 @@ fn switch_paused(
     phases.tasks_us = lap(&mut t);
     let mut copied = run_copies(guest, &plan.copies).map_err(Refused::Failed)?;
     run_carry(guest, &plan.carry, &mut copied).map_err(Refused::Failed)?;
+    run_area_writes(guest, &plan.area_writes, &mut copied).map_err(Refused::Failed)?;
     phases.data_us = lap(&mut t);
     if let Err(e) = check_and_write(guest, &plan.writes) {
         undo_copies(guest, &copied);
