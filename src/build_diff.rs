@@ -784,17 +784,21 @@ pub fn build(
             t.elapsed().as_secs_f64(),
         ));
         let t = Instant::now();
-        // Where the diff moved the lines of each object's C file (read
-        // once: an object may be diffed twice).
+        // Where the diff moved the lines of each object's C file and of
+        // the headers it changed (read once: an object may be diffed twice).
+        let text = |p: PathBuf| {
+            String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
+        };
+        let moved_in = |f: &String| LineMap::between(&text(source.join(f)), &text(scratch.join(f)));
+        let headers = h_files.iter().map(moved_in).reduce(|a, b| a.and(&b));
         let lines: Vec<Option<LineMap>> = originals
             .iter()
             .map(|(c, _, _)| {
-                c_files.contains(c).then(|| {
-                    let text = |p: PathBuf| {
-                        String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
-                    };
-                    LineMap::between(&text(source.join(c)), &text(scratch.join(c)))
-                })
+                let own = c_files.contains(c).then(|| moved_in(c));
+                match (own, &headers) {
+                    (Some(o), Some(h)) => Some(o.and(h)),
+                    (o, h) => o.or_else(|| h.clone()),
+                }
             })
             .collect();
         // One object's diff; `globals`: new global variables of it that

@@ -145,13 +145,13 @@ up d $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --c
 wait_after 1 "@@D ready" || exit 1
 grep "@@D ready" $LOG | sed 's/^/@@SCN before /'
 grep "@@D boot" $LOG | sed 's/^/@@SCN /'
-for p in cmdline uname version header meminfo oom counter hide once uptime fs futex; do
+for p in cmdline uname version header meminfo oom counter hide once uptime fs futexop; do
   $LUCOS patch --vm d $FILES/$p.lup > /tmp/o 2>&1; echo "@@SCN apply $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
 wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. counter=1 ls=1 once=1/1/1 oomw=1 uptime=1/[1-9][0-9]* fs=1 futex=EACCES " && echo "@@SCN loaded"
 $LUCOS list --vm d | sed 's/^/@@SCN list /'
-for p in futex fs uptime once hide counter oom meminfo header version uname cmdline; do
+for p in futexop fs uptime once hide counter oom meminfo header version uname cmdline; do
   $LUCOS revert --vm d $p > /tmp/o 2>&1; echo "@@SCN revert $p rc=$? $(tr '\n' ' ' < /tmp/o)"
 done
 at=$(wc -l < $LOG)
@@ -302,14 +302,14 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     // kernel through lucos's exception index; and a ratelimit state of the
     // kernel's, passed by its absolute address): a FUTEX_WAKE_OP on a
     // read-only page gives EACCES instead of EFAULT.
-    let futex = make_diff(&tree, "kernel/futex/waitwake.c", |s| {
+    let futexop = make_diff(&tree, "kernel/futex/waitwake.c", |s| {
         once(
             s,
             "\t\t\tret = fault_in_user_writeable(uaddr2);\n\t\t\tif (ret)\n\t\t\t\treturn ret;\n",
             "\t\t\tret = fault_in_user_writeable(uaddr2);\n\t\t\tif (ret)\n\t\t\t\treturn ret == -EFAULT ? -EACCES : ret;\n",
         )
     });
-    let out = build(&d, &tree, "futex", &futex).unwrap_or_else(|e| panic!("{e}"));
+    let out = build(&d, &tree, "futexop", &futexop).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("1 function: futex_wake_op"), "{out}");
     assert!(out.contains("carries 8 exception-table entries"), "{out}");
 
@@ -541,7 +541,7 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
     );
     for p in [
         "cmdline", "uname", "version", "header", "meminfo", "oom", "counter", "hide", "once",
-        "uptime", "fs", "futex", "warn",
+        "uptime", "fs", "futexop", "warn",
     ] {
         let a = out.line(&format!("@@SCN apply {p} "));
         assert!(a.contains("rc=0"), "{a}\n{}", out.text);

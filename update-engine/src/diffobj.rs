@@ -768,9 +768,10 @@ pub struct DiffOptions<'a> {
     /// ([`unproven_clones`]). Unchanged code, so the copy does what the
     /// kernel's does; only patch code calls it.
     pub own_copies: &'a [String],
-    /// Where the diff moved the lines of the object's own C file: a
-    /// function whose code differs only in line numbers it passes to a
-    /// function (`ext4_error`'s `__LINE__`) is not changed.
+    /// Where the diff moved the lines of the object's own C file and of
+    /// the headers it changed: a function whose code differs only in line
+    /// numbers it passes to a function (`ext4_error`'s `__LINE__`, a WARN
+    /// in a header's inline function) is not changed.
     pub lines: Option<&'a LineMap>,
     /// New global variables of this object that other objects of the patch
     /// use: placed as the patch's own data even if no function of this
@@ -813,10 +814,11 @@ pub fn undefined_symbols(object: &[u8]) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// Where the unchanged lines of one source file are after a diff: runs of
-/// (old first line, new first line, count), 1-based, in order.
+/// Where the unchanged lines of the source files of an object (its C file,
+/// the headers the diff changed) are after a diff: per file, runs of (old
+/// first line, new first line, count), 1-based, in order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct LineMap(Vec<(u32, u32, u32)>);
+pub struct LineMap(Vec<Vec<(u32, u32, u32)>>);
 
 impl LineMap {
     /// The map from the file's text before and after the diff.
@@ -833,16 +835,26 @@ impl LineMap {
                 _ => None,
             })
             .collect();
-        LineMap(runs)
+        LineMap(vec![runs])
     }
 
-    /// Whether unchanged line `old` is line `new` after the diff, and moved.
+    /// This map and `other`'s: a line moved in either file is moved (the
+    /// code of an object does not say which file a line number is of).
+    pub fn and(mut self, other: &LineMap) -> Self {
+        self.0.extend(other.0.iter().cloned());
+        self
+    }
+
+    /// Whether unchanged line `old` of one of the files is line `new` after
+    /// the diff, and moved.
     pub fn moved(&self, old: u32, new: u32) -> bool {
-        let i = self.0.partition_point(|&(o, _, _)| o <= old);
-        i > 0 && {
-            let (o, n, len) = self.0[i - 1];
-            old < o + len && n + (old - o) == new && old != new
-        }
+        self.0.iter().any(|runs| {
+            let i = runs.partition_point(|&(o, _, _)| o <= old);
+            i > 0 && {
+                let (o, n, len) = runs[i - 1];
+                old < o + len && n + (old - o) == new && old != new
+            }
+        })
     }
 }
 
@@ -2338,7 +2350,13 @@ int show(int x) { printk("show %d\n", x); return helper(x); }
         let t = l.extable.expect("a table");
         assert_eq!(t.count, 1);
         let at = (t.addr - l.base) as usize;
-        let field = |o: usize| i32::from_le_bytes(l.bytes[at + o..at + o + 4].try_into().unwrap());
+        let field = |o: usize| {
+            i32::from_le_bytes(
+                l.bytes[at + o..at + o + 4]
+                    .try_into()
+                    .expect("4 or 8 bytes"),
+            )
+        };
         let insn = t.addr.wrapping_add_signed(field(0).into());
         let fixup = (t.addr + 4).wrapping_add_signed(field(4).into());
         let probe = l.symbol(Some("t.o"), "probe").expect("probe");
@@ -2760,6 +2778,44 @@ int other(int x) { report(__FILE__ ":" S(__LINE__), __LINE__, x); return x + 1; 
         let d = diff_object_with("t.o", &a, &b, None, &kernel, &opts).expect("diff");
         assert_eq!(changed_names(&d).len(), 2, "{d:?}");
         assert!(d.line_shifted.is_empty());
+    }
+
+    #[test]
+    fn lines_a_changed_header_moved_are_no_change_of_the_functions_that_pass_them() {
+        // A header's inline warns with its own line (as WARN_ON does); the
+        // diff adds two lines to the header above it and changes nothing
+        // the C file's functions do. `#line` stands for the include.
+        let header = "/* h.h */\nextern void report(const char *f, int line);\nstatic inline int check(int x) { if (x < 0) report(\"h\", __LINE__); return x; }\n";
+        let moved = format!("/* one */\n/* two */\n{header}");
+        let src = |h: &str| {
+            format!(
+                "#line 1 \"h.h\"\n{h}#line 1 \"t.c\"\nint show(int x) {{ return check(x) + 1; }}\nint other(int x) {{ return x; }}\n"
+            )
+        };
+        let kernel = Kernel {
+            names: vec!["show", "other", "report"],
+            twice: vec![],
+        };
+        let a = compile("a17", &src(header));
+        let b = compile("b17", &src(&moved));
+        // The C file's own map (nothing moved) and the header's.
+        let own = LineMap::between("int show;\n", "int show;\n");
+        let lines = own.clone().and(&LineMap::between(header, &moved));
+        let opts = DiffOptions {
+            lines: Some(&lines),
+            ..DiffOptions::default()
+        };
+        let d = diff_object_with("t.o", &a, &b, None, &kernel, &opts).expect("diff");
+        assert!(changed_names(&d).is_empty(), "{d:?}");
+        assert_eq!(d.line_shifted, ["show"]);
+        // With the C file's map alone, show is replaced (as before headers
+        // were mapped).
+        let opts = DiffOptions {
+            lines: Some(&own),
+            ..DiffOptions::default()
+        };
+        let d = diff_object_with("t.o", &a, &b, None, &kernel, &opts).expect("diff");
+        assert_eq!(changed_names(&d), ["show"]);
     }
 
     #[test]

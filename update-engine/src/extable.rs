@@ -106,12 +106,23 @@ pub fn page(va: u64, search_extable: u64, original: u64) -> Result<Vec<u8>, Stri
     // cmp rdi, [rax]; jb next
     s.extend([0x48, 0x3b, 0x38, 0x72, 41 - 25]);
     // mov rdx, rdi; mov rsi, [rax + 24]; mov rdi, [rax + 16]
-    s.extend([0x48, 0x89, 0xfa, 0x48, 0x8b, 0x70, 0x18, 0x48, 0x8b, 0x78, 0x10]);
+    s.extend([
+        0x48, 0x89, 0xfa, 0x48, 0x8b, 0x70, 0x18, 0x48, 0x8b, 0x78, 0x10,
+    ]);
     // jmp search_extable
     s.push(0xe9);
     s.extend(rel32(va + 36, search_extable)?);
     // next (41): add rax, 32; dec ecx; jmp loop
-    s.extend([0x48, 0x83, 0xc0, SLOT_BYTES as u8, 0xff, 0xc9, 0xeb, (10i8 - 49) as u8]);
+    s.extend([
+        0x48,
+        0x83,
+        0xc0,
+        SLOT_BYTES as u8,
+        0xff,
+        0xc9,
+        0xeb,
+        (10i8 - 49) as u8,
+    ]);
     // original (49): jmp original
     s.push(0xe9);
     s.extend(rel32(va + 49, original)?);
@@ -194,23 +205,38 @@ mod tests {
 
     #[test]
     fn slots_are_code_range_table_and_count_and_the_count_only_grows() {
-        let mut p = page(0xffff_ffff_c100_0000, 0xffff_ffff_8100_0000, 0xffff_ffff_8100_0005)
-            .expect("page");
+        let mut p = page(
+            0xffff_ffff_c100_0000,
+            0xffff_ffff_8100_0000,
+            0xffff_ffff_8100_0005,
+        )
+        .expect("page");
         let t = ExTable {
             addr: 0x3000,
             count: 7,
         };
         set_slot(&mut p, 2, Some((0x1000, 0x2000, t)));
-        let word = |p: &[u8], at: usize| u64::from_le_bytes(p[at..at + 8].try_into().unwrap());
+        let word = |p: &[u8], at: usize| {
+            u64::from_le_bytes(p[at..at + 8].try_into().expect("4 or 8 bytes"))
+        };
         let at = SLOTS_AT + 2 * SLOT_BYTES;
         assert_eq!(
-            [word(&p, at), word(&p, at + 8), word(&p, at + 16), word(&p, at + 24)],
+            [
+                word(&p, at),
+                word(&p, at + 8),
+                word(&p, at + 16),
+                word(&p, at + 24)
+            ],
             [0x1000, 0x2000, 0x3000, 7]
         );
         assert_eq!(word(&p, COUNT_AT), 3);
         set_slot(&mut p, 0, Some((0x5000, 0x6000, t)));
         set_slot(&mut p, 2, None);
-        assert_eq!(word(&p, COUNT_AT), 3, "a freed slot matches nothing; the count stays");
+        assert_eq!(
+            word(&p, COUNT_AT),
+            3,
+            "a freed slot matches nothing; the count stays"
+        );
         assert_eq!([word(&p, at), word(&p, at + 8)], [0, 0]);
         assert_eq!(SLOTS, 124);
     }

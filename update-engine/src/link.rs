@@ -557,7 +557,9 @@ pub fn link_objects(
                 if (sname == EX_TABLE) != pass_ex {
                     continue;
                 }
-                if pass_ex && (sh.sh_size % EX_ENTRY as u64 != 0 || sh.sh_flags & SHF_WRITE as u64 != 0) {
+                if pass_ex
+                    && (sh.sh_size % EX_ENTRY as u64 != 0 || sh.sh_flags & SHF_WRITE as u64 != 0)
+                {
                     return Err(UpdateError::BadObject {
                         object: o.name.to_owned(),
                         why: format!(
@@ -982,7 +984,8 @@ mod tests {
             let at = base + 0x100 + (n * EX_ENTRY) as u64;
             let o = 0x100 + n * EX_ENTRY;
             b[o..o + 4].copy_from_slice(&((insn as i64 - at as i64) as i32).to_le_bytes());
-            b[o + 4..o + 8].copy_from_slice(&((fixup as i64 - (at + 4) as i64) as i32).to_le_bytes());
+            b[o + 4..o + 8]
+                .copy_from_slice(&((fixup as i64 - (at + 4) as i64) as i32).to_le_bytes());
             b[o + 8..o + 12].copy_from_slice(&data.to_le_bytes());
         };
         put(&mut bytes, 0, 0x1080, 0x1084, 1);
@@ -990,11 +993,19 @@ mod tests {
         put(&mut bytes, 2, 0x1040, 0x10f0, 3);
         let t = sort_extable(&mut bytes, base, 0x100, 0x100 + 3 * EX_ENTRY as u64, &[])
             .expect("sorted");
-        assert_eq!(t, ExTable { addr: 0x1100, count: 3 });
+        assert_eq!(
+            t,
+            ExTable {
+                addr: 0x1100,
+                count: 3
+            }
+        );
         let read = |n: usize| {
             let at = 0x1100 + (n * EX_ENTRY) as u64;
             let o = 0x100 + n * EX_ENTRY;
-            let f = |k: usize| i32::from_le_bytes(bytes[o + k..o + k + 4].try_into().unwrap());
+            let f = |k: usize| {
+                i32::from_le_bytes(bytes[o + k..o + k + 4].try_into().expect("4 or 8 bytes"))
+            };
             (
                 at.wrapping_add_signed(f(0).into()),
                 (at + 4).wrapping_add_signed(f(4).into()),
@@ -1003,7 +1014,11 @@ mod tests {
         };
         assert_eq!(
             [read(0), read(1), read(2)],
-            [(0x1010, 0x1014, 2), (0x1040, 0x10f0, 3), (0x1080, 0x1084, 1)]
+            [
+                (0x1010, 0x1014, 2),
+                (0x1040, 0x10f0, 3),
+                (0x1080, 0x1084, 1)
+            ]
         );
         // An entry for an instruction outside the patch's code is refused.
         put(&mut bytes, 0, 0x2000, 0x1004, 1);

@@ -1201,7 +1201,13 @@ impl Patcher {
         };
         let adding = placed.linked.extable.map(|t| {
             let l = &placed.linked;
-            (l.base, l.base + l.bytes.len() as u64, t, placed.start, placed.need)
+            (
+                l.base,
+                l.base + l.bytes.len() as u64,
+                t,
+                placed.start,
+                placed.need,
+            )
         });
         let ex = self.extable_plan(g, k, &view, adding, &freeing, &mut plan)?;
         // C transfer functions: linked for the sandbox and run over the
@@ -1429,6 +1435,23 @@ impl Patcher {
                 patch: m.name.clone(),
                 why: e.to_string(),
             })?;
+            if self
+                .state
+                .extables
+                .as_ref()
+                .is_some_and(|ix| ix.site == sym.addr)
+            {
+                return Err(UpdateError::UnsafeSite {
+                    function: f.old.clone(),
+                    addr: sym.addr,
+                    why: format!(
+                        "its entry jumps to lucos's exception index ({}), which the applied \
+                         patches with exception-table entries need",
+                        crate::extable::OWNER
+                    ),
+                }
+                .into());
+            }
             let mut code = vec![0u8; f.old_size as usize];
             kernel::read_virt(g, view.read, sym.addr, &mut code)?;
             // A site we already patched: compare the original bytes.
@@ -1860,20 +1883,6 @@ impl Patcher {
                 }
             }
         }
-        if let Some(ix) = &self.state.extables {
-            if let Some(w) = sites.iter().find(|w| w.addr == ix.site && w.new_addr != 0) {
-                return Err(UpdateError::UnsafeSite {
-                    function: w.function.clone(),
-                    addr: w.addr,
-                    why: format!(
-                        "its entry jumps to lucos's exception index ({}), which patches with \
-                         exception-table entries need",
-                        crate::extable::OWNER
-                    ),
-                }
-                .into());
-            }
-        }
         let mut plan = site_plan(g, view, &sites)?;
         // Write control: the jumps this patch writes are protected from the
         // guest; a cumulative patch takes over from the ones it replaces.
@@ -2227,16 +2236,18 @@ impl Patcher {
                 // A page of its own, beside the patch's run.
                 let mut space = self.state.space.clone();
                 space.take(run_start, run_need);
-                let offset = space.find(BLOCK_BYTES, BLOCK_BYTES).ok_or(PatchError::AreaFull {
-                    used: space.in_use(),
-                    size: space.size,
-                    need: BLOCK_BYTES,
-                })?;
+                let offset = space
+                    .find(BLOCK_BYTES, BLOCK_BYTES)
+                    .ok_or(PatchError::AreaFull {
+                        used: space.in_use(),
+                        size: space.size,
+                        need: BLOCK_BYTES,
+                    })?;
                 let (code_start, ..) = adding.expect("adding");
                 let va = code_start - run_start + offset;
                 let page = extable::page(va, search, hooked + TRAMPOLINE_LEN as u64)
                     .map_err(|why| refuse(format!("its index cannot reach the kernel: {why}")))?;
-                let jmp = trampoline::jmp_rel32(hooked, va).map_err(|why| refuse(why))?;
+                let jmp = trampoline::jmp_rel32(hooked, va).map_err(&refuse)?;
                 plan.writes.push(Write {
                     what: format!("{HOOKED} (lucos's exception index)"),
                     gpa: site_gpa,

@@ -111,7 +111,9 @@ fn run_area_writes(
 ) -> Result<(), String> {
     for w in writes {
         let mut now = vec![0u8; w.expect.len()];
-        let r = guest.area_read(w.offset, &mut now).map_err(|e| e.to_string());
+        let r = guest
+            .area_read(w.offset, &mut now)
+            .map_err(|e| e.to_string());
         let r = r.and_then(|()| {
             if now == w.expect {
                 guest

@@ -36,6 +36,9 @@ const AREA_SIZE: u64 = 2 << 20;
 /// The two functions, and their bytes: nop5 (the fentry site), mov eax, N; ret.
 const ALPHA: u64 = TEXT + 0x100;
 const BETA: u64 = TEXT + 0x200;
+/// The kernel's exception-table search and its search of one table.
+const SEARCH_TABLES: u64 = TEXT + 0x300;
+const SEARCH_EXTABLE: u64 = TEXT + 0x400;
 const FN_SIZE: u64 = 32;
 /// Where the area gets mapped: the top 2 MiB of the kernel window.
 const AREA_VA: u64 = 0xffff_ffff_bfe0_0000;
@@ -108,7 +111,12 @@ impl Fake {
         // Text and a kernel stack page, 2 MiB pages, read-only text.
         put(PD + 8 * 8, TEXT_GPA | 0x81);
         put(PD + 9 * 8, STACK_GPA | 0x83);
-        for (va, n) in [(ALPHA, 1), (BETA, 7)] {
+        for (va, n) in [
+            (ALPHA, 1),
+            (BETA, 7),
+            (SEARCH_TABLES, 3),
+            (SEARCH_EXTABLE, 4),
+        ] {
             let at = (TEXT_GPA + (va - TEXT)) as usize;
             ram[at..at + FN_SIZE as usize].copy_from_slice(&function_bytes(n));
         }
@@ -171,6 +179,8 @@ impl Fake {
                 sym("_stext", TEXT, 0),
                 sym("alpha", ALPHA, FN_SIZE),
                 sym("beta", BETA, FN_SIZE),
+                sym("search_exception_tables", SEARCH_TABLES, FN_SIZE),
+                sym("search_extable", SEARCH_EXTABLE, FN_SIZE),
                 sym("_etext", TEXT + 0x1000, 0),
             ]),
             identity: identity("fake-build"),
@@ -856,4 +866,131 @@ fn kernel_reads_go_through_vcpu0s_top_table_as_it_was_in_the_pause() {
     // Writes go to the guest (the copy pins reads only).
     pinned.ram().write_phys(PML4 + 8, &[1]).expect("write");
     assert_eq!(fake.u64_at(PML4 + 8), 1);
+}
+
+/// A replacement with an access that may fault: an exception-table entry
+/// for its `nop`, whose fixup is the instruction after it.
+fn faulting(name: &str, ret: u8) -> String {
+    format!(
+        "int {name}(void) {{ asm volatile(\"1: nop\\n2:\\n.pushsection __ex_table,\\\"a\\\"\\n.long 1b - .\\n.long 2b - .\\n.long 0\\n.popsection\"); return {ret}; }}\n"
+    )
+}
+
+#[test]
+fn exception_tables_are_found_through_lucos_index_from_the_first_such_patch_to_the_last() {
+    let (g, p) = (Fake::new(), Patches::new("extable"));
+    let k = g.kernel();
+    let mut pt = p.patcher();
+    let one = p.file("one", &faulting("alpha", 2), &[("alpha", 1)], &[]);
+    let two = p.file("two", &faulting("beta", 8), &[("beta", 7)], &[]);
+    let plain = p.file(
+        "plain",
+        "int alpha(void) { return 2; }\n",
+        &[("alpha", 1)],
+        &[],
+    );
+    // A patch without entries leaves search_exception_tables alone.
+    pt.apply(&g, &k, &plain, false).expect("apply plain");
+    assert_eq!(g.read(SEARCH_TABLES, 5), function_bytes(3)[..5]);
+    assert!(pt.state().extables.is_none());
+    pt.revert(&g, &k, "plain").expect("revert plain");
+    // RAM now: the patch area mapped (its page-directory entry stays).
+    let original = g.hash();
+
+    let r1 = pt.apply(&g, &k, &one, false).expect("apply one");
+    let ix = pt.state().extables.clone().expect("the index");
+    let page_va = AREA_VA + ix.offset;
+    // search_exception_tables jumps to the stub, protected from the guest.
+    assert_eq!(g.read(SEARCH_TABLES, 5), jmp(SEARCH_TABLES, page_va));
+    assert!(g
+        .protections()
+        .iter()
+        .any(|x| x.owner == "lucos:extable" && x.gpa == TEXT_GPA + 0x300 && x.len == 5));
+    let page = |g: &Fake| {
+        let a = g.area.lock().expect("lock");
+        a[ix.offset as usize..ix.offset as usize + 4096].to_vec()
+    };
+    let word = |p: &[u8], at: usize| u64::from_le_bytes(p[at..at + 8].try_into().expect("8"));
+    // The stub ends in jumps to search_extable and past the entry's nop.
+    let pg = page(&g);
+    let rel = |at: u64| {
+        let o = (at - page_va) as usize;
+        (at + 5).wrapping_add_signed(
+            i32::from_le_bytes(pg[o + 1..o + 5].try_into().expect("4 or 8 bytes")).into(),
+        )
+    };
+    assert_eq!((pg[36], rel(page_va + 36)), (0xe9, SEARCH_EXTABLE));
+    assert_eq!((pg[49], rel(page_va + 49)), (0xe9, SEARCH_TABLES + 5));
+    // Slot 0: patch one's code, its table of one entry (the nop in alpha's
+    // replacement, the fixup right after it).
+    let code = new_addr(&r1, "alpha");
+    let (lo, hi, table, n) = (
+        word(&pg, 128),
+        word(&pg, 136),
+        word(&pg, 144),
+        word(&pg, 152),
+    );
+    assert!(lo <= code && code < hi, "{lo:#x}..{hi:#x} {code:#x}");
+    assert_eq!((n, word(&pg, 120) & 0xffff_ffff), (1, 1));
+    let area = g.area.lock().expect("lock").clone();
+    let e = (table - AREA_VA) as usize;
+    let insn = table.wrapping_add_signed(
+        i32::from_le_bytes(area[e..e + 4].try_into().expect("4 or 8 bytes")).into(),
+    );
+    let fixup = (table + 4).wrapping_add_signed(
+        i32::from_le_bytes(area[e + 4..e + 8].try_into().expect("4 or 8 bytes")).into(),
+    );
+    let off = (insn - AREA_VA) as usize;
+    assert_eq!(area[off], 0x90, "the entry names the nop");
+    assert_eq!(fixup, insn + 1);
+
+    // A second patch takes slot 1; the hook stays as it is.
+    pt.apply(&g, &k, &two, false).expect("apply two");
+    let pg = page(&g);
+    assert_eq!(word(&pg, 160 + 24), 1);
+    assert_eq!(word(&pg, 120) & 0xffff_ffff, 2);
+    // While the hook is there, a patch cannot replace the hooked function.
+    let hooked = p.file(
+        "hooked",
+        "int search_exception_tables(void) { return 0; }\n",
+        &[("search_exception_tables", 3)],
+        &[],
+    );
+    let before = g.hash();
+    let e = pt.apply(&g, &k, &hooked, false).expect_err("hooked");
+    assert!(e.to_string().contains("exception index"), "{e}");
+    assert_eq!(g.hash(), before, "a refusal changes nothing");
+
+    // Reverting one frees its slot; reverting two, the last, takes the
+    // jump back and gives the page back: memory as it was.
+    pt.revert(&g, &k, "one").expect("revert one");
+    let pg = page(&g);
+    assert_eq!([word(&pg, 128), word(&pg, 136)], [0, 0]);
+    assert_eq!(g.read(SEARCH_TABLES, 5), jmp(SEARCH_TABLES, page_va));
+    pt.revert(&g, &k, "two").expect("revert two");
+    assert!(pt.state().extables.is_none());
+    assert_eq!(g.read(SEARCH_TABLES, 5), function_bytes(3)[..5]);
+    assert!(!g.protections().iter().any(|x| x.owner == "lucos:extable"));
+    assert_eq!(pt.area_usage().used_bytes, 0);
+    assert_eq!(g.hash().0, original.0, "RAM as it was");
+    assert!(g.unpaused_writes.lock().expect("lock").is_empty());
+
+    // A kernel without search_exception_tables: refused, nothing changed.
+    let mut bare = g.kernel();
+    bare.symbols = SymbolTable::from_symbols(vec![Symbol {
+        name: "alpha".into(),
+        addr: ALPHA,
+        size: FN_SIZE,
+        kind: SymbolKind::Function,
+        ty: 't',
+        global: false,
+        file: Some("fake.c".into()),
+        position: 0,
+    }]);
+    let before = g.hash();
+    let e = pt
+        .apply(&g, &bare, &one, false)
+        .expect_err("no search_exception_tables");
+    assert!(e.to_string().contains("search_exception_tables"), "{e}");
+    assert_eq!(g.hash(), before);
 }
