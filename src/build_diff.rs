@@ -665,11 +665,19 @@ pub fn build(
         // built again with lucos's headers, which is the build compared with
         // the patched one. The headers change only those sites; where GCC
         // then chose otherwise (inlining a function or not, a clone's calling
-        // convention), the diff and the check below see it.
+        // convention), the diff and the check below see it. Objects built
+        // only because they include a changed header are built so too:
+        // lucos's headers may move GCC's choices even in an object without
+        // such sites (a comment added to kernel/futex/futex.h changed the
+        // register allocation of __do_sys_futex_waitv in syscalls.o, which
+        // has none), and such an object should change only where the header
+        // does.
         let t = Instant::now();
         let rewritten: Vec<String> = originals
             .iter()
-            .filter(|(_, obj, _)| update_engine::diffobj::has_rewritten_tables(obj))
+            .filter(|(c, obj, _)| {
+                update_engine::diffobj::has_rewritten_tables(obj) || !c_files.contains(c)
+            })
             .map(|o| o.0.clone())
             .collect();
         let mut compared: Vec<Vec<u8>> = originals.iter().map(|o| o.1.clone()).collect();
