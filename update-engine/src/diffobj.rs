@@ -417,7 +417,43 @@ impl<'d> Obj<'d> {
             return Target::Sec(name, r.addend);
         }
         let n = sym.name().unwrap_or("?");
+        // GCC's labels of merged constants (`.LC87`, in `.rodata.cst2`)
+        // are numbered through the whole object: by their value.
+        if n.starts_with(".L") {
+            if let Some(v) = sym
+                .section_index()
+                .and_then(|si| self.constant(si, sym.address()))
+            {
+                return Target::Sec(format!("constant {v:02x?}"), r.addend);
+            }
+        }
         Target::Sym(unnumbered(n).to_owned(), r.addend)
+    }
+
+    /// The entry at `at` of section `si` if it is one of merged constants
+    /// of a fixed size (`.rodata.cst8`).
+    fn constant(&self, si: SectionIndex, at: u64) -> Option<Vec<u8>> {
+        let sec = self.file.section_by_index(si).ok()?;
+        let SectionFlags::Elf { sh_flags } = sec.flags() else {
+            return None;
+        };
+        if sh_flags & u64::from(SHF_MERGE) == 0 || sh_flags & u64::from(SHF_STRINGS) != 0 {
+            return None;
+        }
+        let size = match &self.file {
+            object::File::Elf64(f) => {
+                use object::read::elf::SectionHeader as _;
+                f.elf_section_table()
+                    .section(si)
+                    .ok()?
+                    .sh_entsize(f.endian())
+            }
+            _ => return None,
+        };
+        let d = sec.data().ok()?;
+        (size > 0)
+            .then(|| d.get(at as usize..(at + size) as usize).map(<[u8]>::to_vec))
+            .flatten()
     }
 
     /// The object's alternatives: the function each site is in, and the entry.
@@ -661,6 +697,15 @@ fn is_writable(file: &object::File<'_>, si: SectionIndex) -> bool {
 /// `__already_done`) or the kernel's `__UNIQUE_ID_` counter
 /// (`__UNIQUE_ID_ddebug123` → `__UNIQUE_ID_ddebug`); clone suffixes
 /// (`.isra.0`, `.constprop.1`) stay.
+/// The number of a numbered static (`__warned.87`: 87; `__UNIQUE_ID_x12`:
+/// 12); 0 for another name.
+fn number_of(name: &str) -> u64 {
+    name[unnumbered(name).len()..]
+        .trim_start_matches('.')
+        .parse()
+        .unwrap_or(0)
+}
+
 fn unnumbered(name: &str) -> &str {
     // `__UNIQUE_ID_ddebug123` (__COUNTER__, shifted by any use above it).
     if let Some(rest) = name.strip_prefix("__UNIQUE_ID_") {
@@ -1885,9 +1930,9 @@ fn references_to(o: &Obj<'_>, f: &str) -> Vec<(Option<String>, bool, String)> {
 /// those of `b` that are new.
 ///
 /// Pairs come through the functions of both that refer to them: for each
-/// name, in the order a function refers to them (GCC numbers them in the
-/// order it meets them, so a new one shifts the rest), where the function
-/// refers to as many of that name in both; a name whose base occurs once in
+/// name, in the order of their numbers (GCC numbers them in the order it
+/// meets their declarations, so a new one shifts the rest), where the
+/// function refers to as many of that name in both; a name whose base occurs once in
 /// each object pairs directly. A static of `b` that no pair names is new
 /// when every function of `b` that refers to it is new or refers to no
 /// static of that name in `a` (a static local belongs to its function, or
@@ -1963,7 +2008,17 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
                 }
                 continue;
             }
-            for (x, y) in xs.into_iter().zip(ys) {
+            // In the order GCC numbered them (the order their declarations
+            // come in the source, which a fix elsewhere keeps), not the
+            // order the code refers to them: that follows the optimizer's
+            // block layout, which a change anywhere in the function moves
+            // (__alloc_pages refers to its five WARN_ON_ONCE_GFP flags in
+            // another order once a pr_warn_once is added to it).
+            let by_number = |mut v: Vec<String>| {
+                v.sort_by_key(|n| number_of(n));
+                v
+            };
+            for (x, y) in by_number(xs).into_iter().zip(by_number(ys)) {
                 match map.get(&x) {
                     Some(prev) if *prev != y => {
                         clash.insert(x);
@@ -1997,11 +2052,27 @@ fn renumbering(a: &Obj<'_>, b: &Obj<'_>) -> Result<Renumbering, String> {
         }
         m
     };
+    // Bases that occur as often in each object: in the order of their
+    // numbers (the order of their declarations), where the pairs found
+    // through functions agree with that order. The kernel's build of an
+    // object and lucos's differ in which functions GCC inlines (lucos's
+    // headers move its choices: __alloc_pages_slowpath is a function of its
+    // own in one, inlined in the other), not in the order of the source.
     let (ca, cb) = (count(a), count(b));
     for (base, names) in &cb {
-        if let ([x], Some([y])) = (names.as_slice(), ca.get(base).map(Vec::as_slice)) {
-            if !new.contains(x) {
-                map.entry(x.clone()).or_insert_with(|| y.clone());
+        let Some(olds) = ca.get(base) else { continue };
+        if names.len() != olds.len() || names.iter().any(|x| new.contains(x)) {
+            continue;
+        }
+        let sorted = |v: &[String]| {
+            let mut v = v.to_vec();
+            v.sort_by_key(|n| number_of(n));
+            v
+        };
+        let pairs: Vec<(String, String)> = sorted(names).into_iter().zip(sorted(olds)).collect();
+        if pairs.iter().all(|(x, y)| map.get(x).is_none_or(|m| m == y)) {
+            for (x, y) in pairs {
+                map.entry(x).or_insert(y);
             }
         }
     }
@@ -2778,6 +2849,61 @@ int other(int x) { report(__FILE__ ":" S(__LINE__), __LINE__, x); return x + 1; 
         let d = diff_object_with("t.o", &a, &b, None, &kernel, &opts).expect("diff");
         assert_eq!(changed_names(&d).len(), 2, "{d:?}");
         assert!(d.line_shifted.is_empty());
+    }
+
+    #[test]
+    fn numbered_statics_pair_in_the_order_of_their_numbers_and_object_wide() {
+        // Three once-flags of inline helpers; the patched build calls them
+        // in another order (the code refers to them in another order), the
+        // numbers stay those of their declarations.
+        let src = |inl: &str, order: &str| {
+            format!(
+                "extern void report(int *p);\n#define W static int flag; report(&flag)\nstatic {inl} void h1(void) {{ W; }}\nstatic {inl} void h2(void) {{ W; }}\nvoid show(void) {{ {{ W; }} {order} }}\n"
+            )
+        };
+        let inl = "inline __attribute__((always_inline))";
+        let a = compile("a18", &src(inl, "h1(); h2();"));
+        let b = compile("b18", &src(inl, "h2(); h1();"));
+        let (oa, ob) = (
+            Obj::parse("t.o", &a).expect("a"),
+            Obj::parse("t.o", &b).expect("b"),
+        );
+        let r = renumbering(&oa, &ob).expect("renumbering");
+        for n in ["flag.0", "flag.1", "flag.2"] {
+            assert_eq!(r.map.get(n).map(String::as_str), Some(n), "{:?}", r.map);
+        }
+        // The kernel's build calls the helpers (not inlined there): the
+        // function refers to one flag there and three here; the object has
+        // three of them in both.
+        let p = compile("p18", &src("__attribute__((noinline))", "h1(); h2();"));
+        let op = Obj::parse("t.o", &p).expect("p");
+        let r = renumbering(&op, &oa).expect("renumbering");
+        for n in ["flag.0", "flag.1", "flag.2"] {
+            assert_eq!(r.map.get(n).map(String::as_str), Some(n), "{:?}", r.map);
+        }
+    }
+
+    #[test]
+    fn a_merged_constant_is_compared_by_its_value_not_its_label() {
+        // A function added above renumbers GCC's constant labels (.LC0 ->
+        // .LC1); the function using its constant is unchanged.
+        let base = "double scale(double x) { return x * 1.5; }\n";
+        let a = compile("a19", base);
+        let b = compile(
+            "b19",
+            &format!("double extra(double x) {{ return x * 2.25; }}\n{base}"),
+        );
+        let kernel = Kernel {
+            names: vec!["scale"],
+            twice: vec![],
+        };
+        let d = diff_object("t.o", &a, &b, &kernel).expect("diff");
+        assert!(changed_names(&d).is_empty(), "{d:?}");
+        assert_eq!(d.added, ["extra"]);
+        // Its value changed: a change.
+        let c = compile("c19", &base.replace("1.5", "1.75"));
+        let d = diff_object("t.o", &a, &c, &kernel).expect("diff");
+        assert_eq!(changed_names(&d), ["scale"]);
     }
 
     #[test]
