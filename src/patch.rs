@@ -1270,6 +1270,16 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
         "patch area  {} of {} bytes in use",
         l.patch_area.used_bytes, l.patch_area.size_bytes
     );
+    if let Some(x) = &l.exception_index {
+        println!(
+            "exception index  {} ({:#x}) jumps to lucos's index at {:#x}, for the exception \
+             tables of: {}",
+            x.hooked,
+            x.site,
+            x.page,
+            x.patches.join(", ")
+        );
+    }
     let s: vmm_core::control::StatusInfo = connect(vm)?.call_as(&Request::Status)?;
     println!("{}", crate::protect::stats_line(&s.write_control));
     if let Some(t) = &l.kernel_text {

@@ -549,6 +549,13 @@ fn linux_patches_built_from_source_diffs_apply_live_and_bad_diffs_are_refused_wi
         assert!(r.contains("rc=0"), "{r}\n{}", out.text);
     }
     out.expect("@@SCN loaded");
+    // lucos's exception index, listed with the patch it serves.
+    let index = out.line("@@SCN list exception index ");
+    assert!(
+        index.contains("search_exception_tables") && index.contains("futexop"),
+        "{index}\n{}",
+        out.text
+    );
     out.expect("@@SCN reverted");
     // The guest's own log: no oops or warning through the whole run (none
     // beyond what its boot logged, shown as "@@SCN @@D boot").

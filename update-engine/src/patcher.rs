@@ -531,6 +531,26 @@ pub struct PatchList {
     /// Patches waiting for their module to load (without their bytes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held: Vec<HeldPatch>,
+    /// lucos's exception index, while a patch has exception-table entries
+    /// ([`crate::extable`]): the hooked function and the patches it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exception_index: Option<ExceptionIndex>,
+}
+
+/// What `list` shows of lucos's exception index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExceptionIndex {
+    /// The kernel function whose entry jumps to it.
+    pub hooked: String,
+    /// Its entry.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub site: u64,
+    /// Guest-virtual address of the index's page.
+    #[serde(with = "symbol_db::hex_u64")]
+    pub page: u64,
+    /// The applied patches whose exception tables it holds (a reverted
+    /// patch's code that may still run keeps its slot: `code at ADDR`).
+    pub patches: Vec<String>,
 }
 
 /// Use of the patch area.
@@ -925,6 +945,23 @@ impl Patcher {
                     ..h.clone()
                 })
                 .collect(),
+            exception_index: self.state.extables.as_ref().map(|ix| ExceptionIndex {
+                hooked: crate::extable::HOOKED.into(),
+                site: ix.site,
+                page: self.state.area_va.unwrap_or(0) + ix.offset,
+                patches: ix
+                    .slots
+                    .iter()
+                    .filter(|&&c| c != 0)
+                    .map(|&c| {
+                        self.state
+                            .applied
+                            .iter()
+                            .find(|a| a.code_addr == c)
+                            .map_or_else(|| format!("code at {c:#x}"), |a| a.name.clone())
+                    })
+                    .collect(),
+            }),
         }
     }
 

@@ -946,6 +946,16 @@ fn exception_tables_are_found_through_lucos_index_from_the_first_such_patch_to_t
 
     // A second patch takes slot 1; the hook stays as it is.
     pt.apply(&g, &k, &two, false).expect("apply two");
+    let x = pt.list(&g, Some(&k)).exception_index.expect("listed");
+    assert_eq!(
+        (x.hooked.as_str(), x.site, x.page, x.patches),
+        (
+            "search_exception_tables",
+            SEARCH_TABLES,
+            page_va,
+            vec!["one".to_owned(), "two".to_owned()]
+        )
+    );
     let pg = page(&g);
     assert_eq!(word(&pg, 160 + 24), 1);
     assert_eq!(word(&pg, 120) & 0xffff_ffff, 2);
@@ -969,6 +979,7 @@ fn exception_tables_are_found_through_lucos_index_from_the_first_such_patch_to_t
     assert_eq!(g.read(SEARCH_TABLES, 5), jmp(SEARCH_TABLES, page_va));
     pt.revert(&g, &k, "two").expect("revert two");
     assert!(pt.state().extables.is_none());
+    assert!(pt.list(&g, Some(&k)).exception_index.is_none());
     assert_eq!(g.read(SEARCH_TABLES, 5), function_bytes(3)[..5]);
     assert!(!g.protections().iter().any(|x| x.owner == "lucos:extable"));
     assert_eq!(pt.area_usage().used_bytes, 0);
