@@ -31,9 +31,9 @@ kmake() {
   make -s -C "$src" O="$tree" CC=gcc-12 HOSTCC=gcc-12 KERNELRELEASE="$release" \
     KCFLAGS="-ffunction-sections -fdata-sections" "$@" >&2
 }
-kmake olddefconfig
 # Debian's config names its signing keys and certificates; a patch object
-# needs none of them.
+# needs none of them. (scripts/config edits the file as it is; one
+# olddefconfig then settles it.)
 "$src/scripts/config" --file "$tree/.config" \
   --set-str SYSTEM_TRUSTED_KEYS "" --set-str SYSTEM_REVOCATION_KEYS "" \
   --set-str MODULE_SIG_KEY "certs/signing_key.pem" >&2
