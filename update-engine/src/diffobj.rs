@@ -544,6 +544,12 @@ impl<'d> Obj<'d> {
             if fields.contains_key(&(at + 8)) {
                 return Err(format!("{EX_TABLE} entry {n} has a relocated data word"));
             }
+            if self.section_name(isec) == ALT_REPLACEMENT {
+                return Err(format!(
+                    "{EX_TABLE} entry {n} is for an instruction of an alternative's \
+                     replacement, which lucos does not carry"
+                ));
+            }
             let Some((func, base)) = self.covering(isec, ioff) else {
                 continue; // outside any function: never placed
             };
