@@ -96,7 +96,21 @@ impl KernelSymbols for ModuleRefs<'_> {
     ) -> Option<String> {
         match self.module.defines(name) {
             0 => self.kernel.reference_used(name, neighbours, uses),
-            _ => self.reference(name, neighbours),
+            1 => Some(name.to_owned()),
+            // Namesakes in the module (`_rs.3` of two of its objects):
+            // the one the module's own code of this object refers to, read
+            // from the module file's relocation of the same field (its
+            // target, less the object's addend, plus the static's offset
+            // from the object's symbol), counted among its namesakes.
+            _ => uses.iter().find_map(|u| {
+                let [f] = self.module.functions_named(&u.func)[..] else {
+                    return None;
+                };
+                let (sec, v) = self.module.reference_at(f.section, f.offset + u.at)?;
+                let at = v.wrapping_sub(u.addend as u64).wrapping_add(u.base);
+                let i = self.module.namesake_position(name, sec, at)?;
+                Some(format!("{name}#{i}"))
+            }),
         }
     }
 

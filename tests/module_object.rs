@@ -122,3 +122,59 @@ fn debian_module_files_are_read_as_binutils_reads_them() {
     let e = ModuleObject::parse(b"\x7fELF", "junk.ko").expect_err("junk");
     assert!(e.to_string().contains("junk.ko"), "{e}");
 }
+
+#[test]
+fn namesake_statics_of_a_module_are_told_apart_by_the_code_that_refers_to_them() {
+    // Two objects with a `static int once` each, linked into one module
+    // (`ld -r`, as kbuild links a module's objects).
+    let dir = std::env::temp_dir().join(format!("lucos-namesakes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let srcs = [
+        ("a", "static int once; int fa(void) { return ++once; }\n"),
+        ("b", "static int once; int fb(void) { return once += 2; }\n"),
+    ];
+    for (n, src) in srcs {
+        std::fs::write(dir.join(format!("{n}.c")), src).expect("source");
+        let st = Command::new("gcc")
+            .args(["-c", "-O2", "-fno-pic", "-mcmodel=kernel", "-o"])
+            .arg(dir.join(format!("{n}.o")))
+            .arg(dir.join(format!("{n}.c")))
+            .status()
+            .expect("gcc");
+        assert!(st.success());
+    }
+    let ko = dir.join("m.ko");
+    let st = Command::new("ld")
+        .arg("-r")
+        .arg(dir.join("a.o"))
+        .arg(dir.join("b.o"))
+        .arg("-o")
+        .arg(&ko)
+        .status()
+        .expect("ld");
+    assert!(st.success());
+    let m = ModuleObject::from_file(&ko).expect("parses");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(m.defines("once"), 2);
+    // Each function's load of its own `once`: a PC-relative field whose
+    // target (the section's symbol plus the addend, -4 for the field)
+    // lands on the static, the first or the second in address order.
+    for (f, want) in [("fa", 0), ("fb", 1)] {
+        let func = m.functions_named(f)[0].clone();
+        let hits: Vec<Option<usize>> = (func.offset..func.offset + func.size)
+            .filter_map(|at| m.reference_at(func.section, at))
+            .map(|(sec, v)| m.namesake_position("once", sec, v.wrapping_add(4)))
+            .collect();
+        assert!(!hits.is_empty(), "{f} refers to nothing");
+        assert!(hits.iter().all(|h| *h == Some(want)), "{f}: {hits:?}");
+    }
+    // An offset where no namesake is: none.
+    let func = m.functions_named("fa")[0].clone();
+    let (sec, v) = (func.offset..func.offset + func.size)
+        .find_map(|at| m.reference_at(func.section, at))
+        .expect("a reference");
+    assert_eq!(
+        m.namesake_position("once", sec, v.wrapping_add(4) + 1),
+        None
+    );
+}

@@ -64,6 +64,11 @@ pub struct ModuleObject {
     pub tables: Vec<(String, usize)>,
     /// How many defined symbols (functions, data) have each name.
     defined: HashMap<String, usize>,
+    /// Where the names defined more than once are: (section, offset).
+    namesakes: HashMap<String, Vec<(usize, u64)>>,
+    /// Per relocated field of code (section, offset): what it refers to
+    /// (section, offset: its symbol's value plus the addend).
+    code_refs: HashMap<(usize, u64), (usize, u64)>,
 }
 
 /// Bytes a relocation of x86-64 type `t` writes.
@@ -163,6 +168,20 @@ impl ModuleObject {
                 *defined.entry(n.to_owned()).or_default() += 1;
             }
         }
+        let mut namesakes: HashMap<String, Vec<(usize, u64)>> = HashMap::new();
+        for s in elf.syms.iter() {
+            if s.st_shndx == 0 || !matches!(s.st_type(), STT_FUNC | goblin::elf::sym::STT_OBJECT) {
+                continue;
+            }
+            if let Some(n) = elf.strtab.get_at(s.st_name) {
+                if defined.get(n).is_some_and(|&c| c > 1) {
+                    namesakes
+                        .entry(n.to_owned())
+                        .or_default()
+                        .push((s.st_shndx, s.st_value));
+                }
+            }
+        }
         let mut functions = Vec::new();
         for s in elf.syms.iter() {
             if s.st_type() != STT_FUNC || !is_text(s.st_shndx) {
@@ -203,9 +222,15 @@ impl ModuleObject {
             v.sort_by_key(|r| r.r_offset);
         }
         // Every relocated field of code: the loader writes it.
+        let mut code_refs = HashMap::new();
         for (sec, rs) in &relocs {
             if !text.contains_key(sec) {
                 continue;
+            }
+            for r in rs {
+                if let Some(t) = target(r.r_sym, r.r_addend.unwrap_or(0)) {
+                    code_refs.insert((*sec, r.r_offset), t);
+                }
             }
             let m = masked.entry(*sec).or_default();
             for r in rs {
@@ -311,6 +336,8 @@ impl ModuleObject {
             masked,
             tables,
             defined,
+            namesakes,
+            code_refs,
         })
     }
 
@@ -323,6 +350,27 @@ impl ModuleObject {
     /// How many functions and variables the module defines named `name`.
     pub fn defines(&self, name: &str) -> usize {
         self.defined.get(name).copied().unwrap_or(0)
+    }
+
+    /// What the relocated field at `offset` of code section `section`
+    /// refers to: (section, offset), its symbol's value plus its addend.
+    pub fn reference_at(&self, section: usize, offset: u64) -> Option<(usize, u64)> {
+        self.code_refs.get(&(section, offset)).copied()
+    }
+
+    /// Which of the module's symbols named `name` is the one at `offset` of
+    /// `section`, counted in address order, where all of them are in that
+    /// one section (the module loader keeps a section's order, so the
+    /// loaded module's symbols of that name come in the same order); `None`
+    /// otherwise.
+    pub fn namesake_position(&self, name: &str, section: usize, offset: u64) -> Option<usize> {
+        let all = self.namesakes.get(name)?;
+        if all.iter().any(|&(s, _)| s != section) {
+            return None;
+        }
+        let mut offsets: Vec<u64> = all.iter().map(|&(_, o)| o).collect();
+        offsets.sort_unstable();
+        offsets.iter().position(|&o| o == offset)
     }
 
     /// The functions named `name` (a local name may repeat).

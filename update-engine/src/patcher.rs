@@ -1644,6 +1644,27 @@ impl Patcher {
                 // what other modules export.
                 if let Some(t) = lup.manifest.module_of_object(object) {
                     if let Some(l) = mods.iter().find(|l| l.info.name == t.name) {
+                        // `NAME#N`: the N-th of the module's symbols of that
+                        // name in address order (lucos build found which).
+                        if let Some((name, n)) = s
+                            .rsplit_once('#')
+                            .and_then(|(a, b)| b.parse::<usize>().ok().map(|n| (a, n)))
+                        {
+                            let mut all: Vec<u64> = l
+                                .symbols
+                                .iter()
+                                .filter(|x| x.name == name)
+                                .map(|x| x.addr)
+                                .collect();
+                            all.sort_unstable();
+                            return all.get(n).copied().ok_or_else(|| {
+                                format!(
+                                    "the patch needs {s}, but module {} has {} symbols named {name}",
+                                    t.name,
+                                    all.len()
+                                )
+                            });
+                        }
                         let mut named = l.symbols.iter().filter(|x| x.name == s);
                         match (named.next(), named.next()) {
                             (Some(x), None) => return Ok(x.addr),
