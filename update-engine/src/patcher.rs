@@ -1279,6 +1279,32 @@ impl Patcher {
                 owner
             })
             .collect();
+        // The relayed kernel text (the first patch of kernel text) is a
+        // change of memory slots, 12-22 ms of pause in the emulated host:
+        // made in a short pause of its own before the switch, which it does
+        // not need to be atomic with (the relay passes the guest's writes on
+        // as it makes them, and stays after a refused switch as after a
+        // revert).
+        let relay: Vec<Protection> = plan
+            .protect
+            .iter()
+            .filter(|p| p.owner == TEXT_RELAY_OWNER)
+            .cloned()
+            .collect();
+        if !relay.is_empty() {
+            plan.protect.retain(|p| p.owner != TEXT_RELAY_OWNER);
+            if let Err(e) = change_protection(g, &[], &relay) {
+                for o in &owners {
+                    self.tracker.remove(o);
+                }
+                return Err(match e {
+                    PatchError::Switch(why) => PatchError::Switch(format!(
+                        "write control: relaying the kernel text: {why}"
+                    )),
+                    other => other,
+                });
+            }
+        }
         let switched = match self.switch_code(g, k, &view, &placed, &plan) {
             Ok(s) => s,
             Err(e) => {

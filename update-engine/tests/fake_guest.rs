@@ -68,7 +68,7 @@ struct Fake {
     /// Write control: the protected ranges.
     protected: Mutex<Vec<Protection>>,
     /// Write control refuses the next change (as KVM refusing a slot would).
-    fail_protect: AtomicBool,
+    fail_protect: AtomicU32,
 }
 
 fn paging() -> PagingState {
@@ -129,7 +129,7 @@ impl Fake {
             script: Mutex::new(Box::new(|_, _| user())),
             before_pause: Mutex::new(None),
             protected: Mutex::new(Vec::new()),
-            fail_protect: AtomicBool::new(false),
+            fail_protect: AtomicU32::new(0),
         }
     }
 
@@ -295,7 +295,12 @@ impl Guest for Fake {
         add: &[Protection],
     ) -> Result<(), ProtectError> {
         assert!(self.is_paused(), "protection changed while running");
-        if self.fail_protect.swap(false, Ordering::SeqCst) {
+        // Counting down: 1 fails this change, 2 the one after it.
+        let n = self.fail_protect.load(Ordering::SeqCst);
+        if n > 0 {
+            self.fail_protect.store(n - 1, Ordering::SeqCst);
+        }
+        if n == 1 {
             return Err(ProtectError::Slots("slot 9 refused (test)".into()));
         }
         let mut p = self.protected.lock().expect("lock");
@@ -786,15 +791,32 @@ fn the_patch_state_survives_a_round_trip_and_a_new_patcher_reverts_from_it() {
 fn a_refused_protection_takes_the_switch_back() {
     let (g, _p, k, mut pt, one) = alpha_patch("protfail");
     let before = g.hash();
-    // Write control fails after the switch's writes: they are undone, the
-    // area's code and its page-directory entry too; nothing is protected.
-    g.fail_protect.store(true, Ordering::SeqCst);
+    // The relayed kernel text, in a pause of its own before the switch:
+    // refused, nothing else is tried.
+    g.fail_protect.store(1, Ordering::SeqCst);
     let e = pt
         .apply(&g, &k, &one, false)
         .expect_err("protection refused");
     assert!(e.to_string().contains("write control"), "{e}");
     assert_eq!(g.hash(), before, "guest memory changed");
     assert!(g.protections().is_empty(), "not even the text's relay");
+    assert!(pt.applied().is_empty());
+    // Write control fails after the switch's writes: they are undone, the
+    // area's code and its page-directory entry too; only the relay (which
+    // passes the guest's writes on as they come) stays.
+    g.fail_protect.store(2, Ordering::SeqCst);
+    let e = pt
+        .apply(&g, &k, &one, false)
+        .expect_err("protection refused");
+    assert!(e.to_string().contains("write control"), "{e}");
+    assert_eq!(g.hash(), before, "guest memory changed");
+    assert_eq!(
+        g.protections()
+            .iter()
+            .map(|p| p.owner.as_str())
+            .collect::<Vec<_>>(),
+        [TEXT_RELAY_OWNER]
+    );
     assert!(pt.applied().is_empty());
     assert!(!g.is_paused(), "left paused");
     // The same patch goes in once write control works.
