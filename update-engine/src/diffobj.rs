@@ -456,15 +456,22 @@ impl<'d> Obj<'d> {
             .flatten()
     }
 
-    /// The object's alternatives: the function each site is in, and the entry.
-    fn alternatives(&self) -> Result<Vec<Alt>, String> {
-        let Some(table) = self.file.section_by_name(ALT_TABLE) else {
-            return Ok(Vec::new());
+    /// Table section `name` of `entry`-byte entries: its bytes, and what
+    /// the relocation at each offset points at (section, offset); `None`
+    /// when the object has no such table.
+    #[allow(clippy::type_complexity)]
+    fn table(
+        &self,
+        name: &str,
+        entry: usize,
+    ) -> Result<Option<(&[u8], HashMap<u64, (SectionIndex, u64)>)>, String> {
+        let Some(table) = self.file.section_by_name(name) else {
+            return Ok(None);
         };
         let data = table.data().map_err(|e| e.to_string())?;
-        if data.len() as u64 % ALT_ENTRY != 0 {
+        if data.len() % entry != 0 {
             return Err(format!(
-                "{ALT_TABLE} is not a whole number of {ALT_ENTRY}-byte entries"
+                "{name} is not a whole number of {entry}-byte entries"
             ));
         }
         let mut fields: HashMap<u64, (SectionIndex, u64)> = HashMap::new();
@@ -480,6 +487,14 @@ impl<'d> Obj<'d> {
             };
             fields.insert(at, (sec, (sym.address() as i64 + r.addend()) as u64));
         }
+        Ok(Some((data, fields)))
+    }
+
+    /// The object's alternatives: the function each site is in, and the entry.
+    fn alternatives(&self) -> Result<Vec<Alt>, String> {
+        let Some((data, fields)) = self.table(ALT_TABLE, ALT_ENTRY as usize)? else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
         for (n, e) in data.chunks_exact(ALT_ENTRY as usize).enumerate() {
             let at = n as u64 * ALT_ENTRY;
@@ -511,28 +526,9 @@ impl<'d> Obj<'d> {
     /// The object's exception-table entries whose instruction is in a
     /// function.
     fn extable(&self) -> Result<Vec<Ex>, String> {
-        let Some(table) = self.file.section_by_name(EX_TABLE) else {
+        let Some((data, fields)) = self.table(EX_TABLE, EX_ENTRY)? else {
             return Ok(Vec::new());
         };
-        let data = table.data().map_err(|e| e.to_string())?;
-        if data.len() % EX_ENTRY != 0 {
-            return Err(format!(
-                "{EX_TABLE} is not a whole number of {EX_ENTRY}-byte entries"
-            ));
-        }
-        let mut fields: HashMap<u64, (SectionIndex, u64)> = HashMap::new();
-        for (at, r) in table.relocations() {
-            let RelocationTarget::Symbol(si) = r.target() else {
-                continue;
-            };
-            let Ok(sym) = self.file.symbol_by_index(si) else {
-                continue;
-            };
-            let Some(sec) = sym.section_index() else {
-                continue;
-            };
-            fields.insert(at, (sec, (sym.address() as i64 + r.addend()) as u64));
-        }
         let mut out = Vec::new();
         for (n, e) in data.chunks_exact(EX_ENTRY).enumerate() {
             let at = (n * EX_ENTRY) as u64;
