@@ -1283,8 +1283,7 @@ impl Patcher {
         // change of memory slots, 12-22 ms of pause in the emulated host:
         // made in a short pause of its own before the switch, which it does
         // not need to be atomic with (the relay passes the guest's writes on
-        // as it makes them, and stays after a refused switch as after a
-        // revert).
+        // as it makes them); a refused switch takes it back.
         let relay: Vec<Protection> = plan
             .protect
             .iter()
@@ -1310,6 +1309,12 @@ impl Patcher {
             Err(e) => {
                 for o in &owners {
                     self.tracker.remove(o);
+                }
+                // All or nothing: the relay made for this patch goes too.
+                if !relay.is_empty() {
+                    if let Err(r) = change_protection(g, &[TEXT_RELAY_OWNER.to_owned()], &[]) {
+                        log::error!("giving back the kernel text's relay: {r}");
+                    }
                 }
                 return Err(e);
             }
