@@ -3068,6 +3068,21 @@ impl Patcher {
                 ));
             }
         }
+        // lucos's exception index: the hooked entry still jumps to it.
+        if let (Some(ix), Some(va)) = (&self.state.extables, self.state.area_va) {
+            sites += 1;
+            let page = va + ix.offset;
+            let mut have = [0u8; 5];
+            kernel::read_virt(g, view.read, ix.site, &mut have)?;
+            if trampoline::jmp_rel32(ix.site, page).ok() != Some(have) {
+                problems.push(format!(
+                    "{} at {:#x} holds {}, not the jump to lucos's exception index at {page:#x}",
+                    crate::extable::HOOKED,
+                    ix.site,
+                    hex_bytes(&have)
+                ));
+            }
+        }
         Ok(VerifyReport {
             patches: self.state.applied.len(),
             applied: self.state.applied.iter().map(|a| a.name.clone()).collect(),

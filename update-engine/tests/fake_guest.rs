@@ -962,6 +962,23 @@ fn exception_tables_are_found_through_lucos_index_from_the_first_such_patch_to_t
 
     // A second patch takes slot 1; the hook stays as it is.
     pt.apply(&g, &k, &two, false).expect("apply two");
+    let v = pt.verify_applied(&g, &k).expect("verify");
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    assert_eq!(v.sites, 3, "two jumps and the index's");
+    // Something overwrote the hook (as a guest could not, write control
+    // refusing it): verify names it.
+    let hook_gpa = (TEXT_GPA + (SEARCH_TABLES - TEXT)) as usize;
+    let saved: Vec<u8> = g.ram.lock().expect("lock")[hook_gpa..hook_gpa + 5].to_vec();
+    g.ram.lock().expect("lock")[hook_gpa..hook_gpa + 5].copy_from_slice(&function_bytes(3)[..5]);
+    let v = pt.verify_applied(&g, &k).expect("verify");
+    assert!(
+        v.problems
+            .iter()
+            .any(|p| p.contains("search_exception_tables")),
+        "{:?}",
+        v.problems
+    );
+    g.ram.lock().expect("lock")[hook_gpa..hook_gpa + 5].copy_from_slice(&saved);
     let x = pt.list(&g, Some(&k)).exception_index.expect("listed");
     assert_eq!(
         (x.hooked.as_str(), x.site, x.page, x.patches),
