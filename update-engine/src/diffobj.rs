@@ -1560,39 +1560,27 @@ pub fn diff_object_with(
             ALT_TABLE.as_bytes().to_vec(),
             SectionKind::ReadOnlyData,
         );
-        let pc32 = RelocationFlags::Elf {
-            r_type: object::elf::R_X86_64_PC32,
-        };
         let repl_sym = w.section_symbol(repl);
         for (n, x) in kept.iter().enumerate() {
             let mut e = [0u8; ALT_ENTRY as usize];
             e[8..].copy_from_slice(&x.info);
             w.append_section_data(table, &e, 1);
             let at = n as u64 * ALT_ENTRY;
-            for (off, symbol, addend) in [
-                (at, fn_syms[&x.func], x.at as i64),
-                (at + 4, repl_sym, x.repl_off as i64),
-            ] {
-                w.add_relocation(
-                    table,
-                    write::Relocation {
-                        offset: off,
-                        symbol,
-                        addend,
-                        flags: pc32,
-                    },
-                )
-                .map_err(|e| e.to_string())?;
-            }
+            pc32_fields(
+                &mut w,
+                table,
+                at,
+                [
+                    (fn_syms[&x.func], x.at as i64),
+                    (repl_sym, x.repl_off as i64),
+                ],
+            )?;
             sites.push((repl, x.repl_sec, x.repl_off, x.repl_len));
         }
     }
     // Exception-table entries of the placed functions (an access that may
     // fault and its fixup): lucos's linker sorts them into the patch's
     // table, and its exception index makes the kernel find them.
-    let pc32 = RelocationFlags::Elf {
-        r_type: object::elf::R_X86_64_PC32,
-    };
     let kept_ex: Vec<Ex> = b
         .extable()?
         .into_iter()
@@ -1616,21 +1604,12 @@ pub fn diff_object_with(
             entry[8..].copy_from_slice(&e.data);
             w.append_section_data(table, &entry, 4);
             let at = (n * EX_ENTRY) as u64;
-            for (offset, symbol, addend) in [
-                (at, fn_syms[&e.func], e.at as i64),
-                (at + 4, fix, e.fix_at as i64),
-            ] {
-                w.add_relocation(
-                    table,
-                    write::Relocation {
-                        offset,
-                        symbol,
-                        addend,
-                        flags: pc32,
-                    },
-                )
-                .map_err(|e| e.to_string())?;
-            }
+            pc32_fields(
+                &mut w,
+                table,
+                at,
+                [(fn_syms[&e.func], e.at as i64), (fix, e.fix_at as i64)],
+            )?;
         }
         out.extable_entries = kept_ex.len();
     }
@@ -1839,6 +1818,31 @@ fn has_entry(o: &Obj<'_>, f: &str) -> bool {
                 .symbol_by_index(r.sym)
                 .is_ok_and(|s| s.name() == Ok("__fentry__"))
     })
+}
+
+/// Two consecutive 32-bit PC-relative fields at `at` of table `table`
+/// (an alternatives or exception-table entry): each `(symbol, addend)`.
+fn pc32_fields(
+    w: &mut write::Object<'_>,
+    table: write::SectionId,
+    at: u64,
+    fields: [(write::SymbolId, i64); 2],
+) -> Result<(), String> {
+    for (i, (symbol, addend)) in fields.into_iter().enumerate() {
+        w.add_relocation(
+            table,
+            write::Relocation {
+                offset: at + 4 * i as u64,
+                symbol,
+                addend,
+                flags: RelocationFlags::Elf {
+                    r_type: object::elf::R_X86_64_PC32,
+                },
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Sections that describe code rather than run or hold data: their
