@@ -124,19 +124,6 @@ impl KernelSymbols for ModuleRefs<'_> {
     }
 }
 
-impl Refs<'_> {
-    /// The address `spec` (`NAME` or `NAME#N`) names.
-    fn address(&self, spec: &str) -> Option<u64> {
-        let (name, n) = match spec.rsplit_once('#') {
-            Some((name, n)) => (name, n.parse::<usize>().ok()?),
-            None => (spec, 0),
-        };
-        let mut all = self.0.all_named(name);
-        all.sort_by_key(|s| s.addr);
-        all.get(n).map(|s| s.addr)
-    }
-}
-
 impl KernelSymbols for Refs<'_> {
     fn reference_used(
         &self,
@@ -155,7 +142,7 @@ impl KernelSymbols for Refs<'_> {
             for u in uses {
                 let Some(f) = self
                     .reference(&u.func, neighbours)
-                    .and_then(|spec| self.address(&spec))
+                    .and_then(|spec| self.0.reference(&spec).ok().map(|s| s.addr))
                 else {
                     continue;
                 };

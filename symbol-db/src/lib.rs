@@ -623,10 +623,7 @@ impl SymbolTable {
     /// `NAME#N`, the N-th symbol of that name in address order (a `static`
     /// the kernel has namesakes of; `lucos build --diff` writes these).
     pub fn reference(&self, spec: &str) -> Result<&Symbol, SymbolError> {
-        let Some((name, n)) = spec
-            .rsplit_once('#')
-            .and_then(|(name, n)| n.parse::<usize>().ok().map(|n| (name, n)))
-        else {
+        let Some((name, n)) = split_reference(spec) else {
             return self.lookup(spec);
         };
         let mut all = self.all_named(name);
@@ -708,6 +705,14 @@ impl SymbolTable {
             .find(|s| s.contains(addr))
             .map(|s| (s, addr - s.addr))
     }
+}
+
+/// `NAME#N` (the N-th symbol called NAME in address order, as `lucos build
+/// --diff` names a static that has namesakes) as (NAME, N); `None` for a
+/// plain name.
+pub fn split_reference(spec: &str) -> Option<(&str, usize)> {
+    spec.rsplit_once('#')
+        .and_then(|(name, n)| n.parse::<usize>().ok().map(|n| (name, n)))
 }
 
 #[cfg(test)]

@@ -1236,16 +1236,7 @@ impl Patcher {
         } else {
             Vec::new()
         };
-        let adding = placed.linked.extable.map(|t| {
-            let l = &placed.linked;
-            (
-                l.base,
-                l.base + l.bytes.len() as u64,
-                t,
-                placed.start,
-                placed.need,
-            )
-        });
+        let adding = placed.linked.extable.is_some().then_some(&placed);
         let ex = self.extable_plan(g, k, &view, adding, &freeing, &mut plan)?;
         // C transfer functions: linked for the sandbox and run over the
         // object as it is now, before any pause.
@@ -1279,19 +1270,32 @@ impl Patcher {
                 owner
             })
             .collect();
-        // The relayed kernel text (the first patch of kernel text) is a
-        // change of memory slots, 12-22 ms of pause in the emulated host:
-        // made in a short pause of its own before the switch, which it does
-        // not need to be atomic with (the relay passes the guest's writes on
-        // as it makes them); a refused switch takes it back.
-        let relay: Vec<Protection> = plan
-            .protect
-            .iter()
-            .filter(|p| p.owner == TEXT_RELAY_OWNER)
-            .cloned()
-            .collect();
+        // From the first patch of kernel text on, all of the text stays in
+        // a read-only slot whose writes are relayed as the guest makes them
+        // (the kernel's own text patching): later jumps are protected and
+        // released without a change of memory slots, which would cost their
+        // pauses and then the guest (KVM rebuilds its second-level mappings
+        // of the slots it replaces). That first change of slots (12-22 ms
+        // in the emulated host) has a short pause of its own before the
+        // switch, which it need not be atomic with (the relay passes the
+        // guest's writes on as it makes them); a refused switch takes it
+        // back.
+        let vmlinux_site = sites.iter().any(|s| s.module.is_none() && s.new_addr != 0);
+        let relay: Vec<Protection> = match view.text {
+            Some((gpa, len))
+                if vmlinux_site && !g.protections().iter().any(|p| p.owner == TEXT_RELAY_OWNER) =>
+            {
+                vec![Protection {
+                    owner: TEXT_RELAY_OWNER.into(),
+                    label: "kernel text (relayed)".into(),
+                    gpa,
+                    len,
+                    access: vmm_core::write_control::Access::Relayed,
+                }]
+            }
+            _ => Vec::new(),
+        };
         if !relay.is_empty() {
-            plan.protect.retain(|p| p.owner != TEXT_RELAY_OWNER);
             if let Err(e) = change_protection(g, &[], &relay) {
                 for o in &owners {
                     self.tracker.remove(o);
@@ -1677,10 +1681,7 @@ impl Patcher {
                     if let Some(l) = mods.iter().find(|l| l.info.name == t.name) {
                         // `NAME#N`: the N-th of the module's symbols of that
                         // name in address order (lucos build found which).
-                        if let Some((name, n)) = s
-                            .rsplit_once('#')
-                            .and_then(|(a, b)| b.parse::<usize>().ok().map(|n| (a, n)))
-                        {
+                        if let Some((name, n)) = symbol_db::split_reference(s) {
                             let mut all: Vec<u64> = l
                                 .symbols
                                 .iter()
@@ -1976,24 +1977,6 @@ impl Patcher {
         // Write control: the jumps this patch writes are protected from the
         // guest; a cumulative patch takes over from the ones it replaces.
         plan.protect = site_protections(&plan, &sites);
-        // From the first patch of kernel text on, all of the text stays in
-        // a read-only slot whose writes are relayed as the guest makes them
-        // (the kernel's own text patching): later jumps are protected and
-        // released without a change of memory slots, which would cost this
-        // pause and then the guest (KVM rebuilds its second-level mappings
-        // of the slots it replaces).
-        if let Some((gpa, len)) = view.text {
-            let vmlinux_site = sites.iter().any(|s| s.module.is_none() && s.new_addr != 0);
-            if vmlinux_site && !g.protections().iter().any(|p| p.owner == TEXT_RELAY_OWNER) {
-                plan.protect.push(Protection {
-                    owner: TEXT_RELAY_OWNER.into(),
-                    label: "kernel text (relayed)".into(),
-                    gpa,
-                    len,
-                    access: vmm_core::write_control::Access::Relayed,
-                });
-            }
-        }
         // Each patched module's state is watched: when the guest unloads
         // it, its jumps' protections no longer hold (the memory is freed).
         // In the pause the state must still be what it was checked as: a
@@ -2261,8 +2244,8 @@ impl Patcher {
     }
 
     /// Adds to `plan` what lucos's exception index needs: a slot for the
-    /// patch `adding` (its code `[start, end)`, its table, and its run
-    /// `(offset, bytes)` in the area), placing the index and hooking
+    /// placed patch `adding` (its code and its table), placing the index
+    /// beside its run and hooking
     /// [`crate::extable::HOOKED`] if this is the first; the slots of the
     /// patches whose code starts at `freeing` cleared; the hook taken back
     /// with the last slot. The whole page is written in the pause.
@@ -2271,7 +2254,7 @@ impl Patcher {
         g: &dyn Guest,
         k: &GuestKernel,
         view: &View,
-        adding: Option<(u64, u64, crate::link::ExTable, u64, u64)>,
+        adding: Option<&Placed>,
         freeing: &[u64],
         plan: &mut Plan,
     ) -> Result<Option<ExtableChange>, PatchError> {
@@ -2299,7 +2282,7 @@ impl Patcher {
                 (ix.clone(), now.clone(), now)
             }
             None => {
-                let (.., run_start, run_need) = adding.expect("adding: checked above");
+                let run = adding.expect("adding: checked above");
                 let lookup = |n: &str| {
                     k.symbols.lookup(n).map(|s| s.addr).map_err(|e| {
                         refuse(format!(
@@ -2309,6 +2292,8 @@ impl Patcher {
                     })
                 };
                 let (hooked, search) = (lookup(HOOKED)?, lookup(SEARCH)?);
+                // Its entry is the one-instruction fentry nop: nothing can
+                // be inside the bytes the jump replaces.
                 let mut entry = [0u8; TRAMPOLINE_LEN];
                 kernel::read_virt(g, view.read, hooked, &mut entry)?;
                 if entry != trampoline::FENTRY_NOP {
@@ -2318,13 +2303,12 @@ impl Patcher {
                         hex_bytes(&entry)
                     )));
                 }
-                let site = trampoline::check_site(HOOKED, hooked, &entry)?;
                 let site_gpa = pagewalk::translate(g.ram(), view.tables, hooked)
                     .map_err(VmError::Walk)?
                     .gpa;
                 // A page of its own, beside the patch's run.
                 let mut space = self.state.space.clone();
-                space.take(run_start, run_need);
+                space.take(run.start, run.need);
                 let offset = space
                     .find(BLOCK_BYTES, BLOCK_BYTES)
                     .ok_or(PatchError::AreaFull {
@@ -2332,15 +2316,14 @@ impl Patcher {
                         size: space.size,
                         need: BLOCK_BYTES,
                     })?;
-                let (code_start, ..) = adding.expect("adding");
-                let va = code_start - run_start + offset;
+                let va = run.linked.base - run.start + offset;
                 let page = extable::page(va, search, hooked + TRAMPOLINE_LEN as u64)
                     .map_err(|why| refuse(format!("its index cannot reach the kernel: {why}")))?;
                 let jmp = trampoline::jmp_rel32(hooked, va).map_err(&refuse)?;
                 plan.writes.push(Write {
                     what: format!("{HOOKED} (lucos's exception index)"),
                     gpa: site_gpa,
-                    expect: site.saved.to_vec(),
+                    expect: entry.to_vec(),
                     bytes: jmp.to_vec(),
                 });
                 plan.protect.push(Protection {
@@ -2362,7 +2345,10 @@ impl Patcher {
                 *s = 0;
             }
         }
-        if let Some((start, end, table, ..)) = adding {
+        if let Some(run) = adding {
+            let l = &run.linked;
+            let (start, end) = (l.base, l.base + l.bytes.len() as u64);
+            let table = l.extable.expect("adding: a table");
             let i = ix.slots.iter().position(|&s| s == 0).ok_or_else(|| {
                 refuse(format!(
                     "lucos's exception index is full ({} patches with entries applied)",
@@ -2375,17 +2361,17 @@ impl Patcher {
         let mut release = None;
         let next = if ix.is_empty() {
             // The last slot went: the hook goes, in a pause where nothing is
-            // inside the stub (nor returns into it: it calls nothing).
-            let mut jmp_now = [0u8; TRAMPOLINE_LEN];
-            kernel::read_virt(g, view.read, ix.site, &mut jmp_now)?;
+            // inside the stub (nor returns into it: it calls nothing). The
+            // entry must still hold the jump lucos wrote.
+            let va = self.state.area_va.unwrap_or(0) + ix.offset;
+            let jmp = trampoline::jmp_rel32(ix.site, va).map_err(&refuse)?;
             plan.writes.push(Write {
                 what: format!("{HOOKED} (lucos's exception index)"),
                 gpa: ix.site_gpa,
-                expect: jmp_now.to_vec(),
+                expect: jmp.to_vec(),
                 bytes: trampoline::FENTRY_NOP.to_vec(),
             });
             plan.release.push(OWNER.into());
-            let va = self.state.area_va.unwrap_or(0) + ix.offset;
             plan.leaving.push(Leaving {
                 function: "lucos's exception index".into(),
                 start: va,
