@@ -87,7 +87,8 @@ until io; do
 done
 # Traffic from now on, all the time; a failed read is reported.
 (n=0; while :; do
-  if io; then n=$((n + 1)); echo $n > /tmp/io; else echo "@@NFS io failed after $n"; fi
+  # Replaced whole (a reader never sees it truncated, half written).
+  if io; then n=$((n + 1)); echo $n > /tmp/io.new; mv /tmp/io.new /tmp/io; else echo "@@NFS io failed after $n"; fi
   sleep 0.1
 done) &
 # Waits until the server has run N more SEQUENCEs, and says how many ran.
