@@ -6,32 +6,39 @@
 //! The guest is never involved: the function sees only its two buffers, its
 //! own code and a stack, at kernel addresses (a 2 MiB window at
 //! [`WINDOW_VA`], in the top 2 GiB like kernel code, so `-mcmodel=kernel`
-//! code links there). Interrupts are off and there is no interrupt source.
-//! Every exception goes through the sandbox's own IDT to a stub that
-//! reports it to the VMM; a function that runs past its time limit is
-//! kicked out of `KVM_RUN` by a watchdog. Either way the call fails with
-//! the cause named, and the sandbox is ready for the next call: the buffers
-//! are copied back only after a normal return.
+//! code links there). It runs in user mode (CPL 3): it can use no
+//! privileged instruction, and on a host whose KVM emulates guest kernel
+//! mode (PVM) it runs natively. Interrupts are off and there is no
+//! interrupt source. Every exception goes through the sandbox's own IDT to
+//! a kernel-mode stub that reports it to the VMM; a function that runs
+//! past its time limit is kicked out of `KVM_RUN` by a watchdog. Either way
+//! the call fails with the cause named, and the sandbox is ready for the
+//! next call: the buffers are copied back only after a normal return. A
+//! call that returns leaves `KVM_RUN` through a store to the exit page,
+//! which has no memory behind it (one MMIO exit, no kernel-mode code run).
 //!
 //! Layout of the window (virtual [`WINDOW_VA`] + offset = physical
 //! `WINDOW_GPA` + offset, 4 KiB pages; the gaps are unmapped guards):
 //!
-//! | offset | what |
-//! |---|---|
-//! | 0x0000 | GDT (the boot GDT: kernel code 0x10, data 0x18) |
-//! | 0x1000 | IDT, 32 interrupt gates |
-//! | 0x2000 | exception stubs, the call trampoline, runtime functions |
-//! | 0x3000 | TSS: IST 1 for #DF, #SS, #GP and #PF |
-//! | 0x4000 | the `%gs` page (zeros: a stack canary read works) |
-//! | 0x8000..0x9000 | the IST stack (a stack overflow is reported, not a triple fault) |
-//! | 0x10000..0x1f000 | stack (60 KiB; 28 KiB unmapped below it) |
-//! | 0x20000 | first buffer (at most [`ARG_MAX`] bytes) |
-//! | 0x61000 | second buffer |
-//! | 0x100000 | code ([`CODE_VA`], at most [`CODE_MAX`] bytes) |
-//! | 0x4000000.. | unmapped, past the window: [`poison_symbol`] addresses |
+//! | offset | what | mode |
+//! |---|---|---|
+//! | 0x0000 | GDT (kernel code 0x10, data 0x18; user data 0x2b, code 0x33; TSS 0x40) | kernel |
+//! | 0x1000 | IDT, 32 interrupt gates, all on IST 1 | kernel |
+//! | 0x2000 | exception stubs | kernel |
+//! | 0x3000 | TSS | kernel |
+//! | 0x4000 | the `%gs` page (zeros: a stack canary read works) | user, read-only |
+//! | 0x5000 | the call trampoline, runtime functions | user, read-only |
+//! | 0x6000 | the exit page (no memory behind it) | user |
+//! | 0x7000 | the call: entry, count, element pointers and sizes | user, read-only |
+//! | 0x8000..0x9000 | the IST stack (a stack overflow is reported, not a triple fault) | kernel |
+//! | 0x10000..0x1f000 | stack (60 KiB; 28 KiB unmapped below it) | user |
+//! | 0x20000 | first buffer (at most [`ARG_MAX`] bytes) | user |
+//! | 0x61000 | second buffer | user |
+//! | 0x100000 | code ([`CODE_VA`], at most [`CODE_MAX`] bytes) | user, read-only |
+//! | 0x4000000.. | unmapped, past the window: [`poison_symbol`] addresses | |
 //!
-//! All of it is read-only to the function but the stacks and the two
-//! buffers (CR0.WP is set): nothing a call does survives into the next one.
+//! All of it is read-only to the function but its stack and the two
+//! buffers: nothing a call does survives into the next one.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -40,7 +47,7 @@ use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::arch::gdt::{kvm_segment_from_gdt, BOOT_GDT, GDT_CODE64, GDT_DATA, GDT_TSS};
+use crate::arch::gdt::{gdt_entry, kvm_segment_from_gdt};
 
 /// Virtual address of the sandbox's window.
 pub const WINDOW_VA: u64 = 0xffff_ffff_c000_0000;
@@ -54,12 +61,21 @@ const PT: u64 = 0x4000;
 const GDT_OFF: u64 = 0;
 const IDT_OFF: u64 = 0x1000;
 const STUBS_OFF: u64 = 0x2000;
-/// The call trampoline: `entry(a + i*a_size, b + i*b_size)` for i < count
-/// (a single call is a batch of one).
-const BATCH_OFF: u64 = 0x2240;
-const RUNTIME_OFF: u64 = 0x2300;
 const TSS_OFF: u64 = 0x3000;
 const GS_OFF: u64 = 0x4000;
+/// The call trampoline: `entry(a + i*a_size, b + i*b_size)` for i < count
+/// (a single call is a batch of one).
+const BATCH_OFF: u64 = 0x5000;
+const RUNTIME_OFF: u64 = 0x5100;
+const RUNTIME_END: u64 = 0x6000;
+/// A store to this page leaves `KVM_RUN` as an MMIO exit: the trampoline's
+/// "the function returned".
+const EXIT_OFF: u64 = 0x6000;
+/// The physical address behind the exit page: past the sandbox's memory.
+const EXIT_GPA: u64 = 0x4000_0000;
+/// What the trampoline runs next, written by the VMM before each call:
+/// entry, count, the two element pointers and sizes (64-bit words).
+const CALL_OFF: u64 = 0x7000;
 const IST_LO: u64 = 0x8000;
 const IST_TOP: u64 = 0x9000;
 const STACK_LO: u64 = 0x10000;
@@ -80,10 +96,28 @@ const POISON_OFF: u64 = 0x400_0000;
 const POISON_SLOT: u64 = 0x1_0000;
 const POISON_SLOTS: u64 = (0x4000_0000 - POISON_OFF) / POISON_SLOT - 1;
 
-/// The I/O port the trampoline writes when the function returned.
-const DONE_PORT: u16 = 0xf0;
 /// The I/O port an exception stub writes (the vector in AL).
 const FAULT_PORT: u16 = 0xf1;
+
+/// Selectors of the sandbox's GDT: the kernel's (the exception stubs) and
+/// the user's (the function), in Linux's layout, which PVM requires of
+/// user mode.
+const SEL_KCODE: u16 = 0x10;
+const SEL_UDATA: u16 = 0x2b;
+const SEL_UCODE: u16 = 0x33;
+const SEL_TSS: u16 = 0x40;
+/// Access and flag bits: 64-bit code, kernel (0x9b) and user (0xfb);
+/// data, kernel (0x93) and user (0xf3).
+const SANDBOX_GDT: [u64; 8] = [
+    0,
+    0,
+    gdt_entry(0xa09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    0,
+    gdt_entry(0xc0f3, 0, 0xfffff),
+    gdt_entry(0xa0fb, 0, 0xfffff),
+    0,
+];
 
 /// The default time limit of one call.
 pub const TIME_LIMIT: Duration = Duration::from_millis(50);
@@ -237,6 +271,51 @@ fn runtime() -> Vec<(Vec<&'static str>, Vec<u8>)> {
     r
 }
 
+/// The call trampoline, at [`BATCH_OFF`]: runs `entry(a_i, b_i)` for the
+/// call at [`CALL_OFF`], then leaves `KVM_RUN` through the exit page and,
+/// entered again, starts on the next call. A call sets no register: it
+/// writes the call and runs the vCPU.
+fn trampoline() -> Result<Vec<u8>, SandboxError> {
+    use iced_x86::code_asm::{
+        al, byte_ptr, qword_ptr, r12, r13, r14, r15, rbp, rbx, rdi, rsi, rsp, CodeAssembler,
+    };
+    let asm =
+        |e: iced_x86::IcedError| SandboxError::Exit(format!("assembling the trampoline: {e}"));
+    let word = |i: u64| qword_ptr(WINDOW_VA + CALL_OFF + i * 8);
+    let mut a = CodeAssembler::new(64).map_err(asm)?;
+    let mut start = a.create_label();
+    let mut next = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut start).map_err(asm)?;
+    a.mov(rsp, (WINDOW_VA + STACK_TOP) as i64).map_err(asm)?;
+    // Flags as at a kernel function's entry (DF clear, no trap flag).
+    a.push(2).map_err(asm)?;
+    a.popfq().map_err(asm)?;
+    for (i, reg) in [rbp, rbx, r12, r13, r14, r15].into_iter().enumerate() {
+        a.mov(reg, word(i as u64)).map_err(asm)?;
+    }
+    // rbp = entry, rbx = count, r12/r13 = the element pointers, r14/r15 =
+    // their sizes (callee-saved: they survive each call).
+    a.set_label(&mut next).map_err(asm)?;
+    a.test(rbx, rbx).map_err(asm)?;
+    a.jz(done).map_err(asm)?;
+    a.mov(rdi, r12).map_err(asm)?;
+    a.mov(rsi, r13).map_err(asm)?;
+    a.call(rbp).map_err(asm)?;
+    a.add(r12, r14).map_err(asm)?;
+    a.add(r13, r15).map_err(asm)?;
+    a.dec(rbx).map_err(asm)?;
+    a.jmp(next).map_err(asm)?;
+    a.set_label(&mut done).map_err(asm)?;
+    a.mov(byte_ptr(WINDOW_VA + EXIT_OFF), al).map_err(asm)?;
+    a.jmp(start).map_err(asm)?;
+    let code = a.assemble(WINDOW_VA + BATCH_OFF).map_err(asm)?;
+    if code.len() as u64 > RUNTIME_OFF - BATCH_OFF {
+        return Err(SandboxError::Exit("the trampoline outgrew its room".into()));
+    }
+    Ok(code)
+}
+
 /// The runtime laid out from [`RUNTIME_OFF`]: (names, offset, code).
 fn runtime_layout() -> Vec<(Vec<&'static str>, u64, Vec<u8>)> {
     let mut at = RUNTIME_OFF;
@@ -262,6 +341,8 @@ pub fn runtime_symbol(name: &str) -> Option<u64> {
 #[derive(Debug, Default)]
 struct Watch {
     armed: Option<(Instant, libc::pthread_t)>,
+    /// When the watchdog thread looks next (`None`: it sleeps until woken).
+    wakes_at: Option<Instant>,
     fired: bool,
     quit: bool,
 }
@@ -275,37 +356,38 @@ struct Watchdog {
 impl Watchdog {
     /// Kicks the armed thread out of `KVM_RUN` once its deadline passes,
     /// and again every millisecond until it is disarmed (a kick that lands
-    /// just before `KVM_RUN` is otherwise lost).
+    /// just before `KVM_RUN` is otherwise lost). Arming and disarming wake
+    /// it only when it would otherwise look too late: calls in a row cost
+    /// no thread switch.
     fn run(&self) {
         let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if w.quit {
                 return;
             }
-            match w.armed {
-                None => w = self.cv.wait(w).unwrap_or_else(|e| e.into_inner()),
-                Some((deadline, tid)) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        w.fired = true;
-                        // SAFETY: `tid` is a thread that armed the watchdog and
-                        // disarms it before it ends; the kick signal's handler is
-                        // installed before any sandbox runs.
-                        unsafe { libc::pthread_kill(tid, crate::vcpu::kick_signal()) };
-                        w = self
-                            .cv
-                            .wait_timeout(w, Duration::from_millis(1))
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
-                    } else {
-                        w = self
-                            .cv
-                            .wait_timeout(w, deadline - now)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
-                    }
+            let now = Instant::now();
+            let wait = match w.armed {
+                None => None,
+                Some((deadline, tid)) if now >= deadline => {
+                    w.fired = true;
+                    // SAFETY: `tid` is a thread that armed the watchdog and
+                    // disarms it before it ends; the kick signal's handler is
+                    // installed before any sandbox runs.
+                    unsafe { libc::pthread_kill(tid, crate::vcpu::kick_signal()) };
+                    Some(Duration::from_millis(1))
                 }
-            }
+                Some((deadline, _)) => Some(deadline - now),
+            };
+            w.wakes_at = wait.map(|d| now + d);
+            w = match wait {
+                None => self.cv.wait(w).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    self.cv
+                        .wait_timeout(w, d)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
         }
     }
 
@@ -313,16 +395,19 @@ impl Watchdog {
         let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: pthread_self has no preconditions.
         let tid = unsafe { libc::pthread_self() };
-        w.armed = Some((Instant::now() + limit, tid));
+        let deadline = Instant::now() + limit;
+        w.armed = Some((deadline, tid));
         w.fired = false;
-        self.cv.notify_all();
+        if w.wakes_at.is_none_or(|t| t > deadline) {
+            self.cv.notify_all();
+        }
     }
 
-    /// Disarms; whether it fired.
+    /// Disarms; whether it fired. The watchdog finds it disarmed when it
+    /// next looks.
     fn disarm(&self) -> bool {
         let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
         w.armed = None;
-        self.cv.notify_all();
         w.fired
     }
 
@@ -383,6 +468,9 @@ pub struct Sandbox {
     code_len: u64,
     /// The entry state, put back after a call that did not return.
     sregs: kvm_bindings::kvm_sregs,
+    /// Whether the vCPU is where a call starts (after the last call's
+    /// exit: the trampoline's jump back to its start).
+    at_start: bool,
     watchdog: Arc<Watchdog>,
     watcher: Option<std::thread::JoinHandle<()>>,
 }
@@ -439,6 +527,7 @@ impl Sandbox {
             mem,
             code_len: code.len() as u64,
             sregs: Default::default(),
+            at_start: false,
             watchdog,
             watcher: Some(watcher),
         };
@@ -461,39 +550,52 @@ impl Sandbox {
     fn build(&mut self, code: &[u8]) -> Result<(), SandboxError> {
         const P: u64 = 1; // present
         const W: u64 = 2; // writable
+        const U: u64 = 4; // user
         let va = |off: u64| WINDOW_VA + off;
-        // Page tables: the window's 2 MiB through one PT of 4 KiB pages.
-        self.write(PML4 + 511 * 8, &(PDPT | P | W).to_le_bytes())?;
-        self.write(PDPT + 511 * 8, &(PD | P | W).to_le_bytes())?;
-        self.write(PD, &(PT | P | W).to_le_bytes())?;
+        // Page tables: the window's 2 MiB through one PT of 4 KiB pages;
+        // what the function may touch is marked user in its PTE.
+        self.write(PML4 + 511 * 8, &(PDPT | P | W | U).to_le_bytes())?;
+        self.write(PDPT + 511 * 8, &(PD | P | W | U).to_le_bytes())?;
+        self.write(PD, &(PT | P | W | U).to_le_bytes())?;
         let code_end = CODE_OFF + self.code_len.div_ceil(0x1000) * 0x1000;
         for page in 0..512u64 {
             let off = page * 0x1000;
-            let read_only = off < 0x5000 || (CODE_OFF..code_end).contains(&off);
-            let writable = (STACK_LO..STACK_TOP).contains(&off)
-                || (IST_LO..IST_TOP).contains(&off)
+            let pte = if off < GS_OFF || (IST_LO..IST_TOP).contains(&off) {
+                // Kernel only: tables, stubs, the exception stack.
+                let w = if off >= IST_LO { W } else { 0 };
+                (WINDOW_GPA + off) | P | w
+            } else if off == EXIT_OFF {
+                EXIT_GPA | P | W | U
+            } else if (STACK_LO..STACK_TOP).contains(&off)
                 || (ARG0_OFF..ARG0_OFF + ARG_MAX).contains(&off)
-                || (ARG1_OFF..ARG1_OFF + ARG_MAX).contains(&off);
-            let pte = if writable {
-                (WINDOW_GPA + off) | P | W
-            } else if read_only {
-                (WINDOW_GPA + off) | P
+                || (ARG1_OFF..ARG1_OFF + ARG_MAX).contains(&off)
+            {
+                (WINDOW_GPA + off) | P | W | U
+            } else if off < RUNTIME_END || off == CALL_OFF || (CODE_OFF..code_end).contains(&off) {
+                (WINDOW_GPA + off) | P | U
             } else {
                 0
             };
             self.write(PT + page * 8, &pte.to_le_bytes())?;
         }
-        // GDT and IDT.
-        for (i, e) in BOOT_GDT.iter().enumerate() {
+        // GDT (the TSS's 16-byte descriptor after the segments) and IDT.
+        for (i, e) in SANDBOX_GDT.iter().enumerate() {
             self.write(WINDOW_GPA + GDT_OFF + i as u64 * 8, &e.to_le_bytes())?;
+        }
+        let tss = va(TSS_OFF);
+        let tss_lo = gdt_entry(0x0089, tss as u32, 0x67) | ((tss >> 24) & 0xff) << 56;
+        let tss_desc = [tss_lo, tss >> 32];
+        for (i, e) in tss_desc.iter().enumerate() {
+            let at = u64::from(SEL_TSS) + i as u64 * 8;
+            self.write(WINDOW_GPA + GDT_OFF + at, &e.to_le_bytes())?;
         }
         for v in 0..32u64 {
             let handler = va(STUBS_OFF + v * 16);
             let mut gate = [0u8; 16];
             gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-            gate[2..4].copy_from_slice(&(u16::from(GDT_CODE64) * 8).to_le_bytes());
-            // #DF, #SS, #GP, #PF on their own stack: a bad RSP still reports.
-            gate[4] = u8::from(matches!(v, 8 | 12 | 13 | 14));
+            gate[2..4].copy_from_slice(&SEL_KCODE.to_le_bytes());
+            // Every exception on the IST stack: a bad RSP still reports.
+            gate[4] = 1;
             gate[5] = 0x8e; // present, DPL 0, 64-bit interrupt gate
             gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
             gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
@@ -503,42 +605,35 @@ impl Sandbox {
             let stub = [0xb0, v as u8, 0x66, 0xba, lo, hi, 0xee, 0xf4, 0xeb, 0xfe];
             self.write(WINDOW_GPA + STUBS_OFF + v * 16, &stub)?;
         }
-        let [lo, hi] = DONE_PORT.to_le_bytes();
-        // rbp = entry, rbx = count, r12/r13 = the element pointers, r14/r15
-        // = their sizes (callee-saved: they survive each call).
-        // loop: test rbx,rbx; jz done; mov rdi,r12; mov rsi,r13; call rbp;
-        //       add r12,r14; add r13,r15; dec rbx; jmp loop
-        // done: mov dx, DONE_PORT; out dx, al; hlt; jmp $
-        self.write(
-            WINDOW_GPA + BATCH_OFF,
-            &[
-                0x48, 0x85, 0xdb, 0x74, 0x13, 0x4c, 0x89, 0xe7, 0x4c, 0x89, 0xee, 0xff, 0xd5, 0x4d,
-                0x01, 0xf4, 0x4d, 0x01, 0xfd, 0x48, 0xff, 0xcb, 0xeb, 0xe8, 0x66, 0xba, lo, hi,
-                0xee, 0xf4, 0xeb, 0xfe,
-            ],
-        )?;
+        self.write(WINDOW_GPA + BATCH_OFF, &trampoline()?)?;
         for (_, off, bytes) in runtime_layout() {
             self.write(WINDOW_GPA + off, &bytes)?;
         }
-        // 64-bit TSS: IST 1 at offset 0x24.
+        // 64-bit TSS: RSP0 at offset 4, IST 1 at 0x24.
+        self.write(WINDOW_GPA + TSS_OFF + 4, &va(IST_TOP).to_le_bytes())?;
         self.write(WINDOW_GPA + TSS_OFF + 0x24, &va(IST_TOP).to_le_bytes())?;
         self.write(WINDOW_GPA + CODE_OFF, code)?;
 
         let mut s = self.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-        let code_seg = kvm_segment_from_gdt(BOOT_GDT[GDT_CODE64 as usize], GDT_CODE64);
-        let data = kvm_segment_from_gdt(BOOT_GDT[GDT_DATA as usize], GDT_DATA);
-        s.cs = code_seg;
+        let segment = |sel: u16| {
+            let mut seg =
+                kvm_segment_from_gdt(SANDBOX_GDT[usize::from(sel >> 3)], (sel >> 3) as u8);
+            seg.selector = sel;
+            seg
+        };
+        let data = segment(SEL_UDATA);
+        s.cs = segment(SEL_UCODE);
         s.ds = data;
         s.es = data;
         s.ss = data;
         s.fs = data;
         s.gs = data;
         s.gs.base = va(GS_OFF);
-        s.tr = kvm_segment_from_gdt(BOOT_GDT[GDT_TSS as usize], GDT_TSS);
-        s.tr.base = va(TSS_OFF);
-        s.tr.limit = 0x67;
+        s.tr = kvm_segment_from_gdt(tss_lo, (SEL_TSS >> 3) as u8);
+        s.tr.base = tss;
+        s.tr.type_ = 0xb; // busy
         s.gdt.base = va(GDT_OFF);
-        s.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+        s.gdt.limit = (u64::from(SEL_TSS) + 16 - 1) as u16;
         s.idt.base = va(IDT_OFF);
         s.idt.limit = 32 * 16 - 1;
         s.cr0 = 1 | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31); // PE ET NE WP PG
@@ -547,6 +642,23 @@ impl Sandbox {
         s.efer = (1 << 8) | (1 << 10); // LME LMA
         self.vcpu.set_sregs(&s).map_err(kvm("KVM_SET_SREGS"))?;
         self.sregs = s;
+        Ok(())
+    }
+
+    /// Puts the vCPU at the trampoline's start in user mode, as after
+    /// [`Sandbox::new`] (after a call that faulted or ran away).
+    fn restart(&mut self) -> Result<(), SandboxError> {
+        self.vcpu
+            .set_sregs(&self.sregs)
+            .map_err(kvm("KVM_SET_SREGS"))?;
+        let regs = kvm_regs {
+            rip: WINDOW_VA + BATCH_OFF,
+            rsp: WINDOW_VA + STACK_TOP,
+            rflags: 2,
+            ..Default::default()
+        };
+        self.vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+        self.at_start = true;
         Ok(())
     }
 
@@ -597,23 +709,23 @@ impl Sandbox {
         }
         self.write(WINDOW_GPA + ARG0_OFF, a)?;
         self.write(WINDOW_GPA + ARG1_OFF, b)?;
-        let regs = kvm_regs {
-            rip: WINDOW_VA + BATCH_OFF,
-            rsp: WINDOW_VA + STACK_TOP,
-            rbp: entry,
-            rbx: count as u64,
-            r12: WINDOW_VA + ARG0_OFF,
-            r13: WINDOW_VA + ARG1_OFF,
-            r14: a_size as u64,
-            r15: b_size as u64,
-            rflags: 2,
-            ..Default::default()
-        };
-        self.vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+        let call: Vec<u8> = [
+            entry,
+            count as u64,
+            WINDOW_VA + ARG0_OFF,
+            WINDOW_VA + ARG1_OFF,
+            a_size as u64,
+            b_size as u64,
+        ]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+        self.write(WINDOW_GPA + CALL_OFF, &call)?;
+        if !self.at_start {
+            self.restart()?;
+        }
         if let Err(e) = self.run(limit) {
-            self.vcpu
-                .set_sregs(&self.sregs)
-                .map_err(kvm("KVM_SET_SREGS (after a failed call)"))?;
+            self.at_start = false;
             return Err(e);
         }
         self.read(WINDOW_GPA + ARG1_OFF, b)
@@ -626,7 +738,7 @@ impl Sandbox {
         let guard = Armed::new(self.watchdog.clone(), page, limit);
         loop {
             match self.vcpu.run() {
-                Ok(VcpuExit::IoOut(DONE_PORT, _)) => return Ok(()),
+                Ok(VcpuExit::MmioWrite(EXIT_GPA, _)) => return Ok(()),
                 Ok(VcpuExit::IoOut(FAULT_PORT, data)) => {
                     let vector = data.first().copied().unwrap_or(0xff);
                     return Err(self.fault(vector));
@@ -736,9 +848,56 @@ mod tests {
     }
 
     #[test]
+    fn the_trampoline_reads_its_call_and_leaves_through_the_exit_page() {
+        use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+        let code = trampoline().expect("assembles");
+        let mut d = Decoder::with_ip(64, &code, WINDOW_VA + BATCH_OFF, DecoderOptions::NONE);
+        let ins: Vec<iced_x86::Instruction> = d.iter().collect();
+        assert!(ins.iter().all(|i| i.mnemonic() != Mnemonic::INVALID));
+        // The six words of the call, absolute (not RIP-relative).
+        let loads: Vec<(Register, u64)> = ins
+            .iter()
+            .filter(|i| i.op_count() == 2 && i.op1_kind() == OpKind::Memory)
+            .map(|i| {
+                assert_eq!(i.memory_base(), Register::None, "{:?}", i.code());
+                (i.op0_register(), i.memory_displacement64())
+            })
+            .collect();
+        let words: Vec<u64> = (0..6).map(|k| WINDOW_VA + CALL_OFF + k * 8).collect();
+        assert_eq!(
+            loads,
+            [
+                Register::RBP,
+                Register::RBX,
+                Register::R12,
+                Register::R13,
+                Register::R14,
+                Register::R15
+            ]
+            .into_iter()
+            .zip(words)
+            .collect::<Vec<_>>()
+        );
+        let exit = ins
+            .iter()
+            .find(|i| i.op0_kind() == OpKind::Memory)
+            .expect("the store to the exit page");
+        assert_eq!(exit.memory_displacement64(), WINDOW_VA + EXIT_OFF);
+        assert_eq!(exit.memory_base(), Register::None);
+        let last = ins.last().expect("code");
+        assert_eq!(last.mnemonic(), Mnemonic::Jmp);
+        assert_eq!(
+            last.near_branch_target(),
+            WINDOW_VA + BATCH_OFF,
+            "back to its start"
+        );
+        assert!(code.len() as u64 <= RUNTIME_OFF - BATCH_OFF);
+    }
+
+    #[test]
     fn symbols_have_addresses_in_the_window() {
         let m = runtime_symbol("memcpy").expect("memcpy");
-        assert!((WINDOW_VA + RUNTIME_OFF..WINDOW_VA + GS_OFF).contains(&m));
+        assert!((WINDOW_VA + RUNTIME_OFF..WINDOW_VA + RUNTIME_END).contains(&m));
         assert_eq!(runtime_symbol("memcpy"), runtime_symbol("__memcpy"));
         assert!(runtime_symbol("printk").is_none());
         let p = poison_symbol(3).expect("slot");

@@ -172,6 +172,30 @@ fn a_stack_overflow_or_a_write_to_code_is_a_reported_fault_and_changes_nothing()
 }
 
 #[test]
+fn the_function_runs_in_user_mode_privileged_instructions_fault() {
+    // mov rax, cr3 / cli / hlt: each a #GP in user mode, none in kernel mode.
+    const CR3: &[u8] = &[0x0f, 0x20, 0xd8, 0xc3];
+    const CLI: &[u8] = &[0xfa, 0xc3];
+    const HLT: &[u8] = &[0xf4, 0xc3];
+    let (mut sb, e) = sandbox(&[ADD_ONE, CR3, CLI, HLT]);
+    let mut b = [0u8; 16];
+    for i in 1..=3 {
+        let err = sb
+            .call(e[i], &[0; 8], &mut b, sandbox::TIME_LIMIT)
+            .expect_err("a privileged instruction faults");
+        match err {
+            SandboxError::Fault { vector, rip, .. } => {
+                assert_eq!((vector, rip), (13, e[i]), "piece {i}")
+            }
+            other => panic!("piece {i}: not a fault: {other}"),
+        }
+        sb.call(e[0], &1u64.to_le_bytes(), &mut b, sandbox::TIME_LIMIT)
+            .expect("the sandbox goes on");
+        assert_eq!(u64::from_le_bytes(b[8..].try_into().expect("8")), 2);
+    }
+}
+
+#[test]
 fn oversized_buffers_and_entries_outside_the_code_are_refused() {
     let (mut sb, e) = sandbox(&[ADD_ONE]);
     let big = vec![0u8; sandbox::ARG_MAX as usize + 1];
