@@ -1225,6 +1225,9 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
                 st.transfers,
                 st.transfer_ns as f64 / 1e6
             );
+            if let Some(e) = &st.c_engine {
+                println!("            C transfer functions run by: {e}");
+            }
             if !d.users_left.is_empty() {
                 println!(
                     "            old copy still used by {}",

@@ -1051,6 +1051,10 @@ pub struct DataStats {
     /// While tracking: what held the last retirement check back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// What runs the change's C transfer functions, if it has any:
+    /// `interpreter`, or `kvm-sandbox: WHY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c_engine: Option<String>,
 }
 
 /// The data changes of one VM being tracked, shared by the patcher (which
@@ -1222,6 +1226,10 @@ impl DataTracker {
             } else {
                 t.waiting.lock().unwrap_or_else(|e| e.into_inner()).clone()
             },
+            c_engine: t.c.as_ref().map(|c| match c.engine() {
+                (e, None) => e.to_owned(),
+                (e, Some(why)) => format!("{e}: {why}"),
+            }),
         })
     }
 

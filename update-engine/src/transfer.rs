@@ -5,11 +5,20 @@
 //! kernel symbol it uses is an unmapped address, so using one faults and
 //! the fault names the symbol. Faults and runaways fail the call with
 //! their cause; the caller keeps the guest as it was.
+//!
+//! Two engines run the same linked code: the sandbox's interpreter
+//! ([`vmm_core::sandbox::interp`], no VM entry: what a trapped write pays)
+//! where it carries out every instruction the functions can reach, else
+//! the KVM sandbox. The dry run before a patch's pause runs both on every
+//! element and keeps the interpreter only if its results are the KVM
+//! sandbox's, byte for byte. `LUCOS_TRANSFER_ENGINE=sandbox` in the VMM's
+//! environment makes the KVM sandbox the engine.
 
 use std::cell::RefCell;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use vmm_core::sandbox::interp::{Program, INSTRUCTION_LIMIT};
 use vmm_core::sandbox::{self, Sandbox, SandboxError};
 
 use crate::data::{CTransfer, DataChange};
@@ -20,6 +29,10 @@ pub struct CRunner {
     symbol: String,
     functions: CTransfer,
     sandbox: Mutex<Sandbox>,
+    /// The interpreter, while it is the engine (`None`: the KVM sandbox).
+    interpreter: Mutex<Option<Program>>,
+    /// Why the KVM sandbox is the engine, when it is.
+    not_interpreted: Mutex<Option<String>>,
     to_new: u64,
     to_old: u64,
     /// Kernel symbols the objects refer to, by poison slot.
@@ -65,10 +78,32 @@ impl CRunner {
         let to_old = linked.symbol(Some(&c.object), &c.to_old)?;
         let sb = Sandbox::new(&linked.bytes)
             .map_err(|e| format!("transfer functions of {}: {e}", change.symbol))?;
+        let forced = std::env::var("LUCOS_TRANSFER_ENGINE").is_ok_and(|v| v == "sandbox");
+        let program = if forced {
+            Err("(LUCOS_TRANSFER_ENGINE=sandbox)".to_owned())
+        } else {
+            Program::new(&linked.bytes, &[to_new, to_old])
+        };
+        let (interpreter, not_interpreted) = match program {
+            Ok(p) => (Some(p), None),
+            Err(why) => {
+                log::info!(
+                    "transfer functions of {} run in the KVM sandbox: the interpreter does not \
+                     carry out {why}",
+                    change.symbol
+                );
+                (
+                    None,
+                    Some(format!("the interpreter does not carry out {why}")),
+                )
+            }
+        };
         Ok(Some(CRunner {
             symbol: change.symbol.clone(),
             functions: c.clone(),
             sandbox: Mutex::new(sb),
+            interpreter: Mutex::new(interpreter),
+            not_interpreted: Mutex::new(not_interpreted),
             to_new,
             to_old,
             unresolved: unresolved.into_inner(),
@@ -84,7 +119,45 @@ impl CRunner {
         self
     }
 
+    /// The interpreter's instruction limit for the time limit of a call.
+    fn instructions(&self) -> u64 {
+        let scaled = INSTRUCTION_LIMIT as u128 * self.limit.as_micros()
+            / sandbox::TIME_LIMIT.as_micros().max(1);
+        (scaled as u64).max(1)
+    }
+
+    /// Which engine runs the functions: `interpreter`, or `kvm-sandbox`
+    /// and why.
+    pub fn engine(&self) -> (&'static str, Option<String>) {
+        let on = self
+            .interpreter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if on {
+            ("interpreter", None)
+        } else {
+            let why = self
+                .not_interpreted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            ("kvm-sandbox", why.clone())
+        }
+    }
+
     fn call(&self, entry: u64, name: &str, a: &[u8], b: &mut [u8]) -> Result<(), String> {
+        let limit = self.instructions();
+        if let Some(p) = self
+            .interpreter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            let b_size = b.len();
+            return p
+                .call_each(entry, (a, a.len()), (b, b_size), limit)
+                .map_err(|e| self.explain(name, e));
+        }
         let mut sb = self.sandbox.lock().unwrap_or_else(|e| e.into_inner());
         // The limit is wall-clock time: a host that took the thread away
         // for a while is not a runaway. Once more with four times as long.
@@ -134,6 +207,31 @@ impl CRunner {
         (b, b_size): (&mut [u8], usize),
     ) -> Result<(), String> {
         let per = (sandbox::ARG_MAX as usize / a_size.max(b_size).max(1)).max(1);
+        let limit = self.instructions();
+        if let Some(p) = self
+            .interpreter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            for (ac, bc) in a.chunks(per * a_size).zip(b.chunks_mut(per * b_size)) {
+                p.call_each(entry, (ac, a_size), (bc, b_size), limit)
+                    .map_err(|e| self.explain(name, e))?;
+            }
+            return Ok(());
+        }
+        self.each_in_sandbox(entry, name, (a, a_size), (b, b_size))
+    }
+
+    /// [`CRunner::each`] in the KVM sandbox.
+    fn each_in_sandbox(
+        &self,
+        entry: u64,
+        name: &str,
+        (a, a_size): (&[u8], usize),
+        (b, b_size): (&mut [u8], usize),
+    ) -> Result<(), String> {
+        let per = (sandbox::ARG_MAX as usize / a_size.max(b_size).max(1)).max(1);
         let mut sb = self.sandbox.lock().unwrap_or_else(|e| e.into_inner());
         for (ac, bc) in a.chunks(per * a_size).zip(b.chunks_mut(per * b_size)) {
             let limit = self.limit * (ac.len() / a_size.max(1)).max(1) as u32;
@@ -163,18 +261,88 @@ impl CRunner {
 
     /// Both directions over every element of `old` (a snapshot of the old
     /// object), results thrown away: a function that faults or runs away
-    /// is refused before the guest is paused.
+    /// is refused before the guest is paused. Run in the KVM sandbox, and
+    /// by the interpreter where it is the engine: unless its results are
+    /// the sandbox's, byte for byte, the KVM sandbox becomes the engine.
     pub fn dry_run(&self, change: &DataChange, old: &[u8]) -> Result<(), String> {
         let (os, ns) = (change.old_size as usize, change.new_size as usize);
-        let mut new = vec![0u8; ns * old.len() / os.max(1)];
-        for (o, n) in old.chunks(os).zip(new.chunks_mut(ns)) {
+        let mut derived = vec![0u8; ns * old.len() / os.max(1)];
+        for (o, n) in old.chunks(os).zip(derived.chunks_mut(ns)) {
             change.to_new(o, n);
         }
-        self.to_new_all(old, &mut new)?;
-        let mut back = old.to_vec();
-        for (o, n) in back.chunks_mut(os).zip(new.chunks(ns)) {
+        let mut new = derived.clone();
+        self.each_in_sandbox(
+            self.to_new,
+            &self.functions.to_new,
+            (old, os),
+            (&mut new, ns),
+        )?;
+        let mut back_derived = old.to_vec();
+        for (o, n) in back_derived.chunks_mut(os).zip(new.chunks(ns)) {
             change.to_old(n, o);
         }
-        self.to_old_all(&new, &mut back)
+        let mut back = back_derived.clone();
+        self.each_in_sandbox(
+            self.to_old,
+            &self.functions.to_old,
+            (&new, ns),
+            (&mut back, os),
+        )?;
+
+        let mut slot = self.interpreter.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = slot.as_mut() else {
+            return Ok(());
+        };
+        let limit = self.instructions();
+        let mut differs = None;
+        for (entry, (a, a_size), (init, want, b_size)) in [
+            (self.to_new, (old, os), (&derived, &new, ns)),
+            (self.to_old, (&new[..], ns), (&back_derived, &back, os)),
+        ] {
+            let per = (sandbox::ARG_MAX as usize / a_size.max(b_size).max(1)).max(1);
+            let mut got = init.clone();
+            for (k, (ac, bc)) in a
+                .chunks(per * a_size)
+                .zip(got.chunks_mut(per * b_size))
+                .enumerate()
+            {
+                if let Err(e) = p.call_each(entry, (ac, a_size), (bc, b_size), limit) {
+                    differs = Some(format!(
+                        "it failed where the KVM sandbox did not (batch {k}): {e}"
+                    ));
+                    break;
+                }
+            }
+            if differs.is_none() && &got != want {
+                let at = got
+                    .iter()
+                    .zip(want.iter())
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(0);
+                differs = Some(format!(
+                    "element {} differs from the KVM sandbox's at byte {}",
+                    at / b_size.max(1),
+                    at % b_size.max(1)
+                ));
+            }
+            if differs.is_some() {
+                break;
+            }
+        }
+        if let Some(why) = differs {
+            log::warn!(
+                "transfer functions of {}: the interpreter's results are not the KVM sandbox's \
+                 ({why}); they run in the KVM sandbox",
+                self.symbol
+            );
+            *slot = None;
+            *self
+                .not_interpreted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(format!(
+                "the interpreter's results differed in the dry run: {why}"
+            ));
+        }
+        Ok(())
     }
 }

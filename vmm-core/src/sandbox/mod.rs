@@ -40,6 +40,8 @@
 //! All of it is read-only to the function but its stack and the two
 //! buffers: nothing a call does survives into the next one.
 
+pub mod interp;
+
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -596,7 +598,9 @@ impl Sandbox {
             gate[2..4].copy_from_slice(&SEL_KCODE.to_le_bytes());
             // Every exception on the IST stack: a bad RSP still reports.
             gate[4] = 1;
-            gate[5] = 0x8e; // present, DPL 0, 64-bit interrupt gate
+            // Present, 64-bit interrupt gate; DPL 0 but for #BP, so that
+            // `int3` is a #BP on every host (not a #GP through the gate).
+            gate[5] = if v == 3 { 0xee } else { 0x8e };
             gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
             gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
             self.write(WINDOW_GPA + IDT_OFF + v * 16, &gate)?;
