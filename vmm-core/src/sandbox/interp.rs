@@ -21,6 +21,13 @@
 //! one with a 16-bit stack or a 32-bit address. Such code runs in the KVM
 //! sandbox instead. The integer instruction set GCC emits for kernel C is
 //! covered; flags are computed where the architecture defines them.
+//!
+//! Where it differs from the KVM sandbox, in what compiled C cannot see or
+//! does not do: the flags `popfq` may set besides the arithmetic ones and
+//! DF (AC, ID, NT; the trap flag is ignored), reads of the sandbox's own
+//! user pages (the trampoline, the runtime, the call page: a fault here),
+//! reads past the last element of a buffer (a fault here, stale bytes
+//! there), and the flags at entry (undefined for a called function).
 
 use std::collections::HashMap;
 
@@ -60,6 +67,27 @@ fn runtime_at(addr: u64) -> Option<Runtime> {
             _ => None,
         })?
     })
+}
+
+/// Whether `addr` is in the sandbox's own code (trampoline, runtime).
+fn in_runtime_code(addr: u64) -> bool {
+    (WINDOW_VA + BATCH_OFF..WINDOW_VA + BATCH_OFF + 0x1000).contains(&addr)
+}
+
+/// The `nth` `rep` string instruction of the runtime function at `entry`:
+/// where a fault in it is reported (memmove: 0 backward, 1 forward).
+fn runtime_rep(entry: u64, nth: usize) -> u64 {
+    runtime_layout()
+        .into_iter()
+        .find(|(_, off, _)| WINDOW_VA + off == entry)
+        .and_then(|(_, off, code)| {
+            let mut d = Decoder::with_ip(64, &code, WINDOW_VA + off, DecoderOptions::NONE);
+            d.iter()
+                .filter(|i| i.has_rep_prefix())
+                .nth(nth)
+                .map(|i| i.ip())
+        })
+        .unwrap_or(entry)
 }
 
 /// Code the interpreter can run, decoded once.
@@ -299,6 +327,16 @@ impl Program {
                 return Err(format!("undecodable bytes at {ip:#x}"));
             }
             supported(&ins).map_err(|what| format!("{what} at {ip:#x}"))?;
+            if (ins.is_call_near() || ins.is_jmp_short_or_near() || ins.is_jcc_short_or_near())
+                && !(CODE_VA..end).contains(&ins.near_branch_target())
+                && !runtime.contains_key(&ins.near_branch_target())
+                && in_runtime_code(ins.near_branch_target())
+            {
+                return Err(format!(
+                    "an indirect branch (a branch to the sandbox's {:#x}, a retpoline thunk) at {ip:#x}",
+                    ins.near_branch_target()
+                ));
+            }
             decoded.insert(ip, ins);
             let inside = |t: u64| (CODE_VA..end).contains(&t);
             let m = ins.mnemonic();
@@ -456,6 +494,9 @@ impl Mem<'_> {
         write: bool,
         seg: Seg,
     ) -> Result<&mut [u8], SandboxError> {
+        if len == 0 {
+            return Ok(&mut []);
+        }
         let addr = if seg == Seg::Gs {
             addr.wrapping_add(WINDOW_VA + GS_OFF)
         } else {
@@ -479,12 +520,41 @@ impl Mem<'_> {
         if let Some(o) = within(WINDOW_VA + ARG1_OFF, self.b.len()) {
             return Ok(&mut self.b[o..o + len]);
         }
-        let read_only = within(CODE_VA, self.code.len()).is_some()
-            || within(WINDOW_VA + GS_OFF, GS_PAGE.len()).is_some();
-        Err(page_fault(addr, write, read_only, 0))
+        // The first page of the access that is not there (or not
+        // writable) faults, at its first byte the access covers.
+        let (stack, a, b, code) = (
+            self.stack.len(),
+            self.a.len(),
+            self.b.len(),
+            self.code.len(),
+        );
+        let ok = |x: u64, n: u64| {
+            let inside = |base: u64, size: usize| {
+                let off = x.wrapping_sub(base);
+                off < size as u64 && off + n <= size as u64
+            };
+            let rw = inside(WINDOW_VA + STACK_LO, stack)
+                || inside(WINDOW_VA + ARG0_OFF, a)
+                || inside(WINDOW_VA + ARG1_OFF, b);
+            let ro = inside(CODE_VA, code) || inside(WINDOW_VA + GS_OFF, GS_PAGE.len());
+            (rw || (!write && ro), ro)
+        };
+        let end = addr.wrapping_add(len as u64);
+        let mut x = addr;
+        loop {
+            let next = ((x | 0xfff) + 1).min(end);
+            let (fine, read_only) = ok(x, next - x);
+            if !fine || next == end {
+                return Err(page_fault(x, write, read_only, 0));
+            }
+            x = next;
+        }
     }
 
     fn read_bytes(&mut self, addr: u64, len: usize, seg: Seg) -> Result<&[u8], SandboxError> {
+        if len == 0 {
+            return Ok(&[]);
+        }
         let a = if seg == Seg::Gs {
             addr.wrapping_add(WINDOW_VA + GS_OFF)
         } else {
@@ -725,24 +795,62 @@ impl Cpu<'_, '_> {
             return Err(e);
         };
         let (dst, src, n) = (self.r[RDI], self.r[RSI], self.r[RDX] as usize);
+        let nn = n as u64;
         match rt {
             Runtime::Ret => {}
             Runtime::Memcpy => {
-                self.copy_forward(dst, src, n)?;
-                self.r[RAX] = dst;
+                self.copy_forward(dst, src, n)
+                    .map_err(at(runtime_rep(target, 0)))?;
+                self.r[RSI] = src.wrapping_add(nn);
+                self.r[RDI] = dst.wrapping_add(nn);
             }
             Runtime::Memset => {
                 let v = self.r[RSI] as u8;
-                self.mem.bytes(dst, n, true, Seg::Ds)?.fill(v);
-                self.r[RAX] = dst;
+                self.mem
+                    .bytes(dst, n, true, Seg::Ds)
+                    .map_err(at(runtime_rep(target, 0)))?
+                    .fill(v);
+                self.r[9] = dst;
+                self.r[RDI] = dst.wrapping_add(nn);
             }
             Runtime::Memmove => {
-                let bytes = self.mem.read_bytes(src, n, Seg::Ds)?.to_vec();
-                self.mem
-                    .bytes(dst, n, true, Seg::Ds)?
-                    .copy_from_slice(&bytes);
-                self.r[RAX] = dst;
+                let backward = dst > src;
+                let copied = match self.mem.read_bytes(src, n, Seg::Ds) {
+                    Ok(b) => {
+                        let bytes = b.to_vec();
+                        self.mem
+                            .bytes(dst, n, true, Seg::Ds)
+                            .map(|d| d.copy_from_slice(&bytes))
+                    }
+                    Err(e) => Err(e),
+                };
+                if copied.is_err() {
+                    // Where the sandbox's byte loop stops.
+                    let rip = runtime_rep(target, usize::from(!backward));
+                    for k in 0..nn {
+                        let k = if backward { nn - 1 - k } else { k };
+                        let v = self
+                            .mem
+                            .read(src.wrapping_add(k), 1, Seg::Ds)
+                            .map_err(at(rip))?;
+                        self.mem
+                            .write(dst.wrapping_add(k), 1, v, Seg::Ds)
+                            .map_err(at(rip))?;
+                    }
+                }
+                self.sub(dst, src, false, 8);
+                if backward {
+                    self.r[RSI] = src.wrapping_sub(1);
+                    self.r[RDI] = dst.wrapping_sub(1);
+                } else {
+                    self.r[RSI] = src.wrapping_add(nn);
+                    self.r[RDI] = dst.wrapping_add(nn);
+                }
             }
+        }
+        if rt != Runtime::Ret {
+            self.r[RAX] = dst;
+            self.r[RCX] = 0;
         }
         // A tail call (`jmp`) returns for the caller.
         Ok(!call)
@@ -755,12 +863,18 @@ impl Cpu<'_, '_> {
         if n == 0 {
             return Ok(());
         }
-        if dst <= src || dst >= src.wrapping_add(n as u64) {
-            let bytes = self.mem.read_bytes(src, n, Seg::Ds)?.to_vec();
-            self.mem
-                .bytes(dst, n, true, Seg::Ds)?
-                .copy_from_slice(&bytes);
-        } else {
+        let bulk = (dst <= src || dst >= src.wrapping_add(n as u64))
+            && match self.mem.read_bytes(src, n, Seg::Ds) {
+                Ok(b) => {
+                    let bytes = b.to_vec();
+                    self.mem
+                        .bytes(dst, n, true, Seg::Ds)
+                        .map(|d| d.copy_from_slice(&bytes))
+                        .is_ok()
+                }
+                Err(_) => false,
+            };
+        if !bulk {
             for k in 0..n as u64 {
                 let v = self.mem.read(src.wrapping_add(k), 1, Seg::Ds)?;
                 self.mem.write(dst.wrapping_add(k), 1, v, Seg::Ds)?;
@@ -815,9 +929,14 @@ impl Cpu<'_, '_> {
             } else {
                 size as u64
             };
-            if rep && !self.f.df && self.r[RCX] > 1 {
-                // Forward, whole: one copy or fill, charged per element.
-                let count = self.r[RCX];
+            // Forward, whole: one copy or fill, charged per element; not
+            // for a copy to less than an element past its source (element
+            // by element differs from byte by byte), nor when it faults (the
+            // element loop finds where it stops).
+            let count = self.r[RCX];
+            let (dst, src) = (self.r[RDI], self.r[RSI]);
+            let d = dst.wrapping_sub(src);
+            if rep && !self.f.df && count > 1 && !(movs && d > 0 && d < size as u64) {
                 if count > *left {
                     return Err(SandboxError::Exit(
                         "ran past its instruction limit in a string instruction".into(),
@@ -825,21 +944,24 @@ impl Cpu<'_, '_> {
                 }
                 let n = usize::try_from(count.saturating_mul(size as u64))
                     .map_err(|_| exception(13, 0, Some(0)))?;
-                let (dst, src) = (self.r[RDI], self.r[RSI]);
-                if movs {
-                    self.copy_forward(dst, src, n)?;
-                    self.r[RSI] = src.wrapping_add(n as u64);
-                } else {
-                    let v = self.r[RAX].to_le_bytes();
-                    let out = self.mem.bytes(dst, n, true, Seg::Ds)?;
-                    for (k, b) in out.iter_mut().enumerate() {
-                        *b = v[k % size];
+                let fine = self.mem.bytes(dst, n, true, Seg::Ds).is_ok()
+                    && (!movs || self.mem.read_bytes(src, n, Seg::Ds).is_ok());
+                if fine {
+                    if movs {
+                        self.copy_forward(dst, src, n)?;
+                        self.r[RSI] = src.wrapping_add(n as u64);
+                    } else {
+                        let v = self.r[RAX].to_le_bytes();
+                        let out = self.mem.bytes(dst, n, true, Seg::Ds)?;
+                        for (k, b) in out.iter_mut().enumerate() {
+                            *b = v[k % size];
+                        }
                     }
+                    self.r[RDI] = dst.wrapping_add(n as u64);
+                    self.r[RCX] = 0;
+                    *left -= count;
+                    return Ok(false);
                 }
-                self.r[RDI] = dst.wrapping_add(n as u64);
-                self.r[RCX] = 0;
-                *left -= count;
-                return Ok(false);
             }
             loop {
                 if rep {
@@ -882,8 +1004,10 @@ impl Cpu<'_, '_> {
             return Ok(false);
         }
         if is_cmovcc(ins) {
+            // The source is read (and may fault) whatever the condition.
+            let src = self.read(ins, 1)?;
             let v = if self.cond(ins.condition_code()) {
-                self.read(ins, 1)?
+                src
             } else {
                 self.read(ins, 0)?
             };
@@ -1076,11 +1200,10 @@ impl Cpu<'_, '_> {
                 let raw = self.read(ins, 1)?;
                 let count = (raw & if size == 8 { 63 } else { 31 }) as u32;
                 if count == 0 {
-                    // No change, but a 32-bit register is still written
-                    // (its upper half cleared).
-                    if ins.op0_kind() == OpKind::Register {
-                        self.write(ins, 0, v)?;
-                    }
+                    // No change, but the operand is still written: a 32-bit
+                    // register's upper half cleared, a read-only memory
+                    // operand faulting.
+                    self.write(ins, 0, v)?;
                     return Ok(false);
                 }
                 let bits = (size * 8) as u32;
@@ -1211,7 +1334,8 @@ impl Cpu<'_, '_> {
                 } else {
                     // A memory destination is written back (a fault on a
                     // read-only one is taken either way); a register one is
-                    // left as it is, upper half included (as AMD does).
+                    // left as it is, upper half included (as the hardware
+                    // the KVM sandbox runs on does).
                     if ins.op0_kind() == OpKind::Memory {
                         self.write(ins, 0, d)?;
                     }
@@ -1258,7 +1382,11 @@ impl Cpu<'_, '_> {
                     self.push(ins.next_ip())?;
                     self.rip = t;
                 } else {
+                    // The sandbox's call pushes the return address (a full
+                    // stack faults here) and the function returns.
+                    self.push(ins.next_ip())?;
                     self.outside(t, true)?;
+                    self.r[RSP] = self.r[RSP].wrapping_add(8);
                 }
             }
             Ret => {
@@ -1279,7 +1407,12 @@ impl Cpu<'_, '_> {
     }
 
     fn ret(&mut self, extra: u64) -> Result<bool, SandboxError> {
-        let to = self.pop()?;
+        let to = self.mem.read(self.r[RSP], 8, Seg::Ss)?;
+        if !canonical(to) {
+            // #GP at the ret itself, nothing popped.
+            return Err(exception(13, 0, Some(0)));
+        }
+        self.r[RSP] = self.r[RSP].wrapping_add(8);
         self.r[RSP] = self.r[RSP].wrapping_add(extra);
         if to == RETURN {
             return Ok(true);
