@@ -254,10 +254,27 @@ fn main() {
         );
         println!("| system | time until in effect | note |");
         println!("|---|---|---|");
+        // Where lucos's time went before the pause (medians).
+        let phases: Vec<String> = [
+            ("read", "read_us"),
+            ("signature", "verify_us"),
+            ("modules", "modules_us"),
+            ("resolve", "resolve_us"),
+            ("place", "place_us"),
+            ("plan", "plan_us"),
+            ("relay", "relay_us"),
+        ]
+        .iter()
+        .map(|(what, key)| {
+            let v: Vec<f64> = imm.iter().filter_map(|l| get(l, key)).collect();
+            format!("{what} {:.1}", median(v) / 1e3)
+        })
+        .collect();
         println!(
-            "| lucos immediate | {:.1} ms | guest paused {:.2} ms |",
+            "| lucos immediate | {:.1} ms | guest paused {:.2} ms; before it (ms): {} |",
             total / 1e3,
-            pause / 1e3
+            pause / 1e3,
+            phases.join(", ")
         );
         if con.contains("rc=0") {
             println!(

@@ -110,7 +110,7 @@ await() {
   done
 }
 figures() {
-  tr -d ' \n' < /tmp/o | grep -o '"\(pause_us\|total_us\|tries\|sleeping_tasks_checked\)":[0-9.]*' | sed 's/"//g; s/:/=/' | tr '\n' ' '
+  tr -d ' \n' < /tmp/o | grep -o '"\(pause_us\|total_us\|tries\|sleeping_tasks_checked\|read_us\|verify_us\|modules_us\|resolve_us\|place_us\|plan_us\|relay_us\)":[0-9.]*' | sed 's/"//g; s/:/=/' | tr '\n' ' '
   grep -q '"pause_us"' /tmp/o || tr '\n' ' ' < /tmp/o
 }
 "#;

@@ -401,6 +401,9 @@ pub struct PatchReport {
     /// Where the time of the pause that switched went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_phases: Option<switch::PausePhases>,
+    /// Where the time before that pause went (an apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare_phases: Option<switch::PreparePhases>,
     /// A patch for a module not loaded yet: held, and applied when the
     /// guest loads this module (nothing was switched now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1095,18 +1098,30 @@ impl Patcher {
         mode: Option<Mode>,
     ) -> Result<PatchReport, PatchError> {
         let t0 = Instant::now();
+        let mut pre = switch::PreparePhases::default();
+        let mut lap = Instant::now();
+        let mut took = || {
+            let us = lap.elapsed().as_secs_f64() * 1e6;
+            lap = Instant::now();
+            us
+        };
         if let Err(e) = self.reconcile_modules(g, k) {
             log::warn!("checking patched modules: {e}");
         }
+        pre.modules_us += took();
         let what = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|source| UpdateError::Io {
             what: format!("cannot read {what}"),
             source,
         })?;
-        let lup = self.verify(Lup::parse(&bytes, &what)?, &what, k, replace)?;
+        let parsed = Lup::parse(&bytes, &what)?;
+        pre.read_us += took();
+        let lup = self.verify(parsed, &what, k, replace)?;
+        pre.verify_us += took();
         let missing = self.missing_modules(g, k, &lup, replace)?;
+        pre.modules_us += took();
         if missing.is_empty() {
-            return self.apply_lup(g, k, &lup, &bytes, (replace, mode), None, None, t0);
+            return self.apply_lup(g, k, &lup, &bytes, (replace, mode), None, None, (t0, pre));
         }
         let m = &lup.manifest;
         let name = m.name.clone();
@@ -1181,11 +1196,21 @@ impl Patcher {
                 sleeping_tasks_checked: None,
                 total_us: 0.0,
                 pause_phases: None,
+                prepare_phases: Some(pre),
                 waiting_for: None,
             }
         } else {
             let now = lup.part(&name, &present, true);
-            match self.apply_lup(g, k, &now, &bytes, (replace, Some(mode)), None, None, t0) {
+            match self.apply_lup(
+                g,
+                k,
+                &now,
+                &bytes,
+                (replace, Some(mode)),
+                None,
+                None,
+                (t0, pre),
+            ) {
                 Ok(r) => r,
                 Err(e) => {
                     // Nothing of it stays: its held parts go (a part that
@@ -1220,13 +1245,22 @@ impl Patcher {
         (replace, mode): (bool, Option<Mode>),
         part: Option<&str>,
         coming: Option<u64>,
-        t0: Instant,
+        (t0, mut pre): (Instant, switch::PreparePhases),
     ) -> Result<PatchReport, PatchError> {
         let mode = mode.unwrap_or(lup.manifest.mode);
+        let mut lap = Instant::now();
+        let mut took = || {
+            let us = lap.elapsed().as_secs_f64() * 1e6;
+            lap = Instant::now();
+            us
+        };
         let view = View::new(g, k)?;
         let mods = loaded_modules(g, k, lup, coming)?;
+        pre.modules_us += took();
         let olds = self.resolve(g, k, &view, lup, &mods)?;
+        pre.resolve_us += took();
         let placed = self.place(g, k, &view, lup, &mods)?;
+        pre.place_us += took();
         let (mut plan, sites) = self.plan(g, &view, lup, &olds, &placed, (replace, mode, &mods))?;
         // The patch's exception table, known to the kernel through lucos's
         // index; a cumulative patch's predecessors give theirs back where
@@ -1280,6 +1314,7 @@ impl Patcher {
         // switch, which it need not be atomic with (the relay passes the
         // guest's writes on as it makes them); a refused switch takes it
         // back.
+        pre.plan_us += took();
         let vmlinux_site = sites.iter().any(|s| s.module.is_none() && s.new_addr != 0);
         let relay: Vec<Protection> = match view.text {
             Some((gpa, len))
@@ -1308,6 +1343,7 @@ impl Patcher {
                 });
             }
         }
+        pre.relay_us += took();
         let switched = match self.switch_code(g, k, &view, &placed, &plan) {
             Ok(s) => s,
             Err(e) => {
@@ -1332,7 +1368,8 @@ impl Patcher {
             .map(|(p, d)| self.patches_using(g, p.old_va, p.old_va + d.old_bytes()))
             .collect();
         let name = lup.manifest.name.clone();
-        let report = self.commit_apply(lup, placed, sites, switched, &view, replace, mode, t0);
+        let mut report = self.commit_apply(lup, placed, sites, switched, &view, replace, mode, t0);
+        report.prepare_phases = Some(pre);
         self.commit_extable(ex);
         let m = &lup.manifest;
         if let Some(a) = self.state.applied.iter_mut().find(|a| a.name == name) {
@@ -2239,6 +2276,7 @@ impl Patcher {
             sleeping_tasks_checked: switched.tasks_checked,
             total_us: t0.elapsed().as_secs_f64() * 1e6,
             pause_phases: Some(switched.phases),
+            prepare_phases: None,
             waiting_for: None,
         }
     }
@@ -2730,7 +2768,7 @@ impl Patcher {
             (false, Some(h.mode)),
             h.part.as_deref(),
             coming,
-            t0,
+            (t0, switch::PreparePhases::default()),
         )?;
         self.state.held.retain(|x| x.name != h.name);
         Ok(r)
@@ -3191,6 +3229,7 @@ impl Patcher {
                 sleeping_tasks_checked: None,
                 total_us: t0.elapsed().as_secs_f64() * 1e6,
                 pause_phases: None,
+                prepare_phases: None,
                 waiting_for: Some(h.module),
             });
         }
@@ -3324,6 +3363,7 @@ impl Patcher {
             sleeping_tasks_checked: switched.tasks_checked,
             total_us: t0.elapsed().as_secs_f64() * 1e6,
             pause_phases: Some(switched.phases),
+            prepare_phases: None,
             waiting_for: None,
         })
     }

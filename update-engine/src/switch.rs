@@ -255,6 +255,29 @@ pub struct PausePhases {
     /// Write control: the protection change (and memory slots, if any).
     pub protection_us: f64,
 }
+
+/// Where the time of an apply went before its switch's pause, in
+/// microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PreparePhases {
+    /// Reading and parsing the `.lup`.
+    pub read_us: f64,
+    /// Checking its signature and target.
+    pub verify_us: f64,
+    /// Reading the guest's module list (patched modules, the patch's).
+    pub modules_us: f64,
+    /// Finding each replaced function in the running kernel and checking
+    /// its bytes.
+    pub resolve_us: f64,
+    /// Linking and placing the new code in the patch area.
+    pub place_us: f64,
+    /// The switch's plan: jumps, sites, exception index, data copies and
+    /// their transfer functions' dry run.
+    pub plan_us: f64,
+    /// A first patch of kernel text: relaying the text (its own pause).
+    pub relay_us: f64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
     /// Something stayed in code being left through every try.
