@@ -119,6 +119,11 @@ impl CRunner {
         self
     }
 
+    /// The interpreter, while it is the engine.
+    fn interpreter(&self) -> std::sync::MutexGuard<'_, Option<Program>> {
+        self.interpreter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The interpreter's instruction limit for the time limit of a call.
     fn instructions(&self) -> u64 {
         let scaled = INSTRUCTION_LIMIT as u128 * self.limit.as_micros()
@@ -129,11 +134,7 @@ impl CRunner {
     /// Which engine runs the functions: `interpreter`, or `kvm-sandbox`
     /// and why.
     pub fn engine(&self) -> (&'static str, Option<String>) {
-        let on = self
-            .interpreter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some();
+        let on = self.interpreter().is_some();
         if on {
             ("interpreter", None)
         } else {
@@ -147,12 +148,7 @@ impl CRunner {
 
     fn call(&self, entry: u64, name: &str, a: &[u8], b: &mut [u8]) -> Result<(), String> {
         let limit = self.instructions();
-        if let Some(p) = self
-            .interpreter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(p) = self.interpreter().as_mut() {
             let b_size = b.len();
             return p
                 .call_each(entry, (a, a.len()), (b, b_size), limit)
@@ -208,12 +204,7 @@ impl CRunner {
     ) -> Result<(), String> {
         let per = (sandbox::ARG_MAX as usize / a_size.max(b_size).max(1)).max(1);
         let limit = self.instructions();
-        if let Some(p) = self
-            .interpreter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(p) = self.interpreter().as_mut() {
             for (ac, bc) in a.chunks(per * a_size).zip(b.chunks_mut(per * b_size)) {
                 p.call_each(entry, (ac, a_size), (bc, b_size), limit)
                     .map_err(|e| self.explain(name, e))?;
@@ -289,7 +280,7 @@ impl CRunner {
             (&mut back, os),
         )?;
 
-        let mut slot = self.interpreter.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.interpreter();
         let Some(p) = slot.as_mut() else {
             return Ok(());
         };

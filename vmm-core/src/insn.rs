@@ -128,6 +128,21 @@ fn set_reg(r: &mut kvm_regs, reg: Register, value: u64) -> bool {
     true
 }
 
+/// Whether an operand is an immediate (of any size or extension).
+pub(crate) fn is_immediate(k: OpKind) -> bool {
+    matches!(
+        k,
+        OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
+}
+
 fn size_mask(bytes: usize) -> u64 {
     if bytes >= 8 {
         u64::MAX
@@ -256,14 +271,7 @@ pub fn find_writer(cpu: &dyn WriterCpu, gpa: u64, len: usize) -> Option<Writer> 
     let src = |i: u32| -> Option<u64> {
         match ins.op_kind(i) {
             OpKind::Register => reg_value(&regs, ins.op_register(i)),
-            OpKind::Immediate8
-            | OpKind::Immediate16
-            | OpKind::Immediate32
-            | OpKind::Immediate64
-            | OpKind::Immediate8to16
-            | OpKind::Immediate8to32
-            | OpKind::Immediate8to64
-            | OpKind::Immediate32to64 => Some(ins.immediate(i)),
+            k if is_immediate(k) => Some(ins.immediate(i)),
             _ => None,
         }
     };

@@ -4,43 +4,12 @@
 //! each instruction's defined flags recorded), the sandbox's own fault
 //! cases, and what the interpreter refuses to run.
 
+mod interp_common;
+
 use iced_x86::code_asm::*;
-use iced_x86::BlockEncoderOptions;
+use interp_common::*;
 use vmm_core::sandbox::interp::{Program, INSTRUCTION_LIMIT};
 use vmm_core::sandbox::{self, Sandbox, SandboxError, CODE_VA};
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len() as u64) as usize]
-    }
-}
-
-const CF: u64 = 1;
-const PF: u64 = 4;
-const ZF: u64 = 0x40;
-const SF: u64 = 0x80;
-const OF: u64 = 0x800;
-const ARITH: u64 = CF | PF | ZF | SF | OF;
-
-/// Registers the random code works on (not rsp, rdi, rsi, r15).
-const R64: [AsmRegister64; 12] = [rax, rbx, rcx, rdx, rbp, r8, r9, r10, r11, r12, r13, r14];
-const R32: [AsmRegister32; 12] = [
-    eax, ebx, ecx, edx, ebp, r8d, r9d, r10d, r11d, r12d, r13d, r14d,
-];
-const R16: [AsmRegister16; 12] = [ax, bx, cx, dx, bp, r8w, r9w, r10w, r11w, r12w, r13w, r14w];
-const R8: [AsmRegister8; 12] = [al, bl, cl, dl, bpl, r8b, r9b, r10b, r11b, r12b, r13b, r14b];
 
 /// Slots of `b`: 12 registers, one flags word per instruction, scratch
 /// words, then the 12 registers after each instruction.
@@ -451,24 +420,7 @@ fn inputs(rng: &mut Rng) -> Vec<u8> {
 #[test]
 fn random_integer_programs_give_the_sandboxs_results_bit_for_bit() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut a = CodeAssembler::new(64).expect("assembler");
-    let mut labels = Vec::new();
-    let mut ops = Vec::new();
-    for _ in 0..200 {
-        let mut l = a.create_label();
-        a.set_label(&mut l).expect("label");
-        labels.push(l);
-        random_function(&mut a, &mut rng, &mut ops).expect("assembles");
-        a.int3().expect("pad");
-    }
-    let result = a
-        .assemble_options(CODE_VA, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
-        .expect("assembles");
-    let code = result.inner.code_buffer.clone();
-    let entries: Vec<u64> = labels
-        .iter()
-        .map(|l| result.label_ip(l).expect("label ip"))
-        .collect();
+    let (code, entries, op_ips) = assemble(200, &mut rng, random_function);
     let mut sb = Sandbox::new(&code).expect("a sandbox on /dev/kvm (this test needs KVM)");
     let mut prog = Program::new(&code, &entries).expect("the interpreter takes every instruction");
     let mut compared = 0;
@@ -512,16 +464,7 @@ fn random_integer_programs_give_the_sandboxs_results_bit_for_bit() {
                 let what = match op {
                     Some(n) => {
                         let i = f * OPS as usize + n as usize;
-                        let start = result.label_ip(&ops[i]).expect("ip");
-                        let end = result.label_ip(&ops[i + 1]).unwrap_or(start + 64);
-                        let off = (start - CODE_VA) as usize;
-                        let mut d = iced_x86::Decoder::with_ip(
-                            64,
-                            &code[off..(end - CODE_VA) as usize],
-                            start,
-                            iced_x86::DecoderOptions::NONE,
-                        );
-                        let codes: Vec<iced_x86::Code> = d.iter().map(|i| i.code()).collect();
+                        let codes = instructions_of(&code, &op_ips, i);
                         format!("slot {k}, instruction {n}: {codes:?}")
                     }
                     None => format!("slot {k}"),

@@ -9,42 +9,16 @@
 //! vector, rip and address) must be the same. Flags are recorded only
 //! where the architecture defines them (AF never).
 
+mod interp_common;
+
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
+use interp_common::*;
 use vmm_core::sandbox::interp::{Program, INSTRUCTION_LIMIT};
 use vmm_core::sandbox::{self, Sandbox, SandboxError, CODE_VA, WINDOW_VA};
 
 type Asm = CodeAssembler;
 type R<T = ()> = Result<T, IcedError>;
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len() as u64) as usize]
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-const CF: u64 = 1;
-const PF: u64 = 4;
-const ZF: u64 = 0x40;
-const SF: u64 = 0x80;
-const DF: u64 = 0x400;
-const OF: u64 = 0x800;
-const ARITH: u64 = CF | PF | ZF | SF | OF;
 
 /// Sandbox layout (private in `sandbox`): the stack's top and bottom.
 const STACK_TOP: u64 = WINDOW_VA + 0x1f000;
@@ -236,13 +210,6 @@ fn flags_to(a: &mut Asm, at: i32, mask: u64) -> R {
 // ---------------------------------------------------------------------------
 // Random programs on memory operands and the high-byte registers.
 
-/// Registers the random code works on (not rsp, rdi, rsi, r15).
-const R64: [AsmRegister64; 12] = [rax, rbx, rcx, rdx, rbp, r8, r9, r10, r11, r12, r13, r14];
-const R32: [AsmRegister32; 12] = [
-    eax, ebx, ecx, edx, ebp, r8d, r9d, r10d, r11d, r12d, r13d, r14d,
-];
-const R16: [AsmRegister16; 12] = [ax, bx, cx, dx, bp, r8w, r9w, r10w, r11w, r12w, r13w, r14w];
-const R8: [AsmRegister8; 12] = [al, bl, cl, dl, bpl, r8b, r9b, r10b, r11b, r12b, r13b, r14b];
 /// Byte registers usable without REX (the high bytes among them).
 const LH8: [AsmRegister8; 8] = [al, bl, cl, dl, ah, bh, ch, dh];
 const H8: [AsmRegister8; 4] = [ah, bh, ch, dh];
@@ -762,25 +729,7 @@ fn random_memory_and_high_byte_programs_give_the_sandboxs_results() {
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(0x0123_4567_89ab_cdef);
     let mut rng = Rng(seed | 1);
-    let mut a = CodeAssembler::new(64).expect("assembler");
-    let mut labels = Vec::new();
-    let mut ops = Vec::new();
-    const FUNCTIONS: usize = 64;
-    for _ in 0..FUNCTIONS {
-        let mut l = a.create_label();
-        a.set_label(&mut l).expect("label");
-        labels.push(l);
-        random_mem_function(&mut a, &mut rng, &mut ops).expect("assembles");
-        a.int3().expect("pad");
-    }
-    let result = a
-        .assemble_options(CODE_VA, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
-        .expect("assembles");
-    let code = result.inner.code_buffer.clone();
-    let entries: Vec<u64> = labels
-        .iter()
-        .map(|l| result.label_ip(l).expect("label ip"))
-        .collect();
+    let (code, entries, op_ips) = assemble(64, &mut rng, random_mem_function);
     let mut sb = Sandbox::new(&code).expect("a sandbox on /dev/kvm (this test needs KVM)");
     let mut prog = Program::new(&code, &entries).expect("the interpreter takes every instruction");
     let mut bad = Vec::new();
@@ -839,16 +788,7 @@ fn random_memory_and_high_byte_programs_give_the_sandboxs_results() {
                     let what = match op {
                         Some((n, slot)) => {
                             let idx = f * OPS as usize + n as usize;
-                            let start = result.label_ip(&ops[idx]).expect("ip");
-                            let end = result.label_ip(&ops[idx + 1]).unwrap_or(start + 64);
-                            let off = (start - CODE_VA) as usize;
-                            let mut d = iced_x86::Decoder::with_ip(
-                                64,
-                                &code[off..(end - CODE_VA) as usize],
-                                start,
-                                iced_x86::DecoderOptions::NONE,
-                            );
-                            let codes: Vec<iced_x86::Code> = d.iter().map(|i| i.code()).collect();
+                            let codes = instructions_of(&code, &op_ips, idx);
                             let slot = match slot {
                                 99 => "flags".to_string(),
                                 s if s < 12 => format!("register #{s}"),

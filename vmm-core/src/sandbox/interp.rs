@@ -34,8 +34,8 @@ use std::collections::HashMap;
 use iced_x86::{ConditionCode, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
 use super::{
-    runtime_layout, SandboxError, ARG0_OFF, ARG1_OFF, ARG_MAX, BATCH_OFF, CODE_VA, EXCEPTIONS,
-    GS_OFF, STACK_LO, STACK_TOP, WINDOW_VA,
+    runtime_layout, SandboxError, ARG0_OFF, ARG1_OFF, BATCH_OFF, CODE_VA, EXCEPTIONS, GS_OFF,
+    STACK_LO, STACK_TOP, WINDOW_VA,
 };
 
 /// The return address of the outermost call: where the KVM sandbox's
@@ -219,15 +219,8 @@ fn supported(ins: &Instruction) -> Result<(), String> {
                     return Err(format!("segment {:?}", ins.memory_segment()));
                 }
             }
-            OpKind::Immediate8
-            | OpKind::Immediate16
-            | OpKind::Immediate32
-            | OpKind::Immediate64
-            | OpKind::Immediate8to16
-            | OpKind::Immediate8to32
-            | OpKind::Immediate8to64
-            | OpKind::Immediate32to64
-            | OpKind::NearBranch64
+            k if crate::insn::is_immediate(k) => {}
+            OpKind::NearBranch64
             | OpKind::MemorySegRSI
             | OpKind::MemorySegRDI
             | OpKind::MemoryESRDI => {}
@@ -376,21 +369,7 @@ impl Program {
         (b, b_size): (&mut [u8], usize),
         limit: u64,
     ) -> Result<(), SandboxError> {
-        let count = a.len().checked_div(a_size).unwrap_or(0);
-        if a_size == 0 || b_size == 0 || a.len() != count * a_size || b.len() != count * b_size {
-            return Err(SandboxError::TooBig(format!(
-                "{} and {} bytes are not {count} elements of {a_size} and {b_size}",
-                a.len(),
-                b.len()
-            )));
-        }
-        if a.len() as u64 > ARG_MAX || b.len() as u64 > ARG_MAX {
-            return Err(SandboxError::TooBig(format!(
-                "buffers of {} and {} bytes; a sandbox call takes at most {ARG_MAX} each",
-                a.len(),
-                b.len()
-            )));
-        }
+        let count = super::elements((a, a_size), (&*b, b_size))?;
         if !self.decoded.contains_key(&entry) {
             return Err(SandboxError::Exit(format!(
                 "entry {entry:#x} is not one the interpreter decoded"

@@ -339,6 +339,30 @@ pub fn runtime_symbol(name: &str) -> Option<u64> {
         .map(|(_, off, _)| WINDOW_VA + off)
 }
 
+/// How many element pairs two buffers of a call hold: the same number of
+/// `a_size` and `b_size` bytes, within [`ARG_MAX`].
+fn elements(
+    (a, a_size): (&[u8], usize),
+    (b, b_size): (&[u8], usize),
+) -> Result<usize, SandboxError> {
+    let count = a.len().checked_div(a_size).unwrap_or(0);
+    if a_size == 0 || b_size == 0 || a.len() != count * a_size || b.len() != count * b_size {
+        return Err(SandboxError::TooBig(format!(
+            "{} and {} bytes are not {count} elements of {a_size} and {b_size}",
+            a.len(),
+            b.len()
+        )));
+    }
+    if a.len() as u64 > ARG_MAX || b.len() as u64 > ARG_MAX {
+        return Err(SandboxError::TooBig(format!(
+            "buffers of {} and {} bytes; a sandbox call takes at most {ARG_MAX} each",
+            a.len(),
+            b.len()
+        )));
+    }
+    Ok(count)
+}
+
 /// Disarmed, or armed until a deadline for one thread.
 #[derive(Debug, Default)]
 struct Watch {
@@ -691,21 +715,7 @@ impl Sandbox {
         (b, b_size): (&mut [u8], usize),
         limit: Duration,
     ) -> Result<(), SandboxError> {
-        let count = a.len().checked_div(a_size).unwrap_or(0);
-        if a_size == 0 || b_size == 0 || a.len() != count * a_size || b.len() != count * b_size {
-            return Err(SandboxError::TooBig(format!(
-                "{} and {} bytes are not {count} elements of {a_size} and {b_size}",
-                a.len(),
-                b.len()
-            )));
-        }
-        if a.len() as u64 > ARG_MAX || b.len() as u64 > ARG_MAX {
-            return Err(SandboxError::TooBig(format!(
-                "buffers of {} and {} bytes; a sandbox call takes at most {ARG_MAX} each",
-                a.len(),
-                b.len()
-            )));
-        }
+        let count = elements((a, a_size), (&*b, b_size))?;
         if !(CODE_VA..CODE_VA + self.code_len).contains(&entry) {
             return Err(SandboxError::Exit(format!(
                 "entry {entry:#x} is outside the sandbox's code"
