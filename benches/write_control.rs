@@ -15,6 +15,10 @@
 //!   by a C transfer function, interpreted by the VMM (the default) and run
 //!   in its KVM sandbox (the goal: within 1.5x of the bare trap).
 //!
+//! - the guest's throughput on tracked data: the test kernel's tasks
+//!   updating its stats table unpatched, with a new layout tracking (every
+//!   store trapped and transferred) and after it retired (native).
+//!
 //! `cargo bench --bench write_control` (LUCOS_BENCH_RUNS: windows per
 //! figure, default 3; each window 1 s).
 
@@ -170,6 +174,138 @@ fn tracked_store(n: usize, name: &str, src: &str, engine: Option<&str>) -> (f64,
     (median(per), total)
 }
 
+/// The highest `iter` of each of the test kernel's 2 tasks in its report
+/// lines so far (`[tk] task T cpu C iter I ...`).
+fn iters(serial: &std::path::Path) -> [u64; 2] {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    let mut it = [0u64; 2];
+    for l in text.lines() {
+        let Some(at) = l.find("[tk] task ") else {
+            continue;
+        };
+        let w: Vec<&str> = l[at..].split_whitespace().collect();
+        let after = |k: &str| -> Option<u64> {
+            w.iter()
+                .position(|x| *x == k)
+                .and_then(|i| w.get(i + 1))?
+                .parse()
+                .ok()
+        };
+        if let (Some(t), Some(i)) = (after("task"), after("iter")) {
+            if let Some(slot) = it.get_mut(t as usize) {
+                *slot = (*slot).max(i);
+            }
+        }
+    }
+    it
+}
+
+/// Stats-table updates per second by the test kernel's 2 tasks on 2 vCPUs
+/// (each iteration of theirs updates its element through `stats_update`,
+/// 7 stores): unpatched; with the table's new layout tracked (stats2:
+/// unpatched readers keep the old copy in use, so every store of the
+/// patched `stats_update` to the new copy is trapped and transferred); and
+/// retired (stats3: every user replaced, the new copy written natively).
+/// Medians of `n` windows each.
+fn tracked_throughput(n: usize) -> (f64, f64, f64, u64) {
+    use common::cli::{p, text, RunDir};
+    use common::stats::{all_users, new_stats};
+    let dir = RunDir::new("bench-throughput");
+    let ok = |args: &[&str]| {
+        let o = dir.lucos(args);
+        assert!(o.status.success(), "lucos {args:?}: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let key = dir.0.join("key");
+    ok(&["keygen", "-o", p(&key)]);
+    let k = common::cli::kernel();
+    for (name, src, init) in [
+        ("stats2", new_stats(), Some("stats_table.generation=1")),
+        ("stats3", all_users(), None),
+    ] {
+        let c = dir.0.join(format!("{name}.c"));
+        std::fs::write(&c, src).expect("source");
+        let lup = dir.0.join(format!("{name}.lup"));
+        let mut args = vec![
+            "build",
+            "--kernel",
+            &k,
+            "--key",
+            p(&key),
+            "--name",
+            name,
+            "--data",
+            "stats_table:task_stat",
+            "-o",
+            p(&lup),
+        ];
+        if let Some(i) = init {
+            args.extend(["--init", i]);
+        }
+        args.push(p(&c));
+        ok(&args);
+    }
+    let serial = dir.0.join("serial.log");
+    let pubkey = dir.0.join("key.pub");
+    std::env::remove_var("LUCOS_TRANSFER_ENGINE");
+    common::cli::start(
+        &dir,
+        "tp",
+        &[
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--cmdline",
+            "tasks=2 iters=0 report=20",
+            "--serial-log",
+            p(&serial),
+            "--trusted-key",
+            p(&pubkey),
+        ],
+    );
+    let updates = || -> f64 {
+        let (a, t0) = (iters(&serial), Instant::now());
+        std::thread::sleep(WINDOW * 2);
+        let (b, t1) = (iters(&serial), Instant::now());
+        (b[0] - a[0] + b[1] - a[1]) as f64 / (t1 - t0).as_secs_f64()
+    };
+    let list = || -> serde_json::Value {
+        serde_json::from_str(&ok(&["list", "--vm", "tp", "--json"])).expect("json")
+    };
+    // Until both tasks report.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while iters(&serial).contains(&0) {
+        assert!(Instant::now() < deadline, "no reports from both tasks");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let plain: Vec<f64> = (0..n).map(|_| updates()).collect();
+    ok(&["patch", "--vm", "tp", p(&dir.0.join("stats2.lup"))]);
+    let tracking: Vec<f64> = (0..n).map(|_| updates()).collect();
+    let l = list();
+    let d = &l["patches"][0]["data"][0]["stats"];
+    assert_eq!(d["state"], "tracking", "{l}");
+    let transfers = d["transfers"].as_u64().unwrap_or(0);
+    // Reverted once nothing runs the patch's code.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dir
+        .lucos(&["revert", "--vm", "tp", "stats2"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "stats2 not reverted in 60 s");
+    }
+    ok(&["patch", "--vm", "tp", p(&dir.0.join("stats3.lup"))]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while list()["patches"][0]["data"][0]["stats"]["state"] != "retired" {
+        assert!(Instant::now() < deadline, "stats3 did not retire in 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let retired: Vec<f64> = (0..n).map(|_| updates()).collect();
+    ok(&["stop", "--vm", "tp"]);
+    (median(plain), median(tracking), median(retired), transfers)
+}
+
 fn main() {
     let n = runs();
     let flavor = vmm_core::vm::host_kvm_flavor();
@@ -240,6 +376,7 @@ fn main() {
     let (derived, derived_n) = tracked_store(n, "pagederived", PAGE_DERIVED, None);
     let (in_c, c_n) = tracked_store(n, "pagec", PAGE_C, None);
     let (in_kvm, kvm_n) = tracked_store(n, "pagekvm", PAGE_C, Some("sandbox"));
+    let (unpatched, tracking, retired, tracked_n) = tracked_throughput(n);
 
     println!(
         "lucos write control, host KVM {flavor:?}, test kernel; medians of {n} windows of {WINDOW:?}"
@@ -285,6 +422,20 @@ fn main() {
         s.allowed,
         s.rewound
     );
+    println!(
+        "| the test kernel's 2 tasks updating the stats table (2 vCPUs) | updates/s | vs unpatched |"
+    );
+    println!("|---|---|---|");
+    println!("| unpatched | {unpatched:.0} | 1.00x |");
+    println!(
+        "| new layout, tracking: every store of the patched code trapped and transferred (C function) | {tracking:.0} | {:.3}x |",
+        tracking / unpatched
+    );
+    println!(
+        "| new layout, retired: the new copy written natively | {retired:.0} | {:.3}x |",
+        retired / unpatched
+    );
+    println!("({tracked_n} transfers while tracking)");
     println!(
         "| workload not writing protected pages (2 vCPUs, syscalls + user work) | iterations/s |"
     );

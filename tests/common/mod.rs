@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod diffs;
 pub mod linux;
+pub mod stats;
 
 use std::path::PathBuf;
 use std::sync::Arc;
