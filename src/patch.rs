@@ -1225,6 +1225,9 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
                 st.transfers,
                 st.transfer_ns as f64 / 1e6
             );
+            if let Some(o) = &d.owner {
+                println!("            carried over from the patch that made it ({o})");
+            }
             if let Some(e) = &st.c_engine {
                 println!("            C transfer functions run by: {e}");
             }

@@ -434,6 +434,178 @@ fn a_change_whose_old_users_are_all_replaced_retires_and_reverts_exactly() {
 }
 
 #[test]
+fn a_cumulative_patch_carries_a_data_change_over_and_its_revert_restores_the_old_layout() {
+    let vm = Vm::start("data-replace");
+    vm.check_reports(0, 2);
+    vm.build_stats2();
+    let args = [
+        "--data",
+        "stats_table:task_stat",
+        "--init",
+        "stats_table.generation=1",
+    ];
+    // The next cumulative patch: the same change, and one more function.
+    let v2 = format!(
+        "{}\nconst char *lucos_version(void)\n{{\n\treturn \"testkernel 1.0 (cumulative)\";\n}}\n",
+        new_stats()
+    );
+    let o = vm.build("stats2b", &v2, &args);
+    assert!(o.status.success(), "{}", text(&o));
+    // One without the change, one with another change of the same table.
+    let plain = "#include \"tk.h\"\nconst char *lucos_version(void)\n{\n\treturn \"x\";\n}\n";
+    let o = vm.build("nodata", plain, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = vm.build(
+        "other",
+        &new_stats(),
+        &[
+            "--data",
+            "stats_table:task_stat",
+            "--init",
+            "stats_table.generation=7",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
+    vm.check_reports(vm.serial().len(), 2);
+    let l = vm.list();
+    let d = &l["patches"][0]["data"][0];
+    let (new_addr, t0) = (d["new_addr"].clone(), d["stats"]["transfers"].as_u64());
+    let protected = l["protected"].clone();
+    for (name, why) in [
+        ("nodata", "must carry that change"),
+        ("other", "another new layout or member transfer"),
+    ] {
+        let o = vm.run(&[
+            "patch",
+            "--vm",
+            "dc",
+            "--replace",
+            p(&vm.path(&format!("{name}.lup"))),
+        ]);
+        assert!(!o.status.success(), "{name} applied: {}", text(&o));
+        assert!(text(&o).contains(why), "{name}: {}", text(&o));
+        let l = vm.list();
+        assert_eq!(l["patches"][0]["name"], "stats2", "{name}: {l}");
+        assert_eq!(l["protected"], protected, "{name}: {l}");
+    }
+
+    // The cumulative patch takes the change over as it is: the same new
+    // copy, still tracked under the owner it was applied with, its
+    // transfers going on; the new function in effect.
+    let at = vm.serial().len();
+    let out = vm.ok(&[
+        "patch",
+        "--vm",
+        "dc",
+        "--replace",
+        p(&vm.path("stats2b.lup")),
+    ]);
+    assert!(out.contains("replaced every patch with 'stats2b'"), "{out}");
+    vm.check_reports(at, 3);
+    assert!(
+        vm.serial()[at..].contains("(cumulative)"),
+        "the cumulative patch's function is not in effect:\n{}",
+        &vm.serial()[at..]
+    );
+    let l = vm.list();
+    assert_eq!(l["patches"].as_array().map(Vec::len), Some(1), "{l}");
+    let d = &l["patches"][0]["data"][0];
+    assert_eq!(l["patches"][0]["name"], "stats2b", "{l}");
+    assert_eq!(d["symbol"], "stats_table", "{l}");
+    assert_eq!(d["new_addr"], new_addr, "the new copy moved: {l}");
+    assert_eq!(d["owner"], "data:stats2:stats_table", "{l}");
+    assert_eq!(d["stats"]["state"], "tracking", "{l}");
+    assert_eq!(d["stats"]["failures"], 0, "{l}");
+    assert!(d["stats"]["transfers"].as_u64() > t0, "{l}");
+    let copies = |l: &Value| -> Vec<Value> {
+        l["protected"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter(|p| {
+                        p["label"]
+                            .as_str()
+                            .is_some_and(|s| s.contains("stats_table"))
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        copies(&l),
+        copies(&serde_json::json!({ "protected": protected })),
+        "{l}"
+    );
+    assert_eq!(copies(&l).len(), 2, "{l}");
+    let shown = vm.ok(&["list", "--vm", "dc"]);
+    assert!(shown.contains("carried over"), "{shown}");
+
+    // Its revert brings the old layout back with every update kept.
+    let at = vm.serial().len();
+    vm.ok_when_not_busy(&["revert", "--vm", "dc", "stats2b"]);
+    vm.check_reports(at, 3);
+    let l = vm.list();
+    assert_eq!(l["patches"].as_array().map(Vec::len), Some(0), "{l}");
+    assert!(!l["protected"].to_string().contains("stats_table"), "{l}");
+    // And again from the start: nothing was left behind.
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
+    vm.ok(&[
+        "patch",
+        "--vm",
+        "dc",
+        "--replace",
+        p(&vm.path("stats2b.lup")),
+    ]);
+    let at = vm.serial().len();
+    vm.check_reports(at, 2);
+    vm.ok_when_not_busy(&["revert", "--vm", "dc", "stats2b"]);
+    vm.check_reports(vm.serial().len(), 2);
+
+    // A retired change is carried over too, by a patch that replaces every
+    // user it did; one that would bring an old user back is refused.
+    let data = ["--data", "stats_table:task_stat"];
+    let o = vm.build("stats3", &all_users(), &data);
+    assert!(o.status.success(), "{}", text(&o));
+    let more = &v2[new_stats().len()..];
+    let o = vm.build("stats3b", &format!("{}{more}", all_users()), &data);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = vm.build("stats3c", &new_stats(), &data);
+    assert!(o.status.success(), "{}", text(&o));
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats3.lup"))]);
+    vm.wait_retired();
+    let o = vm.run(&[
+        "patch",
+        "--vm",
+        "dc",
+        "--replace",
+        p(&vm.path("stats3c.lup")),
+    ]);
+    assert!(!o.status.success(), "stats3c applied: {}", text(&o));
+    assert!(text(&o).contains("has retired"), "{}", text(&o));
+    let at = vm.serial().len();
+    vm.ok(&[
+        "patch",
+        "--vm",
+        "dc",
+        "--replace",
+        p(&vm.path("stats3b.lup")),
+    ]);
+    vm.check_reports(at, 3);
+    assert!(vm.serial()[at..].contains("(cumulative)"));
+    let l = vm.list();
+    let d = &l["patches"][0]["data"][0];
+    assert_eq!(d["owner"], "data:stats3:stats_table", "{l}");
+    assert_eq!(d["stats"]["state"], "retired", "{l}");
+    let at = vm.serial().len();
+    vm.ok_when_not_busy(&["revert", "--vm", "dc", "stats3b"]);
+    vm.check_reports(at, 3);
+    assert_eq!(vm.list()["patches"].as_array().map(Vec::len), Some(0));
+}
+
+#[test]
 fn data_changes_lucos_cannot_derive_are_refused_at_build_time() {
     let vm = Vm::start("data-bad");
     let refused = |src: &str, extra: &[&str], why: &str| {

@@ -214,6 +214,11 @@ pub struct AppliedPatch {
     /// takes over their values).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub variables: Vec<crate::link::Variable>,
+    /// Runs of the patch area (offsets) of patches it replaced that hold
+    /// the new copies of the data changes it carried over from them: given
+    /// back with its own run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_runs: Vec<u64>,
 }
 
 /// A patch for a module not loaded yet, held until the guest loads it.
@@ -341,6 +346,20 @@ pub struct AppliedData {
     /// applied (at the old one before and after).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repointed: Vec<Repointed>,
+    /// The owner of its copies' protections and tracking when it is not
+    /// this patch's (`data:PATCH:SYMBOL`): a change a cumulative patch
+    /// carried over from the patch that made it keeps that patch's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl AppliedData {
+    /// The owner of this change of patch `patch`.
+    pub fn owner_of(&self, patch: &str) -> String {
+        self.owner
+            .clone()
+            .unwrap_or_else(|| crate::data::owner(patch, &self.symbol))
+    }
 }
 
 /// A kernel data word a data change points at its new copy.
@@ -825,6 +844,9 @@ struct PlacedData {
     new_va: u64,
     /// Kernel data words moved to the new copy.
     repointed: Vec<Repointed>,
+    /// A change a cumulative patch carries over from the patch it replaces
+    /// (copies, tracking and pointers as they are): its owner.
+    carried: Option<String>,
 }
 
 /// What a switch changes of lucos's exception index (see
@@ -925,10 +947,7 @@ impl Patcher {
             // KB of hex) is the VMM's own state, not listed.
             a.source = None;
             for d in &mut a.data {
-                d.stats = self
-                    .tracker
-                    .stats(&crate::data::owner(&a.name, &d.symbol))
-                    .unwrap_or_default();
+                d.stats = self.tracker.stats(&d.owner_of(&a.name)).unwrap_or_default();
             }
         }
         PatchList {
@@ -974,7 +993,7 @@ impl Patcher {
     pub fn may_retire(&self) -> bool {
         self.state.applied.iter().any(|a| {
             a.data.iter().any(|d| {
-                let owner = crate::data::owner(&a.name, &d.symbol);
+                let owner = d.owner_of(&a.name);
                 d.users_left.is_empty()
                     && self.tracker.get(&owner).is_some()
                     && !self.tracker.is_retired(&owner)
@@ -996,7 +1015,7 @@ impl Patcher {
         let mut done = Vec::new();
         for a in &self.state.applied {
             for d in &a.data {
-                let owner = crate::data::owner(&a.name, &d.symbol);
+                let owner = d.owner_of(&a.name);
                 // A failed transfer left the copies apart: the old one must
                 // not be dropped as if it held nothing the new one lacks.
                 if !d.users_left.is_empty()
@@ -1259,7 +1278,7 @@ impl Patcher {
         pre.modules_us += took();
         let olds = self.resolve(g, k, &view, lup, &mods)?;
         pre.resolve_us += took();
-        let placed = self.place(g, k, &view, lup, &mods)?;
+        let placed = self.place(g, k, &view, lup, (&mods, replace))?;
         pre.place_us += took();
         let (mut plan, sites) = self.plan(g, &view, lup, &olds, &placed, (replace, mode, &mods))?;
         // The patch's exception table, known to the kernel through lucos's
@@ -1290,6 +1309,7 @@ impl Patcher {
             .iter()
             .zip(&placed.data)
             .zip(runners)
+            .filter(|((_, p), _)| p.carried.is_none())
             .map(|((d, p), (_, runner))| {
                 let owner = crate::data::owner(&lup.manifest.name, &d.symbol);
                 self.tracker.add(
@@ -1361,11 +1381,18 @@ impl Patcher {
         };
         // Patches applied earlier whose code uses a changed object keep
         // using its old copy: the change must not retire under them.
+        // (A cumulative patch replaces them all.)
         let earlier: Vec<Vec<String>> = placed
             .data
             .iter()
             .zip(&lup.manifest.data)
-            .map(|(p, d)| self.patches_using(g, p.old_va, p.old_va + d.old_bytes()))
+            .map(|(p, d)| {
+                if replace {
+                    Vec::new()
+                } else {
+                    self.patches_using(g, p.old_va, p.old_va + d.old_bytes())
+                }
+            })
             .collect();
         let name = lup.manifest.name.clone();
         let mut report = self.commit_apply(lup, placed, sites, switched, &view, replace, mode, t0);
@@ -1431,6 +1458,11 @@ impl Patcher {
         let refused = |why: String| PatchError::Update(UpdateError::Data(why));
         let mut out = Vec::new();
         for (d, p) in lup.manifest.data.iter().zip(&placed.data) {
+            // A change carried over keeps the functions it was applied with.
+            if p.carried.is_some() {
+                out.push((d.symbol.clone(), None));
+                continue;
+            }
             let Some(r) = crate::transfer::CRunner::new(d, &lup.objects).map_err(refused)? else {
                 out.push((d.symbol.clone(), None));
                 continue;
@@ -1480,13 +1512,49 @@ impl Patcher {
                 m.name
             )));
         }
-        if replace && (!m.data.is_empty() || self.state.applied.iter().any(|a| !a.data.is_empty()))
-        {
-            return Err(stack_err(format!(
-                "patch '{}': a cumulative (--replace) patch cannot yet change data layouts or \
-                 replace a patch that did; revert that patch first",
-                m.name
-            )));
+        // A cumulative patch carries each data change of the patches it
+        // replaces over as it is (its copies, their tracking, the pointers
+        // moved to the new copy): it must declare the same change.
+        if replace {
+            for a in &self.state.applied {
+                for d in &a.data {
+                    let Some(n) = m.data.iter().find(|x| x.symbol == d.symbol) else {
+                        return Err(stack_err(format!(
+                            "patch '{}' replaces '{}', which changed {}'s layout: a cumulative \
+                             patch must carry that change (the same --data declaration), or \
+                             revert '{}' first",
+                            m.name, a.name, d.symbol, a.name
+                        )));
+                    };
+                    if let Some(why) = d.change.as_ref().and_then(|c| differs(c, n)) {
+                        return Err(stack_err(format!(
+                            "patch '{}' changes {} differently from '{}', which it replaces \
+                             ({why}): a change is carried over as it was applied; revert '{}' \
+                             first to apply another",
+                            m.name, d.symbol, a.name, a.name
+                        )));
+                    }
+                    if d.change.is_none() {
+                        return Err(stack_err(format!(
+                            "patch '{}' changed {} but this lucos does not know how (restored \
+                             state): it cannot be carried over",
+                            a.name, d.symbol
+                        )));
+                    }
+                    let owner = d.owner_of(&a.name);
+                    if self.tracker.is_retired(&owner) && !n.users_left.is_empty() {
+                        return Err(stack_err(format!(
+                            "patch '{}' leaves {} using {}'s old layout, whose change from '{}' \
+                             has retired (its old copy is no longer kept): a cumulative patch \
+                             must replace every user the retired change did",
+                            m.name,
+                            n.users_left.join(", "),
+                            d.symbol,
+                            a.name
+                        )));
+                    }
+                }
+            }
         }
         for (i, d) in m.data.iter().enumerate() {
             if m.data[..i].iter().any(|x| x.symbol == d.symbol) {
@@ -1501,7 +1569,7 @@ impl Patcher {
                 .state
                 .applied
                 .iter()
-                .find(|a| a.data.iter().any(|x| x.symbol == d.symbol))
+                .find(|a| !replace && a.data.iter().any(|x| x.symbol == d.symbol))
             {
                 return Err(stack_err(format!(
                     "{} already has a new layout from patch '{}'; revert it first",
@@ -1672,7 +1740,7 @@ impl Patcher {
         k: &GuestKernel,
         view: &View,
         lup: &Lup,
-        mods: &[LoadedModule],
+        (mods, replace): (&[LoadedModule], bool),
     ) -> Result<Placed, PatchError> {
         let (mapping, va) = match self.state.area_va {
             Some(va) => (None, va),
@@ -1687,11 +1755,30 @@ impl Patcher {
         // own (trapped while tracked, written natively once retired); the
         // new code refers to them instead of the old objects.
         let page = crate::link::WRITABLE_ALIGN;
+        // A cumulative patch links against the new copies of the changes
+        // it carries over (their owner and place as applied).
+        let carried: Vec<Option<(String, &AppliedData)>> = changes
+            .iter()
+            .map(|d| {
+                replace
+                    .then(|| {
+                        self.state.applied.iter().find_map(|a| {
+                            a.data
+                                .iter()
+                                .find(|x| x.symbol == d.symbol)
+                                .map(|x| (x.owner_of(&a.name), x))
+                        })
+                    })
+                    .flatten()
+            })
+            .collect();
         let mut data_off = Vec::new();
         let mut data_need = 0;
-        for d in changes {
+        for (d, c) in changes.iter().zip(&carried) {
             data_off.push(data_need);
-            data_need += d.new_bytes().div_ceil(page) * page;
+            if c.is_none() {
+                data_need += d.new_bytes().div_ceil(page) * page;
+            }
         }
         let changed_by: Vec<(String, String)> = self
             .state
@@ -1709,6 +1796,7 @@ impl Patcher {
         let resolve_with = |data_base: u64| {
             let changed_by = &changed_by;
             let data_off = &data_off;
+            let carried = &carried;
             let exported = &exported;
             move |object: &str, s: &str| -> Result<u64, String> {
                 // An object linked against a module: the module's own
@@ -1758,6 +1846,9 @@ impl Patcher {
                     }
                 }
                 if let Some(i) = changes.iter().position(|d| d.symbol == s) {
+                    if let Some((_, applied)) = &carried[i] {
+                        return Ok(applied.new_addr);
+                    }
                     return Ok(data_base + data_off[i]);
                 }
                 if let Some(a) = changed_by.iter().find(|(sym, _)| sym == s) {
@@ -1813,7 +1904,18 @@ impl Patcher {
             )?
         };
         let mut data = Vec::new();
-        for (d, off) in changes.iter().zip(&data_off) {
+        for ((d, off), c) in changes.iter().zip(&data_off).zip(&carried) {
+            if let Some((owner, applied)) = c {
+                data.push(PlacedData {
+                    old_va: applied.old_addr,
+                    old_gpa: applied.old_gpa,
+                    new_offset: applied.new_addr - va,
+                    new_va: applied.new_addr,
+                    repointed: applied.repointed.clone(),
+                    carried: Some(owner.clone()),
+                });
+                continue;
+            }
             let sym = match &d.symbol_file {
                 Some(file) => k.symbols.lookup_in(&d.symbol, file),
                 None => k.symbols.lookup(&d.symbol),
@@ -1905,6 +2007,7 @@ impl Patcher {
                 new_offset: start + code + off,
                 new_va,
                 repointed,
+                carried: None,
             });
         }
         Ok(Placed {
@@ -2039,6 +2142,11 @@ impl Patcher {
         // old ones, and both are protected (their writes are transferred).
         let area_gpa = g.area().gpa;
         for (d, p) in m.data.iter().zip(&placed.data) {
+            // A change carried over is already copied, protected and
+            // tracked.
+            if p.carried.is_some() {
+                continue;
+            }
             let owner = crate::data::owner(&m.name, &d.symbol);
             plan.copies.push(switch::DataCopy {
                 change: d.clone(),
@@ -2065,6 +2173,9 @@ impl Patcher {
         // Kernel data pointing into a changed object moves to the new copy
         // in the same pause (checked to still point where it did).
         for (d, p) in m.data.iter().zip(&placed.data) {
+            if p.carried.is_some() {
+                continue;
+            }
             for r in &p.repointed {
                 plan.writes.push(Write {
                     what: format!("{} (points into {})", r.word, d.symbol),
@@ -2202,11 +2313,19 @@ impl Patcher {
         let va = st.area_va.unwrap_or(placed.linked.base - placed.start);
         st.space.take(placed.start, placed.need);
         // In immediate mode calls may still run in replaced patches' code.
+        let mut held_runs = Vec::new();
         if replace && mode == Mode::Consistent && view.all_checked(switched.tasks_checked) {
             // The code of every replaced patch was left in this switch: no
-            // vCPU or task is in it, and nothing jumps there any more.
+            // vCPU or task is in it, and nothing jumps there any more. The
+            // run of one whose data changes are carried over holds their
+            // new copies: it stays taken, given back with this patch's.
             for a in &st.applied {
-                st.space.release(a.code_addr - va);
+                if a.data.is_empty() {
+                    st.space.release(a.code_addr - va);
+                } else {
+                    held_runs.push(a.code_addr - va);
+                    held_runs.extend(&a.held_runs);
+                }
             }
         }
         let functions: Vec<SwitchedFunction> = sites
@@ -2246,6 +2365,7 @@ impl Patcher {
             source: None,
             part: None,
             variables: placed.linked.variables.clone(),
+            held_runs,
             mode,
             data: m
                 .data
@@ -2264,6 +2384,7 @@ impl Patcher {
                     change: Some(d.clone()),
                     old_gpa: p.old_gpa,
                     repointed: p.repointed.clone(),
+                    owner: p.carried.clone(),
                 })
                 .collect(),
         });
@@ -3301,7 +3422,7 @@ impl Patcher {
                 ))
             })?;
             let va = self.state.area_va.unwrap_or(0);
-            let owner = crate::data::owner(name, &d.symbol);
+            let owner = d.owner_of(name);
             let c = self.tracker.c_runner(&owner);
             if change.c.is_some() && c.is_none() {
                 return Err(stack_err(format!(
@@ -3343,14 +3464,18 @@ impl Patcher {
         let st = &mut self.state;
         let removed = st.applied.remove(idx);
         for d in &removed.data {
-            self.tracker.remove(&crate::data::owner(name, &d.symbol));
+            self.tracker.remove(&d.owner_of(name));
         }
         // Its code was left in the switch: nothing is in it, nothing jumps
         // there. Where sleeping tasks could not be checked (a Linux kernel
-        // without BTF) one may still return into it: the bytes stay.
+        // without BTF) one may still return into it: the bytes stay. The
+        // runs it held for copies carried over go with it.
         if view.all_checked(switched.tasks_checked) {
             if let Some(va) = st.area_va {
                 st.space.release(removed.code_addr - va);
+                for &run in &removed.held_runs {
+                    st.space.release(run);
+                }
             }
         }
         Ok(PatchReport {
@@ -3403,6 +3528,31 @@ pub fn patch_owner(name: &str) -> String {
 
 /// Releases `release` and protects `add` in one short pause (nothing when
 /// both are empty).
+/// Why `new` is not the same change as the applied `old` (the same object,
+/// layouts, member transfers, C transfer functions and moved pointers), if
+/// it is not; which kernel functions each leaves using the old copy may
+/// differ.
+fn differs(old: &crate::data::DataChange, new: &crate::data::DataChange) -> Option<String> {
+    let what = if old.symbol_file != new.symbol_file || old.count != new.count {
+        "another object"
+    } else if old.type_name != new.type_name || old.old_size != new.old_size {
+        "another old layout"
+    } else if old.new_size != new.new_size || old.members != new.members {
+        "another new layout or member transfer"
+    } else if old.c.as_ref().map(|c| (&c.to_new, &c.to_old))
+        != new.c.as_ref().map(|c| (&c.to_new, &c.to_old))
+    {
+        // (Their code is not compared: the change keeps the functions it
+        // was applied with.)
+        "other C transfer functions"
+    } else if old.repoint != new.repoint {
+        "other pointers moved to the new copy"
+    } else {
+        return None;
+    };
+    Some(what.to_owned())
+}
+
 fn change_protection(
     g: &dyn Guest,
     release: &[String],
