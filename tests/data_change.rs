@@ -347,6 +347,11 @@ fn c_transfers_that_fault_run_away_or_use_the_kernel_are_refused_and_change_noth
             "(void)old; new->latest = stats_table[0].sum;",
             "(it uses stats_table)",
         ),
+        (
+            "cown",
+            "static u64 seen; (void)old; new->latest = ++seen;",
+            "a variable of the patch's own",
+        ),
     ] {
         let src = new_stats().replace("new->latest = old->last_value;", body);
         let o = vm.build(name, &src, &["--data", "stats_table:task_stat"]);

@@ -37,6 +37,8 @@ pub struct CRunner {
     to_old: u64,
     /// Kernel symbols the objects refer to, by poison slot.
     unresolved: Vec<String>,
+    /// Where the patch's own variables would be (not mapped).
+    own_data: std::ops::Range<u64>,
     limit: Duration,
     old_size: usize,
     new_size: usize,
@@ -67,22 +69,29 @@ impl CRunner {
         };
         let linked = crate::link::link(objects, sandbox::CODE_VA, &resolve)
             .map_err(|e| format!("linking the transfer functions of {}: {e}", change.symbol))?;
-        if !linked.writable.is_empty() {
-            return Err(format!(
-                "the transfer functions of {} define variables of their own: the sandbox runs \
-                 them on read-only code",
-                change.symbol
-            ));
-        }
+        // The patch's own variables (of other functions in the same
+        // sources) are linked after its code and read-only data: the
+        // sandbox gets the code only, so a transfer function that uses one
+        // faults, named, instead of seeing its initial value.
+        let code_len = linked
+            .writable
+            .iter()
+            .map(|&(at, _)| at.saturating_sub(linked.base) as usize)
+            .min()
+            .unwrap_or(linked.bytes.len())
+            .min(linked.bytes.len());
+        let code = &linked.bytes[..code_len];
+        let own_data =
+            sandbox::CODE_VA + code_len as u64..sandbox::CODE_VA + linked.bytes.len() as u64;
         let to_new = linked.symbol(Some(&c.object), &c.to_new)?;
         let to_old = linked.symbol(Some(&c.object), &c.to_old)?;
-        let sb = Sandbox::new(&linked.bytes)
+        let sb = Sandbox::new(code)
             .map_err(|e| format!("transfer functions of {}: {e}", change.symbol))?;
         let forced = std::env::var("LUCOS_TRANSFER_ENGINE").is_ok_and(|v| v == "sandbox");
         let program = if forced {
             Err("(LUCOS_TRANSFER_ENGINE=sandbox)".to_owned())
         } else {
-            Program::new(&linked.bytes, &[to_new, to_old])
+            Program::new(code, &[to_new, to_old])
         };
         let (interpreter, not_interpreted) = match program {
             Ok(p) => (Some(p), None),
@@ -107,6 +116,7 @@ impl CRunner {
             to_new,
             to_old,
             unresolved: unresolved.into_inner(),
+            own_data,
             limit: sandbox::TIME_LIMIT,
             old_size: change.old_size as usize,
             new_size: change.new_size as usize,
@@ -173,6 +183,9 @@ impl CRunner {
                 sandbox::poison_index(address).and_then(|i| self.unresolved.get(i as usize))
             {
                 why += &format!(" (it uses {s})");
+            } else if self.own_data.contains(&address) {
+                why += " (a variable of the patch's own: a transfer function can use only its \
+                         two arguments)";
             }
         }
         why
