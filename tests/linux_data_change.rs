@@ -58,6 +58,27 @@ int proc_nr_files(struct ctl_table *table, int write, void *buffer, size_t *lenp
 	t.maxlen = sizeof(files_stat);
 	return proc_doulongvec_minmax(&t, write, buffer, lenp, ppos);
 }
+
+/* The old layout, for the transfer functions. */
+struct files_stat_struct_v1 {
+	unsigned long nr_files;
+	unsigned long nr_free_files;
+	unsigned long max_files;
+};
+
+/* file-max is carried across by C (compiled with the kernel's flags, run
+ * by the VMM on every trapped write to either copy). */
+void lucos_to_new_files_stat(const struct files_stat_struct_v1 *old,
+			     struct files_stat_struct *new)
+{
+	new->max_files = old->max_files;
+}
+
+void lucos_to_old_files_stat(const struct files_stat_struct *new,
+			     struct files_stat_struct_v1 *old)
+{
+	old->max_files = new->max_files;
+}
 "#;
 
 /// With [`FSFIX`], the change with every user of the object replaced: the
@@ -238,6 +259,8 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
         "nr_reads",
         "get_max_files",
         "data fs_stat_sysctls+",
+        "by C",
+        "lucos_to_new_files_stat / lucos_to_old_files_stat",
     ] {
         assert!(shown.contains(what), "inspect shows {what}:\n{shown}");
     }
@@ -286,6 +309,9 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
     assert_eq!(d["stats"]["state"], "tracking", "{l}");
     assert!(d["stats"]["transfers"].as_u64().unwrap_or(0) > 0, "{l}");
     assert_eq!(d["stats"]["failures"], 0, "{l}");
+    // file-max went across both ways through the C functions, compiled
+    // for the Debian kernel and interpreted by the VMM.
+    assert_eq!(d["stats"]["c_engine"], "interpreter", "{l}");
     let users = d["users_left"].to_string();
     assert!(
         users.contains("get_max_files") && users.contains("fs_stat_sysctls+"),
