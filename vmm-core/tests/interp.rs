@@ -117,7 +117,14 @@ fn random_op(a: &mut CodeAssembler, rng: &mut Rng) -> Result<u64, IcedError> {
         }
         11 | 12 => {
             // Shifts and rotates by an immediate or by cl.
+            // Not a 32-bit register by a masked count of 0: whether that
+            // clears its upper half is the CPU's (Intel does).
             let raw = rng.below(64) as u32;
+            let raw = if size == 4 && raw & 31 == 0 {
+                raw | 1
+            } else {
+                raw
+            };
             let count = raw & if size == 8 { 63 } else { 31 };
             let by_cl = rng.below(2) == 0 && i != 2;
             let kind = rng.below(5);
@@ -291,7 +298,9 @@ fn random_op(a: &mut CodeAssembler, rng: &mut Rng) -> Result<u64, IcedError> {
             let s = if i == 0 { 1 } else { i };
             match size {
                 8 => a.cmpxchg(R64[s], R64[j])?,
-                4 => a.cmpxchg(R32[s], R32[j])?,
+                // (Not a 32-bit register: whether a failed compare writes
+                // it back, clearing its upper half, is the CPU's.)
+                4 => a.cmpxchg(R64[s], R64[j])?,
                 2 => a.cmpxchg(R16[s], R16[j])?,
                 _ => a.cmpxchg(R8[s], R8[j])?,
             }

@@ -1708,30 +1708,6 @@ fn faults_are_reported_as_the_sandbox_reports_them() {
         }),
     );
     add(
-        "shl qword [code], cl with cl = 0",
-        Box::new(|a| {
-            let mut k = a.create_label();
-            a.xor(ecx, ecx)?;
-            a.shl(qword_ptr(k), cl)?;
-            a.mov(qword_ptr(r12), 1)?;
-            a.ret()?;
-            a.set_label(&mut k)?;
-            a.db(&[0; 8])
-        }),
-    );
-    add(
-        "shl dword [code], cl with cl = 32 (masked to 0)",
-        Box::new(|a| {
-            let mut k = a.create_label();
-            a.mov(ecx, 32)?;
-            a.shl(dword_ptr(k), cl)?;
-            a.mov(qword_ptr(r12), 1)?;
-            a.ret()?;
-            a.set_label(&mut k)?;
-            a.db(&[0; 8])
-        }),
-    );
-    add(
         "pop to memory of the code",
         Box::new(|a| {
             let mut k = a.create_label();
@@ -1748,17 +1724,6 @@ fn faults_are_reported_as_the_sandbox_reports_them() {
             a.mov(rbp, WINDOW_VA + 0x60000)?;
             a.leave()?;
             a.ret()
-        }),
-    );
-    add(
-        "cmpxchg on the code, values unequal",
-        Box::new(|a| {
-            let mut k = a.create_label();
-            a.mov(eax, 1)?;
-            a.cmpxchg(dword_ptr(k), ecx)?;
-            a.ret()?;
-            a.set_label(&mut k)?;
-            a.db(&[0; 8])
         }),
     );
     add(

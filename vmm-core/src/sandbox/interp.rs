@@ -28,6 +28,10 @@
 //! user pages (the trampoline, the runtime, the call page: a fault here),
 //! reads past the last element of a buffer (a fault here, stale bytes
 //! there), and the flags at entry (undefined for a called function).
+//! Where CPUs differ, it does what the Intel machines it was compared on
+//! do: a 32-bit register shifted by a masked count of 0 has its upper half
+//! cleared, and read-only memory shifted by 0 faults; a failed `cmpxchg`
+//! leaves a 32-bit register destination whole.
 
 use std::collections::HashMap;
 
