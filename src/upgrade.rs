@@ -44,10 +44,13 @@ use vmm_core::Vm;
 use crate::error::{exit, CliError};
 use crate::server::{ControlServer, VmIdentity};
 
-/// The newest handover format this build writes (docs/upgrade.md): 2 when
-/// the VM has patches of modules (held patches, module parts, watches a
-/// lucos without modules would refuse guest writes to), else 1.
-pub const FORMAT: u32 = 2;
+/// The newest handover format this build writes (docs/upgrade.md): 3 when
+/// a cumulative patch carries a data change over (its owner is not its
+/// patch's, which a reader of 2 would assume) or lucos's exception index
+/// is installed (a reader of 2 would drop it, hook and all); 2 when the
+/// VM has patches of modules (held patches, module parts, watches a lucos
+/// without modules would refuse guest writes to); else 1.
+pub const FORMAT: u32 = 3;
 /// The oldest handover format this build reads.
 pub const OLDEST_FORMAT: u32 = 1;
 /// How long a new process has by default, from its start to the guest
@@ -74,8 +77,9 @@ fn formats_read() -> (u32, u32) {
     }
 }
 
-/// The handover format `service` needs: 2 with module state, else 1 (which
-/// a lucos of before modules reads).
+/// The handover format `service` needs: 3 with a carried data change or
+/// the exception index, 2 with module state, else 1 (which a lucos of
+/// before modules reads).
 fn format_of(service: &ServiceState) -> u32 {
     let p = &service.patches;
     let modules = !p.held.is_empty()
@@ -84,7 +88,13 @@ fn format_of(service: &ServiceState) -> u32 {
             .protections
             .iter()
             .any(|x| x.owner.starts_with(update_engine::protect::WATCH_PREFIX));
-    if modules {
+    let carried = p
+        .applied
+        .iter()
+        .any(|a| !a.held_runs.is_empty() || a.data.iter().any(|d| d.owner.is_some()));
+    if carried || p.extables.is_some() {
+        3
+    } else if modules {
         2
     } else {
         1

@@ -547,6 +547,33 @@ fn a_cumulative_patch_carries_a_data_change_over_and_its_revert_restores_the_old
     assert_eq!(copies(&l).len(), 2, "{l}");
     let shown = vm.ok(&["list", "--vm", "dc"]);
     assert!(shown.contains("carried over"), "{shown}");
+    // A lucos that reads only the handover format of before carried changes
+    // is refused the VM; a new process takes it over with the owner kept.
+    let older = vm.path("older-lucos");
+    std::fs::write(
+        &older,
+        format!(
+            "#!/bin/sh\nLUCOS_HANDOFF_READS=2 exec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_lucos")
+        ),
+    )
+    .expect("script");
+    let exec = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
+    std::fs::set_permissions(&older, exec).expect("chmod");
+    let o = vm.run(&["upgrade", "--vm", "dc", "--binary", p(&older)]);
+    assert!(
+        !o.status.success(),
+        "an older lucos took the VM: {}",
+        text(&o)
+    );
+    assert!(text(&o).contains("format 3"), "{}", text(&o));
+    upgrade(&vm);
+    let l = vm.list();
+    assert_eq!(
+        l["patches"][0]["data"][0]["owner"], "data:stats2:stats_table",
+        "{l}"
+    );
+    vm.check_reports(vm.serial().len(), 2);
 
     // Its revert brings the old layout back with every update kept.
     let at = vm.serial().len();
