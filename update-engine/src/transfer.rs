@@ -29,10 +29,8 @@ pub struct CRunner {
     symbol: String,
     functions: CTransfer,
     sandbox: Mutex<Sandbox>,
-    /// The interpreter, while it is the engine (`None`: the KVM sandbox).
-    interpreter: Mutex<Option<Program>>,
-    /// Why the KVM sandbox is the engine, when it is.
-    not_interpreted: Mutex<Option<String>>,
+    /// The interpreter while it is the engine, else why the KVM sandbox is.
+    interpreter: Mutex<Result<Program, String>>,
     to_new: u64,
     to_old: u64,
     /// Kernel symbols the objects refer to, by poison slot.
@@ -93,26 +91,19 @@ impl CRunner {
         } else {
             Program::new(code, &[to_new, to_old])
         };
-        let (interpreter, not_interpreted) = match program {
-            Ok(p) => (Some(p), None),
-            Err(why) => {
-                log::info!(
-                    "transfer functions of {} run in the KVM sandbox: the interpreter does not \
-                     carry out {why}",
-                    change.symbol
-                );
-                (
-                    None,
-                    Some(format!("the interpreter does not carry out {why}")),
-                )
-            }
-        };
+        let interpreter = program.map_err(|why| {
+            log::info!(
+                "transfer functions of {} run in the KVM sandbox: the interpreter does not \
+                 carry out {why}",
+                change.symbol
+            );
+            format!("the interpreter does not carry out {why}")
+        });
         Ok(Some(CRunner {
             symbol: change.symbol.clone(),
             functions: c.clone(),
             sandbox: Mutex::new(sb),
             interpreter: Mutex::new(interpreter),
-            not_interpreted: Mutex::new(not_interpreted),
             to_new,
             to_old,
             unresolved: unresolved.into_inner(),
@@ -129,8 +120,8 @@ impl CRunner {
         self
     }
 
-    /// The interpreter, while it is the engine.
-    fn interpreter(&self) -> std::sync::MutexGuard<'_, Option<Program>> {
+    /// The interpreter while it is the engine, else why the KVM sandbox is.
+    fn interpreter(&self) -> std::sync::MutexGuard<'_, Result<Program, String>> {
         self.interpreter.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -144,21 +135,15 @@ impl CRunner {
     /// Which engine runs the functions: `interpreter`, or `kvm-sandbox`
     /// and why.
     pub fn engine(&self) -> (&'static str, Option<String>) {
-        let on = self.interpreter().is_some();
-        if on {
-            ("interpreter", None)
-        } else {
-            let why = self
-                .not_interpreted
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            ("kvm-sandbox", why.clone())
+        match &*self.interpreter() {
+            Ok(_) => ("interpreter", None),
+            Err(why) => ("kvm-sandbox", Some(why.clone())),
         }
     }
 
     fn call(&self, entry: u64, name: &str, a: &[u8], b: &mut [u8]) -> Result<(), String> {
         let limit = self.instructions();
-        if let Some(p) = self.interpreter().as_mut() {
+        if let Ok(p) = self.interpreter().as_mut() {
             let b_size = b.len();
             return p
                 .call_each(entry, (a, a.len()), (b, b_size), limit)
@@ -215,14 +200,9 @@ impl CRunner {
         (a, a_size): (&[u8], usize),
         (b, b_size): (&mut [u8], usize),
     ) -> Result<(), String> {
-        let per = (sandbox::ARG_MAX as usize / a_size.max(b_size).max(1)).max(1);
-        let limit = self.instructions();
-        if let Some(p) = self.interpreter().as_mut() {
-            for (ac, bc) in a.chunks(per * a_size).zip(b.chunks_mut(per * b_size)) {
-                p.call_each(entry, (ac, a_size), (bc, b_size), limit)
-                    .map_err(|e| self.explain(name, e))?;
-            }
-            return Ok(());
+        if let Ok(p) = self.interpreter().as_mut() {
+            return interpret_each(p, entry, (a, a_size), (b, b_size), self.instructions())
+                .map_err(|e| self.explain(name, e));
         }
         self.each_in_sandbox(entry, name, (a, a_size), (b, b_size))
     }
@@ -235,7 +215,7 @@ impl CRunner {
         (a, a_size): (&[u8], usize),
         (b, b_size): (&mut [u8], usize),
     ) -> Result<(), String> {
-        let per = (sandbox::ARG_MAX as usize / a_size.max(b_size).max(1)).max(1);
+        let per = per_call(a_size, b_size);
         let mut sb = self.sandbox.lock().unwrap_or_else(|e| e.into_inner());
         for (ac, bc) in a.chunks(per * a_size).zip(b.chunks_mut(per * b_size)) {
             let limit = self.limit * (ac.len() / a_size.max(1)).max(1) as u32;
@@ -294,7 +274,7 @@ impl CRunner {
         )?;
 
         let mut slot = self.interpreter();
-        let Some(p) = slot.as_mut() else {
+        let Ok(p) = slot.as_mut() else {
             return Ok(());
         };
         let limit = self.instructions();
@@ -303,21 +283,10 @@ impl CRunner {
             (self.to_new, (old, os), (&derived, &new, ns)),
             (self.to_old, (&new[..], ns), (&back_derived, &back, os)),
         ] {
-            let per = (sandbox::ARG_MAX as usize / a_size.max(b_size).max(1)).max(1);
             let mut got = init.clone();
-            for (k, (ac, bc)) in a
-                .chunks(per * a_size)
-                .zip(got.chunks_mut(per * b_size))
-                .enumerate()
-            {
-                if let Err(e) = p.call_each(entry, (ac, a_size), (bc, b_size), limit) {
-                    differs = Some(format!(
-                        "it failed where the KVM sandbox did not (batch {k}): {e}"
-                    ));
-                    break;
-                }
-            }
-            if differs.is_none() && &got != want {
+            if let Err(e) = interpret_each(p, entry, (a, a_size), (&mut got, b_size), limit) {
+                differs = Some(format!("it failed where the KVM sandbox did not: {e}"));
+            } else if &got != want {
                 let at = got
                     .iter()
                     .zip(want.iter())
@@ -339,14 +308,31 @@ impl CRunner {
                  ({why}); they run in the KVM sandbox",
                 self.symbol
             );
-            *slot = None;
-            *self
-                .not_interpreted
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(format!(
+            *slot = Err(format!(
                 "the interpreter's results differed in the dry run: {why}"
             ));
         }
         Ok(())
     }
+}
+
+/// Element pairs of sizes `a_size` and `b_size` one call takes.
+fn per_call(a_size: usize, b_size: usize) -> usize {
+    (sandbox::ARG_MAX as usize / a_size.max(b_size).max(1)).max(1)
+}
+
+/// `entry` interpreted over every element pair, as many per call as the
+/// sandbox's buffers take (what the KVM sandbox would be given).
+fn interpret_each(
+    p: &mut Program,
+    entry: u64,
+    (a, a_size): (&[u8], usize),
+    (b, b_size): (&mut [u8], usize),
+    limit: u64,
+) -> Result<(), SandboxError> {
+    let per = per_call(a_size, b_size);
+    for (ac, bc) in a.chunks(per * a_size).zip(b.chunks_mut(per * b_size)) {
+        p.call_each(entry, (ac, a_size), (bc, b_size), limit)?;
+    }
+    Ok(())
 }

@@ -1008,11 +1008,8 @@ impl Cpu<'_, '_> {
             // A trap: reported after the instruction.
             Int3 => return Err(exception(3, ins.next_ip(), None)),
             Ud2 => return Err(exception(6, 0, None)),
-            Mov => {
-                let v = self.read(ins, 1)?;
-                self.write(ins, 0, v)?;
-            }
-            Movzx => {
+            // (A register or memory source is read zero-extended.)
+            Mov | Movzx => {
                 let v = self.read(ins, 1)?;
                 self.write(ins, 0, v)?;
             }
