@@ -782,8 +782,8 @@ impl Sandbox {
         if let Ok(r) = self.vcpu.get_regs() {
             let mut frame = [0u8; 16];
             let off = r.rsp.wrapping_sub(WINDOW_VA);
-            let on_stack = |lo: u64, top: u64| (lo..top - 16).contains(&off);
-            if (on_stack(STACK_LO, STACK_TOP) || on_stack(IST_LO, IST_TOP))
+            // Every exception is taken on the IST stack.
+            if (IST_LO..IST_TOP - 16).contains(&off)
                 && self.read(WINDOW_GPA + off, &mut frame).is_ok()
             {
                 let w0 = u64::from_le_bytes(frame[..8].try_into().unwrap_or_default());
