@@ -996,6 +996,78 @@ fn kernel_pointers_into_a_changed_object_move_to_the_new_copy_and_it_retires() {
 }
 
 #[test]
+fn pointers_saved_in_memory_at_run_time_hold_a_change_back_until_they_are_gone() {
+    // The kernel copied its ctl table at boot (ctl_copied): generic code
+    // reaches tk_limits through pointers that are in no image, only in
+    // memory. --repoint moves the image's; lucos finds these by scanning.
+    let vm = Vm::start_with(
+        "data-saved",
+        "tasks=2 iters=0 report=200 mode=ctl ctl_copied",
+    );
+    vm.check_ctl(0, 2);
+    let o = vm.build(
+        "limits2",
+        LIMITS2,
+        &["--data", "tk_limits:tk_limits", "--repoint", "tk_limits"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!vm.inspect("limits2").contains("still used by"));
+    for round in 0..2 {
+        let at = vm.serial().len();
+        vm.ok(&["patch", "--vm", "dc", p(&vm.path("limits2.lup"))]);
+        // The change stays tracking, held back by the copied table's words
+        // (named), and coherent: set through the old copy's pointers, the
+        // limit is the one the new code charges against.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let l = loop {
+            let l = vm.list();
+            let d = &l["patches"][0]["data"][0]["stats"];
+            assert_eq!(
+                d["state"], "tracking",
+                "retired under a saved pointer (round {round}): {l}"
+            );
+            if d["waiting"]
+                .as_str()
+                .is_some_and(|w| w.contains("tk_ctls_rt+0x8"))
+            {
+                break l;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not held back by memory: {l}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        let waiting = l["patches"][0]["data"][0]["stats"]["waiting"].to_string();
+        assert!(
+            waiting.contains("memory holding a pointer into tk_limits (old copy)"),
+            "{waiting}"
+        );
+        vm.check_ctl(at, 3);
+        assert_eq!(
+            vm.list()["patches"][0]["data"][0]["stats"]["state"],
+            "tracking"
+        );
+        if round == 0 {
+            // Reverted while tracking: exact.
+            let at = vm.serial().len();
+            vm.ok_when_not_busy(&["revert", "--vm", "dc", "limits2"]);
+            vm.check_ctl(at, 3);
+        }
+    }
+    // A patch has the kernel register its table again, from the image's
+    // words lucos moved: the saved pointers go, and the change retires.
+    let refresh = "#include \"tk.h\"\nu64 tk_ctl_refresh_due(void)\n{\n\treturn 1;\n}\n";
+    let o = vm.build("refresh", refresh, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("refresh.lup"))]);
+    vm.wait_retired();
+    let w0 = vm.trapped();
+    vm.check_ctl(vm.serial().len(), 3);
+    assert_eq!(vm.trapped(), w0, "writes to a retired copy trapped");
+}
+
+#[test]
 fn a_repointed_word_the_kernel_changed_refuses_the_patch_and_changes_nothing() {
     // The kernel re-aimed tk_ctls[0] at boot: the image's value the patch
     // expects is not there.

@@ -179,6 +179,10 @@ static void parse_cmdline(void)
 			 * initial value no longer holds (a patch built from the
 			 * image expects it and must be refused). */
 			tk_ctls[0].data = tk_ctls[1].data;
+		else if (KEY("ctl_copied"))
+			/* Generic code goes through a copy of the ctl table
+			 * made now (tk_ctls_register). */
+			tk_ctls_register();
 		else if (KEY("atomic_n") && val)
 			opt_atomic_n = parse_u64(val, vlen);
 		else
@@ -448,6 +452,12 @@ u64 syscall_dispatch(u64 a0, u64 a1, u64 a2, u64 nr)
 	case SYS_OPS:
 		return a1 ? ops_tally(a0) : ops_add(a0);
 	case SYS_CTL:
+		if (a0 == 3) {
+			if (!tk_ctl_refresh_due())
+				return 0;
+			tk_ctls_register();
+			return 1;
+		}
 		return a0 == 2 ? limits_charge(a2) : tk_ctl_access(a0, a1, a2);
 	case SYS_STAT_READ:
 		/* Reads the table through stats_read: unpatched, it reads the

@@ -184,13 +184,39 @@ struct tk_ctl tk_ctls[2] = {
 	{ "used", &tk_limits.used },
 };
 
+/*
+ * The ctl table as registered at run time (boot option ctl_copied): a copy
+ * of tk_ctls made at boot, as Linux copies sysctl entries when it registers
+ * them. Its pointers into tk_limits exist only in memory, never in the
+ * image, so no build can find them: lucos finds them by scanning memory,
+ * and a change of tk_limits does not retire while they point at the old
+ * copy. SYS_CTL 3 copies tk_ctls again when tk_ctl_refresh_due() says so
+ * (a patch says so).
+ */
+struct tk_ctl tk_ctls_rt[2];
+struct tk_ctl *tk_ctl_table = tk_ctls;
+
+__attribute__((noinline)) u64 tk_ctl_refresh_due(void)
+{
+	return 0;
+}
+
+void tk_ctls_register(void)
+{
+	unsigned i;
+
+	for (i = 0; i < sizeof(tk_ctls) / sizeof(tk_ctls[0]); i++)
+		tk_ctls_rt[i] = tk_ctls[i];
+	tk_ctl_table = tk_ctls_rt;
+}
+
 u64 tk_ctl_access(u64 which, u64 write, u64 value)
 {
 	volatile u64 *p;
 
 	if (which >= sizeof(tk_ctls) / sizeof(tk_ctls[0]))
 		return (u64)-1;
-	p = tk_ctls[which].data;
+	p = tk_ctl_table[which].data;
 	if (write)
 		*p = value;
 	return *p;

@@ -272,6 +272,8 @@ static void ctl_loop(u64 task, u64 tasks, u64 every)
 			used = sys3(SYS_CTL, 1, 0, 0);
 			for (t = 0; t < tasks; t++)
 				after += ctl_charges[t];
+			/* Registers the ctl table again if a patch asks. */
+			sys3(SYS_CTL, 3, 0, 0);
 			if (used < before || used > after + tasks)
 				bad++;
 			k += put_str(line + k, "[tk] ctl round ");

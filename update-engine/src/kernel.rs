@@ -344,6 +344,15 @@ impl Guest for PinnedTables<'_> {
     fn protections(&self) -> Vec<Protection> {
         self.guest.protections()
     }
+    fn ram_ranges(&self) -> Vec<(u64, u64)> {
+        self.guest.ram_ranges()
+    }
+    fn set_dirty_log(&self, on: bool) -> Result<(), VmError> {
+        self.guest.set_dirty_log(on)
+    }
+    fn dirty_pages(&self) -> Result<Option<Vec<u64>>, VmError> {
+        self.guest.dirty_pages()
+    }
 }
 
 /// Reads `buf.len()` bytes at guest-virtual `gva`.

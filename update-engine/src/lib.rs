@@ -20,6 +20,7 @@ pub mod linux;
 pub mod lup;
 pub mod modules;
 pub mod patcher;
+pub mod pointers;
 pub mod protect;
 pub mod safety;
 pub mod switch;

@@ -205,6 +205,48 @@ pub fn sleeping_tasks(
         current.push(r.u64(base.wrapping_add(layout.current_task))?);
     }
     let mut out = Vec::new();
+    each_task(&r, layout, |t| {
+        if !current.contains(&t) {
+            if let Some(s) = sleeping(&r, layout, t)? {
+                out.push(s);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The kernel stack (its lowest address; [`THREAD_SIZE`] bytes) of every
+/// task, running ones included; the VM must be paused.
+pub fn task_stacks(
+    vm: &dyn Guest,
+    paging: PagingState,
+    layout: &TaskLayout,
+) -> Result<Vec<u64>, String> {
+    let r = Reader {
+        vm,
+        paging,
+        last: Default::default(),
+    };
+    let mut out = Vec::new();
+    each_task(&r, layout, |t| {
+        match r.u64(t + layout.stack)? {
+            0 => {}
+            stack => out.push(stack),
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` on every task (its `task_struct` address): each process from
+/// `init_task` round the process list, each of its threads round its
+/// thread group.
+fn each_task(
+    r: &Reader<'_>,
+    layout: &TaskLayout,
+    mut f: impl FnMut(u64) -> Result<(), String>,
+) -> Result<(), String> {
     let mut seen = 0usize;
     let mut leader = layout.init_task;
     loop {
@@ -217,11 +259,7 @@ pub fn sleeping_tasks(
                     "the task list did not close after {MAX_TASKS} tasks"
                 ));
             }
-            if !current.contains(&t) {
-                if let Some(s) = sleeping(&r, layout, t)? {
-                    out.push(s);
-                }
-            }
+            f(t)?;
             t = r
                 .u64(t + layout.thread_group)?
                 .wrapping_sub(layout.thread_group);
@@ -231,7 +269,7 @@ pub fn sleeping_tasks(
         }
         leader = r.u64(leader + layout.tasks)?.wrapping_sub(layout.tasks);
         if leader == layout.init_task {
-            return Ok(out);
+            return Ok(());
         }
     }
 }

@@ -26,10 +26,10 @@
 //! was. Everything a revert needs ([`PatchState`]) is serializable.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vmm_core::guest::Guest;
+use vmm_core::guest::{Guest, Paused};
 use vmm_core::pagewalk::{self, PagingState};
 use vmm_core::region::PATCH_AREA_BYTES;
 use vmm_core::vm::VmError;
@@ -44,6 +44,10 @@ use crate::safety::{Active, Leaving};
 use crate::switch::{self, Plan, SwitchError, Switched, Write};
 use crate::trampoline::{self, Site, TRAMPOLINE_LEN};
 use crate::{Linked, Lup, UpdateError, VerifyingKey};
+
+/// Longest wait between two scans of guest memory for pointers into an old
+/// copy that one was found holding.
+const MAX_SCAN_WAIT: Duration = Duration::from_secs(64);
 
 /// Errors applying or reverting a patch. None leaves the guest changed.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +95,9 @@ pub enum PatchError {
     /// The switch was written in part and could not be undone (never seen).
     #[error("the switch was written only in part and could not be undone: {0}; the guest may run a mix of old and new code: revert by hand or restart it")]
     Torn(String),
+    /// Guest memory could not be scanned for pointers into an old copy.
+    #[error("scanning guest memory for pointers into an old copy: {0}")]
+    Scan(String),
 }
 
 impl From<SwitchError> for PatchError {
@@ -610,6 +617,9 @@ pub struct Patcher {
     state: PatchState,
     /// Data changes being kept coherent (shared with the write policy).
     tracker: std::sync::Arc<crate::data::DataTracker>,
+    /// Data changes whose old copy a word of guest memory pointed into at
+    /// the last scan: when to scan again, and the wait after that.
+    scan_backoff: std::collections::HashMap<String, (std::time::Instant, std::time::Duration)>,
 }
 
 /// How the engine sees the running kernel's address space for one
@@ -900,6 +910,7 @@ impl Patcher {
             trusted,
             state,
             tracker: Default::default(),
+            scan_backoff: Default::default(),
         }
     }
 
@@ -1075,20 +1086,81 @@ impl Patcher {
                     protect,
                     ..Plan::default()
                 };
-                match switch::switch_tries(g, view.tasks(k), &plan, 1) {
-                    Ok(_) => {
-                        self.tracker.retire(&owner);
-                        done.push(format!("{}:{}", a.name, d.symbol));
-                    }
-                    Err(SwitchError::Busy {
+                // First, in a pause of its own, whether anything is still
+                // in the old code or holds the old copy in a register or on
+                // its stack: memory is scanned only when nothing is.
+                let first = Plan {
+                    leaving: plan.leaving.clone(),
+                    ..Plan::default()
+                };
+                let busy = |e: SwitchError| match e {
+                    SwitchError::Busy {
                         who,
                         active,
                         others,
                         ..
-                    }) => self
-                        .tracker
-                        .waiting(&owner, format!("{who} {active}{}", switch::also(&others))),
-                    Err(e) => return Err(e.into()),
+                    } => Ok(format!("{who} {active}{}", switch::also(&others))),
+                    e => Err(PatchError::from(e)),
+                };
+                if let Err(e) = switch::switch_tries(g, view.tasks(k), &first, 1) {
+                    self.tracker.waiting(&owner, busy(e)?);
+                    continue;
+                }
+                let now = std::time::Instant::now();
+                if self
+                    .scan_backoff
+                    .get(&owner)
+                    .is_some_and(|(at, _)| now < *at)
+                {
+                    continue;
+                }
+                // Pointers the kernel saved at run time: scanned for while
+                // the guest runs, then in the retirement's pause the pages
+                // written since ([`crate::pointers`]).
+                let (values, skip) = crate::pointers::targets(
+                    g,
+                    k,
+                    view.tables,
+                    view.text,
+                    d.old_addr,
+                    d.old_addr + d.old_bytes,
+                )
+                .map_err(PatchError::Scan)?;
+                let mut scan = crate::pointers::PointerScan::start(g, values, skip)
+                    .map_err(PatchError::Scan)?;
+                let layout = view.tasks(k).map(|(l, _)| l);
+                let tables = view.tables;
+                let mut memory = |paused: &Paused<'_>| {
+                    let hits = scan.now()?;
+                    if hits.is_empty() {
+                        return Ok(None);
+                    }
+                    let stacks = crate::pointers::stack_pages(paused, tables, layout)?;
+                    Ok(crate::pointers::holding(k, &d.symbol, hits, &stacks))
+                };
+                match switch::switch_checked(g, view.tasks(k), &plan, 1, &mut memory) {
+                    Ok(_) => {
+                        self.scan_backoff.remove(&owner);
+                        self.tracker.retire(&owner);
+                        done.push(format!("{}:{}", a.name, d.symbol));
+                    }
+                    Err(e) => {
+                        let in_memory =
+                            matches!(&e, SwitchError::Busy { who, .. } if who == "memory");
+                        self.tracker.waiting(&owner, busy(e)?);
+                        if in_memory {
+                            // Such a pointer is seldom dropped soon: scan
+                            // again after 2 s, then waiting twice as long
+                            // each time, up to about a minute.
+                            let wait = self
+                                .scan_backoff
+                                .get(&owner)
+                                .map_or(Duration::from_secs(2), |(_, w)| {
+                                    (*w * 2).min(MAX_SCAN_WAIT)
+                                });
+                            self.scan_backoff.insert(owner.clone(), (now + wait, wait));
+                        }
+                    }
                 }
             }
         }

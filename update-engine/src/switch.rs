@@ -348,6 +348,21 @@ pub fn switch_tries(
     plan: &Plan,
     max_tries: u32,
 ) -> Result<Switched, SwitchError> {
+    switch_checked(guest, tasks, plan, max_tries, &mut |_| Ok(None))
+}
+
+/// What else holds a switch back, asked in its pause after the vCPUs and
+/// tasks were checked: who and what, or `None`.
+pub type PauseCheck<'c> = dyn FnMut(&Paused<'_>) -> Result<Option<(String, Active)>, String> + 'c;
+
+/// [`switch_tries`] with one more check in each pause.
+pub fn switch_checked(
+    guest: &dyn Guest,
+    tasks: Option<(&TaskLayout, PagingState)>,
+    plan: &Plan,
+    max_tries: u32,
+    check: &mut PauseCheck<'_>,
+) -> Result<Switched, SwitchError> {
     let max_tries = max_tries.max(1);
     let mut leaving = plan.leaving.clone();
     leaving.sort_by_key(|l| (l.start, l.end));
@@ -359,7 +374,7 @@ pub fn switch_tries(
             stop_us: us(t.elapsed()),
             ..PausePhases::default()
         };
-        let result = switch_paused(&paused, tasks, plan, &leaving, &mut phases);
+        let result = switch_paused(&paused, tasks, plan, &leaving, &mut phases, check);
         let took = t.elapsed();
         let was_paused = paused.was_paused();
         let resumed = paused.resume();
@@ -411,6 +426,7 @@ fn switch_paused(
     plan: &Plan,
     leaving: &[Leaving],
     phases: &mut PausePhases,
+    check: &mut PauseCheck<'_>,
 ) -> Result<Option<usize>, Refused> {
     let guest = paused.guest();
     let mut t = Instant::now();
@@ -452,6 +468,9 @@ fn switch_paused(
             return Err(Refused::Busy(who, a, others));
         }
         checked = Some(sleeping.len());
+    }
+    if let Some((who, a)) = check(paused).map_err(Refused::Failed)? {
+        return Err(Refused::Busy(who, a, Vec::new()));
     }
     phases.tasks_us = lap(&mut t);
     let mut copied = run_copies(guest, &plan.copies).map_err(Refused::Failed)?;

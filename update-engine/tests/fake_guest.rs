@@ -87,6 +87,7 @@ fn user() -> VcpuState {
         cpl: 3,
         paging: paging(),
         gprs: [0; 16],
+        tr_base: 0,
     }
 }
 
@@ -97,6 +98,7 @@ fn kernel_at(rip: u64, rsp: u64) -> VcpuState {
         cpl: 0,
         paging: paging(),
         gprs: [0; 16],
+        tr_base: 0,
     }
 }
 
@@ -310,6 +312,9 @@ impl Guest for Fake {
     }
     fn protections(&self) -> Vec<Protection> {
         self.protected.lock().expect("lock").clone()
+    }
+    fn ram_ranges(&self) -> Vec<(u64, u64)> {
+        vec![(0, self.ram.lock().expect("lock").len() as u64)]
     }
 }
 

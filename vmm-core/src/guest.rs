@@ -49,6 +49,9 @@ pub struct VcpuState {
     /// General-purpose registers: RAX, RBX, RCX, RDX, RSI, RDI, RBP, RSP,
     /// R8 to R15 (what code running there holds, pointers included).
     pub gprs: [u64; 16],
+    /// Base (linear address) of its task-state segment: where the stack
+    /// its next entry into the kernel starts from is (`RSP0`).
+    pub tr_base: u64,
 }
 
 /// Where the VMM-owned patch area is: guest-physical, outside RAM,
@@ -96,6 +99,56 @@ pub trait Guest: Send + Sync {
     ) -> Result<(), ProtectError>;
     /// The protected ranges now.
     fn protections(&self) -> Vec<Protection>;
+    /// Guest RAM: (guest-physical start, length) of each range.
+    fn ram_ranges(&self) -> Vec<(u64, u64)>;
+    /// Turns logging of the RAM pages the guest writes on (an empty log)
+    /// or off. A guest that cannot log says every page was written
+    /// ([`Guest::dirty_pages`]).
+    fn set_dirty_log(&self, on: bool) -> Result<(), VmError> {
+        let _ = on;
+        Ok(())
+    }
+    /// The RAM pages (guest-physical, page-aligned) the guest wrote since
+    /// the log was turned on or last read; `None` when that is not known:
+    /// every page must be taken as written.
+    fn dirty_pages(&self) -> Result<Option<Vec<u64>>, VmError> {
+        Ok(None)
+    }
+}
+
+/// The 8-byte-aligned words of guest RAM in `spans` (guest-physical
+/// `[start, end)`) whose value lies in one of `values` (`[start, end)`):
+/// (address, value), in address order. A scan for pointers into an object.
+pub fn find_words(
+    ram: &dyn PhysMemory,
+    spans: &[(u64, u64)],
+    values: &[(u64, u64)],
+) -> Result<Vec<(u64, u64)>, MemoryError> {
+    const CHUNK: usize = 64 << 10;
+    let (Some(lo), Some(hi)) = (
+        values.iter().map(|v| v.0).min(),
+        values.iter().map(|v| v.1).max(),
+    ) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; CHUNK];
+    for &(start, end) in spans {
+        let mut at = start.next_multiple_of(8);
+        while at + 8 <= end {
+            let n = ((end - at) as usize).min(CHUNK) & !7;
+            let chunk = &mut buf[..n];
+            ram.read_phys(at, chunk)?;
+            for (i, w) in chunk.chunks_exact(8).enumerate() {
+                let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
+                if v.wrapping_sub(lo) < hi - lo && values.iter().any(|&(a, b)| v >= a && v < b) {
+                    out.push((at + 8 * i as u64, v));
+                }
+            }
+            at += n as u64;
+        }
+    }
+    Ok(out)
 }
 
 /// Every vCPU paused, for as long as this lives: vCPU state is readable

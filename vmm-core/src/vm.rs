@@ -113,6 +113,9 @@ pub enum VmError {
     /// Installing the kick signal failed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    /// KVM's dirty log could not be turned on or off, or read.
+    #[error("KVM's dirty log of guest RAM: {0}")]
+    DirtyLog(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -491,6 +494,26 @@ impl Vm {
         &self.write_control
     }
 
+    /// Turns KVM's dirty log of guest RAM's read-write slots on or off
+    /// (on: an empty log).
+    pub fn set_dirty_log(&self, on: bool) -> Result<(), VmError> {
+        self.write_control
+            .set_dirty_log(self, on)
+            .map_err(VmError::DirtyLog)
+    }
+
+    /// The RAM pages the guest wrote since the dirty log was turned on or
+    /// last read ([`WriteControl::dirty_pages`]).
+    pub fn dirty_pages(&self) -> Result<Option<Vec<u64>>, VmError> {
+        self.write_control
+            .dirty_pages(&|slot, len| {
+                self.vm_fd
+                    .get_dirty_log(slot, len as usize)
+                    .map_err(|e| format!("KVM_GET_DIRTY_LOG of slot {slot}: {e}"))
+            })
+            .map_err(VmError::DirtyLog)
+    }
+
     /// Runs `f` on vCPU `index`'s fd. The VM must be paused.
     pub fn with_vcpu<T>(
         &self,
@@ -577,6 +600,7 @@ impl crate::guest::Guest for Vm {
                 r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
                 r.r12, r.r13, r.r14, r.r15,
             ],
+            tr_base: s.tr.base,
         })
     }
 
@@ -610,6 +634,22 @@ impl crate::guest::Guest for Vm {
     fn protections(&self) -> Vec<Protection> {
         self.write_control.protections()
     }
+
+    fn ram_ranges(&self) -> Vec<(u64, u64)> {
+        self.ram
+            .ranges()
+            .iter()
+            .map(|r| (r.guest_addr, r.len))
+            .collect()
+    }
+
+    fn set_dirty_log(&self, on: bool) -> Result<(), VmError> {
+        Vm::set_dirty_log(self, on)
+    }
+
+    fn dirty_pages(&self) -> Result<Option<Vec<u64>>, VmError> {
+        Vm::dirty_pages(self)
+    }
 }
 
 impl SlotSink for Vm {
@@ -630,10 +670,13 @@ impl SlotSink for Vm {
                     None
                 }
                 .ok_or_else(|| format!("{:#x}+{:#x} is not guest memory", s.gpa, s.len))?;
+                let log = self.write_control.dirty_logging() && self.write_control.logged(s);
                 kvm_userspace_memory_region {
                     slot: id,
                     flags: if s.readonly {
                         kvm_bindings::KVM_MEM_READONLY
+                    } else if log {
+                        kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
                     } else {
                         0
                     },

@@ -496,6 +496,12 @@ pub struct WriteControl {
     bare: std::sync::atomic::AtomicBool,
     /// Whether any page is read-only now (the vCPU loop's cheap test).
     trapping: std::sync::atomic::AtomicBool,
+    /// KVM's dirty log is on for RAM's read-write slots.
+    dirty_log: std::sync::atomic::AtomicBool,
+    /// A slot changed while the dirty log was on: KVM lost what it had
+    /// logged for the slots it replaced, so the next read cannot say which
+    /// pages were written.
+    dirty_lost: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for WriteControl {
@@ -534,7 +540,72 @@ impl WriteControl {
             owner_locks: (0..16).map(|_| Mutex::new(())).collect(),
             bare: std::sync::atomic::AtomicBool::new(false),
             trapping: std::sync::atomic::AtomicBool::new(false),
+            dirty_log: std::sync::atomic::AtomicBool::new(false),
+            dirty_lost: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether KVM's dirty log is to be on for RAM's read-write slots (the
+    /// [`SlotSink`] sets the flag on the slots it installs).
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_log.load(Ordering::Relaxed)
+    }
+
+    /// Turns KVM's dirty log on RAM's read-write slots on or off: each is
+    /// installed again through `sink` (a change of flags only, which KVM
+    /// allows on a live slot). Turning it on starts an empty log.
+    pub fn set_dirty_log(&self, sink: &dyn SlotSink, on: bool) -> Result<(), String> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let was = self.dirty_log.swap(on, Ordering::Relaxed);
+        self.dirty_lost.store(false, Ordering::Relaxed);
+        if was == on {
+            return Ok(());
+        }
+        for (id, s) in slots.iter().filter(|(_, s)| self.logged(s)) {
+            if let Err(e) = sink.set_slot(*id, Some(s)) {
+                // Whatever slots changed, what they logged is unknown.
+                self.dirty_lost.store(true, Ordering::Relaxed);
+                return Err(format!("slot {id} at {:#x}: {e}", s.gpa));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether slot `s` carries the dirty log: read-write guest RAM.
+    pub fn logged(&self, s: &SlotSpec) -> bool {
+        !s.readonly && self.ram.contains(s.gpa, s.len)
+    }
+
+    /// The RAM pages (guest-physical addresses) the guest wrote since the
+    /// dirty log was turned on or last read, `read(slot id, bytes)` giving
+    /// a slot's KVM bitmap (read and cleared); `None` when that cannot be
+    /// known (the log is off, or a slot changed since). Pages written by
+    /// the VMM itself, and the pages of read-only slots (whose writes the
+    /// VMM makes), are not in it.
+    pub fn dirty_pages(
+        &self,
+        read: &dyn Fn(u32, u64) -> Result<Vec<u64>, String>,
+    ) -> Result<Option<Vec<u64>>, String> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.dirty_log.load(Ordering::Relaxed) || self.dirty_lost.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let mut pages = Vec::new();
+        for (id, s) in slots.iter().filter(|(_, s)| self.logged(s)) {
+            let bitmap = read(*id, s.len)?;
+            for (w, bits) in bitmap.iter().enumerate() {
+                let mut b = *bits;
+                while b != 0 {
+                    let i = w as u64 * 64 + u64::from(b.trailing_zeros());
+                    b &= b - 1;
+                    if i * PAGE < s.len {
+                        pages.push(s.gpa + i * PAGE);
+                    }
+                }
+            }
+        }
+        pages.sort_unstable();
+        Ok(Some(pages))
     }
 
     /// The RAM under control.
@@ -698,6 +769,10 @@ impl WriteControl {
         }
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let old = slots.clone();
+        if self.dirty_log.load(Ordering::Relaxed) {
+            // Slots replaced start with an empty log.
+            self.dirty_lost.store(true, Ordering::Relaxed);
+        }
         match apply_layout(sink, &old, &layout) {
             Ok(now) => {
                 *slots = now;

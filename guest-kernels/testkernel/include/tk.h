@@ -43,7 +43,7 @@ typedef long s64;
 #define SYS_POKE 10     /* (which, value): kernel writes into its own text, see services.c */
 #define SYS_OPS 12       /* (n, path) -> op_count.ops after n locked increments through ops_add (path 0) or ops_tally (1) */
 #define SYS_STAT_READ 11 /* (task, which) -> stats_table[task] .calls (0), .sum (1), .last_value (4): read by unpatched code */
-#define SYS_CTL 13       /* (which, write, value): tk_ctls[which] (0 max, 1 used) read, or written then read, through its pointer; which 2: limits_charge(value) */
+#define SYS_CTL 13       /* (which, write, value): tk_ctls[which] (0 max, 1 used) read, or written then read, through its pointer; which 2: limits_charge(value); which 3: copy tk_ctls into the run-time table again if tk_ctl_refresh_due() */
 
 /* Per-CPU area, reached through GS base in kernel mode. Offsets used in entry.S. */
 struct percpu {
@@ -141,6 +141,8 @@ struct tk_ctl {
 extern struct tk_limits tk_limits;
 extern struct tk_ctl tk_ctls[2];
 u64 tk_ctl_access(u64 which, u64 write, u64 value);
+void tk_ctls_register(void);
+u64 tk_ctl_refresh_due(void);
 u64 limits_charge(u64 n);
 u64 text_poke_service(u64 which, u64 value);
 void text_poke_init(void);
