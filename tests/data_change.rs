@@ -1065,6 +1065,19 @@ fn pointers_saved_in_memory_at_run_time_hold_a_change_back_until_they_are_gone()
     let w0 = vm.trapped();
     vm.check_ctl(vm.serial().len(), 3);
     assert_eq!(vm.trapped(), w0, "writes to a retired copy trapped");
+    // Now the copied table points into the new copy, which a revert would
+    // free: refused, naming the words, with nothing changed.
+    let before = vm.list();
+    let o = vm.run(&["revert", "--vm", "dc", "limits2"]);
+    assert!(!o.status.success(), "reverted: {}", text(&o));
+    assert!(
+        text(&o).contains("memory holding a pointer into tk_limits (new copy)")
+            && text(&o).contains("tk_ctls_rt+0x"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(vm.list(), before, "a refused revert changed the VM's state");
+    vm.check_ctl(vm.serial().len(), 2);
 }
 
 #[test]

@@ -29,7 +29,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vmm_core::guest::{Guest, Paused};
+use vmm_core::guest::Guest;
 use vmm_core::pagewalk::{self, PagingState};
 use vmm_core::region::PATCH_AREA_BYTES;
 use vmm_core::vm::VmError;
@@ -62,7 +62,7 @@ pub enum PatchError {
     #[error(transparent)]
     Kernel(#[from] kernel::IntrospectError),
     /// A vCPU or a sleeping task kept being in code the switch leaves behind.
-    #[error("in each of {tries} pauses something was still in code the patch replaces (last: {who} {active}{}); nothing was changed, try again", crate::switch::also(others))]
+    #[error("in each of {tries} pauses something was still in code the patch replaces, or pointed into data it changes (last: {who} {active}{}); nothing was changed, try again", crate::switch::also(others))]
     Busy {
         /// Who: `vCPU N`, or `task PID (COMM)` for a Linux task that is not running.
         who: String,
@@ -1126,18 +1126,19 @@ impl Patcher {
                     d.old_addr + d.old_bytes,
                 )
                 .map_err(PatchError::Scan)?;
+                let labels = values
+                    .iter()
+                    .map(|&(a, b)| (a, b, format!("{} (old copy)", d.symbol)))
+                    .collect();
                 let mut scan = crate::pointers::PointerScan::start(g, values, skip)
                     .map_err(PatchError::Scan)?;
-                let layout = view.tasks(k).map(|(l, _)| l);
-                let tables = view.tables;
-                let mut memory = |paused: &Paused<'_>| {
-                    let hits = scan.now()?;
-                    if hits.is_empty() {
-                        return Ok(None);
-                    }
-                    let stacks = crate::pointers::stack_pages(paused, tables, layout)?;
-                    Ok(crate::pointers::holding(k, &d.symbol, hits, &stacks))
-                };
+                let mut memory = crate::pointers::check(
+                    &mut scan,
+                    k,
+                    view.tables,
+                    view.tasks(k).map(|(l, _)| l),
+                    labels,
+                );
                 match switch::switch_checked(g, view.tasks(k), &plan, 1, &mut memory) {
                     Ok(_) => {
                         self.scan_backoff.remove(&owner);
@@ -3531,7 +3532,37 @@ impl Patcher {
             Vec::new()
         };
         let ex = self.extable_plan(g, k, &view, None, &freeing, &mut plan)?;
-        let switched = switch::switch(g, view.tasks(k), &plan)?;
+        // The new copies go: nothing may hold a pointer into them, in a
+        // register, on a live stack or (saved at run time) anywhere in
+        // memory, but the kernel words the revert moves back.
+        let mut labels = Vec::new();
+        let mut skip: Vec<(u64, u64)> = view.text.map(|(a, n)| (a, a + n)).into_iter().collect();
+        for d in &target.data {
+            let (a, b) = (d.new_addr, d.new_addr + d.new_bytes);
+            labels.push((a, b, format!("{} (new copy)", d.symbol)));
+            plan.leaving.push(Leaving {
+                function: format!("{} (new copy)", d.symbol),
+                start: a,
+                end: b,
+                data: true,
+            });
+            skip.extend(d.repointed.iter().map(|r| (r.gpa, r.gpa + 8)));
+        }
+        let switched = if labels.is_empty() {
+            switch::switch(g, view.tasks(k), &plan)?
+        } else {
+            let values = labels.iter().map(|l| (l.0, l.1)).collect();
+            let mut scan =
+                crate::pointers::PointerScan::start(g, values, skip).map_err(PatchError::Scan)?;
+            let mut memory = crate::pointers::check(
+                &mut scan,
+                k,
+                view.tables,
+                view.tasks(k).map(|(l, _)| l),
+                labels,
+            );
+            switch::switch_checked(g, view.tasks(k), &plan, switch::MAX_TRIES, &mut memory)?
+        };
         self.commit_extable(ex);
         let st = &mut self.state;
         let removed = st.applied.remove(idx);

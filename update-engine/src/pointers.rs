@@ -233,12 +233,13 @@ pub fn stack_pages(
     Ok(pages)
 }
 
-/// The first of `hits` outside `stack_pages`, as what holds the old copy
-/// of `data` in use: the word's guest-physical address and, in the kernel
-/// image, its symbol.
+/// The first of `hits` outside `stack_pages`, as what holds the data of
+/// `labels` (value ranges, and what they are: `files_stat (old copy)`) in
+/// use: the word's guest-physical address and, in the kernel image, its
+/// symbol.
 pub fn holding(
     k: &GuestKernel,
-    data: &str,
+    labels: &[(u64, u64, String)],
     hits: &[(u64, u64)],
     stack_pages: &[u64],
 ) -> Option<(String, Active)> {
@@ -251,14 +252,38 @@ pub fn holding(
         .and_then(|off| k.symbols.symbolize(k.text + off))
         .map(|(s, off)| format!("{}+{off:#x}, ", s.name))
         .unwrap_or_default();
+    let data = labels
+        .iter()
+        .find(|(a, b, _)| (*a..*b).contains(&value))
+        .map_or_else(|| "data being left".to_owned(), |l| l.2.clone());
     Some((
         "memory".to_owned(),
         Active::Holding {
-            data: format!("{data} (old copy)"),
+            data,
             place: format!("the word at {named}guest-physical {gpa:#x}"),
             value,
         },
     ))
+}
+
+/// A check for a switch's pause ([`crate::switch::switch_checked`]): no
+/// word of guest memory outside kernel stacks holds a value of `labels`
+/// (`scan` kept current by the dirty log).
+pub fn check<'a, 'g: 'a>(
+    scan: &'a mut PointerScan<'g>,
+    k: &'a GuestKernel,
+    tables: PagingState,
+    tasks: Option<&'a crate::linux::TaskLayout>,
+    labels: Vec<(u64, u64, String)>,
+) -> impl FnMut(&Paused<'_>) -> Result<Option<(String, Active)>, String> + 'a + use<'a, 'g> {
+    move |paused| {
+        let hits = scan.now()?;
+        if hits.is_empty() {
+            return Ok(None);
+        }
+        let stacks = stack_pages(paused, tables, tasks)?;
+        Ok(holding(k, &labels, hits, &stacks))
+    }
 }
 
 #[cfg(test)]

@@ -281,7 +281,7 @@ pub struct PreparePhases {
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
     /// Something stayed in code being left through every try.
-    #[error("in each of {tries} pauses something was still in code the patch replaces (last: {who} {active}{}); nothing was changed, try again", also(others))]
+    #[error("in each of {tries} pauses something was still in code the patch replaces, or pointed into data it changes (last: {who} {active}{}); nothing was changed, try again", also(others))]
     Busy {
         /// `vCPU N`, or `task PID (COMM)`.
         who: String,
