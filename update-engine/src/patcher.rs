@@ -1139,7 +1139,22 @@ impl Patcher {
                     view.tasks(k).map(|(l, _)| l),
                     labels,
                 );
-                match switch::switch_checked(g, view.tasks(k), &plan, 1, &mut memory) {
+                let result = switch::switch_checked(g, view.tasks(k), &plan, 1, &mut memory);
+                drop(memory);
+                log::info!(
+                    "{}: {} MiB of guest memory scanned for pointers into the old copy in {:.1} ms \
+                     while the guest ran; in the pause: {}",
+                    d.symbol,
+                    scan.scanned.0 >> 20,
+                    scan.scanned.1.as_secs_f64() * 1e3,
+                    match scan.rescanned {
+                        None => "not reached (something was in the old code)".to_owned(),
+                        Some(None) => "all of it again (a slot changed)".to_owned(),
+                        Some(Some(n)) => format!("{n} pages written since, again"),
+                    }
+                );
+                drop(scan);
+                match result {
                     Ok(_) => {
                         self.scan_backoff.remove(&owner);
                         self.tracker.retire(&owner);

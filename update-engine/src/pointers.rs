@@ -47,8 +47,11 @@ pub struct PointerScan<'g> {
     /// Words holding a value looked for, as of the last scan of their page:
     /// (guest-physical address, value), sorted.
     hits: Vec<(u64, u64)>,
-    /// Pages scanned again in the last [`PointerScan::now`] (`None`: all).
-    pub rescanned: Option<usize>,
+    /// Pages scanned again in the last [`PointerScan::now`] (`None`: all),
+    /// if a pause got that far.
+    pub rescanned: Option<Option<usize>>,
+    /// Bytes scanned while the guest ran, and how long that took.
+    pub scanned: (u64, std::time::Duration),
 }
 
 impl std::fmt::Debug for PointerScan<'_> {
@@ -76,16 +79,19 @@ impl<'g> PointerScan<'g> {
             skip,
             hits: Vec::new(),
             rescanned: None,
+            scanned: (0, std::time::Duration::ZERO),
         };
-        s.scan(None)?;
+        let t = std::time::Instant::now();
+        let mut bytes = s.scan(None)?;
         for _ in 0..ROUNDS {
             let Some(pages) = s.dirty()? else { break };
             let few = pages.len() < FEW_PAGES;
-            s.scan(Some(&pages))?;
+            bytes += s.scan(Some(&pages))?;
             if few {
                 break;
             }
         }
+        s.scanned = (bytes, t.elapsed());
         Ok(s)
     }
 
@@ -94,8 +100,8 @@ impl<'g> PointerScan<'g> {
     }
 
     /// Scans `pages` again (`None`: all of RAM), replacing what was found
-    /// on them before.
-    fn scan(&mut self, pages: Option<&[u64]>) -> Result<(), String> {
+    /// on them before; returns the bytes scanned.
+    fn scan(&mut self, pages: Option<&[u64]>) -> Result<u64, String> {
         let spans: Vec<(u64, u64)> = match pages {
             None => {
                 self.hits.clear();
@@ -117,14 +123,14 @@ impl<'g> PointerScan<'g> {
         self.hits.extend(found);
         self.hits.sort_unstable();
         self.hits.dedup();
-        Ok(())
+        Ok(spans.iter().map(|(a, b)| b - a).sum())
     }
 
     /// In a pause: the words that hold a pointer into the object now (the
     /// pages written since the last scan are scanned again).
     pub fn now(&mut self) -> Result<&[(u64, u64)], String> {
         let pages = self.dirty()?;
-        self.rescanned = pages.as_ref().map(Vec::len);
+        self.rescanned = Some(pages.as_ref().map(Vec::len));
         self.scan(pages.as_deref())?;
         Ok(&self.hits)
     }

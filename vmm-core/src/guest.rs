@@ -132,20 +132,24 @@ pub fn find_words(
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
-    let mut buf = vec![0u8; CHUNK];
+    let mut words = vec![0u64; CHUNK / 8];
     for &(start, end) in spans {
         let mut at = start.next_multiple_of(8);
         while at + 8 <= end {
-            let n = ((end - at) as usize).min(CHUNK) & !7;
-            let chunk = &mut buf[..n];
-            ram.read_phys(at, chunk)?;
-            for (i, w) in chunk.chunks_exact(8).enumerate() {
-                let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
+            let n = ((end - at) as usize).min(CHUNK) / 8;
+            let chunk = &mut words[..n];
+            // SAFETY: the bytes of `n` initialized u64s, exclusively
+            // borrowed for the read; any bytes make a valid u64.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(chunk.as_mut_ptr().cast::<u8>(), n * 8) };
+            ram.read_phys(at, bytes)?;
+            for (i, &w) in chunk.iter().enumerate() {
+                let v = u64::from_le(w);
                 if v.wrapping_sub(lo) < hi - lo && values.iter().any(|&(a, b)| v >= a && v < b) {
                     out.push((at + 8 * i as u64, v));
                 }
             }
-            at += n as u64;
+            at += 8 * n as u64;
         }
     }
     Ok(out)
