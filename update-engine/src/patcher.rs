@@ -1164,18 +1164,15 @@ impl Patcher {
                         let in_memory =
                             matches!(&e, SwitchError::Busy { who, .. } if who == "memory");
                         self.tracker.waiting(&owner, busy(e)?);
-                        if in_memory {
-                            // Such a pointer is seldom dropped soon: scan
-                            // again after 2 s, then waiting twice as long
-                            // each time, up to about a minute.
-                            let wait = self
-                                .scan_backoff
-                                .get(&owner)
-                                .map_or(Duration::from_secs(2), |(_, w)| {
-                                    (*w * 2).min(MAX_SCAN_WAIT)
-                                });
-                            self.scan_backoff.insert(owner.clone(), (now + wait, wait));
-                        }
+                        // The next try scans all of memory again: not
+                        // before 2 s; a pointer found in memory is seldom
+                        // dropped soon, so after one the wait doubles each
+                        // time, up to about a minute.
+                        let wait = match self.scan_backoff.get(&owner) {
+                            Some((_, w)) if in_memory => (*w * 2).min(MAX_SCAN_WAIT),
+                            _ => Duration::from_secs(2),
+                        };
+                        self.scan_backoff.insert(owner.clone(), (now + wait, wait));
                     }
                 }
             }

@@ -119,39 +119,60 @@ pub trait Guest: Send + Sync {
 /// The 8-byte-aligned words of guest RAM in `spans` (guest-physical
 /// `[start, end)`) whose value lies in one of `values` (`[start, end)`):
 /// (address, value), in address order. A scan for pointers into an object.
+/// Where a range's values share their high bytes (an object's addresses
+/// do), those bytes are searched for with `memchr`'s vectorized substring
+/// search and only the words they are found in are read whole.
 pub fn find_words(
     ram: &dyn PhysMemory,
     spans: &[(u64, u64)],
     values: &[(u64, u64)],
 ) -> Result<Vec<(u64, u64)>, MemoryError> {
     const CHUNK: usize = 64 << 10;
-    let (Some(lo), Some(hi)) = (
-        values.iter().map(|v| v.0).min(),
-        values.iter().map(|v| v.1).max(),
-    ) else {
-        return Ok(Vec::new());
-    };
+    let values: Vec<(u64, u64)> = values.iter().copied().filter(|(a, b)| a < b).collect();
+    // Per range: how many high bytes every value in it shares, and them.
+    let needles: Vec<(usize, Vec<u8>)> = values
+        .iter()
+        .map(|&(a, b)| {
+            let (lo, hi) = (a.to_le_bytes(), (b - 1).to_le_bytes());
+            let fixed = (0..8).rev().take_while(|&i| lo[i] == hi[i]).count();
+            (fixed, lo[8 - fixed..].to_vec())
+        })
+        .collect();
     let mut out = Vec::new();
-    let mut words = vec![0u64; CHUNK / 8];
+    let mut buf = vec![0u8; CHUNK];
     for &(start, end) in spans {
         let mut at = start.next_multiple_of(8);
         while at + 8 <= end {
-            let n = ((end - at) as usize).min(CHUNK) / 8;
-            let chunk = &mut words[..n];
-            // SAFETY: the bytes of `n` initialized u64s, exclusively
-            // borrowed for the read; any bytes make a valid u64.
-            let bytes =
-                unsafe { std::slice::from_raw_parts_mut(chunk.as_mut_ptr().cast::<u8>(), n * 8) };
-            ram.read_phys(at, bytes)?;
-            for (i, &w) in chunk.iter().enumerate() {
-                let v = u64::from_le(w);
-                if v.wrapping_sub(lo) < hi - lo && values.iter().any(|&(a, b)| v >= a && v < b) {
-                    out.push((at + 8 * i as u64, v));
+            let n = ((end - at) as usize).min(CHUNK) & !7;
+            let chunk = &mut buf[..n];
+            ram.read_phys(at, chunk)?;
+            let word =
+                |i: usize| u64::from_le_bytes(chunk[i..i + 8].try_into().unwrap_or_default());
+            for (&(a, b), (fixed, needle)) in values.iter().zip(&needles) {
+                if *fixed >= 3 {
+                    for p in memchr::memmem::find_iter(chunk, needle) {
+                        let Some(w) = p.checked_sub(8 - fixed) else {
+                            continue;
+                        };
+                        let v = word(w);
+                        if w % 8 == 0 && v >= a && v < b {
+                            out.push((at + w as u64, v));
+                        }
+                    }
+                } else {
+                    for w in (0..n).step_by(8) {
+                        let v = word(w);
+                        if v >= a && v < b {
+                            out.push((at + w as u64, v));
+                        }
+                    }
                 }
             }
-            at += 8 * n as u64;
+            at += n as u64;
         }
     }
+    out.sort_unstable();
+    out.dedup();
     Ok(out)
 }
 
@@ -237,5 +258,52 @@ impl Drop for Paused<'_> {
                 log::error!("resuming the guest failed: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_in_a_range_are_found_where_aligned() {
+        let ram = GuestRam::new(64 << 20).expect("RAM");
+        let spans: Vec<(u64, u64)> = ram
+            .ranges()
+            .iter()
+            .map(|r| (r.guest_addr, r.guest_addr + r.len))
+            .collect();
+        for (gpa, v) in [
+            (0x1000u64, 0xffff_ffff_8100_4ce0u64),
+            (0x2008, 0xffff_ffff_8100_4cef),
+            (0x3004, 0xffff_ffff_8100_4ce8), // not 8-byte aligned
+            (0x4000, 0xffff_ffff_8100_4cf0), // just past the range
+            (0x5000, 0xffff_8880_0100_4ce0),
+            (0x3ff_fff8, 0xffff_ffff_8100_4ce1), // the last word of RAM
+        ] {
+            ram.write_phys(gpa, &v.to_le_bytes()).expect("write");
+        }
+        let ranges = [
+            (0xffff_ffff_8100_4ce0, 0xffff_ffff_8100_4cf0),
+            (0xffff_8880_0100_4ce0, 0xffff_8880_0100_4cf0),
+            (1, 0), // empty
+        ];
+        assert_eq!(
+            find_words(&ram, &spans, &ranges).expect("scan"),
+            vec![
+                (0x1000, 0xffff_ffff_8100_4ce0),
+                (0x2008, 0xffff_ffff_8100_4cef),
+                (0x5000, 0xffff_8880_0100_4ce0),
+                (0x3ff_fff8, 0xffff_ffff_8100_4ce1),
+            ]
+        );
+        // Only inside the spans.
+        assert_eq!(
+            find_words(&ram, &[(0x1008, 0x5000)], &ranges).expect("scan"),
+            vec![(0x2008, 0xffff_ffff_8100_4cef)]
+        );
+        // A range whose values share few high bytes: every word read.
+        let wide = find_words(&ram, &spans, &[(0xffff_0000_0000_0000, u64::MAX)]).expect("scan");
+        assert_eq!(wide.len(), 5, "{wide:x?}");
     }
 }
