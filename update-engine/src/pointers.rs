@@ -129,7 +129,22 @@ impl<'g> PointerScan<'g> {
     /// In a pause: the words that hold a pointer into the object now (the
     /// pages written since the last scan are scanned again).
     pub fn now(&mut self) -> Result<&[(u64, u64)], String> {
-        let pages = self.dirty()?;
+        let pages = self.dirty()?.map(|mut pages| {
+            // The guest's writes to protected pages (read-only slots) are
+            // made by the VMM, out of KVM's log: those pages too.
+            let ram = self.guest.ram_ranges();
+            for p in self.guest.protections() {
+                let first = p.gpa & !(PAGE - 1);
+                pages.extend(
+                    (first..p.gpa + p.len)
+                        .step_by(PAGE as usize)
+                        .filter(|a| ram.iter().any(|&(s, n)| (s..s + n).contains(a))),
+                );
+            }
+            pages.sort_unstable();
+            pages.dedup();
+            pages
+        });
         self.rescanned = Some(pages.as_ref().map(Vec::len));
         self.scan(pages.as_deref())?;
         Ok(&self.hits)
