@@ -17,7 +17,10 @@
 //!
 //! - the guest's throughput on tracked data: the test kernel's tasks
 //!   updating its stats table unpatched, with a new layout tracking (every
-//!   store trapped and transferred) and after it retired (native).
+//!   store trapped and transferred) and after it retired (native);
+//! - that change's retirement: the scan of guest memory for pointers into
+//!   the old copy (while the guest runs, then the pages written since in
+//!   the pause) and the pause, beside a stop-the-world scan.
 //!
 //! `cargo bench --bench write_control` (LUCOS_BENCH_RUNS: windows per
 //! figure, default 3; each window 1 s).
@@ -207,7 +210,7 @@ fn iters(serial: &std::path::Path) -> [u64; 2] {
 /// patched `stats_update` to the new copy is trapped and transferred); and
 /// retired (stats3: every user replaced, the new copy written natively).
 /// Medians of `n` windows each.
-fn tracked_throughput(n: usize) -> (f64, f64, f64, u64) {
+fn tracked_throughput(n: usize) -> (f64, f64, f64, u64, Retirement) {
     use common::cli::{p, text, RunDir};
     use common::stats::{all_users, new_stats};
     let dir = RunDir::new("bench-throughput");
@@ -297,13 +300,38 @@ fn tracked_throughput(n: usize) -> (f64, f64, f64, u64) {
     }
     ok(&["patch", "--vm", "tp", p(&dir.0.join("stats3.lup"))]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while list()["patches"][0]["data"][0]["stats"]["state"] != "retired" {
+    let retirement = loop {
+        let l = list();
+        let d = &l["patches"][0]["data"][0]["stats"];
+        if d["state"] == "retired" {
+            break Retirement {
+                scanned_mib: d["scan"]["bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+                running_ms: d["scan"]["running_us"].as_u64().unwrap_or(0) as f64 / 1e3,
+                pause_pages: d["scan"]["pause_pages"].as_u64(),
+                pause_ms: d["retire_pause_us"].as_u64().unwrap_or(0) as f64 / 1e3,
+            };
+        }
         assert!(Instant::now() < deadline, "stats3 did not retire in 60 s");
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
     let retired: Vec<f64> = (0..n).map(|_| updates()).collect();
     ok(&["stop", "--vm", "tp"]);
-    (median(plain), median(tracking), median(retired), transfers)
+    (
+        median(plain),
+        median(tracking),
+        median(retired),
+        transfers,
+        retirement,
+    )
+}
+
+/// A data change's retirement as `lucos list` reports it: the scan of
+/// guest memory for pointers into the old copy, and the pause.
+struct Retirement {
+    scanned_mib: f64,
+    running_ms: f64,
+    pause_pages: Option<u64>,
+    pause_ms: f64,
 }
 
 fn main() {
@@ -376,7 +404,7 @@ fn main() {
     let (derived, derived_n) = tracked_store(n, "pagederived", PAGE_DERIVED, None);
     let (in_c, c_n) = tracked_store(n, "pagec", PAGE_C, None);
     let (in_kvm, kvm_n) = tracked_store(n, "pagekvm", PAGE_C, Some("sandbox"));
-    let (unpatched, tracking, retired, tracked_n) = tracked_throughput(n);
+    let (unpatched, tracking, retired, tracked_n, retirement) = tracked_throughput(n);
 
     println!(
         "lucos write control, host KVM {flavor:?}, test kernel; medians of {n} windows of {WINDOW:?}"
@@ -436,6 +464,21 @@ fn main() {
         retired / unpatched
     );
     println!("({tracked_n} transfers while tracking)");
+    println!(
+        "| retiring that change (64 MiB guest): scan of guest memory for pointers into the old copy | guest pause |"
+    );
+    println!("|---|---|");
+    println!(
+        "| lucos: {:.0} MiB scanned while the guest ran ({:.1} ms, KVM's dirty log on), {} pages written since scanned again in the pause | {:.2} ms |",
+        retirement.scanned_mib,
+        retirement.running_ms,
+        retirement.pause_pages.map_or("all".into(), |n| n.to_string()),
+        retirement.pause_ms
+    );
+    println!(
+        "| the same scan stop-the-world (all of it in the pause) | at least {:.1} ms |",
+        retirement.running_ms
+    );
     println!(
         "| workload not writing protected pages (2 vCPUs, syscalls + user work) | iterations/s |"
     );

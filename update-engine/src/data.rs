@@ -968,6 +968,25 @@ pub struct Tracked {
     /// What held the last retirement check back (a task in old code, a
     /// register holding a pointer into the old copy).
     pub waiting: std::sync::Mutex<Option<String>>,
+    /// The last scan of guest memory for pointers into the old copy.
+    pub scan: std::sync::Mutex<Option<ScanStats>>,
+    /// The retirement's pause, microseconds.
+    pub retire_pause_us: std::sync::atomic::AtomicU64,
+}
+
+/// The last scan of guest memory for pointers into an old copy before a
+/// retirement ([`crate::pointers`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanStats {
+    /// Bytes scanned while the guest ran (all of RAM once, then what it
+    /// wrote meanwhile).
+    pub bytes: u64,
+    /// Microseconds that took.
+    pub running_us: u64,
+    /// Pages scanned again in the pause (written since, or protected);
+    /// absent when the pause did not get that far or scanned all of RAM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_pages: Option<u64>,
 }
 
 /// A patch's objects: (name, ELF bytes).
@@ -1014,6 +1033,8 @@ impl Tracked {
             failures: Default::default(),
             c_objects: None,
             waiting: Default::default(),
+            scan: Default::default(),
+            retire_pause_us: Default::default(),
         }
     }
 
@@ -1055,6 +1076,13 @@ pub struct DataStats {
     /// `interpreter`, or `kvm-sandbox: WHY`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub c_engine: Option<String>,
+    /// The last scan of guest memory for pointers into the old copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan: Option<ScanStats>,
+    /// The retirement's pause, microseconds, once retired (by this VMM
+    /// process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_pause_us: Option<u64>,
 }
 
 /// The data changes of one VM being tracked, shared by the patcher (which
@@ -1182,10 +1210,12 @@ impl DataTracker {
             .cloned()
     }
 
-    /// Marks `owner`'s change retired (its old copy was just released).
-    pub fn retire(&self, owner: &str) {
+    /// Marks `owner`'s change retired (its old copy was just released, in
+    /// a pause of `pause_us`).
+    pub fn retire(&self, owner: &str, pause_us: u64) {
         use std::sync::atomic::Ordering::Relaxed;
         if let Some(t) = self.get(owner) {
+            t.retire_pause_us.store(pause_us, Relaxed);
             t.retired_after_ms
                 .store(t.since.elapsed().as_millis() as u64, Relaxed);
             t.retired.store(true, Relaxed);
@@ -1230,7 +1260,16 @@ impl DataTracker {
                 (e, None) => e.to_owned(),
                 (e, Some(why)) => format!("{e}: {why}"),
             }),
+            scan: t.scan.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            retire_pause_us: Some(t.retire_pause_us.load(Relaxed)).filter(|&us| us > 0),
         })
+    }
+
+    /// Notes the last scan of memory for pointers into `owner`'s old copy.
+    pub fn scanned(&self, owner: &str, scan: ScanStats) {
+        if let Some(t) = self.get(owner) {
+            *t.scan.lock().unwrap_or_else(|e| e.into_inner()) = Some(scan);
+        }
     }
 
     /// Notes what held `owner`'s retirement back this time.

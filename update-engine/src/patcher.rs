@@ -1153,11 +1153,20 @@ impl Patcher {
                         Some(Some(n)) => format!("{n} pages written since, again"),
                     }
                 );
+                self.tracker.scanned(
+                    &owner,
+                    crate::data::ScanStats {
+                        bytes: scan.scanned.0,
+                        running_us: scan.scanned.1.as_micros() as u64,
+                        pause_pages: scan.rescanned.flatten().map(|n| n as u64),
+                    },
+                );
                 drop(scan);
                 match result {
-                    Ok(_) => {
+                    Ok(switched) => {
                         self.scan_backoff.remove(&owner);
-                        self.tracker.retire(&owner);
+                        self.tracker
+                            .retire(&owner, switched.pause.as_micros().max(1) as u64);
                         done.push(format!("{}:{}", a.name, d.symbol));
                     }
                     Err(e) => {
