@@ -239,6 +239,28 @@ pub fn task_stacks(
     Ok(out)
 }
 
+/// The kernel stack (lowest address) of the task current on each of the
+/// `cpus` CPUs (`None`: it has none); the VM must be paused.
+pub fn current_stacks(
+    vm: &dyn Guest,
+    paging: PagingState,
+    layout: &TaskLayout,
+    cpus: u8,
+) -> Result<Vec<Option<u64>>, String> {
+    let r = Reader {
+        vm,
+        paging,
+        last: Default::default(),
+    };
+    (0..u64::from(cpus))
+        .map(|cpu| {
+            let base = r.u64(layout.per_cpu_offset + 8 * cpu)?;
+            let t = r.u64(base.wrapping_add(layout.current_task))?;
+            Ok(Some(r.u64(t + layout.stack)?).filter(|&s| s != 0))
+        })
+        .collect()
+}
+
 /// Calls `f` on every task (its `task_struct` address): each process from
 /// `init_task` round the process list, each of its threads round its
 /// thread group.

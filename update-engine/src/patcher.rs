@@ -1086,6 +1086,14 @@ impl Patcher {
                     protect,
                     ..Plan::default()
                 };
+                // Memory is scanned only so often (see below).
+                if self
+                    .scan_backoff
+                    .get(&owner)
+                    .is_some_and(|(at, _)| Instant::now() < *at)
+                {
+                    continue;
+                }
                 // First, in a pause of its own, whether anything is still
                 // in the old code or holds the old copy in a register or on
                 // its stack: memory is scanned only when nothing is.
@@ -1104,14 +1112,6 @@ impl Patcher {
                 };
                 if let Err(e) = switch::switch_tries(g, view.tasks(k), &first, 1) {
                     self.tracker.waiting(&owner, busy(e)?);
-                    continue;
-                }
-                let now = std::time::Instant::now();
-                if self
-                    .scan_backoff
-                    .get(&owner)
-                    .is_some_and(|(at, _)| now < *at)
-                {
                     continue;
                 }
                 // Pointers the kernel saved at run time: scanned for while
@@ -1181,7 +1181,8 @@ impl Patcher {
                             Some((_, w)) if in_memory => (*w * 2).min(MAX_SCAN_WAIT),
                             _ => Duration::from_secs(2),
                         };
-                        self.scan_backoff.insert(owner.clone(), (now + wait, wait));
+                        self.scan_backoff
+                            .insert(owner.clone(), (Instant::now() + wait, wait));
                     }
                 }
             }
@@ -3558,8 +3559,17 @@ impl Patcher {
         // memory, but the kernel words the revert moves back.
         let mut labels = Vec::new();
         let mut skip: Vec<(u64, u64)> = view.text.map(|(a, n)| (a, a + n)).into_iter().collect();
+        // What goes with the patch (its code, its copies) may point into
+        // its copies.
+        let area_va = self.state.area_va.unwrap_or(0);
+        let in_area = |va: u64, n: u64| {
+            let gpa = area.gpa + va.wrapping_sub(area_va);
+            (gpa, gpa + n)
+        };
+        skip.push(in_area(target.code_addr, target.code_bytes));
         for d in &target.data {
             let (a, b) = (d.new_addr, d.new_addr + d.new_bytes);
+            skip.push(in_area(a, d.new_bytes));
             labels.push((a, b, format!("{} (new copy)", d.symbol)));
             plan.leaving.push(Leaving {
                 function: format!("{} (new copy)", d.symbol),
@@ -3589,6 +3599,7 @@ impl Patcher {
         let removed = st.applied.remove(idx);
         for d in &removed.data {
             self.tracker.remove(&d.owner_of(name));
+            self.scan_backoff.remove(&d.owner_of(name));
         }
         // Its code was left in the switch: nothing is in it, nothing jumps
         // there. Where sleeping tasks could not be checked (a Linux kernel

@@ -19,7 +19,8 @@
 //! Words on kernel stacks are left to the stack checks: below a stack
 //! pointer is dead memory, and the live part was checked.
 
-use vmm_core::guest::{find_words, Guest, Paused};
+use vmm_core::guest::{find_words, Guest, Paused, PhysMemory};
+use vmm_core::memory::MemoryError;
 use vmm_core::pagewalk::{self, PagingState};
 use vmm_core::vm::VmError;
 
@@ -32,6 +33,9 @@ const ROUNDS: usize = 3;
 /// Pages written during a round below which the pause takes the rest.
 const FEW_PAGES: usize = 256;
 const PAGE: u64 = 4096;
+/// Where x86-64 Linux maps all of physical memory when it does not move it
+/// (`__PAGE_OFFSET` with 4-level paging, no KASLR of the direct map).
+const LINUX_PAGE_OFFSET: u64 = 0xffff_8880_0000_0000;
 
 /// `[start, end)` address ranges.
 pub type Ranges = Vec<(u64, u64)>;
@@ -72,7 +76,11 @@ impl<'g> PointerScan<'g> {
         values: Vec<(u64, u64)>,
         skip: Vec<(u64, u64)>,
     ) -> Result<Self, String> {
-        guest.set_dirty_log(true).map_err(|e| e.to_string())?;
+        if let Err(e) = guest.set_dirty_log(true) {
+            // Not left on in part.
+            let _ = guest.set_dirty_log(false);
+            return Err(e.to_string());
+        }
         let mut s = PointerScan {
             guest,
             values,
@@ -84,9 +92,10 @@ impl<'g> PointerScan<'g> {
         let t = std::time::Instant::now();
         let mut bytes = s.scan(None)?;
         for _ in 0..ROUNDS {
-            let Some(pages) = s.dirty()? else { break };
-            let few = pages.len() < FEW_PAGES;
-            bytes += s.scan(Some(&pages))?;
+            // Unknown (a slot changed): all of it again.
+            let pages = s.dirty()?;
+            let few = pages.as_ref().is_some_and(|p| p.len() < FEW_PAGES);
+            bytes += s.scan(pages.as_deref())?;
             if few {
                 break;
             }
@@ -105,10 +114,12 @@ impl<'g> PointerScan<'g> {
         let spans: Vec<(u64, u64)> = match pages {
             None => {
                 self.hits.clear();
+                let area = self.guest.area();
                 self.guest
                     .ram_ranges()
                     .iter()
                     .map(|&(a, n)| (a, a + n))
+                    .chain([(area.gpa, area.gpa + area.size)])
                     .collect()
             }
             Some(pages) => {
@@ -118,7 +129,7 @@ impl<'g> PointerScan<'g> {
             }
         };
         let spans = subtract(&spans, &self.skip);
-        let found = find_words(self.guest.ram(), &spans, &self.values)
+        let found = find_words(&GuestMemory(self.guest), &spans, &self.values)
             .map_err(|e| format!("scanning guest memory: {e}"))?;
         self.hits.extend(found);
         self.hits.sort_unstable();
@@ -129,22 +140,7 @@ impl<'g> PointerScan<'g> {
     /// In a pause: the words that hold a pointer into the object now (the
     /// pages written since the last scan are scanned again).
     pub fn now(&mut self) -> Result<&[(u64, u64)], String> {
-        let pages = self.dirty()?.map(|mut pages| {
-            // The guest's writes to protected pages (read-only slots) are
-            // made by the VMM, out of KVM's log: those pages too.
-            let ram = self.guest.ram_ranges();
-            for p in self.guest.protections() {
-                let first = p.gpa & !(PAGE - 1);
-                pages.extend(
-                    (first..p.gpa + p.len)
-                        .step_by(PAGE as usize)
-                        .filter(|a| ram.iter().any(|&(s, n)| (s..s + n).contains(a))),
-                );
-            }
-            pages.sort_unstable();
-            pages.dedup();
-            pages
-        });
+        let pages = self.dirty()?;
         self.rescanned = Some(pages.as_ref().map(Vec::len));
         self.scan(pages.as_deref())?;
         Ok(&self.hits)
@@ -156,6 +152,23 @@ impl Drop for PointerScan<'_> {
         if let Err(e) = self.guest.set_dirty_log(false) {
             log::warn!("turning the dirty log off after a pointer scan: {e}");
         }
+    }
+}
+
+/// Guest RAM and the patch area (the VMM's memory the guest sees: new
+/// copies, patches' own variables) as one guest-physical memory.
+struct GuestMemory<'g>(&'g dyn Guest);
+
+impl PhysMemory for GuestMemory<'_> {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let area = self.0.area();
+        match gpa.checked_sub(area.gpa).filter(|&off| off < area.size) {
+            Some(off) => self.0.area_read(off, buf),
+            None => self.0.ram().read_phys(gpa, buf),
+        }
+    }
+    fn write_phys(&self, gpa: u64, _: &[u8]) -> Result<(), MemoryError> {
+        Err(MemoryError::OutOfRange { addr: gpa, len: 0 })
     }
 }
 
@@ -204,20 +217,31 @@ pub fn targets(
         at += n;
     }
     skip.extend(gpas.iter().copied());
-    if let Ok(s) = k.symbols.lookup("page_offset_base") {
-        let mut b = [0u8; 8];
-        if crate::kernel::read_virt(g, tables, s.addr, &mut b).is_ok() {
-            let base = u64::from_le_bytes(b);
-            values.extend(gpas.iter().map(|&(a, e)| (base + a, base + e)));
+    // Linux's direct map: where `page_offset_base` says (KASLR), else its
+    // fixed place.
+    let direct = match k.symbols.lookup("page_offset_base") {
+        Ok(s) => {
+            let mut b = [0u8; 8];
+            crate::kernel::read_virt(g, tables, s.addr, &mut b)
+                .map_err(|e| format!("page_offset_base: {e}"))?;
+            Some(u64::from_le_bytes(b))
         }
+        Err(_) if k.symbols.lookup("init_task").is_ok() => Some(LINUX_PAGE_OFFSET),
+        Err(_) => None,
+    };
+    if let Some(base) = direct {
+        values.extend(gpas.iter().map(|&(a, e)| (base + a, base + e)));
     }
     Ok((values, skip))
 }
 
-/// Guest-physical pages of kernel stacks now: each vCPU's (the one its
-/// stack pointer is on in kernel mode, and the one its next entry into the
-/// kernel starts from, `RSP0` of its task-state segment) and, on Linux,
-/// every task's.
+/// Guest-physical pages of kernel stacks whose words the stack checks
+/// cover (their live part) or that are dead: each vCPU's (the one its
+/// stack pointer is on in kernel mode; for the test kernel, whose tasks
+/// enter the kernel on their CPU's stack, the one `RSP0` of its
+/// task-state segment names, which on Linux is the entry trampoline's) and,
+/// on Linux, every task's but that of a task interrupted on a vCPU now
+/// running on another stack (its frames there are live and are scanned).
 pub fn stack_pages(
     paused: &Paused<'_>,
     tables: PagingState,
@@ -225,8 +249,10 @@ pub fn stack_pages(
 ) -> Result<Vec<u64>, String> {
     let g = paused.guest();
     let mut stacks: Vec<(u64, PagingState)> = Vec::new();
+    let mut vcpus = Vec::new();
     for v in 0..g.vcpu_count() {
         let s = paused.vcpu(v).map_err(|e| e.to_string())?;
+        vcpus.push(s);
         if s.cpl == 0 {
             stacks.push((s.rsp & !(STACK_BYTES - 1), s.paging));
         }
@@ -237,8 +263,16 @@ pub fn stack_pages(
         }
     }
     if let Some(layout) = tasks {
+        let current = crate::linux::current_stacks(g, tables, layout, g.vcpu_count())?;
+        let interrupted = |base: u64| {
+            current.iter().zip(&vcpus).any(|(c, s)| {
+                *c == Some(base) && s.cpl == 0 && !(base..base + STACK_BYTES).contains(&s.rsp)
+            })
+        };
         for base in crate::linux::task_stacks(g, tables, layout)? {
-            stacks.push((base & !(STACK_BYTES - 1), tables));
+            if !interrupted(base) {
+                stacks.push((base & !(STACK_BYTES - 1), tables));
+            }
         }
     }
     let mut pages = Vec::new();
@@ -310,6 +344,139 @@ pub fn check<'a, 'g: 'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use vmm_core::guest::{AreaInfo, PauseToken, VcpuState};
+    use vmm_core::write_control::{ProtectError, Protection};
+
+    const OBJ: (u64, u64) = (0xffff_ffff_8100_4ce0, 0xffff_ffff_8100_4cf0);
+    const AREA: u64 = 0x10_0000;
+
+    /// 64 KiB of RAM and a 4 KiB patch area after it; its dirty log is
+    /// what the test says it is.
+    struct Mem {
+        ram: Mutex<Vec<u8>>,
+        area: Mutex<Vec<u8>>,
+        log: Mutex<Option<Vec<u64>>>,
+    }
+
+    impl Mem {
+        fn new() -> Self {
+            Mem {
+                ram: Mutex::new(vec![0; 0x1_0000]),
+                area: Mutex::new(vec![0; 0x1000]),
+                log: Mutex::new(Some(Vec::new())),
+            }
+        }
+        /// The guest writes `v` at `gpa`; `logged`: KVM saw it.
+        fn put(&self, gpa: u64, v: u64, logged: bool) {
+            let mut r = self.ram.lock().expect("lock");
+            r[gpa as usize..gpa as usize + 8].copy_from_slice(&v.to_le_bytes());
+            if logged {
+                if let Some(l) = self.log.lock().expect("lock").as_mut() {
+                    l.push(gpa & !0xfff);
+                }
+            }
+        }
+    }
+
+    impl PhysMemory for Mem {
+        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+            let r = self.ram.lock().expect("lock");
+            buf.copy_from_slice(&r[gpa as usize..gpa as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_phys(&self, _: u64, _: &[u8]) -> Result<(), MemoryError> {
+            unreachable!()
+        }
+    }
+
+    impl Guest for Mem {
+        fn ram(&self) -> &dyn PhysMemory {
+            self
+        }
+        fn vcpu_count(&self) -> u8 {
+            1
+        }
+        fn is_paused(&self) -> bool {
+            false
+        }
+        fn pause_vcpus(&self) -> Result<Duration, VmError> {
+            Ok(Duration::ZERO)
+        }
+        fn resume_vcpus(&self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn vcpu_state(&self, _: &PauseToken, _: u8) -> Result<VcpuState, VmError> {
+            unreachable!()
+        }
+        fn area(&self) -> AreaInfo {
+            AreaInfo {
+                gpa: AREA,
+                size: 0x1000,
+            }
+        }
+        fn area_write(&self, _: u64, _: &[u8]) -> Result<(), MemoryError> {
+            unreachable!()
+        }
+        fn area_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+            let a = self.area.lock().expect("lock");
+            buf.copy_from_slice(&a[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn change_protection(
+            &self,
+            _: &PauseToken,
+            _: &[String],
+            _: &[Protection],
+        ) -> Result<(), ProtectError> {
+            unreachable!()
+        }
+        fn protections(&self) -> Vec<Protection> {
+            Vec::new()
+        }
+        fn ram_ranges(&self) -> Vec<(u64, u64)> {
+            vec![(0, 0x1_0000)]
+        }
+        fn dirty_pages(&self) -> Result<Option<Vec<u64>>, VmError> {
+            let mut l = self.log.lock().expect("lock");
+            Ok(match l.as_mut() {
+                Some(v) => Some(std::mem::take(v)),
+                None => {
+                    *l = Some(Vec::new());
+                    None
+                }
+            })
+        }
+    }
+
+    #[test]
+    fn the_scan_follows_the_log_and_scans_all_again_when_it_is_lost() {
+        let g = Mem::new();
+        g.put(0x1000, OBJ.0, true);
+        g.put(0x2000 + 4, OBJ.0, true); // not a word
+        g.area.lock().expect("lock")[0x10..0x18].copy_from_slice(&(OBJ.0 + 8).to_le_bytes());
+        let mut s = PointerScan::start(&g, vec![OBJ], vec![(0x3000, 0x4000)]).expect("scan");
+        // RAM and the patch area, not what is skipped.
+        g.put(0x3008, OBJ.0, false);
+        assert_eq!(
+            s.now().expect("now"),
+            &[(0x1000, OBJ.0), (AREA + 0x10, OBJ.0 + 8)]
+        );
+        // Written since, logged: the pointer moved, the pause sees where.
+        g.put(0x1000, 0, true);
+        g.put(0x5000, OBJ.0 + 1, true);
+        assert_eq!(
+            s.now().expect("now"),
+            &[(0x5000, OBJ.0 + 1), (AREA + 0x10, OBJ.0 + 8)]
+        );
+        assert_eq!(s.rescanned, Some(Some(2)));
+        // The log lost (a slot changed): all of it again.
+        g.put(0x6000, OBJ.0 + 2, false);
+        *g.log.lock().expect("lock") = None;
+        assert_eq!(s.now().expect("now").len(), 3);
+        assert_eq!(s.rescanned, Some(None));
+    }
 
     #[test]
     fn skipped_ranges_are_cut_out_of_the_spans() {

@@ -442,8 +442,14 @@ fn switch_paused(
         checked = Some(0);
     }
     let tasks = tasks.filter(|_| !leaving.is_empty());
+    let current = match tasks {
+        Some((layout, paging)) => linux::current_stacks(guest, paging, layout, guest.vcpu_count())
+            .map_err(|e| Refused::Failed(format!("reading the guest's current tasks: {e}")))?,
+        None => Vec::new(),
+    };
     for v in (0..guest.vcpu_count()).filter(|_| !leaving.is_empty()) {
-        if let Some(a) = vcpu_active(paused, v, leaving).map_err(Refused::Failed)? {
+        let task_stack = current.get(usize::from(v)).copied().flatten();
+        if let Some(a) = vcpu_active(paused, v, leaving, task_stack).map_err(Refused::Failed)? {
             return Err(Refused::Busy(format!("vCPU {v}"), a, Vec::new()));
         }
     }
@@ -525,8 +531,17 @@ fn undo(guest: &dyn Guest, writes: &[Write]) -> Result<(), String> {
 /// Whether paused vCPU `v` is in kernel code being left, or holds a pointer
 /// into data being left: its RIP or registers, or a word on the live part
 /// of its kernel stack (read through its own page tables).
-/// A vCPU in user mode has no kernel call in progress.
-fn vcpu_active(paused: &Paused<'_>, v: u8, leaving: &[Leaving]) -> Result<Option<Active>, String> {
+/// A vCPU in user mode has no kernel call in progress. `task_stack`: on
+/// Linux, the kernel stack of the task current on it: when the vCPU is on
+/// another stack (an interrupt's), the task it interrupted has its frames,
+/// and the interrupted instruction pointer, on that one, which is checked
+/// whole (its dead part too: conservative).
+fn vcpu_active(
+    paused: &Paused<'_>,
+    v: u8,
+    leaving: &[Leaving],
+    task_stack: Option<u64>,
+) -> Result<Option<Active>, String> {
     let s = paused.vcpu(v).map_err(|e| e.to_string())?;
     if s.cpl != 0 {
         return Ok(None);
@@ -537,7 +552,19 @@ fn vcpu_active(paused: &Paused<'_>, v: u8, leaving: &[Leaving]) -> Result<Option
         return Ok(Some(a));
     }
     let (from, end) = safety::live_stack(s.rsp);
-    stack_active(paused.guest(), s.paging, from, end, leaving)
+    if let Some(a) = stack_active(paused.guest(), s.paging, from, end, leaving)? {
+        return Ok(Some(a));
+    }
+    match task_stack {
+        Some(base) if !(base..base + linux::THREAD_SIZE).contains(&s.rsp) => stack_active(
+            paused.guest(),
+            s.paging,
+            base,
+            base + linux::THREAD_SIZE,
+            leaving,
+        ),
+        _ => Ok(None),
+    }
 }
 
 /// Whether a word of the stack `[from, end)` is a return address into code

@@ -150,7 +150,13 @@ pub fn find_words(
                 |i: usize| u64::from_le_bytes(chunk[i..i + 8].try_into().unwrap_or_default());
             for (&(a, b), (fixed, needle)) in values.iter().zip(&needles) {
                 if *fixed >= 3 {
-                    for p in memchr::memmem::find_iter(chunk, needle) {
+                    // Every occurrence, overlapping ones too: an unaligned
+                    // one must not hide an aligned one it overlaps.
+                    let finder = memchr::memmem::Finder::new(needle);
+                    let mut from = 0;
+                    while let Some(i) = finder.find(&chunk[from..]) {
+                        let p = from + i;
+                        from = p + 1;
                         let Some(w) = p.checked_sub(8 - fixed) else {
                             continue;
                         };
@@ -302,8 +308,36 @@ mod tests {
             find_words(&ram, &[(0x1008, 0x5000)], &ranges).expect("scan"),
             vec![(0x2008, 0xffff_ffff_8100_4cef)]
         );
+        // A needle whose start repeats its end: the unaligned occurrence
+        // (0xffff8123ff000000's high bytes) overlaps the aligned one.
+        ram.write_phys(0x6000, &0xffff_8123_ff00_0000u64.to_le_bytes())
+            .expect("write");
+        ram.write_phys(0x6008, &0xffff_ffff_8123_ffffu64.to_le_bytes())
+            .expect("write");
+        assert_eq!(
+            find_words(
+                &ram,
+                &[(0x6000, 0x7000)],
+                &[(0xffff_ffff_8123_ff00, 0xffff_ffff_8124_0000)]
+            )
+            .expect("scan"),
+            vec![(0x6008, 0xffff_ffff_8123_ffff)]
+        );
+        // A word at the end of one 64 KiB chunk and one at the start of
+        // the next.
+        ram.write_phys(0x1_fff8, &0xffff_ffff_8100_4ce2u64.to_le_bytes())
+            .expect("write");
+        ram.write_phys(0x2_0000, &0xffff_ffff_8100_4ce3u64.to_le_bytes())
+            .expect("write");
+        assert_eq!(
+            find_words(&ram, &[(0x1_0000, 0x3_0000)], &ranges[..1]).expect("scan"),
+            vec![
+                (0x1_fff8, 0xffff_ffff_8100_4ce2),
+                (0x2_0000, 0xffff_ffff_8100_4ce3)
+            ]
+        );
         // A range whose values share few high bytes: every word read.
         let wide = find_words(&ram, &spans, &[(0xffff_0000_0000_0000, u64::MAX)]).expect("scan");
-        assert_eq!(wide.len(), 5, "{wide:x?}");
+        assert_eq!(wide.len(), 9, "{wide:x?}");
     }
 }

@@ -502,6 +502,9 @@ pub struct WriteControl {
     /// logged for the slots it replaced, so the next read cannot say which
     /// pages were written.
     dirty_lost: std::sync::atomic::AtomicBool,
+    /// RAM pages written by the VMM for the guest (trapped writes it made,
+    /// transfers) while the dirty log is on: KVM logs only the guest's own.
+    vmm_written: Mutex<Vec<u64>>,
 }
 
 impl std::fmt::Debug for WriteControl {
@@ -542,6 +545,7 @@ impl WriteControl {
             trapping: std::sync::atomic::AtomicBool::new(false),
             dirty_log: std::sync::atomic::AtomicBool::new(false),
             dirty_lost: std::sync::atomic::AtomicBool::new(false),
+            vmm_written: Mutex::new(Vec::new()),
         }
     }
 
@@ -551,13 +555,26 @@ impl WriteControl {
         self.dirty_log.load(Ordering::Relaxed)
     }
 
-    /// Turns KVM's dirty log on RAM's read-write slots on or off: each is
-    /// installed again through `sink` (a change of flags only, which KVM
-    /// allows on a live slot). Turning it on starts an empty log.
+    /// Turns KVM's dirty log on RAM's read-write slots (and the patch
+    /// area's) on or off: each is installed again through `sink` (a change
+    /// of flags only, which KVM allows on a live slot). Turning it on
+    /// starts an empty log; it is refused while the log is on.
     pub fn set_dirty_log(&self, sink: &dyn SlotSink, on: bool) -> Result<(), String> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let was = self.dirty_log.swap(on, Ordering::Relaxed);
+        if on && self.dirty_log.load(Ordering::SeqCst) {
+            // Two readers would clear each other's log.
+            return Err("it is on already (another scan is using it)".into());
+        }
+        let was = self.dirty_log.swap(on, Ordering::SeqCst);
+        // Pairs with the fence in `Mem::write_phys`: a write the VMM makes
+        // for the guest is either noted or seen by whoever reads guest
+        // memory after this.
+        std::sync::atomic::fence(Ordering::SeqCst);
         self.dirty_lost.store(false, Ordering::Relaxed);
+        self.vmm_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         if was == on {
             return Ok(());
         }
@@ -571,28 +588,35 @@ impl WriteControl {
         Ok(())
     }
 
-    /// Whether slot `s` carries the dirty log: read-write guest RAM.
+    /// Whether slot `s` carries the dirty log: read-write guest RAM, and
+    /// the pages of the patch area the guest writes natively.
     pub fn logged(&self, s: &SlotSpec) -> bool {
-        !s.readonly && self.ram.contains(s.gpa, s.len)
+        !s.readonly && (self.ram.contains(s.gpa, s.len) || self.in_area(s.gpa))
     }
 
     /// The RAM pages (guest-physical addresses) the guest wrote since the
     /// dirty log was turned on or last read, `read(slot id, bytes)` giving
-    /// a slot's KVM bitmap (read and cleared); `None` when that cannot be
-    /// known (the log is off, or a slot changed since). Pages written by
-    /// the VMM itself, and the pages of read-only slots (whose writes the
-    /// VMM makes), are not in it.
+    /// a slot's KVM bitmap (read and cleared), with the pages the VMM
+    /// wrote for it (trapped writes to read-only slots it made, transfers
+    /// to tracked copies); `None` when that cannot be known (the log is
+    /// off, or a slot changed since: then the log starts again from this
+    /// read).
     pub fn dirty_pages(
         &self,
         read: &dyn Fn(u32, u64) -> Result<Vec<u64>, String>,
     ) -> Result<Option<Vec<u64>>, String> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.dirty_log.load(Ordering::Relaxed) || self.dirty_lost.load(Ordering::Relaxed) {
+        if !self.dirty_log.load(Ordering::Relaxed) {
             return Ok(None);
         }
+        let lost = self.dirty_lost.swap(false, Ordering::Relaxed);
         let mut pages = Vec::new();
         for (id, s) in slots.iter().filter(|(_, s)| self.logged(s)) {
             let bitmap = read(*id, s.len)?;
+            if lost {
+                // Read only to clear it: from now on the log holds again.
+                continue;
+            }
             for (w, bits) in bitmap.iter().enumerate() {
                 let mut b = *bits;
                 while b != 0 {
@@ -604,7 +628,12 @@ impl WriteControl {
                 }
             }
         }
+        pages.append(&mut self.vmm_written.lock().unwrap_or_else(|e| e.into_inner()));
+        if lost {
+            return Ok(None);
+        }
         pages.sort_unstable();
+        pages.dedup();
         Ok(Some(pages))
     }
 
@@ -641,11 +670,14 @@ impl WriteControl {
         gpa >= self.area.0 && gpa < self.area.0 + self.area.1
     }
 
-    /// RAM and the patch area, as one guest-physical memory.
+    /// RAM and the patch area, as one guest-physical memory; its writes
+    /// are noted while the dirty log is on.
     fn mem(&self) -> Mem<'_> {
         Mem {
             ram: &self.ram,
             area: self.area_mem.as_deref(),
+            logging: &self.dirty_log,
+            written: &self.vmm_written,
         }
     }
 
@@ -1103,6 +1135,10 @@ impl WriterCpu for WithMem<'_> {
 struct Mem<'a> {
     ram: &'a GuestRam,
     area: Option<&'a crate::region::VmmRegion>,
+    /// Whether the dirty log is on, and where the pages it writes are
+    /// noted then.
+    logging: &'a std::sync::atomic::AtomicBool,
+    written: &'a Mutex<Vec<u64>>,
 }
 
 impl PhysMemory for Mem<'_> {
@@ -1113,10 +1149,22 @@ impl PhysMemory for Mem<'_> {
         }
     }
     fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
-        match self.area {
+        let r = match self.area {
             Some(a) if gpa >= a.gpa && gpa < a.gpa + a.size => a.write(gpa - a.gpa, buf),
             _ => self.ram.write(gpa, buf),
+        };
+        // The write first, then the flag (the fence pairs with the one in
+        // `WriteControl::set_dirty_log`): a scan that turned the log on
+        // either finds the page noted or reads what was written.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.logging.load(Ordering::SeqCst) {
+            let end = gpa + (buf.len() as u64).max(1);
+            self.written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend((gpa & !(PAGE - 1)..end).step_by(PAGE as usize));
         }
+        r
     }
 }
 
