@@ -150,7 +150,15 @@ struct Reader<'a> {
     last: std::cell::Cell<Option<(u64, u64, u64)>>,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    fn new(vm: &'a dyn Guest, paging: PagingState) -> Self {
+        Reader {
+            vm,
+            paging,
+            last: Default::default(),
+        }
+    }
+
     fn read(&self, mut va: u64, buf: &mut [u8]) -> Result<(), String> {
         let mut done = 0;
         while done < buf.len() {
@@ -194,16 +202,8 @@ pub fn sleeping_tasks(
     layout: &TaskLayout,
     cpus: u8,
 ) -> Result<Vec<SleepingTask>, String> {
-    let r = Reader {
-        vm,
-        paging,
-        last: Default::default(),
-    };
-    let mut current = Vec::new();
-    for cpu in 0..u64::from(cpus) {
-        let base = r.u64(layout.per_cpu_offset + 8 * cpu)?;
-        current.push(r.u64(base.wrapping_add(layout.current_task))?);
-    }
+    let r = Reader::new(vm, paging);
+    let current = current_tasks(&r, layout, cpus)?;
     let mut out = Vec::new();
     each_task(&r, layout, |t| {
         if !current.contains(&t) {
@@ -223,11 +223,7 @@ pub fn task_stacks(
     paging: PagingState,
     layout: &TaskLayout,
 ) -> Result<Vec<u64>, String> {
-    let r = Reader {
-        vm,
-        paging,
-        last: Default::default(),
-    };
+    let r = Reader::new(vm, paging);
     let mut out = Vec::new();
     each_task(&r, layout, |t| {
         match r.u64(t + layout.stack)? {
@@ -247,16 +243,19 @@ pub fn current_stacks(
     layout: &TaskLayout,
     cpus: u8,
 ) -> Result<Vec<Option<u64>>, String> {
-    let r = Reader {
-        vm,
-        paging,
-        last: Default::default(),
-    };
+    let r = Reader::new(vm, paging);
+    current_tasks(&r, layout, cpus)?
+        .into_iter()
+        .map(|t| Ok(Some(r.u64(t + layout.stack)?).filter(|&s| s != 0)))
+        .collect()
+}
+
+/// The task (`task_struct` address) current on each of the `cpus` CPUs.
+fn current_tasks(r: &Reader<'_>, layout: &TaskLayout, cpus: u8) -> Result<Vec<u64>, String> {
     (0..u64::from(cpus))
         .map(|cpu| {
             let base = r.u64(layout.per_cpu_offset + 8 * cpu)?;
-            let t = r.u64(base.wrapping_add(layout.current_task))?;
-            Ok(Some(r.u64(t + layout.stack)?).filter(|&s| s != 0))
+            r.u64(base.wrapping_add(layout.current_task))
         })
         .collect()
 }
