@@ -1240,6 +1240,19 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
             if let Some(w) = &st.waiting {
                 println!("            not retired yet: {w}");
             }
+            if let Some(sc) = &st.scan {
+                println!(
+                    "            memory scanned for pointers into the old copy: {} MiB in {:.1} ms while the guest ran{}{}",
+                    sc.bytes >> 20,
+                    sc.running_us as f64 / 1e3,
+                    sc.pause_pages
+                        .map(|n| format!(", {n} pages again in the pause"))
+                        .unwrap_or_default(),
+                    st.retire_pause_us
+                        .map(|us| format!(" (retirement pause {:.2} ms)", us as f64 / 1e3))
+                        .unwrap_or_default()
+                );
+            }
             for r in &d.repointed {
                 println!(
                     "            {} points at the new copy ({:#x}, was {:#x})",

@@ -390,6 +390,14 @@ fn a_change_whose_old_users_are_all_replaced_retires_and_reverts_exactly() {
         assert!(d["stats"]["retired_after_ms"].is_u64(), "{l}");
         let text = vm.ok(&["list", "--vm", "dc"]);
         assert!(text.contains(" ms after the apply: "), "{text}");
+        assert!(
+            text.contains("memory scanned for pointers into the old copy: ")
+                && text.contains("(retirement pause "),
+            "{text}"
+        );
+        let scan = &d["stats"]["scan"];
+        assert!(scan["bytes"].as_u64() >= Some(64 << 20), "{l}");
+        assert!(d["stats"]["retire_pause_us"].as_u64() > Some(0), "{l}");
         // The old copy is ordinary memory again; the new one's pages are
         // the guest's: written without an exit.
         let prot = l["protected"].to_string();
