@@ -17,16 +17,30 @@
 //! more traps, nothing transferred, the values written after retirement
 //! show through both the repointed table and the patched reader), and its
 //! revert after retirement brings the old layout back with the last value
-//! written.
+//! written. Until then a module holds a pointer into `files_stat` in its
+//! own memory (given at load): the change keeps tracking, held back by that
+//! word, named, until the guest drops it.
 
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::linux::{build_patch, kbuild_dir, package_vmlinux, run_ok, run_scenario_with, Extras};
+use common::linux::{
+    build_modules, build_patch, kbuild_dir, package_vmlinux, run_ok, run_scenario_with, Extras,
+};
 
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+/// A module holding a pointer into kernel data in its own memory (a
+/// module parameter: given at load, dropped by writing 0).
+const HOLDPTR: &str = r#"#include <linux/module.h>
+#include <linux/moduleparam.h>
+
+static unsigned long addr;
+module_param(addr, ulong, 0600);
+MODULE_LICENSE("GPL");
+"#;
 
 /// The new layout and the new reader; `files_stat` and the per-CPU counter
 /// `nr_files` are the kernel's (file-local symbols, resolved through
@@ -128,8 +142,14 @@ over:
 /// again (reverted), the last value it wrote and what file-max says.
 const WORKLOAD: &str = r#"#!/bin/sh
 (while :; do cat /proc/sys/fs/file-nr > /dev/null; done) &
-step=0; k=0; v=0
+addr=$(grep ' files_stat$' /proc/kallsyms | cut -d' ' -f1)
+insmod /files/holdptr.ko addr=0x$addr && echo "@@HOLD addr=$addr"
+step=0; k=0; v=0; dropped=0
 while :; do
+  if [ $dropped = 0 ] && grep -q step-done-drop /proc/sys/kernel/domainname; then
+    echo 0 > /sys/module/holdptr/parameters/addr; dropped=1
+    echo "@@DROPPED $(cat /sys/module/holdptr/parameters/addr)"
+  fi
   fnr=$(tr -s ' \t' ' ' < /proc/sys/fs/file-nr); max=$(cat /proc/sys/fs/file-max)
   echo "@@FNR $fnr MAX $max"
   set -- $fnr
@@ -170,6 +190,7 @@ wait_log() {
 }
 up lx $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
 wait_log "@@FNR" || exit 1
+grep "@@HOLD" $LOG | sed 's/^/@@SCN /'
 $LUCOS patch --vm lx --json $FILES/fsfix.lup > /tmp/o 2>&1; echo "@@SCN apply rc=$? $(tr -d '\n ' < /tmp/o)"
 wait_log "@@READS" && grep -E "@@OLD2NEW|@@NEW2OLD|@@READS" $LOG | sed 's/^/@@SCN /'
 sleep 1
@@ -179,6 +200,17 @@ n1=$(wc -l < $LOG); sleep 1.5
 tail -n +$((n1 + 1)) $LOG | grep "@@FNR" | tail -n 1 | sed 's/^/@@SCN after revert /'
 echo "@@SCN list after $($LUCOS list --vm lx --json | tr -d '\n ')"
 $LUCOS patch --vm lx --json $FILES/fsall.lup > /tmp/o 2>&1; echo "@@SCN apply2 rc=$? $(tr -d '\n ' < /tmp/o)"
+i=0
+while :; do
+  $LUCOS list --vm lx --json | tr -d '\n ' > /tmp/l
+  grep -q 'memoryholdingapointerintofiles_stat' /tmp/l && break
+  grep -q '"state":"retired"' /tmp/l && break
+  i=$((i + 1)); [ $i -gt 600 ] && break
+  sleep 0.5
+done
+echo "@@SCN held $(cat /tmp/l)"
+$LUCOS patch --vm lx $FILES/drop.lup > /tmp/o 2>&1; echo "@@SCN drop rc=$? $(tr '\n' ' ' < /tmp/o)"
+wait_log "@@DROPPED" && grep "@@DROPPED" $LOG | sed 's/^/@@SCN /'
 i=0
 while :; do
   $LUCOS list --vm lx --json | tr -d '\n ' > /tmp/l
@@ -235,6 +267,23 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
             "files_stat",
         ],
     );
+    // Retirement on hold: a module holds a pointer into files_stat in its
+    // memory, given at load from /proc/kallsyms (as a driver that saved
+    // one would), until a patch signals the guest to drop it.
+    build_patch(
+        &files,
+        &kbuild,
+        &vmlinux,
+        "drop",
+        &common::bench::step_signal_source("drop"),
+        &[],
+    );
+    let (kmod, guest) = (dir.join("kmod"), dir.join("guest"));
+    for d in [&kmod, &guest] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    build_modules(&kbuild, &kmod, &[("holdptr", HOLDPTR)]);
+    std::fs::copy(kmod.join("holdptr.ko"), guest.join("holdptr.ko")).expect("module");
     let inspect = |name: &str| {
         let shown = Command::new(env!("CARGO_BIN_EXE_lucos"))
             .arg("inspect")
@@ -271,6 +320,7 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
         Duration::from_secs(600),
         Extras {
             files: Some(files.clone()),
+            guest_files: Some(guest.clone()),
             ..Extras::default()
         },
     );
@@ -338,6 +388,25 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
         let l = line(prefix);
         serde_json::from_str(&l[prefix.len()..]).unwrap_or_else(|e| panic!("{e}: {l}"))
     };
+    // Held back by the module's word (tracking, named), until the guest
+    // dropped it; then it retired.
+    assert!(
+        line("@@SCN @@HOLD ").contains("addr=ffffffff"),
+        "{}",
+        out.text
+    );
+    let held = line("@@SCN held ");
+    assert!(
+        held.contains("memoryholdingapointerintofiles_stat(oldcopy)")
+            && held.contains("\"state\":\"tracking\""),
+        "{held}"
+    );
+    assert!(line("@@SCN drop ").contains("rc=0 "), "{}", out.text);
+    assert!(
+        line("@@SCN @@DROPPED ").ends_with("@@DROPPED 0"),
+        "{}",
+        out.text
+    );
     let retired = json("@@SCN retired ");
     let d = &retired["patches"][0]["data"][0];
     assert_eq!(d["stats"]["state"], "retired", "{retired}");
