@@ -181,6 +181,11 @@ done
 
 const SCENARIO: &str = r#"
 LOG=/tmp/lx.serial
+# gone ID: true (after showing why) if the VM is not running any more.
+gone() {
+  $LUCOS status --vm $1 >/dev/null 2>&1 && return 1
+  echo "@@SCN $1 gone"; tail -n 60 $LUCOS_RUN_DIR/$1.log | sed 's/^/V| /'; tail -n 40 $LOG | sed 's/^/G| /'
+}
 wait_log() {
   n=0
   until grep -q "$1" $LOG; do
@@ -204,6 +209,7 @@ i=0
 while :; do
   $LUCOS list --vm lx --json | tr -d '\n ' > /tmp/l
   grep -q 'memoryholdingapointerintofiles_stat' /tmp/l && break
+  gone lx && break
   grep -q '"state":"retired"' /tmp/l && break
   i=$((i + 1)); [ $i -gt 600 ] && break
   sleep 0.5
@@ -215,6 +221,7 @@ i=0
 while :; do
   $LUCOS list --vm lx --json | tr -d '\n ' > /tmp/l
   grep -q '"state":"retired"' /tmp/l && break
+  gone lx && break
   i=$((i + 1)); [ $i -gt 600 ] && break
   sleep 0.5
 done
