@@ -619,7 +619,7 @@ pub struct Patcher {
     tracker: std::sync::Arc<crate::data::DataTracker>,
     /// Data changes whose old copy a word of guest memory pointed into at
     /// the last scan: when to scan again, and the wait after that.
-    scan_backoff: std::collections::HashMap<String, (std::time::Instant, std::time::Duration)>,
+    scan_backoff: std::collections::HashMap<String, (Instant, Duration)>,
 }
 
 /// How the engine sees the running kernel's address space for one
@@ -1117,27 +1117,22 @@ impl Patcher {
                 // Pointers the kernel saved at run time: scanned for while
                 // the guest runs, then in the retirement's pause the pages
                 // written since ([`crate::pointers`]).
-                let (values, skip) = crate::pointers::targets(
+                let (targets, skip) = crate::pointers::targets(
                     g,
                     k,
                     view.tables,
                     view.text,
-                    d.old_addr,
-                    d.old_addr + d.old_bytes,
+                    (d.old_addr, d.old_addr + d.old_bytes),
+                    &format!("{} (old copy)", d.symbol),
                 )
                 .map_err(PatchError::Scan)?;
-                let labels = values
-                    .iter()
-                    .map(|&(a, b)| (a, b, format!("{} (old copy)", d.symbol)))
-                    .collect();
-                let mut scan = crate::pointers::PointerScan::start(g, values, skip)
+                let mut scan = crate::pointers::PointerScan::start(g, targets, skip)
                     .map_err(PatchError::Scan)?;
                 let mut memory = crate::pointers::check(
                     &mut scan,
                     k,
                     view.tables,
                     view.tasks(k).map(|(l, _)| l),
-                    labels,
                 );
                 let result = switch::switch_checked(g, view.tasks(k), &plan, 1, &mut memory);
                 drop(memory);
@@ -1170,8 +1165,7 @@ impl Patcher {
                         done.push(format!("{}:{}", a.name, d.symbol));
                     }
                     Err(e) => {
-                        let in_memory =
-                            matches!(&e, SwitchError::Busy { who, .. } if who == "memory");
+                        let in_memory = matches!(&e, SwitchError::Busy { who, .. } if who == crate::pointers::MEMORY);
                         self.tracker.waiting(&owner, busy(e)?);
                         // The next try scans all of memory again: not
                         // before 2 s; a pointer found in memory is seldom
@@ -3557,7 +3551,7 @@ impl Patcher {
         // The new copies go: nothing may hold a pointer into them, in a
         // register, on a live stack or (saved at run time) anywhere in
         // memory, but the kernel words the revert moves back.
-        let mut labels = Vec::new();
+        let mut targets = Vec::new();
         let mut skip: Vec<(u64, u64)> = view.text.map(|(a, n)| (a, a + n)).into_iter().collect();
         // What goes with the patch (its code, its copies) may point into
         // its copies.
@@ -3570,7 +3564,7 @@ impl Patcher {
         for d in &target.data {
             let (a, b) = (d.new_addr, d.new_addr + d.new_bytes);
             skip.push(in_area(a, d.new_bytes));
-            labels.push((a, b, format!("{} (new copy)", d.symbol)));
+            targets.push((a, b, format!("{} (new copy)", d.symbol)));
             plan.leaving.push(Leaving {
                 function: format!("{} (new copy)", d.symbol),
                 start: a,
@@ -3579,19 +3573,13 @@ impl Patcher {
             });
             skip.extend(d.repointed.iter().map(|r| (r.gpa, r.gpa + 8)));
         }
-        let switched = if labels.is_empty() {
+        let switched = if targets.is_empty() {
             switch::switch(g, view.tasks(k), &plan)?
         } else {
-            let values = labels.iter().map(|l| (l.0, l.1)).collect();
             let mut scan =
-                crate::pointers::PointerScan::start(g, values, skip).map_err(PatchError::Scan)?;
-            let mut memory = crate::pointers::check(
-                &mut scan,
-                k,
-                view.tables,
-                view.tasks(k).map(|(l, _)| l),
-                labels,
-            );
+                crate::pointers::PointerScan::start(g, targets, skip).map_err(PatchError::Scan)?;
+            let mut memory =
+                crate::pointers::check(&mut scan, k, view.tables, view.tasks(k).map(|(l, _)| l));
             switch::switch_checked(g, view.tasks(k), &plan, switch::MAX_TRIES, &mut memory)?
         };
         self.commit_extable(ex);

@@ -37,14 +37,23 @@ const PAGE: u64 = 4096;
 /// (`__PAGE_OFFSET` with 4-level paging, no KASLR of the direct map).
 const LINUX_PAGE_OFFSET: u64 = 0xffff_8880_0000_0000;
 
-/// `[start, end)` address ranges.
-pub type Ranges = Vec<(u64, u64)>;
+/// What is looked for: a `[start, end)` range of values (addresses) and
+/// what it is, for messages (`files_stat (old copy)`).
+pub type Target = (u64, u64, String);
+
+/// Guest-physical `[start, end)` ranges.
+pub type Spans = Vec<(u64, u64)>;
+
+/// Who holds a switch back when a word of memory points into a target.
+pub const MEMORY: &str = "memory";
 
 /// A scan of guest RAM for pointers into one object, kept current by the
 /// dirty log until it is dropped (which turns the log off).
 pub struct PointerScan<'g> {
     guest: &'g dyn Guest,
-    /// Values looked for: `[start, end)` address ranges.
+    /// What is looked for.
+    targets: Vec<Target>,
+    /// Their ranges alone (what [`find_words`] takes).
     values: Vec<(u64, u64)>,
     /// Guest-physical ranges not scanned (kernel text, the object itself).
     skip: Vec<(u64, u64)>,
@@ -68,12 +77,12 @@ impl std::fmt::Debug for PointerScan<'_> {
 }
 
 impl<'g> PointerScan<'g> {
-    /// Turns the dirty log on and scans guest RAM outside `skip` for words
-    /// in `values` while the guest runs; then, up to [`ROUNDS`] times, the
-    /// pages written meanwhile.
+    /// Turns the dirty log on and scans guest RAM and the patch area
+    /// outside `skip` for words in `targets` while the guest runs; then, up
+    /// to [`ROUNDS`] times, the pages written meanwhile.
     pub fn start(
         guest: &'g dyn Guest,
-        values: Vec<(u64, u64)>,
+        targets: Vec<Target>,
         skip: Vec<(u64, u64)>,
     ) -> Result<Self, String> {
         if let Err(e) = guest.set_dirty_log(true) {
@@ -83,7 +92,8 @@ impl<'g> PointerScan<'g> {
         }
         let mut s = PointerScan {
             guest,
-            values,
+            values: targets.iter().map(|t| (t.0, t.1)).collect(),
+            targets,
             skip,
             hits: Vec::new(),
             rescanned: None,
@@ -193,18 +203,17 @@ fn subtract(spans: &[(u64, u64)], skip: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-/// What to look for and what to leave out for the old copy of `symbol` at
-/// kernel address `[start, end)`: its kernel addresses and, where the
-/// kernel has a direct map (`page_offset_base`), their alias there; the
-/// kernel's text and the copy itself are not scanned.
+/// What to look for and what to leave out for `what`, at kernel address
+/// `[start, end)` in RAM: its kernel addresses and their alias in Linux's
+/// direct map; the kernel's text and the object itself are not scanned.
 pub fn targets(
     g: &dyn Guest,
     k: &GuestKernel,
     tables: PagingState,
     text: Option<(u64, u64)>,
-    start: u64,
-    end: u64,
-) -> Result<(Ranges, Ranges), String> {
+    (start, end): (u64, u64),
+    what: &str,
+) -> Result<(Vec<Target>, Spans), String> {
     let mut values = vec![(start, end)];
     let mut skip: Vec<(u64, u64)> = text.map(|(a, n)| (a, a + n)).into_iter().collect();
     let mut at = start;
@@ -232,7 +241,11 @@ pub fn targets(
     if let Some(base) = direct {
         values.extend(gpas.iter().map(|&(a, e)| (base + a, base + e)));
     }
-    Ok((values, skip))
+    let targets = values
+        .into_iter()
+        .map(|(a, b)| (a, b, what.to_owned()))
+        .collect();
+    Ok((targets, skip))
 }
 
 /// Guest-physical pages of kernel stacks whose words the stack checks
@@ -289,12 +302,11 @@ pub fn stack_pages(
 }
 
 /// The first of `hits` outside `stack_pages`, as what holds the data of
-/// `labels` (value ranges, and what they are: `files_stat (old copy)`) in
-/// use: the word's guest-physical address and, in the kernel image, its
-/// symbol.
+/// `targets` in use: the word's guest-physical address and, in the kernel
+/// image, its symbol.
 pub fn holding(
     k: &GuestKernel,
-    labels: &[(u64, u64, String)],
+    targets: &[Target],
     hits: &[(u64, u64)],
     stack_pages: &[u64],
 ) -> Option<(String, Active)> {
@@ -307,12 +319,12 @@ pub fn holding(
         .and_then(|off| k.symbols.symbolize(k.text + off))
         .map(|(s, off)| format!("{}+{off:#x}, ", s.name))
         .unwrap_or_default();
-    let data = labels
+    let data = targets
         .iter()
         .find(|(a, b, _)| (*a..*b).contains(&value))
         .map_or_else(|| "data being left".to_owned(), |l| l.2.clone());
     Some((
-        "memory".to_owned(),
+        MEMORY.to_owned(),
         Active::Holding {
             data,
             place: format!("the word at {named}guest-physical {gpa:#x}"),
@@ -322,22 +334,20 @@ pub fn holding(
 }
 
 /// A check for a switch's pause ([`crate::switch::switch_checked`]): no
-/// word of guest memory outside kernel stacks holds a value of `labels`
-/// (`scan` kept current by the dirty log).
+/// word of guest memory outside kernel stacks points into `scan`'s targets
+/// (the scan kept current by the dirty log).
 pub fn check<'a, 'g: 'a>(
     scan: &'a mut PointerScan<'g>,
     k: &'a GuestKernel,
     tables: PagingState,
     tasks: Option<&'a crate::linux::TaskLayout>,
-    labels: Vec<(u64, u64, String)>,
 ) -> impl FnMut(&Paused<'_>) -> Result<Option<(String, Active)>, String> + 'a + use<'a, 'g> {
     move |paused| {
-        let hits = scan.now()?;
-        if hits.is_empty() {
+        if scan.now()?.is_empty() {
             return Ok(None);
         }
         let stacks = stack_pages(paused, tables, tasks)?;
-        Ok(holding(k, &labels, hits, &stacks))
+        Ok(holding(k, &scan.targets, &scan.hits, &stacks))
     }
 }
 
@@ -456,7 +466,12 @@ mod tests {
         g.put(0x1000, OBJ.0, true);
         g.put(0x2000 + 4, OBJ.0, true); // not a word
         g.area.lock().expect("lock")[0x10..0x18].copy_from_slice(&(OBJ.0 + 8).to_le_bytes());
-        let mut s = PointerScan::start(&g, vec![OBJ], vec![(0x3000, 0x4000)]).expect("scan");
+        let mut s = PointerScan::start(
+            &g,
+            vec![(OBJ.0, OBJ.1, "obj".into())],
+            vec![(0x3000, 0x4000)],
+        )
+        .expect("scan");
         // RAM and the patch area, not what is skipped.
         g.put(0x3008, OBJ.0, false);
         assert_eq!(
