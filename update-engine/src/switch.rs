@@ -442,14 +442,24 @@ fn switch_paused(
         checked = Some(0);
     }
     let tasks = tasks.filter(|_| !leaving.is_empty());
-    let current = match tasks {
-        Some((layout, paging)) => linux::current_stacks(guest, paging, layout, guest.vcpu_count())
-            .map_err(|e| Refused::Failed(format!("reading the guest's current tasks: {e}")))?,
-        None => Vec::new(),
+    // The current tasks' stacks, read only if a vCPU needs them.
+    let current = std::cell::OnceCell::new();
+    let task_stack = |v: u8| -> Result<Option<u64>, String> {
+        let Some((layout, paging)) = tasks else {
+            return Ok(None);
+        };
+        let stacks = match current.get() {
+            Some(c) => c,
+            None => {
+                let c = linux::current_stacks(guest, paging, layout, guest.vcpu_count())
+                    .map_err(|e| format!("reading the guest's current tasks: {e}"))?;
+                current.get_or_init(|| c)
+            }
+        };
+        Ok(stacks.get(usize::from(v)).copied().flatten())
     };
     for v in (0..guest.vcpu_count()).filter(|_| !leaving.is_empty()) {
-        let task_stack = current.get(usize::from(v)).copied().flatten();
-        if let Some(a) = vcpu_active(paused, v, leaving, task_stack).map_err(Refused::Failed)? {
+        if let Some(a) = vcpu_active(paused, v, leaving, &task_stack).map_err(Refused::Failed)? {
             return Err(Refused::Busy(format!("vCPU {v}"), a, Vec::new()));
         }
     }
@@ -532,15 +542,15 @@ fn undo(guest: &dyn Guest, writes: &[Write]) -> Result<(), String> {
 /// into data being left: its RIP or registers, or a word on the live part
 /// of its kernel stack (read through its own page tables).
 /// A vCPU in user mode has no kernel call in progress. `task_stack`: on
-/// Linux, the kernel stack of the task current on it: when the vCPU is on
-/// another stack (an interrupt's), the task it interrupted has its frames,
-/// and the interrupted instruction pointer, on that one, which is checked
-/// whole (its dead part too: conservative).
+/// Linux, the kernel stack of the task current on vCPU `v`: when the vCPU
+/// is on another stack (an interrupt's), the task it interrupted has its
+/// frames, and the interrupted instruction pointer, on that one, which is
+/// checked whole (its dead part too: conservative).
 fn vcpu_active(
     paused: &Paused<'_>,
     v: u8,
     leaving: &[Leaving],
-    task_stack: Option<u64>,
+    task_stack: &dyn Fn(u8) -> Result<Option<u64>, String>,
 ) -> Result<Option<Active>, String> {
     let s = paused.vcpu(v).map_err(|e| e.to_string())?;
     if s.cpl != 0 {
@@ -555,7 +565,7 @@ fn vcpu_active(
     if let Some(a) = stack_active(paused.guest(), s.paging, from, end, leaving)? {
         return Ok(Some(a));
     }
-    match task_stack {
+    match task_stack(v)? {
         Some(base) if !(base..base + linux::THREAD_SIZE).contains(&s.rsp) => stack_active(
             paused.guest(),
             s.paging,
