@@ -670,7 +670,7 @@ impl SlotSink for Vm {
                     None
                 }
                 .ok_or_else(|| format!("{:#x}+{:#x} is not guest memory", s.gpa, s.len))?;
-                let log = self.write_control.dirty_logging() && self.write_control.logged(s);
+                let log = self.write_control.logs(s);
                 kvm_userspace_memory_region {
                     slot: id,
                     flags: if s.readonly {

@@ -549,10 +549,10 @@ impl WriteControl {
         }
     }
 
-    /// Whether KVM's dirty log is to be on for RAM's read-write slots (the
-    /// [`SlotSink`] sets the flag on the slots it installs).
-    pub fn dirty_logging(&self) -> bool {
-        self.dirty_log.load(Ordering::Relaxed)
+    /// Whether slot `s` is to carry KVM's dirty log now (the [`SlotSink`]
+    /// sets the flag on the slots it installs).
+    pub fn logs(&self, s: &SlotSpec) -> bool {
+        self.dirty_log.load(Ordering::Relaxed) && self.logged(s)
     }
 
     /// Turns KVM's dirty log on RAM's read-write slots (and the patch
@@ -588,9 +588,9 @@ impl WriteControl {
         Ok(())
     }
 
-    /// Whether slot `s` carries the dirty log: read-write guest RAM, and
-    /// the pages of the patch area the guest writes natively.
-    pub fn logged(&self, s: &SlotSpec) -> bool {
+    /// Whether slot `s` carries the dirty log when it is on: read-write
+    /// guest RAM, and the pages of the patch area the guest writes natively.
+    fn logged(&self, s: &SlotSpec) -> bool {
         !s.readonly && (self.ram.contains(s.gpa, s.len) || self.in_area(s.gpa))
     }
 
