@@ -1225,7 +1225,12 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
                 st.transfers,
                 st.transfer_ns as f64 / 1e6
             );
-            if let Some(o) = &d.owner {
+            // (An owner of its own only when one of that name was taken.)
+            if let Some(o) = d
+                .owner
+                .as_ref()
+                .filter(|o| !o.starts_with(&update_engine::data::owner(&p.name, &d.symbol)))
+            {
                 println!("            carried over from the patch that made it ({o})");
             }
             if let Some(e) = &st.c_engine {

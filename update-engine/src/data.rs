@@ -272,6 +272,26 @@ fn field(m: &Member) -> Result<Field, String> {
     })
 }
 
+/// The members that change `was` added to an object and change `now` adds
+/// too, with the same name, size and kind (integer or not), in both new
+/// layouts: when `now` replaces `was`, their values go from `was`'s new copy
+/// to `now`'s as they are. (Name, place in `was`'s new layout, in `now`'s.)
+pub fn added_in_both(was: &DataChange, now: &DataChange) -> Vec<(String, Field, Field)> {
+    now.members
+        .iter()
+        .filter(|m| m.old.is_none())
+        .filter_map(|m| {
+            let to = m.new?;
+            let from = was
+                .members
+                .iter()
+                .find(|x| x.name == m.name && x.old.is_none())?
+                .new?;
+            (from.size == to.size && from.int == to.int).then(|| (m.name.clone(), from, to))
+        })
+        .collect()
+}
+
 /// Derives the member-by-member transfer of `symbol` (`count` elements)
 /// from `old` to `new`; an error names what cannot be derived.
 pub fn derive(

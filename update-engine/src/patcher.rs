@@ -857,6 +857,8 @@ struct PlacedData {
     /// A change a cumulative patch carries over from the patch it replaces
     /// (copies, tracking and pointers as they are): its owner.
     carried: Option<String>,
+    /// The owner of its copies' protections and tracking.
+    owner: String,
 }
 
 /// What a switch changes of lucos's exception index (see
@@ -1383,7 +1385,8 @@ impl Patcher {
         // C transfer functions: linked for the sandbox and run over the
         // object as it is now, before any pause.
         let runners = self.c_runners(g, lup, &placed)?;
-        for copy in &mut plan.copies {
+        // (A change undone first has its own, set by the plan.)
+        for copy in plan.copies.iter_mut().filter(|c| c.to_new) {
             copy.c = runners
                 .iter()
                 .find(|(s, _)| *s == copy.change.symbol)
@@ -1400,7 +1403,7 @@ impl Patcher {
             .zip(runners)
             .filter(|((_, p), _)| p.carried.is_none())
             .map(|((d, p), (_, runner))| {
-                let owner = crate::data::owner(&lup.manifest.name, &d.symbol);
+                let owner = p.owner.clone();
                 self.tracker.add(
                     crate::data::Tracked::new(
                         owner.clone(),
@@ -1453,7 +1456,31 @@ impl Patcher {
             }
         }
         pre.relay_us += took();
-        let switched = match self.switch_code(g, k, &view, &placed, &plan) {
+        // The new copies of the changes it undoes go: nothing may hold a
+        // pointer into one, saved in memory at run time (as at a revert),
+        // but what goes with them (their patch's run, the words moved back).
+        let area = g.area();
+        let area_va = self.state.area_va.unwrap_or(0);
+        let in_area = |at: u64, n: u64| {
+            let gpa = area.gpa + at.wrapping_sub(area_va);
+            (gpa, gpa + n)
+        };
+        let mut targets = Vec::new();
+        let mut skip: Vec<(u64, u64)> = view.text.map(|(a, n)| (a, a + n)).into_iter().collect();
+        let mut undone = Vec::new();
+        for (a, d) in self.undone_changes(&lup.manifest, replace) {
+            targets.push((
+                d.new_addr,
+                d.new_addr + d.new_bytes,
+                format!("{} (new copy of patch {})", d.symbol, a.name),
+            ));
+            skip.push(in_area(d.new_addr, d.new_bytes));
+            skip.push(in_area(a.code_addr, a.code_bytes));
+            skip.extend(d.repointed.iter().map(|r| (r.gpa, r.gpa + 8)));
+            undone.push(d.owner_of(&a.name));
+        }
+        let scan = (!targets.is_empty()).then_some((targets, skip));
+        let switched = match self.switch_code(g, k, &view, &placed, &plan, scan) {
             Ok(s) => s,
             Err(e) => {
                 for o in &owners {
@@ -1483,6 +1510,11 @@ impl Patcher {
                 }
             })
             .collect();
+        // The undone changes are no longer tracked.
+        for o in &undone {
+            self.tracker.remove(o);
+            self.scan_backoff.remove(o);
+        }
         let name = lup.manifest.name.clone();
         let mut report = self.commit_apply(lup, placed, sites, switched, &view, replace, mode, t0);
         report.prepare_phases = Some(pre);
@@ -1509,6 +1541,60 @@ impl Patcher {
             }
         }
         Ok(report)
+    }
+
+    /// For each data change a cumulative patch declares (`m.data`), the
+    /// applied change it carries over as it is (its owner, and the change
+    /// as applied), if any: the same declaration, unless that change has
+    /// retired and the cumulative patch leaves kernel code using the old
+    /// layout (the old copy is no longer kept: the change is made anew).
+    fn carried_changes(
+        &self,
+        m: &crate::lup::Manifest,
+        replace: bool,
+    ) -> Vec<Option<(String, &AppliedData)>> {
+        m.data
+            .iter()
+            .map(|n| {
+                if !replace {
+                    return None;
+                }
+                let (a, d) =
+                    self.state.applied.iter().find_map(|a| {
+                        a.data.iter().find(|x| x.symbol == n.symbol).map(|x| (a, x))
+                    })?;
+                let same = d.change.as_ref().is_some_and(|c| differs(c, n).is_none());
+                let owner = d.owner_of(&a.name);
+                let retired_under_users =
+                    self.tracker.is_retired(&owner) && !n.users_left.is_empty();
+                (same && !retired_under_users).then_some((owner, d))
+            })
+            .collect()
+    }
+
+    /// The data changes of the patches a cumulative patch (`m`) replaces
+    /// that it does not carry over (see [`Self::carried_changes`]), with
+    /// the patch that made each: undone in its switch, the old copy made
+    /// again from the new one, which goes; a change it declares otherwise
+    /// is then made anew from the old copy.
+    fn undone_changes(
+        &self,
+        m: &crate::lup::Manifest,
+        replace: bool,
+    ) -> Vec<(&AppliedPatch, &AppliedData)> {
+        if !replace {
+            return Vec::new();
+        }
+        let carried = self.carried_changes(m, true);
+        self.state
+            .applied
+            .iter()
+            .flat_map(|a| a.data.iter().map(move |d| (a, d)))
+            .filter(|(a, d)| {
+                let owner = d.owner_of(&a.name);
+                !carried.iter().flatten().any(|(o, _)| *o == owner)
+            })
+            .collect()
     }
 
     /// Applied patches whose code refers to `[start, end)`, as `patch NAME`.
@@ -1603,43 +1689,28 @@ impl Patcher {
         }
         // A cumulative patch carries each data change of the patches it
         // replaces over as it is (its copies, their tracking, the pointers
-        // moved to the new copy): it must declare the same change.
+        // moved to the new copy) when it declares the same change; one it
+        // declares otherwise, or not at all, is undone in its switch (the
+        // old layout made again from the new copy) and, if declared, made
+        // anew from there: both need the change as it was applied.
         if replace {
+            let carried = self.carried_changes(m, true);
             for a in &self.state.applied {
                 for d in &a.data {
-                    let Some(n) = m.data.iter().find(|x| x.symbol == d.symbol) else {
-                        return Err(stack_err(format!(
-                            "patch '{}' replaces '{}', which changed {}'s layout: a cumulative \
-                             patch must carry that change (the same --data declaration), or \
-                             revert '{}' first",
-                            m.name, a.name, d.symbol, a.name
-                        )));
-                    };
-                    if let Some(why) = d.change.as_ref().and_then(|c| differs(c, n)) {
-                        return Err(stack_err(format!(
-                            "patch '{}' changes {} differently from '{}', which it replaces \
-                             ({why}): a change is carried over as it was applied; revert '{}' \
-                             first to apply another",
-                            m.name, d.symbol, a.name, a.name
-                        )));
-                    }
-                    if d.change.is_none() {
+                    let Some(change) = &d.change else {
                         return Err(stack_err(format!(
                             "patch '{}' changed {} but this lucos does not know how (restored \
-                             state): it cannot be carried over",
-                            a.name, d.symbol
+                             state): it cannot be carried over or undone; revert '{}' first",
+                            a.name, d.symbol, a.name
                         )));
-                    }
+                    };
                     let owner = d.owner_of(&a.name);
-                    if self.tracker.is_retired(&owner) && !n.users_left.is_empty() {
+                    let kept = carried.iter().flatten().any(|(o, _)| *o == owner);
+                    if !kept && change.c.is_some() && self.tracker.c_runner(&owner).is_none() {
                         return Err(stack_err(format!(
-                            "patch '{}' leaves {} using {}'s old layout, whose change from '{}' \
-                             has retired (its old copy is no longer kept): a cumulative patch \
-                             must replace every user the retired change did",
-                            m.name,
-                            n.users_left.join(", "),
-                            d.symbol,
-                            a.name
+                            "patch '{}' changed {} with C transfer functions this VMM does not \
+                             hold (restored state): it cannot be undone; revert '{}' first",
+                            a.name, d.symbol, a.name
                         )));
                     }
                 }
@@ -1846,21 +1917,7 @@ impl Patcher {
         let page = crate::link::WRITABLE_ALIGN;
         // A cumulative patch links against the new copies of the changes
         // it carries over (their owner and place as applied).
-        let carried: Vec<Option<(String, &AppliedData)>> = changes
-            .iter()
-            .map(|d| {
-                replace
-                    .then(|| {
-                        self.state.applied.iter().find_map(|a| {
-                            a.data
-                                .iter()
-                                .find(|x| x.symbol == d.symbol)
-                                .map(|x| (x.owner_of(&a.name), x))
-                        })
-                    })
-                    .flatten()
-            })
-            .collect();
+        let carried = self.carried_changes(&lup.manifest, replace);
         let mut data_off = Vec::new();
         let mut data_need = 0;
         for (d, c) in changes.iter().zip(&carried) {
@@ -1869,10 +1926,13 @@ impl Patcher {
                 data_need += d.new_bytes().div_ceil(page) * page;
             }
         }
+        // (A cumulative patch replaces every patch: what it does not
+        // declare is undone in its switch.)
         let changed_by: Vec<(String, String)> = self
             .state
             .applied
             .iter()
+            .filter(|_| !replace)
             .flat_map(|a| a.data.iter().map(|d| (d.symbol.clone(), a.name.clone())))
             .collect();
         // Exported symbols of the other loaded modules, read once if a
@@ -2002,6 +2062,7 @@ impl Patcher {
                     new_va: applied.new_addr,
                     repointed: applied.repointed.clone(),
                     carried: Some(owner.clone()),
+                    owner: owner.clone(),
                 });
                 continue;
             }
@@ -2090,6 +2151,22 @@ impl Patcher {
                     new: new_va + to,
                 });
             }
+            // Its own owner, unless a change it replaces (of a patch of
+            // the same name) still holds that one until the switch.
+            let base = crate::data::owner(&lup.manifest.name, &d.symbol);
+            let taken = |o: &str| {
+                self.state
+                    .applied
+                    .iter()
+                    .any(|a| a.data.iter().any(|x| x.owner_of(&a.name) == o))
+            };
+            let mut owner = base.clone();
+            for n in 2.. {
+                if !taken(&owner) {
+                    break;
+                }
+                owner = format!("{base}#{n}");
+            }
             data.push(PlacedData {
                 old_va: sym.addr,
                 old_gpa,
@@ -2097,6 +2174,7 @@ impl Patcher {
                 new_va,
                 repointed,
                 carried: None,
+                owner,
             });
         }
         Ok(Placed {
@@ -2227,16 +2305,68 @@ impl Patcher {
                 access: vmm_core::write_control::Access::Trapped,
             });
         }
+        // Data changes of replaced patches that a cumulative patch does not
+        // carry over are undone first, as a revert does: the old copy from
+        // the new one (which goes), their protections released, the kernel
+        // words moved to the new copy back (or on to the cumulative
+        // patch's). Nothing may be left in the code of the patch that made
+        // one (it uses the new copy) or hold a pointer into that copy.
+        let area_gpa = g.area().gpa;
+        let va = self.state.area_va.unwrap_or(0);
+        let undone = self.undone_changes(m, replace);
+        for &(a, d) in &undone {
+            let owner = d.owner_of(&a.name);
+            let change = d.change.clone().ok_or_else(|| {
+                UpdateError::Stack(format!("patch '{}' changed {} unknown", a.name, d.symbol))
+            })?;
+            plan.copies.push(switch::DataCopy {
+                change,
+                old_gpa: d.old_gpa,
+                new_offset: d.new_addr - va,
+                to_new: false,
+                c: self.tracker.c_runner(&owner),
+            });
+            plan.release.push(crate::data::old_owner(&owner));
+            plan.release.push(owner);
+            plan.leaving.push(Leaving {
+                function: format!("patch {} (it uses {}'s new copy)", a.name, d.symbol),
+                start: a.code_addr,
+                end: a.code_addr + a.code_bytes,
+                data: false,
+            });
+            plan.leaving.push(Leaving {
+                function: format!("{} (new copy of patch {})", d.symbol, a.name),
+                start: d.new_addr,
+                end: d.new_addr + d.new_bytes,
+                data: true,
+            });
+            let again = m
+                .data
+                .iter()
+                .zip(&placed.data)
+                .filter(|(n, p)| n.symbol == d.symbol && p.carried.is_none())
+                .flat_map(|(_, p)| &p.repointed)
+                .collect::<Vec<_>>();
+            for r in &d.repointed {
+                if !again.iter().any(|x| x.gpa == r.gpa) {
+                    plan.writes.push(Write {
+                        what: format!("{} (points into {}'s new copy)", r.word, d.symbol),
+                        gpa: r.gpa,
+                        expect: r.new.to_le_bytes().to_vec(),
+                        bytes: r.old.to_le_bytes().to_vec(),
+                    });
+                }
+            }
+        }
         // Data changes: in the same pause the new copies are made from the
         // old ones, and both are protected (their writes are transferred).
-        let area_gpa = g.area().gpa;
         for (d, p) in m.data.iter().zip(&placed.data) {
             // A change carried over is already copied, protected and
             // tracked.
             if p.carried.is_some() {
                 continue;
             }
-            let owner = crate::data::owner(&m.name, &d.symbol);
+            let owner = p.owner.clone();
             plan.copies.push(switch::DataCopy {
                 change: d.clone(),
                 old_gpa: p.old_gpa,
@@ -2266,12 +2396,47 @@ impl Patcher {
                 continue;
             }
             for r in &p.repointed {
+                // A word an undone change had moved points into its new
+                // copy until this switch.
+                let now = undone
+                    .iter()
+                    .filter(|(_, u)| u.symbol == d.symbol)
+                    .flat_map(|(_, u)| &u.repointed)
+                    .find(|x| x.gpa == r.gpa)
+                    .map_or(r.old, |x| x.new);
                 plan.writes.push(Write {
                     what: format!("{} (points into {})", r.word, d.symbol),
                     gpa: r.gpa,
-                    expect: r.old.to_le_bytes().to_vec(),
+                    expect: now.to_le_bytes().to_vec(),
                     bytes: r.new.to_le_bytes().to_vec(),
                 });
+            }
+        }
+        // A member an undone change had added that the cumulative patch
+        // adds too (same name, size and kind) keeps its value: carried
+        // from the undone change's new copy after the copies are made
+        // (instead of its initial value, or what C functions derive from
+        // the old layout, which lacks it).
+        for (d, p) in m.data.iter().zip(&placed.data) {
+            if p.carried.is_some() {
+                continue;
+            }
+            for &(a, u) in undone.iter().filter(|(_, u)| u.symbol == d.symbol) {
+                let Some(was) = &u.change else { continue };
+                plan.carry
+                    .extend(crate::data::added_in_both(was, d).into_iter().flat_map(
+                        |(name, from, to)| {
+                            (0..d.count).map(move |i| switch::Carry {
+                                what: format!(
+                                    "{}[{i}].{name} (added by patch '{}')",
+                                    d.symbol, a.name
+                                ),
+                                from: u.new_addr - va + i * was.new_size + u64::from(from.offset),
+                                to: p.new_offset + i * d.new_size + u64::from(to.offset),
+                                len: u64::from(to.size),
+                            })
+                        },
+                    ));
             }
         }
         // The patch's own variables: whole pages the guest writes natively
@@ -2287,8 +2452,10 @@ impl Patcher {
             });
         }
         if replace {
-            plan.release = self.state.applied.iter().flat_map(owners_of).collect();
-            plan.carry = self.carried_variables(&placed.linked.variables);
+            plan.release
+                .extend(self.state.applied.iter().flat_map(owners_of));
+            plan.carry
+                .extend(self.carried_variables(&placed.linked.variables));
         }
         if let Some(map) = placed.mapping {
             plan.writes.insert(
@@ -2361,14 +2528,31 @@ impl Patcher {
         view: &View,
         placed: &Placed,
         plan: &Plan,
+        scan: Option<(Vec<crate::pointers::Target>, crate::pointers::Spans)>,
     ) -> Result<Switched, PatchError> {
         let area_err =
             |e: vmm_core::memory::MemoryError| PatchError::Map(format!("patch area: {e}"));
+        // Memory scanned for pointers into data that goes (while the guest
+        // runs, before anything is written), then again in each pause.
+        let mut scan = match scan {
+            Some((targets, skip)) => Some(
+                crate::pointers::PointerScan::start(g, targets, skip).map_err(PatchError::Scan)?,
+            ),
+            None => None,
+        };
         let mut before = vec![0u8; placed.need as usize];
         g.area_read(placed.start, &mut before).map_err(area_err)?;
         g.area_write(placed.start, &placed.linked.bytes)
             .map_err(area_err)?;
-        match switch::switch(g, view.tasks(k), plan) {
+        let result = match scan.as_mut() {
+            None => switch::switch(g, view.tasks(k), plan),
+            Some(scan) => {
+                let tasks = view.tasks(k).map(|(l, _)| l);
+                let mut memory = crate::pointers::check(scan, k, view.tables, tasks);
+                switch::switch_checked(g, view.tasks(k), plan, switch::MAX_TRIES, &mut memory)
+            }
+        };
+        match result {
             Ok(s) => Ok(s),
             // Some new bytes may point into the code: leave it there.
             Err(e @ SwitchError::Torn(_)) => Err(e.into()),
@@ -2408,9 +2592,17 @@ impl Patcher {
             // vCPU or task is in it, and nothing jumps there any more. The
             // run of one whose data changes are carried over holds their
             // new copies: it stays taken, given back with this patch's.
+            let carried: Vec<&String> = placed.data.iter().flat_map(|p| &p.carried).collect();
             for a in &st.applied {
-                if a.data.is_empty() {
+                if !a
+                    .data
+                    .iter()
+                    .any(|d| carried.contains(&&d.owner_of(&a.name)))
+                {
                     st.space.release(a.code_addr - va);
+                    for &run in &a.held_runs {
+                        st.space.release(run);
+                    }
                 } else {
                     held_runs.push(a.code_addr - va);
                     held_runs.extend(&a.held_runs);
@@ -2473,7 +2665,9 @@ impl Patcher {
                     change: Some(d.clone()),
                     old_gpa: p.old_gpa,
                     repointed: p.repointed.clone(),
-                    owner: p.carried.clone(),
+                    owner: p.carried.clone().or_else(|| {
+                        (p.owner != crate::data::owner(&m.name, &d.symbol)).then(|| p.owner.clone())
+                    }),
                 })
                 .collect(),
         });
