@@ -1221,6 +1221,31 @@ fn pointers_saved_in_memory_at_run_time_hold_a_change_back_until_they_are_gone()
         text(&o)
     );
     assert_eq!(vm.list(), before, "a refused revert changed the VM's state");
+    // So is a cumulative patch without the change (it would undo it).
+    let o = vm.build("refresh2", refresh, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut tries = 0;
+    let o = loop {
+        let o = vm.run(&[
+            "patch",
+            "--vm",
+            "dc",
+            "--replace",
+            p(&vm.path("refresh2.lup")),
+        ]);
+        assert!(!o.status.success(), "applied: {}", text(&o));
+        tries += 1;
+        if !text(&o).contains("executing patch limits2") || tries == 9 {
+            break o;
+        }
+    };
+    assert!(
+        text(&o).contains("memory holding a pointer into tk_limits (new copy of patch limits2)")
+            && text(&o).contains("tk_ctls_rt+0x"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(vm.list(), before, "a refused patch changed the VM's state");
     vm.check_ctl(vm.serial().len(), 2);
 }
 
