@@ -9,7 +9,10 @@
 //! vCPU: a value written to file-max (old copy) shows in file-nr (new
 //! copy), and a value the patched code writes (a floor on max_files) shows
 //! in file-max. That change never retires (kernel data points into the
-//! object); revert brings the old layout back with the values kept.
+//! object). A cumulative patch lays it out a third way (one more member)
+//! in one switch, undoing the first change and making its own from the old
+//! copy, while the guest goes on reading: the member both added goes on
+//! counting. Revert brings the old layout back with the values kept.
 //!
 //! Then the same change once more, now with every function that uses the
 //! object replaced and the sysctl table's pointers moved to the new copy
@@ -200,7 +203,12 @@ $LUCOS patch --vm lx --json $FILES/fsfix.lup > /tmp/o 2>&1; echo "@@SCN apply rc
 wait_log "@@READS" && grep -E "@@OLD2NEW|@@NEW2OLD|@@READS" $LOG | sed 's/^/@@SCN /'
 sleep 1
 echo "@@SCN list $($LUCOS list --vm lx --json | tr -d '\n ')"
-$LUCOS revert --vm lx fsfix > /tmp/o 2>&1; echo "@@SCN revert rc=$? $(tr '\n' ' ' < /tmp/o)"
+grep "@@FNR" $LOG | tail -n 1 | sed 's/^/@@SCN before replace /'
+$LUCOS patch --vm lx --replace --json $FILES/fsfix2.lup > /tmp/o 2>&1; echo "@@SCN replace rc=$? $(tr -d '\n ' < /tmp/o)"
+n0=$(wc -l < $LOG); sleep 1.5
+tail -n +$((n0 + 1)) $LOG | grep "@@FNR" | tail -n 1 | sed 's/^/@@SCN after replace /'
+echo "@@SCN list replaced $($LUCOS list --vm lx --json | tr -d '\n ')"
+$LUCOS revert --vm lx fsfix2 > /tmp/o 2>&1; echo "@@SCN revert rc=$? $(tr '\n' ' ' < /tmp/o)"
 n1=$(wc -l < $LOG); sleep 1.5
 tail -n +$((n1 + 1)) $LOG | grep "@@FNR" | tail -n 1 | sed 's/^/@@SCN after revert /'
 echo "@@SCN list after $($LUCOS list --vm lx --json | tr -d '\n ')"
@@ -260,6 +268,31 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
         "fsfix",
         FSFIX,
         &["--data", "files_stat:files_stat_struct"],
+    );
+    // A third layout (one more member), by a cumulative patch: it undoes
+    // fsfix's change and makes its own in one switch; `nr_reads`, added by
+    // both, keeps counting from where fsfix's code left it (not from this
+    // patch's start value).
+    build_patch(
+        &files,
+        &kbuild,
+        &vmlinux,
+        "fsfix2",
+        &FSFIX
+            .replace(
+                "\tunsigned long nr_reads;\n};",
+                "\tunsigned long nr_reads;\n\tunsigned long nr_writes;\n};",
+            )
+            .replace(
+                "\tfiles_stat.nr_reads++;\n",
+                "\tfiles_stat.nr_reads++;\n\tif (write)\n\t\tfiles_stat.nr_writes++;\n",
+            ),
+        &[
+            "--data",
+            "files_stat:files_stat_struct",
+            "--init",
+            "files_stat.nr_reads=1000000000",
+        ],
     );
     build_patch(
         &files,
@@ -374,6 +407,33 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
         users.contains("get_max_files") && users.contains("fs_stat_sysctls+"),
         "{l}"
     );
+    // Laid out a third way by a cumulative patch while the guest reads
+    // file-nr on one vCPU: the reads fsfix counted go on being counted.
+    assert!(line("@@SCN replace ").contains("rc=0 "), "{}", out.text);
+    let reads = |prefix: &str| -> u64 {
+        let l = line(prefix);
+        l.split("@@FNR ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().nth(3))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no fourth field: {l}"))
+    };
+    let (before, after) = (
+        reads("@@SCN before replace "),
+        reads("@@SCN after replace "),
+    );
+    assert!(
+        after >= before && after < 1_000_000_000,
+        "nr_reads {before} before the replace, {after} after"
+    );
+    let replaced = line("@@SCN list replaced ");
+    let v: serde_json::Value =
+        serde_json::from_str(&replaced["@@SCN list replaced ".len()..]).expect("list json");
+    let d = &v["patches"][0]["data"][0];
+    assert_eq!(v["patches"][0]["name"], "fsfix2", "{replaced}");
+    assert_eq!(d["new_bytes"], 40, "{replaced}");
+    assert_eq!(d["stats"]["state"], "tracking", "{replaced}");
+    assert_eq!(d["stats"]["failures"], 0, "{replaced}");
     // Revert: the old layout (3 fields), the value kept.
     assert!(line("@@SCN revert ").contains("rc=0 "), "{}", out.text);
     let after = line("@@SCN after revert ");
