@@ -572,6 +572,15 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
         (Some(k), false) => Some(SigningKey::from_bytes(&read_key_hex(k).map_err(engine)?)),
         (None, false) => return Err(CliError::Usage("give --key (or --unsigned)".into())),
     };
+    // The types are read: the objects go without their DWARF (what every
+    // apply reads, hashes and checks the signature of).
+    let objects = objects
+        .into_iter()
+        .map(|(n, d)| match update_engine::lup::strip_debug(&d) {
+            Some(s) => (n, s),
+            None => (n, d),
+        })
+        .collect();
     let lup = Lup::new(manifest, objects, key.as_ref());
     std::fs::write(&args.out, lup.to_bytes())
         .map_err(|e| CliError::io(format!("cannot write {}", args.out.display()), e))?;

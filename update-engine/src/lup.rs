@@ -97,6 +97,90 @@ pub struct FunctionPatch {
     pub module: Option<String>,
 }
 
+/// `object` (a relocatable ELF) without its DWARF (`.debug_*` and the
+/// relocations for them): what `lucos build` read the patch's types from,
+/// and nothing that applying it uses. A patch object built with the
+/// kernel's flags is mostly debug information (a one-function Linux patch:
+/// 114 KB, 1.9 KB without), which every apply would read, hash and check
+/// the signature of. `None` when the object has a section this rewrite
+/// does not know how to carry (it is then kept whole).
+pub fn strip_debug(object: &[u8]) -> Option<Vec<u8>> {
+    let debug = |name: &[u8]| name.starts_with(b".debug_") || name.starts_with(b".rela.debug_");
+    let mut b = object::build::elf::Builder::read(object).ok()?;
+    let mut any = false;
+    for s in b.sections.iter_mut() {
+        if debug(&s.name) {
+            s.delete = true;
+            any = true;
+        }
+    }
+    if !any {
+        return None;
+    }
+    b.delete_orphans();
+    let mut out = Vec::new();
+    b.write(&mut out).ok()?;
+    // The same sections but the debug ones (the same bytes, but the
+    // symbol and string tables'), the same named symbols and relocations.
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let tables = [&b".symtab"[..], b".strtab", b".shstrtab"];
+    let (before, after) = (
+        object::File::parse(object).ok()?,
+        object::File::parse(&*out).ok()?,
+    );
+    let sections = |f: &object::File| -> Vec<(Vec<u8>, Vec<u8>)> {
+        f.sections()
+            .filter(|s| !s.name_bytes().is_ok_and(debug))
+            .map(|s| {
+                let name = s.name_bytes().unwrap_or_default();
+                let data = if tables.contains(&name) || name.starts_with(b".rela") {
+                    &[][..]
+                } else {
+                    s.data().unwrap_or_default()
+                };
+                (name.to_vec(), data.to_vec())
+            })
+            .collect()
+    };
+    let symbols = |f: &object::File| -> Vec<(Vec<u8>, u64, u64)> {
+        f.symbols()
+            .filter(|s| s.kind() != object::SymbolKind::Section)
+            .map(|s| {
+                (
+                    s.name_bytes().unwrap_or_default().to_vec(),
+                    s.address(),
+                    s.size(),
+                )
+            })
+            .collect()
+    };
+    let relocations = |f: &object::File| -> Vec<(u64, Vec<u8>, i64)> {
+        let target = |t: object::RelocationTarget| -> Vec<u8> {
+            match t {
+                object::RelocationTarget::Symbol(i) => f.symbol_by_index(i).ok().map(|s| {
+                    match s.section_index().and_then(|x| f.section_by_index(x).ok()) {
+                        Some(sec) if s.kind() == object::SymbolKind::Section => {
+                            sec.name_bytes().unwrap_or_default().to_vec()
+                        }
+                        _ => s.name_bytes().unwrap_or_default().to_vec(),
+                    }
+                }),
+                _ => None,
+            }
+            .unwrap_or_default()
+        };
+        f.sections()
+            .filter(|s| !s.name_bytes().is_ok_and(debug))
+            .flat_map(|s| s.relocations())
+            .map(|(at, r)| (at, target(r.target()), r.addend()))
+            .collect()
+    };
+    (sections(&before) == sections(&after)
+        && symbols(&before) == symbols(&after)
+        && relocations(&before) == relocations(&after))
+    .then_some(out)
+}
+
 /// The hash a patch records for an old function: `code` as the file has it
 /// (`slide` 0) or as the running kernel has it (its KASLR slide), with each
 /// relocated address moved back to its link-time value and every masked
@@ -719,5 +803,98 @@ mod tests {
         m.data[0].repoint.clear();
         let bytes = Lup::new(m, o, None).to_bytes();
         assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().expect("4")), 2);
+    }
+
+    /// A relocatable object like a patch's: a function calling an external
+    /// one, and DWARF sections with relocations into the code.
+    fn object_with_debug() -> Vec<u8> {
+        use object::write;
+        let mut w = write::Object::new(
+            object::BinaryFormat::Elf,
+            object::Architecture::X86_64,
+            object::Endianness::Little,
+        );
+        let text = w.add_section(Vec::new(), b".text".to_vec(), object::SectionKind::Text);
+        w.append_section_data(text, &[0xe8, 0, 0, 0, 0, 0xc3], 16);
+        let f = w.add_symbol(write::Symbol {
+            name: b"fix".to_vec(),
+            value: 0,
+            size: 6,
+            kind: object::SymbolKind::Text,
+            scope: object::SymbolScope::Linkage,
+            weak: false,
+            section: write::SymbolSection::Section(text),
+            flags: object::SymbolFlags::None,
+        });
+        let ext = w.add_symbol(write::Symbol {
+            name: b"kernel_helper".to_vec(),
+            value: 0,
+            size: 0,
+            kind: object::SymbolKind::Text,
+            scope: object::SymbolScope::Unknown,
+            weak: false,
+            section: write::SymbolSection::Undefined,
+            flags: object::SymbolFlags::None,
+        });
+        let rel = |symbol, addend| write::Relocation {
+            offset: 1,
+            symbol,
+            addend,
+            flags: object::RelocationFlags::Elf {
+                r_type: object::elf::R_X86_64_PLT32,
+            },
+        };
+        w.add_relocation(text, rel(ext, -4)).expect("reloc");
+        for name in [".debug_info", ".debug_line"] {
+            let d = w.add_section(
+                Vec::new(),
+                name.as_bytes().to_vec(),
+                object::SectionKind::Debug,
+            );
+            w.append_section_data(d, &[0u8; 4096], 1);
+            let r = write::Relocation {
+                offset: 8,
+                symbol: f,
+                addend: 0,
+                flags: object::RelocationFlags::Elf {
+                    r_type: object::elf::R_X86_64_64,
+                },
+            };
+            w.add_relocation(d, r).expect("reloc");
+        }
+        w.write().expect("object")
+    }
+
+    #[test]
+    fn strip_debug_drops_dwarf_and_keeps_code_symbols_and_relocations() {
+        use object::{Object, ObjectSection, ObjectSymbol};
+        let with = object_with_debug();
+        let without = strip_debug(&with).expect("stripped");
+        assert!(
+            without.len() + 8192 <= with.len(),
+            "{} -> {}",
+            with.len(),
+            without.len()
+        );
+        let f = object::File::parse(&*without).expect("an object");
+        assert!(f
+            .sections()
+            .all(|s| !s.name().unwrap_or("").contains("debug")));
+        let text = f.section_by_name(".text").expect("text");
+        assert_eq!(text.data().expect("data"), [0xe8, 0, 0, 0, 0, 0xc3]);
+        let relocs: Vec<_> = text.relocations().collect();
+        assert_eq!(relocs.len(), 1);
+        let object::RelocationTarget::Symbol(i) = relocs[0].1.target() else {
+            panic!("{relocs:?}")
+        };
+        assert_eq!(
+            f.symbol_by_index(i).and_then(|s| s.name()),
+            Ok("kernel_helper")
+        );
+        assert_eq!(relocs[0].1.addend(), -4);
+        assert!(f.symbols().any(|s| s.name() == Ok("fix") && s.size() == 6));
+        // Nothing to strip: kept as it is (the caller keeps the original).
+        assert_eq!(strip_debug(&without), None);
+        assert_eq!(strip_debug(b"not an object"), None);
     }
 }
