@@ -1234,13 +1234,17 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
                 st.transfers,
                 st.transfer_ns as f64 / 1e6
             );
-            // (An owner of its own only when one of that name was taken.)
-            if let Some(o) = d
-                .owner
-                .as_ref()
-                .filter(|o| !o.starts_with(&update_engine::data::owner(&p.name, &d.symbol)))
-            {
-                println!("            carried over from the patch that made it ({o})");
+            // An owner of another patch: carried over; of this one's with a
+            // number: made while a replaced change held the plain one.
+            if let Some(o) = &d.owner {
+                if o.starts_with(&format!(
+                    "{}#",
+                    update_engine::data::owner(&p.name, &d.symbol)
+                )) {
+                    println!("            tracked as {o}");
+                } else {
+                    println!("            carried over from the patch that made it ({o})");
+                }
             }
             if let Some(e) = &st.c_engine {
                 println!("            C transfer functions run by: {e}");

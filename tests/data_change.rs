@@ -770,6 +770,56 @@ fn a_cumulative_patch_lays_a_changed_object_out_again_or_drops_the_change_with_n
     assert!(copies(&l).is_empty(), "{l}");
     vm.ok(&["revert", "--vm", "dc", "nodata"]);
     vm.check_reports(vm.serial().len(), 2);
+    let used = |l: &Value| l["patch_area"]["used_bytes"].as_u64();
+    assert_eq!(used(&vm.list()), Some(0), "area left taken");
+
+    // A change carried over (its copy in the run of the patch that made
+    // it, held by the cumulative patch) undone by the next cumulative
+    // patch: exact, and both runs given back.
+    let v2 = format!(
+        "{}\nconst char *lucos_version(void)\n{{\n\treturn \"testkernel 1.0 (cumulative)\";\n}}\n",
+        new_stats()
+    );
+    let o = vm.build(
+        "stats2b",
+        &v2,
+        &[
+            "--data",
+            "stats_table:task_stat",
+            "--init",
+            "stats_table.generation=1",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
+    vm.ok_when_not_busy(&[
+        "patch",
+        "--vm",
+        "dc",
+        "--replace",
+        p(&vm.path("stats2b.lup")),
+    ]);
+    let l = vm.list();
+    assert_eq!(
+        l["patches"][0]["data"][0]["owner"], "data:stats2:stats_table",
+        "{l}"
+    );
+    let at = vm.serial().len();
+    vm.ok_when_not_busy(&[
+        "patch",
+        "--vm",
+        "dc",
+        "--replace",
+        p(&vm.path("stats4.lup")),
+    ]);
+    vm.check_reports(at, 3);
+    assert!(vm.serial()[at..].contains("layout3 generation kept"));
+    let l = vm.list();
+    assert_eq!(l["patches"][0]["data"][0]["stats"]["failures"], 0, "{l}");
+    let at = vm.serial().len();
+    vm.ok_when_not_busy(&["revert", "--vm", "dc", "stats4"]);
+    vm.check_reports(at, 3);
+    assert_eq!(used(&vm.list()), Some(0), "area left taken");
 }
 
 #[test]

@@ -1474,8 +1474,11 @@ impl Patcher {
                 d.new_addr + d.new_bytes,
                 format!("{} (new copy of patch {})", d.symbol, a.name),
             ));
+            // Its patch's code and read-only data go with it; its variables
+            // (a cumulative patch may carry their values over) and any copy
+            // carried over stay, and are scanned.
             skip.push(in_area(d.new_addr, d.new_bytes));
-            skip.push(in_area(a.code_addr, a.code_bytes));
+            skip.push(in_area(a.code_addr, a.code_len.min(a.code_bytes)));
             skip.extend(d.repointed.iter().map(|r| (r.gpa, r.gpa + 8)));
             undone.push(d.owner_of(&a.name));
         }
@@ -2344,7 +2347,7 @@ impl Patcher {
                 .data
                 .iter()
                 .zip(&placed.data)
-                .filter(|(n, p)| n.symbol == d.symbol && p.carried.is_none())
+                .filter(|(_, p)| p.old_gpa == d.old_gpa && p.carried.is_none())
                 .flat_map(|(_, p)| &p.repointed)
                 .collect::<Vec<_>>();
             for r in &d.repointed {
@@ -2400,7 +2403,7 @@ impl Patcher {
                 // copy until this switch.
                 let now = undone
                     .iter()
-                    .filter(|(_, u)| u.symbol == d.symbol)
+                    .filter(|(_, u)| u.old_gpa == p.old_gpa)
                     .flat_map(|(_, u)| &u.repointed)
                     .find(|x| x.gpa == r.gpa)
                     .map_or(r.old, |x| x.new);
@@ -2421,7 +2424,9 @@ impl Patcher {
             if p.carried.is_some() {
                 continue;
             }
-            for &(a, u) in undone.iter().filter(|(_, u)| u.symbol == d.symbol) {
+            // (The same object: the same place, the same elements.)
+            let same = |u: &AppliedData| u.old_gpa == p.old_gpa && u.count == d.count;
+            for &(a, u) in undone.iter().filter(|(_, u)| same(u)) {
                 let Some(was) = &u.change else { continue };
                 plan.carry
                     .extend(crate::data::added_in_both(was, d).into_iter().flat_map(
@@ -2585,20 +2590,23 @@ impl Patcher {
         }
         let va = st.area_va.unwrap_or(placed.linked.base - placed.start);
         st.space.take(placed.start, placed.need);
-        // In immediate mode calls may still run in replaced patches' code.
+        // In immediate mode calls may still run in replaced patches' code,
+        // but in the code of one whose data changes this patch undid: the
+        // switch waited for that to be left (its new copies went).
         let mut held_runs = Vec::new();
-        if replace && mode == Mode::Consistent && view.all_checked(switched.tasks_checked) {
-            // The code of every replaced patch was left in this switch: no
+        if replace && view.all_checked(switched.tasks_checked) {
+            // The code of such a replaced patch was left in this switch: no
             // vCPU or task is in it, and nothing jumps there any more. The
             // run of one whose data changes are carried over holds their
             // new copies: it stays taken, given back with this patch's.
             let carried: Vec<&String> = placed.data.iter().flat_map(|p| &p.carried).collect();
             for a in &st.applied {
-                if !a
-                    .data
-                    .iter()
-                    .any(|d| carried.contains(&&d.owner_of(&a.name)))
-                {
+                let kept = |d: &AppliedData| carried.contains(&&d.owner_of(&a.name));
+                let undid = a.data.iter().any(|d| !kept(d));
+                if mode != Mode::Consistent && !undid {
+                    continue;
+                }
+                if !a.data.iter().any(kept) {
                     st.space.release(a.code_addr - va);
                     for &run in &a.held_runs {
                         st.space.release(run);

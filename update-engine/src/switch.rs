@@ -168,8 +168,16 @@ fn run_copies(guest: &dyn Guest, copies: &[DataCopy]) -> Result<Vec<CopyUndo>, S
         let mut old = vec![0u8; d.old_bytes() as usize];
         let mut new = vec![0u8; d.new_bytes() as usize];
         let what = |e: vmm_core::memory::MemoryError| format!("copying {}: {e}", d.symbol);
-        guest.ram().read_phys(c.old_gpa, &mut old).map_err(what)?;
-        guest.area_read(c.new_offset, &mut new).map_err(what)?;
+        let read = guest
+            .ram()
+            .read_phys(c.old_gpa, &mut old)
+            .and_then(|()| guest.area_read(c.new_offset, &mut new));
+        if let Err(e) = read {
+            // An earlier copy of this switch (a change undone first) goes
+            // back too.
+            undo_copies(guest, &undo);
+            return Err(what(e));
+        }
         let (os, ns) = (d.old_size as usize, d.new_size as usize);
         let before = if c.to_new { new.clone() } else { old.clone() };
         // Every element is computed before anything is written: a C
