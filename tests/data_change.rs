@@ -685,7 +685,26 @@ fn a_cumulative_patch_lays_a_changed_object_out_again_or_drops_the_change_with_n
 
     vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
     vm.check_reports(vm.serial().len(), 2);
-    let mut before = vm.list()["patches"][0]["data"][0]["new_addr"].clone();
+    let l = vm.list();
+    let mut before = l["patches"][0]["data"][0]["new_addr"].clone();
+    // Stacked, another layout of the same object is refused, pointing to
+    // the cumulative patch; nothing changes.
+    let o = vm.run(&["patch", "--vm", "dc", p(&vm.path("stats4.lup"))]);
+    assert!(!o.status.success(), "stacked: {}", text(&o));
+    assert!(
+        text(&o).contains("stats_table already has a new layout from patch 'stats2'")
+            && text(&o).contains("--replace"),
+        "{}",
+        text(&o)
+    );
+    let after = vm.list();
+    assert_eq!(after["protected"], l["protected"], "{after}");
+    assert_eq!(after["patch_area"], l["patch_area"], "{after}");
+    assert_eq!(
+        after["patches"].as_array().map(Vec::len),
+        Some(1),
+        "{after}"
+    );
 
     // Another layout in one switch: stats2's change undone (the old copy
     // from its new one), stats4's made from there, while old code

@@ -1735,7 +1735,9 @@ impl Patcher {
                 .find(|a| !replace && a.data.iter().any(|x| x.symbol == d.symbol))
             {
                 return Err(stack_err(format!(
-                    "{} already has a new layout from patch '{}'; revert it first",
+                    "{} already has a new layout from patch '{}': revert it first, or give \
+                     this layout in a cumulative patch (--replace), which undoes that change \
+                     and makes its own in one switch",
                     d.symbol, a.name
                 )));
             }
