@@ -55,6 +55,11 @@ impl Space {
         self.taken.retain(|&(o, _)| o != off);
     }
 
+    /// Length of the run taken at `off`, if one starts there.
+    pub fn len_of(&self, off: u64) -> Option<u64> {
+        self.taken.iter().find(|&&(o, _)| o == off).map(|&(_, l)| l)
+    }
+
     /// Bytes taken.
     pub fn in_use(&self) -> u64 {
         self.taken.iter().map(|&(_, len)| len).sum()

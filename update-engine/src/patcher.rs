@@ -1468,6 +1468,25 @@ impl Patcher {
         let mut targets = Vec::new();
         let mut skip: Vec<(u64, u64)> = view.text.map(|(a, n)| (a, a + n)).into_iter().collect();
         let mut undone = Vec::new();
+        // Runs that a replaced patch holds for changes it carried over and
+        // that hold no copy still carried: they go whole.
+        let kept: Vec<u64> = placed
+            .data
+            .iter()
+            .filter(|p| p.carried.is_some())
+            .map(|p| p.new_va)
+            .collect();
+        for a in self.state.applied.iter().filter(|_| replace) {
+            for &run in &a.held_runs {
+                let Some(len) = self.state.space.len_of(run) else {
+                    continue;
+                };
+                let (start, end) = (area_va + run, area_va + run + len);
+                if !kept.iter().any(|&at| at >= start && at < end) {
+                    skip.push(in_area(start, len));
+                }
+            }
+        }
         for (a, d) in self.undone_changes(&lup.manifest, replace) {
             targets.push((
                 d.new_addr,
@@ -3765,6 +3784,13 @@ impl Patcher {
             (gpa, gpa + n)
         };
         skip.push(in_area(target.code_addr, target.code_bytes));
+        // So do the runs it holds for changes it carried over (the code of
+        // the patches that made them, and their copies).
+        for &run in &target.held_runs {
+            if let Some(len) = self.state.space.len_of(run) {
+                skip.push(in_area(area_va + run, len));
+            }
+        }
         for d in &target.data {
             let (a, b) = (d.new_addr, d.new_addr + d.new_bytes);
             skip.push(in_area(a, d.new_bytes));
