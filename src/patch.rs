@@ -1307,6 +1307,13 @@ pub fn list_patches(vm: &str, json: bool) -> Result<i32, CliError> {
         "patch area  {} of {} bytes in use",
         l.patch_area.used_bytes, l.patch_area.size_bytes
     );
+    for c in &l.kept_code {
+        println!(
+            "  kept      code of replaced patch {} at {:#x} ({} bytes): calls may still be in \
+             it (immediate mode); given back once a pause finds none",
+            c.patch, c.code_addr, c.code_bytes
+        );
+    }
     if let Some(x) = &l.exception_index {
         println!(
             "exception index  {} ({:#x}) jumps to lucos's index at {:#x}, for the exception \

@@ -842,6 +842,95 @@ fn a_cumulative_patch_lays_a_changed_object_out_again_or_drops_the_change_with_n
 }
 
 #[test]
+fn code_of_patches_replaced_in_immediate_mode_is_given_back_once_nothing_is_in_it() {
+    let vm = Vm::start("data-kept-code");
+    vm.check_reports(0, 1);
+    let version = |s: &str| {
+        format!("#include \"tk.h\"\nconst char *lucos_version(void)\n{{\n\treturn \"{s}\";\n}}\n")
+    };
+    for (name, src) in [("one", version("one")), ("two", version("two"))] {
+        let o = vm.build(name, &src, &[]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let used = |l: &Value| l["patch_area"]["used_bytes"].as_u64().expect("used");
+    let kept = |l: &Value| l["kept_code"].as_array().map_or(0, Vec::len);
+    // Waits for the background check to give the kept code back.
+    let given_back = || -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let l = vm.list();
+            if kept(&l) == 0 {
+                return l;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still kept after 60 s: {l}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("one.lup"))]);
+    let alone = used(&vm.list());
+    // Immediate: the switch does not wait for calls in `one`'s code, which
+    // stays taken, listed, until a background pause finds nothing in it.
+    let replace_immediate = |name: &str| {
+        vm.ok(&[
+            "patch",
+            "--vm",
+            "dc",
+            "--replace",
+            "--mode",
+            "immediate",
+            p(&vm.path(&format!("{name}.lup"))),
+        ])
+    };
+    replace_immediate("two");
+    let l = vm.list();
+    if kept(&l) == 1 {
+        assert_eq!(l["kept_code"][0]["patch"], "one", "{l}");
+        assert!(used(&l) > alone, "{l}");
+    }
+    let l = given_back();
+    assert_eq!(used(&l), alone, "{l}");
+    vm.check_reports(vm.serial().len(), 1);
+    assert!(vm.serial().contains("version two"));
+    vm.ok(&["revert", "--vm", "dc", "two"]);
+    assert_eq!(used(&vm.list()), 0);
+
+    // A change carried over in immediate mode: the run holding its copy
+    // goes, once its code is left, to the patch carrying it, and with it
+    // at its revert.
+    vm.build_stats2();
+    let v2 = format!(
+        "{}\nconst char *lucos_version(void)\n{{\n\treturn \"testkernel 1.0 (cumulative)\";\n}}\n",
+        new_stats()
+    );
+    let args = [
+        "--data",
+        "stats_table:task_stat",
+        "--init",
+        "stats_table.generation=1",
+    ];
+    let o = vm.build("stats2b", &v2, &args);
+    assert!(o.status.success(), "{}", text(&o));
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
+    let stats2_run = vm.list()["patches"][0]["code_addr"].clone();
+    replace_immediate("stats2b");
+    let l = given_back();
+    let a = &l["patches"][0];
+    assert_eq!(a["name"], "stats2b", "{l}");
+    assert_eq!(a["held_runs"].as_array().map(Vec::len), Some(1), "{l}");
+    assert_eq!(a["data"][0]["stats"]["state"], "tracking", "{l}");
+    let at = vm.serial().len();
+    vm.check_reports(at, 2);
+    let l = vm.list();
+    assert_ne!(l["patches"][0]["code_addr"], stats2_run, "{l}");
+    vm.ok_when_not_busy(&["revert", "--vm", "dc", "stats2b"]);
+    vm.check_reports(vm.serial().len(), 2);
+    assert_eq!(used(&vm.list()), 0, "area left taken");
+}
+
+#[test]
 fn data_changes_lucos_cannot_derive_are_refused_at_build_time() {
     let vm = Vm::start("data-bad");
     let refused = |src: &str, extra: &[&str], why: &str| {

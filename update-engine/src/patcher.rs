@@ -564,6 +564,10 @@ pub struct PatchList {
     /// ([`crate::extable`]): the hooked function and the patches it serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exception_index: Option<ExceptionIndex>,
+    /// Code of patches replaced in immediate mode, kept while calls may be
+    /// in it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept_code: Vec<KeptCode>,
 }
 
 /// What `list` shows of lucos's exception index.
@@ -591,6 +595,25 @@ pub struct AreaUsage {
     pub size_bytes: u64,
 }
 
+/// The code of a patch a cumulative patch replaced in immediate mode, which
+/// calls may still be in (the switch did not wait for them): its area run,
+/// and the runs it held, kept until a background pause finds nothing in
+/// it ([`Patcher::retire`]); then given back (a run holding a copy of a
+/// change still carried over goes to the patch carrying it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptCode {
+    /// The replaced patch.
+    pub patch: String,
+    /// Its code (guest-virtual).
+    #[serde(with = "symbol_db::hex_u64")]
+    pub code_addr: u64,
+    /// Bytes of its run.
+    pub code_bytes: u64,
+    /// Offsets of the area runs it held for changes it carried over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_runs: Vec<u64>,
+}
+
 /// Everything the patcher knows of a VM's live patches: what a revert
 /// needs, and what a new VMM process taking the guest over needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -608,6 +631,9 @@ pub struct PatchState {
     /// lucos's exception index, while a patch has exception-table entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extables: Option<crate::extable::Index>,
+    /// Code of replaced patches calls may still be in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept_code: Vec<KeptCode>,
 }
 
 /// Per-VM live-patch policy and state.
@@ -902,6 +928,7 @@ impl Patcher {
                 applied: Vec::new(),
                 held: Vec::new(),
                 extables: None,
+                kept_code: Vec::new(),
             },
         )
     }
@@ -997,6 +1024,7 @@ impl Patcher {
                     })
                     .collect(),
             }),
+            kept_code: self.state.kept_code.clone(),
         }
     }
 
@@ -1004,15 +1032,16 @@ impl Patcher {
     /// work): tracked, not retired, no kernel function outside its patch
     /// using the old copy.
     pub fn may_retire(&self) -> bool {
-        self.state.applied.iter().any(|a| {
-            a.data.iter().any(|d| {
-                let owner = d.owner_of(&a.name);
-                d.users_left.is_empty()
-                    && self.tracker.get(&owner).is_some()
-                    && !self.tracker.is_retired(&owner)
-                    && !self.tracker.failed(&owner)
+        !self.state.kept_code.is_empty()
+            || self.state.applied.iter().any(|a| {
+                a.data.iter().any(|d| {
+                    let owner = d.owner_of(&a.name);
+                    d.users_left.is_empty()
+                        && self.tracker.get(&owner).is_some()
+                        && !self.tracker.is_retired(&owner)
+                        && !self.tracker.failed(&owner)
+                })
             })
-        })
     }
 
     /// Retires every data change that can, each in one short pause (one
@@ -1183,7 +1212,68 @@ impl Patcher {
                 }
             }
         }
+        self.release_kept_code(g, k)?;
         Ok(done)
+    }
+
+    /// Gives back the code of patches replaced in immediate mode that no
+    /// vCPU or task is in any more ([`KeptCode`]), each after one short
+    /// pause that finds nothing in it (its exception-table slot goes in
+    /// that pause); a busy one is left for the next call.
+    fn release_kept_code(&mut self, g: &dyn Guest, k: &GuestKernel) -> Result<(), PatchError> {
+        if self.state.kept_code.is_empty() {
+            return Ok(());
+        }
+        let view = View::new(g, k)?;
+        if !view.can_check(k) {
+            return Ok(());
+        }
+        let va = self.state.area_va.unwrap_or(0);
+        let mut i = 0;
+        while i < self.state.kept_code.len() {
+            let kc = self.state.kept_code[i].clone();
+            let mut plan = Plan {
+                leaving: vec![Leaving {
+                    function: format!("patch {} (replaced)", kc.patch),
+                    start: kc.code_addr,
+                    end: kc.code_addr + kc.code_bytes,
+                    data: false,
+                }],
+                ..Plan::default()
+            };
+            let ex = self.extable_plan(g, k, &view, None, &[kc.code_addr], &mut plan)?;
+            match switch::switch_tries(g, view.tasks(k), &plan, 1) {
+                Ok(s) if view.all_checked(s.tasks_checked) => {
+                    self.commit_extable(ex);
+                    self.state.kept_code.remove(i);
+                    let st = &mut self.state;
+                    for run in std::iter::once(kc.code_addr - va).chain(kc.held_runs) {
+                        let len = st.space.len_of(run).unwrap_or(0);
+                        let (start, end) = (va + run, va + run + len);
+                        // A copy of a change still carried over lives here:
+                        // the run goes with the patch carrying it.
+                        let carrier = st.applied.iter_mut().find(|a| {
+                            a.data
+                                .iter()
+                                .any(|d| d.new_addr >= start && d.new_addr < end)
+                        });
+                        match carrier {
+                            Some(a) => a.held_runs.push(run),
+                            None => st.space.release(run),
+                        }
+                    }
+                    log::info!(
+                        "code of replaced patch {} given back: nothing is in it",
+                        kc.patch
+                    );
+                    continue;
+                }
+                Ok(_) | Err(SwitchError::Busy { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            i += 1;
+        }
+        Ok(())
     }
 
     /// Applies the `.lup` at `path` to the running kernel `k`; with
@@ -1375,8 +1465,18 @@ impl Patcher {
         // The patch's exception table, known to the kernel through lucos's
         // index; a cumulative patch's predecessors give theirs back where
         // their code is released (as `commit_apply` decides).
-        let freeing: Vec<u64> = if replace && mode == Mode::Consistent && view.can_check(k) {
-            self.state.applied.iter().map(|a| a.code_addr).collect()
+        // (In immediate mode, the code of the replaced patches whose data
+        // changes it undoes: the switch waits for that to be left.)
+        let freeing: Vec<u64> = if replace && view.can_check(k) {
+            let undone = self.undone_changes(&lup.manifest, replace);
+            self.state
+                .applied
+                .iter()
+                .filter(|a| {
+                    mode == Mode::Consistent || undone.iter().any(|(u, _)| u.name == a.name)
+                })
+                .map(|a| a.code_addr)
+                .collect()
         } else {
             Vec::new()
         };
@@ -2615,6 +2715,7 @@ impl Patcher {
         // but in the code of one whose data changes this patch undid: the
         // switch waited for that to be left (its new copies went).
         let mut held_runs = Vec::new();
+        let mut kept_code = Vec::new();
         if replace && view.all_checked(switched.tasks_checked) {
             // The code of such a replaced patch was left in this switch: no
             // vCPU or task is in it, and nothing jumps there any more. The
@@ -2625,6 +2726,13 @@ impl Patcher {
                 let kept = |d: &AppliedData| carried.contains(&&d.owner_of(&a.name));
                 let undid = a.data.iter().any(|d| !kept(d));
                 if mode != Mode::Consistent && !undid {
+                    // Calls may still be in it: given back later.
+                    kept_code.push(KeptCode {
+                        patch: a.name.clone(),
+                        code_addr: a.code_addr,
+                        code_bytes: a.code_bytes,
+                        held_runs: a.held_runs.clone(),
+                    });
                     continue;
                 }
                 if !a.data.iter().any(kept) {
@@ -2653,6 +2761,7 @@ impl Patcher {
         if replace {
             st.applied.clear();
         }
+        st.kept_code.extend(kept_code);
         let code_len = placed
             .linked
             .writable
