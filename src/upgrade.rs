@@ -50,7 +50,7 @@ use crate::server::{ControlServer, VmIdentity};
 /// is installed (a reader of 2 would drop it, hook and all); 2 when the
 /// VM has patches of modules (held patches, module parts, watches a lucos
 /// without modules would refuse guest writes to); else 1.
-pub const FORMAT: u32 = 3;
+pub const FORMAT: u32 = 4;
 /// The oldest handover format this build reads.
 pub const OLDEST_FORMAT: u32 = 1;
 /// How long a new process has by default, from its start to the guest
@@ -77,11 +77,14 @@ fn formats_read() -> (u32, u32) {
     }
 }
 
-/// The handover format `service` needs: 3 with a carried data change or
-/// the exception index, 2 with module state, else 1 (which a lucos of
-/// before modules reads).
+/// The handover format `service` needs: 4 with code of replaced patches
+/// kept, 3 with a carried data change or the exception index, 2 with
+/// module state, else 1 (which a lucos of before modules reads).
 fn format_of(service: &ServiceState) -> u32 {
     let p = &service.patches;
+    if !p.kept_code.is_empty() {
+        return 4;
+    }
     let modules = !p.held.is_empty()
         || p.applied.iter().any(|a| !a.modules.is_empty())
         || service

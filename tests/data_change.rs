@@ -845,8 +845,12 @@ fn a_cumulative_patch_lays_a_changed_object_out_again_or_drops_the_change_with_n
 fn code_of_patches_replaced_in_immediate_mode_is_given_back_once_nothing_is_in_it() {
     let vm = Vm::start("data-kept-code");
     vm.check_reports(0, 1);
+    // With a variable of its own, written at every call (its pages stay
+    // writable while the code is kept).
     let version = |s: &str| {
-        format!("#include \"tk.h\"\nconst char *lucos_version(void)\n{{\n\treturn \"{s}\";\n}}\n")
+        format!(
+            "#include \"tk.h\"\nstatic unsigned long calls;\nconst char *lucos_version(void)\n{{\n\tcalls++;\n\treturn calls ? \"{s}\" : \"\";\n}}\n"
+        )
     };
     for (name, src) in [("one", version("one")), ("two", version("two"))] {
         let o = vm.build(name, &src, &[]);
@@ -889,12 +893,26 @@ fn code_of_patches_replaced_in_immediate_mode_is_given_back_once_nothing_is_in_i
     if kept(&l) == 1 {
         assert_eq!(l["kept_code"][0]["patch"], "one", "{l}");
         assert!(used(&l) > alone, "{l}");
+        assert!(l["protected"].to_string().contains("kept@"), "{l}");
     }
     let l = given_back();
     assert_eq!(used(&l), alone, "{l}");
+    assert!(!l["protected"].to_string().contains("kept@"), "{l}");
+    let own = |l: &Value| l["protected"].to_string().matches("/own").count();
+    assert_eq!(own(&l), 1, "{l}");
     vm.check_reports(vm.serial().len(), 1);
     assert!(vm.serial().contains("version two"));
     vm.ok(&["revert", "--vm", "dc", "two"]);
+    assert_eq!(used(&vm.list()), 0);
+    // A consistent cumulative patch waits for the kept code too, and gives
+    // it back in its switch if the background check has not yet.
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("one.lup"))]);
+    replace_immediate("two");
+    vm.ok(&["patch", "--vm", "dc", "--replace", p(&vm.path("one.lup"))]);
+    let l = vm.list();
+    assert_eq!(kept(&l), 0, "{l}");
+    assert_eq!(used(&l), alone, "{l}");
+    vm.ok(&["revert", "--vm", "dc", "one"]);
     assert_eq!(used(&vm.list()), 0);
 
     // A change carried over in immediate mode: the run holding its copy
@@ -913,6 +931,16 @@ fn code_of_patches_replaced_in_immediate_mode_is_given_back_once_nothing_is_in_i
     ];
     let o = vm.build("stats2b", &v2, &args);
     assert!(o.status.success(), "{}", text(&o));
+    // Reverted at once, before or after the kept code went: the revert
+    // frees the copy that code uses, so it waits for it and gives it back.
+    vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
+    replace_immediate("stats2b");
+    let at = vm.serial().len();
+    vm.ok_when_not_busy(&["revert", "--vm", "dc", "stats2b"]);
+    let l = vm.list();
+    assert_eq!(kept(&l), 0, "{l}");
+    assert_eq!(used(&l), 0, "{l}");
+    vm.check_reports(at, 2);
     vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
     let stats2_run = vm.list()["patches"][0]["code_addr"].clone();
     replace_immediate("stats2b");

@@ -646,6 +646,9 @@ pub struct Patcher {
     /// Data changes whose old copy a word of guest memory pointed into at
     /// the last scan: when to scan again, and the wait after that.
     scan_backoff: std::collections::HashMap<String, (Instant, Duration)>,
+    /// When to check the kept code of replaced patches again, and the wait
+    /// after that (while something stays in it).
+    kept_backoff: Option<(Instant, Duration)>,
 }
 
 /// How the engine sees the running kernel's address space for one
@@ -940,6 +943,7 @@ impl Patcher {
             state,
             tracker: Default::default(),
             scan_backoff: Default::default(),
+            kept_backoff: None,
         }
     }
 
@@ -1020,7 +1024,12 @@ impl Patcher {
                             .applied
                             .iter()
                             .find(|a| a.code_addr == c)
-                            .map_or_else(|| format!("code at {c:#x}"), |a| a.name.clone())
+                            .map(|a| a.name.clone())
+                            .or_else(|| {
+                                let kc = self.state.kept_code.iter().find(|x| x.code_addr == c);
+                                kc.map(|x| format!("{} (replaced, kept)", x.patch))
+                            })
+                            .unwrap_or_else(|| format!("code at {c:#x}"))
                     })
                     .collect(),
             }),
@@ -1054,6 +1063,14 @@ impl Patcher {
     /// (no more traps, nothing transferred). Returns
     /// the changes retired now, as `PATCH:SYMBOL`.
     pub fn retire(&mut self, g: &dyn Guest, k: &GuestKernel) -> Result<Vec<String>, PatchError> {
+        // (One does not hold the other back.)
+        let done = self.retire_data(g, k);
+        self.release_kept_code(g, k);
+        done
+    }
+
+    /// The data changes of [`Patcher::retire`].
+    fn retire_data(&mut self, g: &dyn Guest, k: &GuestKernel) -> Result<Vec<String>, PatchError> {
         let mut done = Vec::new();
         for a in &self.state.applied {
             for d in &a.data {
@@ -1112,6 +1129,9 @@ impl Patcher {
                             data: false,
                         })
                         .chain([old_copy])
+                        // Code of replaced patches calls may still be in
+                        // uses the old copy as it did.
+                        .chain(self.kept_leaving())
                         .collect(),
                     release,
                     protect,
@@ -1212,68 +1232,87 @@ impl Patcher {
                 }
             }
         }
-        self.release_kept_code(g, k)?;
         Ok(done)
     }
 
     /// Gives back the code of patches replaced in immediate mode that no
     /// vCPU or task is in any more ([`KeptCode`]), each after one short
     /// pause that finds nothing in it (its exception-table slot goes in
-    /// that pause); a busy one is left for the next call.
-    fn release_kept_code(&mut self, g: &dyn Guest, k: &GuestKernel) -> Result<(), PatchError> {
-        if self.state.kept_code.is_empty() {
-            return Ok(());
+    /// that pause, and the protection of its own variables); a busy one is
+    /// left for a later call (after 1 s, doubling while something stays in
+    /// it, up to about a minute). Failures are logged, not returned.
+    fn release_kept_code(&mut self, g: &dyn Guest, k: &GuestKernel) {
+        if self.state.kept_code.is_empty()
+            || self.kept_backoff.is_some_and(|(at, _)| Instant::now() < at)
+            || (k.symbols.lookup("init_task").is_ok() && k.tasks.is_err())
+        {
+            return;
         }
-        let view = View::new(g, k)?;
-        if !view.can_check(k) {
-            return Ok(());
-        }
+        let view = match View::new(g, k) {
+            Ok(v) => v,
+            Err(e) => {
+                log::warn!("checking the code of replaced patches: {e}");
+                return;
+            }
+        };
         let va = self.state.area_va.unwrap_or(0);
+        let mut busy = false;
         let mut i = 0;
         while i < self.state.kept_code.len() {
             let kc = self.state.kept_code[i].clone();
             let mut plan = Plan {
-                leaving: vec![Leaving {
-                    function: format!("patch {} (replaced)", kc.patch),
-                    start: kc.code_addr,
-                    end: kc.code_addr + kc.code_bytes,
-                    data: false,
-                }],
+                leaving: vec![kept_leaving(&kc)],
+                release: vec![kept_own_owner(kc.code_addr)],
                 ..Plan::default()
             };
-            let ex = self.extable_plan(g, k, &view, None, &[kc.code_addr], &mut plan)?;
-            match switch::switch_tries(g, view.tasks(k), &plan, 1) {
-                Ok(s) if view.all_checked(s.tasks_checked) => {
+            let tried = self
+                .extable_plan(g, k, &view, None, &[kc.code_addr], &mut plan)
+                .and_then(|ex| Ok((switch::switch_tries(g, view.tasks(k), &plan, 1)?, ex)));
+            match tried {
+                Ok((s, ex)) => {
                     self.commit_extable(ex);
-                    self.state.kept_code.remove(i);
-                    let st = &mut self.state;
-                    for run in std::iter::once(kc.code_addr - va).chain(kc.held_runs) {
-                        let len = st.space.len_of(run).unwrap_or(0);
-                        let (start, end) = (va + run, va + run + len);
-                        // A copy of a change still carried over lives here:
-                        // the run goes with the patch carrying it.
-                        let carrier = st.applied.iter_mut().find(|a| {
-                            a.data
-                                .iter()
-                                .any(|d| d.new_addr >= start && d.new_addr < end)
-                        });
-                        match carrier {
-                            Some(a) => a.held_runs.push(run),
-                            None => st.space.release(run),
-                        }
+                    if view.all_checked(s.tasks_checked) {
+                        self.state.kept_code.remove(i);
+                        give_back_runs(&mut self.state, &kc, va);
+                        log::info!(
+                            "code of replaced patch {} given back: nothing is in it",
+                            kc.patch
+                        );
+                        continue;
                     }
-                    log::info!(
-                        "code of replaced patch {} given back: nothing is in it",
-                        kc.patch
-                    );
-                    continue;
                 }
-                Ok(_) | Err(SwitchError::Busy { .. }) => {}
-                Err(e) => return Err(e.into()),
+                Err(PatchError::Busy { .. }) => busy = true,
+                Err(e) => {
+                    busy = true;
+                    log::warn!("checking the code of replaced patch {}: {e}", kc.patch);
+                }
             }
             i += 1;
         }
-        Ok(())
+        self.kept_backoff = busy.then(|| {
+            let wait = self
+                .kept_backoff
+                .map_or(Duration::from_secs(1), |(_, w)| (w * 2).min(MAX_SCAN_WAIT));
+            (Instant::now() + wait, wait)
+        });
+    }
+
+    /// The code of replaced patches kept, as code a switch must find
+    /// nothing in (one that frees what it uses, or gives it back).
+    fn kept_leaving(&self) -> Vec<Leaving> {
+        self.state.kept_code.iter().map(kept_leaving).collect()
+    }
+
+    /// After a switch that found nothing in any kept code (it waited for
+    /// [`Self::kept_leaving`], its exception-table slots freed and the
+    /// protections of its variables released in it): every kept run given
+    /// back, or to the applied patch whose carried copy it holds.
+    fn give_back_kept(&mut self) {
+        let va = self.state.area_va.unwrap_or(0);
+        for kc in std::mem::take(&mut self.state.kept_code) {
+            give_back_runs(&mut self.state, &kc, va);
+        }
+        self.kept_backoff = None;
     }
 
     /// Applies the `.lup` at `path` to the running kernel `k`; with
@@ -1467,6 +1506,10 @@ impl Patcher {
         // their code is released (as `commit_apply` decides).
         // (In immediate mode, the code of the replaced patches whose data
         // changes it undoes: the switch waits for that to be left.)
+        // The kept code of patches replaced before goes too when this
+        // switch waits for it (see `plan`).
+        let undoes = !self.undone_changes(&lup.manifest, replace).is_empty();
+        let frees_kept = replace && (mode == Mode::Consistent || undoes);
         let freeing: Vec<u64> = if replace && view.can_check(k) {
             let undone = self.undone_changes(&lup.manifest, replace);
             self.state
@@ -1476,6 +1519,13 @@ impl Patcher {
                     mode == Mode::Consistent || undone.iter().any(|(u, _)| u.name == a.name)
                 })
                 .map(|a| a.code_addr)
+                .chain(
+                    self.state
+                        .kept_code
+                        .iter()
+                        .filter(|_| frees_kept)
+                        .map(|c| c.code_addr),
+                )
                 .collect()
         } else {
             Vec::new()
@@ -1587,6 +1637,20 @@ impl Patcher {
                 }
             }
         }
+        // Kept code the switch waits for, and its runs, go too (but a
+        // copy still carried over that one holds).
+        for c in self.state.kept_code.iter().filter(|_| frees_kept) {
+            let runs = std::iter::once((c.code_addr, c.code_bytes)).chain(
+                c.held_runs
+                    .iter()
+                    .filter_map(|&r| Some((area_va + r, self.state.space.len_of(r)?))),
+            );
+            for (start, len) in runs {
+                if !kept.iter().any(|&at| at >= start && at < start + len) {
+                    skip.push(in_area(start, len));
+                }
+            }
+        }
         for (a, d) in self.undone_changes(&lup.manifest, replace) {
             targets.push((
                 d.new_addr,
@@ -1637,8 +1701,19 @@ impl Patcher {
             self.tracker.remove(o);
             self.scan_backoff.remove(o);
         }
+        // Kept code the switch found nothing in goes, once the new patch
+        // is committed (a run holding a copy it carries goes to it).
+        let waited = if frees_kept && view.all_checked(switched.tasks_checked) {
+            std::mem::take(&mut self.state.kept_code)
+        } else {
+            Vec::new()
+        };
         let name = lup.manifest.name.clone();
         let mut report = self.commit_apply(lup, placed, sites, switched, &view, replace, mode, t0);
+        let va = self.state.area_va.unwrap_or(0);
+        for kc in &waited {
+            give_back_runs(&mut self.state, kc, va);
+        }
         report.prepare_phases = Some(pre);
         self.commit_extable(ex);
         let m = &lup.manifest;
@@ -2582,6 +2657,36 @@ impl Patcher {
                 .extend(self.state.applied.iter().flat_map(owners_of));
             plan.carry
                 .extend(self.carried_variables(&placed.linked.variables));
+            // Code of patches replaced earlier in immediate mode: a switch
+            // that waits for the replaced code (consistent, or undoing a
+            // change whose copy that code may use) waits for it too, and
+            // gives it back.
+            if mode == Mode::Consistent || !undone.is_empty() {
+                plan.leaving.extend(self.kept_leaving());
+                plan.release.extend(
+                    self.state
+                        .kept_code
+                        .iter()
+                        .map(|c| kept_own_owner(c.code_addr)),
+                );
+            }
+            if mode != Mode::Consistent {
+                // Replaced patches this one does not wait for (no change of
+                // theirs undone) keep their variables' pages writable (calls
+                // may still be in their code) under an owner of their own
+                // until their code is given back.
+                let protections = g.protections();
+                let waited = |a: &AppliedPatch| undone.iter().any(|(u, _)| u.name == a.name);
+                for a in self.state.applied.iter().filter(|a| !waited(a)) {
+                    let own = crate::data::own_owner(&a.name);
+                    for p in protections.iter().filter(|p| p.owner == own) {
+                        plan.protect.push(Protection {
+                            owner: kept_own_owner(a.code_addr),
+                            ..p.clone()
+                        });
+                    }
+                }
+            }
         }
         if let Some(map) = placed.mapping {
             plan.writes.insert(
@@ -3832,6 +3937,19 @@ impl Patcher {
             .collect();
         let mut plan = site_plan(g, &view, &sites)?;
         plan.release = owners_of(target);
+        // Code of patches replaced in immediate mode may still use the new
+        // copies this revert frees (carried over from them): the revert
+        // waits for it to be left too, and gives it back.
+        let with_kept = !target.data.is_empty() && !self.state.kept_code.is_empty();
+        if with_kept {
+            plan.leaving.extend(self.kept_leaving());
+            plan.release.extend(
+                self.state
+                    .kept_code
+                    .iter()
+                    .map(|c| kept_own_owner(c.code_addr)),
+            );
+        }
         // Data changes go back to their old layout in the same pause: the
         // old copies from the new ones, then neither is tracked.
         let area = g.area();
@@ -3875,7 +3993,10 @@ impl Patcher {
         // Its exception table goes from lucos's index in the same pause,
         // where nothing can be left in its code (as the release below).
         let freeing = if view.can_check(k) {
-            vec![target.code_addr]
+            let kept = self.state.kept_code.iter().filter(|_| with_kept);
+            std::iter::once(target.code_addr)
+                .chain(kept.map(|c| c.code_addr))
+                .collect()
         } else {
             Vec::new()
         };
@@ -3898,6 +4019,15 @@ impl Patcher {
         for &run in &target.held_runs {
             if let Some(len) = self.state.space.len_of(run) {
                 skip.push(in_area(area_va + run, len));
+            }
+        }
+        // And kept code it waits for (given back with it).
+        for c in self.state.kept_code.iter().filter(|_| with_kept) {
+            skip.push(in_area(c.code_addr, c.code_bytes));
+            for &run in &c.held_runs {
+                if let Some(len) = self.state.space.len_of(run) {
+                    skip.push(in_area(area_va + run, len));
+                }
             }
         }
         for d in &target.data {
@@ -3938,6 +4068,9 @@ impl Patcher {
                 for &run in &removed.held_runs {
                     st.space.release(run);
                 }
+            }
+            if with_kept {
+                self.give_back_kept();
             }
         }
         Ok(PatchReport {
@@ -4027,6 +4160,44 @@ fn change_protection(
     paused
         .change_protection(release, add)
         .map_err(|e| PatchError::Switch(e.to_string()))
+}
+
+/// The kept code `kc` as code a switch must find nothing in.
+fn kept_leaving(kc: &KeptCode) -> Leaving {
+    Leaving {
+        function: format!("patch {} (replaced, kept)", kc.patch),
+        start: kc.code_addr,
+        end: kc.code_addr + kc.code_bytes,
+        data: false,
+    }
+}
+
+/// The owner of the own variables' pages of the replaced patch whose kept
+/// code is at `code_addr` (writable while calls may be in it).
+fn kept_own_owner(code_addr: u64) -> String {
+    format!(
+        "{}kept@{code_addr:x}/own",
+        vmm_core::write_control::DATA_OWNER_PREFIX
+    )
+}
+
+/// The runs of kept code `kc` given back: a run holding the new copy of a
+/// data change an applied patch carries goes to that patch (given back
+/// with it), the others are free again.
+fn give_back_runs(st: &mut PatchState, kc: &KeptCode, va: u64) {
+    for run in std::iter::once(kc.code_addr - va).chain(kc.held_runs.iter().copied()) {
+        let len = st.space.len_of(run).unwrap_or(0);
+        let (start, end) = (va + run, va + run + len);
+        let carrier = st.applied.iter_mut().find(|a| {
+            a.data
+                .iter()
+                .any(|d| d.new_addr >= start && d.new_addr < end)
+        });
+        match carrier {
+            Some(a) => a.held_runs.push(run),
+            None => st.space.release(run),
+        }
+    }
 }
 
 /// Every owner of protections an applied patch holds.
