@@ -641,3 +641,150 @@ fn check_and_write(guest: &dyn Guest, writes: &[Write]) -> Result<(), Refused> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vmm_core::guest::PhysMemory;
+    use vmm_core::guest::{AreaInfo, PauseToken, VcpuState};
+    use vmm_core::memory::MemoryError;
+    use vmm_core::write_control::{ProtectError, Protection};
+
+    /// Code being left, and a return address into it.
+    const CODE: (u64, u64) = (0xffff_ffff_c000_0000, 0xffff_ffff_c000_0100);
+    const RET: u64 = CODE.0 + 0x10;
+    /// A task's kernel stack, and an interrupt stack (16 KiB each).
+    const TASK: u64 = 0x8000;
+    const IRQ: u64 = 0x1_0000;
+
+    /// 2 MiB of RAM mapped 1:1 by one large page; one vCPU, as scripted.
+    struct Machine {
+        ram: Mutex<Vec<u8>>,
+        vcpu: Mutex<VcpuState>,
+    }
+
+    fn paging() -> PagingState {
+        PagingState {
+            cr0: 0x8000_0011,
+            cr3: 0x1000,
+            cr4: 0x20,
+            efer: 0x500,
+        }
+    }
+
+    impl Machine {
+        fn new(rsp: u64, cpl: u8) -> Self {
+            let m = Machine {
+                ram: Mutex::new(vec![0; 2 << 20]),
+                vcpu: Mutex::new(VcpuState {
+                    rip: 0xffff_ffff_8100_0000,
+                    rsp,
+                    cpl,
+                    paging: paging(),
+                    gprs: [0; 16],
+                    tr_base: 0,
+                }),
+            };
+            m.put(0x1000, 0x2000 | 3);
+            m.put(0x2000, 0x3000 | 3);
+            m.put(0x3000, 0x83);
+            m
+        }
+        fn put(&self, gpa: u64, v: u64) {
+            let mut r = self.ram.lock().expect("lock");
+            r[gpa as usize..gpa as usize + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        fn active(&self, task_stack: Option<u64>) -> Option<Active> {
+            let leaving = [Leaving {
+                function: "old".into(),
+                start: CODE.0,
+                end: CODE.1,
+                data: false,
+            }];
+            let paused = Paused::new(self).expect("pause");
+            vcpu_active(&paused, 0, &leaving, &|_| Ok(task_stack)).expect("check")
+        }
+    }
+
+    impl PhysMemory for Machine {
+        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+            let r = self.ram.lock().expect("lock");
+            buf.copy_from_slice(&r[gpa as usize..gpa as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_phys(&self, _: u64, _: &[u8]) -> Result<(), MemoryError> {
+            unreachable!()
+        }
+    }
+
+    impl Guest for Machine {
+        fn ram(&self) -> &dyn PhysMemory {
+            self
+        }
+        fn vcpu_count(&self) -> u8 {
+            1
+        }
+        fn is_paused(&self) -> bool {
+            false
+        }
+        fn pause_vcpus(&self) -> Result<Duration, VmError> {
+            Ok(Duration::ZERO)
+        }
+        fn resume_vcpus(&self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn vcpu_state(&self, _: &PauseToken, _: u8) -> Result<VcpuState, VmError> {
+            Ok(*self.vcpu.lock().expect("lock"))
+        }
+        fn area(&self) -> AreaInfo {
+            AreaInfo { gpa: 0, size: 0 }
+        }
+        fn area_write(&self, _: u64, _: &[u8]) -> Result<(), MemoryError> {
+            unreachable!()
+        }
+        fn area_read(&self, _: u64, _: &mut [u8]) -> Result<(), MemoryError> {
+            unreachable!()
+        }
+        fn change_protection(
+            &self,
+            _: &PauseToken,
+            _: &[String],
+            _: &[Protection],
+        ) -> Result<(), ProtectError> {
+            unreachable!()
+        }
+        fn protections(&self) -> Vec<Protection> {
+            Vec::new()
+        }
+        fn ram_ranges(&self) -> Vec<(u64, u64)> {
+            vec![(0, 2 << 20)]
+        }
+    }
+
+    #[test]
+    fn a_vcpu_on_an_interrupt_stack_has_the_task_it_interrupted_checked_whole() {
+        // Paused on an interrupt's stack, nothing of the old code there;
+        // the task it interrupted has a return address into it on its own.
+        let m = Machine::new(IRQ + 0x3f00, 0);
+        m.put(TASK + 0x2000, RET);
+        assert!(
+            matches!(m.active(Some(TASK)), Some(Active::OnStack { at, value, .. }) if at == TASK + 0x2000 && value == RET),
+            "{:?}",
+            m.active(Some(TASK))
+        );
+        // Without its task known (not Linux), only the vCPU's own stack.
+        assert_eq!(m.active(None), None);
+        // On the task's own stack: its live part only (the word below RSP
+        // is dead), and the stack is not read again whole.
+        let m = Machine::new(TASK + 0x3000, 0);
+        m.put(TASK + 0x2000, RET);
+        assert_eq!(m.active(Some(TASK)), None);
+        m.put(TASK + 0x3800, RET);
+        assert!(m.active(Some(TASK)).is_some());
+        // In user mode nothing of the kernel's is in progress.
+        let m = Machine::new(IRQ + 0x3f00, 3);
+        m.put(TASK + 0x2000, RET);
+        assert_eq!(m.active(Some(TASK)), None);
+    }
+}
