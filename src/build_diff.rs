@@ -74,6 +74,9 @@ pub struct DiffBuild {
     pub module_of: Vec<(String, String)>,
     /// Steps and their times, for people.
     pub steps: Vec<(String, f64)>,
+    /// The patched build of each object the diff changed (with its DWARF):
+    /// where a data change (`--data`) finds its new layout.
+    pub patched: Vec<(String, Vec<u8>)>,
 }
 
 /// References to the running kernel's symbols, from its vmlinux.
@@ -348,6 +351,7 @@ pub fn build(
     ksyms: &SymbolTable,
     image: Option<&KernelImage>,
     modules: &[symbol_db::module::ModuleObject],
+    layout_changed: &[String],
 ) -> Result<DiffBuild, CliError> {
     let mut steps = Vec::new();
     let t0 = Instant::now();
@@ -569,7 +573,8 @@ pub fn build(
     let overlay = scratch.join(".overlay");
     // (object file, index in `modules`) of objects built into a module.
     let mut module_of: Vec<(String, usize)> = Vec::new();
-    let result = (|| -> Result<Vec<(String, ObjectDiff)>, CliError> {
+    type Built = (Vec<(String, ObjectDiff)>, Vec<(String, Vec<u8>)>);
+    let result = (|| -> Result<Built, CliError> {
         let obj_of = |c: &str| Path::new(c).with_extension("o");
         let cmd_of = |c: &str| {
             let o = obj_of(c);
@@ -831,6 +836,7 @@ pub fn build(
                     own_copies: &copies,
                     lines,
                     new_globals: globals,
+                    layout_changed,
                 };
                 let d = match module_of.iter().find(|(o, _)| *o == objs) {
                     Some(&(_, m)) => diff_object_with(
@@ -877,10 +883,12 @@ pub fn build(
             Ok((objs, d))
         };
         let mut objects = Vec::new();
+        let mut builds = Vec::new();
         let mut unchanged = Vec::new();
         for i in 0..originals.len() {
             let (objs, d) = diff_one(i, &[])?;
             if !d.changed.is_empty() || !d.added.is_empty() {
+                builds.push((objs.clone(), patched[i].clone()));
                 objects.push((objs, d));
             } else {
                 unchanged.push(i);
@@ -899,18 +907,20 @@ pub fn build(
                 .filter(|g| wanted.contains(g))
                 .collect();
             if !globals.is_empty() {
-                objects.push(diff_one(i, &globals)?);
+                let (objs, d) = diff_one(i, &globals)?;
+                builds.push((objs.clone(), patched[i].clone()));
+                objects.push((objs, d));
             }
         }
         steps.push((
             format!("diff {} object(s)", originals.len()),
             t.elapsed().as_secs_f64(),
         ));
-        Ok(objects)
+        Ok((objects, builds))
     })();
     drop(lock);
     let _ = std::fs::remove_dir_all(&scratch);
-    let objects = result?;
+    let (objects, patched) = result?;
     if objects.is_empty() {
         return Err(CliError::Refused(
             "no functional change: the diff changes no function's code (comments, \
@@ -934,5 +944,6 @@ pub fn build(
         objects,
         module_of,
         steps,
+        patched,
     })
 }

@@ -345,8 +345,21 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
     let from_diff = match (&args.diff, &args.source) {
         (Some(diff), Some(tree)) => {
             let banner = target.version.clone().unwrap_or_default();
-            let built =
-                crate::build_diff::build(diff, tree, &banner, &ksyms, Some(&image), &modules)?;
+            // Objects whose layout the patch changes may differ in the diff.
+            let layout_changed: Vec<String> = args
+                .data
+                .iter()
+                .filter_map(|d| d.split(':').next().map(str::to_owned))
+                .collect();
+            let built = crate::build_diff::build(
+                diff,
+                tree,
+                &banner,
+                &ksyms,
+                Some(&image),
+                &modules,
+                &layout_changed,
+            )?;
             if !args.json {
                 for (step, secs) in &built.steps {
                     eprintln!("lucos build: {step}: {secs:.2} s");
@@ -554,7 +567,20 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
             "the sources define no function the kernel has: nothing to replace".into(),
         ));
     }
-    let data = data_changes(&args, &kdata, &kname, &ksyms, &image, &objects, &functions)?;
+    // New layouts: from the patch's objects, or from a diff, from its
+    // patched builds (the patch objects a diff makes carry no DWARF).
+    let types: Vec<(String, Vec<u8>)> = match &from_diff {
+        Some(b) => b.patched.clone(),
+        None => Vec::new(),
+    };
+    let data = data_changes(
+        &args,
+        (&kdata, &kname),
+        (&ksyms, &image),
+        &objects,
+        &types,
+        &functions,
+    )?;
     let manifest = Manifest {
         name: args.name.clone(),
         description: args.description.clone(),
@@ -695,11 +721,10 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
 /// between them, and the kernel functions left using the old copy.
 fn data_changes(
     args: &BuildArgs,
-    kdata: &[u8],
-    kname: &str,
-    ksyms: &SymbolTable,
-    image: &KernelImage,
+    (kdata, kname): (&[u8], &str),
+    (ksyms, image): (&SymbolTable, &KernelImage),
     objects: &[(String, Vec<u8>)],
+    types: &[(String, Vec<u8>)],
     functions: &[FunctionPatch],
 ) -> Result<Vec<update_engine::data::DataChange>, CliError> {
     use update_engine::data::{data_pointers, derive, users_of, Declared};
@@ -772,6 +797,7 @@ fn data_changes(
         };
         let new = objects
             .iter()
+            .chain(types)
             .find_map(|(name, data)| {
                 symbol_db::dwarf::TypeDb::from_elf(data, name)
                     .ok()

@@ -824,6 +824,10 @@ pub struct DiffOptions<'a> {
     /// use: placed as the patch's own data even if no function of this
     /// object changed ([`new_global_variables`]).
     pub new_globals: &'a [String],
+    /// Existing data whose layout the patch changes (`lucos build --data`):
+    /// its new definition may differ in size and initial value (the
+    /// running copy is made anew by the data change, not by the diff).
+    pub layout_changed: &'a [String],
 }
 
 /// The global variables `patched` defines that `original` (another build of
@@ -1120,6 +1124,9 @@ pub fn diff_object_with(
                     w.copy_from_slice(&x.to_le_bytes());
                 }
             }
+        }
+        if opts.layout_changed.iter().any(|x| x == n) {
+            continue;
         }
         if is_writable(&b.file, si) && vb != va {
             return Err(format!(
