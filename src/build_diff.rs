@@ -885,10 +885,10 @@ pub fn build(
         let mut objects = Vec::new();
         let mut builds = Vec::new();
         let mut unchanged = Vec::new();
-        for i in 0..originals.len() {
+        for (i, build) in patched.iter().enumerate() {
             let (objs, d) = diff_one(i, &[])?;
             if !d.changed.is_empty() || !d.added.is_empty() {
-                builds.push((objs.clone(), patched[i].clone()));
+                builds.push((objs.clone(), build.clone()));
                 objects.push((objs, d));
             } else {
                 unchanged.push(i);
