@@ -1303,6 +1303,15 @@ impl Patcher {
         self.state.kept_code.iter().map(kept_leaving).collect()
     }
 
+    /// Makes `plan` a switch that finds nothing in the kept code and
+    /// releases its variables' pages ([`Self::give_back_kept`] after it).
+    fn wait_for_kept(&self, plan: &mut Plan) {
+        plan.leaving.extend(self.kept_leaving());
+        let kept = self.state.kept_code.iter();
+        plan.release
+            .extend(kept.map(|c| kept_own_owner(c.code_addr)));
+    }
+
     /// After a switch that found nothing in any kept code (it waited for
     /// [`Self::kept_leaving`], its exception-table slots freed and the
     /// protections of its variables released in it): every kept run given
@@ -2662,13 +2671,7 @@ impl Patcher {
             // change whose copy that code may use) waits for it too, and
             // gives it back.
             if mode == Mode::Consistent || !undone.is_empty() {
-                plan.leaving.extend(self.kept_leaving());
-                plan.release.extend(
-                    self.state
-                        .kept_code
-                        .iter()
-                        .map(|c| kept_own_owner(c.code_addr)),
-                );
+                self.wait_for_kept(&mut plan);
             }
             if mode != Mode::Consistent {
                 // Replaced patches this one does not wait for (no change of
@@ -3942,13 +3945,7 @@ impl Patcher {
         // waits for it to be left too, and gives it back.
         let with_kept = !target.data.is_empty() && !self.state.kept_code.is_empty();
         if with_kept {
-            plan.leaving.extend(self.kept_leaving());
-            plan.release.extend(
-                self.state
-                    .kept_code
-                    .iter()
-                    .map(|c| kept_own_owner(c.code_addr)),
-            );
+            self.wait_for_kept(&mut plan);
         }
         // Data changes go back to their old layout in the same pause: the
         // old copies from the new ones, then neither is tracked.
