@@ -567,6 +567,11 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
             "the sources define no function the kernel has: nothing to replace".into(),
         ));
     }
+    if !args.data.is_empty() && !module_targets.is_empty() {
+        return Err(CliError::Usage(
+            "a patch of modules cannot also change data layouts (not supported yet)".into(),
+        ));
+    }
     // New layouts: from the patch's objects, or from a diff, from its
     // patched builds (the patch objects a diff makes carry no DWARF).
     let types: Vec<(String, Vec<u8>)> = match &from_diff {
@@ -795,9 +800,25 @@ fn data_changes(
             Ok(db) => db.struct_layout(type_name)?,
             Err(_) => symbol_db::btf::Btf::from_elf(kdata, kname)?.struct_layout(type_name)?,
         };
-        let new = objects
+        // The patch code must use the object (else the change would only
+        // trap the kernel's writes, forever).
+        if !objects
             .iter()
-            .chain(types)
+            .any(|(_, data)| update_engine::diffobj::undefined_symbols(data).contains(symbol))
+        {
+            return Err(CliError::Usage(format!(
+                "--data {spec}: the patch's code does not use {symbol}"
+            )));
+        }
+        // From a diff: the object as its patched build defines it (its
+        // DWARF first, its size and initial value).
+        let defined = types.iter().find_map(|(name, data)| {
+            update_engine::diffobj::defined_data(data, symbol).map(|d| (name, data, d))
+        });
+        let new = defined
+            .iter()
+            .map(|(name, data, _)| (*name, *data))
+            .chain(objects.iter().chain(types).map(|(n, d)| (n, d)))
             .find_map(|(name, data)| {
                 symbol_db::dwarf::TypeDb::from_elf(data, name)
                     .ok()
@@ -857,6 +878,52 @@ fn data_changes(
                  as {count} struct {type_name} of {} bytes",
                 sym.size, old.size
             );
+        }
+        if let Some((name, _, (size, bytes))) = &defined {
+            // A layout change, not a length change: the new copy holds as
+            // many elements as the running object.
+            if *size != count * new.size {
+                return Err(CliError::Usage(format!(
+                    "--data {spec}: the diff makes {symbol} {size} bytes ({name}), but the \
+                     running kernel's {count} x struct {type_name} become {} bytes: lucos \
+                     changes an object's layout, not its number of elements",
+                    count * new.size
+                )));
+            }
+            // An added member's start value: the diff's initializer, unless
+            // --init gives one (existing members keep their running value).
+            let given: Vec<String> = declared.init.iter().map(|(n, _)| n.clone()).collect();
+            for m in new.members.iter().filter(|m| {
+                !old.members.iter().any(|o| o.name == m.name) && !given.contains(&m.name)
+            }) {
+                let at = |i: u64| -> Option<&[u8]> {
+                    let from = (i * new.size + m.offset) as usize;
+                    bytes.get(from..from + m.size? as usize)
+                };
+                let first = at(0).unwrap_or_default();
+                if first.iter().all(|&b| b == 0) && (1..count).all(|i| at(i) == Some(first)) {
+                    continue;
+                }
+                let value = match first.len() {
+                    1 | 2 | 4 | 8 if (1..count).all(|i| at(i) == Some(first)) => {
+                        let mut w = [0u8; 8];
+                        w[..first.len()].copy_from_slice(first);
+                        let shift = 64 - 8 * first.len() as u32;
+                        Some((i64::from_le_bytes(w) << shift) >> shift)
+                    }
+                    _ => None,
+                };
+                match value {
+                    Some(v) => declared.init.push((m.name.clone(), v)),
+                    None => {
+                        return Err(CliError::Usage(format!(
+                            "--data {spec}: the diff starts added member {} with a value lucos \
+                             cannot give each element: give it with --init {symbol}.{}=VALUE",
+                            m.name, m.name
+                        )))
+                    }
+                }
+            }
         }
         let mut change = derive(symbol, count, &old, &new, &declared).map_err(CliError::Usage)?;
         let end = sym.addr + count * old.size;

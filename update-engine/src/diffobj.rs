@@ -830,6 +830,24 @@ pub struct DiffOptions<'a> {
     pub layout_changed: &'a [String],
 }
 
+/// The data symbol `name` that `object` defines: its size and initial bytes
+/// (zeros for `.bss`), if it defines one.
+pub fn defined_data(object: &[u8], name: &str) -> Option<(u64, Vec<u8>)> {
+    let f = object::File::parse(object).ok()?;
+    let s = f
+        .symbols()
+        .find(|s| s.name() == Ok(name) && !s.is_undefined() && s.kind() == SymbolKind::Data)?;
+    let sec = f.section_by_index(s.section_index()?).ok()?;
+    let data = sec.data().ok()?;
+    let bytes = if data.is_empty() {
+        vec![0; s.size() as usize]
+    } else {
+        data.get(s.address() as usize..(s.address() + s.size()) as usize)?
+            .to_vec()
+    };
+    Some((s.size(), bytes))
+}
+
 /// The global variables `patched` defines that `original` (another build of
 /// the same object) does not.
 pub fn new_global_variables(original: &[u8], patched: &[u8]) -> Result<Vec<String>, String> {
@@ -1125,7 +1143,11 @@ pub fn diff_object_with(
                 }
             }
         }
-        if opts.layout_changed.iter().any(|x| x == n) {
+        // (Only an object the kernel has once: a namesake's references
+        // would not name the data change's object.)
+        if opts.layout_changed.iter().any(|x| x == n)
+            && kernel.reference(n, &[]).as_deref() == Some(n)
+        {
             continue;
         }
         if is_writable(&b.file, si) && vb != va {
