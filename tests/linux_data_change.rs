@@ -211,7 +211,6 @@ LOG=/tmp/lx.serial
 gone() {
   $LUCOS status --vm $1 >/dev/null 2>&1 && return 1
   echo "@@SCN $1 gone"; tail -n 60 $LUCOS_RUN_DIR/$1.log | sed 's/^/V| /'; tail -n 40 $LOG | sed 's/^/G| /'
-  kvm_trace 40
 }
 wait_log() {
   n=0

@@ -42,6 +42,8 @@ vm_ends() {
     echo "@@VMEND $id $end"
     tail -n 40 "$f" | sed "s/^/@@VMEND $id V| /"
     [ -f /tmp/$id.serial ] && tail -n 40 /tmp/$id.serial | sed "s/^/@@VMEND $id G| /"
+    # A triple fault resets the vCPU: KVM's trace still has where it was.
+    case "$end" in *triple*) kvm_trace 40 | sed "s/^/@@VMEND $id /" ;; esac
   done
 }
 trap vm_ends EXIT
