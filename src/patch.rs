@@ -801,11 +801,11 @@ fn data_changes(
             Err(_) => symbol_db::btf::Btf::from_elf(kdata, kname)?.struct_layout(type_name)?,
         };
         // The patch code must use the object (else the change would only
-        // trap the kernel's writes, forever).
-        if !objects
-            .iter()
-            .any(|(_, data)| update_engine::diffobj::undefined_symbols(data).contains(symbol))
-        {
+        // trap the kernel's writes, forever), by name or, with --repoint,
+        // through the kernel words moved to the new copy.
+        let uses =
+            |data: &Vec<u8>| update_engine::diffobj::undefined_symbols(data).contains(symbol);
+        if !args.repoint.iter().any(|r| r == symbol) && !objects.iter().any(|(_, d)| uses(d)) {
             return Err(CliError::Usage(format!(
                 "--data {spec}: the patch's code does not use {symbol}"
             )));
@@ -879,7 +879,16 @@ fn data_changes(
                 sym.size, old.size
             );
         }
-        if let Some((name, _, (size, bytes))) = &defined {
+        // A diff whose changed objects do not define it (its file has no
+        // other change) gives no length or start values to check.
+        if !types.is_empty() && defined.is_none() {
+            return Err(CliError::Usage(format!(
+                "--data {spec}: the diff changes no function of the file defining {symbol}: \
+                 lucos cannot check its new length and start values (change its users in the \
+                 same file, or write the patch by hand)"
+            )));
+        }
+        if let Some((name, _, (size, bytes, relocated))) = &defined {
             // A layout change, not a length change: the new copy holds as
             // many elements as the running object.
             if *size != count * new.size {
@@ -900,6 +909,19 @@ fn data_changes(
                     let from = (i * new.size + m.offset) as usize;
                     bytes.get(from..from + m.size? as usize)
                 };
+                // An address (a relocation fills it) is not a start value.
+                let filled = (0..count).any(|i| {
+                    let from = i * new.size + m.offset;
+                    let to = from + m.size.unwrap_or(0);
+                    relocated.iter().any(|&r| r + 8 > from && r < to)
+                });
+                if filled {
+                    return Err(CliError::Usage(format!(
+                        "--data {spec}: the diff starts added member {} with an address: lucos \
+                         starts added members with numbers only (set it in code)",
+                        m.name
+                    )));
+                }
                 let first = at(0).unwrap_or_default();
                 if first.iter().all(|&b| b == 0) && (1..count).all(|i| at(i) == Some(first)) {
                     continue;

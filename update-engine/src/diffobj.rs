@@ -830,22 +830,28 @@ pub struct DiffOptions<'a> {
     pub layout_changed: &'a [String],
 }
 
-/// The data symbol `name` that `object` defines: its size and initial bytes
-/// (zeros for `.bss`), if it defines one.
-pub fn defined_data(object: &[u8], name: &str) -> Option<(u64, Vec<u8>)> {
+/// The data symbol `name` that `object` defines: its size, its initial
+/// bytes (zeros for `.bss`) and the offsets in it that relocations fill (an
+/// address: its bytes there are not its value), if it defines one.
+pub fn defined_data(object: &[u8], name: &str) -> Option<(u64, Vec<u8>, Vec<u64>)> {
     let f = object::File::parse(object).ok()?;
     let s = f
         .symbols()
         .find(|s| s.name() == Ok(name) && !s.is_undefined() && s.kind() == SymbolKind::Data)?;
     let sec = f.section_by_index(s.section_index()?).ok()?;
     let data = sec.data().ok()?;
+    let (start, end) = (s.address(), s.address() + s.size());
     let bytes = if data.is_empty() {
         vec![0; s.size() as usize]
     } else {
-        data.get(s.address() as usize..(s.address() + s.size()) as usize)?
-            .to_vec()
+        data.get(start as usize..end as usize)?.to_vec()
     };
-    Some((s.size(), bytes))
+    let relocated = sec
+        .relocations()
+        .filter(|(at, _)| (start..end).contains(at))
+        .map(|(at, _)| at - start)
+        .collect();
+    Some((s.size(), bytes, relocated))
 }
 
 /// The global variables `patched` defines that `original` (another build of
