@@ -24,9 +24,10 @@
 //! own memory (given at load): the change keeps tracking, held back by that
 //! word, named, until the guest drops it.
 //!
-//! First, a layout change built from a source diff (`lucos build --diff
-//! --data`): fs/dcache.c's file-local `dentry_stat` gains a member and has
-//! one renamed, carried by C transfer functions the diff adds.
+//! In a guest of its own, a layout change built from a source diff (`lucos
+//! build --diff --data`): fs/dcache.c's file-local `dentry_stat` gains a
+//! member and has one renamed, carried by C transfer functions the diff
+//! adds.
 
 mod common;
 
@@ -177,7 +178,6 @@ while :; do
   fi
   fnr=$(tr -s ' \t' ' ' < /proc/sys/fs/file-nr); max=$(cat /proc/sys/fs/file-max)
   echo "@@FNR $fnr MAX $max"
-  echo "@@DS $(tr -s ' \t' ' ' < /proc/sys/fs/dentry-state)"
   set -- $fnr
   if [ $# -eq 4 ] && [ $step = 0 ]; then
     step=1
@@ -235,14 +235,6 @@ $LUCOS revert --vm lx fsfix2 > /tmp/o 2>&1; echo "@@SCN revert rc=$? $(tr '\n' '
 n1=$(wc -l < $LOG); sleep 1.5
 tail -n +$((n1 + 1)) $LOG | grep "@@FNR" | tail -n 1 | sed 's/^/@@SCN after revert /'
 echo "@@SCN list after $($LUCOS list --vm lx --json | tr -d '\n ')"
-# A layout change built from a source diff (fs/dcache.c's dentry_stat).
-$LUCOS patch --vm lx --json $FILES/dfix.lup > /tmp/o 2>&1; echo "@@SCN dfix rc=$? $(tr -d '\n ' < /tmp/o)"
-n0=$(wc -l < $LOG); sleep 2
-tail -n +$((n0 + 1)) $LOG | grep "@@DS" | tail -n 2 | sed 's/^/@@SCN dfix applied /'
-echo "@@SCN dfix list $($LUCOS list --vm lx --json | tr -d '\n ')"
-$LUCOS revert --vm lx dfix > /tmp/o 2>&1; echo "@@SCN dfix revert rc=$? $(tr '\n' ' ' < /tmp/o)"
-n0=$(wc -l < $LOG); sleep 2
-tail -n +$((n0 + 1)) $LOG | grep "@@DS" | tail -n 2 | sed 's/^/@@SCN dfix reverted /'
 $LUCOS patch --vm lx --json $FILES/fsall.lup > /tmp/o 2>&1; echo "@@SCN apply2 rc=$? $(tr -d '\n ' < /tmp/o)"
 i=0
 while :; do
@@ -338,48 +330,6 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
             "files_stat",
         ],
     );
-    // From a source diff: fs/dcache.c's file-local dentry_stat gains a
-    // member the patched proc_nr_dentry counts reads in and shows as the
-    // sixth field of /proc/sys/fs/dentry-state, which the diff renames
-    // (`dummy` -> `shown`), carried across by C transfer functions the diff
-    // adds to the same file.
-    let tree = common::diffs::source_tree();
-    let diff = common::diffs::make_diff(&tree, "fs/dcache.c", |s| {
-        let s = common::diffs::once(
-            s,
-            "\tlong dummy;\t\t/* Reserved for future use */\n};",
-            "\tlong shown;\t\t/* was dummy */\n\tlong nr_reads;\n};",
-        );
-        let s = common::diffs::once(
-            &s,
-            "\tdentry_stat.nr_negative = get_nr_dentry_negative();\n",
-            "\tdentry_stat.nr_negative = get_nr_dentry_negative();\n\tdentry_stat.nr_reads++;\n\tdentry_stat.shown = dentry_stat.nr_reads;\n",
-        );
-        // `nr_reads` starts at 1000 (the diff's initializer, which
-        // lucos build takes as its start value): a count shown above that
-        // is the new copy's.
-        let s = common::diffs::once(
-            &s,
-            "\t.age_limit = 45,\n};",
-            "\t.age_limit = 45,\n\t.nr_reads = 1000,\n};",
-        );
-        common::diffs::once(&s, "static long get_nr_dentry(void)", DENTRY_TRANSFER)
-    });
-    let diff_file = dir.join("dfix.patch");
-    std::fs::write(&diff_file, diff).expect("diff");
-    run_ok(
-        Command::new(env!("CARGO_BIN_EXE_lucos"))
-            .args(["build", "--kernel"])
-            .arg(&vmlinux)
-            .arg("--diff")
-            .arg(&diff_file)
-            .arg("--source")
-            .arg(&tree)
-            .args(["--data", "dentry_stat:dentry_stat_t", "--key"])
-            .arg(files.join("key"))
-            .args(["--name", "dfix", "-o"])
-            .arg(files.join("dfix.lup")),
-    );
     // Retirement on hold: a module holds a pointer into files_stat in its
     // memory, given at load from /proc/kallsyms (as a driver that saved
     // one would), until a patch signals the guest to drop it.
@@ -439,53 +389,6 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
     );
     let _ = std::fs::remove_dir_all(&dir);
     let line = |prefix: &str| out.line(prefix);
-    // The change from the diff: the new member counts reads (the sixth
-    // field grows) while unpatched users keep the old copy (the sysctl
-    // table's pointer); reverted, the old layout shows the last count.
-    assert!(line("@@SCN dfix rc=").contains("rc=0 "), "{}", out.text);
-    let sixth = |l: &str| -> u64 {
-        l.split("@@DS ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().nth(5))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no sixth field: {l}"))
-    };
-    let lines = |prefix: &str| -> Vec<u64> {
-        out.text
-            .lines()
-            .filter(|l| l.contains(prefix))
-            .map(sixth)
-            .collect()
-    };
-    let applied = lines("@@SCN dfix applied ");
-    assert!(
-        applied.len() == 2 && applied[0] > 1000 && applied[1] > applied[0],
-        "{applied:?}\n{}",
-        out.text
-    );
-    let l = line("@@SCN dfix list ");
-    let v: serde_json::Value =
-        serde_json::from_str(&l["@@SCN dfix list ".len()..]).expect("list json");
-    let d = &v["patches"][0]["data"][0];
-    assert_eq!(d["symbol"], "dentry_stat", "{l}");
-    assert_eq!(d["stats"]["state"], "tracking", "{l}");
-    assert_eq!(d["new_bytes"], 56, "{l}");
-    assert!(
-        d["users_left"].to_string().contains("fs_dcache_sysctls"),
-        "{l}"
-    );
-    assert_eq!(
-        d["change"]["c"]["to_new"], "lucos_to_new_dentry_stat",
-        "{l}"
-    );
-    assert_eq!(d["stats"]["failures"], 0, "{l}");
-    assert!(line("@@SCN dfix revert ").contains("rc=0 "), "{}", out.text);
-    let reverted = lines("@@SCN dfix reverted ");
-    assert!(
-        reverted.len() == 2 && reverted[0] == reverted[1] && reverted[0] >= applied[1],
-        "{reverted:?} after {applied:?}\n{}",
-        out.text
-    );
     let apply = line("@@SCN apply ");
     assert!(apply.contains("rc=0 "), "{apply}\n{}", out.text);
     // Old copy written (file-max, through the sysctl table): the new copy
@@ -633,4 +536,141 @@ fn linux_files_stat_gets_a_new_member_live_kept_coherent_both_ways_and_reverted(
         "{r}"
     );
     assert!(line("@@SCN status ").contains("running"), "{}", out.text);
+}
+
+/// Reads /proc/sys/fs/dentry-state every 0.3 s.
+const DS_WORKLOAD: &str = r#"#!/bin/sh
+while :; do
+  echo "@@DS $(tr -s ' \t' ' ' < /proc/sys/fs/dentry-state)"
+  sleep 0.3
+done
+"#;
+
+const DS_SCENARIO: &str = r#"
+LOG=/tmp/lx.serial
+up lx $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
+n=0; until grep -q "@@DS" $LOG; do sleep 0.2; n=$((n + 1)); [ $n -gt 900 ] && break; done
+$LUCOS patch --vm lx --json $FILES/dfix.lup > /tmp/o 2>&1; echo "@@SCN dfix rc=$? $(tr -d '\n ' < /tmp/o)"
+n0=$(wc -l < $LOG); sleep 2
+tail -n +$((n0 + 1)) $LOG | grep "@@DS" | tail -n 2 | sed 's/^/@@SCN dfix applied /'
+echo "@@SCN dfix list $($LUCOS list --vm lx --json | tr -d '\n ')"
+$LUCOS revert --vm lx dfix > /tmp/o 2>&1; echo "@@SCN dfix revert rc=$? $(tr '\n' ' ' < /tmp/o)"
+n0=$(wc -l < $LOG); sleep 2
+tail -n +$((n0 + 1)) $LOG | grep "@@DS" | tail -n 2 | sed 's/^/@@SCN dfix reverted /'
+$LUCOS stop --vm lx >/dev/null
+"#;
+
+#[test]
+fn linux_a_layout_change_built_from_a_source_diff_applies_live_and_reverts() {
+    let dir = std::env::temp_dir().join(format!("lucos-ldiffdata-{}", std::process::id()));
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).expect("dir");
+    let vmlinux = dir.join("vmlinux");
+    std::fs::write(&vmlinux, package_vmlinux()).expect("vmlinux");
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_lucos"))
+            .args(["keygen", "-o"])
+            .arg(files.join("key")),
+    );
+    // From a source diff: fs/dcache.c's file-local dentry_stat gains a
+    // member the patched proc_nr_dentry counts reads in and shows as the
+    // sixth field of /proc/sys/fs/dentry-state, which the diff renames
+    // (`dummy` -> `shown`), carried across by C transfer functions the diff
+    // adds to the same file.
+    let tree = common::diffs::source_tree();
+    let diff = common::diffs::make_diff(&tree, "fs/dcache.c", |s| {
+        let s = common::diffs::once(
+            s,
+            "\tlong dummy;\t\t/* Reserved for future use */\n};",
+            "\tlong shown;\t\t/* was dummy */\n\tlong nr_reads;\n};",
+        );
+        let s = common::diffs::once(
+            &s,
+            "\tdentry_stat.nr_negative = get_nr_dentry_negative();\n",
+            "\tdentry_stat.nr_negative = get_nr_dentry_negative();\n\tdentry_stat.nr_reads++;\n\tdentry_stat.shown = dentry_stat.nr_reads;\n",
+        );
+        // `nr_reads` starts at 1000 (the diff's initializer, which
+        // lucos build takes as its start value): a count shown above that
+        // is the new copy's.
+        let s = common::diffs::once(
+            &s,
+            "\t.age_limit = 45,\n};",
+            "\t.age_limit = 45,\n\t.nr_reads = 1000,\n};",
+        );
+        common::diffs::once(&s, "static long get_nr_dentry(void)", DENTRY_TRANSFER)
+    });
+    let diff_file = dir.join("dfix.patch");
+    std::fs::write(&diff_file, diff).expect("diff");
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_lucos"))
+            .args(["build", "--kernel"])
+            .arg(&vmlinux)
+            .arg("--diff")
+            .arg(&diff_file)
+            .arg("--source")
+            .arg(&tree)
+            .args(["--data", "dentry_stat:dentry_stat_t", "--key"])
+            .arg(files.join("key"))
+            .args(["--name", "dfix", "-o"])
+            .arg(files.join("dfix.lup")),
+    );
+    let out = run_scenario_with(
+        "ldiffdata",
+        DS_WORKLOAD,
+        &format!("CMDLINE=\"{CMDLINE}\"\n{DS_SCENARIO}"),
+        Duration::from_secs(600),
+        Extras {
+            files: Some(files.clone()),
+            ..Extras::default()
+        },
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let line = |prefix: &str| out.line(prefix);
+    // The change from the diff: the new member counts reads (the sixth
+    // field grows) while unpatched users keep the old copy (the sysctl
+    // table's pointer); reverted, the old layout shows the last count.
+    assert!(line("@@SCN dfix rc=").contains("rc=0 "), "{}", out.text);
+    let sixth = |l: &str| -> u64 {
+        l.split("@@DS ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().nth(5))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no sixth field: {l}"))
+    };
+    let lines = |prefix: &str| -> Vec<u64> {
+        out.text
+            .lines()
+            .filter(|l| l.contains(prefix))
+            .map(sixth)
+            .collect()
+    };
+    let applied = lines("@@SCN dfix applied ");
+    assert!(
+        applied.len() == 2 && applied[0] > 1000 && applied[1] > applied[0],
+        "{applied:?}\n{}",
+        out.text
+    );
+    let l = line("@@SCN dfix list ");
+    let v: serde_json::Value =
+        serde_json::from_str(&l["@@SCN dfix list ".len()..]).expect("list json");
+    let d = &v["patches"][0]["data"][0];
+    assert_eq!(d["symbol"], "dentry_stat", "{l}");
+    assert_eq!(d["stats"]["state"], "tracking", "{l}");
+    assert_eq!(d["new_bytes"], 56, "{l}");
+    assert!(
+        d["users_left"].to_string().contains("fs_dcache_sysctls"),
+        "{l}"
+    );
+    assert_eq!(
+        d["change"]["c"]["to_new"], "lucos_to_new_dentry_stat",
+        "{l}"
+    );
+    assert_eq!(d["stats"]["failures"], 0, "{l}");
+    assert!(line("@@SCN dfix revert ").contains("rc=0 "), "{}", out.text);
+    let reverted = lines("@@SCN dfix reverted ");
+    assert!(
+        reverted.len() == 2 && reverted[0] == reverted[1] && reverted[0] >= applied[1],
+        "{reverted:?} after {applied:?}\n{}",
+        out.text
+    );
 }
