@@ -139,6 +139,19 @@ impl Vm {
         assert!(o.status.success(), "{}", text(&o));
     }
 
+    /// stats2b.lup: the next cumulative patch of [`Vm::build_stats2`]: the
+    /// same change, and one more function ([`stats2b_source`]).
+    fn build_stats2b(&self) {
+        let args = [
+            "--data",
+            "stats_table:task_stat",
+            "--init",
+            "stats_table.generation=1",
+        ];
+        let o = self.build("stats2b", &stats2b_source(), &args);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+
     /// Waits for `n` more stats reports of every task after `from` (a byte
     /// offset of the serial log), checking each: the task's count, the old
     /// copy's calls and sum as unpatched code reads them, nothing lost.
@@ -451,19 +464,9 @@ fn a_cumulative_patch_carries_a_data_change_over_and_its_revert_restores_the_old
     let vm = Vm::start("data-replace");
     vm.check_reports(0, 2);
     vm.build_stats2();
-    let args = [
-        "--data",
-        "stats_table:task_stat",
-        "--init",
-        "stats_table.generation=1",
-    ];
     // The next cumulative patch: the same change, and one more function.
-    let v2 = format!(
-        "{}\nconst char *lucos_version(void)\n{{\n\treturn \"testkernel 1.0 (cumulative)\";\n}}\n",
-        new_stats()
-    );
-    let o = vm.build("stats2b", &v2, &args);
-    assert!(o.status.success(), "{}", text(&o));
+    let v2 = stats2b_source();
+    vm.build_stats2b();
     vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
     vm.check_reports(vm.serial().len(), 2);
     let l = vm.list();
@@ -795,21 +798,7 @@ fn a_cumulative_patch_lays_a_changed_object_out_again_or_drops_the_change_with_n
     // A change carried over (its copy in the run of the patch that made
     // it, held by the cumulative patch) undone by the next cumulative
     // patch: exact, and both runs given back.
-    let v2 = format!(
-        "{}\nconst char *lucos_version(void)\n{{\n\treturn \"testkernel 1.0 (cumulative)\";\n}}\n",
-        new_stats()
-    );
-    let o = vm.build(
-        "stats2b",
-        &v2,
-        &[
-            "--data",
-            "stats_table:task_stat",
-            "--init",
-            "stats_table.generation=1",
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    vm.build_stats2b();
     vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
     vm.ok_when_not_busy(&[
         "patch",
@@ -919,18 +908,7 @@ fn code_of_patches_replaced_in_immediate_mode_is_given_back_once_nothing_is_in_i
     // goes, once its code is left, to the patch carrying it, and with it
     // at its revert.
     vm.build_stats2();
-    let v2 = format!(
-        "{}\nconst char *lucos_version(void)\n{{\n\treturn \"testkernel 1.0 (cumulative)\";\n}}\n",
-        new_stats()
-    );
-    let args = [
-        "--data",
-        "stats_table:task_stat",
-        "--init",
-        "stats_table.generation=1",
-    ];
-    let o = vm.build("stats2b", &v2, &args);
-    assert!(o.status.success(), "{}", text(&o));
+    vm.build_stats2b();
     // Reverted at once, before or after the kept code went: the revert
     // frees the copy that code uses, so it waits for it and gives it back.
     vm.ok(&["patch", "--vm", "dc", p(&vm.path("stats2.lup"))]);
@@ -1467,4 +1445,13 @@ fn a_repointed_word_the_kernel_changed_refuses_the_patch_and_changes_nothing() {
         "{}",
         text(&o)
     );
+}
+
+/// The next cumulative patch's source: [`new_stats`] and one more function
+/// (`lucos_version` says "(cumulative)").
+fn stats2b_source() -> String {
+    format!(
+        "{}\nconst char *lucos_version(void)\n{{\n\treturn \"testkernel 1.0 (cumulative)\";\n}}\n",
+        new_stats()
+    )
 }

@@ -562,16 +562,8 @@ $LUCOS stop --vm lx >/dev/null
 
 #[test]
 fn linux_a_layout_change_built_from_a_source_diff_applies_live_and_reverts() {
-    let dir = std::env::temp_dir().join(format!("lucos-ldiffdata-{}", std::process::id()));
-    let files = dir.join("files");
-    std::fs::create_dir_all(&files).expect("dir");
-    let vmlinux = dir.join("vmlinux");
-    std::fs::write(&vmlinux, package_vmlinux()).expect("vmlinux");
-    run_ok(
-        Command::new(env!("CARGO_BIN_EXE_lucos"))
-            .args(["keygen", "-o"])
-            .arg(files.join("key")),
-    );
+    let d = common::linux::PatchDirs::new("ldiffdata");
+    let (dir, files, vmlinux) = (&d.dir, &d.files, &d.vmlinux);
     // From a source diff: fs/dcache.c's file-local dentry_stat gains a
     // member the patched proc_nr_dentry counts reads in and shows as the
     // sixth field of /proc/sys/fs/dentry-state, which the diff renames
@@ -604,7 +596,7 @@ fn linux_a_layout_change_built_from_a_source_diff_applies_live_and_reverts() {
     run_ok(
         Command::new(env!("CARGO_BIN_EXE_lucos"))
             .args(["build", "--kernel"])
-            .arg(&vmlinux)
+            .arg(vmlinux)
             .arg("--diff")
             .arg(&diff_file)
             .arg("--source")
@@ -624,7 +616,7 @@ fn linux_a_layout_change_built_from_a_source_diff_applies_live_and_reverts() {
             ..Extras::default()
         },
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
     let line = |prefix: &str| out.line(prefix);
     // The change from the diff: the new member counts reads (the sixth
     // field grows) while unpatched users keep the old copy (the sysctl
