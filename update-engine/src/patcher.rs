@@ -1517,10 +1517,9 @@ impl Patcher {
         // changes it undoes: the switch waits for that to be left.)
         // The kept code of patches replaced before goes too when this
         // switch waits for it (see `plan`).
-        let undoes = !self.undone_changes(&lup.manifest, replace).is_empty();
-        let frees_kept = replace && (mode == Mode::Consistent || undoes);
+        let undone = self.undone_changes(&lup.manifest, replace);
+        let frees_kept = replace && (mode == Mode::Consistent || !undone.is_empty());
         let freeing: Vec<u64> = if replace && view.can_check(k) {
-            let undone = self.undone_changes(&lup.manifest, replace);
             self.state
                 .applied
                 .iter()
@@ -1626,7 +1625,7 @@ impl Patcher {
         };
         let mut targets = Vec::new();
         let mut skip: Vec<(u64, u64)> = view.text.map(|(a, n)| (a, a + n)).into_iter().collect();
-        let mut undone = Vec::new();
+        let mut undone_owners = Vec::new();
         // Runs that a replaced patch holds for changes it carried over and
         // that hold no copy still carried: they go whole.
         let kept: Vec<u64> = placed
@@ -1660,7 +1659,7 @@ impl Patcher {
                 }
             }
         }
-        for (a, d) in self.undone_changes(&lup.manifest, replace) {
+        for &(a, d) in &undone {
             targets.push((
                 d.new_addr,
                 d.new_addr + d.new_bytes,
@@ -1672,7 +1671,7 @@ impl Patcher {
             skip.push(in_area(d.new_addr, d.new_bytes));
             skip.push(in_area(a.code_addr, a.code_len.min(a.code_bytes)));
             skip.extend(d.repointed.iter().map(|r| (r.gpa, r.gpa + 8)));
-            undone.push(d.owner_of(&a.name));
+            undone_owners.push(d.owner_of(&a.name));
         }
         let scan = (!targets.is_empty()).then_some((targets, skip));
         let switched = match self.switch_code(g, k, &view, &placed, &plan, scan) {
@@ -1706,7 +1705,7 @@ impl Patcher {
             })
             .collect();
         // The undone changes are no longer tracked.
-        for o in &undone {
+        for o in &undone_owners {
             self.tracker.remove(o);
             self.scan_backoff.remove(o);
         }
