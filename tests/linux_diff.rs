@@ -146,25 +146,25 @@ wait_after 1 "@@D ready" || exit 1
 grep "@@D ready" $LOG | sed 's/^/@@SCN before /'
 grep "@@D boot" $LOG | sed 's/^/@@SCN /'
 for p in cmdline uname version header meminfo oom counter hide once uptime fs futexop; do
-  $LUCOS patch --vm d $FILES/$p.lup > /tmp/o 2>&1; echo "@@SCN apply $p rc=$? $(tr '\n' ' ' < /tmp/o)"
+  lucos_retry patch --vm d $FILES/$p.lup; echo "@@SCN apply $p rc=$rc tries=$tries $(one /tmp/o)"
 done
 at=$(wc -l < $LOG)
 wait_after "$at" "cmd=1 uname=lucos version=1 header=1 meminfo=1 oom=124 trace=oom_score_adj=124,\. counter=1 ls=1 once=1/1/1 oomw=1 uptime=1/[1-9][0-9]* fs=1 futex=EACCES " && echo "@@SCN loaded"
 $LUCOS list --vm d | sed 's/^/@@SCN list /'
 for p in futexop fs uptime once hide counter oom meminfo header version uname cmdline; do
-  $LUCOS revert --vm d $p > /tmp/o 2>&1; echo "@@SCN revert $p rc=$? $(tr '\n' ' ' < /tmp/o)"
+  lucos_retry revert --vm d $p; echo "@@SCN revert $p rc=$rc tries=$tries $(one /tmp/o)"
 done
 at=$(wc -l < $LOG)
 wait_after "$at" "cmd=0 uname=x86_64 version=0 header=0 meminfo=0 oom=123 trace=oom_score_adj=123,\. counter=0 ls=2 once=0/1/1 oomw=1 uptime=0/[0-9]* fs=0 futex=EFAULT " && echo "@@SCN reverted"
 at=$(wc -l < $LOG)
 wait_after "$at" "@@D state" && echo "@@SCN last $(grep '@@D state' $LOG | tail -n 1)"
 # Last, on purpose: WARNs in patch code fire, each once.
-$LUCOS patch --vm d $FILES/warn.lup > /tmp/o 2>&1; echo "@@SCN apply warn rc=$? $(tr '\n' ' ' < /tmp/o)"
+lucos_retry patch --vm d $FILES/warn.lup; echo "@@SCN apply warn rc=$rc tries=$tries $(one /tmp/o)"
 at=$(wc -l < $LOG)
 wait_after "$at" "warned=1/2 " && echo "@@SCN warned"
 at=$(wc -l < $LOG)
 wait_after "$at" "@@D state" && at=$(wc -l < $LOG) && wait_after "$at" "@@D state" && echo "@@SCN after-warn $(grep '@@D state' $LOG | tail -n 1)"
-$LUCOS revert --vm d warn > /tmp/o 2>&1; echo "@@SCN revert warn rc=$? $(tr '\n' ' ' < /tmp/o)"
+lucos_retry revert --vm d warn; echo "@@SCN revert warn rc=$rc tries=$tries $(one /tmp/o)"
 $LUCOS stop --vm d >/dev/null
 wait_vm d 60
 "#;

@@ -72,6 +72,17 @@ seen() {
 }
 # one FILE: FILE on one line (a command's answer in an @@SCN line).
 one() { tr '\n' ' ' < "$1"; }
+# lucos_retry ARGS...: `lucos ARGS` into /tmp/o, run again (up to 5 times)
+# while it exits 7 (something stayed in the replaced code through every
+# pause: "try again", docs/cli.md), as a script would; $rc and $tries.
+lucos_retry() {
+  tries=0
+  while :; do
+    tries=$((tries + 1))
+    $LUCOS "$@" > /tmp/o 2>&1; rc=$?
+    [ $rc -eq 7 ] && [ $tries -lt 5 ] || break
+  done
+}
 wait_vm() {
   n=0
   while $LUCOS status --vm $1 >/dev/null 2>&1; do
@@ -421,7 +432,14 @@ impl ScenarioOutput {
         self.text
             .lines()
             .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no '{prefix}' line:\n{}", self.vm_ends()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no '{prefix}' line in the output of the scenario ({}):\n{}{}",
+                    self.where_,
+                    self.vm_ends(),
+                    self.text
+                )
+            })
             .to_owned()
     }
 
@@ -710,9 +728,14 @@ fn run_once(
         !timed_out,
         "scenario {name} ran past {timeout:?} in {where_}:\n{text}"
     );
-    // What the scenario reported (shown with --nocapture, or when the test fails).
-    for l in text.lines().filter(|l| l.starts_with("@@SCN")) {
-        eprintln!("{l}");
+    // What the scenario reported, as it ran, with LUCOS_SCENARIO_ECHO=1 and
+    // --nocapture. Not by default: a failing test's captured output then
+    // starts with its assertion's reason (the output follows in it), which
+    // is what a CI log's excerpt shows.
+    if std::env::var_os("LUCOS_SCENARIO_ECHO").is_some() {
+        for l in text.lines().filter(|l| l.starts_with("@@SCN")) {
+            eprintln!("{l}");
+        }
     }
     Ok(ScenarioOutput { text, where_ })
 }
