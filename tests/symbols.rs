@@ -396,3 +396,70 @@ fn debian_kernel_btf_offsets_agree_with_its_asm_offsets() {
     );
     assert_eq!(v[0]["unit"], "BTF");
 }
+
+/// Structs within structs, arrays of them and a union, as GCC lays them out.
+const NESTED: &str = "struct inner { int a; long b; };
+struct range { struct inner lo[2]; union { int u; char c[8]; } x; };
+struct outer { int n; struct range r; struct inner *p; };
+struct outer obj;
+";
+
+#[test]
+fn nested_layouts_read_alike_from_dwarf_and_btf_and_differ_when_an_inner_struct_changes() {
+    let dir = RunDir::new("shapes");
+    // One source, compiled with DWARF and with BTF (GCC's -gbtf).
+    let object = |name: &str, src: &str, flag: &str| -> Vec<u8> {
+        let c = dir.0.join(format!("{name}.c"));
+        let o = dir.0.join(format!("{name}.o"));
+        std::fs::write(&c, src).expect("source");
+        let out = Command::new("gcc-12")
+            .args(["-c", flag, "-o"])
+            .arg(&o)
+            .arg(&c)
+            .output()
+            .expect("gcc-12 (installed by scripts/setup.sh)");
+        assert!(out.status.success(), "{}", text(&out));
+        std::fs::read(&o).expect("object")
+    };
+    let dw = object("dw", NESTED, "-g");
+    let bt = object("bt", NESTED, "-gbtf");
+    let from_dwarf = symbol_db::dwarf::TypeDb::from_elf(&dw, "dw.o")
+        .expect("DWARF")
+        .struct_layout("outer")
+        .expect("outer");
+    let from_btf = symbol_db::btf::Btf::from_elf(&bt, "bt.o")
+        .expect("BTF")
+        .struct_layout("outer")
+        .expect("outer");
+    let shapes = |l: &symbol_db::dwarf::StructLayout| -> Vec<(String, Option<String>)> {
+        l.members
+            .iter()
+            .map(|m| (m.name.clone(), m.shape.clone()))
+            .collect()
+    };
+    assert_eq!(shapes(&from_dwarf), shapes(&from_btf));
+    assert_eq!(
+        shapes(&from_dwarf),
+        [
+            ("n".to_owned(), None),
+            (
+                "r".to_owned(),
+                Some("{lo@0:32[2]{a@0:4,b@8:8},x@32:8{u@0:4,c@0:8}}".to_owned())
+            ),
+            ("p".to_owned(), None),
+        ]
+    );
+    // The inner struct's members swapped: same names, sizes and type
+    // names at the top, another shape.
+    let swapped = NESTED.replace("int a; long b;", "long b; int a;");
+    let changed = symbol_db::dwarf::TypeDb::from_elf(&object("sw", &swapped, "-g"), "sw.o")
+        .expect("DWARF")
+        .struct_layout("outer")
+        .expect("outer");
+    assert_eq!(
+        changed.members[1].type_name,
+        from_dwarf.members[1].type_name
+    );
+    assert_eq!(changed.members[1].size, from_dwarf.members[1].size);
+    assert_ne!(changed.members[1].shape, from_dwarf.members[1].shape);
+}

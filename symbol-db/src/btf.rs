@@ -258,21 +258,43 @@ impl Btf {
         Ok(StructLayout {
             name: name.to_owned(),
             size: u64::from(t.size_or_type),
-            members: t
-                .members
-                .iter()
-                .map(|&(n, ty, bits, _)| Member {
-                    name: match self.name(n) {
-                        "" => "<anon>".into(),
-                        s => s.to_owned(),
-                    },
-                    offset: u64::from(bits / 8),
-                    size: self.size_of(ty),
-                    type_name: self.type_name(ty),
-                })
-                .collect(),
+            members: self.members_of(t, 0),
             unit: "BTF".into(),
         })
+    }
+
+    /// The members of struct or union `t`, `depth` aggregates deep.
+    fn members_of(&self, t: &Type, depth: u32) -> Vec<Member> {
+        t.members
+            .iter()
+            .map(|&(n, ty, bits, _)| Member {
+                name: match self.name(n) {
+                    "" => "<anon>".into(),
+                    s => s.to_owned(),
+                },
+                offset: u64::from(bits / 8),
+                size: self.size_of(ty),
+                type_name: self.type_name(ty),
+                shape: self.shape_of(ty, depth + 1),
+            })
+            .collect()
+    }
+
+    /// The layout of type `id` if it is an aggregate (through typedefs,
+    /// qualifiers and arrays), spelled as [`crate::dwarf::shape`] does.
+    fn shape_of(&self, id: u32, depth: u32) -> Option<String> {
+        if depth > crate::dwarf::SHAPE_DEPTH {
+            return Some("{...}".into());
+        }
+        let t = self.resolve(id)?;
+        match t.kind {
+            KIND_STRUCT | KIND_UNION => Some(crate::dwarf::shape(&self.members_of(t, depth))),
+            KIND_ARRAY => {
+                let (elem, n) = t.array?;
+                Some(format!("[{n}]{}", self.shape_of(elem, depth)?))
+            }
+            _ => None,
+        }
     }
 
     /// Byte offset of `path` (`member` or `member.member...`) in `struct

@@ -23,6 +23,34 @@ pub struct Member {
     pub size: Option<u64>,
     /// The member's type, C-style.
     pub type_name: String,
+    /// Where the type is a struct or union (or an array of them, through
+    /// typedefs and qualifiers): its layout, members within members, as
+    /// [`shape`] spells it; `None` for other types. Two types of one name
+    /// but different layouts differ here.
+    #[serde(skip)]
+    pub shape: Option<String>,
+}
+
+/// How deep [`Member::shape`] goes into members within members.
+pub const SHAPE_DEPTH: u32 = 8;
+
+/// The canonical spelling of an aggregate's layout from its members
+/// (`{name@offset:size<shape>,...}`), the same from DWARF and BTF: names,
+/// byte offsets, sizes, and the members' own shapes.
+pub fn shape(members: &[Member]) -> String {
+    let parts: Vec<String> = members
+        .iter()
+        .map(|m| {
+            format!(
+                "{}@{}:{}{}",
+                m.name,
+                m.offset,
+                m.size.map_or_else(|| "?".to_owned(), |s| s.to_string()),
+                m.shape.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    format!("{{{}}}", parts.join(","))
 }
 
 /// A struct's layout.
@@ -160,7 +188,7 @@ impl<'a> TypeDb<'a> {
         Ok(StructLayout {
             name: name.to_owned(),
             size,
-            members: self.members(&unit, at)?,
+            members: self.members(&unit, at, 0)?,
             unit: unit_name,
         })
     }
@@ -237,7 +265,12 @@ impl<'a> TypeDb<'a> {
         })
     }
 
-    fn members(&self, unit: &gimli::Unit<R>, at: UnitOffset) -> Result<Vec<Member>, SymbolError> {
+    fn members(
+        &self,
+        unit: &gimli::Unit<R>,
+        at: UnitOffset,
+        depth: u32,
+    ) -> Result<Vec<Member>, SymbolError> {
         let err = dwarf_err("DWARF");
         let mut tree = unit.entries_tree(Some(at)).map_err(&err)?;
         let root = tree.root().map_err(&err)?;
@@ -256,18 +289,51 @@ impl<'a> TypeDb<'a> {
                     .and_then(|v| v.udata_value())
                     .map_or(0, |b| b / 8), // else union-like or first member
             };
-            let (type_name, size) = match e.attr_value(gimli::DW_AT_type) {
-                Some(AttributeValue::UnitRef(t)) => self.describe(unit, t, 0),
-                _ => ("?".to_owned(), None),
+            let ty = match e.attr_value(gimli::DW_AT_type) {
+                Some(AttributeValue::UnitRef(t)) => Some(t),
+                _ => None,
+            };
+            let (type_name, size) = match ty {
+                Some(t) => self.describe(unit, t, 0),
+                None => ("?".to_owned(), None),
             };
             out.push(Member {
                 name: self.name_of(unit, e).unwrap_or_else(|| "<anon>".into()),
                 offset,
                 size,
                 type_name,
+                shape: ty.and_then(|t| self.shape_of(unit, t, depth + 1)),
             });
         }
         Ok(out)
+    }
+
+    /// The layout of the type at `at` if it is an aggregate (through
+    /// typedefs, qualifiers and arrays), as [`shape`] spells it.
+    fn shape_of(&self, unit: &gimli::Unit<R>, at: UnitOffset, depth: u32) -> Option<String> {
+        if depth > SHAPE_DEPTH {
+            return Some("{...}".into());
+        }
+        let e = unit.entry(at).ok()?;
+        let inner = || match e.attr_value(gimli::DW_AT_type) {
+            Some(AttributeValue::UnitRef(t)) => Some(t),
+            _ => None,
+        };
+        match e.tag() {
+            gimli::DW_TAG_typedef | gimli::DW_TAG_const_type | gimli::DW_TAG_volatile_type => {
+                self.shape_of(unit, inner()?, depth)
+            }
+            gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type => {
+                Some(shape(&self.members(unit, at, depth).ok()?))
+            }
+            gimli::DW_TAG_array_type => {
+                let elem = self.shape_of(unit, inner()?, depth)?;
+                // A flexible array counts 0, as in BTF.
+                let n = self.array_count(unit, at).unwrap_or(0);
+                Some(format!("[{n}]{elem}"))
+            }
+            _ => None,
+        }
     }
 
     /// A C-style name and the size of the type at `at`.

@@ -357,10 +357,13 @@ pub fn derive(
             ));
         }
         let of = field(o).map_err(|e| format!("{symbol}: {e}"))?;
+        // A struct member keeps its type's name but not its layout: a
+        // copy of its bytes would put its members in the wrong places.
+        let reshaped = matches!((&o.shape, &m.shape), (Some(a), Some(b)) if a != b);
         let derivable = if of.int && n.int {
             true
         } else {
-            of.size == n.size && o.type_name == m.type_name
+            of.size == n.size && o.type_name == m.type_name && !reshaped
         };
         if !derivable && declared.c.is_some() {
             members.push(MemberXfer {
@@ -380,11 +383,21 @@ pub fn derive(
                     m.name, o.type_name, of.size, m.type_name, n.size, m.name
                 ));
             }
-        } else if of.size != n.size || o.type_name != m.type_name {
+        } else if of.size != n.size || o.type_name != m.type_name || reshaped {
+            let what = if reshaped && o.type_name == m.type_name {
+                format!(
+                    "keeps its type {} but the patch lays that type out otherwise (old {}, new \
+                     {})",
+                    m.type_name,
+                    o.shape.as_deref().unwrap_or(""),
+                    m.shape.as_deref().unwrap_or("")
+                )
+            } else {
+                format!("changes type from {} to {}", o.type_name, m.type_name)
+            };
             return Err(format!(
-                "{symbol}: member {} changes type from {} to {}: lucos cannot derive that \
-                 transfer",
-                m.name, o.type_name, m.type_name
+                "{symbol}: member {} {what}: lucos cannot derive that transfer",
+                m.name
             ) + &format!(
                 "; write it in C ({} and {} in the patch sources)",
                 c_names(symbol).0,
@@ -699,6 +712,7 @@ mod tests {
             offset,
             size: Some(size),
             type_name: ty.into(),
+            shape: None,
         }
     }
 
@@ -874,6 +888,43 @@ mod tests {
             c: None,
         };
         assert!(derive("stats", 1, &old(), &new(), &d).is_err());
+    }
+
+    #[test]
+    fn a_struct_member_whose_type_is_laid_out_anew_is_not_copied_as_bytes() {
+        let with = |at: u64, shape: &str| {
+            let mut r = m("range", at, 16, "struct range");
+            r.shape = Some(shape.into());
+            r
+        };
+        let (was, now) = ("{lo@0:8,hi@8:8}", "{hi@0:8,lo@8:8}");
+        let mut o = old();
+        o.members.push(with(24, was));
+        o.size = 40;
+        let mut n = new();
+        n.members.push(with(40, was));
+        n.size = 56;
+        let same = derive("stats", 1, &o, &n, &Declared::default()).expect("same shape");
+        assert!(same.members.iter().any(|x| x.name == "range" && !x.by_c));
+        n.members[6] = with(40, now);
+        let e = derive("stats", 1, &o, &n, &Declared::default()).expect_err("reshaped");
+        assert!(
+            e.contains("member range keeps its type struct range but the patch lays that type")
+                && e.contains(was)
+                && e.contains(now)
+                && e.contains("lucos_to_new_stats"),
+            "{e}"
+        );
+        let d = Declared {
+            c: Some(CTransfer {
+                object: "p.o".into(),
+                to_new: c_names("stats").0,
+                to_old: c_names("stats").1,
+            }),
+            ..Declared::default()
+        };
+        let ch = derive("stats", 1, &o, &n, &d).expect("with C");
+        assert!(ch.members.iter().any(|x| x.name == "range" && x.by_c));
     }
 
     #[test]
