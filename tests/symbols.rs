@@ -397,10 +397,11 @@ fn debian_kernel_btf_offsets_agree_with_its_asm_offsets() {
     assert_eq!(v[0]["unit"], "BTF");
 }
 
-/// Structs within structs, arrays of them and a union, as GCC lays them out.
+/// Structs within structs, arrays of them, a union and an array of two
+/// dimensions, as GCC lays them out.
 const NESTED: &str = "struct inner { int a; long b; };
 struct range { struct inner lo[2]; union { int u; char c[8]; } x; };
-struct outer { int n; struct range r; struct inner *p; };
+struct outer { int n; struct range r; struct inner *p; int m[2][3]; };
 struct outer obj;
 ";
 
@@ -431,22 +432,25 @@ fn nested_layouts_read_alike_from_dwarf_and_btf_and_differ_when_an_inner_struct_
         .expect("BTF")
         .struct_layout("outer")
         .expect("outer");
-    let shapes = |l: &symbol_db::dwarf::StructLayout| -> Vec<(String, Option<String>)> {
+    let whole = |l: &symbol_db::dwarf::StructLayout| -> Vec<String> {
         l.members
             .iter()
-            .map(|m| (m.name.clone(), m.shape.clone()))
+            .map(|m| {
+                format!(
+                    "{}@{}:{:?} {} {:?}",
+                    m.name, m.offset, m.size, m.type_name, m.shape
+                )
+            })
             .collect()
     };
-    assert_eq!(shapes(&from_dwarf), shapes(&from_btf));
+    assert_eq!(whole(&from_dwarf), whole(&from_btf));
     assert_eq!(
-        shapes(&from_dwarf),
+        whole(&from_dwarf),
         [
-            ("n".to_owned(), None),
-            (
-                "r".to_owned(),
-                Some("{lo@0:32[2]{a@0:4,b@8:8},x@32:8{u@0:4,c@0:8}}".to_owned())
-            ),
-            ("p".to_owned(), None),
+            "n@0:Some(4) int None",
+            "r@8:Some(40) struct range Some(\"{lo@0:32[2]{a@0:4,b@8:8},x@32:8{u@0:4,c@0:8}}\")",
+            "p@48:Some(8) struct inner * None",
+            "m@56:Some(24) int[6] None",
         ]
     );
     // The inner struct's members swapped: same names, sizes and type

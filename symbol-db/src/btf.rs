@@ -234,7 +234,17 @@ impl Btf {
             0 => "void".into(),
             KIND_PTR => format!("{} *", self.type_name(t.size_or_type)),
             KIND_ARRAY => {
-                let (elem, n) = t.array.unwrap_or_default();
+                // `T x[2][3]`, an array of arrays here (GCC) or one of 6
+                // (pahole), is spelled flat: `T[6]`, as lucos reads DWARF.
+                let (mut elem, mut n) = t.array.unwrap_or_default();
+                while let Some((inner, m)) = self
+                    .get(elem)
+                    .filter(|e| e.kind == KIND_ARRAY)
+                    .and_then(|e| e.array)
+                {
+                    n = n.saturating_mul(m);
+                    elem = inner;
+                }
                 format!("{}[{n}]", self.type_name(elem))
             }
             KIND_STRUCT if name.is_empty() => "struct <anon>".into(),
@@ -263,38 +273,103 @@ impl Btf {
         })
     }
 
+    /// Every distinct layout the BTF gives `struct name` (file-local
+    /// structs of one name in several files are several types).
+    pub fn struct_layouts(&self, name: &str) -> Vec<StructLayout> {
+        let mut out: Vec<StructLayout> = Vec::new();
+        for t in self
+            .types
+            .iter()
+            .filter(|t| t.kind == KIND_STRUCT && self.name(t.name) == name)
+        {
+            let l = StructLayout {
+                name: name.to_owned(),
+                size: u64::from(t.size_or_type),
+                members: self.members_of(t, 0),
+                unit: "BTF".into(),
+            };
+            if !out
+                .iter()
+                .any(|o| o.size == l.size && o.members == l.members)
+            {
+                out.push(l);
+            }
+        }
+        out
+    }
+
     /// The members of struct or union `t`, `depth` aggregates deep.
     fn members_of(&self, t: &Type, depth: u32) -> Vec<Member> {
         t.members
             .iter()
-            .map(|&(n, ty, bits, _)| Member {
-                name: match self.name(n) {
-                    "" => "<anon>".into(),
-                    s => s.to_owned(),
-                },
-                offset: u64::from(bits / 8),
-                size: self.size_of(ty),
-                type_name: self.type_name(ty),
-                shape: self.shape_of(ty, depth + 1),
+            .map(|&(n, ty, bits, _)| {
+                let (shape, within) = self.aggregate(ty, depth + 1);
+                Member {
+                    name: match self.name(n) {
+                        "" => "<anon>".into(),
+                        s => s.to_owned(),
+                    },
+                    offset: u64::from(bits / 8),
+                    size: self.size_of(ty),
+                    type_name: self.type_name(ty),
+                    shape,
+                    within,
+                }
             })
             .collect()
     }
 
-    /// The layout of type `id` if it is an aggregate (through typedefs,
-    /// qualifiers and arrays), spelled as [`crate::dwarf::shape`] does.
-    fn shape_of(&self, id: u32, depth: u32) -> Option<String> {
-        if depth > crate::dwarf::SHAPE_DEPTH {
-            return Some("{...}".into());
-        }
-        let t = self.resolve(id)?;
-        match t.kind {
-            KIND_STRUCT | KIND_UNION => Some(crate::dwarf::shape(&self.members_of(t, depth))),
-            KIND_ARRAY => {
-                let (elem, n) = t.array?;
-                Some(format!("[{n}]{}", self.shape_of(elem, depth)?))
+    /// For type `id`: its layout if it is an aggregate (through typedefs,
+    /// qualifiers and arrays), spelled as [`crate::dwarf::shape`] does, and
+    /// what it holds ([`Member::within`]), as DWARF gives them.
+    fn aggregate(&self, id: u32, depth: u32) -> (Option<String>, Vec<String>) {
+        let mut names = Vec::new();
+        let mut count: Option<u64> = None;
+        let mut id = id;
+        for _ in 0..32 {
+            let Some(t) = self.get(id) else {
+                break;
+            };
+            let name = self.name(t.name);
+            match t.kind {
+                KIND_TYPEDEF => names.push(name.to_owned()),
+                KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {}
+                KIND_ARRAY => {
+                    // Flat, as type names are.
+                    let Some((elem, n)) = t.array else {
+                        break;
+                    };
+                    count = Some(count.unwrap_or(1) * u64::from(n));
+                    id = elem;
+                    continue;
+                }
+                KIND_STRUCT | KIND_UNION => {
+                    if !name.is_empty() {
+                        let kw = if t.kind == KIND_UNION {
+                            "union"
+                        } else {
+                            "struct"
+                        };
+                        names.push(format!("{kw} {name}"));
+                    }
+                    let dims = count.map(|n| format!("[{n}]")).unwrap_or_default();
+                    if depth > crate::dwarf::SHAPE_DEPTH {
+                        return (Some(format!("{dims}{{...}}")), names);
+                    }
+                    let members = self.members_of(t, depth);
+                    for m in &members {
+                        names.extend(m.within.iter().cloned());
+                    }
+                    return (
+                        Some(format!("{dims}{}", crate::dwarf::shape(&members))),
+                        names,
+                    );
+                }
+                _ => break,
             }
-            _ => None,
+            id = t.size_or_type;
         }
+        (None, names)
     }
 
     /// Byte offset of `path` (`member` or `member.member...`) in `struct

@@ -29,6 +29,11 @@ pub struct Member {
     /// but different layouts differ here.
     #[serde(skip)]
     pub shape: Option<String>,
+    /// The names the member's type goes by (typedefs, `struct X`) and,
+    /// for a struct or union held by value, those of every member within
+    /// it, at any depth (not through pointers): what the member holds.
+    #[serde(skip)]
+    pub within: Vec<String>,
 }
 
 /// How deep [`Member::shape`] goes into members within members.
@@ -297,43 +302,81 @@ impl<'a> TypeDb<'a> {
                 Some(t) => self.describe(unit, t, 0),
                 None => ("?".to_owned(), None),
             };
+            let (shape, within) = match ty {
+                Some(t) => self.aggregate(unit, t, depth + 1),
+                None => (None, Vec::new()),
+            };
             out.push(Member {
                 name: self.name_of(unit, e).unwrap_or_else(|| "<anon>".into()),
                 offset,
                 size,
                 type_name,
-                shape: ty.and_then(|t| self.shape_of(unit, t, depth + 1)),
+                shape,
+                within,
             });
         }
         Ok(out)
     }
 
-    /// The layout of the type at `at` if it is an aggregate (through
-    /// typedefs, qualifiers and arrays), as [`shape`] spells it.
-    fn shape_of(&self, unit: &gimli::Unit<R>, at: UnitOffset, depth: u32) -> Option<String> {
-        if depth > SHAPE_DEPTH {
-            return Some("{...}".into());
+    /// For the type at `at`: its layout if it is an aggregate (through
+    /// typedefs, qualifiers and arrays), as [`shape`] spells it, and what
+    /// it holds ([`Member::within`]). The aggregate's members are read
+    /// once for both.
+    fn aggregate(
+        &self,
+        unit: &gimli::Unit<R>,
+        at: UnitOffset,
+        depth: u32,
+    ) -> (Option<String>, Vec<String>) {
+        let mut names = Vec::new();
+        let mut count: Option<u64> = None;
+        let mut at = at;
+        for _ in 0..32 {
+            let Ok(e) = unit.entry(at) else {
+                break;
+            };
+            let next = match e.attr_value(gimli::DW_AT_type) {
+                Some(AttributeValue::UnitRef(t)) => Some(t),
+                _ => None,
+            };
+            match e.tag() {
+                gimli::DW_TAG_typedef => names.extend(self.name_of(unit, &e)),
+                gimli::DW_TAG_const_type | gimli::DW_TAG_volatile_type => {}
+                gimli::DW_TAG_array_type => {
+                    // A flexible array counts 0, as in BTF.
+                    // Flat, as type names are.
+                    let n = self
+                        .array_dims(unit, at)
+                        .into_iter()
+                        .map(|d| d.unwrap_or(0))
+                        .product::<u64>();
+                    count = Some(count.unwrap_or(1) * n);
+                }
+                gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type => {
+                    let kw = if e.tag() == gimli::DW_TAG_union_type {
+                        "union"
+                    } else {
+                        "struct"
+                    };
+                    names.extend(self.name_of(unit, &e).map(|n| format!("{kw} {n}")));
+                    let dims = count.map(|n| format!("[{n}]")).unwrap_or_default();
+                    if depth > SHAPE_DEPTH {
+                        return (Some(format!("{dims}{{...}}")), names);
+                    }
+                    let members = self.members(unit, at, depth).unwrap_or_default();
+                    for m in &members {
+                        names.extend(m.within.iter().cloned());
+                    }
+                    return (Some(format!("{dims}{}", shape(&members))), names);
+                }
+                _ => break,
+            }
+            match next {
+                Some(t) => at = t,
+                None => break,
+            }
         }
-        let e = unit.entry(at).ok()?;
-        let inner = || match e.attr_value(gimli::DW_AT_type) {
-            Some(AttributeValue::UnitRef(t)) => Some(t),
-            _ => None,
-        };
-        match e.tag() {
-            gimli::DW_TAG_typedef | gimli::DW_TAG_const_type | gimli::DW_TAG_volatile_type => {
-                self.shape_of(unit, inner()?, depth)
-            }
-            gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type => {
-                Some(shape(&self.members(unit, at, depth).ok()?))
-            }
-            gimli::DW_TAG_array_type => {
-                let elem = self.shape_of(unit, inner()?, depth)?;
-                // A flexible array counts 0, as in BTF.
-                let n = self.array_count(unit, at).unwrap_or(0);
-                Some(format!("[{n}]{elem}"))
-            }
-            _ => None,
-        }
+        (None, names)
     }
 
     /// A C-style name and the size of the type at `at`.
@@ -373,42 +416,49 @@ impl<'a> TypeDb<'a> {
             }
             gimli::DW_TAG_array_type => {
                 let (n, s) = inner();
-                let count = self.array_count(unit, at);
+                // `T x[4][8]` is one array type with a subrange per
+                // dimension.
+                let dims = self.array_dims(unit, at);
+                let count = dims.iter().try_fold(1u64, |a, d| d.map(|d| a * d));
                 let total = match (s, count) {
                     (Some(s), Some(c)) => Some(s * c),
                     _ => byte_size,
                 };
-                (
-                    format!("{n}[{}]", count.map(|c| c.to_string()).unwrap_or_default()),
-                    total,
-                )
+                // Spelled flat (`int[6]` for `int x[2][3]`), as pahole
+                // writes the kernel's BTF.
+                let spelled = count.map(|c| c.to_string()).unwrap_or_default();
+                (format!("{n}[{spelled}]"), total)
             }
             gimli::DW_TAG_subroutine_type => ("function".into(), None),
             _ => ("?".into(), byte_size),
         }
     }
 
-    fn array_count(&self, unit: &gimli::Unit<R>, at: UnitOffset) -> Option<u64> {
-        let mut tree = unit.entries_tree(Some(at)).ok()?;
-        let root = tree.root().ok()?;
+    /// The element counts of the array type at `at`, outermost first
+    /// (`None`: a flexible array's).
+    fn array_dims(&self, unit: &gimli::Unit<R>, at: UnitOffset) -> Vec<Option<u64>> {
+        let mut out = Vec::new();
+        let Ok(mut tree) = unit.entries_tree(Some(at)) else {
+            return out;
+        };
+        let Ok(root) = tree.root() else {
+            return out;
+        };
         let mut children = root.children();
         while let Ok(Some(child)) = children.next() {
             let e = child.entry();
-            if e.tag() == gimli::DW_TAG_subrange_type {
-                if let Some(c) = e
-                    .attr_value(gimli::DW_AT_count)
-                    .and_then(|v| v.udata_value())
-                {
-                    return Some(c);
-                }
-                if let Some(u) = e
-                    .attr_value(gimli::DW_AT_upper_bound)
-                    .and_then(|v| v.udata_value())
-                {
-                    return Some(u + 1);
-                }
+            if e.tag() != gimli::DW_TAG_subrange_type {
+                continue;
             }
+            let udata = |a| e.attr_value(a).and_then(|v| v.udata_value());
+            out.push(
+                udata(gimli::DW_AT_count)
+                    .or_else(|| udata(gimli::DW_AT_upper_bound).map(|u| u + 1)),
+            );
         }
-        None
+        if out.is_empty() {
+            out.push(None);
+        }
+        out
     }
 }
