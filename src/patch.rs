@@ -796,9 +796,34 @@ fn data_changes(
         }
         declared.c = c_transfer(symbol, objects)?;
         let sym = ksyms.answer(symbol)?.symbol;
+        // A per-CPU variable's symbol is the template each CPU's copy was
+        // made from; code reaches its own copy through %gs.
+        if range("__per_cpu_start", "__per_cpu_end")
+            .is_some_and(|(a, b)| a != b && sym.addr >= a && sym.addr < b)
+        {
+            return Err(CliError::Usage(format!(
+                "--data {spec}: {symbol} is a per-CPU variable (each CPU has a copy of its own, \
+                 reached through %gs): lucos cannot give it a new layout"
+            )));
+        }
         let old = match symbol_db::dwarf::TypeDb::from_elf(kdata, kname) {
             Ok(db) => db.struct_layout(type_name)?,
-            Err(_) => symbol_db::btf::Btf::from_elf(kdata, kname)?.struct_layout(type_name)?,
+            Err(_) => {
+                let btf = symbol_db::btf::Btf::from_elf(kdata, kname)?;
+                let all = btf.struct_layouts(type_name);
+                if all.len() > 1 {
+                    return Err(CliError::Usage(format!(
+                        "--data {spec}: the kernel has {} different struct {type_name} (file-local \
+                         structs of one name, sizes {}): lucos cannot tell which one {symbol} is",
+                        all.len(),
+                        all.iter()
+                            .map(|l| l.size.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                btf.struct_layout(type_name)?
+            }
         };
         // The patch code must use the object (else the change would only
         // trap the kernel's writes, forever), by name or, with --repoint,
@@ -815,21 +840,35 @@ fn data_changes(
         let defined = types.iter().find_map(|(name, data)| {
             update_engine::diffobj::defined_data(data, symbol).map(|d| (name, data, d))
         });
-        let new = defined
+        let layouts: Vec<(&String, symbol_db::dwarf::StructLayout)> = defined
             .iter()
             .map(|(name, data, _)| (*name, *data))
             .chain(objects.iter().chain(types).map(|(n, d)| (n, d)))
-            .find_map(|(name, data)| {
+            .filter_map(|(name, data)| {
                 symbol_db::dwarf::TypeDb::from_elf(data, name)
                     .ok()
                     .and_then(|db| db.struct_layout(type_name).ok())
+                    .map(|l| (name, l))
             })
-            .ok_or_else(|| {
-                CliError::Usage(format!(
-                    "--data {spec}: the patch's sources do not use struct {type_name} (no DWARF \
+            .collect();
+        // Every object of the patch that has the struct has the new one
+        // (one compiled against the old header would use the old layout).
+        let same = |a: &symbol_db::dwarf::StructLayout, b: &symbol_db::dwarf::StructLayout| {
+            a.size == b.size && a.members == b.members
+        };
+        if let Some((other, _)) = layouts.iter().find(|(_, l)| !same(l, &layouts[0].1)) {
+            return Err(CliError::Usage(format!(
+                "--data {spec}: the patch's objects lay struct {type_name} out differently ({} \
+                 and {other}): all of its code must use the new layout",
+                layouts[0].0
+            )));
+        }
+        let new = layouts.into_iter().map(|(_, l)| l).next().ok_or_else(|| {
+            CliError::Usage(format!(
+                "--data {spec}: the patch's sources do not use struct {type_name} (no DWARF \
                      for it in their objects): the new code must define and use the new layout"
-                ))
-            })?;
+            ))
+        })?;
         // From kallsyms a size is the distance to the next symbol: it may
         // include the padding after the object.
         if old.size == 0 || sym.size == 0 {
@@ -949,6 +988,11 @@ fn data_changes(
         }
         let mut change = derive(symbol, count, &old, &new, &declared).map_err(CliError::Usage)?;
         let end = sym.addr + count * old.size;
+        if let Some(bytes) = image.read(sym.addr, (count * old.size) as usize) {
+            change
+                .check_self_pointers(bytes, sym.addr)
+                .map_err(|e| CliError::Usage(format!("--data {spec}: {e}")))?;
+        }
         if ksyms.all_named(symbol).len() > 1 {
             change.symbol_file = sym.file.clone();
         }
@@ -956,6 +1000,11 @@ fn data_changes(
             .into_iter()
             .filter(|u| !functions.iter().any(|f| &f.old == u))
             .collect();
+        // Module code (loaded now or later) may use an exported object;
+        // lucos does not look into modules for its users.
+        if let Some(u) = update_engine::data::exported_user(ksyms, symbol) {
+            change.users_left.push(u);
+        }
         // Kernel data pointing into the object: no patch can replace it;
         // with --repoint it moves to the new copy while the patch is applied.
         let repoint = args.repoint.iter().any(|r| r == symbol);

@@ -194,14 +194,83 @@ const UNMOVABLE: &[&str] = &[
     "callback_head",
     "kref",
     "refcount_struct",
+    "seqcount",
+    "seqcount_spinlock",
+    "seqcount_raw_spinlock",
+    "seqcount_rwlock",
+    "seqcount_mutex",
+    "seqlock",
+    "swait_queue_head",
+    "hrtimer",
+    "kobject",
+    "xarray",
+    "idr",
+    "notifier_block",
+    "percpu_counter",
+    "percpu_ref",
+    "srcu_struct",
+    "irq_work",
+    "kthread_work",
+    "tasklet_struct",
+    "lockref",
+    "plist_head",
+    "plist_node",
+    "hlist_nulls_head",
+    "hlist_nulls_node",
+    "rb_root_cached",
+    "static_key",
+    "llist_head",
+    "rcuwait",
 ];
 
-fn unmovable(type_name: &str) -> Option<&'static str> {
-    UNMOVABLE.iter().copied().find(|u| {
+/// Of those, what a member the patch adds cannot start as: all zero bytes
+/// is not an empty one (a list head points to itself, a reference count
+/// of 0 is a freed object, a work item or timer has its function set up).
+/// A zeroed lock, sequence count or singly linked head is an unlocked or
+/// empty one (without lock debugging, as distribution kernels build).
+const NOT_ZERO: &[&str] = &[
+    "list_head",
+    "mutex",
+    "rw_semaphore",
+    "semaphore",
+    "wait_queue_head",
+    "swait_queue_head",
+    "completion",
+    "work_struct",
+    "delayed_work",
+    "timer_list",
+    "hrtimer",
+    "kobject",
+    "kref",
+    "refcount_struct",
+    "percpu_counter",
+    "percpu_ref",
+    "srcu_struct",
+    "plist_head",
+    "notifier_block",
+    "tasklet_struct",
+    "irq_work",
+    "kthread_work",
+    "xarray",
+    "idr",
+];
+
+/// The first of `list` that type name `type_name` names (as `struct X`,
+/// `X`, or a typedef `X_t`).
+fn named_in(list: &[&'static str], type_name: &str) -> Option<&'static str> {
+    list.iter().copied().find(|u| {
         type_name
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .any(|w| w == *u || w.trim_end_matches("_t") == *u)
     })
+}
+
+/// Whether member `m` is, or holds at any depth by value, one of `list`:
+/// that one and the type name that says so.
+fn holds<'m>(list: &[&'static str], m: &'m Member) -> Option<(&'static str, &'m str)> {
+    std::iter::once(&m.type_name)
+        .chain(&m.within)
+        .find_map(|t| named_in(list, t).map(|u| (u, t.as_str())))
 }
 
 /// Whether a C type name is an integer type, and a signed one.
@@ -312,10 +381,28 @@ pub fn derive(
                 old.name
             ));
         }
-        if let Some(u) = unmovable(&m.type_name) {
+        if let Some((u, t)) = holds(UNMOVABLE, m) {
+            let what = if t == m.type_name {
+                format!("is a {u} ({t})")
+            } else {
+                format!("({}) holds a {u} ({t})", m.type_name)
+            };
             return Err(format!(
-                "{symbol}: member {} is a {u} ({}): other kernel data links to it or it is \
-                 held across code, so it cannot move to a new copy",
+                "{symbol}: member {} {what}: other kernel data links to it or it is held \
+                 across code, so it cannot move to a new copy",
+                m.name
+            ));
+        }
+    }
+    for m in new
+        .members
+        .iter()
+        .filter(|m| !old.members.iter().any(|o| o.name == m.name))
+    {
+        if let Some((u, t)) = holds(NOT_ZERO, m) {
+            return Err(format!(
+                "{symbol}: the patch adds member {} ({}) holding a {u} ({t}): lucos starts an \
+                 added member as zero bytes, which is no initialized {u}",
                 m.name, m.type_name
             ));
         }
@@ -490,6 +577,59 @@ pub fn users_of(
         }
     }
     out
+}
+
+/// The words of an object at kernel address `start` (its bytes `bytes`)
+/// that point into the object itself (a member aimed at another member or
+/// element): as `(offset, value)`. A copy of such a word in a new copy
+/// would point into the old one.
+pub fn self_pointers(bytes: &[u8], start: u64) -> Vec<(u64, u64)> {
+    let end = start + bytes.len() as u64;
+    let first = (start.next_multiple_of(8) - start) as usize;
+    (first..bytes.len().saturating_sub(7))
+        .step_by(8)
+        .filter_map(|i| {
+            let v = u64::from_le_bytes(bytes[i..i + 8].try_into().ok()?);
+            (v >= start && v < end).then_some((i as u64, v))
+        })
+        .collect()
+}
+
+impl DataChange {
+    /// Refuses an object some of whose words (`bytes`, the object at
+    /// `start` as it is) point into itself, naming the first and its
+    /// member.
+    pub fn check_self_pointers(&self, bytes: &[u8], start: u64) -> Result<(), String> {
+        let Some(&(off, value)) = self_pointers(bytes, start).first() else {
+            return Ok(());
+        };
+        let within = off % self.old_size;
+        let member = self
+            .members
+            .iter()
+            .find(|m| {
+                m.old.is_some_and(|f| {
+                    within >= u64::from(f.offset) && within < u64::from(f.offset + f.size)
+                })
+            })
+            .map(|m| format!(" (member {})", m.name))
+            .unwrap_or_default();
+        Err(format!(
+            "{}+{off:#x}{member} holds {value:#x}, a pointer into {} itself: in a new copy it \
+             would point into the old one, so lucos cannot give the object a new layout",
+            self.symbol, self.symbol
+        ))
+    }
+}
+
+/// If the kernel exports `symbol` (`__ksymtab_SYMBOL`), what stays using
+/// its old copy: module code, which lucos does not look into for users (a
+/// module loaded later could use it too), so such a change never retires.
+pub fn exported_user(symbols: &symbol_db::SymbolTable, symbol: &str) -> Option<String> {
+    symbols
+        .lookup(&format!("__ksymtab_{symbol}"))
+        .is_ok()
+        .then(|| format!("modules ({symbol} is exported)"))
 }
 
 /// Words of `image`'s data (outside `skip`: kernel text, init memory the
@@ -676,6 +816,43 @@ impl DataChange {
         }
     }
 
+    /// After an instruction that adds to memory (`add`, `sub`, `inc`,
+    /// `dec`, `xadd`) changed `[off, off+len)` of an old element from `was`
+    /// to `now`: for each integer member it wrote that the new layout
+    /// widens, its new value in the new element as it is (`other`) plus
+    /// the difference the instruction made (taken in the old member's
+    /// width, signed): (offset in the new element, bytes). A counter the
+    /// new code took past what the old member holds keeps its high part
+    /// when old code adds to it.
+    pub fn carry_added(
+        &self,
+        was: &[u8],
+        now: &[u8],
+        other: &[u8],
+        off: u64,
+        len: u64,
+    ) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for m in self.members.iter().filter(|m| !m.by_c) {
+            let (Some(o), Some(n)) = (m.old, m.new) else {
+                continue;
+            };
+            let (os, oe) = (u64::from(o.offset), u64::from(o.offset + o.size));
+            if !(o.int && n.int && n.size > o.size && os >= off && oe <= off + len) {
+                continue;
+            }
+            let bits = 8 * o.size;
+            let diff = (read_int(now, &o) as u64).wrapping_sub(read_int(was, &o) as u64);
+            // Sign-extended from the old width: `sub`, `dec` subtract.
+            let shift = 64 - bits;
+            let diff = ((diff << shift) as i64 >> shift) as u64;
+            let value = (read_int(other, &n) as u64).wrapping_add(diff);
+            let k = n.size.min(8) as usize;
+            out.push((u64::from(n.offset), value.to_le_bytes()[..k].to_vec()));
+        }
+        out
+    }
+
     /// After `[off, off+len)` of an element changed in one layout (`from_old`:
     /// the old one), what to write in the other: (offset in the element,
     /// bytes), one member each. `elem` is the changed element, whole.
@@ -713,6 +890,7 @@ mod tests {
             size: Some(size),
             type_name: ty.into(),
             shape: None,
+            within: Vec::new(),
         }
     }
 
@@ -888,6 +1066,98 @@ mod tests {
             c: None,
         };
         assert!(derive("stats", 1, &old(), &new(), &d).is_err());
+    }
+
+    #[test]
+    fn an_addition_by_old_code_to_a_widened_counter_keeps_its_high_part() {
+        let ch = derive("stats", 1, &old(), &new(), &Declared::default()).expect("derive");
+        // `calls`: u32 at 4 in the old layout, u64 at 8 in the new. New
+        // code took it past 2^32; the old copy holds its low half.
+        let mut other = vec![0u8; 40];
+        other[8..16].copy_from_slice(&0x1_0000_0005u64.to_le_bytes());
+        let mut was = vec![0u8; 24];
+        was[4..8].copy_from_slice(&5u32.to_le_bytes());
+        let mut now = was.clone();
+        now[4..8].copy_from_slice(&8u32.to_le_bytes()); // add $3
+        let w = ch.carry_added(&was, &now, &other, 4, 4);
+        assert_eq!(w, [(8, 0x1_0000_0008u64.to_le_bytes().to_vec())]);
+        // A subtraction through zero borrows from the high part.
+        now[4..8].copy_from_slice(&u32::MAX.to_le_bytes()); // sub $6
+        let w = ch.carry_added(&was, &now, &other, 4, 4);
+        assert_eq!(w, [(8, 0xffff_ffffu64.to_le_bytes().to_vec())]);
+        // Members not widened, or not written, are the plain mirror's.
+        assert!(ch.carry_added(&was, &now, &other, 16, 8).is_empty());
+        assert!(ch.carry_added(&was, &now, &other, 0, 4).is_empty());
+    }
+
+    #[test]
+    fn an_object_pointing_into_itself_is_refused_naming_the_member() {
+        let base = 0xffff_ffff_8100_0040u64;
+        let ch = derive("stats", 2, &old(), &new(), &Declared::default()).expect("derive");
+        let mut bytes = vec![0u8; 48];
+        // A pointer elsewhere, and one just past the end: not into it.
+        bytes[16..24].copy_from_slice(&0xffff_ffff_8200_0000u64.to_le_bytes());
+        bytes[40..48].copy_from_slice(&(base + 48).to_le_bytes());
+        ch.check_self_pointers(&bytes, base)
+            .expect("no pointer into itself");
+        // The second element's `sum` aims at the first element.
+        bytes[40..48].copy_from_slice(&(base + 4).to_le_bytes());
+        let e = ch.check_self_pointers(&bytes, base).expect_err("refused");
+        assert!(
+            e.contains("stats+0x28 (member sum) holds 0xffffffff81000044, a pointer into stats"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn what_a_member_holds_by_value_is_checked_at_any_depth_and_added_ones_must_start_at_zero() {
+        // A struct holding a lock two levels down, through typedefs.
+        let mut held = m("guard", 24, 8, "struct guard");
+        held.within = vec![
+            "struct guard".into(),
+            "spinlock_t".into(),
+            "struct spinlock".into(),
+            "struct raw_spinlock".into(),
+        ];
+        let mut o = old();
+        o.members.push(held.clone());
+        o.size = 32;
+        let mut n = new();
+        n.members.push(m("guard", 40, 8, "struct guard"));
+        n.size = 48;
+        let e = derive("stats", 1, &o, &n, &Declared::default()).expect_err("refused");
+        assert!(
+            e.contains("member guard (struct guard) holds a spinlock (spinlock_t)"),
+            "{e}"
+        );
+        // A reference count by its typedef's name.
+        let mut o = old();
+        let mut r = m("refs", 24, 4, "refcount_t");
+        r.within = vec!["refcount_t".into(), "struct refcount_struct".into()];
+        o.members.push(r);
+        o.size = 28;
+        let e = derive("stats", 1, &o, &new(), &Declared::default()).expect_err("refused");
+        assert!(
+            e.contains("member refs (refcount_t) holds a refcount_struct"),
+            "{e}"
+        );
+        // Added: a lock starts unlocked as zero bytes, a list head does not.
+        let mut n = new();
+        let mut lock = m("lock", 40, 4, "spinlock_t");
+        lock.within = vec!["spinlock_t".into(), "struct spinlock".into()];
+        n.members.push(lock);
+        n.size = 48;
+        derive("stats", 1, &old(), &n, &Declared::default()).expect("an added lock");
+        let mut n = new();
+        let mut q = m("queue", 40, 16, "struct waiters");
+        q.within = vec!["struct waiters".into(), "struct list_head".into()];
+        n.members.push(q);
+        n.size = 56;
+        let e = derive("stats", 1, &old(), &n, &Declared::default()).expect_err("refused");
+        assert!(
+            e.contains("adds member queue (struct waiters) holding a list_head"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1359,6 +1629,7 @@ impl DataTracker {
         owner: &str,
         gpa: u64,
         len: u64,
+        before: Option<&[u8]>,
         mem: &dyn vmm_core::guest::PhysMemory,
     ) -> Result<(), String> {
         let t0 = std::time::Instant::now();
@@ -1388,7 +1659,23 @@ impl DataTracker {
             let off = gpa.max(at) - at;
             let n = end.min(at + size) - (at + off);
             let other_at = other_base + i * other_size;
-            for (to_off, bytes) in c.mirror(from_old, &elem, off, n) {
+            let mut writes = c.mirror(from_old, &elem, off, n);
+            // An instruction that added to a member the new layout widens:
+            // what it added goes to the new copy's value, which may be past
+            // what the old member can hold.
+            if let (true, Some(b)) = (from_old, before) {
+                let mut was = elem.clone();
+                let from = (at + off - gpa) as usize;
+                was[off as usize..(off + n) as usize].copy_from_slice(&b[from..from + n as usize]);
+                mem.read_phys(other_at, &mut other)
+                    .map_err(|e| e.to_string())?;
+                for (to_off, bytes) in c.carry_added(&was, &elem, &other, off, n) {
+                    if let Some(w) = writes.iter_mut().find(|w| w.0 == to_off) {
+                        w.1 = bytes;
+                    }
+                }
+            }
+            for (to_off, bytes) in writes {
                 mem.write_phys(other_at + to_off, &bytes)
                     .map_err(|e| e.to_string())?;
             }

@@ -1743,6 +1743,12 @@ impl Patcher {
         if let Some(a) = self.state.applied.iter_mut().find(|a| a.name == name) {
             for (d, users) in a.data.iter_mut().zip(earlier) {
                 d.users_left.extend(users);
+                // (A `.lup` from before lucos looked for exports.)
+                if let Some(u) = crate::data::exported_user(&k.symbols, &d.symbol) {
+                    if !d.users_left.contains(&u) {
+                        d.users_left.push(u);
+                    }
+                }
             }
         }
         Ok(report)
@@ -1828,6 +1834,7 @@ impl Patcher {
     /// The C transfer functions of `lup`'s data changes (symbol, runner),
     /// each tried in both directions on every element of its object as it
     /// is now: one that faults or runs away is refused before any pause.
+    /// An object holding a pointer into itself is refused too.
     #[allow(clippy::type_complexity)]
     fn c_runners(
         &self,
@@ -1843,14 +1850,17 @@ impl Patcher {
                 out.push((d.symbol.clone(), None));
                 continue;
             }
-            let Some(r) = crate::transfer::CRunner::new(d, &lup.objects).map_err(refused)? else {
-                out.push((d.symbol.clone(), None));
-                continue;
-            };
             let mut old = vec![0u8; d.old_bytes() as usize];
             g.ram()
                 .read_phys(p.old_gpa, &mut old)
                 .map_err(|e| refused(format!("reading {}: {e}", d.symbol)))?;
+            // (Words the kernel set at run time; its initial ones were
+            // checked by `lucos build`.)
+            d.check_self_pointers(&old, p.old_va).map_err(refused)?;
+            let Some(r) = crate::transfer::CRunner::new(d, &lup.objects).map_err(refused)? else {
+                out.push((d.symbol.clone(), None));
+                continue;
+            };
             r.dry_run(d, &old).map_err(refused)?;
             out.push((d.symbol.clone(), Some(std::sync::Arc::new(r))));
         }

@@ -315,7 +315,12 @@ impl WritePolicy for GuardPolicy {
                 w.gpa.max(p.gpa),
                 (w.gpa + w.data.len() as u64).min(p.gpa + p.len),
             );
-            if let Err(e) = self.data.transfer(&p.owner, from, to - from, mem) {
+            // What an adding instruction added, for the range it wrote.
+            let before = (!w.before.is_empty()).then(|| {
+                let at = (from - w.gpa) as usize;
+                &w.before[at..at + (to - from) as usize]
+            });
+            if let Err(e) = self.data.transfer(&p.owner, from, to - from, before, mem) {
                 log::error!("vCPU {}: transferring a write of {}: {e}", w.vcpu, p.owner);
             }
         }
@@ -356,6 +361,7 @@ mod tests {
             gpa: 0x1000,
             data: &[0x90],
             touches,
+            before: Vec::new(),
         }
     }
 
@@ -434,6 +440,7 @@ mod tests {
             gpa,
             data,
             touches,
+            before: Vec::new(),
         };
         let d = pol.decide(&w, ram);
         if d != Decision::Allow {

@@ -36,6 +36,21 @@ pub enum Rmw {
     Cmpxchg8b,
 }
 
+impl Rmw {
+    /// Whether it adds to (or subtracts from) its memory operand: `add`,
+    /// `sub`, `inc`, `dec`, `xadd`. What such a write means is the
+    /// difference it made, whatever the value it read.
+    pub fn adds(&self) -> bool {
+        matches!(
+            self,
+            Rmw::Op(
+                Mnemonic::Add | Mnemonic::Sub | Mnemonic::Inc | Mnemonic::Dec,
+                _
+            ) | Rmw::Xadd(_)
+        )
+    }
+}
+
 /// The instruction that made a trapped write.
 #[derive(Debug, Clone)]
 pub struct Writer {

@@ -338,6 +338,11 @@ pub struct TrappedWrite<'a> {
     pub data: &'a [u8],
     /// The protected ranges the write touches (at least one).
     pub touches: Vec<&'a Protection>,
+    /// For a write by an instruction that adds to memory (`add`, `sub`,
+    /// `inc`, `dec`, `xadd`: [`crate::insn::Rmw::adds`]), what the bytes
+    /// held just before it was committed; empty otherwise. (Set for
+    /// [`WritePolicy::committed`].)
+    pub before: Vec<u8>,
 }
 
 /// What the policy decided about a write that touches protected bytes.
@@ -993,7 +998,7 @@ impl WriteControl {
                 cpu.sregs().map(|s| (s.cs.selector & 3) as u8).unwrap_or(3),
             ),
         };
-        let trapped = TrappedWrite {
+        let mut trapped = TrappedWrite {
             vcpu,
             rip,
             cpl,
@@ -1007,6 +1012,7 @@ impl WriteControl {
             gpa,
             data,
             touches: touches.clone(),
+            before: Vec::new(),
         };
         let policy = self
             .policy
@@ -1056,6 +1062,9 @@ impl WriteControl {
                             }
                         }
                         self.rewinds_in_a_row[vcpu as usize].store(0, Ordering::Relaxed);
+                        if w.rmw.adds() {
+                            trapped.before = now.to_vec();
+                        }
                     }
                 }
                 let mut out = Outcome::Done;
