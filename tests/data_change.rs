@@ -978,6 +978,31 @@ fn data_changes_lucos_cannot_derive_are_refused_at_build_time() {
         "calls is in the old layout",
     );
     refused(NEW_LAYOUT, &["--data", "stats_table"], "SYMBOL:STRUCT");
+    // An added list head would start as zero bytes, no empty list; an
+    // added lock may (zero is unlocked).
+    let list = "struct list_head { struct list_head *next, *prev; };\nstruct waiters { u32 n; struct list_head head; };\n";
+    let with_member = |decl: &str, member: &str| {
+        NEW_LAYOUT
+            .replace("struct task_stat {", &format!("{decl}struct task_stat {{"))
+            .replace(
+                "\tu64 max_value;\n};",
+                &format!("\tu64 max_value;\n\t{member};\n}};"),
+            )
+    };
+    refused(
+        &with_member(list, "struct waiters queue"),
+        &["--data", "stats_table:task_stat"],
+        "adds member queue (struct waiters) holding a list_head (struct list_head)",
+    );
+    let o = vm.build(
+        "lock",
+        &with_member(
+            "typedef struct spinlock { u32 val; } spinlock_t;\n",
+            "spinlock_t lock",
+        ),
+        &["--data", "stats_table:task_stat"],
+    );
+    assert!(o.status.success(), "an added lock: {}", text(&o));
     // A C transfer needs both directions.
     refused(
         &new_stats().replace("lucos_to_old_stats_table", "other_name"),
