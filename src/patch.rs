@@ -840,10 +840,24 @@ fn data_changes(
         let defined = types.iter().find_map(|(name, data)| {
             update_engine::diffobj::defined_data(data, symbol).map(|d| (name, data, d))
         });
+        // The new layout is the one the code using the object has (the
+        // diff's defining object first); other objects may have a struct
+        // of that name of their own.
+        let users: Vec<(&String, &Vec<u8>)> = objects
+            .iter()
+            .chain(types)
+            .filter(|(_, d)| uses(d))
+            .map(|(n, d)| (n, d))
+            .collect();
+        let candidates: Vec<(&String, &Vec<u8>)> = if users.is_empty() {
+            objects.iter().chain(types).map(|(n, d)| (n, d)).collect()
+        } else {
+            users
+        };
         let layouts: Vec<(&String, symbol_db::dwarf::StructLayout)> = defined
             .iter()
             .map(|(name, data, _)| (*name, *data))
-            .chain(objects.iter().chain(types).map(|(n, d)| (n, d)))
+            .chain(candidates)
             .filter_map(|(name, data)| {
                 symbol_db::dwarf::TypeDb::from_elf(data, name)
                     .ok()
@@ -851,8 +865,8 @@ fn data_changes(
                     .map(|l| (name, l))
             })
             .collect();
-        // Every object of the patch that has the struct has the new one
-        // (one compiled against the old header would use the old layout).
+        // Every object of the patch that uses the object has the new
+        // layout (one compiled against the old header would use the old).
         let same = |a: &symbol_db::dwarf::StructLayout, b: &symbol_db::dwarf::StructLayout| {
             a.size == b.size && a.members == b.members
         };

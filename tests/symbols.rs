@@ -453,6 +453,29 @@ fn nested_layouts_read_alike_from_dwarf_and_btf_and_differ_when_an_inner_struct_
             "m@56:Some(24) int[6] None",
         ]
     );
+    // Bitfields (placed from DWARF 4's storage units and DWARF 5's bit
+    // offsets alike) and a flexible array, held by value.
+    let tail = "struct bits { unsigned char c; unsigned a:3, b:12, d:17; };
+struct tail { int n; int v[]; };
+struct outer2 { int n; struct bits f; struct tail t; };
+struct outer2 obj2;
+";
+    let btf2 = symbol_db::btf::Btf::from_elf(&object("bt2", tail, "-gbtf"), "bt2.o")
+        .expect("BTF")
+        .struct_layout("outer2")
+        .expect("outer2");
+    for flag in ["-gdwarf-4", "-gdwarf-5"] {
+        let dw2 = symbol_db::dwarf::TypeDb::from_elf(&object("dw2", tail, flag), "dw2.o")
+            .expect("DWARF")
+            .struct_layout("outer2")
+            .expect("outer2");
+        assert_eq!(whole(&dw2), whole(&btf2), "{flag}");
+    }
+    assert_eq!(
+        btf2.members[1].shape.as_deref(),
+        Some("{c@0:1,a@1:4,b@1:4,d@4:4}")
+    );
+    assert_eq!(btf2.members[2].shape.as_deref(), Some("{n@0:4,v@4:0}"));
     // The inner struct's members swapped: same names, sizes and type
     // names at the top, another shape.
     let swapped = NESTED.replace("int a; long b;", "long b; int a;");

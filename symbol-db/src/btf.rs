@@ -339,7 +339,7 @@ impl Btf {
                     let Some((elem, n)) = t.array else {
                         break;
                     };
-                    count = Some(count.unwrap_or(1) * u64::from(n));
+                    count = Some(count.unwrap_or(1).saturating_mul(u64::from(n)));
                     id = elem;
                     continue;
                 }

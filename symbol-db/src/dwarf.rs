@@ -286,14 +286,6 @@ impl<'a> TypeDb<'a> {
             if e.tag() != gimli::DW_TAG_member {
                 continue;
             }
-            let offset = match e.attr_value(gimli::DW_AT_data_member_location) {
-                Some(v) => v.udata_value().unwrap_or(0),
-                // A DWARF 4+ bitfield: the byte holding its first bit.
-                None => e
-                    .attr_value(gimli::DW_AT_data_bit_offset)
-                    .and_then(|v| v.udata_value())
-                    .map_or(0, |b| b / 8), // else union-like or first member
-            };
             let ty = match e.attr_value(gimli::DW_AT_type) {
                 Some(AttributeValue::UnitRef(t)) => Some(t),
                 _ => None,
@@ -301,6 +293,25 @@ impl<'a> TypeDb<'a> {
             let (type_name, size) = match ty {
                 Some(t) => self.describe(unit, t, 0),
                 None => ("?".to_owned(), None),
+            };
+            let udata = |a| e.attr_value(a).and_then(|v| v.udata_value());
+            // A bitfield's offset is the byte holding its first bit, as
+            // BTF has it (DWARF 2-4 give its storage unit's place and the
+            // bits counted from that unit's most significant end).
+            let location = udata(gimli::DW_AT_data_member_location);
+            let offset = match (
+                udata(gimli::DW_AT_bit_size),
+                udata(gimli::DW_AT_data_bit_offset),
+            ) {
+                (_, Some(bit)) => bit / 8,
+                (Some(width), None) if udata(gimli::DW_AT_bit_offset).is_some() => {
+                    let storage = udata(gimli::DW_AT_byte_size).or(size).unwrap_or(0);
+                    let from_msb = udata(gimli::DW_AT_bit_offset).unwrap_or(0);
+                    let from_lsb = (storage * 8).saturating_sub(from_msb.saturating_add(width));
+                    (location.unwrap_or(0) * 8 + from_lsb) / 8
+                }
+                // Else a union's member, or the first.
+                _ => location.unwrap_or(0),
             };
             let (shape, within) = match ty {
                 Some(t) => self.aggregate(unit, t, depth + 1),
@@ -348,9 +359,8 @@ impl<'a> TypeDb<'a> {
                     let n = self
                         .array_dims(unit, at)
                         .into_iter()
-                        .map(|d| d.unwrap_or(0))
-                        .product::<u64>();
-                    count = Some(count.unwrap_or(1) * n);
+                        .fold(1u64, |a, d| a.saturating_mul(d.unwrap_or(0)));
+                    count = Some(count.unwrap_or(1).saturating_mul(n));
                 }
                 gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type => {
                     let kw = if e.tag() == gimli::DW_TAG_union_type {
@@ -418,10 +428,14 @@ impl<'a> TypeDb<'a> {
                 let (n, s) = inner();
                 // `T x[4][8]` is one array type with a subrange per
                 // dimension.
-                let dims = self.array_dims(unit, at);
-                let count = dims.iter().try_fold(1u64, |a, d| d.map(|d| a * d));
+                // A flexible array (no count) has 0 elements, as in BTF.
+                let count = Some(
+                    self.array_dims(unit, at)
+                        .into_iter()
+                        .fold(1u64, |a, d| a.saturating_mul(d.unwrap_or(0))),
+                );
                 let total = match (s, count) {
-                    (Some(s), Some(c)) => Some(s * c),
+                    (Some(s), Some(c)) => Some(s.saturating_mul(c)),
                     _ => byte_size,
                 };
                 // Spelled flat (`int[6]` for `int x[2][3]`), as pahole
@@ -453,7 +467,7 @@ impl<'a> TypeDb<'a> {
             let udata = |a| e.attr_value(a).and_then(|v| v.udata_value());
             out.push(
                 udata(gimli::DW_AT_count)
-                    .or_else(|| udata(gimli::DW_AT_upper_bound).map(|u| u + 1)),
+                    .or_else(|| udata(gimli::DW_AT_upper_bound).and_then(|u| u.checked_add(1))),
             );
         }
         if out.is_empty() {

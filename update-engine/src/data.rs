@@ -251,7 +251,6 @@ const NOT_ZERO: &[&str] = &[
     "tasklet_struct",
     "irq_work",
     "kthread_work",
-    "xarray",
     "idr",
 ];
 
@@ -268,7 +267,11 @@ fn named_in(list: &[&'static str], type_name: &str) -> Option<&'static str> {
 /// Whether member `m` is, or holds at any depth by value, one of `list`:
 /// that one and the type name that says so.
 fn holds<'m>(list: &[&'static str], m: &'m Member) -> Option<(&'static str, &'m str)> {
-    std::iter::once(&m.type_name)
+    // A pointer is copied as it is (or starts NULL): what it points to
+    // does not move.
+    let direct = (!m.type_name.contains('*') && m.type_name != "function").then_some(&m.type_name);
+    direct
+        .into_iter()
         .chain(&m.within)
         .find_map(|t| named_in(list, t).map(|u| (u, t.as_str())))
 }
@@ -626,9 +629,8 @@ impl DataChange {
 /// its old copy: module code, which lucos does not look into for users (a
 /// module loaded later could use it too), so such a change never retires.
 pub fn exported_user(symbols: &symbol_db::SymbolTable, symbol: &str) -> Option<String> {
-    symbols
-        .lookup(&format!("__ksymtab_{symbol}"))
-        .is_ok()
+    // (A file-local namesake is not what the export names.)
+    (symbols.all_named(symbol).len() == 1 && symbols.lookup(&format!("__ksymtab_{symbol}")).is_ok())
         .then(|| format!("modules ({symbol} is exported)"))
 }
 
@@ -1148,6 +1150,11 @@ mod tests {
         n.members.push(lock);
         n.size = 48;
         derive("stats", 1, &old(), &n, &Declared::default()).expect("an added lock");
+        // A pointer to a list head (or to a mutex) is a word: it starts NULL.
+        let mut n = new();
+        n.members.push(m("next", 40, 8, "struct list_head *"));
+        n.size = 48;
+        derive("stats", 1, &old(), &n, &Declared::default()).expect("an added pointer");
         let mut n = new();
         let mut q = m("queue", 40, 16, "struct waiters");
         q.within = vec!["struct waiters".into(), "struct list_head".into()];

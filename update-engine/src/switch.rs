@@ -360,8 +360,8 @@ pub fn switch_tries(
     switch_checked(guest, tasks, plan, max_tries, &mut |_| Ok(None))
 }
 
-/// What else holds a switch back, asked in its pause after the vCPUs and
-/// tasks were checked: who and what, or `None`.
+/// What else holds a switch back, asked first in its pause (before the
+/// vCPUs and tasks are checked): who and what, or `None`.
 pub type PauseCheck<'c> = dyn FnMut(&Paused<'_>) -> Result<Option<(String, Active)>, String> + 'c;
 
 /// [`switch_tries`] with one more check in each pause.
