@@ -1010,7 +1010,7 @@ fn data_changes(
         if ksyms.all_named(symbol).len() > 1 {
             change.symbol_file = sym.file.clone();
         }
-        change.users_left = users_of(image, &all_functions, sym.addr, end)
+        change.users_left = users_of(image, &all_functions, (sym.addr, end), old.size)
             .into_iter()
             .filter(|u| !functions.iter().any(|f| &f.old == u))
             .collect();

@@ -550,11 +550,14 @@ pub fn derive(
 pub fn users_of(
     image: &symbol_db::KernelImage,
     functions: &[(String, u64, u64)],
-    start: u64,
-    end: u64,
+    (start, end): (u64, u64),
+    elem: u64,
 ) -> Vec<String> {
     use iced_x86::{Decoder, DecoderOptions, OpKind};
     let inside = |a: u64| a >= start && a < end;
+    // An indexed access may start up to an element before the object
+    // (`table[i - 1]`: the index plus a displacement before it).
+    let indexed = |a: u64| a >= start.saturating_sub(elem) && a < end;
     let mut out = Vec::new();
     for (name, addr, size) in functions {
         let Some(code) = image.read(*addr, *size as usize) else {
@@ -574,6 +577,8 @@ pub fn users_of(
             }) || (i.memory_base() != iced_x86::Register::None
                 && i.memory_base() != iced_x86::Register::RIP
                 && inside(i.memory_displacement64()))
+                || (i.memory_index() != iced_x86::Register::None
+                    && indexed(i.memory_displacement64()))
         });
         if uses && !out.contains(name) {
             out.push(name.clone());
@@ -1260,6 +1265,24 @@ mod tests {
             data_pointers(&image, &skip, obj, obj + 0x20),
             vec![base + 0x10]
         );
+    }
+
+    #[test]
+    fn an_indexed_access_from_an_element_before_the_object_is_a_use() {
+        let obj = 0xffff_ffff_8100_0080u64;
+        // mov eax, [rax*8 + obj-24]: `table[i - 1]` of 24-byte elements
+        // (disp32, sign-extended); then ret.
+        let disp = (obj - 24) as u32;
+        let mut code = vec![0x8b, 0x04, 0xc5];
+        code.extend_from_slice(&disp.to_le_bytes());
+        code.push(0xc3);
+        let at = 0xffff_ffff_8100_1000u64;
+        let len = code.len() as u64;
+        let image = symbol_db::KernelImage::new(at, code);
+        let f = [("prev_of".to_owned(), at, len)];
+        assert_eq!(users_of(&image, &f, (obj, obj + 0x60), 24), ["prev_of"]);
+        // Two elements before: another object's.
+        assert!(users_of(&image, &f, (obj + 24, obj + 0x60), 24).is_empty());
     }
 
     #[test]

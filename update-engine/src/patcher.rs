@@ -1700,7 +1700,7 @@ impl Patcher {
                 if replace {
                     Vec::new()
                 } else {
-                    self.patches_using(g, p.old_va, p.old_va + d.old_bytes())
+                    self.patches_using(g, (p.old_va, p.old_va + d.old_bytes()), d.old_size)
                 }
             })
             .collect();
@@ -1809,7 +1809,7 @@ impl Patcher {
     }
 
     /// Applied patches whose code refers to `[start, end)`, as `patch NAME`.
-    fn patches_using(&self, g: &dyn Guest, start: u64, end: u64) -> Vec<String> {
+    fn patches_using(&self, g: &dyn Guest, (start, end): (u64, u64), elem: u64) -> Vec<String> {
         let Some(va) = self.state.area_va else {
             return Vec::new();
         };
@@ -1822,7 +1822,7 @@ impl Patcher {
             let image = symbol_db::KernelImage::new(a.code_addr, code);
             let f = [(a.name.clone(), a.code_addr, a.code_bytes)];
             // Its code, or its read-only data (a table holding `&obj`).
-            if !crate::data::users_of(&image, &f, start, end).is_empty()
+            if !crate::data::users_of(&image, &f, (start, end), elem).is_empty()
                 || !crate::data::data_pointers(&image, &[], start, end).is_empty()
             {
                 out.push(format!("patch {}", a.name));
