@@ -721,6 +721,52 @@ pub fn build(args: BuildArgs) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
+/// Refuses a patch whose code calls a kernel function it does not replace
+/// that takes or returns a `struct TYPE *` of a struct whose layout it
+/// changes: the kernel's function has the old layout compiled in, so it
+/// would read the new copy as the old one (or hand the patch's code the
+/// old copy as a new one).
+fn unreplaced_callees(
+    objects: &[(String, Vec<u8>)],
+    spec: &str,
+    type_name: &str,
+) -> Result<(), CliError> {
+    let pointer = format!("struct {type_name} *");
+    let is_pointer = |t: &str| {
+        t.trim_start_matches("const ")
+            .trim_start_matches("volatile ")
+            .trim_start_matches("const ")
+            == pointer
+    };
+    // (A function another object of the patch defines is the patch's.)
+    let defined: std::collections::BTreeSet<String> = objects
+        .iter()
+        .flat_map(|(_, d)| update_engine::diffobj::defined_symbols(d))
+        .collect();
+    for (name, data) in objects {
+        let Ok(db) = symbol_db::dwarf::TypeDb::from_elf(data, name) else {
+            continue;
+        };
+        let called = update_engine::diffobj::undefined_symbols(data);
+        for (f, returns, params) in db.declared_functions().unwrap_or_default() {
+            if !called.contains(&f) || defined.contains(&f) {
+                continue;
+            }
+            let what = match params.iter().position(|p| is_pointer(p)) {
+                Some(n) => format!("passes it a {pointer} (parameter {})", n + 1),
+                None if is_pointer(&returns) => format!("takes a {pointer} from it"),
+                None => continue,
+            };
+            return Err(CliError::Usage(format!(
+                "--data {spec}: the patch's code calls {f}, which it does not replace, and \
+                 {what}: the kernel's {f} has the old layout compiled in; replace {f} in the \
+                 patch too"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The `--data` changes: each object's old layout (the kernel's DWARF, or
 /// its BTF) and new one (the patch objects' DWARF), the transfer derived
 /// between them, and the kernel functions left using the old copy.
@@ -883,6 +929,7 @@ fn data_changes(
                      for it in their objects): the new code must define and use the new layout"
             ))
         })?;
+        unreplaced_callees(objects, spec, type_name)?;
         // From kallsyms a size is the distance to the next symbol: it may
         // include the padding after the object.
         if old.size == 0 || sym.size == 0 {

@@ -994,6 +994,22 @@ fn data_changes_lucos_cannot_derive_are_refused_at_build_time() {
         &["--data", "stats_table:task_stat"],
         "adds member queue (struct waiters) holding a list_head (struct list_head)",
     );
+    // The kernel's accessor hands out the old table: code of the new
+    // layout must not take it.
+    refused(
+        &NEW_LAYOUT
+            .replace(
+                "extern struct task_stat stats_table[MAX_TASKS];",
+                "extern struct task_stat stats_table[MAX_TASKS];\nstruct task_stat *stats_addr(void);",
+            )
+            .replacen(
+                "s = &stats_table[task];",
+                "s = &stats_table[task];\n\tstats_addr()[task].latest = value;",
+                1,
+            ),
+        &["--data", "stats_table:task_stat"],
+        "calls stats_addr, which it does not replace, and takes a struct task_stat * from it",
+    );
     let o = vm.build(
         "lock",
         &with_member(

@@ -198,6 +198,48 @@ impl<'a> TypeDb<'a> {
         })
     }
 
+    /// The functions the image declares but does not define (what a patch
+    /// object calls in the kernel), each with its return type and its
+    /// parameters' types, C-style: `(name, returns, parameters)`.
+    pub fn declared_functions(&self) -> Result<Vec<(String, String, Vec<String>)>, SymbolError> {
+        let err = dwarf_err("DWARF");
+        let mut out = Vec::new();
+        let mut units = self.dwarf.units();
+        while let Some(header) = units.next().map_err(&err)? {
+            let unit = self.dwarf.unit(header).map_err(&err)?;
+            let mut tree = unit.entries_tree(None).map_err(&err)?;
+            let root = tree.root().map_err(&err)?;
+            let mut children = root.children();
+            while let Some(child) = children.next().map_err(&err)? {
+                let e = child.entry();
+                if e.tag() != gimli::DW_TAG_subprogram
+                    || e.attr_value(gimli::DW_AT_declaration).is_none()
+                {
+                    continue;
+                }
+                let Some(name) = self.name_of(&unit, e) else {
+                    continue;
+                };
+                let type_of = |e: &gimli::DebuggingInformationEntry<R>| match e
+                    .attr_value(gimli::DW_AT_type)
+                {
+                    Some(AttributeValue::UnitRef(t)) => self.describe(&unit, t, 0).0,
+                    _ => "void".to_owned(),
+                };
+                let returns = type_of(e);
+                let mut params = Vec::new();
+                let mut args = child.children();
+                while let Some(a) = args.next().map_err(&err)? {
+                    if a.entry().tag() == gimli::DW_TAG_formal_parameter {
+                        params.push(type_of(a.entry()));
+                    }
+                }
+                out.push((name, returns, params));
+            }
+        }
+        Ok(out)
+    }
+
     /// Bit offset and width of member `member` of `struct name` (a direct
     /// member): a bitfield's own bits, or a whole member's.
     pub fn bits_of(&self, name: &str, member: &str) -> Result<(u64, u64), SymbolError> {

@@ -889,6 +889,20 @@ pub fn undefined_symbols(object: &[u8]) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// The global names a patch object defines (its functions and
+/// variables, for the other objects of the patch).
+pub fn defined_symbols(object: &[u8]) -> BTreeSet<String> {
+    object::File::parse(object)
+        .map(|f| {
+            f.symbols()
+                .filter(|s| s.is_definition() && s.is_global())
+                .filter_map(|s| s.name().ok().map(str::to_owned))
+                .filter(|n| !n.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Where the unchanged lines of the source files of an object (its C file,
 /// the headers the diff changed) are after a diff: per file, runs of (old
 /// first line, new first line, count), 1-based, in order.
