@@ -60,6 +60,9 @@ pub struct Field {
     pub int: bool,
     /// A signed integer.
     pub signed: bool,
+    /// A C `bool`: a value goes into it as 0 or 1 (not truncated).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boolean: bool,
 }
 
 /// How one member crosses between the layouts.
@@ -341,6 +344,12 @@ fn field(m: &Member) -> Result<Field, String> {
         size: u32::try_from(size).map_err(|_| format!("member {} is too big", m.name))?,
         int: int.is_some(),
         signed: int.unwrap_or(false),
+        boolean: matches!(
+            m.type_name
+                .trim_start_matches("const ")
+                .trim_start_matches("volatile "),
+            "bool" | "_Bool"
+        ),
     })
 }
 
@@ -687,6 +696,7 @@ fn put(to: &Field, from: &Field, src: &[u8], dst: &mut [u8]) {
     let d = to.offset as usize;
     if to.int && from.int {
         let v = read_int(src, from) as u64;
+        let v = if to.boolean { u64::from(v != 0) } else { v };
         let n = to.size.min(8) as usize;
         dst[d..d + n].copy_from_slice(&v.to_le_bytes()[..n]);
     } else {
@@ -1301,8 +1311,30 @@ mod tests {
             size: 4,
             int: true,
             signed: false,
+            boolean: false,
         });
         assert!(c.check().is_err());
+    }
+
+    #[test]
+    fn a_value_narrowed_into_a_bool_is_0_or_1() {
+        // `gone` (u32) becomes a bool, declared: 256 is true, not 0.
+        let mut n = new();
+        n.members.push(m("gone", 40, 1, "bool"));
+        n.size = 48;
+        let d = Declared {
+            narrow: vec!["gone".into()],
+            ..Declared::default()
+        };
+        let ch = derive("stats", 1, &old(), &n, &d).expect("derive");
+        let mut o = vec![0u8; 24];
+        o[12..16].copy_from_slice(&256u32.to_le_bytes());
+        let mut nb = vec![0u8; 48];
+        ch.to_new(&o, &mut nb);
+        assert_eq!(nb[40], 1);
+        o[12..16].copy_from_slice(&0u32.to_le_bytes());
+        ch.to_new(&o, &mut nb);
+        assert_eq!(nb[40], 0);
     }
 }
 
