@@ -212,60 +212,95 @@ gone() {
   $LUCOS status --vm $1 >/dev/null 2>&1 && return 1
   echo "@@SCN $1 gone"; tail -n 60 $LUCOS_RUN_DIR/$1.log | sed 's/^/V| /'; tail -n 40 $LOG | sed 's/^/G| /'
 }
+# stuck WHAT: what lucos's process and the guest were doing when WHAT
+# did not come (a hang shows here, not as a silent emulated host).
+stuck() {
+  echo "@@SCN stuck: $1"; dump_vm lx; tail -n 80 $LUCOS_RUN_DIR/lx.log | sed 's/^/V| /'
+  tail -n 20 $LOG | sed 's/^/G| /'
+}
 wait_log() {
   n=0
   until grep -q "$1" $LOG; do
     sleep 0.2; n=$((n + 1))
-    if [ $n -gt 900 ]; then echo "@@SCN timeout waiting for $1"; return 1; fi
+    [ $((n % 100)) -eq 0 ] && echo "@@SCN still waiting for $1 ($((n / 5)) s)"
+    if [ $n -gt 900 ]; then echo "@@SCN timeout waiting for $1"; stuck "$1"; return 1; fi
   done
 }
+# bounded ARGS: `lucos ARGS` into /tmp/o, its exit code in $rc; one that
+# has not returned after 120 s is stopped and shown.
+bounded() {
+  timeout 120 $LUCOS "$@" > /tmp/o 2>&1; rc=$?
+  if [ $rc = 124 ] || [ $rc = 143 ]; then stuck "lucos $*"; fi
+}
+# list: `lucos list --json` on one line into /tmp/l (bounded: a VMM that
+# does not answer is shown).
+list() {
+  timeout 60 $LUCOS list --vm lx --json > /tmp/l.json 2>&1 || stuck "lucos list"
+  tr -d '\n ' < /tmp/l.json > /tmp/l
+}
+T0=$(date +%s)
+# A heartbeat: a silent emulated host is then a dead one, not a lucos
+# command that does not return (those are bounded and shown).
+(while :; do sleep 20; echo "@@SCN tick $(($(date +%s) - T0)) s"; done) &
+TICK=$!
+trap 'kill $TICK 2>/dev/null' EXIT
 up lx $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
 wait_log "@@FNR" || exit 1
+echo "@@SCN time up $(($(date +%s) - T0)) s"
 grep "@@HOLD" $LOG | sed 's/^/@@SCN /'
-$LUCOS patch --vm lx --json $FILES/fsfix.lup > /tmp/o 2>&1; echo "@@SCN apply rc=$? $(tr -d '\n ' < /tmp/o)"
+bounded patch --vm lx --json $FILES/fsfix.lup; echo "@@SCN apply rc=$rc $(tr -d '\n ' < /tmp/o)"
+echo "@@SCN time apply $(($(date +%s) - T0)) s"
 wait_log "@@READS" && grep -E "@@OLD2NEW|@@NEW2OLD|@@READS" $LOG | sed 's/^/@@SCN /'
 sleep 1
 echo "@@SCN list $($LUCOS list --vm lx --json | tr -d '\n ')"
 grep "@@FNR" $LOG | tail -n 1 | sed 's/^/@@SCN before replace /'
-$LUCOS patch --vm lx --replace --json $FILES/fsfix2.lup > /tmp/o 2>&1; echo "@@SCN replace rc=$? $(tr -d '\n ' < /tmp/o)"
+bounded patch --vm lx --replace --json $FILES/fsfix2.lup; echo "@@SCN replace rc=$rc $(tr -d '\n ' < /tmp/o)"
 n0=$(wc -l < $LOG); sleep 1.5
 tail -n +$((n0 + 1)) $LOG | grep "@@FNR" | tail -n 1 | sed 's/^/@@SCN after replace /'
 echo "@@SCN list replaced $($LUCOS list --vm lx --json | tr -d '\n ')"
-$LUCOS revert --vm lx fsfix2 > /tmp/o 2>&1; echo "@@SCN revert rc=$? $(tr '\n' ' ' < /tmp/o)"
+bounded revert --vm lx fsfix2; echo "@@SCN revert rc=$rc $(tr '\n' ' ' < /tmp/o)"
+echo "@@SCN time revert $(($(date +%s) - T0)) s"
 n1=$(wc -l < $LOG); sleep 1.5
 tail -n +$((n1 + 1)) $LOG | grep "@@FNR" | tail -n 1 | sed 's/^/@@SCN after revert /'
 echo "@@SCN list after $($LUCOS list --vm lx --json | tr -d '\n ')"
-$LUCOS patch --vm lx --json $FILES/fsall.lup > /tmp/o 2>&1; echo "@@SCN apply2 rc=$? $(tr -d '\n ' < /tmp/o)"
+bounded patch --vm lx --json $FILES/fsall.lup; echo "@@SCN apply2 rc=$rc $(tr -d '\n ' < /tmp/o)"
 i=0
 while :; do
-  $LUCOS list --vm lx --json | tr -d '\n ' > /tmp/l
+  list
   grep -q 'memoryholdingapointerintofiles_stat' /tmp/l && break
   gone lx && break
   grep -q '"state":"retired"' /tmp/l && break
-  i=$((i + 1)); [ $i -gt 600 ] && break
+  i=$((i + 1)); [ $i -gt 600 ] && { stuck "held"; break; }
+  [ $((i % 20)) -eq 0 ] && echo "@@SCN still waiting for held ($((i / 2)) s)"
   sleep 0.5
 done
 echo "@@SCN held $(cat /tmp/l)"
-$LUCOS patch --vm lx $FILES/drop.lup > /tmp/o 2>&1; echo "@@SCN drop rc=$? $(tr '\n' ' ' < /tmp/o)"
+echo "@@SCN time held $(($(date +%s) - T0)) s"
+bounded patch --vm lx $FILES/drop.lup; echo "@@SCN drop rc=$rc $(tr '\n' ' ' < /tmp/o)"
 wait_log "@@DROPPED" && grep "@@DROPPED" $LOG | sed 's/^/@@SCN /'
 i=0
 while :; do
-  $LUCOS list --vm lx --json | tr -d '\n ' > /tmp/l
+  list
   grep -q '"state":"retired"' /tmp/l && break
   gone lx && break
-  i=$((i + 1)); [ $i -gt 600 ] && break
+  i=$((i + 1)); [ $i -gt 600 ] && { stuck "retired"; break; }
+  [ $((i % 20)) -eq 0 ] && echo "@@SCN still waiting for retirement ($((i / 2)) s)"
   sleep 0.5
 done
 echo "@@SCN retired $(cat /tmp/l)"
+echo "@@SCN time retired $(($(date +%s) - T0)) s"
 $LUCOS status --vm lx | grep -o "writes trapped [0-9]*" | sed 's/^/@@SCN at retirement /'
 n3=$(wc -l < $LOG); j=0
 until tail -n +$((n3 + 1)) $LOG | grep -q "@@ALL.*fields=4"; do
-  sleep 0.2; j=$((j + 1)); [ $j -gt 900 ] && break
+  sleep 0.2; j=$((j + 1)); [ $j -gt 900 ] && { stuck "@@ALL after retirement"; break; }
+  [ $((j % 100)) -eq 0 ] && echo "@@SCN still waiting for @@ALL ($((j / 5)) s)"
 done
 tail -n +$((n3 + 1)) $LOG | grep "@@ALL.*fields=4" | head -n 1 | sed 's/^/@@SCN after retire /'
 echo "@@SCN list retired $($LUCOS list --vm lx --json | tr -d '\n ')"
 $LUCOS status --vm lx | grep -o "writes trapped [0-9]*" | sed 's/^/@@SCN later /'
-$LUCOS revert --vm lx fsall > /tmp/o 2>&1; echo "@@SCN revert2 rc=$? $(tr '\n' ' ' < /tmp/o)"
+timeout 90 $LUCOS revert --vm lx fsall > /tmp/o 2>&1; rc=$?; echo "@@SCN revert2 rc=$rc $(tr '\n' ' ' < /tmp/o)"
+if [ $rc = 124 ] || [ $rc = 143 ]; then stuck "revert2"; fi
+echo "@@SCN time revert2 $(($(date +%s) - T0)) s"
 wait_log "@@REVERTED" && grep "@@REVERTED" $LOG | sed 's/^/@@SCN /'
 $LUCOS status --vm lx | sed 's/^/@@SCN status /'
 $LUCOS stop --vm lx >/dev/null
