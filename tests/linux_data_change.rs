@@ -239,11 +239,8 @@ list() {
   tr -d '\n ' < /tmp/l.json > /tmp/l
 }
 T0=$(date +%s)
-# A heartbeat: a silent emulated host is then a dead one, not a lucos
-# command that does not return (those are bounded and shown).
-(while :; do sleep 20; echo "@@SCN tick $(($(date +%s) - T0)) s"; done) &
-TICK=$!
-trap 'kill $TICK 2>/dev/null' EXIT
+# (The prelude's heartbeat tells a frozen host from a lucos command that
+# does not return: those are bounded here, and shown.)
 up lx $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
 wait_log "@@FNR" || exit 1
 echo "@@SCN time up $(($(date +%s) - T0)) s"

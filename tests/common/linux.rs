@@ -46,7 +46,13 @@ vm_ends() {
     case "$end" in *triple*) kvm_trace 40 | sed "s/^/@@VMEND $id /" ;; esac
   done
 }
-trap vm_ends EXIT
+# A heartbeat every 20 s: the harness takes an emulated host that prints
+# nothing for 121 s for a frozen one (a host failure, started again). With
+# it, that silence is the whole host frozen; a lucos command that does not
+# return runs into the scenario's own bounds and fails the test instead.
+(while :; do sleep 20; echo "@@HEARTBEAT"; done) &
+BEAT=$!
+trap 'kill $BEAT 2>/dev/null; vm_ends' EXIT
 dump_vm() {
   pid=$(cat $LUCOS_RUN_DIR/$1.lock 2>/dev/null)
   for t in /proc/$pid/task/*; do
