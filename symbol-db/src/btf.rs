@@ -265,12 +265,16 @@ impl Btf {
         let t = self
             .find_struct(name)
             .ok_or_else(|| SymbolError::NoType(name.to_owned()))?;
-        Ok(StructLayout {
+        Ok(self.layout_of(name, t))
+    }
+
+    fn layout_of(&self, name: &str, t: &Type) -> StructLayout {
+        StructLayout {
             name: name.to_owned(),
             size: u64::from(t.size_or_type),
             members: self.members_of(t, 0),
             unit: "BTF".into(),
-        })
+        }
     }
 
     /// Every distinct layout the BTF gives `struct name` (file-local
@@ -282,12 +286,7 @@ impl Btf {
             .iter()
             .filter(|t| t.kind == KIND_STRUCT && self.name(t.name) == name)
         {
-            let l = StructLayout {
-                name: name.to_owned(),
-                size: u64::from(t.size_or_type),
-                members: self.members_of(t, 0),
-                unit: "BTF".into(),
-            };
+            let l = self.layout_of(name, t);
             if !out
                 .iter()
                 .any(|o| o.size == l.size && o.members == l.members)

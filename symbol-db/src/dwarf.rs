@@ -396,12 +396,7 @@ impl<'a> TypeDb<'a> {
                 gimli::DW_TAG_typedef => names.extend(self.name_of(unit, &e)),
                 gimli::DW_TAG_const_type | gimli::DW_TAG_volatile_type => {}
                 gimli::DW_TAG_array_type => {
-                    // A flexible array counts 0, as in BTF.
-                    // Flat, as type names are.
-                    let n = self
-                        .array_dims(unit, at)
-                        .into_iter()
-                        .fold(1u64, |a, d| a.saturating_mul(d.unwrap_or(0)));
+                    let n = self.array_count(unit, at);
                     count = Some(count.unwrap_or(1).saturating_mul(n));
                 }
                 gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type => {
@@ -468,53 +463,40 @@ impl<'a> TypeDb<'a> {
             }
             gimli::DW_TAG_array_type => {
                 let (n, s) = inner();
-                // `T x[4][8]` is one array type with a subrange per
-                // dimension.
-                // A flexible array (no count) has 0 elements, as in BTF.
-                let count = Some(
-                    self.array_dims(unit, at)
-                        .into_iter()
-                        .fold(1u64, |a, d| a.saturating_mul(d.unwrap_or(0))),
-                );
-                let total = match (s, count) {
-                    (Some(s), Some(c)) => Some(s.saturating_mul(c)),
-                    _ => byte_size,
-                };
+                let count = self.array_count(unit, at);
+                let total = s.map(|s| s.saturating_mul(count)).or(byte_size);
                 // Spelled flat (`int[6]` for `int x[2][3]`), as pahole
                 // writes the kernel's BTF.
-                let spelled = count.map(|c| c.to_string()).unwrap_or_default();
-                (format!("{n}[{spelled}]"), total)
+                (format!("{n}[{count}]"), total)
             }
             gimli::DW_TAG_subroutine_type => ("function".into(), None),
             _ => ("?".into(), byte_size),
         }
     }
 
-    /// The element counts of the array type at `at`, outermost first
-    /// (`None`: a flexible array's).
-    fn array_dims(&self, unit: &gimli::Unit<R>, at: UnitOffset) -> Vec<Option<u64>> {
-        let mut out = Vec::new();
+    /// The number of elements of the array type at `at`: `T x[4][8]` is
+    /// one array type with a subrange per dimension, counted as 32 (flat,
+    /// as pahole's BTF has it); a flexible array's is 0, as in BTF.
+    fn array_count(&self, unit: &gimli::Unit<R>, at: UnitOffset) -> u64 {
         let Ok(mut tree) = unit.entries_tree(Some(at)) else {
-            return out;
+            return 0;
         };
         let Ok(root) = tree.root() else {
-            return out;
+            return 0;
         };
         let mut children = root.children();
+        let mut count = None;
         while let Ok(Some(child)) = children.next() {
             let e = child.entry();
             if e.tag() != gimli::DW_TAG_subrange_type {
                 continue;
             }
             let udata = |a| e.attr_value(a).and_then(|v| v.udata_value());
-            out.push(
-                udata(gimli::DW_AT_count)
-                    .or_else(|| udata(gimli::DW_AT_upper_bound).and_then(|u| u.checked_add(1))),
-            );
+            let n = udata(gimli::DW_AT_count)
+                .or_else(|| udata(gimli::DW_AT_upper_bound).and_then(|u| u.checked_add(1)))
+                .unwrap_or(0);
+            count = Some(count.unwrap_or(1u64).saturating_mul(n));
         }
-        if out.is_empty() {
-            out.push(None);
-        }
-        out
+        count.unwrap_or(0)
     }
 }
