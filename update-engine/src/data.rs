@@ -602,14 +602,25 @@ pub fn users_of(
 /// would point into the old one.
 pub fn self_pointers(bytes: &[u8], start: u64) -> Vec<(u64, u64)> {
     let end = start + bytes.len() as u64;
-    let first = (start.next_multiple_of(8) - start) as usize;
+    words_into(bytes, start, (start, end))
+        .map(|(at, v)| (at - start, v))
+        .collect()
+}
+
+/// The aligned 8-byte words of `bytes` (at address `base`) whose value lies
+/// in `[start, end)`: (address, value).
+fn words_into(
+    bytes: &[u8],
+    base: u64,
+    (start, end): (u64, u64),
+) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let first = (base.next_multiple_of(8) - base) as usize;
     (first..bytes.len().saturating_sub(7))
         .step_by(8)
-        .filter_map(|i| {
+        .filter_map(move |i| {
             let v = u64::from_le_bytes(bytes[i..i + 8].try_into().ok()?);
-            (v >= start && v < end).then_some((i as u64, v))
+            (v >= start && v < end).then_some((base + i as u64, v))
         })
-        .collect()
 }
 
 impl DataChange {
@@ -659,22 +670,10 @@ pub fn data_pointers(
     start: u64,
     end: u64,
 ) -> Vec<u64> {
-    let base = image.base();
-    let bytes = image.bytes();
-    let mut out = Vec::new();
-    let first = base.next_multiple_of(8) - base;
-    for i in (first as usize..bytes.len().saturating_sub(7)).step_by(8) {
-        let v = u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or_default());
-        if v < start || v >= end {
-            continue;
-        }
-        let at = base + i as u64;
-        if skip.iter().any(|&(a, b)| at >= a && at < b) || (start..end).contains(&at) {
-            continue;
-        }
-        out.push(at);
-    }
-    out
+    words_into(image.bytes(), image.base(), (start, end))
+        .map(|(at, _)| at)
+        .filter(|&at| !skip.iter().any(|&(a, b)| at >= a && at < b) && !(start..end).contains(&at))
+        .collect()
 }
 
 fn read_int(b: &[u8], f: &Field) -> i128 {
