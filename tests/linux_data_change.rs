@@ -252,12 +252,12 @@ sleep 1
 echo "@@SCN list $($LUCOS list --vm lx --json | tr -d '\n ')"
 grep "@@FNR" $LOG | tail -n 1 | sed 's/^/@@SCN before replace /'
 bounded patch --vm lx --replace --json $FILES/fsfix2.lup; echo "@@SCN replace rc=$rc $(tr -d '\n ' < /tmp/o)"
-n0=$(wc -l < $LOG); sleep 1.5
+n0=$(wc -l < $LOG); seen_after $LOG $n0 "@@FNR" 2
 tail -n +$((n0 + 1)) $LOG | grep "@@FNR" | tail -n 1 | sed 's/^/@@SCN after replace /'
 echo "@@SCN list replaced $($LUCOS list --vm lx --json | tr -d '\n ')"
 bounded revert --vm lx fsfix2; echo "@@SCN revert rc=$rc $(tr '\n' ' ' < /tmp/o)"
 echo "@@SCN time revert $(($(date +%s) - T0)) s"
-n1=$(wc -l < $LOG); sleep 1.5
+n1=$(wc -l < $LOG); seen_after $LOG $n1 "@@FNR" 2
 tail -n +$((n1 + 1)) $LOG | grep "@@FNR" | tail -n 1 | sed 's/^/@@SCN after revert /'
 echo "@@SCN list after $($LUCOS list --vm lx --json | tr -d '\n ')"
 bounded patch --vm lx --json $FILES/fsall.lup; echo "@@SCN apply2 rc=$rc $(tr -d '\n ' < /tmp/o)"
@@ -581,13 +581,13 @@ done
 const DS_SCENARIO: &str = r#"
 LOG=/tmp/lx.serial
 up lx $LOG --kernel $GUEST_KERNEL --initrd $GUEST_INITRD --vcpus 2 --mem 256M --cmdline "$CMDLINE" --trusted-key $FILES/key.pub || exit 1
-n=0; until grep -q "@@DS" $LOG; do sleep 0.2; n=$((n + 1)); [ $n -gt 900 ] && break; done
+seen $LOG "@@DS" || exit 1
 $LUCOS patch --vm lx --json $FILES/dfix.lup > /tmp/o 2>&1; echo "@@SCN dfix rc=$? $(tr -d '\n ' < /tmp/o)"
-n0=$(wc -l < $LOG); sleep 2
+n0=$(wc -l < $LOG); seen_after $LOG $n0 "@@DS" 3
 tail -n +$((n0 + 1)) $LOG | grep "@@DS" | tail -n 2 | sed 's/^/@@SCN dfix applied /'
 echo "@@SCN dfix list $($LUCOS list --vm lx --json | tr -d '\n ')"
 $LUCOS revert --vm lx dfix > /tmp/o 2>&1; echo "@@SCN dfix revert rc=$? $(tr '\n' ' ' < /tmp/o)"
-n0=$(wc -l < $LOG); sleep 2
+n0=$(wc -l < $LOG); seen_after $LOG $n0 "@@DS" 3
 tail -n +$((n0 + 1)) $LOG | grep "@@DS" | tail -n 2 | sed 's/^/@@SCN dfix reverted /'
 $LUCOS stop --vm lx >/dev/null
 "#;

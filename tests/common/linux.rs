@@ -76,6 +76,16 @@ seen() {
     if [ $n -gt 1500 ]; then echo "@@SCN timeout waiting for '$2'"; return 1; fi
   done
 }
+# seen_after LOG N PATTERN [COUNT]: waits (up to 300 s) until COUNT (1)
+# lines matching PATTERN follow the first N lines of the serial log LOG
+# (what the guest printed after a step, however slow it runs).
+seen_after() {
+  n=0
+  until [ "$(tail -n +$(($2 + 1)) "$1" | grep -c "$3")" -ge "${4:-1}" ]; do
+    sleep 0.2; n=$((n + 1))
+    if [ $n -gt 1500 ]; then echo "@@SCN timeout waiting for '$3' after line $2"; return 1; fi
+  done
+}
 # one FILE: FILE on one line (a command's answer in an @@SCN line).
 one() { tr '\n' ' ' < "$1"; }
 # lucos_retry ARGS...: `lucos ARGS` into /tmp/o, run again (up to 5 times)
