@@ -218,14 +218,7 @@ stuck() {
   echo "@@SCN stuck: $1"; dump_vm lx; tail -n 80 $LUCOS_RUN_DIR/lx.log | sed 's/^/V| /'
   tail -n 20 $LOG | sed 's/^/G| /'
 }
-wait_log() {
-  n=0
-  until grep -q "$1" $LOG; do
-    sleep 0.2; n=$((n + 1))
-    [ $((n % 100)) -eq 0 ] && echo "@@SCN still waiting for $1 ($((n / 5)) s)"
-    if [ $n -gt 900 ]; then echo "@@SCN timeout waiting for $1"; stuck "$1"; return 1; fi
-  done
-}
+wait_log() { seen $LOG "$1" || { stuck "$1"; return 1; }; }
 # bounded ARGS: `lucos ARGS` into /tmp/o, its exit code in $rc; one that
 # has not returned after 120 s is stopped and shown.
 bounded() {
