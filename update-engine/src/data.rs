@@ -1106,6 +1106,44 @@ mod tests {
         assert!(ch.carry_added(&was, &now, &other, 0, 4).is_empty());
     }
 
+    /// Guest memory for a tracker: 512 bytes.
+    struct Ram(std::sync::Mutex<Vec<u8>>);
+
+    impl vmm_core::guest::PhysMemory for Ram {
+        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), vmm_core::memory::MemoryError> {
+            let m = self.0.lock().expect("ram");
+            buf.copy_from_slice(&m[gpa as usize..gpa as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), vmm_core::memory::MemoryError> {
+            let mut m = self.0.lock().expect("ram");
+            m[gpa as usize..gpa as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_tracked_write_transfers_an_addition_as_one_and_a_store_as_its_value() {
+        use vmm_core::guest::PhysMemory;
+        let ch = derive("stats", 1, &old(), &new(), &Declared::default()).expect("derive");
+        let tracker = DataTracker::default();
+        tracker.add(Tracked::new("o".into(), ch, 0, 0x100));
+        let ram = Ram(std::sync::Mutex::new(vec![0; 512]));
+        // The new copy's `calls` (u64 at 8) is past 2^32; old code added 3
+        // to the old copy's (u32 at 4): 5 -> 8.
+        ram.write_phys(0x108, &0x1_0000_0005u64.to_le_bytes())
+            .expect("w");
+        ram.write_phys(4, &8u32.to_le_bytes()).expect("w");
+        tracker
+            .transfer("o", 4, 4, Some(&5u32.to_le_bytes()), &ram)
+            .expect("transfer");
+        assert_eq!(ram.read_u64_phys(0x108).expect("r"), 0x1_0000_0008);
+        // A plain store (no bytes before): its value.
+        ram.write_phys(4, &2u32.to_le_bytes()).expect("w");
+        tracker.transfer("o", 4, 4, None, &ram).expect("transfer");
+        assert_eq!(ram.read_u64_phys(0x108).expect("r"), 2);
+    }
+
     #[test]
     fn an_object_pointing_into_itself_is_refused_naming_the_member() {
         let base = 0xffff_ffff_8100_0040u64;
